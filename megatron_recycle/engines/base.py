@@ -1,0 +1,59 @@
+"""The generation-engine interface shared by the Hugging Face (CPU/GPU) and vLLM (GPU) engines.
+
+Token ids in, token ids out: the rollout loop never re-tokenizes what an engine produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Sampling for one request. ``temperature == 0`` means greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()  # generation ends right after the first of these strings
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Generation:
+    """What one request produced: only the new tokens (a matched stop string included)."""
+
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop string matched), "eos", or "length"
+    stop_str: str | None = None
+    logprobs: list[float] | None = field(default=None)  # sampling log-prob per new token
+
+
+class Engine(Protocol):
+    """A generation backend. Implementations: engines.hf.HFEngine, engines.vllm.VLLMEngine."""
+
+    tokenizer: object
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Generation]: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the engine's model in place."""
+
+    def sleep(self) -> None:
+        """Release generation memory (KV cache) while the trainer runs; no-op where meaningless."""
+
+    def wake(self) -> None:
+        """Undo sleep()."""
