@@ -1,0 +1,73 @@
+"""The tag protocol of the search agent (METHOD.md section 4).
+
+The policy reasons in <think>...</think>, searches with <search>query</search>, receives the
+top-k passages inside <information>...</information> (inserted by the environment, never
+trained on) and finishes with <answer>...</answer>. Generation stops after </search> or
+</answer>.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from megatron_recycle.agent.types import Passage
+
+STOP_STRINGS: tuple[str, ...] = ("</search>", "</answer>")
+
+INSTRUCTION = (
+    "Answer the question below. Think step by step inside <think> and </think>. "
+    "Whenever you lack a fact, search a Wikipedia index by writing <search> your query </search>; "
+    "the results come back between <information> and </information>. "
+    "You may search several times. When you know the answer, write it as a short phrase "
+    "(a name, a place, a year), without explanation, inside <answer> and </answer>, "
+    "for example <answer> Paris </answer>.\nQuestion: {question}\n"
+)
+
+_TAG_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+
+
+def user_message(question: str) -> str:
+    """The user turn that carries the instruction and the question."""
+    return INSTRUCTION.format(question=question.strip())
+
+
+def render_prompt(tokenizer, question: str) -> str:
+    """Prompt text for a question: the chat template when the tokenizer has one, else plain."""
+    message = user_message(question)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
+    return message
+
+
+def parse_action(text: str) -> tuple[str | None, str | None]:
+    """The last complete <search> or <answer> tag in a generated chunk: (kind, content).
+
+    Returns (None, None) when the chunk holds neither (the turn ended without an action).
+    """
+    matches = list(_TAG_RE.finditer(text))
+    if not matches:
+        return None, None
+    last = matches[-1]
+    return last.group(1), last.group(2).strip()
+
+
+def extract_answer(response: str) -> str | None:
+    """Content of the last complete <answer> tag of a whole response, or None."""
+    answers = re.findall(r"<answer>(.*?)</answer>", response, re.DOTALL)
+    return answers[-1].strip() if answers else None
+
+
+def format_information(passages: Sequence[Passage]) -> str:
+    """The block the environment appends after a search (loss mask 0)."""
+    lines = []
+    for i, p in enumerate(passages, 1):
+        lines.append(f"Doc {i} (Title: {p.title}) {p.text}".rstrip())
+    return "\n\n<information>" + "\n".join(lines) + "</information>\n\n"
+
+
+def format_retrieval_error(message: str) -> str:
+    """The observation the agent receives when retrieval failed after its retries."""
+    return f"\n\n<information>Search failed: {message}. Try again or answer.</information>\n\n"
