@@ -20,3 +20,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(1)
+
+# Worker functions of multi-process tests (torch.multiprocessing.spawn) are pickled by module
+# name, e.g. tests.pool.test_pool_distributed, so the children must be able to import `tests`.
+# The repository root is APPENDED (never prepended) to sys.path: site-packages keeps priority, so
+# this never shadows an installed package by a folder of the checkout (e.g. HF's `kernels`).
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)

@@ -1,0 +1,334 @@
+"""Token log-probabilities (and entropy) over vocabulary-sharded logits, plus a chunked form from hidden states.
+
+One pass over each logits row computes this rank's partial softmax statistics: the running max m,
+the sum-exp s = sum exp(z - m), the shifted moment q = sum exp(z - m) * (z - m) (for the entropy)
+and the target logit when the target lies in this rank's vocabulary shard. With tensor
+parallelism these four numbers per token are exchanged in ONE all_gather and combined locally.
+Backward re-reads the logits in their own dtype (no fp32 copy is kept) and writes the gradient
+for the local shard only, with no collective:
+    dlogp/dz_j = onehot_j - p_j,    dH/dz_j = -p_j * (log p_j + H),    z = logits / temperature.
+Two interchangeable backends compute the statistics and the gradient: PyTorch (row-chunked so
+the fp32 temporaries stay small) and Triton (the kernels below).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+try:  # the PyTorch path must keep working where triton is absent
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    HAS_TRITON = False
+
+_NEG_BIG = -1.0e30  # finite "minus infinity" for the running max, so that 0 * (m_old - m_new) stays 0
+_TORCH_ROW_CHUNK = 1024  # rows per fp32 temporary in the PyTorch backend
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _logprob_stats_kernel(
+        logits_ptr, stride_row, targets_ptr, stats_ptr,
+        n_rows, n_vocab, vocab_start, inv_temp,
+        BLOCK_V: tl.constexpr,
+    ):
+        """One program per row: online max / sum-exp / shifted moment, plus the target logit."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        cols = tl.arange(0, BLOCK_V)
+        m = tl.full((), -1.0e30, tl.float32)
+        s = tl.zeros((), tl.float32)
+        q = tl.zeros((), tl.float32)
+        for start in range(0, n_vocab, BLOCK_V):
+            idx = start + cols
+            valid = idx < n_vocab
+            z = tl.load(base + idx, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            alpha = tl.exp(m - m_new)
+            d = tl.where(valid, z - m_new, 0.0)
+            e = tl.where(valid, tl.exp(d), 0.0)
+            ed = tl.where(e > 0.0, e * d, 0.0)
+            q = alpha * (q + s * (m - m_new)) + tl.sum(ed, axis=0)
+            s = alpha * s + tl.sum(e, axis=0)
+            m = m_new
+        tgt = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
+        here = (tgt >= 0) & (tgt < n_vocab)
+        t = tl.load(base + tl.where(here, tgt, 0), mask=here, other=0.0).to(tl.float32) * inv_temp
+        tl.store(stats_ptr + row, m)
+        tl.store(stats_ptr + n_rows + row, s)
+        tl.store(stats_ptr + 2 * n_rows + row, t)
+        tl.store(stats_ptr + 3 * n_rows + row, q)
+
+    @triton.jit
+    def _logprob_grad_kernel(
+        logits_ptr, stride_row, targets_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_ent_ptr,
+        grad_ptr, stride_grad_row,
+        n_vocab, vocab_start, inv_temp,
+        HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """One program per row: grad_logits = inv_temp * (g_lp*(onehot - p) - g_ent*p*(log p + H))."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        gbase = grad_ptr + row * stride_grad_row
+        cols = tl.arange(0, BLOCK_V)
+        lse = tl.load(lse_ptr + row)
+        tgt = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
+        if HAS_G_LP:
+            g_lp = tl.load(g_lp_ptr + row).to(tl.float32)
+        else:
+            g_lp = 0.0
+        if HAS_G_ENT:
+            g_ent = tl.load(g_ent_ptr + row).to(tl.float32)
+            ent = tl.load(ent_ptr + row)
+        else:
+            g_ent = 0.0
+            ent = 0.0
+        for start in range(0, n_vocab, BLOCK_V):
+            idx = start + cols
+            valid = idx < n_vocab
+            z = tl.load(base + idx, mask=valid, other=0.0).to(tl.float32) * inv_temp
+            logp = z - lse
+            p = tl.exp(logp)
+            g = -g_lp * p
+            g = tl.where(idx == tgt, g + g_lp, g)
+            if HAS_G_ENT:
+                g = g - g_ent * tl.where(p > 0.0, p * (logp + ent), 0.0)
+            tl.store(gbase + idx, (g * inv_temp).to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+def _block_v(n_vocab: int, device: torch.device) -> int:
+    """Block width over the vocabulary: big blocks in the interpreter (per-program cost dominates)."""
+    cap = 4096 if device.type == "cuda" else 16384
+    return max(16, min(cap, triton.next_power_of_2(max(n_vocab, 1))))
+
+
+def _stats_triton(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float) -> torch.Tensor:
+    rows, vocab = logits.shape
+    stats = torch.full((4, rows), float("nan"), dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return stats
+    _logprob_stats_kernel[(rows,)](
+        logits, logits.stride(0), targets, stats, rows, vocab, vocab_start, inv_temp,
+        BLOCK_V=_block_v(vocab, logits.device), num_warps=8 if logits.is_cuda else 1,
+    )
+    return stats
+
+
+def _grad_triton(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float,
+    lse: torch.Tensor, ent: torch.Tensor, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    rows, vocab = logits.shape
+    grad = torch.empty_like(logits) if out is None else out
+    if rows == 0:
+        return grad
+    _logprob_grad_kernel[(rows,)](
+        logits, logits.stride(0), targets, lse, ent,
+        g_lp if g_lp is not None else lse, g_ent if g_ent is not None else lse,
+        grad, grad.stride(0), vocab, vocab_start, inv_temp,
+        HAS_G_LP=g_lp is not None, HAS_G_ENT=g_ent is not None,
+        BLOCK_V=_block_v(vocab, logits.device), num_warps=8 if logits.is_cuda else 1,
+    )
+    return grad
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch backend (same quantities, row-chunked fp32 temporaries)
+# --------------------------------------------------------------------------------------------------
+
+
+def _stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float) -> torch.Tensor:
+    rows, vocab = logits.shape
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    stats = torch.empty((4, rows), dtype=dt, device=logits.device)
+    tgt = targets.long() - vocab_start
+    here = (tgt >= 0) & (tgt < vocab)
+    for a in range(0, rows, _TORCH_ROW_CHUNK):
+        b = min(rows, a + _TORCH_ROW_CHUNK)
+        z = logits[a:b].to(dt) * inv_temp
+        m = z.amax(dim=1).clamp_min(_NEG_BIG)
+        d = z - m[:, None]
+        e = d.exp()
+        stats[0, a:b] = m
+        stats[1, a:b] = e.sum(dim=1)
+        stats[3, a:b] = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(dim=1)
+        t = z.gather(1, tgt[a:b].clamp(0, max(vocab - 1, 0))[:, None]).squeeze(1)
+        stats[2, a:b] = torch.where(here[a:b], t, torch.zeros_like(t))
+    return stats
+
+
+def _grad_torch(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float,
+    lse: torch.Tensor, ent: torch.Tensor, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    rows, vocab = logits.shape
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    grad = torch.empty_like(logits) if out is None else out
+    tgt = targets.long() - vocab_start
+    here = (tgt >= 0) & (tgt < vocab)
+    for a in range(0, rows, _TORCH_ROW_CHUNK):
+        b = min(rows, a + _TORCH_ROW_CHUNK)
+        logp = logits[a:b].to(dt) * inv_temp - lse[a:b, None].to(dt)
+        p = logp.exp()
+        g = torch.zeros_like(p)
+        if g_lp is not None:
+            glp = g_lp[a:b].to(dt)
+            g -= glp[:, None] * p
+            rows_here = here[a:b].nonzero().squeeze(1)
+            g[rows_here, tgt[a:b][rows_here]] += glp[rows_here]
+        if g_ent is not None:
+            pl = torch.where(p > 0, p * (logp + ent[a:b, None].to(dt)), torch.zeros_like(p))
+            g -= g_ent[a:b, None].to(dt) * pl
+        grad[a:b] = g * inv_temp
+    return grad
+
+
+# --------------------------------------------------------------------------------------------------
+# Combining partial statistics across tensor-parallel ranks
+# --------------------------------------------------------------------------------------------------
+
+
+def combine_stats(stats: torch.Tensor, tp_group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge per-rank (m, s, t, q) [4, T] into (logp, entropy, lse) [T]; one all_gather when tp_group is set."""
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        world = dist.get_world_size(tp_group)
+        gathered = torch.empty((world, *stats.shape), dtype=stats.dtype, device=stats.device)
+        dist.all_gather_into_tensor(gathered, stats.contiguous(), group=tp_group)
+    else:
+        gathered = stats.unsqueeze(0)
+    m, s, t, q = gathered.unbind(1)  # each [world, T]
+    big_m = m.amax(dim=0)
+    scale = torch.exp(m - big_m) * s  # this rank's share of the global sum-exp (unnormalized)
+    total = scale.sum(dim=0)
+    lse = big_m + torch.log(total)
+    w = scale / total  # probability mass held by each rank
+    # H = lse - E[z] with E[z] = sum_r w_r (m_r + q_r / s_r); written to avoid cancellation.
+    q_over_s = torch.where(s > 0, q / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    entropy = torch.log(total) + (w * (big_m - m - q_over_s)).sum(dim=0)
+    logp = t.sum(dim=0) - lse
+    return logp, entropy, lse
+
+
+def vocab_range(n_local: int, tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(first vocab id of this rank's shard, total vocab size) for Megatron's equal contiguous shards."""
+    if tp_group is None:
+        return 0, n_local
+    rank = dist.get_rank(tp_group)
+    return rank * n_local, n_local * dist.get_world_size(tp_group)
+
+
+def check_targets(targets: torch.Tensor, n_rows: int, vocab_total: int) -> None:
+    """Raise when the targets do not match the rows or fall outside the (global) vocabulary."""
+    if targets.dim() != 1 or targets.numel() != n_rows:
+        raise ValueError(f"targets must be 1-D with one id per row ({n_rows}), got shape {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
+    if n_rows and (int(targets.min()) < 0 or int(targets.max()) >= vocab_total):
+        raise ValueError(
+            f"target ids must lie in [0, {vocab_total}) (the full vocabulary), got range "
+            f"[{int(targets.min())}, {int(targets.max())}]; mask ignored positions out instead of using -100"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd Functions
+# --------------------------------------------------------------------------------------------------
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """log p(target) and entropy from (sharded) logits; saves the logits themselves plus [T] stats."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temp, tp_group, use_triton):  # type: ignore[override]
+        vocab_start, _ = vocab_range(logits.shape[1], tp_group)
+        stats_fn = _stats_triton if use_triton else _stats_torch
+        logp, entropy, lse = combine_stats(stats_fn(logits, targets, vocab_start, inv_temp), tp_group)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
+        ctx.set_materialize_grads(False)
+        out_dt = logits.dtype if logits.dtype == torch.float64 else torch.float32
+        return logp.to(out_dt), entropy.to(out_dt)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):  # type: ignore[override]
+        logits, targets, lse, entropy = ctx.saved_tensors
+        if g_lp is None and g_ent is None:
+            return None, None, None, None, None
+        grad_fn = _grad_triton if ctx.use_triton else _grad_torch
+        grad = grad_fn(
+            logits, targets, ctx.vocab_start, ctx.inv_temp, lse, entropy,
+            None if g_lp is None else g_lp.contiguous(), None if g_ent is None else g_ent.contiguous(),
+        )
+        return grad, None, None, None, None
+
+
+class ChunkedTokenLogprobsFunction(torch.autograd.Function):
+    """Token log-probs from hidden states and the output weight shard, `chunk` rows of logits at a time.
+
+    Backward recomputes each chunk's logits, turns them into the logits gradient in place and
+    multiplies out the hidden and weight gradients, so at most one [chunk, V_local] block exists.
+    With tp_group the hidden gradient is all-reduced over the group (the job Megatron's
+    ColumnParallelLinear input region does), so callers pass hidden straight in.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temp, tp_group, use_triton, chunk):  # type: ignore[override]
+        rows = hidden.shape[0]
+        vocab_start, _ = vocab_range(weight.shape[0], tp_group)
+        stats_fn = _stats_triton if use_triton else _stats_torch
+        stats = None
+        for a in range(0, rows, chunk):
+            b = min(rows, a + chunk)
+            part = stats_fn(hidden[a:b] @ weight.t(), targets[a:b], vocab_start, inv_temp)
+            if stats is None:
+                stats = torch.empty((4, rows), dtype=part.dtype, device=hidden.device)
+            stats[:, a:b] = part
+        if stats is None:
+            stats = torch.zeros((4, 0), dtype=torch.float32, device=hidden.device)
+        logp, entropy, lse = combine_stats(stats, tp_group)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
+        ctx.tp_group, ctx.chunk = tp_group, chunk
+        ctx.set_materialize_grads(False)
+        out_dt = hidden.dtype if hidden.dtype == torch.float64 else torch.float32
+        return logp.to(out_dt), entropy.to(out_dt)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):  # type: ignore[override]
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        none = (None,) * 5
+        if g_lp is None and g_ent is None:
+            return None, None, *none
+        grad_fn = _grad_triton if ctx.use_triton else _grad_torch
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc_dt = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc_dt, device=weight.device) if need_w else None
+        for a in range(0, hidden.shape[0], ctx.chunk):
+            b = min(hidden.shape[0], a + ctx.chunk)
+            logits = hidden[a:b] @ weight.t()
+            grad_fn(
+                logits, targets[a:b], ctx.vocab_start, ctx.inv_temp, lse[a:b], entropy[a:b],
+                None if g_lp is None else g_lp[a:b].contiguous(),
+                None if g_ent is None else g_ent[a:b].contiguous(),
+                out=logits,  # the gradient overwrites the recomputed logits: one block alive
+            )
+            if need_h:
+                grad_h[a:b] = logits @ weight
+            if need_w:
+                grad_w.addmm_(logits.t().to(acc_dt), hidden[a:b].to(acc_dt))
+        if need_h and ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
+            dist.all_reduce(grad_h, group=ctx.tp_group)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, *none

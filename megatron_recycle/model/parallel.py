@@ -1,0 +1,204 @@
+"""Distributed set-up: torch.distributed from torchrun's environment, megatron parallel_state, seeds.
+
+One call, :func:`init_distributed`, works the same under ``torchrun`` (reads RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and in a plain single process (a world of 1 over an
+in-memory store, no port). gloo on CPU, NCCL on GPU; the CPU compatibility patches are applied
+when CUDA is absent. :func:`validate_layout` checks that a TP/PP(/VPP) layout divides both the
+world and the model (heads, query groups, layers, FFN, vocabulary) and names what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_recycle.model.compat import apply_cpu_compat
+
+logger = logging.getLogger(__name__)
+
+_OWNS_PROCESS_GROUP = False
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this process sits in the TP x PP x DP grid (VPP = virtual stages per PP rank)."""
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    vpp: int | None
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    backend: str
+    device: torch.device
+
+
+def _get(cfg: Any, *names: str, default: Any = None) -> Any:
+    """First attribute (or dict key) of ``cfg`` among ``names`` that is set."""
+    for n in names:
+        v = cfg.get(n) if isinstance(cfg, dict) else getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def validate_layout(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    world_size: int | None = None,
+    model_config: Any | None = None,
+) -> None:
+    """Raise ValueError, naming the offending numbers, when a TP/PP/VPP layout cannot work.
+
+    ``model_config`` may be a Hugging Face config, a megatron TransformerConfig or a dict; the
+    checks are: heads and query groups divisible by TP, FFN size and vocabulary divisible by TP,
+    layers divisible by PP x VPP. ``world_size`` must be a multiple of TP x PP.
+    """
+    for name, v in (("tp", tp), ("pp", pp)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+    if vpp is not None:
+        if not isinstance(vpp, int) or vpp < 1:
+            raise ValueError(f"vpp={vpp!r} must be None or a positive integer")
+        if vpp > 1 and pp < 2:
+            raise ValueError(f"virtual pipeline stages (vpp={vpp}) need pp >= 2, got pp={pp}; set vpp=None")
+    if world_size is not None and world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
+            f"launch a multiple of {tp * pp} processes or change tp/pp"
+        )
+    if model_config is None:
+        return
+    heads = _get(model_config, "num_attention_heads")
+    groups = _get(model_config, "num_key_value_heads", "num_query_groups", default=heads)
+    layers = _get(model_config, "num_hidden_layers", "num_layers")
+    ffn = _get(model_config, "intermediate_size", "ffn_hidden_size")
+    vocab = _get(model_config, "vocab_size")
+    if heads is not None and heads % tp != 0:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by tp={tp}; pick tp dividing {heads}")
+    if groups is not None and groups % tp != 0:
+        raise ValueError(
+            f"num_key_value_heads (query groups)={groups} is not divisible by tp={tp}; "
+            f"pick tp dividing {groups}"
+        )
+    if ffn is not None and ffn % tp != 0:
+        raise ValueError(f"intermediate (FFN) size {ffn} is not divisible by tp={tp}; pick tp dividing {ffn}")
+    if vocab is not None and vocab % tp != 0:
+        raise ValueError(
+            f"vocab_size={vocab} is not divisible by tp={tp}; padded vocabularies are not supported "
+            f"(their extra logits would change log-probs), pick tp dividing {vocab}"
+        )
+    stages = pp * (vpp or 1)
+    if layers is not None and layers % stages != 0:
+        raise ValueError(
+            f"num_layers={layers} is not divisible by pp*vpp = {pp}*{vpp or 1} = {stages}; "
+            f"pick a pipeline layout whose stage count divides {layers}"
+        )
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
+
+
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    seed: int = 0,
+    backend: str | None = None,
+    model_config: Any | None = None,
+) -> ParallelLayout:
+    """Initialize torch.distributed, megatron parallel_state and the model-parallel RNG seeds.
+
+    Uses torchrun's environment when present, otherwise a world of 1. backend defaults to
+    ``nccl`` with CUDA and ``gloo`` without. An existing process group is reused. Seeds follow
+    Megatron: ``seed + 100 * pp_rank`` for python/numpy/torch, then the TP RNG tracker.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    global _OWNS_PROCESS_GROUP
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        apply_cpu_compat()
+    backend = backend or ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ValueError("backend='nccl' needs CUDA, and no CUDA device is visible; use backend='gloo'")
+
+    if not dist.is_initialized():
+        world = _env_int("WORLD_SIZE")
+        rank = _env_int("RANK")
+        local_rank = _env_int("LOCAL_RANK") or 0
+        if cuda:
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        if world is None or world == 1 and "MASTER_ADDR" not in os.environ:
+            # Plain single process: an in-memory store, no port to find.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            if rank is None:
+                raise RuntimeError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
+            dist.init_process_group(backend, rank=rank, world_size=world)
+        _OWNS_PROCESS_GROUP = True
+    world_size = dist.get_world_size()
+    validate_layout(tp, pp, vpp, world_size, model_config)
+
+    if ps.model_parallel_is_initialized():
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        if have != (tp, pp):
+            raise RuntimeError(
+                f"megatron parallel_state is already initialized with tp,pp={have}, asked for {(tp, pp)}; "
+                "call destroy_distributed() first"
+            )
+    else:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp if (vpp or 1) > 1 else None,
+        )
+
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    s = seed + 100 * pp_rank
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+    tensor_parallel.model_parallel_cuda_manual_seed(s)
+
+    layout = ParallelLayout(
+        world_size=world_size,
+        rank=dist.get_rank(),
+        tp=tp,
+        pp=pp,
+        vpp=vpp if (vpp or 1) > 1 else None,
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=pp_rank,
+        dp_rank=ps.get_data_parallel_rank(),
+        backend=backend,
+        device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+    )
+    logger.info("distributed initialized: %s", layout)
+    return layout
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron parallel_state and the process group this module created."""
+    from megatron.core import parallel_state as ps
+
+    global _OWNS_PROCESS_GROUP
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if _OWNS_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNS_PROCESS_GROUP = False

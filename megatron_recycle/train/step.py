@@ -1,0 +1,625 @@
+"""One GRPO (or SFT) training step on a megatron-core GPTModel, readable top to bottom.
+
+Data flow of :func:`grpo_train_step` (ARCHITECTURE.md, "One GRPO step, as data"):
+
+    TrajectoryBatch (this DP rank's share, padded to [N, L])
+      -> all-reduce the policy-token count over the DP group (the loss normalizer)
+      -> Megatron's forward_backward_func over N / micro_batch_size micro-batches:
+           GPTModel -> vocab-parallel logits [b, L, V/tp] (last PP stage only)
+           -> megatron_recycle_kernels.token_logprobs(tp_group) -> log-probs [b, L-1]
+           -> megatron_recycle_kernels.grpo_loss(normalizer=global count)
+      -> optimizer.step() (Megatron's optimizer: grad clipping, distributed optimizer)
+      -> OptimizerParamScheduler.step() -> metrics dict
+
+Alignment: ``loss_mask[:, t]`` refers to token ``t`` as the token being PREDICTED, so the
+logits at position ``t - 1`` are scored against ``tokens[:, t]``; log-probs have shape
+``[N, L - 1]`` and column ``j`` is the log-prob of ``tokens[:, j + 1]``.
+
+Scaling (why the loss is multiplied by ``num_microbatches * dp_size``): grpo_loss already
+divides by the global token count D, so summing its value over every micro-batch on every DP
+rank gives the full-batch token mean. Megatron's schedule divides each micro-batch's loss by
+the number of micro-batches, and DDP averages (not sums) gradients over the DP group; the
+factor undoes both, so any micro-batch size and any DP size give the full-batch gradient.
+Packed sequences (THD layout) are not supported: batches are right-padded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+# --------------------------------------------------------------------------------------- batch
+@dataclass
+class TrajectoryBatch:
+    """A right-padded batch of trajectories for one DP rank.
+
+    tokens [N, L] int64; loss_mask [N, L] float (1 where tokens[:, t] is a policy token to
+    predict; column 0 must be 0); advantages [N]; old/ref log-probs [N, L-1] or None.
+    """
+
+    tokens: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2:
+            raise ValueError(f"tokens must be [N, L], got shape {tuple(self.tokens.shape)}")
+        n, seq = self.tokens.shape
+        if seq < 2:
+            raise ValueError(f"sequences need at least 2 tokens to predict anything, got L={seq}")
+        if self.tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be int64/int32 ids, got {self.tokens.dtype}")
+        self.tokens = self.tokens.long()
+        if tuple(self.loss_mask.shape) != (n, seq):
+            raise ValueError(
+                f"loss_mask shape {tuple(self.loss_mask.shape)} != tokens shape {(n, seq)}"
+            )
+        self.loss_mask = self.loss_mask.to(torch.float32)
+        if bool((self.loss_mask[:, 0] != 0).any()):
+            raise ValueError(
+                "loss_mask[:, 0] must be 0: the first token has no logits that predict it "
+                "(mark prompt tokens 0; the mask refers to the token being predicted)"
+            )
+        if self.advantages is not None:
+            if tuple(self.advantages.shape) != (n,):
+                raise ValueError(f"advantages must be [N]={n}, got {tuple(self.advantages.shape)}")
+            self.advantages = self.advantages.to(torch.float32)
+        for name in ("old_logprobs", "ref_logprobs"):
+            v = getattr(self, name)
+            if v is not None and tuple(v.shape) != (n, seq - 1):
+                raise ValueError(
+                    f"{name} must be [N, L-1]={(n, seq - 1)} (column j scores tokens[:, j+1]), "
+                    f"got {tuple(v.shape)}"
+                )
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_length(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """Loss mask aligned with the log-probs: [N, L-1]."""
+        return self.loss_mask[:, 1:]
+
+    def rows(self, start: int, stop: int) -> TrajectoryBatch:
+        """Rows ``start:stop`` of every field (a micro-batch or a DP shard)."""
+        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return TrajectoryBatch(
+            tokens=self.tokens[start:stop],
+            loss_mask=self.loss_mask[start:stop],
+            advantages=cut(self.advantages),
+            old_logprobs=cut(self.old_logprobs),
+            ref_logprobs=cut(self.ref_logprobs),
+        )
+
+    def replace(self, **fields: Any) -> TrajectoryBatch:
+        """A copy with some fields replaced (e.g. old_logprobs from compute_logprobs)."""
+        return dataclasses.replace(self, **fields)
+
+
+def build_batch(
+    token_ids: Sequence[Sequence[int]],
+    loss_masks: Sequence[Sequence[int]],
+    advantages: Sequence[float] | torch.Tensor | None = None,
+    pad_token_id: int = 0,
+    pad_length_to_multiple_of: int = 1,
+    pad_rows_to_multiple_of: int = 1,
+) -> TrajectoryBatch:
+    """Right-pad lists of token ids and loss masks into a TrajectoryBatch.
+
+    Extra rows added to reach ``pad_rows_to_multiple_of`` (so that N divides into micro-batches)
+    are all padding with mask 0 and advantage 0: they contribute nothing to loss or gradient.
+    A mask may mark the first token of a sequence; that is an error (nothing predicts it).
+    """
+    if len(token_ids) == 0:
+        raise ValueError("build_batch needs at least one sequence")
+    if len(token_ids) != len(loss_masks):
+        raise ValueError(f"{len(token_ids)} token sequences but {len(loss_masks)} loss masks")
+    for i, (t, m) in enumerate(zip(token_ids, loss_masks)):
+        if len(t) != len(m):
+            raise ValueError(f"sequence {i}: {len(t)} tokens but {len(m)} mask entries")
+    if pad_length_to_multiple_of < 1 or pad_rows_to_multiple_of < 1:
+        raise ValueError(
+            f"pad multiples must be >= 1, got length {pad_length_to_multiple_of}, rows {pad_rows_to_multiple_of}"
+        )
+    longest = max(2, max(len(t) for t in token_ids))
+    seq = -(-longest // pad_length_to_multiple_of) * pad_length_to_multiple_of
+    n = -(-len(token_ids) // pad_rows_to_multiple_of) * pad_rows_to_multiple_of
+    tokens = torch.full((n, seq), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, seq), dtype=torch.float32)
+    for i, (t, m) in enumerate(zip(token_ids, loss_masks)):
+        tokens[i, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
+        mask[i, : len(m)] = torch.as_tensor(list(m), dtype=torch.float32)
+    adv = None
+    if advantages is not None:
+        a = torch.as_tensor(advantages, dtype=torch.float32).flatten()
+        if a.numel() != len(token_ids):
+            raise ValueError(f"{a.numel()} advantages for {len(token_ids)} sequences")
+        adv = torch.zeros(n, dtype=torch.float32)
+        adv[: a.numel()] = a
+    return TrajectoryBatch(tokens=tokens, loss_mask=mask, advantages=adv)
+
+
+def shard_for_data_parallel(batch: TrajectoryBatch, dp_rank: int, dp_size: int) -> TrajectoryBatch:
+    """The contiguous share of a global batch that DP rank ``dp_rank`` trains on."""
+    n = batch.num_sequences
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+    if n % dp_size != 0:
+        raise ValueError(
+            f"{n} sequences do not split evenly over {dp_size} DP ranks; "
+            f"pad with build_batch(pad_rows_to_multiple_of={dp_size} * micro_batch_size)"
+        )
+    share = n // dp_size
+    return batch.rows(dp_rank * share, (dp_rank + 1) * share)
+
+
+# ------------------------------------------------------------------------------- loss config
+@dataclass
+class GRPOLossConfig:
+    """Knobs of the GRPO objective (METHOD.md section 3); passed through to grpo_loss."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    clip_c: float | None = None
+    kl_beta: float = 0.0
+    agg: str = "token-mean"
+    max_len: int | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.agg not in AGG_MODES:
+            raise ValueError(f"agg={self.agg!r} is not one of {AGG_MODES}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+# --------------------------------------------------------------------- parallel-state helpers
+def _ps() -> Any:
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def _tp_group() -> dist.ProcessGroup | None:
+    """The TP group when TP > 1 (token_logprobs then reduces over the vocab shards), else None."""
+    ps = _ps()
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def _dp_group_and_size() -> tuple[dist.ProcessGroup, int]:
+    ps = _ps()
+    if ps.get_context_parallel_world_size() != 1:
+        raise NotImplementedError("context parallelism is not supported by the training step; use cp=1")
+    return ps.get_data_parallel_group(), ps.get_data_parallel_world_size()
+
+
+def _is_last_stage() -> bool:
+    return _ps().is_pipeline_last_stage(ignore_virtual=True)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _micro_batches(batch: TrajectoryBatch, micro_batch_size: int) -> list[TrajectoryBatch]:
+    n = batch.num_sequences
+    if micro_batch_size < 1 or n % micro_batch_size != 0:
+        raise ValueError(
+            f"micro_batch_size={micro_batch_size} must divide this rank's {n} sequences; "
+            f"pad the batch with build_batch(pad_rows_to_multiple_of={micro_batch_size})"
+        )
+    dev = _device()
+    out = []
+    for s in range(0, n, micro_batch_size):
+        mb = batch.rows(s, s + micro_batch_size)
+        out.append(mb.replace(**{f.name: (None if getattr(mb, f.name) is None else getattr(mb, f.name).to(dev))
+                                 for f in dataclasses.fields(mb)}))
+    return out
+
+
+def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:
+    # Interleaved (virtual) pipelines take one iterator per model chunk, each over all micro-batches.
+    if num_chunks == 1:
+        return iter(mbs)
+    return [iter(mbs) for _ in range(num_chunks)]
+
+
+def target_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs [b, L-1] of tokens[:, 1:] from vocab-parallel logits [b, L, V/tp].
+
+    Uses token_logprobs with the TP group, so the full vocabulary is never gathered.
+    """
+    from megatron_recycle_kernels import token_logprobs
+
+    b, seq, vshard = logits.shape
+    flat = logits[:, :-1].reshape(-1, vshard)
+    targets = tokens[:, 1:].reshape(-1)
+    out = token_logprobs(flat, targets, temperature=temperature, tp_group=_tp_group(),
+                         return_entropy=return_entropy)
+    if return_entropy:
+        lp, ent = out
+        return lp.view(b, seq - 1), ent.view(b, seq - 1)
+    return out.view(b, seq - 1)
+
+
+def _forward_step(loss_fn: Callable, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+    """Megatron forward_step_func: run the model on the next micro-batch; loss_fn runs on the last stage."""
+    mb = next(data_iterator)
+    b, seq = mb.tokens.shape
+    position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand(b, seq)
+    # attention_mask=None: the local attention builds the causal mask; right padding sits after
+    # every real token, so it never influences a real position.
+    output = model(mb.tokens, position_ids, None)
+    return output, partial(loss_fn, mb)
+
+
+def _collect_last_stage(obj: Any) -> Any:
+    """Send a Python object from the last PP stage to every stage of this pipeline."""
+    ps = _ps()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return holder[0]
+
+
+# ----------------------------------------------------------------------- log-prob-only forward
+@torch.no_grad()
+def compute_logprobs(
+    model_chunks: list[torch.nn.Module],
+    batch: TrajectoryBatch,
+    micro_batch_size: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log-probs [N, L-1] (float32, CPU) of the batch's targets, without gradients.
+
+    For old and reference log-probs. Only the last PP stage has logits; the result is broadcast
+    over the pipeline group so that every rank of this DP replica (all TP and PP ranks) returns
+    the same tensor. Masked positions hold valid log-probs too (the mask is not applied).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    mbs = _micro_batches(batch, micro_batch_size)
+
+    def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        lp = target_logprobs(output, mb.tokens, temperature).float()
+        return output.new_zeros(()), {"logprobs": lp}
+
+    was_training = [m.training for m in model_chunks]
+    for m in model_chunks:
+        m.eval()
+    try:
+        out = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, loss_fn),
+            data_iterator=_data_iterators(mbs, len(model_chunks)),
+            model=model_chunks,
+            num_microbatches=len(mbs),
+            seq_length=batch.seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+    finally:
+        for m, t in zip(model_chunks, was_training):
+            m.train(t)
+    result = torch.empty(batch.num_sequences, batch.seq_length - 1, dtype=torch.float32, device=_device())
+    if _is_last_stage():
+        result.copy_(torch.cat([d["logprobs"] for d in out], dim=0))
+    ps = _ps()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(result, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return result.cpu()
+
+
+# --------------------------------------------------------------------------- the train steps
+def _global_count(local: float, group: dist.ProcessGroup) -> float:
+    t = torch.tensor([float(local)], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, group=group)
+    return float(t.item())
+
+
+def _run_train_step(
+    model_chunks: list[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    batch: TrajectoryBatch,
+    micro_batch_size: int,
+    loss_fn: Callable,
+    dp_group: dist.ProcessGroup,
+) -> dict[str, float]:
+    """The shared machinery: zero grads, forward_backward over micro-batches, optimizer, LR schedule.
+
+    ``loss_fn(mb, output)`` returns (scaled loss, dict of SUMS over the micro-batch); the sums are
+    added over micro-batches and DP ranks and returned (plus grad norm, lr, timings).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    mbs = _micro_batches(batch, micro_batch_size)
+    for m in model_chunks:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    lr = float(optimizer.param_groups[0]["lr"])
+
+    _sync()
+    t0 = time.perf_counter()
+    reduced = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=_data_iterators(mbs, len(model_chunks)),
+        model=model_chunks,
+        num_microbatches=len(mbs),
+        seq_length=batch.seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    _sync()
+    t1 = time.perf_counter()
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+    _sync()
+    t2 = time.perf_counter()
+
+    # Sums over micro-batches (last stage) -> every PP stage -> summed over DP ranks.
+    sums: dict[str, float] = {}
+    if _is_last_stage():
+        for d in reduced:
+            for k, v in d.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    sums = _collect_last_stage(sums)
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=_device())
+    if vec.numel():
+        dist.all_reduce(vec, group=dp_group)
+    totals = dict(zip(keys, vec.tolist()))
+    totals.update(
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        lr=lr,
+        update_successful=float(bool(update_successful)),
+        num_microbatches=float(len(mbs)),
+        **{"time/forward_backward_s": t1 - t0, "time/optimizer_s": t2 - t1},
+    )
+    return totals
+
+
+def grpo_train_step(
+    model_chunks: list[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    batch: TrajectoryBatch,
+    micro_batch_size: int,
+    loss_cfg: GRPOLossConfig | None = None,
+) -> dict[str, float]:
+    """One GRPO optimizer step on this DP rank's share of the batch; returns global metrics.
+
+    ``batch.old_logprobs`` None means on-policy (old = current, detached: ratio 1). Metrics:
+    loss (full-batch value), grad_norm, lr, token and sequence counts, token-weighted means of
+    grpo_loss's stats (clip fractions, ratio, KLs), and times per phase.
+    """
+    from megatron_recycle_kernels import grpo_loss
+
+    cfg = loss_cfg or GRPOLossConfig()
+    if batch.advantages is None:
+        raise ValueError("grpo_train_step needs batch.advantages ([N]); build it with build_batch(advantages=...)")
+    dp_group, dp_size = _dp_group_and_size()
+    _sync()
+    t_start = time.perf_counter()
+
+    # The normalizer: the global token count (token-mean) or the global number of sequences
+    # that hold a policy token (seq-mean-*), over the whole batch on all DP ranks.
+    rows_with_tokens = (batch.target_mask.sum(dim=1) > 0).sum().item()
+    global_tokens = _global_count(batch.target_mask.sum().item(), dp_group)
+    global_rows = _global_count(rows_with_tokens, dp_group)
+    if global_tokens == 0:
+        raise ValueError("the batch has no policy tokens (every loss_mask is 0) on any DP rank; nothing to train")
+    normalizer = global_tokens if cfg.agg == "token-mean" else global_rows
+    num_mb = batch.num_sequences // micro_batch_size if micro_batch_size > 0 else 0
+    scale = float(num_mb * dp_size)
+
+    def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        lp = target_logprobs(output, mb.tokens, cfg.temperature)
+        old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
+        loss, stats = grpo_loss(
+            lp, old, mb.advantages, mb.target_mask, ref_logprobs=mb.ref_logprobs,
+            eps_low=cfg.eps_low, eps_high=cfg.eps_high, clip_c=cfg.clip_c, kl_beta=cfg.kl_beta,
+            agg=cfg.agg, normalizer=normalizer, max_len=cfg.max_len,
+        )
+        n_tok = mb.target_mask.sum()
+        sums = {"loss": loss.detach(), "tokens": n_tok}
+        # stats are token means over this micro-batch: weight by its token count, divide later.
+        sums.update({f"sum/{k}": v.detach() * n_tok for k, v in stats.items()})
+        return loss * scale, sums
+
+    out = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group)
+    metrics = {"loss": out.pop("loss"), "tokens": out.pop("tokens"), "sequences": global_rows}
+    for k in [k for k in out if k.startswith("sum/")]:
+        metrics[k[4:]] = out.pop(k) / max(global_tokens, 1.0)
+    metrics.update(out)
+    _sync()
+    metrics["time/step_s"] = time.perf_counter() - t_start
+    return metrics
+
+
+def sft_train_step(
+    model_chunks: list[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    batch: TrajectoryBatch,
+    micro_batch_size: int,
+) -> dict[str, float]:
+    """One SFT step: masked next-token cross-entropy, normalized by the global masked-token count.
+
+    Same machinery as grpo_train_step (forward_backward over micro-batches, optimizer, schedule);
+    ``loss`` is the full-batch mean negative log-likelihood per policy token.
+    """
+    dp_group, dp_size = _dp_group_and_size()
+    _sync()
+    t_start = time.perf_counter()
+    global_tokens = _global_count(batch.target_mask.sum().item(), dp_group)
+    if global_tokens == 0:
+        raise ValueError("the SFT batch has no loss tokens (every loss_mask is 0) on any DP rank")
+    num_mb = batch.num_sequences // micro_batch_size if micro_batch_size > 0 else 0
+    scale = float(num_mb * dp_size)
+
+    def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        lp = target_logprobs(output, mb.tokens, 1.0)
+        loss = -(lp * mb.target_mask).sum() / global_tokens
+        return loss * scale, {"loss": loss.detach(), "tokens": mb.target_mask.sum()}
+
+    metrics = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group)
+    _sync()
+    metrics["time/step_s"] = time.perf_counter() - t_start
+    return metrics
+
+
+# ------------------------------------------------------------------ model, DDP and optimizer
+def wrap_model_and_build_optimizer(
+    model_chunks: list[torch.nn.Module],
+    lr: float,
+    weight_decay: float = 0.0,
+    clip_grad: float = 1.0,
+    use_distributed_optimizer: bool = False,
+    bf16: bool = False,
+    warmup_steps: int = 0,
+    total_steps: int = 1,
+    min_lr: float = 0.0,
+    lr_decay_style: str = "cosine",
+    optimizer: str = "adam",
+    adam_beta1: float = 0.9,
+    adam_beta2: float = 0.999,
+    adam_eps: float = 1e-8,
+    sgd_momentum: float = 0.0,
+) -> tuple[list[torch.nn.Module], Any, Any]:
+    """Wrap built model chunks in Megatron DDP; build get_megatron_optimizer and OptimizerParamScheduler.
+
+    Also sets the model config hooks Megatron's schedules use (no_sync, finalize grads, loss
+    scale) and the gloo p2p settings PLATFORM.md requires. Returns (ddp_chunks, optimizer, scheduler).
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.utils import get_model_config
+
+    if lr <= 0 or min_lr < 0 or min_lr > lr:
+        raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
+    if total_steps < 1 or warmup_steps < 0 or warmup_steps > total_steps:
+        raise ValueError(f"need 0 <= warmup_steps <= total_steps >= 1, got {warmup_steps}, {total_steps}")
+    if lr_decay_style not in ("constant", "linear", "cosine", "inverse-square-root"):
+        raise ValueError(f"lr_decay_style={lr_decay_style!r}; use constant, linear, cosine or inverse-square-root")
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer={optimizer!r}; use 'adam' or 'sgd'")
+
+    config = get_model_config(model_chunks[0])
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    ddp_chunks: list[torch.nn.Module] = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+        for i, m in enumerate(model_chunks)
+    ]
+    for m in ddp_chunks:
+        m.broadcast_params()  # every DP replica starts from DP rank 0's weights
+
+    opt_config = OptimizerConfig(
+        optimizer=optimizer,
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2,
+        adam_eps=adam_eps,
+        sgd_momentum=sgd_momentum,
+        clip_grad=clip_grad,
+        bf16=bf16,
+        params_dtype=torch.float32,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    opt = get_megatron_optimizer(opt_config, ddp_chunks)
+    scheduler = OptimizerParamScheduler(
+        opt,
+        init_lr=0.0 if warmup_steps > 0 else lr,
+        max_lr=lr,
+        min_lr=min_lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=total_steps,
+        lr_decay_style=lr_decay_style,
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=total_steps,
+        wd_incr_style="constant",
+    )
+
+    # Hooks the schedules call (the same ones Megatron's own training loop installs).
+    config.no_sync_func = [m.no_sync for m in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = opt.scale_loss
+    if dist.get_backend() == "gloo":
+        # PLATFORM.md: batched p2p sync is wrong on gloo; interleaved PP also needs unbatched p2p.
+        config.batch_p2p_sync = False
+        if len(ddp_chunks) > 1:
+            config.batch_p2p_comm = False
+    return ddp_chunks, opt, scheduler
+
+
+def setup_model_and_optimizer(
+    hf_config: Any,
+    lr: float,
+    weight_decay: float = 0.0,
+    clip_grad: float = 1.0,
+    use_distributed_optimizer: bool = False,
+    bf16: bool = False,
+    warmup_steps: int = 0,
+    total_steps: int = 1,
+    load_weights: Callable[[list[torch.nn.Module]], None] | None = None,
+    layer_spec: str = "auto",
+    **optimizer_kwargs: Any,
+) -> tuple[list[torch.nn.Module], Any, Any]:
+    """Build this rank's GPTModel chunks (model.build), wrap them in Megatron DDP, build optimizer + LR schedule.
+
+    Call after init_distributed. ``load_weights(chunks)`` (e.g. HF -> Megatron conversion) runs
+    on the bare chunks before DDP and the optimizer copy them. ``optimizer_kwargs`` go to
+    wrap_model_and_build_optimizer (min_lr, lr_decay_style, optimizer, adam betas, sgd_momentum).
+    """
+    from megatron_recycle.model.build import build_model_chunks
+
+    chunks = build_model_chunks(hf_config, bf16=bf16, layer_spec=layer_spec)
+    if load_weights is not None:
+        load_weights(chunks)
+    return wrap_model_and_build_optimizer(
+        chunks, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
+        use_distributed_optimizer=use_distributed_optimizer, bf16=bf16,
+        warmup_steps=warmup_steps, total_steps=total_steps, **optimizer_kwargs,
+    )
