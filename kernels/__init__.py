@@ -72,6 +72,8 @@ def grpo_advantages(
     Advantages are float32 (float64 for float64 rewards); they carry no gradient.
     """
     if resolve_impl(rewards, impl) == "torch":
+        if rewards.dtype != torch.float64:
+            rewards = rewards.to(torch.float32)
         with torch.no_grad():
             return reference.grpo_advantages_reference(
                 rewards, group_size, group_index, norm_by_std, unbiased, eps, num_groups=num_groups

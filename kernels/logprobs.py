@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .buffers import new_buffer, new_buffer_like
+
 try:  # the PyTorch path must keep working where triton is absent
     import triton
     import triton.language as tl
@@ -104,15 +106,19 @@ if HAS_TRITON:
             tl.store(gbase + idx, (g * inv_temp).to(grad_ptr.dtype.element_ty), mask=valid)
 
 
+# Largest vocabulary block per program step (module-level so tests can shrink it to exercise the loop).
+MAX_BLOCK_V = 4096
+
+
 def _block_v(n_vocab: int, device: torch.device) -> int:
     """Block width over the vocabulary: big blocks in the interpreter (per-program cost dominates)."""
-    cap = 4096 if device.type == "cuda" else 16384
+    cap = MAX_BLOCK_V if device.type == "cuda" or MAX_BLOCK_V < 4096 else 16384
     return max(16, min(cap, triton.next_power_of_2(max(n_vocab, 1))))
 
 
 def _stats_triton(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float) -> torch.Tensor:
     rows, vocab = logits.shape
-    stats = torch.full((4, rows), float("nan"), dtype=torch.float32, device=logits.device)
+    stats = new_buffer((4, rows), torch.float32, logits.device)
     if rows == 0:
         return stats
     _logprob_stats_kernel[(rows,)](
@@ -128,7 +134,7 @@ def _grad_triton(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
-    grad = torch.empty_like(logits) if out is None else out
+    grad = new_buffer_like(logits) if out is None else out
     if rows == 0:
         return grad
     _logprob_grad_kernel[(rows,)](

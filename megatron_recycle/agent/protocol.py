@@ -9,7 +9,7 @@ trained on) and finishes with <answer>...</answer>. Generation stops after </sea
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from megatron_recycle.agent.types import Passage
 

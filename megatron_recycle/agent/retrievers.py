@@ -21,9 +21,10 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,8 +84,7 @@ def default_cache_dir() -> Path:
 def _check_queries(queries: Sequence[str], topk: int) -> list[str]:
     if isinstance(queries, str):
         raise TypeError(
-            f"search() takes a sequence of queries, got a single string {queries[:60]!r}; "
-            "wrap it in a list"
+            f"search() takes a sequence of queries, got a single string {queries[:60]!r}; wrap it in a list"
         )
     queries = list(queries)
     for q in queries:
@@ -161,9 +161,7 @@ class BM25Retriever(_StatsMixin):
         t0 = time.perf_counter()
         model = self._bm25s.BM25(k1=self.k1, b=self.b)
         model.index(self._tokenize(self.corpus.contents, return_ids=True), show_progress=False)
-        logger.info(
-            "BM25 index of %d passages built in %.2f s", len(self.corpus), time.perf_counter() - t0
-        )
+        logger.info("BM25 index of %d passages built in %.2f s", len(self.corpus), time.perf_counter() - t0)
         return model
 
     def _save(self, key_src: str) -> None:
@@ -258,9 +256,7 @@ class DenseRetriever(_StatsMixin):
             )
         is_e5 = "e5" in self.model_path.name.lower()
         self.query_prefix = query_prefix if query_prefix is not None else ("query: " if is_e5 else "")
-        self.passage_prefix = (
-            passage_prefix if passage_prefix is not None else ("passage: " if is_e5 else "")
-        )
+        self.passage_prefix = passage_prefix if passage_prefix is not None else ("passage: " if is_e5 else "")
         self.batch_size = batch_size
         self._init_stats()
         from sentence_transformers import SentenceTransformer

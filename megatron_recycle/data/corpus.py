@@ -44,9 +44,7 @@ class Corpus:
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.contents):
-            raise ValueError(
-                f"corpus {self.name!r}: {len(self.ids)} ids but {len(self.contents)} contents"
-            )
+            raise ValueError(f"corpus {self.name!r}: {len(self.ids)} ids but {len(self.contents)} contents")
         if not self.ids:
             raise ValueError(f"corpus {self.name!r} is empty; a retriever needs at least one passage")
         self._index = {}

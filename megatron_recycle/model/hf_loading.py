@@ -57,7 +57,9 @@ def _is_smollm2_alias(name: str) -> bool:
 def _gguf_cache_folder(gguf_path: str, cache_dir: str | os.PathLike | None) -> Path:
     """Cache folder for one GGUF file, keyed by its name, size and mtime (a new file, a new cache)."""
     st = os.stat(gguf_path)
-    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[
+        :12
+    ]
     stem = Path(gguf_path).name.removesuffix(".gguf")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
     return root / f"{stem}-fp32-{key}"

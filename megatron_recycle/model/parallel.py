@@ -143,7 +143,7 @@ def init_distributed(
         local_rank = _env_int("LOCAL_RANK") or 0
         if cuda:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        if world is None or world == 1 and "MASTER_ADDR" not in os.environ:
+        if world is None or (world == 1 and "MASTER_ADDR" not in os.environ):
             # Plain single process: an in-memory store, no port to find.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
@@ -192,13 +192,18 @@ def init_distributed(
     return layout
 
 
-def destroy_distributed() -> None:
-    """Tear down megatron parallel_state and the process group this module created."""
+def destroy_distributed(keep_process_group: bool = False) -> None:
+    """Tear down megatron parallel_state and (unless kept) the process group this module created.
+
+    ``keep_process_group=True`` lets one set of processes try several TP/PP layouts in a row.
+    """
     from megatron.core import parallel_state as ps
 
     global _OWNS_PROCESS_GROUP
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    if keep_process_group:
+        return
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False

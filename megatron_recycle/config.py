@@ -1,0 +1,382 @@
+"""One typed config tree for every command, loaded from a recipe YAML plus dotted overrides.
+
+    cfg = load_config("recipes/embedded_cpu.yaml", ["pool.batch_size=8", "optim.lr=1e-6"])
+
+Every field below is documented where it is declared; unknown keys, wrong types and invalid
+values are refused before any heavy work starts, with the dotted key and the offending value in
+the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the dotted key and the value."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run directory name under output_dir
+    output_dir: str = "runs"  # parent of every run directory
+    seed: int = 0  # seeds the pool, sampling and model init
+    save_every: int = 10  # checkpoint every N steps (0: only at the end)
+    keep_last: int = 2  # complete checkpoints kept on disk
+    log_every: int = 1  # one summary line every N steps
+    threads: int = 0  # torch threads per process (0: leave as set by OMP_NUM_THREADS)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/synthetic"  # folder with train.jsonl, dev.jsonl, test.jsonl, sft.jsonl
+    train_file: str = ""  # explicit training file (default: <dir>/train.jsonl)
+    dev_file: str = ""  # default: <dir>/dev.jsonl
+    test_file: str = ""  # default: <dir>/test.jsonl
+    generate_if_missing: bool = True  # run the synthetic generator when <dir> has no data
+    n_train: int = 2000  # synthetic generator: training questions
+    n_dev: int = 100
+    n_test: int = 200
+    max_train_queries: int = 0  # use only the first N training queries (0: all)
+    skip_bad_rows: bool = False  # skip (and count) malformed rows instead of failing
+
+
+@dataclass
+class RetrieverConfig:
+    kind: Literal["bm25", "dense", "http"] = "bm25"
+    topk: int = 3  # passages per search
+    corpus: str = "wiki-offline"  # "wiki-offline" (the installed Wikipedia package) or a Search-R1 jsonl path
+    url: str = "http://127.0.0.1:8000/retrieve"  # kind=http: the Search-R1-compatible endpoint
+    dense_model: str = "minilm"  # kind=dense: "minilm" (packaged) or a local sentence-transformers path
+    timeout_s: float = 10.0  # kind=http: per-request timeout
+    retries: int = 3  # kind=http: retries with exponential backoff before an error observation
+    cache_dir: str = ".cache/retrieval"  # BM25 index / dense embeddings cache
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2-135m"  # "smollm2-135m" (packaged), an HF folder, or a .gguf file
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved schedule)
+    bf16: bool = False  # Megatron mixed precision (bf16 params and compute, fp32 main grads)
+    layer_spec: Literal["auto", "local", "te"] = "auto"  # auto: transformer-engine when usable
+    cache_dir: str = ".cache/models"  # converted/cached weights
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    group_size: int = 4  # K rollouts per query
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_turns: int = 2  # searches allowed per trajectory
+    max_new_tokens: int = 96  # per generation turn
+    max_total_tokens: int = 640  # prompt + response budget of one trajectory
+    reward: Literal["em", "f1"] = "em"
+    batch_size: int = 32  # trajectories generated together
+    vllm_tp: int = 1  # engine=vllm: its own tensor-parallel size
+    vllm_gpu_memory_utilization: float = 0.5  # engine=vllm: share of GPU memory for weights + KV cache
+
+
+@dataclass
+class PoolConfig:
+    strategy: Literal["recycle", "soft_recycle", "grpo", "bounded_dapo", "dapo"] = "recycle"
+    batch_size: int = 4  # B: groups per training step
+    oversample: int = 2  # k: candidates drawn per step = k * B
+    consumed_weight: Optional[float] = None  # None: 0 (0.1 for soft_recycle)
+    on_exhausted: Literal["new_epoch", "stop"] = "new_epoch"
+    max_gen_batches: int = 3  # dapo: generation batches per step at most
+
+
+@dataclass
+class LossConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # clip-higher
+    clip_c: Optional[float] = None  # dual clip for negative advantages (> 1), None: off
+    kl_beta: float = 0.0  # k3 KL to the initial policy; > 0 keeps a reference model
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    max_len: Optional[int] = None  # seq-mean-token-sum-norm: the constant divisor
+    norm_adv_by_std: bool = True  # False: Dr. GRPO advantages r - mean
+    unbiased_std: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0  # global grad-norm clip (0: off)
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    use_distributed_optimizer: bool = False
+    micro_batch_size: int = 4  # sequences per forward/backward micro-batch
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10  # GRPO steps (optimizer updates)
+    rollout_budget: int = 0  # stop after this many trajectories (0: no budget)
+    eval_every: int = 0  # evaluate on the dev split every N steps (0: never during training)
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = True  # run the SFT warm-up before GRPO in the main job
+    steps: int = 30
+    batch_size: int = 8  # oracle trajectories per step
+    lr: float = 2e-5
+    warmup_steps: int = 3
+    max_examples: int = 0  # 0: all oracle trajectories
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 1  # 1 with temperature 0: greedy Pass@1
+    temperature: float = 0.0
+    max_examples: int = 0  # 0: the whole file
+    batch_size: int = 32
+    data_dir: str = ""  # folder with the seven benchmarks in FlashRAG/Search-R1 layout
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ----------------------------------------------------------------------------------- loading
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert, e.g. int -> float) a value against a field's type."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {names}"
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'pool.batch_size=8' -> ('pool.batch_size', 8); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot read the value: {e}") from e
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Recipe YAML (optional) + dotted overrides -> a validated Config."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {str(p)!r} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"recipe {str(p)!r} must be a mapping of sections, got {type(tree).__name__}")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+# -------------------------------------------------------------------------------- validation
+def _require(cond: bool, key: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no data or model; see also check_against_data / check_parallel_layout."""
+    r, p, ro, lo, o = cfg.run, cfg.pool, cfg.rollout, cfg.loss, cfg.optim
+    _require(r.save_every >= 0, "run.save_every", r.save_every, "must be >= 0")
+    _require(r.keep_last >= 1, "run.keep_last", r.keep_last, "must be >= 1")
+    _require(r.log_every >= 1, "run.log_every", r.log_every, "must be >= 1")
+    _require(r.threads >= 0, "run.threads", r.threads, "must be >= 0")
+    _require(bool(r.name) and "/" not in r.name, "run.name", r.name, "must be a non-empty folder name")
+    for key in ("n_train", "n_dev", "n_test", "max_train_queries"):
+        v = getattr(cfg.data, key)
+        _require(v >= 0, f"data.{key}", v, "must be >= 0")
+    _require(cfg.retriever.topk >= 1, "retriever.topk", cfg.retriever.topk, "must be >= 1")
+    _require(cfg.retriever.timeout_s > 0, "retriever.timeout_s", cfg.retriever.timeout_s, "must be > 0")
+    _require(cfg.retriever.retries >= 0, "retriever.retries", cfg.retriever.retries, "must be >= 0")
+    m = cfg.model
+    _require(m.tp >= 1, "model.tp", m.tp, "must be >= 1")
+    _require(m.pp >= 1, "model.pp", m.pp, "must be >= 1")
+    if m.vpp is not None:
+        _require(m.vpp >= 1, "model.vpp", m.vpp, "must be >= 1")
+        _require(m.pp > 1 or m.vpp == 1, "model.vpp", m.vpp, "virtual pipeline stages need model.pp > 1")
+    _require(ro.group_size >= 1, "rollout.group_size", ro.group_size, "K must be >= 1")
+    _require(ro.temperature >= 0, "rollout.temperature", ro.temperature, "must be >= 0")
+    _require(0 < ro.top_p <= 1, "rollout.top_p", ro.top_p, "must be in (0, 1]")
+    _require(ro.max_turns >= 0, "rollout.max_turns", ro.max_turns, "must be >= 0")
+    _require(ro.max_new_tokens >= 1, "rollout.max_new_tokens", ro.max_new_tokens, "must be >= 1")
+    _require(ro.max_total_tokens > ro.max_new_tokens, "rollout.max_total_tokens", ro.max_total_tokens,
+             f"must exceed rollout.max_new_tokens ({ro.max_new_tokens})")
+    _require(ro.batch_size >= 1, "rollout.batch_size", ro.batch_size, "must be >= 1")
+    _require(ro.vllm_tp >= 1, "rollout.vllm_tp", ro.vllm_tp, "must be >= 1")
+    _require(0 < ro.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
+             ro.vllm_gpu_memory_utilization, "must be in (0, 1)")
+    _require(p.batch_size >= 1, "pool.batch_size", p.batch_size, "B must be >= 1")
+    _require(p.oversample >= 1, "pool.oversample", p.oversample, "k must be >= 1")
+    if p.strategy in ("grpo", "dapo"):
+        _require(p.oversample == 1, "pool.oversample", p.oversample,
+                 f"strategy {p.strategy} draws B candidates per generation batch: set pool.oversample=1")
+    if p.consumed_weight is not None:
+        _require(0 <= p.consumed_weight < 1, "pool.consumed_weight", p.consumed_weight, "must be in [0, 1)")
+    _require(p.max_gen_batches >= 1, "pool.max_gen_batches", p.max_gen_batches, "must be >= 1")
+    _require(0 <= lo.eps_low < 1, "loss.eps_low", lo.eps_low, "must be in [0, 1)")
+    _require(lo.eps_high >= 0, "loss.eps_high", lo.eps_high, "must be >= 0")
+    if lo.clip_c is not None:
+        _require(lo.clip_c > 1, "loss.clip_c", lo.clip_c, "the dual clip constant must be > 1")
+    _require(lo.kl_beta >= 0, "loss.kl_beta", lo.kl_beta, "must be >= 0")
+    if lo.agg == "seq-mean-token-sum-norm":
+        _require(lo.max_len is not None and lo.max_len > 0, "loss.max_len", lo.max_len,
+                 "loss.agg=seq-mean-token-sum-norm divides by a constant: set loss.max_len > 0")
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr}]")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(o.micro_batch_size >= 1, "optim.micro_batch_size", o.micro_batch_size, "must be >= 1")
+    _require(cfg.train.steps >= 1, "train.steps", cfg.train.steps, "must be >= 1")
+    _require(cfg.train.rollout_budget >= 0, "train.rollout_budget", cfg.train.rollout_budget, "must be >= 0")
+    _require(cfg.train.eval_every >= 0, "train.eval_every", cfg.train.eval_every, "must be >= 0")
+    s = cfg.sft
+    _require(s.steps >= 0, "sft.steps", s.steps, "must be >= 0")
+    _require(s.batch_size >= 1, "sft.batch_size", s.batch_size, "must be >= 1")
+    _require(s.lr > 0, "sft.lr", s.lr, "must be > 0")
+    e = cfg.eval
+    _require(e.n_samples >= 1, "eval.n_samples", e.n_samples, "must be >= 1")
+    _require(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0")
+    if e.n_samples > 1:
+        _require(e.temperature > 0, "eval.temperature", e.temperature,
+                 f"eval.n_samples={e.n_samples} samples need a temperature > 0 (greedy samples are identical)")
+    _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+
+
+def check_against_data(cfg: Config, num_train_queries: int) -> None:
+    """Checks that need the size of the training pool."""
+    draw = cfg.pool.batch_size * cfg.pool.oversample
+    if draw > num_train_queries:
+        raise ConfigError(
+            f"pool.batch_size * pool.oversample = {cfg.pool.batch_size} * {cfg.pool.oversample} = {draw} "
+            f"candidates per step, but the training pool has only {num_train_queries} queries"
+        )
+
+
+def check_parallel_layout(
+    *, tp: int, pp: int, vpp: int | None, world_size: int, num_layers: int, num_heads: int,
+    num_kv_heads: int,
+) -> int:
+    """Validate a TP/PP(/VPP) layout against the world and the model; returns the DP size."""
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by model.tp * model.pp = {tp} * {pp} = {tp * pp}"
+        )
+    if num_heads % tp:
+        raise ConfigError(f"model.tp={tp} does not divide the model's {num_heads} attention heads")
+    if num_kv_heads % tp:
+        raise ConfigError(
+            f"model.tp={tp} does not divide the model's {num_kv_heads} key/value heads (query groups)"
+        )
+    stages = pp * (vpp or 1)
+    if num_layers % stages:
+        raise ConfigError(
+            f"model.pp * model.vpp = {pp} * {vpp or 1} = {stages} pipeline stages do not divide "
+            f"the model's {num_layers} layers"
+        )
+    return world_size // (tp * pp)

@@ -1,0 +1,227 @@
+"""Retrievers: known queries find their article, on-disk caches are reused, the HTTP client
+retries with backoff and gives up with RetrievalError against a faulty loopback server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from megatron_recycle.agent.retrievers import (
+    BM25Retriever,
+    DenseRetriever,
+    HTTPRetriever,
+    build_retriever,
+)
+from megatron_recycle.agent.types import Passage, RetrievalError
+from megatron_recycle.data.corpus import load_corpus
+
+KNOWN = [
+    ("German-born theoretical physicist theory of relativity", "Albert Einstein"),
+    ("capital and largest city of France", "Paris"),
+    ("tragedy by William Shakespeare prince of Denmark", "Hamlet"),
+    ("half-length portrait painting by Leonardo da Vinci", "Mona Lisa"),
+    ("44th president of the United States", "Barack Obama"),
+    ("1968 science fiction film by Stanley Kubrick", "2001: A Space Odyssey"),
+]
+
+
+@pytest.fixture(scope="module")
+def wiki():
+    return load_corpus("wiki")
+
+
+@pytest.fixture(scope="module")
+def bm25_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bm25cache")
+
+
+@pytest.fixture(scope="module")
+def bm25(wiki, bm25_cache):
+    return BM25Retriever(wiki, cache_dir=bm25_cache)
+
+
+def test_bm25_known_queries_find_their_article(bm25):
+    results = bm25.search([q for q, _ in KNOWN], topk=3)
+    assert len(results) == len(KNOWN)
+    for (query, title), hits in zip(KNOWN, results):
+        assert 1 <= len(hits) <= 3
+        assert all(isinstance(h, Passage) for h in hits)
+        assert title in [h.title for h in hits], (query, [h.title for h in hits])
+        scores = [h.score for h in hits]
+        assert scores == sorted(scores, reverse=True) and scores[0] > 0
+
+
+def test_bm25_index_cache_is_reused_and_keyed_by_corpus(wiki, bm25, bm25_cache):
+    assert not bm25.loaded_from_cache and (bm25.index_dir / "meta.json").is_file()
+    again = BM25Retriever(wiki, cache_dir=bm25_cache)
+    assert again.loaded_from_cache and again.index_dir == bm25.index_dir
+    queries = [q for q, _ in KNOWN]
+    first, second = bm25.search(queries, 5), again.search(queries, 5)
+    assert [[(p.id, round(p.score, 5)) for p in r] for r in first] == [
+        [(p.id, round(p.score, 5)) for p in r] for r in second
+    ]
+    small = BM25Retriever(wiki.subset(list(range(50))), cache_dir=bm25_cache)
+    assert not small.loaded_from_cache and small.cache_key != bm25.cache_key
+
+
+def test_bm25_edge_cases(bm25, wiki):
+    empty = bm25.search(["", "zzqqxxv", "the of and"], topk=3)
+    assert empty == [[], [], []]
+    assert bm25.stats.empty_results >= 3
+    assert bm25.search([], topk=3) == []
+    with pytest.raises(TypeError, match="single string"):
+        bm25.search("Paris", topk=3)
+    with pytest.raises(ValueError, match="topk"):
+        bm25.search(["Paris"], topk=0)
+    tiny = BM25Retriever(wiki.subset([0, 1, 2]), use_cache=False)
+    assert len(tiny.search(["number"], topk=50)[0]) <= 3
+
+
+def test_dense_retriever_on_a_small_subset(wiki, tmp_path):
+    titles = [t for _, t in KNOWN] + ["Berlin", "Isaac Newton", "Moon", "Pacific Ocean"]
+    rows = [wiki.index_of(wiki.find_title(t).id) for t in titles] + list(range(0, 2000, 50))
+    corpus = wiki.subset(sorted(set(rows)))
+    dense = DenseRetriever(corpus, cache_dir=tmp_path, max_seq_length=128)
+    assert not dense.loaded_from_cache and dense.cache_file.is_file()
+    queries = [
+        ("the physicist who came up with E = mc2", "Albert Einstein"),
+        ("famous painting of a smiling woman by Leonardo", "Mona Lisa"),
+        ("largest ocean on Earth", "Pacific Ocean"),
+    ]
+    results = dense.search([q for q, _ in queries], topk=3)
+    for (query, title), hits in zip(queries, results):
+        assert title in [h.title for h in hits], (query, [h.title for h in hits])
+        assert hits[0].score <= 1.0 + 1e-5 and hits[0].score >= hits[-1].score
+    again = DenseRetriever(corpus, cache_dir=tmp_path, max_seq_length=128)
+    assert again.loaded_from_cache
+    assert [h.id for h in again.search([queries[0][0]], 3)[0]] == [h.id for h in results[0]]
+
+
+def test_build_retriever_validates_kind(wiki, bm25_cache):
+    assert isinstance(build_retriever("bm25", corpus=wiki, cache_dir=bm25_cache), BM25Retriever)
+    with pytest.raises(ValueError, match="unknown retriever kind 'sparse'"):
+        build_retriever("sparse", corpus=wiki)
+    with pytest.raises(ValueError, match="needs url"):
+        build_retriever("http")
+    with pytest.raises(ValueError, match="http://"):
+        HTTPRetriever("localhost:8000")
+
+
+# ----------------------------------------------------------------- HTTP client fault handling
+
+
+class _FaultyHandler(BaseHTTPRequestHandler):
+    """Answers according to the server's script: a list of actions consumed one per request."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server.bodies.append(body)
+        action = server.script.pop(0) if server.script else server.default
+        if action == "sleep":
+            time.sleep(server.sleep_s)
+            action = "ok"
+        if action == "ok":
+            result = [
+                [{"document": {"id": "7", "contents": f"Title\n{q}"}, "score": 1.5}] for q in body["queries"]
+            ]
+            self._send(200, {"result": result})
+        elif action == "bare":  # Search-R1 without return_scores: bare documents
+            self._send(200, {"result": [[{"id": "7", "contents": "T\ntext"}] for _ in body["queries"]]})
+        elif action == "garbage":
+            self._send(200, {"unexpected": 1})
+        else:
+            self._send(int(action), {"detail": "scripted failure"})
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and hung up, as intended
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def faulty_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FaultyHandler)
+    server.daemon_threads = True
+    server.script, server.default, server.sleep_s, server.bodies = [], "ok", 1.0, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def _url(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_http_retriever_retries_5xx_then_succeeds(faulty_server):
+    faulty_server.script = ["500", "503"]
+    with HTTPRetriever(_url(faulty_server), timeout=2.0, max_retries=3, backoff=0.01) as client:
+        hits = client.search(["who", "what"], topk=2)
+        assert [[h.contents for h in r] for r in hits] == [["Title\nwho"], ["Title\nwhat"]]
+        assert hits[0][0].score == 1.5 and hits[0][0].id == "7"
+        stats = client.stats_snapshot()
+    assert stats["requests"] == 3 and stats["retries"] == 2 and stats["http_errors"] == 2
+    assert stats["failures"] == 0
+    assert faulty_server.bodies[0] == {"queries": ["who", "what"], "topk": 2, "return_scores": True}
+
+
+def test_http_retriever_gives_up_after_bounded_retries(faulty_server):
+    faulty_server.default = "500"
+    client = HTTPRetriever(_url(faulty_server), timeout=2.0, max_retries=2, backoff=0.01)
+    with pytest.raises(RetrievalError, match="HTTP 500"):
+        client.search(["q"], topk=3)
+    stats = client.stats_snapshot(reset=True)
+    assert stats == {**stats, "requests": 3, "retries": 2, "failures": 1}
+    assert client.stats_snapshot()["failures"] == 0  # reset
+
+
+def test_http_retriever_timeouts_are_retried_and_bounded(faulty_server):
+    faulty_server.default, faulty_server.sleep_s = "sleep", 1.5
+    client = HTTPRetriever(_url(faulty_server), timeout=0.2, max_retries=2, backoff=0.05)
+    start = time.monotonic()
+    with pytest.raises(RetrievalError, match="timeout"):
+        client.search(["slow"], topk=1)
+    elapsed = time.monotonic() - start
+    assert client.stats.timeouts == 3 and client.stats.retries == 2 and client.stats.failures == 1
+    assert elapsed < client.max_total_seconds() + 1.0  # never hangs on a dead server
+
+
+def test_http_retriever_does_not_retry_client_errors_or_bad_bodies(faulty_server):
+    faulty_server.script = ["422"]
+    client = HTTPRetriever(_url(faulty_server), timeout=2.0, max_retries=3, backoff=0.01)
+    with pytest.raises(RetrievalError, match="HTTP 422"):
+        client.search(["q"], topk=3)
+    assert client.stats.requests == 1 and client.stats.failures == 1
+    faulty_server.script = ["garbage"]
+    with pytest.raises(RetrievalError, match="bad response body"):
+        client.search(["q"], topk=3)
+    faulty_server.script = ["bare"]
+    hits = client.search(["q"], topk=3)
+    assert hits[0][0].contents == "T\ntext" and hits[0][0].score == 0.0
+
+
+def test_http_retriever_connection_refused():
+    # bind and close a port so that nothing listens on it
+    probe = ThreadingHTTPServer(("127.0.0.1", 0), _FaultyHandler)
+    port = probe.server_address[1]
+    probe.server_close()
+    client = HTTPRetriever(f"http://127.0.0.1:{port}/retrieve", timeout=1.0, max_retries=1, backoff=0.01)
+    with pytest.raises(RetrievalError, match="ConnectError"):
+        client.search(["q"], topk=1)
+    assert client.stats.requests == 2 and client.stats.failures == 1

@@ -1,0 +1,124 @@
+"""Run each megatron-core call that needs a CPU patch, first unpatched, then patched; print JSON.
+
+Run in a fresh process by test_compat.py so the unpatched calls see a pristine megatron-core
+(the patches are process-global). Output: {check: {"unpatched": error or null, "patched": ...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import traceback
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def _err(fn) -> str | None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - we report any failure
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def seed_tracker() -> dict:
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(123)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    before = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(4)
+    restored = torch.equal(before, torch.get_rng_state())
+    with tracker.fork():
+        b = torch.rand(4)
+    # The fork continues its own stream: a fresh tracker with the same seed reproduces a then b.
+    tensor_parallel.model_parallel_cuda_manual_seed(123)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        a2, b2 = torch.rand(4), torch.rand(4)
+    g = torch.Generator().manual_seed(123 + 2718)  # megatron's TP seed offset, tp_rank 0
+    expect = torch.rand(4, generator=g)
+    return {
+        "cpu_state_restored": restored,
+        "stream_continues": bool(torch.equal(a, a2) and torch.equal(b, b2) and not torch.equal(a, b)),
+        "tp_seed_matches_megatron_formula": bool(torch.equal(a, expect)),
+    }
+
+
+def rotary() -> dict:
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=10000, use_cpu_initialization=True)
+    emb = rope(5)
+    return {"device": str(emb.device), "shape": list(emb.shape)}
+
+
+def grad_norm() -> dict:
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+
+    grads = [torch.full((3,), 2.0), torch.full((4,), 1.0)]
+    norm = get_grad_norm_fp32(grads, norm_type=2)
+    return {"norm": float(norm), "expected": math.sqrt(3 * 4.0 + 4 * 1.0)}
+
+
+def clip_grads() -> dict:
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, 0.0, 4.0])
+    clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=5.0)
+    return {"grad": p.grad.tolist(), "expected": [3.0 / (5.0 + 1e-6), 0.0, 4.0 / (5.0 + 1e-6)]}
+
+
+def type_strings() -> dict:
+    x = torch.ones(2)
+    return {
+        "float_type": x.type(),
+        "to_double_dtype": str(x.type(torch.float64).dtype),
+        "to_cuda_string": [str(x.type("torch.cuda.DoubleTensor").dtype), str(x.type("torch.cuda.DoubleTensor").device)],
+        "dot_cuda_device": str(x.cuda().device),
+        "factory_device": str(torch.zeros(1, device="cuda").device),
+        "to_cuda_device": str(x.to("cuda").device),
+    }
+
+
+CHECKS = {
+    "seed_tracker": seed_tracker,
+    "rotary": rotary,
+    "grad_norm": grad_norm,
+    "clip_grads": clip_grads,
+    "type_strings": type_strings,
+}
+
+
+def main() -> None:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(1, 1)
+    out: dict = {name: {} for name in CHECKS}
+    for name, fn in CHECKS.items():
+        out[name]["unpatched"] = _err(fn)
+    from megatron_recycle.model.compat import apply_cpu_compat, remove_cpu_compat
+
+    out["applied"] = apply_cpu_compat()
+    out["applied_again"] = apply_cpu_compat()
+    for name, fn in CHECKS.items():
+        try:
+            out[name]["patched"] = fn()
+        except Exception:  # noqa: BLE001
+            out[name]["patched"] = {"error": traceback.format_exc()}
+    remove_cpu_compat()
+    out["after_remove_unpatched_again"] = _err(CHECKS["grad_norm"])
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    sys.stdout.write("\nPROBE-JSON " + json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

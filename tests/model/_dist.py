@@ -1,0 +1,91 @@
+"""Reusable multi-process launcher for tests: N python processes on 127.0.0.1, torchrun-style env.
+
+``run_workers("path/to/file.py:func", world_size, out_dir, **kwargs)`` starts one process per
+rank with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set (exactly what torchrun sets),
+calls ``func(rank=..., world_size=..., out_dir=..., **kwargs)`` in each, and returns the list of
+JSON results (one per rank). Any failing rank fails the call with every rank's output tail.
+Worker functions are loaded by file path, so they need not be importable as modules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(target: str, world_size: int, out_dir: str | os.PathLike, timeout: float = 300, **kwargs: Any) -> list[Any]:
+    """Run ``target`` ("file.py:function") on ``world_size`` ranks; return each rank's result."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            PYTHONWARNINGS="ignore",
+        )
+        log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        cmd = [sys.executable, __file__, target, str(out_dir), json.dumps(kwargs)]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + timeout
+    failed = False
+    try:
+        for p, _ in procs:
+            remaining = max(1.0, deadline - time.monotonic())
+            try:
+                if p.wait(timeout=remaining) != 0:
+                    failed = True
+            except subprocess.TimeoutExpired:
+                failed = True
+                break
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    if failed:
+        tails = []
+        for rank in range(world_size):
+            text = (out_dir / f"rank{rank}.log").read_text(errors="replace")
+            tails.append(f"--- rank {rank} (rc={procs[rank][0].returncode}) ---\n{text[-4000:]}")
+        raise AssertionError(f"distributed workers {target} failed:\n" + "\n".join(tails))
+    return [json.loads((out_dir / f"result{rank}.json").read_text()) for rank in range(world_size)]
+
+
+def _child_main() -> None:
+    target, out_dir, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    path, func_name = target.rsplit(":", 1)
+    spec = importlib.util.spec_from_file_location(f"_dist_worker_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(Path(path).parent))
+    spec.loader.exec_module(module)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    result = getattr(module, func_name)(rank=rank, world_size=world, out_dir=out_dir, **kwargs)
+    (Path(out_dir) / f"result{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _child_main()

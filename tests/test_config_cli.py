@@ -1,0 +1,121 @@
+"""The typed config tree, recipe loading with overrides, validation messages, and the CLI skeleton."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from megatron_recycle.cli import build_parser, main
+from megatron_recycle.config import Config, ConfigError, check_against_data, check_parallel_layout, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("pool:\n  batch_size: 8\n  strategy: grpo\n  oversample: 1\noptim:\n  lr: 1\n")
+    cfg = load_config(recipe, ["pool.batch_size=16", "loss.clip_c=3", "model.vpp=null"])
+    assert isinstance(cfg, Config)
+    assert cfg.pool.batch_size == 16 and cfg.pool.strategy == "grpo"
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int accepted for a float
+    assert cfg.loss.clip_c == 3.0 and cfg.model.vpp is None
+    assert "batch_size: 16" in cfg.to_yaml()
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("pool.oversample=0", r"pool.oversample=0: k must be >= 1"),
+        ("pool.batchsize=3", r"unknown config key 'pool.batchsize'; did you mean pool.batch_size"),
+        ("nosection.x=1", r"unknown config key 'nosection'"),
+        ("pool.batch_size=two", r"pool.batch_size: expected an integer, got 'two'"),
+        ("pool.batch_size=2.5", r"expected an integer"),
+        ("sft.enabled=3", r"sft.enabled: expected true/false"),
+        ("pool.strategy=magic", r"pool.strategy: 'magic' is not one of"),
+        ("loss.clip_c=0.5", r"loss.clip_c=0.5: the dual clip constant must be > 1"),
+        ("loss.agg=seq-mean-token-sum-norm", r"loss.max_len"),
+        ("rollout.max_total_tokens=10", r"must exceed rollout.max_new_tokens"),
+        ("eval.n_samples=4", r"need a temperature > 0"),
+        ("model.vpp=2", r"virtual pipeline stages need model.pp > 1"),
+        ("pool.strategy=dapo", r"set pool.oversample=1"),
+        ("pool", r"must look like section.key=value"),
+    ],
+)
+def test_invalid_values_name_key_and_value(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pool: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+    bad.write_text("pool: 3\n")
+    with pytest.raises(ConfigError, match="pool: expected a mapping"):
+        load_config(bad)
+
+
+def test_checks_against_data_and_layout():
+    cfg = load_config(None, ["pool.batch_size=8", "pool.oversample=2"])
+    check_against_data(cfg, 16)
+    with pytest.raises(ConfigError, match="only 15 queries"):
+        check_against_data(cfg, 15)
+    # SmolLM2-135M: 30 layers, 9 heads, 3 KV heads
+    kw = dict(num_layers=30, num_heads=9, num_kv_heads=3)
+    assert check_parallel_layout(tp=3, pp=2, vpp=None, world_size=12, **kw) == 2
+    with pytest.raises(ConfigError, match="tp=2 does not divide the model's 9 attention heads"):
+        check_parallel_layout(tp=2, pp=1, vpp=None, world_size=2, **kw)
+    with pytest.raises(ConfigError, match="4 pipeline stages do not divide the model's 30 layers"):
+        check_parallel_layout(tp=1, pp=4, vpp=None, world_size=4, **kw)
+    with pytest.raises(ConfigError, match="world size 6 is not divisible"):
+        check_parallel_layout(tp=1, pp=4, vpp=None, world_size=6, num_layers=32, num_heads=8, num_kv_heads=8)
+    with pytest.raises(ConfigError, match="key/value heads"):
+        check_parallel_layout(tp=3, pp=1, vpp=None, world_size=3, num_layers=4, num_heads=9, num_kv_heads=1)
+
+
+def test_every_recipe_in_the_repository_validates():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    for recipe in recipes:
+        load_config(recipe)
+
+
+def test_cli_help_for_every_subcommand(capsys):
+    parser = build_parser()
+    names = list(parser._subparsers._group_actions[0].choices)
+    assert {"gen-data", "sft", "train", "eval", "serve-retriever", "analyze", "simulate"} <= set(names)
+    for name in names:
+        if name == "simulate":
+            continue
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: megatron-recycle" in capsys.readouterr().out
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", "pool.oversample=0"]) == 2
+    assert "pool.oversample=0" in capsys.readouterr().err
+
+
+def test_simulator_runs_every_strategy_small():
+    spec = importlib.util.spec_from_file_location("simulate_pool", ROOT / "tools" / "simulate_pool.py")
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    out = sim.main(["--queries", "300", "--batch-size", "8", "--budget", "3000", "--oversample", "1", "2"])
+    rows = {(r["strategy"], r["oversample"]): r for r in out["results"]}
+    assert set(rows) == {("recycle", 1), ("recycle", 2), ("soft_recycle", 1), ("soft_recycle", 2),
+                         ("bounded_dapo", 1), ("bounded_dapo", 2), ("grpo", 1), ("dapo", 1)}
+    for r in rows.values():
+        assert r["rollouts"] >= 3000
+        assert 0 <= r["final_fill"] <= 1 and 0 <= r["final_recycled_share"] <= 1
+        assert r["final_recovery_share"] + r["final_drift_share"] == pytest.approx(r["final_recycled_share"])
+    # grpo never recycles within an epoch, and dapo fills its batch more than grpo does.
+    assert rows[("dapo", 1)]["final_fill"] >= rows[("grpo", 1)]["final_fill"]
+    # with k = 2 recycling draws twice the candidates per step, so it takes half the steps
+    assert rows[("recycle", 2)]["steps"] * 2 == pytest.approx(rows[("recycle", 1)]["steps"], abs=2)

@@ -1,0 +1,188 @@
+"""Worker functions for the training-step tests; each runs on every rank under tests/train/_dist.py.
+
+Usage (by the launcher): ``python _workers.py <fn> <outdir> <json args>``; rank r's return value
+is saved to ``<outdir>/rank<r>.pt``. Everything is deterministic from fixed seeds, so runs with
+different TP/PP/DP layouts start from the same weights and see the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+LR_SGD = 1.0  # SGD without momentum and lr 1: the weight change of one step IS the gradient
+N_GLOBAL, SEQ = 8, 12
+
+
+def tiny_llama(tie: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A tiny Llama-shaped HF config (GQA, tied embeddings) and seeded random fp32 weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, initializer_range=0.2,
+    )
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(cfg).float()
+    with torch.no_grad():  # non-trivial norm weights so that their gradients are checked too
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def global_batch() -> dict[str, torch.Tensor]:
+    """Seeded global batch: ragged lengths (right padding), prompts of 2-4 tokens, some zero advantages."""
+    g = torch.Generator().manual_seed(99)
+    tokens = torch.randint(0, 96, (N_GLOBAL, SEQ), generator=g)
+    mask = torch.zeros(N_GLOBAL, SEQ)
+    for i in range(N_GLOBAL):
+        prompt = 2 + i % 3
+        length = SEQ - (i % 4)
+        mask[i, prompt:length] = 1.0
+        tokens[i, length:] = 0
+    adv = torch.randn(N_GLOBAL, generator=g)
+    adv[3] = 0.0
+    return {
+        "tokens": tokens, "loss_mask": mask, "advantages": adv,
+        "old_noise": 0.3 * torch.randn(N_GLOBAL, SEQ - 1, generator=g),
+        "ref_noise": 0.2 * torch.randn(N_GLOBAL, SEQ - 1, generator=g),
+    }
+
+
+def _dp_all_gather(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(ps.get_data_parallel_world_size())]
+    dist.all_gather(out, t.contiguous(), group=ps.get_data_parallel_group())
+    return torch.cat(out, 0)
+
+
+def _direct_logprobs64(chunks: list, batch: Any) -> torch.Tensor | None:
+    """float64 log_softmax over the FULL vocabulary of the model's own logits (TP shards gathered).
+
+    Only possible without PP (one stage holds the whole model); returns None with PP > 1.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_recycle.model.build import unwrap_model
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        return None
+    model = unwrap_model(chunks[0])
+    b, seq = batch.tokens.shape
+    pos = torch.arange(seq).unsqueeze(0).expand(b, seq)
+    with torch.no_grad():
+        logits = model(batch.tokens, pos, None)
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        parts = [torch.empty_like(logits) for _ in range(tp)]
+        dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+        logits = torch.cat(parts, dim=-1)
+    lsm = torch.log_softmax(logits.double(), dim=-1)[:, :-1]
+    return lsm.gather(-1, batch.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def grpo_layout(args: dict) -> dict:
+    """One layout: log-probs, one SGD GRPO step (-> gradient), then two clipped Adam steps."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
+    from megatron_recycle.model.parallel import destroy_distributed, init_distributed
+    from megatron_recycle.train.step import (
+        GRPOLossConfig,
+        TrajectoryBatch,
+        compute_logprobs,
+        grpo_train_step,
+        setup_model_and_optimizer,
+        shard_for_data_parallel,
+    )
+
+    cfg, sd = tiny_llama()
+    init_distributed(args["tp"], args["pp"], args.get("vpp"), seed=0, model_config=cfg)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    gb = global_batch()
+    full = TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"])
+    local = shard_for_data_parallel(full, dp_rank, dp)
+    loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0)
+    load = lambda chunks: load_hf_weights(chunks, sd, cfg)  # noqa: E731
+    out: dict[str, Any] = {"grads": {}, "sgd_metrics": {}}
+
+    for mbs in args["mbs_list"]:
+        chunks, opt, sched = setup_model_and_optimizer(
+            cfg, lr=LR_SGD, clip_grad=0.0, optimizer="sgd", sgd_momentum=0.0, lr_decay_style="constant",
+            use_distributed_optimizer=args["dist_opt"], load_weights=load,
+        )
+        lp = compute_logprobs(chunks, local, mbs)
+        if mbs == args["mbs_list"][0]:
+            out["logprobs"] = _dp_all_gather(lp)
+            direct = _direct_logprobs64(chunks, local)
+            out["direct_logprobs64"] = None if direct is None else _dp_all_gather(direct)
+            lp_full = out["logprobs"]
+            old_full = lp_full + gb["old_noise"]
+            ref_full = lp_full + gb["ref_noise"]
+            out.update(old_logprobs=old_full, ref_logprobs=ref_full)
+        share = N_GLOBAL // dp
+        rows = slice(dp_rank * share, (dp_rank + 1) * share)
+        step_batch = local.replace(old_logprobs=out["old_logprobs"][rows], ref_logprobs=out["ref_logprobs"][rows])
+        metrics = grpo_train_step(chunks, opt, sched, step_batch, mbs, loss_cfg)
+        w1 = export_hf_state_dict_to_cpu(chunks, cfg)
+        out["grads"][mbs] = {k: (sd[k] - w1[k]) / LR_SGD for k in w1}
+        out["sgd_metrics"][mbs] = metrics
+
+    # Two Adam steps with gradient clipping active and a warm-up schedule.
+    mbs = args["mbs_list"][0]
+    chunks, opt, sched = setup_model_and_optimizer(
+        cfg, lr=1e-2, clip_grad=0.05, weight_decay=0.01, warmup_steps=1, total_steps=4,
+        use_distributed_optimizer=args["dist_opt"], load_weights=load,
+    )
+    step_batch = local.replace(old_logprobs=out["old_logprobs"][rows], ref_logprobs=out["ref_logprobs"][rows])
+    out["adam_metrics"] = [grpo_train_step(chunks, opt, sched, step_batch, mbs, loss_cfg) for _ in range(3)]
+    out["adam_weights"] = export_hf_state_dict_to_cpu(chunks, cfg)
+    out["rank_logprobs"] = lp
+    destroy_distributed()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return out
+
+
+def sft_steps(args: dict) -> dict:
+    """A few SFT steps on one tiny batch: the masked next-token loss must go down."""
+    from megatron_recycle.model.convert import load_hf_weights
+    from megatron_recycle.model.parallel import destroy_distributed, init_distributed
+    from megatron_recycle.train.step import TrajectoryBatch, setup_model_and_optimizer, sft_train_step
+
+    cfg, sd = tiny_llama()
+    init_distributed(args.get("tp", 1), args.get("pp", 1), None, seed=0, model_config=cfg)
+    gb = global_batch()
+    batch = TrajectoryBatch(gb["tokens"], gb["loss_mask"])
+    chunks, opt, sched = setup_model_and_optimizer(
+        cfg, lr=3e-3, clip_grad=1.0, lr_decay_style="constant", load_weights=lambda c: load_hf_weights(c, sd, cfg)
+    )
+    metrics = [sft_train_step(chunks, opt, sched, batch, args.get("mbs", 4)) for _ in range(args["steps"])]
+    destroy_distributed()
+    return {"metrics": metrics}
+
+
+def main() -> None:
+    fn, outdir, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    torch.set_num_threads(1)
+    result = globals()[fn](args)
+    torch.save(result, Path(outdir) / f"rank{os.environ.get('RANK', '0')}.pt")
+
+
+if __name__ == "__main__":
+    main()
