@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 from . import reference
+from .advantages import grpo_advantages_triton
 from .logprobs import HAS_TRITON, ChunkedTokenLogprobsFunction, TokenLogprobsFunction, check_targets, vocab_range
+from .policy_loss import grpo_loss_triton  # not "grpo_loss.py": a submodule would shadow the function
 from .reference import AGG_MODES
 
 __all__ = [
@@ -78,8 +80,6 @@ def grpo_advantages(
             return reference.grpo_advantages_reference(
                 rewards, group_size, group_index, norm_by_std, unbiased, eps, num_groups=num_groups
             )
-    from .advantages import grpo_advantages_triton
-
     return grpo_advantages_triton(rewards, group_size, group_index, norm_by_std, unbiased, eps, num_groups)
 
 
@@ -112,8 +112,6 @@ def grpo_loss(
             logprobs, old_logprobs, advantages, loss_mask, ref_logprobs,
             eps_low, eps_high, clip_c, kl_beta, agg, normalizer, max_len,
         )
-    from .grpo_loss import grpo_loss_triton
-
     return grpo_loss_triton(
         logprobs, old_logprobs, advantages, loss_mask, ref_logprobs,
         eps_low, eps_high, clip_c, kl_beta, agg, normalizer, max_len,

@@ -26,7 +26,8 @@ except ImportError:  # pragma: no cover
 # Tile sizes (module-level so tests can shrink them to exercise multi-program / multi-chunk paths).
 TILE_ELEMENTS = 4096  # contiguous groups: groups per program = TILE_ELEMENTS // next_pow2(K)
 RAGGED_BLOCK_G = 64  # ragged groups: group ids per program
-RAGGED_BLOCK_N = 128  # ragged groups: rollouts per chunk on GPU (4096 in the interpreter)
+RAGGED_BLOCK_N = 128  # ragged groups: rollouts per chunk on GPU
+INTERPRET_BLOCK_N = 4096  # ... and in the interpreter, where fewer, larger steps are faster
 
 if HAS_TRITON:
 
@@ -168,7 +169,7 @@ def grpo_advantages_triton(
         )
     else:
         block_g = min(triton.next_power_of_2(g), RAGGED_BLOCK_G)
-        block_n = min(triton.next_power_of_2(max(n, 1)), RAGGED_BLOCK_N if r.is_cuda else 4096)
+        block_n = min(triton.next_power_of_2(max(n, 1)), RAGGED_BLOCK_N if r.is_cuda else INTERPRET_BLOCK_N)
         grid = (triton.cdiv(g, block_g),)
         _adv_ragged_kernel[grid](
             r, idx, adv, mean, std, sig, n, g, float(eps), **common, BLOCK_G=block_g, BLOCK_N=block_n

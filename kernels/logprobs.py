@@ -57,7 +57,7 @@ if HAS_TRITON:
             alpha = tl.exp(m - m_new)
             d = tl.where(valid, z - m_new, 0.0)
             e = tl.where(valid, tl.exp(d), 0.0)
-            ed = tl.where(e > 0.0, e * d, 0.0)
+            ed = e * tl.where(e > 0.0, d, 0.0)  # -inf logits: 0, not 0 * -inf
             q = alpha * (q + s * (m - m_new)) + tl.sum(ed, axis=0)
             s = alpha * s + tl.sum(e, axis=0)
             m = m_new
@@ -102,7 +102,7 @@ if HAS_TRITON:
             g = -g_lp * p
             g = tl.where(idx == tgt, g + g_lp, g)
             if HAS_G_ENT:
-                g = g - g_ent * tl.where(p > 0.0, p * (logp + ent), 0.0)
+                g = g - g_ent * p * tl.where(p > 0.0, logp + ent, 0.0)
             tl.store(gbase + idx, (g * inv_temp).to(grad_ptr.dtype.element_ty), mask=valid)
 
 
@@ -208,8 +208,11 @@ def combine_stats(stats: torch.Tensor, tp_group: dist.ProcessGroup | None) -> tu
     """Merge per-rank (m, s, t, q) [4, T] into (logp, entropy, lse) [T]; one all_gather when tp_group is set."""
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         world = dist.get_world_size(tp_group)
-        gathered = torch.empty((world, *stats.shape), dtype=stats.dtype, device=stats.device)
-        dist.all_gather_into_tensor(gathered, stats.contiguous(), group=tp_group)
+        gathered = torch.empty((world * stats.shape[0], stats.shape[1]), dtype=stats.dtype, device=stats.device)
+        # all_gather_single is the newer name (torch >= 2.13); older torch only has all_gather_into_tensor
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(gathered, stats.contiguous(), group=tp_group)
+        gathered = gathered.view(world, *stats.shape)
     else:
         gathered = stats.unsqueeze(0)
     m, s, t, q = gathered.unbind(1)  # each [world, T]

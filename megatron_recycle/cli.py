@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
 
 from megatron_recycle.config import Config, ConfigError, load_config
 
@@ -39,19 +38,6 @@ def _load(args: argparse.Namespace, quiet: bool = False) -> Config:
     return cfg
 
 
-class NotBuiltYet(RuntimeError):
-    pass
-
-
-def _not_built(what: str, provider: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        _load(args, quiet=True)
-        print(f"megatron-recycle {what}: not built yet; {provider} provides it.", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     import importlib.util
     from pathlib import Path
@@ -61,6 +47,89 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(args.sim_args)
+    return 0
+
+
+def cmd_gen_data(args: argparse.Namespace) -> int:
+    from megatron_recycle.train.runtime import generate_data
+
+    cfg = _load(args)
+    out = generate_data(cfg)
+    print({k: v for k, v in out.items() if not isinstance(v, dict | list)}, flush=True)
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from megatron_recycle.train.sft import run_sft
+
+    res = run_sft(_load(args))
+    print(f"[sft] done: {res['hf_dir']}", flush=True)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megatron_recycle.train.grpo import run_grpo
+
+    cfg = _load(args)
+    summary = run_grpo(cfg, resume=args.resume, init_from=args.init_from)
+    rt = summary.pop("runtime")
+    if args.save_hf:
+        from megatron_recycle.model.convert import save_hf_checkpoint
+
+        save_hf_checkpoint(rt.chunks, rt.hf_config, args.save_hf)
+        if rt.is_rank0:
+            rt.tokenizer.save_pretrained(args.save_hf)
+            print(f"[train] saved a Hugging Face checkpoint to {args.save_hf}", flush=True)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from megatron_recycle.train.pipeline import run_pipeline
+
+    run_pipeline(_load(args), resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megatron_recycle.data.datasets import find_benchmark_files
+    from megatron_recycle.train.pipeline import evaluate_model
+
+    cfg = _load(args)
+    files = [Path(p) for p in args.data]
+    if cfg.eval.data_dir:
+        found = find_benchmark_files(cfg.eval.data_dir)
+        files += [Path(p) for p in (found.values() if isinstance(found, dict) else found)]
+    if not files:
+        files = [Path(cfg.data.test_file or Path(cfg.data.dir) / "test.jsonl")]
+    model = args.checkpoint or cfg.model.name_or_path
+    out_dir = Path(args.out or cfg.run_dir / "eval")
+    for f in files:
+        if not f.is_file():
+            raise SystemExit(f"eval: dataset file {f} does not exist")
+        cfg.data.test_file = str(f)
+        evaluate_model(cfg, model, "test", out_dir / f"{f.parent.name}_{f.stem}.json", f.stem)
+    return 0
+
+
+def cmd_serve_retriever(args: argparse.Namespace) -> int:
+    from megatron_recycle.agent.server import serve
+
+    cfg = _load(args)
+    r = cfg.retriever
+    if r.kind == "http":
+        raise ConfigError("retriever.kind=http: serve-retriever serves a local index; use bm25 or dense")
+    serve(host=args.host, port=args.port, retriever_kind=r.kind,
+          corpus="wiki" if r.corpus == "wiki-offline" else r.corpus, cache_dir=r.cache_dir,
+          model=None if r.dense_model == "minilm" else r.dense_model, default_topk=r.topk)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from megatron_recycle.analyze import main as analyze_main
+
+    analyze_main([args.run_dir])
     return 0
 
 
@@ -80,24 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    add("gen-data", "Generate the synthetic multi-hop QA data and oracle SFT trajectories.",
-        _not_built("gen-data", "the search-agent issue (#5: megatron_recycle/data/synthetic.py)"))
-    add("sft", "Supervised warm-up on the oracle trajectories (masked next-token loss).",
-        _not_built("sft", "the end-to-end trainer issue (#6)"))
-    p = add("train", "GRPO training with query recycling (or a baseline strategy).",
-            _not_built("train", "the end-to-end trainer issue (#6)"))
+    add("gen-data", "Generate the synthetic multi-hop QA data and oracle SFT trajectories.", cmd_gen_data)
+    add("sft", "Supervised warm-up on the oracle trajectories (masked next-token loss).", cmd_sft)
+    p = add("train", "GRPO training with query recycling (or a baseline strategy).", cmd_train)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--init-from", default=None, help="start from this HF folder instead of model.name_or_path")
+    p.add_argument("--save-hf", default=None, metavar="DIR", help="also export the final policy as a HF folder")
+    p = add("run", "The whole recipe: data, eval before, SFT warm-up, GRPO, eval after, plots, report.", cmd_run)
+    p.add_argument("--resume", action="store_true", help="reuse finished phases and resume GRPO from its checkpoint")
     p = add("eval", "Pass@1 on a dataset file (FlashRAG jsonl or Search-R1 parquet) or the seven benchmarks.",
-            _not_built("eval", "the search-agent issue (#5: megatron_recycle/evaluate.py)"))
-    p.add_argument("--data", action="append", default=[], help="dataset file (repeatable)")
+            cmd_eval)
+    p.add_argument("--data", action="append", default=[], help="dataset file (repeatable); eval.data_dir adds the benchmarks")
     p.add_argument("--checkpoint", default=None, help="model to evaluate (default: model.name_or_path)")
-    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--out", default=None, help="folder for the JSON results (default: RUN_DIR/eval)")
     p = add("serve-retriever", "Serve a retriever over HTTP with the Search-R1 /retrieve contract.",
-            _not_built("serve-retriever", "the search-agent issue (#5: megatron_recycle/agent/server.py)"))
+            cmd_serve_retriever)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p = add("analyze", "Plots and tables of a run's recycling dynamics from its metrics.jsonl.",
-            _not_built("analyze", "the end-to-end trainer issue (#6)"), config=False)
+    p = add("analyze", "Plots and tables of a run's recycling dynamics from its metrics.jsonl.", cmd_analyze,
+            config=False)
     p.add_argument("run_dir", help="a run directory (runs/NAME)")
     p = add("simulate", "Pool simulator: every strategy against a synthetic learner (not real training).",
             cmd_simulate, config=False)

@@ -147,27 +147,58 @@ def wiki_data_path() -> Path:
     return path
 
 
-def load_wiki_corpus(path: str | Path | None = None) -> Corpus:
-    """The packaged Wikipedia lead sections as a Corpus, sorted by title for a stable order."""
+@dataclass(frozen=True)
+class WikiArticle:
+    """One packaged lead section with its fields kept apart (the synthetic generator needs them)."""
+
+    id: str
+    title: str
+    description: str
+    extract: str
+    topic: str
+
+    @property
+    def contents(self) -> str:
+        return self.title + "\n" + wiki_passage_text(self.title, self.description, self.extract)
+
+
+def load_wiki_articles(path: str | Path | None = None) -> list[WikiArticle]:
+    """The packaged Wikipedia lead sections, sorted by title, white space folded."""
     path = Path(path) if path is not None else wiki_data_path()
     with path.open(encoding="utf-8") as f:
         raw = json.load(f)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object keyed by title, got {type(raw).__name__}")
-    ids, contents = [], []
+    articles = []
     skipped = 0
     for key in sorted(raw):
         row = raw[key]
-        title = _fold(str(row.get("title") or key)) if isinstance(row, dict) else ""
-        extract = row.get("extract", "") if isinstance(row, dict) else ""
+        if not isinstance(row, dict):
+            skipped += 1
+            continue
+        title = _fold(str(row.get("title") or key))
+        extract = _fold(str(row.get("extract") or ""))
         if not title or not extract:
             skipped += 1
             continue
-        ids.append(wiki_id(title))
-        contents.append(title + "\n" + wiki_passage_text(title, row.get("description") or "", extract))
+        articles.append(
+            WikiArticle(
+                id=wiki_id(title),
+                title=title,
+                description=_fold(str(row.get("description") or "")),
+                extract=extract,
+                topic=str(row.get("topic") or ""),
+            )
+        )
     if skipped:
         logger.warning("%s: skipped %d rows without a title or an extract", path, skipped)
-    return Corpus(ids, contents, name="wiki-vital4")
+    return articles
+
+
+def load_wiki_corpus(path: str | Path | None = None) -> Corpus:
+    """The packaged Wikipedia lead sections as a Corpus, sorted by title for a stable order."""
+    articles = load_wiki_articles(path)
+    return Corpus([a.id for a in articles], [a.contents for a in articles], name="wiki-vital4")
 
 
 def load_jsonl_corpus(path: str | Path) -> Corpus:

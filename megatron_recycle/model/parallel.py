@@ -137,6 +137,7 @@ def init_distributed(
     if backend == "nccl" and not cuda:
         raise ValueError("backend='nccl' needs CUDA, and no CUDA device is visible; use backend='gloo'")
 
+    validate_layout(tp, pp, vpp, None, model_config)  # model shape first: fail before any set-up
     if not dist.is_initialized():
         world = _env_int("WORLD_SIZE")
         rank = _env_int("RANK")
@@ -152,7 +153,7 @@ def init_distributed(
             dist.init_process_group(backend, rank=rank, world_size=world)
         _OWNS_PROCESS_GROUP = True
     world_size = dist.get_world_size()
-    validate_layout(tp, pp, vpp, world_size, model_config)
+    validate_layout(tp, pp, vpp, world_size)
 
     if ps.model_parallel_is_initialized():
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())

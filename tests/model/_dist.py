@@ -27,7 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(target: str, world_size: int, out_dir: str | os.PathLike, timeout: float = 300, **kwargs: Any) -> list[Any]:
+def run_workers(
+    target: str, world_size: int, out_dir: str | os.PathLike, timeout: float = 300, **kwargs: Any
+) -> list[Any]:
     """Run ``target`` ("file.py:function") on ``world_size`` ranks; return each rank's result."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ def _direct_logprobs64(chunks: list, batch: Any) -> torch.Tensor | None:
 
 
 def grpo_layout(args: dict) -> dict:
-    """One layout: log-probs, one SGD GRPO step (-> gradient), then two clipped Adam steps."""
+    """One layout: log-probs, one SGD GRPO step per micro-batch size (-> gradient), three clipped Adam steps."""
     from megatron.core import parallel_state as ps
 
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
@@ -120,11 +120,15 @@ def grpo_layout(args: dict) -> dict:
     loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0)
     load = lambda chunks: load_hf_weights(chunks, sd, cfg)  # noqa: E731
     out: dict[str, Any] = {"grads": {}, "sgd_metrics": {}}
+    share = N_GLOBAL // dp
+    rows = slice(dp_rank * share, (dp_rank + 1) * share)
 
     for mbs in args["mbs_list"]:
         chunks, opt, sched = setup_model_and_optimizer(
+            # megatron's distributed optimizer supports Adam only: the SGD gradient probe uses the
+            # plain one; DDP's gradient reduction (the part under test) is the same for both.
             cfg, lr=LR_SGD, clip_grad=0.0, optimizer="sgd", sgd_momentum=0.0, lr_decay_style="constant",
-            use_distributed_optimizer=args["dist_opt"], load_weights=load,
+            use_distributed_optimizer=False, load_weights=load,
         )
         lp = compute_logprobs(chunks, local, mbs)
         if mbs == args["mbs_list"][0]:
@@ -135,8 +139,6 @@ def grpo_layout(args: dict) -> dict:
             old_full = lp_full + gb["old_noise"]
             ref_full = lp_full + gb["ref_noise"]
             out.update(old_logprobs=old_full, ref_logprobs=ref_full)
-        share = N_GLOBAL // dp
-        rows = slice(dp_rank * share, (dp_rank + 1) * share)
         step_batch = local.replace(old_logprobs=out["old_logprobs"][rows], ref_logprobs=out["ref_logprobs"][rows])
         metrics = grpo_train_step(chunks, opt, sched, step_batch, mbs, loss_cfg)
         w1 = export_hf_state_dict_to_cpu(chunks, cfg)
@@ -154,8 +156,6 @@ def grpo_layout(args: dict) -> dict:
     out["adam_weights"] = export_hf_state_dict_to_cpu(chunks, cfg)
     out["rank_logprobs"] = lp
     destroy_distributed()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return out
 
 

@@ -1,0 +1,685 @@
+"""Synthetic multi-hop questions over the packaged Wikipedia corpus and countryinfo facts.
+
+Templates (METHOD.md section 5: the paper trains on synthetic data):
+- person_nationality_capital: person -> nationality (demonym) -> capital of that country
+- work_creator_birth_year:    work -> creator -> creator's birth year
+- capital_country_continent:  capital -> its country -> the country's continent
+- born_first:                 which of two people was born first (comparison)
+- single_hop:                 one fact from one passage (capital, birth year or creator)
+
+Every hop's passage is in the corpus and the answer is checked to appear in the passage that
+proves it (for bridge chains, the last hop). Questions are deduplicated and split into
+train/dev/test by held-out entities: the key ("bridge") entities of a question all belong to
+one split, so no bridge entity is shared between splits. Output is FlashRAG jsonl plus oracle
+SFT trajectories in the tag protocol whose searches really retrieve the needed passages.
+Deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_recycle.agent.protocol import format_information
+from megatron_recycle.agent.reward import normalize_answer
+from megatron_recycle.agent.types import Passage, Retriever
+from megatron_recycle.data.corpus import WikiArticle, load_wiki_articles
+
+TEMPLATES: tuple[str, ...] = (
+    "person_nationality_capital",
+    "work_creator_birth_year",
+    "capital_country_continent",
+    "born_first",
+    "single_hop",
+)
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
+
+# Constituent countries of the United Kingdom that countryinfo lacks or lists without a capital;
+# "English" and "Welsh" are frequent nationalities in Wikipedia descriptions.
+COUNTRY_SUPPLEMENT: tuple[dict, ...] = (
+    {"name": "England", "capital": "London", "demonym": "English", "region": "Europe", "population": 57_000_000},
+    {"name": "Wales", "capital": "Cardiff", "demonym": "Welsh", "region": "Europe", "population": 3_100_000},
+)
+
+# kind of work (last word before "by" in the description) -> role of its creator
+WORK_ROLES: dict[str, str] = {
+    "novel": "author",
+    "novella": "author",
+    "book": "author",
+    "poem": "author",
+    "epic": "author",
+    "treatise": "author",
+    "essay": "author",
+    "play": "author",
+    "tragedy": "author",
+    "comedy": "author",
+    "story": "author",
+    "film": "director",
+    "painting": "painter",
+    "fresco": "painter",
+    "sculpture": "sculptor",
+    "statue": "sculptor",
+    "opera": "composer",
+    "symphony": "composer",
+    "ballet": "composer",
+    "oratorio": "composer",
+    "concerto": "composer",
+}
+
+_LIFESPAN = re.compile(r"\((\d{3,4})\s*[–-]\s*(\d{3,4})\)$")
+_BORN = re.compile(r"\(born (\d{3,4})\)$")
+_PAREN_SUFFIX = re.compile(r"\s*\([^)]*\)$")
+
+
+@dataclass(frozen=True)
+class Country:
+    title: str  # corpus title
+    name: str  # name used in questions (the corpus title)
+    capitals: tuple[str, ...]  # golden answers, the one found in the passage first
+    demonym: str
+    continent: str | None
+    population: int
+
+
+@dataclass(frozen=True)
+class Person:
+    title: str
+    name: str
+    birth_year: int
+    demonym: str | None
+
+
+@dataclass(frozen=True)
+class Work:
+    title: str
+    name: str
+    kind: str
+    creator: str  # Person title
+
+
+@dataclass
+class Hop:
+    """One search the chain needs: the passage it must reach and the queries to try, best first."""
+
+    title: str
+    queries: list[str]
+    chosen: str | None = None  # the first query that retrieves the passage in the top-k
+
+
+@dataclass
+class Candidate:
+    template: str
+    question: str
+    answers: list[str]
+    hops: list[Hop]
+    keys: tuple[str, ...]  # held-out (bridge) entities: all in one split
+    thinks: list[str]  # one per hop, then one before the answer
+    relation: str | None = None
+    retrievable: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return "syn-" + hashlib.sha1(self.question.encode("utf-8")).hexdigest()[:12]
+
+
+def _words(text: str) -> str:
+    """Lower-case words without punctuation or articles ("(1879–1955)" -> "1879 1955")."""
+    text = re.sub(r"[^\w\s]|_", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def _contains(passage_text: str, phrase: str) -> bool:
+    """Whether the phrase occurs in the passage as whole words, ignoring case and punctuation."""
+    needle = _words(phrase)
+    return bool(needle) and f" {needle} " in f" {_words(passage_text)} "
+
+
+def _display(title: str) -> str:
+    return _PAREN_SUFFIX.sub("", title).strip()
+
+
+def _stable_pick(options: Sequence[str], key: str) -> str:
+    """Pick a phrasing by a hash of the entity, so the choice is independent of iteration order."""
+    return options[int(hashlib.sha1(key.encode()).hexdigest(), 16) % len(options)]
+
+
+class Facts:
+    """Countries, people and works extracted from the corpus articles and countryinfo."""
+
+    def __init__(self, articles: Sequence[WikiArticle]) -> None:
+        self.articles = {a.title: a for a in articles}
+        self.countries = self._countries()
+        self.by_demonym = self._demonyms()
+        self.people = self._people()
+        self.works = self._works()
+
+    def text(self, title: str) -> str:
+        return self.articles[title].contents
+
+    def _resolve_title(self, info: dict) -> str | None:
+        names = [info.get("name") or ""]
+        names += [a for a in info.get("altSpellings") or [] if isinstance(a, str) and len(a) > 3]
+        names += [f"{info.get('name')} (country)"]
+        return next((n for n in names if n in self.articles), None)
+
+    def _countries(self) -> list[Country]:
+        try:
+            import countryinfo
+        except ImportError:
+            raise ImportError(
+                "the synthetic generator needs countryinfo; install it with `pip install countryinfo==1.0.1`"
+            ) from None
+        infos = [c.info() for c in countryinfo.all_countries()] + [dict(d) for d in COUNTRY_SUPPLEMENT]
+        best: dict[str, dict] = {}
+        for info in infos:
+            title = self._resolve_title(info)
+            if title is None or not info.get("capital") or not info.get("demonym"):
+                continue
+            # duplicated records (Burma/Myanmar) resolve to one article: keep the most populous
+            if title not in best or (info.get("population") or 0) > (best[title].get("population") or 0):
+                best[title] = info
+        countries = []
+        for title, info in sorted(best.items()):
+            text = self.text(title)
+            variants = [info["capital"]]
+            if "," in info["capital"] or "." in info["capital"]:
+                variants.append(info["capital"].replace(".", "").replace(",", ""))
+            titled = [t for t in self.articles if normalize_answer(t) == normalize_answer(info["capital"])]
+            variants = list(dict.fromkeys(titled + variants))
+            found = [v for v in variants if _contains(text, v)]
+            if not found:
+                continue  # the country's passage does not name its capital: no checkable answer
+            capitals = tuple(dict.fromkeys(found + variants))
+            countries.append(
+                Country(
+                    title=title,
+                    name=title,
+                    capitals=capitals,
+                    demonym=info["demonym"],
+                    continent=self._continent(info, text),
+                    population=int(info.get("population") or 0),
+                )
+            )
+        return countries
+
+    @staticmethod
+    def _continent(info: dict, text: str) -> str | None:
+        region, sub = info.get("region") or "", info.get("subregion") or ""
+        if region in ("Europe", "Asia", "Africa", "Oceania"):
+            cont = region
+        elif region == "Americas" and sub == "Northern America":
+            cont = "North America"
+        elif region == "Americas":
+            named = [c for c in ("South America", "North America") if _contains(text, c)]
+            cont = named[0] if len(named) == 1 else None
+        else:
+            cont = None
+        return cont if cont and _contains(text, cont) else None
+
+    def _demonyms(self) -> dict[str, Country]:
+        """Demonym -> the most populous country using it (ties broken by title)."""
+        out: dict[str, Country] = {}
+        for c in sorted(self.countries, key=lambda c: (-c.population, c.title)):
+            out.setdefault(c.demonym, c)
+        return out
+
+    def _people(self) -> dict[str, Person]:
+        demonyms = sorted(self.by_demonym, key=len, reverse=True)
+        people = {}
+        for a in self.articles.values():
+            m = _LIFESPAN.search(a.description) or _BORN.search(a.description)
+            if not m or a.title[:1].isdigit():
+                continue
+            year = int(m.group(1))
+            if str(year) not in a.contents:
+                continue
+            demonym = next((d for d in demonyms if a.description.startswith(d + " ")), None)
+            people[a.title] = Person(a.title, _display(a.title), year, demonym)
+        return people
+
+    def _works(self) -> list[Work]:
+        by_name = {p.name: p for p in self.people.values()}
+        works = []
+        for a in self.articles.values():
+            if " by " not in a.description:
+                continue
+            left, creator = a.description.split(" by ", 1)
+            kind = left.split()[-1].lower() if left.split() else ""
+            person = self.people.get(creator.strip()) or by_name.get(creator.strip())
+            if kind not in WORK_ROLES or person is None or person.title == a.title:
+                continue
+            if not _contains(a.contents, person.name):
+                continue
+            works.append(Work(a.title, _display(a.title), kind, person.title))
+        return sorted(works, key=lambda w: w.title)
+
+
+# ------------------------------------------------------------------------------ templates
+
+
+def _person_chain(facts: Facts) -> list[Candidate]:
+    out = []
+    for p in sorted(facts.people.values(), key=lambda p: p.title):
+        country = facts.by_demonym.get(p.demonym) if p.demonym else None
+        if country is None or country.title == p.title:
+            continue
+        capital = country.capitals[0]
+        question = _stable_pick(
+            [
+                f"What is the capital of the country {p.name} was from?",
+                f"What is the capital city of {p.name}'s home country?",
+            ],
+            p.title,
+        )
+        out.append(
+            Candidate(
+                "person_nationality_capital",
+                question,
+                list(country.capitals),
+                [
+                    Hop(p.title, [p.name, f"{p.name} nationality"]),
+                    Hop(country.title, [f"{country.name} capital", country.name, f"capital of {country.name}"]),
+                ],
+                keys=(country.title,),
+                thinks=[
+                    f"To find the capital of {p.name}'s home country, I first need {p.name}'s nationality.",
+                    f"{p.name} was {p.demonym}, so the country is {country.name}. "
+                    f"Now I need the capital of {country.name}.",
+                    f"The capital of {country.name} is {capital}.",
+                ],
+            )
+        )
+    return out
+
+
+def _work_chain(facts: Facts) -> list[Candidate]:
+    out = []
+    for w in facts.works:
+        p = facts.people[w.creator]
+        role = WORK_ROLES[w.kind]
+        out.append(
+            Candidate(
+                "work_creator_birth_year",
+                f'In what year was the {role} of the {w.kind} "{w.name}" born?',
+                [str(p.birth_year)],
+                [Hop(w.title, [w.name, f"{w.name} {w.kind}"]), Hop(p.title, [p.name, f"{p.name} born"])],
+                keys=(p.title,),
+                thinks=[
+                    f"I need the {role} of {w.name} first, then that person's birth year.",
+                    f"{w.name} is a {w.kind} by {p.name}. Now I need the year {p.name} was born.",
+                    f"{p.name} was born in {p.birth_year}.",
+                ],
+            )
+        )
+    return out
+
+
+def _capital_chain(facts: Facts) -> list[Candidate]:
+    out = []
+    for c in facts.countries:
+        if c.continent is None:
+            continue
+        cap_title = next((t for t in c.capitals if t in facts.articles), None)
+        if cap_title is None or not _contains(facts.text(cap_title), c.name):
+            continue  # the capital's passage must name its country (the bridge)
+        cap = _display(cap_title)
+        if _contains(cap, c.name):
+            continue  # "Mexico City" would give the bridge away
+        out.append(
+            Candidate(
+                "capital_country_continent",
+                f"On which continent is the country whose capital is {cap}?",
+                [c.continent],
+                [Hop(cap_title, [cap, f"{cap} capital"]), Hop(c.title, [c.name, f"{c.name} continent"])],
+                keys=(c.title,),
+                thinks=[
+                    f"I need the country whose capital is {cap}, then the continent it lies on.",
+                    f"{cap} is the capital of {c.name}. Now I need the continent of {c.name}.",
+                    f"{c.name} is in {c.continent}.",
+                ],
+            )
+        )
+    return out
+
+
+def _single_hop(facts: Facts) -> list[Candidate]:
+    out = []
+    for c in facts.countries:
+        out.append(
+            Candidate(
+                "single_hop",
+                f"What is the capital of {c.name}?",
+                list(c.capitals),
+                [Hop(c.title, [f"{c.name} capital", c.name])],
+                keys=(c.title,),
+                thinks=[f"I need to look up the capital of {c.name}.", f"The capital of {c.name} is {c.capitals[0]}."],
+                relation="capital",
+            )
+        )
+    for p in sorted(facts.people.values(), key=lambda p: p.title):
+        out.append(
+            Candidate(
+                "single_hop",
+                f"In what year was {p.name} born?",
+                [str(p.birth_year)],
+                [Hop(p.title, [p.name, f"{p.name} born"])],
+                keys=(p.title,),
+                thinks=[f"I need to look up when {p.name} was born.", f"{p.name} was born in {p.birth_year}."],
+                relation="birth_year",
+            )
+        )
+    for w in facts.works:
+        p = facts.people[w.creator]
+        role = WORK_ROLES[w.kind]
+        out.append(
+            Candidate(
+                "single_hop",
+                f'Who was the {role} of the {w.kind} "{w.name}"?',
+                list(dict.fromkeys([p.name, p.title])),
+                [Hop(w.title, [w.name, f"{w.name} {w.kind}"])],
+                keys=(p.title,),
+                thinks=[f"I need to look up who made {w.name}.", f"{w.name} is a {w.kind} by {p.name}."],
+                relation="creator",
+            )
+        )
+    return out
+
+
+def _born_first(people: Sequence[Person], n: int, rng: random.Random) -> list[Candidate]:
+    """Up to n comparison questions over pairs drawn from ``people`` (one split's people)."""
+    people = [p for p in people if p.birth_year]
+    names = Counter(p.name for p in people)
+    people = [p for p in people if names[p.name] == 1]
+    out, seen = [], set()
+    attempts = 0
+    while len(out) < n and len(people) >= 2 and attempts < 20 * n:
+        attempts += 1
+        a, b = rng.sample(people, 2)
+        pair = tuple(sorted((a.title, b.title)))
+        if a.birth_year == b.birth_year or pair in seen:
+            continue
+        seen.add(pair)
+        first = a if a.birth_year < b.birth_year else b
+        out.append(
+            Candidate(
+                "born_first",
+                f"Who was born first, {a.name} or {b.name}?",
+                list(dict.fromkeys([first.name, first.title])),
+                [Hop(a.title, [a.name, f"{a.name} born"]), Hop(b.title, [b.name, f"{b.name} born"])],
+                keys=(a.title, b.title),
+                thinks=[
+                    f"I need the birth years of {a.name} and {b.name}.",
+                    f"{a.name} was born in {a.birth_year}. Now I need the birth year of {b.name}.",
+                    f"{b.name} was born in {b.birth_year}, so {first.name} was born first.",
+                ],
+                extra={"years": [a.birth_year, b.birth_year]},
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------ checks, split
+
+
+def check_candidate(c: Candidate, facts: Facts) -> str | None:
+    """Why a candidate is invalid, or None: hops in the corpus, answer in its proving passage."""
+    if any(h.title not in facts.articles for h in c.hops):
+        return "hop passage not in corpus"
+    if not c.answers:
+        return "no answer"
+    if c.template == "born_first":
+        years = c.extra["years"]
+        if not all(str(y) in facts.text(h.title) for y, h in zip(years, c.hops)):
+            return "birth year not in passage"
+        winner = c.hops[years.index(min(years))].title
+        if not _contains(facts.text(winner), c.answers[0]):
+            return "answer not in its passage"
+        return None
+    if not _contains(facts.text(c.hops[-1].title), c.answers[0]):
+        return "answer not in last hop passage"
+    if _contains(c.question, c.answers[0]):
+        return "answer given away by the question"
+    return None
+
+
+def _assign_entities(names: Sequence[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Entity -> split, by quotas over a seeded hash order (each held-out split gets >= 1 entity)."""
+    order = sorted(set(names), key=lambda n: hashlib.sha256(f"{seed}:{n}".encode()).hexdigest())
+    out, start = {}, 0
+    for split in ("test", "dev"):
+        k = max(1, round(fractions[split] * len(order))) if fractions[split] > 0 else 0
+        for n in order[start : start + k]:
+            out[n] = split
+        start += k
+    for n in order[start:]:
+        out[n] = "train"
+    return out
+
+
+def _oracle_queries(cands: Sequence[Candidate], retriever: Retriever, topk: int) -> None:
+    """Choose, per hop, the first query whose top-k holds the hop's passage; mark retrievability.
+
+    Queries are tried in rounds (all first choices in one batch, then the second choices of the
+    hops that missed, ...), so each distinct query is searched once.
+    """
+    results: dict[str, list[str]] = {}
+    pending = [h for c in cands for h in c.hops]
+    for h in pending:
+        h.chosen = None
+    for round_ in range(max((len(h.queries) for h in pending), default=0)):
+        todo = sorted({h.queries[round_] for h in pending if round_ < len(h.queries)} - set(results))
+        for i in range(0, len(todo), 1024):
+            batch = todo[i : i + 1024]
+            for q, hits in zip(batch, retriever.search(batch, topk)):
+                results[q] = [p.title for p in hits]
+        still = []
+        for h in pending:
+            if round_ < len(h.queries) and h.title in results[h.queries[round_]]:
+                h.chosen = h.queries[round_]
+            else:
+                still.append(h)
+        pending = still
+    for c in cands:
+        c.retrievable = all(h.chosen is not None for h in c.hops)
+
+
+def _row(c: Candidate) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "template": c.template,
+        "hops": [{"title": h.title, "search": h.chosen or h.queries[0]} for h in c.hops],
+        "source": "synthetic",
+        "bridge": list(c.keys),
+        "oracle_retrievable": c.retrievable,
+    }
+    if c.relation:
+        meta["relation"] = c.relation
+    return {"id": c.id, "question": c.question, "golden_answers": c.answers, "metadata": meta}
+
+
+def oracle_trajectory(c: Candidate, retriever: Retriever, topk: int) -> dict[str, Any]:
+    """The tag-protocol turns an oracle agent would produce for a (retrievable) candidate."""
+    if not c.retrievable:
+        raise ValueError(f"candidate {c.question!r} has a hop whose searches miss its passage")
+    turns = []
+    for think, hop in zip(c.thinks, c.hops):
+        passages: list[Passage] = retriever.search([hop.chosen], topk)[0]
+        turns.append(
+            {
+                "generated": f"<think>{think}</think>\n<search> {hop.chosen} </search>",
+                "information": format_information(passages),
+            }
+        )
+    turns.append({"generated": f"<think>{c.thinks[-1]}</think>\n<answer> {c.answers[0]} </answer>"})
+    return {"id": c.id, "question": c.question, "golden_answers": c.answers, "turns": turns}
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_train: int = 2000,
+    n_dev: int = 200,
+    n_test: int = 500,
+    topk: int = 3,
+    templates: Sequence[str] = TEMPLATES,
+    retriever: Retriever | None = None,
+    cache_dir: str | Path | None = None,
+    require_retrievable: bool = False,
+    max_per_bridge: int = 20,
+    sft: bool = True,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Generate train/dev/test jsonl (+ sft.jsonl oracle trajectories from the train split).
+
+    Questions are taken round-robin over ``templates`` until each split has its size or the
+    templates run out (the counts say what was reached). ``max_per_bridge`` caps how many
+    questions of a template share one bridge entity (otherwise "American" people swamp the
+    nationality chain). With ``require_retrievable`` only questions whose oracle searches
+    retrieve every hop passage in the BM25 top-k enter the splits. Returns paths and counts.
+    """
+    unknown = [t for t in templates if t not in TEMPLATES]
+    if unknown or not templates:
+        raise ValueError(f"unknown templates {unknown or templates!r}; choose from {', '.join(TEMPLATES)}")
+    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
+    if any(v < 0 for v in sizes.values()) or sum(sizes.values()) == 0:
+        raise ValueError(f"split sizes must be >= 0 and not all 0, got {sizes}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    articles = load_wiki_articles()
+    facts = Facts(articles)
+    say(
+        f"[gen-data] facts: {len(facts.countries)} countries, {len(facts.by_demonym)} demonyms, "
+        f"{len(facts.people)} people with birth years, {len(facts.works)} works with a known creator"
+    )
+    if retriever is None:
+        from megatron_recycle.agent.retrievers import BM25Retriever
+        from megatron_recycle.data.corpus import Corpus
+
+        corpus = Corpus([a.id for a in articles], [a.contents for a in articles], name="wiki-vital4")
+        retriever = BM25Retriever(corpus, cache_dir=cache_dir)
+
+    builders = {
+        "person_nationality_capital": _person_chain,
+        "work_creator_birth_year": _work_chain,
+        "capital_country_continent": _capital_chain,
+        "single_hop": _single_hop,
+    }
+    pools: dict[str, list[Candidate]] = {}
+    rejected: Counter = Counter()
+    seen_questions: set[str] = set()
+
+    def keep(c: Candidate) -> bool:
+        why = check_candidate(c, facts)
+        norm = normalize_answer(c.question)
+        if why is None and norm in seen_questions:
+            why = "duplicate question"
+        if why:
+            rejected[f"{c.template}: {why}"] += 1
+            return False
+        seen_questions.add(norm)
+        return True
+
+    for name in templates:
+        if name in builders:
+            pools[name] = [c for c in builders[name](facts) if keep(c)]
+    candidates_total = {k: len(v) for k, v in pools.items()}
+
+    total = sum(sizes.values())
+    fractions = {s: (sizes[s] / total if sizes[s] else 0.0) for s in SPLITS}
+    entities = sorted({k for pool in pools.values() for c in pool for k in c.keys} | set(facts.people))
+    split_of = _assign_entities(entities, fractions, seed)
+
+    by_split: dict[str, dict[str, list[Candidate]]] = {s: defaultdict(list) for s in SPLITS}
+    for name, pool in pools.items():
+        for c in pool:
+            by_split[split_of[c.keys[0]]][name].append(c)
+    if "born_first" in templates:
+        for s in SPLITS:
+            members = [p for t, p in sorted(facts.people.items()) if split_of[t] == s]
+            pairs = _born_first(members, 2 * sizes[s], random.Random(f"{seed}:born_first:{s}"))
+            by_split[s]["born_first"] = [c for c in pairs if keep(c)]
+            candidates_total["born_first"] = candidates_total.get("born_first", 0) + len(pairs)
+
+    all_cands = [c for s in SPLITS for lst in by_split[s].values() for c in lst]
+    _oracle_queries(all_cands, retriever, topk)
+    say(f"[gen-data] {len(all_cands)} checked candidates, retrieval checked in {time.perf_counter() - t0:.1f} s")
+
+    rows: dict[str, list[Candidate]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for s in SPLITS:
+        per_template = {}
+        for name in templates:
+            lst = sorted(by_split[s].get(name, []), key=lambda c: c.id)
+            rng.shuffle(lst)
+            if require_retrievable:
+                lst = [c for c in lst if c.retrievable]
+            per_bridge: Counter = Counter()
+            capped = []
+            for c in lst:
+                if c.template != "born_first" and per_bridge[c.keys[0]] >= max_per_bridge:
+                    continue
+                per_bridge[c.keys[0]] += 1
+                capped.append(c)
+            per_template[name] = capped
+        chosen: list[Candidate] = []
+        cursor = dict.fromkeys(templates, 0)
+        while len(chosen) < sizes[s] and any(cursor[t] < len(per_template[t]) for t in templates):
+            for t in templates:
+                if cursor[t] < len(per_template[t]) and len(chosen) < sizes[s]:
+                    chosen.append(per_template[t][cursor[t]])
+                    cursor[t] += 1
+        rows[s] = chosen
+        counts[s] = dict(Counter(c.template for c in chosen))
+        say(f"[gen-data] {s}: {len(chosen)} of {sizes[s]} questions {counts[s]}")
+
+    paths: dict[str, Any] = {}
+    for s in SPLITS:
+        paths[s] = out_dir / f"{s}.jsonl"
+        _write_jsonl(paths[s], [_row(c) for c in rows[s]])
+    sft_rows = []
+    if sft:
+        sft_rows = [oracle_trajectory(c, retriever, topk) for c in rows["train"] if c.retrievable]
+        paths["sft"] = out_dir / "sft.jsonl"
+        _write_jsonl(paths["sft"], sft_rows)
+        say(f"[gen-data] sft: {len(sft_rows)} oracle trajectories of {len(rows['train'])} train questions")
+    summary = {
+        "seed": seed,
+        "topk": topk,
+        "templates": list(templates),
+        "requested": sizes,
+        "written": {s: len(rows[s]) for s in SPLITS},
+        "per_template": counts,
+        "candidates": candidates_total,
+        "retrievable": {
+            s: dict(Counter(c.template for c in rows[s] if c.retrievable)) for s in SPLITS
+        },
+        "sft": len(sft_rows),
+        "rejected": dict(sorted(rejected.items())),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    paths["stats"] = out_dir / "stats.json"
+    paths["stats"].write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    say(f"[gen-data] wrote {out_dir} in {summary['seconds']} s")
+    return {"paths": {k: str(v) for k, v in paths.items()}, "counts": summary}

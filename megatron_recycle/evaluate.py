@@ -1,0 +1,253 @@
+"""Pass@1 evaluation of the search agent on QA files: EM, F1, answer rate, searches and turns,
+overall and per source (benchmark) and, for synthetic data, per template.
+
+Pass@1 is the exact match of a greedy rollout (temperature 0), or the mean exact match over
+``n_samples`` rollouts at a temperature. ``python -m megatron_recycle.evaluate --help`` runs it
+from the command line (the ``megatron-recycle eval`` subcommand wraps the same function).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_recycle.agent.rollout import FINISH_REASONS, rollout
+from megatron_recycle.agent.types import Retriever
+from megatron_recycle.engines.base import Engine, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_METRICS = ("pass@1", "em", "f1", "answer_rate", "searches", "turns", "response_tokens")
+
+
+def evaluate(
+    engine: Engine,
+    retriever: Retriever,
+    examples: Sequence[Any],
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    max_turns: int = 4,
+    max_total_tokens: int = 2048,
+    topk: int = 3,
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+    top_p: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    output_path: str | Path | None = None,
+    run_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Roll out every example (objects with id, question, golden_answers, source, metadata) and
+    aggregate. Writes the result as JSON (and per-example predictions as jsonl beside it) when
+    ``output_path`` is given; prints a progress line per batch when ``progress``. ``run_info``
+    (model, data file, machine...) is copied into the result's config."""
+    if not examples:
+        raise ValueError("evaluate got no examples; check the dataset file")
+    if n_samples < 1:
+        raise ValueError(f"evaluate n_samples must be >= 1, got {n_samples}")
+    if n_samples > 1 and temperature == 0:
+        raise ValueError(
+            f"evaluate n_samples={n_samples} at temperature 0 would repeat one greedy rollout; "
+            "use n_samples=1 for greedy Pass@1 or set temperature > 0"
+        )
+    if batch_size < 1:
+        raise ValueError(f"evaluate batch_size must be >= 1, got {batch_size}")
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    start = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    totals: dict[str, float] = {}
+    for first in range(0, len(examples), batch_size):
+        chunk = examples[first : first + batch_size]
+        questions = [(first + i, ex.question, list(ex.golden_answers)) for i, ex in enumerate(chunk)]
+        batch = rollout(
+            engine, retriever, questions, n_samples, params, max_turns, max_total_tokens, topk, reward_metric="em"
+        )
+        for key, value in batch.stats.as_dict().items():
+            totals[key] = totals.get(key, 0) + value
+        for i, ex in enumerate(chunk):
+            records.append(_example_record(ex, batch[i * n_samples : (i + 1) * n_samples]))
+        if progress:
+            done, elapsed = len(records), time.perf_counter() - start
+            eta = elapsed / done * (len(examples) - done)
+            running = sum(r["em"] for r in records) / done
+            print(
+                f"[eval] {done}/{len(examples)} examples  EM {running:.3f}  "
+                f"{elapsed:.0f} s elapsed  ETA {eta:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    result: dict[str, Any] = {
+        "overall": _aggregate(records),
+        "per_source": _grouped(records, "source"),
+        "config": {
+            "n_samples": n_samples,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_turns": max_turns,
+            "max_total_tokens": max_total_tokens,
+            "max_new_tokens": max_new_tokens,
+            "topk": topk,
+            "batch_size": batch_size,
+            "seed": seed,
+            **(run_info or {}),
+        },
+        "rollout_stats": totals,
+        "seconds": time.perf_counter() - start,
+    }
+    sources = result["per_source"]
+    result["macro_average"] = {m: sum(s[m] for s in sources.values()) / len(sources) for m in ("pass@1", "em", "f1")}
+    if any(r["template"] is not None for r in records):
+        result["per_template"] = _grouped(records, "template")
+    if output_path is not None:
+        write_result(result, records, output_path)
+    return result
+
+
+def _example_record(example: Any, trajectories: Sequence[Any]) -> dict[str, Any]:
+    """One example's scores, averaged over its samples, plus the first sample's prediction."""
+    n = len(trajectories)
+    first = trajectories[0]
+    return {
+        "id": str(example.id),
+        "source": str(example.source),
+        "template": (getattr(example, "metadata", None) or {}).get("template"),
+        "question": example.question,
+        "golden_answers": list(example.golden_answers),
+        "em": sum(t.em for t in trajectories) / n,
+        "f1": sum(t.f1 for t in trajectories) / n,
+        "answered": sum(t.finish_reason == "answer" and not t.extra.get("malformed") for t in trajectories) / n,
+        "searches": sum(t.searches for t in trajectories) / n,
+        "turns": sum(t.turns for t in trajectories) / n,
+        "response_tokens": sum(len(t.token_ids) - t.prompt_len for t in trajectories) / n,
+        "retrieval_errors": sum(t.retrieval_errors for t in trajectories),
+        "finish_reasons": [t.finish_reason for t in trajectories],
+        "answer": first.answer,
+        "queries": first.extra.get("queries", []),
+        "response": first.response_text,
+    }
+
+
+def _aggregate(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    n = len(records)
+    out: dict[str, float] = {"n": n}
+    out["em"] = sum(r["em"] for r in records) / n
+    out["pass@1"] = out["em"]
+    out["f1"] = sum(r["f1"] for r in records) / n
+    out["answer_rate"] = sum(r["answered"] for r in records) / n
+    out["searches"] = sum(r["searches"] for r in records) / n
+    out["turns"] = sum(r["turns"] for r in records) / n
+    out["response_tokens"] = sum(r["response_tokens"] for r in records) / n
+    out["retrieval_errors"] = sum(r["retrieval_errors"] for r in records)
+    reasons = [f for r in records for f in r["finish_reasons"]]
+    for reason in FINISH_REASONS:
+        out[f"finish_{reason}"] = reasons.count(reason) / len(reasons)
+    return out
+
+
+def _grouped(records: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(str(r[key]), []).append(r)
+    return {name: _aggregate(rs) for name, rs in sorted(groups.items())}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table: one row per source (and template), then the macro and micro averages."""
+    header = f"{'source':<24} {'n':>6} {'Pass@1':>7} {'F1':>7} {'answer%':>8} {'searches':>9} {'turns':>6}"
+    lines = [header, "-" * len(header)]
+
+    def row(name: str, m: dict[str, float]) -> str:
+        return (
+            f"{name[:24]:<24} {int(m['n']):>6} {m['pass@1']:>7.3f} {m['f1']:>7.3f} "
+            f"{100 * m['answer_rate']:>7.1f}% {m['searches']:>9.2f} {m['turns']:>6.2f}"
+        )
+
+    for name, m in result["per_source"].items():
+        lines.append(row(name, m))
+    if len(result["per_source"]) > 1:
+        macro = result["macro_average"]
+        lines.append(f"{'average over sources':<24} {'':>6} {macro['pass@1']:>7.3f} {macro['f1']:>7.3f}")
+    lines.append(row("all", result["overall"]))
+    if "per_template" in result:
+        lines += ["", f"{'template':<24}" + header[24:], "-" * len(header)]
+        lines += [row(name, m) for name, m in result["per_template"].items()]
+    return "\n".join(lines)
+
+
+def write_result(result: dict[str, Any], records: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Write the result JSON at ``path`` and the per-example records at ``<path stem>.predictions.jsonl``
+    (each through a temporary name, so a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(result, indent=1, sort_keys=True))
+    predictions = path.with_name(path.stem + ".predictions.jsonl")
+    _atomic_write(predictions, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command-line evaluation: model + retriever + QA file -> table on stdout, JSON on disk."""
+    ap = argparse.ArgumentParser(prog="python -m megatron_recycle.evaluate", description=main.__doc__)
+    ap.add_argument("--data", required=True, help="QA file (FlashRAG jsonl/json or Search-R1 parquet)")
+    ap.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', a model folder or a .gguf file")
+    ap.add_argument("--retriever", default="bm25", choices=("bm25", "dense", "http"))
+    ap.add_argument("--retriever-url", default=None)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    ap.add_argument("--n-samples", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--max-turns", type=int, default=4)
+    ap.add_argument("--max-total-tokens", type=int, default=2048)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--topk", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--output", default="runs/eval/result.json")
+    args = ap.parse_args(argv)
+
+    from megatron_recycle.agent.retrievers import build_retriever
+    from megatron_recycle.data.datasets import read_qa_file
+    from megatron_recycle.engines.hf import HFEngine
+    from megatron_recycle.model.hf_loading import load_hf_model, load_tokenizer
+
+    examples = list(read_qa_file(args.data))
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    engine = HFEngine(load_hf_model(args.model), load_tokenizer(args.model), device=args.device)
+    retriever = build_retriever(args.retriever, url=args.retriever_url)
+    result = evaluate(
+        engine,
+        retriever,
+        examples,
+        n_samples=args.n_samples,
+        temperature=args.temperature,
+        max_turns=args.max_turns,
+        max_total_tokens=args.max_total_tokens,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        output_path=args.output,
+        run_info={"data": str(args.data), "model": str(args.model), "retriever": args.retriever, "limit": args.limit},
+    )
+    print(format_table(result))
+    print(f"{len(examples)} examples in {result['seconds']:.0f} s; result written to {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

@@ -1,0 +1,480 @@
+"""Atomic, verified training checkpoints shared by every rank, plus RNG capture/restore.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step_120/                  a COMPLETE checkpoint (only ever appears by a rename)
+        manifest.json          step, world size, config fingerprint + hash, size and sha256 of every file
+        shared.pt              written once by rank 0: pool state, step, data cursor, config, ...
+        rank_00000.pt          each rank's own objects: model shard, optimizer shard, RNG states, ...
+        rank_00001.pt
+    step_130.tmp-3f2a9c...     a save in progress (or a crashed one; removed by the next save)
+
+A save writes everything under ``step_N.tmp-<id>/`` (each file to a temporary name, flushed,
+fsync'ed, then renamed), waits for every rank, and only then rank 0 writes ``manifest.json`` and
+renames the folder to ``step_N``. A process killed at any point therefore leaves either the old
+set of complete checkpoints or the new one, never a ``step_N`` that is incomplete. The run
+directory must be on a file system every rank sees (as for any multi-node checkpoint).
+
+Resuming compares the config keys in ``RESUME_KEYS`` (what changes the meaning of the saved
+state: model layout, pool, training data, group size, optimizer layout); everything else (lr,
+logging, evaluation, ...) may change between the save and the resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SHARED_FILE = "shared.pt"
+FORMAT_VERSION = 1
+
+# Config keys (dotted; a section name means the whole section) that must be equal between the run
+# that saved a checkpoint and the run that resumes it. Left out on purpose: run.* (names, save
+# cadence, seed: the RNG states are restored from the checkpoint), optim.lr and the schedule
+# knobs (a resumed run may change its learning rate), loss.*, rollout sampling knobs, eval.*,
+# retriever.* and the data file paths of the dev/test splits.
+RESUME_KEYS: tuple[str, ...] = (
+    "model.name_or_path",
+    "model.tp",
+    "model.pp",
+    "model.vpp",
+    "model.bf16",
+    "model.layer_spec",
+    "pool",  # strategy, B, k, consumed weight, exhaustion rule, dapo batches
+    "data.dir",
+    "data.train_file",
+    "data.max_train_queries",
+    "rollout.group_size",
+    "optim.use_distributed_optimizer",  # changes how the optimizer state is sharded
+)
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_RANK_FILE = "rank_{:05d}.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not match this run."""
+
+
+# ------------------------------------------------------------------------------ config hash
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def config_fingerprint(config_dict: dict[str, Any], keys: tuple[str, ...] = RESUME_KEYS) -> dict[str, Any]:
+    """The values of the resume-relevant config keys (missing keys read as None), JSON-ready."""
+    return {k: json.loads(json.dumps(_lookup(config_dict, k), sort_keys=True, default=str)) for k in keys}
+
+
+def config_hash(config_dict: dict[str, Any], keys: tuple[str, ...] = RESUME_KEYS) -> str:
+    """sha256 of the canonical JSON of ``config_fingerprint``: equal hashes mean a compatible config."""
+    text = json.dumps(config_fingerprint(config_dict, keys), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ file writing
+class _HashingWriter:
+    """File-like wrapper that hashes and counts the bytes torch.save writes through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some file systems do not allow opening a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> dict[str, Any]:
+    """torch.save to ``path`` via a temporary name (flushed, fsync'ed, renamed); returns size and sha256."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        w = _HashingWriter(f)
+        torch.save(obj, w)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"size": w.size, "sha256": w.sha.hexdigest()}
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- collectives
+def _dist_active(world_size: int) -> bool:
+    if world_size == 1:
+        return False
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise CheckpointError(
+            f"world_size={world_size} but torch.distributed is not initialized: initialize the process "
+            "group before saving, or pass world_size=1 for a single process"
+        )
+    return True
+
+
+def _broadcast_str(value: str, world_size: int) -> str:
+    if not _dist_active(world_size):
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj: Any, world_size: int) -> list[Any]:
+    if not _dist_active(world_size):
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(world_size: int) -> None:
+    if _dist_active(world_size):
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------- the manager
+class CheckpointManager:
+    """Save, find and load the checkpoints of one run; every rank makes the same calls.
+
+    ``save`` is collective (every rank must call it with the same step); ``latest`` and ``load``
+    are not. ``fault_hook`` (tests only) is called with a point name during ``save``: "rank_file",
+    "shared_file", "before_manifest", "before_rename", "after_rename".
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep_last: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        config_dict: dict[str, Any] | None = None,
+        resume_keys: tuple[str, ...] = RESUME_KEYS,
+        fault_hook: Callable[[str], None] | None = None,
+    ) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (complete checkpoints kept), got {keep_last}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
+        self.config_dict = dict(config_dict or {})
+        self.resume_keys = tuple(resume_keys)
+        self.fingerprint = config_fingerprint(self.config_dict, self.resume_keys)
+        self.config_hash = config_hash(self.config_dict, self.resume_keys)
+        self.fault_hook = fault_hook
+
+    def _hook(self, point: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(point)
+
+    def step_dir(self, step: int) -> Path:
+        return self.dir / f"step_{step}"
+
+    # ---------------------------------------------------------------------------------- save
+    def save(self, step: int, parts: dict[str, Any], shared: dict[str, Any] | None = None) -> Path:
+        """Write this rank's ``parts`` (and, on rank 0, ``shared``) as checkpoint ``step``; returns its folder.
+
+        Returns only after the checkpoint is complete on disk (manifest written, folder renamed)
+        and the older ones beyond ``keep_last`` are pruned.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be an integer >= 0, got {step!r}")
+        if not isinstance(parts, dict):
+            raise TypeError(f"parts must be a dict of this rank's objects, got {type(parts).__name__}")
+        if self.rank == 0 and not isinstance(shared, dict):
+            raise TypeError(f"rank 0 must pass shared (a dict: pool state, step, ...), got {type(shared).__name__}")
+        token = _broadcast_str(uuid.uuid4().hex[:12] if self.rank == 0 else "", self.world_size)
+        tmp = self.dir / f"step_{step}.tmp-{token}"
+        tmp.mkdir(parents=True, exist_ok=True)
+
+        files: dict[str, dict[str, Any]] = {}
+        error = None
+        try:
+            name = _RANK_FILE.format(self.rank)
+            files[name] = _atomic_torch_save({"format": FORMAT_VERSION, "rank": self.rank, "step": step,
+                                              "parts": parts}, tmp / name)
+            self._hook("rank_file")
+            if self.rank == 0:
+                files[SHARED_FILE] = _atomic_torch_save(
+                    {"format": FORMAT_VERSION, "step": step, "shared": shared}, tmp / SHARED_FILE)
+                self._hook("shared_file")
+        except Exception as e:  # report to every rank instead of leaving the others waiting forever
+            if self.world_size == 1:
+                raise
+            error = f"{type(e).__name__}: {e}"
+        # Also the barrier after which rank 0 may write the manifest: every rank has written (or failed).
+        everyone = _all_gather({"files": files, "error": error}, self.world_size)
+        failed = {r: e["error"] for r, e in enumerate(everyone) if e["error"]}
+        if failed:
+            raise CheckpointError(f"checkpoint step {step} not saved ({tmp} left for cleanup): rank errors {failed}")
+        final = self.step_dir(step)
+        if self.rank == 0:
+            merged: dict[str, dict[str, Any]] = {}
+            for entry in everyone:
+                merged.update(entry["files"])
+            expected = {SHARED_FILE, *(_RANK_FILE.format(r) for r in range(self.world_size))}
+            if set(merged) != expected:
+                raise CheckpointError(f"checkpoint {tmp}: ranks reported files {sorted(merged)}, expected {sorted(expected)}")
+            self._hook("before_manifest")
+            manifest = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "world_size": self.world_size,
+                "config_hash": self.config_hash,
+                "config_fingerprint": self.fingerprint,
+                "files": dict(sorted(merged.items())),
+                "created_unix": time.time(),
+                "torch_version": torch.__version__,
+            }
+            _atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), tmp / MANIFEST)
+            _fsync_dir(tmp)
+            self._hook("before_rename")
+            self._install(tmp, final, token)
+            self._hook("after_rename")
+            self._prune(keep=final)
+        _barrier(self.world_size)
+        return final
+
+    def _install(self, tmp: Path, final: Path, token: str) -> None:
+        """Rename the finished tmp folder to step_N; an existing step_N is replaced, never half-written."""
+        old = None
+        if final.exists():
+            old = final.with_name(f"{final.name}.old-{token}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _prune(self, keep: Path) -> None:
+        """Delete complete checkpoints beyond the newest keep_last, and stale temporary folders."""
+        complete = self.complete_steps()
+        for step in complete[: -self.keep_last]:
+            path = self.step_dir(step)
+            if path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("checkpoint: removed %s (keep_last=%d)", path, self.keep_last)
+        for path in self.dir.iterdir():
+            if ".tmp-" in path.name or ".old-" in path.name:
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("checkpoint: removed stale %s", path)
+
+    # ------------------------------------------------------------------------------- finding
+    def _read_manifest(self, folder: Path) -> dict[str, Any]:
+        """The manifest of ``folder``, checked for shape and file sizes (not hashes); CheckpointError if bad."""
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: no {MANIFEST}; the checkpoint is incomplete (a save was interrupted?)")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable manifest ({e}); the checkpoint is corrupt") from e
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise CheckpointError(f"{path}: manifest has no 'files' table; the checkpoint is corrupt")
+        m = _STEP_DIR.match(folder.name)
+        if manifest.get("step") != (int(m.group(1)) if m else None):
+            raise CheckpointError(f"{path}: manifest step {manifest.get('step')!r} does not match the folder {folder.name}")
+        for name, info in manifest["files"].items():
+            f = folder / name
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in the manifest but missing")
+            size = f.stat().st_size
+            if size != info.get("size"):
+                raise CheckpointError(
+                    f"{f}: {size} bytes on disk but the manifest says {info.get('size')}; the file is truncated or corrupt"
+                )
+        return manifest
+
+    def complete_steps(self) -> list[int]:
+        """Steps of every complete checkpoint (manifest present, valid, files of the listed size), ascending."""
+        if not self.dir.is_dir():
+            return []
+        steps = []
+        for path in self.dir.iterdir():
+            m = _STEP_DIR.match(path.name)
+            if not (m and path.is_dir()):
+                continue
+            try:
+                self._read_manifest(path)
+            except CheckpointError as e:
+                log.warning("checkpoint: skipping %s: %s", path.name, e)
+                continue
+            steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest(self) -> int | None:
+        """The step of the newest complete checkpoint, or None when there is none."""
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    # ---------------------------------------------------------------------------------- load
+    def load(self, step: int | None = None, weights_only: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(shared, this rank's parts) of checkpoint ``step`` (default: the newest complete one), verified.
+
+        Refuses (CheckpointError) a missing, incomplete, truncated or corrupt checkpoint, one saved
+        by a different world size, or one whose RESUME_KEYS config differs from this run's.
+        ``weights_only=False`` allows arbitrary pickled objects (only for checkpoints you trust).
+        """
+        if step is None:
+            step = self.latest()
+            if step is None:
+                found = sorted(p.name for p in self.dir.iterdir()) if self.dir.is_dir() else []
+                raise CheckpointError(
+                    f"no complete checkpoint to resume from under {self.dir}"
+                    + (f" (found only incomplete or invalid entries: {found})" if found else "")
+                    + "; start the run without --resume"
+                )
+        folder = self.step_dir(step)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: no such checkpoint (complete ones: {self.complete_steps()})")
+        manifest = self._read_manifest(folder)
+        if manifest.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this code reads {FORMAT_VERSION}")
+        if manifest.get("world_size") != self.world_size:
+            raise CheckpointError(
+                f"{folder}: saved by {manifest.get('world_size')} ranks but this run has {self.world_size}; "
+                "resume with the same number of processes (and the same TP/PP layout)"
+            )
+        if manifest.get("config_hash") != self.config_hash:
+            theirs = manifest.get("config_fingerprint") or {}
+            diff = {k: (theirs.get(k), v) for k, v in self.fingerprint.items() if theirs.get(k) != v}
+            detail = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(
+                f"{folder}: config does not match this run ({detail or 'different resume keys'}); "
+                "these settings must stay the same to resume (see RESUME_KEYS); start a new run to change them"
+            )
+        shared = self._load_file(folder, manifest, SHARED_FILE, step, weights_only)["shared"]
+        parts = self._load_file(folder, manifest, _RANK_FILE.format(self.rank), step, weights_only)["parts"]
+        return shared, parts
+
+    def _load_file(self, folder: Path, manifest: dict[str, Any], name: str, step: int, weights_only: bool) -> Any:
+        info = manifest["files"].get(name)
+        path = folder / name
+        if info is None:
+            raise CheckpointError(f"{path}: not listed in the manifest; the checkpoint is incomplete")
+        digest = _sha256_file(path)
+        if digest != info.get("sha256"):
+            raise CheckpointError(
+                f"{path}: sha256 {digest[:16]}... differs from the manifest's {str(info.get('sha256'))[:16]}...; "
+                "the file is corrupt: resume from an earlier checkpoint (delete this folder)"
+            )
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+        except Exception as e:  # torch raises several types for unpickling problems
+            hint = " (it holds objects outside torch's safe list: load(weights_only=False) if you trust it)" \
+                if weights_only and "weights_only" in str(e) else ""
+            raise CheckpointError(f"{path}: cannot be loaded: {type(e).__name__}: {e}{hint}") from e
+        if not isinstance(obj, dict) or obj.get("step") != step:
+            raise CheckpointError(f"{path}: does not hold step {step} (found {obj.get('step') if isinstance(obj, dict) else obj!r})")
+        return obj
+
+
+# ----------------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a training step touches: python ``random``, numpy's global RNG, torch CPU (and CUDA).
+
+    Only plain Python values and tensors, so the state loads with ``torch.load(weights_only=True)``.
+    """
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back what capture_rng_state returned; CUDA states are skipped, with a warning, without CUDA."""
+    missing = [k for k in ("python", "numpy", "torch") if k not in state]
+    if missing:
+        raise ValueError(f"RNG state lacks {missing}; pass what capture_rng_state() returned")
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    np.random.set_state({
+        "bit_generator": npst["bit_generator"],
+        "state": {"key": np.asarray(npst["key"], dtype=np.int64).astype(np.uint32), "pos": int(npst["pos"])},
+        "has_gauss": int(npst["has_gauss"]),
+        "gauss": float(npst["gauss"]),
+    })
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            cuda_states = state["cuda"]
+            if len(cuda_states) != torch.cuda.device_count():
+                raise ValueError(
+                    f"RNG state holds {len(cuda_states)} CUDA device states but {torch.cuda.device_count()} "
+                    "devices are visible; resume with the same devices per process"
+                )
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            log.warning("RNG state holds CUDA generator states but CUDA is not available: they are not restored")

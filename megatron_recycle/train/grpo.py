@@ -1,0 +1,374 @@
+"""`megatron-recycle train`: GRPO with query recycling (or a baseline rule over the same pool).
+
+One step, top to bottom (ARCHITECTURE.md "One GRPO step"):
+  1. rank 0 samples candidate query ids from the pool and broadcasts them;
+  2. each data-parallel replica rolls out its contiguous share (K trajectories per query) on its
+     model-parallel leader and shares them inside the replica;
+  3. rewards are gathered to rank 0, which computes the signal flags with
+     kernels.grpo_advantages, updates the pool and broadcasts the effective batch (dapo repeats
+     1-3 while the pool asks for another generation batch);
+  4. each replica computes the advantages of its own groups (kernels.grpo_advantages), then the
+     effective batch is balanced over the replicas by token count (any size up to B, no group
+     dropped, no hang when it is smaller than DP);
+  5. reference log-probs when loss.kl_beta > 0; the Megatron GRPO step (token_logprobs +
+     grpo_loss normalized by the global token count); one optimizer update per rollout batch, so
+     the old log-probs equal the current ones (ratio 1) and are not recomputed;
+  6. the new weights are exported under Hugging Face names into the rollout engine;
+  7. metrics (JSONL, TensorBoard, one summary line) and an atomic checkpoint every N steps.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_recycle.config import Config, check_against_data
+from megatron_recycle.pool import PoolClient, RecyclingPool, gather_rows, shard
+from megatron_recycle.train import runtime as rtm
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the last checkpoint is left untouched."""
+
+
+class _StopFlag:
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the step, checkpoint, exit. A second one: stop now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[train] stop requested: finishing this step, then writing a checkpoint (again to abort)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([int(self.requested)])
+        if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        elif dist.is_initialized() and dist.get_world_size() > 1:
+            flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def make_pool(cfg: Config, num_queries: int) -> RecyclingPool:
+    p = cfg.pool
+    return RecyclingPool(
+        num_queries, batch_size=p.batch_size, oversample=p.oversample, strategy=p.strategy,
+        consumed_weight=p.consumed_weight, seed=cfg.run.seed, on_exhausted=p.on_exhausted,
+        max_gen_batches=p.max_gen_batches,
+    )
+
+
+def rollout_share(rt: rtm.Runtime, examples: list, ids: torch.Tensor, step: int, gen_batch: int) -> list:
+    """This replica's rollouts for its share of ``ids`` (K per query, grouped, in id order)."""
+    from megatron_recycle.agent.rollout import rollout
+    from megatron_recycle.engines.base import SamplingParams
+
+    cfg = rt.cfg
+    ro = cfg.rollout
+    trajectories = None
+    if rt.is_mp_leader:
+        if ids.numel() == 0:
+            trajectories = []
+        else:
+            questions = [(int(q), examples[int(q)].question, list(examples[int(q)].golden_answers)) for q in ids]
+            # Seeds depend on (run seed, step, generation batch, replica) only: a resumed run
+            # draws exactly the samples the uninterrupted run drew.
+            seed = (cfg.run.seed * 1_000_003 + step * 1009 + gen_batch * 31 + rt.layout.dp_rank) % (2**31)
+            params = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, seed=seed)
+            trajectories = list(rollout(
+                rt.engine, rt.retriever, questions, ro.group_size, params, ro.max_turns, ro.max_total_tokens,
+                cfg.retriever.topk, reward_metric=ro.reward,
+            ))
+    return rtm.broadcast_from_mp_leader(trajectories)
+
+
+def balance_groups(groups: list[list[dict]], dp_size: int) -> list[list[list[dict]]]:
+    """Assign whole groups to DP ranks so that token counts are even (greedy, largest first).
+
+    Deterministic: every rank computes the same assignment from the same list.
+    """
+    order = sorted(range(len(groups)), key=lambda i: (-sum(len(t["token_ids"]) for t in groups[i]), i))
+    loads = [0] * dp_size
+    out: list[list[list[dict]]] = [[] for _ in range(dp_size)]
+    for i in order:
+        r = min(range(dp_size), key=lambda j: (loads[j], j))
+        out[r].append(groups[i])
+        loads[r] += sum(len(t["token_ids"]) for t in groups[i])
+    return out
+
+
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def _gather_groups(local: list[list[dict]]) -> list[list[dict]]:
+    """Every replica's chosen groups, concatenated in DP-rank order, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() == 1:
+        return local
+    parts: list = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(parts, local, group=ps.get_data_parallel_group())
+    return [g for part in parts for g in part]
+
+
+def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int) -> tuple[list[list[dict]], dict]:
+    """Steps 1-4: sample, roll out, update the pool.
+
+    Returns this replica's share of the effective batch and step info; ``info["effective"]`` (the
+    global effective batch size) and ``info["rollouts"]`` are the same on every rank.
+    """
+    from megatron_recycle_kernels import grpo_advantages
+
+    from megatron_recycle.agent.rollout import rollout_metrics
+
+    cfg, lay = rt.cfg, rt.layout
+    k = cfg.rollout.group_size
+    chosen_groups: list[list[dict]] = []
+    all_trajs: list = []
+    rewards_all: list[torch.Tensor] = []
+    gen_batch = n_effective = n_rollouts = 0
+    while True:
+        ids = client.sample()
+        n_rollouts += ids.numel() * k
+        mine = shard(ids, lay.dp_rank, lay.dp)
+        trajs = rollout_share(rt, examples, mine, step, gen_batch)
+        all_trajs += trajs
+        local_rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32).view(len(mine), k)
+        rewards = gather_rows(local_rewards, dst=0, group=_dp_group())
+        signal_flags = None
+        if rt.is_rank0:
+            rewards_all.append(rewards)
+            signal_flags = grpo_advantages(rewards.flatten(), group_size=k)[3]
+        chosen = client.update(ids, rewards, signal_flags)
+        n_effective += chosen.numel()
+        # Advantages of this replica's groups (group statistics need only the group's own rewards).
+        if mine.numel():
+            adv = grpo_advantages(
+                local_rewards.flatten(), group_size=k, norm_by_std=cfg.loss.norm_adv_by_std,
+                unbiased=cfg.loss.unbiased_std,
+            )[0].view(len(mine), k)
+            keep = set(chosen.tolist())
+            for gi, q in enumerate(mine.tolist()):
+                if q in keep:
+                    chosen_groups.append([
+                        {"token_ids": t.token_ids, "loss_mask": t.loss_mask, "advantage": float(adv[gi, j]),
+                         "query_id": q}
+                        for j, t in enumerate(trajs[gi * k:(gi + 1) * k])
+                    ])
+        gen_batch += 1
+        if not client.needs_more:
+            break
+    info = {"rollout": rollout_metrics(all_trajs) if all_trajs else {}, "effective": n_effective,
+            "rollouts": n_rollouts}
+    if rt.is_rank0:
+        r = torch.cat(rewards_all)
+        info["reward_mean"] = float(r.mean())
+        info["reward_max_group_mean"] = float(r.mean(dim=1).max())
+    mine_after = balance_groups(_gather_groups(chosen_groups), lay.dp)[lay.dp_rank]
+    return mine_after, info
+
+
+def _batch_from_groups(groups: list[list[dict]], rt: rtm.Runtime):
+    from megatron_recycle.train.step import build_batch
+
+    pad = rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else 0
+    mbs = rt.cfg.optim.micro_batch_size
+    trajs = [t for g in groups for t in g]
+    if not trajs:  # this replica got no group: one all-masked row keeps the collectives in step
+        return build_batch([[pad, pad]], [[0, 0]], advantages=[0.0], pad_token_id=pad, pad_rows_to_multiple_of=mbs)
+    masks = [list(t["loss_mask"]) for t in trajs]
+    for m in masks:
+        m[0] = 0  # nothing predicts the first token
+    return build_batch([t["token_ids"] for t in trajs], masks, advantages=[t["advantage"] for t in trajs],
+                       pad_token_id=pad, pad_rows_to_multiple_of=mbs)
+
+
+def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) -> dict[str, Any]:
+    """The GRPO loop; returns a summary of the run."""
+    from megatron_recycle.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+    from megatron_recycle.train.metrics import MetricsWriter, format_step_line, write_pool_history
+    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
+
+    run_dir = cfg.run_dir
+    paths = rtm.ensure_data(cfg)
+    examples = rtm.read_examples(paths["train"], cfg, cfg.data.max_train_queries)
+    check_against_data(cfg, len(examples))
+    model_path = init_from or cfg.model.name_or_path
+    rt = rtm.setup_runtime(cfg, model_path=model_path, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+                           total_steps=cfg.train.steps)
+    rt.retriever = rtm.build_retriever_from_config(cfg) if rt.is_mp_leader else None
+    lay = rt.layout
+    if rt.is_rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    pool = make_pool(cfg, len(examples)) if rt.is_rank0 else None
+    client = PoolClient(pool)
+    ckpt = CheckpointManager(run_dir, keep_last=cfg.run.keep_last, rank=lay.rank, world_size=lay.world_size,
+                             config_dict=cfg.to_dict())
+    start_step, rollouts_done = 0, 0
+    if resume:
+        latest = ckpt.latest()
+        if latest is None:
+            print(f"[train] --resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", flush=True)
+        else:
+            shared, parts = ckpt.load(latest)
+            for chunk, sd in zip(rt.chunks, parts["model"]):
+                chunk.load_state_dict(sd)
+            rt.optimizer.load_state_dict(parts["optimizer"])
+            rt.scheduler.load_state_dict(parts["scheduler"])
+            restore_rng_state(parts["rng"])
+            if pool is not None:
+                pool.load_state_dict(shared["pool"])
+            start_step, rollouts_done = int(shared["step"]), int(shared["rollouts"])
+            rtm.sync_engine_weights(rt)
+            print(f"[train] resumed from {run_dir / 'checkpoints'} step {start_step}", flush=True)
+    metrics = MetricsWriter(run_dir, enabled=rt.is_rank0, resume_from_step=start_step if resume else None)
+    ref_chunks = _reference_model(rt) if cfg.loss.kl_beta > 0 else None
+    loss_cfg = GRPOLossConfig(eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, clip_c=cfg.loss.clip_c,
+                              kl_beta=cfg.loss.kl_beta, agg=cfg.loss.agg, max_len=cfg.loss.max_len,
+                              temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0)
+    if rt.is_rank0:
+        print(f"[train] {cfg.pool.strategy}: {len(examples)} queries, B={cfg.pool.batch_size} k={cfg.pool.oversample} "
+              f"K={cfg.rollout.group_size}, steps {start_step}->{cfg.train.steps}, world {lay.world_size} "
+              f"(tp {lay.tp} pp {lay.pp} dp {lay.dp})", flush=True)
+    summary: dict[str, Any] = {"steps": 0}
+    last_saved = start_step
+    step = start_step
+    with _StopFlag() as stop:
+        for step in range(start_step, cfg.train.steps):
+            if cfg.train.rollout_budget and rollouts_done >= cfg.train.rollout_budget:
+                print(f"[train] rollout budget {cfg.train.rollout_budget} reached", flush=True)
+                break
+            t0 = time.perf_counter()
+            groups, info = collect_step(rt, client, examples, step)
+            t1 = time.perf_counter()
+            n_eff = info["effective"]
+            record: dict[str, Any] = {"step": step}
+            train_metrics: dict[str, Any] = {}
+            t_ref = 0.0
+            if n_eff > 0:
+                batch = _batch_from_groups(groups, rt)
+                if ref_chunks is not None:
+                    tr = time.perf_counter()
+                    batch = batch.replace(ref_logprobs=compute_logprobs(ref_chunks, batch, cfg.optim.micro_batch_size))
+                    t_ref = time.perf_counter() - tr
+                train_metrics = grpo_train_step(rt.chunks, rt.optimizer, rt.scheduler, batch,
+                                                cfg.optim.micro_batch_size, loss_cfg)
+                if not (math.isfinite(train_metrics["loss"]) and math.isfinite(train_metrics.get("grad_norm", 0.0))):
+                    raise TrainingDiverged(
+                        f"step {step}: loss={train_metrics['loss']} grad_norm={train_metrics.get('grad_norm')}; "
+                        f"stopping without writing a checkpoint (the newest one is step {last_saved}); "
+                        "lower optim.lr or check the rewards"
+                    )
+            t2 = time.perf_counter()
+            if n_eff > 0:
+                rtm.sync_engine_weights(rt)
+            t3 = time.perf_counter()
+            s = pool.stats() if pool is not None else {}
+            rollouts_done += info["rollouts"]
+            if rt.is_rank0:
+                record.update({f"pool/{k}": v for k, v in s.items()})
+                record.update({f"train/{k}": v for k, v in train_metrics.items()})
+                record.update({f"rollout/{k}": v for k, v in info["rollout"].items()})
+                record.update(reward_mean=info.get("reward_mean"), em_mean=info["rollout"].get("em", info.get("reward_mean")),
+                              rollouts_total=rollouts_done, peak_rss_gib=rtm.peak_rss_gib())
+                record.update({"time/rollout_s": t1 - t0, "time/ref_logprob_s": t_ref, "time/train_s": t2 - t1 - t_ref,
+                               "time/sync_s": t3 - t2, "time/step_s": t3 - t0})
+                gen_tokens = info["rollout"].get("generated_tokens", 0)
+                if gen_tokens:
+                    record["throughput/rollout_tok_per_s"] = gen_tokens / max(t1 - t0, 1e-9)
+                if train_metrics.get("tokens"):
+                    record["throughput/train_tok_per_s"] = train_metrics["tokens"] / max(t2 - t1, 1e-9)
+                metrics.log(step, record)
+                if (step + 1) % cfg.run.log_every == 0:
+                    print(format_step_line(record), flush=True)
+            summary = {"steps": step + 1, "last": record}
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+                _periodic_eval(rt, paths["dev"], step + 1, metrics)
+            stopping = stop.any_rank()
+            if stopping or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                _save(ckpt, rt, pool, step + 1, rollouts_done, capture_rng_state)
+                last_saved = step + 1
+            if stopping:
+                print(f"[train] stopped after step {step + 1}; resume with --resume", flush=True)
+                break
+        else:
+            step = cfg.train.steps - 1
+    final_step = summary["steps"] if summary["steps"] else start_step
+    if last_saved != final_step:
+        _save(ckpt, rt, pool, final_step, rollouts_done, capture_rng_state)
+    if pool is not None:
+        write_pool_history(run_dir, pool.history_table())
+    metrics.close()
+    summary["run_dir"] = str(run_dir)
+    summary["runtime"] = rt
+    return summary
+
+
+def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, capture_rng_state) -> None:
+    parts = {
+        "model": [c.state_dict() for c in rt.chunks],
+        "optimizer": rt.optimizer.state_dict(),
+        "scheduler": rt.scheduler.state_dict(),
+        "rng": capture_rng_state(),
+    }
+    shared = {"step": step, "rollouts": rollouts, "pool": pool.state_dict() if pool is not None else None}
+    ckpt.save(step, parts, shared)
+    if rt.is_rank0:
+        print(f"[train] checkpoint step {step} -> {ckpt.run_dir / 'checkpoints' / f'step_{step}'}", flush=True)
+
+
+def _reference_model(rt: rtm.Runtime) -> list:
+    """A frozen copy of the initial policy for the KL term (same layout, no optimizer)."""
+    from megatron_recycle.model.build import build_model_chunks
+    from megatron_recycle.model.convert import load_hf_weights
+    from megatron_recycle.model.hf_loading import resolve_model_folder
+
+    chunks = build_model_chunks(rt.hf_config, bf16=rt.cfg.model.bf16, layer_spec=rt.cfg.model.layer_spec)
+    load_hf_weights(chunks, resolve_model_folder(rt.model_path, cache_dir=rt.cfg.model.cache_dir), rt.hf_config)
+    for c in chunks:
+        c.requires_grad_(False)
+        c.eval()
+    return chunks
+
+
+def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int, metrics) -> None:
+    from megatron_recycle.evaluate import evaluate
+
+    cfg = rt.cfg
+    if rt.is_rank0:
+        examples = rtm.read_examples(dev_path, cfg, cfg.eval.max_examples)
+        res = evaluate(rt.engine, rt.retriever, examples, n_samples=cfg.eval.n_samples,
+                       temperature=cfg.eval.temperature, max_turns=cfg.rollout.max_turns,
+                       max_total_tokens=cfg.rollout.max_total_tokens, topk=cfg.retriever.topk,
+                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.rollout.max_new_tokens, progress=False)
+        metrics.log(step, {"step": step, **{f"eval/dev_{k}": v for k, v in res["overall"].items()}})
+        print(f"[eval] step {step} dev Pass@1 {res['overall']['pass@1']:.3f}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,200 @@
+"""What every job sets up from the config: process groups, the Megatron model and optimizer, the
+rollout engine, the retriever and the data. Plain functions; the loops in grpo.py and sft.py
+call them in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_recycle.config import Config, ConfigError, check_parallel_layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """The live objects of one training job on one rank."""
+
+    cfg: Config
+    layout: Any  # model.parallel.ParallelLayout
+    hf_config: Any
+    tokenizer: Any
+    chunks: list  # Megatron DDP-wrapped model chunks
+    optimizer: Any
+    scheduler: Any
+    engine: Any | None  # rollout engine on the model-parallel leader of each DP replica, else None
+    model_path: str
+    retriever: Any | None = None  # on the model-parallel leaders, set by the loop that needs one
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.layout.rank == 0
+
+    @property
+    def is_mp_leader(self) -> bool:
+        """First rank (tp 0, pp 0) of a data-parallel replica: it generates the rollouts."""
+        return self.layout.tp_rank == 0 and self.layout.pp_rank == 0
+
+
+def data_paths(cfg: Config) -> dict[str, Path]:
+    d = Path(cfg.data.dir)
+    return {
+        "train": Path(cfg.data.train_file) if cfg.data.train_file else d / "train.jsonl",
+        "dev": Path(cfg.data.dev_file) if cfg.data.dev_file else d / "dev.jsonl",
+        "test": Path(cfg.data.test_file) if cfg.data.test_file else d / "test.jsonl",
+        "sft": d / "sft.jsonl",
+    }
+
+
+def ensure_data(cfg: Config) -> dict[str, Path]:
+    """The data files, generated first (rank 0, others wait) when absent and allowed."""
+    paths = data_paths(cfg)
+    missing = [k for k in ("train", "dev", "test") if not paths[k].is_file()]
+    if missing:
+        if not cfg.data.generate_if_missing or cfg.data.train_file:
+            raise FileNotFoundError(
+                f"data files missing: {', '.join(str(paths[k]) for k in missing)}; run `megatron-recycle "
+                "gen-data` or set data.generate_if_missing=true"
+            )
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            generate_data(cfg)
+        if dist.is_initialized():
+            dist.barrier()
+    return paths
+
+
+def generate_data(cfg: Config) -> dict[str, Any]:
+    from megatron_recycle.data.synthetic import generate_dataset
+
+    print(f"[data] generating synthetic data into {cfg.data.dir}", flush=True)
+    return generate_dataset(
+        cfg.data.dir, seed=cfg.run.seed, n_train=cfg.data.n_train, n_dev=cfg.data.n_dev,
+        n_test=cfg.data.n_test, topk=cfg.retriever.topk,
+    )
+
+
+def read_examples(path: Path, cfg: Config, limit: int = 0) -> list:
+    from megatron_recycle.data.datasets import read_qa_file
+
+    examples = read_qa_file(path, skip_bad_rows=cfg.data.skip_bad_rows)
+    if getattr(examples, "skipped", 0):
+        print(f"[data] {path}: skipped {examples.skipped} malformed rows (data.skip_bad_rows=true)", flush=True)
+    return list(examples[:limit] if limit else examples)
+
+
+def build_retriever_from_config(cfg: Config):
+    from megatron_recycle.agent.retrievers import build_retriever
+
+    r = cfg.retriever
+    corpus = "wiki" if r.corpus == "wiki-offline" else r.corpus
+    if r.kind == "http":
+        return build_retriever("http", url=r.url, timeout=r.timeout_s, max_retries=r.retries)
+    if r.kind == "dense":
+        model = None if r.dense_model == "minilm" else r.dense_model
+        return build_retriever("dense", corpus=corpus, cache_dir=r.cache_dir, model=model)
+    return build_retriever("bm25", corpus=corpus, cache_dir=r.cache_dir)
+
+
+def build_engine(cfg: Config, hf_model: Any, tokenizer: Any):
+    """The rollout engine for this rank (only the model-parallel leaders call it)."""
+    if cfg.rollout.engine == "vllm":
+        try:
+            from megatron_recycle.engines.vllm import VLLMEngine  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                "rollout.engine=vllm needs vLLM and a GPU (pip install -e '.[gpu]' on a CUDA machine); "
+                f"it could not be imported here ({e}). Use rollout.engine=hf on CPU."
+            ) from e
+        raise ConfigError("rollout.engine=vllm is not built yet (issue #7); use rollout.engine=hf")
+    from megatron_recycle.engines.hf import HFEngine
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return HFEngine(hf_model, tokenizer, device=device, max_batch_size=cfg.rollout.batch_size)
+
+
+def setup_runtime(
+    cfg: Config, *, model_path: str, lr: float, warmup_steps: int, total_steps: int, with_engine: bool = True
+) -> Runtime:
+    """Distributed init, the Megatron model (weights from ``model_path``) with DDP, optimizer, LR
+    schedule, and (on rollout ranks) a Hugging Face engine holding the same weights."""
+    from megatron_recycle.model.convert import load_hf_weights
+    from megatron_recycle.model.hf_loading import (
+        load_hf_config,
+        load_hf_model,
+        load_tokenizer,
+        resolve_model_folder,
+    )
+    from megatron_recycle.model.parallel import init_distributed
+    from megatron_recycle.train.step import setup_model_and_optimizer
+
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    m = cfg.model
+    hf_config = load_hf_config(model_path, cache_dir=m.cache_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_parallel_layout(
+        tp=m.tp, pp=m.pp, vpp=m.vpp, world_size=world, num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+    )
+    layout = init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.run.seed, model_config=hf_config)
+    folder = resolve_model_folder(model_path, cache_dir=m.cache_dir)
+    tokenizer = load_tokenizer(model_path, cache_dir=m.cache_dir)
+    o = cfg.optim
+    chunks, optimizer, scheduler = setup_model_and_optimizer(
+        hf_config, lr=lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
+        use_distributed_optimizer=o.use_distributed_optimizer, bf16=m.bf16,
+        warmup_steps=min(warmup_steps, total_steps), total_steps=total_steps,
+        load_weights=lambda c: load_hf_weights(c, folder, hf_config), layer_spec=m.layer_spec,
+        min_lr=o.min_lr, lr_decay_style=o.lr_schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+    )
+    engine = None
+    if with_engine and layout.tp_rank == 0 and layout.pp_rank == 0:
+        engine = build_engine(cfg, load_hf_model(model_path, cache_dir=m.cache_dir), tokenizer)
+    return Runtime(cfg, layout, hf_config, tokenizer, chunks, optimizer, scheduler, engine, str(model_path))
+
+
+def sync_engine_weights(rt: Runtime) -> int:
+    """Export the Megatron weights under Hugging Face names into the rollout engine (collective)."""
+    from megatron_recycle.model.convert import export_hf_state_dict
+
+    stream = export_hf_state_dict(rt.chunks, rt.hf_config)
+    if rt.engine is None:
+        n = sum(1 for _ in stream)  # every rank takes part in the gathers
+    else:
+        count = [0]
+
+        def counted():
+            for item in stream:
+                count[0] += 1
+                yield item
+
+        rt.engine.load_weights(counted())
+        n = count[0]
+    return n
+
+
+def broadcast_from_mp_leader(obj: Any) -> Any:
+    """Send a Python object from the model-parallel leader (tp 0, pp 0) to every rank of its replica."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    group = ps.get_model_parallel_group()
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
+    return holder[0]
+
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

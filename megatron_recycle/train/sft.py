@@ -1,0 +1,125 @@
+"""`megatron-recycle sft`: the supervised warm-up on oracle search trajectories.
+
+Each oracle row (written by the synthetic generator) is tokenized segment by segment exactly as a
+rollout would build it: the rendered prompt (loss 0), then every ``generated`` segment (loss 1)
+and ``information`` block (loss 0) in order. Training is masked next-token cross-entropy through
+the same Megatron step machinery as GRPO (train.step.sft_train_step). The result is saved as a
+Hugging Face folder (``<run_dir>/sft/hf``) that the GRPO phase starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_recycle.agent.protocol import render_prompt
+from megatron_recycle.config import Config
+from megatron_recycle.train import runtime as rtm
+
+
+class SFTDataError(ValueError):
+    """A malformed oracle trajectory row (file and line in the message)."""
+
+
+def tokenize_oracle(row: dict, tokenizer, max_tokens: int) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask (1 on policy-written segments) of one oracle trajectory."""
+    ids = list(tokenizer(render_prompt(tokenizer, row["question"]), add_special_tokens=False)["input_ids"])
+    mask = [0] * len(ids)
+    for turn in row["turns"]:
+        for key, m in (("generated", 1), ("information", 0)):
+            text = turn.get(key)
+            if not text:
+                continue
+            seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += seg
+            mask += [m] * len(seg)
+    if len(ids) > max_tokens:  # keep the prompt and the start; a cut trajectory still teaches the format
+        ids, mask = ids[:max_tokens], mask[:max_tokens]
+    return ids, mask
+
+
+def read_oracle_file(path: Path, skip_bad_rows: bool = False) -> list[dict]:
+    rows, skipped = [], 0
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row.get("question"), str) or not isinstance(row.get("turns"), list) or not row["turns"]:
+                    raise ValueError("needs a 'question' string and a non-empty 'turns' list")
+                for t in row["turns"]:
+                    if not isinstance(t, dict) or not isinstance(t.get("generated"), str):
+                        raise ValueError("every turn needs a 'generated' string")
+            except ValueError as e:
+                if not skip_bad_rows:
+                    raise SFTDataError(f"{path}:{line_no}: malformed oracle trajectory: {e}") from None
+                skipped += 1
+                print(f"[sft] {path}:{line_no}: skipped malformed row ({e})", flush=True)
+                continue
+            rows.append(row)
+    if not rows:
+        raise SFTDataError(f"{path}: no usable oracle trajectories")
+    if skipped:
+        print(f"[sft] skipped {skipped} malformed rows in {path}", flush=True)
+    return rows
+
+
+def run_sft(cfg: Config) -> dict[str, Any]:
+    """Run the SFT warm-up; returns the path of the saved Hugging Face folder and the losses."""
+    from megatron_recycle.model.convert import save_hf_checkpoint
+    from megatron_recycle.train.metrics import MetricsWriter
+    from megatron_recycle.train.step import build_batch, sft_train_step
+
+    paths = rtm.ensure_data(cfg)
+    rows = read_oracle_file(paths["sft"], cfg.data.skip_bad_rows)
+    if cfg.sft.max_examples:
+        rows = rows[: cfg.sft.max_examples]
+    rt = rtm.setup_runtime(cfg, model_path=cfg.model.name_or_path, lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps,
+                           total_steps=max(cfg.sft.steps, 1), with_engine=False)
+    lay = rt.layout
+    out_dir = cfg.run_dir / "sft"
+    if rt.is_rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsWriter(out_dir, enabled=rt.is_rank0)
+    encoded = [tokenize_oracle(r, rt.tokenizer, cfg.rollout.max_total_tokens) for r in rows]
+    pad = rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else 0
+    rng = random.Random(cfg.run.seed)
+    order: list[int] = []
+    losses = []
+    b, mbs = cfg.sft.batch_size, cfg.optim.micro_batch_size
+    print(f"[sft] {len(encoded)} oracle trajectories, {cfg.sft.steps} steps of {b}, lr {cfg.sft.lr}", flush=True)
+    t_start = time.perf_counter()
+    for step in range(cfg.sft.steps):
+        if len(order) < b:
+            perm = list(range(len(encoded)))
+            rng.shuffle(perm)
+            order += perm
+        take, order = order[:b], order[b:]
+        # Every DP replica takes its contiguous share of the global batch.
+        share = take[lay.dp_rank::lay.dp] or take[:1]
+        ids = [encoded[i][0] for i in share]
+        masks = [[0] + encoded[i][1][1:] for i in share]
+        batch = build_batch(ids, masks, pad_token_id=pad, pad_rows_to_multiple_of=mbs)
+        m = sft_train_step(rt.chunks, rt.optimizer, rt.scheduler, batch, mbs)
+        losses.append(m["loss"])
+        if rt.is_rank0:
+            metrics.log(step, {"step": step, **{f"sft/{k}": v for k, v in m.items()}})
+            elapsed = time.perf_counter() - t_start
+            print(f"[sft] step {step + 1}/{cfg.sft.steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                  f"grad_norm {m['grad_norm']:.2f} {m['time/step_s']:.1f}s "
+                  f"(ETA {elapsed / (step + 1) * (cfg.sft.steps - step - 1):.0f}s)", flush=True)
+    hf_dir = out_dir / "hf"
+    save_hf_checkpoint(rt.chunks, rt.hf_config, hf_dir)
+    if rt.is_rank0:
+        rt.tokenizer.save_pretrained(str(hf_dir))
+        print(f"[sft] saved {hf_dir}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    metrics.close()
+    return {"hf_dir": str(hf_dir), "losses": losses, "runtime": rt}

@@ -1,0 +1,102 @@
+"""grpo_advantages: Triton kernels (interpreter on CPU) and the PyTorch path against the float64 reference."""
+
+import pytest
+import torch
+import triton
+
+from megatron_recycle_kernels import advantages as adv_mod
+from megatron_recycle_kernels import grpo_advantages
+from megatron_recycle_kernels.reference import grpo_advantages_reference
+
+
+def _check(out, ref, atol=1e-5, group_of=None):
+    a, mean, std, sig = out
+    ra, rmean, rstd, rsig = ref
+    assert a.shape == ra.shape and mean.shape == rmean.shape and sig.dtype == torch.bool
+    assert torch.isfinite(a).all() and torch.isfinite(mean).all() and torch.isfinite(std).all()
+    torch.testing.assert_close(a.double().cpu(), ra, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(mean.double().cpu(), rmean, atol=atol, rtol=1e-6)
+    torch.testing.assert_close(std.double().cpu(), rstd, atol=atol, rtol=1e-5)
+    assert torch.equal(sig.cpu(), rsig)
+    if group_of is not None:  # advantages of no-signal groups are exactly zero, never NaN
+        dead = ~rsig[group_of]
+        assert torch.equal(a.cpu()[dead], torch.zeros(int(dead.sum()), dtype=a.dtype))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("norm_by_std,unbiased", [(True, True), (True, False), (False, True)])
+def test_contiguous_groups_match_reference(impl, k, norm_by_std, unbiased, triton_device, monkeypatch):
+    """Binary rewards in groups of k, several programs (tile shrunk), an all-correct and an all-wrong group."""
+    monkeypatch.setattr(adv_mod, "TILE_ELEMENTS", 4 * triton.next_power_of_2(k))
+    g = 11
+    gen = torch.Generator().manual_seed(k)
+    r = torch.randint(0, 2, (g * k,), generator=gen).double()
+    r[:k] = 1.0  # all correct
+    r[k : 2 * k] = 0.0  # all wrong
+    dev = triton_device if impl == "triton" else torch.device("cpu")
+    out = grpo_advantages(r.float().to(dev), group_size=k, norm_by_std=norm_by_std, unbiased=unbiased, impl=impl)
+    ref = grpo_advantages_reference(r, group_size=k, norm_by_std=norm_by_std, unbiased=unbiased)
+    _check(out, ref, group_of=torch.arange(g * k) // k)
+    a, _, std, sig = out
+    assert not sig[0] and not sig[1]
+    assert torch.equal(a[: 2 * k].cpu(), torch.zeros(2 * k))
+    if k == 1:
+        assert not sig.any() and torch.equal(a.cpu(), torch.zeros(g)) and torch.equal(std.cpu(), torch.zeros(g))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("block_n", [8, 4096])
+def test_ragged_groups_match_reference(impl, block_n, triton_device, monkeypatch):
+    """Ragged groups in shuffled order, with a size-1 group, an empty id, and continuous rewards."""
+    monkeypatch.setattr(adv_mod, "RAGGED_BLOCK_G", 4)
+    sizes = [3, 1, 5, 0, 2, 7, 4, 4, 6]
+    idx = torch.cat([torch.full((s,), gi) for gi, s in enumerate(sizes)])
+    perm = torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(1))
+    idx = idx[perm]
+    r = torch.rand(idx.numel(), generator=torch.Generator().manual_seed(2)).double()
+    r[idx == 5] = 0.25  # all equal, continuous
+    dev = triton_device if impl == "triton" else torch.device("cpu")
+    monkeypatch.setattr(adv_mod, "RAGGED_BLOCK_N", block_n)
+    monkeypatch.setattr(adv_mod, "INTERPRET_BLOCK_N", block_n)
+    out = grpo_advantages(r.float().to(dev), group_index=idx.to(dev), impl=impl, num_groups=10)
+    ref = grpo_advantages_reference(r, group_index=idx, num_groups=10)
+    _check(out, ref, group_of=idx)
+    sig = out[3].cpu()
+    assert not sig[1] and not sig[3] and not sig[5] and not sig[9]
+    assert sig[0] and sig[2] and sig[6]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_all_equal_rewards_give_exact_zeros(impl, triton_device):
+    """Non-representable equal rewards (0.1): the mean rounding must not leak into a nonzero advantage."""
+    dev = triton_device if impl == "triton" else torch.device("cpu")
+    r = torch.full((5 * 7,), 0.1, device=dev)
+    a, mean, std, sig = grpo_advantages(r, group_size=7, impl=impl)
+    assert torch.equal(a.cpu(), torch.zeros(35))
+    assert torch.equal(std.cpu(), torch.zeros(5))
+    assert torch.equal(mean.cpu(), torch.full((5,), 0.1))
+    assert not sig.any()
+
+
+def test_float64_rewards_stay_float64(triton_device):
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5], dtype=torch.float64, device=triton_device)
+    a, mean, std, sig = grpo_advantages(r, group_size=3, impl="triton")
+    assert a.dtype == torch.float64
+    _check((a, mean, std, sig), grpo_advantages_reference(r.cpu(), group_size=3), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(), "exactly one"),
+        (dict(group_size=3, group_index=torch.zeros(6, dtype=torch.long)), "exactly one"),
+        (dict(group_size=4), "do not split"),
+        (dict(group_index=torch.tensor([0, 1, -1, 2, 2, 2])), "negative"),
+        (dict(group_index=torch.zeros(5, dtype=torch.long)), "one entry per reward"),
+        (dict(group_index=torch.tensor([0, 1, 4, 2, 2, 2]), num_groups=3), "num_groups"),
+    ],
+)
+def test_bad_group_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        grpo_advantages(torch.zeros(6), impl="torch", **kwargs)

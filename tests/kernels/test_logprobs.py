@@ -1,0 +1,206 @@
+"""token_logprobs and chunked_token_logprobs against the float64 reference (Triton interpreter and PyTorch)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_recycle_kernels import chunked_token_logprobs, logprobs, token_logprobs
+from megatron_recycle_kernels.logprobs import ChunkedTokenLogprobsFunction, TokenLogprobsFunction
+from megatron_recycle_kernels.reference import chunked_token_logprobs_reference, token_logprobs_reference
+
+IMPLS = ["triton", "torch"]
+
+
+def _dev(impl, triton_device):
+    return triton_device if impl == "triton" else torch.device("cpu")
+
+
+def _grads_both(logits, targets, temperature, impl, w_lp, w_ent, **kw):
+    x = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(x, targets, temperature=temperature, return_entropy=True, impl=impl, **kw)
+    (g,) = torch.autograd.grad((w_lp * lp).sum() + (w_ent * ent).sum(), x)
+    return lp, ent, g
+
+
+def _reference(logits, targets, temperature, w_lp, w_ent):
+    x = logits.detach().double().cpu().requires_grad_()
+    lp, ent = token_logprobs_reference(x, targets.cpu(), temperature, return_entropy=True)
+    (g,) = torch.autograd.grad((w_lp.double().cpu() * lp).sum() + (w_ent.double().cpu() * ent).sum(), x)
+    return lp, ent, g
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("rows,vocab,block", [(1, 7, 4096), (9, 300, 64), (20, 1000, 4096), (5, 129, 16)])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fp32_matches_reference(impl, rows, vocab, block, temperature, triton_device, monkeypatch):
+    """Several vocabulary blocks per row when `block` < vocab; large logits so the online max matters."""
+    monkeypatch.setattr(logprobs, "MAX_BLOCK_V", block)
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(rows * vocab)
+    logits = (torch.randn(rows, vocab, generator=g) * 8 + 30).to(dev)
+    targets = torch.randint(0, vocab, (rows,), generator=g).to(dev)
+    w_lp, w_ent = torch.randn(rows, generator=g).to(dev), torch.randn(rows, generator=g).to(dev)
+    lp, ent, grad = _grads_both(logits, targets, temperature, impl, w_lp, w_ent)
+    rlp, rent, rgrad = _reference(logits, targets, temperature, w_lp, w_ent)
+    assert lp.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(lp.double().cpu(), rlp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double().cpu(), rent, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(grad.double().cpu(), rgrad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("which", ["logp", "entropy"])
+def test_gradient_of_one_output_only(impl, which, triton_device):
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g).to(dev).requires_grad_()
+    targets = torch.randint(0, 50, (6,), generator=g).to(dev)
+    lp, ent = token_logprobs(logits, targets, return_entropy=True, impl=impl)
+    out = lp if which == "logp" else ent
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    x = logits.detach().double().cpu().requires_grad_()
+    rlp, rent = token_logprobs_reference(x, targets.cpu(), return_entropy=True)
+    (rgrad,) = torch.autograd.grad((rlp if which == "logp" else rent).sum(), x)
+    torch.testing.assert_close(grad.double().cpu(), rgrad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_logits_are_read_in_bf16(impl, triton_device):
+    """Same bf16 values in both; outputs float32 within 1e-5 (fp32 compute), bf16 gradient within ~1 ulp."""
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(12, 500, generator=g) * 4).bfloat16().to(dev)
+    targets = torch.randint(0, 500, (12,), generator=g).to(dev)
+    w_lp, w_ent = torch.randn(12, generator=g).to(dev), torch.randn(12, generator=g).to(dev)
+    lp, ent, grad = _grads_both(logits, targets, 0.9, impl, w_lp, w_ent)
+    rlp, rent, rgrad = _reference(logits, targets, 0.9, w_lp, w_ent)
+    assert lp.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(lp.double().cpu(), rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double().cpu(), rent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double().cpu(), rgrad, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_minus_inf_logits_outside_the_target(impl, triton_device):
+    """Vocabulary entries masked with -inf (e.g. padding ids) contribute nothing and get zero gradient."""
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 40, generator=g)
+    logits[:, 30:] = float("-inf")
+    targets = torch.tensor([0, 5, 29, 12])
+    w = torch.ones(4)
+    lp, ent, grad = _grads_both(logits.to(dev), targets.to(dev), 1.0, impl, w.to(dev), w.to(dev))
+    rlp, rent, _ = _reference(logits[:, :30], targets, 1.0, w, w)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(lp.double().cpu(), rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double().cpu(), rent, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grad[:, 30:].cpu(), torch.zeros(4, 10))
+
+
+def test_torch_path_keeps_no_fp32_copy_and_passes_gradcheck():
+    """The memory-lean PyTorch Function saves only the logits and [T] vectors; its float64 gradient is exact."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (5,), generator=g)
+    lp, ent = TokenLogprobsFunction.apply(logits, targets, 1.0 / 0.8, None, False)
+    saved = lp.grad_fn.saved_tensors
+    assert saved[0] is logits or saved[0].data_ptr() == logits.data_ptr()
+    assert all(t.numel() <= 5 for t in saved[1:])
+    fn = lambda x: TokenLogprobsFunction.apply(x, targets, 1.25, None, False)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,))
+    assert torch.autograd.gradcheck(lambda x: token_logprobs_reference(x, targets, 0.8, True), (logits,))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+def test_chunked_equals_unchunked(impl, chunk, triton_device):
+    """hidden @ weight.T chunk by chunk: same outputs and same hidden / weight gradients as the full path."""
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(chunk)
+    h = torch.randn(13, 16, generator=g).to(dev)
+    w = (torch.randn(70, 16, generator=g) * 0.5).to(dev)
+    targets = torch.randint(0, 70, (13,), generator=g).to(dev)
+    w_lp, w_ent = torch.randn(13, generator=g).to(dev), torch.randn(13, generator=g).to(dev)
+    hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
+    lp, ent = chunked_token_logprobs(hc, wc, targets, temperature=0.7, chunk_size=chunk, return_entropy=True, impl=impl)
+    gh, gw = torch.autograd.grad((w_lp * lp).sum() + (w_ent * ent).sum(), (hc, wc))
+    hu, wu = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ulp, uent = token_logprobs(hu @ wu.t(), targets, temperature=0.7, return_entropy=True, impl=impl)
+    uh, uw = torch.autograd.grad((w_lp * ulp).sum() + (w_ent * uent).sum(), (hu, wu))
+    torch.testing.assert_close(lp, ulp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent, uent, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, uh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, uw, rtol=1e-5, atol=1e-6)
+    # and both agree with the float64 definition
+    hr, wr = h.double().cpu().requires_grad_(), w.double().cpu().requires_grad_()
+    rlp, rent = chunked_token_logprobs_reference(hr, wr, targets.cpu(), 0.7, True)
+    torch.testing.assert_close(lp.double().cpu(), rlp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_chunked_bf16(impl, triton_device):
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(10, 32, generator=g).bfloat16().to(dev).requires_grad_()
+    w = (torch.randn(90, 32, generator=g) * 0.3).bfloat16().to(dev).requires_grad_()
+    targets = torch.randint(0, 90, (10,), generator=g).to(dev)
+    lp = chunked_token_logprobs(h, w, targets, chunk_size=4, impl=impl)
+    gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    hr, wr = h.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+    rlp = chunked_token_logprobs_reference(hr, wr, targets.cpu())
+    rh, rw = torch.autograd.grad(rlp.sum(), (hr, wr))
+    # bf16 matmul of the logits (as the real output layer does) then fp32 softmax: about 1e-2
+    torch.testing.assert_close(lp.double().cpu(), rlp, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(gh.double().cpu(), rh, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(gw.double().cpu(), rw, rtol=3e-2, atol=3e-2)
+
+
+def test_chunked_torch_path_gradcheck():
+    g = torch.Generator().manual_seed(10)
+    h = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 9, (5,), generator=g)
+
+    def fn(h, w):
+        lp, ent = ChunkedTokenLogprobsFunction.apply(h, w, targets, 1.0, None, False, 2)
+        return lp + 0.5 * ent
+
+    assert torch.autograd.gradcheck(fn, (h, w))
+
+
+@pytest.mark.parametrize(
+    "targets, match",
+    [
+        (torch.tensor([0, 10]), r"\[0, 10\)"),
+        (torch.tensor([-100, 1]), r"\[0, 10\)"),
+        (torch.tensor([1]), "one id per row"),
+        (torch.tensor([1.0, 2.0]), "integer"),
+    ],
+)
+def test_bad_targets_raise(targets, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        token_logprobs(torch.zeros(2, 10), targets, impl="torch")
+
+
+def test_bad_temperature_and_shapes_raise():
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(torch.zeros(2, 10), torch.tensor([1, 2]), temperature=0.0)
+    with pytest.raises(ValueError, match=r"\[T, V\]"):
+        token_logprobs(torch.zeros(2, 3, 10), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="same H"):
+        chunked_token_logprobs(torch.zeros(2, 4), torch.zeros(10, 5), torch.tensor([1, 2]))
+
+
+@pytest.mark.distributed
+def test_two_rank_vocab_parallel_equals_single_rank():
+    """2 gloo ranks, each with half the vocabulary: same outputs, and each rank's gradient is its slice."""
+    worker = Path(__file__).with_name("tp_worker.py")
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("rank ok") == 2, proc.stdout

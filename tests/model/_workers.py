@@ -1,0 +1,113 @@
+"""Worker functions run on every rank by _dist.run_workers (TP=2 / PP=2 / PP=2+VPP=2 on gloo)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from _tiny import tiny_hf_model, tiny_inputs  # on sys.path in the worker process
+
+from megatron_recycle.model.build import build_model_chunks, unwrap_model
+from megatron_recycle.model.convert import (
+    export_hf_state_dict_to_cpu,
+    load_hf_weights,
+    save_hf_checkpoint,
+)
+from megatron_recycle.model.parallel import destroy_distributed, init_distributed
+
+
+def _tp_logits(chunk, ids, pos) -> torch.Tensor:
+    """Full-vocabulary logits from a PP=1 model whose logits are TP-sharded by vocabulary."""
+    from megatron.core import parallel_state as ps
+
+    with torch.no_grad():
+        local = chunk(ids, pos, None)
+    tp = ps.get_tensor_model_parallel_world_size()
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def _pp_logits(chunk, ids, pos, vocab: int) -> torch.Tensor:
+    """Logits of a PP=2 model by hand: stage 0 sends its hidden states to stage 1, which
+    computes the logits and broadcasts them so every rank can report the error."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_pipeline_model_parallel_group()
+    rank = ps.get_pipeline_model_parallel_rank()
+    first, last = dist.get_global_rank(group, 0), dist.get_global_rank(group, 1)
+    b, s = ids.shape
+    with torch.no_grad():
+        if rank == 0:
+            dist.send(chunk(ids, pos, None).contiguous(), dst=last)
+            logits = torch.empty(b, s, vocab)
+        else:
+            hidden = torch.empty(s, b, chunk.config.hidden_size)
+            dist.recv(hidden, src=first)
+            unwrap_model(chunk).set_input_tensor(hidden)
+            logits = chunk(ids, pos, None).contiguous()
+    dist.broadcast(logits, src=last)
+    return logits
+
+
+_WATCHED = {
+    "embedding.word_embeddings.weight",
+    "output_layer.weight",
+    "decoder.layers.0.self_attention.linear_qkv.weight",
+    "decoder.layers.0.self_attention.linear_qkv.bias",
+    "decoder.layers.0.self_attention.linear_proj.weight",
+    "decoder.layers.0.mlp.linear_fc1.weight",
+    "decoder.layers.0.mlp.linear_fc2.weight",
+}
+
+
+def sharded_roundtrip(rank: int, world_size: int, out_dir: str, layouts: list[dict]) -> dict:
+    """For each layout: load a tiny HF model into the local shard, check shard shapes, logits
+    against transformers, export bit-identical; optionally save a HF checkpoint."""
+    torch.set_num_threads(1)
+    results = {}
+    for lay in layouts:
+        tp, pp, vpp = lay["tp"], lay["pp"], lay.get("vpp")
+        hf = tiny_hf_model(lay["kind"], lay["tied"], layers=lay.get("layers", 2), seed=lay.get("seed", 0))
+        cfg = hf.config
+        init_distributed(tp=tp, pp=pp, vpp=vpp, seed=1, model_config=cfg)
+        chunks = build_model_chunks(cfg, layer_spec="local")
+        n_loaded = load_hf_weights(chunks, hf)
+        local_layers = [
+            [int(layer.layer_number) - 1 for layer in unwrap_model(c).decoder.layers] for c in chunks
+        ]
+        shapes = {
+            name: list(p.shape)
+            for name, p in unwrap_model(chunks[0]).named_parameters()
+            if name in _WATCHED
+        }
+        exported = export_hf_state_dict_to_cpu(chunks, cfg)
+        ref = {k: v for k, v in hf.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        mismatched = sorted(k for k in ref if k not in exported or not torch.equal(exported[k], ref[k]))
+        extra = sorted(set(exported) - set(ref))
+        ids, pos = tiny_inputs()
+        with torch.no_grad():
+            want = hf(ids).logits
+        logit_err = None
+        if pp == 1:
+            got = _tp_logits(chunks[0], ids, pos)
+            logit_err = float((got - want).abs().max())
+        elif vpp is None and pp == 2:
+            got = _pp_logits(chunks[0], ids, pos, cfg.vocab_size)
+            logit_err = float((got - want).abs().max())
+        if lay.get("save"):
+            save_hf_checkpoint(chunks, cfg, os.path.join(out_dir, lay["save"]), max_shard_bytes=60_000)
+        results[lay["name"]] = {
+            "n_loaded": n_loaded,
+            "local_layers": local_layers,
+            "shapes": shapes,
+            "mismatched": mismatched,
+            "extra": extra,
+            "n_exported": len(exported),
+            "n_ref": len(ref),
+            "logit_err": logit_err,
+        }
+        destroy_distributed(keep_process_group=True)
+    destroy_distributed()
+    return results

@@ -1,0 +1,90 @@
+"""The CPU patches are needed and right: each megatron-core call fails unpatched, works patched.
+
+The probe runs in a fresh process (the patches are process-global). If a newer megatron-core
+stops needing a patch, the "unpatched" assertion fails here and the patch should be dropped; if
+a patch becomes wrong, the "patched" value checks fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the patches apply only without CUDA")
+
+PROBE = Path(__file__).with_name("_compat_probe.py")
+
+
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(PROBE)], capture_output=True, text=True, env=env, timeout=240, cwd=PROBE.parent
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE-JSON ")][-1]
+    return json.loads(line[len("PROBE-JSON ") :])
+
+
+CUDA_MISSING = ("Torch not compiled with CUDA", "Cannot initialize CUDA", "CUDA")
+
+
+def test_patch1_rng_tracker(probe):
+    r = probe["seed_tracker"]
+    assert r["unpatched"] is not None and any(s in r["unpatched"] for s in CUDA_MISSING), r
+    assert r["patched"] == {
+        "cpu_state_restored": True,
+        "stream_continues": True,
+        "tp_seed_matches_megatron_formula": True,
+    }
+
+
+def test_patch2_current_device_for_rotary(probe):
+    r = probe["rotary"]
+    assert r["unpatched"] is not None and any(s in r["unpatched"] for s in CUDA_MISSING), r
+    assert r["patched"] == {"device": "cpu", "shape": [5, 1, 1, 8]}
+
+
+def test_patch3_cuda_device_arguments(probe):
+    r = probe["grad_norm"]
+    assert r["unpatched"] is not None and any(s in r["unpatched"] for s in CUDA_MISSING), r
+    assert r["patched"]["norm"] == pytest.approx(r["patched"]["expected"], rel=1e-6)
+
+
+def test_patch4_cuda_type_assertion_in_clip_grads(probe):
+    r = probe["clip_grads"]
+    assert r["unpatched"] is not None and r["unpatched"].startswith("AssertionError"), r
+    assert r["patched"]["grad"] == pytest.approx(r["patched"]["expected"], rel=1e-6)
+
+
+def test_device_mode_semantics(probe):
+    r = probe["type_strings"]
+    assert r["unpatched"] is not None  # .cuda() / device='cuda' fail without the mode
+    assert r["patched"] == {
+        "float_type": "torch.cuda.FloatTensor",
+        "to_double_dtype": "torch.float64",
+        "to_cuda_string": ["torch.float64", "cpu"],
+        "dot_cuda_device": "cpu",
+        "factory_device": "cpu",
+        "to_cuda_device": "cpu",
+    }
+
+
+def test_idempotent_and_removable(probe):
+    assert probe["applied"] is True and probe["applied_again"] is True
+    assert probe["after_remove_unpatched_again"] is not None
+
+
+def test_apply_is_noop_with_cuda(monkeypatch):
+    from megatron_recycle.model import compat
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = compat.cpu_compat_applied()
+    assert compat.apply_cpu_compat() is False
+    assert compat.cpu_compat_applied() == before

@@ -1,0 +1,76 @@
+"""Offline HF loading: the packaged SmolLM2 GGUF, the fp32 cache, local folders, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_recycle.model import hf_loading
+from megatron_recycle.model.hf_loading import (
+    load_hf_config,
+    load_hf_model,
+    resolve_model_folder,
+    smollm2_gguf_path,
+)
+
+
+def test_smollm2_gguf_is_found():
+    path = smollm2_gguf_path()
+    assert path.endswith(".gguf") and os.path.getsize(path) > 50_000_000
+
+
+def test_local_folder_roundtrip(tiny, tmp_path):
+    hf = tiny.tiny_hf_model("qwen3", False)
+    hf.save_pretrained(tmp_path / "m")
+    back = load_hf_model(tmp_path / "m")
+    assert not back.training
+    for name, t in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    assert load_hf_config(tmp_path / "m").model_type == "qwen3"
+    assert load_hf_model(tmp_path / "m", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        resolve_model_folder("HuggingFaceTB/SmolLM2-135M")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        resolve_model_folder(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_folder(tmp_path / "missing.gguf")
+
+
+def test_gguf_cache_converts_once_and_follows_the_file(tiny, tmp_path, monkeypatch):
+    """The GGUF is converted once per (file, size, mtime); later loads read the cache."""
+    calls = []
+
+    def fake_convert(gguf_path, folder):
+        calls.append(gguf_path)
+        tiny.tiny_hf_model("llama", True).save_pretrained(folder)
+
+    monkeypatch.setattr(hf_loading, "_convert_gguf_to_cache", fake_convert)
+    gguf = tmp_path / "toy.gguf"
+    gguf.write_bytes(b"GGUF-not-really")
+    first = resolve_model_folder(gguf, cache_dir=tmp_path / "cache")
+    second = resolve_model_folder(gguf, cache_dir=tmp_path / "cache")
+    assert first == second and len(calls) == 1
+    assert load_hf_model(gguf, cache_dir=tmp_path / "cache").config.model_type == "llama"
+    os.utime(gguf, (1_000_000, 1_000_000))  # a replaced file gets a new cache entry
+    third = resolve_model_folder(gguf, cache_dir=tmp_path / "cache")
+    assert third != first and len(calls) == 2
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_gguf_conversion_writes_plain_fp32(tmp_path):
+    """The one-off GGUF dequantization (~25 s): plain fp32 safetensors, no quantizer left."""
+    folder = resolve_model_folder("smollm2-135m", cache_dir=tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
+    model = load_hf_model("smollm2-135m", cache_dir=tmp_path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert hf_loading.load_tokenizer("smollm2-135m", cache_dir=tmp_path)("Paris").input_ids

@@ -1,0 +1,367 @@
+"""CheckpointManager: round trip, atomicity under SIGKILL, refusal of corrupt/mismatched checkpoints,
+pruning, RNG capture, and a 2-rank gloo save/load."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_recycle.config import Config
+from megatron_recycle.pool import RecyclingPool
+from megatron_recycle.train.checkpoint import (
+    RESUME_KEYS,
+    CheckpointError,
+    CheckpointManager,
+    capture_rng_state,
+    config_hash,
+    restore_rng_state,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(**overrides) -> dict:
+    d = Config().to_dict()
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        d[section][key] = value
+    return d
+
+
+def _trained_state(seed: int = 0):
+    """A tiny model + Adam after two steps, and a pool after three steps: realistic state dicts."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    for _ in range(2):
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    pool = RecyclingPool(40, batch_size=4, oversample=2, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        ids = pool.sample()
+        pool.update(ids, torch.randint(0, 2, (ids.numel(), 4), generator=g).float())
+    return model, opt, sched, pool
+
+
+def _save(mgr: CheckpointManager, step: int, fill: float = 0.0) -> None:
+    mgr.save(step, {"model": {"w": torch.full((4,), float(step) + fill)}}, {"step": step, "cursor": step * 10})
+
+
+def _tensors_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+# ----------------------------------------------------------------------------- round trip
+def test_round_trip_restores_model_optimizer_schedule_pool_and_rng(tmp_path):
+    model, opt, sched, pool = _trained_state()
+    cfg = _cfg()
+    mgr = CheckpointManager(tmp_path, keep_last=2, config_dict=cfg)
+    assert mgr.latest() is None
+    rng = capture_rng_state()
+    path = mgr.save(3, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "rng": rng},
+                    {"pool": pool.state_dict(), "step": 3, "data_cursor": 17, "config": cfg})
+    assert path == tmp_path / "checkpoints" / "step_3"
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rank_00000.pt", "shared.pt"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 3 and manifest["world_size"] == 1
+    assert manifest["config_hash"] == config_hash(cfg)
+    assert mgr.latest() == 3
+
+    # A fresh process-like restore into new objects gives the same state and the same next numbers.
+    shared, parts = CheckpointManager(tmp_path, keep_last=2, config_dict=cfg).load()
+    assert shared["step"] == 3 and shared["data_cursor"] == 17 and shared["config"] == cfg
+    assert _tensors_equal(parts["model"], model.state_dict())
+    assert _tensors_equal(parts["optimizer"]["state"], opt.state_dict()["state"])
+    m2, o2, s2, _ = _trained_state(seed=5)
+    m2.load_state_dict(parts["model"])
+    o2.load_state_dict(parts["optimizer"])
+    s2.load_state_dict(parts["scheduler"])
+    assert s2.get_last_lr() == sched.get_last_lr()
+    p2 = RecyclingPool(40, batch_size=4, oversample=2, seed=99)
+    p2.load_state_dict(shared["pool"])
+    assert torch.equal(p2.sample(), pool.sample())
+
+    # identical next optimizer step from the original and the restored objects
+    x = torch.randn(4, 6)
+    for mm, oo in ((model, opt), (m2, o2)):
+        mm(x).square().mean().backward()
+        oo.step()
+    for a, b in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_rng_capture_restore_replays_every_generator():
+    state = capture_rng_state()
+    first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn())
+    restore_rng_state(state)
+    again = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn())
+    assert first == again
+    with pytest.raises(ValueError, match="lacks"):
+        restore_rng_state({"python": state["python"]})
+
+
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    np.random.randn()  # has_gauss = 1 exercises the cached Gaussian too
+    mgr.save(0, {"rng": capture_rng_state()}, {})
+    expected = (random.random(), float(np.random.randn()), torch.randn(2).tolist())
+    _, parts = mgr.load()
+    restore_rng_state(parts["rng"])
+    assert (random.random(), float(np.random.randn()), torch.randn(2).tolist()) == expected
+
+
+# ------------------------------------------------------------------------- refusal paths
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    with pytest.raises(CheckpointError, match="no complete checkpoint.*without --resume"):
+        mgr.load()
+    (tmp_path / "checkpoints" / "step_4.tmp-abc").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="incomplete or invalid entries: \\['step_4.tmp-abc'\\]"):
+        mgr.load()
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        mgr.load(step=9)
+
+
+def test_truncated_file_is_skipped_by_latest_and_refused_by_load(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    _save(mgr, 1)
+    _save(mgr, 2)
+    rank_file = tmp_path / "checkpoints" / "step_2" / "rank_00000.pt"
+    data = rank_file.read_bytes()
+    rank_file.write_bytes(data[: len(data) // 2])
+    assert mgr.latest() == 1  # the truncated checkpoint is not complete any more
+    with pytest.raises(CheckpointError, match=r"step_2/rank_00000.pt: \d+ bytes on disk .* truncated"):
+        mgr.load(step=2)
+    shared, parts = mgr.load()
+    assert shared["step"] == 1 and torch.equal(parts["model"]["w"], torch.full((4,), 1.0))
+
+
+def test_corrupted_bytes_are_refused_by_sha256(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    _save(mgr, 7)
+    shared_file = tmp_path / "checkpoints" / "step_7" / "shared.pt"
+    data = bytearray(shared_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    shared_file.write_bytes(bytes(data))
+    assert mgr.latest() == 7  # sizes agree; only reading the bytes finds the corruption
+    with pytest.raises(CheckpointError, match=r"step_7/shared.pt: sha256 .* differs .* corrupt"):
+        mgr.load()
+
+
+def test_broken_or_missing_manifest_is_not_complete(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    _save(mgr, 1)
+    _save(mgr, 2)
+    _save(mgr, 3)
+    (tmp_path / "checkpoints" / "step_3" / "manifest.json").write_text("{not json")
+    (tmp_path / "checkpoints" / "step_2" / "manifest.json").unlink()
+    assert mgr.complete_steps() == [1]
+    with pytest.raises(CheckpointError, match="step_3/manifest.json: unreadable manifest"):
+        mgr.load(step=3)
+    with pytest.raises(CheckpointError, match="step_2: no manifest.json; the checkpoint is incomplete"):
+        mgr.load(step=2)
+
+
+def test_mismatched_config_is_refused_naming_the_keys(tmp_path):
+    CheckpointManager(tmp_path, config_dict=_cfg()).save(1, {}, {"step": 1})
+    with pytest.raises(CheckpointError, match=r"model.tp: checkpoint 1, this run 2.*pool: checkpoint"):
+        CheckpointManager(tmp_path, config_dict=_cfg(model__tp=2, pool__batch_size=8)).load()
+    with pytest.raises(CheckpointError, match="rollout.group_size: checkpoint 4, this run 8"):
+        CheckpointManager(tmp_path, config_dict=_cfg(rollout__group_size=8)).load()
+    # keys outside RESUME_KEYS may change on resume
+    shared, _ = CheckpointManager(tmp_path, config_dict=_cfg(optim__lr=3e-6, run__save_every=5)).load()
+    assert shared["step"] == 1
+    assert "optim.lr" not in RESUME_KEYS and "rollout.group_size" in RESUME_KEYS
+
+
+def test_world_size_mismatch_is_refused(tmp_path):
+    CheckpointManager(tmp_path).save(1, {}, {"step": 1})
+    shutil_copy = tmp_path / "checkpoints" / "step_1"
+    assert shutil_copy.is_dir()
+    # A 1-rank checkpoint cannot be read by a 2-rank run (no distributed calls are needed to load).
+    with pytest.raises(CheckpointError, match="saved by 1 ranks but this run has 2"):
+        CheckpointManager(tmp_path, rank=1, world_size=2).load()
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=0)
+    with pytest.raises(ValueError, match="rank 2 is not in a world of size 2"):
+        CheckpointManager(tmp_path, rank=2, world_size=2)
+    mgr = CheckpointManager(tmp_path)
+    with pytest.raises(ValueError, match="integer >= 0, got -1"):
+        mgr.save(-1, {}, {})
+    with pytest.raises(TypeError, match="rank 0 must pass shared"):
+        mgr.save(1, {}, None)
+    with pytest.raises(CheckpointError, match="torch.distributed is not initialized"):
+        CheckpointManager(tmp_path, rank=0, world_size=2).save(1, {}, {})
+
+
+def test_unsafe_objects_need_weights_only_false(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"obj": Path("x")}, {"step": 1})
+    with pytest.raises(CheckpointError, match="rank_00000.pt: cannot be loaded.*weights_only=False"):
+        mgr.load()
+    _, parts = mgr.load(weights_only=False)
+    assert parts["obj"] == Path("x")
+
+
+# ----------------------------------------------------------------------------- pruning
+def test_keep_last_prunes_old_and_stale_folders(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    stale = tmp_path / "checkpoints" / "step_0.tmp-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "rank_00000.pt").write_bytes(b"partial")
+    for step in (1, 2, 3, 4, 5):
+        _save(mgr, step)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_4", "step_5"]
+    # Saving a step again replaces it atomically (e.g. the final checkpoint of an interrupted run).
+    _save(mgr, 5, fill=0.5)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4", "step_5"]
+    assert torch.equal(mgr.load()[1]["model"]["w"], torch.full((4,), 5.5))
+
+
+# ---------------------------------------------------------------------- crash during save
+_CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from megatron_recycle.train.checkpoint import CheckpointManager
+    run_dir, point, big = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    def hook(name):
+        if name == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+    mgr = CheckpointManager(run_dir, keep_last=3, fault_hook=hook)
+    payload = {"model": {"w": torch.ones(big)}}
+    print("saving", flush=True)
+    mgr.save(2, payload, {"step": 2})
+    print("saved", flush=True)
+    """
+)
+
+
+def _crash_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+@pytest.mark.parametrize("survives", [False, True], ids=["killed_before_complete", "killed_after_rename"])
+def test_sigkill_during_save_never_leaves_an_incomplete_step(tmp_path, survives):
+    # Kill points before the checkpoint is complete must leave latest() at the previous step; a
+    # kill after the rename must leave the new step complete. Runs its processes concurrently.
+    points = ["after_rename"] if survives else ["rank_file", "shared_file", "before_manifest", "before_rename"]
+    procs = {}
+    for point in points:
+        run_dir = tmp_path / point
+        _save(CheckpointManager(run_dir, keep_last=3), 1)
+        procs[point] = subprocess.Popen(
+            [sys.executable, "-c", _CRASH_SCRIPT, str(run_dir), point, "1000"],
+            env=_crash_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+    for point, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, f"{point}: exit {proc.returncode}, output:\n{out}"
+        assert "saved" not in out.split()
+        mgr = CheckpointManager(tmp_path / point, keep_last=3)
+        names = sorted(p.name for p in mgr.dir.iterdir())
+        if survives:
+            assert mgr.latest() == 2, names
+            assert mgr.load()[0]["step"] == 2
+        else:
+            assert mgr.latest() == 1, (point, names)
+            assert "step_2" not in names and any(n.startswith("step_2.tmp-") for n in names), names
+            assert mgr.load()[0]["step"] == 1
+            _save(mgr, 2)  # the next save completes and removes the crashed attempt
+            assert sorted(p.name for p in mgr.dir.iterdir()) == ["step_1", "step_2"]
+
+
+def test_sigkill_while_writing_a_large_tensor(tmp_path):
+    _save(CheckpointManager(tmp_path, keep_last=3), 1)
+    big = 48_000_000  # 192 MB of float32: the write takes long enough to be caught in the middle
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH_SCRIPT, str(tmp_path), "never", str(big)],
+                            env=_crash_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    partial = None
+    deadline = time.monotonic() + 120
+    while partial is None and proc.poll() is None and time.monotonic() < deadline:
+        found = [p for p in (tmp_path / "checkpoints").glob("step_2.tmp-*/.rank_00000.pt.partial")
+                 if p.exists() and p.stat().st_size > 0]
+        partial = found[0] if found else None
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    if partial is None:
+        pytest.skip(f"the save finished before the partial file was seen (exit {proc.returncode}): {out[-300:]}")
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    assert mgr.latest() == 1
+    assert not (mgr.dir / "step_2").exists()
+    assert mgr.load()[0]["step"] == 1
+
+
+# -------------------------------------------------------------------------- two gloo ranks
+def _dist_worker(rank: int, world: int, port: int, run_dir: str, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mgr = CheckpointManager(run_dir, keep_last=1, rank=rank, world_size=world, config_dict=_cfg())
+        shared = {"step": 0, "pool": RecyclingPool(20, 4, seed=3).state_dict()} if rank == 0 else None
+        for step in (1, 2):
+            path = mgr.save(step, {"shard": torch.full((3,), 10.0 * rank + step), "rng": capture_rng_state()},
+                            shared if rank != 0 else {**shared, "step": step})
+        # every rank returns only after the checkpoint is complete
+        complete = mgr.latest()
+        got_shared, parts = mgr.load()
+        out[rank] = {
+            "path": str(path), "latest": complete, "shared_step": got_shared["step"],
+            "shard": parts["shard"].tolist(),
+            "names": sorted(p.name for p in Path(run_dir, "checkpoints").iterdir()),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_save_and_load_their_own_shards(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_dist_worker, args=(2, port, str(tmp_path), out), nprocs=2, join=True)
+    r0, r1 = out[0], out[1]
+    assert r0["latest"] == r1["latest"] == 2
+    assert r0["shared_step"] == r1["shared_step"] == 2
+    assert r0["shard"] == [2.0] * 3 and r1["shard"] == [12.0] * 3
+    assert r0["names"] == r1["names"] == ["step_2"]  # keep_last=1 pruned step_1
+    files = sorted(p.name for p in (tmp_path / "checkpoints" / "step_2").iterdir())
+    assert files == ["manifest.json", "rank_00000.pt", "rank_00001.pt", "shared.pt"]
+    manifest = json.loads((tmp_path / "checkpoints" / "step_2" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and set(manifest["files"]) == set(files) - {"manifest.json"}
+    with pytest.raises(CheckpointError, match="saved by 2 ranks but this run has 1"):
+        CheckpointManager(tmp_path, config_dict=_cfg()).load()
