@@ -53,7 +53,7 @@ class FakeEngine:
         for prompt, p in zip(prompts, params):
             text = self.tokenizer.decode(prompt)
             key = next(k for k in self.scripts if k in text)
-            turn = text.count("<information>")
+            turn = text.count("\n\n<information>")  # the instruction mentions the tag too
             ids = self.scripts[key][turn]
             gen = Generation(ids[: p.max_new_tokens], "length", None, [-0.5] * min(len(ids), p.max_new_tokens))
             for n in range(1, min(len(ids), p.max_new_tokens) + 1):

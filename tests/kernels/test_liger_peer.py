@@ -23,7 +23,7 @@ def test_matches_liger_triton_grpo_loss(liger_mode, agg, beta, triton_device):
     logits = (torch.randn(b, length + 1, vocab, generator=g) * 2).to(triton_device)
     ids = torch.randint(0, vocab, (b, length), generator=g).to(triton_device)
     with torch.no_grad():
-        cur = torch.log_softmax(logits[:, :-1].double() / temp, -1).gather(-1, ids[..., None].cpu() if False else ids[..., None]).squeeze(-1)
+        cur = torch.log_softmax(logits[:, :-1].double() / temp, -1).gather(-1, ids[..., None]).squeeze(-1)
     old = (cur + 0.4 * torch.randn(b, length, generator=g, dtype=torch.float64).to(triton_device)).float()
     ref = (cur + 0.2 * torch.randn(b, length, generator=g, dtype=torch.float64).to(triton_device)).float()
     adv = torch.randn(b, generator=g).to(triton_device)

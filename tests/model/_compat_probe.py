@@ -80,7 +80,10 @@ def type_strings() -> dict:
     return {
         "float_type": x.type(),
         "to_double_dtype": str(x.type(torch.float64).dtype),
-        "to_cuda_string": [str(x.type("torch.cuda.DoubleTensor").dtype), str(x.type("torch.cuda.DoubleTensor").device)],
+        "to_cuda_string": [
+            str(x.type("torch.cuda.DoubleTensor").dtype),
+            str(x.type("torch.cuda.DoubleTensor").device),
+        ],
         "dot_cuda_device": str(x.cuda().device),
         "factory_device": str(torch.zeros(1, device="cuda").device),
         "to_cuda_device": str(x.to("cuda").device),

@@ -78,12 +78,14 @@ def sharded_roundtrip(rank: int, world_size: int, out_dir: str, layouts: list[di
             [int(layer.layer_number) - 1 for layer in unwrap_model(c).decoder.layers] for c in chunks
         ]
         shapes = {
-            name: list(p.shape)
-            for name, p in unwrap_model(chunks[0]).named_parameters()
-            if name in _WATCHED
+            name: list(p.shape) for name, p in unwrap_model(chunks[0]).named_parameters() if name in _WATCHED
         }
         exported = export_hf_state_dict_to_cpu(chunks, cfg)
-        ref = {k: v for k, v in hf.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        ref = {
+            k: v
+            for k, v in hf.state_dict().items()
+            if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+        }
         mismatched = sorted(k for k in ref if k not in exported or not torch.equal(exported[k], ref[k]))
         extra = sorted(set(exported) - set(ref))
         ids, pos = tiny_inputs()
