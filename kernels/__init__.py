@@ -2,10 +2,11 @@
 
 Public functions (definitions: METHOD.md section 3; ground truth: `reference.py`):
   grpo_advantages, grpo_loss, token_logprobs, chunked_token_logprobs.
-Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the PyTorch path, unless the
-environment has TRITON_INTERPRET=1 (then the Triton kernels run in the interpreter, which is how
-CPU tests check them; note it is slow, about 1-3 ms per program). Every function also takes
-`impl="triton" | "torch"` to choose explicitly.
+Dispatch (resolve_impl): an explicit `impl="triton" | "torch"` argument wins; then the environment
+variable MEGATRON_RECYCLE_KERNELS_IMPL=triton|torch; then CUDA tensors run the Triton kernels and
+CPU tensors the PyTorch path, unless TRITON_INTERPRET=1 (then the Triton kernels run in the
+interpreter, which is how CPU tests check them; it is slow, about 1-3 ms per program, so CPU
+code that only needs the numbers should pass impl="torch" or set the variable to torch).
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ import torch.distributed as dist
 
 from . import reference
 from .advantages import grpo_advantages_triton
-from .logprobs import HAS_TRITON, ChunkedTokenLogprobsFunction, TokenLogprobsFunction, check_targets, vocab_range
+from .logprobs import (
+    HAS_TRITON,
+    ChunkedTokenLogprobsFunction,
+    TokenLogprobsFunction,
+    check_targets,
+    vocab_range,
+)
 from .policy_loss import grpo_loss_triton  # not "grpo_loss.py": a submodule would shadow the function
 from .reference import AGG_MODES
 
 __all__ = [
     "AGG_MODES",
+    "IMPL_ENV",
     "chunked_token_logprobs",
     "grpo_advantages",
     "grpo_loss",
@@ -32,6 +40,7 @@ __all__ = [
 ]
 
 _IMPLS = (None, "triton", "torch")
+IMPL_ENV = "MEGATRON_RECYCLE_KERNELS_IMPL"
 
 
 def resolve_impl(tensor: torch.Tensor, impl: str | None = None) -> str:
@@ -39,11 +48,18 @@ def resolve_impl(tensor: torch.Tensor, impl: str | None = None) -> str:
     if impl not in _IMPLS:
         raise ValueError(f"impl={impl!r} is not one of 'triton', 'torch' or None (automatic)")
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if impl is None:
+        env = os.environ.get(IMPL_ENV, "").strip().lower() or None
+        if env not in _IMPLS:
+            raise ValueError(f"{IMPL_ENV}={env!r} is not one of 'triton', 'torch' (or unset for automatic)")
+        impl = env
     if impl == "torch":
         return "torch"
     if impl == "triton":
         if not HAS_TRITON:
-            raise RuntimeError("impl='triton' asked for, but triton is not importable; install triton or use impl='torch'")
+            raise RuntimeError(
+                "impl='triton' asked for, but triton is not importable; install triton or use impl='torch'"
+            )
         if not tensor.is_cuda and not interpret:
             raise RuntimeError(
                 "impl='triton' on a CPU tensor needs the Triton interpreter: set TRITON_INTERPRET=1 before "
@@ -109,12 +125,32 @@ def grpo_loss(
     """
     if resolve_impl(logprobs, impl) == "torch":
         return reference.grpo_loss_reference(
-            logprobs, old_logprobs, advantages, loss_mask, ref_logprobs,
-            eps_low, eps_high, clip_c, kl_beta, agg, normalizer, max_len,
+            logprobs,
+            old_logprobs,
+            advantages,
+            loss_mask,
+            ref_logprobs,
+            eps_low,
+            eps_high,
+            clip_c,
+            kl_beta,
+            agg,
+            normalizer,
+            max_len,
         )
     return grpo_loss_triton(
-        logprobs, old_logprobs, advantages, loss_mask, ref_logprobs,
-        eps_low, eps_high, clip_c, kl_beta, agg, normalizer, max_len,
+        logprobs,
+        old_logprobs,
+        advantages,
+        loss_mask,
+        ref_logprobs,
+        eps_low,
+        eps_high,
+        clip_c,
+        kl_beta,
+        agg,
+        normalizer,
+        max_len,
     )
 
 
@@ -142,13 +178,17 @@ def token_logprobs(
     backward. Outputs are float32 (float64 for float64 logits).
     """
     if logits.dim() != 2:
-        raise ValueError(f"logits must be [T, V] (flatten batch and sequence first), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be [T, V] (flatten batch and sequence first), got shape {tuple(logits.shape)}"
+        )
     inv_temp = _check_temperature(temperature)
     check_targets(targets, logits.shape[0], vocab_range(logits.shape[1], tp_group)[1])
     use_triton = resolve_impl(logits, impl) == "triton"
     if use_triton and logits.stride(1) != 1:
         logits = logits.contiguous()
-    logp, entropy = TokenLogprobsFunction.apply(logits, targets.contiguous(), inv_temp, tp_group, use_triton)
+    logp, entropy = TokenLogprobsFunction.apply(
+        logits, targets.contiguous(), inv_temp, tp_group, use_triton, return_entropy
+    )
     return (logp, entropy) if return_entropy else logp
 
 
@@ -178,6 +218,6 @@ def chunked_token_logprobs(
     check_targets(targets, hidden.shape[0], vocab_range(weight.shape[0], tp_group)[1])
     use_triton = resolve_impl(hidden, impl) == "triton"
     logp, entropy = ChunkedTokenLogprobsFunction.apply(
-        hidden, weight, targets.contiguous(), inv_temp, tp_group, use_triton, int(chunk_size)
+        hidden, weight, targets.contiguous(), inv_temp, tp_group, use_triton, int(chunk_size), return_entropy
     )
     return (logp, entropy) if return_entropy else logp

@@ -48,9 +48,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _adv_contiguous_kernel(
-        r_ptr, adv_ptr, mean_ptr, std_ptr, sig_ptr, n_groups, group_size, eps,
-        NORM: tl.constexpr, UNBIASED: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+        r_ptr,
+        adv_ptr,
+        mean_ptr,
+        std_ptr,
+        sig_ptr,
+        n_groups,
+        group_size,
+        eps,
+        NORM: tl.constexpr,
+        UNBIASED: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         """Program p: groups [p*BLOCK_G, (p+1)*BLOCK_G) as a [BLOCK_G, BLOCK_K] tile, one read, one write."""
         g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -77,9 +87,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _adv_ragged_kernel(
-        r_ptr, idx_ptr, adv_ptr, mean_ptr, std_ptr, sig_ptr, n_items, n_groups, eps,
-        NORM: tl.constexpr, UNBIASED: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        r_ptr,
+        idx_ptr,
+        adv_ptr,
+        mean_ptr,
+        std_ptr,
+        sig_ptr,
+        n_items,
+        n_groups,
+        eps,
+        NORM: tl.constexpr,
+        UNBIASED: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Program p owns group ids [p*BLOCK_G, (p+1)*BLOCK_G); membership is a one-hot tile per chunk."""
         g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
     HAS_TRITON = False
 
 _NEG_BIG = -1.0e30  # finite "minus infinity" for the running max, so that 0 * (m_old - m_new) stays 0
-_TORCH_ROW_CHUNK = 1024  # rows per fp32 temporary in the PyTorch backend
+TORCH_CHUNK_ELEMENTS = 1 << 22  # elements per fp32 temporary in the PyTorch backend (16 MiB)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,8 +38,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _logprob_stats_kernel(
-        logits_ptr, stride_row, targets_ptr, stats_ptr,
-        n_rows, n_vocab, vocab_start, inv_temp,
+        logits_ptr,
+        stride_row,
+        targets_ptr,
+        stats_ptr,
+        n_rows,
+        n_vocab,
+        vocab_start,
+        inv_temp,
         BLOCK_V: tl.constexpr,
     ):
         """One program per row: online max / sum-exp / shifted moment, plus the target logit."""
@@ -71,10 +77,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _logprob_grad_kernel(
-        logits_ptr, stride_row, targets_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_ent_ptr,
-        grad_ptr, stride_grad_row,
-        n_vocab, vocab_start, inv_temp,
-        HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+        logits_ptr,
+        stride_row,
+        targets_ptr,
+        lse_ptr,
+        ent_ptr,
+        g_lp_ptr,
+        g_ent_ptr,
+        grad_ptr,
+        stride_grad_row,
+        n_vocab,
+        vocab_start,
+        inv_temp,
+        HAS_G_LP: tl.constexpr,
+        HAS_G_ENT: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         """One program per row: grad_logits = inv_temp * (g_lp*(onehot - p) - g_ent*p*(log p + H))."""
         row = tl.program_id(0).to(tl.int64)
@@ -116,21 +133,37 @@ def _block_v(n_vocab: int, device: torch.device) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n_vocab, 1))))
 
 
-def _stats_triton(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float) -> torch.Tensor:
+def _stats_triton(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True
+) -> torch.Tensor:
     rows, vocab = logits.shape
     stats = new_buffer((4, rows), torch.float32, logits.device)
     if rows == 0:
         return stats
     _logprob_stats_kernel[(rows,)](
-        logits, logits.stride(0), targets, stats, rows, vocab, vocab_start, inv_temp,
-        BLOCK_V=_block_v(vocab, logits.device), num_warps=8 if logits.is_cuda else 1,
+        logits,
+        logits.stride(0),
+        targets,
+        stats,
+        rows,
+        vocab,
+        vocab_start,
+        inv_temp,
+        BLOCK_V=_block_v(vocab, logits.device),
+        num_warps=8 if logits.is_cuda else 1,
     )
     return stats
 
 
 def _grad_triton(
-    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float,
-    lse: torch.Tensor, ent: torch.Tensor, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    inv_temp: float,
+    lse: torch.Tensor,
+    ent: torch.Tensor,
+    g_lp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
@@ -138,11 +171,22 @@ def _grad_triton(
     if rows == 0:
         return grad
     _logprob_grad_kernel[(rows,)](
-        logits, logits.stride(0), targets, lse, ent,
-        g_lp if g_lp is not None else lse, g_ent if g_ent is not None else lse,
-        grad, grad.stride(0), vocab, vocab_start, inv_temp,
-        HAS_G_LP=g_lp is not None, HAS_G_ENT=g_ent is not None,
-        BLOCK_V=_block_v(vocab, logits.device), num_warps=8 if logits.is_cuda else 1,
+        logits,
+        logits.stride(0),
+        targets,
+        lse,
+        ent,
+        g_lp if g_lp is not None else lse,
+        g_ent if g_ent is not None else lse,
+        grad,
+        grad.stride(0),
+        vocab,
+        vocab_start,
+        inv_temp,
+        HAS_G_LP=g_lp is not None,
+        HAS_G_ENT=g_ent is not None,
+        BLOCK_V=_block_v(vocab, logits.device),
+        num_warps=8 if logits.is_cuda else 1,
     )
     return grad
 
@@ -152,29 +196,45 @@ def _grad_triton(
 # --------------------------------------------------------------------------------------------------
 
 
-def _stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float) -> torch.Tensor:
+def _row_chunk(vocab: int) -> int:
+    """Rows per fp32 temporary in the PyTorch backend: about TORCH_CHUNK_ELEMENTS elements."""
+    return max(1, TORCH_CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _stats_torch(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True
+) -> torch.Tensor:
     rows, vocab = logits.shape
     dt = torch.promote_types(logits.dtype, torch.float32)
-    stats = torch.empty((4, rows), dtype=dt, device=logits.device)
+    stats = torch.zeros((4, rows), dtype=dt, device=logits.device)
     tgt = targets.long() - vocab_start
     here = (tgt >= 0) & (tgt < vocab)
-    for a in range(0, rows, _TORCH_ROW_CHUNK):
-        b = min(rows, a + _TORCH_ROW_CHUNK)
-        z = logits[a:b].to(dt) * inv_temp
-        m = z.amax(dim=1).clamp_min(_NEG_BIG)
-        d = z - m[:, None]
-        e = d.exp()
-        stats[0, a:b] = m
-        stats[1, a:b] = e.sum(dim=1)
-        stats[3, a:b] = torch.where(e > 0, e * d, torch.zeros_like(e)).sum(dim=1)
+    step = _row_chunk(vocab)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        z = logits[a:b].to(dt, copy=True).mul_(inv_temp)  # the only copies alive: z and e, [step, V] each
         t = z.gather(1, tgt[a:b].clamp(0, max(vocab - 1, 0))[:, None]).squeeze(1)
         stats[2, a:b] = torch.where(here[a:b], t, torch.zeros_like(t))
+        m = z.amax(dim=1).clamp_min(_NEG_BIG)
+        z.sub_(m[:, None])
+        e = z.exp()
+        stats[0, a:b] = m
+        stats[1, a:b] = e.sum(dim=1)
+        if with_entropy:
+            z.masked_fill_(e == 0, 0.0)  # -inf logits: 0 * -inf would be NaN
+            stats[3, a:b] = e.mul_(z).sum(dim=1)
     return stats
 
 
 def _grad_torch(
-    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float,
-    lse: torch.Tensor, ent: torch.Tensor, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    inv_temp: float,
+    lse: torch.Tensor,
+    ent: torch.Tensor,
+    g_lp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
@@ -182,20 +242,20 @@ def _grad_torch(
     grad = torch.empty_like(logits) if out is None else out
     tgt = targets.long() - vocab_start
     here = (tgt >= 0) & (tgt < vocab)
-    for a in range(0, rows, _TORCH_ROW_CHUNK):
-        b = min(rows, a + _TORCH_ROW_CHUNK)
-        logp = logits[a:b].to(dt) * inv_temp - lse[a:b, None].to(dt)
-        p = logp.exp()
-        g = torch.zeros_like(p)
-        if g_lp is not None:
-            glp = g_lp[a:b].to(dt)
-            g -= glp[:, None] * p
-            rows_here = here[a:b].nonzero().squeeze(1)
-            g[rows_here, tgt[a:b][rows_here]] += glp[rows_here]
+    step = _row_chunk(vocab)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        logp = logits[a:b].to(dt, copy=True).mul_(inv_temp).sub_(lse[a:b, None].to(dt))
+        g = logp.exp()  # p; becomes the gradient in place
         if g_ent is not None:
-            pl = torch.where(p > 0, p * (logp + ent[a:b, None].to(dt)), torch.zeros_like(p))
-            g -= g_ent[a:b, None].to(dt) * pl
-        grad[a:b] = g * inv_temp
+            logp.add_(ent[a:b, None].to(dt)).masked_fill_(g == 0, 0.0).mul_(g)  # p * (log p + H)
+        g.mul_(-(g_lp[a:b, None].to(dt) if g_lp is not None else 0.0))
+        if g_ent is not None:
+            g.sub_(logp.mul_(g_ent[a:b, None].to(dt)))
+        if g_lp is not None:
+            rows_here = here[a:b].nonzero().squeeze(1)
+            g[rows_here, tgt[a:b][rows_here]] += g_lp[a:b][rows_here].to(dt)
+        grad[a:b] = g.mul_(inv_temp)
     return grad
 
 
@@ -204,11 +264,15 @@ def _grad_torch(
 # --------------------------------------------------------------------------------------------------
 
 
-def combine_stats(stats: torch.Tensor, tp_group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def combine_stats(
+    stats: torch.Tensor, tp_group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge per-rank (m, s, t, q) [4, T] into (logp, entropy, lse) [T]; one all_gather when tp_group is set."""
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         world = dist.get_world_size(tp_group)
-        gathered = torch.empty((world * stats.shape[0], stats.shape[1]), dtype=stats.dtype, device=stats.device)
+        gathered = torch.empty(
+            (world * stats.shape[0], stats.shape[1]), dtype=stats.dtype, device=stats.device
+        )
         # all_gather_single is the newer name (torch >= 2.13); older torch only has all_gather_into_tensor
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(gathered, stats.contiguous(), group=tp_group)
@@ -239,7 +303,9 @@ def vocab_range(n_local: int, tp_group: dist.ProcessGroup | None) -> tuple[int, 
 def check_targets(targets: torch.Tensor, n_rows: int, vocab_total: int) -> None:
     """Raise when the targets do not match the rows or fall outside the (global) vocabulary."""
     if targets.dim() != 1 or targets.numel() != n_rows:
-        raise ValueError(f"targets must be 1-D with one id per row ({n_rows}), got shape {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be 1-D with one id per row ({n_rows}), got shape {tuple(targets.shape)}"
+        )
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
     if n_rows and (int(targets.min()) < 0 or int(targets.max()) >= vocab_total):
@@ -258,10 +324,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
     """log p(target) and entropy from (sharded) logits; saves the logits themselves plus [T] stats."""
 
     @staticmethod
-    def forward(ctx, logits, targets, inv_temp, tp_group, use_triton):  # type: ignore[override]
+    def forward(ctx, logits, targets, inv_temp, tp_group, use_triton, with_entropy=True):  # type: ignore[override]
         vocab_start, _ = vocab_range(logits.shape[1], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
-        logp, entropy, lse = combine_stats(stats_fn(logits, targets, vocab_start, inv_temp), tp_group)
+        stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy)
+        logp, entropy, lse = combine_stats(stats, tp_group)
+        if not with_entropy:
+            entropy = torch.full_like(entropy, float("nan"))  # not computed: never a silent wrong value
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
         ctx.set_materialize_grads(False)
@@ -272,13 +341,19 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]
         logits, targets, lse, entropy = ctx.saved_tensors
         if g_lp is None and g_ent is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         grad_fn = _grad_triton if ctx.use_triton else _grad_torch
         grad = grad_fn(
-            logits, targets, ctx.vocab_start, ctx.inv_temp, lse, entropy,
-            None if g_lp is None else g_lp.contiguous(), None if g_ent is None else g_ent.contiguous(),
+            logits,
+            targets,
+            ctx.vocab_start,
+            ctx.inv_temp,
+            lse,
+            entropy,
+            None if g_lp is None else g_lp.contiguous(),
+            None if g_ent is None else g_ent.contiguous(),
         )
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class ChunkedTokenLogprobsFunction(torch.autograd.Function):
@@ -291,20 +366,22 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, tp_group, use_triton, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, inv_temp, tp_group, use_triton, chunk, with_entropy=True):  # type: ignore[override]
         rows = hidden.shape[0]
         vocab_start, _ = vocab_range(weight.shape[0], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
         stats = None
         for a in range(0, rows, chunk):
             b = min(rows, a + chunk)
-            part = stats_fn(hidden[a:b] @ weight.t(), targets[a:b], vocab_start, inv_temp)
+            part = stats_fn(hidden[a:b] @ weight.t(), targets[a:b], vocab_start, inv_temp, with_entropy)
             if stats is None:
                 stats = torch.empty((4, rows), dtype=part.dtype, device=hidden.device)
             stats[:, a:b] = part
         if stats is None:
             stats = torch.zeros((4, 0), dtype=torch.float32, device=hidden.device)
         logp, entropy, lse = combine_stats(stats, tp_group)
+        if not with_entropy:
+            entropy = torch.full_like(entropy, float("nan"))
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
         ctx.tp_group, ctx.chunk = tp_group, chunk
@@ -315,19 +392,25 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        none = (None,) * 5
+        none = (None,) * 6
         if g_lp is None and g_ent is None:
             return None, None, *none
         grad_fn = _grad_triton if ctx.use_triton else _grad_torch
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        acc_dt = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=acc_dt, device=weight.device) if need_w else None
+        # Accumulated in the weight's dtype (one rounding per chunk, as Megatron's bf16 grads would be):
+        # an fp32 accumulator the size of the vocabulary shard would cost more than the logits saved.
+        grad_w = torch.zeros_like(weight) if need_w else None
         for a in range(0, hidden.shape[0], ctx.chunk):
             b = min(hidden.shape[0], a + ctx.chunk)
             logits = hidden[a:b] @ weight.t()
             grad_fn(
-                logits, targets[a:b], ctx.vocab_start, ctx.inv_temp, lse[a:b], entropy[a:b],
+                logits,
+                targets[a:b],
+                ctx.vocab_start,
+                ctx.inv_temp,
+                lse[a:b],
+                entropy[a:b],
                 None if g_lp is None else g_lp[a:b].contiguous(),
                 None if g_ent is None else g_ent[a:b].contiguous(),
                 out=logits,  # the gradient overwrites the recomputed logits: one block alive
@@ -335,9 +418,7 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
             if need_h:
                 grad_h[a:b] = logits @ weight
             if need_w:
-                grad_w.addmm_(logits.t().to(acc_dt), hidden[a:b].to(acc_dt))
+                grad_w.addmm_(logits.t(), hidden[a:b])
         if need_h and ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
             dist.all_reduce(grad_h, group=ctx.tp_group)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, *none

@@ -31,7 +31,9 @@ _N_PARTIALS = 8
 if HAS_TRITON:
 
     @triton.jit
-    def _token_terms(lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr):
+    def _token_terms(
+        lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr
+    ):
         """Per-token (log ratio, ratio, s1, s2, undualed pg, pg, ref log-diff) with masked tokens inert."""
         lr = tl.where(m, lp - old, 0.0)
         ratio = tl.exp(lr)
@@ -50,10 +52,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _grpo_loss_fwd_kernel(
-        lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, part_ptr,
-        n_rows, n_cols, stride_lp, stride_old, stride_ref, stride_mask,
-        eps_low, eps_high, clip_c,
-        HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr, BLOCK_T: tl.constexpr,
+        lp_ptr,
+        old_ptr,
+        ref_ptr,
+        adv_ptr,
+        mask_ptr,
+        part_ptr,
+        n_rows,
+        n_cols,
+        stride_lp,
+        stride_old,
+        stride_ref,
+        stride_mask,
+        eps_low,
+        eps_high,
+        clip_c,
+        HAS_REF: tl.constexpr,
+        HAS_DUAL: tl.constexpr,
+        BLOCK_T: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
@@ -68,7 +84,9 @@ if HAS_TRITON:
         else:
             ref = lp
         adv = tl.load(adv_ptr + row).to(tl.float32)
-        lr, ratio, s1, s2, pg1, pg, dref = _token_terms(lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL)
+        lr, ratio, s1, s2, pg1, pg, dref = _token_terms(
+            lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL
+        )
         mf = m.to(tl.float32)
         zero = tl.zeros_like(lr)
         adv = adv + zero  # a vector, so that boolean masks combine elementwise (also in the interpreter)
@@ -81,10 +99,17 @@ if HAS_TRITON:
         else:
             tl.store(out + 1 * stride_p, 0.0)
         tl.store(out + 2 * stride_p, tl.sum(mf, axis=0))
-        tl.store(out + 3 * stride_p, tl.sum(tl.where(m & (adv < 0.0) & (ratio < 1.0 - eps_low), 1.0, 0.0), axis=0))
-        tl.store(out + 4 * stride_p, tl.sum(tl.where(m & (adv > 0.0) & (ratio > 1.0 + eps_high), 1.0, 0.0), axis=0))
+        tl.store(
+            out + 3 * stride_p, tl.sum(tl.where(m & (adv < 0.0) & (ratio < 1.0 - eps_low), 1.0, 0.0), axis=0)
+        )
+        tl.store(
+            out + 4 * stride_p, tl.sum(tl.where(m & (adv > 0.0) & (ratio > 1.0 + eps_high), 1.0, 0.0), axis=0)
+        )
         if HAS_DUAL:
-            tl.store(out + 5 * stride_p, tl.sum(tl.where(m & (adv < 0.0) & (pg1 > -clip_c * adv), 1.0, 0.0), axis=0))
+            tl.store(
+                out + 5 * stride_p,
+                tl.sum(tl.where(m & (adv < 0.0) & (pg1 > -clip_c * adv), 1.0, 0.0), axis=0),
+            )
         else:
             tl.store(out + 5 * stride_p, 0.0)
         tl.store(out + 6 * stride_p, tl.sum(tl.where(m, ratio, zero), axis=0))
@@ -93,10 +118,27 @@ if HAS_TRITON:
 
     @triton.jit
     def _grpo_loss_bwd_kernel(
-        lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, scale_ptr, grad_ptr,
-        n_cols, stride_lp, stride_old, stride_ref, stride_mask, stride_grad,
-        eps_low, eps_high, clip_c, kl_beta,
-        HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DUAL: tl.constexpr, BLOCK_T: tl.constexpr,
+        lp_ptr,
+        old_ptr,
+        ref_ptr,
+        adv_ptr,
+        mask_ptr,
+        scale_ptr,
+        grad_ptr,
+        n_cols,
+        stride_lp,
+        stride_old,
+        stride_ref,
+        stride_mask,
+        stride_grad,
+        eps_low,
+        eps_high,
+        clip_c,
+        kl_beta,
+        HAS_REF: tl.constexpr,
+        USE_KL: tl.constexpr,
+        HAS_DUAL: tl.constexpr,
+        BLOCK_T: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -110,7 +152,9 @@ if HAS_TRITON:
             ref = lp
         adv = tl.load(adv_ptr + row).to(tl.float32)
         scale = tl.load(scale_ptr + row)
-        lr, ratio, s1, s2, pg1, pg, dref = _token_terms(lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL)
+        lr, ratio, s1, s2, pg1, pg, dref = _token_terms(
+            lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL
+        )
         adv = adv + tl.zeros_like(lr)
         d = tl.where(s1 <= s2, -ratio * adv, 0.0)
         if HAS_DUAL:
@@ -141,7 +185,9 @@ class GRPOLossFunction(torch.autograd.Function):
     """Fused GRPO loss; returns (loss, stats tensor [6]) and differentiates w.r.t. logprobs only."""
 
     @staticmethod
-    def forward(ctx, logprobs, old, adv, mask, ref, eps_low, eps_high, clip_c, kl_beta, agg, normalizer, max_len):  # type: ignore[override]
+    def forward(
+        ctx, logprobs, old, adv, mask, ref, eps_low, eps_high, clip_c, kl_beta, agg, normalizer, max_len
+    ):  # type: ignore[override]
         n_rows, n_cols = logprobs.shape
         dev = logprobs.device
         block_t = _block_t(n_cols, dev)
@@ -150,11 +196,24 @@ class GRPOLossFunction(torch.autograd.Function):
         has_ref = ref is not None
         if n_rows > 0 and n_cols > 0:
             _grpo_loss_fwd_kernel[(n_rows, n_blk)](
-                logprobs, old, ref if has_ref else logprobs, adv, mask, part,
-                n_rows, n_cols, logprobs.stride(0), old.stride(0),
-                ref.stride(0) if has_ref else 0, mask.stride(0),
-                float(eps_low), float(eps_high), float(clip_c or 0.0),
-                HAS_REF=has_ref, HAS_DUAL=clip_c is not None, BLOCK_T=block_t,
+                logprobs,
+                old,
+                ref if has_ref else logprobs,
+                adv,
+                mask,
+                part,
+                n_rows,
+                n_cols,
+                logprobs.stride(0),
+                old.stride(0),
+                ref.stride(0) if has_ref else 0,
+                mask.stride(0),
+                float(eps_low),
+                float(eps_high),
+                float(clip_c or 0.0),
+                HAS_REF=has_ref,
+                HAS_DUAL=clip_c is not None,
+                BLOCK_T=block_t,
                 num_warps=4 if logprobs.is_cuda else 1,
             )
         else:
@@ -165,9 +224,9 @@ class GRPOLossFunction(torch.autograd.Function):
         out_dt = torch.promote_types(logprobs.dtype, torch.float32)
         loss = (coef * per_row).sum().to(out_dt)
         n_tok = rows[_CNT].sum().clamp_min(1.0)
-        stats = torch.stack(
-            [rows[i].sum() / n_tok for i in (_CLO, _CHI, _DUAL, _RATIO, _AKL, _KL)]
-        ).to(torch.float32)
+        stats = torch.stack([rows[i].sum() / n_tok for i in (_CLO, _CHI, _DUAL, _RATIO, _AKL, _KL)]).to(
+            torch.float32
+        )
         ctx.save_for_backward(logprobs, old, adv, mask, ref, coef.to(torch.float32))
         ctx.cfg = (float(eps_low), float(eps_high), clip_c, float(kl_beta), block_t, n_blk)
         ctx.mark_non_differentiable(stats)
@@ -184,10 +243,27 @@ class GRPOLossFunction(torch.autograd.Function):
         scale = (coef * g_loss.to(torch.float32)).contiguous()  # upstream gradient folded in on device
         has_ref = ref is not None
         _grpo_loss_bwd_kernel[(n_rows, n_blk)](
-            logprobs, old, ref if has_ref else logprobs, adv, mask, scale, grad,
-            n_cols, logprobs.stride(0), old.stride(0), ref.stride(0) if has_ref else 0, mask.stride(0),
-            grad.stride(0), eps_low, eps_high, float(clip_c or 0.0), kl_beta,
-            HAS_REF=has_ref, USE_KL=has_ref and kl_beta != 0.0, HAS_DUAL=clip_c is not None, BLOCK_T=block_t,
+            logprobs,
+            old,
+            ref if has_ref else logprobs,
+            adv,
+            mask,
+            scale,
+            grad,
+            n_cols,
+            logprobs.stride(0),
+            old.stride(0),
+            ref.stride(0) if has_ref else 0,
+            mask.stride(0),
+            grad.stride(0),
+            eps_low,
+            eps_high,
+            float(clip_c or 0.0),
+            kl_beta,
+            HAS_REF=has_ref,
+            USE_KL=has_ref and kl_beta != 0.0,
+            HAS_DUAL=clip_c is not None,
+            BLOCK_T=block_t,
             num_warps=4 if logprobs.is_cuda else 1,
         )
         return grad, *([None] * 11)
@@ -212,12 +288,31 @@ def grpo_loss_triton(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Launch the fused loss; same contract as megatron_recycle_kernels.grpo_loss."""
     check_loss_args(
-        logprobs, old_logprobs, advantages, loss_mask, ref_logprobs,
-        eps_low, eps_high, clip_c, kl_beta, agg, normalizer, max_len,
+        logprobs,
+        old_logprobs,
+        advantages,
+        loss_mask,
+        ref_logprobs,
+        eps_low,
+        eps_high,
+        clip_c,
+        kl_beta,
+        agg,
+        normalizer,
+        max_len,
     )
     loss, stats = GRPOLossFunction.apply(
-        _rowmajor(logprobs), _rowmajor(old_logprobs), advantages.contiguous(), _rowmajor(loss_mask),
+        _rowmajor(logprobs),
+        _rowmajor(old_logprobs),
+        advantages.contiguous(),
+        _rowmajor(loss_mask),
         None if ref_logprobs is None else _rowmajor(ref_logprobs),
-        eps_low, eps_high, clip_c, kl_beta, agg, normalizer, max_len,
+        eps_low,
+        eps_high,
+        clip_c,
+        kl_beta,
+        agg,
+        normalizer,
+        max_len,
     )
     return loss, dict(zip(_STAT_NAMES, stats.unbind(0)))

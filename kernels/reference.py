@@ -127,7 +127,9 @@ def check_loss_args(
         raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")
     for name, t in (("old_logprobs", old_logprobs), ("loss_mask", loss_mask)):
         if t.shape != logprobs.shape:
-            raise ValueError(f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(t.shape)}"
+            )
     if ref_logprobs is not None and ref_logprobs.shape != logprobs.shape:
         raise ValueError(
             f"ref_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(ref_logprobs.shape)}"
@@ -139,7 +141,9 @@ def check_loss_args(
     if agg == "seq-mean-token-sum-norm" and (max_len is None or max_len <= 0):
         raise ValueError(f"agg='seq-mean-token-sum-norm' needs a positive max_len, got {max_len!r}")
     if not (0.0 <= eps_low < 1.0) or eps_high < 0.0:
-        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+        raise ValueError(
+            f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}"
+        )
     if clip_c is not None and clip_c <= 1.0:
         raise ValueError(f"dual clip constant clip_c must be > 1 (or None to disable), got {clip_c}")
     if kl_beta != 0.0 and ref_logprobs is None:
@@ -201,8 +205,18 @@ def grpo_loss_reference(
     old policy against the current one), ref_kl (k3 to the reference; 0 without one).
     """
     check_loss_args(
-        logprobs, old_logprobs, advantages, loss_mask, ref_logprobs,
-        eps_low, eps_high, clip_c, kl_beta, agg, normalizer, max_len,
+        logprobs,
+        old_logprobs,
+        advantages,
+        loss_mask,
+        ref_logprobs,
+        eps_low,
+        eps_high,
+        clip_c,
+        kl_beta,
+        agg,
+        normalizer,
+        max_len,
     )
     dt = torch.promote_types(logprobs.dtype, torch.float32)
     m = loss_mask if loss_mask.dtype == torch.bool else loss_mask != 0

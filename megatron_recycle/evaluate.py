@@ -205,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', a model folder or a .gguf file")
     ap.add_argument("--retriever", default="bm25", choices=("bm25", "dense", "http"))
     ap.add_argument("--retriever-url", default=None)
+    ap.add_argument("--source", default=None, help="name the rows' source (e.g. synthetic-test) instead of the file's")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     ap.add_argument("--n-samples", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from megatron_recycle.engines.hf import HFEngine
     from megatron_recycle.model.hf_loading import load_hf_model, load_tokenizer
 
-    examples = list(read_qa_file(args.data))
+    examples = list(read_qa_file(args.data, source=args.source))
     if args.limit is not None:
         examples = examples[: args.limit]
     engine = HFEngine(load_hf_model(args.model), load_tokenizer(args.model), device=args.device)

@@ -144,12 +144,18 @@ class BM25Retriever(_StatsMixin):
         self.cache_key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
         self.index_dir: Path | None = None
         self.loaded_from_cache = False
+        self.cache_rebuilds = 0
         if use_cache:
             self.index_dir = Path(cache_dir or default_cache_dir()) / f"bm25-{self.cache_key}"
             if (self.index_dir / "meta.json").is_file():
-                self._model = bm25s.BM25.load(str(self.index_dir), show_progress=False)
-                self.loaded_from_cache = True
-                return
+                try:
+                    self._model = bm25s.BM25.load(str(self.index_dir), show_progress=False)
+                    self.loaded_from_cache = True
+                    return
+                except Exception as e:  # a damaged cache is rebuilt, never trusted
+                    logger.warning("BM25 cache %s is unreadable (%s); rebuilding it", self.index_dir, e)
+                    self.cache_rebuilds += 1
+                    shutil.rmtree(self.index_dir, ignore_errors=True)
         self._model = self._build()
         if self.index_dir is not None:
             self._save(key_src)
@@ -281,18 +287,8 @@ class DenseRetriever(_StatsMixin):
         emb = None
         if use_cache:
             self.cache_file = Path(cache_dir or default_cache_dir()) / f"dense-{self.cache_key}.npy"
-            if self.cache_file.is_file():
-                emb = np.load(self.cache_file)
-                if emb.shape[0] != len(self.corpus):
-                    logger.warning(
-                        "ignoring cached embeddings %s: %d rows for %d passages",
-                        self.cache_file,
-                        emb.shape[0],
-                        len(self.corpus),
-                    )
-                    emb = None
-                else:
-                    self.loaded_from_cache = True
+            emb = self._load_cached(self.cache_file)
+            self.loaded_from_cache = emb is not None
         if emb is None:
             emb = self._encode([self.passage_prefix + c for c in self.corpus.contents])
             if self.cache_file is not None:
@@ -301,6 +297,22 @@ class DenseRetriever(_StatsMixin):
                 np.save(tmp, emb)
                 os.replace(tmp, self.cache_file)
         self.embeddings = np.ascontiguousarray(emb, dtype=np.float32)
+
+    def _load_cached(self, path: Path) -> np.ndarray | None:
+        """Cached embeddings, or None (with a warning) when absent, unreadable or the wrong shape."""
+        if not path.is_file():
+            return None
+        try:
+            emb = np.load(path)
+        except (OSError, ValueError) as e:
+            logger.warning("embedding cache %s is unreadable (%s); recomputing", path, e)
+            return None
+        if emb.ndim != 2 or emb.shape[0] != len(self.corpus):
+            logger.warning(
+                "ignoring cached embeddings %s: shape %s for %d passages", path, emb.shape, len(self.corpus)
+            )
+            return None
+        return emb
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         t0 = time.perf_counter()

@@ -211,12 +211,16 @@ def read_qa_file(path: str | Path, skip_bad_rows: bool = False, source: str | No
     return QAExamples(examples, path, skipped)
 
 
-@dataclass
-class BenchmarkFiles:
-    """Result of find_benchmark_files: the file chosen per benchmark and those not found."""
+class BenchmarkFiles(dict):
+    """Benchmark name -> the file chosen for it (a dict), plus ``missing``: the names not found."""
 
-    found: dict[str, Path]
-    missing: list[str]
+    def __init__(self, found: dict[str, Path], missing: list[str]) -> None:
+        super().__init__(found)
+        self.missing = missing
+
+    @property
+    def found(self) -> dict[str, Path]:
+        return dict(self)
 
 
 def find_benchmark_files(

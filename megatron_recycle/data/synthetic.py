@@ -17,6 +17,7 @@ Deterministic by seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -45,7 +46,13 @@ SPLITS: tuple[str, ...] = ("train", "dev", "test")
 # Constituent countries of the United Kingdom that countryinfo lacks or lists without a capital;
 # "English" and "Welsh" are frequent nationalities in Wikipedia descriptions.
 COUNTRY_SUPPLEMENT: tuple[dict, ...] = (
-    {"name": "England", "capital": "London", "demonym": "English", "region": "Europe", "population": 57_000_000},
+    {
+        "name": "England",
+        "capital": "London",
+        "demonym": "English",
+        "region": "Europe",
+        "population": 57_000_000,
+    },
     {"name": "Wales", "capital": "Cardiff", "demonym": "Welsh", "region": "Europe", "population": 3_100_000},
 )
 
@@ -81,16 +88,21 @@ _PAREN_SUFFIX = re.compile(r"\s*\([^)]*\)$")
 
 @dataclass(frozen=True)
 class Country:
+    """A country with a corpus passage that names its capital."""
+
     title: str  # corpus title
     name: str  # name used in questions (the corpus title)
     capitals: tuple[str, ...]  # golden answers, the one found in the passage first
     demonym: str
     continent: str | None
     population: int
+    source_name: str  # the countryinfo name
 
 
 @dataclass(frozen=True)
 class Person:
+    """A person whose description gives an exact birth year, and a nationality when it starts with one."""
+
     title: str
     name: str
     birth_year: int
@@ -99,6 +111,8 @@ class Person:
 
 @dataclass(frozen=True)
 class Work:
+    """A work whose description names its creator ("Painting by Georges Seurat")."""
+
     title: str
     name: str
     kind: str
@@ -116,6 +130,8 @@ class Hop:
 
 @dataclass
 class Candidate:
+    """One generated question with its hops, answers, held-out keys and oracle reasoning."""
+
     template: str
     question: str
     answers: list[str]
@@ -131,6 +147,7 @@ class Candidate:
         return "syn-" + hashlib.sha1(self.question.encode("utf-8")).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=65536)
 def _words(text: str) -> str:
     """Lower-case words without punctuation or articles ("(1879–1955)" -> "1879 1955")."""
     text = re.sub(r"[^\w\s]|_", " ", text.lower())
@@ -157,6 +174,9 @@ class Facts:
 
     def __init__(self, articles: Sequence[WikiArticle]) -> None:
         self.articles = {a.title: a for a in articles}
+        self._by_words: dict[str, list[str]] = defaultdict(list)
+        for title in self.articles:
+            self._by_words[_words(title)].append(title)
         self.countries = self._countries()
         self.by_demonym = self._demonyms()
         self.people = self._people()
@@ -179,6 +199,11 @@ class Facts:
                 "the synthetic generator needs countryinfo; install it with `pip install countryinfo==1.0.1`"
             ) from None
         infos = [c.info() for c in countryinfo.all_countries()] + [dict(d) for d in COUNTRY_SUPPLEMENT]
+        # demonym -> the most populous country of all countryinfo records (in the corpus or not)
+        self._demonym_owner: dict[str, str] = {}
+        for info in sorted(infos, key=lambda i: (-(i.get("population") or 0), i.get("name") or "")):
+            if info.get("demonym"):
+                self._demonym_owner.setdefault(info["demonym"], info.get("name") or "")
         best: dict[str, dict] = {}
         for info in infos:
             title = self._resolve_title(info)
@@ -193,7 +218,7 @@ class Facts:
             variants = [info["capital"]]
             if "," in info["capital"] or "." in info["capital"]:
                 variants.append(info["capital"].replace(".", "").replace(",", ""))
-            titled = [t for t in self.articles if normalize_answer(t) == normalize_answer(info["capital"])]
+            titled = list(self._by_words.get(_words(info["capital"]), []))
             variants = list(dict.fromkeys(titled + variants))
             found = [v for v in variants if _contains(text, v)]
             if not found:
@@ -207,6 +232,7 @@ class Facts:
                     demonym=info["demonym"],
                     continent=self._continent(info, text),
                     population=int(info.get("population") or 0),
+                    source_name=info.get("name") or "",
                 )
             )
         return countries
@@ -226,10 +252,12 @@ class Facts:
         return cont if cont and _contains(text, cont) else None
 
     def _demonyms(self) -> dict[str, Country]:
-        """Demonym -> the most populous country using it (ties broken by title)."""
-        out: dict[str, Country] = {}
-        for c in sorted(self.countries, key=lambda c: (-c.population, c.title)):
-            out.setdefault(c.demonym, c)
+        """Demonym -> the most populous country using it; dropped when that one has no usable passage."""
+        by_name = {c.source_name: c for c in self.countries}
+        out = {}
+        for demonym, owner in self._demonym_owner.items():
+            if owner in by_name and by_name[owner].demonym == demonym:
+                out[demonym] = by_name[owner]
         return out
 
     def _people(self) -> dict[str, Person]:
@@ -287,7 +315,10 @@ def _person_chain(facts: Facts) -> list[Candidate]:
                 list(country.capitals),
                 [
                     Hop(p.title, [p.name, f"{p.name} nationality"]),
-                    Hop(country.title, [f"{country.name} capital", country.name, f"capital of {country.name}"]),
+                    Hop(
+                        country.title,
+                        [f"{country.name} country capital", f"{country.name} capital", country.name],
+                    ),
                 ],
                 keys=(country.title,),
                 thinks=[
@@ -339,7 +370,10 @@ def _capital_chain(facts: Facts) -> list[Candidate]:
                 "capital_country_continent",
                 f"On which continent is the country whose capital is {cap}?",
                 [c.continent],
-                [Hop(cap_title, [cap, f"{cap} capital"]), Hop(c.title, [c.name, f"{c.name} continent"])],
+                [
+                    Hop(cap_title, [f"{cap} capital", cap, f"{cap} city"]),
+                    Hop(c.title, [f"{c.name} country", c.name, f"{c.name} country continent"]),
+                ],
                 keys=(c.title,),
                 thinks=[
                     f"I need the country whose capital is {cap}, then the continent it lies on.",
@@ -359,9 +393,12 @@ def _single_hop(facts: Facts) -> list[Candidate]:
                 "single_hop",
                 f"What is the capital of {c.name}?",
                 list(c.capitals),
-                [Hop(c.title, [f"{c.name} capital", c.name])],
+                [Hop(c.title, [f"{c.name} country capital", f"{c.name} capital", c.name])],
                 keys=(c.title,),
-                thinks=[f"I need to look up the capital of {c.name}.", f"The capital of {c.name} is {c.capitals[0]}."],
+                thinks=[
+                    f"I need to look up the capital of {c.name}.",
+                    f"The capital of {c.name} is {c.capitals[0]}.",
+                ],
                 relation="capital",
             )
         )
@@ -373,7 +410,10 @@ def _single_hop(facts: Facts) -> list[Candidate]:
                 [str(p.birth_year)],
                 [Hop(p.title, [p.name, f"{p.name} born"])],
                 keys=(p.title,),
-                thinks=[f"I need to look up when {p.name} was born.", f"{p.name} was born in {p.birth_year}."],
+                thinks=[
+                    f"I need to look up when {p.name} was born.",
+                    f"{p.name} was born in {p.birth_year}.",
+                ],
                 relation="birth_year",
             )
         )
@@ -465,13 +505,13 @@ def _assign_entities(names: Sequence[str], fractions: dict[str, float], seed: in
     return out
 
 
-def _oracle_queries(cands: Sequence[Candidate], retriever: Retriever, topk: int) -> None:
+def _oracle_queries(cands: Sequence[Candidate], retriever: Retriever, topk: int) -> dict[str, list[Passage]]:
     """Choose, per hop, the first query whose top-k holds the hop's passage; mark retrievability.
 
     Queries are tried in rounds (all first choices in one batch, then the second choices of the
-    hops that missed, ...), so each distinct query is searched once.
+    hops that missed, ...), so each distinct query is searched once. Returns query -> passages.
     """
-    results: dict[str, list[str]] = {}
+    results: dict[str, list[Passage]] = {}
     pending = [h for c in cands for h in c.hops]
     for h in pending:
         h.chosen = None
@@ -480,16 +520,17 @@ def _oracle_queries(cands: Sequence[Candidate], retriever: Retriever, topk: int)
         for i in range(0, len(todo), 1024):
             batch = todo[i : i + 1024]
             for q, hits in zip(batch, retriever.search(batch, topk)):
-                results[q] = [p.title for p in hits]
+                results[q] = hits
         still = []
         for h in pending:
-            if round_ < len(h.queries) and h.title in results[h.queries[round_]]:
+            if round_ < len(h.queries) and h.title in [p.title for p in results[h.queries[round_]]]:
                 h.chosen = h.queries[round_]
             else:
                 still.append(h)
         pending = still
     for c in cands:
         c.retrievable = all(h.chosen is not None for h in c.hops)
+    return results
 
 
 def _row(c: Candidate) -> dict[str, Any]:
@@ -505,13 +546,22 @@ def _row(c: Candidate) -> dict[str, Any]:
     return {"id": c.id, "question": c.question, "golden_answers": c.answers, "metadata": meta}
 
 
-def oracle_trajectory(c: Candidate, retriever: Retriever, topk: int) -> dict[str, Any]:
-    """The tag-protocol turns an oracle agent would produce for a (retrievable) candidate."""
+def oracle_trajectory(
+    c: Candidate, retriever: Retriever, topk: int, cache: dict[str, list[Passage]] | None = None
+) -> dict[str, Any]:
+    """The tag-protocol turns an oracle agent would produce for a (retrievable) candidate.
+
+    ``cache`` maps a query to the passages ``retriever.search([query], topk)`` gives (the same
+    retriever and topk), to avoid searching again.
+    """
     if not c.retrievable:
         raise ValueError(f"candidate {c.question!r} has a hop whose searches miss its passage")
     turns = []
     for think, hop in zip(c.thinks, c.hops):
-        passages: list[Passage] = retriever.search([hop.chosen], topk)[0]
+        if cache is not None and hop.chosen in cache:
+            passages = cache[hop.chosen]
+        else:
+            passages = retriever.search([hop.chosen], topk)[0]
         turns.append(
             {
                 "generated": f"<think>{think}</think>\n<search> {hop.chosen} </search>",
@@ -542,6 +592,7 @@ def generate_dataset(
     cache_dir: str | Path | None = None,
     require_retrievable: bool = False,
     max_per_bridge: int = 20,
+    max_share: float | None = None,
     sft: bool = True,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -550,7 +601,9 @@ def generate_dataset(
     Questions are taken round-robin over ``templates`` until each split has its size or the
     templates run out (the counts say what was reached). ``max_per_bridge`` caps how many
     questions of a template share one bridge entity (otherwise "American" people swamp the
-    nationality chain). With ``require_retrievable`` only questions whose oracle searches
+    nationality chain). ``max_share`` (e.g. 0.4) caps each template's share of a split, at the
+    cost of smaller splits: without it the plentiful born_first and single_hop questions fill
+    what the chains cannot. With ``require_retrievable`` only questions whose oracle searches
     retrieve every hop passage in the BM25 top-k enter the splits. Returns paths and counts.
     """
     unknown = [t for t in templates if t not in TEMPLATES]
@@ -561,6 +614,8 @@ def generate_dataset(
         raise ValueError(f"split sizes must be >= 0 and not all 0, got {sizes}")
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
+    if max_share is not None and not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -623,8 +678,12 @@ def generate_dataset(
             candidates_total["born_first"] = candidates_total.get("born_first", 0) + len(pairs)
 
     all_cands = [c for s in SPLITS for lst in by_split[s].values() for c in lst]
-    _oracle_queries(all_cands, retriever, topk)
-    say(f"[gen-data] {len(all_cands)} checked candidates, retrieval checked in {time.perf_counter() - t0:.1f} s")
+    t1 = time.perf_counter()
+    search_cache = _oracle_queries(all_cands, retriever, topk)
+    say(
+        f"[gen-data] {len(all_cands)} candidates passed the checks; oracle searches "
+        f"({len(search_cache)} queries) took {time.perf_counter() - t1:.1f} s"
+    )
 
     rows: dict[str, list[Candidate]] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -642,6 +701,8 @@ def generate_dataset(
                     continue
                 per_bridge[c.keys[0]] += 1
                 capped.append(c)
+            if max_share is not None:
+                capped = capped[: int(max_share * sizes[s])]
             per_template[name] = capped
         chosen: list[Candidate] = []
         cursor = dict.fromkeys(templates, 0)
@@ -660,7 +721,9 @@ def generate_dataset(
         _write_jsonl(paths[s], [_row(c) for c in rows[s]])
     sft_rows = []
     if sft:
-        sft_rows = [oracle_trajectory(c, retriever, topk) for c in rows["train"] if c.retrievable]
+        sft_rows = [
+            oracle_trajectory(c, retriever, topk, search_cache) for c in rows["train"] if c.retrievable
+        ]
         paths["sft"] = out_dir / "sft.jsonl"
         _write_jsonl(paths["sft"], sft_rows)
         say(f"[gen-data] sft: {len(sft_rows)} oracle trajectories of {len(rows['train'])} train questions")
@@ -672,9 +735,7 @@ def generate_dataset(
         "written": {s: len(rows[s]) for s in SPLITS},
         "per_template": counts,
         "candidates": candidates_total,
-        "retrievable": {
-            s: dict(Counter(c.template for c in rows[s] if c.retrievable)) for s in SPLITS
-        },
+        "retrievable": {s: dict(Counter(c.template for c in rows[s] if c.retrievable)) for s in SPLITS},
         "sft": len(sft_rows),
         "rejected": dict(sorted(rejected.items())),
         "seconds": round(time.perf_counter() - t0, 2),

@@ -155,11 +155,10 @@ class HFEngine:
             act = torch.as_tensor(active, device=self.device)
             tokens, logprobs = self._choose(logits, [rows[a] for a in active], temperature[act], top_p[act])
             still = []
-            for b, a in enumerate(active):
+            for b, (a, tok, lp) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
                 row = rows[a]
-                tok = int(tokens[b])
                 row.new_ids.append(tok)
-                row.logprobs.append(float(logprobs[b]))
+                row.logprobs.append(lp)
                 if tok in self.eos_token_ids:
                     row.finish_reason = "eos"
                 elif row.params.stop and self._check_stop(row):

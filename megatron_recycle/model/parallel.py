@@ -138,6 +138,7 @@ def init_distributed(
         raise ValueError("backend='nccl' needs CUDA, and no CUDA device is visible; use backend='gloo'")
 
     validate_layout(tp, pp, vpp, None, model_config)  # model shape first: fail before any set-up
+    created_now = False
     if not dist.is_initialized():
         world = _env_int("WORLD_SIZE")
         rank = _env_int("RANK")
@@ -151,15 +152,26 @@ def init_distributed(
             if rank is None:
                 raise RuntimeError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
             dist.init_process_group(backend, rank=rank, world_size=world)
-        _OWNS_PROCESS_GROUP = True
+        _OWNS_PROCESS_GROUP = created_now = True
     world_size = dist.get_world_size()
-    validate_layout(tp, pp, vpp, world_size)
+    try:
+        validate_layout(tp, pp, vpp, world_size)
+    except ValueError:
+        if created_now:  # leave no half-initialized state behind
+            dist.destroy_process_group()
+            _OWNS_PROCESS_GROUP = False
+        raise
 
     if ps.model_parallel_is_initialized():
-        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
-        if have != (tp, pp):
+        have = (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size(),
+        )
+        want = (tp, pp, vpp if (vpp or 1) > 1 else None)
+        if have != want:
             raise RuntimeError(
-                f"megatron parallel_state is already initialized with tp,pp={have}, asked for {(tp, pp)}; "
+                f"megatron parallel_state is already initialized with tp,pp,vpp={have}, asked for {want}; "
                 "call destroy_distributed() first"
             )
     else:

@@ -13,7 +13,9 @@ A save writes everything under ``step_N.tmp-<id>/`` (each file to a temporary na
 fsync'ed, then renamed), waits for every rank, and only then rank 0 writes ``manifest.json`` and
 renames the folder to ``step_N``. A process killed at any point therefore leaves either the old
 set of complete checkpoints or the new one, never a ``step_N`` that is incomplete. The run
-directory must be on a file system every rank sees (as for any multi-node checkpoint).
+directory must be on a file system every rank sees (as for any multi-node checkpoint). Ranks
+agree through torch.distributed object collectives (on NCCL, set the CUDA device first). Tensors
+load onto the CPU; ``load_state_dict`` copies them to the model's device.
 
 Resuming compares the config keys in ``RESUME_KEYS`` (what changes the meaning of the saved
 state: model layout, pool, training data, group size, optimizer layout); everything else (lr,
@@ -29,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -421,9 +424,14 @@ class CheckpointManager:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=weights_only)
         except Exception as e:  # torch raises several types for unpickling problems
-            hint = " (it holds objects outside torch's safe list: load(weights_only=False) if you trust it)" \
-                if weights_only and "weights_only" in str(e) else ""
-            raise CheckpointError(f"{path}: cannot be loaded: {type(e).__name__}: {e}{hint}") from e
+            text = str(e)
+            if weights_only and "Weights only load failed" in text:
+                why = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
+                raise CheckpointError(
+                    f"{path}: cannot be loaded with weights_only=True ({why or 'objects outside torch safe list'}); "
+                    "use load(weights_only=False) only if you trust this checkpoint"
+                ) from e
+            raise CheckpointError(f"{path}: cannot be loaded: {type(e).__name__}: {text}") from e
         if not isinstance(obj, dict) or obj.get("step") != step:
             raise CheckpointError(f"{path}: does not hold step {step} (found {obj.get('step') if isinstance(obj, dict) else obj!r})")
         return obj
@@ -431,7 +439,8 @@ class CheckpointManager:
 
 # ----------------------------------------------------------------------------------- RNG state
 def capture_rng_state() -> dict[str, Any]:
-    """Every RNG a training step touches: python ``random``, numpy's global RNG, torch CPU (and CUDA).
+    """Every RNG a training step touches: python ``random``, numpy's global RNG, torch CPU, CUDA (when
+    initialized) and megatron's named model-parallel RNG states (when megatron has seeded them).
 
     Only plain Python values and tensors, so the state loads with ``torch.load(weights_only=True)``.
     """
@@ -449,7 +458,27 @@ def capture_rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    tracker = _megatron_tracker(create=False)
+    if tracker is not None and tracker.is_initialized():
+        named = tracker.get_states()
+        kept = {k: v.clone() for k, v in named.items() if isinstance(v, torch.Tensor)}
+        if len(kept) != len(named):
+            log.warning("RNG state: megatron tracker states %s are not tensors (CUDA-graph generators?) "
+                        "and are not captured", sorted(set(named) - set(kept)))
+        state["megatron_tracker"] = kept
     return state
+
+
+def _megatron_tracker(create: bool) -> Any:
+    """megatron's model-parallel RNG tracker when megatron is in use (already imported), else None."""
+    mrandom = sys.modules.get("megatron.core.tensor_parallel.random")
+    if mrandom is None:
+        if not create:
+            return None
+        import megatron.core.tensor_parallel.random as mrandom
+    if not create and getattr(mrandom, "_CUDA_RNG_STATE_TRACKER", None) is None:
+        return None
+    return mrandom.get_cuda_rng_tracker()
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
@@ -478,3 +507,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
         else:
             log.warning("RNG state holds CUDA generator states but CUDA is not available: they are not restored")
+    if "megatron_tracker" in state:
+        # On CPU, apply the compat patches (model/compat.py) before this, as before seeding the tracker.
+        _megatron_tracker(create=True).set_states({k: v.clone() for k, v in state["megatron_tracker"].items()})

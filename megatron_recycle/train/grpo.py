@@ -248,7 +248,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             start_step, rollouts_done = int(shared["step"]), int(shared["rollouts"])
             rtm.sync_engine_weights(rt)
             print(f"[train] resumed from {run_dir / 'checkpoints'} step {start_step}", flush=True)
-    metrics = MetricsWriter(run_dir, enabled=rt.is_rank0, resume_from_step=start_step if resume else None)
+    metrics = MetricsWriter(run_dir, enabled=rt.is_rank0, resume_step=start_step if resume else None)
     ref_chunks = _reference_model(rt) if cfg.loss.kl_beta > 0 else None
     loss_cfg = GRPOLossConfig(eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, clip_c=cfg.loss.clip_c,
                               kl_beta=cfg.loss.kl_beta, agg=cfg.loss.agg, max_len=cfg.loss.max_len,
@@ -293,13 +293,14 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             s = pool.stats() if pool is not None else {}
             rollouts_done += info["rollouts"]
             if rt.is_rank0:
-                record.update({f"pool/{k}": v for k, v in s.items()})
+                record.update({k: v for k, v in s.items() if k != "step"})
+                record["batch_size"] = cfg.pool.batch_size
                 record.update({f"train/{k}": v for k, v in train_metrics.items()})
                 record.update({f"rollout/{k}": v for k, v in info["rollout"].items()})
                 record.update(reward_mean=info.get("reward_mean"), em_mean=info["rollout"].get("em", info.get("reward_mean")),
                               rollouts_total=rollouts_done, peak_rss_gib=rtm.peak_rss_gib())
-                record.update({"time/rollout_s": t1 - t0, "time/ref_logprob_s": t_ref, "time/train_s": t2 - t1 - t_ref,
-                               "time/sync_s": t3 - t2, "time/step_s": t3 - t0})
+                record.update({"time/rollout": t1 - t0, "time/logprob": t_ref, "time/train": t2 - t1 - t_ref,
+                               "time/sync": t3 - t2, "time/step": t3 - t0})
                 gen_tokens = info["rollout"].get("generated_tokens", 0)
                 if gen_tokens:
                     record["throughput/rollout_tok_per_s"] = gen_tokens / max(t1 - t0, 1e-9)
@@ -341,7 +342,7 @@ def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, capture_rng_sta
     shared = {"step": step, "rollouts": rollouts, "pool": pool.state_dict() if pool is not None else None}
     ckpt.save(step, parts, shared)
     if rt.is_rank0:
-        print(f"[train] checkpoint step {step} -> {ckpt.run_dir / 'checkpoints' / f'step_{step}'}", flush=True)
+        print(f"[train] checkpoint step {step} -> {ckpt.dir / f'step_{step}'}", flush=True)
 
 
 def _reference_model(rt: rtm.Runtime) -> list:

@@ -185,6 +185,7 @@ class GRPOLossConfig:
     agg: str = "token-mean"
     max_len: int | None = None
     temperature: float = 1.0
+    compute_entropy: bool = False  # report the token-mean entropy (one more pass in the kernel)
 
     def __post_init__(self) -> None:
         if self.agg not in AGG_MODES:
@@ -234,12 +235,14 @@ def _micro_batches(batch: TrajectoryBatch, micro_batch_size: int) -> list[Trajec
             f"pad the batch with build_batch(pad_rows_to_multiple_of={micro_batch_size})"
         )
     dev = _device()
-    out = []
-    for s in range(0, n, micro_batch_size):
-        mb = batch.rows(s, s + micro_batch_size)
-        out.append(mb.replace(**{f.name: (None if getattr(mb, f.name) is None else getattr(mb, f.name).to(dev))
-                                 for f in dataclasses.fields(mb)}))
-    return out
+
+    def to_dev(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dev, non_blocking=True)
+
+    return [
+        TrajectoryBatch(*(to_dev(getattr(mb, f.name)) for f in dataclasses.fields(mb)))
+        for mb in (batch.rows(s, s + micro_batch_size) for s in range(0, n, micro_batch_size))
+    ]
 
 
 def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:
@@ -259,14 +262,15 @@ def target_logprobs(
     from megatron_recycle_kernels import token_logprobs
 
     b, seq, vshard = logits.shape
-    flat = logits[:, :-1].reshape(-1, vshard)
-    targets = tokens[:, 1:].reshape(-1)
-    out = token_logprobs(flat, targets, temperature=temperature, tp_group=_tp_group(),
+    # Score every position (a free view of the logits; slicing off the last position would copy
+    # them) against the next token; the last position gets a dummy target and is dropped.
+    targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)
+    out = token_logprobs(logits.reshape(-1, vshard), targets, temperature=temperature, tp_group=_tp_group(),
                          return_entropy=return_entropy)
     if return_entropy:
         lp, ent = out
-        return lp.view(b, seq - 1), ent.view(b, seq - 1)
-    return out.view(b, seq - 1)
+        return lp.view(b, seq)[:, :-1], ent.view(b, seq)[:, :-1]
+    return out.view(b, seq)[:, :-1]
 
 
 def _forward_step(loss_fn: Callable, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
@@ -354,12 +358,15 @@ def _run_train_step(
     micro_batch_size: int,
     loss_fn: Callable,
     dp_group: dist.ProcessGroup,
+    on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """The shared machinery: zero grads, forward_backward over micro-batches, optimizer, LR schedule.
 
     ``loss_fn(mb, output)`` returns (scaled loss, dict of SUMS over the micro-batch); the sums are
     added over micro-batches and DP ranks and returned (plus grad norm, lr, timings).
+    ``on_phase`` (benchmarks) is called with "forward_backward", "optimizer" and "end" as each begins.
     """
+    phase = on_phase or (lambda name: None)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mbs = _micro_batches(batch, micro_batch_size)
@@ -369,6 +376,7 @@ def _run_train_step(
     lr = float(optimizer.param_groups[0]["lr"])
 
     _sync()
+    phase("forward_backward")
     t0 = time.perf_counter()
     reduced = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_fn),
@@ -380,12 +388,14 @@ def _run_train_step(
         forward_only=False,
     )
     _sync()
+    phase("optimizer")
     t1 = time.perf_counter()
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
     _sync()
     t2 = time.perf_counter()
+    phase("end")
 
     # Sums over micro-batches (last stage) -> every PP stage -> summed over DP ranks.
     sums: dict[str, float] = {}
@@ -416,12 +426,14 @@ def grpo_train_step(
     batch: TrajectoryBatch,
     micro_batch_size: int,
     loss_cfg: GRPOLossConfig | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """One GRPO optimizer step on this DP rank's share of the batch; returns global metrics.
 
     ``batch.old_logprobs`` None means on-policy (old = current, detached: ratio 1). Metrics:
     loss (full-batch value), grad_norm, lr, token and sequence counts, token-weighted means of
-    grpo_loss's stats (clip fractions, ratio, KLs), and times per phase.
+    grpo_loss's stats (clip fractions, ratio, KLs), and times per phase. ``on_phase``: an
+    optional callback at each phase boundary (see _run_train_step; used by tools/bench_step.py).
     """
     from megatron_recycle_kernels import grpo_loss
 
@@ -444,7 +456,11 @@ def grpo_train_step(
     scale = float(num_mb * dp_size)
 
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        lp = target_logprobs(output, mb.tokens, cfg.temperature)
+        entropy = None
+        if cfg.compute_entropy:
+            lp, entropy = target_logprobs(output, mb.tokens, cfg.temperature, return_entropy=True)
+        else:
+            lp = target_logprobs(output, mb.tokens, cfg.temperature)
         old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
         loss, stats = grpo_loss(
             lp, old, mb.advantages, mb.target_mask, ref_logprobs=mb.ref_logprobs,
@@ -455,9 +471,11 @@ def grpo_train_step(
         sums = {"loss": loss.detach(), "tokens": n_tok}
         # stats are token means over this micro-batch: weight by its token count, divide later.
         sums.update({f"sum/{k}": v.detach() * n_tok for k, v in stats.items()})
+        if entropy is not None:
+            sums["sum/entropy"] = (entropy.detach() * mb.target_mask).sum()
         return loss * scale, sums
 
-    out = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group)
+    out = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group, on_phase)
     metrics = {"loss": out.pop("loss"), "tokens": out.pop("tokens"), "sequences": global_rows}
     for k in [k for k in out if k.startswith("sum/")]:
         metrics[k[4:]] = out.pop(k) / max(global_tokens, 1.0)
@@ -473,6 +491,7 @@ def sft_train_step(
     scheduler: Any,
     batch: TrajectoryBatch,
     micro_batch_size: int,
+    on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """One SFT step: masked next-token cross-entropy, normalized by the global masked-token count.
 
@@ -493,7 +512,7 @@ def sft_train_step(
         loss = -(lp * mb.target_mask).sum() / global_tokens
         return loss * scale, {"loss": loss.detach(), "tokens": mb.target_mask.sum()}
 
-    metrics = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group)
+    metrics = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group, on_phase)
     _sync()
     metrics["time/step_s"] = time.perf_counter() - t_start
     return metrics

@@ -249,3 +249,22 @@ def test_load_weights_in_place(tok):
         engine.load_weights([])
     engine.sleep()
     engine.wake()
+
+
+@pytest.mark.real_model
+def test_real_smollm2_batched_greedy_matches_transformers_generate(tok):
+    from megatron_recycle.agent.protocol import render_prompt
+    from megatron_recycle.model.hf_loading import load_hf_model
+
+    model = load_hf_model("smollm2-135m")
+    engine = HFEngine(model, tok)
+    questions = ["What is the capital of France?", "In what year was the author of the novel Pride and Prejudice born?"]
+    prompts = [tok(render_prompt(tok, q), add_special_tokens=False).input_ids for q in questions]
+    assert len(prompts[0]) != len(prompts[1])  # so the batch really is left-padded
+    gens = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24))
+    for prompt, gen in zip(prompts, gens):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, top_p=None, top_k=None)
+        ref = ref[0, len(prompt) :].tolist()
+        assert gen.token_ids == ref[: len(gen.token_ids)]
+        assert gen.finish_reason in ("eos", "length")

@@ -8,6 +8,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from megatron_recycle.agent.retrievers import (
@@ -68,6 +69,17 @@ def test_bm25_index_cache_is_reused_and_keyed_by_corpus(wiki, bm25, bm25_cache):
     assert not small.loaded_from_cache and small.cache_key != bm25.cache_key
 
 
+def test_bm25_damaged_cache_is_rebuilt(wiki, tmp_path):
+    corpus = wiki.subset(list(range(0, 10_000, 25)))
+    first = BM25Retriever(corpus, cache_dir=tmp_path)
+    (first.index_dir / "vocab.index.json").write_text("{broken")
+    second = BM25Retriever(corpus, cache_dir=tmp_path)
+    assert not second.loaded_from_cache and second.cache_rebuilds == 1
+    query = [corpus.contents[7].split("\n")[0]]
+    assert [p.id for p in second.search(query, 3)[0]] == [p.id for p in first.search(query, 3)[0]]
+    assert BM25Retriever(corpus, cache_dir=tmp_path).loaded_from_cache  # the rebuilt cache is good
+
+
 def test_bm25_edge_cases(bm25, wiki):
     empty = bm25.search(["", "zzqqxxv", "the of and"], topk=3)
     assert empty == [[], [], []]
@@ -83,7 +95,7 @@ def test_bm25_edge_cases(bm25, wiki):
 
 def test_dense_retriever_on_a_small_subset(wiki, tmp_path):
     titles = [t for _, t in KNOWN] + ["Berlin", "Isaac Newton", "Moon", "Pacific Ocean"]
-    rows = [wiki.index_of(wiki.find_title(t).id) for t in titles] + list(range(0, 2000, 50))
+    rows = [wiki.index_of(wiki.find_title(t).id) for t in titles] + list(range(0, 2000, 100))
     corpus = wiki.subset(sorted(set(rows)))
     dense = DenseRetriever(corpus, cache_dir=tmp_path, max_seq_length=128)
     assert not dense.loaded_from_cache and dense.cache_file.is_file()
@@ -99,6 +111,11 @@ def test_dense_retriever_on_a_small_subset(wiki, tmp_path):
     again = DenseRetriever(corpus, cache_dir=tmp_path, max_seq_length=128)
     assert again.loaded_from_cache
     assert [h.id for h in again.search([queries[0][0]], 3)[0]] == [h.id for h in results[0]]
+    np.testing.assert_allclose(again.embeddings, dense.embeddings)
+    dense.cache_file.write_bytes(b"not a numpy file")  # a damaged cache is recomputed
+    third = DenseRetriever(corpus, cache_dir=tmp_path, max_seq_length=128)
+    assert not third.loaded_from_cache
+    np.testing.assert_allclose(third.embeddings, dense.embeddings, atol=1e-5)
 
 
 def test_build_retriever_validates_kind(wiki, bm25_cache):

@@ -126,5 +126,6 @@ def test_find_benchmark_files(tmp_path):
     assert found.found["popqa"].name == "popqa_test.jsonl"
     assert found.missing == ["triviaqa", "musique"]
     assert set(found.found) | set(found.missing) == set(BENCHMARKS)
+    assert dict(found) == found.found and found["nq"] == found.found["nq"]  # usable as a plain dict
     with pytest.raises(FileNotFoundError):
         find_benchmark_files(tmp_path / "nowhere")

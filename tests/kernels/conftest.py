@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-
 from megatron_recycle_kernels import buffers
 
 

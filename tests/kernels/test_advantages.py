@@ -3,7 +3,6 @@
 import pytest
 import torch
 import triton
-
 from megatron_recycle_kernels import advantages as adv_mod
 from megatron_recycle_kernels import grpo_advantages
 from megatron_recycle_kernels.reference import grpo_advantages_reference
@@ -35,14 +34,18 @@ def test_contiguous_groups_match_reference(impl, k, norm_by_std, unbiased, trito
     r[:k] = 1.0  # all correct
     r[k : 2 * k] = 0.0  # all wrong
     dev = triton_device if impl == "triton" else torch.device("cpu")
-    out = grpo_advantages(r.float().to(dev), group_size=k, norm_by_std=norm_by_std, unbiased=unbiased, impl=impl)
+    out = grpo_advantages(
+        r.float().to(dev), group_size=k, norm_by_std=norm_by_std, unbiased=unbiased, impl=impl
+    )
     ref = grpo_advantages_reference(r, group_size=k, norm_by_std=norm_by_std, unbiased=unbiased)
     _check(out, ref, group_of=torch.arange(g * k) // k)
     a, _, std, sig = out
     assert not sig[0] and not sig[1]
     assert torch.equal(a[: 2 * k].cpu(), torch.zeros(2 * k))
     if k == 1:
-        assert not sig.any() and torch.equal(a.cpu(), torch.zeros(g)) and torch.equal(std.cpu(), torch.zeros(g))
+        assert (
+            not sig.any() and torch.equal(a.cpu(), torch.zeros(g)) and torch.equal(std.cpu(), torch.zeros(g))
+        )
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -100,3 +103,24 @@ def test_float64_rewards_stay_float64(triton_device):
 def test_bad_group_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         grpo_advantages(torch.zeros(6), impl="torch", **kwargs)
+
+
+def test_dispatch_rule(monkeypatch):
+    """Explicit impl wins, then MEGATRON_RECYCLE_KERNELS_IMPL, then device / TRITON_INTERPRET."""
+    from megatron_recycle_kernels import IMPL_ENV, resolve_impl
+
+    cpu = torch.zeros(1)
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_impl(cpu) == "torch"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve_impl(cpu, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl(cpu) == "triton" and resolve_impl(cpu, "torch") == "torch"
+    monkeypatch.setenv(IMPL_ENV, "torch")
+    assert resolve_impl(cpu) == "torch" and resolve_impl(cpu, "triton") == "triton"
+    monkeypatch.setenv(IMPL_ENV, "cuda")
+    with pytest.raises(ValueError, match=IMPL_ENV):
+        resolve_impl(cpu)
+    with pytest.raises(ValueError, match="impl="):
+        resolve_impl(cpu, "numpy")

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from megatron_recycle_kernels import AGG_MODES, grpo_loss
 from megatron_recycle_kernels import policy_loss as grpo_loss_mod
 from megatron_recycle_kernels.reference import grpo_loss_reference
@@ -42,15 +41,28 @@ def _run(impl, device, dtype, agg, case, seed=0):
     r = ref if case.get("ref") else None
     x = lp.to(device=device, dtype=dtype).requires_grad_()
     loss, stats = grpo_loss(
-        x, old.to(device, dtype), adv.to(device, torch.float32), mask.to(device),
-        None if r is None else r.to(device, dtype), agg=agg, max_len=MAX_LEN, impl=impl, **kw,
+        x,
+        old.to(device, dtype),
+        adv.to(device, torch.float32),
+        mask.to(device),
+        None if r is None else r.to(device, dtype),
+        agg=agg,
+        max_len=MAX_LEN,
+        impl=impl,
+        **kw,
     )
     (g,) = torch.autograd.grad(loss * 1.7, x)  # a non-unit upstream gradient
     # Reference on exactly the same (rounded) inputs, in float64.
     xr = x.detach().double().cpu().requires_grad_()
     lr, sr = grpo_loss_reference(
-        xr, old.to(dtype).double(), adv.float().double(), mask,
-        None if r is None else r.to(dtype).double(), agg=agg, max_len=MAX_LEN, **kw,
+        xr,
+        old.to(dtype).double(),
+        adv.float().double(),
+        mask,
+        None if r is None else r.to(dtype).double(),
+        agg=agg,
+        max_len=MAX_LEN,
+        **kw,
     )
     (gr,) = torch.autograd.grad(lr * 1.7, xr)
     return loss, stats, g, lr, sr, gr
@@ -103,8 +115,17 @@ def test_all_masked_gives_zero_loss_and_grad(impl, agg, triton_device):
     lp, old, ref, adv, _ = make_batch(3)
     x = lp.float().to(dev).requires_grad_()
     mask = torch.zeros(N, T, dtype=torch.bool, device=dev)
-    loss, stats = grpo_loss(x, old.float().to(dev), adv.float().to(dev), mask, ref.float().to(dev),
-                            kl_beta=0.1, agg=agg, max_len=MAX_LEN, impl=impl)
+    loss, stats = grpo_loss(
+        x,
+        old.float().to(dev),
+        adv.float().to(dev),
+        mask,
+        ref.float().to(dev),
+        kl_beta=0.1,
+        agg=agg,
+        max_len=MAX_LEN,
+        impl=impl,
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(x.grad.cpu(), torch.zeros(N, T))
     assert all(torch.isfinite(v) and v.item() == 0.0 for v in stats.values())
@@ -116,7 +137,9 @@ def test_micro_batches_and_dp_ranks_add_up_to_the_full_batch_gradient(impl, agg,
     """Rows split over 2 'DP ranks' x 2 micro-batches with the global normalizer: same gradient, bit for bit."""
     dev = triton_device if impl == "triton" else torch.device("cpu")
     n = 10
-    lp, old, ref, adv, mask = (t.float().to(dev) if t.is_floating_point() else t.to(dev) for t in make_batch(5, n=n))
+    lp, old, ref, adv, mask = (
+        t.float().to(dev) if t.is_floating_point() else t.to(dev) for t in make_batch(5, n=n)
+    )
     kw = dict(ref_logprobs=ref, kl_beta=0.05, clip_c=3.0, agg=agg, max_len=MAX_LEN, impl=impl)
     x = lp.clone().requires_grad_()
     full, _ = grpo_loss(x, old, adv, mask, **kw)
@@ -127,8 +150,14 @@ def test_micro_batches_and_dp_ranks_add_up_to_the_full_batch_gradient(impl, agg,
     total = 0.0
     for a, b in splits:
         rows = slice(a, b)
-        part, _ = grpo_loss(y[rows], old[rows], adv[rows], mask[rows], **{**kw, "ref_logprobs": ref[rows]},
-                            normalizer=normalizer)
+        part, _ = grpo_loss(
+            y[rows],
+            old[rows],
+            adv[rows],
+            mask[rows],
+            **{**kw, "ref_logprobs": ref[rows]},
+            normalizer=normalizer,
+        )
         part.backward()
         total = total + part.detach()
     torch.testing.assert_close(total, full.detach(), rtol=1e-6, atol=1e-7)
@@ -137,7 +166,12 @@ def test_micro_batches_and_dp_ranks_add_up_to_the_full_batch_gradient(impl, agg,
 
 def test_normalizer_scales_the_loss(triton_device):
     lp, old, _, adv, mask = make_batch(7)
-    args = (lp.float().to(triton_device), old.float().to(triton_device), adv.float().to(triton_device), mask.to(triton_device))
+    args = (
+        lp.float().to(triton_device),
+        old.float().to(triton_device),
+        adv.float().to(triton_device),
+        mask.to(triton_device),
+    )
     a, _ = grpo_loss(*args, normalizer=10.0, impl="triton")
     b, _ = grpo_loss(*args, normalizer=40.0, impl="triton")
     c, _ = grpo_loss(*args, impl="triton")
@@ -148,7 +182,10 @@ def test_normalizer_scales_the_loss(triton_device):
 def test_reference_gradcheck():
     lp, old, ref, adv, mask = make_batch(11, n=4, t=6, spread=0.5)
     for agg in AGG_MODES:
-        fn = lambda x: grpo_loss_reference(x, old, adv, mask, ref, clip_c=3.0, kl_beta=0.1, agg=agg, max_len=8)[0]  # noqa: E731
+
+        def fn(x, agg=agg):
+            return grpo_loss_reference(x, old, adv, mask, ref, clip_c=3.0, kl_beta=0.1, agg=agg, max_len=8)[0]
+
         assert torch.autograd.gradcheck(fn, (lp.clone().requires_grad_(),))
 
 

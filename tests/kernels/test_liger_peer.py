@@ -6,10 +6,11 @@ same loss (token-level ratio, k3 KL, no dual clip) loss and logits gradient must
 
 import pytest
 import torch
-
 from megatron_recycle_kernels import grpo_loss, token_logprobs
 
-liger_grpo = pytest.importorskip("liger_kernel.transformers.grpo_loss", reason="liger-kernel is not installed")
+liger_grpo = pytest.importorskip(
+    "liger_kernel.transformers.grpo_loss", reason="liger-kernel is not installed"
+)
 
 # liger loss_type -> our aggregation mode
 MODES = [("bnpo", "token-mean"), ("grpo", "seq-mean-token-mean"), ("dr_grpo", "seq-mean-token-sum-norm")]
@@ -31,15 +32,40 @@ def test_matches_liger_triton_grpo_loss(liger_mode, agg, beta, triton_device):
 
     x1 = logits.clone().requires_grad_()
     peer, _ = liger_grpo.triton_grpo_loss(
-        x1, old, ref if beta else None, ids, adv, mask.float(), temperature=temp, beta=beta,
-        eps_low=0.2, eps_high=0.28, inplace=False, loss_type=liger_mode, max_completion_length=length, reduce=True,
+        x1,
+        old,
+        ref if beta else None,
+        ids,
+        adv,
+        mask.float(),
+        temperature=temp,
+        beta=beta,
+        eps_low=0.2,
+        eps_high=0.28,
+        inplace=False,
+        loss_type=liger_mode,
+        max_completion_length=length,
+        reduce=True,
     )
     (g1,) = torch.autograd.grad(peer, x1)
 
     x2 = logits.clone().requires_grad_()
-    lp = token_logprobs(x2[:, :-1].reshape(-1, vocab), ids.reshape(-1), temperature=temp, impl="triton").view(b, length)
-    ours, _ = grpo_loss(lp, old, adv, mask, ref if beta else None, eps_low=0.2, eps_high=0.28, kl_beta=beta,
-                        agg=agg, max_len=length, impl="triton")
+    lp = token_logprobs(x2[:, :-1].reshape(-1, vocab), ids.reshape(-1), temperature=temp, impl="triton").view(
+        b, length
+    )
+    ours, _ = grpo_loss(
+        lp,
+        old,
+        adv,
+        mask,
+        ref if beta else None,
+        eps_low=0.2,
+        eps_high=0.28,
+        kl_beta=beta,
+        agg=agg,
+        max_len=length,
+        impl="triton",
+    )
     (g2,) = torch.autograd.grad(ours, x2)
     torch.testing.assert_close(ours, peer.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6)

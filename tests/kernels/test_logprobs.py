@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from megatron_recycle_kernels import chunked_token_logprobs, logprobs, token_logprobs
 from megatron_recycle_kernels.logprobs import ChunkedTokenLogprobsFunction, TokenLogprobsFunction
 from megatron_recycle_kernels.reference import chunked_token_logprobs_reference, token_logprobs_reference
@@ -39,6 +38,7 @@ def _reference(logits, targets, temperature, w_lp, w_ent):
 def test_fp32_matches_reference(impl, rows, vocab, block, temperature, triton_device, monkeypatch):
     """Several vocabulary blocks per row when `block` < vocab; large logits so the online max matters."""
     monkeypatch.setattr(logprobs, "MAX_BLOCK_V", block)
+    monkeypatch.setattr(logprobs, "TORCH_CHUNK_ELEMENTS", 4 * block)  # PyTorch path: a few rows per chunk
     dev = _dev(impl, triton_device)
     g = torch.Generator().manual_seed(rows * vocab)
     logits = (torch.randn(rows, vocab, generator=g) * 8 + 30).to(dev)
@@ -126,7 +126,9 @@ def test_chunked_equals_unchunked(impl, chunk, triton_device):
     targets = torch.randint(0, 70, (13,), generator=g).to(dev)
     w_lp, w_ent = torch.randn(13, generator=g).to(dev), torch.randn(13, generator=g).to(dev)
     hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
-    lp, ent = chunked_token_logprobs(hc, wc, targets, temperature=0.7, chunk_size=chunk, return_entropy=True, impl=impl)
+    lp, ent = chunked_token_logprobs(
+        hc, wc, targets, temperature=0.7, chunk_size=chunk, return_entropy=True, impl=impl
+    )
     gh, gw = torch.autograd.grad((w_lp * lp).sum() + (w_ent * ent).sum(), (hc, wc))
     hu, wu = h.clone().requires_grad_(), w.clone().requires_grad_()
     ulp, uent = token_logprobs(hu @ wu.t(), targets, temperature=0.7, return_entropy=True, impl=impl)
@@ -204,3 +206,34 @@ def test_two_rank_vocab_parallel_equals_single_rank():
     proc = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("rank ok") == 2, proc.stdout
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_entropy_not_asked_is_not_computed_silently(impl, triton_device):
+    """Without return_entropy only log-probs come back; the internal entropy slot is NaN, never a wrong number."""
+    dev = _dev(impl, triton_device)
+    logits = torch.randn(3, 20).to(dev)
+    targets = torch.tensor([1, 2, 3]).to(dev)
+    lp = token_logprobs(logits, targets, impl=impl)
+    assert isinstance(lp, torch.Tensor) and lp.shape == (3,)
+    _, ent = TokenLogprobsFunction.apply(logits, targets, 1.0, None, impl == "triton", False)
+    assert torch.isnan(ent).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_are_left_untouched(impl, dtype, triton_device):
+    """Forward and backward must not scale or shift the caller's logits / hidden / weight in place."""
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(5, 40, generator=g).to(dev, dtype).requires_grad_()
+    h = torch.randn(5, 8, generator=g).to(dev, dtype).requires_grad_()
+    w = torch.randn(40, 8, generator=g).to(dev, dtype).requires_grad_()
+    targets = torch.randint(0, 40, (5,), generator=g).to(dev)
+    before = [t.detach().clone() for t in (logits, h, w)]
+    lp, ent = token_logprobs(logits, targets, temperature=0.7, return_entropy=True, impl=impl)
+    (lp.sum() + ent.sum()).backward()
+    lp, ent = chunked_token_logprobs(h, w, targets, 0.7, chunk_size=2, return_entropy=True, impl=impl)
+    (lp.sum() + ent.sum()).backward()
+    for a, b in zip((logits, h, w), before):
+        assert torch.equal(a.detach(), b)

@@ -30,7 +30,10 @@ def _check(rank: int, world: int, impl: str) -> None:
     targets = torch.randint(0, vocab, (rows,), generator=g)
     # targets in both halves, including the shard boundary
     targets[0], targets[1], targets[2] = vocab // 2 - 1, vocab // 2, vocab - 1
-    w_lp, w_ent = torch.randn(rows, generator=g, dtype=torch.float64), torch.randn(rows, generator=g, dtype=torch.float64)
+    w_lp, w_ent = (
+        torch.randn(rows, generator=g, dtype=torch.float64),
+        torch.randn(rows, generator=g, dtype=torch.float64),
+    )
     hidden = torch.randn(rows, hid, generator=g, dtype=torch.float64)
     weight = torch.randn(vocab, hid, generator=g, dtype=torch.float64) * 0.5
     lo, hi = rank * vocab // world, (rank + 1) * vocab // world
@@ -51,7 +54,9 @@ def _check(rank: int, world: int, impl: str) -> None:
     rlp, rent = chunked_token_logprobs_reference(h, w, targets, 0.8, True)
     rh, rw = torch.autograd.grad((w_lp * rlp).sum() + (w_ent * rent).sum(), (h, w))
     hs, ws = hidden.clone().requires_grad_(), weight[lo:hi].clone().requires_grad_()
-    lp, ent = chunked_token_logprobs(hs, ws, targets, 0.8, tp_group=group, chunk_size=4, return_entropy=True, impl=impl)
+    lp, ent = chunked_token_logprobs(
+        hs, ws, targets, 0.8, tp_group=group, chunk_size=4, return_entropy=True, impl=impl
+    )
     gh, gw = torch.autograd.grad((w_lp * lp.double()).sum() + (w_ent * ent.double()).sum(), (hs, ws))
     torch.testing.assert_close(lp.double(), rlp, **tol)
     torch.testing.assert_close(ent.double(), rent, **tol)

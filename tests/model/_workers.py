@@ -72,7 +72,7 @@ def sharded_roundtrip(rank: int, world_size: int, out_dir: str, layouts: list[di
         hf = tiny_hf_model(lay["kind"], lay["tied"], layers=lay.get("layers", 2), seed=lay.get("seed", 0))
         cfg = hf.config
         init_distributed(tp=tp, pp=pp, vpp=vpp, seed=1, model_config=cfg)
-        chunks = build_model_chunks(cfg, layer_spec="local")
+        chunks = build_model_chunks(cfg, bf16=lay.get("bf16", False), layer_spec="local")
         n_loaded = load_hf_weights(chunks, hf)
         local_layers = [
             [int(layer.layer_number) - 1 for layer in unwrap_model(c).decoder.layers] for c in chunks
@@ -86,6 +86,8 @@ def sharded_roundtrip(rank: int, world_size: int, out_dir: str, layouts: list[di
             for k, v in hf.state_dict().items()
             if not (cfg.tie_word_embeddings and k == "lm_head.weight")
         }
+        if lay.get("bf16"):
+            ref = {k: v.to(torch.bfloat16) for k, v in ref.items()}
         mismatched = sorted(k for k in ref if k not in exported or not torch.equal(exported[k], ref[k]))
         extra = sorted(set(exported) - set(ref))
         ids, pos = tiny_inputs()
@@ -95,7 +97,7 @@ def sharded_roundtrip(rank: int, world_size: int, out_dir: str, layouts: list[di
         if pp == 1:
             got = _tp_logits(chunks[0], ids, pos)
             logit_err = float((got - want).abs().max())
-        elif vpp is None and pp == 2:
+        elif vpp is None and pp == 2 and not lay.get("bf16"):
             got = _pp_logits(chunks[0], ids, pos, cfg.vocab_size)
             logit_err = float((got - want).abs().max())
         if lay.get("save"):

@@ -14,6 +14,8 @@ LAYOUTS = [
     dict(name="tp2_llama_tied", tp=2, pp=1, kind="llama", tied=True),
     dict(name="pp2_qwen3_tied", tp=1, pp=2, kind="qwen3", tied=True, save="ckpt_pp2"),
     dict(name="pp2_vpp2_qwen3", tp=1, pp=2, vpp=2, kind="qwen3", tied=False, layers=4),
+    dict(name="tp2_bf16_qwen3", tp=2, pp=1, kind="qwen3", tied=True, bf16=True),
+    dict(name="pp2_bf16_qwen2", tp=1, pp=2, kind="qwen2", tied=False, bf16=True),
 ]
 
 
@@ -46,6 +48,15 @@ def test_tp2_shards_are_halves_and_logits_match(results):
         assert r["shapes"]["embedding.word_embeddings.weight"] == [64, 64]  # vocab 128 / 2
         assert r["logit_err"] is not None and r["logit_err"] < 1e-5
         assert res["tp2_llama_tied"]["logit_err"] < 1e-5
+
+
+@pytest.mark.distributed
+def test_bf16_shards_gather_over_gloo(results):
+    """bf16 (Float16Module) parameters: the export is the bf16 cast of the HF weights exactly."""
+    _, per_rank = results
+    for res in per_rank:
+        assert res["tp2_bf16_qwen3"]["logit_err"] < 5e-2
+        assert res["pp2_bf16_qwen2"]["mismatched"] == [] and res["pp2_bf16_qwen2"]["n_exported"] > 0
 
 
 @pytest.mark.distributed

@@ -147,3 +147,18 @@ def test_smollm2_real_weights_match_transformers(world1):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     exported = export_hf_state_dict_to_cpu([model], hf.config)
     assert all(torch.equal(exported[k], v) for k, v in _reference_state(hf).items())
+
+
+def test_single_safetensors_file_source(world1, tiny, tmp_path):
+    """A lone model.safetensors (config.json beside it) loads like a folder; without the config
+    the error says to pass hf_config."""
+    hf = tiny.tiny_hf_model("llama", True, seed=9)
+    hf.save_pretrained(tmp_path / "m")
+    model = build_model_chunks(hf.config, layer_spec="local", perform_initialization=False)[0]
+    load_hf_weights([model], tmp_path / "m" / "model.safetensors")
+    exported = export_hf_state_dict_to_cpu([model], hf.config)
+    assert all(torch.equal(exported[k], v) for k, v in _reference_state(hf).items())
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(ValueError, match="pass hf_config="):
+        load_hf_weights([model], tmp_path / "m" / "model.safetensors")
+    load_hf_weights([model], tmp_path / "m" / "model.safetensors", hf_config=hf.config)

@@ -101,7 +101,6 @@ def grpo_layout(args: dict) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
-    from megatron_recycle.model.parallel import destroy_distributed, init_distributed
     from megatron_recycle.train.step import (
         GRPOLossConfig,
         TrajectoryBatch,
@@ -112,12 +111,11 @@ def grpo_layout(args: dict) -> dict:
     )
 
     cfg, sd = tiny_llama()
-    init_distributed(args["tp"], args["pp"], args.get("vpp"), seed=0, model_config=cfg)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     gb = global_batch()
     full = TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"])
     local = shard_for_data_parallel(full, dp_rank, dp)
-    loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0)
+    loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0, compute_entropy=True)
     load = lambda chunks: load_hf_weights(chunks, sd, cfg)  # noqa: E731
     out: dict[str, Any] = {"grads": {}, "sgd_metrics": {}}
     share = N_GLOBAL // dp
@@ -155,26 +153,64 @@ def grpo_layout(args: dict) -> dict:
     out["adam_metrics"] = [grpo_train_step(chunks, opt, sched, step_batch, mbs, loss_cfg) for _ in range(3)]
     out["adam_weights"] = export_hf_state_dict_to_cpu(chunks, cfg)
     out["rank_logprobs"] = lp
-    destroy_distributed()
     return out
 
 
 def sft_steps(args: dict) -> dict:
     """A few SFT steps on one tiny batch: the masked next-token loss must go down."""
     from megatron_recycle.model.convert import load_hf_weights
-    from megatron_recycle.model.parallel import destroy_distributed, init_distributed
     from megatron_recycle.train.step import TrajectoryBatch, setup_model_and_optimizer, sft_train_step
 
     cfg, sd = tiny_llama()
-    init_distributed(args.get("tp", 1), args.get("pp", 1), None, seed=0, model_config=cfg)
     gb = global_batch()
     batch = TrajectoryBatch(gb["tokens"], gb["loss_mask"])
     chunks, opt, sched = setup_model_and_optimizer(
         cfg, lr=3e-3, clip_grad=1.0, lr_decay_style="constant", load_weights=lambda c: load_hf_weights(c, sd, cfg)
     )
-    metrics = [sft_train_step(chunks, opt, sched, batch, args.get("mbs", 4)) for _ in range(args["steps"])]
+    return [sft_train_step(chunks, opt, sched, batch, args.get("mbs", 4)) for _ in range(args["steps"])]
+
+
+def grpo_bf16(args: dict) -> dict:
+    """bf16 parameters (Float16Module, fp32 main weights), distributed optimizer: log-probs and two steps."""
+    from megatron_recycle.model.convert import load_hf_weights
+    from megatron_recycle.train.step import (
+        TrajectoryBatch,
+        compute_logprobs,
+        grpo_train_step,
+        setup_model_and_optimizer,
+    )
+
+    cfg, sd = tiny_llama()
+    gb = global_batch()
+    batch = TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"])
+    chunks, opt, sched = setup_model_and_optimizer(
+        cfg, lr=1e-2, bf16=True, use_distributed_optimizer=True, lr_decay_style="constant",
+        load_weights=lambda c: load_hf_weights(c, sd, cfg),
+    )
+    lp = compute_logprobs(chunks, batch, args.get("mbs", 4))
+    metrics = [grpo_train_step(chunks, opt, sched, batch.replace(old_logprobs=lp), args.get("mbs", 4))
+               for _ in range(2)]
+    return {"logprobs": lp, "metrics": metrics, "param_dtypes": sorted({str(p.dtype) for p in chunks[0].parameters()})}
+
+
+def run_jobs(args: dict) -> dict:
+    """Run several jobs in the same processes (saves the interpreter start-up, several seconds each).
+
+    ``args["jobs"]``: list of [name, worker function, layout and worker args]. Megatron's
+    parallel_state is rebuilt for each job's TP/PP/VPP layout over the same process group.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_recycle.model.parallel import destroy_distributed, init_distributed
+
+    cfg, _ = tiny_llama()
+    results = {}
+    for name, fn, job in args["jobs"]:
+        init_distributed(job.get("tp", 1), job.get("pp", 1), job.get("vpp"), seed=0, model_config=cfg)
+        results[name] = globals()[fn](job)
+        ps.destroy_model_parallel()
     destroy_distributed()
-    return {"metrics": metrics}
+    return results
 
 
 def main() -> None:

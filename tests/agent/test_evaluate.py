@@ -1,0 +1,127 @@
+"""Evaluation on a small fixture file: Pass@1, F1, answer rate, searches and turns, overall,
+per source and per template; the printed table and the JSON + predictions files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_recycle.agent.types import Passage
+from megatron_recycle.data.datasets import read_qa_file
+from megatron_recycle.engines.base import Generation
+from megatron_recycle.evaluate import evaluate, format_table
+
+ROWS = [
+    {"id": "n1", "question": "capital of France?", "golden_answers": ["Paris"], "data_source": "nq"},
+    {"id": "n2", "question": "capital of Italy?", "golden_answers": ["Rome"], "data_source": "nq"},
+    {"id": "h1", "question": "author of Hamlet?", "golden_answers": ["Shakespeare"], "data_source": "hotpotqa",
+     "metadata": {"template": "work_creator"}},
+    {"id": "h2", "question": "who was born first, A or B?", "golden_answers": ["A"], "data_source": "hotpotqa",
+     "metadata": {"template": "born_first"}},
+]
+# What the fake policy writes per question: (turn texts); a search needs a second turn.
+SCRIPT = {
+    "France": ["<search> France </search>", "<answer> Paris </answer>"],  # right, 1 search
+    "Italy": ["<answer> Milan </answer>"],  # wrong
+    "Hamlet": ["<answer> William Shakespeare </answer>"],  # EM 0, F1 2/3
+    "born first": ["I cannot tell."],  # no answer (eos)
+}
+
+
+class WordTokenizer:
+    """A toy tokenizer, one id per character: enough for the rollout loop, and instant."""
+
+    chat_template = None
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return type("Enc", (), {"input_ids": [ord(c) for c in text]})()
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+class ScriptEngine:
+    def __init__(self):
+        self.tokenizer = WordTokenizer()
+        self.calls = 0
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        out = []
+        for prompt, p in zip(prompts, params):
+            text = self.tokenizer.decode(prompt)
+            key = next(k for k in SCRIPT if k in text)
+            turn = text.count("\n\n<information>")
+            reply = SCRIPT[key][turn]
+            stop = next((s for s in p.stop if reply.endswith(s)), None)
+            ids = [ord(c) for c in reply] + ([] if stop else [0])
+            out.append(Generation(ids, "stop" if stop else "eos", stop, None))
+        return out
+
+    def load_weights(self, named_tensors):
+        pass
+
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
+
+class OneDocRetriever:
+    def search(self, queries, topk):
+        return [[Passage("1", f"{q}\nabout {q}", 1.0)] for q in queries]
+
+
+@pytest.fixture()
+def fixture_file(tmp_path):
+    path = tmp_path / "mixed_test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+def test_evaluate_fixture_file(fixture_file, tmp_path, capsys):
+    examples = read_qa_file(fixture_file)
+    out = tmp_path / "res" / "result.json"
+    result = evaluate(ScriptEngine(), OneDocRetriever(), examples, max_turns=2, max_total_tokens=4096, topk=1,
+                      batch_size=3, output_path=out, run_info={"model": "fake"})
+    nq, hp, overall = result["per_source"]["nq"], result["per_source"]["hotpotqa"], result["overall"]
+    assert nq["n"] == 2 and nq["pass@1"] == 0.5 and nq["f1"] == 0.5 and nq["answer_rate"] == 1.0
+    assert nq["searches"] == 0.5 and nq["turns"] == 1.5
+    assert hp["pass@1"] == 0.0 and hp["f1"] == pytest.approx(1 / 3) and hp["answer_rate"] == 0.5
+    assert overall["n"] == 4 and overall["em"] == 0.25 and overall["f1"] == pytest.approx((1 + 2 / 3) / 4)
+    assert overall["finish_no_answer"] == 0.25 and overall["finish_answer"] == 0.75
+    assert result["macro_average"]["pass@1"] == 0.25
+    assert result["per_template"]["work_creator"]["f1"] == pytest.approx(2 / 3)
+    assert set(result["per_template"]) == {"None", "work_creator", "born_first"}
+    assert result["config"]["model"] == "fake" and result["rollout_stats"]["searches"] == 1
+    # progress lines: one per batch of 3 examples
+    assert capsys.readouterr().err.count("[eval]") == 2
+
+    saved = json.loads(out.read_text())
+    assert saved["overall"]["em"] == 0.25
+    preds = [json.loads(line) for line in out.with_name("result.predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == ["n1", "n2", "h1", "h2"]
+    assert preds[0]["answer"] == "Paris" and preds[0]["queries"] == ["France"] and preds[0]["em"] == 1.0
+
+    table = format_table(result)
+    assert "nq" in table and "hotpotqa" in table and "average over sources" in table
+    assert "work_creator" in table
+    nq_line = next(line for line in table.splitlines() if line.startswith("nq "))
+    assert nq_line.split()[1:4] == ["2", "0.500", "0.500"]
+
+
+def test_mean_over_samples_at_temperature(fixture_file):
+    examples = read_qa_file(fixture_file)
+    result = evaluate(ScriptEngine(), OneDocRetriever(), examples, n_samples=3, temperature=1.0, progress=False)
+    assert result["overall"]["pass@1"] == 0.25 and result["rollout_stats"]["trajectories"] == 12
+
+
+def test_bad_arguments(fixture_file):
+    examples = read_qa_file(fixture_file)
+    with pytest.raises(ValueError, match="temperature 0"):
+        evaluate(ScriptEngine(), OneDocRetriever(), examples, n_samples=2, temperature=0.0)
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate(ScriptEngine(), OneDocRetriever(), [])

@@ -1,0 +1,69 @@
+"""Tag protocol: prompt rendering, action parsing, answer extraction, information blocks."""
+
+from __future__ import annotations
+
+from megatron_recycle.agent.protocol import (
+    STOP_STRINGS,
+    extract_answer,
+    format_information,
+    format_retrieval_error,
+    parse_action,
+    render_prompt,
+    user_message,
+)
+from megatron_recycle.agent.types import Passage
+
+
+def test_stop_strings():
+    assert set(STOP_STRINGS) == {"</search>", "</answer>"}
+
+
+def test_parse_action_takes_the_last_complete_tag():
+    assert parse_action("<think>x</think><search> capital of France </search>") == ("search", "capital of France")
+    assert parse_action("<search>a</search> then <answer> Paris </answer>") == ("answer", "Paris")
+    assert parse_action("<search>multi\nline</search>") == ("search", "multi\nline")
+    assert parse_action("no tags here") == (None, None)
+    assert parse_action("<search>unclosed") == (None, None)
+    assert parse_action("<search>a</answer>") == (None, None)  # mismatched tags are no action
+    assert parse_action("<search></search>") == ("search", "")
+
+
+def test_extract_answer():
+    assert extract_answer("<answer> 1879 </answer>") == "1879"
+    assert extract_answer("<answer>a</answer><answer>b</answer>") == "b"
+    assert extract_answer("<answer>open") is None
+    assert extract_answer("") is None
+
+
+def test_format_information_layout():
+    passages = [Passage("1", "Paris\nCapital of France.", 3.0), Passage("2", "Lyon", 1.0)]
+    block = format_information(passages)
+    assert block.startswith("\n\n<information>") and block.endswith("</information>\n\n")
+    assert "Doc 1 (Title: Paris) Capital of France." in block
+    assert "Doc 2 (Title: Lyon)" in block
+    assert parse_action(block) == (None, None)
+    assert format_information([]) == "\n\n<information></information>\n\n"
+
+
+def test_format_retrieval_error_is_an_information_block():
+    text = format_retrieval_error("timeout")
+    assert "<information>" in text and "timeout" in text and text.endswith("</information>\n\n")
+
+
+class _PlainTokenizer:
+    chat_template = None
+
+
+class _ChatTokenizer:
+    chat_template = "x"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt
+        return f"<user>{messages[0]['content']}</user><assistant>"
+
+
+def test_render_prompt_with_and_without_chat_template():
+    assert render_prompt(_PlainTokenizer(), "  Who wrote Hamlet? ") == user_message("Who wrote Hamlet?")
+    assert user_message("Who?").endswith("Question: Who?\n")
+    chat = render_prompt(_ChatTokenizer(), "Who?")
+    assert chat.startswith("<user>") and "Question: Who?" in chat and chat.endswith("<assistant>")

@@ -1,0 +1,80 @@
+"""Rewards: normalization (case, punctuation, articles, white space), several golden answers,
+missing/empty/truncated answers scoring 0, token F1."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_recycle.agent.reward import exact_match, f1_score, normalize_answer, score_response
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("The Eiffel Tower", "eiffel tower"),
+        ("  a   Tale of  TWO cities. ", "tale of two cities"),
+        ("U.S.A.", "usa"),
+        ("an apple, the pear", "apple pear"),
+        ("Theatre", "theatre"),  # 'the' only as a whole word
+        ("", ""),
+    ],
+)
+def test_normalize_answer(text, want):
+    assert normalize_answer(text) == want
+
+
+def test_exact_match_any_of_several_golds():
+    assert exact_match("the Beatles!", ["Rolling Stones", "Beatles"]) == 1.0
+    assert exact_match("Beatles band", ["Beatles"]) == 0.0
+    assert exact_match("1879", ["1879"]) == 1.0 and exact_match("1879.", ["1879"]) == 1.0
+
+
+def test_f1_partial_overlap_and_best_gold():
+    # pred "william shakespeare" vs gold "shakespeare": P = 1/2, R = 1 -> F1 = 2/3
+    assert f1_score("William Shakespeare", ["Shakespeare"]) == pytest.approx(2 / 3)
+    assert f1_score("William Shakespeare", ["Marlowe", "William Shakespeare"]) == 1.0
+    assert f1_score("Paris", ["London"]) == 0.0
+    assert f1_score("", ["London"]) == 0.0
+    assert f1_score("the the", ["the"]) == 0.0  # nothing left after normalization
+    # repeated tokens count once per occurrence: pred "x y y", gold "y": P = 1/3, R = 1
+    assert f1_score("x y y", ["y"]) == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))
+
+
+def test_score_response_em_and_f1():
+    r = score_response("<think>...</think><answer> The Paris </answer>", ["paris", "Paris, France"])
+    assert (r.reward, r.em, r.f1, r.answer, r.malformed) == (1.0, 1.0, 1.0, "The Paris", False)
+    r = score_response("<answer>William Shakespeare</answer>", ["Shakespeare"], metric="f1")
+    assert r.em == 0.0 and r.reward == pytest.approx(2 / 3)
+    assert score_response("<answer>Paris</answer>", "Paris").reward == 1.0  # one gold as a string
+
+
+def test_last_answer_counts():
+    r = score_response("<answer>London</answer> no wait <answer>Paris</answer>", ["Paris"])
+    assert r.answer == "Paris" and r.reward == 1.0
+
+
+@pytest.mark.parametrize(
+    "response, malformed",
+    [
+        ("Paris", True),  # no tag
+        ("<answer>Paris", True),  # unclosed
+        ("<answer>   </answer>", True),  # empty
+        ("<answer> the </answer>", True),  # empty after normalization
+        ("<answer>London</answer>", False),  # wrong
+    ],
+)
+def test_missing_malformed_or_wrong_answers_score_zero(response, malformed):
+    r = score_response(response, ["Paris"])
+    assert r.reward == 0.0 and r.em == 0.0 and r.f1 == 0.0 and r.malformed is malformed
+
+
+def test_truncated_trajectory_scores_zero_even_when_right():
+    r = score_response("<answer>Paris</answer>", ["Paris"], truncated=True)
+    assert r.reward == r.em == r.f1 == 0.0 and r.answer == "Paris" and not r.malformed
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="'em' or 'f1'"):
+        score_response("<answer>x</answer>", ["x"], metric="acc")
+    with pytest.raises(ValueError, match="at least one golden answer"):
+        score_response("<answer>x</answer>", [])

@@ -1,0 +1,173 @@
+"""Synthetic multi-hop generator: determinism, dedupe, held-out entities, answer checks, and
+oracle trajectories that parse and match the retriever's real output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_recycle.agent.protocol import format_information, parse_action
+from megatron_recycle.agent.retrievers import BM25Retriever
+from megatron_recycle.data.corpus import load_corpus, load_wiki_articles
+from megatron_recycle.data.datasets import read_qa_file
+from megatron_recycle.data.synthetic import (
+    SPLITS,
+    TEMPLATES,
+    Facts,
+    _words,
+    generate_dataset,
+)
+
+SIZES = {"n_train": 300, "n_dev": 60, "n_test": 120}
+TOPK = 3
+
+
+@pytest.fixture(scope="module")
+def wiki():
+    return load_corpus("wiki")
+
+
+@pytest.fixture(scope="module")
+def bm25(wiki, tmp_path_factory):
+    return BM25Retriever(wiki, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def generated(bm25, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen0")
+    result = generate_dataset(out, seed=0, topk=TOPK, retriever=bm25, progress=None, **SIZES)
+    return out, result
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _contains(text: str, phrase: str) -> bool:
+    return f" {_words(phrase)} " in f" {_words(text)} "
+
+
+def test_facts_resolve_demonyms_and_birth_years():
+    facts = Facts(load_wiki_articles())
+    assert facts.by_demonym["American"].title == "United States"
+    assert facts.by_demonym["Chinese"].title == "China"  # not Hong Kong or Macau
+    assert facts.by_demonym["Dominican"].title == "Dominican Republic"  # not Dominica
+    assert facts.people["Albert Einstein"].birth_year == 1879
+    assert facts.people["Albert Einstein"].demonym is None  # "German-born" is not a nationality
+    assert "Washington, D.C." in facts.by_demonym["American"].capitals
+    assert len(facts.countries) > 150 and len(facts.people) > 1000 and len(facts.works) > 50
+
+
+def test_files_sizes_and_format(generated):
+    out, result = generated
+    counts = result["counts"]
+    for split in SPLITS:
+        rows = _read(out / f"{split}.jsonl")
+        assert len(rows) == counts["written"][split] == SIZES[f"n_{split}"]
+        assert sum(counts["per_template"][split].values()) == len(rows)
+        for r in rows:
+            assert set(r) == {"id", "question", "golden_answers", "metadata"}
+            meta = r["metadata"]
+            assert meta["source"] == "synthetic" and meta["template"] in TEMPLATES
+            assert all(set(h) == {"title", "search"} for h in meta["hops"])
+            assert len(meta["hops"]) == (1 if meta["template"] == "single_hop" else 2)
+        # the project's own reader takes these files as they are
+        examples = read_qa_file(out / f"{split}.jsonl")
+        assert [e.id for e in examples] == [r["id"] for r in rows]
+        assert all(e.source == "synthetic" for e in examples)
+    assert set(counts["per_template"]["train"]) == set(TEMPLATES)  # every template yields
+    assert json.loads((out / "stats.json").read_text())["written"] == counts["written"]
+
+
+def test_no_duplicates_and_held_out_bridges(generated):
+    out, _ = generated
+    rows = {s: _read(out / f"{s}.jsonl") for s in SPLITS}
+    questions = [_words(r["question"]) for s in SPLITS for r in rows[s]]
+    assert len(questions) == len(set(questions))
+    ids = [r["id"] for s in SPLITS for r in rows[s]]
+    assert len(ids) == len(set(ids))
+    bridges = {s: {b for r in rows[s] for b in r["metadata"]["bridge"]} for s in SPLITS}
+    assert bridges["train"] and bridges["test"] and bridges["dev"]
+    assert not bridges["train"] & bridges["test"]
+    assert not bridges["train"] & bridges["dev"]
+    assert not bridges["dev"] & bridges["test"]
+
+
+def test_hops_in_corpus_and_answer_in_last_hop_passage(generated, wiki):
+    out, _ = generated
+    for split in SPLITS:
+        for r in _read(out / f"{split}.jsonl"):
+            hops = [wiki.find_title(h["title"]) for h in r["metadata"]["hops"]]
+            assert all(p is not None for p in hops), r
+            answer = r["golden_answers"][0]
+            if r["metadata"]["template"] == "born_first":
+                assert any(_contains(p.contents, answer) for p in hops), r
+                assert r["question"].count(answer) == 1
+            else:
+                assert _contains(hops[-1].contents, answer), r
+                assert not _contains(r["question"], answer), r
+
+
+def test_oracle_trajectories_parse_and_match_the_retriever(generated, bm25):
+    out, result = generated
+    train = {r["id"]: r for r in _read(out / "train.jsonl")}
+    sft = _read(out / "sft.jsonl")
+    retrievable = [r for r in train.values() if r["metadata"]["oracle_retrievable"]]
+    assert len(sft) == len(retrievable) == result["counts"]["sft"] > 0.8 * len(train)
+    for row in sft:
+        qa = train[row["id"]]
+        assert row["question"] == qa["question"] and row["golden_answers"] == qa["golden_answers"]
+        *searches, final = row["turns"]
+        assert len(searches) == len(qa["metadata"]["hops"])
+        for turn, hop in zip(searches, qa["metadata"]["hops"]):
+            assert turn["generated"].startswith("<think>") and turn["generated"].endswith("</search>")
+            assert parse_action(turn["generated"]) == ("search", hop["search"])
+            passages = bm25.search([hop["search"]], TOPK)[0]
+            assert turn["information"] == format_information(passages)
+            assert hop["title"] in [p.title for p in passages]  # the needed passage is retrieved
+        assert set(final) == {"generated"}
+        assert parse_action(final["generated"]) == ("answer", qa["golden_answers"][0])
+
+
+def test_deterministic_by_seed(generated, bm25, tmp_path):
+    out0, _ = generated
+    again = generate_dataset(tmp_path / "again", seed=0, topk=TOPK, retriever=bm25, progress=None, **SIZES)
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "sft.jsonl"):
+        assert (out0 / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+    assert again["counts"]["per_template"] == generated[1]["counts"]["per_template"]
+    other = generate_dataset(tmp_path / "seed1", seed=1, topk=TOPK, retriever=bm25, progress=None, **SIZES)
+    q0 = {r["question"] for r in _read(out0 / "test.jsonl")}
+    q1 = {r["question"] for r in _read(other["paths"]["test"])}
+    assert q0 != q1
+
+
+def test_require_retrievable_and_template_subset(bm25, tmp_path, capsys):
+    result = generate_dataset(
+        tmp_path,
+        seed=3,
+        n_train=40,
+        n_dev=10,
+        n_test=10,
+        topk=TOPK,
+        templates=("capital_country_continent", "work_creator_birth_year"),
+        retriever=bm25,
+        require_retrievable=True,
+        sft=False,
+    )
+    assert "[gen-data]" in capsys.readouterr().out
+    rows = [r for s in SPLITS for r in _read(result["paths"][s])]
+    assert rows and all(r["metadata"]["oracle_retrievable"] for r in rows)
+    assert {r["metadata"]["template"] for r in rows} <= {
+        "capital_country_continent",
+        "work_creator_birth_year",
+    }
+    assert "sft" not in result["paths"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown templates"):
+        generate_dataset("/nonexistent", templates=("who_is_taller",), progress=None)
+    with pytest.raises(ValueError, match="split sizes"):
+        generate_dataset("/nonexistent", n_train=0, n_dev=0, n_test=0, progress=None)

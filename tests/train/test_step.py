@@ -1,0 +1,260 @@
+"""The Megatron GRPO/SFT training step: batch records, log-probs, gradients across TP/PP/DP layouts.
+
+The distributed tests run the same seeded tiny Llama (tests/train/_workers.py: 4 layers, hidden
+32, 4 heads / 2 KV heads, tied embeddings, vocab 96) on a seeded global batch of 8 ragged
+sequences under several layouts. A single SGD step with lr 1 and no momentum turns the exported
+(Hugging Face named, TP-gathered, PP-collected) weight change into the full gradient, so
+gradients are compared directly. Tolerances (fp32 everywhere in the model):
+  * gradients between layouts / micro-batch counts: max abs diff <= 1e-5 * max|grad|
+    (measured: 3e-7 relative for PP/DP/micro-batching, 2e-6 with TP, which reorders sums);
+  * gradient vs a float64 Hugging Face model + float64 reference loss: <= 1e-4 * max|grad|;
+  * weights after three clipped Adam steps: max abs diff <= 2e-4 (each weight moved ~3e-2;
+    Adam divides by sqrt(v), so near-zero gradients amplify fp32 noise; measured 7e-5 with TP);
+  * compute_logprobs vs a float64 log_softmax of the model's own full-vocab logits: 5e-6.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_recycle.train.step import (
+    GRPOLossConfig,
+    TrajectoryBatch,
+    build_batch,
+    grpo_train_step,
+    shard_for_data_parallel,
+)
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"tests_train_{name}", HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_dist = _load("_dist")
+_workers = _load("_workers")
+
+GRAD_RTOL = 1e-5
+ADAM_ATOL = 2e-4
+
+
+# ------------------------------------------------------------------------------ batch records
+def test_build_batch_pads_and_aligns():
+    b = build_batch([[5, 6, 7], [1, 2, 3, 4, 9]], [[0, 1, 1], [0, 0, 1, 1, 1]], advantages=[0.5, -1.0],
+                    pad_token_id=0, pad_length_to_multiple_of=4, pad_rows_to_multiple_of=4)
+    assert b.tokens.shape == (4, 8) and b.loss_mask.shape == (4, 8)
+    assert b.tokens[0].tolist() == [5, 6, 7, 0, 0, 0, 0, 0]
+    assert b.loss_mask[1].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+    assert b.advantages.tolist() == [0.5, -1.0, 0.0, 0.0]  # padding rows: no advantage, no tokens
+    assert b.loss_mask[2:].sum() == 0
+    # column j of the target mask scores tokens[:, j + 1]
+    assert b.target_mask.shape == (4, 7)
+    assert b.target_mask[0].tolist()[:3] == [1, 1, 0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tokens=torch.zeros(2, 5, dtype=torch.long), loss_mask=torch.zeros(2, 4)), "loss_mask shape"),
+        (dict(tokens=torch.zeros(2, 5, dtype=torch.long), loss_mask=torch.ones(2, 5)), r"loss_mask\[:, 0\]"),
+        (dict(tokens=torch.zeros(2, 5), loss_mask=torch.zeros(2, 5)), "int64"),
+        (dict(tokens=torch.zeros(2, 1, dtype=torch.long), loss_mask=torch.zeros(2, 1)), "at least 2"),
+        (dict(tokens=torch.zeros(2, 5, dtype=torch.long), loss_mask=torch.zeros(2, 5),
+              advantages=torch.zeros(3)), "advantages"),
+        (dict(tokens=torch.zeros(2, 5, dtype=torch.long), loss_mask=torch.zeros(2, 5),
+              old_logprobs=torch.zeros(2, 5)), r"L-1"),
+    ],
+)
+def test_batch_rejects_bad_shapes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrajectoryBatch(**kwargs)
+
+
+def test_build_batch_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="2 token sequences but 1 loss masks"):
+        build_batch([[1, 2], [3, 4]], [[0, 1]])
+    with pytest.raises(ValueError, match="sequence 0: 2 tokens but 3 mask"):
+        build_batch([[1, 2]], [[0, 1, 1]])
+    with pytest.raises(ValueError, match="3 advantages for 2"):
+        build_batch([[1, 2], [3, 4]], [[0, 1], [0, 1]], advantages=[1.0, 2.0, 3.0])
+
+
+def test_shard_for_data_parallel_is_contiguous_and_checked():
+    b = build_batch([[i, i + 1] for i in range(6)], [[0, 1]] * 6, advantages=list(range(6)))
+    s = shard_for_data_parallel(b, 1, 3)
+    assert s.tokens[:, 0].tolist() == [2, 3] and s.advantages.tolist() == [2.0, 3.0]
+    with pytest.raises(ValueError, match="do not split evenly over 4"):
+        shard_for_data_parallel(b, 0, 4)
+    with pytest.raises(ValueError, match="dp_rank=3"):
+        shard_for_data_parallel(b, 3, 3)
+
+
+def test_loss_config_and_step_argument_errors():
+    with pytest.raises(ValueError, match="agg='mean'"):
+        GRPOLossConfig(agg="mean")
+    with pytest.raises(ValueError, match="temperature"):
+        GRPOLossConfig(temperature=0.0)
+    b = build_batch([[1, 2, 3]], [[0, 1, 1]])  # no advantages
+    with pytest.raises(ValueError, match="needs batch.advantages"):
+        grpo_train_step([], None, None, b, 1)
+
+
+# ------------------------------------------------------------------------- distributed runs
+LAYOUTS = {
+    # name: (world size, worker args); mbs chosen so that several layouts use several micro-batches
+    "tp2": (2, {"tp": 2, "pp": 1, "dist_opt": False, "mbs_list": [4]}),
+    "pp2": (2, {"tp": 1, "pp": 2, "dist_opt": False, "mbs_list": [2]}),
+    "dp2_distopt": (2, {"tp": 1, "pp": 1, "dist_opt": True, "mbs_list": [2]}),
+}
+
+
+@pytest.fixture(scope="module")
+def single_process_runs():
+    """One process: the TP=1/PP=1/DP=1 reference (micro-batch sizes 8, 4, 1), six SFT steps, bf16."""
+    jobs = [
+        ["reference", "grpo_layout", {"tp": 1, "pp": 1, "dist_opt": False, "mbs_list": [8, 4, 1]}],
+        ["sft", "sft_steps", {"steps": 6, "mbs": 4}],
+        ["bf16", "grpo_bf16", {"mbs": 4}],
+    ]
+    return _dist.run_workers("run_jobs", 1, {"jobs": jobs})[0]
+
+
+@pytest.fixture(scope="module")
+def reference_run(single_process_runs):
+    return single_process_runs["reference"]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs():
+    """TP=2, PP=2 and DP=2 (distributed optimizer) one after the other in the same two processes."""
+    jobs = [[name, "grpo_layout", args] for name, (_, args) in sorted(LAYOUTS.items())]
+    return _dist.run_workers("run_jobs", 2, {"jobs": jobs})
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b), f"different tensor names: {sorted(set(a) ^ set(b))}"
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def _gmax(g: dict) -> float:
+    return max(v.abs().max().item() for v in g.values())
+
+
+@pytest.mark.distributed
+def test_compute_logprobs_equals_float64_log_softmax(reference_run):
+    lp, direct = reference_run["logprobs"], reference_run["direct_logprobs64"]
+    assert lp.shape == (_workers.N_GLOBAL, _workers.SEQ - 1) and lp.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), direct, rtol=0, atol=5e-6)
+    assert (lp < 0).all()
+
+
+@pytest.mark.distributed
+def test_microbatch_count_does_not_change_gradient(reference_run):
+    grads, metrics = reference_run["grads"], reference_run["sgd_metrics"]
+    g8 = grads[8]
+    assert _gmax(g8) > 1e-2  # a real gradient, not a no-op step
+    for mbs in (4, 1):
+        assert _max_diff(grads[mbs], g8) <= GRAD_RTOL * _gmax(g8), f"micro_batch_size={mbs}"
+        assert metrics[mbs]["num_microbatches"] == 8 // mbs
+        assert metrics[mbs]["loss"] == pytest.approx(metrics[8]["loss"], rel=1e-6)
+        assert metrics[mbs]["grad_norm"] == pytest.approx(metrics[8]["grad_norm"], rel=1e-6)
+    m = metrics[8]
+    assert m["tokens"] == _workers.global_batch()["loss_mask"][:, 1:].sum().item()
+    assert 0 < m["clip_frac_low"] + m["clip_frac_high"] < 1  # the noise on old log-probs clips some tokens
+
+
+@pytest.mark.distributed
+def test_gradient_matches_float64_reference(reference_run):
+    """SGD weight delta == grad of (HF Llama in float64 + the kernels' float64 reference GRPO loss)."""
+    from megatron_recycle_kernels import reference as kref
+    from transformers import LlamaForCausalLM
+
+    cfg, sd = _workers.tiny_llama()
+    gb = _workers.global_batch()
+    model = LlamaForCausalLM(cfg).double()
+    model.load_state_dict({k: v.double() for k, v in sd.items()}, strict=False)
+    model.tie_weights()
+    logits = model(input_ids=gb["tokens"]).logits
+    logp_all = torch.log_softmax(logits[:, :-1], dim=-1)
+    lp = logp_all.gather(-1, gb["tokens"][:, 1:, None]).squeeze(-1)
+    mask = gb["loss_mask"][:, 1:]
+    entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum()
+    # Same loss knobs as the worker: GRPOLossConfig(kl_beta=0.05, clip_c=3.0), token-mean over the batch.
+    loss, _ = kref.grpo_loss_reference(
+        lp, reference_run["old_logprobs"].double(), gb["advantages"].double(), mask,
+        ref_logprobs=reference_run["ref_logprobs"].double(), clip_c=3.0, kl_beta=0.05,
+    )
+    loss.backward()
+    ref_grads = {k: p.grad.float() for k, p in model.named_parameters() if k in reference_run["grads"][8]}
+    g = reference_run["grads"][8]
+    assert sorted(ref_grads) == sorted(g)
+    assert _max_diff(g, ref_grads) <= 1e-4 * _gmax(ref_grads)
+    assert reference_run["sgd_metrics"][8]["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+    assert reference_run["sgd_metrics"][8]["entropy"] == pytest.approx(entropy.item(), rel=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layouts_give_the_same_gradient_and_weights(reference_run, two_process_runs, layout):
+    world, args = LAYOUTS[layout]
+    results = [r[layout] for r in two_process_runs]
+    run = results[0]
+    (mbs, grads), = run["grads"].items()
+    ref_g = reference_run["grads"][8]
+    assert _max_diff(grads, ref_g) <= GRAD_RTOL * _gmax(ref_g)
+    ref_m, m = reference_run["sgd_metrics"][8], run["sgd_metrics"][mbs]
+    for key in ("loss", "grad_norm", "tokens", "clip_frac_low", "clip_frac_high", "ratio_mean", "ref_kl", "entropy"):
+        assert m[key] == pytest.approx(ref_m[key], rel=1e-5, abs=1e-7), key
+    # Full batch of log-probs (gathered over DP) and the same answer on every rank of a replica.
+    torch.testing.assert_close(run["logprobs"], reference_run["logprobs"], rtol=0, atol=1e-5)
+    if args.get("tp", 1) * args.get("pp", 1) == len(results):
+        for r in results[1:]:
+            torch.testing.assert_close(r["rank_logprobs"], run["rank_logprobs"], rtol=0, atol=0)
+    # Three clipped Adam steps (distributed optimizer where asked), weights exported to HF names.
+    assert _max_diff(run["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
+    for a, b in zip(run["adam_metrics"], reference_run["adam_metrics"]):
+        assert a["lr"] == pytest.approx(b["lr"]) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert [a["lr"] for a in run["adam_metrics"]][0] == 0.0  # warm-up starts at 0 (Megatron's schedule)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_interleaved_pipeline_with_data_parallel_distributed_optimizer(reference_run):
+    """4 processes: PP=2 with 2 virtual stages each, DP=2, distributed optimizer."""
+    job = ["vpp", "grpo_layout", {"tp": 1, "pp": 2, "vpp": 2, "dist_opt": True, "mbs_list": [2]}]
+    run = _dist.run_workers("run_jobs", 4, {"jobs": [job]})[0]["vpp"]
+    ref_g = reference_run["grads"][8]
+    assert _max_diff(run["grads"][2], ref_g) <= GRAD_RTOL * _gmax(ref_g)
+    assert _max_diff(run["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
+
+
+@pytest.mark.distributed
+def test_sft_step_lowers_the_loss(single_process_runs):
+    metrics = single_process_runs["sft"]
+    losses = [m["loss"] for m in metrics]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.9 * losses[0]
+    assert metrics[0]["tokens"] == _workers.global_batch()["loss_mask"][:, 1:].sum().item()
+    assert metrics[0]["num_microbatches"] == 2
+
+
+@pytest.mark.distributed
+def test_bf16_step_runs_close_to_fp32(single_process_runs, reference_run):
+    run = single_process_runs["bf16"]
+    assert run["param_dtypes"] == ["torch.bfloat16"]
+    # bf16 weights and activations: log-probs within bf16 resolution of the fp32 ones
+    assert run["logprobs"].dtype == torch.float32
+    torch.testing.assert_close(run["logprobs"], reference_run["logprobs"], rtol=0, atol=0.1)
+    for m in run["metrics"]:
+        assert m["update_successful"] == 1.0 and 0 < m["grad_norm"] < float("inf")
+    assert run["metrics"][0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # old == current at step 1

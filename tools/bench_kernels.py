@@ -1,0 +1,448 @@
+"""Benchmark the RL kernels against PyTorch eager, torch.compile and liger-kernel; print a table, write CSV/JSON.
+
+    .venv/bin/python tools/bench_kernels.py                 # sizes for the device found
+    .venv/bin/python tools/bench_kernels.py --cases loss --tokens 4194304 16777216
+
+Every case is timed for the forward and forward+backward (median of --reps after --warmup), with
+achieved GB/s from a bytes-that-must-move model (inputs read, gradients written; see `bytes_*`
+below) set against a measured device-to-device copy bandwidth, and peak extra memory over the
+inputs (CUDA: max_memory_allocated; CPU: peak RSS through /proc/self/status VmHWM, reset with
+/proc/self/clear_refs). On a machine without CUDA only the PyTorch paths run (the Triton kernels
+would need the interpreter, whose timings mean nothing) and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from megatron_recycle_kernels import chunked_token_logprobs, grpo_advantages, grpo_loss, token_logprobs
+from megatron_recycle_kernels import reference as R
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------------------------------
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_fn(fn: Callable[[], object], dev: torch.device, reps: int, warmup: int) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize(dev)
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def peak_extra_mib(fn: Callable[[], object], dev: torch.device) -> float:
+    """Peak memory above what was allocated before the call, in MiB (results are dropped inside)."""
+    gc.collect()
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        sync(dev)
+        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    except OSError:
+        return float("nan")
+    base = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def copy_bandwidth_gbs(dev: torch.device, mib: int) -> float:
+    """Measured device-to-device copy: (read + write bytes) / time, in GB/s."""
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=dev).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), dev, reps=10, warmup=3)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# cases: each builds the inputs for ONE size and returns Runs (impl, fwd, fwd_bwd, bytes_fwd, bytes_fwd_bwd)
+# --------------------------------------------------------------------------------------------------
+
+Run = tuple[str, Callable[[], object], Callable[[], object] | None, int, int | None]
+
+
+def _maybe_compile(fn: Callable, enabled: bool) -> Callable | None:
+    if not enabled:
+        return None
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception as e:  # pragma: no cover - depends on the toolchain
+        print(f"  torch.compile unavailable: {e!r}", file=sys.stderr)
+        return None
+
+
+def _liger_grpo() -> Callable | None:
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except Exception:
+        return None
+    return triton_grpo_loss
+
+
+def _fwd_and_fb(f: Callable[[], torch.Tensor], leaves: tuple[torch.Tensor, ...]) -> tuple[Callable, Callable]:
+    """fwd: f() under no_grad; fwd_bwd: f().sum().backward(), then drop the leaves' gradients."""
+
+    def fwd():
+        with torch.no_grad():
+            return f()
+
+    def fwd_bwd():
+        f().sum().backward()
+        for t in leaves:
+            t.grad = None
+
+    return fwd, fwd_bwd
+
+
+def case_advantages(dev, n: int, impls: list[str], ragged: bool) -> list[Run]:
+    k = 8
+    r = torch.randint(0, 2, (n,), device=dev).float()
+    kw = dict(group_index=torch.randperm(n, device=dev) // k) if ragged else dict(group_size=k)
+    nbytes = n * 4 * 2 + (n * 8 if ragged else 0)
+    runs: list[Run] = []
+    for impl in impls:
+        if impl in ("triton", "torch"):
+            fn = lambda impl=impl: grpo_advantages(r, impl=impl, **kw)  # noqa: E731
+        elif impl == "eager":
+            fn = lambda: R.grpo_advantages_reference(r, **kw)  # noqa: E731
+        else:
+            continue
+        runs.append((impl, fn, None, nbytes, None))
+    return runs
+
+
+def case_loss(dev, dtype, tokens: int, impls: list[str], compiled: Callable | None) -> list[Run]:
+    es = torch.tensor([], dtype=dtype).element_size()
+    t = 4096
+    n = max(1, tokens // t)
+    lp = (-torch.rand(n, t, device=dev) * 2).to(dtype)
+    old = (lp.float() + 0.3 * torch.randn(n, t, device=dev)).to(dtype)
+    adv = torch.randn(n, device=dev)
+    mask = torch.rand(n, t, device=dev) < 0.8
+    x = lp.clone().requires_grad_()
+    reads = n * t * (2 * es + 1) + n * 4
+    runs: list[Run] = []
+    for impl in impls:
+        if impl in ("triton", "torch"):
+            f = lambda impl=impl: grpo_loss(x, old, adv, mask, clip_c=3.0, impl=impl)[0]  # noqa: E731
+        elif impl == "eager":
+            f = lambda: R.grpo_loss_reference(x, old, adv, mask, clip_c=3.0)[0]  # noqa: E731
+        elif impl == "compile" and compiled is not None:
+            f = lambda: compiled(x, old, adv, mask, clip_c=3.0)[0]  # noqa: E731
+        else:
+            continue
+        runs.append((impl, *_fwd_and_fb(f, (x,)), reads, 2 * reads + n * t * es))
+    return runs
+
+
+def case_logprobs(
+    dev, dtype, tokens: int, vocab: int, impls: list[str], compiled: Callable | None
+) -> list[Run]:
+    es = torch.tensor([], dtype=dtype).element_size()
+    logits = torch.randn(tokens, vocab, device=dev).to(dtype).requires_grad_()
+    tg = torch.randint(0, vocab, (tokens,), device=dev)
+    nbytes = tokens * vocab * es
+    runs: list[Run] = []
+    for impl in impls:
+        if impl in ("triton", "torch"):
+            f = lambda impl=impl: token_logprobs(logits, tg, impl=impl)  # noqa: E731
+        elif impl == "eager":
+            f = lambda: R.token_logprobs_reference(logits, tg)  # noqa: E731
+        elif impl == "compile" and compiled is not None:
+            f = lambda: compiled(logits, tg)  # noqa: E731
+        else:
+            continue
+        runs.append((impl, *_fwd_and_fb(f, (logits,)), nbytes, 3 * nbytes))
+    return runs
+
+
+def case_loss_from_logits(dev, dtype, tokens: int, vocab: int, impls: list[str]) -> list[Run]:
+    """logits -> log-probs -> GRPO loss with KL: ours (token_logprobs + grpo_loss) vs liger's fused loss."""
+    es = torch.tensor([], dtype=dtype).element_size()
+    b = max(1, tokens // 1024)
+    length = tokens // b
+    logits = torch.randn(b, length + 1, vocab, device=dev).to(dtype).requires_grad_()
+    ids = torch.randint(0, vocab, (b, length), device=dev)
+    old = -torch.rand(b, length, device=dev) * 5
+    ref = old + 0.1 * torch.randn(b, length, device=dev)
+    adv = torch.randn(b, device=dev)
+    mask = torch.rand(b, length, device=dev) < 0.9
+    nbytes = b * length * vocab * es
+    liger = _liger_grpo() if ("liger" in impls and dev.type == "cuda") else None
+
+    def ours(impl: str) -> torch.Tensor:
+        x = logits[:, :-1].reshape(-1, vocab)
+        if impl == "eager":
+            lp = R.token_logprobs_reference(x, ids.reshape(-1), 0.9).view(b, length)
+            return R.grpo_loss_reference(lp, old, adv, mask, ref, kl_beta=0.04)[0]
+        lp = token_logprobs(x, ids.reshape(-1), 0.9, impl=impl).view(b, length)
+        return grpo_loss(lp, old, adv, mask, ref, kl_beta=0.04, impl=impl)[0]
+
+    runs: list[Run] = []
+    for impl in impls:
+        if impl in ("triton", "torch", "eager"):
+            f = lambda impl=impl: ours(impl)  # noqa: E731
+        elif impl == "liger" and liger is not None:
+            f = lambda: liger(  # noqa: E731
+                logits,
+                old,
+                ref,
+                ids,
+                adv,
+                mask.float(),
+                temperature=0.9,
+                beta=0.04,
+                eps_low=0.2,
+                eps_high=0.28,
+                inplace=False,
+                loss_type="bnpo",
+                reduce=True,
+            )[0]
+        else:
+            continue
+        runs.append((impl, *_fwd_and_fb(f, (logits,)), nbytes, 3 * nbytes))
+    return runs
+
+
+def case_chunked(dev, dtype, tokens: int, vocab: int, hidden: int, chunk: int, impls: list[str]) -> list[Run]:
+    es = torch.tensor([], dtype=dtype).element_size()
+    h = (torch.randn(tokens, hidden, device=dev) * 0.1).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=dev) * 0.02).to(dtype).requires_grad_()
+    tg = torch.randint(0, vocab, (tokens,), device=dev)
+    nbytes = (tokens + vocab) * hidden * es
+    fns: dict[str, Callable] = {
+        "naive": lambda: torch.log_softmax((h @ w.t()).float(), -1).gather(-1, tg[:, None]).squeeze(-1),
+    }
+    for impl in impls:
+        if impl in ("triton", "torch"):
+            fns[f"chunked-{impl}"] = lambda impl=impl: chunked_token_logprobs(
+                h, w, tg, chunk_size=chunk, impl=impl
+            )
+            fns[f"unchunked-{impl}"] = lambda impl=impl: token_logprobs(h @ w.t(), tg, impl=impl)
+    return [(name, *_fwd_and_fb(f, (h, w)), nbytes, 3 * nbytes) for name, f in fns.items()]
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument(
+        "--cases", nargs="+", default=["advantages", "loss", "logprobs", "loss_from_logits", "chunked"]
+    )
+    p.add_argument("--tokens", nargs="+", type=int, help="grpo_loss sizes in tokens")
+    p.add_argument("--logit-tokens", nargs="+", type=int, help="token counts for the logits cases")
+    p.add_argument("--vocab", nargs="+", type=int, help="vocab sizes (49152 151936 on GPU; 49152 on CPU)")
+    p.add_argument("--rollouts", nargs="+", type=int, help="grpo_advantages sizes")
+    p.add_argument("--hidden", type=int, help="hidden size for the chunked case (2048 GPU, 576 CPU)")
+    p.add_argument("--chunk", type=int, help="rows per chunk for chunked_token_logprobs (4096 GPU, 128 CPU)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="include torch.compile"
+    )
+    p.add_argument("--out", default="benchmarks/kernels")
+    args = p.parse_args(argv)
+
+    dev = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    gpu = dev.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
+        print(
+            "NOTE: no CUDA device - timing the PyTorch paths only (eager reference and the lean torch path);"
+        )
+        print(
+            "      the Triton kernels, torch.compile and liger-kernel are GPU comparisons and are skipped here."
+        )
+    compile_on = gpu if args.compile is None else args.compile
+    impls = ["triton", "torch", "eager"] + (["compile"] if compile_on else []) + (["liger"] if gpu else [])
+    if not gpu:
+        impls = ["torch", "eager"] + (["compile"] if compile_on else [])
+    tokens = args.tokens or ([1 << 20, 1 << 22, 1 << 24] if gpu else [1 << 18, 1 << 20])
+    logit_tokens = args.logit_tokens or ([4096, 16384] if gpu else [512])
+    chunk = args.chunk or (4096 if gpu else 128)
+    args.vocab = args.vocab or ([49152, 151936] if gpu else [49152])
+    args.hidden = args.hidden or (2048 if gpu else 576)
+    rollouts = args.rollouts or ([4096, 65536] if gpu else [4096])
+    device_name = (
+        torch.cuda.get_device_name(dev)
+        if gpu
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    bw = copy_bandwidth_gbs(dev, 1024 if gpu else 256)
+    print(f"device: {device_name}; dtype {args.dtype}; measured copy bandwidth {bw:.1f} GB/s")
+
+    plan: list[tuple[str, str, Callable[[], list[Run]]]] = []
+    base = [i for i in impls if i in ("triton", "torch", "eager")]
+    if "advantages" in args.cases:
+        for n in rollouts:
+            for ragged in (False, True):
+                name = "advantages-" + ("ragged" if ragged else "contiguous")
+                plan.append(
+                    (name, f"N={n},K=8", lambda n=n, ragged=ragged: case_advantages(dev, n, base, ragged))
+                )
+    if "loss" in args.cases:
+        compiled = _maybe_compile(R.grpo_loss_reference, compile_on)
+        for t in tokens:
+            plan.append(("grpo_loss", f"tokens={t}", lambda t=t: case_loss(dev, dtype, t, impls, compiled)))
+    for t in logit_tokens:
+        for v in args.vocab:
+            size = f"tokens={t},V={v}"
+            if "logprobs" in args.cases:
+                compiled = _maybe_compile(R.token_logprobs_reference, compile_on)
+                plan.append(
+                    (
+                        "token_logprobs",
+                        size,
+                        lambda t=t, v=v, c=compiled: case_logprobs(dev, dtype, t, v, impls, c),
+                    )
+                )
+            if "loss_from_logits" in args.cases:
+                plan.append(
+                    (
+                        "logits->grpo_loss",
+                        size,
+                        lambda t=t, v=v: case_loss_from_logits(dev, dtype, t, v, impls),
+                    )
+                )
+            if "chunked" in args.cases:
+                size_c = f"{size},H={args.hidden},chunk={chunk}"
+                plan.append(
+                    (
+                        "chunked_logprobs",
+                        size_c,
+                        lambda t=t, v=v: case_chunked(dev, dtype, t, v, args.hidden, chunk, impls),
+                    )
+                )
+
+    rows = []
+    header = (
+        f"{'case':<20} {'size':<40} {'impl':<16} {'fwd ms':>9} {'fwd GB/s':>9} {'f+b ms':>9} {'f+b GB/s':>9}"
+        f" {'%copy':>6} {'peak MiB':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for case, size, build in plan:
+        runs = build()
+        for impl, fwd, fb, b_f, b_fb in runs:
+            try:
+                t_f = time_fn(fwd, dev, args.reps, args.warmup)
+                t_fb = time_fn(fb, dev, args.reps, args.warmup) if fb is not None else float("nan")
+                peak = peak_extra_mib(fb if fb is not None else fwd, dev)
+            except Exception as e:  # keep the table going; record why a row is missing
+                print(f"{case:<20} {size:<40} {impl:<16} failed: {e!r}"[:200])
+                rows.append(dict(case=case, size=size, impl=impl, error=repr(e)[:300]))
+                continue
+            gbs_f = b_f / (t_f * 1e-3) / 1e9
+            gbs_fb = b_fb / (t_fb * 1e-3) / 1e9 if b_fb else float("nan")
+            pct = 100 * (gbs_fb if b_fb else gbs_f) / bw
+            print(
+                f"{case:<20} {size:<40} {impl:<16} {t_f:9.3f} {gbs_f:9.1f} {t_fb:9.3f} {gbs_fb:9.1f} {pct:6.1f} {peak:9.1f}",
+                flush=True,
+            )
+            rows.append(
+                dict(
+                    case=case,
+                    size=size,
+                    impl=impl,
+                    fwd_ms=t_f,
+                    fwd_gbs=gbs_f,
+                    fwd_bwd_ms=t_fb,
+                    fwd_bwd_gbs=gbs_fb,
+                    pct_of_copy=pct,
+                    peak_extra_mib=peak,
+                )
+            )
+        del runs
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+
+    meta = dict(
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        device=device_name,
+        dtype=args.dtype,
+        copy_bandwidth_gbs=bw,
+        torch=torch.__version__,
+        command=" ".join([sys.executable, *sys.argv]),
+        note=None if gpu else "CPU only: PyTorch paths timed; Triton, torch.compile and liger skipped",
+    )
+    out = Path(args.out + ("_" + dev.type))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        keys = [
+            "case",
+            "size",
+            "impl",
+            "fwd_ms",
+            "fwd_gbs",
+            "fwd_bwd_ms",
+            "fwd_bwd_gbs",
+            "pct_of_copy",
+            "peak_extra_mib",
+            "error",
+        ]
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    with open(out.with_suffix(".json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

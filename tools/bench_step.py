@@ -1,0 +1,225 @@
+"""Time and peak memory of one GRPO training step on a megatron-core model; print a table, write JSON/CSV.
+
+    .venv/bin/python tools/bench_step.py --model smollm2-135m --n 8 --seq-len 256 --mbs 4
+    torchrun --nproc-per-node 8 tools/bench_step.py --model qwen3-1.7b --bf16 --tp 2 --n 64 --seq-len 2048
+
+A step has three phases, each timed separately (median over --steps after --warmup steps):
+  old_logprobs      no-grad forward for the old log-probs (train.step.compute_logprobs)
+  forward_backward  Megatron forward_backward_func over the micro-batches (GRPO loss)
+  optimizer         optimizer.step (grad clipping, Adam, distributed optimizer) + LR schedule
+Peak memory per phase: CUDA max_memory_allocated (reset at each phase start); on CPU the peak
+resident set size (VmHWM, reset through /proc/self/clear_refs at each phase start). Models:
+"smollm2-135m" / "qwen3-1.7b" / "tiny" are built from their published shapes with random weights;
+``--weights real`` loads SmolLM2-135M's real weights from its package (model.hf_loading), and
+any local HF folder works as --model. The malloc setting (GLIBC_TUNABLES) is recorded: measure
+with and without it on CPU (PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PHASES = ("old_logprobs", "forward_backward", "optimizer")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def model_config(name: str) -> Any:
+    """HF config for a preset shape (random weights) or a local model folder / alias."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    if name == "smollm2-135m":  # SmolLM2-135M(-Instruct) shape
+        return LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+            rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+        )
+    if name == "qwen3-1.7b":  # Qwen3-1.7B shape
+        return Qwen3Config(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+            rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+        )
+    if name == "tiny":
+        return LlamaConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            rope_theta=10000.0, tie_word_embeddings=True,
+        )
+    from megatron_recycle.model.hf_loading import load_hf_config
+
+    return load_hf_config(name)
+
+
+# ------------------------------------------------------------------------------ memory probes
+class PeakMemory:
+    """Peak memory since the last reset(): CUDA max_memory_allocated, or CPU VmHWM (peak RSS)."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        self.can_reset_rss = os.path.exists("/proc/self/clear_refs")
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.can_reset_rss:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+
+    def peak_gib(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**30
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+        return float("nan")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def random_batch(n: int, seq_len: int, vocab: int, prompt_frac: float, seed: int) -> Any:
+    """N x L random tokens; the first prompt_frac of each row is prompt (mask 0); advantages +-1."""
+    from megatron_recycle.train.step import TrajectoryBatch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (n, seq_len), generator=g)
+    mask = torch.zeros(n, seq_len)
+    mask[:, max(1, int(prompt_frac * seq_len)):] = 1.0
+    adv = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    return TrajectoryBatch(tokens, mask, adv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | qwen3-1.7b | tiny | a local HF folder")
+    p.add_argument("--weights", choices=("random", "real"), default="random")
+    p.add_argument("--n", type=int, default=8, help="sequences per DP rank")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--mbs", type=int, default=4, help="micro-batch size")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--dist-opt", action="store_true", help="Megatron distributed optimizer")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: OMP_NUM_THREADS or torch's")
+    p.add_argument("--out", default=str(REPO / "benchmarks"), help="folder for the JSON/CSV")
+    p.add_argument("--tag", default=None, help="file name tag (default: malloc setting + date)")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    from megatron_recycle.model.parallel import destroy_distributed, init_distributed
+    from megatron_recycle.train.step import (
+        GRPOLossConfig,
+        compute_logprobs,
+        grpo_train_step,
+        setup_model_and_optimizer,
+    )
+
+    cfg = model_config(a.model)
+    layout = init_distributed(a.tp, a.pp, None, seed=0, model_config=cfg)
+    load = None
+    if a.weights == "real":
+        from megatron_recycle.model.convert import load_hf_weights
+
+        load = lambda chunks: load_hf_weights(chunks, a.model, cfg)  # noqa: E731
+    chunks, opt, sched = setup_model_and_optimizer(
+        cfg, lr=1e-6, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=a.dist_opt, bf16=a.bf16,
+        warmup_steps=0, total_steps=a.steps + a.warmup, load_weights=load, lr_decay_style="constant",
+    )
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    batch = random_batch(a.n, a.seq_len, cfg.vocab_size, 0.25, seed=layout.dp_rank)
+    mem = PeakMemory()
+    rows: list[dict[str, float]] = []
+    for i in range(a.warmup + a.steps):
+        rec: dict[str, float] = {}
+        mem.reset()
+        _sync()
+        t = time.perf_counter()
+        old = compute_logprobs(chunks, batch, a.mbs)
+        _sync()
+        rec["time/old_logprobs_s"] = time.perf_counter() - t
+        rec["mem/old_logprobs_gib"] = mem.peak_gib()
+
+        def on_phase(name: str, rec: dict[str, float] = rec) -> None:
+            prev = {"optimizer": "forward_backward", "end": "optimizer"}.get(name)
+            if prev:
+                rec[f"mem/{prev}_gib"] = mem.peak_gib()
+            if name != "end":
+                mem.reset()
+
+        metrics = grpo_train_step(chunks, opt, sched, batch.replace(old_logprobs=old), a.mbs, GRPOLossConfig(),
+                                  on_phase=on_phase)
+        rec.update({k: v for k, v in metrics.items() if k.startswith("time/") or k in ("loss", "grad_norm")})
+        if i >= a.warmup:
+            rows.append(rec)
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    times = {
+        "old_logprobs": med("time/old_logprobs_s"),
+        "forward_backward": med("time/forward_backward_s"),
+        "optimizer": med("time/optimizer_s"),
+    }
+    mems = {ph: max(r[f"mem/{ph}_gib"] for r in rows) for ph in PHASES}
+    tokens = a.n * a.seq_len
+    malloc = os.environ.get("GLIBC_TUNABLES", "")
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "glibc_tunables": malloc,
+        "model": a.model, "weights": a.weights, "params_this_rank": n_params, "bf16": a.bf16,
+        "tp": a.tp, "pp": a.pp, "dp": layout.dp, "dist_opt": a.dist_opt,
+        "n": a.n, "seq_len": a.seq_len, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
+        "time_s": times, "step_time_s": sum(times.values()),
+        "tokens_per_s": tokens / sum(times.values()),
+        "peak_mem_gib": mems, "mem_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (VmHWM)",
+        "loss_last": rows[-1]["loss"], "grad_norm_last": rows[-1]["grad_norm"],
+    }
+    if layout.rank == 0:
+        print(f"\nGRPO step: {a.model} ({a.weights} weights, {n_params / 1e6:.1f}M params/rank), N={a.n} x L={a.seq_len}, "
+              f"mbs={a.mbs}, tp={a.tp} pp={a.pp} dp={layout.dp}, bf16={a.bf16}, dist_opt={a.dist_opt}")
+        print(f"device: {result['device']}, threads={result['threads']}, GLIBC_TUNABLES={malloc or '(unset)'}")
+        print(f"median of {a.steps} steps after {a.warmup} warm-up\n")
+        print(f"{'phase':<18}{'time (s)':>10}{'peak mem (GiB)':>16}")
+        for ph in PHASES:
+            print(f"{ph:<18}{times[ph]:>10.3f}{mems[ph]:>16.2f}")
+        print(f"{'total':<18}{sum(times.values()):>10.3f}{max(mems.values()):>16.2f}")
+        print(f"tokens/s (old-logprob fwd + train step): {result['tokens_per_s']:.0f}\n")
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = a.tag or ("malloc-tuned" if "mmap_max=0" in malloc else "malloc-default")
+        stem = out / f"bench_step_{Path(a.model).name}_{a.n}x{a.seq_len}_{tag}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        with open(stem.with_suffix(".csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["phase", "time_s", "peak_mem_gib"])
+            for ph in PHASES:
+                w.writerow([ph, f"{times[ph]:.4f}", f"{mems[ph]:.3f}"])
+        print(f"wrote {stem}.json and .csv")
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
