@@ -33,6 +33,7 @@ INSTALL_REQUIRES = [
     "fastapi>=0.110",
     "uvicorn>=0.29",
     "httpx>=0.27",
+    "pyarrow>=14",  # Search-R1 parquet datasets
 ]
 
 EXTRAS = {

@@ -80,7 +80,7 @@ class RolloutConfig:
     max_turns: int = 2  # searches allowed per trajectory
     max_new_tokens: int = 96  # per generation turn
     max_total_tokens: int = 640  # prompt + response budget of one trajectory
-    reward: Literal["em", "f1"] = "em"
+    reward: str = "em"  # "em", "f1", or "package.module:function" (fn(response, golds, truncated) -> float)
     batch_size: int = 32  # trajectories generated together
     vllm_tp: int = 1  # engine=vllm: its own tensor-parallel size
     vllm_gpu_memory_utilization: float = 0.5  # engine=vllm: share of GPU memory for weights + KV cache
@@ -306,6 +306,8 @@ def validate(cfg: Config) -> None:
     _require(ro.max_new_tokens >= 1, "rollout.max_new_tokens", ro.max_new_tokens, "must be >= 1")
     _require(ro.max_total_tokens > ro.max_new_tokens, "rollout.max_total_tokens", ro.max_total_tokens,
              f"must exceed rollout.max_new_tokens ({ro.max_new_tokens})")
+    _require(ro.reward in ("em", "f1") or (":" in ro.reward and all(ro.reward.split(":", 1))), "rollout.reward",
+             ro.reward, "must be 'em', 'f1' or 'package.module:function'")
     _require(ro.batch_size >= 1, "rollout.batch_size", ro.batch_size, "must be >= 1")
     _require(ro.vllm_tp >= 1, "rollout.vllm_tp", ro.vllm_tp, "must be >= 1")
     _require(0 < ro.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",

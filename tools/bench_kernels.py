@@ -82,6 +82,12 @@ def peak_extra_mib(fn: Callable[[], object], dev: torch.device) -> float:
         fn()
         sync(dev)
         return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+    try:  # hand cached free memory back first, so that reused pages count as new peak
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS

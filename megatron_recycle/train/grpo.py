@@ -153,6 +153,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
     all_trajs: list = []
     rewards_all: list[torch.Tensor] = []
     gen_batch = n_effective = n_rollouts = 0
+    decisions = []
     while True:
         ids = client.sample()
         n_rollouts += ids.numel() * k
@@ -167,6 +168,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
             signal_flags = grpo_advantages(rewards.flatten(), group_size=k)[3]
         chosen = client.update(ids, rewards, signal_flags)
         n_effective += chosen.numel()
+        decisions.append({"sampled": ids.tolist(), "chosen": chosen.tolist()})
         # Advantages of this replica's groups (group statistics need only the group's own rewards).
         if mine.numel():
             adv = grpo_advantages(
@@ -185,7 +187,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
         if not client.needs_more:
             break
     info = {"rollout": rollout_metrics(all_trajs) if all_trajs else {}, "effective": n_effective,
-            "rollouts": n_rollouts}
+            "rollouts": n_rollouts, "decisions": decisions}
     if rt.is_rank0:
         r = torch.cat(rewards_all)
         info["reward_mean"] = float(r.mean())
@@ -249,6 +251,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             rtm.sync_engine_weights(rt)
             print(f"[train] resumed from {run_dir / 'checkpoints'} step {start_step}", flush=True)
     metrics = MetricsWriter(run_dir, enabled=rt.is_rank0, resume_step=start_step if resume else None)
+    decisions = _DecisionLog(run_dir, lay.rank, start_step if resume else None)
     ref_chunks = _reference_model(rt) if cfg.loss.kl_beta > 0 else None
     loss_cfg = GRPOLossConfig(eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, clip_c=cfg.loss.clip_c,
                               kl_beta=cfg.loss.kl_beta, agg=cfg.loss.agg, max_len=cfg.loss.max_len,
@@ -292,6 +295,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             t3 = time.perf_counter()
             s = pool.stats() if pool is not None else {}
             rollouts_done += info["rollouts"]
+            decisions.write(step, info["decisions"])
             if rt.is_rank0:
                 record.update({k: v for k, v in s.items() if k != "step"})
                 record["batch_size"] = cfg.pool.batch_size
@@ -330,6 +334,36 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
     summary["run_dir"] = str(run_dir)
     summary["runtime"] = rt
     return summary
+
+
+class _DecisionLog:
+    """Per-rank record of the pool decisions each rank received (ranks/rank_R.jsonl).
+
+    Cheap (ids only) and what a distributed run is debugged with: every rank must hold the same
+    sampled ids and effective batches. On resume, lines of steps >= the resumed step are dropped.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, resume_step: int | None) -> None:
+        import json
+
+        self._json = json
+        self.path = Path(run_dir) / "ranks" / f"rank_{rank:05d}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] < resume_step:
+                        keep.append(line)
+                except (ValueError, KeyError):
+                    continue
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_step is None:
+            self.path.write_text("")
+
+    def write(self, step: int, decisions: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            f.write(self._json.dumps({"step": step, "gen_batches": decisions}) + "\n")
 
 
 def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, capture_rng_state) -> None:

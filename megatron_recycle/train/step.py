@@ -344,10 +344,11 @@ def compute_logprobs(
 
 
 # --------------------------------------------------------------------------- the train steps
-def _global_count(local: float, group: dist.ProcessGroup) -> float:
-    t = torch.tensor([float(local)], dtype=torch.float64, device=_device())
+def _global_counts(local: list[float], group: dist.ProcessGroup) -> list[float]:
+    """Sum counts over the DP group (one all_reduce, float64 so large counts stay exact)."""
+    t = torch.tensor([float(x) for x in local], dtype=torch.float64, device=_device())
     dist.all_reduce(t, group=group)
-    return float(t.item())
+    return t.tolist()
 
 
 def _run_train_step(
@@ -366,9 +367,9 @@ def _run_train_step(
     added over micro-batches and DP ranks and returned (plus grad norm, lr, timings).
     ``on_phase`` (benchmarks) is called with "forward_backward", "optimizer" and "end" as each begins.
     """
-    phase = on_phase or (lambda name: None)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    phase = on_phase or (lambda name: None)
     mbs = _micro_batches(batch, micro_batch_size)
     for m in model_chunks:
         m.zero_grad_buffer()
@@ -446,9 +447,9 @@ def grpo_train_step(
 
     # The normalizer: the global token count (token-mean) or the global number of sequences
     # that hold a policy token (seq-mean-*), over the whole batch on all DP ranks.
-    rows_with_tokens = (batch.target_mask.sum(dim=1) > 0).sum().item()
-    global_tokens = _global_count(batch.target_mask.sum().item(), dp_group)
-    global_rows = _global_count(rows_with_tokens, dp_group)
+    global_tokens, global_rows = _global_counts(
+        [batch.target_mask.sum().item(), (batch.target_mask.sum(dim=1) > 0).sum().item()], dp_group
+    )
     if global_tokens == 0:
         raise ValueError("the batch has no policy tokens (every loss_mask is 0) on any DP rank; nothing to train")
     normalizer = global_tokens if cfg.agg == "token-mean" else global_rows
@@ -501,7 +502,7 @@ def sft_train_step(
     dp_group, dp_size = _dp_group_and_size()
     _sync()
     t_start = time.perf_counter()
-    global_tokens = _global_count(batch.target_mask.sum().item(), dp_group)
+    (global_tokens,) = _global_counts([batch.target_mask.sum().item()], dp_group)
     if global_tokens == 0:
         raise ValueError("the SFT batch has no loss tokens (every loss_mask is 0) on any DP rank")
     num_mb = batch.num_sequences // micro_batch_size if micro_batch_size > 0 else 0

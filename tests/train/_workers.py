@@ -115,7 +115,7 @@ def grpo_layout(args: dict) -> dict:
     gb = global_batch()
     full = TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"])
     local = shard_for_data_parallel(full, dp_rank, dp)
-    loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0, compute_entropy=True)
+    loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0, compute_entropy=True, agg=args.get("agg", "token-mean"))
     load = lambda chunks: load_hf_weights(chunks, sd, cfg)  # noqa: E731
     out: dict[str, Any] = {"grads": {}, "sgd_metrics": {}}
     share = N_GLOBAL // dp

@@ -125,6 +125,7 @@ def single_process_runs():
         ["reference", "grpo_layout", {"tp": 1, "pp": 1, "dist_opt": False, "mbs_list": [8, 4, 1]}],
         ["sft", "sft_steps", {"steps": 6, "mbs": 4}],
         ["bf16", "grpo_bf16", {"mbs": 4}],
+        ["seq_mean", "grpo_layout", {"mbs_list": [8, 2], "dist_opt": False, "agg": "seq-mean-token-mean"}],
     ]
     return _dist.run_workers("run_jobs", 1, {"jobs": jobs})[0]
 
@@ -171,6 +172,18 @@ def test_microbatch_count_does_not_change_gradient(reference_run):
     m = metrics[8]
     assert m["tokens"] == _workers.global_batch()["loss_mask"][:, 1:].sum().item()
     assert 0 < m["clip_frac_low"] + m["clip_frac_high"] < 1  # the noise on old log-probs clips some tokens
+
+
+@pytest.mark.distributed
+def test_microbatch_count_does_not_change_gradient_seq_mean(single_process_runs, reference_run):
+    """seq-mean-token-mean: the normalizer is the global sequence count, so micro-batching is exact too."""
+    run = single_process_runs["seq_mean"]
+    g8 = run["grads"][8]
+    assert _max_diff(run["grads"][2], g8) <= GRAD_RTOL * _gmax(g8)
+    assert run["sgd_metrics"][8]["sequences"] == _workers.N_GLOBAL
+    assert run["sgd_metrics"][2]["loss"] == pytest.approx(run["sgd_metrics"][8]["loss"], rel=1e-6)
+    # a different aggregation really was used: the loss differs from the token-mean one
+    assert abs(run["sgd_metrics"][8]["loss"] - reference_run["sgd_metrics"][8]["loss"]) > 1e-4
 
 
 @pytest.mark.distributed
