@@ -14,6 +14,12 @@ import sys
 
 from megatron_recycle.config import Config, ConfigError, load_config
 
+# Exceptions whose message says what is wrong and what to do: printed without a traceback.
+USER_ERRORS = {
+    "CheckpointError", "QAFormatError", "SFTDataError", "AnalyzeError", "TrainingDiverged", "PoolExhausted",
+    "FileNotFoundError",
+}
+
 EPILOG = (
     "Overrides are dotted keys with YAML values, e.g. pool.batch_size=8 optim.lr=1e-6 "
     "model.tp=2. Every key is documented in megatron_recycle/config.py and in the recipes."
@@ -129,8 +135,7 @@ def cmd_serve_retriever(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from megatron_recycle.analyze import main as analyze_main
 
-    analyze_main([args.run_dir])
-    return 0
+    return analyze_main([args.run_dir])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # errors meant for the user get one clear line, not a traceback
+        if type(e).__name__ in USER_ERRORS:
+            print(f"{type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

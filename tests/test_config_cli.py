@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_defaults_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("pool:\n  batch_size: 8\n  strategy: grpo\n  oversample: 1\noptim:\n  lr: 1\n")
-    cfg = load_config(recipe, ["pool.batch_size=16", "loss.clip_c=3", "model.vpp=null"])
+    cfg = load_config(recipe, ["pool.batch_size=16", "loss.clip_c=3", "model.vpp=null", "optim.min_lr=1e-7"])
+    assert cfg.optim.min_lr == 1e-7  # YAML 1.1 reads 1e-7 as a string; a float field accepts it
     assert isinstance(cfg, Config)
     assert cfg.pool.batch_size == 16 and cfg.pool.strategy == "grpo"
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int accepted for a float

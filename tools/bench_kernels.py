@@ -221,7 +221,7 @@ def case_loss_from_logits(dev, dtype, tokens: int, vocab: int, impls: list[str])
     adv = torch.randn(b, device=dev)
     mask = torch.rand(b, length, device=dev) < 0.9
     nbytes = b * length * vocab * es
-    liger = _liger_grpo() if ("liger" in impls and dev.type == "cuda") else None
+    liger = _liger_grpo() if "liger" in impls else None
 
     def ours(impl: str) -> torch.Tensor:
         x = logits[:, :-1].reshape(-1, vocab)
@@ -299,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="include torch.compile"
     )
     p.add_argument("--out", default="benchmarks/kernels")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        help="override the implementations (triton torch eager compile liger); "
+        "with TRITON_INTERPRET=1 this smoke-tests the GPU code paths on CPU at tiny sizes (timings meaningless)",
+    )
     args = p.parse_args(argv)
 
     dev = torch.device(args.device)
@@ -306,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = dev.type == "cuda"
     if not gpu:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
+    if not gpu and not args.impls:
         print(
             "NOTE: no CUDA device - timing the PyTorch paths only (eager reference and the lean torch path);"
         )
@@ -316,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     impls = ["triton", "torch", "eager"] + (["compile"] if compile_on else []) + (["liger"] if gpu else [])
     if not gpu:
         impls = ["torch", "eager"] + (["compile"] if compile_on else [])
+    if args.impls:
+        impls = args.impls
+        compile_on = "compile" in impls
     tokens = args.tokens or ([1 << 20, 1 << 22, 1 << 24] if gpu else [1 << 18, 1 << 20])
     logit_tokens = args.logit_tokens or ([4096, 16384] if gpu else [512])
     chunk = args.chunk or (4096 if gpu else 128)
@@ -342,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     if "loss" in args.cases:
         compiled = _maybe_compile(R.grpo_loss_reference, compile_on)
         for t in tokens:
-            plan.append(("grpo_loss", f"tokens={t}", lambda t=t: case_loss(dev, dtype, t, impls, compiled)))
+            plan.append(
+                ("grpo_loss", f"tokens={t}", lambda t=t, c=compiled: case_loss(dev, dtype, t, impls, c))
+            )
     for t in logit_tokens:
         for v in args.vocab:
             size = f"tokens={t},V={v}"

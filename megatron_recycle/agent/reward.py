@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import math
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from megatron_recycle.agent.protocol import extract_answer
 
@@ -51,18 +56,56 @@ class RewardResult:
     malformed: bool  # no complete <answer> tag, or an empty one
 
 
+@functools.cache
+def load_reward_fn(spec: str) -> Callable[[str, list[str], bool], float]:
+    """A custom reward ``fn(response, golden_answers, truncated) -> float`` named by
+    ``"package.module:function"`` or ``"/path/to/file.py:function"`` (recipes: rollout.reward)."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ValueError(f"custom reward {spec!r} must look like 'package.module:function' or 'file.py:function'")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            module_spec = importlib.util.spec_from_file_location(f"_reward_{path.stem}", path)
+            if module_spec is None or not path.is_file():
+                raise FileNotFoundError(f"no such file {path}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        fn = getattr(module, name)
+    except (ImportError, FileNotFoundError, AttributeError) as e:
+        raise ValueError(f"cannot load the custom reward {spec!r}: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"custom reward {spec!r} is not callable")
+    return fn
+
+
 def score_response(
     response: str, golds: Sequence[str], metric: str = "em", truncated: bool = False
 ) -> RewardResult:
-    """Score a whole response. No answer, an empty answer or a truncated trajectory scores 0."""
-    if metric not in ("em", "f1"):
-        raise ValueError(f"reward metric must be 'em' or 'f1', got {metric!r}")
+    """Score a whole response. No answer, an empty answer or a truncated trajectory scores 0.
+
+    ``metric`` is "em", "f1", or a custom reward spec (see load_reward_fn); EM and F1 are
+    always computed for the metrics.
+    """
     if isinstance(golds, str):
         golds = [golds]
     if not golds:
         raise ValueError("score_response needs at least one golden answer")
+    custom = None
+    if metric not in ("em", "f1"):
+        if ":" not in metric:
+            raise ValueError(f"reward metric must be 'em', 'f1' or 'module:function', got {metric!r}")
+        custom = load_reward_fn(metric)
     answer = extract_answer(response)
-    if answer is None or not normalize_answer(answer) or truncated:
-        return RewardResult(0.0, 0.0, 0.0, answer, malformed=answer is None or not normalize_answer(answer))
-    em, f1 = exact_match(answer, golds), f1_score(answer, golds)
-    return RewardResult(em if metric == "em" else f1, em, f1, answer, malformed=False)
+    malformed = answer is None or not normalize_answer(answer)
+    em = f1 = 0.0
+    if not malformed and not truncated:
+        em, f1 = exact_match(answer, golds), f1_score(answer, golds)
+    if custom is not None:
+        value = float(custom(response, list(golds), truncated))
+        if not math.isfinite(value):
+            raise ValueError(f"custom reward {metric!r} returned {value} for a response; rewards must be finite")
+        return RewardResult(value, em, f1, answer, malformed=malformed)
+    return RewardResult(em if metric == "em" else f1, em, f1, answer, malformed=malformed)

@@ -264,8 +264,8 @@ def _validate(questions, num_samples, max_turns, max_total_tokens, topk, reward_
         raise ValueError(f"rollout max_total_tokens must be >= 2, got {max_total_tokens}")
     if topk < 1:
         raise ValueError(f"rollout topk must be >= 1, got {topk}")
-    if reward_metric not in ("em", "f1"):
-        raise ValueError(f"rollout reward_metric must be 'em' or 'f1', got {reward_metric!r}")
+    if reward_metric not in ("em", "f1") and ":" not in reward_metric:
+        raise ValueError(f"rollout reward_metric must be 'em', 'f1' or 'module:function', got {reward_metric!r}")
     for item in questions:
         if len(item) != 3:
             raise ValueError(f"rollout questions are (query_id, question, golden_answers) triples, got {item!r}")

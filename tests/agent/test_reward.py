@@ -73,8 +73,25 @@ def test_truncated_trajectory_scores_zero_even_when_right():
     assert r.reward == r.em == r.f1 == 0.0 and r.answer == "Paris" and not r.malformed
 
 
+def test_custom_reward_from_a_file(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text(
+        "def length_bonus(response, golds, truncated):\n"
+        "    return 0.0 if truncated else len(golds) + 0.5\n"
+        "def nan(response, golds, truncated):\n"
+        "    return float('nan')\n"
+    )
+    r = score_response("<answer>Paris</answer>", ["Paris", "paris"], metric=f"{path}:length_bonus")
+    assert (r.reward, r.em, r.f1) == (2.5, 1.0, 1.0)  # EM/F1 still computed for the metrics
+    assert score_response("<answer>x</answer>", ["y"], metric=f"{path}:length_bonus", truncated=True).reward == 0.0
+    with pytest.raises(ValueError, match="finite"):
+        score_response("<answer>x</answer>", ["x"], metric=f"{path}:nan")
+    with pytest.raises(ValueError, match="cannot load"):
+        score_response("<answer>x</answer>", ["x"], metric=f"{path}:missing")
+
+
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="'em' or 'f1'"):
+    with pytest.raises(ValueError, match="'em', 'f1'"):
         score_response("<answer>x</answer>", ["x"], metric="acc")
     with pytest.raises(ValueError, match="at least one golden answer"):
         score_response("<answer>x</answer>", [])

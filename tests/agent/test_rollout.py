@@ -232,7 +232,7 @@ def test_bad_arguments_raise(tok):
     with pytest.raises(ValueError, match="num_samples"):
         rollout(engine, retriever, [(0, "q", ["a"])], 0, p, 1, 100, 1)
     with pytest.raises(ValueError, match="reward_metric"):
-        rollout(engine, retriever, [(0, "q", ["a"])], 1, p, 1, 100, 1, reward_metric="acc")
+        rollout(engine, retriever, [(0, "q", ["a"])], 1, p, 1, 100, 1, reward_metric="accuracy")
     with pytest.raises(ValueError, match="topk"):
         rollout(engine, retriever, [(0, "q", ["a"])], 1, p, 1, 100, 0)
 

@@ -1,8 +1,12 @@
 """grpo_advantages: Triton kernels (interpreter on CPU) and the PyTorch path against the float64 reference."""
 
+import os
+
 import pytest
 import torch
 import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from megatron_recycle_kernels import advantages as adv_mod
 from megatron_recycle_kernels import grpo_advantages
 from megatron_recycle_kernels.reference import grpo_advantages_reference
@@ -124,3 +128,24 @@ def test_dispatch_rule(monkeypatch):
         resolve_impl(cpu)
     with pytest.raises(ValueError, match="impl="):
         resolve_impl(cpu, "numpy")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 9), min_size=1, max_size=12),
+    levels=st.sampled_from([2, 3, 1000]),
+    seed=st.integers(0, 2**16),
+)
+def test_ragged_property_matches_reference(sizes, levels, seed):
+    """Any ragged layout (empty, size-1, equal-reward groups included) matches the float64 reference."""
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton interpreter not enabled")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.full((s,), gi, dtype=torch.long) for gi, s in enumerate(sizes)])
+    if idx.numel() == 0:
+        return
+    idx = idx[torch.randperm(idx.numel(), generator=g)]
+    r = (torch.randint(0, levels, (idx.numel(),), generator=g).double() / max(levels - 1, 1)).float().double()
+    out = grpo_advantages(r.float().to(dev), group_index=idx.to(dev), num_groups=len(sizes), impl="triton")
+    _check(out, grpo_advantages_reference(r, group_index=idx, num_groups=len(sizes)), group_of=idx)
