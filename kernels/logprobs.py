@@ -308,11 +308,13 @@ def check_targets(targets: torch.Tensor, n_rows: int, vocab_total: int) -> None:
         )
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
-    if n_rows and (int(targets.min()) < 0 or int(targets.max()) >= vocab_total):
-        raise ValueError(
-            f"target ids must lie in [0, {vocab_total}) (the full vocabulary), got range "
-            f"[{int(targets.min())}, {int(targets.max())}]; mask ignored positions out instead of using -100"
-        )
+    if n_rows:
+        lo, hi = torch.stack(torch.aminmax(targets)).tolist()  # one host sync for both bounds
+        if lo < 0 or hi >= vocab_total:
+            raise ValueError(
+                f"target ids must lie in [0, {vocab_total}) (the full vocabulary), got range [{lo}, {hi}]; "
+                "mask ignored positions out of the loss instead of using -100"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

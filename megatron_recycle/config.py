@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -65,7 +66,7 @@ class ModelConfig:
     name_or_path: str = "smollm2-135m"  # "smollm2-135m" (packaged), an HF folder, or a .gguf file
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size
-    vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved schedule)
+    vpp: int | None = None  # virtual pipeline stages per rank (interleaved schedule)
     bf16: bool = False  # Megatron mixed precision (bf16 params and compute, fp32 main grads)
     layer_spec: Literal["auto", "local", "te"] = "auto"  # auto: transformer-engine when usable
     cache_dir: str = ".cache/models"  # converted/cached weights
@@ -91,7 +92,7 @@ class PoolConfig:
     strategy: Literal["recycle", "soft_recycle", "grpo", "bounded_dapo", "dapo"] = "recycle"
     batch_size: int = 4  # B: groups per training step
     oversample: int = 2  # k: candidates drawn per step = k * B
-    consumed_weight: Optional[float] = None  # None: 0 (0.1 for soft_recycle)
+    consumed_weight: float | None = None  # None: 0 (0.1 for soft_recycle)
     on_exhausted: Literal["new_epoch", "stop"] = "new_epoch"
     max_gen_batches: int = 3  # dapo: generation batches per step at most
 
@@ -100,10 +101,10 @@ class PoolConfig:
 class LossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28  # clip-higher
-    clip_c: Optional[float] = None  # dual clip for negative advantages (> 1), None: off
+    clip_c: float | None = None  # dual clip for negative advantages (> 1), None: off
     kl_beta: float = 0.0  # k3 KL to the initial policy; > 0 keeps a reference model
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
-    max_len: Optional[int] = None  # seq-mean-token-sum-norm: the constant divisor
+    max_len: int | None = None  # seq-mean-token-sum-norm: the constant divisor
     norm_adv_by_std: bool = True  # False: Dr. GRPO advantages r - mean
     unbiased_std: bool = True
 
@@ -177,7 +178,7 @@ class Config:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert, e.g. int -> float) a value against a field's type."""
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
@@ -363,27 +364,3 @@ def check_against_data(cfg: Config, num_train_queries: int) -> None:
             f"pool.batch_size * pool.oversample = {cfg.pool.batch_size} * {cfg.pool.oversample} = {draw} "
             f"candidates per step, but the training pool has only {num_train_queries} queries"
         )
-
-
-def check_parallel_layout(
-    *, tp: int, pp: int, vpp: int | None, world_size: int, num_layers: int, num_heads: int,
-    num_kv_heads: int,
-) -> int:
-    """Validate a TP/PP(/VPP) layout against the world and the model; returns the DP size."""
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"world size {world_size} is not divisible by model.tp * model.pp = {tp} * {pp} = {tp * pp}"
-        )
-    if num_heads % tp:
-        raise ConfigError(f"model.tp={tp} does not divide the model's {num_heads} attention heads")
-    if num_kv_heads % tp:
-        raise ConfigError(
-            f"model.tp={tp} does not divide the model's {num_kv_heads} key/value heads (query groups)"
-        )
-    stages = pp * (vpp or 1)
-    if num_layers % stages:
-        raise ConfigError(
-            f"model.pp * model.vpp = {pp} * {vpp or 1} = {stages} pipeline stages do not divide "
-            f"the model's {num_layers} layers"
-        )
-    return world_size // (tp * pp)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from megatron_recycle.cli import build_parser, main
-from megatron_recycle.config import Config, ConfigError, check_against_data, check_parallel_layout, load_config
+from megatron_recycle.config import Config, ConfigError, check_against_data, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,22 +62,11 @@ def test_bad_recipe_files(tmp_path):
         load_config(bad)
 
 
-def test_checks_against_data_and_layout():
+def test_checks_against_data():
     cfg = load_config(None, ["pool.batch_size=8", "pool.oversample=2"])
     check_against_data(cfg, 16)
     with pytest.raises(ConfigError, match="only 15 queries"):
         check_against_data(cfg, 15)
-    # SmolLM2-135M: 30 layers, 9 heads, 3 KV heads
-    kw = dict(num_layers=30, num_heads=9, num_kv_heads=3)
-    assert check_parallel_layout(tp=3, pp=2, vpp=None, world_size=12, **kw) == 2
-    with pytest.raises(ConfigError, match="tp=2 does not divide the model's 9 attention heads"):
-        check_parallel_layout(tp=2, pp=1, vpp=None, world_size=2, **kw)
-    with pytest.raises(ConfigError, match="4 pipeline stages do not divide the model's 30 layers"):
-        check_parallel_layout(tp=1, pp=4, vpp=None, world_size=4, **kw)
-    with pytest.raises(ConfigError, match="world size 6 is not divisible"):
-        check_parallel_layout(tp=1, pp=4, vpp=None, world_size=6, num_layers=32, num_heads=8, num_kv_heads=8)
-    with pytest.raises(ConfigError, match="key/value heads"):
-        check_parallel_layout(tp=3, pp=1, vpp=None, world_size=3, num_layers=4, num_heads=9, num_kv_heads=1)
 
 
 def test_every_recipe_in_the_repository_validates():

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "glibc_tunables": malloc,
+        "load_average_at_end": os.getloadavg(),  # other work on the machine skews CPU timings
         "model": a.model, "weights": a.weights, "params_this_rank": n_params, "bf16": a.bf16,
         "tp": a.tp, "pp": a.pp, "dp": layout.dp, "dist_opt": a.dist_opt,
         "n": a.n, "seq_len": a.seq_len, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,

@@ -210,8 +210,18 @@ class HFEngine:
                 drop = (sorted_probs.cumsum(-1) - sorted_probs) >= sub_top_p[:, None]
                 sorted_probs = sorted_probs.masked_fill(drop, 0.0)
                 probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
-            for j, r in enumerate(sample_rows):
-                tokens[r] = torch.multinomial(probs[j], 1, generator=rows[r].generator)[0]
+            # Inverse-CDF sampling, one uniform per row from that row's own generator (so a
+            # row's sample never depends on its batch companions); faster than per-row multinomial.
+            cdf = probs.double().cumsum(-1)
+            u = torch.cat(
+                [torch.rand(1, generator=rows[r].generator, device=probs.device, dtype=torch.float64) for r in sample_rows]
+            )
+            picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            picked = picked.clamp(max=probs.shape[-1] - 1)
+            # rounding can land past the last token with mass: take the likeliest token then
+            zero = probs.gather(-1, picked[:, None]).squeeze(-1) <= 0
+            picked = torch.where(zero, probs.argmax(-1), picked)
+            tokens[sample_rows] = picked
         chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, chosen
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_recycle.config import Config, ConfigError, check_parallel_layout
+from megatron_recycle.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +132,17 @@ def setup_runtime(
         load_tokenizer,
         resolve_model_folder,
     )
-    from megatron_recycle.model.parallel import init_distributed
+    from megatron_recycle.model.parallel import init_distributed, validate_layout
     from megatron_recycle.train.step import setup_model_and_optimizer
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     m = cfg.model
     hf_config = load_hf_config(model_path, cache_dir=m.cache_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_parallel_layout(
-        tp=m.tp, pp=m.pp, vpp=m.vpp, world_size=world, num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
-    )
+    try:  # the layout against the world and the model, before any process group exists
+        validate_layout(m.tp, m.pp, m.vpp, int(os.environ.get("WORLD_SIZE", "1")), hf_config)
+    except ValueError as e:
+        raise ConfigError(f"model.tp={m.tp} model.pp={m.pp} model.vpp={m.vpp}: {e}") from None
     layout = init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.run.seed, model_config=hf_config)
     folder = resolve_model_folder(model_path, cache_dir=m.cache_dir)
     tokenizer = load_tokenizer(model_path, cache_dir=m.cache_dir)

@@ -268,3 +268,27 @@ def test_real_smollm2_batched_greedy_matches_transformers_generate(tok):
         ref = ref[0, len(prompt) :].tolist()
         assert gen.token_ids == ref[: len(gen.token_ids)]
         assert gen.finish_reason in ("eos", "length")
+
+
+def test_sampling_follows_the_temperature_and_top_p_distribution(tok):
+    """Empirical frequencies over many seeded rows match softmax(logits / T), truncated by top-p."""
+    engine = HFEngine(tiny_llama(), tok)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
+    n = 20000
+
+    def draw(temperature: float, top_p: float) -> torch.Tensor:
+        p = SamplingParams(temperature=temperature, top_p=top_p)
+        rows = [SimpleNamespace(generator=engine._new_generator(seed)) for seed in range(n)]
+        tokens, logp = engine._choose(logits.repeat(n, 1), rows, torch.full((n,), temperature), torch.full((n,), p.top_p))
+        ref = torch.log_softmax(logits / temperature, -1)
+        assert torch.allclose(logp, ref[tokens], atol=1e-6)  # log-probs are before top-p
+        return torch.bincount(tokens, minlength=6).double() / n
+
+    want = torch.softmax(logits.double() / 0.8, -1)
+    assert torch.allclose(draw(0.8, 1.0), want, atol=0.015)
+    # top_p = 0.8 keeps the smallest prefix reaching 80% of the mass, renormalized
+    probs = torch.softmax(logits.double(), -1)
+    keep = (probs.cumsum(-1) - probs) < 0.8
+    want = torch.where(keep, probs, 0.0) / probs[keep].sum()
+    freq = draw(1.0, 0.8)
+    assert torch.allclose(freq, want, atol=0.015) and freq[~keep].sum() == 0
