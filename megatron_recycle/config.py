@@ -53,6 +53,7 @@ class DataConfig:
 class RetrieverConfig:
     kind: Literal["bm25", "dense", "http"] = "bm25"
     topk: int = 3  # passages per search
+    max_passage_words: int = 0  # keep only the first N words of each passage (0: whole passages)
     corpus: str = "wiki-offline"  # "wiki-offline" (the installed Wikipedia package) or a Search-R1 jsonl path
     url: str = "http://127.0.0.1:8000/retrieve"  # kind=http: the Search-R1-compatible endpoint
     dense_model: str = "minilm"  # kind=dense: "minilm" (packaged) or a local sentence-transformers path
@@ -297,6 +298,8 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.data, key)
         _require(v >= 0, f"data.{key}", v, "must be >= 0")
     _require(cfg.retriever.topk >= 1, "retriever.topk", cfg.retriever.topk, "must be >= 1")
+    _require(cfg.retriever.max_passage_words >= 0, "retriever.max_passage_words", cfg.retriever.max_passage_words,
+             "must be >= 0")
     _require(cfg.retriever.timeout_s > 0, "retriever.timeout_s", cfg.retriever.timeout_s, "must be > 0")
     _require(cfg.retriever.retries >= 0, "retriever.retries", cfg.retriever.retries, "must be >= 0")
     m = cfg.model

@@ -38,6 +38,7 @@ def evaluate(
     topk: int = 3,
     batch_size: int = 32,
     max_new_tokens: int = 256,
+    max_passage_words: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
     progress: bool = True,
@@ -67,7 +68,8 @@ def evaluate(
         chunk = examples[first : first + batch_size]
         questions = [(first + i, ex.question, list(ex.golden_answers)) for i, ex in enumerate(chunk)]
         batch = rollout(
-            engine, retriever, questions, n_samples, params, max_turns, max_total_tokens, topk, reward_metric="em"
+            engine, retriever, questions, n_samples, params, max_turns, max_total_tokens, topk, reward_metric="em",
+            max_passage_words=max_passage_words,
         )
         for key, value in batch.stats.as_dict().items():
             totals[key] = totals.get(key, 0) + value
@@ -95,6 +97,7 @@ def evaluate(
             "max_total_tokens": max_total_tokens,
             "max_new_tokens": max_new_tokens,
             "topk": topk,
+            "max_passage_words": max_passage_words,
             "batch_size": batch_size,
             "seed": seed,
             **(run_info or {}),

@@ -60,11 +60,19 @@ def extract_answer(response: str) -> str | None:
     return answers[-1].strip() if answers else None
 
 
-def format_information(passages: Sequence[Passage]) -> str:
-    """The block the environment appends after a search (loss mask 0)."""
+def format_information(passages: Sequence[Passage], max_words: int = 0) -> str:
+    """The block the environment appends after a search (loss mask 0).
+
+    ``max_words`` > 0 keeps only the first words of each passage's text (shorter contexts: the
+    rollouts, the SFT data and evaluation must use the same value).
+    """
     lines = []
     for i, p in enumerate(passages, 1):
-        lines.append(f"Doc {i} (Title: {p.title}) {p.text}".rstrip())
+        text = p.text
+        if max_words > 0:
+            words = text.split()
+            text = " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+        lines.append(f"Doc {i} (Title: {p.title}) {text}".rstrip())
     return "\n\n<information>" + "\n".join(lines) + "</information>\n\n"
 
 

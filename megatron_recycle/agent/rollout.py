@@ -95,6 +95,7 @@ def rollout(
     max_total_tokens: int,
     topk: int,
     reward_metric: str = "em",
+    max_passage_words: int = 0,
 ) -> RolloutBatch:
     """Roll out ``num_samples`` trajectories per (query_id, question, golden answers) and score them.
 
@@ -172,7 +173,7 @@ def rollout(
                 s.finish = "no_answer"
 
         if searching:
-            observations = _retrieve(retriever, [q for _, q in searching], topk, stats)
+            observations = _retrieve(retriever, [q for _, q in searching], topk, stats, max_passage_words)
             for (s, query), (obs, failed) in zip(searching, observations):
                 s.searches += 1
                 s.queries.append(query)
@@ -197,7 +198,7 @@ def rollout(
 
 
 def _retrieve(
-    retriever: Retriever, queries: list[str], topk: int, stats: RolloutStats
+    retriever: Retriever, queries: list[str], topk: int, stats: RolloutStats, max_passage_words: int = 0
 ) -> list[tuple[str, bool]]:
     """(observation text, failed) per query; failures become error observations (counted, logged)."""
     observations: list[tuple[str, bool] | None] = [None] * len(queries)
@@ -215,7 +216,7 @@ def _retrieve(
                 stats.bad_retrieval_results += 1
                 raise RetrievalError(f"retriever returned {len(results)} result lists for {len(asked)} queries")
             for i, passages in zip(asked, results):
-                observations[i] = (format_information(passages[:topk]), False)
+                observations[i] = (format_information(passages[:topk], max_passage_words), False)
         except RetrievalError as err:
             log.warning("rollout: retrieval failed for %d queries: %s", len(asked), err)
             for i in asked:

@@ -6,8 +6,9 @@ agree on. Keep them small and plain.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 
 class RetrievalError(RuntimeError):

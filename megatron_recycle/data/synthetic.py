@@ -547,7 +547,8 @@ def _row(c: Candidate) -> dict[str, Any]:
 
 
 def oracle_trajectory(
-    c: Candidate, retriever: Retriever, topk: int, cache: dict[str, list[Passage]] | None = None
+    c: Candidate, retriever: Retriever, topk: int, cache: dict[str, list[Passage]] | None = None,
+    max_passage_words: int = 0,
 ) -> dict[str, Any]:
     """The tag-protocol turns an oracle agent would produce for a (retrievable) candidate.
 
@@ -565,7 +566,7 @@ def oracle_trajectory(
         turns.append(
             {
                 "generated": f"<think>{think}</think>\n<search> {hop.chosen} </search>",
-                "information": format_information(passages),
+                "information": format_information(passages, max_passage_words),
             }
         )
     turns.append({"generated": f"<think>{c.thinks[-1]}</think>\n<answer> {c.answers[0]} </answer>"})
@@ -591,6 +592,7 @@ def generate_dataset(
     retriever: Retriever | None = None,
     cache_dir: str | Path | None = None,
     require_retrievable: bool = False,
+    max_passage_words: int = 0,
     max_per_bridge: int = 20,
     max_share: float | None = None,
     sft: bool = True,
@@ -722,7 +724,9 @@ def generate_dataset(
     sft_rows = []
     if sft:
         sft_rows = [
-            oracle_trajectory(c, retriever, topk, search_cache) for c in rows["train"] if c.retrievable
+            oracle_trajectory(c, retriever, topk, search_cache, max_passage_words)
+            for c in rows["train"]
+            if c.retrievable
         ]
         paths["sft"] = out_dir / "sft.jsonl"
         _write_jsonl(paths["sft"], sft_rows)

@@ -5,8 +5,9 @@ Token ids in, token ids out: the rollout loop never re-tokenizes what an engine 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 

@@ -100,7 +100,7 @@ def rollout_share(rt: rtm.Runtime, examples: list, ids: torch.Tensor, step: int,
             params = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, seed=seed)
             trajectories = list(rollout(
                 rt.engine, rt.retriever, questions, ro.group_size, params, ro.max_turns, ro.max_total_tokens,
-                cfg.retriever.topk, reward_metric=ro.reward,
+                cfg.retriever.topk, reward_metric=ro.reward, max_passage_words=cfg.retriever.max_passage_words,
             ))
     return rtm.broadcast_from_mp_leader(trajectories)
 
@@ -402,7 +402,8 @@ def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int, metrics) -> None:
         res = evaluate(rt.engine, rt.retriever, examples, n_samples=cfg.eval.n_samples,
                        temperature=cfg.eval.temperature, max_turns=cfg.rollout.max_turns,
                        max_total_tokens=cfg.rollout.max_total_tokens, topk=cfg.retriever.topk,
-                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.rollout.max_new_tokens, progress=False)
+                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.rollout.max_new_tokens,
+                       max_passage_words=cfg.retriever.max_passage_words, progress=False)
         metrics.log(step, {"step": step, **{f"eval/dev_{k}": v for k, v in res["overall"].items()}})
         print(f"[eval] step {step} dev Pass@1 {res['overall']['pass@1']:.3f}", flush=True)
     if dist.is_initialized():

@@ -35,7 +35,8 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     res = evaluate(engine, retriever, examples, n_samples=cfg.eval.n_samples, temperature=cfg.eval.temperature,
                    max_turns=cfg.rollout.max_turns, max_total_tokens=cfg.rollout.max_total_tokens,
                    topk=cfg.retriever.topk, batch_size=cfg.eval.batch_size,
-                   max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.run.seed, output_path=out_path,
+                   max_new_tokens=cfg.rollout.max_new_tokens, max_passage_words=cfg.retriever.max_passage_words,
+                   seed=cfg.run.seed, output_path=out_path,
                    run_info={"model": str(model_path), "label": label, "split": split})
     print(format_table(res), flush=True)
     return res

@@ -77,7 +77,7 @@ def generate_data(cfg: Config) -> dict[str, Any]:
     print(f"[data] generating synthetic data into {cfg.data.dir}", flush=True)
     return generate_dataset(
         cfg.data.dir, seed=cfg.run.seed, n_train=cfg.data.n_train, n_dev=cfg.data.n_dev,
-        n_test=cfg.data.n_test, topk=cfg.retriever.topk,
+        n_test=cfg.data.n_test, topk=cfg.retriever.topk, max_passage_words=cfg.retriever.max_passage_words,
     )
 
 
