@@ -50,6 +50,9 @@ def run_workers(fn: str, world_size: int, args: dict[str, Any], timeout: float =
             # The step uses the kernels' production path for the device (PyTorch on CPU); the
             # Triton interpreter is the kernels' own tests' business and is far too slow here.
             env.pop("TRITON_INTERPRET", None)
+            if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
+                # NCCL cannot put two ranks on one GPU: run this world on CPU over gloo instead.
+                env["CUDA_VISIBLE_DEVICES"] = ""
             cmd = [sys.executable, str(HERE / "_workers.py"), fn, tmp, json.dumps(args)]
             log = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
             procs.append((subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT), log))
