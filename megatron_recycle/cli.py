@@ -86,7 +86,8 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     out = generate_data(cfg)
-    print({k: v for k, v in out.items() if not isinstance(v, dict | list)}, flush=True)
+    for name, path in out["paths"].items():
+        print(f"[gen-data] {name}: {path}", flush=True)
     return 0
 
 
@@ -131,7 +132,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     files = [Path(p) for p in args.data]
     if cfg.eval.data_dir:
         found = find_benchmark_files(cfg.eval.data_dir)
-        files += [Path(p) for p in (found.values() if isinstance(found, dict) else found)]
+        files += [Path(p) for p in found.values()]
+        if getattr(found, "missing", None):
+            print(f"[eval] not found in {cfg.eval.data_dir}: {', '.join(found.missing)}", flush=True)
     if not files:
         files = [Path(cfg.data.test_file or Path(cfg.data.dir) / "test.jsonl")]
     model = args.checkpoint or cfg.model.name_or_path
