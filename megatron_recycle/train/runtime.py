@@ -150,7 +150,8 @@ def setup_runtime(
     chunks, optimizer, scheduler = setup_model_and_optimizer(
         hf_config, lr=lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad,
         use_distributed_optimizer=o.use_distributed_optimizer, bf16=m.bf16,
-        warmup_steps=min(warmup_steps, total_steps), total_steps=total_steps,
+        # Megatron's scheduler needs warmup < decay steps: a warm-up as long as the run is cut by one.
+        warmup_steps=min(warmup_steps, max(total_steps - 1, 0)), total_steps=total_steps,
         load_weights=lambda c: load_hf_weights(c, folder, hf_config), layer_spec=m.layer_spec,
         min_lr=o.min_lr, lr_decay_style=o.lr_schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
     )

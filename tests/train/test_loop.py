@@ -9,6 +9,7 @@ megatron-core are process-wide and stay out of the pytest process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -159,3 +160,62 @@ def test_resume_refuses_a_mismatched_checkpoint(env):
                           capture_output=True, text=True, timeout=240, env=_env_vars(), cwd=ROOT)
     assert proc.returncode != 0
     assert "pool" in (proc.stderr + proc.stdout) and "oversample" in (proc.stderr + proc.stdout)
+
+
+@pytest.mark.slow
+def test_sigint_writes_a_final_checkpoint_and_save_hf(env, tmp_path):
+    name = "sigint"
+    run_dir = env["out"] / name
+    hf_dir = tmp_path / "hf"
+    proc = subprocess.Popen(
+        CLI + ["train", "--save-hf", str(hf_dir)] + _overrides(env, name, "train.steps=50", "run.save_every=0"),
+        env=_env_vars(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").read_text().strip():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested" in out
+    steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert len(steps) == 1 and 1 <= steps[0] < 50  # one checkpoint, written on the stop
+    assert len(_metrics(run_dir)) == steps[0]
+    # the exported policy loads in transformers and matches the checkpoint's step count of updates
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_without_a_new_checkpoint(env):
+    name = "diverge"
+    run_dir = env["out"] / name
+    proc = subprocess.run(CLI + ["train"] + _overrides(env, name, "train.steps=6", "optim.lr=1e30", "optim.clip_grad=0"),
+                          capture_output=True, text=True, timeout=240, env=_env_vars(), cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "TrainingDiverged" in proc.stderr and "without writing a checkpoint" in proc.stderr
+    rows = _metrics(run_dir)  # the diverged step is not logged
+    assert len(rows) < 6 and all(math.isfinite(r.get("train/loss", 0.0)) for r in rows)
+    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    # no checkpoint of the diverged step: the newest one is the last step whose loss was finite
+    assert max(saved, default=0) <= len(rows)
+
+
+@pytest.mark.slow
+def test_run_pipeline_end_to_end(env):
+    name = "pipeline"
+    proc = _run(CLI + ["run"] + _overrides(env, name, "sft.steps=2", "sft.batch_size=2", "train.steps=1",
+                                             "eval.batch_size=4", "train.eval_every=1"))
+    run_dir = env["out"] / name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["test_pass@1"]) == {"untrained", "after_sft", "after_grpo"}
+    assert all(0.0 <= v <= 1.0 for v in report["test_pass@1"].values())
+    for f in ("before_test.json", "after_sft_test.json", "after_test.json"):
+        assert (run_dir / "eval" / f).is_file()
+    assert (run_dir / "sft" / "hf" / "config.json").is_file() and (run_dir / "final_hf" / "config.json").is_file()
+    assert (run_dir / "plots" / "recycled_share.png").stat().st_size > 1000
+    assert any("eval/dev_pass@1" in r for r in _metrics(run_dir))
+    assert "Report:" in proc.stdout
