@@ -319,6 +319,12 @@ def validate(cfg: Config) -> None:
              ro.reward, "must be 'em', 'f1' or 'package.module:function'")
     _require(ro.batch_size >= 1, "rollout.batch_size", ro.batch_size, "must be >= 1")
     _require(ro.vllm_tp >= 1, "rollout.vllm_tp", ro.vllm_tp, "must be >= 1")
+    if ro.engine == "vllm":
+        import importlib.util
+
+        _require(importlib.util.find_spec("vllm") is not None, "rollout.engine", ro.engine,
+                 "vLLM is not installed; it needs a CUDA GPU: `pip install -e '.[gpu]'` on a GPU machine, "
+                 "or use rollout.engine=hf")
     _require(0 < ro.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
              ro.vllm_gpu_memory_utilization, "must be in (0, 1)")
     _require(p.batch_size >= 1, "pool.batch_size", p.batch_size, "B must be >= 1")

@@ -47,6 +47,15 @@ def test_invalid_values_name_key_and_value(override, match):
         load_config(None, [override])
 
 
+def test_vllm_engine_without_vllm_fails_at_validation():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ConfigError, match=r"rollout.engine='vllm': vLLM is not installed.*pip install"):
+        load_config(None, ["rollout.engine=vllm"])
+
+
 def test_bad_recipe_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
@@ -70,9 +79,18 @@ def test_checks_against_data():
 
 
 def test_every_recipe_in_the_repository_validates():
+    import importlib.util
+
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    have_vllm = importlib.util.find_spec("vllm") is not None
     for recipe in recipes:
-        load_config(recipe)
+        if "engine: vllm" in recipe.read_text() and not have_vllm:
+            with pytest.raises(ConfigError, match="vLLM is not installed"):
+                load_config(recipe)
+            load_config(recipe, ["rollout.engine=hf"])  # everything else in a GPU recipe is valid
+        else:
+            load_config(recipe)
 
 
 def test_cli_help_for_every_subcommand(capsys):

@@ -22,15 +22,14 @@ from megatron_recycle.train import runtime as rtm
 def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, label: str) -> dict[str, Any] | None:
     """Greedy Pass@1 of a Hugging Face model folder (or alias) on a split; rank 0 only."""
     from megatron_recycle.evaluate import evaluate, format_table
-    from megatron_recycle.model.hf_loading import load_hf_model, load_tokenizer
+    from megatron_recycle.model.hf_loading import load_tokenizer
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     paths = rtm.data_paths(cfg)
     examples = rtm.read_examples(paths[split], cfg, cfg.eval.max_examples)
     print(f"[eval] {label}: {len(examples)} {split} questions, model {model_path}", flush=True)
-    engine = rtm.build_engine(cfg, load_hf_model(model_path, cache_dir=cfg.model.cache_dir),
-                              load_tokenizer(model_path, cache_dir=cfg.model.cache_dir))
+    engine = rtm.build_engine(cfg, model_path, load_tokenizer(model_path, cache_dir=cfg.model.cache_dir))
     retriever = rtm.build_retriever_from_config(cfg)
     res = evaluate(engine, retriever, examples, n_samples=cfg.eval.n_samples, temperature=cfg.eval.temperature,
                    max_turns=cfg.rollout.max_turns, max_total_tokens=cfg.rollout.max_total_tokens,

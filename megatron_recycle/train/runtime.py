@@ -103,20 +103,32 @@ def build_retriever_from_config(cfg: Config):
     return build_retriever("bm25", corpus=corpus, cache_dir=r.cache_dir)
 
 
-def build_engine(cfg: Config, hf_model: Any, tokenizer: Any):
-    """The rollout engine for this rank (only the model-parallel leaders call it)."""
+def build_engine(cfg: Config, model_path: str, tokenizer: Any):
+    """The rollout engine for this rank (only the model-parallel leaders call it).
+
+    ``hf``: a transformers copy of the policy on this device. ``vllm`` (GPU only): vLLM in this
+    process, its own TP size; it has never run in this project's tests (issue #7) and only one
+    data-parallel replica per vLLM TP group is supported so far.
+    """
+    from megatron_recycle.model.hf_loading import load_hf_model, resolve_model_folder
+
     if cfg.rollout.engine == "vllm":
+        from megatron_recycle.engines.vllm import VLLMEngine, require_vllm
+
         try:
-            from megatron_recycle.engines.vllm import VLLMEngine  # noqa: F401
+            require_vllm()
         except ImportError as e:
-            raise ConfigError(
-                "rollout.engine=vllm needs vLLM and a GPU (pip install -e '.[gpu]' on a CUDA machine); "
-                f"it could not be imported here ({e}). Use rollout.engine=hf on CPU."
-            ) from e
-        raise ConfigError("rollout.engine=vllm is not built yet (issue #7); use rollout.engine=hf")
+            raise ConfigError(f"rollout.engine=vllm: {e}") from None
+        return VLLMEngine(
+            str(resolve_model_folder(model_path, cache_dir=cfg.model.cache_dir)), tokenizer,
+            tensor_parallel_size=cfg.rollout.vllm_tp,
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+            seed=cfg.run.seed, max_model_len=cfg.rollout.max_total_tokens,
+        )
     from megatron_recycle.engines.hf import HFEngine
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    hf_model = load_hf_model(model_path, cache_dir=cfg.model.cache_dir)
     return HFEngine(hf_model, tokenizer, device=device, max_batch_size=cfg.rollout.batch_size)
 
 
@@ -128,7 +140,6 @@ def setup_runtime(
     from megatron_recycle.model.convert import load_hf_weights
     from megatron_recycle.model.hf_loading import (
         load_hf_config,
-        load_hf_model,
         load_tokenizer,
         resolve_model_folder,
     )
@@ -157,7 +168,7 @@ def setup_runtime(
     )
     engine = None
     if with_engine and layout.tp_rank == 0 and layout.pp_rank == 0:
-        engine = build_engine(cfg, load_hf_model(model_path, cache_dir=m.cache_dir), tokenizer)
+        engine = build_engine(cfg, model_path, tokenizer)
     return Runtime(cfg, layout, hf_config, tokenizer, chunks, optimizer, scheduler, engine, str(model_path))
 
 

@@ -1,0 +1,663 @@
+"""Rollout engine over vLLM, colocated with the trainer inside the torchrun processes (GPU only).
+
+vLLM runs in its external-launcher mode: every torchrun rank builds one ``VLLMEngine`` (one vLLM
+worker per process, no extra processes), and the ranks of one vLLM tensor-parallel group must
+call ``generate`` with the same prompts. vLLM's TP size is its own (``tensor_parallel_size``)
+and may differ from training's.
+
+Token ids in, token ids out (``TokensPrompt``, no re-tokenization); the same Generation
+semantics as ``engines.hf.HFEngine``: a sequence ends right after the token that completes its
+first stop string (that token kept), on an end-of-sequence token (kept) or at the token budget.
+
+Weight sync streams the Hugging Face-named tensors of ``model.convert.export_hf_state_dict`` in
+bounded buckets into vLLM's model in place (``model.load_weights``). Re-sharding for vLLM's own
+TP size and packing (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) is done by vLLM's
+weight loaders, which take full HF tensors and keep the local shard: there is no disk round trip
+and no second full copy of the model (at most ``bucket_bytes`` of exported tensors are held).
+
+Everything vLLM-independent here (request construction, sampling translation, output
+conversion, bucketing, the HF -> vLLM shard mapping used by ``check_weights``) is a pure
+function tested on CPU. vLLM is imported lazily, inside the constructor: importing this module
+never needs vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from megatron_recycle.engines.base import Generation, SamplingParams
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "install it on a CUDA machine with `pip install -e '.[gpu]'` (vLLM needs an NVIDIA GPU); "
+    "on CPU use rollout.engine=hf"
+)
+
+# HF projection names that vLLM packs into one parameter, in packing order.
+_PACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+_ROW_PARALLEL = ("o_proj", "down_proj")  # sharded along the input dimension (dim 1)
+_VOCAB_PARALLEL = ("embed_tokens", "lm_head")  # sharded along the (padded) vocabulary, dim 0
+
+
+def require_vllm() -> Any:
+    """Import and return the ``vllm`` module, or raise ImportError saying how to install it."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"the vLLM rollout engine needs the `vllm` package, which is not importable here ({e}); {INSTALL_HINT}") from e
+    return vllm
+
+
+# --------------------------------------------------------------------------------- requests
+def expand_params(num_prompts: int, params: SamplingParams | Sequence[SamplingParams]) -> list[SamplingParams]:
+    """One SamplingParams per prompt, with HFEngine's rule: a single params object gives prompt i
+    the seed ``seed + i`` (repeated prompts then sample differently); a list is used as is."""
+    if isinstance(params, SamplingParams):
+        return [
+            SamplingParams(params.temperature, params.top_p, params.max_new_tokens, tuple(params.stop),
+                           None if params.seed is None else params.seed + i)
+            for i in range(num_prompts)
+        ]
+    out = list(params)
+    if len(out) != num_prompts:
+        raise ValueError(
+            f"VLLMEngine.generate got {num_prompts} prompts but {len(out)} SamplingParams; "
+            "pass one SamplingParams for all or exactly one per prompt"
+        )
+    return out
+
+
+def to_vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.SamplingParams`` meaning the same as our ``params``.
+
+    temperature 0 is greedy (top_p 1, no seed); stop strings are kept in the output (like
+    HFEngine) and matched on text decoded with special tokens, as HFEngine does; ``logprobs=0``
+    returns the sampled token's log-prob only. vLLM matches stop strings only on detokenized
+    text, so ``detokenize`` is on exactly when there are stop strings.
+    """
+    greedy = params.temperature <= 0
+    stop = list(dict.fromkeys(params.stop))
+    return {
+        "n": 1,
+        "temperature": 0.0 if greedy else float(params.temperature),
+        "top_p": 1.0 if greedy else float(params.top_p),
+        "max_tokens": int(params.max_new_tokens),
+        "seed": None if greedy else params.seed,
+        "stop": stop or None,
+        "include_stop_str_in_output": True,
+        "skip_special_tokens": False,
+        "detokenize": bool(stop),
+        "logprobs": 0,
+    }
+
+
+def build_requests(
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    vocab_size: int | None = None,
+    max_model_len: int | None = None,
+    counters: dict[str, int] | None = None,
+) -> tuple[list[dict[str, list[int]]], list[dict[str, Any]]]:
+    """Validated vLLM requests: ``TokensPrompt``-shaped dicts and sampling kwargs, one per prompt.
+
+    A prompt that leaves room for fewer new tokens than asked within ``max_model_len`` gets a
+    smaller ``max_tokens`` (counted in ``counters["max_tokens_clamped"]`` and logged); a prompt
+    that leaves no room is an error, as are empty prompts and ids outside the vocabulary.
+    """
+    plist = expand_params(len(prompts), params)
+    token_prompts, kwargs_list = [], []
+    clamped = 0
+    for i, (p, sp) in enumerate(zip(prompts, plist)):
+        ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"VLLMEngine.generate: prompt {i} is empty; give at least one token id")
+        if vocab_size is not None:
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"VLLMEngine.generate: prompt {i} has token ids {bad[:5]} outside the vocabulary "
+                    f"[0, {vocab_size}); tokenize with this engine's tokenizer"
+                )
+        kw = to_vllm_sampling_kwargs(sp)
+        if max_model_len is not None:
+            room = max_model_len - len(ids)
+            if room < 1:
+                raise ValueError(
+                    f"VLLMEngine.generate: prompt {i} has {len(ids)} tokens, no room left in "
+                    f"max_model_len={max_model_len}; raise max_model_len or shorten the trajectory budget"
+                )
+            if kw["max_tokens"] > room:
+                kw["max_tokens"] = room
+                clamped += 1
+        token_prompts.append({"prompt_token_ids": ids})
+        kwargs_list.append(kw)
+    if clamped:
+        log.warning("VLLMEngine: %d requests asked for more new tokens than max_model_len leaves; clamped", clamped)
+        if counters is not None:
+            counters["max_tokens_clamped"] = counters.get("max_tokens_clamped", 0) + clamped
+    return token_prompts, kwargs_list
+
+
+# ---------------------------------------------------------------------------------- outputs
+def _count(counters: dict[str, int] | None, key: str) -> None:
+    if counters is not None:
+        counters[key] = counters.get(key, 0) + 1
+
+
+def _first_stop(
+    token_ids: Sequence[int], stops: Sequence[str], decode: Callable[[list[int]], str], start: int = 1
+) -> tuple[int, str] | None:
+    """(n, s): the shortest prefix ``token_ids[:n]`` (n >= start) whose newest tokens complete
+    stop string ``s``, checked like HFEngine over a window of (longest stop in bytes + 1) tokens."""
+    window = max(len(s.encode("utf-8")) for s in stops) + 1
+    for n in range(max(start, 1), len(token_ids) + 1):
+        text = decode(list(token_ids[max(0, n - window) : n]))
+        best = None
+        for s in stops:
+            pos = text.find(s)
+            if pos >= 0 and (best is None or pos + len(s) < best[0]):
+                best = (pos + len(s), s)
+        if best is not None:
+            return n, best[1]
+    return None
+
+
+def _sampled_logprobs(token_ids: Sequence[int], logprobs: Any) -> list[float] | None:
+    """The sampled token's log-prob at each position from vLLM's per-position {id: Logprob}."""
+    if logprobs is None or len(logprobs) < len(token_ids):
+        return None
+    out = []
+    for i, tok in enumerate(token_ids):
+        try:
+            entry = logprobs[i][tok]
+        except (KeyError, IndexError, TypeError):
+            return None
+        out.append(float(getattr(entry, "logprob", entry)))
+    return out
+
+
+def to_generation(
+    output: Any,
+    *,
+    stop: Sequence[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    counters: dict[str, int] | None = None,
+) -> Generation:
+    """Our Generation from a vLLM ``RequestOutput`` (or its first ``CompletionOutput``).
+
+    finish_reason: "length" stays "length"; "stop" with a string ``stop_reason`` is "stop"
+    (``stop_str`` set); "stop" without one (EOS or a stop token id) is "eos", with the EOS token
+    left in the token ids as vLLM returns it (HFEngine keeps it too).
+
+    Stop strings, made explicit: vLLM trims a stop string from the TEXT, never from the token ids;
+    its token ids end with the token whose decoded text completed the stop string, which is
+    exactly HFEngine's rule. With ``decode`` (token ids -> text, special tokens kept) and the
+    request's ``stop`` strings this is checked: token ids (and log-probs) running past the
+    completing token, as a multi-token step can produce, are cut back to it (counted as
+    ``stop_trimmed``); token ids in which no stop string can be found are kept as they are and
+    counted as ``stop_not_in_tokens`` (logged), never patched with re-tokenized text.
+    """
+    completion = output.outputs[0] if hasattr(output, "outputs") else output
+    reason = getattr(completion, "finish_reason", None)
+    token_ids = [int(t) for t in completion.token_ids]
+    logprobs = _sampled_logprobs(token_ids, getattr(completion, "logprobs", None))
+    if logprobs is None and getattr(completion, "logprobs", None) is not None:
+        _count(counters, "logprobs_missing")
+    if reason == "length":
+        return Generation(token_ids, "length", None, logprobs)
+    if reason != "stop":
+        raise RuntimeError(
+            f"vLLM request ended with finish_reason={reason!r} (expected 'stop' or 'length'); "
+            "it was aborted or is unfinished, which LLM.generate should never return"
+        )
+    stop_reason = getattr(completion, "stop_reason", None)
+    if not isinstance(stop_reason, str):
+        return Generation(token_ids, "eos", None, logprobs)
+    stop_str = stop_reason
+    if decode is not None and stop:
+        stops = list(stop)
+        # Fast path: the last token completes a stop string and the one before does not.
+        tail = _first_stop(token_ids, stops, decode, start=len(token_ids))
+        before = _first_stop(token_ids[:-1], stops, decode, start=len(token_ids) - 1) if len(token_ids) > 1 else None
+        if tail is not None and before is None:
+            stop_str = tail[1]
+        else:
+            found = _first_stop(token_ids, stops, decode)
+            if found is None:
+                _count(counters, "stop_not_in_tokens")
+                log.warning(
+                    "vLLM reported stop string %r but no stop string is in its %d token ids; kept as is",
+                    stop_reason, len(token_ids),
+                )
+            else:
+                n, stop_str = found
+                if n < len(token_ids):
+                    _count(counters, "stop_trimmed")
+                    token_ids = token_ids[:n]
+                    logprobs = logprobs[:n] if logprobs is not None else None
+    return Generation(token_ids, "stop", stop_str, logprobs)
+
+
+# ---------------------------------------------------------------------------------- weights
+def bucket_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a (name, tensor) stream into lists of at most ``max_bytes``, in order, nothing lost.
+
+    A bucket is yielded before the tensor that would overflow it is added, so no more than
+    ``max_bytes`` plus one tensor is held; a tensor larger than ``max_bytes`` gets a bucket of its own.
+    """
+    if max_bytes < 1:
+        raise ValueError(f"bucket_tensors: max_bytes must be >= 1, got {max_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for item in named_tensors:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError(
+                f"bucket_tensors: expected (name: str, tensor: torch.Tensor) pairs, got {type(item).__name__} "
+                f"{item!r:.80}; pass the stream of export_hf_state_dict"
+            )
+        nbytes = item[1].numel() * item[1].element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(item)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def engine_param_name(hf_name: str) -> str:
+    """The vLLM parameter an HF tensor is loaded into (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
+    parts = hf_name.split(".")
+    if len(parts) >= 2 and parts[-2] in _PACKED:
+        return ".".join(parts[:-2] + [_PACKED[parts[-2]][0], parts[-1]])
+    return hf_name
+
+
+def engine_shard(
+    hf_name: str,
+    full: torch.Tensor,
+    local_shape: Sequence[int],
+    tp_rank: int,
+    tp_size: int,
+    num_kv_heads: int | None = None,
+) -> tuple[str, int, int, torch.Tensor]:
+    """Where a full HF tensor lives in one vLLM TP rank: (vLLM parameter name, dim, offset in
+    that local parameter along dim, the expected slice of ``full``).
+
+    Mirrors vLLM's loaders for Llama/Qwen2/Qwen3: q/k/v packed into ``qkv_proj`` and gate/up into
+    ``gate_up_proj`` (column-parallel, dim 0; KV heads replicated when tp_size > num_kv_heads),
+    o_proj/down_proj row-parallel (dim 1), embed_tokens/lm_head vocab-parallel with padding
+    (dim 0), everything else replicated. ``local_shape`` is the engine parameter's local shape.
+    """
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"engine_shard: tp_rank {tp_rank} outside [0, {tp_size})")
+    parts = hf_name.split(".")
+    module = parts[-2] if len(parts) >= 2 else ""
+    if module in _PACKED:
+        index = _PACKED[module][1]
+        name = engine_param_name(hf_name)
+        rows = full.shape[0]
+        if module in ("gate_proj", "up_proj"):
+            per = rows // tp_size
+            return name, 0, index * per, full.narrow(0, tp_rank * per, per)
+        if module == "q_proj":
+            per = rows // tp_size
+            return name, 0, 0, full.narrow(0, tp_rank * per, per)
+        heads = num_kv_heads
+        if heads is None:
+            raise ValueError(f"engine_shard: {hf_name} needs num_kv_heads (the model's num_key_value_heads)")
+        head_dim = rows // heads
+        if heads >= tp_size:
+            per = rows // tp_size
+            start = tp_rank * per
+        else:  # each rank holds one KV head, replicated over tp_size // heads ranks
+            per = head_dim
+            start = (tp_rank // (tp_size // heads)) * head_dim
+        q_local = local_shape[0] - 2 * per
+        return name, 0, q_local + (index - 1) * per, full.narrow(0, start, per)
+    if module in _ROW_PARALLEL and full.dim() == 2:
+        per = full.shape[1] // tp_size
+        return hf_name, 1, 0, full.narrow(1, tp_rank * per, per)
+    if module in _VOCAB_PARALLEL:
+        per = local_shape[0]  # padded rows per rank
+        start = min(tp_rank * per, full.shape[0])
+        return hf_name, 0, 0, full.narrow(0, start, max(0, min(per, full.shape[0] - start)))
+    return hf_name, 0, 0, full
+
+
+def default_check_names(names: Iterable[str]) -> list[str]:
+    """A few tensors worth comparing after a sync: layer 0's projections and norms, the final
+    norm and the embedding (each kind of sharding once)."""
+    picked = [
+        n for n in names
+        if n.startswith("model.layers.0.") or n in ("model.norm.weight", "model.embed_tokens.weight")
+    ]
+    return picked
+
+
+class WeightMismatchError(RuntimeError):
+    """check_weights found engine tensors that differ from the trainer's."""
+
+
+# ----------------------------------------------------------------------------------- engine
+class VLLMEngine:
+    """The Engine protocol (engines/base.py) over a colocated vLLM ``LLM`` (external launcher).
+
+    Build one on EVERY torchrun rank (vLLM creates its TP groups over the whole world); ranks of
+    one vLLM TP group must pass identical prompts to ``generate``. ``gpu_memory_utilization`` is
+    the share of the whole GPU vLLM may take (weights + KV cache): leave room for training.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        tokenizer: Any,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        enable_sleep_mode: bool = True,
+        dtype: str = "bfloat16",
+        sleep_level: int = 1,
+        bucket_bytes: int = 512 * 1024**2,
+        **llm_kwargs: Any,
+    ) -> None:
+        vllm = require_vllm()
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"VLLMEngine needs a CUDA GPU and none is visible; {INSTALL_HINT}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"VLLMEngine tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if not 0 < gpu_memory_utilization < 1:
+            raise ValueError(
+                f"VLLMEngine gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization}; "
+                "it is the share of the GPU for vLLM's weights and KV cache, the trainer needs the rest"
+            )
+        if sleep_level not in (1, 2):
+            raise ValueError(f"VLLMEngine sleep_level must be 1 (offload weights) or 2 (discard them), got {sleep_level}")
+        if bucket_bytes < 1:
+            raise ValueError(f"VLLMEngine bucket_bytes must be >= 1, got {bucket_bytes}")
+        # Closures passed to apply_model must run in this process (external launcher, in-process core).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        kwargs = llm_engine_kwargs(
+            model_path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed, max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode, dtype=dtype, **llm_kwargs,
+        )
+        llm = vllm.LLM(**_supported_kwargs(vllm, kwargs))
+        config = llm.llm_engine.model_config
+        self._setup(llm, vllm.SamplingParams, tokenizer, enable_sleep_mode=enable_sleep_mode, sleep_level=sleep_level,
+                    bucket_bytes=bucket_bytes, max_model_len=int(config.max_model_len),
+                    vocab_size=int(config.get_vocab_size()))
+
+    @classmethod
+    def from_llm(
+        cls,
+        llm: Any,
+        sampling_params_cls: Callable[..., Any],
+        tokenizer: Any,
+        *,
+        enable_sleep_mode: bool = True,
+        sleep_level: int = 1,
+        bucket_bytes: int = 512 * 1024**2,
+        max_model_len: int | None = None,
+        vocab_size: int | None = None,
+        tp_rank_size: Callable[[], tuple[int, int]] | None = None,
+    ) -> VLLMEngine:
+        """Wrap an already built ``vllm.LLM`` (or a stand-in with its methods, as the CPU tests do).
+
+        ``tp_rank_size`` gives the vLLM TP (rank, size) inside the worker; default vLLM's own.
+        """
+        if sleep_level not in (1, 2):
+            raise ValueError(f"VLLMEngine sleep_level must be 1 or 2, got {sleep_level}")
+        if bucket_bytes < 1:
+            raise ValueError(f"VLLMEngine bucket_bytes must be >= 1, got {bucket_bytes}")
+        engine = cls.__new__(cls)
+        engine._setup(llm, sampling_params_cls, tokenizer, enable_sleep_mode=enable_sleep_mode,
+                      sleep_level=sleep_level, bucket_bytes=bucket_bytes, max_model_len=max_model_len,
+                      vocab_size=vocab_size)
+        if tp_rank_size is not None:
+            engine._tp_rank_size = tp_rank_size
+        return engine
+
+    def _setup(self, llm: Any, sampling_params_cls: Callable[..., Any], tokenizer: Any, *, enable_sleep_mode: bool,
+               sleep_level: int, bucket_bytes: int, max_model_len: int | None, vocab_size: int | None) -> None:
+        self.llm = llm
+        self._sampling_params_cls = sampling_params_cls
+        self.tokenizer = tokenizer
+        self.enable_sleep_mode = enable_sleep_mode
+        self.sleep_level = sleep_level
+        self.bucket_bytes = bucket_bytes
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.weights_version = 0
+        self.counters: dict[str, int] = {}
+        self._weights_asleep = False
+        self._kv_asleep = False
+        self._weights_valid = True
+        self._tp_rank_size = _vllm_tp_rank_size
+
+    # ----------------------------------------------------------------------------- generate
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Generation]:
+        """Continue each prompt; one Generation (new tokens only) per prompt, in input order."""
+        if not self._weights_valid:
+            raise RuntimeError(
+                "VLLMEngine.generate after sleep(level=2) discarded the weights and no load_weights "
+                "since; sync the trainer's weights first (train.runtime.sync_engine_weights)"
+            )
+        if not prompts:
+            return []
+        token_prompts, kwargs_list = build_requests(
+            prompts, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len, counters=self.counters
+        )
+        self.wake()
+        sampling = [self._sampling_params_cls(**kw) for kw in kwargs_list]
+        outputs = self.llm.generate(token_prompts, sampling, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        decode = self._decode
+        return [
+            to_generation(out, stop=kw["stop"] or (), decode=decode, counters=self.counters)
+            for out, kw in zip(outputs, kwargs_list)
+        ]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # ------------------------------------------------------------------------------ weights
+    def _apply(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
+        """Run ``fn(model)`` on this process's vLLM worker and return its result."""
+        results = self.llm.apply_model(fn)
+        return results[0] if isinstance(results, list) and results else results
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named full tensors into vLLM's model in place, ``bucket_bytes`` at a time.
+
+        vLLM's own ``model.load_weights`` packs and re-shards each tensor for its TP rank. The
+        stream is always consumed to its end, even after an error (the export is collective:
+        stopping early on one rank would hang the others); the first error is raised afterwards.
+        """
+        if self._weights_asleep:  # weights must be mapped before writing into them; KV stays released
+            self.llm.wake_up(tags=["weights"])
+            self._weights_asleep = False
+        count, error = 0, None
+        stream = iter(named_tensors)
+        try:
+            for bucket in bucket_tensors(stream, self.bucket_bytes):
+                if error is not None:
+                    continue
+                try:
+                    self._apply(lambda model, b=bucket: model.load_weights(iter(b)))
+                    count += len(bucket)
+                except Exception as e:  # keep draining the collective stream, raise at the end
+                    error = e
+        except TypeError as e:  # a malformed item: drain what is left, then report it
+            error = error or e
+            for _ in stream:
+                pass
+        if error is not None:
+            raise RuntimeError(
+                f"VLLMEngine.load_weights failed after {count} tensors ({error}); the engine holds a mix "
+                "of old and new weights: fix the cause and sync a full set again"
+            ) from error
+        if count == 0:
+            raise ValueError("VLLMEngine.load_weights got no tensors; pass (name, tensor) pairs")
+        self._weights_valid = True
+        self.weights_version += 1
+        if not self._kv_asleep and not self.llm.reset_prefix_cache():
+            log.warning("VLLMEngine: reset_prefix_cache failed; cached prefixes may hold old-weight KV")
+            _count(self.counters, "prefix_cache_reset_failed")
+        log.debug("VLLMEngine.load_weights: %d tensors (version %d)", count, self.weights_version)
+
+    @torch.no_grad()
+    def check_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], names: Iterable[str] | None = None, atol: float = 0.0
+    ) -> dict[str, float]:
+        """Compare a few trainer tensors with this rank's engine shards after a sync.
+
+        Consumes the whole (collective) stream, keeps only ``names`` (default:
+        :func:`default_check_names`), casts each to the engine's dtype (what load_weights does)
+        and returns the max absolute difference per name; raises WeightMismatchError above ``atol``.
+        """
+        wanted = set(names) if names is not None else None
+        kept: dict[str, torch.Tensor] = {}
+        all_names = []
+        for name, t in named_tensors:
+            all_names.append(name)
+            if wanted is None or name in wanted:
+                kept[name] = t.detach().clone()
+        if wanted is None:
+            kept = {n: kept[n] for n in default_check_names(all_names)}
+        elif missing := sorted(wanted - kept.keys()):
+            raise KeyError(f"check_weights: {missing[:5]} are not in the exported tensors (e.g. {all_names[:3]})")
+        if self._weights_asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_asleep = False
+
+        def compare(model: torch.nn.Module) -> dict[str, float]:
+            rank, size = self._tp_rank_size()
+            kv_heads = getattr(getattr(model, "config", None), "num_key_value_heads", None)
+            params = dict(model.named_parameters())
+            diffs = {}
+            for hf_name, full in kept.items():
+                probe = engine_param_name(hf_name)
+                if probe not in params:
+                    diffs[hf_name] = float("nan")
+                    continue
+                local = params[probe]
+                vname, dim, offset, expected = engine_shard(hf_name, full, local.shape, rank, size, kv_heads)
+                got = local.narrow(dim, offset, expected.shape[dim])
+                exp = expected.to(device=got.device, dtype=got.dtype)
+                diffs[hf_name] = float((got.float() - exp.float()).abs().max()) if exp.numel() else 0.0
+            return diffs
+
+        diffs = self._apply(compare)
+        bad = {k: v for k, v in diffs.items() if not v <= atol}
+        if bad:
+            raise WeightMismatchError(
+                f"engine weights differ from the trainer's for {len(bad)} of {len(diffs)} tensors "
+                f"(max |diff| {dict(list(bad.items())[:5])}, atol {atol}; nan = no such engine parameter)"
+            )
+        return diffs
+
+    # ---------------------------------------------------------------------------- sleep/wake
+    def sleep(self) -> None:
+        """Release the KV cache (and offload weights at level 1, discard them at level 2) while
+        the trainer runs; a no-op without sleep mode or when already asleep."""
+        if not self.enable_sleep_mode or (self._kv_asleep and self._weights_asleep):
+            return
+        if self._kv_asleep:  # weights were woken for a sync: bring the KV back so one sleep covers both
+            self.llm.wake_up(tags=["kv_cache"])
+        self.llm.sleep(level=self.sleep_level)
+        self._kv_asleep = self._weights_asleep = True
+        if self.sleep_level == 2:
+            self._weights_valid = False
+
+    def wake(self) -> None:
+        """Undo sleep(): map back whatever is released (generate calls it by itself)."""
+        if not self.enable_sleep_mode:
+            return
+        tags = [t for t, asleep in (("weights", self._weights_asleep), ("kv_cache", self._kv_asleep)) if asleep]
+        if not tags:
+            return
+        self.llm.wake_up(tags=tags)
+        self._weights_asleep = self._kv_asleep = False
+        self.llm.reset_prefix_cache()
+
+
+def _vllm_tp_rank_size() -> tuple[int, int]:
+    """This worker's (rank, size) in vLLM's tensor-parallel group (call inside the worker)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def llm_engine_kwargs(
+    model_path: str | os.PathLike,
+    *,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.5,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    enable_sleep_mode: bool = True,
+    dtype: str = "bfloat16",
+    **extra: Any,
+) -> dict[str, Any]:
+    """Arguments for ``vllm.LLM`` in colocated external-launcher mode.
+
+    ``logprobs_mode="processed_logprobs"`` makes returned log-probs those of the temperature-scaled
+    distribution, the quantity HFEngine reports and the trainer recomputes (they also include
+    top-p renormalisation, so they match HFEngine only at top_p = 1).
+    """
+    kwargs: dict[str, Any] = {
+        "model": str(model_path),
+        "tokenizer": str(model_path),
+        "tensor_parallel_size": int(tensor_parallel_size),
+        "distributed_executor_backend": "external_launcher",
+        "gpu_memory_utilization": float(gpu_memory_utilization),
+        "seed": int(seed),
+        "enable_sleep_mode": bool(enable_sleep_mode),
+        "dtype": dtype,
+        "enable_prefix_caching": True,  # multi-turn rollouts re-send the whole trajectory each turn
+        "logprobs_mode": "processed_logprobs",
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = int(max_model_len)
+    kwargs.update(extra)
+    return kwargs
+
+
+_OPTIONAL_KWARGS = ("logprobs_mode",)
+
+
+def _supported_kwargs(vllm: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop optional engine arguments the installed vLLM does not know (logged), keep the rest."""
+    import dataclasses
+
+    engine_args = getattr(vllm, "EngineArgs", None)
+    if engine_args is None or not dataclasses.is_dataclass(engine_args):
+        return kwargs
+    known = {f.name for f in dataclasses.fields(engine_args)}
+    out = dict(kwargs)
+    for key in _OPTIONAL_KWARGS:
+        if key in out and key not in known:
+            log.warning("VLLMEngine: this vLLM has no %r engine argument; log-probs are its default kind", key)
+            out.pop(key)
+    return out

