@@ -129,7 +129,7 @@ def _report(cfg: Config, evals: dict, timings: dict, total: float, plots: Any) -
         "recipe": cfg.run.name,
         "strategy": cfg.pool.strategy,
         "test_pass@1": {"untrained": p1("before"), "after_sft": p1("after_sft"), "after_grpo": p1("after")},
-        "test_examples": (evals.get("before") or {}).get("overall", {}).get("examples"),
+        "test_examples": (evals.get("before") or {}).get("overall", {}).get("n"),
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(total, 1)},
         "run_dir": str(cfg.run_dir),
         "plots": str(cfg.run_dir / "plots"),
