@@ -69,7 +69,7 @@ def _decisions(run_dir: Path, rank: int = 0) -> list[dict]:
 STRATEGIES = [
     ("recycle", ["pool.oversample=2"]),
     ("soft_recycle", ["pool.oversample=2"]),
-    ("grpo", ["pool.oversample=1"]),
+    ("grpo", ["pool.oversample=1", "loss.kl_beta=0.01"]),  # also the reference-model (KL) path
     ("bounded_dapo", ["pool.oversample=2"]),
     ("dapo", ["pool.oversample=1", "pool.max_gen_batches=2"]),
 ]
@@ -93,6 +93,9 @@ def test_two_steps_every_strategy(env, strategy, extra):
             assert r["train/loss"] == pytest.approx(r["train/loss"])  # finite, not NaN
             assert r["train/tokens"] > 0
     assert any(r["effective_batch"] > 0 for r in rows), "the coin reward should make some group signal-bearing"
+    if "loss.kl_beta=0.01" in extra:  # reference log-probs were computed and the KL term reported
+        trained = [r for r in rows if r["effective_batch"]]
+        assert all(r["time/logprob"] > 0 and "train/ref_kl" in r for r in trained)
     assert (run_dir / "checkpoints" / "step_2" / "manifest.json").is_file()
     assert (run_dir / "pool_history.csv").is_file()
     # the per-rank decision log agrees with the pool metrics
