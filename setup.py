@@ -44,7 +44,7 @@ EXTRAS = {
     # GPU-only; none of these installs or imports on a CPU machine.
     "gpu": ["transformer-engine[pytorch]", "vllm", "flash-attn"],
     # Peer implementations used only by benchmarks/tests when present.
-    "bench": ["liger-kernel"],
+    "bench": ["liger-kernel", "trl"],  # install trl with care: see tools/bench_vs_trl.py
 }
 
 setup(
