@@ -214,7 +214,12 @@ def _batch_from_groups(groups: list[list[dict]], rt: rtm.Runtime):
 def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) -> dict[str, Any]:
     """The GRPO loop; returns a summary of the run."""
     from megatron_recycle.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-    from megatron_recycle.train.metrics import MetricsWriter, format_step_line, write_pool_history
+    from megatron_recycle.train.metrics import (
+        MetricsWriter,
+        format_step_line,
+        memory_metrics,
+        write_pool_history,
+    )
     from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
     run_dir = cfg.run_dir
@@ -300,8 +305,8 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 record["batch_size"] = cfg.pool.batch_size
                 record.update({f"train/{k}": v for k, v in train_metrics.items()})
                 record.update({f"rollout/{k}": v for k, v in info["rollout"].items()})
-                record.update(reward_mean=info.get("reward_mean"), em_mean=info["rollout"].get("em", info.get("reward_mean")),
-                              rollouts_total=rollouts_done, peak_rss_gib=rtm.peak_rss_gib())
+                record.update(reward_mean=info.get("reward_mean"), em_mean=info["rollout"].get("em_mean"),
+                              rollouts_total=rollouts_done, **memory_metrics())
                 record.update({"time/rollout": t1 - t0, "time/logprob": t_ref, "time/train": t2 - t1 - t_ref,
                                "time/sync": t3 - t2, "time/step": t3 - t0})
                 gen_tokens = info["rollout"].get("generated_tokens", 0)

@@ -202,9 +202,3 @@ def broadcast_from_mp_leader(obj: Any) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
     return holder[0]
-
-
-def peak_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
