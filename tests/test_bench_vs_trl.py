@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,17 +53,19 @@ def test_prompt_messages_bounds():
         bench.prompt_messages(0)
 
 
-@pytest.fixture(scope="module")
-def tiny_side():
+@pytest.fixture(scope="module", params=[("native", True), ("hf", False)], ids=["native-packed", "hf-padded"])
+def tiny_side(request):
     from megatron_recycle.model.parallel import destroy_distributed
 
-    side = bench.OurSide("unused", prompts=2, group=2, max_new=6, lr=1e-3, mbs=2, seed=0, random_tiny=True)
+    engine, pack = request.param
+    side = bench.OurSide("unused", prompts=2, group=2, max_new=6, lr=1e-3, mbs=4, seed=0, random_tiny=True,
+                         engine=engine, pack=pack)
     yield side
     destroy_distributed()
 
 
 def test_our_step_on_tiny_model_trains_and_syncs_the_engine(tiny_side):
-    before = {k: v.clone() for k, v in tiny_side.engine.model.state_dict().items()}
+    before = {k: v.clone() for k, v in tiny_side.engine.model.state_dict().items() if torch.is_tensor(v)}
     rec = tiny_side.step()
     assert rec["sequences"] == 4.0
     assert 4 <= rec["completion_tokens"] <= 4 * 6
@@ -76,6 +79,9 @@ def test_our_step_on_tiny_model_trains_and_syncs_the_engine(tiny_side):
     assert changed > 1e-6
     rec2 = tiny_side.step()
     assert tiny_side.step_index == 2 and math.isfinite(rec2["loss"])
+    padded = 4 * max(len(p) for p in tiny_side.prompt_ids) + 4 * 6  # an upper bound of 4 padded rows
+    if tiny_side.pack:  # each group's prompt is computed once, not twice
+        assert rec2["trained_positions"] < padded - min(len(p) for p in tiny_side.prompt_ids) + 2
 
 
 def _fake_rows(scale: float) -> list[dict]:

@@ -4,9 +4,13 @@
 
 One step, on both sides: SmolLM2-135M-Instruct (from its package), 4 single-turn chat prompts x 4
 completions, at most 64 new tokens, temperature 1.0, no KL term, one AdamW step (weight decay 0,
-TRL's default; same lr; grad clip 1.0; constant lr), fp32. Ours = HFEngine generation +
-megatron_recycle_kernels.grpo_advantages + Megatron grpo_train_step + export of the weights into
-the engine. TRL = one GRPOTrainer optimizer step (per_device_train_batch_size=16,
+TRL's default; same lr; grad clip 1.0; constant lr), fp32. Ours = what the trainer runs by
+default on this layout: NativeEngine generation (decoding with the Megatron model's own tensors,
+a group's prompt prefilled once) + megatron_recycle_kernels.grpo_advantages + Megatron
+grpo_train_step with group packing (a group's prompt forwarded and back-propagated once; the
+same gradient) and no weight export (the engine already reads the updated tensors).
+``--engine hf`` (HFEngine over a transformers copy + export after each step) and ``--no-pack``
+(padded rows) measure the step without each of the two. TRL = one GRPOTrainer optimizer step (per_device_train_batch_size=16,
 num_generations=4, beta=0, no vLLM, bf16 and gradient checkpointing off to match our fp32 step).
 The reward is a seeded random 0/1 per completion, forced to hold one 1 and one 0 in every group,
 so every group is signal-bearing on both sides and nothing is skipped.
@@ -118,17 +122,20 @@ def _wait_go() -> bool:
 
 # --------------------------------------------------------------------------------- our side
 class OurSide:
-    """Our GRPO step: HFEngine rollouts -> grpo_advantages -> Megatron grpo_train_step -> weight sync."""
+    """Our GRPO step: rollouts (native or HF engine) -> grpo_advantages -> Megatron grpo_train_step
+    (group-packed unless pack=False) -> weight export into the engine (HF engine only)."""
 
     def __init__(self, model: str, prompts: int, group: int, max_new: int, lr: float, mbs: int,
-                 seed: int, random_tiny: bool = False) -> None:
+                 seed: int, random_tiny: bool = False, engine: str = "native", pack: bool = True) -> None:
         import torch
 
         from megatron_recycle.engines.hf import HFEngine
         from megatron_recycle.model.parallel import init_distributed
         from megatron_recycle.train.step import setup_model_and_optimizer
 
-        self.group, self.max_new, self.mbs, self.seed = group, max_new, mbs, seed
+        if engine not in ("native", "hf"):
+            raise ValueError(f"engine must be 'native' or 'hf', got {engine!r}")
+        self.group, self.max_new, self.mbs, self.seed, self.pack = group, max_new, mbs, seed, pack
         if random_tiny:  # tests: a tiny random Llama and a stand-in tokenizer
             from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -138,6 +145,7 @@ class OurSide:
             )
             torch.manual_seed(seed)
             hf_model = LlamaForCausalLM(self.hf_config).eval()
+            hf_model.generation_config.eos_token_id = _ByteTokenizer.eos_token_id
             self.tokenizer = _ByteTokenizer()
             state = {k: v.clone() for k, v in hf_model.state_dict().items()}
 
@@ -157,7 +165,7 @@ class OurSide:
             folder = resolve_model_folder(model)
             self.hf_config = load_hf_config(model)
             self.tokenizer = load_tokenizer(model)
-            hf_model = load_hf_model(model)
+            hf_model = load_hf_model(model) if engine == "hf" else None
 
             def load(chunks: list) -> None:
                 load_hf_weights(chunks, folder, self.hf_config)
@@ -167,7 +175,13 @@ class OurSide:
             self.hf_config, lr=lr, weight_decay=0.0, clip_grad=1.0, warmup_steps=0, total_steps=10**6,
             load_weights=load, lr_decay_style="constant",
         )
-        self.engine = HFEngine(hf_model, self.tokenizer, device="cpu", max_batch_size=prompts * group)
+        if engine == "hf":
+            self.engine = HFEngine(hf_model, self.tokenizer, device="cpu", max_batch_size=prompts * group)
+        else:
+            from megatron_recycle.engines.native import NativeEngine
+
+            del hf_model  # the native engine decodes with the Megatron model's tensors
+            self.engine = NativeEngine(self.chunks[0], self.hf_config, self.tokenizer, max_batch_size=prompts * group)
         self.prompt_ids = [
             list(self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
             for m in prompt_messages(prompts)
@@ -197,12 +211,14 @@ class OurSide:
             [p + c for p, c in zip(prompts, completions)],
             [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)],
             advantages=adv, pad_token_id=pad, pad_rows_to_multiple_of=self.mbs,
+            group_ids=[i // self.group for i in range(len(prompts))],
         )
         t2 = time.perf_counter()
         m = grpo_train_step(self.chunks, self.opt, self.sched, batch, self.mbs,
-                            GRPOLossConfig(eps_low=0.2, eps_high=0.2))
+                            GRPOLossConfig(eps_low=0.2, eps_high=0.2), pack_groups=self.pack)
         t3 = time.perf_counter()
-        self.engine.load_weights(export_hf_state_dict(self.chunks, self.hf_config))
+        if not getattr(self.engine, "shares_trainer_weights", False):
+            self.engine.load_weights(export_hf_state_dict(self.chunks, self.hf_config))
         t4 = time.perf_counter()
         self.step_index += 1
         t.update(generation=t1 - t0, advantages=t2 - t1, forward_backward=m["time/forward_backward_s"],
@@ -211,6 +227,7 @@ class OurSide:
         return {"step_s": t4 - t0, **{f"time/{k}": v for k, v in t.items()},
                 "completion_tokens": float(sum(len(c) for c in completions)),
                 "sequences": float(len(completions)), "loss": float(m["loss"]),
+                "trained_positions": float(batch.num_sequences * batch.seq_length - m["packed_saved_tokens"]),
                 "reward_mean": sum(rewards) / len(rewards)}
 
 
@@ -232,7 +249,8 @@ def run_ours_worker(a: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    side = OurSide(a.model, a.prompts, a.group, a.max_new_tokens, a.lr, a.mbs, a.seed)
+    side = OurSide(a.model, a.prompts, a.group, a.max_new_tokens, a.lr, a.mbs, a.seed,
+                   engine=a.engine, pack=not a.no_pack)
     _emit({"ready": True, "rss_gib": peak_rss_gib()})
     while _wait_go():
         rec = side.step()
@@ -474,6 +492,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allocator", choices=("default", "keep", "both"), default="both")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-trl", action="store_true", help="run our side only")
+    p.add_argument("--engine", choices=("native", "hf"), default="native",
+                   help="our rollout engine: native (the trainer's default at tp=pp=1) or hf (a transformers copy)")
+    p.add_argument("--no-pack", action="store_true", help="our step without group packing (padded rows)")
     p.add_argument("--out", default=str(REPO / "benchmarks"))
     p.add_argument("--stem", default="vs_trl", help="output file name stem")
     p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -501,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "torch": torch.__version__, "threads": a.threads, "model": a.model, "prompts": a.prompts,
         "group": a.group, "max_new_tokens": a.max_new_tokens, "lr": a.lr, "mbs": a.mbs, "steps": a.steps,
+        "our_engine": a.engine, "our_group_packing": not a.no_pack,
         "first_step_left_out": a.steps > 1,
     }
     try:

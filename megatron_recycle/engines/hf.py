@@ -36,64 +36,49 @@ class _Row:
     stop_str: str | None = None
 
 
-class HFEngine:
-    """The Engine protocol (engines/base.py) over a ``transformers`` causal LM with a KV cache.
-
-    ``generate`` takes token ids and returns only the new token ids; a sequence ends after its
-    first stop string (the token completing it is kept, later ones are never generated), on an
-    end-of-sequence token (kept in the output) or at ``max_new_tokens``.
+class DecodingBase:
+    """What the token-in/token-out engines here share: request validation, per-request seeds,
+    the sampling rule (argmax, or top-p with one uniform per row from the row's own generator)
+    and stop-string detection. Subclasses set ``tokenizer``, ``device``, ``vocab_size``,
+    ``eos_token_ids`` and ``_seed_source`` and implement ``_generate_batch``. Two engines given
+    the same logits choose the same tokens.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer,
-        device: str | torch.device = "cpu",
-        max_batch_size: int = 64,
-    ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"HFEngine max_batch_size must be >= 1, got {max_batch_size}")
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
-        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
-        self.weights_version = 0
-        self._seed_source = random.Random()
-        # transformers 5.2x renamed the forward's ``past_key_values`` argument to ``cache``.
-        forward_args = inspect.signature(self.model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+    name = "engine"
 
-    # ----------------------------------------------------------------------------- generate
-    def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-    ) -> list[Generation]:
-        """Continue each prompt; one Generation (new tokens only) per prompt, in input order.
-
-        One SamplingParams for all prompts uses seed ``seed + i`` for prompt i (so repeated
-        prompts give different samples); a list gives each request its own params and seed.
-        """
-        params_list = self._expand_params(prompts, params)
+    def _validate_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         for i, p in enumerate(prompts):
             if len(p) == 0:
-                raise ValueError(f"HFEngine.generate: prompt {i} is empty; give at least one token id")
+                raise ValueError(f"{self.name}.generate: prompt {i} is empty; give at least one token id")
             bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
             if bad:
                 raise ValueError(
-                    f"HFEngine.generate: prompt {i} has token ids {bad[:5]} outside the vocabulary "
+                    f"{self.name}.generate: prompt {i} has token ids {bad[:5]} outside the vocabulary "
                     f"[0, {self.vocab_size}); tokenize with this engine's tokenizer"
                 )
-        results: list[Generation | None] = [None] * len(prompts)
-        # Similar lengths share a batch, so left padding wastes little prefill compute.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start : start + self.max_batch_size]
-            for i, gen in zip(chunk, self._generate_batch([prompts[i] for i in chunk], [params_list[i] for i in chunk])):
-                results[i] = gen
-        return results  # type: ignore[return-value]
+
+    def _new_rows(self, params: list[SamplingParams]) -> list[_Row]:
+        rows = []
+        for i, p in enumerate(params):
+            stop_bytes = max((len(s.encode("utf-8")) for s in p.stop), default=0)
+            gen = self._new_generator(p.seed) if p.temperature > 0 else None
+            # A stop string of n bytes spans at most n tokens; one more token of left context.
+            rows.append(_Row(i, p, gen, stop_bytes + 1))
+        return rows
+
+    def _advance(self, row: _Row, tok: int, lp: float) -> bool:
+        """Append one chosen token to a row; True while the row goes on generating."""
+        row.new_ids.append(tok)
+        row.logprobs.append(lp)
+        if tok in self.eos_token_ids:
+            row.finish_reason = "eos"
+        elif row.params.stop and self._check_stop(row):
+            row.finish_reason = "stop"
+        elif len(row.new_ids) >= row.params.max_new_tokens:
+            row.finish_reason = "length"
+        else:
+            return True
+        return False
 
     def _expand_params(self, prompts, params) -> list[SamplingParams]:
         if isinstance(params, SamplingParams):
@@ -107,7 +92,7 @@ class HFEngine:
         params = list(params)
         if len(params) != len(prompts):
             raise ValueError(
-                f"HFEngine.generate got {len(prompts)} prompts but {len(params)} SamplingParams; "
+                f"{self.name}.generate got {len(prompts)} prompts but {len(params)} SamplingParams; "
                 "pass one SamplingParams for all or exactly one per prompt"
             )
         return params
@@ -116,77 +101,6 @@ class HFEngine:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else self._seed_source.getrandbits(63))
         return gen
-
-    @torch.inference_mode()
-    def _generate_batch(self, prompts: list[Sequence[int]], params: list[SamplingParams]) -> list[Generation]:
-        rows = []
-        for i, p in enumerate(params):
-            stop_bytes = max((len(s.encode("utf-8")) for s in p.stop), default=0)
-            gen = self._new_generator(p.seed) if p.temperature > 0 else None
-            # A stop string of n bytes spans at most n tokens; one more token of left context.
-            rows.append(_Row(i, p, gen, stop_bytes + 1))
-
-        lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            input_ids[r, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-            attention_mask[r, width - len(p) :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-        cache = DynamicCache()
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_arg: cache},
-        )
-        next_pos = position_ids[:, -1] + 1
-        active = list(range(len(rows)))  # indices into rows, aligned with the batch dimension
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
-
-        while True:
-            logits = out.logits[:, -1, :].float()
-            act = torch.as_tensor(active, device=self.device)
-            tokens, logprobs = self._choose(logits, [rows[a] for a in active], temperature[act], top_p[act])
-            still = []
-            for b, (a, tok, lp) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
-                row = rows[a]
-                row.new_ids.append(tok)
-                row.logprobs.append(lp)
-                if tok in self.eos_token_ids:
-                    row.finish_reason = "eos"
-                elif row.params.stop and self._check_stop(row):
-                    row.finish_reason = "stop"
-                elif len(row.new_ids) >= row.params.max_new_tokens:
-                    row.finish_reason = "length"
-                else:
-                    still.append(b)
-            if not still:
-                break
-            if len(still) < len(active):
-                keep = torch.as_tensor(still, device=self.device)
-                cache.batch_select_indices(keep)
-                attention_mask = attention_mask[keep]
-                next_pos = next_pos[keep]
-                tokens = tokens[keep]
-                active = [active[b] for b in still]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-            out = self.model(
-                input_ids=tokens.view(-1, 1),
-                attention_mask=attention_mask,
-                position_ids=next_pos.view(-1, 1),
-                use_cache=True,
-                **{self._cache_arg: cache},
-            )
-            next_pos = next_pos + 1
-
-        return [Generation(r.new_ids, r.finish_reason or "length", r.stop_str, r.logprobs) for r in rows]
 
     def _choose(
         self, logits: torch.Tensor, rows: list[_Row], temperature: torch.Tensor, top_p: torch.Tensor
@@ -237,6 +151,116 @@ class HFEngine:
             return False
         row.stop_str = best
         return True
+
+
+class HFEngine(DecodingBase):
+    """The Engine protocol (engines/base.py) over a ``transformers`` causal LM with a KV cache.
+
+    ``generate`` takes token ids and returns only the new token ids; a sequence ends after its
+    first stop string (the token completing it is kept, later ones are never generated), on an
+    end-of-sequence token (kept in the output) or at ``max_new_tokens``.
+    """
+
+    name = "HFEngine"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        device: str | torch.device = "cpu",
+        max_batch_size: int = 64,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"HFEngine max_batch_size must be >= 1, got {max_batch_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        self.weights_version = 0
+        self._seed_source = random.Random()
+        # transformers 5.2x renamed the forward's ``past_key_values`` argument to ``cache``.
+        forward_args = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+
+    # ----------------------------------------------------------------------------- generate
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Generation]:
+        """Continue each prompt; one Generation (new tokens only) per prompt, in input order.
+
+        One SamplingParams for all prompts uses seed ``seed + i`` for prompt i (so repeated
+        prompts give different samples); a list gives each request its own params and seed.
+        """
+        params_list = self._expand_params(prompts, params)
+        self._validate_prompts(prompts)
+        results: list[Generation | None] = [None] * len(prompts)
+        # Similar lengths share a batch, so left padding wastes little prefill compute.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start : start + self.max_batch_size]
+            for i, gen in zip(chunk, self._generate_batch([prompts[i] for i in chunk], [params_list[i] for i in chunk])):
+                results[i] = gen
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[Sequence[int]], params: list[SamplingParams]) -> list[Generation]:
+        rows = self._new_rows(params)
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            input_ids[r, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            attention_mask[r, width - len(p) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        next_pos = position_ids[:, -1] + 1
+        active = list(range(len(rows)))  # indices into rows, aligned with the batch dimension
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=self.device)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
+
+        while True:
+            logits = out.logits[:, -1, :].float()
+            act = torch.as_tensor(active, device=self.device)
+            tokens, logprobs = self._choose(logits, [rows[a] for a in active], temperature[act], top_p[act])
+            still = []
+            for b, (a, tok, lp) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
+                if self._advance(rows[a], tok, lp):
+                    still.append(b)
+            if not still:
+                break
+            if len(still) < len(active):
+                keep = torch.as_tensor(still, device=self.device)
+                cache.batch_select_indices(keep)
+                attention_mask = attention_mask[keep]
+                next_pos = next_pos[keep]
+                tokens = tokens[keep]
+                active = [active[b] for b in still]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+            out = self.model(
+                input_ids=tokens.view(-1, 1),
+                attention_mask=attention_mask,
+                position_ids=next_pos.view(-1, 1),
+                use_cache=True,
+                **{self._cache_arg: cache},
+            )
+            next_pos = next_pos + 1
+
+        return [Generation(r.new_ids, r.finish_reason or "length", r.stop_str, r.logprobs) for r in rows]
 
     # ------------------------------------------------------------------------------ weights
     @torch.no_grad()

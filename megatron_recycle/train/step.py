@@ -20,7 +20,15 @@ divides by the global token count D, so summing its value over every micro-batch
 rank gives the full-batch token mean. Megatron's schedule divides each micro-batch's loss by
 the number of micro-batches, and DDP averages (not sums) gradients over the DP group; the
 factor undoes both, so any micro-batch size and any DP size give the full-batch gradient.
-Packed sequences (THD layout) are not supported: batches are right-padded.
+Group packing (``pack_groups=True``, pipeline size 1): the K trajectories of a GRPO group
+begin with the same prompt. Each micro-batch is re-laid out so that a group's shared prefix is
+computed once: one row per group holds [prefix][suffix 1]...[suffix K] with a tree attention
+mask (a suffix sees the prefix and itself, causally) and RoPE positions that restart after the
+prefix for every suffix. Log-probs are gathered back to the [N, L-1] layout, so the loss and
+its gradient are the padded batch's (equal to fp32 rounding; tests check it) at a fraction of
+the tokens: the prefix is forwarded and back-propagated once instead of K times, and padding
+disappears. The prefix stops before the first token that carries loss in any member, so a
+token with loss is never shared. THD/cu_seqlens packing (flash attention) is not used.
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ class TrajectoryBatch:
 
     tokens [N, L] int64; loss_mask [N, L] float (1 where tokens[:, t] is a policy token to
     predict; column 0 must be 0); advantages [N]; old/ref log-probs [N, L-1] or None.
+    group_ids [N] (optional): rows with the same id are one GRPO group (what group packing
+    shares a prefix over); lengths [N] (optional): real lengths before right padding.
+    ``packed`` is filled per micro-batch by the step itself (see group_packed_layout).
     """
 
     tokens: torch.Tensor
@@ -55,6 +66,9 @@ class TrajectoryBatch:
     advantages: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    packed: PackedRows | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
@@ -79,6 +93,14 @@ class TrajectoryBatch:
             if tuple(self.advantages.shape) != (n,):
                 raise ValueError(f"advantages must be [N]={n}, got {tuple(self.advantages.shape)}")
             self.advantages = self.advantages.to(torch.float32)
+        for name in ("group_ids", "lengths"):
+            v = getattr(self, name)
+            if v is not None:
+                if tuple(v.shape) != (n,):
+                    raise ValueError(f"{name} must be [N]={n}, got {tuple(v.shape)}")
+                setattr(self, name, v.long())
+        if self.lengths is not None and bool(((self.lengths < 2) | (self.lengths > seq)).any()):
+            raise ValueError(f"lengths must be in [2, L={seq}], got {self.lengths.tolist()}")
         for name in ("old_logprobs", "ref_logprobs"):
             v = getattr(self, name)
             if v is not None and tuple(v.shape) != (n, seq - 1):
@@ -109,6 +131,8 @@ class TrajectoryBatch:
             advantages=cut(self.advantages),
             old_logprobs=cut(self.old_logprobs),
             ref_logprobs=cut(self.ref_logprobs),
+            group_ids=cut(self.group_ids),
+            lengths=cut(self.lengths),
         )
 
     def replace(self, **fields: Any) -> TrajectoryBatch:
@@ -123,8 +147,12 @@ def build_batch(
     pad_token_id: int = 0,
     pad_length_to_multiple_of: int = 1,
     pad_rows_to_multiple_of: int = 1,
+    group_ids: Sequence[int] | None = None,
 ) -> TrajectoryBatch:
-    """Right-pad lists of token ids and loss masks into a TrajectoryBatch.
+    """Right-pad lists of token ids and loss masks into a TrajectoryBatch (real lengths kept).
+
+    ``group_ids`` (one per sequence) mark GRPO groups for group packing; padding rows get ids
+    of their own.
 
     Extra rows added to reach ``pad_rows_to_multiple_of`` (so that N divides into micro-batches)
     are all padding with mask 0 and advantage 0: they contribute nothing to loss or gradient.
@@ -156,7 +184,17 @@ def build_batch(
             raise ValueError(f"{a.numel()} advantages for {len(token_ids)} sequences")
         adv = torch.zeros(n, dtype=torch.float32)
         adv[: a.numel()] = a
-    return TrajectoryBatch(tokens=tokens, loss_mask=mask, advantages=adv)
+    lengths = torch.full((n,), 2, dtype=torch.long)
+    lengths[: len(token_ids)] = torch.tensor([max(2, len(t)) for t in token_ids], dtype=torch.long)
+    gids = None
+    if group_ids is not None:
+        if len(group_ids) != len(token_ids):
+            raise ValueError(f"{len(group_ids)} group ids for {len(token_ids)} sequences")
+        gids = torch.empty(n, dtype=torch.long)
+        gids[: len(token_ids)] = torch.as_tensor(list(group_ids), dtype=torch.long)
+        top = int(gids[: len(token_ids)].max()) + 1
+        gids[len(token_ids):] = torch.arange(top, top + n - len(token_ids))
+    return TrajectoryBatch(tokens=tokens, loss_mask=mask, advantages=adv, group_ids=gids, lengths=lengths)
 
 
 def shard_for_data_parallel(batch: TrajectoryBatch, dp_rank: int, dp_size: int) -> TrajectoryBatch:
@@ -171,6 +209,150 @@ def shard_for_data_parallel(batch: TrajectoryBatch, dp_rank: int, dp_size: int) 
         )
     share = n // dp_size
     return batch.rows(dp_rank * share, (dp_rank + 1) * share)
+
+
+# ------------------------------------------------------------------------------ group packing
+@dataclass
+class PackedRows:
+    """A micro-batch re-laid out one row per group: [shared prefix][suffix 1]...[suffix K].
+
+    tokens, targets (the token each position predicts; 0 where none), position_ids: [R, S];
+    attention_mask [R, 1, S, S] bool, True = masked (Megatron's convention); gather_index
+    [n, L-1]: for sequence i, the flat position in [R * S] whose log-prob scores tokens[i, j+1]
+    (positions past a sequence's end point at an arbitrary valid position; they carry no loss).
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    gather_index: torch.Tensor
+    saved_tokens: int  # tokens of the padded layout not computed any more (prefix reuse + padding)
+
+    def to(self, device: torch.device) -> PackedRows:
+        return PackedRows(self.tokens.to(device), self.targets.to(device), self.position_ids.to(device),
+                          self.attention_mask.to(device), self.gather_index.to(device), self.saved_tokens)
+
+
+def shared_prefix_length(tokens: torch.Tensor, loss_mask: torch.Tensor, lengths: Sequence[int]) -> int:
+    """How many leading tokens a group can share: the common prefix, cut one token before the first
+    token that carries loss in any member (and before the shortest member's last token), minus one
+    so that the last shared token is repeated in every suffix and predicts that member's own next
+    token. 0 means no sharing."""
+    if tokens.shape[0] < 2:
+        return 0
+    shortest = min(lengths)
+    t = tokens[:, :shortest]
+    same = (t == t[:1]).all(dim=0)
+    common = int(same.long().cumprod(0).sum())
+    has_loss = loss_mask[:, :shortest].bool().any(dim=0)
+    first_loss = int(has_loss.nonzero()[0]) if bool(has_loss.any()) else shortest
+    return max(min(common, first_loss) - 1, 0)
+
+
+def group_packed_layout(batch: TrajectoryBatch) -> PackedRows:
+    """The group-packed layout of ``batch`` (needs group_ids; lengths default to L)."""
+    if batch.group_ids is None:
+        raise ValueError("group_packed_layout needs batch.group_ids (build_batch(group_ids=...))")
+    n, seq = batch.tokens.shape
+    lengths = batch.lengths.tolist() if batch.lengths is not None else [seq] * n
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(batch.group_ids.tolist()):
+        groups.setdefault(g, []).append(i)
+    plan = []
+    for members in groups.values():
+        lens = [lengths[i] for i in members]
+        s = shared_prefix_length(batch.tokens[members], batch.loss_mask[members], lens)
+        plan.append((members, s, s + sum(ln - s for ln in lens)))
+    rows, width = len(plan), max(p[2] for p in plan)
+    tokens = torch.zeros(rows, width, dtype=torch.long)
+    targets = torch.zeros(rows, width, dtype=torch.long)
+    positions = torch.zeros(rows, width, dtype=torch.long)
+    segment = torch.full((rows, width), -1, dtype=torch.long)  # 0 = shared prefix, k = member k, -1 = pad
+    gather = torch.zeros(n, seq - 1, dtype=torch.long)
+    for r, (members, s, _) in enumerate(plan):
+        base = r * width
+        first = batch.tokens[members[0]]
+        tokens[r, :s] = first[:s]
+        targets[r, :s] = first[1 : s + 1]
+        positions[r, :s] = torch.arange(s)
+        segment[r, :s] = 0
+        off = s
+        for k, i in enumerate(members, start=1):
+            ln = lengths[i]
+            span = ln - s
+            tokens[r, off : off + span] = batch.tokens[i, s:ln]
+            targets[r, off : off + span - 1] = batch.tokens[i, s + 1 : ln]
+            positions[r, off : off + span] = torch.arange(s, ln)
+            segment[r, off : off + span] = k
+            gather[i, :s] = base + torch.arange(s)
+            gather[i, s : ln - 1] = base + off + torch.arange(ln - 1 - s)
+            gather[i, ln - 1 :] = base + off
+            off += span
+    # padding positions form one segment of their own (they see only themselves and earlier pad)
+    q, k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & ((q == k) | (k == 0))
+    saved = n * seq - rows * width
+    return PackedRows(tokens, targets, positions, ~allowed[:, None], gather, saved)
+
+
+def packing_supported(model_chunks: Sequence[torch.nn.Module]) -> str | None:
+    """None when group packing can run on these chunks, else the reason it cannot."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_recycle.model.build import unwrap_model
+
+    if _ps().get_pipeline_model_parallel_world_size() > 1:
+        return "pipeline stages exchange activations of one fixed [seq, micro-batch] shape"
+    for chunk in model_chunks:
+        for layer in unwrap_model(chunk).decoder.layers:
+            if not isinstance(layer.self_attention.core_attention, DotProductAttention):
+                return ("the attention is not megatron-core's local DotProductAttention (an arbitrary "
+                        "mask is needed; transformer-engine's causal kernels ignore it)")
+    return None
+
+
+_PACKING_NOTED: set[str] = set()
+
+
+def _use_packing(batch: TrajectoryBatch, pack: bool, model_chunks: Sequence[torch.nn.Module]) -> bool:
+    if not pack or batch.group_ids is None:
+        return False
+    reason = packing_supported(model_chunks)
+    if reason is not None:
+        if reason not in _PACKING_NOTED:
+            logger.warning("group packing is off (%s); training on padded rows", reason)
+            _PACKING_NOTED.add(reason)
+        return False
+    return True
+
+
+class _RopePositions:
+    """Within the block, the model's RoPE uses per-token ``position_ids`` [b, S] (packed rows)
+    instead of 0..S-1. megatron-core's GPTModel derives RoPE from the sequence length alone."""
+
+    def __init__(self, model: torch.nn.Module, position_ids: torch.Tensor) -> None:
+        from megatron_recycle.model.build import unwrap_model
+
+        self.rope = getattr(unwrap_model(model), "rotary_pos_emb", None)
+        self.position_ids = position_ids
+
+    def __enter__(self) -> None:
+        if self.rope is None:
+            return
+        table_fn = type(self.rope).forward.__get__(self.rope)
+        pos = self.position_ids
+
+        def forward(max_seq_len: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+            table = table_fn(max(max_seq_len, int(pos.max()) + 1), *args, **kwargs)  # [S, 1, 1, D]
+            return table[:, 0, 0, :][pos.t()].unsqueeze(2)  # [S, b, 1, D]
+
+        self.rope.forward = forward
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.rope is not None and "forward" in self.rope.__dict__:
+            del self.rope.forward
 
 
 # ------------------------------------------------------------------------------- loss config
@@ -227,7 +409,9 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _micro_batches(batch: TrajectoryBatch, micro_batch_size: int) -> list[TrajectoryBatch]:
+def _micro_batches(
+    batch: TrajectoryBatch, micro_batch_size: int, pack: bool = False, model_chunks: Sequence[torch.nn.Module] = (),
+) -> list[TrajectoryBatch]:
     n = batch.num_sequences
     if micro_batch_size < 1 or n % micro_batch_size != 0:
         raise ValueError(
@@ -235,14 +419,15 @@ def _micro_batches(batch: TrajectoryBatch, micro_batch_size: int) -> list[Trajec
             f"pad the batch with build_batch(pad_rows_to_multiple_of={micro_batch_size})"
         )
     dev = _device()
-
-    def to_dev(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(dev, non_blocking=True)
-
-    return [
-        TrajectoryBatch(*(to_dev(getattr(mb, f.name)) for f in dataclasses.fields(mb)))
-        for mb in (batch.rows(s, s + micro_batch_size) for s in range(0, n, micro_batch_size))
-    ]
+    packing = _use_packing(batch, pack, model_chunks)
+    out = []
+    for start in range(0, n, micro_batch_size):
+        mb = batch.rows(start, start + micro_batch_size)
+        packed = group_packed_layout(mb).to(dev) if packing else None
+        fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if f.name != "packed"}
+        fields = {k: (None if v is None else v.to(dev, non_blocking=True)) for k, v in fields.items()}
+        out.append(TrajectoryBatch(**fields, packed=packed))
+    return out
 
 
 def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:
@@ -253,20 +438,31 @@ def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:
 
 
 def target_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False,
+    packed: PackedRows | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs [b, L-1] of tokens[:, 1:] from vocab-parallel logits [b, L, V/tp].
 
-    Uses token_logprobs with the TP group, so the full vocabulary is never gathered.
+    Uses token_logprobs with the TP group, so the full vocabulary is never gathered. With
+    ``packed``, the logits are the packed rows' [R, S, V/tp] and the result is gathered back to
+    the sequences' [n, L-1] layout (``tokens`` is then the unpacked [n, L]).
     """
     from megatron_recycle_kernels import token_logprobs
 
     b, seq, vshard = logits.shape
-    # Score every position (a free view of the logits; slicing off the last position would copy
-    # them) against the next token; the last position gets a dummy target and is dropped.
-    targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)
+    if packed is not None:
+        targets = packed.targets.reshape(-1)
+    else:
+        # Score every position (a free view of the logits; slicing off the last position would copy
+        # them) against the next token; the last position gets a dummy target and is dropped.
+        targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)
     out = token_logprobs(logits.reshape(-1, vshard), targets, temperature=temperature, tp_group=_tp_group(),
                          return_entropy=return_entropy)
+    if packed is not None:
+        if return_entropy:
+            lp, ent = out
+            return lp[packed.gather_index], ent[packed.gather_index]
+        return out[packed.gather_index]
     if return_entropy:
         lp, ent = out
         return lp.view(b, seq)[:, :-1], ent.view(b, seq)[:, :-1]
@@ -276,6 +472,11 @@ def target_logprobs(
 def _forward_step(loss_fn: Callable, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
     """Megatron forward_step_func: run the model on the next micro-batch; loss_fn runs on the last stage."""
     mb = next(data_iterator)
+    if mb.packed is not None:
+        p = mb.packed
+        with _RopePositions(model, p.position_ids):
+            output = model(p.tokens, p.position_ids, p.attention_mask)
+        return output, partial(loss_fn, mb)
     b, seq = mb.tokens.shape
     position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand(b, seq)
     # attention_mask=None: the local attention builds the causal mask; right padding sits after
@@ -302,6 +503,7 @@ def compute_logprobs(
     batch: TrajectoryBatch,
     micro_batch_size: int,
     temperature: float = 1.0,
+    pack_groups: bool = True,
 ) -> torch.Tensor:
     """Per-token log-probs [N, L-1] (float32, CPU) of the batch's targets, without gradients.
 
@@ -311,10 +513,10 @@ def compute_logprobs(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    mbs = _micro_batches(batch, micro_batch_size)
+    mbs = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks)
 
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        lp = target_logprobs(output, mb.tokens, temperature).float()
+        lp = target_logprobs(output, mb.tokens, temperature, packed=mb.packed).float()
         return output.new_zeros(()), {"logprobs": lp}
 
     was_training = [m.training for m in model_chunks]
@@ -360,6 +562,7 @@ def _run_train_step(
     loss_fn: Callable,
     dp_group: dist.ProcessGroup,
     on_phase: Callable[[str], None] | None = None,
+    pack_groups: bool = False,
 ) -> dict[str, float]:
     """The shared machinery: zero grads, forward_backward over micro-batches, optimizer, LR schedule.
 
@@ -370,7 +573,7 @@ def _run_train_step(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     phase = on_phase or (lambda name: None)
-    mbs = _micro_batches(batch, micro_batch_size)
+    mbs = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks)
     for m in model_chunks:
         m.zero_grad_buffer()
     optimizer.zero_grad()
@@ -415,6 +618,7 @@ def _run_train_step(
         lr=lr,
         update_successful=float(bool(update_successful)),
         num_microbatches=float(len(mbs)),
+        packed_saved_tokens=float(sum(mb.packed.saved_tokens for mb in mbs if mb.packed is not None)),
         **{"time/forward_backward_s": t1 - t0, "time/optimizer_s": t2 - t1},
     )
     return totals
@@ -428,8 +632,12 @@ def grpo_train_step(
     micro_batch_size: int,
     loss_cfg: GRPOLossConfig | None = None,
     on_phase: Callable[[str], None] | None = None,
+    pack_groups: bool = True,
 ) -> dict[str, float]:
     """One GRPO optimizer step on this DP rank's share of the batch; returns global metrics.
+
+    ``pack_groups``: compute each group's shared prefix once (module docstring); used when the
+    batch has group_ids, the pipeline size is 1 and the attention is the local one.
 
     ``batch.old_logprobs`` None means on-policy (old = current, detached: ratio 1). Metrics:
     loss (full-batch value), grad_norm, lr, token and sequence counts, token-weighted means of
@@ -459,9 +667,9 @@ def grpo_train_step(
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
         entropy = None
         if cfg.compute_entropy:
-            lp, entropy = target_logprobs(output, mb.tokens, cfg.temperature, return_entropy=True)
+            lp, entropy = target_logprobs(output, mb.tokens, cfg.temperature, return_entropy=True, packed=mb.packed)
         else:
-            lp = target_logprobs(output, mb.tokens, cfg.temperature)
+            lp = target_logprobs(output, mb.tokens, cfg.temperature, packed=mb.packed)
         old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
         loss, stats = grpo_loss(
             lp, old, mb.advantages, mb.target_mask, ref_logprobs=mb.ref_logprobs,
@@ -476,7 +684,8 @@ def grpo_train_step(
             sums["sum/entropy"] = (entropy.detach() * mb.target_mask).sum()
         return loss * scale, sums
 
-    out = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group, on_phase)
+    out = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group, on_phase,
+                          pack_groups=pack_groups)
     metrics = {"loss": out.pop("loss"), "tokens": out.pop("tokens"), "sequences": global_rows}
     for k in [k for k in out if k.startswith("sum/")]:
         metrics[k[4:]] = out.pop(k) / max(global_tokens, 1.0)

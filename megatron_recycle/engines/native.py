@@ -1,0 +1,308 @@
+"""Generation straight from the trainer's Megatron weights: no second copy of the model, no sync.
+
+The embedded default trains with TP = PP = 1, where every weight of the policy sits in this
+process as an ordinary tensor of the megatron-core GPTModel. This engine decodes with those
+very tensors (looked up again at every ``generate`` call, so it always sees the latest
+optimizer step): the Hugging Face engine's second copy of the model and the export into it
+after every step disappear, which is both memory and time (issue #8).
+
+It is a lean decode loop written for small batches on a CPU (it also runs on one GPU):
+- Megatron's fused layouts are used as they are: one matmul for q/k/v (rows grouped per query
+  group), one for gate/up;
+- a preallocated KV cache per call; each row writes its new key/value at its own position and
+  attends through a length mask, so rows of different prompt lengths decode together;
+- identical prompts in one call (the K rollouts of a GRPO group) are prefilled once and their
+  KV cache rows copied, so a group pays for its prompt once, not K times;
+- logits only where a token is chosen (the last prompt position, then each new token);
+- rows that finish are dropped from the batch once enough of them have finished.
+Sampling, seeds and stop strings are DecodingBase's (engines/hf.py), shared with HFEngine, so
+the two engines choose the same tokens from the same logits. Tests check this engine's logits
+and greedy generations against transformers for Llama (SmolLM2), Qwen2 and Qwen3.
+
+Limits (checked, with clear errors): tensor and pipeline parallel size 1 (use the ``hf`` or
+``vllm`` engine otherwise), plain RoPE, SwiGLU, RMSNorm (the families model/build.py builds).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_recycle.engines.base import Generation, SamplingParams
+from megatron_recycle.engines.hf import DecodingBase, _eos_token_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Layer:
+    ln_attn: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    proj_w: torch.Tensor
+    ln_mlp: torch.Tensor
+    fc1_w: torch.Tensor
+    fc2_w: torch.Tensor
+
+
+def _first(params: dict[str, torch.Tensor], *names: str) -> torch.Tensor | None:
+    for n in names:
+        if n in params:
+            return params[n]
+    return None
+
+
+class NativeEngine(DecodingBase):
+    """The Engine protocol (engines/base.py) over a megatron-core GPTModel held by the trainer.
+
+    ``model``: the GPTModel (bare, or wrapped in DDP / Float16Module); ``hf_config``: the
+    Hugging Face config it was built from (head counts, RoPE base, norm epsilon).
+    """
+
+    name = "NativeEngine"
+    shares_trainer_weights = True  # the trainer must not export weights into this engine
+
+    def __init__(self, model: torch.nn.Module, hf_config: Any, tokenizer, max_batch_size: int = 64,
+                 compact_fraction: float = 0.125) -> None:
+        from megatron_recycle.model.build import _check_supported, _rope_theta, head_dim, unwrap_model
+
+        if max_batch_size < 1:
+            raise ValueError(f"NativeEngine max_batch_size must be >= 1, got {max_batch_size}")
+        if not 0 <= compact_fraction <= 1:
+            raise ValueError(f"NativeEngine compact_fraction must be in [0, 1], got {compact_fraction}")
+        _check_supported(hf_config)
+        self.model = unwrap_model(model)
+        cfg = getattr(self.model, "config", None)
+        tp = getattr(cfg, "tensor_model_parallel_size", 1)
+        pp = getattr(cfg, "pipeline_model_parallel_size", 1)
+        if tp != 1 or pp != 1:
+            raise ValueError(
+                f"NativeEngine needs the whole model in this process (tensor and pipeline parallel size 1), "
+                f"but the model is split tp={tp} pp={pp}; use rollout.engine=hf or rollout.engine=vllm"
+            )
+        self.hf_config = hf_config
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.compact_fraction = compact_fraction
+        self.n_heads = int(hf_config.num_attention_heads)
+        self.n_groups = int(getattr(hf_config, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = head_dim(hf_config)
+        self.eps = float(hf_config.rms_norm_eps)
+        self.rope_theta = _rope_theta(hf_config)
+        self.eos_token_ids = _eos_token_ids(self.model, tokenizer)
+        self.weights_version = 0
+        self._seed_source = random.Random()
+        w = self._weights()
+        self.vocab_size = int(w["embedding"].shape[0])
+        self.device = w["embedding"].device
+        self._rope_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------------------- weights
+    def _weights(self) -> dict[str, Any]:
+        """References to the model's current tensors (looked up per call; nothing is copied)."""
+        p = dict(self.model.named_parameters(remove_duplicate=False))
+        layers = []
+        i = 0
+        while f"decoder.layers.{i}.self_attention.linear_qkv.weight" in p:
+            pre = f"decoder.layers.{i}."
+            ln_attn = _first(p, pre + "input_layernorm.weight", pre + "self_attention.linear_qkv.layer_norm_weight")
+            ln_mlp = _first(p, pre + "pre_mlp_layernorm.weight", pre + "mlp.linear_fc1.layer_norm_weight")
+            if ln_attn is None or ln_mlp is None:
+                raise ValueError(f"NativeEngine: layer {i} has no RMSNorm weights under the names it knows")
+            layers.append(_Layer(
+                ln_attn=ln_attn,
+                qkv_w=p[pre + "self_attention.linear_qkv.weight"],
+                qkv_b=p.get(pre + "self_attention.linear_qkv.bias"),
+                q_norm=p.get(pre + "self_attention.q_layernorm.weight"),
+                k_norm=p.get(pre + "self_attention.k_layernorm.weight"),
+                proj_w=p[pre + "self_attention.linear_proj.weight"],
+                ln_mlp=ln_mlp,
+                fc1_w=p[pre + "mlp.linear_fc1.weight"],
+                fc2_w=p[pre + "mlp.linear_fc2.weight"],
+            ))
+            i += 1
+        if not layers or "embedding.word_embeddings.weight" not in p or "decoder.final_layernorm.weight" not in p:
+            raise ValueError("NativeEngine: the model is not a complete megatron-core GPTModel (layers, embedding, "
+                             "final norm); pipeline stages cannot generate on their own")
+        emb = p["embedding.word_embeddings.weight"]
+        out = p.get("output_layer.weight", emb)
+        return {"embedding": emb, "layers": layers, "final_norm": p["decoder.final_layernorm.weight"], "output": out}
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Not needed: this engine reads the trainer's tensors. Refused so a caller notices."""
+        raise RuntimeError(
+            "NativeEngine shares the trainer's weights and has nothing to load; skip the weight export "
+            "for engines with shares_trainer_weights=True"
+        )
+
+    def sleep(self) -> None:
+        """No-op: the KV cache lives only inside one generate() call."""
+
+    def wake(self) -> None:
+        """No-op, see sleep()."""
+
+    # --------------------------------------------------------------------------- pieces
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * w.float()).to(x.dtype) if x.dtype != torch.float32 else xf * w
+
+    def _rope_tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope_cache is None or self._rope_cache[0] < length or self._rope_cache[1].dtype != dtype:
+            n = max(length, 256)
+            inv = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+            freqs = torch.arange(n, dtype=torch.float64)[:, None] * inv[None]
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._rope_cache = (n, emb.cos().to(self.device, dtype), emb.sin().to(self.device, dtype))
+        return self._rope_cache[1], self._rope_cache[2]
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def _qkv(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, H] -> q [B, heads, T, hd], k and v [B, groups, T, hd] (RoPE and QK-norm applied)."""
+        b, t, _ = x.shape
+        per = self.n_heads // self.n_groups
+        a = self._rms(x, layer.ln_attn)
+        qkv = F.linear(a, layer.qkv_w, layer.qkv_b).view(b, t, self.n_groups, per + 2, self.head_dim)
+        q = qkv[:, :, :, :per].reshape(b, t, self.n_heads, self.head_dim)
+        k = qkv[:, :, :, per]
+        v = qkv[:, :, :, per + 1]
+        if layer.q_norm is not None:
+            q = self._rms(q, layer.q_norm)
+        if layer.k_norm is not None:
+            k = self._rms(k, layer.k_norm)
+        q = self._rotate(q, cos, sin)
+        k = self._rotate(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _finish_layer(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attn.shape
+        x = x + F.linear(attn.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), layer.proj_w)
+        gate, up = F.linear(self._rms(x, layer.ln_mlp), layer.fc1_w).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer.fc2_w)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool) -> torch.Tensor:
+        if self.n_groups != self.n_heads:
+            rep = self.n_heads // self.n_groups
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+    # ------------------------------------------------------------------------- generate
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Generation]:
+        """Continue each prompt; one Generation (new tokens only) per prompt, in input order.
+
+        Seeds as in HFEngine: one SamplingParams for all prompts uses ``seed + i`` for prompt i.
+        """
+        params_list = self._expand_params(prompts, params)
+        self._validate_prompts(prompts)
+        results: list[Generation | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start : start + self.max_batch_size]
+            for i, gen in zip(chunk, self._generate_batch([prompts[i] for i in chunk], [params_list[i] for i in chunk])):
+                results[i] = gen
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[Sequence[int]], params: list[SamplingParams]) -> list[Generation]:
+        w = self._weights()
+        dtype = w["embedding"].dtype
+        dev = self.device
+        rows = self._new_rows(params)
+
+        # Identical prompts (a GRPO group's K rollouts) are prefilled once.
+        unique: dict[tuple[int, ...], int] = {}
+        source = [unique.setdefault(tuple(int(t) for t in p), len(unique)) for p in prompts]
+        uprompts = list(unique)
+        ulens = torch.tensor([len(p) for p in uprompts], device=dev)
+        width = int(ulens.max())
+        capacity = width + max(p.max_new_tokens for p in params)
+        cos_t, sin_t = self._rope_tables(capacity, dtype)
+        n_layers = len(w["layers"])
+
+        ids = torch.zeros(len(uprompts), width, dtype=torch.long, device=dev)
+        for r, p in enumerate(uprompts):
+            ids[r, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+        # Right padding: causal attention keeps pad positions out of every real position, and
+        # the pad keys written to the cache are masked during decoding (then overwritten).
+        # Zeros, not empty: masked slots are still multiplied by zero weights in attention, and
+        # uninitialized memory may hold NaN (0 * NaN = NaN).
+        ucache = torch.zeros(n_layers, 2, len(uprompts), self.n_groups, capacity, self.head_dim, dtype=dtype, device=dev)
+        x = F.embedding(ids, w["embedding"])
+        cos, sin = cos_t[:width][None, :, None, :], sin_t[:width][None, :, None, :]
+        for li, layer in enumerate(w["layers"]):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            ucache[li, 0, :, :, :width] = k
+            ucache[li, 1, :, :, :width] = v
+            x = self._finish_layer(layer, x, self._attend(q, k, v, None, causal=True))
+        last = x[torch.arange(len(uprompts), device=dev), ulens - 1]
+        logits = F.linear(self._rms(last, w["final_norm"]), w["output"]).float()
+        src = torch.tensor(source, device=dev)
+        cache = ucache.index_select(2, src) if len(uprompts) != len(prompts) or source != sorted(source) else ucache
+        del ucache
+        logits = logits.index_select(0, src)
+        pos = ulens.index_select(0, src)  # where each row's next token goes
+
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        active = list(range(len(rows)))  # rows still generating, aligned with the batch dimension
+        batch_rows = list(range(len(rows)))  # rows held by the cache (finished ones until compacted)
+        live = torch.ones(len(rows), dtype=torch.bool, device=dev)
+        while True:
+            # logits are aligned with batch_rows; choose only for the live ones
+            live_idx = live.nonzero().flatten()
+            chosen_rows = [batch_rows[b] for b in live_idx.tolist()]
+            tokens_live, logprobs = self._choose(logits.index_select(0, live_idx), [rows[a] for a in chosen_rows],
+                                                 temperature[chosen_rows], top_p[chosen_rows])
+            for b, a, tok, lp in zip(live_idx.tolist(), chosen_rows, tokens_live.tolist(), logprobs.tolist()):
+                if not self._advance(rows[a], tok, lp):
+                    live[b] = False
+            active = [batch_rows[b] for b in live.nonzero().flatten().tolist()]
+            if not active:
+                break
+            tokens = torch.zeros(len(batch_rows), dtype=torch.long, device=dev)
+            tokens[live_idx] = tokens_live
+            n_dead = len(batch_rows) - len(active)
+            if n_dead and n_dead >= max(1, int(self.compact_fraction * len(batch_rows))):
+                keep = live.nonzero().flatten()
+                cache = cache.index_select(2, keep)
+                pos, tokens = pos[keep], tokens[keep]
+                batch_rows = active
+                live = torch.ones(len(batch_rows), dtype=torch.bool, device=dev)
+            logits = self._decode_step(w, cache, tokens, pos, cos_t, sin_t)
+            pos = pos + 1
+        return [Generation(r.new_ids, r.finish_reason or "length", r.stop_str, r.logprobs) for r in rows]
+
+    def _decode_step(self, w: dict[str, Any], cache: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
+                     cos_t: torch.Tensor, sin_t: torch.Tensor) -> torch.Tensor:
+        """One token per row at position ``pos``; returns next-token logits [B, V] (fp32)."""
+        b = tokens.shape[0]
+        span = int(pos.max()) + 1
+        x = F.embedding(tokens, w["embedding"])[:, None, :]
+        cos, sin = cos_t[pos][:, None, None, :], sin_t[pos][:, None, None, :]
+        mask = (torch.arange(span, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+        rows = torch.arange(b, device=pos.device)
+        for li, layer in enumerate(w["layers"]):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            cache[li, 0, rows, :, pos] = k[:, :, 0]
+            cache[li, 1, rows, :, pos] = v[:, :, 0]
+            attn = self._attend(q, cache[li, 0, :, :, :span], cache[li, 1, :, :, :span], mask, causal=False)
+            x = self._finish_layer(layer, x, attn)
+        return F.linear(self._rms(x[:, 0], w["final_norm"]), w["output"]).float()

@@ -1,0 +1,126 @@
+"""Group packing in the training step: a group's shared prefix computed once, the same result.
+
+Tiny random Llama and Qwen3 (fp32, one process). Three groups of three sequences: plain
+prompt + completion; a multi-turn one (a loss-free observation between two generated parts,
+members of different lengths); and one whose members also share their first generated tokens
+(those carry loss, so they must not be shared). One SGD step with lr 1 and no clipping makes
+the weight change equal to minus the gradient, so packed and padded gradients are compared
+directly. Tolerances: log-probs 2e-5 absolute, gradients 1e-5 * max|grad| (fp32 sums in a
+different order; measured ~1e-7).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_recycle.model.build import build_model_chunks
+from megatron_recycle.model.convert import load_hf_weights
+from megatron_recycle.train.step import (
+    GRPOLossConfig,
+    build_batch,
+    compute_logprobs,
+    group_packed_layout,
+    grpo_train_step,
+    shared_prefix_length,
+    wrap_model_and_build_optimizer,
+)
+
+K = 3
+
+
+def _sequences(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(4, 128, (n,), generator=g).tolist()  # noqa: E731
+    seqs, masks, gids = [], [], []
+    for gi in range(3):
+        prompt = rand(6 + 3 * gi)
+        common_start = rand(2)
+        for _ in range(K):
+            comp = rand(int(torch.randint(2, 9, (1,), generator=g)))
+            if gi == 2:
+                comp = common_start + comp
+            seq, mask = prompt + comp, [0] * len(prompt) + [1] * len(comp)
+            if gi == 1:  # a retrieved observation (no loss), then a second generated turn
+                obs, more = rand(4), rand(int(torch.randint(1, 4, (1,), generator=g)))
+                seq, mask = seq + obs + more, mask + [0] * 4 + [1] * len(more)
+            seqs.append(seq)
+            masks.append(mask)
+            gids.append(gi)
+    adv = torch.randn(len(seqs), generator=g)
+    return seqs, masks, gids, adv
+
+
+def _model(tiny, kind, tied):
+    hf = tiny.tiny_hf_model(kind, tied)
+    chunks = build_model_chunks(hf.config, layer_spec="local")
+    load_hf_weights(chunks, hf)
+    return wrap_model_and_build_optimizer(chunks, lr=1.0, clip_grad=1e9, optimizer="sgd",
+                                          lr_decay_style="constant", total_steps=10)
+
+
+def test_layout_shares_only_loss_free_prefixes():
+    seqs, masks, gids, adv = _sequences()
+    batch = build_batch(seqs, masks, advantages=adv, group_ids=gids)
+    lens = batch.lengths.tolist()
+    prefix = [shared_prefix_length(batch.tokens[i:i + K], batch.loss_mask[i:i + K], lens[i:i + K])
+              for i in range(0, 9, K)]
+    # the last prompt token is repeated in every suffix; shared generated tokens are never shared
+    assert prefix == [6 - 1, 9 - 1, 12 - 1]
+    p = group_packed_layout(batch)
+    assert p.tokens.shape[0] == 3 and p.saved_tokens > 0
+    for i, (seq, ln) in enumerate(zip(seqs, lens)):
+        # every target of every sequence is found at its gathered position
+        flat_targets = p.targets.reshape(-1)[p.gather_index[i, : ln - 1]]
+        assert flat_targets.tolist() == seq[1:]
+        flat_pos = p.position_ids.reshape(-1)[p.gather_index[i, : ln - 1]]
+        assert flat_pos.tolist() == list(range(ln - 1))
+    # a suffix never sees another member's suffix; the prefix sees only itself
+    m = ~p.attention_mask[0, 0]
+    s = prefix[0]
+    first_len = lens[0] - s
+    assert m[s + first_len, s : s + first_len].sum() == 0  # member 2's first token vs member 1
+    assert m[s + first_len, :s].all() and m[:s, s:].sum() == 0
+    with pytest.raises(ValueError, match="group_ids"):
+        group_packed_layout(build_batch(seqs, masks))
+
+
+@pytest.mark.parametrize("kind,tied", [("llama", True), ("qwen3", False)])
+def test_packed_logprobs_and_gradient_equal_padded(world1, tiny, kind, tied):
+    seqs, masks, gids, adv = _sequences(seed=1)
+    batch = build_batch(seqs, masks, advantages=adv, group_ids=gids)
+    lens = batch.lengths
+    real = torch.arange(batch.seq_length - 1)[None] < (lens - 1)[:, None]
+
+    chunks, opt, sched = _model(tiny, kind, tied)
+    lp_pad = compute_logprobs(chunks, batch, 9, pack_groups=False)
+    lp_pack = compute_logprobs(chunks, batch, 9, pack_groups=True)
+    torch.testing.assert_close(lp_pack[real], lp_pad[real], atol=2e-5, rtol=0)
+    assert not torch.equal(lp_pack[real], torch.zeros_like(lp_pack[real]))
+
+    # off-policy old log-probs, so the clipped branches take part too
+    old = lp_pad + 0.3 * torch.randn(lp_pad.shape, generator=torch.Generator().manual_seed(2))
+    batch = batch.replace(old_logprobs=old)
+    cfg = GRPOLossConfig(eps_low=0.2, eps_high=0.28)
+    results = {}
+    for name, pack, mbs in (("pad", False, 9), ("pack", True, 9), ("pack_split", True, 3), ("pack_4", True, 1)):
+        chunks, opt, sched = _model(tiny, kind, tied)
+        before = [p.detach().clone() for p in chunks[0].parameters()]
+        m = grpo_train_step(chunks, opt, sched, batch, mbs, cfg, pack_groups=pack)
+        grads = [b - p.detach() for b, p in zip(before, chunks[0].parameters())]
+        results[name] = (m, grads)
+    ref_m, ref_g = results["pad"]
+    gmax = max(g.abs().max().item() for g in ref_g)
+    assert gmax > 1e-3
+    assert ref_m["packed_saved_tokens"] == 0
+    for name in ("pack", "pack_split", "pack_4"):
+        m, g = results[name]
+        diff = max((a - b).abs().max().item() for a, b in zip(g, ref_g))
+        assert diff <= 1e-5 * gmax, f"{name}: {diff} vs {gmax}"
+        assert m["loss"] == pytest.approx(ref_m["loss"], rel=1e-5)
+        assert m["tokens"] == ref_m["tokens"]
+    assert results["pack"][0]["packed_saved_tokens"] > 0
+    # one sequence per micro-batch: nothing to share, but the padding still goes
+    assert results["pack_4"][0]["packed_saved_tokens"] < results["pack"][0]["packed_saved_tokens"]
+    rope = chunks[0].module.rotary_pos_emb
+    assert "forward" not in rope.__dict__  # the RoPE override is removed after each forward
