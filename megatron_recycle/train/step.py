@@ -33,6 +33,7 @@ token with loss is never shared. THD/cu_seqlens packing (flash attention) is not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -58,7 +59,8 @@ class TrajectoryBatch:
     predict; column 0 must be 0); advantages [N]; old/ref log-probs [N, L-1] or None.
     group_ids [N] (optional): rows with the same id are one GRPO group (what group packing
     shares a prefix over); lengths [N] (optional): real lengths before right padding.
-    ``packed`` is filled per micro-batch by the step itself (see group_packed_layout).
+    ``packed`` and ``select`` are filled per micro-batch by the step itself (group_packed_layout,
+    LogitSelection).
     """
 
     tokens: torch.Tensor
@@ -69,6 +71,7 @@ class TrajectoryBatch:
     group_ids: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     packed: PackedRows | None = None
+    select: LogitSelection | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
@@ -232,6 +235,77 @@ class PackedRows:
     def to(self, device: torch.device) -> PackedRows:
         return PackedRows(self.tokens.to(device), self.targets.to(device), self.position_ids.to(device),
                           self.attention_mask.to(device), self.gather_index.to(device), self.saved_tokens)
+
+
+@dataclass
+class LogitSelection:
+    """The positions of the forward's [rows, S] token grid whose logits the loss reads.
+
+    Only tokens that carry loss need logits: prompt, observation and padding positions skip the
+    output layer (forward and backward) and never hold a [tokens x vocab] row. ``flat``: sorted
+    row-major indices into the grid; ``targets``: the token each predicts; ``gather`` [n, L-1]:
+    for each sequence position, its index into ``flat`` (loss-free positions point anywhere).
+    """
+
+    flat: torch.Tensor
+    targets: torch.Tensor
+    gather: torch.Tensor
+    rows: int
+    width: int
+
+    @staticmethod
+    def build(grid_index: torch.Tensor, grid_targets: torch.Tensor, target_mask: torch.Tensor,
+              rows: int, width: int) -> LogitSelection:
+        needed = grid_index[target_mask.bool()]
+        flat = torch.unique(needed) if needed.numel() else grid_index.new_zeros(1)
+        gather = torch.searchsorted(flat, grid_index).clamp(max=flat.numel() - 1)
+        return LogitSelection(flat, grid_targets.reshape(-1)[flat], gather, rows, width)
+
+    def hidden_index(self) -> torch.Tensor:
+        """``flat`` in the [S * rows] order of Megatron's [s, b, h] hidden states."""
+        return (self.flat % self.width) * self.rows + self.flat // self.width
+
+    def to(self, device: torch.device) -> LogitSelection:
+        return LogitSelection(self.flat.to(device), self.targets.to(device), self.gather.to(device),
+                              self.rows, self.width)
+
+
+def _selection_for(mb: TrajectoryBatch, packed: PackedRows | None) -> LogitSelection:
+    if packed is not None:
+        rows, width = packed.tokens.shape
+        return LogitSelection.build(packed.gather_index, packed.targets, mb.target_mask, rows, width)
+    n, seq = mb.tokens.shape
+    grid = torch.arange(n)[:, None] * seq + torch.arange(seq - 1)[None]
+    targets = torch.cat([mb.tokens[:, 1:], mb.tokens[:, :1]], dim=1)
+    return LogitSelection.build(grid, targets, mb.target_mask, n, seq)
+
+
+class _SelectedLogits:
+    """Within the block, the model's output layer sees only the selected positions' hidden states
+    (as a [K, 1, h] sequence), so the logits come out as [1, K, V/tp]."""
+
+    def __init__(self, model: torch.nn.Module, select: LogitSelection) -> None:
+        from megatron_recycle.model.build import unwrap_model
+
+        gpt = unwrap_model(model)
+        self.layer = getattr(gpt, "output_layer", None) if getattr(gpt, "post_process", False) else None
+        self.index = select.hidden_index()
+
+    def __enter__(self) -> None:
+        if self.layer is None:
+            return
+        original = type(self.layer).forward.__get__(self.layer)
+        index = self.index
+
+        def forward(input_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            s, b, h = input_.shape
+            return original(input_.reshape(s * b, h).index_select(0, index).unsqueeze(1), *args, **kwargs)
+
+        self.layer.forward = forward
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.layer is not None and "forward" in self.layer.__dict__:
+            del self.layer.forward
 
 
 def shared_prefix_length(tokens: torch.Tensor, loss_mask: torch.Tensor, lengths: Sequence[int]) -> int:
@@ -411,6 +485,7 @@ def _device() -> torch.device:
 
 def _micro_batches(
     batch: TrajectoryBatch, micro_batch_size: int, pack: bool = False, model_chunks: Sequence[torch.nn.Module] = (),
+    select: bool = False,
 ) -> list[TrajectoryBatch]:
     n = batch.num_sequences
     if micro_batch_size < 1 or n % micro_batch_size != 0:
@@ -423,10 +498,11 @@ def _micro_batches(
     out = []
     for start in range(0, n, micro_batch_size):
         mb = batch.rows(start, start + micro_batch_size)
-        packed = group_packed_layout(mb).to(dev) if packing else None
-        fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if f.name != "packed"}
+        packed = group_packed_layout(mb) if packing else None
+        selection = _selection_for(mb, packed).to(dev) if select else None
+        fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if f.name not in ("packed", "select")}
         fields = {k: (None if v is None else v.to(dev, non_blocking=True)) for k, v in fields.items()}
-        out.append(TrajectoryBatch(**fields, packed=packed))
+        out.append(TrajectoryBatch(**fields, packed=None if packed is None else packed.to(dev), select=selection))
     return out
 
 
@@ -439,30 +515,33 @@ def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:
 
 def target_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False,
-    packed: PackedRows | None = None,
+    packed: PackedRows | None = None, select: LogitSelection | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs [b, L-1] of tokens[:, 1:] from vocab-parallel logits [b, L, V/tp].
 
     Uses token_logprobs with the TP group, so the full vocabulary is never gathered. With
-    ``packed``, the logits are the packed rows' [R, S, V/tp] and the result is gathered back to
-    the sequences' [n, L-1] layout (``tokens`` is then the unpacked [n, L]).
+    ``packed``, the logits are the packed rows' [R, S, V/tp]; with ``select``, they are only the
+    selected positions' [1, K, V/tp]. Either way the result is gathered back to the sequences'
+    [n, L-1] layout (``tokens`` is always the unpacked [n, L]).
     """
     from megatron_recycle_kernels import token_logprobs
 
     b, seq, vshard = logits.shape
-    if packed is not None:
-        targets = packed.targets.reshape(-1)
+    if select is not None:
+        targets, gather = select.targets, select.gather
+    elif packed is not None:
+        targets, gather = packed.targets.reshape(-1), packed.gather_index
     else:
         # Score every position (a free view of the logits; slicing off the last position would copy
         # them) against the next token; the last position gets a dummy target and is dropped.
-        targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1)
+        targets, gather = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1), None
     out = token_logprobs(logits.reshape(-1, vshard), targets, temperature=temperature, tp_group=_tp_group(),
                          return_entropy=return_entropy)
-    if packed is not None:
+    if gather is not None:
         if return_entropy:
             lp, ent = out
-            return lp[packed.gather_index], ent[packed.gather_index]
-        return out[packed.gather_index]
+            return lp[gather], ent[gather]
+        return out[gather]
     if return_entropy:
         lp, ent = out
         return lp.view(b, seq)[:, :-1], ent.view(b, seq)[:, :-1]
@@ -472,16 +551,19 @@ def target_logprobs(
 def _forward_step(loss_fn: Callable, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
     """Megatron forward_step_func: run the model on the next micro-batch; loss_fn runs on the last stage."""
     mb = next(data_iterator)
-    if mb.packed is not None:
-        p = mb.packed
-        with _RopePositions(model, p.position_ids):
+    with contextlib.ExitStack() as stack:
+        if mb.select is not None:
+            stack.enter_context(_SelectedLogits(model, mb.select))
+        if mb.packed is not None:
+            p = mb.packed
+            stack.enter_context(_RopePositions(model, p.position_ids))
             output = model(p.tokens, p.position_ids, p.attention_mask)
-        return output, partial(loss_fn, mb)
-    b, seq = mb.tokens.shape
-    position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand(b, seq)
-    # attention_mask=None: the local attention builds the causal mask; right padding sits after
-    # every real token, so it never influences a real position.
-    output = model(mb.tokens, position_ids, None)
+        else:
+            b, seq = mb.tokens.shape
+            position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand(b, seq)
+            # attention_mask=None: the local attention builds the causal mask; right padding sits
+            # after every real token, so it never influences a real position.
+            output = model(mb.tokens, position_ids, None)
     return output, partial(loss_fn, mb)
 
 
@@ -504,8 +586,12 @@ def compute_logprobs(
     micro_batch_size: int,
     temperature: float = 1.0,
     pack_groups: bool = True,
+    only_loss_positions: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs [N, L-1] (float32, CPU) of the batch's targets, without gradients.
+
+    ``only_loss_positions``: compute logits only where loss_mask is 1 (old/ref log-probs for the
+    loss); the other positions then hold arbitrary values instead of valid log-probs.
 
     For old and reference log-probs. Only the last PP stage has logits; the result is broadcast
     over the pipeline group so that every rank of this DP replica (all TP and PP ranks) returns
@@ -513,10 +599,10 @@ def compute_logprobs(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    mbs = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks)
+    mbs = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks, select=only_loss_positions)
 
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        lp = target_logprobs(output, mb.tokens, temperature, packed=mb.packed).float()
+        lp = target_logprobs(output, mb.tokens, temperature, packed=mb.packed, select=mb.select).float()
         return output.new_zeros(()), {"logprobs": lp}
 
     was_training = [m.training for m in model_chunks]
@@ -573,7 +659,7 @@ def _run_train_step(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     phase = on_phase or (lambda name: None)
-    mbs = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks)
+    mbs = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks, select=True)
     for m in model_chunks:
         m.zero_grad_buffer()
     optimizer.zero_grad()
@@ -667,9 +753,10 @@ def grpo_train_step(
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
         entropy = None
         if cfg.compute_entropy:
-            lp, entropy = target_logprobs(output, mb.tokens, cfg.temperature, return_entropy=True, packed=mb.packed)
+            lp, entropy = target_logprobs(output, mb.tokens, cfg.temperature, return_entropy=True, packed=mb.packed,
+                                          select=mb.select)
         else:
-            lp = target_logprobs(output, mb.tokens, cfg.temperature, packed=mb.packed)
+            lp = target_logprobs(output, mb.tokens, cfg.temperature, packed=mb.packed, select=mb.select)
         old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
         loss, stats = grpo_loss(
             lp, old, mb.advantages, mb.target_mask, ref_logprobs=mb.ref_logprobs,
@@ -718,7 +805,7 @@ def sft_train_step(
     scale = float(num_mb * dp_size)
 
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        lp = target_logprobs(output, mb.tokens, 1.0)
+        lp = target_logprobs(output, mb.tokens, 1.0, packed=mb.packed, select=mb.select)
         loss = -(lp * mb.target_mask).sum() / global_tokens
         return loss * scale, {"loss": loss.detach(), "tokens": mb.target_mask.sum()}
 
@@ -797,6 +884,7 @@ def wrap_model_and_build_optimizer(
         use_distributed_optimizer=use_distributed_optimizer,
     )
     opt = get_megatron_optimizer(opt_config, ddp_chunks)
+    use_fused_cpu_adamw(opt)
     scheduler = OptimizerParamScheduler(
         opt,
         init_lr=0.0 if warmup_steps > 0 else lr,
@@ -821,6 +909,33 @@ def wrap_model_and_build_optimizer(
         if len(ddp_chunks) > 1:
             config.batch_p2p_comm = False
     return ddp_chunks, opt, scheduler
+
+
+def _torch_optimizers(opt: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a Megatron (chained) optimizer."""
+    found: list[torch.optim.Optimizer] = []
+    for o in getattr(opt, "chained_optimizers", None) or [opt]:
+        inner = getattr(o, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            found.append(inner)
+    return found
+
+
+def use_fused_cpu_adamw(opt: Any) -> int:
+    """Switch torch AdamW (Megatron's fallback without TE/apex) to its fused CPU kernel when every
+    parameter is a float CPU tensor: one kernel per tensor instead of a dozen elementwise passes
+    (4x faster for 135M parameters on 2 cores; same update to fp32 rounding). Returns the number
+    of param groups switched."""
+    switched = 0
+    for inner in _torch_optimizers(opt):
+        if not isinstance(inner, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            params = group["params"]
+            if params and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params):
+                group["fused"], group["foreach"] = True, False
+                switched += 1
+    return switched
 
 
 def setup_model_and_optimizer(

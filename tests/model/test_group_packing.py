@@ -124,3 +124,26 @@ def test_packed_logprobs_and_gradient_equal_padded(world1, tiny, kind, tied):
     assert results["pack_4"][0]["packed_saved_tokens"] < results["pack"][0]["packed_saved_tokens"]
     rope = chunks[0].module.rotary_pos_emb
     assert "forward" not in rope.__dict__  # the RoPE override is removed after each forward
+
+
+def test_logits_only_at_loss_positions(world1, tiny):
+    """compute_logprobs(only_loss_positions=True) (the selection the train step always uses)
+    agrees at every loss position, packed or not, and computes one logit row per loss token."""
+    from megatron_recycle.train.step import LogitSelection, _selection_for
+
+    seqs, masks, gids, adv = _sequences(seed=4)
+    batch = build_batch(seqs, masks, advantages=adv, group_ids=gids)
+    loss = batch.target_mask.bool()
+    chunks, _, _ = _model(tiny, "llama", True)
+    full = compute_logprobs(chunks, batch, 9, pack_groups=False)
+    for pack in (False, True):
+        part = compute_logprobs(chunks, batch, 9, pack_groups=pack, only_loss_positions=True)
+        torch.testing.assert_close(part[loss], full[loss], atol=2e-5, rtol=0)
+    sel = _selection_for(batch, None)
+    assert isinstance(sel, LogitSelection) and sel.flat.numel() == int(loss.sum())
+    packed = group_packed_layout(batch)
+    sel = _selection_for(batch, packed)
+    assert sel.flat.numel() == int(loss.sum())  # loss tokens are never shared, so none is merged
+    # an all-masked micro-batch still selects one position (shapes stay valid)
+    empty = build_batch([[5, 6, 7]], [[0, 0, 0]], advantages=[0.0])
+    assert _selection_for(empty, None).flat.numel() == 1
