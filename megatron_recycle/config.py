@@ -75,7 +75,10 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["hf", "vllm"] = "hf"
+    # auto: "native" when the model is whole in each process (tp = pp = 1), else "hf".
+    # native: decode with the trainer's own Megatron tensors (no second copy, no weight sync);
+    # hf: a transformers copy synced after each step; vllm: GPU only (rollout.vllm_*).
+    engine: Literal["auto", "native", "hf", "vllm"] = "auto"
     group_size: int = 4  # K rollouts per query
     temperature: float = 1.0
     top_p: float = 1.0
@@ -122,6 +125,9 @@ class OptimConfig:
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     use_distributed_optimizer: bool = False
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
+    # compute a group's shared prompt once per micro-batch (tree attention mask; same gradient);
+    # used with pipeline size 1 and the local attention, else padded rows
+    pack_groups: bool = True
 
 
 @dataclass
@@ -318,10 +324,21 @@ def validate(cfg: Config) -> None:
     _require(ro.reward in ("em", "f1") or (":" in ro.reward and all(ro.reward.split(":", 1))), "rollout.reward",
              ro.reward, "must be 'em', 'f1' or 'package.module:function'")
     _require(ro.batch_size >= 1, "rollout.batch_size", ro.batch_size, "must be >= 1")
+    _require(ro.engine != "native" or (m.tp == 1 and m.pp == 1), "rollout.engine", ro.engine,
+             f"the native engine decodes with the trainer's whole model, so it needs model.tp=1 and model.pp=1 "
+             f"(got tp={m.tp} pp={m.pp}); use rollout.engine=hf or vllm, or auto")
     _require(ro.vllm_tp >= 1, "rollout.vllm_tp", ro.vllm_tp, "must be >= 1")
     if ro.engine == "vllm":
         import importlib.util
+        import os
 
+        # Under torchrun: vLLM's external launcher tiles the world with blocks of vllm_tp ranks (the
+        # full check, against the model and the trainer's layout, is train.runtime.setup_runtime's).
+        if os.environ.get("WORLD_SIZE"):
+            world = int(os.environ["WORLD_SIZE"])
+            _require(ro.vllm_tp <= world and world % ro.vllm_tp == 0, "rollout.vllm_tp", ro.vllm_tp,
+                     f"must divide the number of torchrun processes (WORLD_SIZE={world}): every process runs "
+                     "one vLLM worker and vLLM groups them in blocks of vllm_tp consecutive ranks")
         _require(importlib.util.find_spec("vllm") is not None, "rollout.engine", ro.engine,
                  "vLLM is not installed; it needs a CUDA GPU: `pip install -e '.[gpu]'` on a GPU machine, "
                  "or use rollout.engine=hf")

@@ -3,7 +3,10 @@
 vLLM runs in its external-launcher mode: every torchrun rank builds one ``VLLMEngine`` (one vLLM
 worker per process, no extra processes), and the ranks of one vLLM tensor-parallel group must
 call ``generate`` with the same prompts. vLLM's TP size is its own (``tensor_parallel_size``)
-and may differ from training's.
+and may differ from training's. vLLM tiles the world with blocks of ``vllm_tp`` consecutive
+ranks (its "external DP": vLLM's own DP and PP stay 1); :func:`check_vllm_layout` says which
+layouts work, :func:`rollout_plan` which data-parallel shares each block generates, and
+:func:`check_same_requests` verifies before each ``generate`` that a block's requests agree.
 
 Token ids in, token ids out (``TokensPrompt``, no re-tokenization); the same Generation
 semantics as ``engines.hf.HFEngine``: a sequence ends right after the token that completes its
@@ -355,13 +358,151 @@ class WeightMismatchError(RuntimeError):
     """check_weights found engine tensors that differ from the trainer's."""
 
 
+# ---------------------------------------------------------------------- layout (external launcher)
+# vLLM's external launcher lays its groups over the torch.distributed world as
+# ExternalDP x DP x PP x TP (vllm/distributed/parallel_state.py). This project uses vLLM DP = PP = 1,
+# so every block of ``vllm_tp`` consecutive global ranks is one vLLM tensor-parallel group, and the
+# world_size / vllm_tp blocks ("external DP") generate independently of each other.
+def vllm_tp_groups(world_size: int, vllm_tp: int) -> list[list[int]]:
+    """The global ranks of every vLLM TP group, in order (blocks of ``vllm_tp`` consecutive ranks)."""
+    if vllm_tp < 1 or world_size < 1 or world_size % vllm_tp:
+        raise ValueError(f"world size {world_size} is not a multiple of the vLLM tensor-parallel size {vllm_tp}")
+    return [list(range(g * vllm_tp, (g + 1) * vllm_tp)) for g in range(world_size // vllm_tp)]
+
+
+def check_vllm_layout(
+    world_size: int,
+    vllm_tp: int,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    num_attention_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    local_world_size: int | None = None,
+) -> None:
+    """Refuse a vLLM layout that cannot work, with the reason; log one that works but wastes GPUs.
+
+    Requirements: ``vllm_tp`` divides the world (vLLM's external launcher tiles the world with
+    blocks of ``vllm_tp`` ranks), divides the attention heads, and either divides or is a multiple
+    of the KV heads (vLLM's sharding rules). The trainer's TP/PP need no particular relation to
+    ``vllm_tp``: each vLLM group generates the shares of the data-parallel replicas whose
+    model-parallel leader (tp 0, pp 0) it contains, so a group without such a leader stays idle
+    (logged), which happens when ``vllm_tp`` < trainer ``tp`` or with PP > 1.
+    """
+    if vllm_tp < 1:
+        raise ValueError(f"the vLLM tensor-parallel size must be >= 1, got {vllm_tp}")
+    if vllm_tp > world_size:
+        raise ValueError(
+            f"vLLM tensor-parallel size {vllm_tp} exceeds the {world_size} torchrun processes: vLLM's external "
+            "launcher places one vLLM worker in each process; launch at least vllm_tp processes or lower it"
+        )
+    if world_size % vllm_tp:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of the vLLM tensor-parallel size {vllm_tp}: vLLM's "
+            "external launcher splits the world into blocks of vllm_tp consecutive ranks"
+        )
+    if num_attention_heads is not None and num_attention_heads % vllm_tp:
+        raise ValueError(f"the model's {num_attention_heads} attention heads are not divisible by vLLM TP {vllm_tp}")
+    if num_kv_heads is not None and num_kv_heads % vllm_tp and vllm_tp % num_kv_heads:
+        raise ValueError(
+            f"the model's {num_kv_heads} KV heads and vLLM TP {vllm_tp}: one must divide the other "
+            "(vLLM shards KV heads, or replicates them when TP exceeds their number)"
+        )
+    if local_world_size and vllm_tp > local_world_size:
+        log.warning("vLLM TP %d spans more than one node (%d processes per node): generation crosses nodes",
+                    vllm_tp, local_world_size)
+    if tp * pp > vllm_tp:
+        log.info("vLLM TP %d < trainer TP x PP %d: only the vLLM groups holding a model-parallel leader "
+                 "generate, the others wait", vllm_tp, tp * pp)
+
+
+def new_request_group(world_size: int, vllm_tp: int, rank: int) -> Any | None:
+    """This rank's gloo process group over its vLLM TP group (None when ``vllm_tp`` is 1).
+
+    Collective: every rank must call it, in the same order as every other ``new_group`` (it
+    creates one group per block). The group carries the small objects with which the ranks of
+    one vLLM group agree on their requests (share plan, request digests), never tensors.
+    """
+    import torch.distributed as dist
+
+    if vllm_tp == 1:
+        return None
+    mine = None
+    for ranks in vllm_tp_groups(world_size, vllm_tp):
+        group = dist.new_group(ranks, backend="gloo")
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def rollout_plan(members: Sequence[tuple[int, bool, Sequence[int]]]) -> list[tuple[int, list[int]]]:
+    """What one vLLM TP group generates, from its members' ``(dp_rank, is_mp_leader, query ids)``
+    in group-rank order: the share of each data-parallel replica whose model-parallel leader is a
+    member, in member order (every replica's share is generated by exactly one group, the one
+    holding its leader). Every member computes the same plan from the same gathered list."""
+    plan: list[tuple[int, list[int]]] = []
+    seen: set[int] = set()
+    for dp_rank, leader, ids in members:
+        if not leader:
+            continue
+        if dp_rank in seen:
+            raise ValueError(f"rollout_plan: two model-parallel leaders claim data-parallel rank {dp_rank}")
+        seen.add(dp_rank)
+        plan.append((int(dp_rank), [int(q) for q in ids]))
+    return plan
+
+
+def gather_rollout_plan(group: Any | None, dp_rank: int, is_mp_leader: bool, ids: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """:func:`rollout_plan` of this rank's vLLM TP group (collective over ``group``; no group: alone)."""
+    me = (int(dp_rank), bool(is_mp_leader), [int(q) for q in ids])
+    if group is None:
+        return rollout_plan([me])
+    import torch.distributed as dist
+
+    members: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(members, me, group=group)
+    return rollout_plan(members)
+
+
+def request_digest(token_prompts: Sequence[dict[str, list[int]]], kwargs_list: Sequence[dict[str, Any]]) -> str:
+    """A short fingerprint of one generate call (prompts and sampling), compared across a vLLM group."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p, kw in zip(token_prompts, kwargs_list):
+        h.update(repr((p["prompt_token_ids"], sorted(kw.items()))).encode())
+    return f"{len(token_prompts)}:{h.hexdigest()[:16]}"
+
+
+def check_same_requests(group: Any | None, digest: str) -> None:
+    """Raise on every rank of ``group`` when its ranks are about to issue different requests.
+
+    vLLM's external launcher requires identical requests on the ranks of one TP group; different
+    ones would hang the group or mix its outputs. Collective over ``group`` (no-op without one)."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    digests: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(digests, digest, group=group)
+    if len(set(digests)) > 1:
+        ranks = dist.get_process_group_ranks(group)
+        raise RuntimeError(
+            "the ranks of one vLLM tensor-parallel group issued different requests "
+            f"({dict(zip(ranks, digests))}, as prompt count:hash); every rank of the group must roll out "
+            "the same questions with the same seeds and retriever results (train.grpo.rollout_share)"
+        )
+
+
 # ----------------------------------------------------------------------------------- engine
 class VLLMEngine:
     """The Engine protocol (engines/base.py) over a colocated vLLM ``LLM`` (external launcher).
 
     Build one on EVERY torchrun rank (vLLM creates its TP groups over the whole world); ranks of
-    one vLLM TP group must pass identical prompts to ``generate``. ``gpu_memory_utilization`` is
-    the share of the whole GPU vLLM may take (weights + KV cache): leave room for training.
+    one vLLM TP group must pass identical prompts to ``generate``: with ``request_group`` (this
+    rank's group from :func:`new_request_group`) every ``generate`` first checks that they do and
+    raises on all of them when they do not. ``gpu_memory_utilization`` is the share of the whole
+    GPU vLLM may take (weights + KV cache): leave room for training.
     """
 
     def __init__(
@@ -376,6 +517,7 @@ class VLLMEngine:
         dtype: str = "bfloat16",
         sleep_level: int = 1,
         bucket_bytes: int = 512 * 1024**2,
+        request_group: Any | None = None,
         **llm_kwargs: Any,
     ) -> None:
         vllm = require_vllm()
@@ -402,7 +544,7 @@ class VLLMEngine:
         config = llm.llm_engine.model_config
         self._setup(llm, vllm.SamplingParams, tokenizer, enable_sleep_mode=enable_sleep_mode, sleep_level=sleep_level,
                     bucket_bytes=bucket_bytes, max_model_len=int(config.max_model_len),
-                    vocab_size=int(config.get_vocab_size()))
+                    vocab_size=int(config.get_vocab_size()), request_group=request_group)
 
     @classmethod
     def from_llm(
@@ -417,6 +559,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         vocab_size: int | None = None,
         tp_rank_size: Callable[[], tuple[int, int]] | None = None,
+        request_group: Any | None = None,
     ) -> VLLMEngine:
         """Wrap an already built ``vllm.LLM`` (or a stand-in with its methods, as the CPU tests do).
 
@@ -429,14 +572,16 @@ class VLLMEngine:
         engine = cls.__new__(cls)
         engine._setup(llm, sampling_params_cls, tokenizer, enable_sleep_mode=enable_sleep_mode,
                       sleep_level=sleep_level, bucket_bytes=bucket_bytes, max_model_len=max_model_len,
-                      vocab_size=vocab_size)
+                      vocab_size=vocab_size, request_group=request_group)
         if tp_rank_size is not None:
             engine._tp_rank_size = tp_rank_size
         return engine
 
     def _setup(self, llm: Any, sampling_params_cls: Callable[..., Any], tokenizer: Any, *, enable_sleep_mode: bool,
-               sleep_level: int, bucket_bytes: int, max_model_len: int | None, vocab_size: int | None) -> None:
+               sleep_level: int, bucket_bytes: int, max_model_len: int | None, vocab_size: int | None,
+               request_group: Any | None = None) -> None:
         self.llm = llm
+        self.request_group = request_group
         self._sampling_params_cls = sampling_params_cls
         self.tokenizer = tokenizer
         self.enable_sleep_mode = enable_sleep_mode
@@ -461,11 +606,12 @@ class VLLMEngine:
                 "VLLMEngine.generate after sleep(level=2) discarded the weights and no load_weights "
                 "since; sync the trainer's weights first (train.runtime.sync_engine_weights)"
             )
-        if not prompts:
-            return []
         token_prompts, kwargs_list = build_requests(
             prompts, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len, counters=self.counters
         )
+        check_same_requests(self.request_group, request_digest(token_prompts, kwargs_list))
+        if not prompts:
+            return []
         self.wake()
         sampling = [self._sampling_params_cls(**kw) for kw in kwargs_list]
         outputs = self.llm.generate(token_prompts, sampling, use_tqdm=False)

@@ -3,17 +3,21 @@
 One step, top to bottom (ARCHITECTURE.md "One GRPO step"):
   1. rank 0 samples candidate query ids from the pool and broadcasts them;
   2. each data-parallel replica rolls out its contiguous share (K trajectories per query) on its
-     model-parallel leader and shares them inside the replica;
+     model-parallel leader (native or hf engine; with vllm, every rank of a vLLM TP block takes
+     part) and shares them inside the replica;
   3. rewards are gathered to rank 0, which computes the signal flags with
      kernels.grpo_advantages, updates the pool and broadcasts the effective batch (dapo repeats
      1-3 while the pool asks for another generation batch);
   4. each replica computes the advantages of its own groups (kernels.grpo_advantages), then the
      effective batch is balanced over the replicas by token count (any size up to B, no group
      dropped, no hang when it is smaller than DP);
-  5. reference log-probs when loss.kl_beta > 0; the Megatron GRPO step (token_logprobs +
-     grpo_loss normalized by the global token count); one optimizer update per rollout batch, so
-     the old log-probs equal the current ones (ratio 1) and are not recomputed;
-  6. the new weights are exported under Hugging Face names into the rollout engine;
+  5. the engine sleeps (vllm: KV cache released); reference log-probs when loss.kl_beta > 0; the
+     Megatron GRPO step (token_logprobs + grpo_loss normalized by the global token count; each
+     group's shared prompt computed once, logits only at loss positions); one optimizer update
+     per rollout batch, so the old log-probs equal the current ones (ratio 1) and are not
+     recomputed;
+  6. the new weights are exported under Hugging Face names into the rollout engine (nothing to
+     do for the native engine, which reads the trainer's tensors), which then wakes;
   7. metrics (JSONL, TensorBoard, one summary line) and an atomic checkpoint every N steps.
 """
 
@@ -82,26 +86,52 @@ def make_pool(cfg: Config, num_queries: int) -> RecyclingPool:
 
 
 def rollout_share(rt: rtm.Runtime, examples: list, ids: torch.Tensor, step: int, gen_batch: int) -> list:
-    """This replica's rollouts for its share of ``ids`` (K per query, grouped, in id order)."""
+    """This replica's rollouts for its share of ``ids`` (K per query, grouped, in id order).
+
+    ``hf``: the replica's model-parallel leader generates and shares the result in the replica.
+    ``vllm`` (external launcher, an engine on every rank): the ranks of one vLLM TP group agree
+    on a plan (the shares of the replicas whose leader is a member, :func:`engines.vllm.rollout_plan`),
+    all of them roll it out with identical requests, and each leader keeps its replica's part
+    before sharing it in its replica as above.
+    """
     from megatron_recycle.agent.rollout import rollout
     from megatron_recycle.engines.base import SamplingParams
 
     cfg = rt.cfg
     ro = cfg.rollout
+
+    def generate(qids: list[int], dp_rank: int) -> list:
+        if not qids:
+            return []
+        if rt.retriever is None:  # vLLM: ranks other than the leaders take part in generation too
+            rt.retriever = rtm.build_retriever_from_config(cfg)
+        questions = [(q, examples[q].question, list(examples[q].golden_answers)) for q in qids]
+        # Seeds depend on (run seed, step, generation batch, replica) only: a resumed run
+        # draws exactly the samples the uninterrupted run drew.
+        seed = (cfg.run.seed * 1_000_003 + step * 1009 + gen_batch * 31 + dp_rank) % (2**31)
+        params = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, seed=seed)
+        return list(rollout(
+            rt.engine, rt.retriever, questions, ro.group_size, params, ro.max_turns, ro.max_total_tokens,
+            cfg.retriever.topk, reward_metric=ro.reward, max_passage_words=cfg.retriever.max_passage_words,
+        ))
+
+    mine = [int(q) for q in ids.tolist()]
     trajectories = None
-    if rt.is_mp_leader:
-        if ids.numel() == 0:
-            trajectories = []
-        else:
-            questions = [(int(q), examples[int(q)].question, list(examples[int(q)].golden_answers)) for q in ids]
-            # Seeds depend on (run seed, step, generation batch, replica) only: a resumed run
-            # draws exactly the samples the uninterrupted run drew.
-            seed = (cfg.run.seed * 1_000_003 + step * 1009 + gen_batch * 31 + rt.layout.dp_rank) % (2**31)
-            params = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, seed=seed)
-            trajectories = list(rollout(
-                rt.engine, rt.retriever, questions, ro.group_size, params, ro.max_turns, ro.max_total_tokens,
-                cfg.retriever.topk, reward_metric=ro.reward, max_passage_words=cfg.retriever.max_passage_words,
-            ))
+    if ro.engine == "vllm" and rt.engine is not None:
+        from megatron_recycle.engines.vllm import gather_rollout_plan
+
+        plan = gather_rollout_plan(getattr(rt.engine, "request_group", None), rt.layout.dp_rank, rt.is_mp_leader, mine)
+        # One rollout over the whole plan (one vLLM batch); seeded like its first replica's share.
+        everything = generate([q for _, share in plan for q in share], plan[0][0] if plan else 0)
+        if rt.is_mp_leader:
+            offset = 0
+            for dp_rank, share in plan:
+                n = len(share) * ro.group_size
+                if dp_rank == rt.layout.dp_rank:
+                    trajectories = everything[offset:offset + n]
+                offset += n
+    elif rt.is_mp_leader:
+        trajectories = generate(mine, rt.layout.dp_rank)
     return rtm.broadcast_from_mp_leader(trajectories)
 
 
@@ -207,8 +237,9 @@ def _batch_from_groups(groups: list[list[dict]], rt: rtm.Runtime):
     masks = [list(t["loss_mask"]) for t in trajs]
     for m in masks:
         m[0] = 0  # nothing predicts the first token
+    group_ids = [g for g, group in enumerate(groups) for _ in group]  # group packing shares each group's prompt
     return build_batch([t["token_ids"] for t in trajs], masks, advantages=[t["advantage"] for t in trajs],
-                       pad_token_id=pad, pad_rows_to_multiple_of=mbs)
+                       pad_token_id=pad, pad_rows_to_multiple_of=mbs, group_ids=group_ids)
 
 
 def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) -> dict[str, Any]:
@@ -280,13 +311,17 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             train_metrics: dict[str, Any] = {}
             t_ref = 0.0
             if n_eff > 0:
+                if rt.engine is not None:  # rollouts done: release the engine's KV cache (and weights) for training
+                    rt.engine.sleep()
                 batch = _batch_from_groups(groups, rt)
                 if ref_chunks is not None:
                     tr = time.perf_counter()
-                    batch = batch.replace(ref_logprobs=compute_logprobs(ref_chunks, batch, cfg.optim.micro_batch_size))
+                    batch = batch.replace(ref_logprobs=compute_logprobs(
+                        ref_chunks, batch, cfg.optim.micro_batch_size, pack_groups=cfg.optim.pack_groups,
+                        only_loss_positions=True))
                     t_ref = time.perf_counter() - tr
                 train_metrics = grpo_train_step(rt.chunks, rt.optimizer, rt.scheduler, batch,
-                                                cfg.optim.micro_batch_size, loss_cfg)
+                                                cfg.optim.micro_batch_size, loss_cfg, pack_groups=cfg.optim.pack_groups)
                 if not (math.isfinite(train_metrics["loss"]) and math.isfinite(train_metrics.get("grad_norm", 0.0))):
                     raise TrainingDiverged(
                         f"step {step}: loss={train_metrics['loss']} grad_norm={train_metrics.get('grad_norm')}; "
@@ -295,7 +330,9 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                     )
             t2 = time.perf_counter()
             if n_eff > 0:
-                rtm.sync_engine_weights(rt)
+                rtm.sync_engine_weights(rt)  # load_weights maps the engine's weights back first (vLLM sleep levels 1 and 2)
+                if rt.engine is not None:  # then the KV cache, before the next rollouts
+                    rt.engine.wake()
             t3 = time.perf_counter()
             s = pool.stats() if pool is not None else {}
             rollouts_done += info["rollouts"]

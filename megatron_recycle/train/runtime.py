@@ -30,7 +30,7 @@ class Runtime:
     chunks: list  # Megatron DDP-wrapped model chunks
     optimizer: Any
     scheduler: Any
-    engine: Any | None  # rollout engine on the model-parallel leader of each DP replica, else None
+    engine: Any | None  # rollout engine: on every rank for vllm, else on each replica's model-parallel leader
     model_path: str
     retriever: Any | None = None  # on the model-parallel leaders, set by the loop that needs one
 
@@ -103,28 +103,50 @@ def build_retriever_from_config(cfg: Config):
     return build_retriever("bm25", corpus=corpus, cache_dir=r.cache_dir)
 
 
-def build_engine(cfg: Config, model_path: str, tokenizer: Any):
-    """The rollout engine for this rank (only the model-parallel leaders call it).
+def engine_kind(cfg: Config) -> str:
+    """rollout.engine with ``auto`` resolved: native when the model is whole in each process
+    (tp = pp = 1), else hf."""
+    kind = cfg.rollout.engine
+    if kind == "auto":
+        kind = "native" if cfg.model.tp == 1 and cfg.model.pp == 1 else "hf"
+    return kind
 
-    ``hf``: a transformers copy of the policy on this device. ``vllm`` (GPU only): vLLM in this
-    process, its own TP size; it has never run in this project's tests (issue #7) and only one
-    data-parallel replica per vLLM TP group is supported so far.
+
+def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | None = None, hf_config: Any = None):
+    """The rollout engine for this rank (setup_runtime says which ranks build one).
+
+    ``native`` (given the trainer's ``chunks`` and ``hf_config``): decodes with the trainer's own
+    Megatron tensors, nothing copied or synced. Without chunks (evaluating a saved folder) the
+    native/auto choice falls back to hf.
+    ``hf``: a transformers copy of the policy on this device (model-parallel leaders only).
+    ``vllm`` (GPU only): vLLM in this process in external-launcher mode, with its own TP size.
+    Collective: EVERY rank of the world calls it together (vLLM and the request groups create
+    process groups over the whole world). Never run on a GPU in this project (issue #7).
     """
     from megatron_recycle.model.hf_loading import load_hf_model, resolve_model_folder
 
     if cfg.rollout.engine == "vllm":
-        from megatron_recycle.engines.vllm import VLLMEngine, require_vllm
+        from megatron_recycle.engines.vllm import VLLMEngine, new_request_group, require_vllm
 
         try:
             require_vllm()
         except ImportError as e:
             raise ConfigError(f"rollout.engine=vllm: {e}") from None
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        group = new_request_group(world, cfg.rollout.vllm_tp, rank)  # collective, before vLLM's own groups
+        # The same seed on every rank (vLLM's external-launcher rule); requests carry their own seeds.
         return VLLMEngine(
             str(resolve_model_folder(model_path, cache_dir=cfg.model.cache_dir)), tokenizer,
             tensor_parallel_size=cfg.rollout.vllm_tp,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-            seed=cfg.run.seed, max_model_len=cfg.rollout.max_total_tokens,
+            seed=cfg.run.seed, max_model_len=cfg.rollout.max_total_tokens, request_group=group,
         )
+    if engine_kind(cfg) == "native" and chunks is not None:
+        from megatron_recycle.engines.native import NativeEngine
+
+        if len(chunks) != 1:
+            raise ConfigError(f"rollout.engine=native needs one model chunk (no virtual pipeline), got {len(chunks)}")
+        return NativeEngine(chunks[0], hf_config, tokenizer, max_batch_size=cfg.rollout.batch_size)
     from megatron_recycle.engines.hf import HFEngine
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -167,15 +189,35 @@ def setup_runtime(
         min_lr=o.min_lr, lr_decay_style=o.lr_schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
     )
     engine = None
-    if with_engine and layout.tp_rank == 0 and layout.pp_rank == 0:
+    if with_engine and cfg.rollout.engine == "vllm":
+        # vLLM's external launcher: every rank builds an engine, after checking the layout.
+        from megatron_recycle.engines.vllm import check_vllm_layout
+
+        try:
+            check_vllm_layout(
+                layout.world_size, cfg.rollout.vllm_tp, tp=m.tp, pp=m.pp,
+                num_attention_heads=getattr(hf_config, "num_attention_heads", None),
+                num_kv_heads=getattr(hf_config, "num_key_value_heads", None),
+                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None,
+            )
+        except ValueError as e:
+            raise ConfigError(f"rollout.vllm_tp={cfg.rollout.vllm_tp} (world {layout.world_size}): {e}") from None
         engine = build_engine(cfg, model_path, tokenizer)
+    elif with_engine and layout.tp_rank == 0 and layout.pp_rank == 0:
+        engine = build_engine(cfg, model_path, tokenizer, chunks=chunks, hf_config=hf_config)
     return Runtime(cfg, layout, hf_config, tokenizer, chunks, optimizer, scheduler, engine, str(model_path))
 
 
 def sync_engine_weights(rt: Runtime) -> int:
-    """Export the Megatron weights under Hugging Face names into the rollout engine (collective)."""
+    """Export the Megatron weights under Hugging Face names into the rollout engine (collective).
+
+    The export yields every full tensor on every rank; each rank that holds an engine loads the
+    whole stream (vLLM's loaders keep this rank's vLLM TP shard), the others only drain it.
+    """
     from megatron_recycle.model.convert import export_hf_state_dict
 
+    if getattr(rt.engine, "shares_trainer_weights", False):
+        return 0  # the native engine reads the trainer's tensors (tp = pp = 1: no collective to join)
     stream = export_hf_state_dict(rt.chunks, rt.hf_config)
     if rt.engine is None:
         n = sum(1 for _ in stream)  # every rank takes part in the gathers

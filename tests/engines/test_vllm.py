@@ -543,3 +543,68 @@ def test_vllm_end_to_end_matches_hf_engine(tmp_path, monkeypatch):
     engine.sleep()
     assert torch.cuda.mem_get_info()[0] > free_awake
     same(engine.generate(prompts, greedy), hf_new.generate(prompts, greedy))
+
+
+# ------------------------------------------------------------- external-launcher layout (issue #7)
+def test_vllm_tp_groups_are_blocks_of_consecutive_ranks():
+    assert V.vllm_tp_groups(4, 2) == [[0, 1], [2, 3]]
+    assert V.vllm_tp_groups(3, 1) == [[0], [1], [2]]
+    assert V.vllm_tp_groups(8, 8) == [list(range(8))]
+    with pytest.raises(ValueError, match="not a multiple"):
+        V.vllm_tp_groups(6, 4)
+
+
+@pytest.mark.parametrize(
+    "world, vtp, kw, message",
+    [
+        (2, 4, {}, "exceeds the 2 torchrun processes"),
+        (6, 4, {}, "not a multiple of the vLLM tensor-parallel size 4"),
+        (4, 0, {}, "must be >= 1"),
+        (4, 4, {"num_attention_heads": 6}, "6 attention heads are not divisible"),
+        (6, 3, {"num_attention_heads": 9, "num_kv_heads": 2}, "2 KV heads and vLLM TP 3"),
+    ],
+)
+def test_check_vllm_layout_refuses_impossible_layouts(world, vtp, kw, message):
+    with pytest.raises(ValueError, match=message):
+        V.check_vllm_layout(world, vtp, **kw)
+
+
+@pytest.mark.parametrize("world, vtp, tp, pp", [(1, 1, 1, 1), (2, 2, 1, 1), (4, 2, 2, 1), (4, 1, 2, 2), (8, 4, 1, 2),
+                                                (4, 4, 4, 1)])
+def test_check_vllm_layout_accepts_any_trainer_layout_that_tiles(world, vtp, tp, pp):
+    V.check_vllm_layout(world, vtp, tp=tp, pp=pp, num_attention_heads=8, num_kv_heads=2, local_world_size=4)
+
+
+def test_rollout_plan_gives_each_replica_to_the_group_of_its_leader():
+    # members in group-rank order: (dp_rank, is_mp_leader, ids)
+    assert V.rollout_plan([(0, True, [3, 7]), (1, True, [11])]) == [(0, [3, 7]), (1, [11])]
+    assert V.rollout_plan([(0, True, [3]), (0, False, [3])]) == [(0, [3])]  # trainer TP peer: no second copy
+    assert V.rollout_plan([(0, False, [3]), (1, False, [4])]) == []  # no leader in the group: it idles
+    assert V.rollout_plan([(1, True, [])]) == [(1, [])]
+    with pytest.raises(ValueError, match="two model-parallel leaders"):
+        V.rollout_plan([(0, True, [1]), (0, True, [1])])
+    assert V.gather_rollout_plan(None, 2, True, [5, 6]) == [(2, [5, 6])]  # vllm_tp 1: no group, alone
+
+
+def test_request_digest_sees_prompts_and_sampling():
+    p, kw = V.build_requests([[1, 2], [3]], SamplingParams(temperature=1.0, seed=5, stop=("</search>",)))
+    d = V.request_digest(p, kw)
+    assert d.startswith("2:") and d == V.request_digest(*V.build_requests([[1, 2], [3]], SamplingParams(
+        temperature=1.0, seed=5, stop=("</search>",))))
+    assert d != V.request_digest(*V.build_requests([[1, 2], [4]], SamplingParams(temperature=1.0, seed=5,
+                                                                                stop=("</search>",))))
+    assert d != V.request_digest(*V.build_requests([[1, 2], [3]], SamplingParams(temperature=1.0, seed=6,
+                                                                                stop=("</search>",))))
+    V.check_same_requests(None, d)  # no group (vllm_tp 1): nothing to compare
+
+
+def test_config_refuses_a_vllm_tp_that_does_not_divide_the_world(monkeypatch):
+    from megatron_recycle.config import ConfigError, load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ConfigError, match=r"rollout.vllm_tp=4: must divide the number of torchrun processes \(WORLD_SIZE=6\)"):
+        load_config(None, ["rollout.engine=vllm", "rollout.vllm_tp=4"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="rollout.vllm_tp=4: must divide"):
+        load_config(None, ["rollout.engine=vllm", "rollout.vllm_tp=4"])
+    load_config(None, ["rollout.engine=hf", "rollout.vllm_tp=4"])  # only checked for the vllm engine
