@@ -151,10 +151,21 @@ class NativeEngine(DecodingBase):
         """No-op, see sleep()."""
 
     # --------------------------------------------------------------------------- pieces
+    @staticmethod
+    def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w.T (+ b). For the few rows of a decode step, ``w @ x.T`` is the faster GEMM shape on
+        CPU BLAS (measured 1.5-1.7x on 2 cores for [16 x 576] inputs); the same products either way."""
+        rows = x.numel() // x.shape[-1]
+        if rows > 64 or x.device.type != "cpu":
+            return F.linear(x, w, b)
+        out = torch.mm(w, x.reshape(rows, x.shape[-1]).t()).t()
+        if b is not None:
+            out = out + b
+        return out.reshape(*x.shape[:-1], w.shape[0])
+
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * w.float()).to(x.dtype) if x.dtype != torch.float32 else xf * w
+        # torch's fused RMSNorm: the op Megatron's local spec runs (torch.nn.RMSNorm), one kernel
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
     def _rope_tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_cache is None or self._rope_cache[0] < length or self._rope_cache[1].dtype != dtype:
@@ -176,7 +187,7 @@ class NativeEngine(DecodingBase):
         b, t, _ = x.shape
         per = self.n_heads // self.n_groups
         a = self._rms(x, layer.ln_attn)
-        qkv = F.linear(a, layer.qkv_w, layer.qkv_b).view(b, t, self.n_groups, per + 2, self.head_dim)
+        qkv = self._linear(a, layer.qkv_w, layer.qkv_b).view(b, t, self.n_groups, per + 2, self.head_dim)
         q = qkv[:, :, :, :per].reshape(b, t, self.n_heads, self.head_dim)
         k = qkv[:, :, :, per]
         v = qkv[:, :, :, per + 1]
@@ -190,9 +201,9 @@ class NativeEngine(DecodingBase):
 
     def _finish_layer(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = attn.shape
-        x = x + F.linear(attn.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), layer.proj_w)
-        gate, up = F.linear(self._rms(x, layer.ln_mlp), layer.fc1_w).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer.fc2_w)
+        x = x + self._linear(attn.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), layer.proj_w)
+        gate, up = self._linear(self._rms(x, layer.ln_mlp), layer.fc1_w).chunk(2, dim=-1)
+        return x + self._linear(F.silu(gate) * up, layer.fc2_w)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 causal: bool) -> torch.Tensor:
@@ -253,7 +264,7 @@ class NativeEngine(DecodingBase):
             ucache[li, 1, :, :, :width] = v
             x = self._finish_layer(layer, x, self._attend(q, k, v, None, causal=True))
         last = x[torch.arange(len(uprompts), device=dev), ulens - 1]
-        logits = F.linear(self._rms(last, w["final_norm"]), w["output"]).float()
+        logits = self._linear(self._rms(last, w["final_norm"]), w["output"]).float()
         src = torch.tensor(source, device=dev)
         cache = ucache.index_select(2, src) if len(uprompts) != len(prompts) or source != sorted(source) else ucache
         del ucache
@@ -299,10 +310,17 @@ class NativeEngine(DecodingBase):
         cos, sin = cos_t[pos][:, None, None, :], sin_t[pos][:, None, None, :]
         mask = (torch.arange(span, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
         rows = torch.arange(b, device=pos.device)
+        scale = self.head_dim ** -0.5
         for li, layer in enumerate(w["layers"]):
             q, k, v = self._qkv(layer, x, cos, sin)
             cache[li, 0, rows, :, pos] = k[:, :, 0]
             cache[li, 1, rows, :, pos] = v[:, :, 0]
-            attn = self._attend(q, cache[li, 0, :, :, :span], cache[li, 1, :, :, :span], mask, causal=False)
-            x = self._finish_layer(layer, x, attn)
-        return F.linear(self._rms(x[:, 0], w["final_norm"]), w["output"]).float()
+            # One query per head: a group's heads are its queries against the group's keys, so
+            # grouped-query attention needs no copy of the cache (q heads are group-major).
+            qg = q.reshape(b, self.n_groups, self.n_heads // self.n_groups, self.head_dim)
+            # plain matmul-softmax-matmul: for one query per head this beats the flash kernel's set-up
+            scores = torch.matmul(qg, cache[li, 0, :, :, :span].transpose(-1, -2)) * scale
+            probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
+            attn = torch.matmul(probs, cache[li, 1, :, :, :span])
+            x = self._finish_layer(layer, x, attn.reshape(b, self.n_heads, 1, self.head_dim))
+        return self._linear(self._rms(x[:, 0], w["final_norm"]), w["output"]).float()
