@@ -167,7 +167,10 @@ def layer_spec_for(hf_config: Any, layer_spec: str = "auto") -> Any:
     name = resolve_layer_spec_name(layer_spec)
     if name == "te":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=has_qk_norm(hf_config))
-    return get_gpt_layer_local_spec(qk_layernorm=has_qk_norm(hf_config), normalization="RMSNorm")
+    from megatron_recycle.model.attention import use_sdpa_core_attention
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=has_qk_norm(hf_config), normalization="RMSNorm")
+    return use_sdpa_core_attention(spec)
 
 
 def build_gpt_model(

@@ -436,14 +436,20 @@ def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int, metrics) -> None:
     from megatron_recycle.evaluate import evaluate
 
     cfg = rt.cfg
-    if rt.is_rank0:
+    # vLLM (external launcher): every rank of rank 0's vLLM TP block must issue the same requests.
+    block = cfg.rollout.vllm_tp if rtm.engine_kind(cfg) == "vllm" else 1
+    if rt.layout.rank < block:
+        if rt.retriever is None:
+            rt.retriever = rtm.build_retriever_from_config(cfg)
         examples = rtm.read_examples(dev_path, cfg, cfg.eval.max_examples)
         res = evaluate(rt.engine, rt.retriever, examples, n_samples=cfg.eval.n_samples,
                        temperature=cfg.eval.temperature, max_turns=cfg.rollout.max_turns,
                        max_total_tokens=cfg.rollout.max_total_tokens, topk=cfg.retriever.topk,
                        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.rollout.max_new_tokens,
-                       max_passage_words=cfg.retriever.max_passage_words, progress=False)
-        metrics.log(step, {"step": step, **{f"eval/dev_{k}": v for k, v in res["overall"].items()}})
-        print(f"[eval] step {step} dev Pass@1 {res['overall']['pass@1']:.3f}", flush=True)
+                       max_passage_words=cfg.retriever.max_passage_words, progress=False,
+                       seed=cfg.run.seed + step)
+        if rt.is_rank0:
+            metrics.log(step, {"step": step, **{f"eval/dev_{k}": v for k, v in res["overall"].items()}})
+            print(f"[eval] step {step} dev Pass@1 {res['overall']['pass@1']:.3f}", flush=True)
     if dist.is_initialized():
         dist.barrier()

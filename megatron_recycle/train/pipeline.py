@@ -7,6 +7,7 @@ Every phase writes into the run directory; the report is also saved as report.js
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import time
@@ -29,6 +30,11 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     paths = rtm.data_paths(cfg)
     examples = rtm.read_examples(paths[split], cfg, cfg.eval.max_examples)
     print(f"[eval] {label}: {len(examples)} {split} questions, model {model_path}", flush=True)
+    if rtm.engine_kind(cfg) == "vllm" and dist.is_initialized() and dist.get_world_size() > 1:
+        # A vLLM engine in external-launcher mode needs every rank of its block; rank 0 alone uses hf.
+        print("[eval] rollout.engine=vllm: evaluating with the hf engine on rank 0 (vLLM needs every rank "
+              "of its block)", flush=True)
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine="hf"))
     engine = rtm.build_engine(cfg, model_path, load_tokenizer(model_path, cache_dir=cfg.model.cache_dir))
     retriever = rtm.build_retriever_from_config(cfg)
     res = evaluate(engine, retriever, examples, n_samples=cfg.eval.n_samples, temperature=cfg.eval.temperature,
