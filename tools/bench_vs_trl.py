@@ -202,6 +202,7 @@ class OurSide:
         prompts = [p for p in self.prompt_ids for _ in range(self.group)]
         gens = self.engine.generate(prompts, SamplingParams(
             temperature=1.0, max_new_tokens=self.max_new, seed=self.seed * 1000 + self.step_index * 100))
+        self.engine.sleep()  # as the trainer does before its training phase (native: drops the prefix store)
         t1 = time.perf_counter()
         completions = [g.token_ids for g in gens]
         rewards = group_rewards(completions, self.group, self.seed, self.step_index)

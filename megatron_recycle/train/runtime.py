@@ -217,7 +217,10 @@ def sync_engine_weights(rt: Runtime) -> int:
     from megatron_recycle.model.convert import export_hf_state_dict
 
     if getattr(rt.engine, "shares_trainer_weights", False):
-        return 0  # the native engine reads the trainer's tensors (tp = pp = 1: no collective to join)
+        # The native engine reads the trainer's tensors (tp = pp = 1: no collective to join);
+        # only its stored keys/values of earlier contexts are stale now.
+        rt.engine.clear_prefix_cache()
+        return 0
     stream = export_hf_state_dict(rt.chunks, rt.hf_config)
     if rt.engine is None:
         n = sum(1 for _ in stream)  # every rank takes part in the gathers

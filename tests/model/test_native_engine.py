@@ -122,3 +122,33 @@ def test_bad_requests_are_clear_errors(world1, tiny):
                            decoder=object())
     with pytest.raises(ValueError, match="tp=2 pp=1; use rollout.engine=hf"):
         NativeEngine(fake, tiny.tiny_config("llama", True), CharTokenizer())
+
+
+def test_prefix_store_reuses_the_previous_turn_and_gives_the_same_result(world1, tiny):
+    """A second turn (the previous context + new tokens) prefills only the new tokens and
+    generates exactly what an engine without the store generates; stale entries are dropped."""
+    hf_engine, cached, model = _pair(tiny, "qwen3", False)
+    plain = NativeEngine(model, hf_engine.model.config, CharTokenizer(), prefix_cache=False)
+    prompts = _prompts(n_groups=2, k=3, seed=8)
+    params = SamplingParams(temperature=2.0, max_new_tokens=5, seed=3)
+    first = cached.generate(prompts, params)
+    _same(first, plain.generate(prompts, params))
+    assert cached.reused_tokens == 0
+    # turn 2: each context plus an "information block"; one prompt with no history at all
+    extra = [[7, 8, 9], [10, 11], [12], [13, 14, 15, 16], [17], [18, 19]]
+    second = [p + g.token_ids + e for p, g, e in zip(prompts, first, extra)] + [[20, 21, 22]]
+    params2 = SamplingParams(temperature=2.0, max_new_tokens=6, seed=4)
+    a, b = cached.generate(second, params2), plain.generate(second, params2)
+    _same(a, b)
+    expected = sum(len(p) + len(g.token_ids) - 1 for p, g in zip(prompts, first))
+    assert cached.reused_tokens == expected
+    _same(a, hf_engine.generate(second, params2))  # and the ground truth agrees
+    # a weight update in place (an optimizer step) makes the stored keys/values stale
+    third = [p + g.token_ids + [5] for p, g in zip(second, a)]
+    with torch.no_grad():
+        model.decoder.final_layernorm.weight.mul_(1.5)
+    before = cached.reused_tokens
+    _same(cached.generate(third, params2), plain.generate(third, params2))
+    assert cached.reused_tokens == before
+    cached.sleep()  # the trainer's phase: nothing kept
+    assert cached._store == {}
