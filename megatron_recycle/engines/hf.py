@@ -113,8 +113,11 @@ class DecodingBase:
         greedy = temperature <= 0
         scale = torch.where(greedy, torch.ones_like(temperature), temperature)
         logp = torch.log_softmax(logits / scale[:, None], dim=-1)
-        tokens = logits.argmax(dim=-1)
         sample_rows = (~greedy).nonzero().flatten().tolist()
+        if len(sample_rows) < logits.shape[0]:
+            tokens = logits.argmax(dim=-1)
+        else:  # every row samples: no argmax pass over the vocabulary
+            tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         if sample_rows:
             probs = logp[sample_rows].exp()
             sub_top_p = top_p[sample_rows]
@@ -134,7 +137,8 @@ class DecodingBase:
             picked = picked.clamp(max=probs.shape[-1] - 1)
             # rounding can land past the last token with mass: take the likeliest token then
             zero = probs.gather(-1, picked[:, None]).squeeze(-1) <= 0
-            picked = torch.where(zero, probs.argmax(-1), picked)
+            if bool(zero.any()):
+                picked = torch.where(zero, probs.argmax(-1), picked)
             tokens[sample_rows] = picked
         chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, chosen

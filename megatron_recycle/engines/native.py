@@ -199,15 +199,21 @@ class NativeEngine(DecodingBase):
         per = self.n_heads // self.n_groups
         a = self._rms(x, layer.ln_attn)
         qkv = self._linear(a, layer.qkv_w, layer.qkv_b).view(b, t, self.n_groups, per + 2, self.head_dim)
-        q = qkv[:, :, :, :per].reshape(b, t, self.n_heads, self.head_dim)
-        k = qkv[:, :, :, per]
         v = qkv[:, :, :, per + 1]
-        if layer.q_norm is not None:
-            q = self._rms(q, layer.q_norm)
-        if layer.k_norm is not None:
-            k = self._rms(k, layer.k_norm)
-        q = self._rotate(q, cos, sin)
-        k = self._rotate(k, cos, sin)
+        if layer.q_norm is None and layer.k_norm is None:
+            # q and k side by side in each group's block: one RoPE pass for both
+            qk = self._rotate(qkv[:, :, :, : per + 1], cos.unsqueeze(-2), sin.unsqueeze(-2))
+            q = qk[:, :, :, :per].reshape(b, t, self.n_heads, self.head_dim)
+            k = qk[:, :, :, per]
+        else:
+            q = qkv[:, :, :, :per].reshape(b, t, self.n_heads, self.head_dim)
+            k = qkv[:, :, :, per]
+            if layer.q_norm is not None:
+                q = self._rms(q, layer.q_norm)
+            if layer.k_norm is not None:
+                k = self._rms(k, layer.k_norm)
+            q = self._rotate(q, cos, sin)
+            k = self._rotate(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _finish_layer(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -317,8 +323,11 @@ class NativeEngine(DecodingBase):
             # logits are aligned with batch_rows; choose only for the live ones
             live_idx = live.nonzero().flatten()
             chosen_rows = [batch_rows[b] for b in live_idx.tolist()]
-            tokens_live, logprobs = self._choose(logits.index_select(0, live_idx), [rows[a] for a in chosen_rows],
-                                                 temperature[chosen_rows], top_p[chosen_rows])
+            if len(chosen_rows) == len(rows):  # nobody finished yet: no gathers
+                tokens_live, logprobs = self._choose(logits, rows, temperature, top_p)
+            else:
+                tokens_live, logprobs = self._choose(logits.index_select(0, live_idx), [rows[a] for a in chosen_rows],
+                                                     temperature[chosen_rows], top_p[chosen_rows])
             for b, a, tok, lp in zip(live_idx.tolist(), chosen_rows, tokens_live.tolist(), logprobs.tolist()):
                 if not self._advance(rows[a], tok, lp):
                     live[b] = False
