@@ -147,3 +147,26 @@ def test_logits_only_at_loss_positions(world1, tiny):
     # an all-masked micro-batch still selects one position (shapes stay valid)
     empty = build_batch([[5, 6, 7]], [[0, 0, 0]], advantages=[0.0])
     assert _selection_for(empty, None).flat.numel() == 1
+
+
+def test_sdpa_core_attention_equals_megatrons_own(world1, tiny):
+    """The local spec's core attention is SDPADotProductAttention, and its fast path gives
+    Megatron's DotProductAttention result (causal and with a tree mask)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_recycle.model.attention import SDPADotProductAttention
+
+    chunks = build_model_chunks(tiny.tiny_config("llama", True), layer_spec="local")
+    core = chunks[0].decoder.layers[0].self_attention.core_attention
+    assert type(core) is SDPADotProductAttention
+    g = torch.Generator().manual_seed(0)
+    s, b, heads, groups, hn = 7, 2, 4, 2, 16
+    q = torch.randn(s, b, heads, hn, generator=g)
+    k = torch.randn(s, b, groups, hn, generator=g)
+    v = torch.randn(s, b, groups, hn, generator=g)
+    seq = torch.tensor([[0, 0, 0, 1, 1, 2, 2]] * b)  # a prefix and two suffixes
+    allowed = torch.ones(s, s, dtype=torch.bool).tril() & ((seq[:, :, None] == seq[:, None, :]) | (seq[:, None, :] == 0))
+    for mask in (None, ~allowed[:, None]):
+        fast = core(q, k, v, mask)
+        slow = DotProductAttention.forward(core, q, k, v, mask)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
