@@ -103,7 +103,6 @@ class NativeEngine(DecodingBase):
         self.eps = float(hf_config.rms_norm_eps)
         self.rope_theta = _rope_theta(hf_config)
         self.eos_token_ids = _eos_token_ids(self.model, tokenizer)
-        self.weights_version = 0
         self._seed_source = random.Random()
         w = self._weights()
         self.vocab_size = int(w["embedding"].shape[0])
@@ -111,7 +110,6 @@ class NativeEngine(DecodingBase):
         self._rope_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.prefix_cache = prefix_cache
         self._store: dict[tuple[int, ...], torch.Tensor] = {}
-        self._store_chunks: list[dict] = []
         self._store_fingerprint: int | None = None
         self.reused_tokens = 0  # prompt tokens whose keys/values came from the prefix store
 
@@ -244,19 +242,21 @@ class NativeEngine(DecodingBase):
             self.clear_prefix_cache()  # the weights changed in place: stored keys/values are stale
         results: list[Generation | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        self._store_chunks = []
+        store: dict[tuple[int, ...], torch.Tensor] = {}  # this call's contexts, filled by every batch
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start : start + self.max_batch_size]
-            for i, gen in zip(chunk, self._generate_batch([prompts[i] for i in chunk], [params_list[i] for i in chunk])):
+            gens = self._generate_batch([prompts[i] for i in chunk], [params_list[i] for i in chunk], store)
+            for i, gen in zip(chunk, gens):
                 results[i] = gen
         # Only this call's contexts are kept: the next turn of a rollout extends them.
-        self._store = {k: v for chunk_store in self._store_chunks for k, v in chunk_store.items()}
-        self._store_chunks = []
+        self._store = store
         self._store_fingerprint = self._fingerprint() if self._store else None
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[Sequence[int]], params: list[SamplingParams]) -> list[Generation]:
+    def _generate_batch(self, prompts: list[Sequence[int]], params: list[SamplingParams],
+                        store: dict[tuple[int, ...], torch.Tensor]) -> list[Generation]:
+        """Generate one batch; the finished contexts' keys/values go into ``store``."""
         w = self._weights()
         dtype = w["embedding"].dtype
         dev = self.device
@@ -312,7 +312,6 @@ class NativeEngine(DecodingBase):
         del ucache
         logits = logits.index_select(0, src)
         pos = ulens.index_select(0, src)  # where each row's next token goes
-        store: dict[tuple[int, ...], torch.Tensor] = {}
 
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
@@ -338,7 +337,7 @@ class NativeEngine(DecodingBase):
             tokens[live_idx] = tokens_live
             n_dead = len(batch_rows) - len(active)
             if n_dead and n_dead >= max(1, int(self.compact_fraction * len(batch_rows))):
-                self._keep_contexts(store, cache, pos, batch_rows, live, prompts, rows)
+                self._keep_contexts(store, cache, batch_rows, live, prompts, rows)
                 keep = live.nonzero().flatten()
                 cache = cache.index_select(2, keep)
                 pos, tokens = pos[keep], tokens[keep]
@@ -346,12 +345,11 @@ class NativeEngine(DecodingBase):
                 live = torch.ones(len(batch_rows), dtype=torch.bool, device=dev)
             logits = self._decode_step(w, cache, tokens, pos, cos_t, sin_t)
             pos = pos + 1
-        self._keep_contexts(store, cache, pos, batch_rows, torch.zeros_like(live), prompts, rows)
-        self._store_chunks.append(store)
+        self._keep_contexts(store, cache, batch_rows, torch.zeros_like(live), prompts, rows)
         return [Generation(r.new_ids, r.finish_reason or "length", r.stop_str, r.logprobs) for r in rows]
 
     # ---------------------------------------------------------------------- prefix store
-    def _keep_contexts(self, store: dict, cache: torch.Tensor, pos: torch.Tensor, batch_rows: list[int],
+    def _keep_contexts(self, store: dict, cache: torch.Tensor, batch_rows: list[int],
                        live: torch.Tensor, prompts: list[Sequence[int]], rows: list) -> None:
         """Copy the keys/values of the rows that finished (live False) into ``store``, keyed by
         their whole context (prompt + new tokens). Valid entries: every token but the last
@@ -379,7 +377,6 @@ class NativeEngine(DecodingBase):
     def clear_prefix_cache(self) -> None:
         """Forget every stored context (called when the weights change and by sleep())."""
         self._store = {}
-        self._store_chunks = []
 
     def _decode_step(self, w: dict[str, Any], cache: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
                      cos_t: torch.Tensor, sin_t: torch.Tensor) -> torch.Tensor:

@@ -230,7 +230,9 @@ class PackedRows:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
     gather_index: torch.Tensor
-    saved_tokens: int  # tokens of the padded layout not computed any more (prefix reuse + padding)
+    # padded-layout positions not computed any more (prefix reuse + padding); negative when a
+    # micro-batch mixes one long group with short rows, which are then padded to its width
+    saved_tokens: int
 
     def to(self, device: torch.device) -> PackedRows:
         return PackedRows(self.tokens.to(device), self.targets.to(device), self.position_ids.to(device),
