@@ -62,6 +62,7 @@ setup(
         "megatron_recycle_kernels",
     ],
     package_dir={"megatron_recycle_kernels": "kernels"},
+    package_data={"megatron_recycle.engines": ["csrc/*.c"]},  # built on first use by engines/cpu_gemm.py
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["megatron-recycle=megatron_recycle.cli:main"]},

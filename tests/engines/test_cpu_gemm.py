@@ -1,0 +1,137 @@
+"""The skinny CPU GEMM (engines/cpu_gemm.py + csrc/skinny_gemm.c) against a float64 reference.
+
+Every shape class the kernel has a code path for: 16- and 8-column tiles, the 6-row tiles and
+the N % 6 tail rows, M from 1 to MAX_ROWS (padding to a multiple of 8), K of 1 and odd K,
+strided inputs (a transposed x, a weight that is a column slice of a wider matrix). The output
+is pre-filled with NaN, so an element the kernel never writes fails the comparison. The error
+bound is the standard one for an fp32 dot product of length K, relative to sum |x| |w|.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_recycle.engines import cpu_gemm
+
+HAVE_GCC = shutil.which("gcc") is not None
+pytestmark = pytest.mark.skipif(not (HAVE_GCC and cpu_gemm._cpu_has_avx2_fma()),
+                                reason="needs gcc and an AVX2/FMA CPU")
+
+
+def _check(x: torch.Tensor, w: torch.Tensor) -> None:
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"))
+    got = cpu_gemm.skinny_mm(x, w, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    ref = x.double() @ w.double().T
+    bound = 2 * x.shape[1] * 2.0**-24 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    err = (got.double() - ref).abs()
+    assert torch.isfinite(got).all()
+    assert (err <= bound).all(), f"max err/bound {(err / bound).max().item():.3g} for x {tuple(x.shape)} w {tuple(w.shape)}"
+
+
+def test_kernel_is_built_where_it_can_be():
+    """On a machine with gcc and AVX2/FMA the kernel must load, not silently fall back."""
+    cpu_gemm.reset()
+    assert cpu_gemm.available(), cpu_gemm.unavailable_reason()
+
+
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 9, 16, 17, 24, 31, 40, 64])
+@pytest.mark.parametrize("n,k", [(1, 7), (5, 1), (6, 33), (13, 64), (100, 576), (577, 129), (19, 1537)])
+def test_matches_float64_reference(m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    _check(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g))
+
+
+def test_strided_operands_and_threads():
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(300, 12, generator=g).t()  # [12, 300], column-major
+    wide = torch.randn(50, 400, generator=g)
+    w = wide[:, 50:350]  # row stride 400 > K = 300
+    _check(x_t, w)
+    _check(torch.randn(16, 600, generator=g)[:, ::2], torch.randn(31, 300, generator=g))  # sxk = 2
+    ref = cpu_gemm.skinny_mm(x_t, w, threads=1)
+    torch.testing.assert_close(cpu_gemm.skinny_mm(x_t, w, threads=2), ref, rtol=0, atol=0)  # same order
+
+
+def test_rejects_what_it_does_not_take():
+    w = torch.randn(8, 4)
+    assert not cpu_gemm.supports(torch.randn(cpu_gemm.MAX_ROWS + 1, 4), w)
+    assert not cpu_gemm.supports(torch.randn(3, 4, dtype=torch.float64), w.double())
+    assert not cpu_gemm.supports(torch.randn(3, 5), w)
+    assert not cpu_gemm.supports(torch.randn(3, 4), torch.randn(4, 8).t())  # weight rows not contiguous
+    assert not cpu_gemm.supports(torch.randn(3, 4, requires_grad=True), w)
+    with torch.no_grad():
+        assert cpu_gemm.supports(torch.randn(3, 4, requires_grad=True), w)
+    with pytest.raises(ValueError, match="does not take"):
+        cpu_gemm.skinny_mm(torch.randn(65, 4), w)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_gemm.skinny_mm(torch.randn(3, 4), w, out=torch.empty(8, 3))
+
+
+def test_build_cache_key_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_RECYCLE_CACHE", str(tmp_path))
+    first = cpu_gemm.build()
+    assert first.parent == tmp_path / "cpu_gemm" and first.exists()
+    assert cpu_gemm.build() == first  # cached
+    edited = tmp_path / "edited.c"
+    edited.write_text(cpu_gemm.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_gemm, "SOURCE", edited)
+    assert cpu_gemm.build() != first  # a changed source is a new library
+    broken = tmp_path / "broken.c"
+    broken.write_text("int mr_skinny_gemm( {\n")
+    monkeypatch.setattr(cpu_gemm, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match="building broken.c failed"):
+        cpu_gemm.build()
+    assert not list((tmp_path / "cpu_gemm").glob(".skinny_gemm_*"))  # no half-written file left
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="cannot run the C compiler"):
+        cpu_gemm.build()
+
+
+def test_switch_off_and_failed_build_fall_back(monkeypatch, tmp_path, caplog):
+    try:
+        monkeypatch.setenv(cpu_gemm.ENV_SWITCH, "0")
+        cpu_gemm.reset()
+        assert not cpu_gemm.available()
+        assert cpu_gemm.ENV_SWITCH in cpu_gemm.unavailable_reason()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cpu_gemm.skinny_mm(torch.randn(2, 3), torch.randn(4, 3))
+        monkeypatch.delenv(cpu_gemm.ENV_SWITCH)
+        monkeypatch.setenv("MEGATRON_RECYCLE_CACHE", str(tmp_path))
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        cpu_gemm.reset()
+        with caplog.at_level("WARNING", logger=cpu_gemm.__name__):
+            assert not cpu_gemm.available()
+        assert "decoding uses PyTorch's matmul" in caplog.text
+    finally:
+        cpu_gemm.reset()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_shares_pytorchs_openmp_runtime(tmp_path):
+    """One libgomp in the process: the kernel's OpenMP threads are PyTorch's, never a second pool."""
+    code = textwrap.dedent("""
+        import torch
+        torch.ones(256, 256) @ torch.ones(256, 256)
+        from megatron_recycle.engines import cpu_gemm
+        assert cpu_gemm.available(), cpu_gemm.unavailable_reason()
+        cpu_gemm.skinny_mm(torch.randn(8, 64), torch.randn(32, 64))
+        libs = {line.split()[-1] for line in open('/proc/self/maps') if 'libgomp' in line or 'libomp' in line}
+        print(len(libs), sorted(libs))
+        assert len(libs) == 1, libs
+    """)
+    env = dict(os.environ, MEGATRON_RECYCLE_CACHE=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_source_ships_with_the_package():
+    assert cpu_gemm.SOURCE.exists() and cpu_gemm.SOURCE.parent == Path(cpu_gemm.__file__).parent / "csrc"
