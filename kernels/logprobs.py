@@ -212,11 +212,15 @@ def _stats_torch(
     step = _row_chunk(vocab)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        z = logits[a:b].to(dt, copy=True).mul_(inv_temp)  # the only copies alive: z and e, [step, V] each
+        borrowed = inv_temp == 1.0 and logits.dtype == dt
+        if borrowed:
+            z = logits[a:b]  # read in place: no scaled copy needed
+        else:
+            z = logits[a:b].to(dt, copy=True).mul_(inv_temp)  # the only copies alive: z and e, [step, V] each
         t = z.gather(1, tgt[a:b].clamp(0, max(vocab - 1, 0))[:, None]).squeeze(1)
         stats[2, a:b] = torch.where(here[a:b], t, torch.zeros_like(t))
         m = z.amax(dim=1).clamp_min(_NEG_BIG)
-        z.sub_(m[:, None])
+        z = z.sub(m[:, None]) if borrowed else z.sub_(m[:, None])  # never write into the caller's logits
         e = z.exp()
         stats[0, a:b] = m
         stats[1, a:b] = e.sum(dim=1)
@@ -245,8 +249,19 @@ def _grad_torch(
     step = _row_chunk(vocab)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        logp = logits[a:b].to(dt, copy=True).mul_(inv_temp).sub_(lse[a:b, None].to(dt))
-        g = logp.exp()  # p; becomes the gradient in place
+        if inv_temp == 1.0 and logits.dtype == dt and g_ent is None and grad.dtype == dt:
+            # the whole gradient in place in its output rows: no temporaries, no final copy
+            g = torch.sub(logits[a:b], lse[a:b, None].to(dt), out=grad[a:b]).exp_()
+            g.mul_(-(g_lp[a:b, None].to(dt) if g_lp is not None else 0.0))
+            if g_lp is not None:
+                rows_here = here[a:b].nonzero().squeeze(1)
+                g[rows_here, tgt[a:b][rows_here]] += g_lp[a:b][rows_here].to(dt)
+            continue
+        if inv_temp == 1.0 and logits.dtype == dt:
+            logp = logits[a:b].sub(lse[a:b, None].to(dt))  # one pass instead of copy, scale, shift
+        else:
+            logp = logits[a:b].to(dt, copy=True).mul_(inv_temp).sub_(lse[a:b, None].to(dt))
+        g = logp.exp_() if g_ent is None else logp.exp()  # p; becomes the gradient in place
         if g_ent is not None:
             logp.add_(ent[a:b, None].to(dt)).masked_fill_(g == 0, 0.0).mul_(g)  # p * (log p + H)
         g.mul_(-(g_lp[a:b, None].to(dt) if g_lp is not None else 0.0))

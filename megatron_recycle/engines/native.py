@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from megatron_recycle.engines import cpu_gemm
 from megatron_recycle.engines.base import Generation, SamplingParams
 from megatron_recycle.engines.hf import DecodingBase, _eos_token_ids
+from megatron_recycle.model.compat import device_mode_suspended
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,8 @@ class NativeEngine(DecodingBase):
         store: dict[tuple[int, ...], torch.Tensor] = {}  # this call's contexts, filled by every batch
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start : start + self.max_batch_size]
-            gens = self._generate_batch([prompts[i] for i in chunk], [params_list[i] for i in chunk], store)
+            with device_mode_suspended():  # plain tensors only: skip the CPU-compat hook on each op
+                gens = self._generate_batch([prompts[i] for i in chunk], [params_list[i] for i in chunk], store)
             for i, gen in zip(chunk, gens):
                 results[i] = gen
         # Only this call's contexts are kept: the next turn of a rollout extends them.
