@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from megatron_recycle.engines.base import Generation, SamplingParams
+from megatron_recycle.model.compat import device_mode_suspended
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,9 @@ class HFEngine(DecodingBase):
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start : start + self.max_batch_size]
-            for i, gen in zip(chunk, self._generate_batch([prompts[i] for i in chunk], [params_list[i] for i in chunk])):
+            with device_mode_suspended():  # plain tensors only: skip the CPU-compat hook on each op
+                gens = self._generate_batch([prompts[i] for i in chunk], [params_list[i] for i in chunk])
+            for i, gen in zip(chunk, gens):
                 results[i] = gen
         return results  # type: ignore[return-value]
 

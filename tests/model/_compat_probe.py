@@ -107,9 +107,12 @@ def main() -> None:
     out: dict = {name: {} for name in CHECKS}
     for name, fn in CHECKS.items():
         out[name]["unpatched"] = _err(fn)
-    from megatron_recycle.model.compat import apply_cpu_compat, remove_cpu_compat
+    from megatron_recycle.model.compat import apply_cpu_compat, device_mode_suspended, remove_cpu_compat
 
     out["applied"] = apply_cpu_compat()
+    with device_mode_suspended():  # the mode is off inside: a CUDA factory call fails again
+        out["suspended_factory"] = _err(lambda: torch.zeros(1, device="cuda"))
+    out["resumed_factory"] = str(torch.zeros(1, device="cuda").device)
     out["applied_again"] = apply_cpu_compat()
     for name, fn in CHECKS.items():
         try:

@@ -76,6 +76,12 @@ def test_device_mode_semantics(probe):
     }
 
 
+def test_device_mode_suspended_block(probe):
+    """compat.device_mode_suspended() turns the mode off inside the block only (NativeEngine's loop)."""
+    assert probe["suspended_factory"] is not None and any(s in probe["suspended_factory"] for s in CUDA_MISSING)
+    assert probe["resumed_factory"] == "cpu"
+
+
 def test_idempotent_and_removable(probe):
     assert probe["applied"] is True and probe["applied_again"] is True
     assert probe["after_remove_unpatched_again"] is not None
