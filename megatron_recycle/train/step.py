@@ -233,10 +233,14 @@ class PackedRows:
     # padded-layout positions not computed any more (prefix reuse + padding); negative when a
     # micro-batch mixes one long group with short rows, which are then padded to its width
     saved_tokens: int
+    # per row: (shared prefix length, [(offset, length) of each member's suffix]); the local
+    # attention computes only these blocks (model/attention.py GroupAttentionPlan)
+    spans: list[tuple[int, list[tuple[int, int]]]] | None = None
 
     def to(self, device: torch.device) -> PackedRows:
         return PackedRows(self.tokens.to(device), self.targets.to(device), self.position_ids.to(device),
-                          self.attention_mask.to(device), self.gather_index.to(device), self.saved_tokens)
+                          self.attention_mask.to(device), self.gather_index.to(device), self.saved_tokens,
+                          self.spans)
 
 
 @dataclass
@@ -346,8 +350,10 @@ def group_packed_layout(batch: TrajectoryBatch) -> PackedRows:
     positions = torch.zeros(rows, width, dtype=torch.long)
     segment = torch.full((rows, width), -1, dtype=torch.long)  # 0 = shared prefix, k = member k, -1 = pad
     gather = torch.zeros(n, seq - 1, dtype=torch.long)
+    spans: list[tuple[int, list[tuple[int, int]]]] = []
     for r, (members, s, _) in enumerate(plan):
         base = r * width
+        spans.append((s, []))
         first = batch.tokens[members[0]]
         tokens[r, :s] = first[:s]
         targets[r, :s] = first[1 : s + 1]
@@ -361,6 +367,7 @@ def group_packed_layout(batch: TrajectoryBatch) -> PackedRows:
             targets[r, off : off + span - 1] = batch.tokens[i, s + 1 : ln]
             positions[r, off : off + span] = torch.arange(s, ln)
             segment[r, off : off + span] = k
+            spans[-1][1].append((off, span))
             gather[i, :s] = base + torch.arange(s)
             gather[i, s : ln - 1] = base + off + torch.arange(ln - 1 - s)
             gather[i, ln - 1 :] = base + off
@@ -370,7 +377,7 @@ def group_packed_layout(batch: TrajectoryBatch) -> PackedRows:
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = causal & ((q == k) | (k == 0))
     saved = n * seq - rows * width
-    return PackedRows(tokens, targets, positions, ~allowed[:, None], gather, saved)
+    return PackedRows(tokens, targets, positions, ~allowed[:, None], gather, saved, spans)
 
 
 def packing_supported(model_chunks: Sequence[torch.nn.Module]) -> str | None:
@@ -429,6 +436,35 @@ class _RopePositions:
     def __exit__(self, *exc: Any) -> None:
         if self.rope is not None and "forward" in self.rope.__dict__:
             del self.rope.forward
+
+
+class _GroupAttention:
+    """Within the block, the SDPA core attention of every layer computes only the blocks of the
+    group tree mask (model/attention.py GroupAttentionPlan) when called with ``packed``'s mask."""
+
+    def __init__(self, model: torch.nn.Module, packed: PackedRows) -> None:
+        from megatron_recycle.model.attention import SDPADotProductAttention
+        from megatron_recycle.model.build import unwrap_model
+
+        decoder = getattr(unwrap_model(model), "decoder", None)
+        layers = getattr(decoder, "layers", []) if decoder is not None else []
+        self.cores = [layer.self_attention.core_attention for layer in layers
+                      if isinstance(getattr(layer.self_attention, "core_attention", None), SDPADotProductAttention)]
+        self.packed = packed
+
+    def __enter__(self) -> None:
+        from megatron_recycle.model.attention import GroupAttentionPlan
+
+        p = self.packed
+        if not self.cores or not p.spans:
+            return
+        plan = GroupAttentionPlan.build(p.spans, p.tokens.shape[1], p.attention_mask)
+        for core in self.cores:
+            core.group_plan = plan
+
+    def __exit__(self, *exc: Any) -> None:
+        for core in self.cores:
+            core.__dict__.pop("group_plan", None)
 
 
 # ------------------------------------------------------------------------------- loss config
@@ -559,6 +595,7 @@ def _forward_step(loss_fn: Callable, data_iterator: Any, model: torch.nn.Module)
         if mb.packed is not None:
             p = mb.packed
             stack.enter_context(_RopePositions(model, p.position_ids))
+            stack.enter_context(_GroupAttention(model, p))
             output = model(p.tokens, p.position_ids, p.attention_mask)
         else:
             b, seq = mb.tokens.shape

@@ -85,8 +85,45 @@ def test_layout_shares_only_loss_free_prefixes():
         group_packed_layout(build_batch(seqs, masks))
 
 
+def test_group_attention_plan_equals_dense_tree_mask():
+    """GroupAttentionPlan's block attention == SDPA with the dense tree mask, outputs and
+    gradients, float64: ragged prefixes and members, the shortest members (the last prompt token + one generated token), padded rows."""
+    from megatron_recycle.model.attention import GroupAttentionPlan, group_attention
+
+    seqs, masks, gids, adv = _sequences(seed=4)
+    seqs += [[5, 6, 7, 8, 9], [5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    masks += [[0, 0, 0, 0, 1], [0, 0, 0, 0] + [1] * 12]  # a one-token member; a long one
+    gids += [3, 3]
+    p = group_packed_layout(build_batch(seqs, masks, group_ids=gids))
+    rows, width = p.tokens.shape
+    assert len(p.spans) == rows and min(ln for _, ms in p.spans for _, ln in ms) == 2  # last prompt token + 1
+    plan = GroupAttentionPlan.build(p.spans, width, p.attention_mask)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    real = torch.zeros(rows, width, dtype=torch.bool)
+    for r, (sp, ms) in enumerate(p.spans):
+        real[r, :sp] = True
+        for off, ln in ms:
+            real[r, off:off + ln] = True
+    assert (~real).any()  # some row is padded
+    weights = torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64) * real[:, None, :, None]
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~p.attention_mask, scale=0.3)
+    block = group_attention(plan, q, k, v, 0.3)
+    torch.testing.assert_close(block * real[:, None, :, None], dense * real[:, None, :, None], atol=1e-12, rtol=0)
+    gd = torch.autograd.grad((dense * weights).sum(), (q, k, v))
+    gb = torch.autograd.grad((block * weights).sum(), (q, k, v))
+    for a, b in zip(gb, gd):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("kind,tied", [("llama", True), ("qwen3", False)])
-def test_packed_logprobs_and_gradient_equal_padded(world1, tiny, kind, tied):
+def test_packed_logprobs_and_gradient_equal_padded(world1, tiny, kind, tied, monkeypatch):
+    import megatron_recycle.model.attention as attn
+
+    used = []
+    real_group_attention = attn.group_attention
+    monkeypatch.setattr(attn, "group_attention", lambda *a, **kw: used.append(1) or real_group_attention(*a, **kw))
     seqs, masks, gids, adv = _sequences(seed=1)
     batch = build_batch(seqs, masks, advantages=adv, group_ids=gids)
     lens = batch.lengths
@@ -124,6 +161,9 @@ def test_packed_logprobs_and_gradient_equal_padded(world1, tiny, kind, tied):
     assert results["pack_4"][0]["packed_saved_tokens"] < results["pack"][0]["packed_saved_tokens"]
     rope = chunks[0].module.rotary_pos_emb
     assert "forward" not in rope.__dict__  # the RoPE override is removed after each forward
+    assert used  # the packed steps ran the block attention of the group plan ...
+    assert all("group_plan" not in layer.self_attention.core_attention.__dict__  # ... only inside them
+               for layer in chunks[0].module.decoder.layers)
 
 
 def test_logits_only_at_loss_positions(world1, tiny):
