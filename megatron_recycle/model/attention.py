@@ -26,28 +26,29 @@ from megatron.core.transformer.enums import AttnMaskType
 
 @dataclass
 class GroupAttentionPlan:
-    """Index plan for attention over group-packed rows ([prefix][member 1]...[member K] per row,
-    train/step.py's group_packed_layout), computed once per micro-batch and used by every layer.
+    """Index plan for attention over group-packed rows (train/step.py's group_packed_layout: per
+    group [prefix][member 1]...[member K], groups side by side in a row), computed once per
+    micro-batch and used by every layer.
 
-    The tree mask lets a prefix position see the earlier prefix, and a member position see the
-    whole prefix and the earlier positions of its own member, nothing else. Dense attention over
-    a row computes all S x S pairs; this plan computes only the allowed blocks: one causal SDPA
-    over the prefixes (rows padded to the longest prefix) and one over the members, each member's
-    queries against [its row's prefix ++ itself] (padded to the longest prefix + longest member).
-    For 4 members of 64 tokens after a 40-token prompt that is ~3x fewer query-key pairs.
+    The tree mask lets a prefix position see the earlier positions of its prefix, and a member
+    position see its group's whole prefix and the earlier positions of its own member, nothing
+    else. Dense attention over a row computes all S x S pairs; this plan computes only the
+    allowed blocks: one causal SDPA over the prefixes (gathered, padded to the longest) and one
+    over the members, each member's queries against [its prefix ++ itself] (padded to the longest
+    prefix + the longest member). For 4 members of 64 tokens after a 40-token prompt that is ~3x
+    fewer query-key pairs than one group per row, and far fewer when groups share a row.
 
-    ``prefix_len`` / ``prefix_pos``: the longest prefix and the flat positions (in [R * S]) of
-    real prefix tokens; ``member_q`` [M, Lq] / ``member_k`` [M, Lk]: flat query / key positions per
-    member (padding repeats a valid position); ``member_allowed`` [M, 1, Lq, Lk] bool (True =
-    attend); ``member_pos`` / ``member_sel``: the real member tokens' flat positions and where they
-    sit in the flattened [M * Lq] member output. ``mask``: the dense mask this plan replaces (the
-    attention uses the plan only when called with that very tensor).
+    Flat positions index [R * S]. ``prefix_q`` [G, P]: each group's prefix positions (padding
+    repeats a valid one); ``member_q`` [M, Lq] / ``member_k`` [M, Lk]: query / key positions per
+    member; ``member_allowed`` [M, 1, Lq, Lk] bool (True = attend); ``*_pos`` / ``*_sel``: the
+    real tokens' flat positions and where they sit in the flattened block outputs. ``mask``: the
+    dense mask this plan replaces (the attention uses the plan only when called with it).
     """
 
     mask: torch.Tensor
     rows: int
     width: int
-    prefix_len: int
+    prefix_q: torch.Tensor
     prefix_pos: torch.Tensor
     prefix_sel: torch.Tensor
     member_q: torch.Tensor
@@ -57,57 +58,66 @@ class GroupAttentionPlan:
     member_sel: torch.Tensor
 
     @staticmethod
-    def build(spans: list[tuple[int, list[tuple[int, int]]]], width: int, mask: torch.Tensor) -> GroupAttentionPlan:
-        """``spans``: per packed row, (prefix length, [(offset, length) of each member])."""
-        rows = len(spans)
-        p_max = max((sp for sp, _ in spans), default=0)
-        members = [(r, sp, off, ln) for r, (sp, ms) in enumerate(spans) for off, ln in ms if ln > 0]
+    def build(spans: list[tuple[int, int, int, list[tuple[int, int]]]], rows: int, width: int,
+              mask: torch.Tensor) -> GroupAttentionPlan:
+        """``spans``: per group, (row, prefix offset, prefix length, [(offset, length) per member])."""
+        p_max = max((sp for _, _, sp, _ in spans), default=0)
+        prefixes = [(row * width + start, sp) for row, start, sp, _ in spans if sp > 0]
+        members = [(row * width + start, sp, row * width + off, ln)
+                   for row, start, sp, ms in spans for off, ln in ms if ln > 0]
         l_max = max((ln for *_, ln in members), default=1)
+        ar_p, ar_l = torch.arange(max(p_max, 1)), torch.arange(l_max)
+        prefix_q = torch.zeros(len(prefixes), p_max, dtype=torch.long)
+        p_pos, p_sel = [], []
+        for j, (first, sp) in enumerate(prefixes):
+            prefix_q[j] = first + ar_p[:p_max].clamp(max=sp - 1)
+            p_pos.append(first + torch.arange(sp))
+            p_sel.append(j * p_max + torch.arange(sp))
         m = len(members)
         q_idx = torch.zeros(m, l_max, dtype=torch.long)
         k_idx = torch.zeros(m, p_max + l_max, dtype=torch.long)
         allowed = torch.zeros(m, 1, l_max, p_max + l_max, dtype=torch.bool)
         causal = torch.ones(l_max, l_max, dtype=torch.bool).tril()
-        pos, sel = [], []
-        for j, (r, sp, off, ln) in enumerate(members):
-            base = r * width
-            own = base + off + torch.arange(l_max).clamp(max=ln - 1)
+        m_pos, m_sel = [], []
+        for j, (pfirst, sp, first, ln) in enumerate(members):
+            own = first + ar_l.clamp(max=ln - 1)
             q_idx[j] = own
-            k_idx[j, :p_max] = base + torch.arange(p_max).clamp(max=max(sp - 1, 0))
+            k_idx[j, :p_max] = pfirst + ar_p[:p_max].clamp(max=max(sp - 1, 0))
             k_idx[j, p_max:] = own
             allowed[j, 0, :, :sp] = True
             allowed[j, 0, :, p_max:p_max + ln] = causal[:, :ln]
-            pos.append(base + off + torch.arange(ln))
-            sel.append(j * l_max + torch.arange(ln))
-        prefix_pos = [r * width + torch.arange(sp) for r, (sp, _) in enumerate(spans)]
-        prefix_sel = [r * p_max + torch.arange(sp) for r, (sp, _) in enumerate(spans)]
-        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))
+            m_pos.append(first + torch.arange(ln))
+            m_sel.append(j * l_max + torch.arange(ln))
+        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))  # noqa: E731
         dev = mask.device
-        return GroupAttentionPlan(mask, rows, width, p_max, cat(prefix_pos).to(dev), cat(prefix_sel).to(dev),
-                                  q_idx.to(dev), k_idx.to(dev), allowed.to(dev), cat(pos).to(dev), cat(sel).to(dev))
+        return GroupAttentionPlan(mask, rows, width, prefix_q.to(dev), cat(p_pos).to(dev), cat(p_sel).to(dev),
+                                  q_idx.to(dev), k_idx.to(dev), allowed.to(dev), cat(m_pos).to(dev),
+                                  cat(m_sel).to(dev))
 
 
 def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     scale: float | None) -> torch.Tensor:
-    """Attention over group-packed rows by the plan. q [b, n, S, hn], k/v [b, n, S, hn] (heads
-    already expanded); returns [b, n, S, hn]; positions that are neither prefix nor member (row
-    padding) get zeros (nothing reads them: no position attends to padding, no loss sits on it)."""
+    """Attention over group-packed rows by the plan. q, k, v [b, n, S, hn] (heads already
+    expanded); returns [b, n, S, hn]; padding positions get zeros (nothing reads them: no
+    position attends to padding and no loss sits on it)."""
     b, n, s, hn = q.shape
+    flat = lambda t: t.permute(0, 2, 1, 3).reshape(b * s, n, hn)  # noqa: E731
+    qf, kf, vf = flat(q), flat(k), flat(v)
     out = q.new_zeros(b * s, n, hn)
-    if plan.prefix_len > 0 and plan.prefix_pos.numel():
-        p = plan.prefix_len
-        po = F.scaled_dot_product_attention(q[:, :, :p], k[:, :, :p], v[:, :, :p], is_causal=True, scale=scale)
-        po = po.permute(0, 2, 1, 3).reshape(b * p, n, hn)
-        out = out.index_copy(0, plan.prefix_pos, po.index_select(0, plan.prefix_sel))
-    if plan.member_q.numel():
-        flat = lambda t: t.permute(0, 2, 1, 3).reshape(b * s, n, hn)  # noqa: E731
-        mq, mk = plan.member_q, plan.member_k
-        qm = flat(q)[mq].permute(0, 2, 1, 3)  # [M, n, Lq, hn]
-        kf, vf = flat(k), flat(v)
-        km, vm = kf[mk].permute(0, 2, 1, 3), vf[mk].permute(0, 2, 1, 3)
-        mo = F.scaled_dot_product_attention(qm, km, vm, attn_mask=plan.member_allowed, scale=scale)
-        mo = mo.permute(0, 2, 1, 3).reshape(-1, n, hn)  # [M * Lq, n, hn]
-        out = out.index_copy(0, plan.member_pos, mo.index_select(0, plan.member_sel))
+    for idx, keys, allowed, pos, sel in (
+        (plan.prefix_q, plan.prefix_q, None, plan.prefix_pos, plan.prefix_sel),
+        (plan.member_q, plan.member_k, plan.member_allowed, plan.member_pos, plan.member_sel),
+    ):
+        if not pos.numel():
+            continue
+        qb = qf[idx].permute(0, 2, 1, 3)  # [blocks, n, Lq, hn]
+        kb, vb = kf[keys].permute(0, 2, 1, 3), vf[keys].permute(0, 2, 1, 3)
+        if allowed is None:  # prefixes: plain causal attention within each one
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+        else:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale)
+        ob = ob.permute(0, 2, 1, 3).reshape(-1, n, hn)
+        out = out.index_copy(0, pos, ob.index_select(0, sel))
     return out.view(b, s, n, hn).permute(0, 2, 1, 3)
 
 

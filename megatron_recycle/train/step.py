@@ -217,7 +217,7 @@ def shard_for_data_parallel(batch: TrajectoryBatch, dp_rank: int, dp_size: int) 
 # ------------------------------------------------------------------------------ group packing
 @dataclass
 class PackedRows:
-    """A micro-batch re-laid out one row per group: [shared prefix][suffix 1]...[suffix K].
+    """A micro-batch re-laid out by group: [shared prefix][suffix 1]...[suffix K], groups side by side.
 
     tokens, targets (the token each position predicts; 0 where none), position_ids: [R, S];
     attention_mask [R, 1, S, S] bool, True = masked (Megatron's convention); gather_index
@@ -233,9 +233,9 @@ class PackedRows:
     # padded-layout positions not computed any more (prefix reuse + padding); negative when a
     # micro-batch mixes one long group with short rows, which are then padded to its width
     saved_tokens: int
-    # per row: (shared prefix length, [(offset, length) of each member's suffix]); the local
-    # attention computes only these blocks (model/attention.py GroupAttentionPlan)
-    spans: list[tuple[int, list[tuple[int, int]]]] | None = None
+    # per group: (row, prefix offset, shared prefix length, [(offset, length) of each member's
+    # suffix]); the local attention computes only these blocks (model/attention.py GroupAttentionPlan)
+    spans: list[tuple[int, int, int, list[tuple[int, int]]]] | None = None
 
     def to(self, device: torch.device) -> PackedRows:
         return PackedRows(self.tokens.to(device), self.targets.to(device), self.position_ids.to(device),
@@ -330,8 +330,32 @@ def shared_prefix_length(tokens: torch.Tensor, loss_mask: torch.Tensor, lengths:
     return max(min(common, first_loss) - 1, 0)
 
 
-def group_packed_layout(batch: TrajectoryBatch) -> PackedRows:
-    """The group-packed layout of ``batch`` (needs group_ids; lengths default to L)."""
+PACK_ROW_TOKENS = 2048  # groups share a packed row up to this width (the dense mask is [rows, S, S])
+
+
+def _rows_for_groups(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Assign groups (by packed size) to as few rows as keep every row within
+    max(row_tokens, largest group): longest-first into the least-filled row, for the smallest row
+    count that fits. Returns the group indices of each row, in placement order."""
+    cap = max(max(sizes), row_tokens)
+    order = sorted(range(len(sizes)), key=lambda g: -sizes[g])
+    for rows in range(max(1, -(-sum(sizes) // cap)), len(sizes) + 1):
+        fill, members = [0] * rows, [[] for _ in range(rows)]
+        for g in order:
+            r = min(range(rows), key=fill.__getitem__)
+            fill[r] += sizes[g]
+            members[r].append(g)
+        if max(fill) <= cap:
+            return [m for m in members if m]
+    return [[g] for g in order]
+
+
+def group_packed_layout(batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKENS) -> PackedRows:
+    """The group-packed layout of ``batch`` (needs group_ids; lengths default to L).
+
+    Each group becomes [shared prefix][suffix 1]...[suffix K]; groups are laid side by side in as
+    few rows as keep each row within max(row_tokens, largest group), so the rows carry almost no
+    padding. Attention stays within a group (tree mask), RoPE positions restart per group."""
     if batch.group_ids is None:
         raise ValueError("group_packed_layout needs batch.group_ids (build_batch(group_ids=...))")
     n, seq = batch.tokens.shape
@@ -344,38 +368,48 @@ def group_packed_layout(batch: TrajectoryBatch) -> PackedRows:
         lens = [lengths[i] for i in members]
         s = shared_prefix_length(batch.tokens[members], batch.loss_mask[members], lens)
         plan.append((members, s, s + sum(ln - s for ln in lens)))
-    rows, width = len(plan), max(p[2] for p in plan)
+    layout = _rows_for_groups([p[2] for p in plan], row_tokens)
+    rows = len(layout)
+    width = max(sum(plan[g][2] for g in row) for row in layout)
     tokens = torch.zeros(rows, width, dtype=torch.long)
     targets = torch.zeros(rows, width, dtype=torch.long)
     positions = torch.zeros(rows, width, dtype=torch.long)
-    segment = torch.full((rows, width), -1, dtype=torch.long)  # 0 = shared prefix, k = member k, -1 = pad
+    group_of = torch.full((rows, width), -1, dtype=torch.long)  # -1 = padding
+    segment = torch.full((rows, width), -1, dtype=torch.long)  # 0 = shared prefix, k = member k
     gather = torch.zeros(n, seq - 1, dtype=torch.long)
-    spans: list[tuple[int, list[tuple[int, int]]]] = []
-    for r, (members, s, _) in enumerate(plan):
-        base = r * width
-        spans.append((s, []))
-        first = batch.tokens[members[0]]
-        tokens[r, :s] = first[:s]
-        targets[r, :s] = first[1 : s + 1]
-        positions[r, :s] = torch.arange(s)
-        segment[r, :s] = 0
-        off = s
-        for k, i in enumerate(members, start=1):
-            ln = lengths[i]
-            span = ln - s
-            tokens[r, off : off + span] = batch.tokens[i, s:ln]
-            targets[r, off : off + span - 1] = batch.tokens[i, s + 1 : ln]
-            positions[r, off : off + span] = torch.arange(s, ln)
-            segment[r, off : off + span] = k
-            spans[-1][1].append((off, span))
-            gather[i, :s] = base + torch.arange(s)
-            gather[i, s : ln - 1] = base + off + torch.arange(ln - 1 - s)
-            gather[i, ln - 1 :] = base + off
-            off += span
-    # padding positions form one segment of their own (they see only themselves and earlier pad)
+    spans: list[tuple[int, int, int, list[tuple[int, int]]]] = []
+    for r, row_groups in enumerate(layout):
+        off = 0
+        for g in row_groups:
+            members, s, size = plan[g]
+            base = r * width
+            start = off
+            first = batch.tokens[members[0]]
+            tokens[r, off : off + s] = first[:s]
+            targets[r, off : off + s] = first[1 : s + 1]
+            positions[r, off : off + s] = torch.arange(s)
+            segment[r, off : off + s] = 0
+            group_of[r, off : off + size] = g
+            spans.append((r, start, s, []))
+            off += s
+            for k, i in enumerate(members, start=1):
+                ln = lengths[i]
+                span = ln - s
+                tokens[r, off : off + span] = batch.tokens[i, s:ln]
+                targets[r, off : off + span - 1] = batch.tokens[i, s + 1 : ln]
+                positions[r, off : off + span] = torch.arange(s, ln)
+                segment[r, off : off + span] = k
+                spans[-1][3].append((off, span))
+                gather[i, :s] = base + start + torch.arange(s)
+                gather[i, s : ln - 1] = base + off + torch.arange(ln - 1 - s)
+                gather[i, ln - 1 :] = base + off
+                off += span
+    # a position sees the earlier positions of its own group's prefix and of its own suffix;
+    # padding forms one segment of its own per row (it sees only earlier padding)
+    same_group = group_of[:, :, None] == group_of[:, None, :]
     q, k = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & ((q == k) | (k == 0))
+    allowed = causal & same_group & ((q == k) | (k == 0))
     saved = n * seq - rows * width
     return PackedRows(tokens, targets, positions, ~allowed[:, None], gather, saved, spans)
 
@@ -458,7 +492,7 @@ class _GroupAttention:
         p = self.packed
         if not self.cores or not p.spans:
             return
-        plan = GroupAttentionPlan.build(p.spans, p.tokens.shape[1], p.attention_mask)
+        plan = GroupAttentionPlan.build(p.spans, p.tokens.shape[0], p.tokens.shape[1], p.attention_mask)
         for core in self.cores:
             core.group_plan = plan
 

@@ -68,19 +68,29 @@ def test_layout_shares_only_loss_free_prefixes():
     # the last prompt token is repeated in every suffix; shared generated tokens are never shared
     assert prefix == [6 - 1, 9 - 1, 12 - 1]
     p = group_packed_layout(batch)
-    assert p.tokens.shape[0] == 3 and p.saved_tokens > 0
+    assert p.tokens.shape[0] == 1 and p.saved_tokens > 0  # all three groups side by side in one row
+    assert p.tokens.shape[1] == sum(sp + sum(ln for _, ln in ms) for _, _, sp, ms in p.spans)  # no padding
     for i, (seq, ln) in enumerate(zip(seqs, lens)):
         # every target of every sequence is found at its gathered position
         flat_targets = p.targets.reshape(-1)[p.gather_index[i, : ln - 1]]
         assert flat_targets.tolist() == seq[1:]
         flat_pos = p.position_ids.reshape(-1)[p.gather_index[i, : ln - 1]]
         assert flat_pos.tolist() == list(range(ln - 1))
-    # a suffix never sees another member's suffix; the prefix sees only itself
     m = ~p.attention_mask[0, 0]
-    s = prefix[0]
-    first_len = lens[0] - s
-    assert m[s + first_len, s : s + first_len].sum() == 0  # member 2's first token vs member 1
-    assert m[s + first_len, :s].all() and m[:s, s:].sum() == 0
+    assert sorted(sp for _, _, sp, _ in p.spans) == sorted(prefix)
+    spans = sorted(p.spans, key=lambda sp: sp[1])  # by offset in the row
+    (_, a0, s0, ms0), (_, a1, s1, ms1) = spans[0], spans[1]
+    assert a0 == 0 and a1 == s0 + sum(ln for _, ln in ms0)
+    (o1, l1), (o2, _) = ms0[0], ms0[1]
+    # a suffix never sees another member's suffix; the prefix sees only itself
+    assert m[o2, o1 : o1 + l1].sum() == 0  # member 2's first token vs member 1
+    assert m[o2, a0 : a0 + s0].all() and m[a0 : a0 + s0, o1:].sum() == 0
+    # groups never see each other
+    assert m[a1:, : a1].sum() == 0
+    assert torch.equal(m[a1 : a1 + s1, a1 : a1 + s1], torch.ones(s1, s1, dtype=torch.bool).tril())
+    # one group per row when the row budget is small; rows then pad to the longest group
+    narrow = group_packed_layout(batch, row_tokens=1)
+    assert narrow.tokens.shape[0] == 3 and narrow.saved_tokens < p.saved_tokens
     with pytest.raises(ValueError, match="group_ids"):
         group_packed_layout(build_batch(seqs, masks))
 
@@ -94,16 +104,17 @@ def test_group_attention_plan_equals_dense_tree_mask():
     seqs += [[5, 6, 7, 8, 9], [5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
     masks += [[0, 0, 0, 0, 1], [0, 0, 0, 0] + [1] * 12]  # a one-token member; a long one
     gids += [3, 3]
-    p = group_packed_layout(build_batch(seqs, masks, group_ids=gids))
+    p = group_packed_layout(build_batch(seqs, masks, group_ids=gids), row_tokens=40)
     rows, width = p.tokens.shape
-    assert len(p.spans) == rows and min(ln for _, ms in p.spans for _, ln in ms) == 2  # last prompt token + 1
-    plan = GroupAttentionPlan.build(p.spans, width, p.attention_mask)
+    assert rows < len(p.spans) and min(ln for *_, ms in p.spans for _, ln in ms) == 2  # last prompt token + 1
+    assert any(start > 0 for _, start, _, _ in p.spans)  # some row holds two groups
+    plan = GroupAttentionPlan.build(p.spans, rows, width, p.attention_mask)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
     real = torch.zeros(rows, width, dtype=torch.bool)
-    for r, (sp, ms) in enumerate(p.spans):
-        real[r, :sp] = True
+    for r, start, sp, ms in p.spans:
+        real[r, start:start + sp] = True
         for off, ln in ms:
             real[r, off:off + ln] = True
     assert (~real).any()  # some row is padded
