@@ -41,6 +41,7 @@ ENV_SWITCH = "MEGATRON_RECYCLE_CPU_GEMM"
 MAX_ROWS = 64  # above this MKL's blocked GEMM is at least as fast (measured crossover ~48-96 rows)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny_gemm.c"
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+LDLIBS = ("-lm",)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes library, or "reason": why it is unavailable
@@ -75,7 +76,7 @@ def build(force: bool = False) -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"cannot run the C compiler {cc}: {exc}") from exc
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join(CFLAGS + LDLIBS).encode() + version.encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     target = out_dir / f"skinny_gemm_{key}.so"
     if target.exists() and not force:
@@ -84,7 +85,7 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".skinny_gemm_", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, *LDLIBS], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} failed ({cc}, exit {proc.returncode}):\n"
@@ -108,10 +109,11 @@ def _load() -> ctypes.CDLL | None:
         if reason is None:
             try:
                 lib = ctypes.CDLL(str(build()))
-                fn = lib.mr_skinny_gemm
+                fn = lib.mr_skinny_gemm_ex
                 fn.restype = ctypes.c_int
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ctypes.c_int]
+                fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_float, ptr, ptr,
+                               ctypes.c_int]
                 _state["lib"] = lib
                 log.info("skinny CPU GEMM loaded (%s)", lib._name)
                 return lib
@@ -138,35 +140,57 @@ def reset() -> None:
         _state.clear()
 
 
-def supports(x2d: torch.Tensor, w: torch.Tensor) -> bool:
+def _fp32_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def supports(x2d: torch.Tensor, w: torch.Tensor, norm_weight: torch.Tensor | None = None, swiglu: bool = False,
+             residual: torch.Tensor | None = None) -> bool:
     """Whether skinny_mm takes these operands (the caller falls back to torch otherwise)."""
-    return (x2d.dim() == 2 and w.dim() == 2 and 0 < x2d.shape[0] <= MAX_ROWS and w.shape[0] > 0
-            and x2d.shape[1] == w.shape[1] and x2d.device.type == "cpu" and w.device.type == "cpu"
-            and x2d.dtype == torch.float32 and w.dtype == torch.float32
-            and w.stride(1) == 1
-            and (not torch.is_grad_enabled() or not (x2d.requires_grad or w.requires_grad)))
+    if x2d.dim() != 2 or w.dim() != 2 or not (_fp32_cpu(x2d) and _fp32_cpu(w)) or w.stride(1) != 1:
+        return False
+    m, k = x2d.shape
+    n, kw = w.shape
+    if not (0 < m <= MAX_ROWS and n > 0 and k == (2 * kw if swiglu else kw)):
+        return False
+    if norm_weight is not None and (swiglu or norm_weight.shape != (kw,) or not _fp32_cpu(norm_weight)
+                                    or not norm_weight.is_contiguous()):
+        return False
+    if residual is not None and (residual.shape != (m, n) or not _fp32_cpu(residual) or not residual.is_contiguous()):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, w, norm_weight, residual)):
+        return False
+    return True
 
 
-def skinny_mm(x2d: torch.Tensor, w: torch.Tensor, threads: int | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2d @ w.T`` ([M, K] x [N, K] -> contiguous [M, N], into ``out`` when given); ``x2d`` may
-    have any strides. Requires ``available()`` and ``supports(x2d, w)``; no autograd."""
+def skinny_mm(x2d: torch.Tensor, w: torch.Tensor, threads: int | None = None, out: torch.Tensor | None = None, *,
+              norm_weight: torch.Tensor | None = None, eps: float = 1e-6, swiglu: bool = False,
+              residual: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """``residual + f(x2d) @ w.T`` -> contiguous [M, N] (into ``out`` when given, which may be
+    ``residual`` itself). f is the identity, or with ``norm_weight`` an RMSNorm (weight, ``eps``)
+    of each row, or with ``swiglu`` silu(gate) * up of a [M, 2K] input (gate first) -- fused into
+    the packing of x, so the normalized / activated rows never exist as tensors. ``x2d`` may have
+    any strides. Requires ``available()`` and ``supports(...)`` (``check=False``: the caller has
+    just called supports() on these operands); no autograd."""
+    global calls
     lib = _load()
     if lib is None:
         raise RuntimeError(f"skinny CPU GEMM unavailable: {_state.get('reason')}")
-    if not supports(x2d, w):
+    if check and not supports(x2d, w, norm_weight, swiglu, residual):
         raise ValueError(f"skinny_mm does not take x {tuple(x2d.shape)} {x2d.dtype} {x2d.device} / "
                          f"w {tuple(w.shape)} {w.dtype} {w.device} (see cpu_gemm.supports)")
-    global calls
-    m, k = x2d.shape
-    n = w.shape[0]
+    m = x2d.shape[0]
+    n, k = w.shape
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32)
     elif out.shape != (m, n) or out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError(f"skinny_mm out must be a contiguous fp32 CPU tensor of shape {(m, n)}, "
                          f"got {tuple(out.shape)} {out.dtype} {out.device}")
-    rc = lib.mr_skinny_gemm(w.data_ptr(), n, k, w.stride(0), x2d.data_ptr(), m, x2d.stride(0), x2d.stride(1),
-                            out.data_ptr(), int(threads or torch.get_num_threads()))
+    mode = 1 if norm_weight is not None else 2 if swiglu else 0
+    rc = lib.mr_skinny_gemm_ex(w.data_ptr(), n, k, w.stride(0), x2d.data_ptr(), m, x2d.stride(0), x2d.stride(1),
+                               mode, norm_weight.data_ptr() if norm_weight is not None else None, float(eps),
+                               residual.data_ptr() if residual is not None else None, out.data_ptr(),
+                               int(threads or torch.get_num_threads()))
     if rc == 2:
         raise MemoryError(f"skinny_mm could not allocate its {k} x {(m + 7) // 8 * 8} packing buffer")
     if rc != 0:

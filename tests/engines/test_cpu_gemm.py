@@ -61,6 +61,38 @@ def test_strided_operands_and_threads():
     torch.testing.assert_close(cpu_gemm.skinny_mm(x_t, w, threads=2), ref, rtol=0, atol=0)  # same order
 
 
+@pytest.mark.parametrize("m", [1, 7, 13, 16, 40])
+@pytest.mark.parametrize("k", [5, 576])
+def test_fused_prologues_and_residual(m, k):
+    """RMSNorm and SwiGLU applied while packing x, plus a residual added on output, against the
+    same arithmetic in float64; ``out`` may be the residual itself (in place)."""
+    g = torch.Generator().manual_seed(m + k)
+    n, eps = 37, 1e-5
+    w = torch.randn(n, k, generator=g)
+    nw = torch.rand(k, generator=g) + 0.5
+    res = torch.randn(m, n, generator=g)
+    x = torch.randn(k, m, generator=g).t() * 3  # strided
+    xd = x.double()
+    normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * nw.double()
+    both = torch.randn(m, 2 * k, generator=g) * 2
+    act = torch.nn.functional.silu(both[:, :k].double()) * both[:, k:].double()
+    u = 2.0**-24
+    for got, f in ((cpu_gemm.skinny_mm(x, w, norm_weight=nw, eps=eps), normed),
+                   (cpu_gemm.skinny_mm(both, w, swiglu=True), act),
+                   (cpu_gemm.skinny_mm(x, w, residual=res), xd)):
+        resid = res.double() if got is not None and f is xd else 0.0
+        ref = resid + f @ w.double().T
+        bound = 4 * (k + 2) * u * (f.abs() @ w.double().abs().T) + 2 * u * (ref.abs() + 1e-30)
+        assert ((got.double() - ref).abs() <= bound).all(), ((got.double() - ref).abs() / bound).max()
+    inplace = res.clone()
+    out = cpu_gemm.skinny_mm(both, w, swiglu=True, residual=inplace, out=inplace)
+    assert out.data_ptr() == inplace.data_ptr()
+    torch.testing.assert_close(out.double(), res.double() + act @ w.double().T, atol=1e-3, rtol=1e-4)
+    assert not cpu_gemm.supports(both, w)  # [M, 2K] without swiglu
+    assert not cpu_gemm.supports(x, w, norm_weight=nw[:-1])
+    assert not cpu_gemm.supports(x, w, residual=torch.randn(m, 2 * n)[:, ::2])
+
+
 def test_rejects_what_it_does_not_take():
     w = torch.randn(8, 4)
     assert not cpu_gemm.supports(torch.randn(cpu_gemm.MAX_ROWS + 1, 4), w)

@@ -11,6 +11,7 @@
  * Accumulation runs in k order in fp32, one accumulator per (n, m).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,7 +77,7 @@ static void row1(const float *w, int64_t K, const float *xt, int64_t MP, float *
  * [rows, MP], then write the M real columns to out [M, N] (row-major, so the caller gets a
  * contiguous x @ w^T). */
 static void rows_block(const float *w, int64_t ldw, int64_t K, const float *xt, int64_t M, int64_t MP,
-                       int64_t N, int64_t n0, int rows, float *out) {
+                       int64_t N, int64_t n0, int rows, const float *res, float *out) {
     float buf[6 * MAX_MP];
     if (rows == 6) {
         int64_t m0 = 0;
@@ -85,29 +86,52 @@ static void rows_block(const float *w, int64_t ldw, int64_t K, const float *xt, 
     } else {
         row1(w, K, xt, MP, buf);
     }
-    for (int64_t m = 0; m < M; m++)
-        for (int r = 0; r < rows; r++) out[m * N + n0 + r] = buf[r * MP + m];
+    if (res)
+        for (int64_t m = 0; m < M; m++)
+            for (int r = 0; r < rows; r++) out[m * N + n0 + r] = res[m * N + n0 + r] + buf[r * MP + m];
+    else
+        for (int64_t m = 0; m < M; m++)
+            for (int r = 0; r < rows; r++) out[m * N + n0 + r] = buf[r * MP + m];
 }
 
-/* out [M, N] = x @ w^T. x is read through its strides (sxm, sxk), w through its row stride.
- * Returns 0 on success, 1 when M is out of range, 2 when the packing buffer cannot be allocated
- * (nothing written in either case). */
-int mr_skinny_gemm(const float *w, int64_t N, int64_t K, int64_t ldw, const float *x, int64_t M,
-                   int64_t sxm, int64_t sxk, float *out, int nthreads) {
-    if (M < 1 || M > MAX_MP) return 1;
+/* out [M, N] = res + prologue(x) @ w^T, where prologue is applied while x is packed:
+ *   mode 0: x itself ([M, K]);
+ *   mode 1: RMSNorm, x[m, k] * nw[k] / sqrt(mean_k x[m, k]^2 + eps) (sum of squares in double);
+ *   mode 2: SwiGLU of a [M, 2K] input, silu(x[m, k]) * x[m, K + k] (gate first, then up).
+ * x is read through its strides (sxm, sxk); res (may be NULL) is a contiguous [M, N] added to
+ * the product. Returns 0 on success, 1 when M or mode is out of range, 2 when the packing buffer
+ * cannot be allocated (nothing written in either case). */
+int mr_skinny_gemm_ex(const float *w, int64_t N, int64_t K, int64_t ldw, const float *x, int64_t M,
+                      int64_t sxm, int64_t sxk, int mode, const float *nw, float eps, const float *res,
+                      float *out, int nthreads) {
+    if (M < 1 || M > MAX_MP || mode < 0 || mode > 2) return 1;
     int64_t MP = (M + 7) / 8 * 8;
     float *xt = (float *)aligned_alloc(64, (size_t)((K * MP * 4 + 63) / 64 * 64));
     if (!xt) return 2;
     memset(xt, 0, (size_t)(K * MP) * sizeof(float));
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xt[k * MP + m] = x[m * sxm + k * sxk];
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * sxm;
+        if (mode == 1) {
+            double ss = 0.0;
+            for (int64_t k = 0; k < K; k++) ss += (double)xm[k * sxk] * (double)xm[k * sxk];
+            float r = (float)(1.0 / sqrt(ss / (double)K + (double)eps));
+            for (int64_t k = 0; k < K; k++) xt[k * MP + m] = (xm[k * sxk] * r) * nw[k];
+        } else if (mode == 2) {
+            for (int64_t k = 0; k < K; k++) {
+                float g = xm[k * sxk];
+                xt[k * MP + m] = (g / (1.0f + expf(-g))) * xm[(K + k) * sxk];
+            }
+        } else {
+            for (int64_t k = 0; k < K; k++) xt[k * MP + m] = xm[k * sxk];
+        }
+    }
     int64_t tiles = N / 6;
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static) nowait
-        for (int64_t t = 0; t < tiles; t++) rows_block(w + t * 6 * ldw, ldw, K, xt, M, MP, N, t * 6, 6, out);
+        for (int64_t t = 0; t < tiles; t++) rows_block(w + t * 6 * ldw, ldw, K, xt, M, MP, N, t * 6, 6, res, out);
         #pragma omp for schedule(static)
-        for (int64_t n = tiles * 6; n < N; n++) rows_block(w + n * ldw, ldw, K, xt, M, MP, N, n, 1, out);
+        for (int64_t n = tiles * 6; n < N; n++) rows_block(w + n * ldw, ldw, K, xt, M, MP, N, n, 1, res, out);
     }
     free(xt);
     return 0;
