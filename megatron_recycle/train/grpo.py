@@ -181,6 +181,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
     k = cfg.rollout.group_size
     chosen_groups: list[list[dict]] = []
     all_trajs: list = []
+    reused_before = getattr(rt.engine, "reused_tokens", None)  # native engine: prefix-store hits
     rewards_all: list[torch.Tensor] = []
     gen_batch = n_effective = n_rollouts = 0
     decisions = []
@@ -218,6 +219,9 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
             break
     info = {"rollout": rollout_metrics(all_trajs) if all_trajs else {}, "effective": n_effective,
             "rollouts": n_rollouts, "decisions": decisions}
+    if reused_before is not None and info["rollout"]:
+        # prompt tokens whose keys/values came from the previous turn (not prefilled again)
+        info["rollout"]["prefix_reused_tokens"] = float(rt.engine.reused_tokens - reused_before)
     if rt.is_rank0:
         r = torch.cat(rewards_all)
         info["reward_mean"] = float(r.mean())

@@ -96,6 +96,7 @@ def test_two_steps_every_strategy(env, strategy, extra):
     # the custom coin reward is not exact match: the two metrics are logged separately
     assert all(r["em_mean"] == r["rollout/em_mean"] and r["reward_mean"] == r["rollout/reward_mean"] for r in rows)
     assert all("memory/max_rss_gib" in r for r in rows)
+    assert all(r["rollout/prefix_reused_tokens"] == 0 for r in rows)  # native engine, single turn: nothing to reuse
     if "loss.kl_beta=0.01" in extra:  # reference log-probs were computed and the KL term reported
         trained = [r for r in rows if r["effective_batch"]]
         assert all(r["time/logprob"] > 0 and "train/ref_kl" in r for r in trained)
