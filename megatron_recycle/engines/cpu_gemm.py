@@ -1,4 +1,6 @@
-"""A skinny fp32 GEMM for CPU decoding (``x @ w.T`` for a few rows of ``x``), built on first use.
+"""Small C kernels for CPU decoding, built on first use: a skinny fp32 GEMM (``x @ w.T`` for a
+few rows of ``x``, with an RMSNorm / SwiGLU prologue and a residual epilogue fused in) and a
+one-call decode attention (QK-norm, RoPE, cache write, softmax attention) per layer.
 
 Why: a decode step multiplies every weight matrix by the 1-64 rows of the batch being decoded.
 On the AMD (Zen 3) CPUs this project runs on, the BLAS bundled with PyTorch's CPU wheel (MKL)
@@ -46,6 +48,7 @@ LDLIBS = ("-lm",)
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes library, or "reason": why it is unavailable
 calls = 0  # skinny_mm calls in this process (tests check that a path really used the kernel)
+attention_calls = 0  # decode_attention calls that ran the C kernel
 
 
 def _cache_dir() -> Path:
@@ -114,6 +117,10 @@ def _load() -> ctypes.CDLL | None:
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
                 fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_float, ptr, ptr,
                                ctypes.c_int]
+                att = lib.mr_decode_attention
+                att.restype = ctypes.c_int
+                att.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr,
+                                ctypes.c_float, ctypes.c_float, ptr, ctypes.c_int]
                 _state["lib"] = lib
                 log.info("skinny CPU GEMM loaded (%s)", lib._name)
                 return lib
@@ -196,4 +203,52 @@ def skinny_mm(x2d: torch.Tensor, w: torch.Tensor, threads: int | None = None, ou
     if rc != 0:
         raise RuntimeError(f"skinny_mm rejected {m} rows (at most {MAX_ROWS})")
     calls += 1
+    return out
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     cos_t: torch.Tensor, sin_t: torch.Tensor, groups: int, per: int, head_dim: int,
+                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+                     scale: float | None = None, threads: int | None = None) -> torch.Tensor | None:
+    """One decode step's attention for M rows, in one call: QK-norm (optional), RoPE, the new
+    keys/values written into the caches at ``pos``, and softmax attention over positions 0..pos.
+
+    qkv [M, groups * (per + 2) * head_dim] (Megatron's fused layout: per group, its ``per`` query
+    heads, then k, then v); k_cache / v_cache [M, groups, T, head_dim] (views of the engine's
+    cache; written in place); pos [M] int64; cos_t / sin_t [>= max(pos) + 1, head_dim]
+    (rotate-half tables). Returns [M, groups * per * head_dim] (head g * per + j at columns
+    (g * per + j) * head_dim), or None when these operands are not ones it takes (the caller then
+    runs the PyTorch ops). fp32 CPU only; no autograd."""
+    lib = _load()
+    if lib is None:
+        return None
+    m = qkv.shape[0]
+    tensors = [qkv, k_cache, v_cache, cos_t, sin_t] + [t for t in (q_norm, k_norm) if t is not None]
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or not all(_fp32_cpu(t) for t in tensors):
+        return None
+    if (qkv.dim() != 2 or not qkv.is_contiguous() or qkv.shape[1] != groups * (per + 2) * head_dim
+            or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride()
+            or tuple(k_cache.shape[:2]) != (m, groups) or k_cache.shape[3] != head_dim or k_cache.stride(3) != 1
+            or pos.shape != (m,) or pos.dtype != torch.int64 or pos.device.type != "cpu"
+            or not (cos_t.is_contiguous() and sin_t.is_contiguous()) or cos_t.shape != sin_t.shape
+            or cos_t.shape[1] != head_dim):
+        return None
+    pos = pos.contiguous()
+    top = int(pos.max()) if m else 0
+    if m == 0 or int(pos.min()) < 0 or top >= k_cache.shape[2] or top >= cos_t.shape[0]:
+        return None
+    for t in (q_norm, k_norm):
+        if t is not None and (t.shape != (head_dim,) or not t.is_contiguous()):
+            return None
+    out = torch.empty(m, groups * per * head_dim, dtype=torch.float32)
+    rc = lib.mr_decode_attention(
+        qkv.data_ptr(), m, groups, per, head_dim, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), pos.data_ptr(), cos_t.data_ptr(), sin_t.data_ptr(),
+        q_norm.data_ptr() if q_norm is not None else None, k_norm.data_ptr() if k_norm is not None else None,
+        float(eps), float(scale if scale is not None else head_dim ** -0.5), out.data_ptr(),
+        int(threads or torch.get_num_threads()))
+    if rc != 0:
+        raise MemoryError("decode_attention could not allocate its scratch buffers")
+    global attention_calls
+    attention_calls += 1
     return out

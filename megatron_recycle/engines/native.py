@@ -18,9 +18,11 @@ It is a lean decode loop written for small batches on a CPU (it also runs on one
   an information block) prefills only its new tokens. The store is dropped by sleep() (before
   the trainer runs), by clear_prefix_cache(), and whenever the weights changed in place (the
   parameters' version counters moved);
-- decode GEMMs (1-64 rows) on CPU go to a skinny AVX2/FMA kernel built on first use
-  (engines/cpu_gemm.py; ``fast_gemm=False`` or MEGATRON_RECYCLE_CPU_GEMM=0 turn it off), which
-  streams the weights 1.4-2x faster than MKL does on AMD CPUs;
+- on a CPU (fp32), decode steps of 5-64 rows run through small C kernels built on first use
+  (engines/cpu_gemm.py; ``fast_gemm=False`` or MEGATRON_RECYCLE_CPU_GEMM=0 turn them off): a
+  skinny AVX2/FMA GEMM that streams the weights 1.4-2x faster than MKL does on AMD CPUs, with
+  the RMSNorm / SwiGLU before it and the residual add after it fused in, and one call per layer
+  for QK-norm, RoPE, the cache write and the attention (instead of ~15 small torch ops);
 - logits only where a token is chosen (the last prompt position, then each new token);
 - rows that finish are dropped from the batch once enough of them have finished.
 Sampling, seeds and stop strings are DecodingBase's (engines/hf.py), shared with HFEngine, so
@@ -226,10 +228,13 @@ class NativeEngine(DecodingBase):
 
     def _qkv(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, H] -> q [B, heads, T, hd], k and v [B, groups, T, hd] (RoPE and QK-norm applied)."""
-        b, t, _ = x.shape
+        return self._split_qkv(layer, self._linear(x, layer.qkv_w, layer.qkv_b, norm=layer.ln_attn), cos, sin)
+
+    def _split_qkv(self, layer: _Layer, fused: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The fused q/k/v projection [B, T, G * (per + 2) * hd] -> q, k, v as in _qkv."""
+        b, t, _ = fused.shape
         per = self.n_heads // self.n_groups
-        qkv = self._linear(x, layer.qkv_w, layer.qkv_b, norm=layer.ln_attn).view(
-            b, t, self.n_groups, per + 2, self.head_dim)
+        qkv = fused.view(b, t, self.n_groups, per + 2, self.head_dim)
         v = qkv[:, :, :, per + 1]
         if layer.q_norm is None and layer.k_norm is None:
             # q and k side by side in each group's block: one RoPE pass for both
@@ -423,8 +428,18 @@ class NativeEngine(DecodingBase):
         mask = (torch.arange(span, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
         rows = torch.arange(b, device=pos.device)
         scale = self.head_dim ** -0.5
+        fast = self.fast_gemm and x.device.type == "cpu" and x.dtype == torch.float32 and cpu_gemm.available()
+        per = self.n_heads // self.n_groups
         for li, layer in enumerate(w["layers"]):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            fused = self._linear(x, layer.qkv_w, layer.qkv_b, norm=layer.ln_attn)
+            if fast:  # QK-norm, RoPE, cache write and attention in one C call per layer
+                out = cpu_gemm.decode_attention(fused.view(b, -1), cache[li, 0], cache[li, 1], pos, cos_t, sin_t,
+                                                self.n_groups, per, self.head_dim, layer.q_norm, layer.k_norm,
+                                                self.eps, scale)
+                if out is not None:
+                    x = self._finish_layer(layer, x, out.view(b, 1, self.n_heads, self.head_dim).transpose(1, 2))
+                    continue
+            q, k, v = self._split_qkv(layer, fused, cos, sin)
             cache[li, 0, rows, :, pos] = k[:, :, 0]
             cache[li, 1, rows, :, pos] = v[:, :, 0]
             # One query per head: a group's heads are its queries against the group's keys, so

@@ -93,6 +93,67 @@ def test_fused_prologues_and_residual(m, k):
     assert not cpu_gemm.supports(x, w, residual=torch.randn(m, 2 * n)[:, ::2])
 
 
+def _attention_reference(qkv, kc, vc, pos, cos_t, sin_t, g, per, hd, qn, kn, eps, scale):
+    """float64: QK-norm, rotate-half RoPE, cache write, softmax attention over 0..pos."""
+    m = qkv.shape[0]
+    blk = qkv.double().view(m, g, per + 2, hd)
+    kc, vc = kc.double().clone(), vc.double().clone()
+    out = torch.zeros(m, g, per, hd, dtype=torch.float64)
+
+    def rms(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w.double() if w is not None else v
+
+    def rope(v, p):
+        c, s = cos_t[p].double(), sin_t[p].double()
+        rot = torch.cat([-v[..., hd // 2:], v[..., : hd // 2]], -1)
+        return v * c + rot * s
+
+    for i in range(m):
+        p = int(pos[i])
+        k = rope(rms(blk[i, :, per], kn), p)
+        kc[i, :, p], vc[i, :, p] = k, blk[i, :, per + 1]
+        q = rope(rms(blk[i, :, :per], qn), p)  # [g, per, hd]
+        scores = torch.einsum("gjd,gtd->gjt", q, kc[i, :, : p + 1]) * scale
+        out[i] = torch.einsum("gjt,gtd->gjd", scores.softmax(-1), vc[i, :, : p + 1])
+    return out.reshape(m, -1), kc, vc
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("hd", [8, 12, 64])
+def test_decode_attention_matches_float64_reference(qk_norm, hd):
+    g_, per, m, cap = 3, 3, 5, 40
+    gen = torch.Generator().manual_seed(hd + qk_norm)
+    qkv = torch.randn(m, g_ * (per + 2) * hd, generator=gen)
+    cache = torch.randn(2, m, g_, cap, hd, generator=gen)  # stale values past pos must be ignored
+    pos = torch.tensor([0, 3, 17, 39, 8])
+    ang = torch.arange(cap, dtype=torch.float64)[:, None] * torch.rand(hd // 2, generator=gen, dtype=torch.float64)
+    emb = torch.cat([ang, ang], -1)
+    cos_t, sin_t = emb.cos().float(), emb.sin().float()
+    qn = torch.rand(hd, generator=gen) + 0.5 if qk_norm else None
+    kn = torch.rand(hd, generator=gen) + 0.5 if qk_norm else None
+    ref, kref, vref = _attention_reference(qkv, cache[0], cache[1], pos, cos_t, sin_t, g_, per, hd, qn, kn, 1e-6, 0.3)
+    before = cpu_gemm.attention_calls
+    out = cpu_gemm.decode_attention(qkv, cache[0], cache[1], pos, cos_t, sin_t, g_, per, hd, qn, kn, 1e-6, 0.3)
+    assert out is not None and cpu_gemm.attention_calls == before + 1
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    for i, p in enumerate(pos.tolist()):  # the new key/value written at pos, everything else untouched
+        torch.testing.assert_close(cache[0, i].double(), kref[i], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(cache[1, i].double(), vref[i], atol=0, rtol=0)
+
+
+def test_decode_attention_declines_what_it_does_not_take():
+    qkv = torch.randn(2, 1 * 3 * 8)
+    cache = torch.zeros(2, 2, 1, 10, 8)
+    tab = torch.zeros(10, 8)
+    pos = torch.tensor([1, 2])
+    args = (tab, tab, 1, 1, 8)
+    assert cpu_gemm.decode_attention(qkv, cache[0], cache[1], pos, *args) is not None
+    assert cpu_gemm.decode_attention(qkv.double(), cache[0], cache[1], pos, *args) is None
+    assert cpu_gemm.decode_attention(qkv, cache[0], cache[1], torch.tensor([1, 10]), *args) is None  # past the cache
+    assert cpu_gemm.decode_attention(qkv, cache[0], cache[1], pos.int(), *args) is None
+    assert cpu_gemm.decode_attention(qkv[:, :-1], cache[0], cache[1], pos, *args) is None
+
+
 def test_rejects_what_it_does_not_take():
     w = torch.randn(8, 4)
     assert not cpu_gemm.supports(torch.randn(cpu_gemm.MAX_ROWS + 1, 4), w)

@@ -155,18 +155,19 @@ def test_prefix_store_reuses_the_previous_turn_and_gives_the_same_result(world1,
 
 
 def test_skinny_cpu_gemm_is_used_and_agrees_with_torch_matmul(world1, tiny):
-    """Decode steps of 5+ rows go through engines/cpu_gemm (where it builds); an engine with
-    fast_gemm=False (PyTorch's matmul) chooses the same tokens with log-probs within 1e-5."""
+    """Decode steps of 5+ rows go through engines/cpu_gemm (where it builds), attention through its
+    one-call decode attention (Qwen3: with QK-norm); an engine with fast_gemm=False (PyTorch ops)
+    chooses the same tokens with log-probs within 1e-5."""
     from megatron_recycle.engines import cpu_gemm
 
     hf_engine, fast, model = _pair(tiny, "qwen3", False)
     slow = NativeEngine(model, hf_engine.model.config, CharTokenizer(), fast_gemm=False)
     prompts = _prompts(n_groups=3, k=3, seed=4)
     params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=2)
-    before = cpu_gemm.calls
+    before, att_before = cpu_gemm.calls, cpu_gemm.attention_calls
     a = slow.generate(prompts, params)
-    assert cpu_gemm.calls == before
+    assert (cpu_gemm.calls, cpu_gemm.attention_calls) == (before, att_before)
     b = fast.generate(prompts, params)
-    if cpu_gemm.available():
-        assert cpu_gemm.calls > before
+    if cpu_gemm.available():  # the skinny GEMM and the one-call decode attention both ran
+        assert cpu_gemm.calls > before and cpu_gemm.attention_calls > att_before
     _same(a, b, atol=1e-5)

@@ -136,3 +136,95 @@ int mr_skinny_gemm_ex(const float *w, int64_t N, int64_t K, int64_t ldw, const f
     free(xt);
     return 0;
 }
+
+/* ------------------------------------------------------------------ decode attention (one token)
+ * For each row m (one new token at position pos[m]) and query group g, from the fused q/k/v row
+ * qkv[m] = [group 0: q heads (per of them), k, v][group 1: ...] (head_dim hd each):
+ *   optional RMSNorm of each q head and of k (qn, kn: [hd] weights; Qwen3's QK-norm), RoPE
+ *   (rotate-half, cos/sin tables [positions, hd]) of q and k at pos[m], then k and v are written
+ *   to the cache at pos[m], and each q head attends over cache positions 0..pos[m] (softmax in
+ *   fp32, scores scaled by scale). out [M, G * per * hd]: head (g * per + j) at columns
+ *   (g * per + j) * hd. The caches are indexed kc[m * s_row + g * s_grp + t * s_pos + d].
+ * Returns 0, or 2 when a scratch buffer cannot be allocated (the cache may then hold the new
+ * keys/values of some rows; the caller raises). */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    float r = _mm_cvtss_f32(lo);
+    for (; d < n; d++) r += a[d] * b[d];
+    return r;
+}
+
+static void rms_inplace(float *v, int64_t n, const float *w, float eps) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)v[i] * (double)v[i];
+    float r = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    for (int64_t i = 0; i < n; i++) v[i] = (v[i] * r) * w[i];
+}
+
+static void rope(const float *src, float *dst, int64_t hd, const float *c, const float *s) {
+    int64_t half = hd / 2;
+    for (int64_t d = 0; d < hd; d++) {
+        float rot = d < half ? -src[d + half] : src[d - half];
+        dst[d] = src[d] * c[d] + rot * s[d];
+    }
+}
+
+int mr_decode_attention(const float *qkv, int64_t M, int64_t G, int64_t per, int64_t hd, float *kc, float *vc,
+                        int64_t s_row, int64_t s_grp, int64_t s_pos, const int64_t *pos, const float *cos_t,
+                        const float *sin_t, const float *qn, const float *kn, float eps, float scale, float *out,
+                        int nthreads) {
+    int64_t maxpos = 0;
+    for (int64_t m = 0; m < M; m++) maxpos = pos[m] > maxpos ? pos[m] : maxpos;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = (float *)malloc((size_t)(maxpos + 1 + 3 * hd) * sizeof(float));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static) collapse(2)
+        for (int64_t m = 0; m < M; m++) {
+            for (int64_t g = 0; g < G; g++) {
+                if (!buf) continue;
+                float *scores = buf, *tmp = buf + maxpos + 1, *qr = tmp + hd, *kr = qr + hd;
+                const float *blk = qkv + (m * G + g) * (per + 2) * hd;
+                const float *c = cos_t + pos[m] * hd, *s = sin_t + pos[m] * hd;
+                float *kbase = kc + m * s_row + g * s_grp, *vbase = vc + m * s_row + g * s_grp;
+                memcpy(tmp, blk + per * hd, (size_t)hd * sizeof(float));
+                if (kn) rms_inplace(tmp, hd, kn, eps);
+                rope(tmp, kr, hd, c, s);
+                memcpy(kbase + pos[m] * s_pos, kr, (size_t)hd * sizeof(float));
+                memcpy(vbase + pos[m] * s_pos, blk + (per + 1) * hd, (size_t)hd * sizeof(float));
+                int64_t span = pos[m] + 1;
+                for (int64_t j = 0; j < per; j++) {
+                    memcpy(tmp, blk + j * hd, (size_t)hd * sizeof(float));
+                    if (qn) rms_inplace(tmp, hd, qn, eps);
+                    rope(tmp, qr, hd, c, s);
+                    float mx = -INFINITY;
+                    for (int64_t t = 0; t < span; t++) {
+                        scores[t] = dot(qr, kbase + t * s_pos, hd) * scale;
+                        mx = scores[t] > mx ? scores[t] : mx;
+                    }
+                    float sum = 0.0f;
+                    for (int64_t t = 0; t < span; t++) { scores[t] = expf(scores[t] - mx); sum += scores[t]; }
+                    float inv = 1.0f / sum;
+                    float *o = out + m * (G * per * hd) + (g * per + j) * hd;
+                    for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
+                    for (int64_t t = 0; t < span; t++) {
+                        const float *vt = vbase + t * s_pos;
+                        float p = scores[t] * inv;
+                        for (int64_t d = 0; d < hd; d++) o[d] += p * vt[d];
+                    }
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? 2 : 0;
+}
