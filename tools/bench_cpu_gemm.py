@@ -55,20 +55,18 @@ def run(a: argparse.Namespace) -> dict:
     dims = shapes(a.hidden, a.intermediate, a.qkv, a.vocab, a.layers)
     weights = [torch.randn(n, k) for n, k in dims]
     total = sum(w.numel() * 4 for w in weights)
-    flat = torch.randn(total // 4)
-    read_gbs = total / best_of(lambda: flat.sum(), a.repeats) / 1e9
-    del flat
+    read_gbs = total / best_of(torch.randn(total // 4).sum, a.repeats) / 1e9
     if not cpu_gemm.available():
         print(f"skinny kernel unavailable ({cpu_gemm.unavailable_reason()}); timing PyTorch only")
     rows = []
     for m in a.rows:
         xs = {k: torch.randn(m, k) for k in {k for _, k in dims}}
         impls = {
-            "w @ x.T": lambda w: (w @ xs[w.shape[1]].t()).t(),  # a view: [M, N] like the others
-            "F.linear": lambda w: F.linear(xs[w.shape[1]], w),
+            "w @ x.T": lambda w, xs=xs: (w @ xs[w.shape[1]].t()).t(),  # a view: [M, N] like the others
+            "F.linear": lambda w, xs=xs: F.linear(xs[w.shape[1]], w),
         }
         if cpu_gemm.available() and m <= cpu_gemm.MAX_ROWS:
-            impls["skinny"] = lambda w: cpu_gemm.skinny_mm(xs[w.shape[1]], w)
+            impls["skinny"] = lambda w, xs=xs: cpu_gemm.skinny_mm(xs[w.shape[1]], w)
         for name, f in impls.items():
             for w in weights[:4] + weights[-1:]:  # one of each shape, against float64
                 ref = xs[w.shape[1]].double() @ w.double().t()

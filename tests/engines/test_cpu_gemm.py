@@ -136,7 +136,7 @@ def test_decode_attention_matches_float64_reference(qk_norm, hd):
     out = cpu_gemm.decode_attention(qkv, cache[0], cache[1], pos, cos_t, sin_t, g_, per, hd, qn, kn, 1e-6, 0.3)
     assert out is not None and cpu_gemm.attention_calls == before + 1
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
-    for i, p in enumerate(pos.tolist()):  # the new key/value written at pos, everything else untouched
+    for i in range(len(pos)):  # the new key/value written at pos, everything else untouched
         torch.testing.assert_close(cache[0, i].double(), kref[i], atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(cache[1, i].double(), vref[i], atol=0, rtol=0)
 

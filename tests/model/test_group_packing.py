@@ -79,7 +79,7 @@ def test_layout_shares_only_loss_free_prefixes():
     m = ~p.attention_mask[0, 0]
     assert sorted(sp for _, _, sp, _ in p.spans) == sorted(prefix)
     spans = sorted(p.spans, key=lambda sp: sp[1])  # by offset in the row
-    (_, a0, s0, ms0), (_, a1, s1, ms1) = spans[0], spans[1]
+    (_, a0, s0, ms0), (_, a1, s1, _) = spans[0], spans[1]
     assert a0 == 0 and a1 == s0 + sum(ln for _, ln in ms0)
     (o1, l1), (o2, _) = ms0[0], ms0[1]
     # a suffix never sees another member's suffix; the prefix sees only itself
