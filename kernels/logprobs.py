@@ -249,15 +249,11 @@ def _grad_torch(
     step = _row_chunk(vocab)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        if inv_temp == 1.0 and logits.dtype == dt and g_ent is None and grad.dtype == dt:
-            # the whole gradient in place in its output rows: no temporaries, no final copy
-            g = torch.sub(logits[a:b], lse[a:b, None].to(dt), out=grad[a:b]).exp_()
-            g.mul_(-(g_lp[a:b, None].to(dt) if g_lp is not None else 0.0))
-            if g_lp is not None:
-                rows_here = here[a:b].nonzero().squeeze(1)
-                g[rows_here, tgt[a:b][rows_here]] += g_lp[a:b][rows_here].to(dt)
-            continue
-        if inv_temp == 1.0 and logits.dtype == dt:
+        unscaled = inv_temp == 1.0 and logits.dtype == dt
+        in_place = unscaled and g_ent is None and grad.dtype == dt  # build the gradient in its own rows
+        if in_place:
+            logp = torch.sub(logits[a:b], lse[a:b, None].to(dt), out=grad[a:b])
+        elif unscaled:
             logp = logits[a:b].sub(lse[a:b, None].to(dt))  # one pass instead of copy, scale, shift
         else:
             logp = logits[a:b].to(dt, copy=True).mul_(inv_temp).sub_(lse[a:b, None].to(dt))
@@ -270,7 +266,8 @@ def _grad_torch(
         if g_lp is not None:
             rows_here = here[a:b].nonzero().squeeze(1)
             g[rows_here, tgt[a:b][rows_here]] += g_lp[a:b][rows_here].to(dt)
-        grad[a:b] = g.mul_(inv_temp)
+        if not in_place:
+            grad[a:b] = g.mul_(inv_temp)
     return grad
 
 

@@ -233,9 +233,11 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
             or not (cos_t.is_contiguous() and sin_t.is_contiguous()) or cos_t.shape != sin_t.shape
             or cos_t.shape[1] != head_dim):
         return None
+    if m == 0:
+        return None
     pos = pos.contiguous()
-    top = int(pos.max()) if m else 0
-    if m == 0 or int(pos.min()) < 0 or top >= k_cache.shape[2] or top >= cos_t.shape[0]:
+    top = int(pos.max())
+    if int(pos.min()) < 0 or top >= k_cache.shape[2] or top >= cos_t.shape[0]:
         return None
     for t in (q_norm, k_norm):
         if t is not None and (t.shape != (head_dim,) or not t.is_contiguous()):

@@ -197,7 +197,6 @@ class NativeEngine(DecodingBase):
         if swiglu:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
-        rows = x.numel() // x.shape[-1]
         if rows > cpu_gemm.MAX_ROWS or x.device.type != "cpu":
             out = F.linear(x, w, b)
         else:

@@ -102,6 +102,9 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
     position attends to padding and no loss sits on it)."""
     b, n, s, hn = q.shape
     flat = lambda t: t.permute(0, 2, 1, 3).reshape(b * s, n, hn)  # noqa: E731
+    # index_select (backward: index_add) rather than advanced indexing (backward: a sorting
+    # index_put with accumulation, measured 2x slower here); [blocks, L] -> [blocks, n, L, hn]
+    take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, n, hn).permute(0, 2, 1, 3)  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     out = q.new_zeros(b * s, n, hn)
     for idx, keys, allowed, pos, sel in (
@@ -110,9 +113,6 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
     ):
         if not pos.numel():
             continue
-        # index_select (backward: index_add) rather than advanced indexing (backward: a sorting
-        # index_put with accumulation, measured 2x slower here)
-        take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, n, hn).permute(0, 2, 1, 3)  # noqa: E731
         qb, kb, vb = take(qf, idx), take(kf, keys), take(vf, keys)  # [blocks, n, L, hn]
         if allowed is None:  # prefixes: plain causal attention within each one
             ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)

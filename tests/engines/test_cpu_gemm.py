@@ -77,10 +77,9 @@ def test_fused_prologues_and_residual(m, k):
     both = torch.randn(m, 2 * k, generator=g) * 2
     act = torch.nn.functional.silu(both[:, :k].double()) * both[:, k:].double()
     u = 2.0**-24
-    for got, f in ((cpu_gemm.skinny_mm(x, w, norm_weight=nw, eps=eps), normed),
-                   (cpu_gemm.skinny_mm(both, w, swiglu=True), act),
-                   (cpu_gemm.skinny_mm(x, w, residual=res), xd)):
-        resid = res.double() if got is not None and f is xd else 0.0
+    for got, f, resid in ((cpu_gemm.skinny_mm(x, w, norm_weight=nw, eps=eps), normed, 0.0),
+                          (cpu_gemm.skinny_mm(both, w, swiglu=True), act, 0.0),
+                          (cpu_gemm.skinny_mm(x, w, residual=res), xd, res.double())):
         ref = resid + f @ w.double().T
         bound = 4 * (k + 2) * u * (f.abs() @ w.double().abs().T) + 2 * u * (ref.abs() + 1e-30)
         assert ((got.double() - ref).abs() <= bound).all(), ((got.double() - ref).abs() / bound).max()

@@ -1,12 +1,14 @@
-/* Skinny fp32 GEMM for CPU decoding: out = x @ w^T for a few rows of x (AVX2 + FMA, OpenMP).
+/* CPU decoding kernels (AVX2 + FMA, OpenMP): a skinny fp32 GEMM, out = x @ w^T for a few rows
+ * of x (with fused RMSNorm / SwiGLU prologues and a residual epilogue), and a one-call decode
+ * attention (further down). The GEMM:
  *
  * Built and loaded by megatron_recycle/engines/cpu_gemm.py (gcc -O3 -mavx2 -mfma -fopenmp),
  * which also holds the reasons and the measurements. Layouts (all row-major, fp32):
  *   w   [N, K]  (row stride ldw >= K): a linear layer's weight, streamed once per call;
  *   x   [M, K]  read through any strides (sxm, sxk), M <= 64;
  *   out [M, N]  contiguous: out[m, n] = sum_k w[n, k] x[m, k].
- * x is first packed as xt [K, MP] (MP = M rounded up to a multiple of 8, zero padded) so that one k step loads the whole column of x
- * in MP/8 vectors and broadcasts one weight per output row: every weight is read from memory
+ * x is first packed as xt [K, MP] (MP = M rounded up to a multiple of 8, zero padded) so that
+ * one k step loads the whole column of x in MP/8 vectors and broadcasts one weight per output row: every weight is read from memory
  * exactly once per call, and the FMA units (not the memory bus, not the broadcasts) bound a tile.
  * Accumulation runs in k order in fp32, one accumulator per (n, m).
  */
