@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from . import reference
+from . import buffers, reference
 from .advantages import grpo_advantages_triton
 from .logprobs import (
     HAS_TRITON,
@@ -60,13 +60,13 @@ def resolve_impl(tensor: torch.Tensor, impl: str | None = None) -> str:
             raise RuntimeError(
                 "impl='triton' asked for, but triton is not importable; install triton or use impl='torch'"
             )
-        if not tensor.is_cuda and not interpret:
+        if not buffers.compiled(tensor.device) and not interpret:
             raise RuntimeError(
                 "impl='triton' on a CPU tensor needs the Triton interpreter: set TRITON_INTERPRET=1 before "
                 "importing megatron_recycle_kernels, move the tensor to CUDA, or use impl='torch'"
             )
         return "triton"
-    if tensor.is_cuda:
+    if buffers.compiled(tensor.device):
         return "triton" if HAS_TRITON else "torch"
     return "triton" if (interpret and HAS_TRITON) else "torch"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import buffers
 from .buffers import new_buffer
 from .reference import resolve_groups
 
@@ -24,10 +25,14 @@ except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 # Tile sizes (module-level so tests can shrink them to exercise multi-program / multi-chunk paths).
-TILE_ELEMENTS = 4096  # contiguous groups: groups per program = TILE_ELEMENTS // next_pow2(K)
+# Compiled tiles are sized with the warps so that no thread holds more than 16 fp32 (8 fp64) values
+# per tile tensor: larger tiles spilled registers on sm_90 (tools/compile_kernels.py shows it).
+# Contiguous groups: groups per program = TILE_ELEMENTS // next_pow2(K) (halved for fp64).
+TILE_ELEMENTS = 4096
 RAGGED_BLOCK_G = 64  # ragged groups: group ids per program
-RAGGED_BLOCK_N = 128  # ragged groups: rollouts per chunk on GPU
+RAGGED_BLOCK_N = 64  # ragged groups: rollouts per chunk on GPU (halved for fp64)
 INTERPRET_BLOCK_N = 4096  # ... and in the interpreter, where fewer, larger steps are faster
+COMPILED_WARPS = 8  # warps of the compiled advantage kernels (the interpreter ignores warps)
 
 if HAS_TRITON:
 
@@ -180,19 +185,26 @@ def grpo_advantages_triton(
     if g == 0:
         return adv, mean, std, sig.view(torch.bool)
     common = dict(NORM=bool(norm_by_std), UNBIASED=bool(unbiased), ACC=acc)
+    wide = 2 if out_dt == torch.float64 else 1  # fp64 values take two registers
+    compiled = buffers.compiled(dev)
     if not ragged:
         assert group_size is not None
         block_k = triton.next_power_of_2(group_size)
-        block_g = max(1, min(triton.next_power_of_2(g), max(1, TILE_ELEMENTS // block_k)))
+        block_g = max(1, min(triton.next_power_of_2(g), max(1, TILE_ELEMENTS // wide // block_k)))
+        # small tiles get fewer warps: at most 16 register words per thread and tile tensor
+        warps = max(1, min(COMPILED_WARPS, block_g * block_k * wide // (32 * 16)))
         grid = (triton.cdiv(g, block_g),)
         _adv_contiguous_kernel[grid](
-            r, adv, mean, std, sig, g, group_size, float(eps), **common, BLOCK_G=block_g, BLOCK_K=block_k
-        )
+            r, adv, mean, std, sig, g, group_size, float(eps),
+            **common, BLOCK_G=block_g, BLOCK_K=block_k, num_warps=warps,
+        )  # fmt: skip
     else:
         block_g = min(triton.next_power_of_2(g), RAGGED_BLOCK_G)
-        block_n = min(triton.next_power_of_2(max(n, 1)), RAGGED_BLOCK_N if r.is_cuda else INTERPRET_BLOCK_N)
+        cap = max(1, RAGGED_BLOCK_N // wide) if compiled else INTERPRET_BLOCK_N
+        block_n = min(triton.next_power_of_2(max(n, 1)), cap)
         grid = (triton.cdiv(g, block_g),)
         _adv_ragged_kernel[grid](
-            r, idx, adv, mean, std, sig, n, g, float(eps), **common, BLOCK_G=block_g, BLOCK_N=block_n
-        )
+            r, idx, adv, mean, std, sig, n, g, float(eps),
+            **common, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=COMPILED_WARPS if compiled else 1,
+        )  # fmt: skip
     return adv, mean, std, sig.view(torch.bool)

@@ -1,4 +1,5 @@
-"""Output buffers for the kernels, with an opt-in poison fill so tests catch unwritten elements."""
+"""Output buffers for the kernels (with an opt-in poison fill so tests catch unwritten elements), and
+the one switch between compiled (CUDA) and interpreter launch configurations."""
 
 from __future__ import annotations
 
@@ -20,3 +21,13 @@ def new_buffer(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: 
 def new_buffer_like(t: torch.Tensor) -> torch.Tensor:
     """new_buffer with the shape, dtype and device of `t` (always contiguous)."""
     return new_buffer(t.shape, t.dtype, t.device)
+
+
+def compiled(device: torch.device) -> bool:
+    """True where the Triton kernels are compiled (CUDA): launchers then pick GPU tile sizes and warps.
+
+    False means the Triton interpreter on a CPU tensor, where fewer, larger programs run faster.
+    Every launcher asks this one function (through the module, not an imported name), so that
+    tools/compile_kernels.py can record the exact CUDA launch configurations on a CPU machine.
+    """
+    return device.type == "cuda"

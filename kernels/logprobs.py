@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import buffers
 from .buffers import new_buffer, new_buffer_like
 
 try:  # the PyTorch path must keep working where triton is absent
@@ -129,7 +130,7 @@ MAX_BLOCK_V = 4096
 
 def _block_v(n_vocab: int, device: torch.device) -> int:
     """Block width over the vocabulary: big blocks in the interpreter (per-program cost dominates)."""
-    cap = MAX_BLOCK_V if device.type == "cuda" or MAX_BLOCK_V < 4096 else 16384
+    cap = MAX_BLOCK_V if buffers.compiled(device) or MAX_BLOCK_V < 4096 else 16384
     return max(16, min(cap, triton.next_power_of_2(max(n_vocab, 1))))
 
 
@@ -150,7 +151,7 @@ def _stats_triton(
         vocab_start,
         inv_temp,
         BLOCK_V=_block_v(vocab, logits.device),
-        num_warps=8 if logits.is_cuda else 1,
+        num_warps=8 if buffers.compiled(logits.device) else 1,
     )
     return stats
 
@@ -186,7 +187,7 @@ def _grad_triton(
         HAS_G_LP=g_lp is not None,
         HAS_G_ENT=g_ent is not None,
         BLOCK_V=_block_v(vocab, logits.device),
-        num_warps=8 if logits.is_cuda else 1,
+        num_warps=8 if buffers.compiled(logits.device) else 1,
     )
     return grad
 

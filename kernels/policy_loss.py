@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import buffers
 from .buffers import new_buffer, new_buffer_like
 from .reference import check_loss_args, row_coefficients
 
@@ -172,7 +173,7 @@ MAX_BLOCK_T = 2048
 
 def _block_t(n_cols: int, device: torch.device) -> int:
     # In the interpreter the per-program cost dominates, so one block spans a whole row there.
-    cap = MAX_BLOCK_T if (device.type == "cuda" or MAX_BLOCK_T < 2048) else 8192
+    cap = MAX_BLOCK_T if (buffers.compiled(device) or MAX_BLOCK_T < 2048) else 8192
     return max(16, min(cap, triton.next_power_of_2(max(n_cols, 1))))
 
 
@@ -214,7 +215,7 @@ class GRPOLossFunction(torch.autograd.Function):
                 HAS_REF=has_ref,
                 HAS_DUAL=clip_c is not None,
                 BLOCK_T=block_t,
-                num_warps=4 if logprobs.is_cuda else 1,
+                num_warps=4 if buffers.compiled(logprobs.device) else 1,
             )
         else:
             part.zero_()
@@ -264,7 +265,7 @@ class GRPOLossFunction(torch.autograd.Function):
             USE_KL=has_ref and kl_beta != 0.0,
             HAS_DUAL=clip_c is not None,
             BLOCK_T=block_t,
-            num_warps=4 if logprobs.is_cuda else 1,
+            num_warps=4 if buffers.compiled(logprobs.device) else 1,
         )
         return grad, *([None] * 11)
 

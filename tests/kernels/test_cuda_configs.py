@@ -1,0 +1,106 @@
+"""The kernels at the exact launch configurations they use on CUDA, run through the interpreter.
+
+On a CPU the launchers normally pick interpreter-friendly tiles (one program per row, wide
+blocks). Here `buffers.compiled` is forced to True, so they choose what a CUDA launch chooses
+(the tiles tools/compile_kernels.py compiles for sm_90: 4,096-wide vocabulary blocks, 2,048-token
+loss blocks, the advantage tiles sized against register spills), and the results are checked
+against the float64 references with sizes that need several blocks or chunks of those tiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron_recycle_kernels import buffers, grpo_advantages, grpo_loss, token_logprobs
+from megatron_recycle_kernels.reference import (
+    grpo_advantages_reference,
+    grpo_loss_reference,
+    token_logprobs_reference,
+)
+
+
+@pytest.fixture
+def cuda_configs(triton_device, monkeypatch) -> torch.device:
+    if triton_device.type == "cuda":  # already the real thing
+        return triton_device
+    monkeypatch.setattr(buffers, "compiled", lambda device: True)
+    return triton_device
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [5, 16])
+def test_advantages_contiguous(cuda_configs, dtype, k):
+    # 700 groups: more than one 4,096-element (2,048 for fp64) tile
+    g = torch.Generator().manual_seed(k)
+    n_groups = 700
+    r = torch.randint(0, 3, (n_groups * k,), generator=g).double()
+    r[:k] = 1.0  # an all-equal group
+    out = grpo_advantages(r.to(dtype).to(cuda_configs), group_size=k, impl="triton")
+    ref = grpo_advantages_reference(r, group_size=k)
+    for got, want in zip(out[:3], ref[:3]):
+        torch.testing.assert_close(got.double().cpu(), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[3].cpu(), ref[3]) and not out[3][0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_advantages_ragged(cuda_configs, dtype):
+    # 300 rollouts over 70 group ids: several 64-id programs and several 64 (32 for fp64) rollout chunks
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 70, (300,), generator=g)
+    r = torch.rand(300, generator=g, dtype=torch.float64)
+    out = grpo_advantages(r.to(dtype).to(cuda_configs), group_index=idx.to(cuda_configs), impl="triton")
+    ref = grpo_advantages_reference(r, group_index=idx)
+    for got, want in zip(out[:3], ref[:3]):
+        torch.testing.assert_close(got.double().cpu(), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[3].cpu(), ref[3])
+
+
+@pytest.mark.parametrize("cols,with_ref,clip_c", [(4500, True, 3.0), (1023, False, None)])
+def test_grpo_loss(cuda_configs, cols, with_ref, clip_c):
+    # 4,500 columns: three 2,048-token blocks per row, the last one partial
+    g = torch.Generator().manual_seed(cols)
+    n = 3
+    lp = -torch.rand(n, cols, generator=g, dtype=torch.float64) * 3
+    old = lp + 0.8 * torch.randn(n, cols, generator=g, dtype=torch.float64)
+    ref = lp + 0.3 * torch.randn(n, cols, generator=g, dtype=torch.float64) if with_ref else None
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, cols, generator=g) < 0.7
+    kw = dict(clip_c=clip_c, kl_beta=0.05 if with_ref else 0.0, agg="seq-mean-token-mean")
+    x = lp.float().to(cuda_configs).requires_grad_(True)
+    loss, stats = grpo_loss(
+        x,
+        old.float().to(cuda_configs),
+        adv.float().to(cuda_configs),
+        mask.to(cuda_configs),
+        ref_logprobs=None if ref is None else ref.float().to(cuda_configs),
+        impl="triton",
+        **kw,
+    )
+    loss.backward()
+    xr = lp.clone().requires_grad_(True)
+    want, want_stats = grpo_loss_reference(xr, old, adv, mask, ref_logprobs=ref, **kw)
+    want.backward()
+    torch.testing.assert_close(loss.double().cpu(), want.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, atol=1e-8, rtol=1e-5)
+    for name in ("clip_frac_low", "clip_frac_high", "ratio_mean"):
+        torch.testing.assert_close(
+            stats[name].double().cpu(), want_stats[name].double(), atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("vocab", [9000, 4096])
+def test_token_logprobs(cuda_configs, vocab):
+    # 9,000: three 4,096-wide vocabulary blocks, the last one partial
+    g = torch.Generator().manual_seed(vocab)
+    rows = 5
+    logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3
+    tgt = torch.randint(0, vocab, (rows,), generator=g)
+    x = logits.float().to(cuda_configs).requires_grad_(True)
+    lp, ent = token_logprobs(x, tgt.to(cuda_configs), return_entropy=True, impl="triton")
+    (lp.sum() + 0.5 * ent.sum()).backward()
+    xr = logits.clone().requires_grad_(True)
+    rlp, rent = token_logprobs_reference(xr, tgt, return_entropy=True)
+    (rlp.sum() + 0.5 * rent.sum()).backward()
+    torch.testing.assert_close(lp.double().cpu(), rlp.detach(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double().cpu(), rent.detach(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, atol=1e-6, rtol=1e-4)
