@@ -212,9 +212,11 @@ def _specialize(launch: Launch, backend) -> tuple[dict, dict, dict, Any]:
     """Triton's own binder for `backend`: (signature, constexprs, attrs, options) as a launch gets them."""
     fn = launch.kernel
     kwargs = dict(launch.kwargs)
+    # what JITFunction.run adds before binding (the knobs it reads differ between Triton versions)
     kwargs.setdefault("debug", fn.debug or triton.knobs.runtime.debug)
-    kwargs.setdefault("instrumentation_mode", triton.knobs.compilation.instrumentation_mode)
-    kwargs.setdefault("fpsan_homomorphic_casts", triton.knobs.compilation.fpsan_homomorphic_casts)
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(triton.knobs.compilation, knob):
+            kwargs.setdefault(knob, getattr(triton.knobs.compilation, knob))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)

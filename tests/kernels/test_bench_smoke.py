@@ -51,3 +51,49 @@ def test_bench_script_runs(impls, tmp_path, triton_device):
         assert ("logits->grpo_loss", "liger") in got
     if "eager" in impls:
         assert ("token_logprobs", "eager") in got
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_targets_are_judged_from_the_rows():
+    bench = _bench_module()
+    size4m, size1m = f"tokens={1 << 22}", f"tokens={1 << 20}"
+    lg = "tokens=4096,V=151936"
+    ch = "tokens=4096,V=151936,H=2048,chunk=4096"
+    rows = [
+        dict(case="grpo_loss", size=size4m, impl="triton", fwd_bwd_ms=1.0, pct_of_copy=85.0),
+        dict(case="grpo_loss", size=size4m, impl="eager", fwd_bwd_ms=4.0, pct_of_copy=20.0),  # only 4x
+        dict(case="grpo_loss", size=size1m, impl="triton", fwd_bwd_ms=0.3, pct_of_copy=50.0),  # < 4M: no target
+        dict(case="logits->grpo_loss", size=lg, impl="triton", fwd_bwd_ms=2.0, peak_extra_mib=100.0),
+        dict(case="logits->grpo_loss", size=lg, impl="liger", fwd_bwd_ms=2.5, peak_extra_mib=150.0),
+        dict(case="chunked_logprobs", size=ch, impl="chunked-triton", peak_extra_mib=300.0),
+        dict(case="chunked_logprobs", size=ch, impl="naive", peak_extra_mib=1000.0),  # 300 > 250
+        dict(case="token_logprobs", size=lg, impl="triton", error="RuntimeError()"),
+    ]
+    got = {t["target"].split(":")[0]: t["met"] for t in bench.check_targets(rows)}
+    assert got == {
+        f"grpo_loss fwd+bwd {size4m}": False,
+        f"logits->loss {lg}": True,
+        f"chunked log-probs {ch}": False,
+    }
+    rows[1]["fwd_bwd_ms"] = 5.0
+    rows[6]["peak_extra_mib"] = 1300.0
+    assert all(t["met"] for t in bench.check_targets(rows))
+    assert bench.check_targets([r for r in rows if r["impl"] != "eager"])[0]["met"] is None  # no eager row
+
+
+def test_time_budget_stops_before_the_next_case_and_keeps_the_files(tmp_path):
+    bench = _bench_module()
+    out = tmp_path / "k"
+    argv = ["--device", "cpu", "--impls", "torch", "--cases", "advantages", "loss", "--tokens", "4096",
+            "--rollouts", "64", "--reps", "1", "--warmup", "0", "--max-seconds", "0", "--out", str(out)]
+    assert bench.main(argv) == 0
+    import json
+
+    data = json.loads(Path(f"{out}_cpu.json").read_text())
+    assert data["rows"] == [] and len(data["meta"]["not_run"]) == 3  # 2 advantages cases + 1 loss size

@@ -27,6 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def run_workers(
     target: str, world_size: int, out_dir: str | os.PathLike, timeout: float = 300, **kwargs: Any
 ) -> list[Any]:
@@ -48,6 +54,9 @@ def run_workers(
             HF_HUB_OFFLINE="1",
             PYTHONWARNINGS="ignore",
         )
+        if _visible_gpus() and _visible_gpus() < world_size:
+            # NCCL cannot put two ranks on one GPU: run this world on CPU over gloo instead.
+            env["CUDA_VISIBLE_DEVICES"] = ""
         log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
         cmd = [sys.executable, __file__, target, str(out_dir), json.dumps(kwargs)]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The GPU checks of issues #3 and #4 in one call, sized for a 15-minute device lease.
+#
+# Run on a lent GPU machine (docs/GPU_CHECKS.md says how to fetch the wheels it carries):
+#     bash tools/gpu_checks.sh [BUDGET_SECONDS]          (default 500)
+# Each step has its own time limit, taken from what is left of the budget; a step that fails or
+# runs out of time does not stop the next. Results land in $OUT (default /tmp/gpu_checks), at most
+# 7 files, none deeper than $OUT itself:
+#     summary.txt         machine, versions, each step's exit code and time, the benchmark tables
+#     tests_kernels.log   pytest tests/kernels on CUDA (the kernels compiled and run for real)
+#     bench.log           tools/bench_kernels.py and tools/bench_step.py output
+#     kernels_cuda.csv/json   the kernel benchmark rows and the issue #3 target verdicts
+#     bench_step.json     one GRPO step of a Qwen3-1.7B-shaped model (random weights, bf16)
+#     tests_model.log     pytest tests/model + tests/train/test_step.py on CUDA
+# Without a GPU it says so and runs nothing but the set-up (a dry run of the plumbing);
+# GPU_CHECKS_ON_CPU=1 runs the steps anyway, on the CPU, to test the script itself.
+set -u
+BUDGET=${1:-500}
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+START=$(date +%s)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+elapsed() { echo $(($(date +%s) - START)); }
+
+# step NAME LIMIT_S LOG CMD...: run CMD with min(LIMIT_S, what is left) seconds, output to LOG
+step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local left=$((BUDGET - $(elapsed)))
+    local t=$((limit < left ? limit : left))
+    if ((t < 30)); then
+        say "SKIP  $name: ${left}s of the budget left"
+        return 0
+    fi
+    say "START $name (limit ${t}s) at +$(elapsed)s"
+    local t0
+    t0=$(date +%s)
+    timeout -k 10 "$t" "$@" >>"$log" 2>&1
+    local rc=$?
+    local why=""
+    ((rc == 124 || rc == 137)) && why=" (time limit)"
+    say "END   $name rc=$rc$why in $(($(date +%s) - t0))s"
+    return 0
+}
+
+# ---------------------------------------------------------------- set-up (no GPU time to speak of)
+PY=${PYTHON:-python3}
+SITE=/tmp/mr_site
+mkdir -p "$SITE"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+        >>"$SUMMARY" 2>&1 || say "WARNING: installing the carried wheels failed (see above)"
+fi
+# Our two import packages by name only: putting the checkout itself on the path would expose its
+# top-level folder `kernels`, the import name of a Hugging Face package that transformers probes.
+ln -sfn "$REPO/megatron_recycle" "$SITE/megatron_recycle"
+ln -sfn "$REPO/kernels" "$SITE/megatron_recycle_kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TRITON_DEFAULT_FP_FUSION=1
+unset TRITON_INTERPRET
+
+say "date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+"$PY" - >>"$SUMMARY" 2>&1 <<'EOF'
+import importlib, torch
+print("python", __import__("sys").version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| gpu visible:", torch.cuda.is_available())
+for m in ("triton", "megatron.core", "transformers", "liger_kernel", "megatron_recycle_kernels", "megatron_recycle"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"  {m}: {getattr(mod, '__version__', 'ok')}")
+    except Exception as e:
+        print(f"  {m}: NOT importable ({e!r})")
+EOF
+if [ "${GPU_CHECKS_ON_CPU:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    say "no CUDA device visible: nothing to check here (set-up only; this is what a dry run does)"
+    exit 0
+fi
+
+# ---------------------------------------------------------------- 1. kernels on CUDA (issue #3)
+# The AOT compile test is the CPU machine's stand-in for this step and uses Triton internals of one
+# version: left out here.
+step tests_kernels 170 "$OUT/tests_kernels.log" \
+    "$PY" -m pytest tests/kernels -q -x -p no:cacheprovider --ignore=tests/kernels/test_compile_aot.py
+[ -f "$OUT/tests_kernels.log" ] && tail -n 3 "$OUT/tests_kernels.log" | tee -a "$SUMMARY"
+
+# ---------------------------------------------------------------- 2. kernel benchmarks (issue #3)
+# no new case after 140 s (or 60 s before this step's limit when less is left): one case can take
+# tens of seconds (torch.compile), and the rows are written after every case
+LEFT=$((BUDGET - $(elapsed)))
+MAXS=$(((LEFT < 200 ? LEFT : 200) - 60))
+step bench_kernels 200 "$OUT/bench.log" \
+    "$PY" tools/bench_kernels.py --out "$OUT/kernels" --max-seconds $((MAXS < 140 ? MAXS : 140)) --reps 20 --warmup 5
+grep -A12 "issue #3 targets" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
+
+# ---------------------------------------------------------------- 3. one GRPO step at 1.7B (issue #4)
+STEP_DIR=/tmp/mr_bench_step
+mkdir -p "$STEP_DIR"
+step bench_step 150 "$OUT/bench.log" \
+    torchrun --standalone --nproc-per-node 1 tools/bench_step.py --model qwen3-1.7b --bf16 --n 8 \
+    --seq-len 1024 --mbs 2 --steps 3 --warmup 1 --out "$STEP_DIR" --tag cuda
+for f in "$STEP_DIR"/*.json; do [ -e "$f" ] && cp "$f" "$OUT/bench_step.json"; done
+grep -A10 "^GRPO step:" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
+
+# ---------------------------------------------------------------- 4. model and step tests on CUDA (issue #4)
+step tests_model 240 "$OUT/tests_model.log" \
+    "$PY" -m pytest tests/model tests/train/test_step.py -q -p no:cacheprovider -m "not real_model"
+[ -f "$OUT/tests_model.log" ] && tail -n 5 "$OUT/tests_model.log" | tee -a "$SUMMARY"
+
+say "total $(elapsed)s of a ${BUDGET}s budget"
