@@ -77,7 +77,8 @@ class ModelConfig:
 class RolloutConfig:
     # auto: "native" when the model is whole in each process (tp = pp = 1), else "hf".
     # native: decode with the trainer's own Megatron tensors (no second copy, no weight sync);
-    # hf: a transformers copy synced after each step; vllm: GPU only (rollout.vllm_*).
+    # hf: a transformers copy synced after each step; vllm: colocated vLLM (rollout.vllm_*), for GPUs
+    # (a CPU build of vLLM also works: scripts/vllm_cpu.sh).
     engine: Literal["auto", "native", "hf", "vllm"] = "auto"
     group_size: int = 4  # K rollouts per query
     temperature: float = 1.0
@@ -89,6 +90,9 @@ class RolloutConfig:
     batch_size: int = 32  # trajectories generated together
     vllm_tp: int = 1  # engine=vllm: its own tensor-parallel size
     vllm_gpu_memory_utilization: float = 0.5  # engine=vllm: share of GPU memory for weights + KV cache
+    # engine=vllm: after every weight sync, export again and compare a few tensors with the engine's
+    # (check_weights; a mismatch stops the run). A debugging aid: it costs a second export per step.
+    vllm_check_sync: bool = False
 
 
 @dataclass
@@ -340,8 +344,8 @@ def validate(cfg: Config) -> None:
                      f"must divide the number of torchrun processes (WORLD_SIZE={world}): every process runs "
                      "one vLLM worker and vLLM groups them in blocks of vllm_tp consecutive ranks")
         _require(importlib.util.find_spec("vllm") is not None, "rollout.engine", ro.engine,
-                 "vLLM is not installed; it needs a CUDA GPU: `pip install -e '.[gpu]'` on a GPU machine, "
-                 "or use rollout.engine=hf")
+                 "vLLM is not installed; it needs a CUDA GPU: `pip install -e '.[gpu]'` on a GPU machine "
+                 "(or a CPU build of vLLM, see scripts/vllm_cpu.sh), or use rollout.engine=hf")
     _require(0 < ro.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
              ro.vllm_gpu_memory_utilization, "must be in (0, 1)")
     _require(p.batch_size >= 1, "pool.batch_size", p.batch_size, "B must be >= 1")

