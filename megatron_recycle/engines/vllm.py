@@ -33,6 +33,7 @@ never needs vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -554,7 +555,8 @@ class VLLMEngine:
         )
         if on_cpu:  # the CPU backend sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), not a GPU share
             kwargs.pop("gpu_memory_utilization")
-        llm = vllm.LLM(**_supported_kwargs(vllm, kwargs))
+        with _llvmlite_hidden_from_vllm_scan(on_cpu):
+            llm = vllm.LLM(**_supported_kwargs(vllm, kwargs))
         config = llm.llm_engine.model_config
         self._setup(llm, vllm.SamplingParams, tokenizer, enable_sleep_mode=enable_sleep_mode, sleep_level=sleep_level,
                     bucket_bytes=bucket_bytes, max_model_len=int(config.max_model_len),
@@ -821,6 +823,42 @@ class VLLMEngine:
         self.llm.wake_up(tags=tags)
         self._weights_asleep = self._kv_asleep = False
         self.llm.reset_prefix_cache()
+
+
+class _DictProxy:
+    """Forwards attribute access to ``target`` but has a plain ``__dict__`` of its own."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+@contextlib.contextmanager
+def _llvmlite_hidden_from_vllm_scan(active: bool) -> Iterator[None]:
+    """Work around vLLM 0.32's CPU build failing to start once llvmlite is imported.
+
+    Starting, it scans every module's namespace and reads ``vars(value).get("kernel")`` for each
+    value with a ``__dict__``. ``llvmlite.binding.ffi.lib`` answers ``__dict__`` with a C function
+    wrapper (its ``__getattr__`` forwards every name), so the scan raises AttributeError
+    ("'_lib_fn_wrapper' object has no attribute 'get'"). numba imports llvmlite, and bm25s, our
+    BM25 retriever, imports numba when it is installed (vllm-cpu installs it), so an engine built
+    after the retriever failed. During the start, that one attribute is a forwarding proxy with
+    an ordinary ``__dict__``; it is put back afterwards.
+    """
+    import sys
+
+    ffi = sys.modules.get("llvmlite.binding.ffi") if active else None
+    lib = getattr(ffi, "lib", None)
+    if lib is None or isinstance(getattr(lib, "__dict__", {}), dict):
+        yield
+        return
+    ffi.lib = _DictProxy(lib)
+    try:
+        yield
+    finally:
+        ffi.lib = lib
 
 
 def _vllm_platform_is_cpu() -> bool:

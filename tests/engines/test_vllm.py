@@ -795,6 +795,7 @@ def test_pipeline_evaluates_on_rank_0_alone_and_with_hf_in_a_multi_rank_vllm_wor
         raise Stop
 
     monkeypatch.setattr(rtm, "build_engine", build_engine)
+    monkeypatch.setattr(pipeline.dist, "is_initialized", lambda: False)  # (a real vLLM test may have set it up)
     monkeypatch.setattr(rtm, "data_paths", lambda cfg: {"test": "unused"})
     monkeypatch.setattr(rtm, "read_examples", lambda *a, **k: [])
     monkeypatch.setattr("megatron_recycle.model.hf_loading.load_tokenizer", lambda *a, **k: None)
@@ -811,3 +812,80 @@ def test_pipeline_evaluates_on_rank_0_alone_and_with_hf_in_a_multi_rank_vllm_wor
     with pytest.raises(Stop):
         pipeline.evaluate_model(cfg, "m", "test", None, "x")
     assert seen == ["hf", "vllm"]
+
+
+def test_sync_check_mode_exports_again_and_compares(monkeypatch, capsys):
+    from megatron_recycle.config import Config
+    from megatron_recycle.model import convert
+    from megatron_recycle.train import runtime as rtm
+
+    exports = []
+
+    def export(chunks, hf_config):
+        exports.append(0)
+        for name in ("model.embed_tokens.weight", "model.norm.weight"):
+            exports[-1] += 1
+            yield name, torch.ones(2)
+
+    class Engine:
+        last_check_skipped = ["model.layers.0.self_attn.q_proj.weight"]
+
+        def __init__(self, differ=False):
+            self.differ, self.loaded, self.checked = differ, [], []
+
+        def load_weights(self, named):
+            self.loaded += [n for n, _ in named]
+
+        def check_weights(self, named):
+            self.checked += [n for n, _ in named]
+            if self.differ:
+                raise V.WeightMismatchError("engine weights differ")
+            return {"model.norm.weight": 0.0}
+
+    monkeypatch.setattr(convert, "export_hf_state_dict", export)
+    cfg = Config()
+    cfg.rollout.engine = "vllm"
+    cfg.rollout.vllm_check_sync = True
+    rt = SimpleNamespace(cfg=cfg, engine=Engine(), chunks=None, hf_config=None)
+    assert rtm.sync_engine_weights(rt) == 2
+    assert exports == [2, 2] and rt.engine.checked == ["model.embed_tokens.weight", "model.norm.weight"]
+    assert "1 tensors equal to the trainer's" in capsys.readouterr().out
+    rt.engine = None  # a rank without an engine still takes part in both exports
+    rtm.sync_engine_weights(rt)
+    assert exports[-2:] == [2, 2]
+    rt.engine = Engine(differ=True)
+    with pytest.raises(V.WeightMismatchError):
+        rtm.sync_engine_weights(rt)
+    cfg.rollout.vllm_check_sync = False
+    exports.clear()
+    rtm.sync_engine_weights(rt)
+    assert exports == [2]  # no second export without the check mode
+
+
+def test_llvmlite_lib_gets_a_plain_dict_while_vllm_starts(monkeypatch):
+    """vLLM 0.32 (CPU) reads vars(value).get(...) of every module attribute when it starts;
+    llvmlite's `lib` answers __dict__ with a C function wrapper. Hidden only during the start."""
+
+    class FnWrapper:
+        __slots__ = ("name",)
+
+        def __init__(self, name):
+            self.name = name
+
+    class Lib:  # llvmlite.binding.ffi._lib_wrapper's behaviour: every missing name is a C function
+        __slots__ = ()
+
+        def __getattr__(self, name):
+            return FnWrapper(name)
+
+    lib = Lib()
+    ffi = SimpleNamespace(lib=lib)
+    monkeypatch.setitem(sys.modules, "llvmlite.binding.ffi", ffi)
+    with pytest.raises(AttributeError, match="get"):
+        vars(ffi.lib).get("kernel")  # what failed inside vLLM
+    with V._llvmlite_hidden_from_vllm_scan(True):
+        assert vars(ffi.lib).get("kernel") is None
+        assert ffi.lib.LLVMPY_Foo.name == "LLVMPY_Foo"  # llvmlite calls still reach the library
+    assert ffi.lib is lib
+    with V._llvmlite_hidden_from_vllm_scan(False):  # GPU builds: untouched
+        assert ffi.lib is lib
