@@ -154,8 +154,8 @@ def _reuse_vllm_engine(folder: str, settings: tuple, tokenizer: Any) -> Any | No
         return None
     if _VLLM_ENGINE["settings"] != settings:
         raise ConfigError(
-            f"a vLLM engine with settings {_VLLM_ENGINE['settings']} already runs in this process and vLLM "
-            f"cannot start a second one; asked for {settings} (vllm_tp, gpu share, seed, max tokens, dtype)"
+            f"a vLLM engine with settings {_VLLM_ENGINE['settings']} already runs in this process, which "
+            f"runs one engine only; asked for {settings} (vllm_tp, gpu share, seed, max tokens, dtype)"
         )
     old = _VLLM_ENGINE["folder"]
     if old != folder:
@@ -182,8 +182,8 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
     ``hf``: a transformers copy of the policy on this device (model-parallel leaders only).
     ``vllm``: vLLM in this process in external-launcher mode, with its own TP size, in the
     trainer's dtype. One engine per process, reused by later calls (the pipeline's evaluations
-    and its GRPO phase): a second vLLM in one process would hold a second share of GPU memory
-    (and fails to start on vLLM's CPU build), so a call for another model folder of the same
+    and its GRPO phase): a second vLLM in one process would start again (about 90 s on a CPU) and
+    hold a second share of GPU memory, so a call for another model folder of the same
     architecture streams that folder's weights into the existing engine instead.
     Collective: EVERY rank of the world calls it together (vLLM and the request groups create
     process groups over the whole world). Run with vLLM's CPU build (scripts/vllm_cpu.sh); never
