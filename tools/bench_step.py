@@ -1,7 +1,7 @@
 """Time and peak memory of one GRPO training step on a megatron-core model; print a table, write JSON/CSV.
 
     .venv/bin/python tools/bench_step.py --model smollm2-135m --n 8 --seq-len 256 --mbs 4
-    torchrun --nproc-per-node 8 tools/bench_step.py --model qwen3-1.7b --bf16 --tp 2 --n 64 --seq-len 2048
+    torchrun --nproc-per-node 8 tools/bench_step.py --model qwen3-1.7b --bf16 --tp 2 --sequences 64 --seq-len 2048
 
 A step has three phases, each timed separately (median over --steps after --warmup steps):
   old_logprobs      no-grad forward for the old log-probs (train.step.compute_logprobs)
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | qwen3-1.7b | tiny | a local HF folder")
     p.add_argument("--weights", choices=("random", "real"), default="random")
-    p.add_argument("--n", type=int, default=8, help="sequences per DP rank")
+    # --sequences under torchrun: torchrun's own parser takes "--n" for an ambiguous prefix of its options
+    p.add_argument("--n", "--sequences", dest="n", type=int, default=8, help="sequences per DP rank")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--mbs", type=int, default=4, help="micro-batch size")
     p.add_argument("--tp", type=int, default=1)

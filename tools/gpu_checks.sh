@@ -103,7 +103,7 @@ grep -A12 "issue #3 targets" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
 STEP_DIR=/tmp/mr_bench_step
 mkdir -p "$STEP_DIR"
 step bench_step 150 "$OUT/bench.log" \
-    torchrun --standalone --nproc-per-node 1 tools/bench_step.py --model qwen3-1.7b --bf16 --n 8 \
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model qwen3-1.7b --bf16 --sequences 8 \
     --seq-len 1024 --mbs 2 --steps 3 --warmup 1 --out "$STEP_DIR" --tag cuda
 for f in "$STEP_DIR"/*.json; do [ -e "$f" ] && cp "$f" "$OUT/bench_step.json"; done
 grep -A10 "^GRPO step:" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"

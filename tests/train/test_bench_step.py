@@ -1,0 +1,29 @@
+"""tools/bench_step.py runs end to end under torchrun on a tiny model (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
+    # --sequences, not --n: under torchrun, torchrun's own parser rejects "--n" as an ambiguous prefix
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+           str(ROOT / "tools" / "bench_step.py"), "--model", "tiny", "--sequences", "4", "--seq-len", "32",
+           "--mbs", "2", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--tag", "t"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_step_tiny_4x32_t.json").read_text())
+    assert result["n"] == 4 and result["seq_len"] == 32 and result["dp"] == 1
+    assert set(result["time_s"]) == {"old_logprobs", "forward_backward", "optimizer"}
+    assert all(t > 0 for t in result["time_s"].values())
+    assert math.isfinite(result["loss_last"]) and result["grad_norm_last"] > 0
+    assert "GRPO step: tiny" in proc.stdout
