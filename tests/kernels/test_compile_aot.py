@@ -53,7 +53,7 @@ def compiled(tmp_path_factory) -> dict:
 
 def test_every_kernel_compiles_for_sm90(compiled):
     declared = _declared_kernels()
-    assert len(declared) == 6, declared  # advantages x2, loss fwd/bwd, log-prob stats/grad
+    assert len(declared) >= 6, declared  # advantages x2, loss fwd/bwd, log-prob stats/grad (at least)
     assert {r["kernel"] for r in compiled["rows"]} == declared
     assert compiled["meta"]["kernels_not_compiled"] == []
     assert all(r["arch"] == 90 for r in compiled["rows"])
