@@ -555,7 +555,7 @@ class VLLMEngine:
         )
         if on_cpu:  # the CPU backend sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), not a GPU share
             kwargs.pop("gpu_memory_utilization")
-        with _llvmlite_hidden_from_vllm_scan(on_cpu):
+        with _llvmlite_hidden_from_vllm_scan(on_cpu), _lifted():
             llm = vllm.LLM(**_supported_kwargs(vllm, kwargs))
         config = llm.llm_engine.model_config
         self._setup(llm, vllm.SamplingParams, tokenizer, enable_sleep_mode=enable_sleep_mode, sleep_level=sleep_level,
@@ -632,7 +632,8 @@ class VLLMEngine:
             return []
         self.wake()
         sampling = [self._sampling_params_cls(**kw) for kw in kwargs_list]
-        outputs = self.llm.generate(token_prompts, sampling, use_tqdm=False)
+        with _lifted():
+            outputs = self.llm.generate(token_prompts, sampling, use_tqdm=False)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
         decode = self._decode
@@ -641,13 +642,41 @@ class VLLMEngine:
             for out, kw in zip(outputs, kwargs_list)
         ]
 
+    def sequence_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        """log p(token_ids[i] | token_ids[:i]) for i = 1..L-1 under the engine's weights (temperature 1).
+
+        vLLM's prompt log-probs of one request (one new token is generated and dropped): the
+        whole model's view of a fixed sequence, for comparing engine and trainer after a sync
+        where the backend keeps weights in a packed format that ``check_weights`` cannot read.
+        """
+        ids = [int(t) for t in token_ids]
+        if len(ids) < 2:
+            raise ValueError(f"sequence_logprobs needs at least 2 tokens, got {len(ids)}")
+        if not self._weights_valid:
+            raise RuntimeError("VLLMEngine.sequence_logprobs after sleep(level=2) and no load_weights since")
+        check_same_requests(self.request_group, request_digest([{"prompt_token_ids": ids}], [{"prompt_logprobs": 0}]))
+        self.wake()
+        params = self._sampling_params_cls(n=1, temperature=1.0, top_p=1.0, max_tokens=1, prompt_logprobs=0,
+                                           detokenize=False, seed=0)
+        with _lifted():
+            (out,) = self.llm.generate([{"prompt_token_ids": ids}], [params], use_tqdm=False)
+        got = out.prompt_logprobs
+        if got is None or len(got) != len(ids):
+            raise RuntimeError(f"vLLM returned {None if got is None else len(got)} prompt log-probs for {len(ids)} tokens")
+        values = []
+        for pos in range(1, len(ids)):
+            entry = got[pos][ids[pos]]
+            values.append(float(getattr(entry, "logprob", entry)))
+        return values
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     # ------------------------------------------------------------------------------ weights
     def _apply(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
         """Run ``fn(model)`` on this process's vLLM worker and return its result."""
-        results = self.llm.apply_model(fn)
+        with _lifted():
+            results = self.llm.apply_model(fn)
         return results[0] if isinstance(results, list) and results else results
 
     @torch.no_grad()
@@ -727,6 +756,8 @@ class VLLMEngine:
 
         error = None
         try:
+            # Not lifted: the stream is the trainer's export, pulled inside this call, which may need
+            # the trainer's CPU device mode; vLLM's loaders only narrow and copy tensors.
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": items(), "is_checkpoint_format": True}
             )
@@ -823,6 +854,15 @@ class VLLMEngine:
         self.llm.wake_up(tags=tags)
         self._weights_asleep = self._kv_asleep = False
         self.llm.reset_prefix_cache()
+
+
+def _lifted() -> contextlib.AbstractContextManager:
+    """The trainer's CPU device mode (model.compat) lifted for a vLLM call; a no-op elsewhere."""
+    try:
+        from megatron_recycle.model.compat import device_mode_lifted
+    except ImportError:  # pragma: no cover - compat is part of this package
+        return contextlib.nullcontext()
+    return device_mode_lifted()
 
 
 class _DictProxy:

@@ -177,6 +177,28 @@ def device_mode_suspended() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def device_mode_lifted() -> Iterator[None]:
+    """Run a block without the global device mode (patches 3 and 4) but with every other
+    ``__torch_function__`` override intact: for third-party code in the same process that must
+    see CPU devices and CPU legacy types as they are. vLLM's CPU backend is one: with the mode on
+    (and megatron's parallel state set up beside it), its tensor-parallel engines computed
+    log-probs off by up to 0.43 (found by rollout.vllm_check_sync; engines/vllm.py lifts the
+    mode around every vLLM call). A no-op when the mode is not active.
+    """
+    mode = _STATE["mode"]
+    if mode is None:
+        yield
+        return
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not stack or stack[-1] is not mode:  # another mode on top: take every override off instead
+        with torch._C.DisableTorchFunction():
+            yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
+
+
 def cuda_absent() -> bool:
     """True when this process has no usable CUDA device (the only case the patches apply to)."""
     return not torch.cuda.is_available()

@@ -311,17 +311,62 @@ def sync_engine_weights(rt: Runtime) -> int:
         if _VLLM_ENGINE.get("engine") is rt.engine:
             _VLLM_ENGINE["folder"] = ""  # it holds the trainer's weights now, no folder's
     if rt.cfg.rollout.vllm_check_sync and engine_kind(rt.cfg) == "vllm":
-        check = export_hf_state_dict(rt.chunks, rt.hf_config)  # collective again: every rank takes part
-        if rt.engine is None or not hasattr(rt.engine, "check_weights"):
-            for _ in check:
-                pass
-        else:
-            diffs = rt.engine.check_weights(check)  # raises WeightMismatchError on a difference
-            skipped = getattr(rt.engine, "last_check_skipped", [])
-            print(f"[sync] check: {len(diffs)} tensors equal to the trainer's (max |diff| "
-                  f"{max(diffs.values()):.3g})" + (f", {len(skipped)} held packed by the backend, not compared"
-                                                  if skipped else ""), flush=True)
+        check_engine_sync(rt)
     return n
+
+
+# The fixed text whose log-probs rollout.vllm_check_sync compares (tags of the agent protocol included).
+SYNC_CHECK_TEXT = ("Question: Who wrote the play Hamlet? <search> author of Hamlet </search> "
+                   "<information> Hamlet is a tragedy by William Shakespeare. </information> "
+                   "<answer> William Shakespeare </answer>")
+
+
+def sync_check_tolerance(cfg: Config) -> float:
+    """Largest |log-prob difference| between engine and trainer that check_engine_sync accepts:
+    two fp32 implementations of one model agree to ~1e-4; bf16 rounding moves log-probs by ~0.1."""
+    return 0.25 if cfg.model.bf16 else 1e-2
+
+
+def check_engine_sync(rt: Runtime) -> None:
+    """rollout.vllm_check_sync: after a sync, compare the engine with the trainer (collective).
+
+    1. Export again and compare a few tensors with the engine's shards (``check_weights``: exact
+       for the tensors the backend keeps readable).
+    2. The log-probs of a fixed sequence (SYNC_CHECK_TEXT): the engine's prompt log-probs against
+       the trainer's own forward (``compute_logprobs``): the whole model, packed weights too.
+    Raises WeightMismatchError when either differs; every rank takes part in both collectives.
+    """
+    from megatron_recycle.engines.vllm import WeightMismatchError
+    from megatron_recycle.model.convert import export_hf_state_dict
+    from megatron_recycle.train.step import build_batch, compute_logprobs
+
+    check = export_hf_state_dict(rt.chunks, rt.hf_config)
+    if rt.engine is None or not hasattr(rt.engine, "check_weights"):
+        for _ in check:
+            pass
+        diffs, skipped = {}, []
+    else:
+        diffs = rt.engine.check_weights(check)  # raises WeightMismatchError on a difference
+        skipped = getattr(rt.engine, "last_check_skipped", [])
+    ids = list(rt.tokenizer(SYNC_CHECK_TEXT, add_special_tokens=False).input_ids)
+    batch = build_batch([ids], [[0] + [1] * (len(ids) - 1)])  # nothing predicts the first token
+    trainer = compute_logprobs(rt.chunks, batch, micro_batch_size=1, pack_groups=False)[0, : len(ids) - 1]
+    if rt.engine is None or not hasattr(rt.engine, "sequence_logprobs"):
+        return
+    engine = torch.tensor(rt.engine.sequence_logprobs(ids), dtype=torch.float64)
+    gap = (engine - trainer.double()).abs()
+    tol = sync_check_tolerance(rt.cfg)
+    line = (f"[sync] check: {len(diffs)} tensors equal to the trainer's"
+            + (f" (max |diff| {max(diffs.values()):.3g})" if diffs else "")
+            + (f", {len(skipped)} held packed by the backend" if skipped else "")
+            + f"; log-probs of a {len(ids)}-token sequence: max |diff| {float(gap.max()):.3g} "
+            f"(mean {float(gap.mean()):.3g}, tolerance {tol:g})")
+    print(line, flush=True)
+    if not float(gap.max()) <= tol:
+        raise WeightMismatchError(
+            f"after the sync the engine's log-probs differ from the trainer's by up to {float(gap.max()):.3g} "
+            f"(tolerance {tol:g}) on a fixed sequence: the engine does not run the trainer's weights"
+        )
 
 
 def broadcast_from_mp_leader(obj: Any) -> Any:

@@ -814,12 +814,13 @@ def test_pipeline_evaluates_on_rank_0_alone_and_with_hf_in_a_multi_rank_vllm_wor
     assert seen == ["hf", "vllm"]
 
 
-def test_sync_check_mode_exports_again_and_compares(monkeypatch, capsys):
+def test_sync_check_mode_compares_tensors_and_logprobs(monkeypatch, capsys):
     from megatron_recycle.config import Config
     from megatron_recycle.model import convert
     from megatron_recycle.train import runtime as rtm
+    from megatron_recycle.train import step
 
-    exports = []
+    exports, forwards = [], []
 
     def export(chunks, hf_config):
         exports.append(0)
@@ -827,11 +828,22 @@ def test_sync_check_mode_exports_again_and_compares(monkeypatch, capsys):
             exports[-1] += 1
             yield name, torch.ones(2)
 
+    trainer_lp = torch.tensor([[-1.0, -2.0, -3.0]])
+
+    def compute_logprobs(chunks, batch, micro_batch_size, pack_groups=True, **kw):
+        forwards.append(batch.tokens.tolist())
+        return trainer_lp
+
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            assert text == rtm.SYNC_CHECK_TEXT
+            return SimpleNamespace(input_ids=[5, 6, 7, 8])
+
     class Engine:
         last_check_skipped = ["model.layers.0.self_attn.q_proj.weight"]
 
-        def __init__(self, differ=False):
-            self.differ, self.loaded, self.checked = differ, [], []
+        def __init__(self, differ=False, lp_shift=0.0):
+            self.differ, self.lp_shift, self.loaded, self.checked = differ, lp_shift, [], []
 
         def load_weights(self, named):
             self.loaded += [n for n, _ in named]
@@ -842,24 +854,36 @@ def test_sync_check_mode_exports_again_and_compares(monkeypatch, capsys):
                 raise V.WeightMismatchError("engine weights differ")
             return {"model.norm.weight": 0.0}
 
+        def sequence_logprobs(self, ids):
+            assert ids == [5, 6, 7, 8]
+            return [v + self.lp_shift for v in trainer_lp[0].tolist()]
+
     monkeypatch.setattr(convert, "export_hf_state_dict", export)
+    monkeypatch.setattr(step, "compute_logprobs", compute_logprobs)
     cfg = Config()
     cfg.rollout.engine = "vllm"
     cfg.rollout.vllm_check_sync = True
-    rt = SimpleNamespace(cfg=cfg, engine=Engine(), chunks=None, hf_config=None)
+    rt = SimpleNamespace(cfg=cfg, engine=Engine(), chunks=None, hf_config=None, tokenizer=Tokenizer())
     assert rtm.sync_engine_weights(rt) == 2
     assert exports == [2, 2] and rt.engine.checked == ["model.embed_tokens.weight", "model.norm.weight"]
-    assert "1 tensors equal to the trainer's" in capsys.readouterr().out
-    rt.engine = None  # a rank without an engine still takes part in both exports
+    assert forwards == [[[5, 6, 7, 8]]]  # the trainer's own forward over the fixed sequence
+    out = capsys.readouterr().out
+    assert "1 tensors equal to the trainer's" in out and "4-token sequence: max |diff| 0" in out
+    rt.engine = None  # a rank without an engine still takes part in both exports and the forward
     rtm.sync_engine_weights(rt)
-    assert exports[-2:] == [2, 2]
+    assert exports[-2:] == [2, 2] and len(forwards) == 2
     rt.engine = Engine(differ=True)
-    with pytest.raises(V.WeightMismatchError):
+    with pytest.raises(V.WeightMismatchError, match="differ"):
         rtm.sync_engine_weights(rt)
+    rt.engine = Engine(lp_shift=0.5)  # readable tensors equal, but the model computes something else
+    with pytest.raises(V.WeightMismatchError, match="log-probs differ .* by up to 0.5"):
+        rtm.sync_engine_weights(rt)
+    rt.engine = Engine(lp_shift=0.005)  # within fp32 tolerance
+    rtm.sync_engine_weights(rt)
     cfg.rollout.vllm_check_sync = False
     exports.clear()
     rtm.sync_engine_weights(rt)
-    assert exports == [2]  # no second export without the check mode
+    assert exports == [2] and len(forwards) == 4  # one export, no second one and no forward
 
 
 def test_llvmlite_lib_gets_a_plain_dict_while_vllm_starts(monkeypatch):
@@ -889,3 +913,40 @@ def test_llvmlite_lib_gets_a_plain_dict_while_vllm_starts(monkeypatch):
     assert ffi.lib is lib
     with V._llvmlite_hidden_from_vllm_scan(False):  # GPU builds: untouched
         assert ffi.lib is lib
+
+
+def test_vllm_calls_run_with_the_trainer_device_mode_lifted(monkeypatch):
+    """On CPU the trainer's global device mode skewed vLLM's TP engines: every vLLM call lifts it."""
+    import contextlib
+
+    depth = [0]
+
+    @contextlib.contextmanager
+    def lifted():
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(V, "_lifted", lifted)
+    engine, llm, _ = fake_engine()
+    seen = []
+    real_generate, real_apply = llm.generate, llm.apply_model
+
+    def generate(prompts, sampling, use_tqdm=True):
+        seen.append(("generate", depth[0]))
+        out = real_generate(prompts, sampling, use_tqdm)
+        for o in out:
+            o.prompt_logprobs = [None] + [{t: SimpleNamespace(logprob=-1.0)} for t in prompts[0]["prompt_token_ids"][1:]]
+        return out
+
+    def apply_model(fn):
+        seen.append(("apply", depth[0]))
+        return real_apply(fn)
+
+    llm.generate, llm.apply_model = generate, apply_model
+    engine.generate([[1, 2]], SamplingParams(max_new_tokens=4))
+    assert engine.sequence_logprobs([1, 2, 3]) == [-1.0, -1.0]
+    engine.load_weights(iter(full_layer(2, seed=2).items()))
+    assert seen and all(d == 1 for _, d in seen) and {k for k, _ in seen} == {"generate", "apply"}

@@ -113,6 +113,28 @@ def main() -> None:
     with device_mode_suspended():  # the mode is off inside: a CUDA factory call fails again
         out["suspended_factory"] = _err(lambda: torch.zeros(1, device="cuda"))
     out["resumed_factory"] = str(torch.zeros(1, device="cuda").device)
+    from torch.overrides import TorchFunctionMode
+
+    from megatron_recycle.model.compat import device_mode_lifted
+
+    class Count(TorchFunctionMode):  # another mode, pushed above the compat mode
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with device_mode_lifted():  # only the compat mode goes: CUDA factories fail, types are CPU types
+        out["lifted_factory"] = _err(lambda: torch.zeros(1, device="cuda"))
+        out["lifted_type"] = torch.zeros(1).type()
+    out["relifted_type"] = torch.zeros(1).type()
+    with Count():
+        with device_mode_lifted():  # compat mode not on top: every override off, Count sees nothing
+            torch.zeros(1).add(1)
+            out["lifted_under_other_mode_count"] = Count.n
+            out["lifted_under_other_mode_factory"] = _err(lambda: torch.zeros(1, device="cuda"))
+        torch.zeros(1).add(1)
+        out["other_mode_after_count"] = Count.n
     out["applied_again"] = apply_cpu_compat()
     for name, fn in CHECKS.items():
         try:

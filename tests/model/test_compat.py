@@ -82,6 +82,15 @@ def test_device_mode_suspended_block(probe):
     assert probe["resumed_factory"] == "cpu"
 
 
+def test_device_mode_lifted_block(probe):
+    """compat.device_mode_lifted() takes only the compat mode off (engines/vllm.py, around vLLM)."""
+    assert probe["lifted_factory"] is not None and any(s in probe["lifted_factory"] for s in CUDA_MISSING)
+    assert probe["lifted_type"] == "torch.FloatTensor" and probe["relifted_type"] == "torch.cuda.FloatTensor"
+    assert probe["lifted_under_other_mode_count"] == 0
+    assert any(s in probe["lifted_under_other_mode_factory"] for s in CUDA_MISSING)
+    assert probe["other_mode_after_count"] > 0
+
+
 def test_idempotent_and_removable(probe):
     assert probe["applied"] is True and probe["applied_again"] is True
     assert probe["after_remove_unpatched_again"] is not None
