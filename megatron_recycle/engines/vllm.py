@@ -263,6 +263,17 @@ def to_generation(
 
 
 # ---------------------------------------------------------------------------------- weights
+def check_named_tensor(item: Any, where: str) -> tuple[str, torch.Tensor]:
+    """``item`` if it is a (name, tensor) pair of a weight stream, else a TypeError naming ``where``."""
+    if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], torch.Tensor)):
+        raise TypeError(
+            f"{where}: expected (name: str, tensor: torch.Tensor) pairs, got {type(item).__name__} "
+            f"{item!r:.80}; pass the stream of export_hf_state_dict"
+        )
+    return item
+
+
 def bucket_tensors(
     named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -276,12 +287,7 @@ def bucket_tensors(
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for item in named_tensors:
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], torch.Tensor)):
-            raise TypeError(
-                f"bucket_tensors: expected (name: str, tensor: torch.Tensor) pairs, got {type(item).__name__} "
-                f"{item!r:.80}; pass the stream of export_hf_state_dict"
-            )
+        check_named_tensor(item, "bucket_tensors")
         nbytes = item[1].numel() * item[1].element_size()
         if bucket and size + nbytes > max_bytes:
             yield bucket
@@ -619,11 +625,7 @@ class VLLMEngine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Generation]:
         """Continue each prompt; one Generation (new tokens only) per prompt, in input order."""
-        if not self._weights_valid:
-            raise RuntimeError(
-                "VLLMEngine.generate after sleep(level=2) discarded the weights and no load_weights "
-                "since; sync the trainer's weights first (train.runtime.sync_engine_weights)"
-            )
+        self._require_weights("generate")
         token_prompts, kwargs_list = build_requests(
             prompts, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len, counters=self.counters
         )
@@ -642,6 +644,13 @@ class VLLMEngine:
             for out, kw in zip(outputs, kwargs_list)
         ]
 
+    def _require_weights(self, what: str) -> None:
+        if not self._weights_valid:
+            raise RuntimeError(
+                f"VLLMEngine.{what} after sleep(level=2) discarded the weights and no load_weights "
+                "since; sync the trainer's weights first (train.runtime.sync_engine_weights)"
+            )
+
     def sequence_logprobs(self, token_ids: Sequence[int]) -> list[float]:
         """log p(token_ids[i] | token_ids[:i]) for i = 1..L-1 under the engine's weights (temperature 1).
 
@@ -652,8 +661,7 @@ class VLLMEngine:
         ids = [int(t) for t in token_ids]
         if len(ids) < 2:
             raise ValueError(f"sequence_logprobs needs at least 2 tokens, got {len(ids)}")
-        if not self._weights_valid:
-            raise RuntimeError("VLLMEngine.sequence_logprobs after sleep(level=2) and no load_weights since")
+        self._require_weights("sequence_logprobs")
         check_same_requests(self.request_group, request_digest([{"prompt_token_ids": ids}], [{"prompt_logprobs": 0}]))
         self.wake()
         params = self._sampling_params_cls(n=1, temperature=1.0, top_p=1.0, max_tokens=1, prompt_logprobs=0,
@@ -742,10 +750,7 @@ class VLLMEngine:
         def items() -> Iterator[tuple[str, torch.Tensor]]:
             sent_head = False
             for item in stream:
-                if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                        and isinstance(item[1], torch.Tensor)):
-                    raise TypeError(f"VLLMEngine.load_weights expects (name, tensor) pairs, got {type(item).__name__}")
-                name, tensor = item
+                name, tensor = check_named_tensor(item, "VLLMEngine.load_weights")
                 if name == "lm_head.weight" and tied and sent_head:
                     continue  # already sent as the embedding's twin
                 count[0] += 1
@@ -858,10 +863,8 @@ class VLLMEngine:
 
 def _lifted() -> contextlib.AbstractContextManager:
     """The trainer's CPU device mode (model.compat) lifted for a vLLM call; a no-op elsewhere."""
-    try:
-        from megatron_recycle.model.compat import device_mode_lifted
-    except ImportError:  # pragma: no cover - compat is part of this package
-        return contextlib.nullcontext()
+    from megatron_recycle.model.compat import device_mode_lifted  # lazy: the model package is heavy
+
     return device_mode_lifted()
 
 

@@ -135,16 +135,12 @@ def _architecture(folder: str) -> dict[str, Any]:
 
 
 def iter_folder_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a Hugging Face folder's safetensors files, one at a time (name order per file)."""
-    from safetensors import safe_open
+    """Every tensor of a Hugging Face folder's safetensors files, one at a time (convert's reader)."""
+    from megatron_recycle.model.convert import hf_weight_source
 
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no *.safetensors files to load weights from")
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                yield name, sf.get_tensor(name)
+    get, _ = hf_weight_source(Path(folder))
+    for name in get.keys():
+        yield name, get(name)
 
 
 def _reuse_vllm_engine(folder: str, settings: tuple, tokenizer: Any) -> Any | None:
@@ -341,23 +337,21 @@ def check_engine_sync(rt: Runtime) -> None:
     from megatron_recycle.train.step import build_batch, compute_logprobs
 
     check = export_hf_state_dict(rt.chunks, rt.hf_config)
-    if rt.engine is None or not hasattr(rt.engine, "check_weights"):
+    if rt.engine is None:  # this rank only takes part in the collectives
         for _ in check:
             pass
-        diffs, skipped = {}, []
     else:
         diffs = rt.engine.check_weights(check)  # raises WeightMismatchError on a difference
-        skipped = getattr(rt.engine, "last_check_skipped", [])
+        skipped = rt.engine.last_check_skipped
     ids = list(rt.tokenizer(SYNC_CHECK_TEXT, add_special_tokens=False).input_ids)
     batch = build_batch([ids], [[0] + [1] * (len(ids) - 1)])  # nothing predicts the first token
     trainer = compute_logprobs(rt.chunks, batch, micro_batch_size=1, pack_groups=False)[0, : len(ids) - 1]
-    if rt.engine is None or not hasattr(rt.engine, "sequence_logprobs"):
+    if rt.engine is None:
         return
     engine = torch.tensor(rt.engine.sequence_logprobs(ids), dtype=torch.float64)
     gap = (engine - trainer.double()).abs()
     tol = sync_check_tolerance(rt.cfg)
-    line = (f"[sync] check: {len(diffs)} tensors equal to the trainer's"
-            + (f" (max |diff| {max(diffs.values()):.3g})" if diffs else "")
+    line = (f"[sync] check: {len(diffs)} tensors equal to the trainer's (max |diff| {max(diffs.values()):.3g})"
             + (f", {len(skipped)} held packed by the backend" if skipped else "")
             + f"; log-probs of a {len(ids)}-token sequence: max |diff| {float(gap.max()):.3g} "
             f"(mean {float(gap.mean()):.3g}, tolerance {tol:g})")

@@ -497,7 +497,7 @@ def test_layerwise_reload_error_drains_the_collective_stream():
         engine.load_weights(stream(items))
     assert consumed == [n for n, _ in items]  # drained to the end although the engine stopped at item 2
     consumed.clear()
-    with pytest.raises(RuntimeError, match=r"expects \(name, tensor\) pairs"):
+    with pytest.raises(RuntimeError, match=r"expected \(name: str, tensor: torch.Tensor\) pairs"):
         engine.load_weights(stream([("model.norm.weight", torch.ones(HIDDEN)), ("oops", [1.0]), ("z", torch.ones(1))]))
     assert consumed == ["model.norm.weight", "oops", "z"]
 
@@ -775,6 +775,9 @@ def test_runtime_builds_one_vllm_engine_per_process_and_reloads_other_folders(tm
     cfg.rollout.vllm_tp = 2
     with pytest.raises(ConfigError, match="runs one engine only"):
         rtm.build_engine(cfg, a, "tok-a")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        list(rtm.iter_folder_tensors(tmp_path))
+    (tmp_path / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         list(rtm.iter_folder_tensors(tmp_path))
 

@@ -40,6 +40,7 @@ def run_workers(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    gpus = _visible_gpus()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ)
@@ -54,8 +55,7 @@ def run_workers(
             HF_HUB_OFFLINE="1",
             PYTHONWARNINGS="ignore",
         )
-        if _visible_gpus() and _visible_gpus() < world_size:
-            # NCCL cannot put two ranks on one GPU: run this world on CPU over gloo instead.
+        if 0 < gpus < world_size:  # NCCL cannot put two ranks on one GPU: run on CPU over gloo
             env["CUDA_VISIBLE_DEVICES"] = ""
         log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
         cmd = [sys.executable, __file__, target, str(out_dir), json.dumps(kwargs)]
