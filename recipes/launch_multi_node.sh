@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Several nodes with torchrun's c10d rendezvous. Run the same command on every node:
-#   MASTER_ADDR=node0 NNODES=4 NODE_RANK=<0..3> recipes/launch_multi_node.sh RECIPE.yaml [key=value ...]
+#   MASTER_ADDR=node0 NNODES=4 recipes/launch_multi_node.sh RECIPE.yaml [key=value ...]
+# The rendezvous numbers the nodes (no NODE_RANK needed); global rank 0 owns the pool, logs and
+# writes metrics, so run.output_dir (checkpoints) must be on a file system every node sees.
+# Tested as two one-process nodes on 127.0.0.1 (tests/train/test_loop.py).
 # Environment: MASTER_ADDR (rendezvous host, required), MASTER_PORT (29500), NNODES (required),
 # NPROC (GPUs per node, default 8), RDZV_ID (job id, default megatron-recycle), COMMAND (train | sft).
 set -euo pipefail

@@ -124,6 +124,52 @@ def test_torchrun_two_ranks_same_decisions(env, layout):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
+def test_multi_node_launcher_two_nodes_on_localhost(env, tmp_path):
+    """recipes/launch_multi_node.sh as two nodes of one process each (c10d rendezvous on 127.0.0.1):
+    every process has LOCAL_RANK 0, so anything keyed on the local rank instead of the global one
+    (rank-0-only logging, the pool's owner, checkpoint writers) shows up here. The run must make
+    the same decisions and metrics as the one-node DP=2 run of the same config."""
+    from tests.train._dist import free_port
+
+    recipe = tmp_path / "defaults.yaml"
+    recipe.write_text("# every key at its default; the test's overrides follow on the command line\n")
+    name = "multi_node"
+    over = _overrides(env, name, "pool.oversample=2", "train.steps=3")
+    e = _env_vars()
+    e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NNODES="2", NPROC="1",
+             RDZV_ID=f"test-{os.getpid()}", PATH=f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}")
+    nodes = [subprocess.Popen(["bash", str(ROOT / "recipes" / "launch_multi_node.sh"), str(recipe)] + over,
+                              env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(nodes, outs):
+        assert p.returncode == 0, out[-4000:]
+    run_dir = env["out"] / name
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # one writer: the global rank 0, not every LOCAL_RANK 0
+    assert sum("step 0 |" in out for out in outs) == 1
+    d0, d1 = _decisions(run_dir, 0), _decisions(run_dir, 1)
+    assert d0 == d1 and len(d0) == 3
+    assert (run_dir / "checkpoints" / "step_3" / "manifest.json").is_file()
+    # the same job on one node (torchrun --standalone, two processes) decides and trains identically
+    ref = "multi_node_ref"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "megatron_recycle.cli", "train"]
+    _run(torchrun + _overrides(env, ref, "pool.oversample=2", "train.steps=3"), timeout=400)
+    assert _decisions(env["out"] / ref, 0) == d0
+    keys = ["candidates", "effective_batch", "reward_mean", "train/loss", "train/grad_norm", "recycled_share"]
+    for a, b in zip(_metrics(env["out"] / ref), rows):
+        for key in keys:
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-6, abs=1e-9), (a["step"], key)
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(env):
     steps = ["train.steps=4", "pool.oversample=2"]
     _run(CLI + ["train"] + _overrides(env, "straight", *steps))
