@@ -89,7 +89,16 @@ class RolloutConfig:
     reward: str = "em"  # "em", "f1", or "package.module:function" (fn(response, golds, truncated) -> float)
     batch_size: int = 32  # trajectories generated together
     vllm_tp: int = 1  # engine=vllm: its own tensor-parallel size
-    vllm_gpu_memory_utilization: float = 0.5  # engine=vllm: share of GPU memory for weights + KV cache
+    # engine=vllm: share of GPU memory for weights + KV cache (on vLLM's CPU build: of the machine's memory)
+    vllm_gpu_memory_utilization: float = 0.5
+    # engine=vllm: a fixed KV cache size in GiB per engine (vLLM's kv_cache_memory_bytes) instead of
+    # sizing it from the share above; 0 = from the share. On vLLM's CPU build the environment
+    # variable VLLM_CPU_KVCACHE_SPACE (GiB), when set, wins (scripts/vllm_cpu.sh sets 1).
+    vllm_kv_cache_gib: float = 0.0
+    # engine=vllm: release the KV cache while the trainer runs (GPU: vLLM's sleep mode, level 1, weights
+    # offloaded to host memory; vLLM's CPU build: the KV buffer is freed, weights stay). false keeps
+    # the engine awake: no re-allocation per step, but its KV memory stays taken during training.
+    vllm_sleep: bool = True
     # engine=vllm: after every weight sync, export again and compare a few tensors with the engine's
     # (exactly), and the engine's log-probs of a fixed sequence with the trainer's forward (within
     # 1e-2 in fp32, 0.25 in bf16); a mismatch stops the run. A debugging aid: it costs a second
@@ -350,6 +359,8 @@ def validate(cfg: Config) -> None:
                  "(or a CPU build of vLLM, see scripts/vllm_cpu.sh), or use rollout.engine=hf")
     _require(0 < ro.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
              ro.vllm_gpu_memory_utilization, "must be in (0, 1)")
+    _require(ro.vllm_kv_cache_gib >= 0, "rollout.vllm_kv_cache_gib", ro.vllm_kv_cache_gib,
+             "must be >= 0 (0: sized from rollout.vllm_gpu_memory_utilization)")
     _require(p.batch_size >= 1, "pool.batch_size", p.batch_size, "B must be >= 1")
     _require(p.oversample >= 1, "pool.oversample", p.oversample, "k must be >= 1")
     if p.strategy in ("grpo", "dapo"):

@@ -10,8 +10,9 @@
 # transformers < 5.20, so it lives in its own venv next to the project's .venv, which keeps its
 # versions. In it, tests/engines/test_vllm.py's end-to-end test runs the real VLLMEngine: engine
 # start in external-launcher mode, greedy generation equal to HFEngine's, in-place weight sync
-# (vLLM's layerwise reload), check_weights, log-probs of sampled tokens. Sleep/wake needs a GPU
-# (vLLM has no sleep mode on CPU); that part runs only there.
+# (vLLM's layerwise reload), check_weights, log-probs of sampled tokens, and sleep/wake: vLLM has
+# no sleep mode on CPU, so VLLMEngine frees and re-allocates the KV buffer itself (vLLM's own
+# sleep mode runs only on a GPU).
 # The CPU backend wants AVX2 at least (AVX-512 preferred) and Intel OpenMP preloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."

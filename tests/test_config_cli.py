@@ -40,6 +40,8 @@ def test_defaults_and_overrides(tmp_path):
         ("model.vpp=2", r"virtual pipeline stages need model.pp > 1"),
         ("pool.strategy=dapo", r"set pool.oversample=1"),
         ("pool", r"must look like section.key=value"),
+        ("rollout.vllm_kv_cache_gib=-1", r"rollout.vllm_kv_cache_gib=-1.0: must be >= 0"),
+        ("rollout.vllm_sleep=maybe", r"rollout.vllm_sleep: expected true/false"),
     ],
 )
 def test_invalid_values_name_key_and_value(override, match):

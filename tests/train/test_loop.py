@@ -92,6 +92,8 @@ def test_two_steps_every_strategy(env, strategy, extra):
         if r["effective_batch"]:
             assert r["train/loss"] == pytest.approx(r["train/loss"])  # finite, not NaN
             assert r["train/tokens"] > 0
+            assert r["train/rss_gib"] > 0  # resident memory in the training phase
+            assert "train/engine_kv_released_gib" not in r  # the native engine holds no KV cache to release
     assert any(r["effective_batch"] > 0 for r in rows), "the coin reward should make some group signal-bearing"
     # the custom coin reward is not exact match: the two metrics are logged separately
     assert all(r["em_mean"] == r["rollout/em_mean"] and r["reward_mean"] == r["rollout/reward_mean"] for r in rows)
