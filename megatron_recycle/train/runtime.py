@@ -209,7 +209,7 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
             seed=cfg.run.seed, max_model_len=cfg.rollout.max_total_tokens, request_group=group,
             dtype=settings[-1], enable_sleep_mode=cfg.rollout.vllm_sleep,
-            kv_cache_bytes=int(cfg.rollout.vllm_kv_cache_gib * 2**30) or None,
+            kv_cache_bytes=max(1, int(cfg.rollout.vllm_kv_cache_gib * 2**30)) if cfg.rollout.vllm_kv_cache_gib else None,
         )
         _VLLM_ENGINE.update(engine=engine, folder=folder, settings=settings, arch=_architecture(folder))
         return engine

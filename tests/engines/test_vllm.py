@@ -921,6 +921,10 @@ def test_runtime_builds_one_vllm_engine_per_process_and_reloads_other_folders(tm
     cfg.rollout.vllm_tp = 2
     with pytest.raises(ConfigError, match="runs one engine only"):
         rtm.build_engine(cfg, a, "tok-a")
+    cfg.rollout.vllm_tp, cfg.rollout.vllm_kv_cache_gib = 1, 0.5
+    rtm._VLLM_ENGINE.clear()
+    rtm.build_engine(cfg, a, "tok-a")
+    assert built[-1][1]["kv_cache_bytes"] == 2**29
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         list(rtm.iter_folder_tensors(tmp_path))
     (tmp_path / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
