@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -54,10 +55,36 @@ def _is_smollm2_alias(name: str) -> bool:
     return name.lower() in SMOLLM2_ALIASES
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _file_digest(path: str) -> str:
+    """SHA-1 of a file's bytes (~0.2 s for the 98 MB SmolLM2 GGUF), memoized per process by
+    (path, size, mtime, inode) so repeated loads of an unchanged file hash it once."""
+    st = os.stat(path)
+    memo_key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    digest = _DIGESTS.get(memo_key)
+    if digest is None:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        digest = _DIGESTS[memo_key] = h.hexdigest()
+    return digest
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _gguf_cache_folder(gguf_path: str, cache_dir: str | os.PathLike | None) -> Path:
-    """Cache folder for one GGUF file, keyed by its name, size and mtime (a new file, a new cache)."""
-    st = os.stat(gguf_path)
-    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[
+    """Cache folder for one GGUF file, keyed by its contents and the transformers version that
+    dequantizes it. Every install of the same file (each virtual environment, each fresh clone)
+    shares one entry; a changed file or a new transformers gets a new one. (Keying by path and
+    mtime, as before, left a 517 MB entry behind per fresh environment.)"""
+    key = hashlib.sha1(f"{_file_digest(gguf_path)}|transformers-{_transformers_version()}".encode()).hexdigest()[
         :12
     ]
     stem = Path(gguf_path).name.removesuffix(".gguf")
@@ -88,6 +115,9 @@ def _convert_gguf_to_cache(gguf_path: str, folder: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        source = {"gguf": os.path.basename(gguf_path), "sha1": _file_digest(gguf_path),
+                  "bytes": os.path.getsize(gguf_path), "transformers": _transformers_version()}
+        (tmp / "source.json").write_text(json.dumps(source, indent=1) + "\n")
         try:
             os.rename(tmp, folder)
         except OSError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -43,8 +44,10 @@ def test_clear_errors(tmp_path):
         resolve_model_folder(tmp_path / "missing.gguf")
 
 
-def test_gguf_cache_converts_once_and_follows_the_file(tiny, tmp_path, monkeypatch):
-    """The GGUF is converted once per (file, size, mtime); later loads read the cache."""
+def test_gguf_cache_is_keyed_by_content(tiny, tmp_path, monkeypatch):
+    """The GGUF is converted once per (contents, transformers version): the same file installed
+    at another path (another venv, a fresh clone) or touched reuses the entry; new bytes of the
+    same size, or another transformers, get a new one."""
     calls = []
 
     def fake_convert(gguf_path, folder):
@@ -52,15 +55,28 @@ def test_gguf_cache_converts_once_and_follows_the_file(tiny, tmp_path, monkeypat
         tiny.tiny_hf_model("llama", True).save_pretrained(folder)
 
     monkeypatch.setattr(hf_loading, "_convert_gguf_to_cache", fake_convert)
-    gguf = tmp_path / "toy.gguf"
+    cache = tmp_path / "cache"
+    gguf = tmp_path / "a" / "toy.gguf"
+    gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF-not-really")
-    first = resolve_model_folder(gguf, cache_dir=tmp_path / "cache")
-    second = resolve_model_folder(gguf, cache_dir=tmp_path / "cache")
+    first = resolve_model_folder(gguf, cache_dir=cache)
+    second = resolve_model_folder(gguf, cache_dir=cache)
     assert first == second and len(calls) == 1
-    assert load_hf_model(gguf, cache_dir=tmp_path / "cache").config.model_type == "llama"
-    os.utime(gguf, (1_000_000, 1_000_000))  # a replaced file gets a new cache entry
-    third = resolve_model_folder(gguf, cache_dir=tmp_path / "cache")
+    assert load_hf_model(gguf, cache_dir=cache).config.model_type == "llama"
+
+    other_install = tmp_path / "b" / "toy.gguf"
+    other_install.parent.mkdir()
+    other_install.write_bytes(gguf.read_bytes())
+    os.utime(other_install, (1_000_000, 1_000_000))
+    assert resolve_model_folder(other_install, cache_dir=cache) == first and len(calls) == 1
+
+    gguf.write_bytes(b"GGUF-not-reall!")  # same size, new bytes: a new entry
+    third = resolve_model_folder(gguf, cache_dir=cache)
     assert third != first and len(calls) == 2
+    monkeypatch.setattr(hf_loading, "_transformers_version", lambda: "0.0.0-other")
+    assert resolve_model_folder(gguf, cache_dir=cache) not in (first, third) and len(calls) == 3
+    assert sorted(p.name for p in cache.iterdir()) == sorted({first.name, third.name,
+                                                            resolve_model_folder(gguf, cache_dir=cache).name})
 
 
 @pytest.mark.real_model
@@ -70,6 +86,9 @@ def test_smollm2_cache_is_plain_fp32():
     folder = resolve_model_folder("smollm2-135m")
     cfg = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
+    source = json.loads((folder / "source.json").read_text())
+    with open(smollm2_gguf_path(), "rb") as f:
+        assert source["sha1"] == hashlib.sha1(f.read()).hexdigest()
     model = load_hf_model("smollm2-135m")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
