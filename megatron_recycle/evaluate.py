@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ _METRICS = ("pass@1", "em", "f1", "answer_rate", "searches", "turns", "response_
 
 
 def evaluate(
-    engine: Engine,
-    retriever: Retriever,
+    engine: Engine | None,
+    retriever: Retriever | None,
     examples: Sequence[Any],
     n_samples: int = 1,
     temperature: float = 0.0,
@@ -44,11 +44,25 @@ def evaluate(
     progress: bool = True,
     output_path: str | Path | None = None,
     run_info: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    shard: tuple[int, int] | None = (0, 1),
+    gather: Callable[[Any], list[Any] | None] | None = None,
+) -> dict[str, Any] | None:
     """Roll out every example (objects with id, question, golden_answers, source, metadata) and
     aggregate. Writes the result as JSON (and per-example predictions as jsonl beside it) when
     ``output_path`` is given; prints a progress line per batch when ``progress``. ``run_info``
-    (model, data file, machine...) is copied into the result's config."""
+    (model, data file, machine...) is copied into the result's config.
+
+    Sharded evaluation (several processes, each with its own engine): ``shard=(i, n)`` rolls out
+    only batches i, i + n, i + 2n, ... of the examples (batch b holds examples b * batch_size
+    onwards, generated with the same sampling seed as every batch), the very batches a
+    single-process call makes, so the result does not depend on n. ``shard=None``: this process
+    rolls out nothing (it holds no engine) but still takes part in ``gather``. ``gather`` (needed
+    when n > 1) receives this process's part and returns every process's parts on the one process
+    that aggregates, None on the others (``gather_on_rank0`` over torch.distributed); evaluate
+    returns the result, and writes ``output_path``, on that process only, and None elsewhere.
+    Several processes may hold the same shard (the ranks of one vLLM tensor-parallel engine): the
+    first part of each shard is used. Every shard must be present, else RuntimeError.
+    """
     if not examples:
         raise ValueError("evaluate got no examples; check the dataset file")
     if n_samples < 1:
@@ -60,11 +74,21 @@ def evaluate(
         )
     if batch_size < 1:
         raise ValueError(f"evaluate batch_size must be >= 1, got {batch_size}")
+    if shard is not None:
+        index, count = shard
+        if not (count >= 1 and 0 <= index < count):
+            raise ValueError(f"evaluate shard={shard}: expected (index, count) with 0 <= index < count")
+        if count > 1 and gather is None:
+            raise ValueError(f"evaluate shard={shard}: a sharded evaluation needs gather to collect the parts")
+        if engine is None or retriever is None:
+            raise ValueError("evaluate: a process that rolls out a shard needs an engine and a retriever")
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     start = time.perf_counter()
-    records: list[dict[str, Any]] = []
+    records: list[tuple[int, dict[str, Any]]] = []  # (example position, record)
     totals: dict[str, float] = {}
-    for first in range(0, len(examples), batch_size):
+    mine = [] if shard is None else list(range(shard[0] * batch_size, len(examples), shard[1] * batch_size))
+    share = sum(len(examples[first : first + batch_size]) for first in mine)
+    for first in mine:
         chunk = examples[first : first + batch_size]
         questions = [(first + i, ex.question, list(ex.golden_answers)) for i, ex in enumerate(chunk)]
         batch = rollout(
@@ -74,21 +98,31 @@ def evaluate(
         for key, value in batch.stats.as_dict().items():
             totals[key] = totals.get(key, 0) + value
         for i, ex in enumerate(chunk):
-            records.append(_example_record(ex, batch[i * n_samples : (i + 1) * n_samples]))
+            records.append((first + i, _example_record(ex, batch[i * n_samples : (i + 1) * n_samples])))
         if progress:
             done, elapsed = len(records), time.perf_counter() - start
-            eta = elapsed / done * (len(examples) - done)
-            running = sum(r["em"] for r in records) / done
+            eta = elapsed / done * (share - done)
+            running = sum(r["em"] for _, r in records) / done
+            where = "" if shard[1] == 1 else f" (shard {shard[0] + 1} of {shard[1]}: {share} of {len(examples)})"
             print(
-                f"[eval] {done}/{len(examples)} examples  EM {running:.3f}  "
+                f"[eval] {done}/{share} examples{where}  EM {running:.3f}  "
                 f"{elapsed:.0f} s elapsed  ETA {eta:.0f} s",
                 file=sys.stderr,
                 flush=True,
             )
 
+    if gather is not None:
+        parts = gather(None if shard is None else (shard, records, totals))
+        if parts is None:
+            return None
+        records, totals = _merge_parts(parts, len(examples))
+    records_only = [r for _, r in sorted(records, key=lambda pr: pr[0])]
+    if len(records_only) != len(examples):
+        raise RuntimeError(f"evaluate: {len(records_only)} records for {len(examples)} examples")
+
     result: dict[str, Any] = {
-        "overall": _aggregate(records),
-        "per_source": _grouped(records, "source"),
+        "overall": _aggregate(records_only),
+        "per_source": _grouped(records_only, "source"),
         "config": {
             "n_samples": n_samples,
             "temperature": temperature,
@@ -105,13 +139,53 @@ def evaluate(
         "rollout_stats": totals,
         "seconds": time.perf_counter() - start,
     }
+    if gather is not None:
+        result["config"]["shards"] = len({p[0] for p in parts if p is not None})
     sources = result["per_source"]
     result["macro_average"] = {m: sum(s[m] for s in sources.values()) / len(sources) for m in ("pass@1", "em", "f1")}
-    if any(r["template"] is not None for r in records):
-        result["per_template"] = _grouped(records, "template")
+    if any(r["template"] is not None for r in records_only):
+        result["per_template"] = _grouped(records_only, "template")
     if output_path is not None:
-        write_result(result, records, output_path)
+        write_result(result, records_only, output_path)
     return result
+
+
+def _merge_parts(parts: Sequence[Any], n_examples: int) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, float]]:
+    """Every shard's records and rollout counters, the first part of each shard taken."""
+    by_shard: dict[tuple[int, int], tuple[list, dict]] = {}
+    for part in parts:
+        if part is None:
+            continue
+        shard, records, totals = part
+        by_shard.setdefault(tuple(shard), (records, totals))
+    counts = {count for _, count in by_shard}
+    if len(counts) != 1:
+        raise RuntimeError(f"evaluate: the processes disagree on the shard count ({sorted(by_shard)})")
+    count = counts.pop()
+    missing = sorted(set(range(count)) - {index for index, _ in by_shard})
+    if missing:
+        raise RuntimeError(f"evaluate: no process rolled out shard(s) {missing} of {count}")
+    records = [pr for recs, _ in by_shard.values() for pr in recs]
+    if sorted(i for i, _ in records) != list(range(n_examples)):
+        raise RuntimeError(f"evaluate: the shards' records do not cover the {n_examples} examples exactly once")
+    totals: dict[str, float] = {}
+    for _, tot in by_shard.values():
+        for key, value in tot.items():
+            totals[key] = totals.get(key, 0) + value
+    return records, totals
+
+
+def gather_on_rank0(part: Any, group: Any = None) -> list[Any] | None:
+    """``gather`` for :func:`evaluate` over torch.distributed: every rank's part, on rank 0 (None
+    on the others). Collective over ``group`` (default: the world); alone, [part]."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [part]
+    rank = dist.get_rank(group)
+    out: list[Any] | None = [None] * dist.get_world_size(group) if rank == 0 else None
+    dist.gather_object(part, out, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return out
 
 
 def _example_record(example: Any, trajectories: Sequence[Any]) -> dict[str, Any]:

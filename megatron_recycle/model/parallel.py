@@ -112,6 +112,35 @@ def _env_int(name: str) -> int | None:
     return int(v) if v not in (None, "") else None
 
 
+def init_process_group(backend: str | None = None) -> bool:
+    """The default process group from torchrun's environment (a world of 1 without one); True
+    when this call created it, False when one existed. backend defaults to ``nccl`` with CUDA
+    (each process on device LOCAL_RANK) and ``gloo`` without. :func:`init_distributed` calls it;
+    code that needs only collectives (sharded evaluation before training) may call it first, and
+    init_distributed then reuses the group."""
+    global _OWNS_PROCESS_GROUP
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ValueError("backend='nccl' needs CUDA, and no CUDA device is visible; use backend='gloo'")
+    if dist.is_initialized():
+        return False
+    world = _env_int("WORLD_SIZE")
+    rank = _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK") or 0
+    if cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    if world is None or (world == 1 and "MASTER_ADDR" not in os.environ):
+        # Plain single process: an in-memory store, no port to find.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        if rank is None:
+            raise RuntimeError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    _OWNS_PROCESS_GROUP = True
+    return True
+
+
 def init_distributed(
     tp: int = 1,
     pp: int = 1,
@@ -133,26 +162,9 @@ def init_distributed(
     cuda = torch.cuda.is_available()
     if not cuda:
         apply_cpu_compat()
-    backend = backend or ("nccl" if cuda else "gloo")
-    if backend == "nccl" and not cuda:
-        raise ValueError("backend='nccl' needs CUDA, and no CUDA device is visible; use backend='gloo'")
 
     validate_layout(tp, pp, vpp, None, model_config)  # model shape first: fail before any set-up
-    created_now = False
-    if not dist.is_initialized():
-        world = _env_int("WORLD_SIZE")
-        rank = _env_int("RANK")
-        local_rank = _env_int("LOCAL_RANK") or 0
-        if cuda:
-            torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        if world is None or (world == 1 and "MASTER_ADDR" not in os.environ):
-            # Plain single process: an in-memory store, no port to find.
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        else:
-            if rank is None:
-                raise RuntimeError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
-            dist.init_process_group(backend, rank=rank, world_size=world)
-        _OWNS_PROCESS_GROUP = created_now = True
+    created_now = init_process_group(backend)
     world_size = dist.get_world_size()
     try:
         validate_layout(tp, pp, vpp, world_size)
@@ -198,7 +210,7 @@ def init_distributed(
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=pp_rank,
         dp_rank=ps.get_data_parallel_rank(),
-        backend=backend,
+        backend=str(dist.get_backend()),
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
     )
     logger.info("distributed initialized: %s", layout)

@@ -443,23 +443,29 @@ def _reference_model(rt: rtm.Runtime) -> list:
 
 
 def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int, metrics) -> None:
-    from megatron_recycle.evaluate import evaluate
+    """Dev-set Pass@1 during training, sharded like the rollouts: each vLLM TP block (with
+    ``rollout.engine=vllm``) or each data-parallel replica's model-parallel leader evaluates its
+    share of the batches; rank 0 gathers and logs. Collective: every rank calls it."""
+    from megatron_recycle.evaluate import evaluate, gather_on_rank0
 
     cfg = rt.cfg
-    # vLLM (external launcher): every rank of rank 0's vLLM TP block must issue the same requests.
-    block = cfg.rollout.vllm_tp if rtm.engine_kind(cfg) == "vllm" else 1
-    if rt.layout.rank < block:
-        if rt.retriever is None:
-            rt.retriever = rtm.build_retriever_from_config(cfg)
-        examples = rtm.read_examples(dev_path, cfg, cfg.eval.max_examples)
-        res = evaluate(rt.engine, rt.retriever, examples, n_samples=cfg.eval.n_samples,
-                       temperature=cfg.eval.temperature, max_turns=cfg.rollout.max_turns,
-                       max_total_tokens=cfg.rollout.max_total_tokens, topk=cfg.retriever.topk,
-                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.rollout.max_new_tokens,
-                       max_passage_words=cfg.retriever.max_passage_words, progress=False,
-                       seed=cfg.run.seed + step)
-        if rt.is_rank0:
-            metrics.log(step, {"step": step, **{f"eval/dev_{k}": v for k, v in res["overall"].items()}})
-            print(f"[eval] step {step} dev Pass@1 {res['overall']['pass@1']:.3f}", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+    lay = rt.layout
+    if rtm.engine_kind(cfg) == "vllm":
+        block = cfg.rollout.vllm_tp  # every rank of a block issues the block's requests
+        shard = (lay.rank // block, lay.world_size // block)
+    else:
+        shard = (lay.dp_rank, lay.dp) if rt.is_mp_leader else None
+    if shard is not None and rt.retriever is None:
+        rt.retriever = rtm.build_retriever_from_config(cfg)
+    examples = rtm.read_examples(dev_path, cfg, cfg.eval.max_examples)
+    res = evaluate(rt.engine if shard else None, rt.retriever if shard else None, examples,
+                   n_samples=cfg.eval.n_samples,
+                   temperature=cfg.eval.temperature, max_turns=cfg.rollout.max_turns,
+                   max_total_tokens=cfg.rollout.max_total_tokens, topk=cfg.retriever.topk,
+                   batch_size=cfg.eval.batch_size, max_new_tokens=cfg.rollout.max_new_tokens,
+                   max_passage_words=cfg.retriever.max_passage_words, progress=False,
+                   seed=cfg.run.seed + step, shard=shard,
+                   gather=gather_on_rank0 if lay.world_size > 1 else None)
+    if res is not None:
+        metrics.log(step, {"step": step, **{f"eval/dev_{k}": v for k, v in res["overall"].items()}})
+        print(f"[eval] step {step} dev Pass@1 {res['overall']['pass@1']:.3f}", flush=True)

@@ -7,7 +7,6 @@ Every phase writes into the run directory; the report is also saved as report.js
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -22,32 +21,48 @@ from megatron_recycle.train import runtime as rtm
 
 
 def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, label: str) -> dict[str, Any] | None:
-    """Greedy Pass@1 of a Hugging Face model folder (or alias) on a split; rank 0 only."""
-    from megatron_recycle.evaluate import evaluate, format_table
-    from megatron_recycle.model.hf_loading import load_tokenizer
+    """Greedy Pass@1 of a Hugging Face model folder (or alias) on a split, over the whole torchrun
+    world: the batches are dealt round-robin to the evaluation shards, rank 0 gathers them, prints
+    the table and writes ``out_path``; the result is returned on rank 0, None elsewhere.
+
+    Shards: with ``rollout.engine=vllm``, each vLLM tensor-parallel block of ``rollout.vllm_tp``
+    ranks (all its ranks issue the same requests; the process's one engine, kept for later
+    phases, sleeps afterwards); otherwise every rank, each with a transformers copy of the model
+    on its own device. Greedy results do not depend on the world size (the same batches are
+    formed). Collective when the world has more than one rank: every rank must call it.
+    """
+    from megatron_recycle.evaluate import evaluate, format_table, gather_on_rank0
+    from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer
+    from megatron_recycle.model.parallel import init_process_group
 
     # torchrun's world, also before torch.distributed is initialized (the first evaluation runs earlier)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        return None
+    if world > 1:
+        init_process_group()  # for the gather; the trainer reuses it
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    block = 1
+    if rtm.engine_kind(cfg) == "vllm" and world > 1:
+        rtm.check_vllm_world(cfg, load_hf_config(model_path, cache_dir=cfg.model.cache_dir), world, tp=1, pp=1)
+        block = cfg.rollout.vllm_tp
+    shard = (rank // block, world // block)
     paths = rtm.data_paths(cfg)
     examples = rtm.read_examples(paths[split], cfg, cfg.eval.max_examples)
-    print(f"[eval] {label}: {len(examples)} {split} questions, model {model_path}", flush=True)
-    if rtm.engine_kind(cfg) == "vllm" and world > 1:
-        # A vLLM engine in external-launcher mode needs every rank of its block; rank 0 alone uses hf.
-        print("[eval] rollout.engine=vllm: evaluating with the hf engine on rank 0 (vLLM needs every rank "
-              "of its block)", flush=True)
-        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine="hf"))
+    if rank == 0:
+        where = "" if shard[1] == 1 else f", {shard[1]} shards of {block} rank(s)"
+        print(f"[eval] {label}: {len(examples)} {split} questions, model {model_path}{where}", flush=True)
     engine = rtm.build_engine(cfg, model_path, load_tokenizer(model_path, cache_dir=cfg.model.cache_dir))
     retriever = rtm.build_retriever_from_config(cfg)
     res = evaluate(engine, retriever, examples, n_samples=cfg.eval.n_samples, temperature=cfg.eval.temperature,
                    max_turns=cfg.rollout.max_turns, max_total_tokens=cfg.rollout.max_total_tokens,
                    topk=cfg.retriever.topk, batch_size=cfg.eval.batch_size,
                    max_new_tokens=cfg.rollout.max_new_tokens, max_passage_words=cfg.retriever.max_passage_words,
-                   seed=cfg.run.seed, output_path=out_path,
-                   run_info={"model": str(model_path), "label": label, "split": split})
-    print(format_table(res), flush=True)
+                   seed=cfg.run.seed, output_path=out_path, progress=rank == 0,
+                   run_info={"model": str(model_path), "label": label, "split": split},
+                   shard=shard, gather=gather_on_rank0 if world > 1 else None)
+    if rtm.engine_kind(cfg) == "vllm":
+        engine.sleep()  # the engine stays for later phases; its memory goes back to them
+    if res is not None:
+        print(format_table(res), flush=True)
     return res
 
 
@@ -119,14 +134,26 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str) -> dict[str, Any] | None:
-    """Reuse an evaluation already written by an earlier (interrupted) run of the same job."""
+    """Reuse an evaluation already written by an earlier (interrupted) run of the same job; rank 0
+    reads it and decides for every rank (collective in a multi-rank world)."""
+    from megatron_recycle.model.parallel import init_process_group
+
+    res = None
     if path.is_file():
         try:
             res = json.loads(path.read_text())
-            print(f"[eval] {label}: reusing {path}", flush=True)
-            return res
         except json.JSONDecodeError:
-            pass
+            print(f"[eval] {label}: {path} is not valid JSON; evaluating again", flush=True)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        init_process_group()
+        decision = [res is not None]
+        dist.broadcast_object_list(decision, src=0)
+        if dist.get_rank() != 0:
+            return None if decision[0] else evaluate_model(cfg, model, split, path, label)
+    if res is not None:
+        print(f"[eval] {label}: reusing {path}", flush=True)
+        return res
     return evaluate_model(cfg, model, split, path, label)
 
 

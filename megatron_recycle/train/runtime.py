@@ -226,6 +226,24 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
     return HFEngine(hf_model, tokenizer, device=device, max_batch_size=cfg.rollout.batch_size)
 
 
+def check_vllm_world(cfg: Config, hf_config: Any, world_size: int, tp: int | None = None, pp: int | None = None) -> None:
+    """ConfigError unless ``rollout.vllm_tp`` tiles this world and splits the model's heads
+    (:func:`engines.vllm.check_vllm_layout`), before any vLLM engine is built. ``tp``/``pp``: the
+    trainer's layout beside the engine (default the config's; 1 for an evaluation alone)."""
+    from megatron_recycle.engines.vllm import check_vllm_layout
+
+    try:
+        check_vllm_layout(
+            world_size, cfg.rollout.vllm_tp, tp=cfg.model.tp if tp is None else tp,
+            pp=cfg.model.pp if pp is None else pp,
+            num_attention_heads=getattr(hf_config, "num_attention_heads", None),
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None,
+        )
+    except ValueError as e:
+        raise ConfigError(f"rollout.vllm_tp={cfg.rollout.vllm_tp} (world {world_size}): {e}") from None
+
+
 def setup_runtime(
     cfg: Config, *, model_path: str, lr: float, warmup_steps: int, total_steps: int, with_engine: bool = True
 ) -> Runtime:
@@ -263,17 +281,7 @@ def setup_runtime(
     engine = None
     if with_engine and cfg.rollout.engine == "vllm":
         # vLLM's external launcher: every rank builds an engine, after checking the layout.
-        from megatron_recycle.engines.vllm import check_vllm_layout
-
-        try:
-            check_vllm_layout(
-                layout.world_size, cfg.rollout.vllm_tp, tp=m.tp, pp=m.pp,
-                num_attention_heads=getattr(hf_config, "num_attention_heads", None),
-                num_kv_heads=getattr(hf_config, "num_key_value_heads", None),
-                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None,
-            )
-        except ValueError as e:
-            raise ConfigError(f"rollout.vllm_tp={cfg.rollout.vllm_tp} (world {layout.world_size}): {e}") from None
+        check_vllm_world(cfg, hf_config, layout.world_size)
         engine = build_engine(cfg, model_path, tokenizer)
     elif with_engine and layout.tp_rank == 0 and layout.pp_rank == 0:
         engine = build_engine(cfg, model_path, tokenizer, chunks=chunks, hf_config=hf_config)

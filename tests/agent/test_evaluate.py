@@ -125,3 +125,58 @@ def test_bad_arguments(fixture_file):
         evaluate(ScriptEngine(), OneDocRetriever(), examples, n_samples=2, temperature=0.0)
     with pytest.raises(ValueError, match="no examples"):
         evaluate(ScriptEngine(), OneDocRetriever(), [])
+    with pytest.raises(ValueError, match="shard"):
+        evaluate(ScriptEngine(), OneDocRetriever(), examples, shard=(2, 2), gather=lambda part: [part])
+    with pytest.raises(ValueError, match="needs gather"):
+        evaluate(ScriptEngine(), OneDocRetriever(), examples, shard=(0, 2))
+    with pytest.raises(ValueError, match="needs an engine"):
+        evaluate(None, OneDocRetriever(), examples)
+
+
+def _sharded(examples, count, holders, tmp_path, **kw):
+    """Run evaluate as ``holders`` processes would (each a shard index or None), in one process:
+    every part is collected, then the first holder aggregates them."""
+    parts, engines = [], []
+
+    def keep(part):
+        parts.append(part)
+        return None
+
+    for shard in holders[1:]:
+        engine = ScriptEngine()
+        engines.append(engine)
+        none = evaluate(engine, OneDocRetriever(), examples, shard=None if shard is None else (shard, count),
+                        gather=keep, progress=False, **kw)
+        assert none is None
+    engine = ScriptEngine()
+    engines.append(engine)
+    first = holders[0]
+    result = evaluate(engine, OneDocRetriever(), examples, shard=None if first is None else (first, count),
+                      gather=lambda part: [part, *parts], output_path=tmp_path / "sharded.json", **kw)
+    return result, engines
+
+
+def test_sharded_evaluation_equals_one_process(fixture_file, tmp_path, capsys):
+    """Batches b, b + n, ... per shard: the merged result (and predictions file, in example
+    order) equals the single-process one; a shard held twice counts once; no engine on the
+    aggregating process is fine; a missing shard is an error."""
+    examples = read_qa_file(fixture_file)
+    kw = dict(max_turns=2, max_total_tokens=4096, topk=1, batch_size=1)
+    single = evaluate(ScriptEngine(), OneDocRetriever(), examples, output_path=tmp_path / "single.json",
+                      progress=False, **kw)
+    capsys.readouterr()
+    for count, holders in ((2, [0, 1]), (3, [1, 0, 2, 2]), (4, [None, 3, 2, 1, 0])):
+        result, engines = _sharded(examples, count, holders, tmp_path, **kw)
+        for key in ("overall", "per_source", "per_template", "macro_average"):
+            assert result[key] == single[key], (count, key)
+        counters = {k: v for k, v in single["rollout_stats"].items() if not k.endswith("seconds")}
+        assert {k: result["rollout_stats"][k] for k in counters} == counters
+        assert result["config"]["shards"] == count
+        # each engine generated only its shard's batches (one question per batch here)
+        assert sum(e.calls > 0 for e in engines) == len([h for h in holders if h is not None])
+        assert (tmp_path / "sharded.predictions.jsonl").read_text() == (
+            tmp_path / "single.predictions.jsonl").read_text()
+    err = capsys.readouterr().err
+    assert "(shard 1 of 2: 2 of 4)" in err and "(shard 2 of 3: 1 of 4)" in err  # the shard and its share
+    with pytest.raises(RuntimeError, match=r"shard\(s\) \[1\]"):
+        _sharded(examples, 2, [0, None], tmp_path, **kw)

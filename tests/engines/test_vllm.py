@@ -932,39 +932,56 @@ def test_runtime_builds_one_vllm_engine_per_process_and_reloads_other_folders(tm
         list(rtm.iter_folder_tensors(tmp_path))
 
 
-def test_pipeline_evaluates_on_rank_0_alone_and_with_hf_in_a_multi_rank_vllm_world(monkeypatch):
-    """Under torchrun the first evaluation runs before torch.distributed is up: the env decides."""
-    from megatron_recycle.config import Config
+def test_pipeline_evaluation_shards_by_vllm_block(monkeypatch):
+    """Every rank evaluates: the shards are the vLLM TP blocks (engine vllm) or the ranks (hf);
+    the vLLM layout is checked before any engine is built; the vLLM engine sleeps afterwards."""
+    from types import SimpleNamespace
+
+    from megatron_recycle.config import Config, ConfigError
     from megatron_recycle.train import pipeline
     from megatron_recycle.train import runtime as rtm
 
     seen = []
 
-    class Stop(Exception):
-        pass
+    class Engine:
+        def sleep(self):
+            seen.append("sleep")
 
-    def build_engine(cfg, model_path, tokenizer, **kw):
-        seen.append(cfg.rollout.engine)
-        raise Stop
+    def fake_evaluate(engine, retriever, examples, **kw):
+        seen.append((kw["shard"], kw["gather"] is not None, kw["progress"]))
+        return None
 
-    monkeypatch.setattr(rtm, "build_engine", build_engine)
-    monkeypatch.setattr(pipeline.dist, "is_initialized", lambda: False)  # (a real vLLM test may have set it up)
+    world = {"size": 1, "rank": 0}
+    monkeypatch.setattr(rtm, "build_engine", lambda cfg, path, tok, **kw: seen.append(cfg.rollout.engine) or Engine())
+    monkeypatch.setattr(rtm, "build_retriever_from_config", lambda cfg: object())
     monkeypatch.setattr(rtm, "data_paths", lambda cfg: {"test": "unused"})
-    monkeypatch.setattr(rtm, "read_examples", lambda *a, **k: [])
+    monkeypatch.setattr(rtm, "read_examples", lambda *a, **k: [object()])
+    monkeypatch.setattr("megatron_recycle.evaluate.evaluate", fake_evaluate)
+    monkeypatch.setattr("megatron_recycle.model.parallel.init_process_group", lambda *a, **k: False)
     monkeypatch.setattr("megatron_recycle.model.hf_loading.load_tokenizer", lambda *a, **k: None)
-    cfg = Config()
-    cfg.rollout.engine = "vllm"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    assert pipeline.evaluate_model(cfg, "m", "test", None, "x") is None and seen == []  # rank 1: nothing
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(Stop):
-        pipeline.evaluate_model(cfg, "m", "test", None, "x")
-    assert seen == ["hf"]  # a vLLM engine needs every rank of its block: rank 0 alone uses hf
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(Stop):
-        pipeline.evaluate_model(cfg, "m", "test", None, "x")
-    assert seen == ["hf", "vllm"]
+    monkeypatch.setattr("megatron_recycle.model.hf_loading.load_hf_config",
+                        lambda *a, **k: SimpleNamespace(num_attention_heads=4, num_key_value_heads=2))
+    monkeypatch.setattr(pipeline.dist, "is_initialized", lambda: world["size"] > 1)
+    monkeypatch.setattr(pipeline.dist, "get_world_size", lambda *a: world["size"])
+    monkeypatch.setattr(pipeline.dist, "get_rank", lambda *a: world["rank"])
+
+    def shard_of(engine: str, size: int, rank: int, vllm_tp: int = 1):
+        cfg = Config()
+        cfg.rollout.engine, cfg.rollout.vllm_tp = engine, vllm_tp
+        world.update(size=size, rank=rank)
+        seen.clear()
+        assert pipeline.evaluate_model(cfg, "m", "test", None, "x") is None
+        return seen
+
+    assert shard_of("vllm", 1, 0) == ["vllm", ((0, 1), False, True), "sleep"]
+    assert shard_of("vllm", 4, 0, vllm_tp=2) == ["vllm", ((0, 2), True, True), "sleep"]
+    assert shard_of("vllm", 4, 1, vllm_tp=2) == ["vllm", ((0, 2), True, False), "sleep"]  # same block, same shard
+    assert shard_of("vllm", 4, 3, vllm_tp=2) == ["vllm", ((1, 2), True, False), "sleep"]
+    assert shard_of("vllm", 4, 2, vllm_tp=4) == ["vllm", ((0, 1), True, False), "sleep"]
+    assert shard_of("hf", 3, 2) == ["hf", ((2, 3), True, False)]
+    with pytest.raises(ConfigError, match="rollout.vllm_tp=3"):
+        shard_of("vllm", 4, 0, vllm_tp=3)  # does not tile the world
+    assert seen == []  # refused before an engine was built
 
 
 def test_sync_check_mode_compares_tensors_and_logprobs(monkeypatch, capsys):

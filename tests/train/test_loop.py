@@ -116,13 +116,40 @@ def test_torchrun_two_ranks_same_decisions(env, layout):
     name = f"torchrun_{layout.split('=')[1]}"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "megatron_recycle.cli", "train"]
-    _run(torchrun + _overrides(env, name, "pool.oversample=2", "train.steps=3", layout), timeout=400)
+    _run(torchrun + _overrides(env, name, "pool.oversample=2", "train.steps=3", layout, "train.eval_every=3",
+                               "eval.batch_size=1"), timeout=400)
     run_dir = env["out"] / name
     d0, d1 = _decisions(run_dir, 0), _decisions(run_dir, 1)
     assert d0 == d1 and len(d0) == 3
-    rows = _metrics(run_dir)
+    rows = [r for r in _metrics(run_dir) if "candidates" in r]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert sum(r["effective_batch"] for r in rows) > 0
+    # the dev evaluation after step 3, sharded over the replicas' leaders (DP 2: two shards; TP 2:
+    # one, rank 1 only gathers), covers the 4 dev questions once and is logged once
+    evals = [r for r in _metrics(run_dir) if "eval/dev_pass@1" in r]
+    assert len(evals) == 1 and evals[0]["eval/dev_n"] == 4 and evals[0]["step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_eval_sharded_over_two_ranks_equals_one_process(env, tmp_path):
+    """`megatron-recycle eval` under torchrun deals the batches to the ranks (each with its own
+    hf engine) and gathers them on rank 0: the same numbers and predictions as one process."""
+    over = _overrides(env, "eval_shards", "eval.batch_size=1", "rollout.max_turns=2")
+    args = ["eval", "--checkpoint", str(env["model"])]
+    one = _run(CLI + args + ["--out", str(tmp_path / "one")] + over)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "megatron_recycle.cli"]
+    two = _run(torchrun + args + ["--out", str(tmp_path / "two")] + over, timeout=300)
+    a = json.loads((tmp_path / "one" / "data_test.json").read_text())
+    b = json.loads((tmp_path / "two" / "data_test.json").read_text())
+    assert b["config"]["shards"] == 2 and "shards" not in a["config"]
+    for key in ("overall", "per_source", "per_template", "macro_average"):
+        assert a[key] == b[key], key
+    assert b["overall"]["n"] == 4 and b["rollout_stats"]["trajectories"] == 4
+    assert (tmp_path / "one" / "data_test.predictions.jsonl").read_text() == (
+        tmp_path / "two" / "data_test.predictions.jsonl").read_text()
+    assert "2 shards of 1 rank(s)" in two.stdout and two.stdout.count("Pass@1") == one.stdout.count("Pass@1")
 
 
 @pytest.mark.slow
