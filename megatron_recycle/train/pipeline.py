@@ -73,7 +73,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    # torchrun's rank, also before torch.distributed is initialized (the first phases run earlier)
+    rank0 = (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
     timings: dict[str, float] = {}
 
     def phase(name: str, start: float) -> None:
@@ -114,6 +115,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     save_hf_checkpoint(rt.chunks, rt.hf_config, final_hf)
     if rank0:
         rt.tokenizer.save_pretrained(str(final_hf))
+    if dist.is_initialized():
+        dist.barrier()  # every rank evaluates final_hf next: rank 0 must have finished writing it
     del rt
     gc.collect()
     phase("grpo", t)

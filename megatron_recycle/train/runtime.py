@@ -162,7 +162,8 @@ def _reuse_vllm_engine(folder: str, settings: tuple, tokenizer: Any) -> Any | No
                 f"{folder} ({want}); "
                 "one process runs one vLLM engine: evaluate the other model with rollout.engine=hf"
             )
-        print(f"[engine] reusing this process's vLLM engine: loading the weights of {folder}", flush=True)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"[engine] reusing this process's vLLM engine: loading the weights of {folder}", flush=True)
         engine.load_weights(iter_folder_tensors(folder))
         _VLLM_ENGINE["folder"] = folder
     engine.tokenizer = tokenizer

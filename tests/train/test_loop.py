@@ -132,6 +132,25 @@ def test_torchrun_two_ranks_same_decisions(env, layout):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_run_pipeline_on_two_ranks(env):
+    """`megatron-recycle run` under torchrun: every evaluation is sharded over both ranks (each
+    rank reads the SFT and final folders right after rank 0 wrote them), phases are reported once."""
+    name = "pipeline_dp2"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "megatron_recycle.cli", "run"]
+    proc = _run(torchrun + _overrides(env, name, "sft.steps=1", "sft.batch_size=2", "train.steps=1",
+                                      "eval.batch_size=1"), timeout=400)
+    run_dir = env["out"] / name
+    for f in ("before_test.json", "after_sft_test.json", "after_test.json"):
+        res = json.loads((run_dir / "eval" / f).read_text())
+        assert res["config"]["shards"] == 2 and res["overall"]["n"] == 4, f
+    report = json.loads((run_dir / "report.json").read_text())
+    assert all(0.0 <= v <= 1.0 for v in report["test_pass@1"].values())
+    assert proc.stdout.count("[run] data done") == 1 and proc.stdout.count("Report:") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_eval_sharded_over_two_ranks_equals_one_process(env, tmp_path):
     """`megatron-recycle eval` under torchrun deals the batches to the ranks (each with its own
     hf engine) and gathers them on rank 0: the same numbers and predictions as one process."""
