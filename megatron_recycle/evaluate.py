@@ -295,6 +295,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--output", default="runs/eval/result.json")
     args = ap.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            "python -m megatron_recycle.evaluate runs in one process; under torchrun use "
+            "`megatron-recycle eval --config RECIPE --data FILE`, which shards the questions over the ranks"
+        )
 
     from megatron_recycle.agent.retrievers import build_retriever
     from megatron_recycle.data.datasets import read_qa_file

@@ -180,3 +180,13 @@ def test_sharded_evaluation_equals_one_process(fixture_file, tmp_path, capsys):
     assert "(shard 1 of 2: 2 of 4)" in err and "(shard 2 of 3: 1 of 4)" in err  # the shard and its share
     with pytest.raises(RuntimeError, match=r"shard\(s\) \[1\]"):
         _sharded(examples, 2, [0, None], tmp_path, **kw)
+
+
+def test_module_entry_point_refuses_torchrun(monkeypatch, fixture_file):
+    """`python -m megatron_recycle.evaluate` is single-process: under torchrun every rank would
+    evaluate everything and write the same file, so it refuses and names the sharded command."""
+    from megatron_recycle import evaluate as ev
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="megatron-recycle eval"):
+        ev.main(["--data", str(fixture_file)])
