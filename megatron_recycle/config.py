@@ -167,6 +167,8 @@ class EvalConfig:
     n_samples: int = 1  # 1 with temperature 0: greedy Pass@1
     temperature: float = 0.0
     max_examples: int = 0  # 0: the whole file
+    # questions per rollout batch; under torchrun the batches are dealt round-robin to the ranks
+    # (vLLM: to the rollout.vllm_tp blocks), so the results do not depend on the number of ranks
     batch_size: int = 32
     data_dir: str = ""  # folder with the seven benchmarks in FlashRAG/Search-R1 layout
 

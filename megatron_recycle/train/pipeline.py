@@ -50,6 +50,10 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     if rank == 0:
         where = "" if shard[1] == 1 else f", {shard[1]} shards of {block} rank(s)"
         print(f"[eval] {label}: {len(examples)} {split} questions, model {model_path}{where}", flush=True)
+        batches = -(-len(examples) // cfg.eval.batch_size)
+        if batches < shard[1]:
+            print(f"[eval] only {batches} batch(es) of eval.batch_size={cfg.eval.batch_size} for {shard[1]} shards: "
+                  f"{shard[1] - batches} shard(s) idle; a smaller eval.batch_size uses them", flush=True)
     engine = rtm.build_engine(cfg, model_path, load_tokenizer(model_path, cache_dir=cfg.model.cache_dir))
     retriever = rtm.build_retriever_from_config(cfg)
     res = evaluate(engine, retriever, examples, n_samples=cfg.eval.n_samples, temperature=cfg.eval.temperature,

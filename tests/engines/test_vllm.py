@@ -932,7 +932,7 @@ def test_runtime_builds_one_vllm_engine_per_process_and_reloads_other_folders(tm
         list(rtm.iter_folder_tensors(tmp_path))
 
 
-def test_pipeline_evaluation_shards_by_vllm_block(monkeypatch):
+def test_pipeline_evaluation_shards_by_vllm_block(monkeypatch, capsys):
     """Every rank evaluates: the shards are the vLLM TP blocks (engine vllm) or the ranks (hf);
     the vLLM layout is checked before any engine is built; the vLLM engine sleeps afterwards."""
     from types import SimpleNamespace
@@ -979,6 +979,9 @@ def test_pipeline_evaluation_shards_by_vllm_block(monkeypatch):
     assert shard_of("vllm", 4, 3, vllm_tp=2) == ["vllm", ((1, 2), True, False), "sleep"]
     assert shard_of("vllm", 4, 2, vllm_tp=4) == ["vllm", ((0, 1), True, False), "sleep"]
     assert shard_of("hf", 3, 2) == ["hf", ((2, 3), True, False)]
+    capsys.readouterr()
+    shard_of("hf", 3, 0)  # one example, one batch: two of the three shards idle, and said so
+    assert "2 shard(s) idle" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="rollout.vllm_tp=3"):
         shard_of("vllm", 4, 0, vllm_tp=3)  # does not tile the world
     assert seen == []  # refused before an engine was built
