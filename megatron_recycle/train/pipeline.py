@@ -101,7 +101,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
         sft_hf = run_dir / "sft" / "hf"
         t = time.perf_counter()
         if resume and (sft_hf / "config.json").is_file():
-            print(f"[run] reusing the SFT result {sft_hf}", flush=True)
+            if rank0:
+                print(f"[run] reusing the SFT result {sft_hf}", flush=True)
         else:
             res = run_sft(cfg)
             del res["runtime"]
@@ -145,18 +146,20 @@ def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str) ->
     reads it and decides for every rank (collective in a multi-rank world)."""
     from megatron_recycle.model.parallel import init_process_group
 
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        init_process_group()
+    rank = dist.get_rank() if dist.is_initialized() else 0
     res = None
-    if path.is_file():
+    if rank == 0 and path.is_file():
         try:
             res = json.loads(path.read_text())
         except json.JSONDecodeError:
             print(f"[eval] {label}: {path} is not valid JSON; evaluating again", flush=True)
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        init_process_group()
         decision = [res is not None]
         dist.broadcast_object_list(decision, src=0)
-        if dist.get_rank() != 0:
+        if rank != 0:
             return None if decision[0] else evaluate_model(cfg, model, split, path, label)
     if res is not None:
         print(f"[eval] {label}: reusing {path}", flush=True)

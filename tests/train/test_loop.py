@@ -147,6 +147,12 @@ def test_run_pipeline_on_two_ranks(env):
     report = json.loads((run_dir / "report.json").read_text())
     assert all(0.0 <= v <= 1.0 for v in report["test_pass@1"].values())
     assert proc.stdout.count("[run] data done") == 1 and proc.stdout.count("Report:") == 1
+    # --resume: rank 0 finds the finished evaluations and every rank skips them (none waits for
+    # the others in a gather); the SFT result is reused, the final evaluation runs again
+    again = _run(torchrun + ["--resume"] + _overrides(env, name, "sft.steps=1", "sft.batch_size=2",
+                                                      "train.steps=1", "eval.batch_size=1"), timeout=400)
+    assert "[eval] untrained: reusing" in again.stdout and "[eval] after SFT: reusing" in again.stdout
+    assert again.stdout.count("reusing the SFT result") == 1 and again.stdout.count("Report:") == 1
 
 
 @pytest.mark.slow
