@@ -184,6 +184,24 @@ def grpo_sleep_wake(args: dict) -> dict:
             "finite": all(bool(torch.isfinite(p).all()) for p in llm.hf.model.parameters())}
 
 
+def sharded_eval(args: dict) -> dict:
+    """pipeline.evaluate_model on every rank with the vllm engine path over HFBackedLLM: the
+    requests each rank's engine saw, the LLM's sleep calls, and the result (rank 0 only)."""
+    from megatron_recycle.train import pipeline
+
+    cfg = _config(args, f"rollout.vllm_tp={args['vllm_tp']}", "eval.batch_size=1")
+    cfg.rollout.engine = "vllm"
+    seen = install_fake_vllm()
+    out_path = Path(args["out"]) / args["name"] / "eval.json"
+    res = pipeline.evaluate_model(cfg, str(args["model"]), "test", out_path, "sharded")
+    llm = seen["llm"]
+    predictions = out_path.with_name("eval.predictions.jsonl")
+    return {"rank": torch.distributed.get_rank(), "result": res,
+            "requests": [e[1] for e in llm.events if e[0] == "generate"],
+            "slept": [e for e in llm.events if e[0] == "sleep"], "group_ranks": seen["group_ranks"],
+            "predictions": predictions.read_text() if res is not None else None}
+
+
 if __name__ == "__main__":
     fn, outdir, raw = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)

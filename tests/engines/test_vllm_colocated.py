@@ -2,7 +2,8 @@
 (tests/engines/_colocated_workers.py): which ranks build an engine for several (world, tp, pp,
 vllm_tp) layouts, identical requests on the ranks of one vLLM TP group (and a refusal when they
 differ), every DP replica getting its own share, the weight sync reaching every rank's engine with
-full tensors, and the sleep/wake order of real GRPO steps under vLLM's sleep levels.
+full tensors, the sleep/wake order of real GRPO steps under vLLM's sleep levels, and evaluations
+sharded over the vLLM blocks.
 
 Nothing here runs vLLM itself: its real process groups, CUDA memory pool and weight loaders are
 only exercised on a GPU (tests/engines/test_vllm.py::test_vllm_end_to_end_matches_hf_engine).
@@ -154,3 +155,26 @@ def test_grpo_step_sleeps_after_rollouts_and_wakes_after_the_sync(env, level):
         assert ev[t + 1:t + 3] == ["wake:('weights',)", "wake:('kv_cache',)"], ev
     assert ev[0] == "generate" and ev[trains[0] + 3] == "generate"  # step 2 rolls out awake
     assert ev.count(f"sleep:{level}") == 2
+
+
+@pytest.mark.distributed
+def test_evaluation_sharded_over_vllm_blocks(env):
+    """Two ranks, the real VLLMEngine and build_engine over the HF-backed stand-in: with vLLM TP 2
+    the block's two ranks issue identical requests (one shard, checked before every generate);
+    with vLLM TP 1 each rank's engine rolls out its own batches (two shards). Rank 0 alone gets
+    the result, the same in both layouts; the engine sleeps after the evaluation."""
+    results = {}
+    for vtp in (2, 1):
+        res = run_world("sharded_eval", 2, {**env, "vllm_tp": vtp, "name": f"eval_v{vtp}"})
+        assert res[0]["result"] is not None and res[1]["result"] is None
+        assert res[0]["result"]["overall"]["n"] == 4 and all(r["slept"] == [("sleep", 1)] for r in res)
+        if vtp == 2:
+            assert res[0]["group_ranks"] == [0, 1] and res[0]["requests"] == res[1]["requests"]
+            assert len(res[0]["requests"]) == 4 and res[0]["result"]["config"]["shards"] == 1
+        else:
+            assert len(res[0]["requests"]) == len(res[1]["requests"]) == 2  # batches 0, 2 and 1, 3
+            assert set(res[0]["requests"]).isdisjoint(res[1]["requests"])
+            assert res[0]["result"]["config"]["shards"] == 2
+        results[vtp] = res[0]
+    assert results[1]["predictions"] == results[2]["predictions"]
+    assert results[1]["result"]["overall"] == results[2]["result"]["overall"]
