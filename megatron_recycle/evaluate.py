@@ -61,7 +61,9 @@ def evaluate(
     that aggregates, None on the others (``gather_on_rank0`` over torch.distributed); evaluate
     returns the result, and writes ``output_path``, on that process only, and None elsewhere.
     Several processes may hold the same shard (the ranks of one vLLM tensor-parallel engine): the
-    first part of each shard is used. Every shard must be present, else RuntimeError.
+    first part of each shard is used. Every shard must be present, else RuntimeError. The merged
+    ``rollout_stats`` add up the shards' counters (so their ``*_seconds`` are summed over the
+    processes); ``seconds`` is the aggregating process's wall time, the gather included.
     """
     if not examples:
         raise ValueError("evaluate got no examples; check the dataset file")
