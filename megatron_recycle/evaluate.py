@@ -76,6 +76,8 @@ def evaluate(
         )
     if batch_size < 1:
         raise ValueError(f"evaluate batch_size must be >= 1, got {batch_size}")
+    if shard is None and gather is None:
+        raise ValueError("evaluate shard=None: a process that rolls out nothing must pass gather to receive the parts")
     if shard is not None:
         index, count = shard
         if not (count >= 1 and 0 <= index < count):

@@ -458,7 +458,8 @@ def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int, metrics) -> None:
     if shard is not None and rt.retriever is None:
         rt.retriever = rtm.build_retriever_from_config(cfg)
     examples = rtm.read_examples(dev_path, cfg, cfg.eval.max_examples)
-    res = evaluate(rt.engine if shard else None, rt.retriever if shard else None, examples,
+    holds = shard is not None
+    res = evaluate(rt.engine if holds else None, rt.retriever if holds else None, examples,
                    n_samples=cfg.eval.n_samples,
                    temperature=cfg.eval.temperature, max_turns=cfg.rollout.max_turns,
                    max_total_tokens=cfg.rollout.max_total_tokens, topk=cfg.retriever.topk,

@@ -20,6 +20,18 @@ from megatron_recycle.config import Config
 from megatron_recycle.train import runtime as rtm
 
 
+def _eval_world() -> tuple[int, int]:
+    """(world size, rank) of torchrun's world, also before the trainer has set up torch.distributed
+    (the first evaluation runs earlier); with several ranks the default process group is brought
+    up here, for the evaluation's collectives, and the trainer reuses it."""
+    from megatron_recycle.model.parallel import init_process_group
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        init_process_group()
+    return world, (dist.get_rank() if dist.is_initialized() else 0)
+
+
 def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, label: str) -> dict[str, Any] | None:
     """Greedy Pass@1 of a Hugging Face model folder (or alias) on a split, over the whole torchrun
     world: the batches are dealt round-robin to the evaluation shards, rank 0 gathers them, prints
@@ -33,13 +45,8 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     """
     from megatron_recycle.evaluate import evaluate, format_table, gather_on_rank0
     from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer
-    from megatron_recycle.model.parallel import init_process_group
 
-    # torchrun's world, also before torch.distributed is initialized (the first evaluation runs earlier)
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        init_process_group()  # for the gather; the trainer reuses it
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world, rank = _eval_world()
     block = 1
     if rtm.engine_kind(cfg) == "vllm" and world > 1:
         rtm.check_vllm_world(cfg, load_hf_config(model_path, cache_dir=cfg.model.cache_dir), world, tp=1, pp=1)
@@ -144,12 +151,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
 def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str) -> dict[str, Any] | None:
     """Reuse an evaluation already written by an earlier (interrupted) run of the same job; rank 0
     reads it and decides for every rank (collective in a multi-rank world)."""
-    from megatron_recycle.model.parallel import init_process_group
-
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        init_process_group()
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world, rank = _eval_world()
     res = None
     if rank == 0 and path.is_file():
         try:

@@ -129,6 +129,8 @@ def test_bad_arguments(fixture_file):
         evaluate(ScriptEngine(), OneDocRetriever(), examples, shard=(2, 2), gather=lambda part: [part])
     with pytest.raises(ValueError, match="needs gather"):
         evaluate(ScriptEngine(), OneDocRetriever(), examples, shard=(0, 2))
+    with pytest.raises(ValueError, match="must pass gather"):
+        evaluate(None, None, examples, shard=None)
     with pytest.raises(ValueError, match="needs an engine"):
         evaluate(None, OneDocRetriever(), examples)
 
@@ -190,3 +192,17 @@ def test_module_entry_point_refuses_torchrun(monkeypatch, fixture_file):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="megatron-recycle eval"):
         ev.main(["--data", str(fixture_file)])
+
+
+def test_merge_refuses_inconsistent_parts():
+    """Parts that disagree on the shard count, or cover an example twice, are errors, not a result."""
+    from megatron_recycle.evaluate import _merge_parts
+
+    rec = {"em": 1.0}
+    with pytest.raises(RuntimeError, match="disagree on the shard count"):
+        _merge_parts([((0, 2), [(0, rec)], {}), ((1, 3), [(1, rec)], {})], 2)
+    with pytest.raises(RuntimeError, match="exactly once"):
+        _merge_parts([((0, 2), [(0, rec)], {}), ((1, 2), [(0, rec)], {})], 2)
+    records, totals = _merge_parts([None, ((1, 2), [(1, rec)], {"n": 1}), ((0, 2), [(0, rec)], {"n": 2}),
+                                    ((0, 2), [(0, rec)], {"n": 2})], 2)  # shard 0 held twice: counted once
+    assert sorted(i for i, _ in records) == [0, 1] and totals == {"n": 3}
