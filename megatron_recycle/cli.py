@@ -123,27 +123,54 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import gc
     from pathlib import Path
 
     from megatron_recycle.data.datasets import find_benchmark_files
-    from megatron_recycle.train.pipeline import evaluate_model
+    from megatron_recycle.evaluate import format_summary, summarize_benchmarks, write_summary
+    from megatron_recycle.train.pipeline import _cached_eval, evaluate_model
 
     cfg = _load(args)
-    files = [Path(p) for p in args.data]
+    # (name in the summary, file, result file name)
+    files = [(Path(p).stem, Path(p), f"{Path(p).parent.name}_{Path(p).stem}") for p in args.data]
     if cfg.eval.data_dir:
         found = find_benchmark_files(cfg.eval.data_dir)
-        files += [Path(p) for p in found.values()]
+        files += [(name, Path(p), Path(p).stem if Path(p).stem.lower().startswith(name) else f"{name}_{Path(p).stem}")
+                  for name, p in found.items()]  # nq/test.jsonl -> nq_test, hotpotqa_dev.jsonl -> hotpotqa_dev
         if getattr(found, "missing", None):
             print(f"[eval] not found in {cfg.eval.data_dir}: {', '.join(found.missing)}", flush=True)
     if not files:
-        files = [Path(cfg.data.test_file or Path(cfg.data.dir) / "test.jsonl")]
-    model = args.checkpoint or cfg.model.name_or_path
-    out_dir = Path(args.out or cfg.run_dir / "eval")
-    for f in files:
+        f = Path(cfg.data.test_file or Path(cfg.data.dir) / "test.jsonl")
+        files = [(f.stem, f, f"{f.parent.name}_{f.stem}")]
+    for _, f, _ in files:  # all of them before the first (long) evaluation
         if not f.is_file():
             raise SystemExit(f"eval: dataset file {f} does not exist")
+    names = [name for name, _, _ in files]
+    if len(set(names)) < len(names):  # e.g. two --data files named test.jsonl: name them by folder too
+        files = [(stem, f, stem) for _, f, stem in files]
+    if len({stem for _, _, stem in files}) < len(files):
+        raise SystemExit("eval: two dataset files would write the same result file: "
+                         + ", ".join(str(f) for _, f, _ in files))
+    model = args.checkpoint or cfg.model.name_or_path
+    out_dir = Path(args.out or cfg.run_dir / "eval")
+    tools: dict = {}  # the engine and retriever, loaded once for all the files
+    results = {}
+    for name, f, stem in files:
         cfg.data.test_file = str(f)
-        evaluate_model(cfg, model, "test", out_dir / f"{f.parent.name}_{f.stem}.json", f.stem)
+        out = out_dir / f"{stem}.json"
+        if args.resume:
+            res = _cached_eval(cfg, model, "test", out, name, tools)
+        else:
+            res = evaluate_model(cfg, model, "test", out, name, tools)
+        if res is not None:  # rank 0
+            results[name] = res
+    tools.clear()
+    gc.collect()
+    if len(results) > 1:
+        summary = summarize_benchmarks(results, model)
+        write_summary(summary, out_dir / "summary.json")
+        print(f"\n[eval] {model}: {len(results)} files\n{format_summary(summary)}\n"
+              f"[eval] wrote {out_dir / 'summary.json'}", flush=True)
     return 0
 
 
@@ -194,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_eval)
     p.add_argument("--data", action="append", default=[], help="dataset file (repeatable); eval.data_dir adds the benchmarks")
     p.add_argument("--checkpoint", default=None, help="model to evaluate (default: model.name_or_path)")
-    p.add_argument("--out", default=None, help="folder for the JSON results (default: RUN_DIR/eval)")
+    p.add_argument("--out", default=None, help="folder for the JSON results (default: RUN_DIR/eval); with "
+                   "several files also summary.json: each file's Pass@1/F1 and their average")
+    p.add_argument("--resume", action="store_true", help="reuse a file's result already in --out when it is of "
+                   "the same model, data file and question count (an interrupted evaluation goes on)")
     p = add("serve-retriever", "Serve a retriever over HTTP with the Search-R1 /retrieve contract.",
             cmd_serve_retriever)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")

@@ -263,6 +263,42 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summarize_benchmarks(results: dict[str, dict[str, Any]], model: str) -> dict[str, Any]:
+    """One row per evaluated file (name -> its ``evaluate`` result) and the averages the papers
+    report: ``average`` is the unweighted mean over the files (the "average over the seven
+    benchmarks" of Search-R1-style tables), ``all_questions`` weights every question equally."""
+    if not results:
+        raise ValueError("summarize_benchmarks: no results")
+    rows = {}
+    for name, res in results.items():
+        o = res["overall"]
+        rows[name] = {k: o[k] for k in ("n", "pass@1", "f1", "answer_rate", "searches", "turns")}
+    n_all = sum(r["n"] for r in rows.values())
+    return {
+        "model": str(model),
+        "benchmarks": rows,
+        "average": {m: sum(r[m] for r in rows.values()) / len(rows) for m in ("pass@1", "f1")},
+        "all_questions": {
+            "n": n_all,
+            **{m: sum(r[m] * r["n"] for r in rows.values()) / n_all for m in ("pass@1", "f1")},
+        },
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The benchmarks side by side: a row each, then their average and the per-question mean."""
+    header = f"{'benchmark':<24} {'n':>6} {'Pass@1':>7} {'F1':>7} {'answer%':>8} {'searches':>9}"
+    lines = [header, "-" * len(header)]
+    for name, r in summary["benchmarks"].items():
+        lines.append(f"{name[:24]:<24} {int(r['n']):>6} {r['pass@1']:>7.3f} {r['f1']:>7.3f} "
+                     f"{100 * r['answer_rate']:>7.1f}% {r['searches']:>9.2f}")
+    lines.append("-" * len(header))
+    avg, every = summary["average"], summary["all_questions"]
+    lines.append(f"{'average (benchmarks)':<24} {'':>6} {avg['pass@1']:>7.3f} {avg['f1']:>7.3f}")
+    lines.append(f"{'all questions':<24} {int(every['n']):>6} {every['pass@1']:>7.3f} {every['f1']:>7.3f}")
+    return "\n".join(lines)
+
+
 def write_result(result: dict[str, Any], records: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Write the result JSON at ``path`` and the per-example records at ``<path stem>.predictions.jsonl``
     (each through a temporary name, so a crash never leaves half a file)."""
@@ -271,6 +307,12 @@ def write_result(result: dict[str, Any], records: Sequence[dict[str, Any]], path
     _atomic_write(path, json.dumps(result, indent=1, sort_keys=True))
     predictions = path.with_name(path.stem + ".predictions.jsonl")
     _atomic_write(predictions, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_summary(summary: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(summary, indent=1))  # the benchmarks in their order
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -32,7 +32,8 @@ def _eval_world() -> tuple[int, int]:
     return world, (dist.get_rank() if dist.is_initialized() else 0)
 
 
-def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, label: str) -> dict[str, Any] | None:
+def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, label: str,
+                   tools: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Greedy Pass@1 of a Hugging Face model folder (or alias) on a split, over the whole torchrun
     world: the batches are dealt round-robin to the evaluation shards, rank 0 gathers them, prints
     the table and writes ``out_path``; the result is returned on rank 0, None elsewhere.
@@ -42,6 +43,10 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     phases, sleeps afterwards); otherwise every rank, each with a transformers copy of the model
     on its own device. Greedy results do not depend on the world size (the same batches are
     formed). Collective when the world has more than one rank: every rank must call it.
+
+    ``tools``: a dict the caller keeps across calls for the same model (the ``eval`` command's
+    benchmark files): the first call stores its engine and retriever in it and later calls reuse
+    them instead of loading the model and the index again.
     """
     from megatron_recycle.evaluate import evaluate, format_table, gather_on_rank0
     from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer
@@ -61,14 +66,19 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
         if batches < shard[1]:
             print(f"[eval] only {batches} batch(es) of eval.batch_size={cfg.eval.batch_size} for {shard[1]} shards: "
                   f"{shard[1] - batches} shard(s) idle; a smaller eval.batch_size uses them", flush=True)
-    engine = rtm.build_engine(cfg, model_path, load_tokenizer(model_path, cache_dir=cfg.model.cache_dir))
-    retriever = rtm.build_retriever_from_config(cfg)
+    tools = {} if tools is None else tools
+    if tools.get("model") != str(model_path):
+        tools.clear()  # another model: nothing of the last one's is reused
+        tools["engine"] = rtm.build_engine(cfg, model_path, load_tokenizer(model_path, cache_dir=cfg.model.cache_dir))
+        tools["retriever"] = rtm.build_retriever_from_config(cfg)
+        tools["model"] = str(model_path)
+    engine, retriever = tools["engine"], tools["retriever"]
     res = evaluate(engine, retriever, examples, n_samples=cfg.eval.n_samples, temperature=cfg.eval.temperature,
                    max_turns=cfg.rollout.max_turns, max_total_tokens=cfg.rollout.max_total_tokens,
                    topk=cfg.retriever.topk, batch_size=cfg.eval.batch_size,
                    max_new_tokens=cfg.rollout.max_new_tokens, max_passage_words=cfg.retriever.max_passage_words,
                    seed=cfg.run.seed, output_path=out_path, progress=rank == 0,
-                   run_info={"model": str(model_path), "label": label, "split": split},
+                   run_info={"model": str(model_path), "label": label, "split": split, "data": str(paths[split])},
                    shard=shard, gather=gather_on_rank0 if world > 1 else None)
     if rtm.engine_kind(cfg) == "vllm":
         engine.sleep()  # the engine stays for later phases; its memory goes back to them
@@ -148,25 +158,44 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     return report
 
 
-def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str) -> dict[str, Any] | None:
-    """Reuse an evaluation already written by an earlier (interrupted) run of the same job; rank 0
-    reads it and decides for every rank (collective in a multi-rank world)."""
+def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str,
+                 tools: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Reuse an evaluation already written by an earlier (interrupted) run of the same job, when
+    it is of the same model, data file and number of questions; rank 0 reads it and decides for
+    every rank (collective in a multi-rank world)."""
     world, rank = _eval_world()
     res = None
     if rank == 0 and path.is_file():
-        try:
-            res = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            print(f"[eval] {label}: {path} is not valid JSON; evaluating again", flush=True)
+        res = _usable_eval(cfg, model, split, path, label)
     if world > 1:
         decision = [res is not None]
         dist.broadcast_object_list(decision, src=0)
         if rank != 0:
-            return None if decision[0] else evaluate_model(cfg, model, split, path, label)
+            return None if decision[0] else evaluate_model(cfg, model, split, path, label, tools)
     if res is not None:
         print(f"[eval] {label}: reusing {path}", flush=True)
         return res
-    return evaluate_model(cfg, model, split, path, label)
+    return evaluate_model(cfg, model, split, path, label, tools)
+
+
+def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) -> dict[str, Any] | None:
+    """The result JSON at ``path`` if it evaluated this model on this split's file with as many
+    questions as the config asks for now; None (and why) otherwise."""
+    try:
+        res = json.loads(path.read_text())
+        run = res["config"]
+        n = res["overall"]["n"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        print(f"[eval] {label}: {path} is not a valid result file; evaluating again", flush=True)
+        return None
+    data = str(rtm.data_paths(cfg)[split])
+    expected = len(rtm.read_examples(data, cfg, cfg.eval.max_examples))
+    found = (run.get("model"), run.get("data", data), n)
+    if found != (str(model), data, expected):
+        print(f"[eval] {label}: {path} holds model {found[0]} on {found[1]} ({found[2]} questions), not "
+              f"{model} on {data} ({expected}); evaluating again", flush=True)
+        return None
+    return res
 
 
 def _report(cfg: Config, evals: dict, timings: dict, total: float, plots: Any) -> dict[str, Any]:

@@ -1,0 +1,145 @@
+"""`megatron-recycle eval` over several benchmark files: one engine and retriever for all of them,
+a result per file, the side-by-side summary with the average over benchmarks, and --resume.
+
+The engine is the scripted one of test_evaluate.py (instant, known answers), put in place of the
+runtime's builders, so the numbers below are exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_recycle import cli
+from megatron_recycle.evaluate import format_summary, summarize_benchmarks
+from megatron_recycle.train import runtime as rtm
+from tests.agent.test_evaluate import OneDocRetriever, ScriptEngine
+
+# benchmark -> rows; the script answers France right, Italy wrong, Hamlet with F1 2/3, "born first" not at all
+FILES = {
+    "nq/test.jsonl": [("capital of France?", ["Paris"]), ("capital of Italy?", ["Rome"])],
+    "hotpotqa_dev.jsonl": [("capital of France?", ["Paris"]), ("author of Hamlet?", ["Shakespeare"]),
+                           ("who was born first, A or B?", ["A"]), ("capital of Italy?", ["Rome"])],
+    "bamboogle/test.jsonl": [("capital of France?", ["Paris"])],
+}
+# Pass@1 per benchmark from the script: nq 1/2, hotpotqa 1/4, bamboogle 1/1
+EXPECTED = {"nq": 0.5, "hotpotqa": 0.25, "bamboogle": 1.0}
+
+
+@pytest.fixture()
+def bench_dir(tmp_path):
+    d = tmp_path / "benchmarks"
+    for rel, rows in FILES.items():
+        path = d / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"id": f"{path.stem}{i}", "question": q, "golden_answers": a}) + "\n"
+                                for i, (q, a) in enumerate(rows)))
+    return d
+
+
+@pytest.fixture()
+def builds(monkeypatch):
+    """Count what the runtime builds; the scripted engine and a one-passage retriever stand in."""
+    count = {"engine": 0, "retriever": 0}
+
+    def engine(cfg, model_path, tokenizer, *a, **k):
+        count["engine"] += 1
+        return ScriptEngine()
+
+    def retriever(cfg):
+        count["retriever"] += 1
+        return OneDocRetriever()
+
+    monkeypatch.setattr(rtm, "build_engine", engine)
+    monkeypatch.setattr(rtm, "build_retriever_from_config", retriever)
+    monkeypatch.setattr("megatron_recycle.model.hf_loading.load_tokenizer", lambda *a, **k: None)
+    return count
+
+
+def _eval(bench_dir, tmp_path, *extra, model="fake-model", resume=False):
+    args = ["eval", "--checkpoint", model, "--out", str(tmp_path / "out")] + (["--resume"] if resume else [])
+    args += [f"eval.data_dir={bench_dir}", f"run.output_dir={tmp_path / 'runs'}", "rollout.max_turns=2",
+             "rollout.max_total_tokens=4096", "retriever.topk=1", "eval.batch_size=2"]
+    return cli.main(args + list(extra))
+
+
+def test_eval_command_over_benchmarks(bench_dir, tmp_path, builds, capsys):
+    assert _eval(bench_dir, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert builds == {"engine": 1, "retriever": 1}  # loaded once for the three files
+    assert "not found in" in out and "triviaqa" in out and "musique" in out  # the missing four are named
+    per_file = {name: json.loads((tmp_path / "out" / f).read_text())
+                for name, f in (("nq", "nq_test.json"), ("hotpotqa", "hotpotqa_dev.json"),
+                                ("bamboogle", "bamboogle_test.json"))}
+    assert {k: v["overall"]["pass@1"] for k, v in per_file.items()} == EXPECTED
+    assert all(v["config"]["model"] == "fake-model" for v in per_file.values())
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["benchmarks"]) == ["nq", "hotpotqa", "bamboogle"]  # the benchmarks' own order
+    assert summary["average"]["pass@1"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)  # unweighted over files
+    assert summary["all_questions"] == {"n": 7, "pass@1": pytest.approx(3 / 7),
+                                        "f1": pytest.approx((3 + 2 / 3) / 7)}
+    assert summary["model"] == "fake-model"
+    avg_line = next(line for line in out.splitlines() if line.startswith("average (benchmarks)"))
+    assert avg_line.split()[-2] == f"{(0.5 + 0.25 + 1.0) / 3:.3f}"
+
+
+def test_eval_command_resume(bench_dir, tmp_path, builds, capsys):
+    assert _eval(bench_dir, tmp_path) == 0
+    first = json.loads((tmp_path / "out" / "summary.json").read_text())
+    capsys.readouterr()
+    builds.update(engine=0, retriever=0)
+    # everything is there for this model: nothing is loaded or run, the summary is rebuilt the same
+    assert _eval(bench_dir, tmp_path, resume=True) == 0
+    out = capsys.readouterr().out
+    assert builds == {"engine": 0, "retriever": 0} and out.count(": reusing") == 3
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == first
+
+    # fewer questions asked for now: the files with more than one are evaluated again, bamboogle is kept
+    assert _eval(bench_dir, tmp_path, "eval.max_examples=1", resume=True) == 0
+    out = capsys.readouterr().out
+    assert builds == {"engine": 1, "retriever": 1} and out.count(": reusing") == 1
+    assert "(2 questions), not fake-model" in out and "(4 questions), not fake-model" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {k: r["n"] for k, r in summary["benchmarks"].items()} == {"nq": 1, "hotpotqa": 1, "bamboogle": 1}
+
+    # another model into the same folder: nothing is reused
+    builds.update(engine=0, retriever=0)
+    assert _eval(bench_dir, tmp_path, "eval.max_examples=1", model="other-model", resume=True) == 0
+    out = capsys.readouterr().out
+    assert builds == {"engine": 1, "retriever": 1} and ": reusing" not in out
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["model"] == "other-model"
+
+
+def test_eval_command_refuses_a_missing_file_before_any_work(tmp_path, builds, capsys):
+    good = tmp_path / "a.jsonl"
+    good.write_text(json.dumps({"question": "capital of France?", "golden_answers": ["Paris"]}) + "\n")
+    with pytest.raises(SystemExit, match="nowhere.jsonl does not exist"):
+        cli.main(["eval", "--data", str(good), "--data", str(tmp_path / "nowhere.jsonl"),
+                  "--out", str(tmp_path / "out"), f"run.output_dir={tmp_path / 'runs'}"])
+    assert builds == {"engine": 0, "retriever": 0} and not (tmp_path / "out").exists()
+
+
+def test_eval_command_names_same_stem_files_by_folder(tmp_path, builds, capsys):
+    for folder, q in (("x", "capital of France?"), ("y", "capital of Italy?")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.jsonl").write_text(json.dumps({"question": q, "golden_answers": ["Paris"]}) + "\n")
+    assert cli.main(["eval", "--data", str(tmp_path / "x" / "test.jsonl"), "--data", str(tmp_path / "y" / "test.jsonl"),
+                     "--checkpoint", "fake-model", "--out", str(tmp_path / "out"), f"run.output_dir={tmp_path / 'runs'}",
+                     "rollout.max_turns=2", "rollout.max_total_tokens=4096", "retriever.topk=1"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {k: r["pass@1"] for k, r in summary["benchmarks"].items()} == {"x_test": 1.0, "y_test": 0.0}
+    assert builds == {"engine": 1, "retriever": 1}
+
+
+def test_summary_averages():
+    def res(n, p, f):
+        return {"overall": {"n": n, "pass@1": p, "f1": f, "answer_rate": 1.0, "searches": 0.0, "turns": 1.0}}
+
+    s = summarize_benchmarks({"a": res(10, 0.1, 0.2), "b": res(30, 0.5, 0.6)}, "m")
+    assert s["average"] == {"pass@1": pytest.approx(0.3), "f1": pytest.approx(0.4)}
+    assert s["all_questions"] == {"n": 40, "pass@1": pytest.approx(0.4), "f1": pytest.approx(0.5)}
+    table = format_summary(s).splitlines()
+    assert table[-2].split()[-2:] == ["0.300", "0.400"] and table[-1].split()[-3:] == ["40", "0.400", "0.500"]
+    with pytest.raises(ValueError, match="no results"):
+        summarize_benchmarks({}, "m")
