@@ -73,18 +73,29 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
         tools["retriever"] = rtm.build_retriever_from_config(cfg)
         tools["model"] = str(model_path)
     engine, retriever = tools["engine"], tools["retriever"]
-    res = evaluate(engine, retriever, examples, n_samples=cfg.eval.n_samples, temperature=cfg.eval.temperature,
-                   max_turns=cfg.rollout.max_turns, max_total_tokens=cfg.rollout.max_total_tokens,
-                   topk=cfg.retriever.topk, batch_size=cfg.eval.batch_size,
-                   max_new_tokens=cfg.rollout.max_new_tokens, max_passage_words=cfg.retriever.max_passage_words,
-                   seed=cfg.run.seed, output_path=out_path, progress=rank == 0,
-                   run_info={"model": str(model_path), "label": label, "split": split, "data": str(paths[split])},
+    res = evaluate(engine, retriever, examples, **_eval_settings(cfg), output_path=out_path, progress=rank == 0,
+                   run_info={"model": str(model_path), "label": label, "split": split, "data": str(paths[split]),
+                             "retriever": _retriever_id(cfg)},
                    shard=shard, gather=gather_on_rank0 if world > 1 else None)
     if rtm.engine_kind(cfg) == "vllm":
         engine.sleep()  # the engine stays for later phases; its memory goes back to them
     if res is not None:
         print(format_table(res), flush=True)
     return res
+
+
+def _eval_settings(cfg: Config) -> dict[str, Any]:
+    """The config values an evaluation's result depends on, as ``evaluate`` takes (and records) them."""
+    return {"n_samples": cfg.eval.n_samples, "temperature": cfg.eval.temperature, "max_turns": cfg.rollout.max_turns,
+            "max_total_tokens": cfg.rollout.max_total_tokens, "max_new_tokens": cfg.rollout.max_new_tokens,
+            "topk": cfg.retriever.topk, "max_passage_words": cfg.retriever.max_passage_words,
+            "batch_size": cfg.eval.batch_size, "seed": cfg.run.seed}
+
+
+def _retriever_id(cfg: Config) -> str:
+    r = cfg.retriever
+    where = {"http": r.url, "dense": f"{r.corpus} {r.dense_model}"}.get(r.kind, r.corpus)
+    return f"{r.kind} {where}"
 
 
 def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
@@ -110,7 +121,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     split = "test"
     t = time.perf_counter()
     before = run_dir / "eval" / "before_test.json"
-    evals["before"] = _cached_eval(cfg, cfg.model.name_or_path, split, before, "untrained")
+    evals["before"] = _eval(cfg, cfg.model.name_or_path, split, before, "untrained", resume)
     phase("eval_before", t)
 
     start_model = cfg.model.name_or_path
@@ -127,7 +138,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
         start_model = str(sft_hf)
         phase("sft", t)
         t = time.perf_counter()
-        evals["after_sft"] = _cached_eval(cfg, start_model, split, run_dir / "eval" / "after_sft_test.json", "after SFT")
+        evals["after_sft"] = _eval(cfg, start_model, split, run_dir / "eval" / "after_sft_test.json", "after SFT",
+                                   resume)
         phase("eval_after_sft", t)
 
     t = time.perf_counter()
@@ -158,6 +170,14 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     return report
 
 
+def _eval(cfg: Config, model: str, split: str, path: Path, label: str, resume: bool) -> dict[str, Any] | None:
+    """An evaluation of the pipeline: reused from an interrupted run's file only with --resume (a
+    new run in the same folder trains again, so an old file may hold another model's numbers)."""
+    if resume:
+        return _cached_eval(cfg, model, split, path, label)
+    return evaluate_model(cfg, model, split, path, label)
+
+
 def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str,
                  tools: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Reuse an evaluation already written by an earlier (interrupted) run of the same job, when
@@ -179,8 +199,9 @@ def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str,
 
 
 def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) -> dict[str, Any] | None:
-    """The result JSON at ``path`` if it evaluated this model on this split's file with as many
-    questions as the config asks for now; None (and why) otherwise."""
+    """The result JSON at ``path`` if it evaluated this model on this split's file, with as many
+    questions and the same evaluation settings and retriever as the config asks for now; None
+    (and why) otherwise."""
     try:
         res = json.loads(path.read_text())
         run = res["config"]
@@ -194,6 +215,12 @@ def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) ->
     if found != (str(model), data, expected):
         print(f"[eval] {label}: {path} holds model {found[0]} on {found[1]} ({found[2]} questions), not "
               f"{model} on {data} ({expected}); evaluating again", flush=True)
+        return None
+    want = _eval_settings(cfg) | {"retriever": _retriever_id(cfg)}
+    differ = [f"{k}={run.get(k)!r} (now {v!r})" for k, v in want.items() if run.get(k, v) != v]
+    if differ:
+        print(f"[eval] {label}: {path} was evaluated with other settings: {', '.join(differ)}; evaluating again",
+              flush=True)
         return None
     return res
 

@@ -103,9 +103,21 @@ def test_eval_command_resume(bench_dir, tmp_path, builds, capsys):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {k: r["n"] for k, r in summary["benchmarks"].items()} == {"nq": 1, "hotpotqa": 1, "bamboogle": 1}
 
+    # other evaluation settings (turns, retriever): evaluated again, and the message says what changed
+    assert _eval(bench_dir, tmp_path, "eval.max_examples=1", "rollout.max_turns=1", resume=True) == 0
+    out = capsys.readouterr().out
+    assert ": reusing" not in out and out.count("max_turns=2 (now 1)") == 3
+    assert _eval(bench_dir, tmp_path, "eval.max_examples=1", "rollout.max_turns=1", "retriever.kind=dense",
+                 resume=True) == 0
+    assert capsys.readouterr().out.count("retriever='bm25 wiki-offline' (now 'dense wiki-offline minilm')") == 3
+    assert _eval(bench_dir, tmp_path, "eval.max_examples=1", "rollout.max_turns=1", "retriever.kind=dense",
+                 resume=True) == 0
+    assert capsys.readouterr().out.count(": reusing") == 3
+
     # another model into the same folder: nothing is reused
     builds.update(engine=0, retriever=0)
-    assert _eval(bench_dir, tmp_path, "eval.max_examples=1", model="other-model", resume=True) == 0
+    assert _eval(bench_dir, tmp_path, "eval.max_examples=1", "rollout.max_turns=1", "retriever.kind=dense",
+                 model="other-model", resume=True) == 0
     out = capsys.readouterr().out
     assert builds == {"engine": 1, "retriever": 1} and ": reusing" not in out
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["model"] == "other-model"
@@ -143,3 +155,22 @@ def test_summary_averages():
     assert table[-2].split()[-2:] == ["0.300", "0.400"] and table[-1].split()[-3:] == ["40", "0.400", "0.500"]
     with pytest.raises(ValueError, match="no results"):
         summarize_benchmarks({}, "m")
+
+
+def test_run_pipeline_reuses_evaluations_only_when_resuming(tmp_path, monkeypatch):
+    """A new `run` in an old run folder trains again: an evaluation file left there may hold another
+    model's numbers (an earlier SFT result at the same path), so only --resume reuses it."""
+    from megatron_recycle.config import load_config
+    from megatron_recycle.train import pipeline
+
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"question": "capital of France?", "golden_answers": ["Paris"]}) + "\n")
+    cfg = load_config(None, [f"data.test_file={data}", f"run.output_dir={tmp_path / 'runs'}"])
+    calls = []
+    monkeypatch.setattr(pipeline, "evaluate_model", lambda *a, **k: calls.append(a[1]) or {"fresh": True})
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"config": {"model": "m", "data": str(data), **pipeline._eval_settings(cfg),
+                                           "retriever": pipeline._retriever_id(cfg)},
+                                "overall": {"n": 1, "pass@1": 0.5}}))
+    assert pipeline._eval(cfg, "m", "test", path, "x", resume=False) == {"fresh": True} and calls == ["m"]
+    assert pipeline._eval(cfg, "m", "test", path, "x", resume=True)["overall"]["pass@1"] == 0.5 and calls == ["m"]
