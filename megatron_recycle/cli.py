@@ -123,54 +123,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import gc
     from pathlib import Path
 
-    from megatron_recycle.data.datasets import find_benchmark_files
-    from megatron_recycle.evaluate import format_summary, summarize_benchmarks, write_summary
-    from megatron_recycle.train.pipeline import _cached_eval, evaluate_model
+    from megatron_recycle.train.pipeline import eval_files, evaluate_files
 
     cfg = _load(args)
-    # (name in the summary, file, result file name)
-    files = [(Path(p).stem, Path(p), f"{Path(p).parent.name}_{Path(p).stem}") for p in args.data]
-    if cfg.eval.data_dir:
-        found = find_benchmark_files(cfg.eval.data_dir)
-        files += [(name, Path(p), Path(p).stem if Path(p).stem.lower().startswith(name) else f"{name}_{Path(p).stem}")
-                  for name, p in found.items()]  # nq/test.jsonl -> nq_test, hotpotqa_dev.jsonl -> hotpotqa_dev
-        if getattr(found, "missing", None):
-            print(f"[eval] not found in {cfg.eval.data_dir}: {', '.join(found.missing)}", flush=True)
+    files = eval_files(cfg, args.data)
     if not files:
         f = Path(cfg.data.test_file or Path(cfg.data.dir) / "test.jsonl")
-        files = [(f.stem, f, f"{f.parent.name}_{f.stem}")]
-    for _, f, _ in files:  # all of them before the first (long) evaluation
-        if not f.is_file():
-            raise SystemExit(f"eval: dataset file {f} does not exist")
-    names = [name for name, _, _ in files]
-    if len(set(names)) < len(names):  # e.g. two --data files named test.jsonl: name them by folder too
-        files = [(stem, f, stem) for _, f, stem in files]
-    if len({stem for _, _, stem in files}) < len(files):
-        raise SystemExit("eval: two dataset files would write the same result file: "
-                         + ", ".join(str(f) for _, f, _ in files))
+        files = eval_files(cfg, [str(f)], benchmarks=False)
     model = args.checkpoint or cfg.model.name_or_path
-    out_dir = Path(args.out or cfg.run_dir / "eval")
-    tools: dict = {}  # the engine and retriever, loaded once for all the files
-    results = {}
-    for name, f, stem in files:
-        cfg.data.test_file = str(f)
-        out = out_dir / f"{stem}.json"
-        if args.resume:
-            res = _cached_eval(cfg, model, "test", out, name, tools)
-        else:
-            res = evaluate_model(cfg, model, "test", out, name, tools)
-        if res is not None:  # rank 0
-            results[name] = res
-    tools.clear()
-    gc.collect()
-    if len(results) > 1:
-        summary = summarize_benchmarks(results, model)
-        write_summary(summary, out_dir / "summary.json")
-        print(f"\n[eval] {model}: {len(results)} files\n{format_summary(summary)}\n"
-              f"[eval] wrote {out_dir / 'summary.json'}", flush=True)
+    evaluate_files(cfg, model, files, Path(args.out or cfg.run_dir / "eval"), resume=args.resume)
     return 0
 
 

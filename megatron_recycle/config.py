@@ -170,7 +170,9 @@ class EvalConfig:
     # questions per rollout batch; under torchrun the batches are dealt round-robin to the ranks
     # (vLLM: to the rollout.vllm_tp blocks), so the results do not depend on the number of ranks
     batch_size: int = 32
-    data_dir: str = ""  # folder with the seven benchmarks in FlashRAG/Search-R1 layout
+    # folder with the seven benchmarks in FlashRAG/Search-R1 layout: `eval` evaluates on them, and
+    # `run` evaluates its final model on them (RUN_DIR/eval/benchmarks/, average in the report)
+    data_dir: str = ""
 
 
 @dataclass

@@ -7,6 +7,7 @@ Every phase writes into the run directory; the report is also saved as report.js
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -49,7 +50,7 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     them instead of loading the model and the index again.
     """
     from megatron_recycle.evaluate import evaluate, format_table, gather_on_rank0
-    from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer
+    from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer, model_digest
 
     world, rank = _eval_world()
     block = 1
@@ -75,13 +76,82 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     engine, retriever = tools["engine"], tools["retriever"]
     res = evaluate(engine, retriever, examples, **_eval_settings(cfg), output_path=out_path, progress=rank == 0,
                    run_info={"model": str(model_path), "label": label, "split": split, "data": str(paths[split]),
-                             "retriever": _retriever_id(cfg)},
+                             "retriever": _retriever_id(cfg),
+                             "model_digest": model_digest(model_path) if rank == 0 else None},
                    shard=shard, gather=gather_on_rank0 if world > 1 else None)
     if rtm.engine_kind(cfg) == "vllm":
         engine.sleep()  # the engine stays for later phases; its memory goes back to them
     if res is not None:
         print(format_table(res), flush=True)
     return res
+
+
+def eval_files(cfg: Config, data: list[str], benchmarks: bool = True) -> list[tuple[str, Path, str]]:
+    """(name in the summary, file, result file stem) for each dataset file given and, with
+    ``benchmarks``, each of the seven benchmarks found in ``eval.data_dir`` (the missing ones are
+    named). Every file must exist; two files never write the same result file."""
+    from megatron_recycle.data.datasets import find_benchmark_files
+
+    files = [(Path(f).stem, Path(f), f"{Path(f).parent.name}_{Path(f).stem}") for f in data]
+    if benchmarks and cfg.eval.data_dir:
+        found = find_benchmark_files(cfg.eval.data_dir)
+        for name, f in found.items():  # nq/test.jsonl -> nq_test, hotpotqa_dev.jsonl -> hotpotqa_dev
+            f = Path(f)
+            files.append((name, f, f.stem if f.stem.lower().startswith(name) else f"{name}_{f.stem}"))
+        if not found:
+            raise FileNotFoundError(
+                f"eval.data_dir={cfg.eval.data_dir}: none of the benchmarks ({', '.join(found.missing)}) is there; "
+                "expected <dir>/<name>/<test|dev>.<jsonl|parquet|json> or <dir>/<name>_<split>.<ext>")
+        if found.missing and _rank() == 0:
+            print(f"[eval] not found in {cfg.eval.data_dir}: {', '.join(found.missing)}", flush=True)
+    for _, f, _ in files:  # all of them before the first (long) evaluation
+        if not f.is_file():
+            raise SystemExit(f"eval: dataset file {f} does not exist")
+    names = [name for name, _, _ in files]
+    if len(set(names)) < len(names):  # e.g. two files named test.jsonl: name them by folder too
+        files = [(stem, f, stem) for _, f, stem in files]
+    if len({stem for _, _, stem in files}) < len(files):
+        raise SystemExit("eval: two dataset files would write the same result file: "
+                         + ", ".join(str(f) for _, f, _ in files))
+    return files
+
+
+def evaluate_files(cfg: Config, model: str, files: list[tuple[str, Path, str]], out_dir: Path,
+                   resume: bool) -> dict[str, Any] | None:
+    """Evaluate ``model`` on each of ``files`` (from :func:`eval_files`) with one engine and
+    retriever, writing ``out_dir/<stem>.json`` as each finishes; with several files, the
+    side-by-side summary (average over the files) is printed; the summary is written to
+    ``out_dir/summary.json`` and returned on rank 0 (None elsewhere). ``resume`` reuses a file's result already there when it matches.
+    Collective in a multi-rank world. ``cfg`` is not changed."""
+    from megatron_recycle.evaluate import format_summary, summarize_benchmarks, write_summary
+
+    cfg = copy.deepcopy(cfg)
+    tools: dict[str, Any] = {}  # the engine and retriever, loaded once for all the files
+    results = {}
+    for name, f, stem in files:
+        cfg.data.test_file = str(f)
+        out = out_dir / f"{stem}.json"
+        if resume:
+            res = _cached_eval(cfg, model, "test", out, name, tools)
+        else:
+            res = evaluate_model(cfg, model, "test", out, name, tools)
+        if res is not None:  # rank 0
+            results[name] = res
+    tools.clear()
+    gc.collect()
+    if not results:
+        return None
+    summary = summarize_benchmarks(results, model)
+    write_summary(summary, out_dir / "summary.json")
+    if len(results) > 1:  # one file's table is already printed
+        print(f"\n[eval] {model}: {len(results)} files\n{format_summary(summary)}\n"
+              f"[eval] wrote {out_dir / 'summary.json'}", flush=True)
+    return summary
+
+
+def _rank() -> int:
+    """torchrun's rank, also before torch.distributed is initialized."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def _eval_settings(cfg: Config) -> dict[str, Any]:
@@ -106,7 +176,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
     # torchrun's rank, also before torch.distributed is initialized (the first phases run earlier)
-    rank0 = (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+    rank0 = _rank() == 0
     timings: dict[str, float] = {}
 
     def phase(name: str, start: float) -> None:
@@ -114,6 +184,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
         if rank0:
             print(f"[run] {name} done in {timings[name]:.0f}s (total {time.perf_counter() - t0:.0f}s)", flush=True)
 
+    # the benchmarks the final model is evaluated on: looked up now, not after hours of training
+    bench_files = eval_files(cfg, []) if cfg.eval.data_dir else []
     t = time.perf_counter()
     rtm.ensure_data(cfg)
     phase("data", t)
@@ -156,8 +228,13 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     phase("grpo", t)
 
     t = time.perf_counter()
-    evals["after"] = evaluate_model(cfg, str(final_hf), split, run_dir / "eval" / "after_test.json", "after GRPO")
+    evals["after"] = _eval(cfg, str(final_hf), split, run_dir / "eval" / "after_test.json", "after GRPO", resume)
     phase("eval_after", t)
+    if bench_files:  # the trained model on the QA benchmarks too (the papers' headline table)
+        t = time.perf_counter()
+        evals["benchmarks"] = evaluate_files(cfg, str(final_hf), bench_files, run_dir / "eval" / "benchmarks",
+                                             resume=resume)
+        phase("eval_benchmarks", t)
 
     report: dict[str, Any] = {}
     if rank0:
@@ -199,9 +276,9 @@ def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str,
 
 
 def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) -> dict[str, Any] | None:
-    """The result JSON at ``path`` if it evaluated this model on this split's file, with as many
-    questions and the same evaluation settings and retriever as the config asks for now; None
-    (and why) otherwise."""
+    """The result JSON at ``path`` if it evaluated this model (the same weights) on this split's
+    file, with as many questions and the same evaluation settings and retriever as the config asks
+    for now; None (and why) otherwise."""
     try:
         res = json.loads(path.read_text())
         run = res["config"]
@@ -216,7 +293,10 @@ def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) ->
         print(f"[eval] {label}: {path} holds model {found[0]} on {found[1]} ({found[2]} questions), not "
               f"{model} on {data} ({expected}); evaluating again", flush=True)
         return None
-    want = _eval_settings(cfg) | {"retriever": _retriever_id(cfg)}
+    from megatron_recycle.model.hf_loading import model_digest
+
+    # the same path may hold other weights now (final_hf after more training steps)
+    want = _eval_settings(cfg) | {"retriever": _retriever_id(cfg), "model_digest": model_digest(model)}
     differ = [f"{k}={run.get(k)!r} (now {v!r})" for k, v in want.items() if run.get(k, v) != v]
     if differ:
         print(f"[eval] {label}: {path} was evaluated with other settings: {', '.join(differ)}; evaluating again",
@@ -249,6 +329,13 @@ def _report(cfg: Config, evals: dict, timings: dict, total: float, plots: Any) -
         v = report["test_pass@1"][key]
         if v is not None:
             lines.append(f"| {label} | {v:.3f} |")
+    bench = evals.get("benchmarks")
+    if bench is not None:
+        report["benchmarks_pass@1"] = {name: r["pass@1"] for name, r in bench["benchmarks"].items()}
+        report["benchmarks_average_pass@1"] = bench["average"]["pass@1"]
+        lines += ["", "| benchmark (after GRPO) | n | Pass@1 |", "|---|---|---|"]
+        lines += [f"| {name} | {r['n']} | {r['pass@1']:.3f} |" for name, r in bench["benchmarks"].items()]
+        lines.append(f"| average | | {bench['average']['pass@1']:.3f} |")
     lines += ["", f"Total time {total / 60:.1f} min; phases: "
               + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()),
               f"Run directory: {cfg.run_dir}", f"Plots: {cfg.run_dir / 'plots'}"]

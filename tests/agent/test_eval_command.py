@@ -174,3 +174,18 @@ def test_run_pipeline_reuses_evaluations_only_when_resuming(tmp_path, monkeypatc
                                 "overall": {"n": 1, "pass@1": 0.5}}))
     assert pipeline._eval(cfg, "m", "test", path, "x", resume=False) == {"fresh": True} and calls == ["m"]
     assert pipeline._eval(cfg, "m", "test", path, "x", resume=True)["overall"]["pass@1"] == 0.5 and calls == ["m"]
+
+
+def test_a_benchmark_folder_without_benchmarks_is_refused_up_front(tmp_path, builds, capsys):
+    """eval.data_dir naming a folder with none of the seven: `eval` and `run` say so before any
+    work (`run` before data generation and training, not after them)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("nothing here")
+    runs = tmp_path / "runs"
+    for command in ("eval", "run"):
+        assert cli.main([command, f"eval.data_dir={empty}", f"run.output_dir={runs}",
+                         f"data.dir={tmp_path / 'data'}"]) == 2
+        err = capsys.readouterr().err
+        assert "none of the benchmarks (nq, triviaqa" in err and "<dir>/<name>/<test|dev>" in err, command
+    assert builds == {"engine": 0, "retriever": 0} and not (tmp_path / "data").exists() and not runs.exists()

@@ -93,3 +93,31 @@ def test_smollm2_cache_is_plain_fp32():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert hf_loading.load_tokenizer("smollm2-135m")("Paris").input_ids
+
+
+def test_model_digest_follows_the_weights_not_the_path(tmp_path):
+    """Evaluation results are reused by model digest: a folder written again with the same bytes
+    keeps it (the final export of a resumed, finished run), other weights under the same path
+    change it (final_hf after more training)."""
+    import time
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(folder / "model.safetensors"))
+    (folder / "tokenizer.json").write_text("{}")
+    first = hf_loading.model_digest(folder)
+    assert first is not None and len(first) == 40
+    time.sleep(0.01)
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(folder / "model.safetensors"))  # same bytes, new mtime
+    (folder / "tokenizer.json").write_text('{"other": 1}')  # not part of the weights
+    assert hf_loading.model_digest(folder) == first
+    save_file({"w": torch.arange(6, dtype=torch.float32) + 1}, str(folder / "model.safetensors"))
+    changed = hf_loading.model_digest(folder)
+    assert changed != first
+    (folder / "config.json").write_text('{"model_type": "qwen3"}')
+    assert hf_loading.model_digest(folder) not in (first, changed)
+    assert hf_loading.model_digest(tmp_path / "nowhere") is None
+    assert hf_loading.model_digest("smollm2-135m") == hf_loading._file_digest(hf_loading.smollm2_gguf_path())

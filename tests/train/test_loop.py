@@ -130,6 +130,18 @@ def test_torchrun_two_ranks_same_decisions(env, layout):
     assert len(evals) == 1 and evals[0]["eval/dev_n"] == 4 and evals[0]["step"] == 3
 
 
+def _benchmarks(folder: Path) -> Path:
+    """Two of the seven benchmarks in the FlashRAG layouts (a folder per benchmark, and flat), two
+    questions each, from the fixture's facts."""
+    from tests.train.loop_fixtures import FACTS
+
+    (folder / "nq").mkdir(parents=True, exist_ok=True)
+    for path, facts in ((folder / "nq" / "test.jsonl", FACTS[:2]), (folder / "hotpotqa_dev.jsonl", FACTS[2:4])):
+        path.write_text("".join(json.dumps({"id": f"{path.stem}{i}", "question": q, "golden_answers": a}) + "\n"
+                                for i, (q, a) in enumerate(facts)))
+    return folder
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_run_pipeline_on_two_ranks(env):
@@ -138,21 +150,36 @@ def test_run_pipeline_on_two_ranks(env):
     name = "pipeline_dp2"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "megatron_recycle.cli", "run"]
+    bench = [f"eval.data_dir={_benchmarks(env['data'].parent / 'benchmarks')}"]
     proc = _run(torchrun + _overrides(env, name, "sft.steps=1", "sft.batch_size=2", "train.steps=1",
-                                      "eval.batch_size=1"), timeout=400)
+                                      "eval.batch_size=1", *bench), timeout=400)
     run_dir = env["out"] / name
-    for f in ("before_test.json", "after_sft_test.json", "after_test.json"):
+    for f in ("before_test.json", "after_sft_test.json", "after_test.json", "benchmarks/nq_test.json",
+              "benchmarks/hotpotqa_dev.json"):
         res = json.loads((run_dir / "eval" / f).read_text())
-        assert res["config"]["shards"] == 2 and res["overall"]["n"] == 4, f
+        assert res["config"]["shards"] == 2, f
+        assert res["overall"]["n"] == (4 if f.endswith("_test.json") and "/" not in f else 2), f
     report = json.loads((run_dir / "report.json").read_text())
     assert all(0.0 <= v <= 1.0 for v in report["test_pass@1"].values())
+    # the final model on the benchmarks of eval.data_dir: the average in the report and summary.json
+    summary = json.loads((run_dir / "eval" / "benchmarks" / "summary.json").read_text())
+    assert list(summary["benchmarks"]) == ["nq", "hotpotqa"] and summary["model"] == str(run_dir / "final_hf")
+    assert report["benchmarks_average_pass@1"] == summary["average"]["pass@1"]
+    assert "| average |" in (run_dir / "report.md").read_text()
     assert proc.stdout.count("[run] data done") == 1 and proc.stdout.count("Report:") == 1
     # --resume: rank 0 finds the finished evaluations and every rank skips them (none waits for
-    # the others in a gather); the SFT result is reused, the final evaluation runs again
+    # the others in a gather); the SFT result is reused; the final model is exported again from the
+    # last checkpoint, byte for byte the same weights, so its evaluations are reused too
     again = _run(torchrun + ["--resume"] + _overrides(env, name, "sft.steps=1", "sft.batch_size=2",
-                                                      "train.steps=1", "eval.batch_size=1"), timeout=400)
-    assert "[eval] untrained: reusing" in again.stdout and "[eval] after SFT: reusing" in again.stdout
+                                                      "train.steps=1", "eval.batch_size=1", *bench), timeout=400)
+    for label in ("untrained", "after SFT", "after GRPO", "nq", "hotpotqa"):
+        assert again.stdout.count(f"[eval] {label}: reusing") == 1, label
     assert again.stdout.count("reusing the SFT result") == 1 and again.stdout.count("Report:") == 1
+    # one more GRPO step: final_hf holds other weights under the same path; evaluated again
+    more = _run(torchrun + ["--resume"] + _overrides(env, name, "sft.steps=1", "sft.batch_size=2",
+                                                     "train.steps=2", "eval.batch_size=1", *bench), timeout=400)
+    assert "[eval] after SFT: reusing" in more.stdout and "[eval] after GRPO: reusing" not in more.stdout
+    assert more.stdout.count("was evaluated with other settings: model_digest=") == 3  # after GRPO, nq, hotpotqa
 
 
 @pytest.mark.slow
