@@ -119,10 +119,10 @@ def eval_files(cfg: Config, data: list[str], benchmarks: bool = True) -> list[tu
 def evaluate_files(cfg: Config, model: str, files: list[tuple[str, Path, str]], out_dir: Path,
                    resume: bool) -> dict[str, Any] | None:
     """Evaluate ``model`` on each of ``files`` (from :func:`eval_files`) with one engine and
-    retriever, writing ``out_dir/<stem>.json`` as each finishes; with several files, the
-    side-by-side summary (average over the files) is printed; the summary is written to
-    ``out_dir/summary.json`` and returned on rank 0 (None elsewhere). ``resume`` reuses a file's result already there when it matches.
-    Collective in a multi-rank world. ``cfg`` is not changed."""
+    retriever, writing ``out_dir/<stem>.json`` as each finishes. The summary (each file's numbers
+    and their average) goes to ``out_dir/summary.json`` and is returned on rank 0 (None
+    elsewhere); with several files it is also printed side by side. ``resume`` reuses a file's
+    result already there when it matches. Collective in a multi-rank world; ``cfg`` is not changed."""
     from megatron_recycle.evaluate import format_summary, summarize_benchmarks, write_summary
 
     cfg = copy.deepcopy(cfg)
@@ -257,9 +257,9 @@ def _eval(cfg: Config, model: str, split: str, path: Path, label: str, resume: b
 
 def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str,
                  tools: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Reuse an evaluation already written by an earlier (interrupted) run of the same job, when
-    it is of the same model, data file and number of questions; rank 0 reads it and decides for
-    every rank (collective in a multi-rank world)."""
+    """Reuse an evaluation already written by an earlier (interrupted) run of the same job when it
+    matches (:func:`_usable_eval`); rank 0 reads it and decides for every rank (collective in a
+    multi-rank world)."""
     world, rank = _eval_world()
     res = None
     if rank == 0 and path.is_file():
@@ -276,31 +276,24 @@ def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str,
 
 
 def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) -> dict[str, Any] | None:
-    """The result JSON at ``path`` if it evaluated this model (the same weights) on this split's
-    file, with as many questions and the same evaluation settings and retriever as the config asks
-    for now; None (and why) otherwise."""
+    """The result JSON at ``path`` if it evaluated this model (the same weights: the same path may
+    hold other ones now, as final_hf after more training) on this split's file, with as many
+    questions, the same evaluation settings and the same retriever as the config asks for now;
+    None, and why, otherwise (a file written before all of these were recorded included)."""
+    from megatron_recycle.model.hf_loading import model_digest
+
     try:
         res = json.loads(path.read_text())
-        run = res["config"]
-        n = res["overall"]["n"]
+        have = dict(res["config"]) | {"questions": res["overall"]["n"]}
     except (json.JSONDecodeError, KeyError, TypeError):
         print(f"[eval] {label}: {path} is not a valid result file; evaluating again", flush=True)
         return None
     data = str(rtm.data_paths(cfg)[split])
-    expected = len(rtm.read_examples(data, cfg, cfg.eval.max_examples))
-    found = (run.get("model"), run.get("data", data), n)
-    if found != (str(model), data, expected):
-        print(f"[eval] {label}: {path} holds model {found[0]} on {found[1]} ({found[2]} questions), not "
-              f"{model} on {data} ({expected}); evaluating again", flush=True)
-        return None
-    from megatron_recycle.model.hf_loading import model_digest
-
-    # the same path may hold other weights now (final_hf after more training steps)
-    want = _eval_settings(cfg) | {"retriever": _retriever_id(cfg), "model_digest": model_digest(model)}
-    differ = [f"{k}={run.get(k)!r} (now {v!r})" for k, v in want.items() if run.get(k, v) != v]
+    want = {"model": str(model), "data": data, "questions": len(rtm.read_examples(data, cfg, cfg.eval.max_examples))}
+    want |= _eval_settings(cfg) | {"retriever": _retriever_id(cfg), "model_digest": model_digest(model)}
+    differ = [f"{k}={have.get(k)!r} (now {v!r})" for k, v in want.items() if have.get(k) != v]
     if differ:
-        print(f"[eval] {label}: {path} was evaluated with other settings: {', '.join(differ)}; evaluating again",
-              flush=True)
+        print(f"[eval] {label}: {path} was evaluated otherwise: {', '.join(differ)}; evaluating again", flush=True)
         return None
     return res
 

@@ -99,7 +99,7 @@ def test_eval_command_resume(bench_dir, tmp_path, builds, capsys):
     assert _eval(bench_dir, tmp_path, "eval.max_examples=1", resume=True) == 0
     out = capsys.readouterr().out
     assert builds == {"engine": 1, "retriever": 1} and out.count(": reusing") == 1
-    assert "(2 questions), not fake-model" in out and "(4 questions), not fake-model" in out
+    assert "questions=2 (now 1)" in out and "questions=4 (now 1)" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {k: r["n"] for k, r in summary["benchmarks"].items()} == {"nq": 1, "hotpotqa": 1, "bamboogle": 1}
 
@@ -169,11 +169,15 @@ def test_run_pipeline_reuses_evaluations_only_when_resuming(tmp_path, monkeypatc
     calls = []
     monkeypatch.setattr(pipeline, "evaluate_model", lambda *a, **k: calls.append(a[1]) or {"fresh": True})
     path = tmp_path / "eval.json"
-    path.write_text(json.dumps({"config": {"model": "m", "data": str(data), **pipeline._eval_settings(cfg),
-                                           "retriever": pipeline._retriever_id(cfg)},
-                                "overall": {"n": 1, "pass@1": 0.5}}))
+    record = {"model": "m", "data": str(data), **pipeline._eval_settings(cfg), "retriever": pipeline._retriever_id(cfg),
+              "model_digest": None}
+    path.write_text(json.dumps({"config": record, "overall": {"n": 1, "pass@1": 0.5}}))
     assert pipeline._eval(cfg, "m", "test", path, "x", resume=False) == {"fresh": True} and calls == ["m"]
     assert pipeline._eval(cfg, "m", "test", path, "x", resume=True)["overall"]["pass@1"] == 0.5 and calls == ["m"]
+    # a file written before the retriever and the weights' digest were recorded: evaluated again
+    del record["retriever"], record["model_digest"]
+    path.write_text(json.dumps({"config": record, "overall": {"n": 1, "pass@1": 0.5}}))
+    assert pipeline._eval(cfg, "m", "test", path, "x", resume=True) == {"fresh": True} and calls == ["m", "m"]
 
 
 def test_a_benchmark_folder_without_benchmarks_is_refused_up_front(tmp_path, builds, capsys):
