@@ -210,7 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         _maybe_reexec_keep_memory(argv)
     if argv[:1] == ["simulate"]:  # every option after it belongs to tools/simulate_pool.py
         return cmd_simulate(argparse.Namespace(sim_args=argv[1:]))
-    args = parser.parse_args(argv)
+    # key=value overrides may come before, between or after the options (`eval nq.x=1 --resume y=2`):
+    # argparse takes the first run of them as the positional and leaves the later ones over
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if late and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += late
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

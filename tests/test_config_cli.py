@@ -113,6 +113,26 @@ def test_cli_reports_config_errors(capsys):
     assert "pool.oversample=0" in capsys.readouterr().err
 
 
+def test_cli_overrides_before_between_and_after_options(monkeypatch, capsys):
+    """`eval a=1 --resume b=2`: argparse alone refuses the overrides after an option; every one of
+    them reaches the config, in order (the last of a key wins), and real strays are still refused."""
+    from megatron_recycle import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_eval", lambda args: seen.update(resume=args.resume, over=args.overrides) or 0)
+    parser = build_parser()  # the handler is bound when the parser is built
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["eval"].set_defaults(handler=cli.cmd_eval)
+    assert main(["eval", "eval.batch_size=2", "--resume", "rollout.max_turns=1", "eval.batch_size=3"]) == 0
+    assert seen == {"resume": True, "over": ["eval.batch_size=2", "rollout.max_turns=1", "eval.batch_size=3"]}
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "eval.batch_size=2", "--resume", "stray"])
+    assert e.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--resume", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
 def test_simulator_runs_every_strategy_small():
     spec = importlib.util.spec_from_file_location("simulate_pool", ROOT / "tools" / "simulate_pool.py")
     sim = importlib.util.module_from_spec(spec)
