@@ -184,10 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_eval)
     p.add_argument("--data", action="append", default=[], help="dataset file (repeatable); eval.data_dir adds the benchmarks")
     p.add_argument("--checkpoint", default=None, help="model to evaluate (default: model.name_or_path)")
-    p.add_argument("--out", default=None, help="folder for the JSON results (default: RUN_DIR/eval); with "
-                   "several files also summary.json: each file's Pass@1/F1 and their average")
+    p.add_argument("--out", default=None, help="folder for the JSON results (default: RUN_DIR/eval): one per "
+                   "file, and summary.json with each file's Pass@1/F1 and their average")
     p.add_argument("--resume", action="store_true", help="reuse a file's result already in --out when it is of "
-                   "the same model, data file and question count (an interrupted evaluation goes on)")
+                   "the same model weights, data file, question count, evaluation settings and retriever "
+                   "(an interrupted evaluation goes on)")
     p = add("serve-retriever", "Serve a retriever over HTTP with the Search-R1 /retrieve contract.",
             cmd_serve_retriever)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
