@@ -460,12 +460,7 @@ def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int, metrics) -> None:
     examples = rtm.read_examples(dev_path, cfg, cfg.eval.max_examples)
     holds = shard is not None
     res = evaluate(rt.engine if holds else None, rt.retriever if holds else None, examples,
-                   n_samples=cfg.eval.n_samples,
-                   temperature=cfg.eval.temperature, max_turns=cfg.rollout.max_turns,
-                   max_total_tokens=cfg.rollout.max_total_tokens, topk=cfg.retriever.topk,
-                   batch_size=cfg.eval.batch_size, max_new_tokens=cfg.rollout.max_new_tokens,
-                   max_passage_words=cfg.retriever.max_passage_words, progress=False,
-                   seed=cfg.run.seed + step, shard=shard,
+                   **(rtm.eval_settings(cfg) | {"seed": cfg.run.seed + step}), progress=False, shard=shard,
                    gather=gather_on_rank0 if lay.world_size > 1 else None)
     if res is not None:
         metrics.log(step, {"step": step, **{f"eval/dev_{k}": v for k, v in res["overall"].items()}})

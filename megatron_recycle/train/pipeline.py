@@ -74,9 +74,9 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
         tools["retriever"] = rtm.build_retriever_from_config(cfg)
         tools["model"] = str(model_path)
     engine, retriever = tools["engine"], tools["retriever"]
-    res = evaluate(engine, retriever, examples, **_eval_settings(cfg), output_path=out_path, progress=rank == 0,
+    res = evaluate(engine, retriever, examples, **rtm.eval_settings(cfg), output_path=out_path, progress=rank == 0,
                    run_info={"model": str(model_path), "label": label, "split": split, "data": str(paths[split]),
-                             "retriever": _retriever_id(cfg),
+                             "retriever": rtm.retriever_id(cfg),
                              "model_digest": model_digest(model_path) if rank == 0 else None},
                    shard=shard, gather=gather_on_rank0 if world > 1 else None)
     if rtm.engine_kind(cfg) == "vllm":
@@ -152,20 +152,6 @@ def evaluate_files(cfg: Config, model: str, files: list[tuple[str, Path, str]], 
 def _rank() -> int:
     """torchrun's rank, also before torch.distributed is initialized."""
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
-def _eval_settings(cfg: Config) -> dict[str, Any]:
-    """The config values an evaluation's result depends on, as ``evaluate`` takes (and records) them."""
-    return {"n_samples": cfg.eval.n_samples, "temperature": cfg.eval.temperature, "max_turns": cfg.rollout.max_turns,
-            "max_total_tokens": cfg.rollout.max_total_tokens, "max_new_tokens": cfg.rollout.max_new_tokens,
-            "topk": cfg.retriever.topk, "max_passage_words": cfg.retriever.max_passage_words,
-            "batch_size": cfg.eval.batch_size, "seed": cfg.run.seed}
-
-
-def _retriever_id(cfg: Config) -> str:
-    r = cfg.retriever
-    where = {"http": r.url, "dense": f"{r.corpus} {r.dense_model}"}.get(r.kind, r.corpus)
-    return f"{r.kind} {where}"
 
 
 def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
@@ -290,7 +276,7 @@ def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) ->
         return None
     data = str(rtm.data_paths(cfg)[split])
     want = {"model": str(model), "data": data, "questions": len(rtm.read_examples(data, cfg, cfg.eval.max_examples))}
-    want |= _eval_settings(cfg) | {"retriever": _retriever_id(cfg), "model_digest": model_digest(model)}
+    want |= rtm.eval_settings(cfg) | {"retriever": rtm.retriever_id(cfg), "model_digest": model_digest(model)}
     differ = [f"{k}={have.get(k)!r} (now {v!r})" for k, v in want.items() if have.get(k) != v]
     if differ:
         print(f"[eval] {label}: {path} was evaluated otherwise: {', '.join(differ)}; evaluating again", flush=True)

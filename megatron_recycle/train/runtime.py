@@ -92,6 +92,23 @@ def read_examples(path: Path, cfg: Config, limit: int = 0) -> list:
     return list(examples[:limit] if limit else examples)
 
 
+def eval_settings(cfg: Config) -> dict[str, Any]:
+    """The config values an evaluation's result depends on, as ``evaluate`` takes (and records)
+    them: the pipeline's and the eval command's evaluations, and training's dev evaluation (which
+    changes the seed per step)."""
+    return {"n_samples": cfg.eval.n_samples, "temperature": cfg.eval.temperature, "max_turns": cfg.rollout.max_turns,
+            "max_total_tokens": cfg.rollout.max_total_tokens, "max_new_tokens": cfg.rollout.max_new_tokens,
+            "topk": cfg.retriever.topk, "max_passage_words": cfg.retriever.max_passage_words,
+            "batch_size": cfg.eval.batch_size, "seed": cfg.run.seed}
+
+
+def retriever_id(cfg: Config) -> str:
+    """What an evaluation's retriever was, as recorded in its result (kind and corpus or URL)."""
+    r = cfg.retriever
+    where = {"http": r.url, "dense": f"{r.corpus} {r.dense_model}"}.get(r.kind, r.corpus)
+    return f"{r.kind} {where}"
+
+
 def build_retriever_from_config(cfg: Config):
     from megatron_recycle.agent.retrievers import build_retriever
 

@@ -169,7 +169,7 @@ def test_run_pipeline_reuses_evaluations_only_when_resuming(tmp_path, monkeypatc
     calls = []
     monkeypatch.setattr(pipeline, "evaluate_model", lambda *a, **k: calls.append(a[1]) or {"fresh": True})
     path = tmp_path / "eval.json"
-    record = {"model": "m", "data": str(data), **pipeline._eval_settings(cfg), "retriever": pipeline._retriever_id(cfg),
+    record = {"model": "m", "data": str(data), **rtm.eval_settings(cfg), "retriever": rtm.retriever_id(cfg),
               "model_digest": None}
     path.write_text(json.dumps({"config": record, "overall": {"n": 1, "pass@1": 0.5}}))
     assert pipeline._eval(cfg, "m", "test", path, "x", resume=False) == {"fresh": True} and calls == ["m"]
@@ -178,6 +178,11 @@ def test_run_pipeline_reuses_evaluations_only_when_resuming(tmp_path, monkeypatc
     del record["retriever"], record["model_digest"]
     path.write_text(json.dumps({"config": record, "overall": {"n": 1, "pass@1": 0.5}}))
     assert pipeline._eval(cfg, "m", "test", path, "x", resume=True) == {"fresh": True} and calls == ["m", "m"]
+    # a half-written or foreign file: evaluated again, with the reason
+    for text in ('{"config": {"model": "m"', '[1, 2]'):
+        path.write_text(text)
+        assert pipeline._eval(cfg, "m", "test", path, "x", resume=True) == {"fresh": True}
+    assert calls == ["m"] * 4
 
 
 def test_a_benchmark_folder_without_benchmarks_is_refused_up_front(tmp_path, builds, capsys):
