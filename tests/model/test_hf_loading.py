@@ -18,6 +18,7 @@ from megatron_recycle.model.hf_loading import (
 )
 
 
+@pytest.mark.real_model
 def test_smollm2_gguf_is_found():
     path = smollm2_gguf_path()
     assert path.endswith(".gguf") and os.path.getsize(path) > 50_000_000
@@ -120,4 +121,8 @@ def test_model_digest_follows_the_weights_not_the_path(tmp_path):
     (folder / "config.json").write_text('{"model_type": "qwen3"}')
     assert hf_loading.model_digest(folder) not in (first, changed)
     assert hf_loading.model_digest(tmp_path / "nowhere") is None
+
+
+@pytest.mark.real_model
+def test_model_digest_of_the_embedded_model_is_its_gguf_file():
     assert hf_loading.model_digest("smollm2-135m") == hf_loading._file_digest(hf_loading.smollm2_gguf_path())
