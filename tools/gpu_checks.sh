@@ -14,6 +14,11 @@
 #     tests_model.log     pytest tests/model + tests/train/test_step.py on CUDA
 # Without a GPU it says so and runs nothing but the set-up (a dry run of the plumbing);
 # GPU_CHECKS_ON_CPU=1 runs the steps anyway, on the CPU, to test the script itself.
+# Environment: OUT; PYTHON (default python3); GPU_CHECKS_WHEELS, the folder of the wheels to
+# install (default .whl); GPU_CHECKS_SITE, the folder they are installed into (default
+# /tmp/mr_site); GPU_CHECKS_STEPS, the steps to run (default all four:
+# "tests_kernels bench_kernels bench_step tests_model"). scripts/device_rehearsal.sh uses these to
+# run the script on a CPU in a copy of the device image's Python packages.
 set -u
 BUDGET=${1:-500}
 OUT=${OUT:-/tmp/gpu_checks}
@@ -31,6 +36,10 @@ elapsed() { echo $(($(date +%s) - START)); }
 step() {
     local name=$1 limit=$2 log=$3
     shift 3
+    if [[ $STEPS != *" $name "* ]]; then
+        say "SKIP  $name: not in GPU_CHECKS_STEPS"
+        return 0
+    fi
     local left=$((BUDGET - $(elapsed)))
     local t=$((limit < left ? limit : left))
     if ((t < 30)); then
@@ -50,10 +59,19 @@ step() {
 
 # ---------------------------------------------------------------- set-up (no GPU time to speak of)
 PY=${PYTHON:-python3}
-SITE=/tmp/mr_site
+SITE=${GPU_CHECKS_SITE:-/tmp/mr_site}
 mkdir -p "$SITE"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+WHEELS=${GPU_CHECKS_WHEELS:-.whl}
+ALL_STEPS="tests_kernels bench_kernels bench_step tests_model"
+STEPS=" ${GPU_CHECKS_STEPS:-$ALL_STEPS} "
+for s in $STEPS; do
+    if [[ " $ALL_STEPS " != *" $s "* ]]; then
+        say "ERROR: unknown step '$s' in GPU_CHECKS_STEPS (steps: $ALL_STEPS)"
+        exit 2
+    fi
+done
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
         >>"$SUMMARY" 2>&1 || say "WARNING: installing the carried wheels failed (see above)"
 fi
 # Our two import packages by name only: putting the checkout itself on the path would expose its
