@@ -1,0 +1,63 @@
+"""tools/gpu_checks.sh, the prepared one-call check of a GPU session, as far as a CPU can run it:
+its set-up (the packages importable from its site folder) and its step selection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tools" / "gpu_checks.sh"
+
+
+def _run(tmp_path: Path, budget: int = 300, **env: str) -> tuple[subprocess.CompletedProcess, str]:
+    out = tmp_path / "out"
+    wheels = tmp_path / "no_wheels"
+    wheels.mkdir(exist_ok=True)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECKS_")}
+    full_env.update(
+        OUT=str(out),
+        PYTHON=sys.executable,
+        GPU_CHECKS_WHEELS=str(wheels),
+        GPU_CHECKS_SITE=str(tmp_path / "site"),
+        **env,
+    )
+    proc = subprocess.run(["bash", str(SCRIPT), str(budget)], capture_output=True, text=True, env=full_env, timeout=240)
+    summary = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+    return proc, summary
+
+
+def test_unknown_step_is_refused(tmp_path):
+    proc, summary = _run(tmp_path, GPU_CHECKS_STEPS="tests_model bench_everything")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "unknown step 'bench_everything'" in summary
+    assert "START" not in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU the script stops after its set-up")
+def test_dry_run_without_a_gpu_sets_up_and_runs_nothing(tmp_path):
+    proc, summary = _run(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no CUDA device visible" in summary
+    assert "START" not in summary
+    # our two import packages come from the site folder's links (never from the checkout's root)
+    assert "megatron_recycle_kernels: ok" in summary and "megatron_recycle: 0.1.0" in summary, summary
+    site = tmp_path / "site"
+    assert (site / "megatron_recycle").resolve() == ROOT / "megatron_recycle"
+    assert (site / "megatron_recycle_kernels").resolve() == ROOT / "kernels"
+
+
+def test_steps_not_selected_are_skipped(tmp_path):
+    # GPU_CHECKS_ON_CPU=1 runs the steps on the CPU; a budget under the 30 s a step needs lets the
+    # selected step go for lack of time, so that nothing runs, and each step says why it did not
+    proc, summary = _run(tmp_path, budget=20, GPU_CHECKS_ON_CPU="1", GPU_CHECKS_STEPS="tests_kernels")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("bench_kernels", "bench_step", "tests_model"):
+        assert f"SKIP  {name}: not in GPU_CHECKS_STEPS" in summary
+    assert "SKIP  tests_kernels: " in summary and "of the budget left" in summary
+    assert "START" not in summary
