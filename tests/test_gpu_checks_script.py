@@ -27,7 +27,9 @@ def _run(tmp_path: Path, budget: int = 300, **env: str) -> tuple[subprocess.Comp
         GPU_CHECKS_SITE=str(tmp_path / "site"),
         **env,
     )
-    proc = subprocess.run(["bash", str(SCRIPT), str(budget)], capture_output=True, text=True, env=full_env, timeout=240)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(budget)], capture_output=True, text=True, env=full_env, timeout=240
+    )
     summary = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
     return proc, summary
 
