@@ -19,7 +19,9 @@ INSTALL_REQUIRES = [
     "torch>=2.4",
     "triton>=3.0",
     "numpy>=1.26",
-    "megatron-core>=0.13",  # never with extras: [dev]/[lts] pull CUDA-only packages
+    # the versions tested (README, "The Megatron backbone"): 0.16.1 is the newest for Python 3.11,
+    # Python 3.12 gets 0.19.x. Never with extras: [dev]/[lts] pull CUDA-only packages.
+    "megatron-core>=0.16.1,<0.20",
     "transformers>=4.51",
     "gguf>=0.10",
     "accelerate>=1.0",

@@ -1,8 +1,9 @@
 """CPU/gloo compatibility patches for megatron-core, applied only when CUDA is absent.
 
 megatron-core assumes a GPU in a few places that have nothing to do with the math. On a CPU
-machine (development, CI, the embedded default) four small patches make GPTModel, the pipeline
-schedules and the (distributed) optimizer run on gloo unchanged (PLATFORM.md):
+machine (development, CI, the embedded default) five small patches make GPTModel, the pipeline
+schedules and the (distributed) optimizer run on gloo unchanged (the first four are PLATFORM.md's;
+the fifth is for megatron-core releases after 0.16, which Python 3.12 machines install):
 
 1. RNG tracker: ``CudaRNGStatesTracker.add/fork`` read and write the CUDA generator. The
    patch swaps in :class:`CpuRNGStatesTracker`, the same bookkeeping on the CPU generator, so
@@ -16,6 +17,9 @@ schedules and the (distributed) optimizer run on gloo unchanged (PLATFORM.md):
    distributed optimizer's parameter sort): the same mode reports a CPU tensor's legacy type
    string with the ``torch.cuda.`` prefix, and maps such strings back to CPU types when they
    are passed to ``Tensor.type(...)``.
+5. ``torch.cuda.current_stream()``: megatron-core 0.19 waits on the current stream's events
+   before reducing gradients (``_ParamAndGradBucketGroup.start_grad_sync``); 0.16 does not. The
+   patch returns a CPU stand-in whose waits are no-ops (CPU work runs in program order).
 
 Everything is undone by :func:`remove_cpu_compat` (tests use it to show that each patch is
 still needed). tests/model/test_compat.py fails when a newer megatron-core makes a patch
@@ -107,6 +111,33 @@ def _unpatch_rng() -> None:
 def _cpu_current_device() -> torch.device:
     """Stand-in for torch.cuda.current_device() without CUDA: the CPU device."""
     return torch.device("cpu")
+
+
+# ------------------------------------------------------------- patch 5: current_stream
+class _CpuStream:
+    """Stand-in for ``torch.cuda.current_stream()`` without CUDA. CPU work runs in program order,
+    so waiting on an event or another stream has nothing to wait for."""
+
+    device = torch.device("cpu")
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _cpu_current_stream(device: Any = None) -> _CpuStream:
+    return _CPU_STREAM
 
 
 # --------------------------------------------------------- patches 3 and 4: device mode
@@ -205,7 +236,7 @@ def cuda_absent() -> bool:
 
 
 def apply_cpu_compat(force: bool = False) -> bool:
-    """Apply the four CPU patches once per process; no-op (returns False) when CUDA is present.
+    """Apply the five CPU patches once per process; no-op (returns False) when CUDA is present.
 
     Idempotent and thread-safe. ``force=True`` applies them even with CUDA (tests only).
     Returns True when the patches are active after the call.
@@ -218,6 +249,8 @@ def apply_cpu_compat(force: bool = False) -> bool:
         _patch_rng()
         _STATE["originals"]["current_device"] = torch.cuda.current_device
         torch.cuda.current_device = _cpu_current_device
+        _STATE["originals"]["current_stream"] = torch.cuda.current_stream
+        torch.cuda.current_stream = _cpu_current_stream
         mode = CudaToCpuMode()
         mode.__enter__()
         _STATE["mode"] = mode
@@ -238,6 +271,9 @@ def remove_cpu_compat() -> None:
         orig_cd = _STATE["originals"].pop("current_device", None)
         if orig_cd is not None:
             torch.cuda.current_device = orig_cd
+        orig_cs = _STATE["originals"].pop("current_stream", None)
+        if orig_cs is not None:
+            torch.cuda.current_stream = orig_cs
         _unpatch_rng()
         _STATE["applied"] = False
 

@@ -90,12 +90,30 @@ def type_strings() -> dict:
     }
 
 
+def grad_sync() -> dict:
+    """megatron's DDP gradient reduction (newer megatron-core waits on torch.cuda.current_stream()
+    in start_grad_sync): gradients land in main_grad, averaged over the (one-rank) DP group."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 2, bias=False)
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=lin)
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    model(x).sum().backward()
+    model.finish_grad_sync()
+    return {"main_grad": lin.weight.main_grad.tolist(), "expected": x.sum(0).expand(2, 4).tolist()}
+
+
 CHECKS = {
     "seed_tracker": seed_tracker,
     "rotary": rotary,
     "grad_norm": grad_norm,
     "clip_grads": clip_grads,
     "type_strings": type_strings,
+    "grad_sync": grad_sync,
 }
 
 
@@ -136,6 +154,20 @@ def main() -> None:
         torch.zeros(1).add(1)
         out["other_mode_after_count"] = Count.n
     out["applied_again"] = apply_cpu_compat()
+    # patch 5 alone: the other four on, torch.cuda.current_stream as torch has it
+    from megatron_recycle.model import compat
+
+    out["stream_patched"] = type(torch.cuda.current_stream()).__name__
+    torch.cuda.current_stream = compat._STATE["originals"]["current_stream"]
+    out["grad_sync_without_stream_patch"] = _err(grad_sync)
+    torch.cuda.current_stream = compat._cpu_current_stream
+    import inspect
+
+    from megatron.core.distributed import param_and_grad_buffer
+
+    out["megatron_waits_on_current_stream"] = "current_stream" in inspect.getsource(
+        param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync
+    )
     for name, fn in CHECKS.items():
         try:
             out[name]["patched"] = fn()
@@ -143,6 +175,7 @@ def main() -> None:
             out[name]["patched"] = {"error": traceback.format_exc()}
     remove_cpu_compat()
     out["after_remove_unpatched_again"] = _err(CHECKS["grad_norm"])
+    out["after_remove_stream"] = _err(torch.cuda.current_stream)
     ps.destroy_model_parallel()
     dist.destroy_process_group()
     sys.stdout.write("\nPROBE-JSON " + json.dumps(out) + "\n")

@@ -104,3 +104,18 @@ def test_apply_is_noop_with_cuda(monkeypatch):
     before = compat.cpu_compat_applied()
     assert compat.apply_cpu_compat() is False
     assert compat.cpu_compat_applied() == before
+
+
+def test_patch5_current_stream_for_grad_sync(probe):
+    """Newer megatron-core (0.19 here; not 0.16) waits on torch.cuda.current_stream() before it
+    reduces gradients. The CPU stand-in makes that a no-op: the reduced gradient is right on every
+    version, and without the patch the reduction fails exactly when megatron calls current_stream."""
+    assert probe["stream_patched"] == "_CpuStream"
+    r = probe["grad_sync"]
+    assert r["patched"]["main_grad"] == r["patched"]["expected"], r
+    without = probe["grad_sync_without_stream_patch"]
+    if probe["megatron_waits_on_current_stream"]:
+        assert without is not None and any(s in without for s in CUDA_MISSING), without
+    else:
+        assert without is None, without
+    assert probe["after_remove_stream"] is not None and any(s in probe["after_remove_stream"] for s in CUDA_MISSING)
