@@ -8,7 +8,7 @@
 # dependencies (no gguf, bm25s, fastapi, data packages), with megatron-core and liger-kernel carried
 # as wheels. A test or import that fails there costs minutes of a 15-minute lease, so this script
 # builds a virtual environment of those versions (the same CUDA build of torch: it runs on a CPU,
-# torch.cuda.is_available() is False), fetches the two wheels for this machine's Python, and runs
+# torch.cuda.is_available() is False), unpacks the two wheels the GPU call carries, and runs
 # gpu_checks.sh with GPU_CHECKS_ON_CPU=1 over the steps named in GPU_CHECKS_STEPS (default
 # "tests_kernels tests_model": the benchmark steps are sized for a GPU and only time out here).
 #
@@ -34,8 +34,11 @@ SAFETENSORS=${SAFETENSORS:-0.8.0}
 HF_HUB=${HF_HUB:-1.33.0}
 ACCELERATE=${ACCELERATE:-1.15.0}
 NUMPY=${NUMPY:-2.3.5}
-# the wheels docs/GPU_CHECKS.md carries to the GPU machine
-CARRIED="megatron-core==0.16.1 liger-kernel==0.8.5"
+# the wheels docs/GPU_CHECKS.md carries to the GPU machine, fetched for its Python (3.12). They are
+# unpacked rather than pip-installed here, so that the cp312 megatron-core wheel serves this
+# machine's Python too: its one compiled module (megatron/core/datasets/helpers_cpp) is never
+# imported by our code.
+CARRIED="megatron-core==0.19.2 liger-kernel==0.8.5"
 # what the image holds of the packages our code and tests import (versions as pip resolves them)
 IMAGE_OTHERS="pytest hypothesis pytest-timeout pyyaml httpx tqdm pyarrow tensorboard matplotlib"
 
@@ -51,7 +54,9 @@ else
     # /etc/xdg/pip/constraints.txt may cap torch on this machine; the pins here are exact
     PIP_CONSTRAINT=/dev/null "$VENV/bin/python" -m pip install -q $PINS $IMAGE_OTHERS
     rm -rf "$VENV/wheels"
-    "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$VENV/wheels" $CARRIED
+    "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        -d "$VENV/wheels" $CARRIED
     echo "$PINS $CARRIED" >"$stamp"
 fi
 (cd / && "$VENV/bin/python" -) <<'EOF'
@@ -62,11 +67,15 @@ if present:
     sys.exit(f"[rehearsal] the environment must not hold {present}: the GPU image has none of them")
 EOF
 
-rm -rf "$OUT" /tmp/mr_device_site
-mkdir -p "$OUT"
+SITE=/tmp/mr_device_site
+rm -rf "$OUT" "$SITE" "$VENV/no_wheels"
+mkdir -p "$OUT" "$SITE" "$VENV/no_wheels"
+for whl in "$VENV"/wheels/*.whl; do
+    "$VENV/bin/python" -m zipfile -e "$whl" "$SITE"
+done
 echo "[rehearsal] running tools/gpu_checks.sh on the CPU (steps: ${GPU_CHECKS_STEPS:-tests_kernels tests_model}; budget ${BUDGET}s)"
-GPU_CHECKS_ON_CPU=1 GPU_CHECKS_STEPS=${GPU_CHECKS_STEPS:-tests_kernels tests_model} GPU_CHECKS_WHEELS="$VENV/wheels" \
-    GPU_CHECKS_SITE=/tmp/mr_device_site PYTHON="$VENV/bin/python" OUT="$OUT" bash tools/gpu_checks.sh "$BUDGET"
+GPU_CHECKS_ON_CPU=1 GPU_CHECKS_STEPS=${GPU_CHECKS_STEPS:-tests_kernels tests_model} GPU_CHECKS_WHEELS="$VENV/no_wheels" \
+    GPU_CHECKS_SITE="$SITE" PYTHON="$VENV/bin/python" OUT="$OUT" bash tools/gpu_checks.sh "$BUDGET"
 # a step that failed shows in its log's closing line; make the script's exit status say so
 status=0
 for log in "$OUT"/tests_*.log; do
