@@ -256,7 +256,12 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         rss_gib,
         write_pool_history,
     )
-    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
+    from megatron_recycle.train.step import (
+        GRPOLossConfig,
+        compute_logprobs,
+        grpo_train_step,
+        load_optimizer_state_dict,
+    )
 
     run_dir = cfg.run_dir
     paths = rtm.ensure_data(cfg)
@@ -283,7 +288,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             shared, parts = ckpt.load(latest)
             for chunk, sd in zip(rt.chunks, parts["model"]):
                 chunk.load_state_dict(sd)
-            rt.optimizer.load_state_dict(parts["optimizer"])
+            load_optimizer_state_dict(rt.optimizer, parts["optimizer"])
             rt.scheduler.load_state_dict(parts["scheduler"])
             restore_rng_state(parts["rng"])
             if pool is not None:
@@ -416,9 +421,11 @@ class _DecisionLog:
 
 
 def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, capture_rng_state) -> None:
+    from megatron_recycle.train.step import optimizer_state_dict
+
     parts = {
         "model": [c.state_dict() for c in rt.chunks],
-        "optimizer": rt.optimizer.state_dict(),
+        "optimizer": optimizer_state_dict(rt.optimizer),
         "scheduler": rt.scheduler.state_dict(),
         "rng": capture_rng_state(),
     }

@@ -1011,6 +1011,87 @@ def use_fused_cpu_adamw(opt: Any) -> int:
     return switched
 
 
+OPTIMIZER_STATE_FORMAT = "megatron-recycle-optimizer/1"
+
+
+def _is_distributed_optimizer(o: Any) -> bool:
+    from megatron.core.optimizer import DistributedOptimizer
+
+    return isinstance(o, DistributedOptimizer)
+
+
+def optimizer_state_dict(opt: Any) -> dict[str, Any]:
+    """Everything a resumed run needs of a Megatron (chained) optimizer, per rank.
+
+    Megatron's ``DistributedOptimizer.state_dict()`` holds only the parameter-independent part (its
+    docstring: the Adam moments and fp32 main weights go through ``save_parameter_state``, a
+    separate gather to DP rank 0), and it asserts when the optimizer has not stepped yet. Saved
+    alone, a resumed run got moments allocated with ``torch.empty`` and, with bf16, fp32 main
+    weights from the start of the run. Here each distributed optimizer saves this rank's shard
+    as it is: the inner torch optimizer's own state dict (moments, step) and its parameters (the
+    fp32 main-weight shards), which is exact because a resume keeps the layout
+    (checkpoint.RESUME_KEYS). Other Megatron optimizers keep their own ``state_dict()`` (it
+    includes the fp32 copies of bf16 weights). The tensors are the live ones, not copies:
+    serialize the result before the next step.
+    """
+    parts: list[dict[str, Any]] = []
+    for o in getattr(opt, "chained_optimizers", None) or [opt]:
+        if _is_distributed_optimizer(o):
+            inner = o.optimizer
+            scaler = getattr(o, "grad_scaler", None)
+            parts.append({
+                "kind": "distributed",
+                "inner": inner.state_dict(),
+                "main_params": [p.detach() for g in inner.param_groups for p in g["params"]],
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            })
+        else:
+            parts.append({"kind": "megatron", "state": o.state_dict()})
+    return {"format": OPTIMIZER_STATE_FORMAT, "parts": parts}
+
+
+def load_optimizer_state_dict(opt: Any, state: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_state_dict`, on an optimizer of the same layout.
+
+    A state saved by ``opt.state_dict()`` alone (checkpoints written before this format) still
+    loads for the non-distributed optimizers; for a distributed one it is refused, since it never
+    held the moments or the main weights.
+    """
+    subs = getattr(opt, "chained_optimizers", None) or [opt]
+    if not isinstance(state, dict) or state.get("format") != OPTIMIZER_STATE_FORMAT:
+        if any(_is_distributed_optimizer(o) for o in subs):
+            raise ValueError(
+                "this checkpoint's optimizer state was saved by Megatron's DistributedOptimizer.state_dict() "
+                "alone (megatron-recycle before the optimizer format "
+                f"{OPTIMIZER_STATE_FORMAT!r}): it lacks the Adam moments and fp32 main weights, so the run "
+                "cannot be resumed exactly; start a new run from the checkpoint's weights (--init-from)"
+            )
+        opt.load_state_dict(state)
+        return
+    parts = state["parts"]
+    if len(parts) != len(subs):
+        raise ValueError(f"optimizer state holds {len(parts)} optimizers, this run has {len(subs)}")
+    for o, part in zip(subs, parts):
+        distributed = _is_distributed_optimizer(o)
+        if distributed != (part["kind"] == "distributed"):
+            raise ValueError(f"optimizer state of kind {part['kind']!r} cannot load into {type(o).__name__}")
+        if not distributed:
+            o.load_state_dict(part["state"])
+            continue
+        inner = o.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        saved = part["main_params"]
+        if len(saved) != len(params) or any(a.shape != b.shape for a, b in zip(params, saved)):
+            raise ValueError("distributed optimizer state does not match this run's parameter shards")
+        inner.load_state_dict(part["inner"])
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        scaler = getattr(o, "grad_scaler", None)
+        if scaler is not None and part["grad_scaler"] is not None:
+            scaler.load_state_dict(part["grad_scaler"])
+
+
 def setup_model_and_optimizer(
     hf_config: Any,
     lr: float,

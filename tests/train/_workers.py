@@ -193,6 +193,89 @@ def grpo_bf16(args: dict) -> dict:
     return {"logprobs": lp, "metrics": metrics, "param_dtypes": sorted({str(p.dtype) for p in chunks[0].parameters()})}
 
 
+def optimizer_resume(args: dict) -> dict:
+    """Save the optimizer state as a checkpoint does (train.step.optimizer_state_dict) before any
+    step and after two Adam steps, load it into freshly built optimizers, and take the next step
+    on both sides. Also a run that resumes the weights but not the optimizer (what a resume with
+    Megatron's DistributedOptimizer.state_dict() alone amounted to), to show the state matters."""
+    import copy
+    import io
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
+    from megatron_recycle.train.step import (
+        TrajectoryBatch,
+        compute_logprobs,
+        grpo_train_step,
+        load_optimizer_state_dict,
+        optimizer_state_dict,
+        setup_model_and_optimizer,
+        shard_for_data_parallel,
+    )
+
+    cfg, sd = tiny_llama()
+    gb = global_batch()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    full = TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"])
+    local = shard_for_data_parallel(full, dp_rank, dp)
+    mbs = 2
+
+    def build():
+        return setup_model_and_optimizer(
+            cfg, lr=1e-2, clip_grad=1.0, weight_decay=0.01, bf16=args["bf16"], lr_decay_style="constant",
+            use_distributed_optimizer=args["dist_opt"], load_weights=lambda c: load_hf_weights(c, sd, cfg),
+        )
+
+    def step(chunks, opt, sched):
+        lp = compute_logprobs(chunks, local, mbs)
+        return grpo_train_step(chunks, opt, sched, local.replace(old_logprobs=lp + 0.1), mbs)
+
+    def through_bytes(obj):  # the checkpoint's path: torch.save, then torch.load(weights_only=True)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=True)
+
+    out: dict[str, Any] = {}
+    chunks, opt, sched = build()
+    never_stepped = through_bytes(optimizer_state_dict(opt))
+    for _ in range(2):
+        step(chunks, opt, sched)
+    saved_model = copy.deepcopy([c.state_dict() for c in chunks])
+    saved_opt = through_bytes(optimizer_state_dict(opt))
+    saved_sched = copy.deepcopy(sched.state_dict())
+    out["metrics"] = step(chunks, opt, sched)
+    out["weights"] = export_hf_state_dict_to_cpu(chunks, cfg)
+
+    for name, with_opt in (("resumed", True), ("weights_only", False)):
+        chunks, opt, sched = build()
+        for c, s in zip(chunks, saved_model):
+            c.load_state_dict(s)
+        if with_opt:
+            load_optimizer_state_dict(opt, saved_opt)
+        sched.load_state_dict(saved_sched)
+        out[f"{name}_metrics"] = step(chunks, opt, sched)
+        out[f"{name}_weights"] = export_hf_state_dict_to_cpu(chunks, cfg)
+
+    # a state saved before the first step loads and gives the first step of a fresh optimizer
+    chunks, opt, sched = build()
+    first = step(chunks, opt, sched)
+    out["first_weights"] = export_hf_state_dict_to_cpu(chunks, cfg)
+    chunks, opt, sched = build()
+    load_optimizer_state_dict(opt, never_stepped)
+    out["first_after_load_metrics"] = step(chunks, opt, sched)
+    out["first_after_load_weights"] = export_hf_state_dict_to_cpu(chunks, cfg)
+    out["first_metrics"] = first
+    try:  # Megatron's own state_dict() alone, as checkpoints held it before
+        legacy = opt.state_dict()
+        load_optimizer_state_dict(opt, legacy)
+        out["legacy"] = "loaded"
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out["legacy"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def run_jobs(args: dict) -> dict:
     """Run several jobs in the same processes (saves the interpreter start-up, several seconds each).
 
