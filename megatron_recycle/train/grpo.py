@@ -261,6 +261,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         compute_logprobs,
         grpo_train_step,
         load_optimizer_state_dict,
+        schedule_differences,
     )
 
     run_dir = cfg.run_dir
@@ -289,6 +290,11 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             for chunk, sd in zip(rt.chunks, parts["model"]):
                 chunk.load_state_dict(sd)
             load_optimizer_state_dict(rt.optimizer, parts["optimizer"])
+            changed = schedule_differences(rt.scheduler, parts["scheduler"])
+            if changed and rt.is_rank0:
+                print("[train] --resume: the learning-rate schedule continues the checkpoint's, which differs from "
+                      f"this config's: {'; '.join(changed)}. A new schedule needs a new run (--init-from the "
+                      "checkpoint's weights).", flush=True)
             rt.scheduler.load_state_dict(parts["scheduler"])
             restore_rng_state(parts["rng"])
             if pool is not None:

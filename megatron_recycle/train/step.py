@@ -1092,6 +1092,21 @@ def load_optimizer_state_dict(opt: Any, state: dict[str, Any]) -> None:
             scaler.load_state_dict(part["grad_scaler"])
 
 
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd")
+
+
+def schedule_differences(scheduler: Any, saved: dict[str, Any]) -> list[str]:
+    """The settings of a saved learning-rate schedule that differ from ``scheduler``'s.
+
+    Megatron's OptimizerParamScheduler.load_state_dict keeps the checkpoint's values
+    (use_checkpoint_opt_param_scheduler, its default), so a run resumed with another optim.lr,
+    optim.warmup_steps or train.steps continues the checkpoint's schedule; the caller says so.
+    """
+    mine = scheduler.state_dict()
+    return [f"{k} {saved[k]} (this config: {mine[k]})" for k in _SCHEDULE_KEYS
+            if k in saved and k in mine and saved[k] != mine[k]]
+
+
 def setup_model_and_optimizer(
     hf_config: Any,
     lr: float,

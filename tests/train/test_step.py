@@ -305,3 +305,20 @@ def test_optimizer_state_survives_a_resume(single_process_runs, name):
 def test_distributed_optimizer_state_survives_a_resume_on_two_dp_ranks(two_process_runs):
     for rank in two_process_runs:  # each rank saves and loads its own shard
         _check_optimizer_resume(rank["resume_dp2_bf16_distopt"], distributed=True)
+
+
+def test_schedule_differences_names_what_a_resume_keeps():
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_recycle.train.step import schedule_differences
+
+    def sched(max_lr: float, decay_steps: int) -> OptimizerParamScheduler:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=max_lr)
+        return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=max_lr, min_lr=0.0, lr_warmup_steps=2,
+                                       lr_decay_steps=decay_steps, lr_decay_style="cosine", start_wd=0.0,
+                                       end_wd=0.0, wd_incr_steps=decay_steps, wd_incr_style="constant")
+
+    saved = sched(1e-6, 100).state_dict()
+    assert schedule_differences(sched(1e-6, 100), saved) == []
+    got = schedule_differences(sched(2e-6, 300), saved)
+    assert got == ["max_lr 1e-06 (this config: 2e-06)", "lr_decay_steps 100 (this config: 300)"]
