@@ -95,7 +95,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from megatron_recycle.train.sft import run_sft
 
     res = run_sft(_load(args))
-    print(f"[sft] done: {res['hf_dir']}", flush=True)
+    if res["runtime"].is_rank0:
+        print(f"[sft] done: {res['hf_dir']}", flush=True)
     return 0
 
 

@@ -93,7 +93,8 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     order: list[int] = []
     losses = []
     b, mbs = cfg.sft.batch_size, cfg.optim.micro_batch_size
-    print(f"[sft] {len(encoded)} oracle trajectories, {cfg.sft.steps} steps of {b}, lr {cfg.sft.lr}", flush=True)
+    if rt.is_rank0:
+        print(f"[sft] {len(encoded)} oracle trajectories, {cfg.sft.steps} steps of {b}, lr {cfg.sft.lr}", flush=True)
     t_start = time.perf_counter()
     for step in range(cfg.sft.steps):
         if len(order) < b:
