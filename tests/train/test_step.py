@@ -143,6 +143,8 @@ def two_process_runs():
     """TP=2, PP=2 and DP=2 (distributed optimizer) one after the other in the same two processes."""
     jobs = [[name, "grpo_layout", args] for name, (_, args) in sorted(LAYOUTS.items())]
     jobs.append(["resume_dp2_bf16_distopt", "optimizer_resume", {"bf16": True, "dist_opt": True}])
+    jobs.append(["resume_tp2_bf16_distopt", "optimizer_resume", {"tp": 2, "bf16": True, "dist_opt": True}])
+    jobs.append(["resume_pp2_bf16_distopt", "optimizer_resume", {"pp": 2, "bf16": True, "dist_opt": True}])
     return _dist.run_workers("run_jobs", 2, {"jobs": jobs})
 
 
@@ -302,9 +304,10 @@ def test_optimizer_state_survives_a_resume(single_process_runs, name):
 
 
 @pytest.mark.distributed
-def test_distributed_optimizer_state_survives_a_resume_on_two_dp_ranks(two_process_runs):
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2"])
+def test_distributed_optimizer_state_survives_a_resume_on_two_ranks(two_process_runs, layout):
     for rank in two_process_runs:  # each rank saves and loads its own shard
-        _check_optimizer_resume(rank["resume_dp2_bf16_distopt"], distributed=True)
+        _check_optimizer_resume(rank[f"resume_{layout}_bf16_distopt"], distributed=True)
 
 
 def test_schedule_differences_names_what_a_resume_keeps():
