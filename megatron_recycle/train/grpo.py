@@ -293,8 +293,8 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             changed = schedule_differences(rt.scheduler, parts["scheduler"])
             if changed and rt.is_rank0:
                 print("[train] --resume: the learning-rate schedule continues the checkpoint's, which differs from "
-                      f"this config's: {'; '.join(changed)}. A new schedule needs a new run (--init-from the "
-                      "checkpoint's weights).", flush=True)
+                      f"this config's: {'; '.join(changed)}. A new schedule needs a new run (train --init-from a "
+                      "Hugging Face export such as RUN_DIR/final_hf or --save-hf DIR).", flush=True)
             rt.scheduler.load_state_dict(parts["scheduler"])
             restore_rng_state(parts["rng"])
             if pool is not None:

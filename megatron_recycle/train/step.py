@@ -1064,7 +1064,8 @@ def load_optimizer_state_dict(opt: Any, state: dict[str, Any]) -> None:
                 "this checkpoint's optimizer state was saved by Megatron's DistributedOptimizer.state_dict() "
                 "alone (megatron-recycle before the optimizer format "
                 f"{OPTIMIZER_STATE_FORMAT!r}): it lacks the Adam moments and fp32 main weights, so the run "
-                "cannot be resumed exactly; start a new run from the checkpoint's weights (--init-from)"
+                "cannot be resumed exactly; start the run again (or a new one with --init-from a Hugging Face "
+                "export of the weights)"
             )
         opt.load_state_dict(state)
         return
