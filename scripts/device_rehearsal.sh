@@ -10,7 +10,8 @@
 # builds a virtual environment of those versions (the same CUDA build of torch: it runs on a CPU,
 # torch.cuda.is_available() is False), unpacks the two wheels the GPU call carries, and runs
 # gpu_checks.sh with GPU_CHECKS_ON_CPU=1 over the steps named in GPU_CHECKS_STEPS (default
-# "tests_kernels tests_model": the benchmark steps are sized for a GPU and only time out here).
+# "tests_kernels bench_step tests_model": step 3 with GPU_CHECKS_STEP_MODEL, default "tiny", since
+# a 1.7B model's step does not fit this machine; the kernel benchmark is sized for a GPU).
 #
 # Environment (defaults in brackets): VENV [/tmp/mr_device_venv], OUT [/tmp/mr_device_rehearsal],
 # PYTHON [python3], GPU_CHECKS_STEPS, and the image's versions: TORCH [2.11.0], TRITON [3.6.0],
@@ -73,8 +74,9 @@ mkdir -p "$OUT" "$SITE" "$VENV/no_wheels"
 for whl in "$VENV"/wheels/*.whl; do
     "$VENV/bin/python" -m zipfile -e "$whl" "$SITE"
 done
-echo "[rehearsal] running tools/gpu_checks.sh on the CPU (steps: ${GPU_CHECKS_STEPS:-tests_kernels tests_model}; budget ${BUDGET}s)"
-GPU_CHECKS_ON_CPU=1 GPU_CHECKS_STEPS=${GPU_CHECKS_STEPS:-tests_kernels tests_model} GPU_CHECKS_WHEELS="$VENV/no_wheels" \
+STEPS=${GPU_CHECKS_STEPS:-tests_kernels bench_step tests_model}
+echo "[rehearsal] running tools/gpu_checks.sh on the CPU (steps: $STEPS; budget ${BUDGET}s)"
+GPU_CHECKS_ON_CPU=1 GPU_CHECKS_STEPS=$STEPS GPU_CHECKS_STEP_MODEL=${GPU_CHECKS_STEP_MODEL:-tiny} GPU_CHECKS_WHEELS="$VENV/no_wheels" \
     GPU_CHECKS_SITE="$SITE" PYTHON="$VENV/bin/python" OUT="$OUT" bash tools/gpu_checks.sh "$BUDGET"
 # a step that failed shows in its log's closing line; make the script's exit status say so
 status=0
@@ -84,6 +86,14 @@ for log in "$OUT"/tests_*.log; do
     echo "[rehearsal] $(basename "$log"): ${last:-no pytest summary line}"
     if [ -z "$last" ] || [[ $last == *failed* ]] || [[ $last == *error* ]]; then status=1; fi
 done
+if [[ " $STEPS " == *" bench_step "* ]]; then
+    if [ -f "$OUT/bench_step.json" ]; then
+        echo "[rehearsal] bench_step: wrote bench_step.json"
+    else
+        echo "[rehearsal] bench_step: no bench_step.json (see $OUT/bench.log)"
+        status=1
+    fi
+fi
 grep -q "rc=124\|rc=137" "$OUT/summary.txt" && { echo "[rehearsal] a step ran out of time (see $OUT/summary.txt)"; status=1; }
 echo "[rehearsal] results in $OUT"
 exit $status

@@ -16,7 +16,8 @@
 # GPU_CHECKS_ON_CPU=1 runs the steps anyway, on the CPU, to test the script itself.
 # Environment: OUT; PYTHON (default python3); GPU_CHECKS_WHEELS, the folder of the wheels to
 # install (default .whl); GPU_CHECKS_SITE, the folder they are installed into (default
-# /tmp/mr_site); GPU_CHECKS_STEPS, the steps to run (default all four:
+# /tmp/mr_site); GPU_CHECKS_STEP_MODEL, the model of step 3 (default qwen3-1.7b; the rehearsal's
+# "tiny" fits a CPU); GPU_CHECKS_STEPS, the steps to run (default all four:
 # "tests_kernels bench_kernels bench_step tests_model"). scripts/device_rehearsal.sh uses these to
 # run the script on a CPU in a copy of the device image's Python packages.
 set -u
@@ -63,6 +64,7 @@ SITE=${GPU_CHECKS_SITE:-/tmp/mr_site}
 mkdir -p "$SITE"
 WHEELS=${GPU_CHECKS_WHEELS:-.whl}
 ALL_STEPS="tests_kernels bench_kernels bench_step tests_model"
+STEP_MODEL=${GPU_CHECKS_STEP_MODEL:-qwen3-1.7b}
 STEPS=" ${GPU_CHECKS_STEPS:-$ALL_STEPS} "
 for s in $STEPS; do
     if [[ " $ALL_STEPS " != *" $s "* ]]; then
@@ -119,9 +121,9 @@ grep -A12 "issue #3 targets" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------- 3. one GRPO step at 1.7B (issue #4)
 STEP_DIR=/tmp/mr_bench_step
-mkdir -p "$STEP_DIR"
+rm -rf "$STEP_DIR" && mkdir -p "$STEP_DIR"
 step bench_step 150 "$OUT/bench.log" \
-    "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model qwen3-1.7b --bf16 --sequences 8 \
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model "$STEP_MODEL" --bf16 --sequences 8 \
     --seq-len 1024 --mbs 2 --steps 3 --warmup 1 --out "$STEP_DIR" --tag cuda
 for f in "$STEP_DIR"/*.json; do [ -e "$f" ] && cp "$f" "$OUT/bench_step.json"; done
 grep -A10 "^GRPO step:" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
