@@ -1,0 +1,49 @@
+"""The oracle-trajectory reader of the SFT warm-up: malformed rows are errors naming file and line,
+or, with skip_bad_rows, skipped, counted and reported once (by rank 0 of a torchrun world)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_recycle.train.sft import SFTDataError, read_oracle_file
+
+GOOD = {"question": "Who wrote Hamlet?", "turns": [{"generated": "<answer> Shakespeare </answer>"}]}
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_malformed_rows_are_errors_naming_the_line(tmp_path):
+    path = _write(tmp_path / "sft.jsonl", [GOOD, {"question": "q", "turns": []}])
+    with pytest.raises(SFTDataError, match=r"sft.jsonl:2: malformed oracle trajectory: needs a 'question'"):
+        read_oracle_file(path)
+    path = _write(tmp_path / "sft2.jsonl", [GOOD, "{not json", GOOD])
+    with pytest.raises(SFTDataError, match=r"sft2.jsonl:2"):
+        read_oracle_file(path)
+    path = _write(tmp_path / "sft3.jsonl", [{"question": "q", "turns": [{"information": "x"}]}])
+    with pytest.raises(SFTDataError, match="every turn needs a 'generated' string"):
+        read_oracle_file(path)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_skipped_rows_are_counted_and_reported_by_rank0_only(tmp_path, monkeypatch, capsys, rank):
+    monkeypatch.setenv("RANK", rank)
+    path = _write(tmp_path / "sft.jsonl", [GOOD, "{not json", {"question": 3, "turns": [{}]}, "", GOOD])
+    rows = read_oracle_file(path, skip_bad_rows=True)
+    assert rows == [GOOD, GOOD]
+    out = capsys.readouterr().out
+    if rank == "0":
+        assert "sft.jsonl:2: skipped malformed row" in out and "sft.jsonl:3: skipped malformed row" in out
+        assert "skipped 2 malformed rows" in out
+    else:
+        assert out == ""
+
+
+def test_a_file_without_usable_rows_is_an_error(tmp_path):
+    path = _write(tmp_path / "sft.jsonl", ["{not json"])
+    with pytest.raises(SFTDataError, match="no usable oracle trajectories"):
+        read_oracle_file(path, skip_bad_rows=True)
