@@ -296,6 +296,35 @@ def test_resume_refuses_a_mismatched_checkpoint(env):
     assert "pool" in (proc.stderr + proc.stdout) and "oversample" in (proc.stderr + proc.stdout)
 
 
+def test_bf16_distributed_optimizer_resume_gives_the_uninterrupted_weights(env, tmp_path):
+    """The GPU recipes' optimizer settings (bf16, Megatron's distributed optimizer) through the
+    trainer's own checkpoint and --resume: a run resumed after its first step ends with the same
+    weights as the uninterrupted run, bit for bit. (Its checkpoints used to lack the Adam moments
+    and fp32 main weights, and the first one failed when no step had run yet.)"""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    extra = ["train.steps=2", "pool.oversample=2", "model.bf16=true", "optim.use_distributed_optimizer=true"]
+    _run(CLI + ["train", "--save-hf", str(tmp_path / "straight")] + _overrides(env, "distopt_a", *extra))
+    # the same run stopped after step 1: a copy of its folder without the last checkpoint
+    shutil.copytree(env["out"] / "distopt_a", env["out"] / "distopt_b")
+    shutil.rmtree(env["out"] / "distopt_b" / "checkpoints" / "step_2")
+    out = _run(CLI + ["train", "--resume", "--save-hf", str(tmp_path / "resumed")]
+               + _overrides(env, "distopt_b", *extra)).stdout
+    assert "resumed from" in out and "step 1" in out, out[-2000:]
+
+    def weights(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a and sorted(a) == sorted(b)
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) == 0.0
+    assert [r["train/loss"] for r in _metrics(env["out"] / "distopt_a")] == [
+        r["train/loss"] for r in _metrics(env["out"] / "distopt_b")
+    ]
+
+
 @pytest.mark.slow
 def test_sigint_writes_a_final_checkpoint_and_save_hf(env, tmp_path):
     name = "sigint"
