@@ -102,7 +102,7 @@ def eval_files(cfg: Config, data: list[str], benchmarks: bool = True) -> list[tu
             raise FileNotFoundError(
                 f"eval.data_dir={cfg.eval.data_dir}: none of the benchmarks ({', '.join(found.missing)}) is there; "
                 "expected <dir>/<name>/<test|dev>.<jsonl|parquet|json> or <dir>/<name>_<split>.<ext>")
-        if found.missing and _rank() == 0:
+        if found.missing and rtm.env_rank() == 0:
             print(f"[eval] not found in {cfg.eval.data_dir}: {', '.join(found.missing)}", flush=True)
     for _, f, _ in files:  # all of them before the first (long) evaluation
         if not f.is_file():
@@ -149,11 +149,6 @@ def evaluate_files(cfg: Config, model: str, files: list[tuple[str, Path, str]], 
     return summary
 
 
-def _rank() -> int:
-    """torchrun's rank, also before torch.distributed is initialized."""
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
 def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from megatron_recycle.model.convert import save_hf_checkpoint
     from megatron_recycle.train.grpo import run_grpo
@@ -161,8 +156,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
-    # torchrun's rank, also before torch.distributed is initialized (the first phases run earlier)
-    rank0 = _rank() == 0
+    rank0 = rtm.env_rank() == 0
     timings: dict[str, float] = {}
 
     def phase(name: str, start: float) -> None:

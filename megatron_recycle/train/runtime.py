@@ -92,6 +92,12 @@ def read_examples(path: Path, cfg: Config, limit: int = 0) -> list:
     return list(examples[:limit] if limit else examples)
 
 
+def env_rank() -> int:
+    """This process's rank: torch.distributed's, or torchrun's RANK before it is initialized (the
+    pipeline's first phases and the data readers run earlier)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def eval_settings(cfg: Config) -> dict[str, Any]:
     """The config values an evaluation's result depends on, as ``evaluate`` takes (and records)
     them: the pipeline's and the eval command's evaluations, and training's dev evaluation (which

@@ -10,7 +10,6 @@ Hugging Face folder (``<run_dir>/sft/hf``) that the GRPO phase starts from.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -44,10 +43,6 @@ def tokenize_oracle(row: dict, tokenizer, max_tokens: int) -> tuple[list[int], l
     return ids, mask
 
 
-def _is_rank0() -> bool:
-    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
-
-
 def read_oracle_file(path: Path, skip_bad_rows: bool = False) -> list[dict]:
     rows, skipped = [], 0
     with open(path) as f:
@@ -65,13 +60,13 @@ def read_oracle_file(path: Path, skip_bad_rows: bool = False) -> list[dict]:
                 if not skip_bad_rows:
                     raise SFTDataError(f"{path}:{line_no}: malformed oracle trajectory: {e}") from None
                 skipped += 1
-                if _is_rank0():  # every rank reads the file; one of them reports
+                if rtm.env_rank() == 0:  # every rank reads the file; one of them reports
                     print(f"[sft] {path}:{line_no}: skipped malformed row ({e})", flush=True)
                 continue
             rows.append(row)
     if not rows:
         raise SFTDataError(f"{path}: no usable oracle trajectories")
-    if skipped and _is_rank0():
+    if skipped and rtm.env_rank() == 0:
         print(f"[sft] skipped {skipped} malformed rows in {path}", flush=True)
     return rows
 

@@ -984,10 +984,15 @@ def wrap_model_and_build_optimizer(
     return ddp_chunks, opt, scheduler
 
 
+def _sub_optimizers(opt: Any) -> list[Any]:
+    """The Megatron optimizers of a ChainedOptimizer, or ``[opt]``."""
+    return list(getattr(opt, "chained_optimizers", None) or [opt])
+
+
 def _torch_optimizers(opt: Any) -> list[torch.optim.Optimizer]:
     """The torch optimizers inside a Megatron (chained) optimizer."""
     found: list[torch.optim.Optimizer] = []
-    for o in getattr(opt, "chained_optimizers", None) or [opt]:
+    for o in _sub_optimizers(opt):
         inner = getattr(o, "optimizer", None)
         if isinstance(inner, torch.optim.Optimizer):
             found.append(inner)
@@ -1035,7 +1040,7 @@ def optimizer_state_dict(opt: Any) -> dict[str, Any]:
     serialize the result before the next step.
     """
     parts: list[dict[str, Any]] = []
-    for o in getattr(opt, "chained_optimizers", None) or [opt]:
+    for o in _sub_optimizers(opt):
         if _is_distributed_optimizer(o):
             inner = o.optimizer
             scaler = getattr(o, "grad_scaler", None)
@@ -1055,12 +1060,14 @@ def load_optimizer_state_dict(opt: Any, state: dict[str, Any]) -> None:
 
     A state saved by ``opt.state_dict()`` alone (checkpoints written before this format) still
     loads for the non-distributed optimizers; for a distributed one it is refused, since it never
-    held the moments or the main weights.
+    held the moments or the main weights. A state that does not fit raises CheckpointError.
     """
-    subs = getattr(opt, "chained_optimizers", None) or [opt]
+    from megatron_recycle.train.checkpoint import CheckpointError
+
+    subs = _sub_optimizers(opt)
     if not isinstance(state, dict) or state.get("format") != OPTIMIZER_STATE_FORMAT:
         if any(_is_distributed_optimizer(o) for o in subs):
-            raise ValueError(
+            raise CheckpointError(
                 "this checkpoint's optimizer state was saved by Megatron's DistributedOptimizer.state_dict() "
                 "alone (megatron-recycle before the optimizer format "
                 f"{OPTIMIZER_STATE_FORMAT!r}): it lacks the Adam moments and fp32 main weights, so the run "
@@ -1071,11 +1078,11 @@ def load_optimizer_state_dict(opt: Any, state: dict[str, Any]) -> None:
         return
     parts = state["parts"]
     if len(parts) != len(subs):
-        raise ValueError(f"optimizer state holds {len(parts)} optimizers, this run has {len(subs)}")
+        raise CheckpointError(f"optimizer state holds {len(parts)} optimizers, this run has {len(subs)}")
     for o, part in zip(subs, parts):
         distributed = _is_distributed_optimizer(o)
         if distributed != (part["kind"] == "distributed"):
-            raise ValueError(f"optimizer state of kind {part['kind']!r} cannot load into {type(o).__name__}")
+            raise CheckpointError(f"optimizer state of kind {part['kind']!r} cannot load into {type(o).__name__}")
         if not distributed:
             o.load_state_dict(part["state"])
             continue
@@ -1083,7 +1090,7 @@ def load_optimizer_state_dict(opt: Any, state: dict[str, Any]) -> None:
         params = [p for g in inner.param_groups for p in g["params"]]
         saved = part["main_params"]
         if len(saved) != len(params) or any(a.shape != b.shape for a, b in zip(params, saved)):
-            raise ValueError("distributed optimizer state does not match this run's parameter shards")
+            raise CheckpointError("distributed optimizer state does not match this run's parameter shards")
         inner.load_state_dict(part["inner"])
         with torch.no_grad():
             for p, v in zip(params, saved):
