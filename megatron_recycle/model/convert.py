@@ -257,32 +257,44 @@ def _tp_gather(t: torch.Tensor, dim: int | None, tp: int, group: Any) -> list[to
 
 def _hf_tensors_for(name: str, param: torch.Tensor, layer: int | None, cfg: Any, tp: int, group: Any):
     """Yield (hf_name, full tensor) for one megatron parameter, gathering TP shards."""
+    yield from hf_tensors_from_shards(name, layer, cfg, lambda dim: _tp_gather(param, dim, tp, group))
+
+
+def hf_tensors_from_shards(
+    name: str, layer: int | None, cfg: Any, shards: Callable[[int | None], list[torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, full tensor) for one megatron parameter given its TP shards.
+
+    ``shards(dim)`` returns the parameter's TP shards in TP-rank order (dim: the split dimension,
+    None for a replicated tensor, for which one shard is enough). The export passes a collective
+    gather; a checkpoint being resharded passes the shards it read from disk.
+    """
     if name == "embedding.word_embeddings.weight":
-        yield "model.embed_tokens.weight", torch.cat(_tp_gather(param, 0, tp, group), 0)
+        yield "model.embed_tokens.weight", torch.cat(shards(0), 0)
         return
     if name == "decoder.final_layernorm.weight":
-        yield "model.norm.weight", param
+        yield "model.norm.weight", shards(None)[0]
         return
     if name == "output_layer.weight":
-        yield "lm_head.weight", torch.cat(_tp_gather(param, 0, tp, group), 0)
+        yield "lm_head.weight", torch.cat(shards(0), 0)
         return
     suffix = _LAYER_RE.match(name).group(2)
     pre = f"model.layers.{layer}."
     if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = suffix.rsplit(".", 1)[1]
-        q, k, v = _qkv_from_megatron(torch.cat(_tp_gather(param, 0, tp, group), 0), cfg)
+        q, k, v = _qkv_from_megatron(torch.cat(shards(0), 0), cfg)
         yield pre + f"self_attn.q_proj.{kind}", q
         yield pre + f"self_attn.k_proj.{kind}", k
         yield pre + f"self_attn.v_proj.{kind}", v
         return
     if suffix == "mlp.linear_fc1.weight":
-        shards = [s.chunk(2, dim=0) for s in _tp_gather(param, 0, tp, group)]
-        yield pre + "mlp.gate_proj.weight", torch.cat([g for g, _ in shards], 0)
-        yield pre + "mlp.up_proj.weight", torch.cat([u for _, u in shards], 0)
+        halves = [s.chunk(2, dim=0) for s in shards(0)]
+        yield pre + "mlp.gate_proj.weight", torch.cat([g for g, _ in halves], 0)
+        yield pre + "mlp.up_proj.weight", torch.cat([u for _, u in halves], 0)
         return
     if suffix in _LAYER_SIMPLE:
         dim = _TP_DIM.get(suffix)
-        parts = _tp_gather(param, dim, tp, group)
+        parts = shards(dim)
         yield pre + _LAYER_SIMPLE[suffix], parts[0] if len(parts) == 1 else torch.cat(parts, dim)
         return
     raise KeyError(f"no Hugging Face mapping for megatron parameter {name!r}")

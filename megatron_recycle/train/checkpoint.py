@@ -67,12 +67,25 @@ RESUME_KEYS: tuple[str, ...] = (
     "optim.use_distributed_optimizer",  # changes how the optimizer state is sharded
 )
 
+# The RESUME_KEYS that only say how the state is sharded: when they (or the world size) differ, a
+# resume goes through train/reshard.py instead of loading each rank's file as it is.
+LAYOUT_KEYS: tuple[str, ...] = ("model.tp", "model.pp", "model.vpp", "optim.use_distributed_optimizer")
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _RANK_FILE = "rank_{:05d}.pt"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not match this run."""
+
+
+class LayoutChanged(CheckpointError):
+    """The checkpoint matches this run except for its parallel layout (LAYOUT_KEYS, world size):
+    :meth:`CheckpointManager.load_all` and train/reshard.py resume it."""
+
+    def __init__(self, message: str, step: int, saved: dict[str, Any], current: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.step, self.saved, self.current = step, saved, current
 
 
 # ------------------------------------------------------------------------------ config hash
@@ -390,24 +403,67 @@ class CheckpointManager:
         folder = self.step_dir(step)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: no such checkpoint (complete ones: {self.complete_steps()})")
+        manifest = self._check(folder, step)
+        shared = self._load_file(folder, manifest, SHARED_FILE, step, weights_only)["shared"]
+        parts = self._load_file(folder, manifest, _RANK_FILE.format(self.rank), step, weights_only)["parts"]
+        return shared, parts
+
+    def _check(self, folder: Path, step: int, layout_may_differ: bool = False) -> dict[str, Any]:
+        """The manifest of ``folder``, checked against this run; LayoutChanged when only the layout differs."""
         manifest = self._read_manifest(folder)
         if manifest.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this code reads {FORMAT_VERSION}")
-        if manifest.get("world_size") != self.world_size:
-            raise CheckpointError(
-                f"{folder}: saved by {manifest.get('world_size')} ranks but this run has {self.world_size}; "
-                "resume with the same number of processes (and the same TP/PP layout)"
-            )
         if manifest.get("config_hash") != self.config_hash:
             theirs = manifest.get("config_fingerprint") or {}
             diff = {k: (theirs.get(k), v) for k, v in self.fingerprint.items() if theirs.get(k) != v}
-            detail = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
-            raise CheckpointError(
-                f"{folder}: config does not match this run ({detail or 'different resume keys'}); "
-                "these settings must stay the same to resume (see RESUME_KEYS); start a new run to change them"
+            if not diff or any(k not in LAYOUT_KEYS for k in diff):
+                detail = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+                raise CheckpointError(
+                    f"{folder}: config does not match this run ({detail or 'different resume keys'}); "
+                    "these settings must stay the same to resume (see RESUME_KEYS); start a new run to change them"
+                )
+        else:
+            diff = {}
+        if (diff or manifest.get("world_size") != self.world_size) and not layout_may_differ:
+            saved = {k: (manifest.get("config_fingerprint") or {}).get(k) for k in LAYOUT_KEYS}
+            saved["world_size"] = manifest.get("world_size")
+            current = {k: self.fingerprint.get(k) for k in LAYOUT_KEYS}
+            current["world_size"] = self.world_size
+            detail = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in saved if saved[k] != current[k])
+            raise LayoutChanged(
+                f"{folder}: saved by {manifest.get('world_size')} ranks but this run has {self.world_size} "
+                f"({detail}); the checkpoint's shards must be resharded for this layout (load_all)",
+                step, saved, current,
             )
-        shared = self._load_file(folder, manifest, SHARED_FILE, step, weights_only)["shared"]
-        parts = self._load_file(folder, manifest, _RANK_FILE.format(self.rank), step, weights_only)["parts"]
+        return manifest
+
+    def load_all(self, step: int, weights_only: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(shared, every saved rank's parts) of checkpoint ``step``: the resume on another layout.
+
+        Collective when this run has several ranks: each file's sha256 is checked by one rank
+        (file i by rank i mod world size) and the verdicts are shared, so no file is hashed twice.
+        The rank files are memory-mapped: a rank reads only the pages of the tensors it uses.
+        """
+        folder = self.step_dir(step)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: no such checkpoint (complete ones: {self.complete_steps()})")
+        manifest = self._check(folder, step, layout_may_differ=True)
+        saved_world = int(manifest.get("world_size") or 0)
+        names = [SHARED_FILE] + [_RANK_FILE.format(r) for r in range(saved_world)]
+        problems = []
+        for i, name in enumerate(names):
+            if i % self.world_size != self.rank:
+                continue
+            info = manifest["files"].get(name)
+            if info is None:
+                problems.append(f"{folder / name}: not listed in the manifest; the checkpoint is incomplete")
+            elif _sha256_file(folder / name) != info.get("sha256"):
+                problems.append(f"{folder / name}: sha256 differs from the manifest's; the file is corrupt")
+        problems = [p for ps in _all_gather(problems, self.world_size) for p in ps]
+        if problems:
+            raise CheckpointError("; ".join(problems) + " (resume from an earlier checkpoint)")
+        shared = self._torch_load(folder / SHARED_FILE, step, weights_only)["shared"]
+        parts = [self._torch_load(folder / name, step, weights_only, mmap=True)["parts"] for name in names[1:]]
         return shared, parts
 
     def _load_file(self, folder: Path, manifest: dict[str, Any], name: str, step: int, weights_only: bool) -> Any:
@@ -421,8 +477,11 @@ class CheckpointManager:
                 f"{path}: sha256 {digest[:16]}... differs from the manifest's {str(info.get('sha256'))[:16]}...; "
                 "the file is corrupt: resume from an earlier checkpoint (delete this folder)"
             )
+        return self._torch_load(path, step, weights_only)
+
+    def _torch_load(self, path: Path, step: int, weights_only: bool, mmap: bool = False) -> Any:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
         except Exception as e:  # torch raises several types for unpickling problems
             text = str(e)
             if weights_only and "Weights only load failed" in text:

@@ -248,7 +248,12 @@ def _batch_from_groups(groups: list[list[dict]], rt: rtm.Runtime):
 
 def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) -> dict[str, Any]:
     """The GRPO loop; returns a summary of the run."""
-    from megatron_recycle.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+    from megatron_recycle.train.checkpoint import (
+        CheckpointManager,
+        LayoutChanged,
+        capture_rng_state,
+        restore_rng_state,
+    )
     from megatron_recycle.train.metrics import (
         MetricsWriter,
         format_step_line,
@@ -286,10 +291,13 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         if latest is None:
             print(f"[train] --resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", flush=True)
         else:
-            shared, parts = ckpt.load(latest)
-            for chunk, sd in zip(rt.chunks, parts["model"]):
-                chunk.load_state_dict(sd)
-            load_optimizer_state_dict(rt.optimizer, parts["optimizer"])
+            try:
+                shared, parts = ckpt.load(latest)
+                for chunk, sd in zip(rt.chunks, parts["model"]):
+                    chunk.load_state_dict(sd)
+                load_optimizer_state_dict(rt.optimizer, parts["optimizer"])
+            except LayoutChanged as changed:
+                shared, parts = _load_resharded(ckpt, rt, changed)
             changed = schedule_differences(rt.scheduler, parts["scheduler"])
             if changed and rt.is_rank0:
                 print("[train] --resume: the learning-rate schedule continues the checkpoint's, which differs from "
@@ -426,12 +434,37 @@ class _DecisionLog:
             f.write(self._json.dumps({"step": step, "gen_batches": decisions}) + "\n")
 
 
+def _load_resharded(ckpt, rt: rtm.Runtime, changed) -> tuple[dict, dict]:
+    """Resume a checkpoint saved on another layout (train/reshard.py); returns (shared, this rank's parts)."""
+    from megatron_recycle.train.reshard import load_resharded
+
+    def describe(d: dict) -> str:
+        tp, pp, world = d.get("model.tp") or 1, d.get("model.pp") or 1, d.get("world_size") or 1
+        return (f"{world} ranks: TP {tp}, PP {pp}, VPP {d.get('model.vpp') or 1}, DP {world // (tp * pp)}, "
+                f"distributed optimizer {'on' if d.get('optim.use_distributed_optimizer') else 'off'}")
+
+    if rt.is_rank0:
+        print(f"[train] --resume: checkpoint step {changed.step} was saved by {describe(changed.saved)}; this run "
+              f"has {describe(changed.current)}: resharding its weights and optimizer state", flush=True)
+    shared, old = ckpt.load_all(changed.step)
+    counts = load_resharded(rt.chunks, rt.optimizer, rt.hf_config, [p.get("model_space") for p in old])
+    # The scheduler is the same on every rank. RNG streams belong to ranks, which the new layout
+    # renumbers: rank r continues old rank (r mod saved ranks)'s streams.
+    source = rt.layout.rank % len(old)
+    if rt.is_rank0:
+        print(f"[train] --resume: resharded {counts['params']} parameter shards and {counts['optimizer_shards']} "
+              f"optimizer shards on rank 0; RNG streams: rank r continues saved rank r mod {len(old)}", flush=True)
+    return shared, {"scheduler": old[0]["scheduler"], "rng": old[source]["rng"]}
+
+
 def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, capture_rng_state) -> None:
+    from megatron_recycle.train.reshard import model_space_records
     from megatron_recycle.train.step import optimizer_state_dict
 
     parts = {
         "model": [c.state_dict() for c in rt.chunks],
         "optimizer": optimizer_state_dict(rt.optimizer),
+        "model_space": model_space_records(rt.chunks, rt.optimizer),
         "scheduler": rt.scheduler.state_dict(),
         "rng": capture_rng_state(),
     }

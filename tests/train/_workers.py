@@ -276,6 +276,88 @@ def optimizer_resume(args: dict) -> dict:
     return out
 
 
+def _full_model_space(files: list[Path], cfg: Any) -> dict[str, Any]:
+    """Every kind of saved tensor (weights, fp32 main weights, Adam moments, step) by HF name, from
+    the model-space records of a layout's rank files (train/reshard.py's reading side)."""
+    from megatron_recycle.train.reshard import SavedModelSpace
+
+    saved = SavedModelSpace([torch.load(f, weights_only=True)["model_space"] for f in files], cfg)
+    full = {kind: {hf: saved.getter(kind)(hf).clone() for hf in sorted(saved.owner_of)}
+            for kind in ["weight", "main", *saved.state_keys]}
+    full["scalars"] = {k: v.clone() for k, v in saved.scalar_state().items()}
+    return full
+
+
+def reshard_stage(args: dict) -> dict:
+    """One layout of a resharding chain (tests/train/test_reshard.py): either take two Adam steps
+    from the seeded weights (the first stage) or load the previous stage's saved model-space
+    records with train.reshard.load_resharded; then save this layout's own records, and take one
+    more step (also from a copy with the weights but fresh optimizer moments, as a control).
+    Rank 0 returns the full saved state and the main weights after the next step, by HF name."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_recycle.model.convert import load_hf_weights
+    from megatron_recycle.train.reshard import load_resharded, model_space_records
+    from megatron_recycle.train.step import (
+        TrajectoryBatch,
+        _torch_optimizers,
+        compute_logprobs,
+        grpo_train_step,
+        setup_model_and_optimizer,
+        shard_for_data_parallel,
+    )
+
+    cfg, sd = tiny_llama()
+    gb = global_batch()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    local = shard_for_data_parallel(TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"]), dp_rank, dp)
+    folder = Path(args["dir"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def build():
+        return setup_model_and_optimizer(
+            cfg, lr=1e-2, clip_grad=1.0, weight_decay=0.01, bf16=args["bf16"], lr_decay_style="constant",
+            use_distributed_optimizer=args["dist_opt"], load_weights=lambda c: load_hf_weights(c, sd, cfg),
+        )
+
+    def step(chunks, opt, sched):
+        lp = compute_logprobs(chunks, local, 2)  # ratios near 1, away from the clip edges
+        return grpo_train_step(chunks, opt, sched, local.replace(old_logprobs=lp + 0.1), 2)
+
+    def save(chunks, opt, name):
+        torch.save({"model_space": model_space_records(chunks, opt)}, folder / f"{name}_rank{rank}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+        files = sorted(folder.glob(f"{name}_rank*.pt"))
+        return _full_model_space(files, cfg) if rank == 0 else None
+
+    def load(chunks, opt):
+        files = sorted(folder.glob(f"{args['load_from']}_rank*.pt"))
+        records = [torch.load(f, weights_only=True, mmap=True)["model_space"] for f in files]
+        return load_resharded(chunks, opt, cfg, records)
+
+    out: dict[str, Any] = {"world": world}
+    chunks, opt, sched = build()
+    if args.get("load_from"):
+        out["counts"] = load(chunks, opt)
+    else:
+        for _ in range(2):
+            step(chunks, opt, sched)
+    out["saved"] = save(chunks, opt, args["name"])
+    out["metrics"] = step(chunks, opt, sched)
+    out["next"] = save(chunks, opt, args["name"] + "_next")
+    if args.get("load_from"):
+        chunks, opt, sched = build()
+        load(chunks, opt)
+        for inner in _torch_optimizers(opt):
+            inner.state.clear()  # the weights and main weights, but new moments and step count
+        step(chunks, opt, sched)
+        out["control"] = save(chunks, opt, args["name"] + "_control")
+    return out
+
+
 def run_jobs(args: dict) -> dict:
     """Run several jobs in the same processes (saves the interpreter start-up, several seconds each).
 

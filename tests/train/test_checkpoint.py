@@ -22,6 +22,7 @@ from megatron_recycle.train.checkpoint import (
     RESUME_KEYS,
     CheckpointError,
     CheckpointManager,
+    LayoutChanged,
     capture_rng_state,
     config_hash,
     restore_rng_state,
@@ -354,8 +355,39 @@ def test_two_gloo_ranks_save_and_load_their_own_shards(tmp_path):
     assert files == ["manifest.json", "rank_00000.pt", "rank_00001.pt", "shared.pt"]
     manifest = json.loads((tmp_path / "checkpoints" / "step_2" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and set(manifest["files"]) == set(files) - {"manifest.json"}
-    with pytest.raises(CheckpointError, match="saved by 2 ranks but this run has 1"):
+    with pytest.raises(LayoutChanged, match="saved by 2 ranks but this run has 1") as e:
         CheckpointManager(tmp_path, config_dict=_cfg()).load()
+    assert e.value.step == 2 and e.value.saved["world_size"] == 2 and e.value.current["world_size"] == 1
+    # ... which one rank reads whole (train/reshard.py's path): the shared state and every rank's parts
+    shared, parts = CheckpointManager(tmp_path, config_dict=_cfg()).load_all(2)
+    assert shared["step"] == 2 and [p["shard"].tolist() for p in parts] == [[2.0] * 3, [12.0] * 3]
+    rank1 = tmp_path / "checkpoints" / "step_2" / "rank_00001.pt"
+    data = bytearray(rank1.read_bytes())
+    data[-20] ^= 0xFF  # same size, different bytes: only the hash can tell
+    rank1.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rank_00001.pt: sha256 differs"):
+        CheckpointManager(tmp_path, config_dict=_cfg()).load_all(2)
+
+
+def test_only_a_layout_change_is_a_layout_change(tmp_path):
+    """A checkpoint that differs from the run in its TP/PP/VPP sizes or optimizer sharding (same
+    world size) raises LayoutChanged, which the trainer answers by resharding; any other resume
+    key that differs stays a plain refusal, also when the layout differs as well."""
+    CheckpointManager(tmp_path, config_dict=_cfg(model__tp=2)).save(1, {"x": torch.ones(2)}, {"step": 1})
+    with pytest.raises(LayoutChanged, match="model.tp 2 -> 1") as e:
+        CheckpointManager(tmp_path, config_dict=_cfg()).load()
+    assert e.value.saved["model.tp"] == 2 and e.value.current["model.tp"] == 1
+    with pytest.raises(LayoutChanged, match="use_distributed_optimizer"):
+        CheckpointManager(tmp_path, config_dict=_cfg(model__tp=2, optim__use_distributed_optimizer=True)).load()
+    shared, parts = CheckpointManager(tmp_path, config_dict=_cfg(model__pp=2)).load_all(1)
+    assert shared["step"] == 1 and len(parts) == 1 and parts[0]["x"].tolist() == [1.0, 1.0]
+    for mgr in (CheckpointManager(tmp_path, config_dict=_cfg(rollout__group_size=8)),
+                CheckpointManager(tmp_path, config_dict=_cfg(rollout__group_size=8, model__tp=1))):
+        with pytest.raises(CheckpointError, match="rollout.group_size") as e:
+            mgr.load()
+        assert not isinstance(e.value, LayoutChanged)
+        with pytest.raises(CheckpointError, match="rollout.group_size"):
+            mgr.load_all(1)
 
 
 def test_megatron_tracker_states_are_captured_and_restored():

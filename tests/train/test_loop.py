@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.train.loop_fixtures import base_overrides, write_tiny_data, write_tiny_model
 
@@ -323,6 +324,42 @@ def test_bf16_distributed_optimizer_resume_gives_the_uninterrupted_weights(env, 
     assert [r["train/loss"] for r in _metrics(env["out"] / "distopt_a")] == [
         r["train/loss"] for r in _metrics(env["out"] / "distopt_b")
     ]
+
+
+@pytest.mark.distributed
+def test_resume_on_another_layout_reshards_the_checkpoint(env, tmp_path):
+    """A run saved by two ranks with TP 2, bf16 and the distributed optimizer, resumed by one
+    process with the plain optimizer (train/reshard.py): it starts from the checkpoint's weights
+    exactly, and goes on training."""
+    from safetensors.torch import load_file
+
+    from transformers import AutoConfig
+
+    from megatron_recycle.train.reshard import SavedModelSpace
+
+    name = "reshard"
+    extra = ["pool.oversample=2", "model.bf16=true"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "megatron_recycle.cli", "train"]
+    _run(torchrun + _overrides(env, name, "train.steps=1", "model.tp=2", "optim.use_distributed_optimizer=true",
+                               *extra), timeout=400)
+    step1 = env["out"] / name / "checkpoints" / "step_1"
+    records = [torch.load(step1 / f"rank_0000{r}.pt", weights_only=True)["parts"]["model_space"] for r in (0, 1)]
+    saved = SavedModelSpace(records, AutoConfig.from_pretrained(env["model"]))
+
+    out = _run(CLI + ["train", "--resume", "--save-hf", str(tmp_path / "at1")] + _overrides(env, name, "train.steps=1", *extra)).stdout
+    assert "saved by 2 ranks: TP 2, PP 1, VPP 1, DP 1, distributed optimizer on" in out, out[-3000:]
+    assert "this run has 1 ranks: TP 1, PP 1, VPP 1, DP 1, distributed optimizer off: resharding" in out
+    exported = {k: v for f in sorted((tmp_path / "at1").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert exported and set(exported) <= set(saved.owner_of) | {"lm_head.weight"}
+    for k, v in exported.items():
+        if k in saved.owner_of:
+            assert torch.equal(v.float(), saved.getter("weight")(k).float()), k
+
+    _run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", *extra))
+    assert [r["step"] for r in _metrics(env["out"] / name)] == [0, 1]
+    manifest = json.loads((env["out"] / name / "checkpoints" / "step_2" / "manifest.json").read_text())
+    assert manifest["world_size"] == 1
 
 
 @pytest.mark.slow

@@ -1,0 +1,297 @@
+"""Resume a checkpoint on another parallel layout: TP, PP, VPP, DP size, distributed optimizer or not.
+
+A checkpoint holds each rank's own shards (train/checkpoint.py), which a resume on the same
+layout loads as they are. Each rank also saves :func:`model_space_records`: for every parameter it
+holds, the parameter's global Megatron name and TP shard index, and references to its model
+tensor, the fp32 main weights and optimizer moments this rank's optimizer owns, and the flat
+range of the TP shard those cover (the distributed optimizer splits each shard over the DP ranks;
+the other Megatron optimizers hold all of it). They are references to the tensors the
+checkpoint saves anyway, and torch.save stores a storage once, so the records add only names
+and numbers to the files.
+
+:func:`load_resharded` rebuilds, for every parameter of the new layout, the full Hugging
+Face-named tensors from the old ranks' records (TP shards joined by
+``convert.hf_tensors_from_shards``, the DP ranges laid side by side and checked to cover every
+element exactly once) and cuts the new shards with ``convert._megatron_to_hf_value``, the function
+the Hugging Face weight import uses. The optimizer state is elementwise, so the layout transforms
+of the weights apply to it unchanged. Nothing is recomputed: after a resharded load the model,
+the main weights and the moments are the checkpoint's values, bit for bit
+(tests/train/test_reshard.py). Only the RNG streams cannot be carried over to other ranks; the
+caller restarts them (train/grpo.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+RESHARD_FORMAT = "megatron-recycle-reshard/1"
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def _sub_optimizers(opt: Any) -> list[Any]:
+    return list(getattr(opt, "chained_optimizers", None) or [opt])
+
+
+def _is_distributed(o: Any) -> bool:
+    from megatron.core.optimizer import DistributedOptimizer
+
+    return isinstance(o, DistributedOptimizer)
+
+
+def _main_params(o: Any) -> dict[int, torch.Tensor]:
+    """id(model param) -> the tensor a non-distributed Megatron optimizer steps (its fp32 copy or itself)."""
+    found: dict[int, torch.Tensor] = {}
+    if hasattr(o, "float16_groups"):  # Float16OptimizerWithFloat16Params (bf16 weights, fp32 copies)
+        for model_group, main_group in zip(o.float16_groups, o.fp32_from_float16_groups):
+            for p, main in zip(model_group, main_group):
+                found[id(p)] = main
+        for group in o.fp32_from_fp32_groups:
+            for p in group:
+                found[id(p)] = p
+    else:  # FP32Optimizer: the torch optimizer steps the model parameters themselves
+        for group in o.optimizer.param_groups:
+            for p in group["params"]:
+                found[id(p)] = p
+    return found
+
+
+class _Owner:
+    """Where one model parameter's optimizer state lives on this rank: (main tensor, torch optimizer,
+    flat range of the TP shard), or nothing when another DP rank owns all of it."""
+
+    def __init__(self, opt: Any) -> None:
+        self.subs = _sub_optimizers(opt)
+        self.plain = [(o, _main_params(o)) for o in self.subs if not _is_distributed(o)]
+
+    def find(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, Any, int, int] | None:
+        for o in self.subs:
+            if not _is_distributed(o) or p not in o.model_param_gbuf_map:
+                continue
+            try:
+                rng = o._get_model_param_range_map(p)["param"]
+            except KeyError:
+                return None  # held by the distributed optimizer, owned by another DP rank
+            gi, order = o.model_param_group_index_map[p]
+            return o.optimizer.param_groups[gi]["params"][order], o.optimizer, int(rng.start), int(rng.end)
+        for o, mains in self.plain:
+            main = mains.get(id(p))
+            if main is not None:
+                return main, o.optimizer, 0, p.numel()
+        return None
+
+
+def _global_name(model: Any, name: str) -> str:
+    m = _LAYER_RE.match(name)
+    if m is None:
+        return name
+    return f"decoder.layers.{int(model.decoder.layers[int(m.group(1))].layer_number) - 1}.{m.group(2)}"
+
+
+def model_space_records(chunks: Sequence[Any], opt: Any) -> dict[str, Any]:
+    """This rank's parameters and optimizer state by global Megatron name (references, not copies).
+
+    Serialize the result (the checkpoint does) before the next optimizer step changes the tensors.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_recycle.model.build import unwrap_model
+
+    owner = _Owner(opt)
+    params: dict[str, Any] = {}
+    for chunk in chunks:
+        model = unwrap_model(chunk)
+        for name, p in model.named_parameters():
+            rec: dict[str, Any] = {"weight": p.detach(), "start": None, "end": None, "main": None, "state": {}}
+            found = owner.find(p)
+            if found is not None:
+                main, inner, start, end = found
+                rec.update(start=start, end=end, main=main.detach().reshape(-1))
+                rec["state"] = {
+                    k: (v.detach().reshape(-1) if v.dim() > 0 else v.detach())
+                    for k, v in inner.state.get(main, {}).items() if isinstance(v, torch.Tensor)
+                }
+            params[_global_name(model, name)] = rec
+    return {
+        "format": RESHARD_FORMAT,
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "params": params,
+    }
+
+
+def _hf_names(name: str, cfg: Any) -> list[str]:
+    """The Hugging Face tensors one global Megatron parameter holds (see convert.hf_tensors_from_shards)."""
+    from megatron_recycle.model.convert import _LAYER_SIMPLE
+
+    if name == "embedding.word_embeddings.weight":
+        return ["model.embed_tokens.weight"]
+    if name == "decoder.final_layernorm.weight":
+        return ["model.norm.weight"]
+    if name == "output_layer.weight":
+        return [] if getattr(cfg, "tie_word_embeddings", False) else ["lm_head.weight"]
+    m = _LAYER_RE.match(name)
+    if m is None:
+        raise KeyError(f"no Hugging Face mapping for megatron parameter {name!r}")
+    pre, suffix = f"model.layers.{m.group(1)}.", m.group(2)
+    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = suffix.rsplit(".", 1)[1]
+        return [pre + f"self_attn.{x}_proj.{kind}" for x in "qkv"]
+    if suffix == "mlp.linear_fc1.weight":
+        return [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
+    if suffix in _LAYER_SIMPLE:
+        return [pre + _LAYER_SIMPLE[suffix]]
+    raise KeyError(f"no Hugging Face mapping for megatron parameter {name!r}")
+
+
+class SavedModelSpace:
+    """The old ranks' records, read as full Hugging Face-named tensors of any kind: "weight", "main"
+    or an optimizer state key ("exp_avg", "exp_avg_sq", ...)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], hf_config: Any) -> None:
+        from megatron_recycle.train.checkpoint import CheckpointError
+
+        self.cfg = hf_config
+        self.by_name: dict[str, list[tuple[int, int, dict[str, Any]]]] = {}
+        for i, r in enumerate(records):
+            if not isinstance(r, dict) or r.get("format") != RESHARD_FORMAT:
+                raise CheckpointError(
+                    f"rank {i}'s part of this checkpoint has no model-space records (format {RESHARD_FORMAT!r}; "
+                    "checkpoints written before it can only be resumed on the layout that saved them)"
+                )
+            for name, rec in r["params"].items():
+                self.by_name.setdefault(name, []).append((int(r["tp"]), int(r["tp_rank"]), rec))
+        self.owner_of: dict[str, str] = {}
+        for name in self.by_name:
+            for hf in _hf_names(name, hf_config):
+                self.owner_of[hf] = name
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.has_state = any(rec["state"] for recs in self.by_name.values() for _, _, rec in recs)
+        self.state_keys = sorted({k for recs in self.by_name.values() for _, _, rec in recs
+                                  for k, v in rec["state"].items() if v.dim() > 0})
+
+    def _shards(self, name: str, kind: str) -> list[torch.Tensor]:
+        from megatron_recycle.train.checkpoint import CheckpointError
+
+        recs = self.by_name[name]
+        tps = {tp for tp, _, _ in recs}
+        if len(tps) != 1:
+            raise CheckpointError(f"{name}: saved with several TP sizes {sorted(tps)}")
+        tp = tps.pop()
+        out = []
+        for t in range(tp):
+            mine = [rec for size, r, rec in recs if r == t]
+            if not mine:
+                raise CheckpointError(f"{name}: no rank of the checkpoint holds TP shard {t} of {tp}")
+            weight = mine[0]["weight"]
+            if kind == "weight":
+                out.append(weight)
+                continue
+            pieces = [(rec["start"], rec["end"], rec["main"] if kind == "main" else rec["state"].get(kind))
+                      for rec in mine if rec["start"] is not None]
+            whole = [x for s, e, x in pieces if s == 0 and e == weight.numel() and x is not None]
+            if whole:  # a plain optimizer holds the whole shard (DP replicas hold copies)
+                out.append(whole[0].view(weight.shape))
+                continue
+            flat = torch.empty(weight.numel(), dtype=torch.float32)
+            count = torch.zeros(weight.numel(), dtype=torch.int32)
+            for s, e, x in pieces:
+                if x is None or x.numel() != e - s:
+                    raise CheckpointError(f"{name}: TP shard {t} has no {kind!r} state for elements [{s}, {e})")
+                flat[s:e] = x
+                count[s:e] += 1
+            if not bool((count == 1).all()):
+                raise CheckpointError(
+                    f"{name}: the saved {kind!r} ranges of TP shard {t} do not cover its {weight.numel()} elements "
+                    f"exactly once (a rank's file missing, or two runs' files mixed)"
+                )
+            out.append(flat.view(weight.shape))
+        return out
+
+    def getter(self, kind: str) -> Callable[[str], torch.Tensor]:
+        """get(hf_name) -> the full tensor of that kind (keeps one Megatron parameter's tensors cached)."""
+        from megatron_recycle.model.convert import hf_tensors_from_shards
+
+        def get(hf_name: str) -> torch.Tensor:
+            key = (kind, hf_name)
+            if key not in self._cache:
+                name = self.owner_of.get(hf_name)
+                if name is None:
+                    raise KeyError(hf_name)
+                m = _LAYER_RE.match(name)
+                layer = int(m.group(1)) if m else None
+                shards = self._shards(name, kind)
+                self._cache.clear()
+                for n, t in hf_tensors_from_shards(name, layer, self.cfg, lambda dim: shards if dim is not None else shards[:1]):
+                    self._cache[(kind, n)] = t
+            return self._cache[key]
+
+        return get
+
+    def scalar_state(self) -> dict[str, torch.Tensor]:
+        """The optimizer's per-parameter scalars (Adam's "step"), which every parameter shares."""
+        for recs in self.by_name.values():
+            for _, _, rec in recs:
+                scalars = {k: v for k, v in rec["state"].items() if v.dim() == 0}
+                if scalars:
+                    return scalars
+        return {}
+
+
+@torch.no_grad()
+def load_resharded(chunks: Sequence[Any], opt: Any, hf_config: Any, records: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Fill this rank's model shard and optimizer state from every old rank's model-space records.
+
+    ``records``: :func:`model_space_records` of each rank of the checkpoint (any layout). Returns
+    counts of what was set. CheckpointError when the records do not hold a full model.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_recycle.model.build import unwrap_model
+    from megatron_recycle.model.convert import _megatron_to_hf_value
+    from megatron_recycle.train.checkpoint import CheckpointError
+
+    saved = SavedModelSpace(records, hf_config)
+    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    owner = _Owner(opt)
+    scalars = saved.scalar_state()
+    counts = {"params": 0, "optimizer_shards": 0}
+
+    def value(model: Any, name: str, kind: str, shape: torch.Size) -> torch.Tensor:
+        try:
+            v = _megatron_to_hf_value(model, name, saved.getter(kind), hf_config, tp, r)
+        except KeyError as e:
+            raise CheckpointError(f"{name}: the checkpoint does not hold {e} ({kind})") from None
+        if v.shape != shape:
+            raise CheckpointError(f"{name}: checkpoint gives shape {tuple(v.shape)} ({kind}), this run's shard is {tuple(shape)}")
+        return v
+
+    for chunk in chunks:
+        model = unwrap_model(chunk)
+        for name, p in model.named_parameters():
+            p.copy_(value(model, name, "weight", p.shape))
+            counts["params"] += 1
+            found = owner.find(p)
+            if found is None:
+                continue
+            main, inner, start, end = found
+            main.copy_(value(model, name, "main", p.shape).reshape(-1)[start:end].view_as(main))
+            if not saved.has_state:
+                inner.state.pop(main, None)
+                continue
+            state = inner.state.setdefault(main, {})
+            for key in saved.state_keys:
+                v = value(model, name, key, p.shape).reshape(-1)[start:end].view_as(main)
+                if key in state:
+                    state[key].copy_(v)
+                else:
+                    state[key] = v.to(device=main.device, dtype=main.dtype).clone()
+            for key, v in scalars.items():  # where torch keeps "step": on the device for fused/capturable
+                group = next(g for g in inner.param_groups if any(q is main for q in g["params"]))
+                on_device = group.get("fused") or group.get("capturable")
+                state[key] = v.clone().to(main.device if on_device else "cpu")
+            counts["optimizer_shards"] += 1
+    return counts
