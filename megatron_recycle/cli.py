@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("gen-data", "Generate the synthetic multi-hop QA data and oracle SFT trajectories.", cmd_gen_data)
     add("sft", "Supervised warm-up on the oracle trajectories (masked next-token loss).", cmd_sft)
     p = add("train", "GRPO training with query recycling (or a baseline strategy).", cmd_train)
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint "
+                   "(on this run's layout: a checkpoint of other TP/PP/DP sizes is resharded)")
     p.add_argument("--init-from", default=None, help="start from this HF folder instead of model.name_or_path")
     p.add_argument("--save-hf", default=None, metavar="DIR", help="also export the final policy as a HF folder")
     p = add("run", "The whole recipe: data, eval before, SFT warm-up, GRPO, eval after, plots, report.", cmd_run)

@@ -11,7 +11,7 @@
 #     bench.log           tools/bench_kernels.py and tools/bench_step.py output
 #     kernels_cuda.csv/json   the kernel benchmark rows and the issue #3 target verdicts
 #     bench_step.json     one GRPO step of a Qwen3-1.7B-shaped model (random weights, bf16)
-#     tests_model.log     pytest tests/model + tests/train/test_step.py on CUDA
+#     tests_model.log     pytest tests/model + tests/train/test_step.py + test_reshard.py on CUDA
 # Without a GPU it says so and runs nothing but the set-up (a dry run of the plumbing);
 # GPU_CHECKS_ON_CPU=1 runs the steps anyway, on the CPU, to test the script itself.
 # Environment: OUT; PYTHON (default python3); GPU_CHECKS_WHEELS, the folder of the wheels to
@@ -130,7 +130,7 @@ grep -A10 "^GRPO step:" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------- 4. model and step tests on CUDA (issue #4)
 step tests_model 240 "$OUT/tests_model.log" \
-    "$PY" -m pytest tests/model tests/train/test_step.py -q --continue-on-collection-errors -m "not real_model"
+    "$PY" -m pytest tests/model tests/train/test_step.py tests/train/test_reshard.py -q --continue-on-collection-errors -m "not real_model"
 [ -f "$OUT/tests_model.log" ] && tail -n 5 "$OUT/tests_model.log" | tee -a "$SUMMARY"
 
 say "total $(elapsed)s of a ${BUDGET}s budget"

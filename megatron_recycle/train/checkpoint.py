@@ -19,7 +19,9 @@ load onto the CPU; ``load_state_dict`` copies them to the model's device.
 
 Resuming compares the config keys in ``RESUME_KEYS`` (what changes the meaning of the saved
 state: model layout, pool, training data, group size, optimizer layout); everything else (lr,
-logging, evaluation, ...) may change between the save and the resume.
+logging, evaluation, ...) may change between the save and the resume. When only the layout keys
+(``LAYOUT_KEYS``) or the world size differ, ``load`` raises :class:`LayoutChanged` and
+:meth:`CheckpointManager.load_all` hands every saved rank's parts to train/reshard.py.
 """
 
 from __future__ import annotations

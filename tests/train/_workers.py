@@ -281,7 +281,7 @@ def _full_model_space(files: list[Path], cfg: Any) -> dict[str, Any]:
     the model-space records of a layout's rank files (train/reshard.py's reading side)."""
     from megatron_recycle.train.reshard import SavedModelSpace
 
-    saved = SavedModelSpace([torch.load(f, weights_only=True)["model_space"] for f in files], cfg)
+    saved = SavedModelSpace([torch.load(f, map_location="cpu", weights_only=True)["model_space"] for f in files], cfg)
     full = {kind: {hf: saved.getter(kind)(hf).clone() for hf in sorted(saved.owner_of)}
             for kind in ["weight", "main", *saved.state_keys]}
     full["scalars"] = {k: v.clone() for k, v in saved.scalar_state().items()}
@@ -294,6 +294,8 @@ def reshard_stage(args: dict) -> dict:
     records with train.reshard.load_resharded; then save this layout's own records, and take one
     more step (also from a copy with the weights but fresh optimizer moments, as a control).
     Rank 0 returns the full saved state and the main weights after the next step, by HF name."""
+    import io
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -304,6 +306,7 @@ def reshard_stage(args: dict) -> dict:
         _torch_optimizers,
         compute_logprobs,
         grpo_train_step,
+        optimizer_state_dict,
         setup_model_and_optimizer,
         shard_for_data_parallel,
     )
@@ -335,7 +338,7 @@ def reshard_stage(args: dict) -> dict:
 
     def load(chunks, opt):
         files = sorted(folder.glob(f"{args['load_from']}_rank*.pt"))
-        records = [torch.load(f, weights_only=True, mmap=True)["model_space"] for f in files]
+        records = [torch.load(f, map_location="cpu", weights_only=True, mmap=True)["model_space"] for f in files]
         return load_resharded(chunks, opt, cfg, records)
 
     out: dict[str, Any] = {"world": world}
@@ -346,6 +349,14 @@ def reshard_stage(args: dict) -> dict:
         for _ in range(2):
             step(chunks, opt, sched)
     out["saved"] = save(chunks, opt, args["name"])
+    out["bytes"] = {}  # what the records add to a checkpoint's rank file
+    for key, with_records in (("without", False), ("with", True)):
+        buf = io.BytesIO()
+        part = {"model": [c.state_dict() for c in chunks], "optimizer": optimizer_state_dict(opt)}
+        if with_records:
+            part["model_space"] = model_space_records(chunks, opt)
+        torch.save(part, buf)
+        out["bytes"][key] = buf.tell()
     out["metrics"] = step(chunks, opt, sched)
     out["next"] = save(chunks, opt, args["name"] + "_next")
     if args.get("load_from"):

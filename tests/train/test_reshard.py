@@ -86,19 +86,28 @@ def test_the_next_step_after_a_resharded_load_is_the_saved_layouts(chain, stage)
     assert float(chain[stage]["next"]["scalars"]["step"]) == 3.0
 
 
+@pytest.mark.parametrize("stage", ["single", *STAGES])
+def test_the_records_add_only_names_and_numbers_to_a_checkpoint(chain, stage):
+    """They reference the tensors the rank file holds anyway (torch.save stores a storage once)."""
+    size = chain[stage]["bytes"]
+    weights = sum(t.numel() * t.element_size() for t in chain["single"]["saved"]["weight"].values())
+    assert size["without"] > weights  # the rank file itself holds tensors
+    assert 0 < size["with"] - size["without"] < 64 * 1024, size
+
+
 def test_missing_or_old_records_are_refused(chain):
     from megatron_recycle.train.checkpoint import CheckpointError
     from megatron_recycle.train.reshard import SavedModelSpace
 
     cfg, _ = _workers.tiny_llama()
-    rank0 = torch.load(chain["folder"] / "dp2_distopt_rank0.pt", weights_only=True)["model_space"]
+    rank0 = torch.load(chain["folder"] / "dp2_distopt_rank0.pt", map_location="cpu", weights_only=True)["model_space"]
     # the distributed optimizer's rank 0 owns only part of each shard's state: rank 1's file is needed
     saved = SavedModelSpace([rank0], cfg)
     saved.getter("weight")("model.layers.0.mlp.down_proj.weight")  # the weights are whole on each rank
     with pytest.raises(CheckpointError, match="do not cover its .* elements exactly once"):
         saved.getter("exp_avg")("model.layers.0.mlp.down_proj.weight")
     with pytest.raises(CheckpointError, match="no rank of the checkpoint holds TP shard 1 of 2"):
-        tp_rank0 = torch.load(chain["folder"] / "tp2_plain_rank0.pt", weights_only=True)["model_space"]
+        tp_rank0 = torch.load(chain["folder"] / "tp2_plain_rank0.pt", map_location="cpu", weights_only=True)["model_space"]
         SavedModelSpace([tp_rank0], cfg).getter("weight")("model.layers.0.mlp.down_proj.weight")
     with pytest.raises(CheckpointError, match="no model-space records"):
         SavedModelSpace([rank0, None], cfg)
