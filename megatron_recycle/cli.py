@@ -151,6 +151,15 @@ def cmd_serve_retriever(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from megatron_recycle.train.reshard import export_checkpoint
+
+    info = export_checkpoint(args.run_dir, args.out, step=args.step, main_weights=args.main_weights)
+    print(f"[export] checkpoint step {info['step']} ({info['ranks']} rank files, {info['weights']}): "
+          f"{info['tensors']} tensors -> {info['out']}", flush=True)
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from megatron_recycle.analyze import main as analyze_main
 
@@ -195,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_serve_retriever)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p = add("export", "Write a training checkpoint's policy as a Hugging Face folder (one process, any "
+            "layout the checkpoint was saved on).", cmd_export, config=False)
+    p.add_argument("run_dir", help="a run directory (runs/NAME) with checkpoints/")
+    p.add_argument("--out", required=True, metavar="DIR", help="the Hugging Face folder to write")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    p.add_argument("--main-weights", action="store_true", help="write the optimizer's fp32 main weights "
+                   "instead of the model's own (bf16 in a bf16 run)")
     p = add("analyze", "Plots and tables of a run's recycling dynamics from its metrics.jsonl.", cmd_analyze,
             config=False)
     p.add_argument("run_dir", help="a run directory (runs/NAME)")

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -419,31 +419,49 @@ def save_hf_checkpoint(
 
     Collective like :func:`export_hf_state_dict`; buffers at most ``max_shard_bytes`` of tensors.
     """
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    write_hf_folder(export_hf_state_dict(model_chunks, hf_config, dtype=dtype), hf_config, out_dir,
+                    max_shard_bytes=max_shard_bytes, write=rank0)
+
+
+def write_hf_folder(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    hf_config: Any,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+    write: bool = True,
+) -> int:
+    """Write ``(hf_name, tensor)`` pairs as a Hugging Face folder: config.json, safetensors files of
+    at most ``max_shard_bytes`` each (the most this buffers) and their index. ``write=False``
+    consumes the stream without writing (the other ranks of a collective export). Returns the
+    number of tensors."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
+    if write:
         out.mkdir(parents=True, exist_ok=True)
     bucket: dict[str, torch.Tensor] = {}
     size = 0
     weight_map: dict[str, str] = {}
     files: list[str] = []
+    n = 0
 
     def flush() -> None:
         nonlocal bucket, size
         if not bucket:
             return
         fname = f"model-{len(files) + 1:05d}.safetensors"
-        if rank0:
+        if write:
             save_file(bucket, str(out / fname), metadata={"format": "pt"})
         for k in bucket:
             weight_map[k] = fname
         files.append(fname)
         bucket, size = {}, 0
 
-    for name, t in export_hf_state_dict(model_chunks, hf_config, dtype=dtype):
-        if not rank0:
+    for name, t in tensors:
+        n += 1
+        if not write:
             continue
         nbytes = t.numel() * t.element_size()
         if bucket and size + nbytes > max_shard_bytes:
@@ -451,8 +469,9 @@ def save_hf_checkpoint(
         bucket[name] = t.cpu().contiguous().clone()
         size += nbytes
     flush()
-    if rank0:
+    if write:
         hf_config.save_pretrained(out)
         total = sum(os.path.getsize(out / f) for f in files)
         with open(out / "model.safetensors.index.json", "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    return n

@@ -295,3 +295,54 @@ def load_resharded(chunks: Sequence[Any], opt: Any, hf_config: Any, records: Seq
                 state[key] = v.clone().to(main.device if on_device else "cpu")
             counts["optimizer_shards"] += 1
     return counts
+
+
+def _hf_order(name: str) -> tuple[int, int, str]:
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    if m:
+        return (1, int(m.group(1)), name)
+    return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, name)
+
+
+def export_checkpoint(
+    run_dir: str | Any,
+    out_dir: str | Any,
+    step: int | None = None,
+    main_weights: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> dict[str, Any]:
+    """Write a training checkpoint's policy as a Hugging Face folder, in one process, on any layout.
+
+    No torch.distributed and no Megatron model: the checkpoint's files are verified (sha256) and
+    memory-mapped, and each full tensor is rebuilt from the ranks' model-space records one at a
+    time. ``main_weights`` writes the optimizer's fp32 main weights instead of the model's own
+    (bf16 in a bf16 run). The model's config and tokenizer come from the run's
+    ``model.name_or_path`` (config.yaml in the run directory). Returns what was written.
+    """
+    from pathlib import Path
+
+    from megatron_recycle.config import load_config
+    from megatron_recycle.model.convert import write_hf_folder
+    from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer
+    from megatron_recycle.train.checkpoint import CheckpointError, CheckpointManager
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: no config.yaml; pass the run directory of a `megatron-recycle train` run")
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt = CheckpointManager(run_dir, config_dict=cfg.to_dict())
+    if step is None:
+        step = ckpt.latest()
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {ckpt.dir}")
+    _, parts = ckpt.load_all(step)
+    hf_config = load_hf_config(cfg.model.name_or_path, cache_dir=cfg.model.cache_dir)
+    saved = SavedModelSpace([p.get("model_space") if isinstance(p, dict) else None for p in parts], hf_config)
+    if main_weights and not any(rec["main"] is not None for recs in saved.by_name.values() for _, _, rec in recs):
+        raise CheckpointError(f"checkpoint step {step} holds no optimizer main weights")
+    get = saved.getter("main" if main_weights else "weight")
+    names = sorted(saved.owner_of, key=_hf_order)
+    n = write_hf_folder(((name, get(name)) for name in names), hf_config, out, max_shard_bytes=max_shard_bytes)
+    load_tokenizer(cfg.model.name_or_path, cache_dir=cfg.model.cache_dir).save_pretrained(out)
+    return {"step": step, "tensors": n, "out": str(out), "ranks": len(parts),
+            "weights": "fp32 main weights" if main_weights else "model weights"}

@@ -356,6 +356,24 @@ def test_resume_on_another_layout_reshards_the_checkpoint(env, tmp_path):
         if k in saved.owner_of:
             assert torch.equal(v.float(), saved.getter("weight")(k).float()), k
 
+    # the same checkpoint exported offline (`megatron-recycle export`: one process, no Megatron model)
+    def weights(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    out = _run(CLI + ["export", str(env["out"] / name), "--step", "1", "--out", str(tmp_path / "export")]).stdout
+    assert "checkpoint step 1 (2 rank files, model weights)" in out, out
+    offline = weights(tmp_path / "export")
+    assert sorted(offline) == sorted(exported) and all(torch.equal(offline[k], exported[k]) for k in offline)
+    assert (tmp_path / "export" / "tokenizer.json").is_file() and (tmp_path / "export" / "config.json").is_file()
+    _run(CLI + ["export", str(env["out"] / name), "--main-weights", "--out", str(tmp_path / "main")])
+    main = weights(tmp_path / "main")
+    assert all(v.dtype == torch.float32 for v in main.values())
+    # the bf16 weights are the fp32 main weights rounded (Megatron's copy after each step)
+    assert all(torch.equal(main[k].to(torch.bfloat16), exported[k]) for k in exported)
+    bad = subprocess.run(CLI + ["export", str(tmp_path), "--out", str(tmp_path / "x")], capture_output=True,
+                         text=True, timeout=120, env=_env_vars(), cwd=ROOT)
+    assert bad.returncode == 2 and "CheckpointError" in bad.stderr and "no config.yaml" in bad.stderr, bad.stderr
+
     _run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", *extra))
     assert [r["step"] for r in _metrics(env["out"] / name)] == [0, 1]
     manifest = json.loads((env["out"] / name / "checkpoints" / "step_2" / "manifest.json").read_text())
