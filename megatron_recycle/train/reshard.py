@@ -84,6 +84,10 @@ class _Owner:
         return None
 
 
+def _group_of(inner: Any, main: torch.Tensor) -> dict[str, Any]:
+    return next(g for g in inner.param_groups if any(q is main for q in g["params"]))
+
+
 def _global_name(model: Any, name: str) -> str:
     m = _LAYER_RE.match(name)
     if m is None:
@@ -114,6 +118,10 @@ def model_space_records(chunks: Sequence[Any], opt: Any) -> dict[str, Any]:
                     k: (v.detach().reshape(-1) if v.dim() > 0 else v.detach())
                     for k, v in inner.state.get(main, {}).items() if isinstance(v, torch.Tensor)
                 }
+                # fused Adams (apex, transformer-engine) count steps per param group, not per parameter
+                group = _group_of(inner, main)
+                if isinstance(group.get("step"), int | float) and "step" not in rec["state"]:
+                    rec["state"]["step"] = torch.tensor(float(group["step"]))
             params[_global_name(model, name)] = rec
     return {
         "format": RESHARD_FORMAT,
@@ -289,8 +297,12 @@ def load_resharded(chunks: Sequence[Any], opt: Any, hf_config: Any, records: Seq
                     state[key].copy_(v)
                 else:
                     state[key] = v.to(device=main.device, dtype=main.dtype).clone()
-            for key, v in scalars.items():  # where torch keeps "step": on the device for fused/capturable
-                group = next(g for g in inner.param_groups if any(q is main for q in g["params"]))
+            group = _group_of(inner, main)
+            for key, v in scalars.items():
+                if key == "step" and isinstance(group.get("step"), int | float):  # a per-group count
+                    group["step"] = type(group["step"])(v.item())
+                    continue
+                # torch keeps "step" per parameter: on the device for fused/capturable, else on the CPU
                 on_device = group.get("fused") or group.get("capturable")
                 state[key] = v.clone().to(main.device if on_device else "cpu")
             counts["optimizer_shards"] += 1

@@ -332,7 +332,6 @@ def test_resume_on_another_layout_reshards_the_checkpoint(env, tmp_path):
     process with the plain optimizer (train/reshard.py): it starts from the checkpoint's weights
     exactly, and goes on training."""
     from safetensors.torch import load_file
-
     from transformers import AutoConfig
 
     from megatron_recycle.train.reshard import SavedModelSpace
