@@ -6,7 +6,8 @@ optimizer moments does not.
 
 The chain: one process (bf16, plain optimizer, two Adam steps) -> two processes: TP 2 with the
 distributed optimizer -> DP 2 (distributed: each rank owns half of every shard's state) -> PP 2
-with VPP 2 -> TP 2 with the plain optimizer -> one process again.
+with VPP 2 -> TP 2 with the plain optimizer -> one process again. And in fp32: one process -> DP 2
+with the distributed optimizer -> one process.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from tests.train import _dist, _workers
 
 pytestmark = pytest.mark.distributed
 
-COMMON = {"bf16": True}
 TWO_PROCESS = [
     ["tp2_distopt", {"tp": 2, "dist_opt": True, "load_from": "single"}],
     ["dp2_distopt", {"dist_opt": True, "load_from": "tp2_distopt"}],
     ["pp2_vpp2_distopt", {"pp": 2, "vpp": 2, "dist_opt": True, "load_from": "dp2_distopt"}],
     ["tp2_plain", {"tp": 2, "dist_opt": False, "load_from": "pp2_vpp2_distopt"}],
+    # fp32: Megatron's FP32Optimizer, and a distributed optimizer whose main weights are the model's
+    ["fp32_dp2_distopt", {"bf16": False, "dist_opt": True, "load_from": "fp32_single"}],
 ]
 
 
@@ -32,16 +34,22 @@ def chain(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reshard")
 
     def job(name, args):
-        return [name, "reshard_stage", {**COMMON, **args, "name": name, "dir": str(folder)}]
+        return [name, "reshard_stage", {"bf16": True, **args, "name": name, "dir": str(folder)}]
 
-    first = _dist.run_workers("run_jobs", 1, {"jobs": [job("single", {"dist_opt": False})]})[0]
+    first = _dist.run_workers("run_jobs", 1, {"jobs": [
+        job("single", {"dist_opt": False}), job("fp32_single", {"bf16": False, "dist_opt": False})]})[0]
     two = _dist.run_workers("run_jobs", 2, {"jobs": [job(n, a) for n, a in TWO_PROCESS]})[0]
-    last = _dist.run_workers(
-        "run_jobs", 1, {"jobs": [job("single_again", {"dist_opt": False, "load_from": "tp2_plain"})]})[0]
-    return {"folder": folder, "single": first["single"], **two, "single_again": last["single_again"]}
+    last = _dist.run_workers("run_jobs", 1, {"jobs": [
+        job("single_again", {"dist_opt": False, "load_from": "tp2_plain"}),
+        job("fp32_single_again", {"bf16": False, "dist_opt": False, "load_from": "fp32_dp2_distopt"})]})[0]
+    return {"folder": folder, **first, **two, **last}
 
 
-STAGES = [name for name, _ in TWO_PROCESS] + ["single_again"]
+STAGES = [name for name, _ in TWO_PROCESS] + ["single_again", "fp32_single_again"]
+
+
+def _first(stage: str) -> str:
+    return "fp32_single" if stage.startswith("fp32") else "single"
 
 
 def _update(after: dict, before: dict) -> torch.Tensor:
@@ -52,9 +60,10 @@ def _update(after: dict, before: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_resharded_load_holds_the_saved_state_bit_for_bit(chain, stage):
-    ref, got = chain["single"]["saved"], chain[stage]["saved"]
+    ref, got = chain[_first(stage)]["saved"], chain[stage]["saved"]
     assert sorted(ref) == sorted(got) == ["exp_avg", "exp_avg_sq", "main", "scalars", "weight"]
-    assert ref["weight"]["model.embed_tokens.weight"].dtype == torch.bfloat16
+    bf16 = not stage.startswith("fp32")
+    assert ref["weight"]["model.embed_tokens.weight"].dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert ref["main"]["model.embed_tokens.weight"].dtype == torch.float32
     assert len(ref["weight"]) == 2 + 9 * 4  # embeddings, final norm, 9 tensors per layer (tied lm_head)
     for kind in ref:
@@ -70,27 +79,28 @@ def test_the_next_step_after_a_resharded_load_is_the_saved_layouts(chain, stage)
     """The step after the load, from the same state on another layout, against the step the first
     layout took: the relative difference of the two weight updates. bf16 arithmetic makes it
     layout-dependent (measured: DP 2 3e-7, PP 2 1e-4, TP 2 2e-2: Adam turns the bf16 noise of
-    near-zero gradients into full-size updates of those few elements); back on the first layout it
-    is exactly 0. Fresh moments instead of the carried ones give a relative difference above 1."""
-    saved = chain["single"]["saved"]["main"]
-    ref = _update(chain["single"]["next"]["main"], saved)
+    near-zero gradients into full-size updates of those few elements); in fp32 only the reduction
+    order differs; back on the first layout it is exactly 0. Fresh moments instead of the carried ones give a relative difference above 1."""
+    first = chain[_first(stage)]
+    saved = first["saved"]["main"]
+    ref = _update(first["next"]["main"], saved)
     same = ((_update(chain[stage]["next"]["main"], saved) - ref).norm() / ref.norm()).item()
     fresh = ((_update(chain[stage]["control"]["main"], saved) - ref).norm() / ref.norm()).item()
     assert ref.abs().max() > 1e-3  # the step changes the weights
-    if stage == "single_again":  # the first stage's layout: the same arithmetic, the same step
+    if stage.endswith("single_again"):  # the first stage's layout: the same arithmetic, the same step
         assert same == 0.0
-        assert chain[stage]["metrics"]["loss"] == chain["single"]["metrics"]["loss"]
-    assert same <= 0.05, (stage, same)
+        assert chain[stage]["metrics"]["loss"] == first["metrics"]["loss"]
+    assert same <= (1e-4 if stage.startswith("fp32") else 0.05), (stage, same)  # fp32: reduction order only
     assert fresh >= 0.5, (stage, fresh)
-    assert chain[stage]["metrics"]["loss"] == pytest.approx(chain["single"]["metrics"]["loss"], rel=1e-2)
+    assert chain[stage]["metrics"]["loss"] == pytest.approx(first["metrics"]["loss"], rel=1e-2)
     assert float(chain[stage]["next"]["scalars"]["step"]) == 3.0
 
 
-@pytest.mark.parametrize("stage", ["single", *STAGES])
+@pytest.mark.parametrize("stage", ["single", "fp32_single", *STAGES])
 def test_the_records_add_only_names_and_numbers_to_a_checkpoint(chain, stage):
     """They reference the tensors the rank file holds anyway (torch.save stores a storage once)."""
     size = chain[stage]["bytes"]
-    weights = sum(t.numel() * t.element_size() for t in chain["single"]["saved"]["weight"].values())
+    weights = sum(t.numel() * t.element_size() for t in chain[_first(stage)]["saved"]["weight"].values())
     assert size["without"] > weights  # the rank file itself holds tensors
     assert 0 < size["with"] - size["without"] < 64 * 1024, size
 
