@@ -309,7 +309,8 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 pool.load_state_dict(shared["pool"])
             start_step, rollouts_done = int(shared["step"]), int(shared["rollouts"])
             rtm.sync_engine_weights(rt)
-            print(f"[train] resumed from {run_dir / 'checkpoints'} step {start_step}", flush=True)
+            if rt.is_rank0:
+                print(f"[train] resumed from {run_dir / 'checkpoints'} step {start_step}", flush=True)
     metrics = MetricsWriter(run_dir, enabled=rt.is_rank0, resume_step=start_step if resume else None)
     decisions = _DecisionLog(run_dir, lay.rank, start_step if resume else None)
     ref_chunks = _reference_model(rt) if cfg.loss.kl_beta > 0 else None
