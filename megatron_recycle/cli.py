@@ -104,6 +104,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megatron_recycle.train.grpo import run_grpo
 
     cfg = _load(args)
+    for option, path in (("--init-from", args.init_from), ("model.name_or_path", cfg.model.name_or_path)):
+        if path:
+            _refuse_training_checkpoint(path, option)
     summary = run_grpo(cfg, resume=args.resume, init_from=args.init_from)
     rt = summary.pop("runtime")
     if args.save_hf:
@@ -134,8 +137,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f = Path(cfg.data.test_file or Path(cfg.data.dir) / "test.jsonl")
         files = eval_files(cfg, [str(f)], benchmarks=False)
     model = args.checkpoint or cfg.model.name_or_path
+    _refuse_training_checkpoint(model, "--checkpoint")
     evaluate_files(cfg, model, files, Path(args.out or cfg.run_dir / "eval"), resume=args.resume)
     return 0
+
+
+def _refuse_training_checkpoint(path: str, option: str) -> None:
+    """A training checkpoint folder (RUN/checkpoints/step_N) where a Hugging Face folder is expected:
+    say how to export it instead of failing inside transformers."""
+    from pathlib import Path
+
+    p = Path(path)
+    if (p / "manifest.json").is_file() and p.parent.name == "checkpoints" and p.name.startswith("step_"):
+        from megatron_recycle.train.checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"{option} {path} is a training checkpoint, not a Hugging Face folder; export it first: "
+            f"megatron-recycle export {p.parent.parent} --step {p.name.split('_', 1)[1]} --out DIR"
+        )
 
 
 def cmd_serve_retriever(args: argparse.Namespace) -> int:

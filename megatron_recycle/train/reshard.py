@@ -32,16 +32,6 @@ RESHARD_FORMAT = "megatron-recycle-reshard/1"
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def _sub_optimizers(opt: Any) -> list[Any]:
-    return list(getattr(opt, "chained_optimizers", None) or [opt])
-
-
-def _is_distributed(o: Any) -> bool:
-    from megatron.core.optimizer import DistributedOptimizer
-
-    return isinstance(o, DistributedOptimizer)
-
-
 def _main_params(o: Any) -> dict[int, torch.Tensor]:
     """id(model param) -> the tensor a non-distributed Megatron optimizer steps (its fp32 copy or itself)."""
     found: dict[int, torch.Tensor] = {}
@@ -64,12 +54,14 @@ class _Owner:
     flat range of the TP shard), or nothing when another DP rank owns all of it."""
 
     def __init__(self, opt: Any) -> None:
-        self.subs = _sub_optimizers(opt)
-        self.plain = [(o, _main_params(o)) for o in self.subs if not _is_distributed(o)]
+        from megatron_recycle.train.step import _is_distributed_optimizer, _sub_optimizers
+
+        self.subs = [(o, _is_distributed_optimizer(o)) for o in _sub_optimizers(opt)]
+        self.plain = [(o, _main_params(o)) for o, distributed in self.subs if not distributed]
 
     def find(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, Any, int, int] | None:
-        for o in self.subs:
-            if not _is_distributed(o) or p not in o.model_param_gbuf_map:
+        for o, distributed in self.subs:
+            if not distributed or p not in o.model_param_gbuf_map:
                 continue
             try:
                 rng = o._get_model_param_range_map(p)["param"]
@@ -89,10 +81,13 @@ def _group_of(inner: Any, main: torch.Tensor) -> dict[str, Any]:
 
 
 def _global_name(model: Any, name: str) -> str:
+    """A chunk's parameter name with the layer numbered in the whole model (PP/VPP chunks count from 0)."""
+    from megatron_recycle.model.convert import _global_layer_index
+
     m = _LAYER_RE.match(name)
     if m is None:
         return name
-    return f"decoder.layers.{int(model.decoder.layers[int(m.group(1))].layer_number) - 1}.{m.group(2)}"
+    return f"decoder.layers.{_global_layer_index(model, int(m.group(1)))}.{m.group(2)}"
 
 
 def model_space_records(chunks: Sequence[Any], opt: Any) -> dict[str, Any]:

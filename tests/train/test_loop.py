@@ -372,6 +372,12 @@ def test_resume_on_another_layout_reshards_the_checkpoint(env, tmp_path):
     bad = subprocess.run(CLI + ["export", str(tmp_path), "--out", str(tmp_path / "x")], capture_output=True,
                          text=True, timeout=120, env=_env_vars(), cwd=ROOT)
     assert bad.returncode == 2 and "CheckpointError" in bad.stderr and "no config.yaml" in bad.stderr, bad.stderr
+    # a training checkpoint where a Hugging Face folder belongs: the error says how to export it
+    for args in (["eval", "--checkpoint", str(step1)], ["train", "--init-from", str(step1)]):
+        bad = subprocess.run(CLI + args + _overrides(env, name, *extra), capture_output=True, text=True,
+                             timeout=120, env=_env_vars(), cwd=ROOT)
+        assert bad.returncode == 2, bad.stderr[-2000:]
+        assert f"megatron-recycle export {env['out'] / name} --step 1 --out DIR" in bad.stderr, bad.stderr[-2000:]
 
     _run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", *extra))
     assert [r["step"] for r in _metrics(env["out"] / name)] == [0, 1]
