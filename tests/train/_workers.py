@@ -311,7 +311,7 @@ def reshard_stage(args: dict) -> dict:
         shard_for_data_parallel,
     )
 
-    cfg, sd = tiny_llama()
+    cfg, sd = tiny_llama(tie=args.get("tie", True))
     gb = global_batch()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     local = shard_for_data_parallel(TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"]), dp_rank, dp)

@@ -6,8 +6,8 @@ optimizer moments does not.
 
 The chain: one process (bf16, plain optimizer, two Adam steps) -> two processes: TP 2 with the
 distributed optimizer -> DP 2 (distributed: each rank owns half of every shard's state) -> PP 2
-with VPP 2 -> TP 2 with the plain optimizer -> one process again. And in fp32: one process -> DP 2
-with the distributed optimizer -> one process.
+with VPP 2 -> TP 2 with the plain optimizer -> one process again. And in fp32 with an untied
+output layer: one process -> TP 2 -> DP 2 (both with the distributed optimizer) -> one process.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ TWO_PROCESS = [
     ["dp2_distopt", {"dist_opt": True, "load_from": "tp2_distopt"}],
     ["pp2_vpp2_distopt", {"pp": 2, "vpp": 2, "dist_opt": True, "load_from": "dp2_distopt"}],
     ["tp2_plain", {"tp": 2, "dist_opt": False, "load_from": "pp2_vpp2_distopt"}],
-    # fp32: Megatron's FP32Optimizer, and a distributed optimizer whose main weights are the model's
-    ["fp32_dp2_distopt", {"bf16": False, "dist_opt": True, "load_from": "fp32_single"}],
+    # fp32 and an untied output layer: Megatron's FP32Optimizer, and distributed optimizers whose
+    # main weights are the model's
+    ["fp32_tp2_distopt", {"bf16": False, "tie": False, "tp": 2, "dist_opt": True, "load_from": "fp32_single"}],
+    ["fp32_dp2_distopt", {"bf16": False, "tie": False, "dist_opt": True, "load_from": "fp32_tp2_distopt"}],
 ]
 
 
@@ -37,11 +39,12 @@ def chain(tmp_path_factory):
         return [name, "reshard_stage", {"bf16": True, **args, "name": name, "dir": str(folder)}]
 
     first = _dist.run_workers("run_jobs", 1, {"jobs": [
-        job("single", {"dist_opt": False}), job("fp32_single", {"bf16": False, "dist_opt": False})]})[0]
+        job("single", {"dist_opt": False}), job("fp32_single", {"bf16": False, "tie": False, "dist_opt": False})]})[0]
     two = _dist.run_workers("run_jobs", 2, {"jobs": [job(n, a) for n, a in TWO_PROCESS]})[0]
     last = _dist.run_workers("run_jobs", 1, {"jobs": [
         job("single_again", {"dist_opt": False, "load_from": "tp2_plain"}),
-        job("fp32_single_again", {"bf16": False, "dist_opt": False, "load_from": "fp32_dp2_distopt"})]})[0]
+        job("fp32_single_again", {"bf16": False, "tie": False, "dist_opt": False,
+                                  "load_from": "fp32_dp2_distopt"})]})[0]
     return {"folder": folder, **first, **two, **last}
 
 
@@ -65,7 +68,8 @@ def test_a_resharded_load_holds_the_saved_state_bit_for_bit(chain, stage):
     bf16 = not stage.startswith("fp32")
     assert ref["weight"]["model.embed_tokens.weight"].dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert ref["main"]["model.embed_tokens.weight"].dtype == torch.float32
-    assert len(ref["weight"]) == 2 + 9 * 4  # embeddings, final norm, 9 tensors per layer (tied lm_head)
+    # embeddings, final norm, 9 tensors per layer, and lm_head where it is not tied (the fp32 chain)
+    assert len(ref["weight"]) == 2 + 9 * 4 + (0 if bf16 else 1)
     for kind in ref:
         assert sorted(ref[kind]) == sorted(got[kind]), kind
         for name, t in ref[kind].items():
