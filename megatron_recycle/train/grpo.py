@@ -437,7 +437,7 @@ class _DecisionLog:
 
 def _load_resharded(ckpt, rt: rtm.Runtime, changed) -> tuple[dict, dict]:
     """Resume a checkpoint saved on another layout (train/reshard.py); returns (shared, this rank's parts)."""
-    from megatron_recycle.train.reshard import load_resharded
+    from megatron_recycle.train.reshard import load_resharded, rng_state_for_new_layout
 
     def describe(d: dict) -> str:
         tp, pp, world = d.get("model.tp") or 1, d.get("model.pp") or 1, d.get("world_size") or 1
@@ -455,7 +455,8 @@ def _load_resharded(ckpt, rt: rtm.Runtime, changed) -> tuple[dict, dict]:
     if rt.is_rank0:
         print(f"[train] --resume: resharded {counts['params']} parameter shards and {counts['optimizer_shards']} "
               f"optimizer shards on rank 0; RNG streams: rank r continues saved rank r mod {len(old)}", flush=True)
-    return shared, {"scheduler": old[0]["scheduler"], "rng": old[source]["rng"]}
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return shared, {"scheduler": old[0]["scheduler"], "rng": rng_state_for_new_layout(old[source]["rng"], cuda_devices)}
 
 
 def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, capture_rng_state) -> None:

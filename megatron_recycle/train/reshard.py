@@ -353,3 +353,13 @@ def export_checkpoint(
     load_tokenizer(cfg.model.name_or_path, cache_dir=cfg.model.cache_dir).save_pretrained(out)
     return {"step": step, "tensors": n, "out": str(out), "ranks": len(parts),
             "weights": "fp32 main weights" if main_weights else "model weights"}
+
+
+def rng_state_for_new_layout(state: dict[str, Any], cuda_devices: int) -> dict[str, Any]:
+    """An old rank's RNG state made loadable by a rank of another layout: the CUDA generator states
+    are dropped when this process sees another number of devices (a resume on another machine
+    shape; restore_rng_state would refuse them), and those generators keep this run's seeds."""
+    out = dict(state)
+    if "cuda" in out and len(out["cuda"]) != cuda_devices:
+        out.pop("cuda")
+    return out

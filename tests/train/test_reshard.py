@@ -125,3 +125,19 @@ def test_missing_or_old_records_are_refused(chain):
         SavedModelSpace([tp_rank0], cfg).getter("weight")("model.layers.0.mlp.down_proj.weight")
     with pytest.raises(CheckpointError, match="no model-space records"):
         SavedModelSpace([rank0, None], cfg)
+
+
+def test_cuda_rng_states_of_another_machine_shape_are_dropped():
+    from megatron_recycle.train.checkpoint import capture_rng_state, restore_rng_state
+    from megatron_recycle.train.reshard import rng_state_for_new_layout
+
+    cuda = [torch.zeros(8, dtype=torch.uint8)] * 8  # saved by a process that saw 8 GPUs
+    state = {"python": (3, tuple(range(625)), None), "cuda": cuda}
+    assert rng_state_for_new_layout(state, 8)["cuda"] is cuda
+    for devices in (4, 0):
+        kept = rng_state_for_new_layout(state, devices)
+        assert "cuda" not in kept and kept["python"] == state["python"]
+    assert "cuda" in state  # the checkpoint's own dict is left as it was
+    if torch.cuda.is_available() and torch.cuda.device_count() != 8:
+        with pytest.raises(ValueError, match="CUDA device states"):  # what the resharded resume avoids
+            restore_rng_state({**capture_rng_state(), "cuda": cuda})
