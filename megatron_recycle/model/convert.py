@@ -414,14 +414,16 @@ def save_hf_checkpoint(
     *,
     max_shard_bytes: int = 2 * 1024**3,
     dtype: torch.dtype | None = None,
+    tokenizer: Any | None = None,
 ) -> None:
-    """Write a Hugging Face folder (config.json + sharded safetensors + index) from rank 0.
+    """Write a Hugging Face folder (config.json + sharded safetensors + index, and the tokenizer
+    when given) from rank 0, atomically (:func:`write_hf_folder`).
 
     Collective like :func:`export_hf_state_dict`; buffers at most ``max_shard_bytes`` of tensors.
     """
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     write_hf_folder(export_hf_state_dict(model_chunks, hf_config, dtype=dtype), hf_config, out_dir,
-                    max_shard_bytes=max_shard_bytes, write=rank0)
+                    max_shard_bytes=max_shard_bytes, write=rank0, tokenizer=tokenizer)
 
 
 def write_hf_folder(
@@ -431,16 +433,32 @@ def write_hf_folder(
     *,
     max_shard_bytes: int = 2 * 1024**3,
     write: bool = True,
+    tokenizer: Any | None = None,
 ) -> int:
     """Write ``(hf_name, tensor)`` pairs as a Hugging Face folder: config.json, safetensors files of
-    at most ``max_shard_bytes`` each (the most this buffers) and their index. ``write=False``
-    consumes the stream without writing (the other ranks of a collective export). Returns the
-    number of tensors."""
+    at most ``max_shard_bytes`` each (the most this buffers), their index and the tokenizer when
+    given. ``write=False`` consumes the stream without writing (the other ranks of a collective
+    export). Returns the number of tensors.
+
+    Atomic: everything goes to a hidden sibling folder first, which then replaces ``out_dir``, so a
+    crash leaves the previous folder or the new one, never a mix (a `run --resume` reuses an SFT
+    folder that has a config.json). An existing ``out_dir`` that is not empty and holds no
+    config.json is refused rather than replaced.
+    """
+    import shutil
+    import uuid
+
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
+    final = Path(out_dir)
+    out = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    refused = None
+    if write and (final.is_file() or (final.is_dir() and any(final.iterdir()) and not (final / "config.json").is_file())):
+        # raised after the stream is consumed: in a collective export the other ranks are in it too
+        refused = FileExistsError(f"{final} exists and is not a model folder (no config.json): choose another folder")
+        write = False
     if write:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True)
     bucket: dict[str, torch.Tensor] = {}
     size = 0
     weight_map: dict[str, str] = {}
@@ -459,19 +477,35 @@ def write_hf_folder(
         files.append(fname)
         bucket, size = {}, 0
 
-    for name, t in tensors:
-        n += 1
-        if not write:
-            continue
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > max_shard_bytes:
-            flush()
-        bucket[name] = t.cpu().contiguous().clone()
-        size += nbytes
-    flush()
+    try:
+        for name, t in tensors:
+            n += 1
+            if not write:
+                continue
+            nbytes = t.numel() * t.element_size()
+            if bucket and size + nbytes > max_shard_bytes:
+                flush()
+            bucket[name] = t.cpu().contiguous().clone()
+            size += nbytes
+        flush()
+    except BaseException:
+        if write:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if refused is not None:
+        raise refused
     if write:
         hf_config.save_pretrained(out)
         total = sum(os.path.getsize(out / f) for f in files)
         with open(out / "model.safetensors.index.json", "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+        os.replace(out, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return n

@@ -198,9 +198,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     summary = run_grpo(cfg, resume=resume, init_from=start_model)
     rt = summary.pop("runtime")
     final_hf = run_dir / "final_hf"
-    save_hf_checkpoint(rt.chunks, rt.hf_config, final_hf)
-    if rank0:
-        rt.tokenizer.save_pretrained(str(final_hf))
+    save_hf_checkpoint(rt.chunks, rt.hf_config, final_hf, tokenizer=rt.tokenizer)
     if dist.is_initialized():
         dist.barrier()  # every rank evaluates final_hf next: rank 0 must have finished writing it
     del rt

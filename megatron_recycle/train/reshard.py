@@ -349,8 +349,9 @@ def export_checkpoint(
         raise CheckpointError(f"checkpoint step {step} holds no optimizer main weights")
     get = saved.getter("main" if main_weights else "weight")
     names = sorted(saved.owner_of, key=_hf_order)
-    n = write_hf_folder(((name, get(name)) for name in names), hf_config, out, max_shard_bytes=max_shard_bytes)
-    load_tokenizer(cfg.model.name_or_path, cache_dir=cfg.model.cache_dir).save_pretrained(out)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cache_dir=cfg.model.cache_dir)
+    n = write_hf_folder(((name, get(name)) for name in names), hf_config, out, max_shard_bytes=max_shard_bytes,
+                        tokenizer=tokenizer)
     return {"step": step, "tensors": n, "out": str(out), "ranks": len(parts),
             "weights": "fp32 main weights" if main_weights else "model weights"}
 

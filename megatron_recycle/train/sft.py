@@ -117,9 +117,8 @@ def run_sft(cfg: Config) -> dict[str, Any]:
                   f"grad_norm {m['grad_norm']:.2f} {m['time/step_s']:.1f}s "
                   f"(ETA {elapsed / (step + 1) * (cfg.sft.steps - step - 1):.0f}s)", flush=True)
     hf_dir = out_dir / "hf"
-    save_hf_checkpoint(rt.chunks, rt.hf_config, hf_dir)
+    save_hf_checkpoint(rt.chunks, rt.hf_config, hf_dir, tokenizer=rt.tokenizer)
     if rt.is_rank0:
-        rt.tokenizer.save_pretrained(str(hf_dir))
         print(f"[sft] saved {hf_dir}", flush=True)
     if dist.is_initialized():
         dist.barrier()

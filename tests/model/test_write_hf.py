@@ -1,0 +1,70 @@
+"""convert.write_hf_folder: the Hugging Face folder every export writes (--save-hf, SFT, final_hf,
+`megatron-recycle export`) replaces the old one whole or not at all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig
+
+from megatron_recycle.model.convert import write_hf_folder
+
+CFG = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1)
+
+
+def _tensors(n: int, value: float):
+    for i in range(n):
+        yield f"t{i}", torch.full((64,), value)
+
+
+def _read(folder) -> dict:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_a_new_export_replaces_the_old_folder_whole(tmp_path):
+    out = tmp_path / "hf"
+    assert write_hf_folder(_tensors(6, 1.0), CFG, out, max_shard_bytes=256) == 6
+    assert len(list(out.glob("*.safetensors"))) == 6  # one 256-byte tensor per file
+    write_hf_folder(_tensors(2, 2.0), CFG, out, max_shard_bytes=10_000)
+    # no stale shard of the larger old export is left beside the new one
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001.safetensors"]
+    got = _read(out)
+    assert sorted(got) == ["t0", "t1"] and all(bool((v == 2.0).all()) for v in got.values())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"t0": "model-00001.safetensors", "t1": "model-00001.safetensors"}
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary or old folder left
+
+
+def test_a_failed_export_leaves_the_old_folder(tmp_path):
+    out = tmp_path / "hf"
+    write_hf_folder(_tensors(2, 1.0), CFG, out)
+
+    def broken():
+        yield "t0", torch.zeros(4)
+        raise RuntimeError("rank 1 died")
+
+    with pytest.raises(RuntimeError, match="rank 1 died"):
+        write_hf_folder(broken(), CFG, out)
+    got = _read(out)
+    assert sorted(got) == ["t0", "t1"] and all(bool((v == 1.0).all()) for v in got.values())
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_a_folder_that_is_not_a_model_is_not_replaced(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    consumed = []
+
+    def stream():
+        for name, t in _tensors(3, 1.0):
+            consumed.append(name)
+            yield name, t
+
+    with pytest.raises(FileExistsError, match="not a model folder"):
+        write_hf_folder(stream(), CFG, tmp_path)
+    assert consumed == ["t0", "t1", "t2"]  # consumed all the same (a collective export must not stall)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert write_hf_folder(_tensors(1, 1.0), CFG, tmp_path / "empty_is_fine") == 1
