@@ -432,9 +432,11 @@ class CheckpointManager:
             current = {k: self.fingerprint.get(k) for k in LAYOUT_KEYS}
             current["world_size"] = self.world_size
             detail = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in saved if saved[k] != current[k])
+            ranks = (f"saved by {saved['world_size']} ranks but this run has {self.world_size}"
+                     if saved["world_size"] != self.world_size else "saved on another layout")
             raise LayoutChanged(
-                f"{folder}: saved by {manifest.get('world_size')} ranks but this run has {self.world_size} "
-                f"({detail}); the checkpoint's shards must be resharded for this layout (load_all)",
+                f"{folder}: {ranks} ({detail}); the checkpoint's shards must be resharded for this layout "
+                "(CheckpointManager.load_all and train/reshard.py; `train --resume` does it)",
                 step, saved, current,
             )
         return manifest

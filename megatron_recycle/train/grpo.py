@@ -296,8 +296,8 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 for chunk, sd in zip(rt.chunks, parts["model"]):
                     chunk.load_state_dict(sd)
                 load_optimizer_state_dict(rt.optimizer, parts["optimizer"])
-            except LayoutChanged as changed:
-                shared, parts = _load_resharded(ckpt, rt, changed)
+            except LayoutChanged as layout:
+                shared, parts = _load_resharded(ckpt, rt, layout)
             changed = schedule_differences(rt.scheduler, parts["scheduler"])
             if changed and rt.is_rank0:
                 print("[train] --resume: the learning-rate schedule continues the checkpoint's, which differs from "
