@@ -457,6 +457,8 @@ def write_hf_folder(
         # raised after the stream is consumed: in a collective export the other ranks are in it too
         refused = FileExistsError(f"{final} exists and is not a model folder (no config.json): choose another folder")
         write = False
+    umask = os.umask(0)
+    os.umask(umask)
     if write:
         out.mkdir(parents=True)
     bucket: dict[str, torch.Tensor] = {}
@@ -472,6 +474,7 @@ def write_hf_folder(
         fname = f"model-{len(files) + 1:05d}.safetensors"
         if write:
             save_file(bucket, str(out / fname), metadata={"format": "pt"})
+            os.chmod(out / fname, 0o666 & ~umask)  # safetensors creates its files 0600
         for k in bucket:
             weight_map[k] = fname
         files.append(fname)

@@ -447,14 +447,17 @@ def _load_resharded(ckpt, rt: rtm.Runtime, changed) -> tuple[dict, dict]:
     if rt.is_rank0:
         print(f"[train] --resume: checkpoint step {changed.step} was saved by {describe(changed.saved)}; this run "
               f"has {describe(changed.current)}: resharding its weights and optimizer state", flush=True)
+    t0 = time.perf_counter()
     shared, old = ckpt.load_all(changed.step)
     counts = load_resharded(rt.chunks, rt.optimizer, rt.hf_config, [p.get("model_space") for p in old])
+    seconds = time.perf_counter() - t0
     # The scheduler is the same on every rank. RNG streams belong to ranks, which the new layout
     # renumbers: rank r continues old rank (r mod saved ranks)'s streams.
     source = rt.layout.rank % len(old)
     if rt.is_rank0:
         print(f"[train] --resume: resharded {counts['params']} parameter shards and {counts['optimizer_shards']} "
-              f"optimizer shards on rank 0; RNG streams: rank r continues saved rank r mod {len(old)}", flush=True)
+              f"optimizer shards on rank 0 in {seconds:.1f}s (files verified and read); RNG streams: rank r "
+              f"continues saved rank r mod {len(old)}", flush=True)
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return shared, {"scheduler": old[0]["scheduler"], "rng": rng_state_for_new_layout(old[source]["rng"], cuda_devices)}
 

@@ -37,6 +37,8 @@ def test_a_new_export_replaces_the_old_folder_whole(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {"t0": "model-00001.safetensors", "t1": "model-00001.safetensors"}
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary or old folder left
+    # readable as the umask allows, like the config and tokenizer files (safetensors makes them 0600)
+    assert (out / "model-00001.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
 
 
 def test_a_failed_export_leaves_the_old_folder(tmp_path):
