@@ -300,6 +300,30 @@ def hf_tensors_from_shards(
     raise KeyError(f"no Hugging Face mapping for megatron parameter {name!r}")
 
 
+def hf_names_of(name: str, cfg: Any) -> list[str]:
+    """The Hugging Face tensors a global megatron parameter name (layers numbered in the whole
+    model) holds, in the order :func:`hf_tensors_from_shards` yields them; a tied output layer
+    holds none of its own."""
+    if name == "embedding.word_embeddings.weight":
+        return ["model.embed_tokens.weight"]
+    if name == "decoder.final_layernorm.weight":
+        return ["model.norm.weight"]
+    if name == "output_layer.weight":
+        return [] if getattr(cfg, "tie_word_embeddings", False) else ["lm_head.weight"]
+    m = _LAYER_RE.match(name)
+    if m is None:
+        raise KeyError(f"no Hugging Face mapping for megatron parameter {name!r}")
+    pre, suffix = f"model.layers.{m.group(1)}.", m.group(2)
+    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = suffix.rsplit(".", 1)[1]
+        return [pre + f"self_attn.{x}_proj.{kind}" for x in "qkv"]
+    if suffix == "mlp.linear_fc1.weight":
+        return [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
+    if suffix in _LAYER_SIMPLE:
+        return [pre + _LAYER_SIMPLE[suffix]]
+    raise KeyError(f"no Hugging Face mapping for megatron parameter {name!r}")
+
+
 def _local_items(chunks: Sequence[Any]) -> list[tuple[tuple[int, int, str], str, torch.Tensor, int | None]]:
     """(sort key, megatron name, param, global layer) for this PP rank's parameters, in HF order."""
     items = []

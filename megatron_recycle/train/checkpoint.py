@@ -454,34 +454,32 @@ class CheckpointManager:
         manifest = self._check(folder, step, layout_may_differ=True)
         saved_world = int(manifest.get("world_size") or 0)
         names = [SHARED_FILE] + [_RANK_FILE.format(r) for r in range(saved_world)]
-        problems = []
-        for i, name in enumerate(names):
-            if i % self.world_size != self.rank:
-                continue
-            info = manifest["files"].get(name)
-            if info is None:
-                problems.append(f"{folder / name}: not listed in the manifest; the checkpoint is incomplete")
-            elif _sha256_file(folder / name) != info.get("sha256"):
-                problems.append(f"{folder / name}: sha256 differs from the manifest's; the file is corrupt")
-        problems = [p for ps in _all_gather(problems, self.world_size) for p in ps]
+        mine = [self._verify(folder, manifest, name) for i, name in enumerate(names) if i % self.world_size == self.rank]
+        problems = [p for ps in _all_gather([p for p in mine if p], self.world_size) for p in ps]
         if problems:
-            raise CheckpointError("; ".join(problems) + " (resume from an earlier checkpoint)")
+            raise CheckpointError("; ".join(problems))
         shared = self._torch_load(folder / SHARED_FILE, step, weights_only)["shared"]
         parts = [self._torch_load(folder / name, step, weights_only, mmap=True)["parts"] for name in names[1:]]
         return shared, parts
 
-    def _load_file(self, folder: Path, manifest: dict[str, Any], name: str, step: int, weights_only: bool) -> Any:
+    @staticmethod
+    def _verify(folder: Path, manifest: dict[str, Any], name: str) -> str | None:
+        """What is wrong with file ``name`` against the manifest (listed, sha256), or None."""
         info = manifest["files"].get(name)
         path = folder / name
         if info is None:
-            raise CheckpointError(f"{path}: not listed in the manifest; the checkpoint is incomplete")
+            return f"{path}: not listed in the manifest; the checkpoint is incomplete"
         digest = _sha256_file(path)
         if digest != info.get("sha256"):
-            raise CheckpointError(
-                f"{path}: sha256 {digest[:16]}... differs from the manifest's {str(info.get('sha256'))[:16]}...; "
-                "the file is corrupt: resume from an earlier checkpoint (delete this folder)"
-            )
-        return self._torch_load(path, step, weights_only)
+            return (f"{path}: sha256 {digest[:16]}... differs from the manifest's {str(info.get('sha256'))[:16]}...; "
+                    "the file is corrupt: resume from an earlier checkpoint (delete this folder)")
+        return None
+
+    def _load_file(self, folder: Path, manifest: dict[str, Any], name: str, step: int, weights_only: bool) -> Any:
+        problem = self._verify(folder, manifest, name)
+        if problem:
+            raise CheckpointError(problem)
+        return self._torch_load(folder / name, step, weights_only)
 
     def _torch_load(self, path: Path, step: int, weights_only: bool, mmap: bool = False) -> Any:
         try:

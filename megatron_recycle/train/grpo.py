@@ -435,7 +435,7 @@ class _DecisionLog:
             f.write(self._json.dumps({"step": step, "gen_batches": decisions}) + "\n")
 
 
-def _load_resharded(ckpt, rt: rtm.Runtime, changed) -> tuple[dict, dict]:
+def _load_resharded(ckpt, rt: rtm.Runtime, layout) -> tuple[dict, dict]:
     """Resume a checkpoint saved on another layout (train/reshard.py); returns (shared, this rank's parts)."""
     from megatron_recycle.train.reshard import load_resharded, rng_state_for_new_layout
 
@@ -445,10 +445,10 @@ def _load_resharded(ckpt, rt: rtm.Runtime, changed) -> tuple[dict, dict]:
                 f"distributed optimizer {'on' if d.get('optim.use_distributed_optimizer') else 'off'}")
 
     if rt.is_rank0:
-        print(f"[train] --resume: checkpoint step {changed.step} was saved by {describe(changed.saved)}; this run "
-              f"has {describe(changed.current)}: resharding its weights and optimizer state", flush=True)
+        print(f"[train] --resume: checkpoint step {layout.step} was saved by {describe(layout.saved)}; this run "
+              f"has {describe(layout.current)}: resharding its weights and optimizer state", flush=True)
     t0 = time.perf_counter()
-    shared, old = ckpt.load_all(changed.step)
+    shared, old = ckpt.load_all(layout.step)
     counts = load_resharded(rt.chunks, rt.optimizer, rt.hf_config, [p.get("model_space") for p in old])
     seconds = time.perf_counter() - t0
     # The scheduler is the same on every rank. RNG streams belong to ranks, which the new layout

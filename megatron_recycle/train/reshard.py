@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 RESHARD_FORMAT = "megatron-recycle-reshard/1"
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def _main_params(o: Any) -> dict[int, torch.Tensor]:
@@ -82,7 +81,7 @@ def _group_of(inner: Any, main: torch.Tensor) -> dict[str, Any]:
 
 def _global_name(model: Any, name: str) -> str:
     """A chunk's parameter name with the layer numbered in the whole model (PP/VPP chunks count from 0)."""
-    from megatron_recycle.model.convert import _global_layer_index
+    from megatron_recycle.model.convert import _LAYER_RE, _global_layer_index
 
     m = _LAYER_RE.match(name)
     if m is None:
@@ -126,35 +125,12 @@ def model_space_records(chunks: Sequence[Any], opt: Any) -> dict[str, Any]:
     }
 
 
-def _hf_names(name: str, cfg: Any) -> list[str]:
-    """The Hugging Face tensors one global Megatron parameter holds (see convert.hf_tensors_from_shards)."""
-    from megatron_recycle.model.convert import _LAYER_SIMPLE
-
-    if name == "embedding.word_embeddings.weight":
-        return ["model.embed_tokens.weight"]
-    if name == "decoder.final_layernorm.weight":
-        return ["model.norm.weight"]
-    if name == "output_layer.weight":
-        return [] if getattr(cfg, "tie_word_embeddings", False) else ["lm_head.weight"]
-    m = _LAYER_RE.match(name)
-    if m is None:
-        raise KeyError(f"no Hugging Face mapping for megatron parameter {name!r}")
-    pre, suffix = f"model.layers.{m.group(1)}.", m.group(2)
-    if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = suffix.rsplit(".", 1)[1]
-        return [pre + f"self_attn.{x}_proj.{kind}" for x in "qkv"]
-    if suffix == "mlp.linear_fc1.weight":
-        return [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
-    if suffix in _LAYER_SIMPLE:
-        return [pre + _LAYER_SIMPLE[suffix]]
-    raise KeyError(f"no Hugging Face mapping for megatron parameter {name!r}")
-
-
 class SavedModelSpace:
     """The old ranks' records, read as full Hugging Face-named tensors of any kind: "weight", "main"
     or an optimizer state key ("exp_avg", "exp_avg_sq", ...)."""
 
     def __init__(self, records: Sequence[dict[str, Any]], hf_config: Any) -> None:
+        from megatron_recycle.model.convert import hf_names_of
         from megatron_recycle.train.checkpoint import CheckpointError
 
         self.cfg = hf_config
@@ -169,7 +145,7 @@ class SavedModelSpace:
                 self.by_name.setdefault(name, []).append((int(r["tp"]), int(r["tp_rank"]), rec))
         self.owner_of: dict[str, str] = {}
         for name in self.by_name:
-            for hf in _hf_names(name, hf_config):
+            for hf in hf_names_of(name, hf_config):
                 self.owner_of[hf] = name
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
         self.has_state = any(rec["state"] for recs in self.by_name.values() for _, _, rec in recs)
@@ -216,7 +192,7 @@ class SavedModelSpace:
 
     def getter(self, kind: str) -> Callable[[str], torch.Tensor]:
         """get(hf_name) -> the full tensor of that kind (keeps one Megatron parameter's tensors cached)."""
-        from megatron_recycle.model.convert import hf_tensors_from_shards
+        from megatron_recycle.model.convert import _LAYER_RE, hf_tensors_from_shards
 
         def get(hf_name: str) -> torch.Tensor:
             key = (kind, hf_name)
