@@ -139,7 +139,8 @@ class SavedModelSpace:
             if not isinstance(r, dict) or r.get("format") != RESHARD_FORMAT:
                 raise CheckpointError(
                     f"rank {i}'s part of this checkpoint has no model-space records (format {RESHARD_FORMAT!r}; "
-                    "checkpoints written before it can only be resumed on the layout that saved them)"
+                    "checkpoints written before it can be neither resharded nor exported, only resumed on the layout "
+                    "that saved them)"
                 )
             for name, rec in r["params"].items():
                 self.by_name.setdefault(name, []).append((int(r["tp"]), int(r["tp_rank"]), rec))
