@@ -71,6 +71,21 @@ class ModelConfig:
     bf16: bool = False  # Megatron mixed precision (bf16 params and compute, fp32 main grads)
     layer_spec: Literal["auto", "local", "te"] = "auto"  # auto: transformer-engine when usable
     cache_dir: str = ".cache/models"  # converted/cached weights
+    # Activation recomputation (Megatron's): trade compute for activation memory in the training step.
+    # none: keep every activation; selective: recompute the core attention (softmax(QK^T)V) in the
+    # backward pass, which drops the [heads x S x S] scores of the local attention (group-packed rows
+    # use it); full: keep only each recomputed layer's input and run the layer again in the backward
+    # pass (about one more forward). The gradient is the same either way (tested bit for bit on CPU).
+    recompute: Literal["none", "selective", "full"] = "none"
+    # recompute=full: uniform: split each stage's layers into groups of recompute_num_layers and keep
+    # only each group's input; block: recompute the first recompute_num_layers layers of each
+    # (virtual) pipeline stage and keep the rest (less recomputation, more memory).
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int = 1
+    # Megatron's sequence parallelism (needs model.tp > 1): the norms, residuals and dropout run on
+    # 1/tp of the sequence per rank, which divides those activations by tp; sequences are padded to a
+    # multiple of tp. Same gradient within fp32 reordering (tested on gloo). May change on resume.
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -333,6 +348,9 @@ def validate(cfg: Config) -> None:
     if m.vpp is not None:
         _require(m.vpp >= 1, "model.vpp", m.vpp, "must be >= 1")
         _require(m.pp > 1 or m.vpp == 1, "model.vpp", m.vpp, "virtual pipeline stages need model.pp > 1")
+    _require(m.recompute_num_layers >= 1, "model.recompute_num_layers", m.recompute_num_layers, "must be >= 1")
+    _require(not m.sequence_parallel or m.tp > 1, "model.sequence_parallel", m.sequence_parallel,
+             "splits the sequence over the tensor-parallel ranks, so it needs model.tp > 1")
     _require(ro.group_size >= 1, "rollout.group_size", ro.group_size, "K must be >= 1")
     _require(ro.temperature >= 0, "rollout.temperature", ro.temperature, "must be >= 0")
     _require(0 < ro.top_p <= 1, "rollout.top_p", ro.top_p, "must be in (0, 1]")

@@ -42,6 +42,10 @@ def test_defaults_and_overrides(tmp_path):
         ("pool", r"must look like section.key=value"),
         ("rollout.vllm_kv_cache_gib=-1", r"rollout.vllm_kv_cache_gib=-1.0: must be >= 0"),
         ("rollout.vllm_sleep=maybe", r"rollout.vllm_sleep: expected true/false"),
+        ("model.recompute=some", r"model.recompute: 'some' is not one of"),
+        ("model.recompute_method=every", r"model.recompute_method: 'every' is not one of"),
+        ("model.recompute_num_layers=0", r"model.recompute_num_layers=0: must be >= 1"),
+        ("model.sequence_parallel=true", r"model.sequence_parallel=True: .* needs model.tp > 1"),
     ],
 )
 def test_invalid_values_name_key_and_value(override, match):
@@ -56,6 +60,41 @@ def test_vllm_engine_without_vllm_fails_at_validation():
         pytest.skip("vLLM is installed here")
     with pytest.raises(ConfigError, match=r"rollout.engine='vllm': vLLM is not installed.*pip install"):
         load_config(None, ["rollout.engine=vllm"])
+
+
+def test_memory_options_against_the_model():
+    """model.recompute* and model.sequence_parallel: the TransformerConfig fields they set, and the
+    layer counts checked against the model's (virtual) pipeline stages before any process group."""
+    from types import SimpleNamespace
+
+    from megatron_recycle.model.build import memory_options
+    from megatron_recycle.train.runtime import check_model_options, model_options
+
+    assert memory_options() == {"sequence_parallel": False}
+    assert memory_options("selective", sequence_parallel=True) == {
+        "sequence_parallel": True, "recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    assert memory_options("full", "block", 3) == {
+        "sequence_parallel": False, "recompute_granularity": "full", "recompute_method": "block",
+        "recompute_num_layers": 3}
+    with pytest.raises(ValueError, match="recompute='all'"):
+        memory_options("all")
+    hf = SimpleNamespace(num_hidden_layers=12)
+    ok = load_config(None, ["model.recompute=full", "model.recompute_num_layers=3", "model.pp=2"])
+    assert model_options(ok.model)["recompute_num_layers"] == 3
+    check_model_options(ok.model, hf)  # 6 layers per stage, units of 3
+    cases = [
+        (["model.recompute_num_layers=4", "model.pp=2"], r"recompute_method=uniform needs recompute_num_layers=4 "
+                                                         r"to divide the 6 layers"),
+        (["model.recompute_num_layers=4", "model.pp=2", "model.vpp=2"], r"recompute_num_layers=4 exceeds the 3 layers of each"),
+        (["model.recompute_num_layers=7", "model.pp=2", "model.recompute_method=block"], r"recompute_num_layers=7 exceeds the 6 layers"),
+    ]
+    for overrides, match in cases:
+        cfg = load_config(None, ["model.recompute=full", *overrides])
+        with pytest.raises(ConfigError, match=r"model.recompute=full .*: " + match):
+            check_model_options(cfg.model, hf)
+    block = load_config(None, ["model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=5"])
+    check_model_options(block.model, hf)  # block: any count up to the stage's layers
+    check_model_options(load_config(None, ["model.recompute_num_layers=5"]).model, hf)  # ignored without full
 
 
 def test_bad_recipe_files(tmp_path):

@@ -57,6 +57,14 @@ class GroupAttentionPlan:
     member_pos: torch.Tensor
     member_sel: torch.Tensor
 
+    def matches(self, attention_mask: Any) -> bool:
+        """Whether ``attention_mask`` is this plan's mask: the same tensor, or a view of the same
+        memory (activation recomputation calls the attention again with a detached copy)."""
+        if attention_mask is self.mask:
+            return True
+        return (isinstance(attention_mask, torch.Tensor) and attention_mask.data_ptr() == self.mask.data_ptr()
+                and attention_mask.shape == self.mask.shape and attention_mask.stride() == self.mask.stride())
+
     @staticmethod
     def build(spans: list[tuple[int, int, int, list[tuple[int, int]]]], rows: int, width: int,
               mask: torch.Tensor) -> GroupAttentionPlan:
@@ -126,8 +134,9 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
 class SDPADotProductAttention(DotProductAttention):
     """DotProductAttention whose forward runs torch's fused scaled_dot_product_attention.
 
-    ``group_plan``: set (by train/step.py, for the duration of one micro-batch's forward) to a
-    GroupAttentionPlan; a call with that plan's mask computes only the allowed blocks."""
+    ``group_plan``: set (by train/step.py, for one micro-batch's forward, and through its backward
+    pass when the model recomputes activations) to a GroupAttentionPlan; a call with that plan's
+    mask computes only the allowed blocks."""
 
     group_plan: GroupAttentionPlan | None = None
 
@@ -156,7 +165,7 @@ class SDPADotProductAttention(DotProductAttention):
             k = k.repeat_interleave(heads // groups, dim=1)
             v = v.repeat_interleave(heads // groups, dim=1)
         plan = self.group_plan
-        if plan is not None and attention_mask is plan.mask and b == plan.rows and sq == plan.width:
+        if plan is not None and plan.matches(attention_mask) and b == plan.rows and sq == plan.width:
             out = group_attention(plan, q, k, v, self.softmax_scale)
         elif attention_mask is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)

@@ -90,6 +90,75 @@ def resolve_layer_spec_name(layer_spec: str = "auto") -> str:
     return layer_spec
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def memory_options(
+    recompute: str = "none",
+    recompute_method: str = "uniform",
+    recompute_num_layers: int = 1,
+    sequence_parallel: bool = False,
+) -> dict[str, Any]:
+    """TransformerConfig fields for activation recomputation and sequence parallelism (the config
+    keys ``model.recompute*`` and ``model.sequence_parallel``), checked.
+
+    selective recomputes megatron's core attention only (``recompute_modules=["core_attn"]``): it
+    drops the attention scores, the largest activation of the local attention. full recomputes
+    whole layers, ``recompute_method`` uniform (groups of ``recompute_num_layers``) or block (the
+    first ``recompute_num_layers`` of each stage). :func:`transformer_config_from_hf` checks the
+    layer counts against the model's stages.
+    """
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={recompute!r}; use one of {', '.join(RECOMPUTE_MODES)}")
+    out: dict[str, Any] = {"sequence_parallel": bool(sequence_parallel)}
+    if recompute == "selective":
+        out.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif recompute == "full":
+        if recompute_method not in ("uniform", "block"):
+            raise ValueError(f"recompute_method={recompute_method!r}; use 'uniform' or 'block'")
+        if int(recompute_num_layers) < 1:
+            raise ValueError(f"recompute_num_layers={recompute_num_layers} must be >= 1")
+        out.update(recompute_granularity="full", recompute_method=recompute_method,
+                   recompute_num_layers=int(recompute_num_layers))
+    return out
+
+
+def describe_memory_options(config: Any) -> str:
+    """What a built model's TransformerConfig recomputes and whether it is sequence parallel, in
+    words ("" when neither): printed by the trainer from the model itself."""
+    parts = []
+    granularity = getattr(config, "recompute_granularity", None)
+    if granularity == "selective":
+        parts.append(f"selective recomputation ({', '.join(config.recompute_modules or ['core_attn'])})")
+    elif granularity == "full":
+        unit = "layers per unit" if config.recompute_method == "uniform" else "first layers of each stage"
+        parts.append(f"full recomputation ({config.recompute_method}, {config.recompute_num_layers} {unit})")
+    if getattr(config, "sequence_parallel", False):
+        parts.append("sequence parallel")
+    return ", ".join(parts)
+
+
+def check_memory_options(options: dict[str, Any], num_layers: int, tp: int, pp: int, vpp: int | None) -> None:
+    """ValueError when :func:`memory_options`' fields do not fit the layout: sequence parallelism
+    without tensor parallelism, a full-recompute layer count that exceeds (block) or does not divide
+    (uniform) the layers of each (virtual) pipeline stage."""
+    if options.get("sequence_parallel") and tp == 1:
+        raise ValueError("sequence_parallel splits the sequence over the tensor-parallel ranks: it needs tp > 1")
+    if options.get("recompute_granularity") == "full":
+        per_stage = num_layers // (pp * (vpp or 1))
+        n = options.get("recompute_num_layers") or 1
+        if n > per_stage:
+            raise ValueError(
+                f"recompute_num_layers={n} exceeds the {per_stage} layers of each (virtual) pipeline stage "
+                f"({num_layers} layers / (pp={pp} x vpp={vpp or 1}))"
+            )
+        if options.get("recompute_method") == "uniform" and per_stage % n:
+            raise ValueError(
+                f"recompute_method=uniform needs recompute_num_layers={n} to divide the {per_stage} layers of "
+                f"each (virtual) pipeline stage; use a divisor or recompute_method=block"
+            )
+
+
 def transformer_config_from_hf(
     hf_config: Any,
     *,
@@ -103,7 +172,8 @@ def transformer_config_from_hf(
 
     Dropout is 0 (RL log-probs must be deterministic) and CPU-unsafe fusions are off. tp/pp/vpp
     default to megatron's parallel_state when it is initialized, else 1. ``overrides`` are
-    passed to TransformerConfig last (e.g. ``recompute_granularity``).
+    passed to TransformerConfig last (e.g. :func:`memory_options`' recomputation and sequence
+    parallelism fields, checked against the layout here).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
@@ -154,11 +224,36 @@ def transformer_config_from_hf(
         cross_entropy_loss_fusion=False,
     )
     kwargs.update(overrides)
+    check_memory_options(kwargs, kwargs["num_layers"], tp, pp, vpp)
     return TransformerConfig(**kwargs)
 
 
-def layer_spec_for(hf_config: Any, layer_spec: str = "auto") -> Any:
-    """Megatron ModuleSpec for one transformer layer: local (CPU-safe) or transformer-engine."""
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for the local spec under sequence parallelism (megatron's torch norm wrapper
+    refuses it). Its input is this rank's part of the sequence, so each rank's weight gradient is a
+    partial sum: the weight is marked ``sequence_parallel`` and megatron's finalize_model_grads sums
+    it over the tensor-parallel group, as it does for transformer-engine's norms."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+class HeadRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for the per-head query/key norms (Qwen3) under sequence parallelism: they see
+    the whole sequence (after the QKV projection's gather); megatron sums their gradients over the
+    tensor-parallel group by name (q_layernorm / k_layernorm)."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+
+
+def layer_spec_for(hf_config: Any, layer_spec: str = "auto", sequence_parallel: bool = False) -> Any:
+    """Megatron ModuleSpec for one transformer layer: local (CPU-safe) or transformer-engine.
+
+    ``sequence_parallel`` with the local spec swaps megatron's torch norms for
+    :class:`SequenceParallelRMSNorm` / :class:`HeadRMSNorm` (the same RMSNorm, parameters and names).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -169,8 +264,29 @@ def layer_spec_for(hf_config: Any, layer_spec: str = "auto") -> Any:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=has_qk_norm(hf_config))
     from megatron_recycle.model.attention import use_sdpa_core_attention
 
-    spec = get_gpt_layer_local_spec(qk_layernorm=has_qk_norm(hf_config), normalization="RMSNorm")
-    return use_sdpa_core_attention(spec)
+    spec = use_sdpa_core_attention(get_gpt_layer_local_spec(qk_layernorm=has_qk_norm(hf_config), normalization="RMSNorm"))
+    if sequence_parallel:
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        sub = spec.submodules
+        sub.input_layernorm = SequenceParallelRMSNorm
+        sub.pre_mlp_layernorm = SequenceParallelRMSNorm
+        attn = sub.self_attention.submodules
+        for field in ("q_layernorm", "k_layernorm"):
+            if getattr(attn, field, IdentityOp) is not IdentityOp:
+                setattr(attn, field, HeadRMSNorm)
+    return spec
+
+
+def _block_spec(layer: Any, config: Any, vp_stage: int | None) -> Any:
+    """The decoder spec GPTModel gets: the layer spec, or under sequence parallelism with the local
+    spec a TransformerBlockSubmodules whose final norm is :class:`SequenceParallelRMSNorm` too."""
+    if not config.sequence_parallel or layer.submodules.input_layernorm is not SequenceParallelRMSNorm:
+        return layer
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SequenceParallelRMSNorm)
 
 
 def build_gpt_model(
@@ -191,9 +307,10 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     config = config or transformer_config_from_hf(hf_config, bf16=bf16)
+    layer = layer_spec_for(hf_config, layer_spec, sequence_parallel=config.sequence_parallel)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec_for(hf_config, layer_spec),
+        transformer_layer_spec=_block_spec(layer, config, vp_stage),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=pre_process,

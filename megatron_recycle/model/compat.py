@@ -1,9 +1,10 @@
 """CPU/gloo compatibility patches for megatron-core, applied only when CUDA is absent.
 
 megatron-core assumes a GPU in a few places that have nothing to do with the math. On a CPU
-machine (development, CI, the embedded default) five small patches make GPTModel, the pipeline
-schedules and the (distributed) optimizer run on gloo unchanged (the first four are PLATFORM.md's;
-the fifth is for megatron-core releases after 0.16, which Python 3.12 machines install):
+machine (development, CI, the embedded default) six small patches make GPTModel, the pipeline
+schedules, activation recomputation and the (distributed) optimizer run on gloo unchanged (the
+first four are PLATFORM.md's; the fifth is for megatron-core releases after 0.16, which Python 3.12
+machines install; the sixth is for activation recomputation, ``model.recompute``):
 
 1. RNG tracker: ``CudaRNGStatesTracker.add/fork`` read and write the CUDA generator. The
    patch swaps in :class:`CpuRNGStatesTracker`, the same bookkeeping on the CPU generator, so
@@ -20,6 +21,11 @@ the fifth is for megatron-core releases after 0.16, which Python 3.12 machines i
 5. ``torch.cuda.current_stream()``: megatron-core 0.19 waits on the current stream's events
    before reducing gradients (``_ParamAndGradBucketGroup.start_grad_sync``); 0.16 does not. The
    patch returns a CPU stand-in whose waits are no-ops (CPU work runs in program order).
+6. Activation recomputation (``tensor_parallel.checkpoint``, selective and full recompute) saves
+   the CUDA generator's state with the forward and restores it for the recomputed forward
+   (``random._get_cuda_rng_state`` / ``_set_cuda_rng_state``). The patch makes both read and
+   write the CPU generator, which stands in for the CUDA one everywhere else too (patch 1), so the
+   recomputed forward draws the same random numbers as the first one, as on a GPU.
 
 Everything is undone by :func:`remove_cpu_compat` (tests use it to show that each patch is
 still needed). tests/model/test_compat.py fails when a newer megatron-core makes a patch
@@ -105,6 +111,35 @@ def _unpatch_rng() -> None:
         mrandom.CudaRNGStatesTracker = orig
         mrandom._CUDA_RNG_STATE_TRACKER = None
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+
+# ------------------------------------------------------ patch 6: recomputation RNG states
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Stand-in for megatron's ``_get_cuda_rng_state``: the CPU generator's state (a copy)."""
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """Stand-in for megatron's ``_set_cuda_rng_state``: sets the CPU generator."""
+    torch.set_rng_state(new_state)
+
+
+def _patch_checkpoint_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _STATE["originals"]["_get_cuda_rng_state"] = mrandom._get_cuda_rng_state
+    _STATE["originals"]["_set_cuda_rng_state"] = mrandom._set_cuda_rng_state
+    mrandom._get_cuda_rng_state = _cpu_get_rng_state
+    mrandom._set_cuda_rng_state = _cpu_set_rng_state
+
+
+def _unpatch_checkpoint_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+        orig = _STATE["originals"].pop(name, None)
+        if orig is not None:
+            setattr(mrandom, name, orig)
 
 
 # ------------------------------------------------------------- patch 2: current_device
@@ -236,7 +271,7 @@ def cuda_absent() -> bool:
 
 
 def apply_cpu_compat(force: bool = False) -> bool:
-    """Apply the five CPU patches once per process; no-op (returns False) when CUDA is present.
+    """Apply the six CPU patches once per process; no-op (returns False) when CUDA is present.
 
     Idempotent and thread-safe. ``force=True`` applies them even with CUDA (tests only).
     Returns True when the patches are active after the call.
@@ -247,6 +282,7 @@ def apply_cpu_compat(force: bool = False) -> bool:
         if _STATE["applied"]:
             return True
         _patch_rng()
+        _patch_checkpoint_rng()
         _STATE["originals"]["current_device"] = torch.cuda.current_device
         torch.cuda.current_device = _cpu_current_device
         _STATE["originals"]["current_stream"] = torch.cuda.current_stream
@@ -275,6 +311,7 @@ def remove_cpu_compat() -> None:
         if orig_cs is not None:
             torch.cuda.current_stream = orig_cs
         _unpatch_rng()
+        _unpatch_checkpoint_rng()
         _STATE["applied"] = False
 
 

@@ -318,9 +318,12 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                               kl_beta=cfg.loss.kl_beta, agg=cfg.loss.agg, max_len=cfg.loss.max_len,
                               temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0)
     if rt.is_rank0:
+        from megatron_recycle.model.build import describe_memory_options, unwrap_model
+
+        memory = describe_memory_options(unwrap_model(rt.chunks[0]).config)
         print(f"[train] {cfg.pool.strategy}: {len(examples)} queries, B={cfg.pool.batch_size} k={cfg.pool.oversample} "
               f"K={cfg.rollout.group_size}, steps {start_step}->{cfg.train.steps}, world {lay.world_size} "
-              f"(tp {lay.tp} pp {lay.pp} dp {lay.dp})", flush=True)
+              f"(tp {lay.tp} pp {lay.pp} dp {lay.dp}{', ' + memory if memory else ''})", flush=True)
     summary: dict[str, Any] = {"steps": 0}
     last_saved = start_step
     with _StopFlag() as stop:
@@ -485,7 +488,8 @@ def _reference_model(rt: rtm.Runtime) -> list:
     from megatron_recycle.model.convert import load_hf_weights
     from megatron_recycle.model.hf_loading import resolve_model_folder
 
-    chunks = build_model_chunks(rt.hf_config, bf16=rt.cfg.model.bf16, layer_spec=rt.cfg.model.layer_spec)
+    chunks = build_model_chunks(rt.hf_config, bf16=rt.cfg.model.bf16, layer_spec=rt.cfg.model.layer_spec,
+                                **rtm.model_options(rt.cfg.model))
     load_hf_weights(chunks, resolve_model_folder(rt.model_path, cache_dir=rt.cfg.model.cache_dir), rt.hf_config)
     for c in chunks:
         c.requires_grad_(False)

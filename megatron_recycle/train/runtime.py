@@ -268,6 +268,26 @@ def check_vllm_world(cfg: Config, hf_config: Any, world_size: int, tp: int | Non
         raise ConfigError(f"rollout.vllm_tp={cfg.rollout.vllm_tp} (world {world_size}): {e}") from None
 
 
+def model_options(m: Any) -> dict[str, Any]:
+    """The TransformerConfig fields of ``model.recompute*`` and ``model.sequence_parallel``."""
+    from megatron_recycle.model.build import memory_options
+
+    return memory_options(m.recompute, m.recompute_method, m.recompute_num_layers, m.sequence_parallel)
+
+
+def check_model_options(m: Any, hf_config: Any) -> None:
+    """``model.recompute*`` and ``model.sequence_parallel`` against the model and layout, as a config
+    error before any process group exists."""
+    from megatron_recycle.model.build import check_memory_options
+
+    try:
+        check_memory_options(model_options(m), hf_config.num_hidden_layers, m.tp, m.pp, m.vpp)
+    except ValueError as e:
+        raise ConfigError(f"model.recompute={m.recompute} model.recompute_method={m.recompute_method} "
+                          f"model.recompute_num_layers={m.recompute_num_layers} "
+                          f"model.sequence_parallel={m.sequence_parallel}: {e}") from None
+
+
 def setup_runtime(
     cfg: Config, *, model_path: str, lr: float, warmup_steps: int, total_steps: int, with_engine: bool = True
 ) -> Runtime:
@@ -290,6 +310,7 @@ def setup_runtime(
         validate_layout(m.tp, m.pp, m.vpp, int(os.environ.get("WORLD_SIZE", "1")), hf_config)
     except ValueError as e:
         raise ConfigError(f"model.tp={m.tp} model.pp={m.pp} model.vpp={m.vpp}: {e}") from None
+    check_model_options(m, hf_config)
     layout = init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.run.seed, model_config=hf_config)
     folder = resolve_model_folder(model_path, cache_dir=m.cache_dir)
     tokenizer = load_tokenizer(model_path, cache_dir=m.cache_dir)
@@ -300,6 +321,7 @@ def setup_runtime(
         # Megatron's scheduler needs warmup < decay steps: a warm-up as long as the run is cut by one.
         warmup_steps=min(warmup_steps, max(total_steps - 1, 0)), total_steps=total_steps,
         load_weights=lambda c: load_hf_weights(c, folder, hf_config), layer_spec=m.layer_spec,
+        model_options=model_options(m),
         min_lr=o.min_lr, lr_decay_style=o.lr_schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
     )
     engine = None

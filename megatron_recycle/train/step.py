@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -276,14 +277,17 @@ class LogitSelection:
                               self.rows, self.width)
 
 
-def _selection_for(mb: TrajectoryBatch, packed: PackedRows | None) -> LogitSelection:
+def _selection_for(mb: TrajectoryBatch, packed: PackedRows | None, width: int | None = None) -> LogitSelection:
     if packed is not None:
-        rows, width = packed.tokens.shape
-        return LogitSelection.build(packed.gather_index, packed.targets, mb.target_mask, rows, width)
+        rows, pwidth = packed.tokens.shape
+        return LogitSelection.build(packed.gather_index, packed.targets, mb.target_mask, rows, pwidth)
+    width = width or mb.seq_length
     n, seq = mb.tokens.shape
-    grid = torch.arange(n)[:, None] * seq + torch.arange(seq - 1)[None]
+    # the forward's grid is [n, width]: width > seq when the model pads the sequence (_model_width)
+    grid = torch.arange(n)[:, None] * width + torch.arange(seq - 1)[None]
     targets = torch.cat([mb.tokens[:, 1:], mb.tokens[:, :1]], dim=1)
-    return LogitSelection.build(grid, targets, mb.target_mask, n, seq)
+    targets = F.pad(targets, (0, width - seq))
+    return LogitSelection.build(grid, targets, mb.target_mask, n, width)
 
 
 class _SelectedLogits:
@@ -302,6 +306,9 @@ class _SelectedLogits:
             return
         original = type(self.layer).forward.__get__(self.layer)
         index = self.index
+        if getattr(self.layer, "sequence_parallel", False):
+            self.layer.forward = partial(_selected_sequence_parallel_forward, original, index)
+            return
 
         def forward(input_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             s, b, h = input_.shape
@@ -312,6 +319,42 @@ class _SelectedLogits:
     def __exit__(self, *exc: Any) -> None:
         if self.layer is not None and "forward" in self.layer.__dict__:
             del self.layer.forward
+
+
+def _selected_sequence_parallel_forward(original: Callable, index: torch.Tensor, input_: torch.Tensor,
+                                        *args: Any, **kwargs: Any) -> Any:
+    """The output layer on the selected positions under sequence parallelism.
+
+    The layer's input is this rank's [S/tp, b, h] part of the sequence and the layer all-gathers
+    its input over the TP group. So: gather the whole sequence (backward: keep this rank's part),
+    select the K positions (the same on every rank), pad K to a multiple of tp and hand the layer
+    this rank's 1/tp of them (backward: all-gather, which with the layer's reduce-scatter sums
+    the vocabulary shards' contributions), then drop the padding from the [K, 1, V/tp] logits."""
+    from megatron.core import tensor_parallel
+
+    tp = _ps().get_tensor_model_parallel_world_size()
+    full = tensor_parallel.gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
+    s, b, h = full.shape
+    chosen = full.reshape(s * b, h).index_select(0, index)
+    k = chosen.shape[0]
+    chosen = F.pad(chosen, (0, 0, 0, -(-k // tp) * tp - k)).unsqueeze(1)
+    logits, bias = original(tensor_parallel.scatter_to_sequence_parallel_region(chosen), *args, **kwargs)
+    return logits[:k], bias
+
+
+def _seq_multiple(model: torch.nn.Module) -> int:
+    """What the forward's sequence length must be a multiple of: the TP size under sequence
+    parallelism (each rank holds 1/tp of the sequence between the tensor-parallel layers), else 1."""
+    from megatron_recycle.model.build import unwrap_model
+
+    config = getattr(unwrap_model(model), "config", None)
+    if config is not None and getattr(config, "sequence_parallel", False):
+        return _ps().get_tensor_model_parallel_world_size()
+    return 1
+
+
+def _model_width(seq: int, multiple: int) -> int:
+    return -(-seq // multiple) * multiple
 
 
 def shared_prefix_length(tokens: torch.Tensor, loss_mask: torch.Tensor, lengths: Sequence[int]) -> int:
@@ -350,12 +393,13 @@ def _rows_for_groups(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
     return [[g] for g in order]
 
 
-def group_packed_layout(batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKENS) -> PackedRows:
+def group_packed_layout(batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKENS, width_multiple: int = 1) -> PackedRows:
     """The group-packed layout of ``batch`` (needs group_ids; lengths default to L).
 
     Each group becomes [shared prefix][suffix 1]...[suffix K]; groups are laid side by side in as
     few rows as keep each row within max(row_tokens, largest group), so the rows carry almost no
-    padding. Attention stays within a group (tree mask), RoPE positions restart per group."""
+    padding. Attention stays within a group (tree mask), RoPE positions restart per group. The row
+    width is padded to a multiple of ``width_multiple`` (the TP size under sequence parallelism)."""
     if batch.group_ids is None:
         raise ValueError("group_packed_layout needs batch.group_ids (build_batch(group_ids=...))")
     n, seq = batch.tokens.shape
@@ -371,6 +415,7 @@ def group_packed_layout(batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKEN
     layout = _rows_for_groups([p[2] for p in plan], row_tokens)
     rows = len(layout)
     width = max(sum(plan[g][2] for g in row) for row in layout)
+    width = -(-width // width_multiple) * width_multiple
     tokens = torch.zeros(rows, width, dtype=torch.long)
     targets = torch.zeros(rows, width, dtype=torch.long)
     positions = torch.zeros(rows, width, dtype=torch.long)
@@ -497,8 +542,20 @@ class _GroupAttention:
             core.group_plan = plan
 
     def __exit__(self, *exc: Any) -> None:
-        for core in self.cores:
-            core.__dict__.pop("group_plan", None)
+        if self.cores and _recomputes(self.cores[0]):
+            return  # the backward pass recomputes the attention with this plan; drop_group_plans ends it
+        drop_group_plans(self.cores)
+
+
+def _recomputes(core: torch.nn.Module) -> bool:
+    return core.training and getattr(core.config, "recompute_granularity", None) is not None
+
+
+def drop_group_plans(modules: Sequence[torch.nn.Module]) -> None:
+    """Remove every group-attention plan left on the attention of ``modules`` (and their children)."""
+    for module in modules:
+        for sub in module.modules():
+            sub.__dict__.pop("group_plan", None)
 
 
 # ------------------------------------------------------------------------------- loss config
@@ -567,11 +624,13 @@ def _micro_batches(
         )
     dev = _device()
     packing = _use_packing(batch, pack, model_chunks)
+    multiple = _seq_multiple(model_chunks[0]) if model_chunks else 1
     out = []
     for start in range(0, n, micro_batch_size):
         mb = batch.rows(start, start + micro_batch_size)
-        packed = group_packed_layout(mb) if packing else None
-        selection = _selection_for(mb, packed).to(dev) if select else None
+        packed = group_packed_layout(mb, width_multiple=multiple) if packing else None
+        width = _model_width(mb.seq_length, multiple)
+        selection = _selection_for(mb, packed, width).to(dev) if select else None
         fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if f.name not in ("packed", "select")}
         fields = {k: (None if v is None else v.to(dev, non_blocking=True)) for k, v in fields.items()}
         out.append(TrajectoryBatch(**fields, packed=None if packed is None else packed.to(dev), select=selection))
@@ -604,6 +663,8 @@ def target_logprobs(
     elif packed is not None:
         targets, gather = packed.targets.reshape(-1), packed.gather_index
     else:
+        if seq != tokens.shape[1]:  # the model padded the sequence (sequence parallelism): drop the padding
+            logits, seq = logits[:, : tokens.shape[1]], tokens.shape[1]
         # Score every position (a free view of the logits; slicing off the last position would copy
         # them) against the next token; the last position gets a dummy target and is dropped.
         targets, gather = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1), None
@@ -632,11 +693,15 @@ def _forward_step(loss_fn: Callable, data_iterator: Any, model: torch.nn.Module)
             stack.enter_context(_GroupAttention(model, p))
             output = model(p.tokens, p.position_ids, p.attention_mask)
         else:
-            b, seq = mb.tokens.shape
-            position_ids = torch.arange(seq, device=mb.tokens.device).unsqueeze(0).expand(b, seq)
+            tokens = mb.tokens
+            b, seq = tokens.shape
+            width = _model_width(seq, _seq_multiple(model))
+            if width != seq:  # sequence parallelism: pad to a multiple of tp at the end
+                tokens = F.pad(tokens, (0, width - seq))
+            position_ids = torch.arange(width, device=tokens.device).unsqueeze(0).expand(b, width)
             # attention_mask=None: the local attention builds the causal mask; right padding sits
             # after every real token, so it never influences a real position.
-            output = model(mb.tokens, position_ids, None)
+            output = model(tokens, position_ids, None)
     return output, partial(loss_fn, mb)
 
 
@@ -687,7 +752,7 @@ def compute_logprobs(
             data_iterator=_data_iterators(mbs, len(model_chunks)),
             model=model_chunks,
             num_microbatches=len(mbs),
-            seq_length=batch.seq_length,
+            seq_length=_model_width(batch.seq_length, _seq_multiple(model_chunks[0])),
             micro_batch_size=micro_batch_size,
             forward_only=True,
         )
@@ -746,10 +811,11 @@ def _run_train_step(
         data_iterator=_data_iterators(mbs, len(model_chunks)),
         model=model_chunks,
         num_microbatches=len(mbs),
-        seq_length=batch.seq_length,
+        seq_length=_model_width(batch.seq_length, _seq_multiple(model_chunks[0])),
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    drop_group_plans(model_chunks)
     _sync()
     phase("optimizer")
     t1 = time.perf_counter()
@@ -1126,17 +1192,19 @@ def setup_model_and_optimizer(
     total_steps: int = 1,
     load_weights: Callable[[list[torch.nn.Module]], None] | None = None,
     layer_spec: str = "auto",
+    model_options: dict[str, Any] | None = None,
     **optimizer_kwargs: Any,
 ) -> tuple[list[torch.nn.Module], Any, Any]:
     """Build this rank's GPTModel chunks (model.build), wrap them in Megatron DDP, build optimizer + LR schedule.
 
     Call after init_distributed. ``load_weights(chunks)`` (e.g. HF -> Megatron conversion) runs
-    on the bare chunks before DDP and the optimizer copy them. ``optimizer_kwargs`` go to
-    wrap_model_and_build_optimizer (min_lr, lr_decay_style, optimizer, adam betas, sgd_momentum).
+    on the bare chunks before DDP and the optimizer copy them. ``model_options``: TransformerConfig
+    fields (model.build.memory_options: recomputation, sequence parallelism). ``optimizer_kwargs`` go
+    to wrap_model_and_build_optimizer (min_lr, lr_decay_style, optimizer, adam betas, sgd_momentum).
     """
     from megatron_recycle.model.build import build_model_chunks
 
-    chunks = build_model_chunks(hf_config, bf16=bf16, layer_spec=layer_spec)
+    chunks = build_model_chunks(hf_config, bf16=bf16, layer_spec=layer_spec, **(model_options or {}))
     if load_weights is not None:
         load_weights(chunks)
     return wrap_model_and_build_optimizer(

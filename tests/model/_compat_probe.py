@@ -107,6 +107,36 @@ def grad_sync() -> dict:
     return {"main_grad": lin.weight.main_grad.tolist(), "expected": x.sum(0).expand(2, 4).tolist()}
 
 
+def recompute() -> dict:
+    """megatron's activation checkpointing (selective and full recomputation): the backward pass
+    runs the function again under the forward's saved RNG states; the gradient is unchanged and the
+    random numbers drawn in the recomputation are the forward's."""
+    from megatron.core import tensor_parallel
+
+    draws = []
+
+    def fn(x):
+        noise = torch.rand(x.shape)  # stands in for dropout: must be the same draw when recomputed
+        draws.append(noise)
+        return (x * x * noise).sum(dim=0)
+
+    x = torch.arange(1.0, 7.0).reshape(2, 3).requires_grad_(True)
+    torch.manual_seed(5)
+    out = tensor_parallel.checkpoint(fn, False, x)
+    after_forward = torch.rand(1)
+    out.sum().backward()
+    after_backward = torch.rand(1)
+    g = torch.Generator().manual_seed(5)  # the stream without any recomputation
+    expect = [torch.rand(2, 3, generator=g), torch.rand(1, generator=g), torch.rand(1, generator=g)]
+    return {
+        "grad_matches": bool(torch.allclose(x.grad, 2 * x.detach() * draws[0])),
+        "recomputed_same_draw": len(draws) == 2 and bool(torch.equal(draws[0], draws[1])),
+        # the recomputation leaves the generator where it was: the stream goes on as without it
+        "stream_continues": bool(torch.equal(draws[0], expect[0]) and torch.equal(after_forward, expect[1])
+                                 and torch.equal(after_backward, expect[2])),
+    }
+
+
 CHECKS = {
     "seed_tracker": seed_tracker,
     "rotary": rotary,
@@ -114,6 +144,7 @@ CHECKS = {
     "clip_grads": clip_grads,
     "type_strings": type_strings,
     "grad_sync": grad_sync,
+    "recompute": recompute,
 }
 
 

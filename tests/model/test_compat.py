@@ -119,3 +119,12 @@ def test_patch5_current_stream_for_grad_sync(probe):
     else:
         assert without is None, without
     assert probe["after_remove_stream"] is not None and any(s in probe["after_remove_stream"] for s in CUDA_MISSING)
+
+
+def test_patch6_recomputation_rng_states(probe):
+    """Activation recomputation (model.recompute) saves and restores the CUDA generator around the
+    recomputed forward: unpatched it fails on a CPU; patched the CPU generator stands in, so the
+    recomputation draws the forward's random numbers and the stream goes on unchanged."""
+    r = probe["recompute"]
+    assert r["unpatched"] is not None and any(s in r["unpatched"] for s in CUDA_MISSING), r
+    assert r["patched"] == {"grad_matches": True, "recomputed_same_draw": True, "stream_continues": True}

@@ -96,8 +96,61 @@ def _direct_logprobs64(chunks: list, batch: Any) -> torch.Tensor | None:
     return lsm.gather(-1, batch.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
+def _model_options(args: dict) -> dict:
+    """model.build.memory_options from the job's "recompute", "recompute_method",
+    "recompute_num_layers" and "sp" (sequence parallelism)."""
+    from megatron_recycle.model.build import memory_options
+
+    return memory_options(args.get("recompute", "none"), args.get("recompute_method", "uniform"),
+                          args.get("recompute_num_layers", 1), args.get("sp", False))
+
+
+class _CallCounter:
+    """Counts the forward calls of every decoder layer, of every core attention (recomputation
+    calls them again in the backward pass) and of the group-packed block attention."""
+
+    def __init__(self, chunks: list) -> None:
+        from megatron_recycle.model import attention
+        from megatron_recycle.model.build import unwrap_model
+
+        self.layers = self.cores = self.group_calls = 0
+        self._group_attention = attention.group_attention
+
+        def counted(*a, **k):  # the block attention over group-packed rows (the plan's path)
+            self.group_calls += 1
+            return self._group_attention(*a, **k)
+
+        attention.group_attention = counted
+        self.layer_inputs: set[tuple[int, ...]] = set()
+        self.handles = []
+        for chunk in chunks:
+            for layer in unwrap_model(chunk).decoder.layers:
+                self.handles.append(layer.register_forward_pre_hook(self._layer, with_kwargs=True))
+                self.handles.append(layer.self_attention.core_attention.register_forward_pre_hook(self._core))
+
+    def _layer(self, module, args, kwargs):
+        self.layers += 1
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.layer_inputs.add(tuple(hidden.shape))
+
+    def _core(self, module, args):
+        self.cores += 1
+
+    def counts(self) -> dict:
+        from megatron_recycle.model import attention
+
+        attention.group_attention = self._group_attention
+        for h in self.handles:
+            h.remove()
+        return {"layers": self.layers, "cores": self.cores, "group_calls": self.group_calls,
+                "layer_inputs": sorted(self.layer_inputs)}
+
+
 def grpo_layout(args: dict) -> dict:
-    """One layout: log-probs, one SGD GRPO step per micro-batch size (-> gradient), three clipped Adam steps."""
+    """One layout: log-probs, one SGD GRPO step per micro-batch size (-> gradient), three clipped Adam steps.
+
+    With "recompute"/"sp" in ``args`` the model recomputes activations / runs sequence parallel;
+    ``out["calls"][mbs]`` then counts the layer and core-attention calls of the SGD step."""
     from megatron.core import parallel_state as ps
 
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
@@ -117,7 +170,8 @@ def grpo_layout(args: dict) -> dict:
     local = shard_for_data_parallel(full, dp_rank, dp)
     loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0, compute_entropy=True, agg=args.get("agg", "token-mean"))
     load = lambda chunks: load_hf_weights(chunks, sd, cfg)  # noqa: E731
-    out: dict[str, Any] = {"grads": {}, "sgd_metrics": {}}
+    out: dict[str, Any] = {"grads": {}, "sgd_metrics": {}, "calls": {}}
+    options = _model_options(args)
     share = N_GLOBAL // dp
     rows = slice(dp_rank * share, (dp_rank + 1) * share)
 
@@ -126,7 +180,7 @@ def grpo_layout(args: dict) -> dict:
             # megatron's distributed optimizer supports Adam only: the SGD gradient probe uses the
             # plain one; DDP's gradient reduction (the part under test) is the same for both.
             cfg, lr=LR_SGD, clip_grad=0.0, optimizer="sgd", sgd_momentum=0.0, lr_decay_style="constant",
-            use_distributed_optimizer=False, load_weights=load,
+            use_distributed_optimizer=False, load_weights=load, model_options=options,
         )
         lp = compute_logprobs(chunks, local, mbs)
         if mbs == args["mbs_list"][0]:
@@ -138,7 +192,9 @@ def grpo_layout(args: dict) -> dict:
             ref_full = lp_full + gb["ref_noise"]
             out.update(old_logprobs=old_full, ref_logprobs=ref_full)
         step_batch = local.replace(old_logprobs=out["old_logprobs"][rows], ref_logprobs=out["ref_logprobs"][rows])
+        counter = _CallCounter(chunks)
         metrics = grpo_train_step(chunks, opt, sched, step_batch, mbs, loss_cfg)
+        out["calls"][mbs] = counter.counts()
         w1 = export_hf_state_dict_to_cpu(chunks, cfg)
         out["grads"][mbs] = {k: (sd[k] - w1[k]) / LR_SGD for k in w1}
         out["sgd_metrics"][mbs] = metrics
@@ -147,12 +203,55 @@ def grpo_layout(args: dict) -> dict:
     mbs = args["mbs_list"][0]
     chunks, opt, sched = setup_model_and_optimizer(
         cfg, lr=1e-2, clip_grad=0.05, weight_decay=0.01, warmup_steps=1, total_steps=4,
-        use_distributed_optimizer=args["dist_opt"], load_weights=load,
+        use_distributed_optimizer=args["dist_opt"], load_weights=load, model_options=options,
     )
     step_batch = local.replace(old_logprobs=out["old_logprobs"][rows], ref_logprobs=out["ref_logprobs"][rows])
     out["adam_metrics"] = [grpo_train_step(chunks, opt, sched, step_batch, mbs, loss_cfg) for _ in range(3)]
     out["adam_weights"] = export_hf_state_dict_to_cpu(chunks, cfg)
     out["rank_logprobs"] = lp
+    return out
+
+
+def sequence_parallel_padding(args: dict) -> dict:
+    """TP 2 with and without sequence parallelism on a batch whose length (11) is not a multiple of
+    tp, in grouped (group-packed) and plain form, with selective or no recomputation: log-probs
+    (every position, and only the loss positions) and the SGD gradient of one GRPO step."""
+    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
+    from megatron_recycle.train.step import (
+        GRPOLossConfig,
+        TrajectoryBatch,
+        compute_logprobs,
+        grpo_train_step,
+        setup_model_and_optimizer,
+    )
+
+    cfg, sd = tiny_llama()
+    gb = global_batch()
+    tokens, mask = gb["tokens"][:, : SEQ - 1].clone(), gb["loss_mask"][:, : SEQ - 1].clone()
+    tokens[1::2, :3] = tokens[0::2, :3]  # pairs share their first 3 (loss-free) tokens: a packed prefix
+    mask[:, :3] = 0.0
+    group_ids = torch.arange(N_GLOBAL) // 2
+    batch = TrajectoryBatch(tokens, mask, gb["advantages"], group_ids=group_ids if args["packed"] else None)
+    loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0)
+    out: dict[str, Any] = {}
+    for sp in (False, True):
+        chunks, opt, sched = setup_model_and_optimizer(
+            cfg, lr=LR_SGD, clip_grad=0.0, optimizer="sgd", sgd_momentum=0.0, lr_decay_style="constant",
+            load_weights=lambda c: load_hf_weights(c, sd, cfg),
+            model_options=_model_options({"sp": sp, "recompute": args.get("recompute", "none")}),
+        )
+        lp_all = compute_logprobs(chunks, batch, 4)
+        lp_loss = compute_logprobs(chunks, batch, 4, only_loss_positions=True)
+        step_batch = batch.replace(old_logprobs=lp_all + gb["old_noise"][:, : SEQ - 2],
+                                   ref_logprobs=lp_all + gb["ref_noise"][:, : SEQ - 2])
+        counter = _CallCounter(chunks)
+        metrics = grpo_train_step(chunks, opt, sched, step_batch, 4, loss_cfg)
+        w1 = export_hf_state_dict_to_cpu(chunks, cfg)
+        out[sp] = {
+            "lp_all": lp_all, "lp_loss": lp_loss, "metrics": metrics, "calls": counter.counts(),
+            "grads": {k: (sd[k] - w1[k]) / LR_SGD for k in w1},
+            "norm_types": sorted({type(m).__name__ for c in chunks for n, m in c.named_modules() if "norm" in n}),
+        }
     return out
 
 

@@ -328,9 +328,10 @@ def test_bf16_distributed_optimizer_resume_gives_the_uninterrupted_weights(env, 
 
 @pytest.mark.distributed
 def test_resume_on_another_layout_reshards_the_checkpoint(env, tmp_path):
-    """A run saved by two ranks with TP 2, bf16 and the distributed optimizer, resumed by one
-    process with the plain optimizer (train/reshard.py): it starts from the checkpoint's weights
-    exactly, and goes on training."""
+    """A run saved by two ranks with TP 2, bf16 and the distributed optimizer (and sequence
+    parallelism with selective recomputation), resumed by one process with the plain optimizer
+    (train/reshard.py): it starts from the checkpoint's weights exactly, and goes on training (with
+    full recomputation: the memory options may change on resume)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -340,8 +341,10 @@ def test_resume_on_another_layout_reshards_the_checkpoint(env, tmp_path):
     extra = ["pool.oversample=2", "model.bf16=true"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "megatron_recycle.cli", "train"]
-    _run(torchrun + _overrides(env, name, "train.steps=1", "model.tp=2", "optim.use_distributed_optimizer=true",
-                               *extra), timeout=400)
+    out = _run(torchrun + _overrides(env, name, "train.steps=1", "model.tp=2", "optim.use_distributed_optimizer=true",
+                                     "model.sequence_parallel=true", "model.recompute=selective", *extra),
+               timeout=400).stdout
+    assert "(tp 2 pp 1 dp 1, selective recomputation (core_attn), sequence parallel)" in out, out[-3000:]
     step1 = env["out"] / name / "checkpoints" / "step_1"
     records = [torch.load(step1 / f"rank_0000{r}.pt", weights_only=True)["parts"]["model_space"] for r in (0, 1)]
     saved = SavedModelSpace(records, AutoConfig.from_pretrained(env["model"]))
@@ -379,7 +382,9 @@ def test_resume_on_another_layout_reshards_the_checkpoint(env, tmp_path):
         assert bad.returncode == 2, bad.stderr[-2000:]
         assert f"megatron-recycle export {env['out'] / name} --step 1 --out DIR" in bad.stderr, bad.stderr[-2000:]
 
-    _run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", *extra))
+    out = _run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", "model.recompute=full",
+                                                        "model.recompute_num_layers=2", *extra)).stdout
+    assert "(tp 1 pp 1 dp 1, full recomputation (uniform, 2 layers per unit))" in out, out[-3000:]
     assert [r["step"] for r in _metrics(env["out"] / name)] == [0, 1]
     manifest = json.loads((env["out"] / name / "checkpoints" / "step_2" / "manifest.json").read_text())
     assert manifest["world_size"] == 1

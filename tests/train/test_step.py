@@ -115,6 +115,11 @@ LAYOUTS = {
     "tp2": (2, {"tp": 2, "pp": 1, "dist_opt": False, "mbs_list": [4]}),
     "pp2": (2, {"tp": 1, "pp": 2, "dist_opt": False, "mbs_list": [2]}),
     "dp2_distopt": (2, {"tp": 1, "pp": 1, "dist_opt": True, "mbs_list": [2]}),
+    # memory options: sequence parallelism with selective recomputation, full recomputation (block) with PP
+    "tp2_sp_selective": (2, {"tp": 2, "pp": 1, "dist_opt": True, "mbs_list": [4], "sp": True,
+                             "recompute": "selective"}),
+    "pp2_recompute_block": (2, {"tp": 1, "pp": 2, "dist_opt": False, "mbs_list": [2], "recompute": "full",
+                                "recompute_method": "block", "recompute_num_layers": 1}),
 }
 
 
@@ -129,6 +134,9 @@ def single_process_runs():
         ["resume_bf16_distopt", "optimizer_resume", {"bf16": True, "dist_opt": True}],
         ["resume_bf16", "optimizer_resume", {"bf16": True, "dist_opt": False}],
         ["resume_fp32", "optimizer_resume", {"bf16": False, "dist_opt": False}],
+        ["recompute_full", "grpo_layout", {"mbs_list": [8, 4], "dist_opt": False, "recompute": "full",
+                                           "recompute_method": "uniform", "recompute_num_layers": 2}],
+        ["recompute_selective", "grpo_layout", {"mbs_list": [8], "dist_opt": False, "recompute": "selective"}],
     ]
     return _dist.run_workers("run_jobs", 1, {"jobs": jobs})[0]
 
@@ -145,6 +153,8 @@ def two_process_runs():
     jobs.append(["resume_dp2_bf16_distopt", "optimizer_resume", {"bf16": True, "dist_opt": True}])
     jobs.append(["resume_tp2_bf16_distopt", "optimizer_resume", {"tp": 2, "bf16": True, "dist_opt": True}])
     jobs.append(["resume_pp2_bf16_distopt", "optimizer_resume", {"pp": 2, "bf16": True, "dist_opt": True}])
+    jobs.append(["sp_padding_plain", "sequence_parallel_padding", {"tp": 2, "packed": False}])
+    jobs.append(["sp_padding_packed", "sequence_parallel_padding", {"tp": 2, "packed": True, "recompute": "selective"}])
     return _dist.run_workers("run_jobs", 2, {"jobs": jobs})
 
 
@@ -255,6 +265,72 @@ def test_interleaved_pipeline_with_data_parallel_distributed_optimizer(reference
     ref_g = reference_run["grads"][8]
     assert _max_diff(run["grads"][2], ref_g) <= GRAD_RTOL * _gmax(ref_g)
     assert _max_diff(run["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
+
+
+# ------------------------------------------------------- activation recomputation, sequence parallel
+N_LAYERS = 4  # _workers.tiny_llama
+
+
+@pytest.mark.distributed
+def test_recomputation_gives_the_identical_gradient(single_process_runs, reference_run):
+    """Full (uniform, 2 layers per unit) and selective recomputation: the same gradient and Adam
+    weights bit for bit, and the layers (full) or core attentions (selective) really run twice."""
+    ref_calls = reference_run["calls"][8]
+    assert ref_calls["layers"] == ref_calls["cores"] == N_LAYERS  # one micro-batch, nothing recomputed
+    full, sel = single_process_runs["recompute_full"], single_process_runs["recompute_selective"]
+    for run, mbs_list in ((full, (8, 4)), (sel, (8,))):
+        for mbs in mbs_list:
+            assert _max_diff(run["grads"][mbs], reference_run["grads"][mbs]) == 0.0
+            assert run["sgd_metrics"][mbs]["loss"] == reference_run["sgd_metrics"][mbs]["loss"]
+        assert _max_diff(run["adam_weights"], reference_run["adam_weights"]) == 0.0
+    for mbs in (8, 4):
+        micro = 8 // mbs
+        assert full["calls"][mbs] | {"layer_inputs": None} == {
+            "layers": 2 * N_LAYERS * micro, "cores": 2 * N_LAYERS * micro, "group_calls": 0,
+            "layer_inputs": None}
+    assert sel["calls"][8]["layers"] == N_LAYERS and sel["calls"][8]["cores"] == 2 * N_LAYERS
+
+
+@pytest.mark.distributed
+def test_memory_options_in_layouts_really_apply(two_process_runs):
+    """Sequence parallelism hands each layer 1/tp of the sequence; block recomputation with PP 2
+    recomputes the first layer of each stage (2 layers per stage, 4 micro-batches)."""
+    sp = two_process_runs[0]["tp2_sp_selective"]["calls"][4]
+    assert sp["layer_inputs"] == [(_workers.SEQ // 2, 4, 32)]
+    assert sp["cores"] == 2 * sp["layers"] == 2 * N_LAYERS * 2  # 2 micro-batches, attention recomputed
+    for r in two_process_runs:
+        calls = r["pp2_recompute_block"]["calls"][2]
+        assert calls["layers"] == (2 + 1) * 4 and calls["cores"] == calls["layers"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["plain", "packed"])
+def test_sequence_parallel_pads_the_sequence_and_keeps_results(two_process_runs, kind):
+    """Length 11 on TP 2: with sequence parallelism the forward pads to 12 and hands each rank 6
+    positions; log-probs (all positions and loss positions only) and the gradient equal TP 2
+    without it (plain rows, and group-packed rows with selective recomputation)."""
+    for r in two_process_runs:
+        run = r[f"sp_padding_{kind}"]
+        off, on = run[False], run[True]
+        assert "SequenceParallelRMSNorm" in on["norm_types"] and "SequenceParallelRMSNorm" not in off["norm_types"]
+        assert off["lp_all"].shape == on["lp_all"].shape == (_workers.N_GLOBAL, _workers.SEQ - 2)
+        torch.testing.assert_close(on["lp_all"], off["lp_all"], rtol=0, atol=2e-6)
+        mask = _workers.global_batch()["loss_mask"][:, 1 : _workers.SEQ - 1].clone()
+        mask[:, :2] = 0.0
+        assert mask.sum() > 0
+        torch.testing.assert_close(on["lp_loss"][mask.bool()], off["lp_all"][mask.bool()], rtol=0, atol=2e-6)
+        assert _max_diff(on["grads"], off["grads"]) <= GRAD_RTOL * _gmax(off["grads"])
+        assert _gmax(off["grads"]) > 1e-2
+        assert on["metrics"]["loss"] == pytest.approx(off["metrics"]["loss"], rel=1e-5)
+        widths = {s[0] for s in off["calls"]["layer_inputs"]}
+        assert {s[0] for s in on["calls"]["layer_inputs"]} == {-(-w // 2) for w in widths}
+        if kind == "plain":
+            assert widths == {_workers.SEQ - 1}
+        else:
+            assert on["metrics"]["packed_saved_tokens"] > 0
+            # recomputed attention uses the group plan too (not the dense masked fallback)
+            assert on["calls"]["cores"] == 2 * on["calls"]["layers"] == on["calls"]["group_calls"]
+            assert off["calls"]["group_calls"] == off["calls"]["cores"] == 2 * off["calls"]["layers"]
 
 
 @pytest.mark.distributed
