@@ -33,6 +33,10 @@ class RunConfig:
     keep_last: int = 2  # complete checkpoints kept on disk
     log_every: int = 1  # one summary line every N steps
     threads: int = 0  # torch threads per process (0: leave as set by OMP_NUM_THREADS)
+    # How long a collective waits for the other ranks before the run fails (all process groups,
+    # NCCL and gloo). Ranks wait while their model-parallel leader generates rollouts, evaluates or
+    # writes a checkpoint; torch's NCCL default (10 minutes) can be too short for large models.
+    collective_timeout_min: float = 60.0
 
 
 @dataclass
@@ -333,6 +337,7 @@ def validate(cfg: Config) -> None:
     _require(r.keep_last >= 1, "run.keep_last", r.keep_last, "must be >= 1")
     _require(r.log_every >= 1, "run.log_every", r.log_every, "must be >= 1")
     _require(r.threads >= 0, "run.threads", r.threads, "must be >= 0")
+    _require(r.collective_timeout_min > 0, "run.collective_timeout_min", r.collective_timeout_min, "must be > 0")
     _require(bool(r.name) and "/" not in r.name, "run.name", r.name, "must be a non-empty folder name")
     for key in ("n_train", "n_dev", "n_test", "max_train_queries"):
         v = getattr(cfg.data, key)

@@ -2,13 +2,16 @@
 
     .venv/bin/python tools/bench_step.py --model smollm2-135m --n 8 --seq-len 256 --mbs 4
     torchrun --nproc-per-node 8 tools/bench_step.py --model qwen3-1.7b --bf16 --tp 2 --sequences 64 --seq-len 2048
+    torchrun --nproc-per-node 2 tools/bench_step.py --model qwen3-1.7b --bf16 --tp 2 --sequence-parallel --recompute full
 
 A step has three phases, each timed separately (median over --steps after --warmup steps):
   old_logprobs      no-grad forward for the old log-probs (train.step.compute_logprobs)
   forward_backward  Megatron forward_backward_func over the micro-batches (GRPO loss)
   optimizer         optimizer.step (grad clipping, Adam, distributed optimizer) + LR schedule
 Peak memory per phase: CUDA max_memory_allocated (reset at each phase start); on CPU the peak
-resident set size (VmHWM, reset through /proc/self/clear_refs at each phase start). Models:
+resident set size (VmHWM, reset through /proc/self/clear_refs at each phase start). Also: the
+activations the decoder keeps for the backward pass of one micro-batch (autograd's saved tensors,
+weights excluded; what --recompute shrinks), from one extra forward (not with --pp > 1). Models:
 "smollm2-135m" / "qwen3-1.7b" / "tiny" are built from their published shapes with random weights;
 ``--weights real`` loads SmolLM2-135M's real weights from its package (model.hf_loading), and
 any local HF folder works as --model. The malloc setting (GLIBC_TUNABLES) is recorded: measure
@@ -89,21 +92,65 @@ class PeakMemory:
         return float("nan")
 
 
+def saved_activation_gib(chunks: list, batch: Any, mbs: int) -> float:
+    """GiB the decoder layers keep for the backward pass of one training micro-batch: the unique
+    storages saved by autograd (``saved_tensors_hooks``) while the decoder runs forward, weights
+    excluded. Activation recomputation shrinks exactly this (on any device, whatever the allocator
+    keeps around). Runs one extra forward of the first micro-batch, then drops its graph."""
+    from megatron_recycle.model.build import unwrap_model
+    from megatron_recycle.train.step import _forward_step, _micro_batches
+
+    model = chunks[0]
+    gpt = unwrap_model(model)
+    params = {p.untyped_storage().data_ptr() for c in chunks for p in c.parameters()}
+    params |= {getattr(p, "main_grad", p).untyped_storage().data_ptr() for c in chunks for p in c.parameters()}
+    saved: dict[int, int] = {}
+    inside = [False]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0]:
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    hooks = [gpt.decoder.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)),
+             gpt.decoder.register_forward_hook(lambda *a: inside.__setitem__(0, False))]
+    mb = _micro_batches(batch.rows(0, mbs), mbs, True, chunks, select=True)  # packed when the batch has groups
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output, _ = _forward_step(lambda *a: None, iter(mb), model)
+        del output
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(saved.values()) / 2**30
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def random_batch(n: int, seq_len: int, vocab: int, prompt_frac: float, seed: int) -> Any:
-    """N x L random tokens; the first prompt_frac of each row is prompt (mask 0); advantages +-1."""
+def random_batch(n: int, seq_len: int, vocab: int, prompt_frac: float, seed: int, group_size: int = 1) -> Any:
+    """N x L random tokens; the first prompt_frac of each row is prompt (mask 0); advantages +-1.
+
+    ``group_size`` > 1: consecutive rows form GRPO groups that share their prompt (group_ids set),
+    so the step packs them (optim.pack_groups) as it does in training."""
     from megatron_recycle.train.step import TrajectoryBatch
 
+    if group_size < 1 or n % group_size:
+        raise SystemExit(f"--group-size {group_size} must be >= 1 and divide --sequences {n}")
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (n, seq_len), generator=g)
+    prompt = max(1, int(prompt_frac * seq_len))
     mask = torch.zeros(n, seq_len)
-    mask[:, max(1, int(prompt_frac * seq_len)):] = 1.0
+    mask[:, prompt:] = 1.0
     adv = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    return TrajectoryBatch(tokens, mask, adv)
+    if group_size == 1:
+        return TrajectoryBatch(tokens, mask, adv)
+    tokens[:, :prompt] = tokens[::group_size, :prompt].repeat_interleave(group_size, dim=0)
+    return TrajectoryBatch(tokens, mask, adv, group_ids=torch.arange(n) // group_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     # --sequences under torchrun: torchrun's own parser takes "--n" for an ambiguous prefix of its options
     p.add_argument("--n", "--sequences", dest="n", type=int, default=8, help="sequences per DP rank")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--group-size", type=int, default=1,
+                   help="K: rows of a group share their prompt and are group-packed, as in training (1: no groups)")
     p.add_argument("--mbs", type=int, default=4, help="micro-batch size")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--dist-opt", action="store_true", help="Megatron distributed optimizer")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                   help="activation recomputation (model.recompute)")
+    p.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
+    p.add_argument("--recompute-num-layers", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (needs --tp > 1)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: OMP_NUM_THREADS or torch's")
@@ -128,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
 
+    from megatron_recycle.model.build import describe_memory_options, memory_options, unwrap_model
     from megatron_recycle.model.parallel import destroy_distributed, init_distributed
     from megatron_recycle.train.step import (
         GRPOLossConfig,
@@ -146,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     chunks, opt, sched = setup_model_and_optimizer(
         cfg, lr=1e-6, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=a.dist_opt, bf16=a.bf16,
         warmup_steps=0, total_steps=a.steps + a.warmup, load_weights=load, lr_decay_style="constant",
+        model_options=memory_options(a.recompute, a.recompute_method, a.recompute_num_layers, a.sequence_parallel),
     )
+    memory = describe_memory_options(unwrap_model(chunks[0]).config) or "no recomputation"
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    batch = random_batch(a.n, a.seq_len, cfg.vocab_size, 0.25, seed=layout.dp_rank)
+    batch = random_batch(a.n, a.seq_len, cfg.vocab_size, 0.25, seed=layout.dp_rank, group_size=a.group_size)
     mem = PeakMemory()
     rows: list[dict[str, float]] = []
     for i in range(a.warmup + a.steps):
@@ -173,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         rec.update({k: v for k, v in metrics.items() if k.startswith("time/") or k in ("loss", "grad_norm")})
         if i >= a.warmup:
             rows.append(rec)
+    activations = saved_activation_gib(chunks, batch, a.mbs) if a.pp == 1 else float("nan")
+
     def med(key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
@@ -192,25 +251,37 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": os.getloadavg(),  # other work on the machine skews CPU timings
         "model": a.model, "weights": a.weights, "params_this_rank": n_params, "bf16": a.bf16,
         "tp": a.tp, "pp": a.pp, "dp": layout.dp, "dist_opt": a.dist_opt,
-        "n": a.n, "seq_len": a.seq_len, "mbs": a.mbs, "steps": a.steps, "warmup": a.warmup,
+        "recompute": a.recompute, "recompute_method": a.recompute_method,
+        "recompute_num_layers": a.recompute_num_layers, "sequence_parallel": a.sequence_parallel,
+        "memory_options": memory,
+        "n": a.n, "seq_len": a.seq_len, "group_size": a.group_size, "mbs": a.mbs, "steps": a.steps,
+        "warmup": a.warmup,
         "time_s": times, "step_time_s": sum(times.values()),
         "tokens_per_s": tokens / sum(times.values()),
         "peak_mem_gib": mems, "mem_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (VmHWM)",
         "loss_last": rows[-1]["loss"], "grad_norm_last": rows[-1]["grad_norm"],
+        # kept for backward by the decoder, one micro-batch (saved_activation_gib; NaN with PP > 1)
+        "saved_activations_gib_per_microbatch": activations,
     }
     if layout.rank == 0:
-        print(f"\nGRPO step: {a.model} ({a.weights} weights, {n_params / 1e6:.1f}M params/rank), N={a.n} x L={a.seq_len}, "
-              f"mbs={a.mbs}, tp={a.tp} pp={a.pp} dp={layout.dp}, bf16={a.bf16}, dist_opt={a.dist_opt}")
+        print(f"\nGRPO step: {a.model} ({a.weights} weights, {n_params / 1e6:.1f}M params/rank), N={a.n} x L={a.seq_len}"
+              f"{f' in groups of {a.group_size} (packed)' if a.group_size > 1 else ''}, "
+              f"mbs={a.mbs}, tp={a.tp} pp={a.pp} dp={layout.dp}, bf16={a.bf16}, dist_opt={a.dist_opt}, {memory}")
         print(f"device: {result['device']}, threads={result['threads']}, GLIBC_TUNABLES={malloc or '(unset)'}")
         print(f"median of {a.steps} steps after {a.warmup} warm-up\n")
         print(f"{'phase':<18}{'time (s)':>10}{'peak mem (GiB)':>16}")
         for ph in PHASES:
             print(f"{ph:<18}{times[ph]:>10.3f}{mems[ph]:>16.2f}")
         print(f"{'total':<18}{sum(times.values()):>10.3f}{max(mems.values()):>16.2f}")
-        print(f"tokens/s (old-logprob fwd + train step): {result['tokens_per_s']:.0f}\n")
+        print(f"tokens/s (old-logprob fwd + train step): {result['tokens_per_s']:.0f}")
+        print(f"decoder activations kept for backward, one micro-batch of {a.mbs}: {activations:.3f} GiB\n")
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = a.tag or ("malloc-tuned" if "mmap_max=0" in malloc else "malloc-default")
+        if a.recompute != "none" and not a.tag:
+            tag += f"_recompute-{a.recompute}"
+        if a.sequence_parallel and not a.tag:
+            tag += "_sp"
         stem = out / f"bench_step_{Path(a.model).name}_{a.n}x{a.seq_len}_{tag}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         with open(stem.with_suffix(".csv"), "w", newline="") as f:

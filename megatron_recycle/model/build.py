@@ -131,8 +131,10 @@ def describe_memory_options(config: Any) -> str:
     if granularity == "selective":
         parts.append(f"selective recomputation ({', '.join(config.recompute_modules or ['core_attn'])})")
     elif granularity == "full":
-        unit = "layers per unit" if config.recompute_method == "uniform" else "first layers of each stage"
-        parts.append(f"full recomputation ({config.recompute_method}, {config.recompute_num_layers} {unit})")
+        n = config.recompute_num_layers
+        layers = f"{n} layer{'s' if n != 1 else ''}"
+        unit = f"{layers} per unit" if config.recompute_method == "uniform" else f"the first {layers} of each stage"
+        parts.append(f"full recomputation ({config.recompute_method}, {unit})")
     if getattr(config, "sequence_parallel", False):
         parts.append("sequence parallel")
     return ", ".join(parts)

@@ -9,6 +9,7 @@ world and the model (heads, query groups, layers, FFN, vocabulary) and names wha
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import random
@@ -112,12 +113,27 @@ def _env_int(name: str) -> int | None:
     return int(v) if v not in (None, "") else None
 
 
-def init_process_group(backend: str | None = None) -> bool:
+DEFAULT_COLLECTIVE_TIMEOUT_MIN = 60.0
+
+
+def _timeout(timeout_min: float | None) -> datetime.timedelta:
+    minutes = DEFAULT_COLLECTIVE_TIMEOUT_MIN if timeout_min is None else float(timeout_min)
+    if not minutes > 0:
+        raise ValueError(f"collective timeout must be > 0 minutes, got {timeout_min}")
+    return datetime.timedelta(minutes=minutes)
+
+
+def init_process_group(backend: str | None = None, timeout_min: float | None = None) -> bool:
     """The default process group from torchrun's environment (a world of 1 without one); True
     when this call created it, False when one existed. backend defaults to ``nccl`` with CUDA
     (each process on device LOCAL_RANK) and ``gloo`` without. :func:`init_distributed` calls it;
     code that needs only collectives (sharded evaluation before training) may call it first, and
-    init_distributed then reuses the group."""
+    init_distributed then reuses the group.
+
+    ``timeout_min`` (default :data:`DEFAULT_COLLECTIVE_TIMEOUT_MIN`, config ``run.collective_timeout_min``):
+    how long a collective may wait for the other ranks before it fails. torch's own default for
+    NCCL is 10 minutes, which a rank waiting while its model-parallel leader generates rollouts or
+    evaluates can exceed on a large model."""
     global _OWNS_PROCESS_GROUP
     cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if cuda else "gloo")
@@ -130,13 +146,14 @@ def init_process_group(backend: str | None = None) -> bool:
     local_rank = _env_int("LOCAL_RANK") or 0
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    timeout = _timeout(timeout_min)
     if world is None or (world == 1 and "MASTER_ADDR" not in os.environ):
         # Plain single process: an in-memory store, no port to find.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
         if rank is None:
             raise RuntimeError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     _OWNS_PROCESS_GROUP = True
     return True
 
@@ -148,12 +165,15 @@ def init_distributed(
     seed: int = 0,
     backend: str | None = None,
     model_config: Any | None = None,
+    timeout_min: float | None = None,
 ) -> ParallelLayout:
     """Initialize torch.distributed, megatron parallel_state and the model-parallel RNG seeds.
 
     Uses torchrun's environment when present, otherwise a world of 1. backend defaults to
     ``nccl`` with CUDA and ``gloo`` without. An existing process group is reused. Seeds follow
     Megatron: ``seed + 100 * pp_rank`` for python/numpy/torch, then the TP RNG tracker.
+    ``timeout_min``: how long a collective waits for the other ranks, on the default group and on
+    megatron's groups (:func:`init_process_group`).
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -164,7 +184,7 @@ def init_distributed(
         apply_cpu_compat()
 
     validate_layout(tp, pp, vpp, None, model_config)  # model shape first: fail before any set-up
-    created_now = init_process_group(backend)
+    created_now = init_process_group(backend, timeout_min)
     world_size = dist.get_world_size()
     try:
         validate_layout(tp, pp, vpp, world_size)
@@ -191,6 +211,8 @@ def init_distributed(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp if (vpp or 1) > 1 else None,
+            # megatron's own groups (TP, PP, DP, embedding, ...) wait as long as the default group
+            distributed_timeout_minutes=_timeout(timeout_min).total_seconds() / 60,
         )
 
     pp_rank = ps.get_pipeline_model_parallel_rank()

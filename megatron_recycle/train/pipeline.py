@@ -21,7 +21,7 @@ from megatron_recycle.config import Config
 from megatron_recycle.train import runtime as rtm
 
 
-def _eval_world() -> tuple[int, int]:
+def _eval_world(cfg: Config) -> tuple[int, int]:
     """(world size, rank) of torchrun's world, also before the trainer has set up torch.distributed
     (the first evaluation runs earlier); with several ranks the default process group is brought
     up here, for the evaluation's collectives, and the trainer reuses it."""
@@ -29,7 +29,7 @@ def _eval_world() -> tuple[int, int]:
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        init_process_group()
+        init_process_group(timeout_min=cfg.run.collective_timeout_min)
     return world, (dist.get_rank() if dist.is_initialized() else 0)
 
 
@@ -52,7 +52,7 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     from megatron_recycle.evaluate import evaluate, format_table, gather_on_rank0
     from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer, model_digest
 
-    world, rank = _eval_world()
+    world, rank = _eval_world(cfg)
     block = 1
     if rtm.engine_kind(cfg) == "vllm" and world > 1:
         rtm.check_vllm_world(cfg, load_hf_config(model_path, cache_dir=cfg.model.cache_dir), world, tp=1, pp=1)
@@ -238,7 +238,7 @@ def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str,
     """Reuse an evaluation already written by an earlier (interrupted) run of the same job when it
     matches (:func:`_usable_eval`); rank 0 reads it and decides for every rank (collective in a
     multi-rank world)."""
-    world, rank = _eval_world()
+    world, rank = _eval_world(cfg)
     res = None
     if rank == 0 and path.is_file():
         res = _usable_eval(cfg, model, split, path, label)

@@ -311,7 +311,8 @@ def setup_runtime(
     except ValueError as e:
         raise ConfigError(f"model.tp={m.tp} model.pp={m.pp} model.vpp={m.vpp}: {e}") from None
     check_model_options(m, hf_config)
-    layout = init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.run.seed, model_config=hf_config)
+    layout = init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.run.seed, model_config=hf_config,
+                              timeout_min=cfg.run.collective_timeout_min)
     folder = resolve_model_folder(model_path, cache_dir=m.cache_dir)
     tokenizer = load_tokenizer(model_path, cache_dir=m.cache_dir)
     o = cfg.optim

@@ -115,3 +115,30 @@ def sharded_roundtrip(rank: int, world_size: int, out_dir: str, layouts: list[di
         destroy_distributed(keep_process_group=True)
     destroy_distributed()
     return results
+
+
+def collective_timeout(rank: int, world_size: int, out_dir: str, timeout_s: float | None, late_s: float,
+                       group: str) -> dict:
+    """Rank 0 reaches an all_reduce ``late_s`` seconds after rank 1. With a collective timeout below
+    ``late_s``, rank 1's call fails before rank 0 arrives; otherwise it waits and succeeds.
+    ``group``: "default" (torch's world group) or "dp" (a megatron group, data parallel)."""
+    import time
+
+    from megatron.core import parallel_state as ps
+
+    init_distributed(tp=1, pp=1, timeout_min=None if timeout_s is None else timeout_s / 60)
+    pg = None if group == "default" else ps.get_data_parallel_group()
+    out: dict = {"error": None}
+    if rank == 0:
+        time.sleep(late_s)
+    t0 = time.monotonic()
+    try:
+        x = torch.ones(1)
+        dist.all_reduce(x, group=pg)
+        out["value"] = float(x)
+    except Exception as e:  # noqa: BLE001 - the timeout is what this worker reports
+        out["error"] = f"{type(e).__name__}: {e}"[:300]
+    out["waited_s"] = time.monotonic() - t0
+    if out["error"] is None:
+        destroy_distributed()
+    return out

@@ -82,3 +82,24 @@ def test_sharded_save_loads_in_transformers(results, tiny, ckpt, kind, tied):
     ref = tiny.tiny_hf_model(kind, tied)
     for name, t in ref.state_dict().items():
         assert torch.equal(back.state_dict()[name], t), name
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("group", ["default", "dp"])
+def test_collective_timeout_applies_to_every_group(dist_launcher, tmp_path, group):
+    """run.collective_timeout_min reaches torch's default group and megatron's groups: with 2 s, a
+    rank whose peer is 6 s late fails after about 2 s instead of waiting (torch's NCCL default would
+    be 10 minutes, megatron's groups 30)."""
+    res = dist_launcher.run_workers(f"{WORKERS}:collective_timeout", 2, tmp_path, timeout_s=2.0, late_s=6.0,
+                                    group=group)
+    waiting = res[1]
+    assert waiting["error"] is not None and "timed out" in waiting["error"].lower(), waiting
+    assert waiting["waited_s"] < 5.0, waiting  # gave up before the late rank arrived
+
+
+@pytest.mark.distributed
+def test_default_collective_timeout_waits_for_a_late_rank(dist_launcher, tmp_path):
+    res = dist_launcher.run_workers(f"{WORKERS}:collective_timeout", 2, tmp_path, timeout_s=None, late_s=3.0,
+                                    group="dp")
+    assert [r["error"] for r in res] == [None, None] and [r["value"] for r in res] == [2.0, 2.0]
+    assert res[1]["waited_s"] > 2.0
