@@ -47,6 +47,7 @@ def test_dry_run_without_a_gpu_sets_up_and_runs_nothing(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no CUDA device visible" in summary
     assert "START" not in summary
+    assert "SKIP  bench_recompute" not in summary  # the dry run stops before the steps
     # our two import packages come from the site folder's links (never from the checkout's root)
     assert "megatron_recycle_kernels: ok" in summary and "megatron_recycle: 0.1.0" in summary, summary
     site = tmp_path / "site"
@@ -59,7 +60,15 @@ def test_steps_not_selected_are_skipped(tmp_path):
     # selected step go for lack of time, so that nothing runs, and each step says why it did not
     proc, summary = _run(tmp_path, budget=20, GPU_CHECKS_ON_CPU="1", GPU_CHECKS_STEPS="tests_kernels")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("bench_kernels", "bench_step", "tests_model"):
+    for name in ("bench_kernels", "bench_step", "bench_recompute", "tests_model"):
         assert f"SKIP  {name}: not in GPU_CHECKS_STEPS" in summary
     assert "SKIP  tests_kernels: " in summary and "of the budget left" in summary
     assert "START" not in summary
+
+
+def test_optional_step_runs_only_when_named(tmp_path):
+    proc, summary = _run(tmp_path, budget=20, GPU_CHECKS_ON_CPU="1", GPU_CHECKS_STEPS="bench_recompute")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "unknown step" not in summary
+    assert "SKIP  bench_recompute: " in summary and "of the budget left" in summary
+    assert "SKIP  bench_step: not in GPU_CHECKS_STEPS" in summary

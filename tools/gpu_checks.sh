@@ -18,7 +18,8 @@
 # install (default .whl); GPU_CHECKS_SITE, the folder they are installed into (default
 # /tmp/mr_site); GPU_CHECKS_STEP_MODEL, the model of step 3 (default qwen3-1.7b; the rehearsal's
 # "tiny" fits a CPU); GPU_CHECKS_STEPS, the steps to run (default all four:
-# "tests_kernels bench_kernels bench_step tests_model"). scripts/device_rehearsal.sh uses these to
+# "tests_kernels bench_kernels bench_step tests_model"; "bench_recompute", step 3 again with full
+# activation recomputation, only when named). scripts/device_rehearsal.sh uses these to
 # run the script on a CPU in a copy of the device image's Python packages.
 set -u
 BUDGET=${1:-500}
@@ -64,11 +65,12 @@ SITE=${GPU_CHECKS_SITE:-/tmp/mr_site}
 mkdir -p "$SITE"
 WHEELS=${GPU_CHECKS_WHEELS:-.whl}
 ALL_STEPS="tests_kernels bench_kernels bench_step tests_model"
+OPTIONAL_STEPS="bench_recompute"  # only when named in GPU_CHECKS_STEPS
 STEP_MODEL=${GPU_CHECKS_STEP_MODEL:-qwen3-1.7b}
 STEPS=" ${GPU_CHECKS_STEPS:-$ALL_STEPS} "
 for s in $STEPS; do
-    if [[ " $ALL_STEPS " != *" $s "* ]]; then
-        say "ERROR: unknown step '$s' in GPU_CHECKS_STEPS (steps: $ALL_STEPS)"
+    if [[ " $ALL_STEPS $OPTIONAL_STEPS " != *" $s "* ]]; then
+        say "ERROR: unknown step '$s' in GPU_CHECKS_STEPS (steps: $ALL_STEPS; optional: $OPTIONAL_STEPS)"
         exit 2
     fi
 done
@@ -127,6 +129,12 @@ step bench_step 150 "$OUT/bench.log" \
     --seq-len 1024 --mbs 2 --steps 3 --warmup 1 --out "$STEP_DIR" --tag cuda
 for f in "$STEP_DIR"/*.json; do [ -e "$f" ] && cp "$f" "$OUT/bench_step.json"; done
 grep -A10 "^GRPO step:" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
+
+# ------------------------------------------- 3b. optional: the same step with full recomputation
+# (model.recompute=full): its peak memory and decoder activations against step 3's, in bench.log
+step bench_recompute 120 "$OUT/bench.log" \
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model "$STEP_MODEL" --bf16 --sequences 8 \
+    --seq-len 1024 --mbs 2 --steps 2 --warmup 1 --out "$STEP_DIR" --tag cuda-recompute-full --recompute full
 
 # ---------------------------------------------------------------- 4. model and step tests on CUDA (issue #4)
 step tests_model 240 "$OUT/tests_model.log" \

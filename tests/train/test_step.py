@@ -256,12 +256,36 @@ def test_layouts_give_the_same_gradient_and_weights(reference_run, two_process_r
     assert [a["lr"] for a in run["adam_metrics"]][0] == 0.0  # warm-up starts at 0 (Megatron's schedule)
 
 
+@pytest.fixture(scope="module")
+def four_process_runs():
+    """PP=2 x VPP=2 x DP=2 (distributed optimizer), then TP=2 x PP=2 with sequence parallelism and
+    full recomputation, in the same four processes."""
+    jobs = [
+        ["vpp", "grpo_layout", {"tp": 1, "pp": 2, "vpp": 2, "dist_opt": True, "mbs_list": [2]}],
+        ["tp2_pp2_sp", "grpo_layout", {"tp": 2, "pp": 2, "dist_opt": True, "mbs_list": [2], "sp": True,
+                                       "recompute": "full", "recompute_num_layers": 2}],
+    ]
+    return _dist.run_workers("run_jobs", 4, {"jobs": jobs})
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_interleaved_pipeline_with_data_parallel_distributed_optimizer(reference_run):
+def test_tp2_pp2_sequence_parallel_with_full_recomputation(reference_run, four_process_runs):
+    """4 processes: TP=2 x PP=2, sequence parallelism (pipeline stages exchange 1/tp of the
+    sequence), full recomputation, distributed optimizer."""
+    run = four_process_runs[0]["tp2_pp2_sp"]
+    ref_g = reference_run["grads"][8]
+    assert _max_diff(run["grads"][2], ref_g) <= GRAD_RTOL * _gmax(ref_g)
+    assert _max_diff(run["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
+    calls = run["calls"][2]
+    assert calls["layer_inputs"] == [(_workers.SEQ // 2, 2, 32)] and calls["layers"] == 2 * 2 * 4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_interleaved_pipeline_with_data_parallel_distributed_optimizer(reference_run, four_process_runs):
     """4 processes: PP=2 with 2 virtual stages each, DP=2, distributed optimizer."""
-    job = ["vpp", "grpo_layout", {"tp": 1, "pp": 2, "vpp": 2, "dist_opt": True, "mbs_list": [2]}]
-    run = _dist.run_workers("run_jobs", 4, {"jobs": [job]})[0]["vpp"]
+    run = four_process_runs[0]["vpp"]
     ref_g = reference_run["grads"][8]
     assert _max_diff(run["grads"][2], ref_g) <= GRAD_RTOL * _gmax(ref_g)
     assert _max_diff(run["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
