@@ -29,6 +29,14 @@ its gradient are the padded batch's (equal to fp32 rounding; tests check it) at 
 the tokens: the prefix is forwarded and back-propagated once instead of K times, and padding
 disappears. The prefix stops before the first token that carries loss in any member, so a
 token with loss is never shared. THD/cu_seqlens packing (flash attention) is not used.
+
+Memory options (model.build.memory_options, ``model_options`` of setup_model_and_optimizer):
+activation recomputation is Megatron's own (the group-attention plan stays on the attention
+through the backward pass so that recomputed attention takes the same path). Under sequence
+parallelism each rank holds [L/tp, b, h] between the tensor-parallel layers, so the forward pads
+L (and packed rows) to a multiple of tp, and the output layer sees this rank's 1/tp of the
+selected loss positions (:func:`_selected_sequence_parallel_forward`). Neither changes the loss or
+its gradient beyond fp32 rounding (tests/train/test_step.py).
 """
 
 from __future__ import annotations
@@ -415,7 +423,7 @@ def group_packed_layout(batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKEN
     layout = _rows_for_groups([p[2] for p in plan], row_tokens)
     rows = len(layout)
     width = max(sum(plan[g][2] for g in row) for row in layout)
-    width = -(-width // width_multiple) * width_multiple
+    width = _model_width(width, width_multiple)
     tokens = torch.zeros(rows, width, dtype=torch.long)
     targets = torch.zeros(rows, width, dtype=torch.long)
     positions = torch.zeros(rows, width, dtype=torch.long)
