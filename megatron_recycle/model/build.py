@@ -266,7 +266,8 @@ def layer_spec_for(hf_config: Any, layer_spec: str = "auto", sequence_parallel: 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=has_qk_norm(hf_config))
     from megatron_recycle.model.attention import use_sdpa_core_attention
 
-    spec = use_sdpa_core_attention(get_gpt_layer_local_spec(qk_layernorm=has_qk_norm(hf_config), normalization="RMSNorm"))
+    spec = get_gpt_layer_local_spec(qk_layernorm=has_qk_norm(hf_config), normalization="RMSNorm")
+    spec = use_sdpa_core_attention(spec)
     if sequence_parallel:
         from megatron.core.transformer.identity_op import IdentityOp
 
@@ -285,7 +286,10 @@ def _block_spec(layer: Any, config: Any, vp_stage: int | None) -> Any:
     spec a TransformerBlockSubmodules whose final norm is :class:`SequenceParallelRMSNorm` too."""
     if not config.sequence_parallel or layer.submodules.input_layernorm is not SequenceParallelRMSNorm:
         return layer
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SequenceParallelRMSNorm)

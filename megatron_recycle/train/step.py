@@ -401,7 +401,9 @@ def _rows_for_groups(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
     return [[g] for g in order]
 
 
-def group_packed_layout(batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKENS, width_multiple: int = 1) -> PackedRows:
+def group_packed_layout(
+    batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKENS, width_multiple: int = 1
+) -> PackedRows:
     """The group-packed layout of ``batch`` (needs group_ids; lengths default to L).
 
     Each group becomes [shared prefix][suffix 1]...[suffix K]; groups are laid side by side in as

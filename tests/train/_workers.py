@@ -40,6 +40,24 @@ def tiny_llama(tie: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
     return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def tiny_qwen3() -> tuple[Any, dict[str, torch.Tensor]]:
+    """A tiny Qwen3-shaped HF config (per-head q/k norms, GQA, tied) and seeded random fp32 weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-6,
+        rope_theta=10000.0, tie_word_embeddings=True, initializer_range=0.2,
+    )
+    torch.manual_seed(4321)
+    model = Qwen3ForCausalLM(cfg).float()
+    with torch.no_grad():  # non-trivial norm weights (the q/k norms included) so their gradients count
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def global_batch() -> dict[str, torch.Tensor]:
     """Seeded global batch: ragged lengths (right padding), prompts of 2-4 tokens, some zero advantages."""
     g = torch.Generator().manual_seed(99)
@@ -214,8 +232,9 @@ def grpo_layout(args: dict) -> dict:
 
 def sequence_parallel_padding(args: dict) -> dict:
     """TP 2 with and without sequence parallelism on a batch whose length (11) is not a multiple of
-    tp, in grouped (group-packed) and plain form, with selective or no recomputation: log-probs
-    (every position, and only the loss positions) and the SGD gradient of one GRPO step."""
+    tp, in grouped (group-packed) and plain form, with selective or no recomputation, on the tiny
+    Llama or (``kind="qwen3"``) a tiny Qwen3 with per-head q/k norms: log-probs (every position, and
+    only the loss positions) and the SGD gradient of one GRPO step."""
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
     from megatron_recycle.train.step import (
         GRPOLossConfig,
@@ -225,7 +244,7 @@ def sequence_parallel_padding(args: dict) -> dict:
         setup_model_and_optimizer,
     )
 
-    cfg, sd = tiny_llama()
+    cfg, sd = tiny_qwen3() if args.get("kind") == "qwen3" else tiny_llama()
     gb = global_batch()
     tokens, mask = gb["tokens"][:, : SEQ - 1].clone(), gb["loss_mask"][:, : SEQ - 1].clone()
     tokens[1::2, :3] = tokens[0::2, :3]  # pairs share their first 3 (loss-free) tokens: a packed prefix

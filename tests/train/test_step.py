@@ -155,6 +155,7 @@ def two_process_runs():
     jobs.append(["resume_pp2_bf16_distopt", "optimizer_resume", {"pp": 2, "bf16": True, "dist_opt": True}])
     jobs.append(["sp_padding_plain", "sequence_parallel_padding", {"tp": 2, "packed": False}])
     jobs.append(["sp_padding_packed", "sequence_parallel_padding", {"tp": 2, "packed": True, "recompute": "selective"}])
+    jobs.append(["sp_padding_qwen3", "sequence_parallel_padding", {"tp": 2, "packed": False, "kind": "qwen3"}])
     return _dist.run_workers("run_jobs", 2, {"jobs": jobs})
 
 
@@ -328,11 +329,12 @@ def test_memory_options_in_layouts_really_apply(two_process_runs):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["plain", "packed"])
+@pytest.mark.parametrize("kind", ["plain", "packed", "qwen3"])
 def test_sequence_parallel_pads_the_sequence_and_keeps_results(two_process_runs, kind):
     """Length 11 on TP 2: with sequence parallelism the forward pads to 12 and hands each rank 6
     positions; log-probs (all positions and loss positions only) and the gradient equal TP 2
-    without it (plain rows, and group-packed rows with selective recomputation)."""
+    without it (plain rows, group-packed rows with selective recomputation, and a Qwen3 whose
+    per-head q/k norms see the whole sequence)."""
     for r in two_process_runs:
         run = r[f"sp_padding_{kind}"]
         off, on = run[False], run[True]
@@ -348,9 +350,13 @@ def test_sequence_parallel_pads_the_sequence_and_keeps_results(two_process_runs,
         assert on["metrics"]["loss"] == pytest.approx(off["metrics"]["loss"], rel=1e-5)
         widths = {s[0] for s in off["calls"]["layer_inputs"]}
         assert {s[0] for s in on["calls"]["layer_inputs"]} == {-(-w // 2) for w in widths}
-        if kind == "plain":
+        if kind in ("plain", "qwen3"):
             assert widths == {_workers.SEQ - 1}
-        else:
+        if kind == "qwen3":
+            assert "HeadRMSNorm" in on["norm_types"] and "HeadRMSNorm" not in off["norm_types"]
+            qk = {k: v for k, v in off["grads"].items() if k.endswith(("q_norm.weight", "k_norm.weight"))}
+            assert len(qk) == 2 * N_LAYERS and _gmax(qk) > 1e-4
+        if kind == "packed":
             assert on["metrics"]["packed_saved_tokens"] > 0
             # recomputed attention uses the group plan too (not the dense masked fallback)
             assert on["calls"]["cores"] == 2 * on["calls"]["layers"] == on["calls"]["group_calls"]
