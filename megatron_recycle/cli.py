@@ -268,7 +268,18 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ in USER_ERRORS:
             print(f"{type(e).__name__}: {e}", file=sys.stderr)
             return 2
+        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA); torch not imported here
+            print(OOM_HINT, file=sys.stderr)  # the traceback follows: where it ran out matters
         raise
+
+
+OOM_HINT = (
+    "out of device memory. Checkpoints already written are intact (RUN_DIR/checkpoints); `--resume` "
+    "continues from the newest with any of these changed (none is a resume key): model.recompute=full "
+    "(or selective), model.sequence_parallel=true (with model.tp > 1), a smaller optim.micro_batch_size, "
+    "a smaller rollout.vllm_gpu_memory_utilization with rollout.engine=vllm. A larger model.tp or model.pp "
+    "also fits (the checkpoint is resharded)."
+)
 
 
 if __name__ == "__main__":

@@ -188,3 +188,29 @@ def test_simulator_runs_every_strategy_small():
     assert rows[("dapo", 1)]["final_fill"] >= rows[("grpo", 1)]["final_fill"]
     # with k = 2 recycling draws twice the candidates per step, so it takes half the steps
     assert rows[("recycle", 2)]["steps"] * 2 == pytest.approx(rows[("recycle", 1)]["steps"], abs=2)
+
+
+def test_cli_out_of_memory_names_the_memory_options(monkeypatch, capsys):
+    """A CUDA out-of-memory error keeps its traceback and is preceded by what to change on resume;
+    every config key it names exists, and none is a resume key."""
+    import re
+
+    import torch
+
+    import megatron_recycle.cli as cli
+    from megatron_recycle.train.checkpoint import RESUME_KEYS
+
+    def oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "cmd_train", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        cli.main(["train"])
+    err = capsys.readouterr().err
+    assert "out of device memory" in err and "--resume" in err
+    named = set(re.findall(r"\b(model|optim|rollout)\.([a-z_]+)", err))
+    assert {("model", "recompute"), ("model", "sequence_parallel"), ("optim", "micro_batch_size")} <= named
+    for section, key in named:
+        assert hasattr(getattr(Config(), section), key), f"{section}.{key}"
+    changeable = {f"{s}.{k}" for s, k in named} - {"model.tp", "model.pp"}  # these reshard instead
+    assert not changeable & set(RESUME_KEYS)
