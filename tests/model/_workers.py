@@ -131,6 +131,10 @@ def collective_timeout(rank: int, world_size: int, out_dir: str, timeout_s: floa
     out: dict = {"error": None}
     if rank == 0:
         time.sleep(late_s)
+        if timeout_s is not None and late_s > timeout_s:
+            # rank 1 has given up by now: a collective here would only fail too
+            destroy_distributed()
+            return {"error": None, "skipped": True}
     t0 = time.monotonic()
     try:
         x = torch.ones(1)
@@ -139,6 +143,10 @@ def collective_timeout(rank: int, world_size: int, out_dir: str, timeout_s: floa
     except Exception as e:  # noqa: BLE001 - the timeout is what this worker reports
         out["error"] = f"{type(e).__name__}: {e}"[:300]
     out["waited_s"] = time.monotonic() - t0
-    if out["error"] is None:
+    # Always tear the groups down, also after a timeout: a process that exits with a live gloo
+    # group can abort in its destructor ("terminate called without an active exception").
+    try:
         destroy_distributed()
+    except Exception as e:  # noqa: BLE001 - reported, the timeout above is the result
+        out["teardown_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
