@@ -103,7 +103,6 @@ def saved_activation_gib(chunks: list, batch: Any, mbs: int) -> float:
     model = chunks[0]
     gpt = unwrap_model(model)
     params = {p.untyped_storage().data_ptr() for c in chunks for p in c.parameters()}
-    params |= {getattr(p, "main_grad", p).untyped_storage().data_ptr() for c in chunks for p in c.parameters()}
     saved: dict[int, int] = {}
     inside = [False]
 

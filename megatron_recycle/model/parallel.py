@@ -116,11 +116,11 @@ def _env_int(name: str) -> int | None:
 DEFAULT_COLLECTIVE_TIMEOUT_MIN = 60.0
 
 
-def _timeout(timeout_min: float | None) -> datetime.timedelta:
+def _timeout_min(timeout_min: float | None) -> float:
     minutes = DEFAULT_COLLECTIVE_TIMEOUT_MIN if timeout_min is None else float(timeout_min)
     if not minutes > 0:
         raise ValueError(f"collective timeout must be > 0 minutes, got {timeout_min}")
-    return datetime.timedelta(minutes=minutes)
+    return minutes
 
 
 def init_process_group(backend: str | None = None, timeout_min: float | None = None) -> bool:
@@ -146,7 +146,7 @@ def init_process_group(backend: str | None = None, timeout_min: float | None = N
     local_rank = _env_int("LOCAL_RANK") or 0
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    timeout = _timeout(timeout_min)
+    timeout = datetime.timedelta(minutes=_timeout_min(timeout_min))
     if world is None or (world == 1 and "MASTER_ADDR" not in os.environ):
         # Plain single process: an in-memory store, no port to find.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -212,7 +212,7 @@ def init_distributed(
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp if (vpp or 1) > 1 else None,
             # megatron's own groups (TP, PP, DP, embedding, ...) wait as long as the default group
-            distributed_timeout_minutes=_timeout(timeout_min).total_seconds() / 60,
+            distributed_timeout_minutes=_timeout_min(timeout_min),
         )
 
     pp_rank = ps.get_pipeline_model_parallel_rank()
