@@ -162,6 +162,13 @@ class OptimConfig:
     # compute a group's shared prompt once per micro-batch (tree attention mask; same gradient);
     # used with pipeline size 1 and the local attention, else padded rows
     pack_groups: bool = True
+    # Megatron DDP's overlapped gradient reduction: during the last micro-batch's backward pass each
+    # bucket of gradients is all-reduced (reduce-scattered with the distributed optimizer) over the
+    # data-parallel ranks as soon as it is complete, instead of all of them after the backward pass.
+    # Same gradients; pays off with data parallelism across GPUs/nodes, not on one rank.
+    overlap_grad_reduce: bool = False
+    # parameters per gradient bucket with overlap_grad_reduce (null: Megatron's max(40M, 1M x DP size))
+    ddp_bucket_size: int | None = None
 
 
 @dataclass
@@ -410,6 +417,12 @@ def validate(cfg: Config) -> None:
     _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(o.micro_batch_size >= 1, "optim.micro_batch_size", o.micro_batch_size, "must be >= 1")
+    if o.ddp_bucket_size is not None:
+        _require(o.ddp_bucket_size >= 1, "optim.ddp_bucket_size", o.ddp_bucket_size,
+                 "must be >= 1 (parameters per bucket) or null")
+        _require(o.overlap_grad_reduce, "optim.ddp_bucket_size", o.ddp_bucket_size,
+                 "only applies with optim.overlap_grad_reduce=true (without it the gradients are reduced "
+                 "in one piece)")
     _require(cfg.train.steps >= 1, "train.steps", cfg.train.steps, "must be >= 1")
     _require(cfg.train.rollout_budget >= 0, "train.rollout_budget", cfg.train.rollout_budget, "must be >= 0")
     _require(cfg.train.eval_every >= 0, "train.eval_every", cfg.train.eval_every, "must be >= 0")

@@ -46,11 +46,20 @@ def test_defaults_and_overrides(tmp_path):
         ("model.recompute_method=every", r"model.recompute_method: 'every' is not one of"),
         ("model.recompute_num_layers=0", r"model.recompute_num_layers=0: must be >= 1"),
         ("model.sequence_parallel=true", r"model.sequence_parallel=True: .* needs model.tp > 1"),
+        ("optim.ddp_bucket_size=0", r"optim.ddp_bucket_size=0: must be >= 1"),
+        ("optim.ddp_bucket_size=1000", r"optim.ddp_bucket_size=1000: only applies with optim.overlap_grad_reduce"),
+        ("optim.ddp_bucket_size=4e7", r"optim.ddp_bucket_size: expected an integer"),
     ],
 )
 def test_invalid_values_name_key_and_value(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_overlapped_grad_reduction_options():
+    cfg = load_config(None, ["optim.overlap_grad_reduce=true", "optim.ddp_bucket_size=20000000"])
+    assert cfg.optim.overlap_grad_reduce and cfg.optim.ddp_bucket_size == 20_000_000
+    assert load_config(None, ["optim.overlap_grad_reduce=true"]).optim.ddp_bucket_size is None  # Megatron's
 
 
 def test_vllm_engine_without_vllm_fails_at_validation():

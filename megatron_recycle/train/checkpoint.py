@@ -67,11 +67,32 @@ RESUME_KEYS: tuple[str, ...] = (
     "data.max_train_queries",
     "rollout.group_size",
     "optim.use_distributed_optimizer",  # changes how the optimizer state is sharded
+    "optim.overlap_grad_reduce",  # (with the distributed optimizer only, see CONDITIONAL_KEYS)
+    "optim.ddp_bucket_size",
 )
 
 # The RESUME_KEYS that only say how the state is sharded: when they (or the world size) differ, a
 # resume goes through train/reshard.py instead of loading each rank's file as it is.
-LAYOUT_KEYS: tuple[str, ...] = ("model.tp", "model.pp", "model.vpp", "optim.use_distributed_optimizer")
+LAYOUT_KEYS: tuple[str, ...] = ("model.tp", "model.pp", "model.vpp", "optim.use_distributed_optimizer",
+                                "optim.overlap_grad_reduce", "optim.ddp_bucket_size")
+
+
+def _buckets_shard_the_state(config_dict: dict[str, Any]) -> bool:
+    """The distributed optimizer gives each rank a slice of every gradient bucket, so with overlapped
+    reduction (several buckets) the bucket size decides which part of each tensor's optimizer state
+    a rank's file holds; without the distributed optimizer or without overlap (one bucket) it
+    decides nothing that is saved."""
+    return bool(_lookup(config_dict, "optim.use_distributed_optimizer")) and bool(
+        _lookup(config_dict, "optim.overlap_grad_reduce"))
+
+
+# RESUME_KEYS that shape the saved state only under a condition: they are fingerprinted only then,
+# so that changing them where they change nothing needs no resharding, and checkpoints written
+# before the keys existed keep their hash.
+CONDITIONAL_KEYS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "optim.overlap_grad_reduce": _buckets_shard_the_state,
+    "optim.ddp_bucket_size": _buckets_shard_the_state,
+}
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _RANK_FILE = "rank_{:05d}.pt"
@@ -101,8 +122,10 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
 
 
 def config_fingerprint(config_dict: dict[str, Any], keys: tuple[str, ...] = RESUME_KEYS) -> dict[str, Any]:
-    """The values of the resume-relevant config keys (missing keys read as None), JSON-ready."""
-    return {k: json.loads(json.dumps(_lookup(config_dict, k), sort_keys=True, default=str)) for k in keys}
+    """The values of the resume-relevant config keys (missing keys read as None; CONDITIONAL_KEYS
+    only where their condition holds), JSON-ready."""
+    return {k: json.loads(json.dumps(_lookup(config_dict, k), sort_keys=True, default=str)) for k in keys
+            if k not in CONDITIONAL_KEYS or CONDITIONAL_KEYS[k](config_dict)}
 
 
 def config_hash(config_dict: dict[str, Any], keys: tuple[str, ...] = RESUME_KEYS) -> str:
@@ -417,7 +440,9 @@ class CheckpointManager:
             raise CheckpointError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, this code reads {FORMAT_VERSION}")
         if manifest.get("config_hash") != self.config_hash:
             theirs = manifest.get("config_fingerprint") or {}
-            diff = {k: (theirs.get(k), v) for k, v in self.fingerprint.items() if theirs.get(k) != v}
+            keys = list(self.fingerprint) + [k for k in theirs if k not in self.fingerprint]
+            diff = {k: (theirs.get(k), self.fingerprint.get(k)) for k in keys
+                    if theirs.get(k) != self.fingerprint.get(k)}
             if not diff or any(k not in LAYOUT_KEYS for k in diff):
                 detail = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
                 raise CheckpointError(

@@ -319,8 +319,10 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                               temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0)
     if rt.is_rank0:
         from megatron_recycle.model.build import describe_memory_options, unwrap_model
+        from megatron_recycle.train.step import describe_grad_reduction
 
-        memory = describe_memory_options(unwrap_model(rt.chunks[0]).config)
+        memory = ", ".join(x for x in (describe_memory_options(unwrap_model(rt.chunks[0]).config),
+                                       describe_grad_reduction(rt.chunks)) if x)
         print(f"[train] {cfg.pool.strategy}: {len(examples)} queries, B={cfg.pool.batch_size} k={cfg.pool.oversample} "
               f"K={cfg.rollout.group_size}, steps {start_step}->{cfg.train.steps}, world {lay.world_size} "
               f"(tp {lay.tp} pp {lay.pp} dp {lay.dp}{', ' + memory if memory else ''})", flush=True)

@@ -324,6 +324,7 @@ def setup_runtime(
         load_weights=lambda c: load_hf_weights(c, folder, hf_config), layer_spec=m.layer_spec,
         model_options=model_options(m),
         min_lr=o.min_lr, lr_decay_style=o.lr_schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+        overlap_grad_reduce=o.overlap_grad_reduce, ddp_bucket_size=o.ddp_bucket_size,
     )
     engine = None
     if with_engine and cfg.rollout.engine == "vllm":

@@ -981,11 +981,21 @@ def wrap_model_and_build_optimizer(
     adam_beta2: float = 0.999,
     adam_eps: float = 1e-8,
     sgd_momentum: float = 0.0,
+    overlap_grad_reduce: bool = False,
+    ddp_bucket_size: int | None = None,
 ) -> tuple[list[torch.nn.Module], Any, Any]:
     """Wrap built model chunks in Megatron DDP; build get_megatron_optimizer and OptimizerParamScheduler.
 
-    Also sets the model config hooks Megatron's schedules use (no_sync, finalize grads, loss
-    scale) and the gloo p2p settings PLATFORM.md requires. Returns (ddp_chunks, optimizer, scheduler).
+    Also sets the model config hooks Megatron's schedules use (no_sync, grad sync, finalize grads,
+    loss scale) and the gloo p2p settings PLATFORM.md requires. Returns (ddp_chunks, optimizer, scheduler).
+
+    ``overlap_grad_reduce``: Megatron DDP's overlapped gradient reduction. The gradient buffer is
+    cut into buckets of about ``ddp_bucket_size`` parameters (None: Megatron's default,
+    max(40M, 1M x DP size)); in the last micro-batch's backward pass each bucket's all-reduce (or,
+    with the distributed optimizer, reduce-scatter) starts asynchronously as soon as its last
+    gradient is in, and the step waits for them all before the optimizer. The first step after the
+    model is built reduces at the end (it learns which gradients each bucket waits for). The sums
+    are the same; only when they are computed changes.
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -1004,12 +1014,16 @@ def wrap_model_and_build_optimizer(
         raise ValueError(f"lr_decay_style={lr_decay_style!r}; use constant, linear, cosine or inverse-square-root")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer={optimizer!r}; use 'adam' or 'sgd'")
+    if ddp_bucket_size is not None and (isinstance(ddp_bucket_size, bool) or int(ddp_bucket_size) != ddp_bucket_size
+                                        or ddp_bucket_size < 1):
+        raise ValueError(f"ddp_bucket_size={ddp_bucket_size!r}; use a number of parameters >= 1, or None")
 
     config = get_model_config(model_chunks[0])
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=bool(overlap_grad_reduce),
         use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=int(ddp_bucket_size) if ddp_bucket_size is not None else None,
     )
     ddp_chunks: list[torch.nn.Module] = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
@@ -1050,6 +1064,12 @@ def wrap_model_and_build_optimizer(
 
     # Hooks the schedules call (the same ones Megatron's own training loop installs).
     config.no_sync_func = [m.no_sync for m in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
+    # With overlap, a pipeline schedule starts each chunk's remaining reductions itself once that
+    # chunk's backward passes are done (stages other than the first reduce in the pipeline bubble).
+    config.grad_sync_func = None
+    if overlap_grad_reduce:
+        config.grad_sync_func = ([m.start_grad_sync for m in ddp_chunks] if len(ddp_chunks) > 1
+                                 else ddp_chunks[0].start_grad_sync)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = opt.scale_loss
     if dist.get_backend() == "gloo":
@@ -1058,6 +1078,16 @@ def wrap_model_and_build_optimizer(
         if len(ddp_chunks) > 1:
             config.batch_p2p_comm = False
     return ddp_chunks, opt, scheduler
+
+
+def describe_grad_reduction(ddp_chunks: list[torch.nn.Module]) -> str:
+    """'' or, with overlapped gradient reduction, e.g. 'overlapped grad reduction (12 buckets)'."""
+    first = ddp_chunks[0] if ddp_chunks else None
+    ddp_config = getattr(first, "ddp_config", None)
+    if ddp_config is None or not ddp_config.overlap_grad_reduce:
+        return ""
+    buckets = sum(len(g.buckets) for m in ddp_chunks for g in getattr(m, "bucket_groups", []))
+    return f"overlapped grad reduction ({buckets} bucket{'s' if buckets != 1 else ''})"
 
 
 def _sub_optimizers(opt: Any) -> list[Any]:

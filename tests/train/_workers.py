@@ -274,6 +274,87 @@ def sequence_parallel_padding(args: dict) -> dict:
     return out
 
 
+def overlap_grad_reduce(args: dict) -> dict:
+    """The same layout with and without Megatron DDP's overlapped gradient reduction (buckets of
+    ``args["bucket"]`` parameters, several micro-batches): the SGD gradient of one GRPO step, the
+    weights and metrics of three clipped Adam steps, and, per step, where each bucket group's
+    reduction was dispatched: "backward" (by a gradient hook while autograd runs), "finish" (by
+    finalize_model_grads after the schedule) or "schedule" (by the pipeline schedule in between)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import param_and_grad_buffer as pgb
+
+    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
+    from megatron_recycle.train.step import (
+        GRPOLossConfig,
+        TrajectoryBatch,
+        compute_logprobs,
+        describe_grad_reduction,
+        grpo_train_step,
+        setup_model_and_optimizer,
+        shard_for_data_parallel,
+    )
+
+    cfg, sd = tiny_llama()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    gb = global_batch()
+    local = shard_for_data_parallel(TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"]), dp_rank, dp)
+    share = N_GLOBAL // dp
+    rows = slice(dp_rank * share, (dp_rank + 1) * share)
+    loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0)
+    load = lambda chunks: load_hf_weights(chunks, sd, cfg)  # noqa: E731
+    mbs = args["mbs"]
+
+    starts: list[str] = []  # one entry per bucket-group reduction dispatched
+    group_cls = pgb._ParamAndGradBucketGroup
+    original_start, original_finish = group_cls.start_grad_sync, group_cls.finish_grad_sync
+    finishing = [False]
+
+    def start(self, *a, **k):
+        if not (self.is_first_batch and self.grad_reduce_handle is not None):  # else Megatron's no-op
+            in_backward = torch._C._current_graph_task_id() != -1
+            starts.append("backward" if in_backward else "finish" if finishing[0] else "schedule")
+        return original_start(self, *a, **k)
+
+    def finish(self, *a, **k):
+        finishing[0] = True
+        try:
+            return original_finish(self, *a, **k)
+        finally:
+            finishing[0] = False
+
+    group_cls.start_grad_sync, group_cls.finish_grad_sync = start, finish
+    out: dict[str, Any] = {}
+    try:
+        for overlap in (False, True):
+            kw = {"overlap_grad_reduce": overlap, "ddp_bucket_size": args["bucket"] if overlap else None}
+            chunks, opt, sched = setup_model_and_optimizer(
+                cfg, lr=LR_SGD, clip_grad=0.0, optimizer="sgd", sgd_momentum=0.0, lr_decay_style="constant",
+                load_weights=load, **kw,
+            )
+            lp = _dp_all_gather(compute_logprobs(chunks, local, mbs))
+            step_batch = local.replace(old_logprobs=(lp + gb["old_noise"])[rows], ref_logprobs=(lp + gb["ref_noise"])[rows])
+            grpo_train_step(chunks, opt, sched, step_batch, mbs, loss_cfg)
+            w1 = export_hf_state_dict_to_cpu(chunks, cfg)
+            res = {"grads": {k: (sd[k] - w1[k]) / LR_SGD for k in w1}}
+            chunks, opt, sched = setup_model_and_optimizer(
+                cfg, lr=1e-2, clip_grad=0.05, weight_decay=0.01, warmup_steps=1, total_steps=4,
+                use_distributed_optimizer=args["dist_opt"], load_weights=load, **kw,
+            )
+            res["bucket_groups"] = sum(len(m.bucket_groups) for m in chunks)
+            res["describe"] = describe_grad_reduction(chunks)
+            res["adam_metrics"], res["starts"] = [], []
+            for _ in range(3):
+                starts.clear()
+                res["adam_metrics"].append(grpo_train_step(chunks, opt, sched, step_batch, mbs, loss_cfg))
+                res["starts"].append(list(starts))
+            res["adam_weights"] = export_hf_state_dict_to_cpu(chunks, cfg)
+            out[overlap] = res
+    finally:
+        group_cls.start_grad_sync, group_cls.finish_grad_sync = original_start, original_finish
+    out["first_stage"] = ps.is_pipeline_first_stage(ignore_virtual=True)
+    return out
+
+
 def sft_steps(args: dict) -> dict:
     """A few SFT steps on one tiny batch: the masked next-token loss must go down."""
     from megatron_recycle.model.convert import load_hf_weights
@@ -343,6 +424,7 @@ def optimizer_resume(args: dict) -> dict:
         return setup_model_and_optimizer(
             cfg, lr=1e-2, clip_grad=1.0, weight_decay=0.01, bf16=args["bf16"], lr_decay_style="constant",
             use_distributed_optimizer=args["dist_opt"], load_weights=lambda c: load_hf_weights(c, sd, cfg),
+            overlap_grad_reduce=bool(args.get("bucket")), ddp_bucket_size=args.get("bucket"),
         )
 
     def step(chunks, opt, sched):
@@ -411,6 +493,7 @@ def reshard_stage(args: dict) -> dict:
     from the seeded weights (the first stage) or load the previous stage's saved model-space
     records with train.reshard.load_resharded; then save this layout's own records, and take one
     more step (also from a copy with the weights but fresh optimizer moments, as a control).
+    ``args["bucket"]``: overlapped gradient reduction with buckets of that many parameters.
     Rank 0 returns the full saved state and the main weights after the next step, by HF name."""
     import io
 
@@ -441,6 +524,7 @@ def reshard_stage(args: dict) -> dict:
         return setup_model_and_optimizer(
             cfg, lr=1e-2, clip_grad=1.0, weight_decay=0.01, bf16=args["bf16"], lr_decay_style="constant",
             use_distributed_optimizer=args["dist_opt"], load_weights=lambda c: load_hf_weights(c, sd, cfg),
+            overlap_grad_reduce=bool(args.get("bucket")), ddp_bucket_size=args.get("bucket"),
         )
 
     def step(chunks, opt, sched):
@@ -461,6 +545,9 @@ def reshard_stage(args: dict) -> dict:
 
     out: dict[str, Any] = {"world": world}
     chunks, opt, sched = build()
+    # this rank's optimizer shards (with the distributed optimizer: its slices of the buckets)
+    out["shard_shapes"] = [tuple(p.shape) for inner in _torch_optimizers(opt) for g in inner.param_groups
+                           for p in g["params"]]
     if args.get("load_from"):
         out["counts"] = load(chunks, opt)
     else:

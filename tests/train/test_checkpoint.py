@@ -24,6 +24,7 @@ from megatron_recycle.train.checkpoint import (
     CheckpointManager,
     LayoutChanged,
     capture_rng_state,
+    config_fingerprint,
     config_hash,
     restore_rng_state,
 )
@@ -194,6 +195,39 @@ def test_mismatched_config_is_refused_naming_the_keys(tmp_path):
     shared, _ = CheckpointManager(tmp_path, config_dict=_cfg(optim__lr=3e-6, run__save_every=5)).load()
     assert shared["step"] == 1
     assert "optim.lr" not in RESUME_KEYS and "rollout.group_size" in RESUME_KEYS
+
+
+def test_gradient_buckets_are_a_layout_key_only_with_the_distributed_optimizer(tmp_path):
+    """optim.overlap_grad_reduce / optim.ddp_bucket_size decide which slices of the state a rank of
+    the distributed optimizer holds; elsewhere they change nothing that is saved."""
+    default = config_fingerprint(_cfg())
+    assert "optim.overlap_grad_reduce" not in default and "optim.ddp_bucket_size" not in default
+    # so that the hash of a config with the defaults is the one checkpoints written before these
+    # keys existed carry (the fingerprint of the keys they knew)
+    old_keys = tuple(k for k in RESUME_KEYS if k not in ("optim.overlap_grad_reduce", "optim.ddp_bucket_size"))
+    assert config_hash(_cfg()) == config_hash(_cfg(), old_keys)
+    overlap = dict(optim__overlap_grad_reduce=True, optim__ddp_bucket_size=1000)
+    assert config_hash(_cfg(**overlap)) == config_hash(_cfg())  # plain optimizer: nothing saved changes
+
+    plain = tmp_path / "plain"
+    CheckpointManager(plain, config_dict=_cfg()).save(1, {}, {"step": 1})
+    shared, _ = CheckpointManager(plain, config_dict=_cfg(**overlap)).load()  # as it is: no resharding
+    assert shared["step"] == 1
+
+    dist = tmp_path / "distributed"
+    CheckpointManager(dist, config_dict=_cfg(optim__use_distributed_optimizer=True, **overlap)).save(1, {}, {"step": 1})
+    for changed in (dict(optim__ddp_bucket_size=2000), dict(optim__overlap_grad_reduce=False, optim__ddp_bucket_size=None)):
+        with pytest.raises(LayoutChanged, match=r"saved on another layout \(optim.overlap_grad_reduce|ddp_bucket_size") as e:
+            CheckpointManager(dist, config_dict=_cfg(optim__use_distributed_optimizer=True,
+                                                     **{**overlap, **changed})).load()
+        assert e.value.saved["optim.ddp_bucket_size"] == 1000
+    shared, _ = CheckpointManager(dist, config_dict=_cfg(optim__use_distributed_optimizer=True, **overlap)).load()
+    assert shared["step"] == 1
+    # a change outside the layout keys still names every differing key, those of the checkpoint too
+    with pytest.raises(CheckpointError, match=r"rollout.group_size: checkpoint 4, this run 8.*"
+                                              r"optim.overlap_grad_reduce: checkpoint True, this run None") as e:
+        CheckpointManager(dist, config_dict=_cfg(rollout__group_size=8)).load()
+    assert not isinstance(e.value, LayoutChanged)
 
 
 def test_world_size_mismatch_is_refused(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,13 +212,16 @@ def test_multi_node_launcher_two_nodes_on_localhost(env, tmp_path):
     """recipes/launch_multi_node.sh as two nodes of one process each (c10d rendezvous on 127.0.0.1):
     every process has LOCAL_RANK 0, so anything keyed on the local rank instead of the global one
     (rank-0-only logging, the pool's owner, checkpoint writers) shows up here. The run must make
-    the same decisions and metrics as the one-node DP=2 run of the same config."""
+    the same decisions and metrics as the one-node DP=2 run of the same config. The two nodes
+    reduce their gradients overlapped with the backward pass (optim.overlap_grad_reduce, small
+    buckets), the one-node run after it: the same sums either way."""
     from tests.train._dist import free_port
 
     recipe = tmp_path / "defaults.yaml"
     recipe.write_text("# every key at its default; the test's overrides follow on the command line\n")
     name = "multi_node"
-    over = _overrides(env, name, "pool.oversample=2", "train.steps=3")
+    over = _overrides(env, name, "pool.oversample=2", "train.steps=3", "optim.overlap_grad_reduce=true",
+                      "optim.ddp_bucket_size=20000")
     e = _env_vars()
     e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NNODES="2", NPROC="1",
              RDZV_ID=f"test-{os.getpid()}", PATH=f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}")
@@ -236,6 +240,9 @@ def test_multi_node_launcher_two_nodes_on_localhost(env, tmp_path):
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]  # one writer: the global rank 0, not every LOCAL_RANK 0
     assert sum("step 0 |" in out for out in outs) == 1
+    train_line = next(line for out in outs for line in out.splitlines() if line.startswith("[train] "))
+    buckets = re.search(r"overlapped grad reduction \((\d+) buckets\)", train_line)
+    assert buckets and int(buckets[1]) > 1, train_line
     d0, d1 = _decisions(run_dir, 0), _decisions(run_dir, 1)
     assert d0 == d1 and len(d0) == 3
     assert (run_dir / "checkpoints" / "step_3" / "manifest.json").is_file()

@@ -7,7 +7,8 @@ optimizer moments does not.
 The chain: one process (bf16, plain optimizer, two Adam steps) -> two processes: TP 2 with the
 distributed optimizer -> DP 2 (distributed: each rank owns half of every shard's state) -> PP 2
 with VPP 2 -> TP 2 with the plain optimizer -> one process again. And in fp32 with an untied
-output layer: one process -> TP 2 -> DP 2 (both with the distributed optimizer) -> one process.
+output layer: one process -> TP 2 -> DP 2 (both with the distributed optimizer) -> DP 2 with
+overlapped gradient reduction in small buckets (other shards) -> one process.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ TWO_PROCESS = [
     # main weights are the model's
     ["fp32_tp2_distopt", {"bf16": False, "tie": False, "tp": 2, "dist_opt": True, "load_from": "fp32_single"}],
     ["fp32_dp2_distopt", {"bf16": False, "tie": False, "dist_opt": True, "load_from": "fp32_tp2_distopt"}],
+    # the same DP 2 with overlapped gradient reduction: the distributed optimizer shards each of the
+    # ~3,000-parameter buckets instead of one buffer, so each rank holds other slices of the state
+    ["fp32_dp2_distopt_buckets", {"bf16": False, "tie": False, "dist_opt": True, "bucket": 3000,
+                                  "load_from": "fp32_dp2_distopt"}],
 ]
 
 
@@ -44,7 +49,7 @@ def chain(tmp_path_factory):
     last = _dist.run_workers("run_jobs", 1, {"jobs": [
         job("single_again", {"dist_opt": False, "load_from": "tp2_plain"}),
         job("fp32_single_again", {"bf16": False, "tie": False, "dist_opt": False,
-                                  "load_from": "fp32_dp2_distopt"})]})[0]
+                                  "load_from": "fp32_dp2_distopt_buckets"})]})[0]
     return {"folder": folder, **first, **two, **last}
 
 
@@ -107,6 +112,16 @@ def test_the_records_add_only_names_and_numbers_to_a_checkpoint(chain, stage):
     weights = sum(t.numel() * t.element_size() for t in chain[_first(stage)]["saved"]["weight"].values())
     assert size["without"] > weights  # the rank file itself holds tensors
     assert 0 < size["with"] - size["without"] < 64 * 1024, size
+
+
+def test_overlap_buckets_give_other_shards_and_reshard_exactly(chain):
+    """Same world, same DP 2 and distributed optimizer; only the gradient buckets differ, and with
+    them the slices each rank's optimizer holds: the reason optim.overlap_grad_reduce and
+    optim.ddp_bucket_size are layout keys (checkpoint.CONDITIONAL_KEYS) when the distributed
+    optimizer is on."""
+    one, many = chain["fp32_dp2_distopt"], chain["fp32_dp2_distopt_buckets"]
+    assert one["world"] == many["world"] == 2
+    assert one["shard_shapes"] != many["shard_shapes"]
 
 
 def test_missing_or_old_records_are_refused(chain):

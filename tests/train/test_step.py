@@ -110,6 +110,14 @@ def test_loss_config_and_step_argument_errors():
 
 
 # ------------------------------------------------------------------------- distributed runs
+OVERLAP = {
+    # overlapped gradient reduction (buckets of ~5,000 of the tiny model's ~34,000 parameters) vs
+    # the reduction after the backward pass; 4 micro-batches of 2 sequences per step
+    "dp2": (2, {"tp": 1, "pp": 1, "dist_opt": False, "mbs": 2, "bucket": 5000}),
+    "dp2_distopt": (2, {"tp": 1, "pp": 1, "dist_opt": True, "mbs": 2, "bucket": 5000}),
+    "pp2": (2, {"tp": 1, "pp": 2, "dist_opt": False, "mbs": 2, "bucket": 5000}),
+    "vpp2_dp2_distopt": (4, {"tp": 1, "pp": 2, "vpp": 2, "dist_opt": True, "mbs": 2, "bucket": 3000}),
+}
 LAYOUTS = {
     # name: (world size, worker args); mbs chosen so that several layouts use several micro-batches
     "tp2": (2, {"tp": 2, "pp": 1, "dist_opt": False, "mbs_list": [4]}),
@@ -156,6 +164,8 @@ def two_process_runs():
     jobs.append(["sp_padding_plain", "sequence_parallel_padding", {"tp": 2, "packed": False}])
     jobs.append(["sp_padding_packed", "sequence_parallel_padding", {"tp": 2, "packed": True, "recompute": "selective"}])
     jobs.append(["sp_padding_qwen3", "sequence_parallel_padding", {"tp": 2, "packed": False, "kind": "qwen3"}])
+    jobs += [[f"overlap_{name}", "overlap_grad_reduce", args] for name, (world, args) in sorted(OVERLAP.items())
+             if world == 2]
     return _dist.run_workers("run_jobs", 2, {"jobs": jobs})
 
 
@@ -260,12 +270,15 @@ def test_layouts_give_the_same_gradient_and_weights(reference_run, two_process_r
 @pytest.fixture(scope="module")
 def four_process_runs():
     """PP=2 x VPP=2 x DP=2 (distributed optimizer), then TP=2 x PP=2 with sequence parallelism and
-    full recomputation, in the same four processes."""
+    full recomputation, then PP=2 x VPP=2 x DP=2 with and without overlapped gradient reduction,
+    in the same four processes."""
     jobs = [
         ["vpp", "grpo_layout", {"tp": 1, "pp": 2, "vpp": 2, "dist_opt": True, "mbs_list": [2]}],
         ["tp2_pp2_sp", "grpo_layout", {"tp": 2, "pp": 2, "dist_opt": True, "mbs_list": [2], "sp": True,
                                        "recompute": "full", "recompute_num_layers": 2}],
     ]
+    jobs += [[f"overlap_{name}", "overlap_grad_reduce", args] for name, (world, args) in sorted(OVERLAP.items())
+             if world == 4]
     return _dist.run_workers("run_jobs", 4, {"jobs": jobs})
 
 
@@ -290,6 +303,58 @@ def test_interleaved_pipeline_with_data_parallel_distributed_optimizer(reference
     ref_g = reference_run["grads"][8]
     assert _max_diff(run["grads"][2], ref_g) <= GRAD_RTOL * _gmax(ref_g)
     assert _max_diff(run["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
+
+
+# ------------------------------------------------------------- overlapped gradient reduction
+def _check_overlap(ranks: list[dict], reference_run: dict, dist_opt: bool, pipelined: bool, interleaved: bool) -> None:
+    """Overlap on vs off in the same processes: the same gradient and the same Adam steps, and each
+    bucket group's reduction dispatched where Megatron's overlap puts it."""
+    ref_g = reference_run["grads"][8]
+    for r in ranks:
+        off, on = r[False], r[True]
+        for k in off["grads"]:  # the plain optimizer's SGD step: identical sums, bit for bit
+            assert torch.equal(on["grads"][k], off["grads"][k]), k
+        assert _max_diff(on["grads"], ref_g) <= GRAD_RTOL * _gmax(ref_g)
+        # the distributed optimizer shards each bucket, so the grad norm's partial sums (and with
+        # them the clipping factor) are added in another order: fp32 rounding, no more
+        weights_diff = _max_diff(on["adam_weights"], off["adam_weights"])
+        assert weights_diff <= (1e-6 if dist_opt else 0.0)
+        assert _max_diff(on["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
+        for a, b in zip(on["adam_metrics"], off["adam_metrics"]):
+            for key in ("loss", "grad_norm"):
+                assert a[key] == (pytest.approx(b[key], rel=1e-6) if dist_opt else b[key]), key
+        assert on["describe"].startswith("overlapped grad reduction (") and off["describe"] == ""
+        groups = on["bucket_groups"]
+        if r["first_stage"]:
+            assert groups > off["bucket_groups"]  # really several buckets (off: one per model chunk)
+        # without overlap: every group once per step, after the schedule (finalize_model_grads)
+        assert off["starts"] == [["finish"] * off["bucket_groups"]] * 3
+        if interleaved:
+            # the interleaved schedule dispatches each chunk's groups when its last backward is done
+            assert on["starts"] == [["schedule"] * groups] * 3
+        elif pipelined and not r["first_stage"]:
+            # later stages reduce in the pipeline bubble, after their last backward pass
+            assert on["starts"] == [["schedule"] * groups] * 3
+        else:
+            # the first step learns which gradients each bucket waits for and reduces at the end;
+            # from then on every bucket starts inside the last micro-batch's backward pass
+            assert on["starts"] == [["finish"] * groups] + [["backward"] * groups] * 2
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", [n for n, (world, _) in sorted(OVERLAP.items()) if world == 2])
+def test_overlapped_grad_reduction_gives_the_same_steps(reference_run, two_process_runs, name):
+    args = OVERLAP[name][1]
+    _check_overlap([r[f"overlap_{name}"] for r in two_process_runs], reference_run, args["dist_opt"],
+                   pipelined=args["pp"] > 1, interleaved=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_overlapped_grad_reduction_interleaved_pipeline_data_parallel(reference_run, four_process_runs):
+    """4 processes: PP=2 x VPP=2 x DP=2 with the distributed optimizer, overlap on vs off."""
+    _check_overlap([r["overlap_vpp2_dp2_distopt"] for r in four_process_runs], reference_run, True,
+                   pipelined=True, interleaved=True)
 
 
 # ------------------------------------------------------- activation recomputation, sequence parallel
