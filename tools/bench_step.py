@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_step.py --model smollm2-135m --n 8 --seq-len 256 --mbs 4
     torchrun --nproc-per-node 8 tools/bench_step.py --model qwen3-1.7b --bf16 --tp 2 --sequences 64 --seq-len 2048
     torchrun --nproc-per-node 2 tools/bench_step.py --model qwen3-1.7b --bf16 --tp 2 --sequence-parallel --recompute full
+    torchrun --nproc-per-node 8 tools/bench_step.py --model qwen3-1.7b --bf16 --dist-opt --overlap-grad-reduce
 
 A step has three phases, each timed separately (median over --steps after --warmup steps):
   old_logprobs      no-grad forward for the old log-probs (train.step.compute_logprobs)
@@ -171,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     p.add_argument("--recompute-num-layers", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (needs --tp > 1)")
+    p.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="Megatron DDP's overlapped gradient reduction (optim.overlap_grad_reduce; pays off with DP > 1)")
+    p.add_argument("--bucket-size", type=int, default=None,
+                   help="parameters per gradient bucket with --overlap-grad-reduce (default: Megatron's)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: OMP_NUM_THREADS or torch's")
@@ -186,10 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_recycle.train.step import (
         GRPOLossConfig,
         compute_logprobs,
+        describe_grad_reduction,
         grpo_train_step,
         setup_model_and_optimizer,
     )
 
+    if a.bucket_size is not None and not a.overlap_grad_reduce:
+        raise SystemExit("--bucket-size only applies with --overlap-grad-reduce")
     cfg = model_config(a.model)
     layout = init_distributed(a.tp, a.pp, None, seed=0, model_config=cfg)
     load = None
@@ -201,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, lr=1e-6, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=a.dist_opt, bf16=a.bf16,
         warmup_steps=0, total_steps=a.steps + a.warmup, load_weights=load, lr_decay_style="constant",
         model_options=memory_options(a.recompute, a.recompute_method, a.recompute_num_layers, a.sequence_parallel),
+        overlap_grad_reduce=a.overlap_grad_reduce, ddp_bucket_size=a.bucket_size,
     )
-    memory = describe_memory_options(unwrap_model(chunks[0]).config) or "no recomputation"
+    memory = ", ".join(x for x in (describe_memory_options(unwrap_model(chunks[0]).config) or "no recomputation",
+                                   describe_grad_reduction(chunks)) if x)
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     batch = random_batch(a.n, a.seq_len, cfg.vocab_size, 0.25, seed=layout.dp_rank, group_size=a.group_size)
     mem = PeakMemory()
@@ -252,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "tp": a.tp, "pp": a.pp, "dp": layout.dp, "dist_opt": a.dist_opt,
         "recompute": a.recompute, "recompute_method": a.recompute_method,
         "recompute_num_layers": a.recompute_num_layers, "sequence_parallel": a.sequence_parallel,
+        "overlap_grad_reduce": a.overlap_grad_reduce, "bucket_size": a.bucket_size,
         "memory_options": memory,
         "n": a.n, "seq_len": a.seq_len, "group_size": a.group_size, "mbs": a.mbs, "steps": a.steps,
         "warmup": a.warmup,
@@ -281,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             tag += f"_recompute-{a.recompute}"
         if a.sequence_parallel and not a.tag:
             tag += "_sp"
+        if a.overlap_grad_reduce and not a.tag:
+            tag += "_overlap"
         stem = out / f"bench_step_{Path(a.model).name}_{a.n}x{a.seq_len}_{tag}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         with open(stem.with_suffix(".csv"), "w", newline="") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            str(ROOT / "tools" / "bench_step.py"), "--model", "tiny", "--sequences", "4", "--seq-len", "32",
            "--mbs", "2", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--tag", "t",
-           "--recompute", "full", "--recompute-method", "block", "--recompute-num-layers", "2"]
+           "--recompute", "full", "--recompute-method", "block", "--recompute-num-layers", "2",
+           "--overlap-grad-reduce", "--bucket-size", "20000"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "bench_step_tiny_4x32_t.json").read_text())
@@ -28,5 +30,8 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
     assert all(t > 0 for t in result["time_s"].values())
     assert math.isfinite(result["loss_last"]) and result["grad_norm_last"] > 0
     assert "GRPO step: tiny" in proc.stdout
-    assert result["memory_options"] == "full recomputation (block, the first 2 layers of each stage)"
-    assert "full recomputation (block, the first 2 layers of each stage)" in proc.stdout
+    options = result["memory_options"]
+    assert re.fullmatch(r"full recomputation \(block, the first 2 layers of each stage\), "
+                        r"overlapped grad reduction \((\d+) buckets\)", options), options
+    assert result["overlap_grad_reduce"] is True and result["bucket_size"] == 20000
+    assert options in proc.stdout
