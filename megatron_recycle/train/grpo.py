@@ -440,18 +440,24 @@ class _DecisionLog:
             f.write(self._json.dumps({"step": step, "gen_batches": decisions}) + "\n")
 
 
+def describe_layout(d: dict) -> str:
+    """A LayoutChanged side (checkpoint.LAYOUT_KEYS values and world_size) in words."""
+    tp, pp, world = d.get("model.tp") or 1, d.get("model.pp") or 1, d.get("world_size") or 1
+    buckets = ""
+    if d.get("optim.overlap_grad_reduce"):  # only recorded where they shard the state (checkpoint.py)
+        size = d.get("optim.ddp_bucket_size")
+        buckets = f" (gradient buckets of {f'{size:,} parameters' if size else 'the default size'})"
+    return (f"{world} ranks: TP {tp}, PP {pp}, VPP {d.get('model.vpp') or 1}, DP {world // (tp * pp)}, "
+            f"distributed optimizer {'on' if d.get('optim.use_distributed_optimizer') else 'off'}{buckets}")
+
+
 def _load_resharded(ckpt, rt: rtm.Runtime, layout) -> tuple[dict, dict]:
     """Resume a checkpoint saved on another layout (train/reshard.py); returns (shared, this rank's parts)."""
     from megatron_recycle.train.reshard import load_resharded, rng_state_for_new_layout
 
-    def describe(d: dict) -> str:
-        tp, pp, world = d.get("model.tp") or 1, d.get("model.pp") or 1, d.get("world_size") or 1
-        return (f"{world} ranks: TP {tp}, PP {pp}, VPP {d.get('model.vpp') or 1}, DP {world // (tp * pp)}, "
-                f"distributed optimizer {'on' if d.get('optim.use_distributed_optimizer') else 'off'}")
-
     if rt.is_rank0:
-        print(f"[train] --resume: checkpoint step {layout.step} was saved by {describe(layout.saved)}; this run "
-              f"has {describe(layout.current)}: resharding its weights and optimizer state", flush=True)
+        print(f"[train] --resume: checkpoint step {layout.step} was saved by {describe_layout(layout.saved)}; this run "
+              f"has {describe_layout(layout.current)}: resharding its weights and optimizer state", flush=True)
     t0 = time.perf_counter()
     shared, old = ckpt.load_all(layout.step)
     counts = load_resharded(rt.chunks, rt.optimizer, rt.hf_config, [p.get("model_space") for p in old])

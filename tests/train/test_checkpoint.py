@@ -221,6 +221,12 @@ def test_gradient_buckets_are_a_layout_key_only_with_the_distributed_optimizer(t
             CheckpointManager(dist, config_dict=_cfg(optim__use_distributed_optimizer=True,
                                                      **{**overlap, **changed})).load()
         assert e.value.saved["optim.ddp_bucket_size"] == 1000
+        # what `train --resume` prints before resharding (train/grpo.py)
+        from megatron_recycle.train.grpo import describe_layout
+
+        assert describe_layout(e.value.saved) == ("1 ranks: TP 1, PP 1, VPP 1, DP 1, distributed optimizer on "
+                                                  "(gradient buckets of 1,000 parameters)")
+        assert describe_layout(e.value.current) != describe_layout(e.value.saved)
     shared, _ = CheckpointManager(dist, config_dict=_cfg(optim__use_distributed_optimizer=True, **overlap)).load()
     assert shared["step"] == 1
     # a change outside the layout keys still names every differing key, those of the checkpoint too
