@@ -132,20 +132,32 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def random_batch(n: int, seq_len: int, vocab: int, prompt_frac: float, seed: int, group_size: int = 1) -> Any:
+def random_batch(n: int, seq_len: int, vocab: int, prompt_frac: float, seed: int, group_size: int = 1,
+                 min_len_frac: float = 1.0) -> Any:
     """N x L random tokens; the first prompt_frac of each row is prompt (mask 0); advantages +-1.
 
     ``group_size`` > 1: consecutive rows form GRPO groups that share their prompt (group_ids set),
-    so the step packs them (optim.pack_groups) as it does in training."""
+    so the step packs them (optim.pack_groups) as it does in training. ``min_len_frac`` < 1: each
+    row's length is drawn uniformly from [min_len_frac * L, L] and the rest is right padding (what
+    multi-turn trajectories of different lengths look like; the longest row sets L)."""
     from megatron_recycle.train.step import TrajectoryBatch
 
     if group_size < 1 or n % group_size:
         raise SystemExit(f"--group-size {group_size} must be >= 1 and divide --sequences {n}")
+    if not 0 < min_len_frac <= 1:
+        raise SystemExit(f"--min-len-frac {min_len_frac} must be in (0, 1]")
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (n, seq_len), generator=g)
     prompt = max(1, int(prompt_frac * seq_len))
     mask = torch.zeros(n, seq_len)
     mask[:, prompt:] = 1.0
+    if min_len_frac < 1:
+        shortest = min(seq_len, max(prompt + 2, int(min_len_frac * seq_len)))
+        lengths = torch.randint(shortest, seq_len + 1, (n,), generator=g)
+        lengths[0] = seq_len  # the batch is as long as its longest row
+        cols = torch.arange(seq_len)[None, :]
+        tokens = tokens.masked_fill(cols >= lengths[:, None], 0)
+        mask = mask.masked_fill(cols >= lengths[:, None], 0.0)
     adv = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     if group_size == 1:
         return TrajectoryBatch(tokens, mask, adv)
@@ -163,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=1,
                    help="K: rows of a group share their prompt and are group-packed, as in training (1: no groups)")
     p.add_argument("--mbs", type=int, default=4, help="micro-batch size")
+    p.add_argument("--min-len-frac", type=float, default=1.0,
+                   help="row lengths uniform in [F x seq-len, seq-len], right-padded (default 1: all full)")
+    p.add_argument("--no-length-grouping", action="store_true",
+                   help="pad every micro-batch to the batch's width (train.step.LENGTH_GROUPING off), to compare")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
@@ -214,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     memory = ", ".join(x for x in (describe_memory_options(unwrap_model(chunks[0]).config) or "no recomputation",
                                    describe_grad_reduction(chunks)) if x)
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    batch = random_batch(a.n, a.seq_len, cfg.vocab_size, 0.25, seed=layout.dp_rank, group_size=a.group_size)
+    if a.no_length_grouping:
+        from megatron_recycle.train import step as step_mod
+
+        step_mod.LENGTH_GROUPING = False
+    batch = random_batch(a.n, a.seq_len, cfg.vocab_size, 0.25, seed=layout.dp_rank, group_size=a.group_size,
+                         min_len_frac=a.min_len_frac)
     mem = PeakMemory()
     rows: list[dict[str, float]] = []
     for i in range(a.warmup + a.steps):
@@ -250,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": med("time/optimizer_s"),
     }
     mems = {ph: max(r[f"mem/{ph}_gib"] for r in rows) for ph in PHASES}
-    tokens = a.n * a.seq_len
+    tokens = int(batch.loss_extent().sum())  # real tokens (a.n * a.seq_len without --min-len-frac)
     malloc = os.environ.get("GLIBC_TUNABLES", "")
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -265,16 +286,20 @@ def main(argv: list[str] | None = None) -> int:
         "overlap_grad_reduce": a.overlap_grad_reduce, "bucket_size": a.bucket_size,
         "memory_options": memory,
         "n": a.n, "seq_len": a.seq_len, "group_size": a.group_size, "mbs": a.mbs, "steps": a.steps,
+        "min_len_frac": a.min_len_frac, "length_grouping": not a.no_length_grouping,
+        "loss_tokens": int(batch.target_mask.sum()),
         "warmup": a.warmup,
         "time_s": times, "step_time_s": sum(times.values()),
-        "tokens_per_s": tokens / sum(times.values()),
+        "tokens_per_s": tokens / sum(times.values()), "real_tokens": tokens,
         "peak_mem_gib": mems, "mem_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (VmHWM)",
         "loss_last": rows[-1]["loss"], "grad_norm_last": rows[-1]["grad_norm"],
         # kept for backward by the decoder, one micro-batch (saved_activation_gib; NaN with PP > 1)
         "saved_activations_gib_per_microbatch": activations,
     }
     if layout.rank == 0:
-        print(f"\nGRPO step: {a.model} ({a.weights} weights, {n_params / 1e6:.1f}M params/rank), N={a.n} x L={a.seq_len}"
+        ragged = (f" (lengths {a.min_len_frac:g}-1 x L, {'length-grouped' if not a.no_length_grouping else 'batch-wide'}"
+                  " micro-batches)" if a.min_len_frac < 1 else "")
+        print(f"\nGRPO step: {a.model} ({a.weights} weights, {n_params / 1e6:.1f}M params/rank), N={a.n} x L={a.seq_len}{ragged}"
               f"{f' in groups of {a.group_size} (packed)' if a.group_size > 1 else ''}, "
               f"mbs={a.mbs}, tp={a.tp} pp={a.pp} dp={layout.dp}, bf16={a.bf16}, dist_opt={a.dist_opt}, {memory}")
         print(f"device: {result['device']}, threads={result['threads']}, GLIBC_TUNABLES={malloc or '(unset)'}")
@@ -283,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         for ph in PHASES:
             print(f"{ph:<18}{times[ph]:>10.3f}{mems[ph]:>16.2f}")
         print(f"{'total':<18}{sum(times.values()):>10.3f}{max(mems.values()):>16.2f}")
-        print(f"tokens/s (old-logprob fwd + train step): {result['tokens_per_s']:.0f}")
+        print(f"tokens/s (old-logprob fwd + train step): {result['tokens_per_s']:.0f}"
+              f"{f' ({tokens} real tokens of {a.n * a.seq_len})' if tokens != a.n * a.seq_len else ''}")
         print(f"decoder activations kept for backward, one micro-batch of {a.mbs}: {activations:.3f} GiB\n")
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -294,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             tag += "_sp"
         if a.overlap_grad_reduce and not a.tag:
             tag += "_overlap"
+        if a.min_len_frac < 1 and not a.tag:
+            tag += f"_ragged{a.min_len_frac:g}" + ("_nogroup" if a.no_length_grouping else "")
         stem = out / f"bench_step_{Path(a.model).name}_{a.n}x{a.seq_len}_{tag}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         with open(stem.with_suffix(".csv"), "w", newline="") as f:

@@ -151,6 +151,37 @@ class TrajectoryBatch:
         """A copy with some fields replaced (e.g. old_logprobs from compute_logprobs)."""
         return dataclasses.replace(self, **fields)
 
+    def take(self, index: torch.Tensor) -> TrajectoryBatch:
+        """The rows ``index`` (a LongTensor), in that order."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return TrajectoryBatch(
+            tokens=self.tokens[index], loss_mask=self.loss_mask[index], advantages=pick(self.advantages),
+            old_logprobs=pick(self.old_logprobs), ref_logprobs=pick(self.ref_logprobs),
+            group_ids=pick(self.group_ids), lengths=pick(self.lengths),
+        )
+
+    def truncate(self, width: int) -> TrajectoryBatch:
+        """The first ``width`` columns (log-probs: ``width - 1``); lengths are clipped to it."""
+        if not 2 <= width <= self.seq_length:
+            raise ValueError(f"width={width} must be in [2, L={self.seq_length}]")
+        if width == self.seq_length:
+            return self
+        cut = lambda t: None if t is None else t[:, : width - 1]  # noqa: E731
+        return TrajectoryBatch(
+            tokens=self.tokens[:, :width], loss_mask=self.loss_mask[:, :width], advantages=self.advantages,
+            old_logprobs=cut(self.old_logprobs), ref_logprobs=cut(self.ref_logprobs), group_ids=self.group_ids,
+            lengths=None if self.lengths is None else self.lengths.clamp(max=width),
+        )
+
+    def loss_extent(self) -> torch.Tensor:
+        """[N]: the tokens each row needs for its loss: up to its last target (loss_mask 1), at least 2.
+        Causal attention makes the later columns irrelevant to every log-prob that carries loss."""
+        seq = self.seq_length
+        has = self.loss_mask > 0
+        last = seq - 1 - has.flip(dims=[1]).int().argmax(dim=1)  # the last target's column
+        last = torch.where(has.any(dim=1), last, torch.ones_like(last))
+        return (last + 1).clamp(min=2)
+
 
 def build_batch(
     token_ids: Sequence[Sequence[int]],
@@ -622,10 +653,26 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+# Length-grouped micro-batches of padded rows (see _micro_batches). A switch for benchmarks and
+# tests that compare against the batch-wide width (tools/bench_step.py --no-length-grouping).
+LENGTH_GROUPING = True
+
+
 def _micro_batches(
     batch: TrajectoryBatch, micro_batch_size: int, pack: bool = False, model_chunks: Sequence[torch.nn.Module] = (),
-    select: bool = False,
-) -> list[TrajectoryBatch]:
+    select: bool = False, return_order: bool = False,
+) -> list[TrajectoryBatch] | tuple[list[TrajectoryBatch], torch.Tensor | None]:
+    """Cut this rank's batch into micro-batches (group-packed where possible), moved to the device.
+
+    Padded rows where only the loss positions count (``select``: the train steps, loss-position
+    log-probs) on a single pipeline stage are length-grouped: the rows go longest first (a stable
+    sort by TrajectoryBatch.loss_extent) and each micro-batch is cut to its own longest extent, so
+    a micro-batch of short trajectories is not padded to the batch's longest (pipeline stages
+    exchange one fixed shape, so with PP > 1 every micro-batch keeps the batch's width). The loss
+    and the gradient are the same (each is a sum over sequences, normalized by global counts; the
+    cut columns come after every loss position of the micro-batch, which causal attention never
+    lets back in). ``return_order``: also return the row order used (None: the batch's own).
+    """
     n = batch.num_sequences
     if micro_batch_size < 1 or n % micro_batch_size != 0:
         raise ValueError(
@@ -635,16 +682,28 @@ def _micro_batches(
     dev = _device()
     packing = _use_packing(batch, pack, model_chunks)
     multiple = _seq_multiple(model_chunks[0]) if model_chunks else 1
+    order = extent = None
+    if (LENGTH_GROUPING and select and not packing
+            and (not model_chunks or _ps().get_pipeline_model_parallel_world_size() == 1)):
+        extent = batch.loss_extent()
+        order = torch.sort(extent, descending=True, stable=True).indices
+        if bool((order == torch.arange(n)).all()):
+            order = None
     out = []
     for start in range(0, n, micro_batch_size):
-        mb = batch.rows(start, start + micro_batch_size)
+        if order is not None:
+            mb = batch.take(order[start:start + micro_batch_size])
+        else:
+            mb = batch.rows(start, start + micro_batch_size)
+        if extent is not None:
+            mb = mb.truncate(int(mb.loss_extent().max()))
         packed = group_packed_layout(mb, width_multiple=multiple) if packing else None
         width = _model_width(mb.seq_length, multiple)
         selection = _selection_for(mb, packed, width).to(dev) if select else None
         fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if f.name not in ("packed", "select")}
         fields = {k: (None if v is None else v.to(dev, non_blocking=True)) for k, v in fields.items()}
         out.append(TrajectoryBatch(**fields, packed=None if packed is None else packed.to(dev), select=selection))
-    return out
+    return (out, order) if return_order else out
 
 
 def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:
@@ -747,11 +806,12 @@ def compute_logprobs(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    mbs = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks, select=only_loss_positions)
+    mbs, order = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks, select=only_loss_positions,
+                                return_order=True)
 
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
         lp = target_logprobs(output, mb.tokens, temperature, packed=mb.packed, select=mb.select).float()
-        return output.new_zeros(()), {"logprobs": lp}
+        return output.new_zeros(()), {"logprobs": F.pad(lp, (0, batch.seq_length - 1 - lp.shape[1]))}
 
     was_training = [m.training for m in model_chunks]
     for m in model_chunks:
@@ -771,7 +831,11 @@ def compute_logprobs(
             m.train(t)
     result = torch.empty(batch.num_sequences, batch.seq_length - 1, dtype=torch.float32, device=_device())
     if _is_last_stage():
-        result.copy_(torch.cat([d["logprobs"] for d in out], dim=0))
+        rows = torch.cat([d["logprobs"] for d in out], dim=0)
+        if order is None:
+            result.copy_(rows)
+        else:  # length-grouped micro-batches: back to the batch's row order
+            result[order.to(result.device)] = rows
     ps = _ps()
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(result, src=ps.get_pipeline_model_parallel_last_rank(),

@@ -355,6 +355,53 @@ def overlap_grad_reduce(args: dict) -> dict:
     return out
 
 
+def length_grouping(args: dict) -> dict:
+    """Padded rows of very different lengths (4 to 12 tokens), micro-batches of 2: loss-position
+    log-probs and the SGD gradient of one GRPO step with length-grouped micro-batches (the
+    default) and with every micro-batch at the batch's width (step.LENGTH_GROUPING off), and the
+    decoder-layer input shapes of each."""
+    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
+    from megatron_recycle.train import step as step_mod
+    from megatron_recycle.train.step import (
+        GRPOLossConfig,
+        TrajectoryBatch,
+        compute_logprobs,
+        grpo_train_step,
+        setup_model_and_optimizer,
+    )
+
+    cfg, sd = tiny_llama()
+    gb = global_batch()
+    tokens, mask = gb["tokens"].clone(), gb["loss_mask"].clone()
+    lengths = [12, 5, 9, 4, 12, 7, 6, 10]  # interleaved long and short rows
+    for i, n in enumerate(lengths):
+        tokens[i, n:] = 0
+        mask[i, n:] = 0.0
+        mask[i, :2] = 0.0
+    batch = TrajectoryBatch(tokens, mask, gb["advantages"])
+    loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0, compute_entropy=True)
+    out: dict[str, Any] = {}
+    try:
+        for grouping in (True, False):
+            step_mod.LENGTH_GROUPING = grouping
+            chunks, opt, sched = setup_model_and_optimizer(
+                cfg, lr=LR_SGD, clip_grad=0.0, optimizer="sgd", sgd_momentum=0.0, lr_decay_style="constant",
+                load_weights=lambda c: load_hf_weights(c, sd, cfg),
+            )
+            lp = compute_logprobs(chunks, batch, 2, only_loss_positions=True)
+            step_batch = batch.replace(old_logprobs=lp + gb["old_noise"], ref_logprobs=lp + gb["ref_noise"])
+            counter = _CallCounter(chunks)
+            metrics = grpo_train_step(chunks, opt, sched, step_batch, 2, loss_cfg)
+            calls = counter.counts()
+            w1 = export_hf_state_dict_to_cpu(chunks, cfg)
+            out[grouping] = {"lp": lp, "metrics": metrics, "layer_inputs": calls["layer_inputs"],
+                             "grads": {k: (sd[k] - w1[k]) / LR_SGD for k in w1}}
+    finally:
+        step_mod.LENGTH_GROUPING = True
+    out["mask"] = mask
+    return out
+
+
 def sft_steps(args: dict) -> dict:
     """A few SFT steps on one tiny batch: the masked next-token loss must go down."""
     from megatron_recycle.model.convert import load_hf_weights

@@ -21,7 +21,7 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
            str(ROOT / "tools" / "bench_step.py"), "--model", "tiny", "--sequences", "4", "--seq-len", "32",
            "--mbs", "2", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--tag", "t",
            "--recompute", "full", "--recompute-method", "block", "--recompute-num-layers", "2",
-           "--overlap-grad-reduce", "--bucket-size", "20000"]
+           "--overlap-grad-reduce", "--bucket-size", "20000", "--min-len-frac", "0.5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "bench_step_tiny_4x32_t.json").read_text())
@@ -35,3 +35,6 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
                         r"overlapped grad reduction \((\d+) buckets\)", options), options
     assert result["overlap_grad_reduce"] is True and result["bucket_size"] == 20000
     assert options in proc.stdout
+    # ragged rows: 16 to 32 tokens, the first one full length
+    assert result["min_len_frac"] == 0.5 and result["length_grouping"] is True
+    assert 4 * 16 < result["real_tokens"] < 4 * 32 and "real tokens of 128" in proc.stdout

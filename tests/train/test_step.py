@@ -89,6 +89,38 @@ def test_build_batch_rejects_mismatched_inputs():
         build_batch([[1, 2], [3, 4]], [[0, 1], [0, 1]], advantages=[1.0, 2.0, 3.0])
 
 
+def test_padded_micro_batches_are_length_grouped_and_cut():
+    """Loss-position micro-batches of padded rows: longest first (stable), each cut to its own last
+    loss position; every field follows its rows, and the other paths keep the batch as it is."""
+    from megatron_recycle.train.step import _micro_batches
+
+    # loss extents (last target + 1): 3, 7, 2 (no loss), 5, 7, 4
+    masks = [[0, 1, 1], [0, 0, 1, 1, 1, 1, 1], [0, 0], [0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 1, 0], [0, 1, 1, 1]]
+    ids = [[10 * i + j + 1 for j in range(len(m))] for i, m in enumerate(masks)]
+    b = build_batch(ids, masks, advantages=[float(i) for i in range(6)])
+    b = b.replace(old_logprobs=torch.arange(6.0)[:, None].expand(6, b.seq_length - 1).clone())
+    assert b.seq_length == 8 and b.loss_extent().tolist() == [3, 7, 2, 5, 7, 4]
+    mbs, order = _micro_batches(b, 2, select=True, return_order=True)
+    assert order.tolist() == [1, 4, 3, 5, 0, 2]
+    assert [mb.seq_length for mb in mbs] == [7, 5, 3]
+    for k, mb in enumerate(mbs):
+        rows = order[2 * k: 2 * k + 2]
+        assert mb.advantages.tolist() == [float(r) for r in rows]
+        assert torch.equal(mb.tokens, b.tokens[rows, : mb.seq_length])
+        assert torch.equal(mb.loss_mask, b.loss_mask[rows, : mb.seq_length])
+        assert mb.old_logprobs.shape == (2, mb.seq_length - 1) and mb.old_logprobs[:, 0].tolist() == rows.tolist()
+        assert mb.loss_mask[:, : mb.seq_length].sum() == b.loss_mask[rows].sum()  # no loss token is cut
+    # all positions wanted (log-probs of every token): the batch's order and width
+    plain, order = _micro_batches(b, 2, select=False, return_order=True)
+    assert order is None and [mb.seq_length for mb in plain] == [8, 8, 8]
+    # already sorted: no reordering, still cut
+    sorted_b = b.take(torch.tensor([1, 4, 3, 5, 0, 2]))
+    mbs, order = _micro_batches(sorted_b, 3, select=True, return_order=True)
+    assert order is None and [mb.seq_length for mb in mbs] == [7, 4]
+    with pytest.raises(ValueError, match="width=1 must be in"):
+        b.truncate(1)
+
+
 def test_shard_for_data_parallel_is_contiguous_and_checked():
     b = build_batch([[i, i + 1] for i in range(6)], [[0, 1]] * 6, advantages=list(range(6)))
     s = shard_for_data_parallel(b, 1, 3)
@@ -145,6 +177,7 @@ def single_process_runs():
         ["recompute_full", "grpo_layout", {"mbs_list": [8, 4], "dist_opt": False, "recompute": "full",
                                            "recompute_method": "uniform", "recompute_num_layers": 2}],
         ["recompute_selective", "grpo_layout", {"mbs_list": [8], "dist_opt": False, "recompute": "selective"}],
+        ["length_grouping", "length_grouping", {}],
     ]
     return _dist.run_workers("run_jobs", 1, {"jobs": jobs})[0]
 
@@ -386,7 +419,9 @@ def test_memory_options_in_layouts_really_apply(two_process_runs):
     """Sequence parallelism hands each layer 1/tp of the sequence; block recomputation with PP 2
     recomputes the first layer of each stage (2 layers per stage, 4 micro-batches)."""
     sp = two_process_runs[0]["tp2_sp_selective"]["calls"][4]
-    assert sp["layer_inputs"] == [(_workers.SEQ // 2, 4, 32)]
+    # length-grouped micro-batches of 4 rows (loss extents 12, 12, 11, 11 | 10, 10, 9, 9): widths 12
+    # and 10, of which each TP rank holds half
+    assert sp["layer_inputs"] == [(10 // 2, 4, 32), (_workers.SEQ // 2, 4, 32)]
     assert sp["cores"] == 2 * sp["layers"] == 2 * N_LAYERS * 2  # 2 micro-batches, attention recomputed
     for r in two_process_runs:
         calls = r["pp2_recompute_block"]["calls"][2]
@@ -415,8 +450,8 @@ def test_sequence_parallel_pads_the_sequence_and_keeps_results(two_process_runs,
         assert on["metrics"]["loss"] == pytest.approx(off["metrics"]["loss"], rel=1e-5)
         widths = {s[0] for s in off["calls"]["layer_inputs"]}
         assert {s[0] for s in on["calls"]["layer_inputs"]} == {-(-w // 2) for w in widths}
-        if kind in ("plain", "qwen3"):
-            assert widths == {_workers.SEQ - 1}
+        if kind in ("plain", "qwen3"):  # length-grouped micro-batches: 11 (odd: padded to 12) and 10
+            assert widths == {_workers.SEQ - 1, _workers.SEQ - 2}
         if kind == "qwen3":
             assert "HeadRMSNorm" in on["norm_types"] and "HeadRMSNorm" not in off["norm_types"]
             qk = {k: v for k, v in off["grads"].items() if k.endswith(("q_norm.weight", "k_norm.weight"))}
@@ -426,6 +461,24 @@ def test_sequence_parallel_pads_the_sequence_and_keeps_results(two_process_runs,
             # recomputed attention uses the group plan too (not the dense masked fallback)
             assert on["calls"]["cores"] == 2 * on["calls"]["layers"] == on["calls"]["group_calls"]
             assert off["calls"]["group_calls"] == off["calls"]["cores"] == 2 * off["calls"]["layers"]
+
+
+@pytest.mark.distributed
+def test_length_grouped_micro_batches_keep_the_results(single_process_runs):
+    """Rows of 4 to 12 tokens in micro-batches of 2: longest first, each cut to its own length, the
+    decoder sees micro-batches of widths 12, 9, 7 and 5 instead of four of 12; the loss-position
+    log-probs and the gradient are the batch-wide width's (fp32 rounding)."""
+    run = single_process_runs["length_grouping"]
+    on, off = run[True], run[False]
+    mask = run["mask"][:, 1:].bool()
+    assert mask.sum() > 20
+    torch.testing.assert_close(on["lp"][mask], off["lp"][mask], rtol=0, atol=2e-6)
+    assert _max_diff(on["grads"], off["grads"]) <= GRAD_RTOL * _gmax(off["grads"])
+    assert _gmax(off["grads"]) > 1e-2
+    for key in ("loss", "tokens", "entropy", "clip_frac_low", "clip_frac_high", "ref_kl"):
+        assert on["metrics"][key] == pytest.approx(off["metrics"][key], rel=1e-5, abs=1e-7), key
+    assert off["layer_inputs"] == [(_workers.SEQ, 2, 32)]
+    assert on["layer_inputs"] == [(w, 2, 32) for w in (5, 7, 9, 12)]
 
 
 @pytest.mark.distributed
