@@ -322,14 +322,14 @@ def main(argv: list[str] | None = None) -> int:
             tag += "_overlap"
         if a.min_len_frac < 1 and not a.tag:
             tag += f"_ragged{a.min_len_frac:g}" + ("_nogroup" if a.no_length_grouping else "")
-        stem = out / f"bench_step_{Path(a.model).name}_{a.n}x{a.seq_len}_{tag}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        stem = f"bench_step_{Path(a.model).name}_{a.n}x{a.seq_len}_{tag}"  # may contain dots (a model "x.y")
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        with open(out / f"{stem}.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["phase", "time_s", "peak_mem_gib"])
             for ph in PHASES:
                 w.writerow([ph, f"{times[ph]:.4f}", f"{mems[ph]:.3f}"])
-        print(f"wrote {stem}.json and .csv")
+        print(f"wrote {out / stem}.json and .csv")
     destroy_distributed()
     return 0
 

@@ -29,6 +29,8 @@ its gradient are the padded batch's (equal to fp32 rounding; tests check it) at 
 the tokens: the prefix is forwarded and back-propagated once instead of K times, and padding
 disappears. The prefix stops before the first token that carries loss in any member, so a
 token with loss is never shared. THD/cu_seqlens packing (flash attention) is not used.
+Padded rows on one pipeline stage are length-grouped instead (:func:`_micro_batches`): longest
+first, each micro-batch cut after its own last loss position.
 
 Memory options (model.build.memory_options, ``model_options`` of setup_model_and_optimizer):
 activation recomputation is Megatron's own (the group-attention plan stays on the attention

@@ -19,12 +19,13 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            str(ROOT / "tools" / "bench_step.py"), "--model", "tiny", "--sequences", "4", "--seq-len", "32",
-           "--mbs", "2", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--tag", "t",
+           "--mbs", "2", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--tag", "t.1",
            "--recompute", "full", "--recompute-method", "block", "--recompute-num-layers", "2",
            "--overlap-grad-reduce", "--bucket-size", "20000", "--min-len-frac", "0.5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "bench_step_tiny_4x32_t.json").read_text())
+    result = json.loads((tmp_path / "bench_step_tiny_4x32_t.1.json").read_text())  # a dot in the name (qwen3-1.7b) stays
+    assert (tmp_path / "bench_step_tiny_4x32_t.1.csv").is_file()
     assert result["n"] == 4 and result["seq_len"] == 32 and result["dp"] == 1
     assert set(result["time_s"]) == {"old_logprobs", "forward_backward", "optimizer"}
     assert all(t > 0 for t in result["time_s"].values())
