@@ -5,8 +5,7 @@ the bf16 arithmetic's layout noise; exactly, back on the first layout), which a 
 optimizer moments does not.
 
 The chain: one process (bf16, plain optimizer, two Adam steps) -> two processes: TP 2 with the
-distributed optimizer -> DP 2 (distributed: each rank owns half of every shard's state; in small
-gradient buckets, as with overlapped reduction) -> PP 2
+distributed optimizer -> DP 2 (distributed: each rank owns half of every shard's state) -> PP 2
 with VPP 2 -> TP 2 with the plain optimizer -> one process again. And in fp32 with an untied
 output layer: one process -> TP 2 -> DP 2 (both with the distributed optimizer) -> DP 2 with
 overlapped gradient reduction in small buckets (other shards) -> one process.
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.distributed
 
 TWO_PROCESS = [
     ["tp2_distopt", {"tp": 2, "dist_opt": True, "load_from": "single"}],
-    ["dp2_distopt", {"dist_opt": True, "bucket": 3000, "load_from": "tp2_distopt"}],  # overlap's buckets too
+    ["dp2_distopt", {"dist_opt": True, "load_from": "tp2_distopt"}],
     ["pp2_vpp2_distopt", {"pp": 2, "vpp": 2, "dist_opt": True, "load_from": "dp2_distopt"}],
     ["tp2_plain", {"tp": 2, "dist_opt": False, "load_from": "pp2_vpp2_distopt"}],
     # fp32 and an untied output layer: Megatron's FP32Optimizer, and distributed optimizers whose
