@@ -16,7 +16,10 @@ weights excluded; what --recompute shrinks), from one extra forward (not with --
 "smollm2-135m" / "qwen3-1.7b" / "tiny" are built from their published shapes with random weights;
 ``--weights real`` loads SmolLM2-135M's real weights from its package (model.hf_loading), and
 any local HF folder works as --model. The malloc setting (GLIBC_TUNABLES) is recorded: measure
-with and without it on CPU (PLATFORM.md).
+with and without it on CPU (PLATFORM.md). ``--min-len-frac`` gives the rows uneven lengths (right
+padding), which the step's length-grouped micro-batches cut (``--no-length-grouping`` pads every
+micro-batch to the batch's width, to compare); tokens/s counts real tokens. ``--overlap-grad-reduce``
+measures Megatron's overlapped DP gradient reduction (with DP > 1).
 """
 
 from __future__ import annotations
