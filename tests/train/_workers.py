@@ -164,34 +164,39 @@ class _CallCounter:
                 "layer_inputs": sorted(self.layer_inputs)}
 
 
+def _dp_share() -> tuple[Any, dict, dict, Any, slice, Any]:
+    """(HF config, weights, global batch, this DP rank's contiguous share, its rows of the global
+    batch, a load_weights callable) for the tiny Llama under the current parallel layout."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_recycle.model.convert import load_hf_weights
+    from megatron_recycle.train.step import TrajectoryBatch, shard_for_data_parallel
+
+    cfg, sd = tiny_llama()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    gb = global_batch()
+    local = shard_for_data_parallel(TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"]), dp_rank, dp)
+    share = N_GLOBAL // dp
+    return cfg, sd, gb, local, slice(dp_rank * share, (dp_rank + 1) * share), lambda c: load_hf_weights(c, sd, cfg)
+
+
 def grpo_layout(args: dict) -> dict:
     """One layout: log-probs, one SGD GRPO step per micro-batch size (-> gradient), three clipped Adam steps.
 
     With "recompute"/"sp" in ``args`` the model recomputes activations / runs sequence parallel;
     ``out["calls"][mbs]`` then counts the layer and core-attention calls of the SGD step."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
+    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu
     from megatron_recycle.train.step import (
         GRPOLossConfig,
-        TrajectoryBatch,
         compute_logprobs,
         grpo_train_step,
         setup_model_and_optimizer,
-        shard_for_data_parallel,
     )
 
-    cfg, sd = tiny_llama()
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    gb = global_batch()
-    full = TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"])
-    local = shard_for_data_parallel(full, dp_rank, dp)
+    cfg, sd, gb, local, rows, load = _dp_share()
     loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0, compute_entropy=True, agg=args.get("agg", "token-mean"))
-    load = lambda chunks: load_hf_weights(chunks, sd, cfg)  # noqa: E731
     out: dict[str, Any] = {"grads": {}, "sgd_metrics": {}, "calls": {}}
     options = _model_options(args)
-    share = N_GLOBAL // dp
-    rows = slice(dp_rank * share, (dp_rank + 1) * share)
 
     for mbs in args["mbs_list"]:
         chunks, opt, sched = setup_model_and_optimizer(
@@ -283,25 +288,17 @@ def overlap_grad_reduce(args: dict) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import param_and_grad_buffer as pgb
 
-    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
+    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu
     from megatron_recycle.train.step import (
         GRPOLossConfig,
-        TrajectoryBatch,
         compute_logprobs,
         describe_grad_reduction,
         grpo_train_step,
         setup_model_and_optimizer,
-        shard_for_data_parallel,
     )
 
-    cfg, sd = tiny_llama()
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    gb = global_batch()
-    local = shard_for_data_parallel(TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"]), dp_rank, dp)
-    share = N_GLOBAL // dp
-    rows = slice(dp_rank * share, (dp_rank + 1) * share)
+    cfg, sd, gb, local, rows, load = _dp_share()
     loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0)
-    load = lambda chunks: load_hf_weights(chunks, sd, cfg)  # noqa: E731
     mbs = args["mbs"]
 
     starts: list[str] = []  # one entry per bucket-group reduction dispatched
