@@ -228,7 +228,8 @@ class OurSide:
         return {"step_s": t4 - t0, **{f"time/{k}": v for k, v in t.items()},
                 "completion_tokens": float(sum(len(c) for c in completions)),
                 "sequences": float(len(completions)), "loss": float(m["loss"]),
-                "trained_positions": float(batch.num_sequences * batch.seq_length - m["packed_saved_tokens"]),
+                "trained_positions": float(batch.num_sequences * batch.seq_length - m["packed_saved_tokens"]
+                                           - m["length_cut_tokens"]),
                 "reward_mean": sum(rewards) / len(rewards)}
 
 

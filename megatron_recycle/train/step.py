@@ -920,6 +920,9 @@ def _run_train_step(
         update_successful=float(bool(update_successful)),
         num_microbatches=float(len(mbs)),
         packed_saved_tokens=float(sum(mb.packed.saved_tokens for mb in mbs if mb.packed is not None)),
+        # padding the length-grouped micro-batches did not train (positions: rows x columns cut)
+        length_cut_tokens=float(sum((batch.seq_length - mb.seq_length) * mb.num_sequences
+                                    for mb in mbs if mb.packed is None)),
         **{"time/forward_backward_s": t1 - t0, "time/optimizer_s": t2 - t1},
     )
     return totals

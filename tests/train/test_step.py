@@ -479,6 +479,9 @@ def test_length_grouped_micro_batches_keep_the_results(single_process_runs):
         assert on["metrics"][key] == pytest.approx(off["metrics"][key], rel=1e-5, abs=1e-7), key
     assert off["layer_inputs"] == [(_workers.SEQ, 2, 32)]
     assert on["layer_inputs"] == [(w, 2, 32) for w in (5, 7, 9, 12)]
+    # the positions not trained, logged as train/length_cut_tokens: 2 rows x (12 - w) per micro-batch
+    assert on["metrics"]["length_cut_tokens"] == 2 * ((12 - 9) + (12 - 7) + (12 - 5))
+    assert off["metrics"]["length_cut_tokens"] == 0
 
 
 @pytest.mark.distributed
