@@ -71,7 +71,8 @@ def _decisions(run_dir: Path, rank: int = 0) -> list[dict]:
 STRATEGIES = [
     ("recycle", ["pool.oversample=2"]),
     ("soft_recycle", ["pool.oversample=2"]),
-    ("grpo", ["pool.oversample=1", "loss.kl_beta=0.01"]),  # also the reference-model (KL) path
+    # also the reference-model (KL) path, on padded rows (length-grouped micro-batches)
+    ("grpo", ["pool.oversample=1", "loss.kl_beta=0.01", "optim.pack_groups=false"]),
     ("bounded_dapo", ["pool.oversample=2"]),
     ("dapo", ["pool.oversample=1", "pool.max_gen_batches=2"]),
 ]
@@ -101,9 +102,14 @@ def test_two_steps_every_strategy(env, strategy, extra):
     assert all(r["em_mean"] == r["rollout/em_mean"] and r["reward_mean"] == r["rollout/reward_mean"] for r in rows)
     assert all("memory/max_rss_gib" in r for r in rows)
     assert all(r["rollout/prefix_reused_tokens"] == 0 for r in rows)  # native engine, single turn: nothing to reuse
+    trained = [r for r in rows if r["effective_batch"]]
     if "loss.kl_beta=0.01" in extra:  # reference log-probs were computed and the KL term reported
-        trained = [r for r in rows if r["effective_batch"]]
         assert all(r["time/logprob"] > 0 and "train/ref_kl" in r for r in trained)
+    if "optim.pack_groups=false" in extra:  # padded rows, each micro-batch cut after its last loss token
+        assert all(r["train/packed_saved_tokens"] == 0 for r in trained)
+        assert sum(r["train/length_cut_tokens"] for r in trained) > 0
+    else:
+        assert all(r["train/packed_saved_tokens"] > 0 for r in trained)
     assert (run_dir / "checkpoints" / "step_2" / "manifest.json").is_file()
     assert (run_dir / "pool_history.csv").is_file()
     # the per-rank decision log agrees with the pool metrics
