@@ -349,6 +349,12 @@ def build_model_chunks(
 
     config = transformer_config_from_hf(hf_config, bf16=bf16, **config_overrides)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else None
+    pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    if "variable_seq_lengths" not in config_overrides:
+        # Pipeline stages exchange micro-batches of different shapes (the step's length-grouped
+        # micro-batches): each send is preceded by its shape. Not with virtual stages, whose
+        # interleaved schedule keeps one fixed shape (its p2p pattern on gloo is PLATFORM.md's).
+        config.variable_seq_lengths = pp > 1 and not vpp
     chunks = []
     for vp_stage in range(vpp or 1):
         vs = vp_stage if vpp else None

@@ -1,10 +1,11 @@
 """CPU/gloo compatibility patches for megatron-core, applied only when CUDA is absent.
 
 megatron-core assumes a GPU in a few places that have nothing to do with the math. On a CPU
-machine (development, CI, the embedded default) six small patches make GPTModel, the pipeline
+machine (development, CI, the embedded default) seven small patches make GPTModel, the pipeline
 schedules, activation recomputation and the (distributed) optimizer run on gloo unchanged (the
 first four are PLATFORM.md's; the fifth is for megatron-core releases after 0.16, which Python 3.12
-machines install; the sixth is for activation recomputation, ``model.recompute``):
+machines install; the sixth is for activation recomputation, ``model.recompute``; the seventh for
+pipeline stages that exchange micro-batches of different shapes):
 
 1. RNG tracker: ``CudaRNGStatesTracker.add/fork`` read and write the CUDA generator. The
    patch swaps in :class:`CpuRNGStatesTracker`, the same bookkeeping on the CPU generator, so
@@ -26,6 +27,11 @@ machines install; the sixth is for activation recomputation, ``model.recompute``
    (``random._get_cuda_rng_state`` / ``_set_cuda_rng_state``). The patch makes both read and
    write the CPU generator, which stands in for the CUDA one everywhere else too (patch 1), so the
    recomputed forward draws the same random numbers as the first one, as on a GPU.
+7. ``torch.cuda.synchronize()``: with ``config.variable_seq_lengths`` (length-grouped
+   micro-batches under pipeline parallelism, train/step.py) the pipeline stages first exchange
+   the shapes of what they send, and megatron-core synchronizes CUDA after that exchange
+   (``P2PCommunicator._communicate_shapes``). The patch makes it a no-op (CPU work runs in
+   program order; the gloo requests have been waited for).
 
 Everything is undone by :func:`remove_cpu_compat` (tests use it to show that each patch is
 still needed). tests/model/test_compat.py fails when a newer megatron-core makes a patch
@@ -171,6 +177,12 @@ class _CpuStream:
 _CPU_STREAM = _CpuStream()
 
 
+# ------------------------------------------------------------- patch 7: synchronize
+def _cpu_synchronize(device: Any = None) -> None:
+    """Stand-in for ``torch.cuda.synchronize()`` without CUDA: nothing runs asynchronously."""
+    return None
+
+
 def _cpu_current_stream(device: Any = None) -> _CpuStream:
     return _CPU_STREAM
 
@@ -271,7 +283,7 @@ def cuda_absent() -> bool:
 
 
 def apply_cpu_compat(force: bool = False) -> bool:
-    """Apply the six CPU patches once per process; no-op (returns False) when CUDA is present.
+    """Apply the seven CPU patches once per process; no-op (returns False) when CUDA is present.
 
     Idempotent and thread-safe. ``force=True`` applies them even with CUDA (tests only).
     Returns True when the patches are active after the call.
@@ -287,6 +299,8 @@ def apply_cpu_compat(force: bool = False) -> bool:
         torch.cuda.current_device = _cpu_current_device
         _STATE["originals"]["current_stream"] = torch.cuda.current_stream
         torch.cuda.current_stream = _cpu_current_stream
+        _STATE["originals"]["synchronize"] = torch.cuda.synchronize
+        torch.cuda.synchronize = _cpu_synchronize
         mode = CudaToCpuMode()
         mode.__enter__()
         _STATE["mode"] = mode
@@ -310,6 +324,9 @@ def remove_cpu_compat() -> None:
         orig_cs = _STATE["originals"].pop("current_stream", None)
         if orig_cs is not None:
             torch.cuda.current_stream = orig_cs
+        orig_sync = _STATE["originals"].pop("synchronize", None)
+        if orig_sync is not None:
+            torch.cuda.synchronize = orig_sync
         _unpatch_rng()
         _unpatch_checkpoint_rng()
         _STATE["applied"] = False

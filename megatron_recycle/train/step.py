@@ -29,8 +29,8 @@ its gradient are the padded batch's (equal to fp32 rounding; tests check it) at 
 the tokens: the prefix is forwarded and back-propagated once instead of K times, and padding
 disappears. The prefix stops before the first token that carries loss in any member, so a
 token with loss is never shared. THD/cu_seqlens packing (flash attention) is not used.
-Padded rows on one pipeline stage are length-grouped instead (:func:`_micro_batches`): longest
-first, each micro-batch cut after its own last loss position.
+Padded rows are length-grouped instead (:func:`_micro_batches`): longest first, each micro-batch
+cut after its own last loss position (with PP > 1 the stages exchange the shapes; not with VPP).
 
 Memory options (model.build.memory_options, ``model_options`` of setup_model_and_optimizer):
 activation recomputation is Megatron's own (the group-attention plan stays on the attention
@@ -509,7 +509,8 @@ def packing_supported(model_chunks: Sequence[torch.nn.Module]) -> str | None:
     from megatron_recycle.model.build import unwrap_model
 
     if _ps().get_pipeline_model_parallel_world_size() > 1:
-        return "pipeline stages exchange activations of one fixed [seq, micro-batch] shape"
+        return ("pipeline parallelism: group packing is built and tested for one stage only (padded rows "
+                "are length-grouped instead)")
     for chunk in model_chunks:
         for layer in unwrap_model(chunk).decoder.layers:
             if not isinstance(layer.self_attention.core_attention, DotProductAttention):
@@ -667,13 +668,15 @@ def _micro_batches(
     """Cut this rank's batch into micro-batches (group-packed where possible), moved to the device.
 
     Padded rows where only the loss positions count (``select``: the train steps, loss-position
-    log-probs) on a single pipeline stage are length-grouped: the rows go longest first (a stable
-    sort by TrajectoryBatch.loss_extent) and each micro-batch is cut to its own longest extent, so
-    a micro-batch of short trajectories is not padded to the batch's longest (pipeline stages
-    exchange one fixed shape, so with PP > 1 every micro-batch keeps the batch's width). The loss
-    and the gradient are the same (each is a sum over sequences, normalized by global counts; the
-    cut columns come after every loss position of the micro-batch, which causal attention never
-    lets back in). ``return_order``: also return the row order used (None: the batch's own).
+    log-probs) are length-grouped: the rows go longest first (a stable sort by
+    TrajectoryBatch.loss_extent) and each micro-batch is cut to its own longest extent, so a
+    micro-batch of short trajectories is not padded to the batch's longest. On one pipeline stage,
+    and with PP > 1 where the stages exchange each micro-batch's shape first
+    (``config.variable_seq_lengths``, model.build: not with virtual stages, whose micro-batches
+    keep the batch's width). The loss and the gradient are the same (each is a sum over sequences,
+    normalized by global counts; the cut columns come after every loss position of the
+    micro-batch, which causal attention never lets back in). ``return_order``: also return the row
+    order used (None: the batch's own).
     """
     n = batch.num_sequences
     if micro_batch_size < 1 or n % micro_batch_size != 0:
@@ -686,7 +689,8 @@ def _micro_batches(
     multiple = _seq_multiple(model_chunks[0]) if model_chunks else 1
     order = extent = None
     if (LENGTH_GROUPING and select and not packing
-            and (not model_chunks or _ps().get_pipeline_model_parallel_world_size() == 1)):
+            and (not model_chunks or _ps().get_pipeline_model_parallel_world_size() == 1
+                 or _model_config(model_chunks[0]).variable_seq_lengths)):
         extent = batch.loss_extent()
         order = torch.sort(extent, descending=True, stable=True).indices
         if bool((order == torch.arange(n)).all()):
@@ -706,6 +710,12 @@ def _micro_batches(
         fields = {k: (None if v is None else v.to(dev, non_blocking=True)) for k, v in fields.items()}
         out.append(TrajectoryBatch(**fields, packed=None if packed is None else packed.to(dev), select=selection))
     return (out, order) if return_order else out
+
+
+def _model_config(chunk: torch.nn.Module) -> Any:
+    from megatron.core.utils import get_model_config
+
+    return get_model_config(chunk)
 
 
 def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:

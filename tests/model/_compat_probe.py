@@ -137,6 +137,20 @@ def recompute() -> dict:
     }
 
 
+def shape_exchange() -> dict:
+    """megatron's p2p shape exchange between pipeline stages (config.variable_seq_lengths, for
+    micro-batches of different shapes) synchronizes CUDA afterwards; here with nothing to send or
+    receive (one stage), so only that call can fail."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    config = ModelParallelConfig(variable_seq_lengths=True, pipeline_dtype=torch.float32)
+    comm = P2PCommunicator(ps.get_pipeline_model_parallel_group(), config)
+    prev, nxt = comm._communicate_shapes(None, None, False, False)
+    return {"shapes": [list(prev), list(nxt)]}
+
+
 CHECKS = {
     "seed_tracker": seed_tracker,
     "rotary": rotary,
@@ -145,6 +159,7 @@ CHECKS = {
     "type_strings": type_strings,
     "grad_sync": grad_sync,
     "recompute": recompute,
+    "shape_exchange": shape_exchange,
 }
 
 
@@ -207,6 +222,7 @@ def main() -> None:
     remove_cpu_compat()
     out["after_remove_unpatched_again"] = _err(CHECKS["grad_norm"])
     out["after_remove_stream"] = _err(torch.cuda.current_stream)
+    out["after_remove_synchronize"] = _err(torch.cuda.synchronize)
     ps.destroy_model_parallel()
     dist.destroy_process_group()
     sys.stdout.write("\nPROBE-JSON " + json.dumps(out) + "\n")

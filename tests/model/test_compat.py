@@ -128,3 +128,15 @@ def test_patch6_recomputation_rng_states(probe):
     r = probe["recompute"]
     assert r["unpatched"] is not None and any(s in r["unpatched"] for s in CUDA_MISSING), r
     assert r["patched"] == {"grad_matches": True, "recomputed_same_draw": True, "stream_continues": True}
+
+
+def test_patch7_synchronize_for_the_pipeline_shape_exchange(probe):
+    """Pipeline stages exchanging micro-batches of different shapes (length-grouped micro-batches,
+    config.variable_seq_lengths) first exchange the shapes, and megatron-core synchronizes CUDA
+    after that: unpatched it fails on a CPU; patched it is a no-op. The exchange itself between two
+    stages is exercised by the PP tests of tests/train/test_step.py."""
+    r = probe["shape_exchange"]
+    assert r["unpatched"] is not None and any(s in r["unpatched"] for s in CUDA_MISSING), r
+    assert r["patched"] == {"shapes": [[0, 0, 0], [0, 0, 0]]}
+    assert probe["after_remove_synchronize"] is not None
+    assert any(s in probe["after_remove_synchronize"] for s in CUDA_MISSING)

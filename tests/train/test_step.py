@@ -325,7 +325,9 @@ def test_tp2_pp2_sequence_parallel_with_full_recomputation(reference_run, four_p
     assert _max_diff(run["grads"][2], ref_g) <= GRAD_RTOL * _gmax(ref_g)
     assert _max_diff(run["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
     calls = run["calls"][2]
-    assert calls["layer_inputs"] == [(_workers.SEQ // 2, 2, 32)] and calls["layers"] == 2 * 2 * 4
+    # length-grouped micro-batches of 2 (widths 12, 11, 10, 9, padded to a multiple of tp; the
+    # stages exchange their shapes), each TP rank holding half of the sequence
+    assert calls["layer_inputs"] == [(10 // 2, 2, 32), (_workers.SEQ // 2, 2, 32)] and calls["layers"] == 2 * 2 * 4
 
 
 @pytest.mark.distributed
@@ -336,6 +338,8 @@ def test_interleaved_pipeline_with_data_parallel_distributed_optimizer(reference
     ref_g = reference_run["grads"][8]
     assert _max_diff(run["grads"][2], ref_g) <= GRAD_RTOL * _gmax(ref_g)
     assert _max_diff(run["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
+    # virtual stages keep one fixed shape: every micro-batch at the batch's width
+    assert run["calls"][2]["layer_inputs"] == [(_workers.SEQ, 2, 32)]
 
 
 # ------------------------------------------------------------- overlapped gradient reduction
@@ -426,6 +430,9 @@ def test_memory_options_in_layouts_really_apply(two_process_runs):
     for r in two_process_runs:
         calls = r["pp2_recompute_block"]["calls"][2]
         assert calls["layers"] == (2 + 1) * 4 and calls["cores"] == calls["layers"]
+        # PP 2: length-grouped micro-batches of 2 too (extents 12, 12 | 11, 11 | 10, 10 | 9, 9),
+        # the stages exchanging each one's shape (config.variable_seq_lengths)
+        assert calls["layer_inputs"] == [(w, 2, 32) for w in (9, 10, 11, 12)]
 
 
 @pytest.mark.distributed
