@@ -137,24 +137,15 @@ class TrajectoryBatch:
         return self.loss_mask[:, 1:]
 
     def rows(self, start: int, stop: int) -> TrajectoryBatch:
-        """Rows ``start:stop`` of every field (a micro-batch or a DP shard)."""
-        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
-        return TrajectoryBatch(
-            tokens=self.tokens[start:stop],
-            loss_mask=self.loss_mask[start:stop],
-            advantages=cut(self.advantages),
-            old_logprobs=cut(self.old_logprobs),
-            ref_logprobs=cut(self.ref_logprobs),
-            group_ids=cut(self.group_ids),
-            lengths=cut(self.lengths),
-        )
+        """Rows ``start:stop`` of every field (a micro-batch or a DP shard; views, no copies)."""
+        return self.take(slice(start, stop))
 
     def replace(self, **fields: Any) -> TrajectoryBatch:
         """A copy with some fields replaced (e.g. old_logprobs from compute_logprobs)."""
         return dataclasses.replace(self, **fields)
 
-    def take(self, index: torch.Tensor) -> TrajectoryBatch:
-        """The rows ``index`` (a LongTensor), in that order."""
+    def take(self, index: torch.Tensor | slice) -> TrajectoryBatch:
+        """The rows ``index`` (a LongTensor, in that order, or a slice) of every field."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return TrajectoryBatch(
             tokens=self.tokens[index], loss_mask=self.loss_mask[index], advantages=pick(self.advantages),
@@ -687,21 +678,17 @@ def _micro_batches(
     dev = _device()
     packing = _use_packing(batch, pack, model_chunks)
     multiple = _seq_multiple(model_chunks[0]) if model_chunks else 1
-    order = extent = None
-    if (LENGTH_GROUPING and select and not packing
-            and (not model_chunks or _ps().get_pipeline_model_parallel_world_size() == 1
-                 or _model_config(model_chunks[0]).variable_seq_lengths)):
-        extent = batch.loss_extent()
-        order = torch.sort(extent, descending=True, stable=True).indices
+    grouped = LENGTH_GROUPING and select and not packing and (not model_chunks or _shapes_may_vary(model_chunks[0]))
+    order = None
+    if grouped:
+        order = torch.sort(batch.loss_extent(), descending=True, stable=True).indices
         if bool((order == torch.arange(n)).all()):
-            order = None
+            order = None  # already longest first: plain row slices (views)
     out = []
     for start in range(0, n, micro_batch_size):
-        if order is not None:
-            mb = batch.take(order[start:start + micro_batch_size])
-        else:
-            mb = batch.rows(start, start + micro_batch_size)
-        if extent is not None:
+        stop = start + micro_batch_size
+        mb = batch.take(order[start:stop] if order is not None else slice(start, stop))
+        if grouped:
             mb = mb.truncate(int(mb.loss_extent().max()))
         packed = group_packed_layout(mb, width_multiple=multiple) if packing else None
         width = _model_width(mb.seq_length, multiple)
@@ -712,10 +699,13 @@ def _micro_batches(
     return (out, order) if return_order else out
 
 
-def _model_config(chunk: torch.nn.Module) -> Any:
-    from megatron.core.utils import get_model_config
+def _shapes_may_vary(model: torch.nn.Module) -> bool:
+    """Whether micro-batches may differ in shape: one pipeline stage, or stages that exchange each
+    micro-batch's shape first (``config.variable_seq_lengths``, set by model.build)."""
+    from megatron_recycle.model.build import unwrap_model
 
-    return get_model_config(chunk)
+    config = getattr(unwrap_model(model), "config", None)
+    return _ps().get_pipeline_model_parallel_world_size() == 1 or bool(getattr(config, "variable_seq_lengths", False))
 
 
 def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:
