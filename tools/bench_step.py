@@ -13,7 +13,8 @@ Peak memory per phase: CUDA max_memory_allocated (reset at each phase start); on
 resident set size (VmHWM, reset through /proc/self/clear_refs at each phase start). Also: the
 activations the decoder keeps for the backward pass of one micro-batch (autograd's saved tensors,
 weights excluded; what --recompute shrinks), from one extra forward (not with --pp > 1). Models:
-"smollm2-135m" / "qwen3-1.7b" / "tiny" are built from their published shapes with random weights;
+"smollm2-135m" / "qwen3-1.7b" / "llama3.2-3b" / "tiny" are built from their published shapes with random
+weights;
 ``--weights real`` loads SmolLM2-135M's real weights from its package (model.hf_loading), and
 any local HF folder works as --model. The malloc setting (GLIBC_TUNABLES) is recorded: measure
 with and without it on CPU (PLATFORM.md). ``--min-len-frac`` gives the rows uneven lengths (right
@@ -57,6 +58,14 @@ def model_config(name: str) -> Any:
             vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
             num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
             rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+        )
+    if name == "llama3.2-3b":  # Llama-3.2-3B shape, with its Llama 3 RoPE scaling
+        return LlamaConfig(
+            vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+            num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+            rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+            rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=8192),
         )
     if name == "tiny":
         return LlamaConfig(
@@ -170,7 +179,7 @@ def random_batch(n: int, seq_len: int, vocab: int, prompt_frac: float, seed: int
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | qwen3-1.7b | tiny | a local HF folder")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m | qwen3-1.7b | llama3.2-3b | tiny | a local HF folder")
     p.add_argument("--weights", choices=("random", "real"), default="random")
     # --sequences under torchrun: torchrun's own parser takes "--n" for an ambiguous prefix of its options
     p.add_argument("--n", "--sequences", dest="n", type=int, default=8, help="sequences per DP rank")

@@ -85,7 +85,7 @@ class NativeEngine(DecodingBase):
 
     def __init__(self, model: torch.nn.Module, hf_config: Any, tokenizer, max_batch_size: int = 64,
                  compact_fraction: float = 0.125, prefix_cache: bool = True, fast_gemm: bool = True) -> None:
-        from megatron_recycle.model.build import _check_supported, _rope_theta, head_dim, unwrap_model
+        from megatron_recycle.model.build import _check_supported, head_dim, rope_inv_freq, unwrap_model
 
         if max_batch_size < 1:
             raise ValueError(f"NativeEngine max_batch_size must be >= 1, got {max_batch_size}")
@@ -109,7 +109,7 @@ class NativeEngine(DecodingBase):
         self.n_groups = int(getattr(hf_config, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = head_dim(hf_config)
         self.eps = float(hf_config.rms_norm_eps)
-        self.rope_theta = _rope_theta(hf_config)
+        self.rope_inv_freq = rope_inv_freq(hf_config, self.head_dim)  # float64, the config's scaling applied
         self.eos_token_ids = _eos_token_ids(self.model, tokenizer)
         self._seed_source = random.Random()
         w = self._weights()
@@ -213,7 +213,7 @@ class NativeEngine(DecodingBase):
     def _rope_tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_cache is None or self._rope_cache[0] < length or self._rope_cache[1].dtype != dtype:
             n = max(length, 256)
-            inv = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+            inv = self.rope_inv_freq
             freqs = torch.arange(n, dtype=torch.float64)[:, None] * inv[None]
             emb = torch.cat([freqs, freqs], dim=-1)
             self._rope_cache = (n, emb.cos().to(self.device, dtype), emb.sin().to(self.device, dtype))

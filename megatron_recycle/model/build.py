@@ -19,22 +19,98 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
-def _rope_theta(hf_config: Any) -> float:
-    """RoPE base from either transformers 5 ``rope_parameters`` or the older ``rope_theta``."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
+# RoPE scalings whose effect is a fixed change of the inverse frequencies (no dependence on the
+# sequence length, no attention scale): what the Megatron model and the native engine can take.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """The RoPE settings of a config: transformers 5's ``rope_parameters``, else the older
+    ``rope_scaling`` dict plus ``rope_theta``. ``rope_type`` is always set ('default' if none)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
     legacy_scaling = getattr(hf_config, "rope_scaling", None)
     if isinstance(legacy_scaling, dict):
-        rope_type = legacy_scaling.get("rope_type", legacy_scaling.get("type", rope_type))
-    if rope_type not in (None, "default"):
+        params = {**legacy_scaling, **params} if params else dict(legacy_scaling)
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    params["rope_type"] = rope_type
+    if "rope_theta" not in params and getattr(hf_config, "rope_theta", None) is not None:
+        params["rope_theta"] = hf_config.rope_theta
+    return params
+
+
+def _rope_theta(hf_config: Any) -> float:
+    """RoPE base; refuses a RoPE scaling this code does not implement (see SUPPORTED_ROPE_TYPES)."""
+    params = _rope_parameters(hf_config)
+    rope_type = params["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
         raise NotImplementedError(
-            f"rope_type={rope_type!r} is not supported (only plain RoPE); "
-            "use a model without rope scaling or add the scaling to build.py"
+            f"rope_type={rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)}); "
+            "use a model without that rope scaling or add it to build.rope_inv_freq"
         )
-    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    theta = params.get("rope_theta")
     if theta is None:
         raise ValueError(f"config of model_type={hf_config.model_type!r} has no rope_theta")
     return float(theta)
+
+
+def rope_scaled(hf_config: Any) -> bool:
+    """True when the config's RoPE frequencies are scaled (rope_type 'linear' or 'llama3')."""
+    _rope_theta(hf_config)
+    return _rope_parameters(hf_config)["rope_type"] != "default"
+
+
+def _rope_number(params: dict[str, Any], key: str, rope_type: str) -> float:
+    value = params.get(key)
+    if value is None:
+        raise ValueError(f"rope_type={rope_type!r} needs {key!r} in the config's rope parameters")
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"rope parameter {key}={value} must be > 0")
+    return value
+
+
+def rope_inv_freq(hf_config: Any, dim: int | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies [dim / 2] in float64, with the config's scaling applied.
+
+    'default': ``theta ** (-2i / dim)``. 'linear': divided by ``factor`` (positions interpolated).
+    'llama3' (Llama 3.1-3.3): wavelengths shorter than ``original_max_position_embeddings /
+    high_freq_factor`` unchanged, longer than ``original_max_position_embeddings /
+    low_freq_factor`` divided by ``factor``, a linear blend in 1 / wavelength between the two.
+    """
+    theta = _rope_theta(hf_config)
+    params = _rope_parameters(hf_config)
+    rope_type = params["rope_type"]
+    dim = int(dim or head_dim(hf_config))
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if rope_type == "default":
+        return inv
+    factor = _rope_number(params, "factor", rope_type)
+    if rope_type == "linear":
+        return inv / factor
+    low = _rope_number(params, "low_freq_factor", rope_type)
+    high = _rope_number(params, "high_freq_factor", rope_type)
+    old_len = _rope_number(params, "original_max_position_embeddings", rope_type)
+    if not high > low:
+        raise ValueError(f"rope_type='llama3' needs high_freq_factor > low_freq_factor, got {high} <= {low}")
+    wavelen = 2 * torch.pi / inv
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > old_len / low, inv / factor, blended)
+    return torch.where(wavelen < old_len / high, inv, out)
+
+
+def _apply_rope_scaling(model: Any, hf_config: Any) -> None:
+    """megatron-core's RotaryEmbedding computes plain inverse frequencies (its own llama3 option
+    fixes every parameter but the factor); a scaled config's are set here, before any forward
+    (its tables are cached per length)."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None or not rope_scaled(hf_config):
+        return
+    old = rope.inv_freq
+    rope.inv_freq = rope_inv_freq(hf_config, 2 * old.numel()).to(dtype=old.dtype, device=old.device)
+    cache_clear = getattr(rope.forward, "cache_clear", None)  # functools.lru_cache on forward
+    if cache_clear is not None:
+        cache_clear()
 
 
 def _check_supported(hf_config: Any) -> str:
@@ -50,6 +126,7 @@ def _check_supported(hf_config: Any) -> str:
         raise NotImplementedError("sliding-window attention (use_sliding_window=True) is not supported")
     if getattr(hf_config, "mlp_bias", False):
         raise NotImplementedError("mlp_bias=True is not supported")
+    _rope_theta(hf_config)  # an unsupported RoPE scaling is refused here, before any process group
     return model_type
 
 
@@ -314,7 +391,7 @@ def build_gpt_model(
 
     config = config or transformer_config_from_hf(hf_config, bf16=bf16)
     layer = layer_spec_for(hf_config, layer_spec, sequence_parallel=config.sequence_parallel)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=_block_spec(layer, config, vp_stage),
         vocab_size=hf_config.vocab_size,
@@ -328,6 +405,8 @@ def build_gpt_model(
         rotary_base=_rope_theta(hf_config),
         vp_stage=vp_stage,
     )
+    _apply_rope_scaling(model, hf_config)
+    return model
 
 
 def build_model_chunks(

@@ -30,6 +30,15 @@ def tiny_config(kind: str, tied: bool, layers: int = 2) -> Any:
         return transformers.Qwen2Config(**common)
     if kind == "llama":
         return transformers.LlamaConfig(**common)
+    if kind == "llama3_rope":
+        # Llama 3.x RoPE scaling, its thresholds moved into the tiny model's range: with head_dim
+        # 16 and theta 5000 the wavelengths are 6.3, 18.7, 56, ... so one frequency is kept, one
+        # blended (between 32/4 and 32/1) and six divided by the factor.
+        scaling = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=32)
+        return transformers.LlamaConfig(rope_scaling=scaling, **common)
+    if kind == "llama_linear_rope":
+        return transformers.LlamaConfig(rope_scaling=dict(rope_type="linear", factor=2.5), **common)
     raise ValueError(f"unknown tiny model kind {kind!r}")
 
 

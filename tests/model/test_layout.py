@@ -73,14 +73,56 @@ def test_unsupported_models_fail_clearly(tiny):
         transformer_config_from_hf(cfg, tp=1, pp=1)
 
 
-def test_rope_scaling_is_refused(tiny):
+def test_unsupported_rope_scalings_are_refused(tiny):
     from megatron_recycle.model.build import _rope_theta
 
     cfg = tiny.tiny_config("llama", tied=True)
     assert _rope_theta(cfg) == 5000.0
-    cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
-    with pytest.raises(NotImplementedError, match=r"rope_type='yarn'"):
-        _rope_theta(cfg)
+    for rope_type in ("yarn", "dynamic", "longrope"):
+        cfg.rope_parameters = {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 4.0}
+        with pytest.raises(NotImplementedError, match=rf"rope_type='{rope_type}' is not supported"):
+            transformer_config_from_hf(cfg, tp=1, pp=1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3_rope", "llama_linear_rope", "qwen3"])
+def test_rope_inv_freq_matches_transformers(tiny, kind):
+    """Our float64 inverse frequencies against transformers' own (float32) for each RoPE type."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_recycle.model.build import head_dim, rope_inv_freq, rope_scaled
+
+    cfg = tiny.tiny_config(kind, tied=True)
+    got = rope_inv_freq(cfg)
+    assert got.dtype == torch.float64 and got.shape == (head_dim(cfg) // 2,)
+    plain = 1.0 / (5000.0 ** (torch.arange(0, head_dim(cfg), 2, dtype=torch.float64) / head_dim(cfg)))
+    if kind in ("llama", "qwen3"):
+        assert not rope_scaled(cfg) and torch.equal(got, plain)
+        return
+    want, attention_scale = ROPE_INIT_FUNCTIONS[cfg.rope_parameters["rope_type"]](cfg, "cpu")
+    assert attention_scale == 1.0  # what makes these types a change of frequencies only
+    assert rope_scaled(cfg)
+    torch.testing.assert_close(got, want.double(), rtol=1e-6, atol=0)
+    if kind == "llama3_rope":  # the three regimes all occur in the tiny model (see _tiny.py)
+        ratio = plain / got
+        assert ratio[0] == 1.0 and 1.0 < ratio[1] < 4.0 and torch.allclose(ratio[2:], torch.tensor(4.0, dtype=torch.float64))
+    else:
+        assert torch.allclose(plain / got, torch.tensor(2.5, dtype=torch.float64))
+
+
+def test_bad_rope_parameters_are_clear_errors(tiny):
+    from megatron_recycle.model.build import rope_inv_freq
+
+    cfg = tiny.tiny_config("llama3_rope", tied=True)
+    params = dict(cfg.rope_parameters)
+    cfg.rope_parameters = {k: v for k, v in params.items() if k != "original_max_position_embeddings"}
+    with pytest.raises(ValueError, match=r"rope_type='llama3' needs 'original_max_position_embeddings'"):
+        rope_inv_freq(cfg)
+    cfg.rope_parameters = {**params, "high_freq_factor": 1.0}
+    with pytest.raises(ValueError, match=r"high_freq_factor > low_freq_factor"):
+        rope_inv_freq(cfg)
+    cfg.rope_parameters = {**params, "factor": 0.0}
+    with pytest.raises(ValueError, match=r"factor=0.0 must be > 0"):
+        rope_inv_freq(cfg)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
@@ -91,3 +133,29 @@ def test_layer_spec_choice_on_cpu():
         resolve_layer_spec_name("te")
     with pytest.raises(ValueError, match="layer_spec='fast'"):
         resolve_layer_spec_name("fast")
+
+
+def test_llama3p2_preset_rope_matches_transformers():
+    """tools/bench_step.py's Llama-3.2-3B shape (the published RoPE scaling: factor 32 over 8,192
+    positions, theta 5e5, head_dim 128): frequencies as transformers computes them, and its layout
+    (24 heads, 8 groups) splits over the llama3p2_3b recipe's TP 2."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_recycle.model.build import rope_inv_freq
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_step.py"
+    spec = importlib.util.spec_from_file_location("bench_step_presets", path)
+    bench_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_step)
+    cfg = bench_step.model_config("llama3.2-3b")
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    got = rope_inv_freq(cfg)
+    torch.testing.assert_close(got, want.double(), rtol=1e-6, atol=0)
+    ratio = (1.0 / (5e5 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))) / got
+    kept, divided = ratio == 1.0, torch.isclose(ratio, torch.tensor(32.0, dtype=torch.float64))
+    assert kept.sum() > 0 and divided.sum() > 0 and (~kept & ~divided).sum() > 0  # all three regimes
+    tc = transformer_config_from_hf(cfg, tp=2, pp=1)
+    assert tc.num_attention_heads == 24 and tc.num_query_groups == 8 and tc.kv_channels == 128

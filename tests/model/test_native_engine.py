@@ -19,7 +19,7 @@ from megatron_recycle.engines.native import NativeEngine
 from megatron_recycle.model.build import build_model_chunks
 from megatron_recycle.model.convert import load_hf_weights
 
-FAMILIES = [("llama", True), ("qwen3", False), ("qwen2", False)]
+FAMILIES = [("llama", True), ("qwen3", False), ("qwen2", False), ("llama3_rope", True)]
 EOS = 3
 
 

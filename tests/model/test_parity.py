@@ -26,7 +26,12 @@ def _reference_state(hf) -> dict[str, torch.Tensor]:
     return {k: v for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
 
 
-@pytest.mark.parametrize("kind,tied", FAMILIES)
+# Llama 3.x RoPE scaling and linear scaling (megatron-core's RotaryEmbedding gets the config's
+# scaled frequencies from build.rope_inv_freq).
+ROPE_SCALED = [("llama3_rope", True), ("llama_linear_rope", False)]
+
+
+@pytest.mark.parametrize("kind,tied", FAMILIES + ROPE_SCALED)
 def test_logits_match_transformers(world1, tiny, kind, tied):
     hf = tiny.tiny_hf_model(kind, tied)
     model = build_model_chunks(hf.config, layer_spec="local")[0].eval()
@@ -43,6 +48,13 @@ def test_logits_match_transformers(world1, tiny, kind, tied):
     with torch.no_grad():
         got2 = model(ids2, pos, None)
     assert torch.equal(got2[:, :-1], got[:, :-1]) and not torch.equal(got2[:, -1], got[:, -1])
+    if (kind, tied) in ROPE_SCALED:
+        # The scaling matters at these positions: the same weights with plain RoPE are far off.
+        plain_cfg = tiny.tiny_config("llama", tied)
+        plain = build_model_chunks(plain_cfg, layer_spec="local")[0].eval()
+        load_hf_weights([plain], hf)
+        with torch.no_grad():
+            assert (plain(ids, pos, None) - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind,tied", FAMILIES)
