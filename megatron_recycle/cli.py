@@ -92,8 +92,12 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    from megatron_recycle.model.parallel import elastic_restart_count
     from megatron_recycle.train.sft import run_sft
 
+    if elastic_restart_count() and os.environ.get("RANK", "0") == "0":
+        print(f"[sft] torchrun restart {elastic_restart_count()}: SFT keeps no checkpoints, so it starts "
+              "over (`run` after a restart reuses a finished SFT)", flush=True)
     res = run_sft(_load(args))
     if res["runtime"].is_rank0:
         print(f"[sft] done: {res['hf_dir']}", flush=True)
@@ -128,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from megatron_recycle.train.pipeline import eval_files, evaluate_files
+    from megatron_recycle.train.pipeline import eval_files, evaluate_files, resume_after_restart
 
     cfg = _load(args)
     files = eval_files(cfg, args.data)
@@ -137,7 +141,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         files = eval_files(cfg, [str(f)], benchmarks=False)
     model = args.checkpoint or cfg.model.name_or_path
     _refuse_training_checkpoint(model, "--checkpoint")
-    evaluate_files(cfg, model, files, Path(args.out or cfg.run_dir / "eval"), resume=args.resume)
+    resume = resume_after_restart(cfg, args.resume, "eval", "results already written are reused")
+    evaluate_files(cfg, model, files, Path(args.out or cfg.run_dir / "eval"), resume=resume)
     return 0
 
 

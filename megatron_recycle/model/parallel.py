@@ -116,6 +116,43 @@ def _env_int(name: str) -> int | None:
 DEFAULT_COLLECTIVE_TIMEOUT_MIN = 60.0
 
 
+def elastic_restart_count() -> int:
+    """How often torchrun has restarted this worker group (``TORCHELASTIC_RESTART_COUNT``; 0 on the
+    first start and outside torchrun). Under ``torchrun --max-restarts N`` (the launch scripts'
+    MAX_RESTARTS) a group that lost a worker starts again with the same arguments."""
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        return max(0, int(value))
+    except ValueError:
+        logger.warning("ignoring TORCHELASTIC_RESTART_COUNT=%r (not an integer)", value)
+        return 0
+
+
+def restarts_share_the_agent_store() -> bool:
+    """True when torchrun may restart the workers (``TORCHELASTIC_MAX_RESTARTS`` > 0) and they
+    share its agent's TCP store (``TORCHELASTIC_USE_AGENT_STORE``): the store keeps the keys of the
+    last attempt, and the restarted process group can meet them (a hang, seen with gloo on one
+    node and on two)."""
+    try:
+        max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        return False
+    return max_restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def restarted_anywhere() -> bool:
+    """Whether any rank's worker group is a torchrun restart (collective when a group exists).
+
+    Across nodes the counts differ: the node whose worker failed counts a restart, the others
+    only re-join the rendezvous and keep their count, so every rank takes the maximum."""
+    flag = torch.tensor([elastic_restart_count()], dtype=torch.long)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) > 0
+
+
 def _timeout_min(timeout_min: float | None) -> float:
     minutes = DEFAULT_COLLECTIVE_TIMEOUT_MIN if timeout_min is None else float(timeout_min)
     if not minutes > 0:
@@ -153,6 +190,11 @@ def init_process_group(backend: str | None = None, timeout_min: float | None = N
     else:
         if rank is None:
             raise RuntimeError(f"WORLD_SIZE={world} is set but RANK is not; launch with torchrun")
+        if rank == 0 and restarts_share_the_agent_store():
+            logger.warning(
+                "torchrun --max-restarts with its agent's shared TCP store: a restarted worker group can "
+                "hang in init_process_group on the last attempt's keys (pytorch/pytorch#135712); set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (recipes/launch_*.sh do with MAX_RESTARTS)")
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     _OWNS_PROCESS_GROUP = True
     return True

@@ -33,6 +33,23 @@ def _eval_world(cfg: Config) -> tuple[int, int]:
     return world, (dist.get_rank() if dist.is_initialized() else 0)
 
 
+def resume_after_restart(cfg: Config, resume: bool, command: str, what: str) -> bool:
+    """``resume``, or True when torchrun restarted the worker group (``--max-restarts``, the launch
+    scripts' MAX_RESTARTS) on any rank: a restarted job continues from what its crashed predecessor
+    saved instead of starting over. Collective in a multi-rank world (model.parallel.restarted_anywhere:
+    on the nodes whose workers did not fail the restart count stays 0)."""
+    if resume:
+        return True
+    from megatron_recycle.model.parallel import restarted_anywhere
+
+    _, rank = _eval_world(cfg)
+    if not restarted_anywhere():
+        return False
+    if rank == 0:
+        print(f"[{command}] torchrun restarted the workers: resuming as with --resume ({what})", flush=True)
+    return True
+
+
 def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, label: str,
                    tools: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Greedy Pass@1 of a Hugging Face model folder (or alias) on a split, over the whole torchrun
@@ -157,6 +174,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_dir = cfg.run_dir
     rank0 = rtm.env_rank() == 0
+    resume = resume_after_restart(cfg, resume, "run", "finished phases reused, GRPO from its newest checkpoint")
     timings: dict[str, float] = {}
 
     def phase(name: str, start: float) -> None:

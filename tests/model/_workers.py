@@ -150,3 +150,18 @@ def collective_timeout(rank: int, world_size: int, out_dir: str, timeout_s: floa
     except Exception as e:  # noqa: BLE001 - reported, the timeout above is the result
         out["teardown_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
+
+
+def restart_counts(rank: int, world_size: int, out_dir: str, counts: list[str | None]) -> dict:
+    """Each rank sees its own TORCHELASTIC_RESTART_COUNT (``counts[rank]``; None: unset), as the
+    nodes of a torchrun job after one node's worker failed; restarted_anywhere agrees on every rank."""
+    from megatron_recycle.model.parallel import elastic_restart_count, init_process_group, restarted_anywhere
+
+    if counts[rank] is None:
+        os.environ.pop("TORCHELASTIC_RESTART_COUNT", None)
+    else:
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = counts[rank]
+    init_process_group()
+    out = {"local": elastic_restart_count(), "anywhere": restarted_anywhere()}
+    destroy_distributed()
+    return out

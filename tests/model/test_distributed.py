@@ -103,3 +103,13 @@ def test_default_collective_timeout_waits_for_a_late_rank(dist_launcher, tmp_pat
                                     group="dp")
     assert [r["error"] for r in res] == [None, None] and [r["value"] for r in res] == [2.0, 2.0]
     assert res[1]["waited_s"] > 2.0
+
+
+@pytest.mark.distributed
+def test_a_restart_on_one_node_is_seen_by_every_rank(dist_launcher, tmp_path):
+    """After a worker fails, torchrun restarts every node's workers but only the failing node counts
+    a restart (TORCHELASTIC_RESTART_COUNT): the resume decision takes the maximum over the world."""
+    res = dist_launcher.run_workers(f"{WORKERS}:restart_counts", 2, tmp_path, counts=[None, "1"])
+    assert [r["local"] for r in res] == [0, 1] and [r["anywhere"] for r in res] == [True, True]
+    res = dist_launcher.run_workers(f"{WORKERS}:restart_counts", 2, tmp_path, counts=["0", "not-a-number"])
+    assert [r["local"] for r in res] == [0, 0] and [r["anywhere"] for r in res] == [False, False]

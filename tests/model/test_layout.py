@@ -159,3 +159,18 @@ def test_llama3p2_preset_rope_matches_transformers():
     assert kept.sum() > 0 and divided.sum() > 0 and (~kept & ~divided).sum() > 0  # all three regimes
     tc = transformer_config_from_hf(cfg, tp=2, pp=1)
     assert tc.num_attention_heads == 24 and tc.num_query_groups == 8 and tc.kv_channels == 128
+
+
+def test_restarts_with_the_shared_agent_store_are_recognised(monkeypatch):
+    from megatron_recycle.model.parallel import elastic_restart_count, restarts_share_the_agent_store
+
+    for key in ("TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    assert not restarts_share_the_agent_store() and elastic_restart_count() == 0
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert restarts_share_the_agent_store()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    assert not restarts_share_the_agent_store()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+    assert elastic_restart_count() == 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 FACTS = [
@@ -25,6 +26,18 @@ FACTS = [
 def coin(response: str, golds: list[str], truncated: bool) -> float:
     """A deterministic 0/1 reward from the response text: makes random-model groups signal-bearing."""
     return float(int(hashlib.sha1(response.encode()).hexdigest(), 16) % 2)
+
+
+def coin_crash_once(response: str, golds: list[str], truncated: bool) -> float:
+    """``coin``, but global rank CRASH_RANK kills its process (``os._exit``: no clean-up, like a
+    segfault or a lost node) the first time it scores a rollout after the checkpoint file
+    CRASH_AFTER exists; CRASH_SENTINEL records that the crash happened, so it happens once."""
+    sentinel = Path(os.environ["CRASH_SENTINEL"])
+    if (os.environ.get("RANK", "0") == os.environ["CRASH_RANK"] and not sentinel.exists()
+            and Path(os.environ["CRASH_AFTER"]).is_file()):
+        sentinel.write_text(f"crashed with TORCHELASTIC_RESTART_COUNT={os.environ.get('TORCHELASTIC_RESTART_COUNT')}\n")
+        os._exit(17)
+    return coin(response, golds, truncated)
 
 
 def write_tiny_model(folder: Path) -> Path:

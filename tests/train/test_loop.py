@@ -212,25 +212,30 @@ def test_eval_sharded_over_two_ranks_equals_one_process(env, tmp_path):
     assert "2 shards of 1 rank(s)" in two.stdout and two.stdout.count("Pass@1") == one.stdout.count("Pass@1")
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_multi_node_launcher_two_nodes_on_localhost(env, tmp_path):
-    """recipes/launch_multi_node.sh as two nodes of one process each (c10d rendezvous on 127.0.0.1):
-    every process has LOCAL_RANK 0, so anything keyed on the local rank instead of the global one
-    (rank-0-only logging, the pool's owner, checkpoint writers) shows up here. The run must make
-    the same decisions and metrics as the one-node DP=2 run of the same config. The two nodes
-    reduce their gradients overlapped with the backward pass (optim.overlap_grad_reduce, small
-    buckets), the one-node run after it: the same sums either way."""
+DP2_REF_STEPS = ("pool.oversample=2", "train.steps=3")
+
+
+@pytest.fixture(scope="module")
+def dp2_reference(env) -> Path:
+    """One node, two processes (torchrun --standalone), 3 steps: what the two-node runs must equal."""
+    name = "dp2_reference"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "megatron_recycle.cli", "train"]
+    _run(torchrun + _overrides(env, name, *DP2_REF_STEPS), timeout=400)
+    return env["out"] / name
+
+
+def _two_nodes(tmp_path: Path, over: list[str], **extra_env: str) -> list[tuple[int, str]]:
+    """recipes/launch_multi_node.sh as two nodes of one process each (c10d rendezvous on
+    127.0.0.1); (return code, output) of each node."""
     from tests.train._dist import free_port
 
     recipe = tmp_path / "defaults.yaml"
     recipe.write_text("# every key at its default; the test's overrides follow on the command line\n")
-    name = "multi_node"
-    over = _overrides(env, name, "pool.oversample=2", "train.steps=3", "optim.overlap_grad_reduce=true",
-                      "optim.ddp_bucket_size=20000")
     e = _env_vars()
     e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NNODES="2", NPROC="1",
-             RDZV_ID=f"test-{os.getpid()}", PATH=f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}")
+             RDZV_ID=f"test-{os.getpid()}-{tmp_path.name}", PATH=f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}",
+             **extra_env)
     nodes = [subprocess.Popen(["bash", str(ROOT / "recipes" / "launch_multi_node.sh"), str(recipe)] + over,
                               env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
@@ -240,8 +245,34 @@ def test_multi_node_launcher_two_nodes_on_localhost(env, tmp_path):
         for p in nodes:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(nodes, outs):
-        assert p.returncode == 0, out[-4000:]
+    return [(p.returncode, out) for p, out in zip(nodes, outs)]
+
+
+def _same_run(reference: Path, run_dir: Path) -> None:
+    assert _decisions(reference, 0) == _decisions(run_dir, 0) == _decisions(run_dir, 1)
+    keys = ["candidates", "effective_batch", "reward_mean", "train/loss", "train/grad_norm", "recycled_share"]
+    ref_rows, rows = _metrics(reference), _metrics(run_dir)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    for a, b in zip(ref_rows, rows):
+        for key in keys:
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-6, abs=1e-9), (a["step"], key)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_multi_node_launcher_two_nodes_on_localhost(env, tmp_path, dp2_reference):
+    """recipes/launch_multi_node.sh as two nodes of one process each (c10d rendezvous on 127.0.0.1):
+    every process has LOCAL_RANK 0, so anything keyed on the local rank instead of the global one
+    (rank-0-only logging, the pool's owner, checkpoint writers) shows up here. The run must make
+    the same decisions and metrics as the one-node DP=2 run of the same config. The two nodes
+    reduce their gradients overlapped with the backward pass (optim.overlap_grad_reduce, small
+    buckets), the one-node run after it: the same sums either way."""
+    name = "multi_node"
+    over = _overrides(env, name, *DP2_REF_STEPS, "optim.overlap_grad_reduce=true", "optim.ddp_bucket_size=20000")
+    nodes = _two_nodes(tmp_path, over)
+    for rc, out in nodes:
+        assert rc == 0, out[-4000:]
+    outs = [out for _, out in nodes]
     run_dir = env["out"] / name
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]  # one writer: the global rank 0, not every LOCAL_RANK 0
@@ -249,19 +280,62 @@ def test_multi_node_launcher_two_nodes_on_localhost(env, tmp_path):
     train_line = next(line for out in outs for line in out.splitlines() if line.startswith("[train] "))
     buckets = re.search(r"overlapped grad reduction \((\d+) buckets\)", train_line)
     assert buckets and int(buckets[1]) > 1, train_line
-    d0, d1 = _decisions(run_dir, 0), _decisions(run_dir, 1)
-    assert d0 == d1 and len(d0) == 3
+    assert len(_decisions(run_dir, 0)) == 3
     assert (run_dir / "checkpoints" / "step_3" / "manifest.json").is_file()
     # the same job on one node (torchrun --standalone, two processes) decides and trains identically
-    ref = "multi_node_ref"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "megatron_recycle.cli", "train"]
-    _run(torchrun + _overrides(env, ref, "pool.oversample=2", "train.steps=3"), timeout=400)
-    assert _decisions(env["out"] / ref, 0) == d0
-    keys = ["candidates", "effective_batch", "reward_mean", "train/loss", "train/grad_norm", "recycled_share"]
-    for a, b in zip(_metrics(env["out"] / ref), rows):
-        for key in keys:
-            assert a.get(key) == pytest.approx(b.get(key), rel=1e-6, abs=1e-9), (a["step"], key)
+    _same_run(dp2_reference, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_multi_node_launcher_restarts_after_a_crash_and_resumes(env, tmp_path, dp2_reference):
+    """MAX_RESTARTS=1: global rank 1 dies (os._exit, no clean-up) during step 2's rollouts, after the
+    checkpoint of step 2. torchrun restarts both nodes' processes (only the failing node counts a
+    restart), every rank resumes from that checkpoint as with --resume, and the run ends with the
+    uninterrupted one-node run's decisions and metrics."""
+    name = "multi_node_restart"
+    run_dir = env["out"] / name
+    sentinel = tmp_path / "crashed"
+    over = _overrides(env, name, *DP2_REF_STEPS)
+    over = [o for o in over if not o.startswith("rollout.reward=")]
+    over.append(f"rollout.reward={ROOT / 'tests' / 'train' / 'loop_fixtures.py'}:coin_crash_once")
+    nodes = _two_nodes(tmp_path, over, MAX_RESTARTS="1", CRASH_RANK="1", CRASH_SENTINEL=str(sentinel),
+                       CRASH_AFTER=str(run_dir / "checkpoints" / "step_2" / "manifest.json"))
+    for rc, out in nodes:
+        assert rc == 0, out[-4000:]
+    outs = "\n".join(out for _, out in nodes)
+    assert sentinel.read_text().startswith("crashed with TORCHELASTIC_RESTART_COUNT=0")
+    assert "(exitcode: 17)" in outs, outs[-4000:]
+    assert outs.count("[train] torchrun restarted the workers: resuming as with --resume") == 1
+    assert f"[train] resumed from {run_dir / 'checkpoints'} step 2" in outs
+    _same_run(dp2_reference, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_single_node_launcher_restarts_after_a_crash_and_resumes(env, tmp_path, dp2_reference):
+    """recipes/launch_single_node.sh with MAX_RESTARTS=1 and two processes: rank 1 dies during
+    step 2's rollouts, both restart and resume from the checkpoint of step 2 (here the agent counts
+    the restart for both) and the run equals the uninterrupted one."""
+    name = "single_node_restart"
+    run_dir = env["out"] / name
+    sentinel = tmp_path / "crashed"
+    recipe = tmp_path / "defaults.yaml"
+    recipe.write_text("# every key at its default\n")
+    over = [o for o in _overrides(env, name, *DP2_REF_STEPS) if not o.startswith("rollout.reward=")]
+    over.append(f"rollout.reward={ROOT / 'tests' / 'train' / 'loop_fixtures.py'}:coin_crash_once")
+    e = _env_vars()
+    e.update(NPROC="2", MAX_RESTARTS="1", CRASH_RANK="1", CRASH_SENTINEL=str(sentinel),
+             CRASH_AFTER=str(run_dir / "checkpoints" / "step_2" / "manifest.json"),
+             PATH=f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}")
+    proc = subprocess.run(["bash", str(ROOT / "recipes" / "launch_single_node.sh"), str(recipe)] + over, env=e,
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert sentinel.read_text().startswith("crashed with TORCHELASTIC_RESTART_COUNT=0")
+    assert "(exitcode: 17)" in out and out.count("[train] torchrun restarted the workers") == 1
+    assert f"[train] resumed from {run_dir / 'checkpoints'} step 2" in out
+    _same_run(dp2_reference, run_dir)
 
 
 @pytest.mark.slow
