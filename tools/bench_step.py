@@ -6,7 +6,10 @@
     torchrun --nproc-per-node 8 tools/bench_step.py --model qwen3-1.7b --bf16 --dist-opt --overlap-grad-reduce
 
 A step has three phases, each timed separately (median over --steps after --warmup steps):
-  old_logprobs      no-grad forward for the old log-probs (train.step.compute_logprobs)
+  old_logprobs      no-grad forward for log-probs at the loss positions (train.step.compute_logprobs
+                    with only_loss_positions, what the trainer's KL-reference pass runs; the trainer's
+                    old log-probs come from the rollout engine). Results written before 2026-11-30
+                    computed every position here (more logits, and no length-grouped micro-batches).
   forward_backward  Megatron forward_backward_func over the micro-batches (GRPO loss)
   optimizer         optimizer.step (grad clipping, Adam, distributed optimizer) + LR schedule
 Peak memory per phase: CUDA max_memory_allocated (reset at each phase start); on CPU the peak
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         mem.reset()
         _sync()
         t = time.perf_counter()
-        old = compute_logprobs(chunks, batch, a.mbs)
+        old = compute_logprobs(chunks, batch, a.mbs, only_loss_positions=True)  # other positions: masked out
         _sync()
         rec["time/old_logprobs_s"] = time.perf_counter() - t
         rec["mem/old_logprobs_gib"] = mem.peak_gib()
@@ -299,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_options": memory,
         "n": a.n, "seq_len": a.seq_len, "group_size": a.group_size, "mbs": a.mbs, "steps": a.steps,
         "min_len_frac": a.min_len_frac, "length_grouping": not a.no_length_grouping,
+        "old_logprobs_positions": "loss",
         "loss_tokens": int(batch.target_mask.sum()),
         "warmup": a.warmup,
         "time_s": times, "step_time_s": sum(times.values()),

@@ -38,4 +38,5 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
     assert options in proc.stdout
     # ragged rows: 16 to 32 tokens, the first one full length
     assert result["min_len_frac"] == 0.5 and result["length_grouping"] is True
+    assert result["old_logprobs_positions"] == "loss"
     assert 4 * 16 < result["real_tokens"] < 4 * 32 and "real tokens of 128" in proc.stdout
