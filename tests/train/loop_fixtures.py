@@ -29,15 +29,17 @@ def coin(response: str, golds: list[str], truncated: bool) -> float:
 
 
 def coin_crash_once(response: str, golds: list[str], truncated: bool) -> float:
-    """``coin``, but global rank CRASH_RANK kills its process (``os._exit``: no clean-up, like a
-    segfault or a lost node) the first time it scores a rollout after the checkpoint file
-    CRASH_AFTER exists; CRASH_SENTINEL records that the crash happened, so it happens once. With
-    CRASH_NODE=1 it first kills its parent, the node's torchrun agent (SIGKILL): a lost node."""
+    """``coin``, but one process dies (``os._exit``: no clean-up, like a segfault) the first time it
+    scores a rollout after the checkpoint file CRASH_AFTER exists: global rank CRASH_RANK, or with
+    CRASH_NODE set the process of the node whose NODE_NAME it names, which first kills its parent,
+    the node's torchrun agent (SIGKILL: a lost node). CRASH_SENTINEL records that the crash
+    happened, so it happens once."""
     sentinel = Path(os.environ["CRASH_SENTINEL"])
-    if (os.environ.get("RANK", "0") == os.environ["CRASH_RANK"] and not sentinel.exists()
-            and Path(os.environ["CRASH_AFTER"]).is_file()):
+    node = os.environ.get("CRASH_NODE")
+    here = os.environ.get("NODE_NAME") == node if node else os.environ.get("RANK", "0") == os.environ["CRASH_RANK"]
+    if here and not sentinel.exists() and Path(os.environ["CRASH_AFTER"]).is_file():
         sentinel.write_text(f"crashed with TORCHELASTIC_RESTART_COUNT={os.environ.get('TORCHELASTIC_RESTART_COUNT')}\n")
-        if os.environ.get("CRASH_NODE") == "1":  # the whole node goes: its torchrun agent too
+        if node:
             os.kill(os.getppid(), 9)
         os._exit(17)
     return coin(response, golds, truncated)

@@ -225,20 +225,25 @@ def dp2_reference(env) -> Path:
     return env["out"] / name
 
 
-def _two_nodes(tmp_path: Path, over: list[str], **extra_env: str) -> list[tuple[int, str]]:
+def _two_nodes(tmp_path: Path, over: list[str], stagger_s: float = 0.0, **extra_env: str) -> list[tuple[int, str]]:
     """recipes/launch_multi_node.sh as two nodes of one process each (c10d rendezvous on
-    127.0.0.1); (return code, output) of each node."""
+    127.0.0.1), NODE_NAME A and B (B started ``stagger_s`` later: A then hosts the rendezvous);
+    (return code, output) of each node."""
     from tests.train._dist import free_port
 
     recipe = tmp_path / "defaults.yaml"
     recipe.write_text("# every key at its default; the test's overrides follow on the command line\n")
     e = _env_vars()
     e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NNODES="2", NPROC="1",
-             RDZV_ID=f"test-{os.getpid()}-{tmp_path.name}", PATH=f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}",
-             **extra_env)
-    nodes = [subprocess.Popen(["bash", str(ROOT / "recipes" / "launch_multi_node.sh"), str(recipe)] + over,
-                              env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+             RDZV_ID=f"test-{os.getpid()}-{tmp_path.name}", PATH=f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}")
+    e.update(extra_env)
+    nodes = []
+    for node in ("A", "B"):
+        if nodes and stagger_s:
+            time.sleep(stagger_s)
+        nodes.append(subprocess.Popen(["bash", str(ROOT / "recipes" / "launch_multi_node.sh"), str(recipe)] + over,
+                                      env={**e, "NODE_NAME": node}, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     try:
         outs = [p.communicate(timeout=400)[0] for p in nodes]
     finally:
@@ -248,8 +253,13 @@ def _two_nodes(tmp_path: Path, over: list[str], **extra_env: str) -> list[tuple[
     return [(p.returncode, out) for p, out in zip(nodes, outs)]
 
 
-def _same_run(reference: Path, run_dir: Path) -> None:
-    assert _decisions(reference, 0) == _decisions(run_dir, 0) == _decisions(run_dir, 1)
+def _crash_overrides(env, name: str) -> list[str]:
+    over = [o for o in _overrides(env, name, *DP2_REF_STEPS) if not o.startswith("rollout.reward=")]
+    return over + [f"rollout.reward={ROOT / 'tests' / 'train' / 'loop_fixtures.py'}:coin_crash_once"]
+
+
+def _same_run(reference: Path, run_dir: Path, ranks: tuple[int, ...] = (0, 1)) -> None:
+    assert all(_decisions(reference, 0) == _decisions(run_dir, r) for r in ranks)
     keys = ["candidates", "effective_batch", "reward_mean", "train/loss", "train/grad_norm", "recycled_share"]
     ref_rows, rows = _metrics(reference), _metrics(run_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
@@ -296,11 +306,8 @@ def test_multi_node_launcher_restarts_after_a_crash_and_resumes(env, tmp_path, d
     name = "multi_node_restart"
     run_dir = env["out"] / name
     sentinel = tmp_path / "crashed"
-    over = _overrides(env, name, *DP2_REF_STEPS)
-    over = [o for o in over if not o.startswith("rollout.reward=")]
-    over.append(f"rollout.reward={ROOT / 'tests' / 'train' / 'loop_fixtures.py'}:coin_crash_once")
-    nodes = _two_nodes(tmp_path, over, MAX_RESTARTS="1", CRASH_RANK="1", CRASH_SENTINEL=str(sentinel),
-                       CRASH_AFTER=str(run_dir / "checkpoints" / "step_2" / "manifest.json"))
+    nodes = _two_nodes(tmp_path, _crash_overrides(env, name), MAX_RESTARTS="1", CRASH_RANK="1",
+                       CRASH_SENTINEL=str(sentinel), CRASH_AFTER=str(run_dir / "checkpoints" / "step_2" / "manifest.json"))
     for rc, out in nodes:
         assert rc == 0, out[-4000:]
     outs = "\n".join(out for _, out in nodes)
@@ -309,6 +316,36 @@ def test_multi_node_launcher_restarts_after_a_crash_and_resumes(env, tmp_path, d
     assert outs.count("[train] torchrun restarted the workers: resuming as with --resume") == 1
     assert f"[train] resumed from {run_dir / 'checkpoints'} step 2" in outs
     _same_run(dp2_reference, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_multi_node_launcher_goes_on_without_a_lost_node(env, tmp_path, dp2_reference):
+    """NNODES=1:2, MAX_RESTARTS=1: node B (its process and its torchrun agent, SIGKILL) is lost
+    during step 2's rollouts. Node A's process fails on the broken collective, its agent restarts
+    it alone, and the resume reshards the two-rank checkpoint of step 2 for one process. Steps 0-1
+    are the two-node reference's; step 2 equals a one-process `train --resume` of the reference's
+    checkpoint of step 2."""
+    import shutil
+
+    name = "multi_node_elastic"
+    run_dir = env["out"] / name
+    sentinel = tmp_path / "crashed"
+    (rc_a, out_a), (rc_b, out_b) = _two_nodes(
+        tmp_path, _crash_overrides(env, name), stagger_s=2.0, NNODES="1:2", MAX_RESTARTS="1", CRASH_NODE="B",
+        CRASH_SENTINEL=str(sentinel), CRASH_AFTER=str(run_dir / "checkpoints" / "step_2" / "manifest.json"),
+        RDZV_CONF="last_call_timeout=1,heartbeat_timeout=5,keep_alive_interval=1")
+    assert rc_a == 0, out_a[-4000:]
+    assert rc_b != 0 and sentinel.is_file()  # node B was lost
+    assert "steps 0->3, world 2 (tp 1 pp 1 dp 2)" in out_a and "steps 2->3, world 1 (tp 1 pp 1 dp 1)" in out_a
+    assert "[train] torchrun restarted the workers: resuming as with --resume" in out_a
+    assert "resharding its weights and optimizer state" in out_a
+    # the reference: the two-node run's checkpoint of step 2, resumed by one process
+    ref = env["out"] / "multi_node_elastic_ref"
+    shutil.copytree(dp2_reference, ref)
+    shutil.rmtree(ref / "checkpoints" / "step_3")
+    _run(CLI + ["train", "--resume"] + _overrides(env, ref.name, *DP2_REF_STEPS))
+    _same_run(ref, run_dir, ranks=(0,))
 
 
 @pytest.mark.slow
