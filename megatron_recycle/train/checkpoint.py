@@ -251,7 +251,12 @@ class CheckpointManager:
         config_dict: dict[str, Any] | None = None,
         resume_keys: tuple[str, ...] = RESUME_KEYS,
         fault_hook: Callable[[str], None] | None = None,
+        layer_spec: str | None = None,
     ) -> None:
+        """``layer_spec``: the layer spec the model was built with ('local' or 'te', resolved, not
+        'auto'); recorded in the manifest, and a checkpoint of the other spec is refused on load
+        (transformer-engine's layers fuse the layer norms into the linear layers: other parameter
+        names). None: neither recorded nor checked."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (complete checkpoints kept), got {keep_last}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -263,6 +268,7 @@ class CheckpointManager:
         self.fingerprint = config_fingerprint(self.config_dict, self.resume_keys)
         self.config_hash = config_hash(self.config_dict, self.resume_keys)
         self.fault_hook = fault_hook
+        self.layer_spec = layer_spec
 
     def _hook(self, point: str) -> None:
         if self.fault_hook is not None:
@@ -327,6 +333,8 @@ class CheckpointManager:
                 "created_unix": time.time(),
                 "torch_version": torch.__version__,
             }
+            if self.layer_spec is not None:
+                manifest["layer_spec"] = self.layer_spec
             _atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), tmp / MANIFEST)
             _fsync_dir(tmp)
             self._hook("before_rename")
@@ -451,6 +459,15 @@ class CheckpointManager:
                 )
         else:
             diff = {}
+        saved_spec = manifest.get("layer_spec")
+        if self.layer_spec is not None and saved_spec is not None and saved_spec != self.layer_spec:
+            raise CheckpointError(
+                f"{folder}: written by a model of the {saved_spec!r} layer spec, this run builds the "
+                f"{self.layer_spec!r} one (model.layer_spec; 'auto' is 'te' only with transformer-engine and "
+                "CUDA), and their parameter names differ (transformer-engine fuses the layer norms into the "
+                f"linear layers); resume where the spec is {saved_spec!r}, or `megatron-recycle export` this "
+                "checkpoint to a Hugging Face folder and start a new run from it (train --init-from)"
+            )
         if (diff or manifest.get("world_size") != self.world_size) and not layout_may_differ:
             saved = {k: (manifest.get("config_fingerprint") or {}).get(k) for k in LAYOUT_KEYS}
             saved["world_size"] = manifest.get("world_size")

@@ -248,6 +248,7 @@ def _batch_from_groups(groups: list[list[dict]], rt: rtm.Runtime):
 
 def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) -> dict[str, Any]:
     """The GRPO loop; returns a summary of the run."""
+    from megatron_recycle.model.build import resolve_layer_spec_name
     from megatron_recycle.model.parallel import restarted_anywhere
     from megatron_recycle.train.checkpoint import (
         CheckpointManager,
@@ -285,7 +286,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
     pool = make_pool(cfg, len(examples)) if rt.is_rank0 else None
     client = PoolClient(pool)
     ckpt = CheckpointManager(run_dir, keep_last=cfg.run.keep_last, rank=lay.rank, world_size=lay.world_size,
-                             config_dict=cfg.to_dict())
+                             config_dict=cfg.to_dict(), layer_spec=resolve_layer_spec_name(cfg.model.layer_spec))
     start_step, rollouts_done = 0, 0
     if not resume and restarted_anywhere():  # torchrun --max-restarts started the workers again
         resume = True

@@ -197,6 +197,24 @@ def test_mismatched_config_is_refused_naming_the_keys(tmp_path):
     assert "optim.lr" not in RESUME_KEYS and "rollout.group_size" in RESUME_KEYS
 
 
+def test_a_checkpoint_of_the_other_layer_spec_is_refused_clearly(tmp_path):
+    """model.layer_spec 'auto' resolves per machine: a run written with transformer-engine's spec
+    and resumed where it resolves to the local one (other parameter names) is refused by name."""
+    CheckpointManager(tmp_path, config_dict=_cfg(), layer_spec="te").save(1, {}, {"step": 1})
+    manifest = json.loads((tmp_path / "checkpoints" / "step_1" / "manifest.json").read_text())
+    assert manifest["layer_spec"] == "te"
+    with pytest.raises(CheckpointError, match=r"written by a model of the 'te' layer spec, this run builds "
+                                              r"the 'local' one.*megatron-recycle export"):
+        CheckpointManager(tmp_path, config_dict=_cfg(), layer_spec="local").load()
+    assert CheckpointManager(tmp_path, config_dict=_cfg(), layer_spec="te").load()[0]["step"] == 1
+    assert CheckpointManager(tmp_path, config_dict=_cfg()).load()[0]["step"] == 1  # export: no spec to check
+    # a checkpoint written before the spec was recorded loads with either
+    old = tmp_path / "old"
+    CheckpointManager(old, config_dict=_cfg()).save(1, {}, {"step": 1})
+    assert "layer_spec" not in json.loads((old / "checkpoints" / "step_1" / "manifest.json").read_text())
+    assert CheckpointManager(old, config_dict=_cfg(), layer_spec="local").load()[0]["step"] == 1
+
+
 def test_gradient_buckets_are_a_layout_key_only_with_the_distributed_optimizer(tmp_path):
     """optim.overlap_grad_reduce / optim.ddp_bucket_size decide which slices of the state a rank of
     the distributed optimizer holds; elsewhere they change nothing that is saved."""
