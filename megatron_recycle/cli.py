@@ -92,13 +92,12 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from megatron_recycle.model.parallel import elastic_restart_count
+    from megatron_recycle.train.pipeline import resume_after_restart
     from megatron_recycle.train.sft import run_sft
 
-    if elastic_restart_count() and os.environ.get("RANK", "0") == "0":
-        print(f"[sft] torchrun restart {elastic_restart_count()}: SFT keeps no checkpoints, so it starts "
-              "over (`run` after a restart reuses a finished SFT)", flush=True)
-    res = run_sft(_load(args))
+    cfg = _load(args)
+    resume = resume_after_restart(cfg, args.resume, "sft", "from the newest SFT checkpoint, sft.save_every")
+    res = run_sft(cfg, resume=resume)
     if res["runtime"].is_rank0:
         print(f"[sft] done: {res['hf_dir']}", flush=True)
     return 0
@@ -206,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("gen-data", "Generate the synthetic multi-hop QA data and oracle SFT trajectories.", cmd_gen_data)
-    add("sft", "Supervised warm-up on the oracle trajectories (masked next-token loss).", cmd_sft)
+    p = add("sft", "Supervised warm-up on the oracle trajectories (masked next-token loss).", cmd_sft)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete SFT checkpoint "
+                   "(RUN_DIR/sft/checkpoints, written every sft.save_every steps)")
     p = add("train", "GRPO training with query recycling (or a baseline strategy).", cmd_train)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint "
                    "(on this run's layout: a checkpoint of other TP/PP/DP sizes is resharded)")

@@ -186,6 +186,10 @@ class SFTConfig:
     lr: float = 2e-5
     warmup_steps: int = 3
     max_examples: int = 0  # 0: all oracle trajectories
+    # checkpoint the SFT state every N steps under RUN_DIR/sft/checkpoints (0: none, the folder of
+    # the finished SFT is its only output); `sft --resume` (or a torchrun restart) continues from
+    # the newest one. Keeps run.keep_last of them.
+    save_every: int = 0
 
 
 @dataclass
@@ -430,6 +434,7 @@ def validate(cfg: Config) -> None:
     _require(s.steps >= 0, "sft.steps", s.steps, "must be >= 0")
     _require(s.batch_size >= 1, "sft.batch_size", s.batch_size, "must be >= 1")
     _require(s.lr > 0, "sft.lr", s.lr, "must be > 0")
+    _require(s.save_every >= 0, "sft.save_every", s.save_every, "must be >= 0")
     e = cfg.eval
     _require(e.n_samples >= 1, "eval.n_samples", e.n_samples, "must be >= 1")
     _require(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0")

@@ -250,12 +250,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
     """The GRPO loop; returns a summary of the run."""
     from megatron_recycle.model.build import resolve_layer_spec_name
     from megatron_recycle.model.parallel import restarted_anywhere
-    from megatron_recycle.train.checkpoint import (
-        CheckpointManager,
-        LayoutChanged,
-        capture_rng_state,
-        restore_rng_state,
-    )
+    from megatron_recycle.train.checkpoint import CheckpointManager
     from megatron_recycle.train.metrics import (
         MetricsWriter,
         format_step_line,
@@ -267,8 +262,6 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         GRPOLossConfig,
         compute_logprobs,
         grpo_train_step,
-        load_optimizer_state_dict,
-        schedule_differences,
     )
 
     run_dir = cfg.run_dir
@@ -297,20 +290,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         if latest is None:
             print(f"[train] --resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", flush=True)
         else:
-            try:
-                shared, parts = ckpt.load(latest)
-                for chunk, sd in zip(rt.chunks, parts["model"]):
-                    chunk.load_state_dict(sd)
-                load_optimizer_state_dict(rt.optimizer, parts["optimizer"])
-            except LayoutChanged as layout:
-                shared, parts = _load_resharded(ckpt, rt, layout)
-            changed = schedule_differences(rt.scheduler, parts["scheduler"])
-            if changed and rt.is_rank0:
-                print("[train] --resume: the learning-rate schedule continues the checkpoint's, which differs from "
-                      f"this config's: {'; '.join(changed)}. A new schedule needs a new run (train --init-from a "
-                      "Hugging Face export such as RUN_DIR/final_hf or --save-hf DIR).", flush=True)
-            rt.scheduler.load_state_dict(parts["scheduler"])
-            restore_rng_state(parts["rng"])
+            shared = restore_checkpoint(ckpt, rt, latest, "train")
             if pool is not None:
                 pool.load_state_dict(shared["pool"])
             start_step, rollouts_done = int(shared["step"]), int(shared["rollouts"])
@@ -400,14 +380,14 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 _periodic_eval(rt, paths["dev"], step + 1, metrics)
             stopping = stop.any_rank()
             if stopping or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                _save(ckpt, rt, pool, step + 1, rollouts_done, capture_rng_state)
+                _save(ckpt, rt, pool, step + 1, rollouts_done)
                 last_saved = step + 1
             if stopping:
                 print(f"[train] stopped after step {step + 1}; resume with --resume", flush=True)
                 break
     final_step = summary["steps"] if summary["steps"] else start_step
     if last_saved != final_step:
-        _save(ckpt, rt, pool, final_step, rollouts_done, capture_rng_state)
+        _save(ckpt, rt, pool, final_step, rollouts_done)
     if pool is not None:
         write_pool_history(run_dir, pool.history_table())
     metrics.close()
@@ -457,12 +437,12 @@ def describe_layout(d: dict) -> str:
             f"distributed optimizer {'on' if d.get('optim.use_distributed_optimizer') else 'off'}{buckets}")
 
 
-def _load_resharded(ckpt, rt: rtm.Runtime, layout) -> tuple[dict, dict]:
+def _load_resharded(ckpt, rt: rtm.Runtime, layout, tag: str = "train") -> tuple[dict, dict]:
     """Resume a checkpoint saved on another layout (train/reshard.py); returns (shared, this rank's parts)."""
     from megatron_recycle.train.reshard import load_resharded, rng_state_for_new_layout
 
     if rt.is_rank0:
-        print(f"[train] --resume: checkpoint step {layout.step} was saved by {describe_layout(layout.saved)}; this run "
+        print(f"[{tag}] --resume: checkpoint step {layout.step} was saved by {describe_layout(layout.saved)}; this run "
               f"has {describe_layout(layout.current)}: resharding its weights and optimizer state", flush=True)
     t0 = time.perf_counter()
     shared, old = ckpt.load_all(layout.step)
@@ -472,26 +452,55 @@ def _load_resharded(ckpt, rt: rtm.Runtime, layout) -> tuple[dict, dict]:
     # renumbers: rank r continues old rank (r mod saved ranks)'s streams.
     source = rt.layout.rank % len(old)
     if rt.is_rank0:
-        print(f"[train] --resume: resharded {counts['params']} parameter shards and {counts['optimizer_shards']} "
+        print(f"[{tag}] --resume: resharded {counts['params']} parameter shards and {counts['optimizer_shards']} "
               f"optimizer shards on rank 0 in {seconds:.1f}s (files verified and read); RNG streams: rank r "
               f"continues saved rank r mod {len(old)}", flush=True)
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return shared, {"scheduler": old[0]["scheduler"], "rng": rng_state_for_new_layout(old[source]["rng"], cuda_devices)}
 
 
-def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, capture_rng_state) -> None:
+def checkpoint_parts(rt: rtm.Runtime) -> dict[str, Any]:
+    """This rank's training state for a checkpoint: model chunks, optimizer (with the distributed
+    optimizer's shards), their global-name records for resharding, LR schedule, RNG streams."""
+    from megatron_recycle.train.checkpoint import capture_rng_state
     from megatron_recycle.train.reshard import model_space_records
     from megatron_recycle.train.step import optimizer_state_dict
 
-    parts = {
+    return {
         "model": [c.state_dict() for c in rt.chunks],
         "optimizer": optimizer_state_dict(rt.optimizer),
         "model_space": model_space_records(rt.chunks, rt.optimizer),
         "scheduler": rt.scheduler.state_dict(),
         "rng": capture_rng_state(),
     }
+
+
+def restore_checkpoint(ckpt, rt: rtm.Runtime, step: int, tag: str) -> dict[str, Any]:
+    """Load checkpoint ``step`` into ``rt`` (resharded when it was saved on another layout), with
+    its LR schedule and RNG streams; returns its shared part. ``tag`` prefixes the messages."""
+    from megatron_recycle.train.checkpoint import LayoutChanged, restore_rng_state
+    from megatron_recycle.train.step import load_optimizer_state_dict, schedule_differences
+
+    try:
+        shared, parts = ckpt.load(step)
+        for chunk, sd in zip(rt.chunks, parts["model"]):
+            chunk.load_state_dict(sd)
+        load_optimizer_state_dict(rt.optimizer, parts["optimizer"])
+    except LayoutChanged as layout:
+        shared, parts = _load_resharded(ckpt, rt, layout, tag)
+    changed = schedule_differences(rt.scheduler, parts["scheduler"])
+    if changed and rt.is_rank0:
+        print(f"[{tag}] --resume: the learning-rate schedule continues the checkpoint's, which differs from "
+              f"this config's: {'; '.join(changed)}. A new schedule needs a new run (train --init-from a "
+              "Hugging Face export such as RUN_DIR/final_hf or --save-hf DIR).", flush=True)
+    rt.scheduler.load_state_dict(parts["scheduler"])
+    restore_rng_state(parts["rng"])
+    return shared
+
+
+def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int) -> None:
     shared = {"step": step, "rollouts": rollouts, "pool": pool.state_dict() if pool is not None else None}
-    ckpt.save(step, parts, shared)
+    ckpt.save(step, checkpoint_parts(rt), shared)
     if rt.is_rank0:
         print(f"[train] checkpoint step {step} -> {ckpt.dir / f'step_{step}'}", flush=True)
 

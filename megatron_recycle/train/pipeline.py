@@ -202,7 +202,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
             if rank0:
                 print(f"[run] reusing the SFT result {sft_hf}", flush=True)
         else:
-            res = run_sft(cfg)
+            res = run_sft(cfg, resume=resume)
             del res["runtime"]
             gc.collect()
         start_model = str(sft_hf)

@@ -71,9 +71,25 @@ def read_oracle_file(path: Path, skip_bad_rows: bool = False) -> list[dict]:
     return rows
 
 
-def run_sft(cfg: Config) -> dict[str, Any]:
-    """Run the SFT warm-up; returns the path of the saved Hugging Face folder and the losses."""
+# The config keys an SFT checkpoint must share with the run that resumes it (what the saved model,
+# optimizer and data order mean); the layout keys may differ (the resume then reshards).
+SFT_RESUME_KEYS: tuple[str, ...] = (
+    "model.name_or_path", "model.tp", "model.pp", "model.vpp", "model.bf16", "model.layer_spec",
+    "data.dir", "data.skip_bad_rows", "sft.batch_size", "sft.max_examples", "rollout.max_total_tokens",
+    "optim.use_distributed_optimizer", "optim.overlap_grad_reduce", "optim.ddp_bucket_size",
+)
+
+
+def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Run the SFT warm-up; returns the path of the saved Hugging Face folder and the losses.
+
+    With ``sft.save_every`` > 0 the state (model, optimizer, schedule, RNG streams, the data order
+    still to come) is checkpointed under ``RUN_DIR/sft/checkpoints``; ``resume`` continues from the
+    newest complete one, and the run ends as the uninterrupted one would."""
+    from megatron_recycle.model.build import resolve_layer_spec_name
     from megatron_recycle.model.convert import save_hf_checkpoint
+    from megatron_recycle.train.checkpoint import CheckpointManager
+    from megatron_recycle.train.grpo import checkpoint_parts, restore_checkpoint
     from megatron_recycle.train.metrics import MetricsWriter
     from megatron_recycle.train.step import build_batch, sft_train_step
 
@@ -87,17 +103,33 @@ def run_sft(cfg: Config) -> dict[str, Any]:
     out_dir = cfg.run_dir / "sft"
     if rt.is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsWriter(out_dir, enabled=rt.is_rank0)
     encoded = [tokenize_oracle(r, rt.tokenizer, cfg.rollout.max_total_tokens) for r in rows]
     pad = rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else 0
     rng = random.Random(cfg.run.seed)
     order: list[int] = []
-    losses = []
+    losses: list[float] = []
+    start = 0
+    ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, rank=lay.rank, world_size=lay.world_size,
+                             config_dict=cfg.to_dict(), resume_keys=SFT_RESUME_KEYS,
+                             layer_spec=resolve_layer_spec_name(cfg.model.layer_spec))
+    if resume:
+        latest = ckpt.latest()
+        if latest is None:
+            if rt.is_rank0:
+                print(f"[sft] --resume: no complete checkpoint in {ckpt.dir}; starting from step 0", flush=True)
+        else:
+            shared = restore_checkpoint(ckpt, rt, latest, "sft")
+            start, order, losses = int(shared["step"]), list(shared["order"]), list(shared["losses"])
+            rng.setstate(_to_tuple(shared["data_rng"]))
+            if rt.is_rank0:
+                print(f"[sft] resumed from {ckpt.dir} step {start}", flush=True)
+    metrics = MetricsWriter(out_dir, enabled=rt.is_rank0, resume_step=start if resume else None)
     b, mbs = cfg.sft.batch_size, cfg.optim.micro_batch_size
     if rt.is_rank0:
-        print(f"[sft] {len(encoded)} oracle trajectories, {cfg.sft.steps} steps of {b}, lr {cfg.sft.lr}", flush=True)
+        print(f"[sft] {len(encoded)} oracle trajectories, steps {start}->{cfg.sft.steps} of {b}, lr {cfg.sft.lr}",
+              flush=True)
     t_start = time.perf_counter()
-    for step in range(cfg.sft.steps):
+    for step in range(start, cfg.sft.steps):
         if len(order) < b:
             perm = list(range(len(encoded)))
             rng.shuffle(perm)
@@ -115,7 +147,13 @@ def run_sft(cfg: Config) -> dict[str, Any]:
             elapsed = time.perf_counter() - t_start
             print(f"[sft] step {step + 1}/{cfg.sft.steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
                   f"grad_norm {m['grad_norm']:.2f} {m['time/step_s']:.1f}s "
-                  f"(ETA {elapsed / (step + 1) * (cfg.sft.steps - step - 1):.0f}s)", flush=True)
+                  f"(ETA {elapsed / (step + 1 - start) * (cfg.sft.steps - step - 1):.0f}s)", flush=True)
+        done = step + 1
+        if cfg.sft.save_every and done % cfg.sft.save_every == 0 and done < cfg.sft.steps:
+            shared = {"step": done, "order": order, "losses": losses, "data_rng": _to_lists(rng.getstate())}
+            ckpt.save(done, checkpoint_parts(rt), shared)
+            if rt.is_rank0:
+                print(f"[sft] checkpoint step {done} -> {ckpt.step_dir(done)}", flush=True)
     hf_dir = out_dir / "hf"
     save_hf_checkpoint(rt.chunks, rt.hf_config, hf_dir, tokenizer=rt.tokenizer)
     if rt.is_rank0:
@@ -124,3 +162,12 @@ def run_sft(cfg: Config) -> dict[str, Any]:
         dist.barrier()
     metrics.close()
     return {"hf_dir": str(hf_dir), "losses": losses, "runtime": rt}
+
+
+def _to_lists(state: Any) -> Any:
+    """random.Random state with lists for tuples (what a weights-only checkpoint load accepts)."""
+    return [_to_lists(x) for x in state] if isinstance(state, tuple) else state
+
+
+def _to_tuple(state: Any) -> Any:
+    return tuple(_to_tuple(x) for x in state) if isinstance(state, list) else state
