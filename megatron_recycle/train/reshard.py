@@ -22,6 +22,7 @@ caller restarts them (train/grpo.py).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -308,17 +309,26 @@ def export_checkpoint(
     from megatron_recycle.config import load_config
     from megatron_recycle.model.convert import write_hf_folder
     from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer
-    from megatron_recycle.train.checkpoint import CheckpointError, CheckpointManager
+    from megatron_recycle.train.checkpoint import MANIFEST, CheckpointError, CheckpointManager
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: no config.yaml; pass the run directory of a `megatron-recycle train` run")
+        raise CheckpointError(f"{run_dir}: no config.yaml; pass the run directory of a `megatron-recycle train` "
+                              "run (or its sft folder, RUN_DIR/sft, for the SFT checkpoints)")
     cfg = load_config(run_dir / "config.yaml")
     ckpt = CheckpointManager(run_dir, config_dict=cfg.to_dict())
     if step is None:
         step = ckpt.latest()
         if step is None:
             raise CheckpointError(f"no complete checkpoint under {ckpt.dir}")
+    # Check the config with the keys the checkpoint was written with (GRPO's RESUME_KEYS, SFT's
+    # SFT_RESUME_KEYS); a missing or broken manifest is reported by load_all below.
+    try:
+        keys = json.loads((ckpt.step_dir(step) / MANIFEST).read_text()).get("config_fingerprint")
+    except (OSError, ValueError):
+        keys = None
+    if isinstance(keys, dict) and keys:
+        ckpt = CheckpointManager(run_dir, config_dict=cfg.to_dict(), resume_keys=tuple(keys))
     _, parts = ckpt.load_all(step)
     hf_config = load_hf_config(cfg.model.name_or_path, cache_dir=cfg.model.cache_dir)
     saved = SavedModelSpace([p.get("model_space") if isinstance(p, dict) else None for p in parts], hf_config)

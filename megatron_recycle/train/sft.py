@@ -103,6 +103,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     out_dir = cfg.run_dir / "sft"
     if rt.is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())  # what `megatron-recycle export RUN_DIR/sft` reads
     encoded = [tokenize_oracle(r, rt.tokenizer, cfg.rollout.max_total_tokens) for r in rows]
     pad = rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else 0
     rng = random.Random(cfg.run.seed)

@@ -560,7 +560,8 @@ def test_nan_loss_stops_without_a_new_checkpoint(env):
 def test_sft_checkpoints_and_resume_give_the_uninterrupted_weights(env):
     """sft.save_every=2: a second run resumed from the first one's checkpoint of step 2 (model,
     optimizer, schedule, RNG, the rest of the data order, which runs out after step 4 here and is
-    reshuffled) ends with bit-identical weights and the same losses."""
+    reshuffled) ends with bit-identical weights and the same losses, and its checkpoint of step 4
+    exports the same weights as the first run's."""
     import shutil
 
     from safetensors.torch import load_file
@@ -578,11 +579,18 @@ def test_sft_checkpoints_and_resume_give_the_uninterrupted_weights(env):
     want, got = _metrics(straight), _metrics(resumed)
     assert [r["step"] for r in got] == list(range(6))
     assert [r["sft/loss"] for r in got] == [r["sft/loss"] for r in want]
-    files = sorted(p.name for p in (straight / "hf").glob("*.safetensors"))
-    assert files and files == sorted(p.name for p in (resumed / "hf").glob("*.safetensors"))
-    for name in files:
-        a, b = load_file(straight / "hf" / name), load_file(resumed / "hf" / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    def same_weights(x: Path, y: Path) -> None:
+        files = sorted(p.name for p in x.glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in y.glob("*.safetensors"))
+        for name in files:
+            a, b = load_file(x / name), load_file(y / name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    same_weights(straight / "hf", resumed / "hf")
+    # the resumed run's own checkpoint of step 4 is the first run's (`export` reads RUN_DIR/sft)
+    for run in (straight, resumed):
+        _run(CLI + ["export", str(run), "--out", str(run / "step4_hf"), "--step", "4"])
+    same_weights(straight / "step4_hf", resumed / "step4_hf")
 
 
 @pytest.mark.slow
