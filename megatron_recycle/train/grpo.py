@@ -490,9 +490,12 @@ def restore_checkpoint(ckpt, rt: rtm.Runtime, step: int, tag: str) -> dict[str, 
         shared, parts = _load_resharded(ckpt, rt, layout, tag)
     changed = schedule_differences(rt.scheduler, parts["scheduler"])
     if changed and rt.is_rank0:
+        if tag == "train":
+            start_over = "train --init-from a Hugging Face export such as RUN_DIR/final_hf or --save-hf DIR"
+        else:
+            start_over = "`megatron-recycle export RUN_DIR/sft` a checkpoint and start SFT from it as model.name_or_path"
         print(f"[{tag}] --resume: the learning-rate schedule continues the checkpoint's, which differs from "
-              f"this config's: {'; '.join(changed)}. A new schedule needs a new run (train --init-from a "
-              "Hugging Face export such as RUN_DIR/final_hf or --save-hf DIR).", flush=True)
+              f"this config's: {'; '.join(changed)}. A new schedule needs a new run ({start_over}).", flush=True)
     rt.scheduler.load_state_dict(parts["scheduler"])
     restore_rng_state(parts["rng"])
     return shared
