@@ -69,6 +69,12 @@ def _load(args: argparse.Namespace, quiet: bool = False) -> Config:
     return cfg
 
 
+# `run` and `sft` stopped on request (Ctrl-C, SIGTERM) before their result exists: checkpointed,
+# resumable, but not done (128 + SIGINT, as a shell reports an interrupted command). `train`
+# stopped early returns 0: its checkpoint (and --save-hf folder) is its result.
+STOPPED_EXIT_CODE = 130
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import importlib.util
     from pathlib import Path
@@ -98,6 +104,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     cfg = _load(args)
     resume = resume_after_restart(cfg, args.resume, "sft", "from the newest SFT checkpoint, sft.save_every")
     res = run_sft(cfg, resume=resume)
+    if res.get("stopped"):
+        return STOPPED_EXIT_CODE
     if res["runtime"].is_rank0:
         print(f"[sft] done: {res['hf_dir']}", flush=True)
     return 0
@@ -124,8 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from megatron_recycle.train.pipeline import run_pipeline
 
-    run_pipeline(_load(args), resume=args.resume)
-    return 0
+    report = run_pipeline(_load(args), resume=args.resume)
+    return STOPPED_EXIT_CODE if report.get("stopped") else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

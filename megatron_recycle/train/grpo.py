@@ -41,14 +41,15 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the last checkpoint is left untouched."""
 
 
-class _StopFlag:
+class StopFlag:
     """First Ctrl-C (SIGINT) or SIGTERM: finish the step, checkpoint, exit. A second one: stop now."""
 
-    def __init__(self) -> None:
+    def __init__(self, tag: str = "train") -> None:
         self.requested = False
+        self.tag = tag
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -60,7 +61,8 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[train] stop requested: finishing this step, then writing a checkpoint (again to abort)", flush=True)
+        print(f"\n[{self.tag}] stop requested: finishing this step, then writing a checkpoint (again to abort)",
+              flush=True)
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -312,9 +314,9 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         print(f"[train] {cfg.pool.strategy}: {len(examples)} queries, B={cfg.pool.batch_size} k={cfg.pool.oversample} "
               f"K={cfg.rollout.group_size}, steps {start_step}->{cfg.train.steps}, world {lay.world_size} "
               f"(tp {lay.tp} pp {lay.pp} dp {lay.dp}{', ' + memory if memory else ''})", flush=True)
-    summary: dict[str, Any] = {"steps": 0}
+    summary: dict[str, Any] = {"steps": 0, "stopped": False}
     last_saved = start_step
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         for step in range(start_step, cfg.train.steps):
             if cfg.train.rollout_budget and rollouts_done >= cfg.train.rollout_budget:
                 print(f"[train] rollout budget {cfg.train.rollout_budget} reached", flush=True)
@@ -375,7 +377,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 metrics.log(step, record)
                 if (step + 1) % cfg.run.log_every == 0:
                     print(format_step_line(record), flush=True)
-            summary = {"steps": step + 1, "last": record}
+            summary = {"steps": step + 1, "last": record, "stopped": False}
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
                 _periodic_eval(rt, paths["dev"], step + 1, metrics)
             stopping = stop.any_rank()
@@ -384,6 +386,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 last_saved = step + 1
             if stopping:
                 print(f"[train] stopped after step {step + 1}; resume with --resume", flush=True)
+                summary["stopped"] = True
                 break
     final_step = summary["steps"] if summary["steps"] else start_step
     if last_saved != final_step:

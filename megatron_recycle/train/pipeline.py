@@ -205,6 +205,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
             res = run_sft(cfg, resume=resume)
             del res["runtime"]
             gc.collect()
+            if res.get("stopped"):
+                return _stopped("SFT", res["steps"], cfg.sft.steps, rank0)
         start_model = str(sft_hf)
         phase("sft", t)
         t = time.perf_counter()
@@ -215,6 +217,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     t = time.perf_counter()
     summary = run_grpo(cfg, resume=resume, init_from=start_model)
     rt = summary.pop("runtime")
+    if summary.get("stopped"):
+        return _stopped("GRPO", summary["steps"], cfg.train.steps, rank0)
     final_hf = run_dir / "final_hf"
     save_hf_checkpoint(rt.chunks, rt.hf_config, final_hf, tokenizer=rt.tokenizer)
     if dist.is_initialized():
@@ -241,6 +245,15 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
         phase("analyze", t)
         report = _report(cfg, evals, timings, time.perf_counter() - t0, plots)
     return report
+
+
+def _stopped(phase: str, done: int, total: int, rank0: bool) -> dict[str, Any]:
+    """A phase stopped on request (Ctrl-C / SIGTERM) after checkpointing: the later phases would
+    evaluate and report a half-trained model as the recipe's result, so the run ends here."""
+    if rank0:
+        print(f"[run] {phase} stopped after step {done} of {total}: no final evaluation or report; "
+              "`run --resume` continues from its checkpoint", flush=True)
+    return {"stopped": phase}
 
 
 def _eval(cfg: Config, model: str, split: str, path: Path, label: str, resume: bool) -> dict[str, Any] | None:

@@ -89,7 +89,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from megatron_recycle.model.build import resolve_layer_spec_name
     from megatron_recycle.model.convert import save_hf_checkpoint
     from megatron_recycle.train.checkpoint import CheckpointManager
-    from megatron_recycle.train.grpo import checkpoint_parts, restore_checkpoint
+    from megatron_recycle.train.grpo import StopFlag, checkpoint_parts, restore_checkpoint
     from megatron_recycle.train.metrics import MetricsWriter
     from megatron_recycle.train.step import build_batch, sft_train_step
 
@@ -130,31 +130,38 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
         print(f"[sft] {len(encoded)} oracle trajectories, steps {start}->{cfg.sft.steps} of {b}, lr {cfg.sft.lr}",
               flush=True)
     t_start = time.perf_counter()
-    for step in range(start, cfg.sft.steps):
-        if len(order) < b:
-            perm = list(range(len(encoded)))
-            rng.shuffle(perm)
-            order += perm
-        take, order = order[:b], order[b:]
-        # Every DP replica takes its contiguous share of the global batch.
-        share = take[lay.dp_rank::lay.dp] or take[:1]
-        ids = [encoded[i][0] for i in share]
-        masks = [[0] + encoded[i][1][1:] for i in share]
-        batch = build_batch(ids, masks, pad_token_id=pad, pad_rows_to_multiple_of=mbs)
-        m = sft_train_step(rt.chunks, rt.optimizer, rt.scheduler, batch, mbs)
-        losses.append(m["loss"])
-        if rt.is_rank0:
-            metrics.log(step, {"step": step, **{f"sft/{k}": v for k, v in m.items()}})
-            elapsed = time.perf_counter() - t_start
-            print(f"[sft] step {step + 1}/{cfg.sft.steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                  f"grad_norm {m['grad_norm']:.2f} {m['time/step_s']:.1f}s "
-                  f"(ETA {elapsed / (step + 1 - start) * (cfg.sft.steps - step - 1):.0f}s)", flush=True)
-        done = step + 1
-        if cfg.sft.save_every and done % cfg.sft.save_every == 0 and done < cfg.sft.steps:
-            shared = {"step": done, "order": order, "losses": losses, "data_rng": _to_lists(rng.getstate())}
-            ckpt.save(done, checkpoint_parts(rt), shared)
+    with StopFlag("sft") as stop:
+        for step in range(start, cfg.sft.steps):
+            if len(order) < b:
+                perm = list(range(len(encoded)))
+                rng.shuffle(perm)
+                order += perm
+            take, order = order[:b], order[b:]
+            # Every DP replica takes its contiguous share of the global batch.
+            share = take[lay.dp_rank::lay.dp] or take[:1]
+            ids = [encoded[i][0] for i in share]
+            masks = [[0] + encoded[i][1][1:] for i in share]
+            batch = build_batch(ids, masks, pad_token_id=pad, pad_rows_to_multiple_of=mbs)
+            m = sft_train_step(rt.chunks, rt.optimizer, rt.scheduler, batch, mbs)
+            losses.append(m["loss"])
             if rt.is_rank0:
-                print(f"[sft] checkpoint step {done} -> {ckpt.step_dir(done)}", flush=True)
+                metrics.log(step, {"step": step, **{f"sft/{k}": v for k, v in m.items()}})
+                elapsed = time.perf_counter() - t_start
+                print(f"[sft] step {step + 1}/{cfg.sft.steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                      f"grad_norm {m['grad_norm']:.2f} {m['time/step_s']:.1f}s "
+                      f"(ETA {elapsed / (step + 1 - start) * (cfg.sft.steps - step - 1):.0f}s)", flush=True)
+            done = step + 1
+            stopped = stop.any_rank() and done < cfg.sft.steps
+            if stopped or (cfg.sft.save_every and done % cfg.sft.save_every == 0 and done < cfg.sft.steps):
+                shared = {"step": done, "order": order, "losses": losses, "data_rng": _to_lists(rng.getstate())}
+                ckpt.save(done, checkpoint_parts(rt), shared)
+                if rt.is_rank0:
+                    print(f"[sft] checkpoint step {done} -> {ckpt.step_dir(done)}", flush=True)
+            if stopped:
+                if rt.is_rank0:  # no Hugging Face folder: `run --resume` would take it for the finished SFT
+                    print(f"[sft] stopped after step {done}; resume with --resume", flush=True)
+                metrics.close()
+                return {"hf_dir": None, "losses": losses, "runtime": rt, "stopped": True, "steps": done}
     hf_dir = out_dir / "hf"
     save_hf_checkpoint(rt.chunks, rt.hf_config, hf_dir, tokenizer=rt.tokenizer)
     if rt.is_rank0:
@@ -162,7 +169,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if dist.is_initialized():
         dist.barrier()
     metrics.close()
-    return {"hf_dir": str(hf_dir), "losses": losses, "runtime": rt}
+    return {"hf_dir": str(hf_dir), "losses": losses, "runtime": rt, "stopped": False, "steps": cfg.sft.steps}
 
 
 def _to_lists(state: Any) -> Any:

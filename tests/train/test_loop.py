@@ -593,6 +593,55 @@ def test_sft_checkpoints_and_resume_give_the_uninterrupted_weights(env):
     same_weights(straight / "step4_hf", resumed / "step4_hf")
 
 
+def _interrupt_when(proc: subprocess.Popen, metrics_file: Path) -> str:
+    """SIGINT once ``metrics_file`` has a line; the process's output."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics_file.is_file() and metrics_file.read_text().strip()):
+        if proc.poll() is not None:
+            pytest.fail(f"ended (rc {proc.returncode}) before it could be interrupted:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=240)[0]
+
+
+@pytest.mark.slow
+def test_sft_ctrl_c_checkpoints_without_a_result_and_resumes(env):
+    """Ctrl-C in `sft`: the step finishes, a checkpoint is written, no Hugging Face folder (a later
+    `run --resume` would take it for the finished SFT), exit code 130; `sft --resume` finishes."""
+    name = "sft_sigint"
+    sft_dir = env["out"] / name / "sft"
+    over = _overrides(env, name, "sft.steps=40", "sft.batch_size=2")  # sft.save_every 0: only the stop's
+    proc = subprocess.Popen(CLI + ["sft"] + over, env=_env_vars(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = _interrupt_when(proc, sft_dir / "metrics.jsonl")
+    assert proc.returncode == 130, out[-3000:]
+    stopped = int(re.search(r"\[sft\] stopped after step (\d+); resume with --resume", out)[1])
+    assert 1 <= stopped < 40 and [p.name for p in (sft_dir / "checkpoints").iterdir()] == [f"step_{stopped}"]
+    assert not (sft_dir / "hf").exists()
+    again = _run(CLI + ["sft", "--resume"] + over)
+    assert f"resumed from {sft_dir / 'checkpoints'} step {stopped}" in again.stdout
+    assert [r["step"] for r in _metrics(sft_dir)] == list(range(40))
+    assert (sft_dir / "hf" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_run_ctrl_c_during_grpo_stops_before_the_final_evaluation(env):
+    """Ctrl-C in `run` during GRPO: GRPO checkpoints, and the run ends there (exit code 130)
+    instead of evaluating and reporting the half-trained policy as the recipe's result."""
+    name = "run_sigint"
+    run_dir = env["out"] / name
+    over = _overrides(env, name, "sft.steps=1", "sft.batch_size=2", "train.steps=50", "run.save_every=0",
+                      "eval.batch_size=4")
+    proc = subprocess.Popen(CLI + ["run"] + over, env=_env_vars(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = _interrupt_when(proc, run_dir / "metrics.jsonl")
+    assert proc.returncode == 130, out[-3000:]
+    assert re.search(r"\[run\] GRPO stopped after step \d+ of 50: no final evaluation or report", out), out[-3000:]
+    assert len(list((run_dir / "checkpoints").glob("step_*"))) == 1
+    assert not (run_dir / "report.json").exists() and not (run_dir / "eval" / "after_test.json").exists()
+    assert not (run_dir / "final_hf").exists()
+
+
 @pytest.mark.slow
 def test_run_pipeline_end_to_end(env):
     name = "pipeline"
