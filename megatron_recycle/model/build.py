@@ -108,9 +108,6 @@ def _apply_rope_scaling(model: Any, hf_config: Any) -> None:
         return
     old = rope.inv_freq
     rope.inv_freq = rope_inv_freq(hf_config, 2 * old.numel()).to(dtype=old.dtype, device=old.device)
-    cache_clear = getattr(rope.forward, "cache_clear", None)  # functools.lru_cache on forward
-    if cache_clear is not None:
-        cache_clear()
 
 
 def _check_supported(hf_config: Any) -> str:

@@ -140,17 +140,22 @@ def restarts_share_the_agent_store() -> bool:
     return max_restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
+def max_over_world(value: int) -> int:
+    """The largest of every rank's ``value`` (collective when a multi-rank group exists)."""
+    t = torch.tensor([int(value)], dtype=torch.long)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def restarted_anywhere() -> bool:
     """Whether any rank's worker group is a torchrun restart (collective when a group exists).
 
     Across nodes the counts differ: the node whose worker failed counts a restart, the others
     only re-join the rendezvous and keep their count, so every rank takes the maximum."""
-    flag = torch.tensor([elastic_restart_count()], dtype=torch.long)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) > 0
+    return max_over_world(elastic_restart_count()) > 0
 
 
 def _timeout_min(timeout_min: float | None) -> float:

@@ -70,12 +70,9 @@ class StopFlag:
 
     def any_rank(self) -> bool:
         """Whether any rank was asked to stop (collective: every rank calls it each step)."""
-        flag = torch.tensor([int(self.requested)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        from megatron_recycle.model.parallel import max_over_world
+
+        return max_over_world(int(self.requested)) > 0
 
 
 def make_pool(cfg: Config, num_queries: int) -> RecyclingPool:

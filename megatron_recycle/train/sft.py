@@ -121,7 +121,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
         else:
             shared = restore_checkpoint(ckpt, rt, latest, "sft")
             start, order, losses = int(shared["step"]), list(shared["order"]), list(shared["losses"])
-            rng.setstate(_to_tuple(shared["data_rng"]))
+            rng.setstate(shared["data_rng"])
             if rt.is_rank0:
                 print(f"[sft] resumed from {ckpt.dir} step {start}", flush=True)
     metrics = MetricsWriter(out_dir, enabled=rt.is_rank0, resume_step=start if resume else None)
@@ -153,7 +153,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
             done = step + 1
             stopped = stop.any_rank() and done < cfg.sft.steps
             if stopped or (cfg.sft.save_every and done % cfg.sft.save_every == 0 and done < cfg.sft.steps):
-                shared = {"step": done, "order": order, "losses": losses, "data_rng": _to_lists(rng.getstate())}
+                shared = {"step": done, "order": order, "losses": losses, "data_rng": rng.getstate()}
                 ckpt.save(done, checkpoint_parts(rt), shared)
                 if rt.is_rank0:
                     print(f"[sft] checkpoint step {done} -> {ckpt.step_dir(done)}", flush=True)
@@ -171,11 +171,3 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     metrics.close()
     return {"hf_dir": str(hf_dir), "losses": losses, "runtime": rt, "stopped": False, "steps": cfg.sft.steps}
 
-
-def _to_lists(state: Any) -> Any:
-    """random.Random state with lists for tuples (what a weights-only checkpoint load accepts)."""
-    return [_to_lists(x) for x in state] if isinstance(state, tuple) else state
-
-
-def _to_tuple(state: Any) -> Any:
-    return tuple(_to_tuple(x) for x in state) if isinstance(state, list) else state
