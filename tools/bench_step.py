@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--group-size", type=int, default=1,
                    help="K: rows of a group share their prompt and are group-packed, as in training (1: no groups)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="train the groups on padded rows (optim.pack_groups=false), to compare with group packing")
     p.add_argument("--mbs", type=int, default=4, help="micro-batch size")
     p.add_argument("--min-len-frac", type=float, default=1.0,
                    help="row lengths uniform in [F x seq-len, seq-len], right-padded (default 1: all full)")
@@ -258,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         mem.reset()
         _sync()
         t = time.perf_counter()
-        old = compute_logprobs(chunks, batch, a.mbs, only_loss_positions=True)  # other positions: masked out
+        old = compute_logprobs(chunks, batch, a.mbs, only_loss_positions=True,  # other positions: masked out
+                               pack_groups=not a.no_pack)
         _sync()
         rec["time/old_logprobs_s"] = time.perf_counter() - t
         rec["mem/old_logprobs_gib"] = mem.peak_gib()
@@ -271,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                 mem.reset()
 
         metrics = grpo_train_step(chunks, opt, sched, batch.replace(old_logprobs=old), a.mbs, GRPOLossConfig(),
-                                  on_phase=on_phase)
+                                  on_phase=on_phase, pack_groups=not a.no_pack)
         rec.update({k: v for k, v in metrics.items() if k.startswith("time/") or k in ("loss", "grad_norm")})
+        rec["packed_saved_tokens"] = metrics.get("packed_saved_tokens", 0.0)
         if i >= a.warmup:
             rows.append(rec)
     activations = saved_activation_gib(chunks, batch, a.mbs) if a.pp == 1 else float("nan")
@@ -300,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         "recompute_num_layers": a.recompute_num_layers, "sequence_parallel": a.sequence_parallel,
         "overlap_grad_reduce": a.overlap_grad_reduce, "bucket_size": a.bucket_size,
         "memory_options": memory,
-        "n": a.n, "seq_len": a.seq_len, "group_size": a.group_size, "mbs": a.mbs, "steps": a.steps,
+        "n": a.n, "seq_len": a.seq_len, "group_size": a.group_size, "group_packing": a.group_size > 1 and not a.no_pack,
+        "packed_saved_tokens": rows[-1]["packed_saved_tokens"], "mbs": a.mbs, "steps": a.steps,
         "min_len_frac": a.min_len_frac, "length_grouping": not a.no_length_grouping,
         "old_logprobs_positions": "loss",
         "loss_tokens": int(batch.target_mask.sum()),
@@ -316,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         ragged = (f" (lengths {a.min_len_frac:g}-1 x L, {'length-grouped' if not a.no_length_grouping else 'batch-wide'}"
                   " micro-batches)" if a.min_len_frac < 1 else "")
         print(f"\nGRPO step: {a.model} ({a.weights} weights, {n_params / 1e6:.1f}M params/rank), N={a.n} x L={a.seq_len}{ragged}"
-              f"{f' in groups of {a.group_size} (packed)' if a.group_size > 1 else ''}, "
+              f"{f' in groups of {a.group_size} ' if a.group_size > 1 else ''}"
+              f"{('(padded rows)' if a.no_pack else '(packed)') if a.group_size > 1 else ''}, "
               f"mbs={a.mbs}, tp={a.tp} pp={a.pp} dp={layout.dp}, bf16={a.bf16}, dist_opt={a.dist_opt}, {memory}")
         print(f"device: {result['device']}, threads={result['threads']}, GLIBC_TUNABLES={malloc or '(unset)'}")
         print(f"median of {a.steps} steps after {a.warmup} warm-up\n")
@@ -336,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             tag += "_sp"
         if a.overlap_grad_reduce and not a.tag:
             tag += "_overlap"
+        if a.pp > 1 and not a.tag:
+            tag += f"_pp{a.pp}"
+        if a.group_size > 1 and not a.tag:
+            tag += f"_k{a.group_size}" + ("_nopack" if a.no_pack else "")
         if a.min_len_frac < 1 and not a.tag:
             tag += f"_ragged{a.min_len_frac:g}" + ("_nogroup" if a.no_length_grouping else "")
         stem = f"bench_step_{Path(a.model).name}_{a.n}x{a.seq_len}_{tag}"  # may contain dots (a model "x.y")

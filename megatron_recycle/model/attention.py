@@ -134,11 +134,21 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
 class SDPADotProductAttention(DotProductAttention):
     """DotProductAttention whose forward runs torch's fused scaled_dot_product_attention.
 
-    ``group_plan``: set (by train/step.py, for one micro-batch's forward, and through its backward
-    pass when the model recomputes activations) to a GroupAttentionPlan; a call with that plan's
-    mask computes only the allowed blocks."""
+    ``group_plans``: GroupAttentionPlans set by train/step.py for one micro-batch's forward (and
+    kept through its backward pass when the model recomputes activations); a call with one plan's
+    mask computes only that plan's allowed blocks. Several are set at once under pipeline
+    parallelism with recomputation: the 1F1B schedule runs later micro-batches' forwards before an
+    earlier one's backward recomputes its attention, and each call finds its own plan by its mask.
+    A mask no plan matches takes the dense masked path (the same result, more work)."""
 
-    group_plan: GroupAttentionPlan | None = None
+    group_plans: tuple[GroupAttentionPlan, ...] = ()
+
+    def plan_for(self, attention_mask: Any, rows: int, width: int) -> GroupAttentionPlan | None:
+        """The plan made for ``attention_mask`` on [rows, width] inputs, or None."""
+        for plan in self.group_plans:
+            if plan.rows == rows and plan.width == width and plan.matches(attention_mask):
+                return plan
+        return None
 
     def _fast_path(self, attention_bias: Any, packed_seq_params: Any) -> bool:
         cfg = self.config
@@ -164,8 +174,8 @@ class SDPADotProductAttention(DotProductAttention):
         if heads != groups:
             k = k.repeat_interleave(heads // groups, dim=1)
             v = v.repeat_interleave(heads // groups, dim=1)
-        plan = self.group_plan
-        if plan is not None and plan.matches(attention_mask) and b == plan.rows and sq == plan.width:
+        plan = self.plan_for(attention_mask, b, sq) if self.group_plans else None
+        if plan is not None:
             out = group_attention(plan, q, k, v, self.softmax_scale)
         elif attention_mask is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)

@@ -20,16 +20,19 @@ divides by the global token count D, so summing its value over every micro-batch
 rank gives the full-batch token mean. Megatron's schedule divides each micro-batch's loss by
 the number of micro-batches, and DDP averages (not sums) gradients over the DP group; the
 factor undoes both, so any micro-batch size and any DP size give the full-batch gradient.
-Group packing (``pack_groups=True``, pipeline size 1): the K trajectories of a GRPO group
-begin with the same prompt. Each micro-batch is re-laid out so that a group's shared prefix is
+Group packing (``pack_groups=True``): the K trajectories of a GRPO group begin with the same
+prompt. Each micro-batch is re-laid out so that a group's shared prefix is
 computed once: one row per group holds [prefix][suffix 1]...[suffix K] with a tree attention
 mask (a suffix sees the prefix and itself, causally) and RoPE positions that restart after the
 prefix for every suffix. Log-probs are gathered back to the [N, L-1] layout, so the loss and
 its gradient are the padded batch's (equal to fp32 rounding; tests check it) at a fraction of
 the tokens: the prefix is forwarded and back-propagated once instead of K times, and padding
 disappears. The prefix stops before the first token that carries loss in any member, so a
-token with loss is never shared. THD/cu_seqlens packing (flash attention) is not used.
-Padded rows are length-grouped instead (:func:`_micro_batches`): longest first, each micro-batch
+token with loss is never shared. THD/cu_seqlens packing (flash attention) is not used. Under
+pipeline parallelism every stage builds the same layout from the same micro-batch and the
+stages exchange each packed micro-batch's [width, rows] shape first (``config.variable_seq_lengths``);
+virtual pipeline stages need one shape for all micro-batches, so there (and where the attention
+is not the local one) padded rows are used. Padded rows are length-grouped instead (:func:`_micro_batches`): longest first, each micro-batch
 cut after its own last loss position (with PP > 1 the stages exchange the shapes; not with VPP).
 
 Memory options (model.build.memory_options, ``model_options`` of setup_model_and_optimizer):
@@ -499,9 +502,11 @@ def packing_supported(model_chunks: Sequence[torch.nn.Module]) -> str | None:
 
     from megatron_recycle.model.build import unwrap_model
 
-    if _ps().get_pipeline_model_parallel_world_size() > 1:
-        return ("pipeline parallelism: group packing is built and tested for one stage only (padded rows "
-                "are length-grouped instead)")
+    if _ps().get_pipeline_model_parallel_world_size() > 1 and not (model_chunks and _shapes_may_vary(model_chunks[0])):
+        # packed micro-batches differ in rows and width; the stages of a pipeline exchange each
+        # micro-batch's shape first (config.variable_seq_lengths), which virtual stages do not
+        return ("virtual pipeline stages: every micro-batch must keep the batch's [rows, width] shape, "
+                "and packed micro-batches do not (padded rows are used instead)")
     for chunk in model_chunks:
         for layer in unwrap_model(chunk).decoder.layers:
             if not isinstance(layer.self_attention.core_attention, DotProductAttention):
@@ -572,14 +577,20 @@ class _GroupAttention:
         p = self.packed
         if not self.cores or not p.spans:
             return
-        plan = GroupAttentionPlan.build(p.spans, p.tokens.shape[0], p.tokens.shape[1], p.attention_mask)
+        self.plan = GroupAttentionPlan.build(p.spans, p.tokens.shape[0], p.tokens.shape[1], p.attention_mask)
         for core in self.cores:
-            core.group_plan = plan
+            core.group_plans = (*core.__dict__.get("group_plans", ()), self.plan)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.cores and _recomputes(self.cores[0]):
+        plan = getattr(self, "plan", None)
+        if plan is None or (self.cores and _recomputes(self.cores[0])):
             return  # the backward pass recomputes the attention with this plan; drop_group_plans ends it
-        drop_group_plans(self.cores)
+        for core in self.cores:
+            left = tuple(q for q in core.__dict__.get("group_plans", ()) if q is not plan)
+            if left:
+                core.group_plans = left
+            else:
+                core.__dict__.pop("group_plans", None)
 
 
 def _recomputes(core: torch.nn.Module) -> bool:
@@ -590,7 +601,7 @@ def drop_group_plans(modules: Sequence[torch.nn.Module]) -> None:
     """Remove every group-attention plan left on the attention of ``modules`` (and their children)."""
     for module in modules:
         for sub in module.modules():
-            sub.__dict__.pop("group_plan", None)
+            sub.__dict__.pop("group_plans", None)
 
 
 # ------------------------------------------------------------------------------- loss config
@@ -941,7 +952,8 @@ def grpo_train_step(
     """One GRPO optimizer step on this DP rank's share of the batch; returns global metrics.
 
     ``pack_groups``: compute each group's shared prefix once (module docstring); used when the
-    batch has group_ids, the pipeline size is 1 and the attention is the local one.
+    batch has group_ids, the attention is the local one and there are no virtual pipeline stages
+    (pipeline stages exchange each packed micro-batch's shape).
 
     ``batch.old_logprobs`` None means on-policy (old = current, detached: ratio 1). Metrics:
     loss (full-batch value), grad_norm, lr, token and sequence counts, token-weighted means of

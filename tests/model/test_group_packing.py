@@ -173,7 +173,7 @@ def test_packed_logprobs_and_gradient_equal_padded(world1, tiny, kind, tied, mon
     rope = chunks[0].module.rotary_pos_emb
     assert "forward" not in rope.__dict__  # the RoPE override is removed after each forward
     assert used  # the packed steps ran the block attention of the group plan ...
-    assert all("group_plan" not in layer.self_attention.core_attention.__dict__  # ... only inside them
+    assert all("group_plans" not in layer.self_attention.core_attention.__dict__  # ... only inside them
                for layer in chunks[0].module.decoder.layers)
 
 

@@ -243,7 +243,6 @@ def sequence_parallel_padding(args: dict) -> dict:
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
     from megatron_recycle.train.step import (
         GRPOLossConfig,
-        TrajectoryBatch,
         compute_logprobs,
         grpo_train_step,
         setup_model_and_optimizer,
@@ -251,11 +250,7 @@ def sequence_parallel_padding(args: dict) -> dict:
 
     cfg, sd = tiny_qwen3() if args.get("kind") == "qwen3" else tiny_llama()
     gb = global_batch()
-    tokens, mask = gb["tokens"][:, : SEQ - 1].clone(), gb["loss_mask"][:, : SEQ - 1].clone()
-    tokens[1::2, :3] = tokens[0::2, :3]  # pairs share their first 3 (loss-free) tokens: a packed prefix
-    mask[:, :3] = 0.0
-    group_ids = torch.arange(N_GLOBAL) // 2
-    batch = TrajectoryBatch(tokens, mask, gb["advantages"], group_ids=group_ids if args["packed"] else None)
+    batch = _paired_batch(args["packed"])  # pairs share their first 3 (loss-free) tokens: a packed prefix
     loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0)
     out: dict[str, Any] = {}
     for sp in (False, True):
@@ -276,6 +271,63 @@ def sequence_parallel_padding(args: dict) -> dict:
             "grads": {k: (sd[k] - w1[k]) / LR_SGD for k in w1},
             "norm_types": sorted({type(m).__name__ for c in chunks for n, m in c.named_modules() if "norm" in n}),
         }
+    return out
+
+
+def _paired_batch(packed: bool, length: int = SEQ - 1) -> Any:
+    """The global batch cut to ``length`` with pairs of rows sharing their first 3 (loss-free)
+    tokens: GRPO groups of 2 whose shared prompt group packing computes once (group ids only
+    when ``packed``)."""
+    from megatron_recycle.train.step import TrajectoryBatch
+
+    gb = global_batch()
+    tokens, mask = gb["tokens"][:, :length].clone(), gb["loss_mask"][:, :length].clone()
+    tokens[1::2, :3] = tokens[0::2, :3]
+    mask[:, :3] = 0.0
+    group_ids = torch.arange(N_GLOBAL) // 2
+    return TrajectoryBatch(tokens, mask, gb["advantages"], group_ids=group_ids if packed else None)
+
+
+def pipeline_packing(args: dict) -> dict:
+    """Group-packed vs padded rows on this pipeline layout (4 micro-batches of 2 sequences, so
+    1F1B runs a later micro-batch's forward before an earlier one's backward), without and with
+    each recomputation in ``args["recompute_list"]`` (and sequence parallelism with ``args["sp"]``):
+    log-probs (all positions, loss positions only), the SGD gradient of one GRPO step, its
+    metrics and the attention call counts."""
+    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
+    from megatron_recycle.train.step import (
+        GRPOLossConfig,
+        compute_logprobs,
+        grpo_train_step,
+        setup_model_and_optimizer,
+    )
+
+    cfg, sd = tiny_llama()
+    gb = global_batch()
+    loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0)
+    out: dict[str, Any] = {}
+    for recompute in args["recompute_list"]:
+        for packed in (False, True):
+            batch = _paired_batch(packed)
+            chunks, opt, sched = setup_model_and_optimizer(
+                cfg, lr=LR_SGD, clip_grad=0.0, optimizer="sgd", sgd_momentum=0.0, lr_decay_style="constant",
+                load_weights=lambda c: load_hf_weights(c, sd, cfg),
+                model_options=_model_options({"recompute": recompute, "recompute_num_layers": 1,
+                                              "sp": args.get("sp", False)}),
+            )
+            lp_all = compute_logprobs(chunks, batch, 2)
+            lp_loss = compute_logprobs(chunks, batch, 2, only_loss_positions=True)
+            width = batch.seq_length - 1
+            step_batch = batch.replace(old_logprobs=lp_all + gb["old_noise"][:, :width],
+                                       ref_logprobs=lp_all + gb["ref_noise"][:, :width])
+            counter = _CallCounter(chunks)
+            metrics = grpo_train_step(chunks, opt, sched, step_batch, 2, loss_cfg)
+            w1 = export_hf_state_dict_to_cpu(chunks, cfg)
+            out[(recompute, packed)] = {
+                "lp_all": lp_all, "lp_loss": lp_loss, "metrics": metrics, "calls": counter.counts(),
+                "grads": {k: (sd[k] - w1[k]) / LR_SGD for k in w1},
+                "plans_left": sum("group_plans" in m.__dict__ for c in chunks for m in c.modules()),
+            }
     return out
 
 

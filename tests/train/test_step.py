@@ -197,6 +197,7 @@ def two_process_runs():
     jobs.append(["sp_padding_plain", "sequence_parallel_padding", {"tp": 2, "packed": False}])
     jobs.append(["sp_padding_packed", "sequence_parallel_padding", {"tp": 2, "packed": True, "recompute": "selective"}])
     jobs.append(["sp_padding_qwen3", "sequence_parallel_padding", {"tp": 2, "packed": False, "kind": "qwen3"}])
+    jobs.append(["pp2_packing", "pipeline_packing", {"tp": 1, "pp": 2, "recompute_list": ["none", "full", "selective"]}])
     jobs += [[f"overlap_{name}", "overlap_grad_reduce", args] for name, (world, args) in sorted(OVERLAP.items())
              if world == 2]
     return _dist.run_workers("run_jobs", 2, {"jobs": jobs})
@@ -303,12 +304,13 @@ def test_layouts_give_the_same_gradient_and_weights(reference_run, two_process_r
 @pytest.fixture(scope="module")
 def four_process_runs():
     """PP=2 x VPP=2 x DP=2 (distributed optimizer), then TP=2 x PP=2 with sequence parallelism and
-    full recomputation, then PP=2 x VPP=2 x DP=2 with and without overlapped gradient reduction,
-    in the same four processes."""
+    full recomputation (padded and group-packed rows), then PP=2 x VPP=2 x DP=2 with and without
+    overlapped gradient reduction, in the same four processes."""
     jobs = [
         ["vpp", "grpo_layout", {"tp": 1, "pp": 2, "vpp": 2, "dist_opt": True, "mbs_list": [2]}],
         ["tp2_pp2_sp", "grpo_layout", {"tp": 2, "pp": 2, "dist_opt": True, "mbs_list": [2], "sp": True,
                                        "recompute": "full", "recompute_num_layers": 2}],
+        ["tp2_pp2_sp_packing", "pipeline_packing", {"tp": 2, "pp": 2, "sp": True, "recompute_list": ["full"]}],
     ]
     jobs += [[f"overlap_{name}", "overlap_grad_reduce", args] for name, (world, args) in sorted(OVERLAP.items())
              if world == 4]
@@ -468,6 +470,49 @@ def test_sequence_parallel_pads_the_sequence_and_keeps_results(two_process_runs,
             # recomputed attention uses the group plan too (not the dense masked fallback)
             assert on["calls"]["cores"] == 2 * on["calls"]["layers"] == on["calls"]["group_calls"]
             assert off["calls"]["group_calls"] == off["calls"]["cores"] == 2 * off["calls"]["layers"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recompute", ["none", "full", "selective"])
+def test_group_packing_under_pipeline_parallelism(two_process_runs, recompute):
+    """PP 2, 4 micro-batches of one 2-member group each: group-packed rows give the padded rows'
+    log-probs, loss and gradient (fp32 rounding), and every attention call of the packed step,
+    recomputed ones included, takes its own micro-batch's group plan: under 1F1B, stage 0 runs
+    micro-batch 1's forward before micro-batch 0's backward recomputes micro-batch 0's attention
+    (with one plan at a time those recomputations fell back to the dense mask: 10 of 16 calls)."""
+    for r in two_process_runs:
+        run = r["pp2_packing"]
+        _check_packed_equals_padded(run[(recompute, False)], run[(recompute, True)])
+        calls, plain = run[(recompute, True)]["calls"], run[("none", True)]["calls"]
+        assert calls["cores"] == (plain["cores"] if recompute == "none" else 2 * plain["cores"])
+
+
+def _check_packed_equals_padded(padded: dict, packed: dict) -> None:
+    assert packed["metrics"]["packed_saved_tokens"] > 0 and padded["metrics"]["packed_saved_tokens"] == 0
+    # log-probs near -5 (vocab 96): 5e-6 is about 10 fp32 ulps (the attention sums in another order)
+    torch.testing.assert_close(packed["lp_all"], padded["lp_all"], rtol=0, atol=5e-6)
+    mask = _workers.global_batch()["loss_mask"][:, 1 : _workers.SEQ - 1].clone()
+    mask[:, :2] = 0.0
+    torch.testing.assert_close(packed["lp_loss"][mask.bool()], padded["lp_all"][mask.bool()], rtol=0, atol=5e-6)
+    assert _gmax(padded["grads"]) > 1e-2
+    assert _max_diff(packed["grads"], padded["grads"]) <= GRAD_RTOL * _gmax(padded["grads"])
+    assert packed["metrics"]["loss"] == pytest.approx(padded["metrics"]["loss"], rel=1e-5)
+    calls = packed["calls"]
+    assert calls["group_calls"] == calls["cores"] > 0 and padded["calls"]["group_calls"] == 0
+    assert packed["plans_left"] == 0  # the step drops every plan it set
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_group_packing_tp2_pp2_sequence_parallel_full_recomputation(four_process_runs):
+    """Group packing on TP 2 x PP 2 with sequence parallelism (packed rows padded to a multiple of
+    tp) and full recomputation: the padded rows' log-probs, loss and gradient; each layer runs
+    twice and every attention call takes its micro-batch's plan."""
+    for r in four_process_runs:
+        run = r["tp2_pp2_sp_packing"]
+        _check_packed_equals_padded(run[("full", False)], run[("full", True)])
+        calls = run[("full", True)]["calls"]
+        assert calls["cores"] == calls["layers"] == 2 * 4 * 2  # 2 layers per stage x 4 micro-batches x 2
 
 
 @pytest.mark.distributed
