@@ -701,6 +701,11 @@ def _micro_batches(
         mb = batch.take(order[start:stop] if order is not None else slice(start, stop))
         if grouped:
             mb = mb.truncate(int(mb.loss_extent().max()))
+        if packing and select:
+            # only loss positions count: each member ends after its last loss token (and its
+            # right padding goes even when the batch carries no lengths)
+            extent = mb.loss_extent()
+            mb = mb.replace(lengths=extent if mb.lengths is None else torch.minimum(mb.lengths, extent))
         packed = group_packed_layout(mb, width_multiple=multiple) if packing else None
         width = _model_width(mb.seq_length, multiple)
         selection = _selection_for(mb, packed, width).to(dev) if select else None

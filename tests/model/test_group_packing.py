@@ -151,23 +151,29 @@ def test_packed_logprobs_and_gradient_equal_padded(world1, tiny, kind, tied, mon
     batch = batch.replace(old_logprobs=old)
     cfg = GRPOLossConfig(eps_low=0.2, eps_high=0.28)
     results = {}
-    for name, pack, mbs in (("pad", False, 9), ("pack", True, 9), ("pack_split", True, 3), ("pack_4", True, 1)):
+    runs = (("pad", False, 9), ("pack", True, 9), ("pack_split", True, 3), ("pack_4", True, 1),
+            ("pack_no_lengths", True, 9))
+    for name, pack, mbs in runs:
         chunks, opt, sched = _model(tiny, kind, tied)
         before = [p.detach().clone() for p in chunks[0].parameters()]
-        m = grpo_train_step(chunks, opt, sched, batch, mbs, cfg, pack_groups=pack)
+        step_batch = batch.replace(lengths=None) if name == "pack_no_lengths" else batch
+        m = grpo_train_step(chunks, opt, sched, step_batch, mbs, cfg, pack_groups=pack)
         grads = [b - p.detach() for b, p in zip(before, chunks[0].parameters())]
         results[name] = (m, grads)
     ref_m, ref_g = results["pad"]
     gmax = max(g.abs().max().item() for g in ref_g)
     assert gmax > 1e-3
     assert ref_m["packed_saved_tokens"] == 0
-    for name in ("pack", "pack_split", "pack_4"):
+    for name in ("pack", "pack_split", "pack_4", "pack_no_lengths"):
         m, g = results[name]
         diff = max((a - b).abs().max().item() for a, b in zip(g, ref_g))
         assert diff <= 1e-5 * gmax, f"{name}: {diff} vs {gmax}"
         assert m["loss"] == pytest.approx(ref_m["loss"], rel=1e-5)
         assert m["tokens"] == ref_m["tokens"]
     assert results["pack"][0]["packed_saved_tokens"] > 0
+    # without real lengths each member still ends after its last loss token (here its last token):
+    # the right padding is not packed
+    assert results["pack_no_lengths"][0]["packed_saved_tokens"] == results["pack"][0]["packed_saved_tokens"]
     # one sequence per micro-batch: nothing to share, but the padding still goes
     assert results["pack_4"][0]["packed_saved_tokens"] < results["pack"][0]["packed_saved_tokens"]
     rope = chunks[0].module.rotary_pos_emb
