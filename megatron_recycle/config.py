@@ -160,7 +160,7 @@ class OptimConfig:
     use_distributed_optimizer: bool = False
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
     # compute a group's shared prompt once per micro-batch (tree attention mask; same gradient);
-    # used with the local attention and without virtual pipeline stages (model.vpp), else padded rows
+    # used with the local attention, else padded rows
     pack_groups: bool = True
     # Megatron DDP's overlapped gradient reduction: during the last micro-batch's backward pass each
     # bucket of gradients is all-reduced (reduce-scattered with the distributed optimizer) over the

@@ -31,9 +31,11 @@ disappears. The prefix stops before the first token that carries loss in any mem
 token with loss is never shared. THD/cu_seqlens packing (flash attention) is not used. Under
 pipeline parallelism every stage builds the same layout from the same micro-batch and the
 stages exchange each packed micro-batch's [width, rows] shape first (``config.variable_seq_lengths``);
-virtual pipeline stages need one shape for all micro-batches, so there (and where the attention
-is not the local one) padded rows are used. Padded rows are length-grouped instead (:func:`_micro_batches`): longest first, each micro-batch
-cut after its own last loss position (with PP > 1 the stages exchange the shapes; not with VPP).
+virtual pipeline stages exchange one shape for all micro-batches, so there the packed layouts are
+padded to the largest one (or the rows stay padded when that would not save positions). Where
+the attention is not the local one, padded rows are used. Padded rows are length-grouped
+(:func:`_micro_batches`): longest first, each micro-batch cut after its own last loss position
+(with PP > 1 the stages exchange the shapes; with VPP all are cut to the batch's last one).
 
 Memory options (model.build.memory_options, ``model_options`` of setup_model_and_optimizer):
 activation recomputation is Megatron's own (the group-attention plan stays on the attention
@@ -429,14 +431,17 @@ def _rows_for_groups(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
 
 
 def group_packed_layout(
-    batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKENS, width_multiple: int = 1
+    batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKENS, width_multiple: int = 1,
+    shape: tuple[int, int] | None = None,
 ) -> PackedRows:
     """The group-packed layout of ``batch`` (needs group_ids; lengths default to L).
 
     Each group becomes [shared prefix][suffix 1]...[suffix K]; groups are laid side by side in as
     few rows as keep each row within max(row_tokens, largest group), so the rows carry almost no
     padding. Attention stays within a group (tree mask), RoPE positions restart per group. The row
-    width is padded to a multiple of ``width_multiple`` (the TP size under sequence parallelism)."""
+    width is padded to a multiple of ``width_multiple`` (the TP size under sequence parallelism).
+    ``shape`` (rows, width): pad the layout to it with padding rows and columns (every micro-batch
+    of an interleaved pipeline has one shape); it must hold the layout."""
     if batch.group_ids is None:
         raise ValueError("group_packed_layout needs batch.group_ids (build_batch(group_ids=...))")
     n, seq = batch.tokens.shape
@@ -453,6 +458,10 @@ def group_packed_layout(
     rows = len(layout)
     width = max(sum(plan[g][2] for g in row) for row in layout)
     width = _model_width(width, width_multiple)
+    if shape is not None:
+        if shape[0] < rows or shape[1] < width:
+            raise ValueError(f"shape={shape} cannot hold the packed layout of {rows} rows x {width} positions")
+        rows, width = shape
     tokens = torch.zeros(rows, width, dtype=torch.long)
     targets = torch.zeros(rows, width, dtype=torch.long)
     positions = torch.zeros(rows, width, dtype=torch.long)
@@ -502,11 +511,8 @@ def packing_supported(model_chunks: Sequence[torch.nn.Module]) -> str | None:
 
     from megatron_recycle.model.build import unwrap_model
 
-    if _ps().get_pipeline_model_parallel_world_size() > 1 and not (model_chunks and _shapes_may_vary(model_chunks[0])):
-        # packed micro-batches differ in rows and width; the stages of a pipeline exchange each
-        # micro-batch's shape first (config.variable_seq_lengths), which virtual stages do not
-        return ("virtual pipeline stages: every micro-batch must keep the batch's [rows, width] shape, "
-                "and packed micro-batches do not (padded rows are used instead)")
+    if _ps().get_pipeline_model_parallel_world_size() > 1 and not model_chunks:
+        return "pipeline parallelism without the model chunks (the stages' shape exchange is unknown)"
     for chunk in model_chunks:
         for layer in unwrap_model(chunk).decoder.layers:
             if not isinstance(layer.self_attention.core_attention, DotProductAttention):
@@ -674,8 +680,9 @@ def _micro_batches(
     TrajectoryBatch.loss_extent) and each micro-batch is cut to its own longest extent, so a
     micro-batch of short trajectories is not padded to the batch's longest. On one pipeline stage,
     and with PP > 1 where the stages exchange each micro-batch's shape first
-    (``config.variable_seq_lengths``, model.build: not with virtual stages, whose micro-batches
-    keep the batch's width). The loss and the gradient are the same (each is a sum over sequences,
+    (``config.variable_seq_lengths``, model.build); virtual stages exchange one shape for all, so
+    there every micro-batch is cut to the batch's longest extent, and group-packed layouts are
+    padded to one shape (:func:`_one_packed_shape`). The loss and the gradient are the same (each is a sum over sequences,
     normalized by global counts; the cut columns come after every loss position of the
     micro-batch, which causal attention never lets back in). ``return_order``: also return the row
     order used (None: the batch's own).
@@ -689,13 +696,16 @@ def _micro_batches(
     dev = _device()
     packing = _use_packing(batch, pack, model_chunks)
     multiple = _seq_multiple(model_chunks[0]) if model_chunks else 1
-    grouped = LENGTH_GROUPING and select and not packing and (not model_chunks or _shapes_may_vary(model_chunks[0]))
+    one_shape = bool(model_chunks) and not _shapes_may_vary(model_chunks[0])
+    grouped = LENGTH_GROUPING and select and not packing and not one_shape
     order = None
     if grouped:
         order = torch.sort(batch.loss_extent(), descending=True, stable=True).indices
         if bool((order == torch.arange(n)).all()):
             order = None  # already longest first: plain row slices (views)
-    out = []
+    elif LENGTH_GROUPING and select and one_shape:
+        batch = batch.truncate(int(batch.loss_extent().max()))  # one width for all: the batch's own extent
+    cuts = []
     for start in range(0, n, micro_batch_size):
         stop = start + micro_batch_size
         mb = batch.take(order[start:stop] if order is not None else slice(start, stop))
@@ -706,13 +716,43 @@ def _micro_batches(
             # right padding goes even when the batch carries no lengths)
             extent = mb.loss_extent()
             mb = mb.replace(lengths=extent if mb.lengths is None else torch.minimum(mb.lengths, extent))
-        packed = group_packed_layout(mb, width_multiple=multiple) if packing else None
+        cuts.append(mb)
+    packs: list[PackedRows | None] = [None] * len(cuts)
+    if packing:
+        packs = [group_packed_layout(mb, width_multiple=multiple) for mb in cuts]
+        if one_shape:
+            packs = _one_packed_shape(cuts, packs, _model_width(batch.seq_length, multiple) * n, multiple)
+    out = []
+    for mb, packed in zip(cuts, packs):
         width = _model_width(mb.seq_length, multiple)
         selection = _selection_for(mb, packed, width).to(dev) if select else None
         fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if f.name not in ("packed", "select")}
         fields = {k: (None if v is None else v.to(dev, non_blocking=True)) for k, v in fields.items()}
         out.append(TrajectoryBatch(**fields, packed=None if packed is None else packed.to(dev), select=selection))
     return (out, order) if return_order else out
+
+
+def _one_packed_shape(cuts: list[TrajectoryBatch], packs: list[PackedRows | None], padded_positions: int,
+                      multiple: int) -> list[PackedRows | None]:
+    """Interleaved (virtual) pipeline stages exchange one tensor shape for every micro-batch: the
+    packed layouts padded to the largest rows x width among them, or padded rows (all None) when
+    that would compute as many positions as the padded micro-batches do."""
+    rows = max(p.tokens.shape[0] for p in packs if p is not None)
+    width = max(p.tokens.shape[1] for p in packs if p is not None)
+    if len(packs) * rows * width >= padded_positions:
+        logger.debug("group packing skipped for this batch: %d micro-batches of %d x %d packed positions "
+                     ">= %d padded ones", len(packs), rows, width, padded_positions)
+        return [None] * len(packs)
+    return [group_packed_layout(mb, width_multiple=multiple, shape=(rows, width)) for mb in cuts]
+
+
+def _schedule_shape(mbs: list[TrajectoryBatch], micro_batch_size: int, model: torch.nn.Module) -> tuple[int, int]:
+    """(seq_length, micro_batch_size) for Megatron's schedule: the shape of the tensors the stages
+    exchange when it is fixed (interleaved pipelines; otherwise each send carries its own)."""
+    first = mbs[0]
+    if first.packed is not None:
+        return int(first.packed.tokens.shape[1]), int(first.packed.tokens.shape[0])
+    return _model_width(first.seq_length, _seq_multiple(model)), micro_batch_size
 
 
 def _shapes_may_vary(model: torch.nn.Module) -> bool:
@@ -826,6 +866,7 @@ def compute_logprobs(
 
     mbs, order = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks, select=only_loss_positions,
                                 return_order=True)
+    seq_length, mb_rows = _schedule_shape(mbs, micro_batch_size, model_chunks[0])
 
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
         lp = target_logprobs(output, mb.tokens, temperature, packed=mb.packed, select=mb.select).float()
@@ -840,8 +881,8 @@ def compute_logprobs(
             data_iterator=_data_iterators(mbs, len(model_chunks)),
             model=model_chunks,
             num_microbatches=len(mbs),
-            seq_length=_model_width(batch.seq_length, _seq_multiple(model_chunks[0])),
-            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            micro_batch_size=mb_rows,
             forward_only=True,
         )
     finally:
@@ -890,6 +931,7 @@ def _run_train_step(
 
     phase = on_phase or (lambda name: None)
     mbs = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks, select=True)
+    seq_length, mb_rows = _schedule_shape(mbs, micro_batch_size, model_chunks[0])
     for m in model_chunks:
         m.zero_grad_buffer()
     optimizer.zero_grad()
@@ -903,8 +945,8 @@ def _run_train_step(
         data_iterator=_data_iterators(mbs, len(model_chunks)),
         model=model_chunks,
         num_microbatches=len(mbs),
-        seq_length=_model_width(batch.seq_length, _seq_multiple(model_chunks[0])),
-        micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
+        micro_batch_size=mb_rows,
         forward_only=False,
     )
     drop_group_plans(model_chunks)
@@ -957,8 +999,8 @@ def grpo_train_step(
     """One GRPO optimizer step on this DP rank's share of the batch; returns global metrics.
 
     ``pack_groups``: compute each group's shared prefix once (module docstring); used when the
-    batch has group_ids, the attention is the local one and there are no virtual pipeline stages
-    (pipeline stages exchange each packed micro-batch's shape).
+    batch has group_ids and the attention is the local one (under virtual pipeline stages, when
+    the layouts padded to one shape still save positions).
 
     ``batch.old_logprobs`` None means on-policy (old = current, detached: ratio 1). Metrics:
     loss (full-batch value), grad_norm, lr, token and sequence counts, token-weighted means of

@@ -95,6 +95,36 @@ def test_layout_shares_only_loss_free_prefixes():
         group_packed_layout(build_batch(seqs, masks))
 
 
+def test_one_packed_shape_for_interleaved_pipelines():
+    """Virtual pipeline stages exchange one tensor shape: each micro-batch's packed layout is
+    padded (rows and columns) to the largest one, keeping its tokens, targets and gathers; when
+    that would cost as many positions as padded rows, the micro-batches stay padded."""
+    from megatron_recycle.train.step import _one_packed_shape
+
+    seqs, masks, gids, adv = _sequences(seed=3)
+    cuts = [build_batch(seqs[i:i + K], masks[i:i + K], advantages=adv[i:i + K], group_ids=gids[i:i + K])
+            for i in range(0, 9, K)]
+    natural = [group_packed_layout(mb) for mb in cuts]
+    assert len({p.tokens.shape for p in natural}) > 1  # the groups pack to different widths
+    rows = max(p.tokens.shape[0] for p in natural)
+    width = max(p.tokens.shape[1] for p in natural)
+    padded = _one_packed_shape(cuts, natural, padded_positions=10**6, multiple=1)
+    assert all(p.tokens.shape == (rows, width) and p.attention_mask.shape == (rows, 1, width, width) for p in padded)
+    for nat, pad in zip(natural, padded):
+        r, w = nat.tokens.shape
+        assert torch.equal(pad.tokens[:r, :w], nat.tokens) and pad.tokens.sum() == nat.tokens.sum()
+        assert torch.equal(pad.targets[:r, :w], nat.targets) and torch.equal(pad.position_ids[:r, :w], nat.position_ids)
+        # the same flat positions within each row, now rows of the common width
+        row, col = nat.gather_index // w, nat.gather_index % w
+        assert torch.equal(pad.gather_index, row * width + col)
+        assert torch.equal(pad.attention_mask[:r, :, :w, :w], nat.attention_mask)
+        assert not (~pad.attention_mask[:r, :, :w, w:]).any()  # real positions never see the padding
+        assert pad.spans == nat.spans and pad.saved_tokens == nat.saved_tokens - (rows * width - r * w)
+    assert _one_packed_shape(cuts, natural, padded_positions=len(cuts) * rows * width, multiple=1) == [None] * 3
+    with pytest.raises(ValueError, match="cannot hold"):
+        group_packed_layout(cuts[0], shape=(rows, 2))
+
+
 def test_group_attention_plan_equals_dense_tree_mask():
     """GroupAttentionPlan's block attention == SDPA with the dense tree mask, outputs and
     gradients, float64: ragged prefixes and members, the shortest members (the last prompt token + one generated token), padded rows."""

@@ -198,6 +198,7 @@ def two_process_runs():
     jobs.append(["sp_padding_packed", "sequence_parallel_padding", {"tp": 2, "packed": True, "recompute": "selective"}])
     jobs.append(["sp_padding_qwen3", "sequence_parallel_padding", {"tp": 2, "packed": False, "kind": "qwen3"}])
     jobs.append(["pp2_packing", "pipeline_packing", {"tp": 1, "pp": 2, "recompute_list": ["none", "full", "selective"]}])
+    jobs.append(["vpp2_packing", "pipeline_packing", {"tp": 1, "pp": 2, "vpp": 2, "recompute_list": ["none", "full"]}])
     jobs += [[f"overlap_{name}", "overlap_grad_reduce", args] for name, (world, args) in sorted(OVERLAP.items())
              if world == 2]
     return _dist.run_workers("run_jobs", 2, {"jobs": jobs})
@@ -361,7 +362,9 @@ def _check_overlap(ranks: list[dict], reference_run: dict, dist_opt: bool, pipel
         assert _max_diff(on["adam_weights"], reference_run["adam_weights"]) <= ADAM_ATOL
         for a, b in zip(on["adam_metrics"], off["adam_metrics"]):
             for key in ("loss", "grad_norm"):
-                assert a[key] == (pytest.approx(b[key], rel=1e-6) if dist_opt else b[key]), key
+                # a sum of ~34,000 fp32 squares in another order: 1.4e-6 relative seen on an
+                # AVX-512 Xeon (under 1e-6 on an AMD EPYC), so 1e-5
+                assert a[key] == (pytest.approx(b[key], rel=1e-5) if dist_opt else b[key]), key
         assert on["describe"].startswith("overlapped grad reduction (") and off["describe"] == ""
         groups = on["bucket_groups"]
         if r["first_stage"]:
@@ -485,6 +488,20 @@ def test_group_packing_under_pipeline_parallelism(two_process_runs, recompute):
         _check_packed_equals_padded(run[(recompute, False)], run[(recompute, True)])
         calls, plain = run[(recompute, True)]["calls"], run[("none", True)]["calls"]
         assert calls["cores"] == (plain["cores"] if recompute == "none" else 2 * plain["cores"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_group_packing_on_virtual_pipeline_stages(two_process_runs, recompute):
+    """PP 2 x VPP 2 (one layer per model chunk): the interleaved schedule exchanges one tensor
+    shape for every micro-batch, so the packed micro-batches are padded to the largest packed
+    shape; the padded rows' log-probs, loss and gradient, and each attention call (several
+    micro-batches' forwards run before the first backward) takes its own micro-batch's plan."""
+    for r in two_process_runs:
+        run = r["vpp2_packing"]
+        _check_packed_equals_padded(run[(recompute, False)], run[(recompute, True)])
+        shapes = run[(recompute, True)]["calls"]["layer_inputs"]
+        assert len(shapes) == 1 and shapes[0][1] == 1, shapes  # one [width, rows, hidden] for all: one row each
 
 
 def _check_packed_equals_padded(padded: dict, packed: dict) -> None:
