@@ -160,9 +160,23 @@ class SDPADotProductAttention(DotProductAttention):
             and (not self.training or float(getattr(cfg, "attention_dropout", 0.0)) == 0.0)
         )
 
+    def takes_group_plans(self) -> bool:
+        """Whether every call of this attention (training or not) runs the fast path, where a
+        group-packed micro-batch's attention goes by its GroupAttentionPlan, so that the step may
+        hand it a :func:`plan_only_mask` instead of the dense tree mask."""
+        cfg = self.config
+        return (getattr(cfg, "softmax_type", "vanilla") == "vanilla"
+                and not getattr(cfg, "apply_query_key_layer_scaling", False)
+                and float(getattr(cfg, "attention_dropout", 0.0)) == 0.0)
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        plan_only = is_plan_only_mask(attention_mask, query.shape[0])
         if not self._fast_path(attention_bias, packed_seq_params):
+            if plan_only:
+                raise RuntimeError("a group-packed micro-batch without its dense attention mask reached an "
+                                   "attention path that needs one (attention bias, packed_seq_params, dropout or "
+                                   "a non-vanilla softmax); build the layout with dense_mask=True")
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)
         sq, b, heads, hn = query.shape
@@ -177,6 +191,9 @@ class SDPADotProductAttention(DotProductAttention):
         plan = self.plan_for(attention_mask, b, sq) if self.group_plans else None
         if plan is not None:
             out = group_attention(plan, q, k, v, self.softmax_scale)
+        elif plan_only:
+            raise RuntimeError(f"a group-packed micro-batch of {b} rows x {sq} positions came without its "
+                               "GroupAttentionPlan (and without a dense mask to fall back on)")
         elif attention_mask is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
         else:
@@ -184,6 +201,22 @@ class SDPADotProductAttention(DotProductAttention):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.softmax_scale)
         # [b, n, s, hn] -> [s, b, n * hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+
+
+def plan_only_mask(rows: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The attention mask of a group-packed micro-batch whose attention runs by its
+    GroupAttentionPlan: a [rows, 1, 1, 1] stand-in for the dense [rows, 1, S, S] tree mask (at a
+    row of 20,000 positions that one is 400 MB and seconds of CPU time to build). It only ties the
+    micro-batch to its plan (GroupAttentionPlan.matches); SDPADotProductAttention refuses it on
+    any path that would read it as a mask, and it masks everything, so nothing else can take it
+    for a real one."""
+    return torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device)
+
+
+def is_plan_only_mask(attention_mask: Any, seq_len: int) -> bool:
+    """Whether ``attention_mask`` is a :func:`plan_only_mask` for a sequence of ``seq_len`` positions."""
+    return (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+            and tuple(attention_mask.shape[-2:]) == (1, 1) and seq_len > 1)
 
 
 def use_sdpa_core_attention(spec: Any) -> Any:
@@ -194,4 +227,5 @@ def use_sdpa_core_attention(spec: Any) -> Any:
     return spec
 
 
-__all__ = ["GroupAttentionPlan", "SDPADotProductAttention", "group_attention", "use_sdpa_core_attention"]
+__all__ = ["GroupAttentionPlan", "SDPADotProductAttention", "group_attention", "is_plan_only_mask", "plan_only_mask",
+           "use_sdpa_core_attention"]

@@ -258,7 +258,8 @@ class PackedRows:
     """A micro-batch re-laid out by group: [shared prefix][suffix 1]...[suffix K], groups side by side.
 
     tokens, targets (the token each position predicts; 0 where none), position_ids: [R, S];
-    attention_mask [R, 1, S, S] bool, True = masked (Megatron's convention); gather_index
+    attention_mask [R, 1, S, S] bool, True = masked (Megatron's convention), or [R, 1, 1, 1]
+    (model.attention.plan_only_mask) where the attention runs by the plan of ``spans``; gather_index
     [n, L-1]: for sequence i, the flat position in [R * S] whose log-prob scores tokens[i, j+1]
     (positions past a sequence's end point at an arbitrary valid position; they carry no loss).
     """
@@ -410,7 +411,7 @@ def shared_prefix_length(tokens: torch.Tensor, loss_mask: torch.Tensor, lengths:
     return max(min(common, first_loss) - 1, 0)
 
 
-PACK_ROW_TOKENS = 2048  # groups share a packed row up to this width (the dense mask is [rows, S, S])
+PACK_ROW_TOKENS = 2048  # groups share a packed row up to this width (a dense tree mask, where needed, is [rows, S, S])
 
 
 def _rows_for_groups(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
@@ -432,7 +433,7 @@ def _rows_for_groups(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
 
 def group_packed_layout(
     batch: TrajectoryBatch, row_tokens: int = PACK_ROW_TOKENS, width_multiple: int = 1,
-    shape: tuple[int, int] | None = None,
+    shape: tuple[int, int] | None = None, dense_mask: bool = True,
 ) -> PackedRows:
     """The group-packed layout of ``batch`` (needs group_ids; lengths default to L).
 
@@ -441,7 +442,9 @@ def group_packed_layout(
     padding. Attention stays within a group (tree mask), RoPE positions restart per group. The row
     width is padded to a multiple of ``width_multiple`` (the TP size under sequence parallelism).
     ``shape`` (rows, width): pad the layout to it with padding rows and columns (every micro-batch
-    of an interleaved pipeline has one shape); it must hold the layout."""
+    of an interleaved pipeline has one shape); it must hold the layout. ``dense_mask`` False: the
+    attention mask is model.attention.plan_only_mask, for attention that runs by the
+    GroupAttentionPlan of ``spans`` (the dense [rows, 1, S, S] mask is O(S^2) to build and hold)."""
     if batch.group_ids is None:
         raise ValueError("group_packed_layout needs batch.group_ids (build_batch(group_ids=...))")
     n, seq = batch.tokens.shape
@@ -495,13 +498,17 @@ def group_packed_layout(
                 gather[i, s : ln - 1] = base + off + torch.arange(ln - 1 - s)
                 gather[i, ln - 1 :] = base + off
                 off += span
+    saved = n * seq - rows * width
+    if not dense_mask:
+        from megatron_recycle.model.attention import plan_only_mask
+
+        return PackedRows(tokens, targets, positions, plan_only_mask(rows), gather, saved, spans)
     # a position sees the earlier positions of its own group's prefix and of its own suffix;
     # padding forms one segment of its own per row (it sees only earlier padding)
     same_group = group_of[:, :, None] == group_of[:, None, :]
     q, k = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = causal & same_group & ((q == k) | (k == 0))
-    saved = n * seq - rows * width
     return PackedRows(tokens, targets, positions, ~allowed[:, None], gather, saved, spans)
 
 
@@ -719,9 +726,10 @@ def _micro_batches(
         cuts.append(mb)
     packs: list[PackedRows | None] = [None] * len(cuts)
     if packing:
-        packs = [group_packed_layout(mb, width_multiple=multiple) for mb in cuts]
+        dense = not _plans_always_apply(model_chunks)
+        packs = [group_packed_layout(mb, width_multiple=multiple, dense_mask=dense) for mb in cuts]
         if one_shape:
-            packs = _one_packed_shape(cuts, packs, _model_width(batch.seq_length, multiple) * n, multiple)
+            packs = _one_packed_shape(cuts, packs, _model_width(batch.seq_length, multiple) * n, multiple, dense)
     out = []
     for mb, packed in zip(cuts, packs):
         width = _model_width(mb.seq_length, multiple)
@@ -732,8 +740,20 @@ def _micro_batches(
     return (out, order) if return_order else out
 
 
+def _plans_always_apply(model_chunks: Sequence[torch.nn.Module]) -> bool:
+    """Whether every layer's attention computes group-packed rows by their GroupAttentionPlan on
+    every call (SDPADotProductAttention without dropout, bias or special softmax), so that the
+    micro-batches need no dense tree mask."""
+    from megatron_recycle.model.attention import SDPADotProductAttention
+    from megatron_recycle.model.build import unwrap_model
+
+    cores = [layer.self_attention.core_attention for chunk in model_chunks
+             for layer in getattr(getattr(unwrap_model(chunk), "decoder", None), "layers", [])]
+    return bool(cores) and all(isinstance(c, SDPADotProductAttention) and c.takes_group_plans() for c in cores)
+
+
 def _one_packed_shape(cuts: list[TrajectoryBatch], packs: list[PackedRows | None], padded_positions: int,
-                      multiple: int) -> list[PackedRows | None]:
+                      multiple: int, dense_mask: bool = True) -> list[PackedRows | None]:
     """Interleaved (virtual) pipeline stages exchange one tensor shape for every micro-batch: the
     packed layouts padded to the largest rows x width among them, or padded rows (all None) when
     that would compute as many positions as the padded micro-batches do."""
@@ -743,7 +763,8 @@ def _one_packed_shape(cuts: list[TrajectoryBatch], packs: list[PackedRows | None
         logger.debug("group packing skipped for this batch: %d micro-batches of %d x %d packed positions "
                      ">= %d padded ones", len(packs), rows, width, padded_positions)
         return [None] * len(packs)
-    return [group_packed_layout(mb, width_multiple=multiple, shape=(rows, width)) for mb in cuts]
+    return [group_packed_layout(mb, width_multiple=multiple, shape=(rows, width), dense_mask=dense_mask)
+            for mb in cuts]
 
 
 def _schedule_shape(mbs: list[TrajectoryBatch], micro_batch_size: int, model: torch.nn.Module) -> tuple[int, int]:

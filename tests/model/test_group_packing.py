@@ -213,6 +213,43 @@ def test_packed_logprobs_and_gradient_equal_padded(world1, tiny, kind, tied, mon
                for layer in chunks[0].module.decoder.layers)
 
 
+def test_plan_only_masks_replace_the_dense_tree_mask(world1, tiny):
+    """Where every attention call of the model runs by the group plan, the step's packed
+    micro-batches carry a [rows, 1, 1, 1] stand-in instead of the O(S^2) dense tree mask; a model
+    whose attention could take another path (dropout) gets the dense mask; and the attention
+    refuses a stand-in on any path that would read it as a mask."""
+    from megatron_recycle.model.attention import plan_only_mask
+    from megatron_recycle.train.step import _micro_batches
+
+    seqs, masks, gids, adv = _sequences(seed=5)
+    batch = build_batch(seqs, masks, advantages=adv, group_ids=gids)
+    dense, light = group_packed_layout(batch), group_packed_layout(batch, dense_mask=False)
+    rows, width = dense.tokens.shape
+    assert dense.attention_mask.shape == (rows, 1, width, width) and light.attention_mask.shape == (rows, 1, 1, 1)
+    for name in ("tokens", "targets", "position_ids", "gather_index"):
+        assert torch.equal(getattr(light, name), getattr(dense, name)), name
+    assert light.spans == dense.spans and light.saved_tokens == dense.saved_tokens
+
+    chunks, _, _ = _model(tiny, "llama", True)
+    (mb,) = _micro_batches(batch, 9, True, chunks, select=True)
+    assert mb.packed.attention_mask.shape == (rows, 1, 1, 1)
+    core = chunks[0].module.decoder.layers[0].self_attention.core_attention
+    config = core.config
+    config.attention_dropout = 0.1  # dropout in training: the attention may take Megatron's masked path
+    try:
+        (mb,) = _micro_batches(batch, 9, True, chunks, select=True)
+        assert mb.packed.attention_mask.shape == (rows, 1, width, width)
+        q = torch.randn(width, rows, 4, 8)
+        core.train()
+        with pytest.raises(RuntimeError, match="without its dense attention mask"):
+            core(q, q, q, plan_only_mask(rows))
+    finally:
+        config.attention_dropout = 0.0
+    core.eval()
+    with pytest.raises(RuntimeError, match="came without its GroupAttentionPlan"):
+        core(q, q, q, plan_only_mask(rows))  # the fast path, but no plan for this micro-batch
+
+
 def test_logits_only_at_loss_positions(world1, tiny):
     """compute_logprobs(only_loss_positions=True) (the selection the train step always uses)
     agrees at every loss position, packed or not, and computes one logit row per loss token."""

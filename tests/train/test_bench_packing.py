@@ -1,0 +1,26 @@
+"""tools/bench_packing.py runs end to end on a small group (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_packing_writes_both_mask_kinds(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_packing.py"), "--k", "3", "--prompt", "8", "--members", "16",
+           "--repeats", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_packing_layout.json").read_text())["rows"]
+    assert (tmp_path / "bench_packing_layout.csv").is_file()
+    dense, light = rows
+    assert (dense["mask"], light["mask"]) == ("dense", "plan-only")
+    assert dense["width"] == light["width"] == (8 - 1) + 3 * (16 + 1)  # the last prompt token is repeated per member
+    assert dense["mask_mib"] * 2**20 == dense["width"] ** 2 and light["mask_mib"] * 2**20 == 1
+    assert "plan-only" in proc.stdout
