@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="pad every micro-batch to the batch's width (train.step.LENGTH_GROUPING off), to compare")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (model.vpp; needs --pp > 1)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--dist-opt", action="store_true", help="Megatron distributed optimizer")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
@@ -232,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.bucket_size is not None and not a.overlap_grad_reduce:
         raise SystemExit("--bucket-size only applies with --overlap-grad-reduce")
     cfg = model_config(a.model)
-    layout = init_distributed(a.tp, a.pp, None, seed=0, model_config=cfg)
+    if a.vpp is not None and (a.pp < 2 or a.vpp < 1):
+        raise SystemExit("--vpp needs --pp > 1 and a value >= 1")
+    layout = init_distributed(a.tp, a.pp, a.vpp, seed=0, model_config=cfg)
     load = None
     if a.weights == "real":
         from megatron_recycle.model.convert import load_hf_weights
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "glibc_tunables": malloc,
         "load_average_at_end": os.getloadavg(),  # other work on the machine skews CPU timings
         "model": a.model, "weights": a.weights, "params_this_rank": n_params, "bf16": a.bf16,
-        "tp": a.tp, "pp": a.pp, "dp": layout.dp, "dist_opt": a.dist_opt,
+        "tp": a.tp, "pp": a.pp, "vpp": a.vpp, "dp": layout.dp, "dist_opt": a.dist_opt,
         "recompute": a.recompute, "recompute_method": a.recompute_method,
         "recompute_num_layers": a.recompute_num_layers, "sequence_parallel": a.sequence_parallel,
         "overlap_grad_reduce": a.overlap_grad_reduce, "bucket_size": a.bucket_size,
@@ -323,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nGRPO step: {a.model} ({a.weights} weights, {n_params / 1e6:.1f}M params/rank), N={a.n} x L={a.seq_len}{ragged}"
               f"{f' in groups of {a.group_size} ' if a.group_size > 1 else ''}"
               f"{('(padded rows)' if a.no_pack else '(packed)') if a.group_size > 1 else ''}, "
-              f"mbs={a.mbs}, tp={a.tp} pp={a.pp} dp={layout.dp}, bf16={a.bf16}, dist_opt={a.dist_opt}, {memory}")
+              f"mbs={a.mbs}, tp={a.tp} pp={a.pp}{f' vpp={a.vpp}' if a.vpp else ''} dp={layout.dp}, bf16={a.bf16}, "
+              f"dist_opt={a.dist_opt}, {memory}")
         print(f"device: {result['device']}, threads={result['threads']}, GLIBC_TUNABLES={malloc or '(unset)'}")
         print(f"median of {a.steps} steps after {a.warmup} warm-up\n")
         print(f"{'phase':<18}{'time (s)':>10}{'peak mem (GiB)':>16}")
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.overlap_grad_reduce and not a.tag:
             tag += "_overlap"
         if a.pp > 1 and not a.tag:
-            tag += f"_pp{a.pp}"
+            tag += f"_pp{a.pp}" + (f"vpp{a.vpp}" if a.vpp else "")
         if a.group_size > 1 and not a.tag:
             tag += f"_k{a.group_size}" + ("_nopack" if a.no_pack else "")
         if a.min_len_frac < 1 and not a.tag:

@@ -45,17 +45,18 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
     assert 4 * 16 < result["real_tokens"] < 4 * 32 and "real tokens of 128" in proc.stdout
 
 
-def test_bench_step_packs_groups_on_two_pipeline_stages(tmp_path):
+def test_bench_step_packs_groups_on_virtual_pipeline_stages(tmp_path):
+    """PP 2 x VPP 2 (one layer of the tiny model per chunk): the packed micro-batches share one shape."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tools" / "bench_step.py"), "--model", "tiny", "--sequences", "4", "--seq-len", "32",
            "--mbs", "2", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path),
-           "--pp", "2", "--group-size", "2"]
+           "--pp", "2", "--vpp", "2", "--group-size", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    (path,) = tmp_path.glob("bench_step_tiny_4x32_*_pp2_k2.json")
+    (path,) = tmp_path.glob("bench_step_tiny_4x32_*_pp2vpp2_k2.json")
     result = json.loads(path.read_text())
-    assert result["pp"] == 2 and result["dp"] == 1 and result["group_packing"] is True
+    assert result["pp"] == 2 and result["vpp"] == 2 and result["dp"] == 1 and result["group_packing"] is True
     assert result["packed_saved_tokens"] > 0  # the groups' shared prompts were computed once
     assert math.isfinite(result["loss_last"]) and "in groups of 2 (packed)" in proc.stdout
