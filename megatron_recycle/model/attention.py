@@ -150,24 +150,24 @@ class SDPADotProductAttention(DotProductAttention):
                 return plan
         return None
 
-    def _fast_path(self, attention_bias: Any, packed_seq_params: Any) -> bool:
+    def _plain_softmax(self) -> bool:
         cfg = self.config
-        return (
-            attention_bias is None
-            and packed_seq_params is None
-            and getattr(cfg, "softmax_type", "vanilla") == "vanilla"
-            and not getattr(cfg, "apply_query_key_layer_scaling", False)
-            and (not self.training or float(getattr(cfg, "attention_dropout", 0.0)) == 0.0)
-        )
+        return (getattr(cfg, "softmax_type", "vanilla") == "vanilla"
+                and not getattr(cfg, "apply_query_key_layer_scaling", False))
+
+    def _no_dropout(self) -> bool:
+        return float(getattr(self.config, "attention_dropout", 0.0)) == 0.0
+
+    def _fast_path(self, attention_bias: Any, packed_seq_params: Any) -> bool:
+        return (attention_bias is None and packed_seq_params is None and self._plain_softmax()
+                and (not self.training or self._no_dropout()))
 
     def takes_group_plans(self) -> bool:
         """Whether every call of this attention (training or not) runs the fast path, where a
         group-packed micro-batch's attention goes by its GroupAttentionPlan, so that the step may
-        hand it a :func:`plan_only_mask` instead of the dense tree mask."""
-        cfg = self.config
-        return (getattr(cfg, "softmax_type", "vanilla") == "vanilla"
-                and not getattr(cfg, "apply_query_key_layer_scaling", False)
-                and float(getattr(cfg, "attention_dropout", 0.0)) == 0.0)
+        hand it a :func:`plan_only_mask` instead of the dense tree mask (Megatron passes no
+        attention bias or packed_seq_params to it)."""
+        return self._plain_softmax() and self._no_dropout()
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

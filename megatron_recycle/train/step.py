@@ -583,6 +583,7 @@ class _GroupAttention:
         self.cores = [layer.self_attention.core_attention for layer in layers
                       if isinstance(getattr(layer.self_attention, "core_attention", None), SDPADotProductAttention)]
         self.packed = packed
+        self.plan: Any = None
 
     def __enter__(self) -> None:
         from megatron_recycle.model.attention import GroupAttentionPlan
@@ -595,7 +596,7 @@ class _GroupAttention:
             core.group_plans = (*core.__dict__.get("group_plans", ()), self.plan)
 
     def __exit__(self, *exc: Any) -> None:
-        plan = getattr(self, "plan", None)
+        plan = self.plan
         if plan is None or (self.cores and _recomputes(self.cores[0])):
             return  # the backward pass recomputes the attention with this plan; drop_group_plans ends it
         for core in self.cores:
@@ -726,10 +727,10 @@ def _micro_batches(
         cuts.append(mb)
     packs: list[PackedRows | None] = [None] * len(cuts)
     if packing:
-        dense = not _plans_always_apply(model_chunks)
-        packs = [group_packed_layout(mb, width_multiple=multiple, dense_mask=dense) for mb in cuts]
-        if one_shape:
-            packs = _one_packed_shape(cuts, packs, _model_width(batch.seq_length, multiple) * n, multiple, dense)
+        shape = _one_packed_shape(cuts, multiple, _model_width(batch.seq_length, multiple) * n) if one_shape else None
+        if shape is not None or not one_shape:  # (under VPP, None: packing would save nothing)
+            dense = not _plans_always_apply(model_chunks)
+            packs = [group_packed_layout(mb, width_multiple=multiple, shape=shape, dense_mask=dense) for mb in cuts]
     out = []
     for mb, packed in zip(cuts, packs):
         width = _model_width(mb.seq_length, multiple)
@@ -752,19 +753,18 @@ def _plans_always_apply(model_chunks: Sequence[torch.nn.Module]) -> bool:
     return bool(cores) and all(isinstance(c, SDPADotProductAttention) and c.takes_group_plans() for c in cores)
 
 
-def _one_packed_shape(cuts: list[TrajectoryBatch], packs: list[PackedRows | None], padded_positions: int,
-                      multiple: int, dense_mask: bool = True) -> list[PackedRows | None]:
+def _one_packed_shape(cuts: list[TrajectoryBatch], multiple: int, padded_positions: int) -> tuple[int, int] | None:
     """Interleaved (virtual) pipeline stages exchange one tensor shape for every micro-batch: the
-    packed layouts padded to the largest rows x width among them, or padded rows (all None) when
-    that would compute as many positions as the padded micro-batches do."""
-    rows = max(p.tokens.shape[0] for p in packs if p is not None)
-    width = max(p.tokens.shape[1] for p in packs if p is not None)
-    if len(packs) * rows * width >= padded_positions:
+    largest (rows, width) of the micro-batches' packed layouts, to pad them all to, or None (train
+    padded rows) when that would compute as many positions as the padded micro-batches do. The
+    layouts are sized without their dense masks."""
+    shapes = [group_packed_layout(mb, width_multiple=multiple, dense_mask=False).tokens.shape for mb in cuts]
+    rows, width = max(r for r, _ in shapes), max(w for _, w in shapes)
+    if len(cuts) * rows * width >= padded_positions:
         logger.debug("group packing skipped for this batch: %d micro-batches of %d x %d packed positions "
-                     ">= %d padded ones", len(packs), rows, width, padded_positions)
-        return [None] * len(packs)
-    return [group_packed_layout(mb, width_multiple=multiple, shape=(rows, width), dense_mask=dense_mask)
-            for mb in cuts]
+                     ">= %d padded ones", len(cuts), rows, width, padded_positions)
+        return None
+    return rows, width
 
 
 def _schedule_shape(mbs: list[TrajectoryBatch], micro_batch_size: int, model: torch.nn.Module) -> tuple[int, int]:
