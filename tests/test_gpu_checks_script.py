@@ -60,15 +60,16 @@ def test_steps_not_selected_are_skipped(tmp_path):
     # selected step go for lack of time, so that nothing runs, and each step says why it did not
     proc, summary = _run(tmp_path, budget=20, GPU_CHECKS_ON_CPU="1", GPU_CHECKS_STEPS="tests_kernels")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("bench_kernels", "bench_step", "bench_recompute", "tests_model"):
+    for name in ("bench_kernels", "bench_step", "bench_recompute", "bench_packed", "tests_model"):
         assert f"SKIP  {name}: not in GPU_CHECKS_STEPS" in summary
     assert "SKIP  tests_kernels: " in summary and "of the budget left" in summary
     assert "START" not in summary
 
 
-def test_optional_step_runs_only_when_named(tmp_path):
-    proc, summary = _run(tmp_path, budget=20, GPU_CHECKS_ON_CPU="1", GPU_CHECKS_STEPS="bench_recompute")
+@pytest.mark.parametrize("name", ["bench_recompute", "bench_packed"])
+def test_optional_step_runs_only_when_named(tmp_path, name):
+    proc, summary = _run(tmp_path, budget=20, GPU_CHECKS_ON_CPU="1", GPU_CHECKS_STEPS=name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "unknown step" not in summary
-    assert "SKIP  bench_recompute: " in summary and "of the budget left" in summary
+    assert f"SKIP  {name}: " in summary and "of the budget left" in summary
     assert "SKIP  bench_step: not in GPU_CHECKS_STEPS" in summary

@@ -4,11 +4,13 @@ For one GRPO group of K trajectories sharing a prompt (P prompt tokens, M genera
 the packed row is P + K x M positions wide. With the dense tree mask the layout holds a
 [rows, 1, S, S] bool mask (and builds it from several S x S intermediates); with the plan-only
 mask (what the trainer uses where the attention runs by the group plan) it holds [rows, 1, 1, 1].
+The attention's group plan (model.attention.GroupAttentionPlan, built once per micro-batch
+forward) is timed and sized too: index tensors only, no mask.
 Each case runs in a fresh process, so its peak resident memory is its own.
 
     .venv/bin/python tools/bench_packing.py [--k 5] [--prompt 300] [--members 1000 2000 4000] [--out benchmarks]
 
-Prints a table (layout time, mask size, peak RSS) and writes bench_packing_layout.{json,csv}.
+Prints a table (layout time, mask size, plan time and size, peak RSS) and writes bench_packing_layout.{json,csv}.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _case(k: int, prompt: int, member: int, dense: bool, repeats: int) -> dict:
     import torch
 
+    from megatron_recycle.model.attention import GroupAttentionPlan
     from megatron_recycle.train.step import build_batch, group_packed_layout
 
     torch.set_num_threads(1)
@@ -39,16 +42,21 @@ def _case(k: int, prompt: int, member: int, dense: bool, repeats: int) -> dict:
     seqs = [shared + torch.randint(4, 1000, (member,), generator=g).tolist() for _ in range(k)]
     masks = [[0] * prompt + [1] * member for _ in range(k)]
     batch = build_batch(seqs, masks, group_ids=[0] * k)
-    times = []
+    times, plan_times = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         packed = group_packed_layout(batch, dense_mask=dense)
         times.append(time.perf_counter() - t)
         mask_bytes = packed.attention_mask.numel() * packed.attention_mask.element_size()
         shape = tuple(packed.tokens.shape)
-        del packed
+        t = time.perf_counter()
+        plan = GroupAttentionPlan.build(packed.spans, shape[0], shape[1], packed.attention_mask)
+        plan_times.append(time.perf_counter() - t)
+        plan_bytes = sum(x.numel() * x.element_size() for blk in plan.blocks for x in (blk.q, blk.k, blk.pos, blk.sel))
+        del packed, plan
     return {"k": k, "prompt": prompt, "member": member, "mask": "dense" if dense else "plan-only",
             "rows": shape[0], "width": shape[1], "layout_s": min(times), "mask_mib": mask_bytes / 2**20,
+            "plan_s": min(plan_times), "plan_mib": plan_bytes / 2**20,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -70,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     rows = []
     print(f"group-packed layout of one group: K={a.k}, prompt {a.prompt} tokens (fastest of {a.repeats}, one thread)")
-    print(f"{'generated':>10}{'width':>8}{'mask':>11}{'layout (s)':>12}{'mask (MiB)':>12}{'peak RSS (GiB)':>16}")
+    print(f"{'generated':>10}{'width':>8}{'mask':>11}{'layout (s)':>12}{'mask (MiB)':>12}{'plan (s)':>10}"
+          f"{'plan (MiB)':>12}{'peak RSS (GiB)':>16}")
     for member in a.members:
         for dense in (True, False):
             cmd = [sys.executable, __file__, "--case", f"{a.k},{a.prompt},{member},{int(dense)}", "--repeats", str(a.repeats)]
@@ -79,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"case {cmd[-3]} failed:\n{proc.stderr[-2000:]}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(r)
-            print(f"{member:>10}{r['width']:>8}{r['mask']:>11}{r['layout_s']:>12.3f}{r['mask_mib']:>12.3f}{r['peak_rss_gib']:>16.2f}")
+            print(f"{member:>10}{r['width']:>8}{r['mask']:>11}{r['layout_s']:>12.3f}{r['mask_mib']:>12.3f}"
+                  f"{r['plan_s']:>10.4f}{r['plan_mib']:>12.3f}{r['peak_rss_gib']:>16.2f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -19,7 +19,8 @@
 # /tmp/mr_site); GPU_CHECKS_STEP_MODEL, the model of step 3 (default qwen3-1.7b; the rehearsal's
 # "tiny" fits a CPU); GPU_CHECKS_STEPS, the steps to run (default all four:
 # "tests_kernels bench_kernels bench_step tests_model"; "bench_recompute", step 3 again with full
-# activation recomputation, only when named). scripts/device_rehearsal.sh uses these to
+# activation recomputation, and "bench_packed", step 3's batch in groups of 4 with and without
+# group packing, only when named). scripts/device_rehearsal.sh uses these to
 # run the script on a CPU in a copy of the device image's Python packages.
 set -u
 BUDGET=${1:-500}
@@ -65,7 +66,7 @@ SITE=${GPU_CHECKS_SITE:-/tmp/mr_site}
 mkdir -p "$SITE"
 WHEELS=${GPU_CHECKS_WHEELS:-.whl}
 ALL_STEPS="tests_kernels bench_kernels bench_step tests_model"
-OPTIONAL_STEPS="bench_recompute"  # only when named in GPU_CHECKS_STEPS
+OPTIONAL_STEPS="bench_recompute bench_packed"  # only when named in GPU_CHECKS_STEPS
 STEP_MODEL=${GPU_CHECKS_STEP_MODEL:-qwen3-1.7b}
 STEPS=" ${GPU_CHECKS_STEPS:-$ALL_STEPS} "
 for s in $STEPS; do
@@ -135,6 +136,16 @@ grep -A10 "^GRPO step:" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
 step bench_recompute 120 "$OUT/bench.log" \
     "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model "$STEP_MODEL" --bf16 --sequences 8 \
     --seq-len 1024 --mbs 2 --steps 2 --warmup 1 --out "$STEP_DIR" --tag cuda-recompute-full --recompute full
+
+# ------------------------------ 3c. optional: step 3's batch as 2 GRPO groups of 4, packed and padded
+# (the trainer packs groups: each group's shared prompt computed once, the members' attention by
+# the group plan, flash attention's bottom-right causal kernel on CUDA); tables in bench.log
+for pack in "" "--no-pack"; do
+    step bench_packed 80 "$OUT/bench.log" \
+        "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model "$STEP_MODEL" --bf16 \
+        --sequences 8 --seq-len 1024 --group-size 4 --mbs 4 --steps 2 --warmup 1 --out "$STEP_DIR" --tag cuda-k4 $pack
+done
+[[ "$STEPS" == *" bench_packed "* ]] && grep -A10 "in groups of 4" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------- 4. model and step tests on CUDA (issue #4)
 step tests_model 240 "$OUT/tests_model.log" \

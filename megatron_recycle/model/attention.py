@@ -25,6 +25,36 @@ from megatron.core.transformer.enums import AttnMaskType
 
 
 @dataclass
+class AttentionBlock:
+    """One batched attention call of a GroupAttentionPlan: ``q`` [blocks, Lq] query positions and
+    ``k`` [blocks, Lk] key positions (flat [R * S] indices; padding repeats a block's last real
+    position), causal with the last query aligned to the last key (``Lk - Lq`` leading keys every
+    query sees: the shared prefix). ``pos``: the real queries' flat positions; ``sel``: where they
+    sit in the flattened [blocks * Lq] block output."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    pos: torch.Tensor
+    sel: torch.Tensor
+
+
+def _block(queries: list[tuple[int, int]], prefix: list[int], prefix_len: int, dev: torch.device) -> AttentionBlock:
+    """``queries``: per block (first flat position, length) of its own tokens; ``prefix``: per
+    block the first flat position of its ``prefix_len`` shared-prefix keys (unused when 0)."""
+    first = torch.tensor([f for f, _ in queries], dtype=torch.long)
+    lens = torch.tensor([n for _, n in queries], dtype=torch.long)
+    width = int(lens.max())
+    ar = torch.arange(width)
+    q = first[:, None] + torch.minimum(ar[None, :], lens[:, None] - 1)
+    k = q
+    if prefix_len:
+        k = torch.cat([torch.tensor(prefix, dtype=torch.long)[:, None] + torch.arange(prefix_len)[None, :], q], 1)
+    row = torch.repeat_interleave(torch.arange(len(queries)), lens)
+    local = torch.arange(int(lens.sum())) - (torch.cumsum(lens, 0) - lens)[row]
+    return AttentionBlock(q.to(dev), k.to(dev), (first[row] + local).to(dev), (row * width + local).to(dev))
+
+
+@dataclass
 class GroupAttentionPlan:
     """Index plan for attention over group-packed rows (train/step.py's group_packed_layout: per
     group [prefix][member 1]...[member K], groups side by side in a row), computed once per
@@ -33,29 +63,23 @@ class GroupAttentionPlan:
     The tree mask lets a prefix position see the earlier positions of its prefix, and a member
     position see its group's whole prefix and the earlier positions of its own member, nothing
     else. Dense attention over a row computes all S x S pairs; this plan computes only the
-    allowed blocks: one causal SDPA over the prefixes (gathered, padded to the longest) and one
-    over the members, each member's queries against [its prefix ++ itself] (padded to the longest
-    prefix + the longest member). For 4 members of 64 tokens after a 40-token prompt that is ~3x
-    fewer query-key pairs than one group per row, and far fewer when groups share a row.
+    allowed blocks: one causal SDPA over the prefixes (gathered, padded to the longest), and one
+    per prefix length over the members of groups with that prefix length, each member's queries
+    against [its prefix ++ itself] (members padded at the end to the longest). Every block is
+    plain causal attention with the last query aligned to the last key, so no mask is built or
+    held (on CUDA it runs as flash attention's bottom-right causal kernel). For 4 members of 64
+    tokens after a 40-token prompt that is ~3x fewer query-key pairs than one group per row, and
+    far fewer when groups share a row.
 
-    Flat positions index [R * S]. ``prefix_q`` [G, P]: each group's prefix positions (padding
-    repeats a valid one); ``member_q`` [M, Lq] / ``member_k`` [M, Lk]: query / key positions per
-    member; ``member_allowed`` [M, 1, Lq, Lk] bool (True = attend); ``*_pos`` / ``*_sel``: the
-    real tokens' flat positions and where they sit in the flattened block outputs. ``mask``: the
-    dense mask this plan replaces (the attention uses the plan only when called with it).
+    ``blocks``: the prefixes' block first (when any group has a prefix), then the members' blocks.
+    ``mask``: the dense (or plan-only) mask this plan stands for (the attention uses the plan only
+    when called with it).
     """
 
     mask: torch.Tensor
     rows: int
     width: int
-    prefix_q: torch.Tensor
-    prefix_pos: torch.Tensor
-    prefix_sel: torch.Tensor
-    member_q: torch.Tensor
-    member_k: torch.Tensor
-    member_allowed: torch.Tensor
-    member_pos: torch.Tensor
-    member_sel: torch.Tensor
+    blocks: tuple[AttentionBlock, ...]
 
     def matches(self, attention_mask: Any) -> bool:
         """Whether ``attention_mask`` is this plan's mask: the same tensor, or a view of the same
@@ -69,38 +93,42 @@ class GroupAttentionPlan:
     def build(spans: list[tuple[int, int, int, list[tuple[int, int]]]], rows: int, width: int,
               mask: torch.Tensor) -> GroupAttentionPlan:
         """``spans``: per group, (row, prefix offset, prefix length, [(offset, length) per member])."""
-        p_max = max((sp for _, _, sp, _ in spans), default=0)
-        prefixes = [(row * width + start, sp) for row, start, sp, _ in spans if sp > 0]
-        members = [(row * width + start, sp, row * width + off, ln)
-                   for row, start, sp, ms in spans for off, ln in ms if ln > 0]
-        l_max = max((ln for *_, ln in members), default=1)
-        ar_p, ar_l = torch.arange(max(p_max, 1)), torch.arange(l_max)
-        prefix_q = torch.zeros(len(prefixes), p_max, dtype=torch.long)
-        p_pos, p_sel = [], []
-        for j, (first, sp) in enumerate(prefixes):
-            prefix_q[j] = first + ar_p[:p_max].clamp(max=sp - 1)
-            p_pos.append(first + torch.arange(sp))
-            p_sel.append(j * p_max + torch.arange(sp))
-        m = len(members)
-        q_idx = torch.zeros(m, l_max, dtype=torch.long)
-        k_idx = torch.zeros(m, p_max + l_max, dtype=torch.long)
-        allowed = torch.zeros(m, 1, l_max, p_max + l_max, dtype=torch.bool)
-        causal = torch.ones(l_max, l_max, dtype=torch.bool).tril()
-        m_pos, m_sel = [], []
-        for j, (pfirst, sp, first, ln) in enumerate(members):
-            own = first + ar_l.clamp(max=ln - 1)
-            q_idx[j] = own
-            k_idx[j, :p_max] = pfirst + ar_p[:p_max].clamp(max=max(sp - 1, 0))
-            k_idx[j, p_max:] = own
-            allowed[j, 0, :, :sp] = True
-            allowed[j, 0, :, p_max:p_max + ln] = causal[:, :ln]
-            m_pos.append(first + torch.arange(ln))
-            m_sel.append(j * l_max + torch.arange(ln))
-        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))  # noqa: E731
         dev = mask.device
-        return GroupAttentionPlan(mask, rows, width, prefix_q.to(dev), cat(p_pos).to(dev), cat(p_sel).to(dev),
-                                  q_idx.to(dev), k_idx.to(dev), allowed.to(dev), cat(m_pos).to(dev),
-                                  cat(m_sel).to(dev))
+        blocks = []
+        prefixes = [(row * width + start, sp) for row, start, sp, _ in spans if sp > 0]
+        if prefixes:
+            blocks.append(_block(prefixes, [], 0, dev))
+        by_prefix: dict[int, tuple[list[tuple[int, int]], list[int]]] = {}
+        for row, start, sp, members in spans:
+            own, pre = by_prefix.setdefault(sp, ([], []))
+            for off, ln in members:
+                if ln > 0:
+                    own.append((row * width + off, ln))
+                    pre.append(row * width + start)
+        for sp in sorted(by_prefix):
+            own, pre = by_prefix[sp]
+            if own:
+                blocks.append(_block(own, pre, sp, dev))
+        return GroupAttentionPlan(mask, rows, width, tuple(blocks))
+
+
+def _bottom_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """SDPA where query i of Lq sees keys 0 .. i + Lk - Lq. On CUDA through torch's
+    causal_lower_right bias (flash / memory-efficient kernels, no mask); elsewhere with the
+    [Lq, Lk] boolean mask (torch's bias would build the same mask, warning on every call)."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    if lq == lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if _use_causal_bias(q):
+        from torch.nn.attention.bias import causal_lower_right
+
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk), scale=scale)
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def _use_causal_bias(t: torch.Tensor) -> bool:
+    return t.is_cuda
 
 
 def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -115,19 +143,10 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
     take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, n, hn).permute(0, 2, 1, 3)  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     out = q.new_zeros(b * s, n, hn)
-    for idx, keys, allowed, pos, sel in (
-        (plan.prefix_q, plan.prefix_q, None, plan.prefix_pos, plan.prefix_sel),
-        (plan.member_q, plan.member_k, plan.member_allowed, plan.member_pos, plan.member_sel),
-    ):
-        if not pos.numel():
-            continue
-        qb, kb, vb = take(qf, idx), take(kf, keys), take(vf, keys)  # [blocks, n, L, hn]
-        if allowed is None:  # prefixes: plain causal attention within each one
-            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
-        else:
-            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale)
+    for blk in plan.blocks:
+        ob = _bottom_right_causal(take(qf, blk.q), take(kf, blk.k), take(vf, blk.k), scale)
         ob = ob.permute(0, 2, 1, 3).reshape(-1, n, hn)
-        out = out.index_copy(0, pos, ob.index_select(0, sel))
+        out = out.index_copy(0, blk.pos, ob.index_select(0, blk.sel))
     return out.view(b, s, n, hn).permute(0, 2, 1, 3)
 
 
@@ -227,5 +246,5 @@ def use_sdpa_core_attention(spec: Any) -> Any:
     return spec
 
 
-__all__ = ["GroupAttentionPlan", "SDPADotProductAttention", "group_attention", "is_plan_only_mask", "plan_only_mask",
+__all__ = ["AttentionBlock", "GroupAttentionPlan", "SDPADotProductAttention", "group_attention", "is_plan_only_mask", "plan_only_mask",
            "use_sdpa_core_attention"]

@@ -126,10 +126,22 @@ def test_one_packed_shape_for_interleaved_pipelines():
         group_packed_layout(cuts[0], shape=(rows, 2))
 
 
-def test_group_attention_plan_equals_dense_tree_mask():
+@pytest.mark.parametrize("route", ["bool-mask", "causal-bias"])
+def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
     """GroupAttentionPlan's block attention == SDPA with the dense tree mask, outputs and
-    gradients, float64: ragged prefixes and members, the shortest members (the last prompt token + one generated token), padded rows."""
+    gradients, float64: ragged prefixes and members, the shortest members (the last prompt token +
+    one generated token), padded rows, four prefix lengths. ``causal-bias``: the blocks go through
+    torch's causal_lower_right bias as on CUDA (on a CPU torch builds its mask), so the alignment
+    the GPU route relies on is checked here. The plan holds no mask: its index tensors grow with
+    the tokens, not with their square."""
+    import warnings
+
+    from megatron_recycle.model import attention
     from megatron_recycle.model.attention import GroupAttentionPlan, group_attention
+
+    if route == "causal-bias":
+        monkeypatch.setattr(attention, "_use_causal_bias", lambda t: True)
+        warnings.filterwarnings("ignore", message=".*(flash|efficient|Memory|Flash|Mem).*")
 
     seqs, masks, gids, adv = _sequences(seed=4)
     seqs += [[5, 6, 7, 8, 9], [5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
@@ -140,6 +152,9 @@ def test_group_attention_plan_equals_dense_tree_mask():
     assert rows < len(p.spans) and min(ln for *_, ms in p.spans for _, ln in ms) == 2  # last prompt token + 1
     assert any(start > 0 for _, start, _, _ in p.spans)  # some row holds two groups
     plan = GroupAttentionPlan.build(p.spans, rows, width, p.attention_mask)
+    assert len({blk.k.shape[1] - blk.q.shape[1] for blk in plan.blocks[1:]}) == 4  # member blocks per prefix length
+    held = sum(t.numel() for blk in plan.blocks for t in (blk.q, blk.k, blk.pos, blk.sel))
+    assert held <= 4 * len(seqs) * max(map(len, seqs)), held
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
