@@ -34,7 +34,8 @@ def _case(k: int, prompt: int, member: int, dense: bool, repeats: int) -> dict:
     import torch
 
     from megatron_recycle.model.attention import GroupAttentionPlan
-    from megatron_recycle.train.step import build_batch, group_packed_layout
+    from megatron_recycle.train.batch import build_batch
+    from megatron_recycle.train.packing import group_packed_layout
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

@@ -155,7 +155,7 @@ def random_batch(n: int, seq_len: int, vocab: int, prompt_frac: float, seed: int
     so the step packs them (optim.pack_groups) as it does in training. ``min_len_frac`` < 1: each
     row's length is drawn uniformly from [min_len_frac * L, L] and the rest is right padding (what
     multi-turn trajectories of different lengths look like; the longest row sets L)."""
-    from megatron_recycle.train.step import TrajectoryBatch
+    from megatron_recycle.train.batch import TrajectoryBatch
 
     if group_size < 1 or n % group_size:
         raise SystemExit(f"--group-size {group_size} must be >= 1 and divide --sequences {n}")
@@ -222,13 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_recycle.model.build import describe_memory_options, memory_options, unwrap_model
     from megatron_recycle.model.parallel import destroy_distributed, init_distributed
-    from megatron_recycle.train.step import (
-        GRPOLossConfig,
-        compute_logprobs,
-        describe_grad_reduction,
-        grpo_train_step,
-        setup_model_and_optimizer,
-    )
+    from megatron_recycle.train.optim import describe_grad_reduction, setup_model_and_optimizer
+    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
     if a.bucket_size is not None and not a.overlap_grad_reduce:
         raise SystemExit("--bucket-size only applies with --overlap-grad-reduce")

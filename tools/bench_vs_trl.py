@@ -131,7 +131,7 @@ class OurSide:
 
         from megatron_recycle.engines.hf import HFEngine
         from megatron_recycle.model.parallel import init_distributed
-        from megatron_recycle.train.step import setup_model_and_optimizer
+        from megatron_recycle.train.optim import setup_model_and_optimizer
 
         if engine not in ("native", "hf"):
             raise ValueError(f"engine must be 'native' or 'hf', got {engine!r}")
@@ -195,7 +195,8 @@ class OurSide:
 
         from megatron_recycle.engines.base import SamplingParams
         from megatron_recycle.model.convert import export_hf_state_dict
-        from megatron_recycle.train.step import GRPOLossConfig, build_batch, grpo_train_step
+        from megatron_recycle.train.batch import build_batch
+        from megatron_recycle.train.step import GRPOLossConfig, grpo_train_step
 
         t: dict[str, float] = {}
         t0 = time.perf_counter()

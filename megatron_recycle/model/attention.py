@@ -56,7 +56,7 @@ def _block(queries: list[tuple[int, int]], prefix: list[int], prefix_len: int, d
 
 @dataclass
 class GroupAttentionPlan:
-    """Index plan for attention over group-packed rows (train/step.py's group_packed_layout: per
+    """Index plan for attention over group-packed rows (train/packing.py's group_packed_layout: per
     group [prefix][member 1]...[member K], groups side by side in a row), computed once per
     micro-batch and used by every layer.
 
@@ -153,7 +153,7 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
 class SDPADotProductAttention(DotProductAttention):
     """DotProductAttention whose forward runs torch's fused scaled_dot_product_attention.
 
-    ``group_plans``: GroupAttentionPlans set by train/step.py for one micro-batch's forward (and
+    ``group_plans``: GroupAttentionPlans set by train/packing.py for one micro-batch's forward (and
     kept through its backward pass when the model recomputes activations); a call with one plan's
     mask computes only that plan's allowed blocks. Several are set at once under pipeline
     parallelism with recomputation: the 1F1B schedule runs later micro-batches' forwards before an

@@ -230,7 +230,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
 
 
 def _batch_from_groups(groups: list[list[dict]], rt: rtm.Runtime):
-    from megatron_recycle.train.step import build_batch
+    from megatron_recycle.train.batch import build_batch
 
     pad = rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else 0
     mbs = rt.cfg.optim.micro_batch_size
@@ -257,11 +257,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         rss_gib,
         write_pool_history,
     )
-    from megatron_recycle.train.step import (
-        GRPOLossConfig,
-        compute_logprobs,
-        grpo_train_step,
-    )
+    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
     run_dir = cfg.run_dir
     paths = rtm.ensure_data(cfg)
@@ -304,7 +300,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                               temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0)
     if rt.is_rank0:
         from megatron_recycle.model.build import describe_memory_options, unwrap_model
-        from megatron_recycle.train.step import describe_grad_reduction
+        from megatron_recycle.train.optim import describe_grad_reduction
 
         memory = ", ".join(x for x in (describe_memory_options(unwrap_model(rt.chunks[0]).config),
                                        describe_grad_reduction(rt.chunks)) if x)
@@ -463,8 +459,8 @@ def checkpoint_parts(rt: rtm.Runtime) -> dict[str, Any]:
     """This rank's training state for a checkpoint: model chunks, optimizer (with the distributed
     optimizer's shards), their global-name records for resharding, LR schedule, RNG streams."""
     from megatron_recycle.train.checkpoint import capture_rng_state
+    from megatron_recycle.train.optim import optimizer_state_dict
     from megatron_recycle.train.reshard import model_space_records
-    from megatron_recycle.train.step import optimizer_state_dict
 
     return {
         "model": [c.state_dict() for c in rt.chunks],
@@ -479,7 +475,7 @@ def restore_checkpoint(ckpt, rt: rtm.Runtime, step: int, tag: str) -> dict[str, 
     """Load checkpoint ``step`` into ``rt`` (resharded when it was saved on another layout), with
     its LR schedule and RNG streams; returns its shared part. ``tag`` prefixes the messages."""
     from megatron_recycle.train.checkpoint import LayoutChanged, restore_rng_state
-    from megatron_recycle.train.step import load_optimizer_state_dict, schedule_differences
+    from megatron_recycle.train.optim import load_optimizer_state_dict, schedule_differences
 
     try:
         shared, parts = ckpt.load(step)

@@ -54,7 +54,7 @@ class _Owner:
     flat range of the TP shard), or nothing when another DP rank owns all of it."""
 
     def __init__(self, opt: Any) -> None:
-        from megatron_recycle.train.step import _is_distributed_optimizer, _sub_optimizers
+        from megatron_recycle.train.optim import _is_distributed_optimizer, _sub_optimizers
 
         self.subs = [(o, _is_distributed_optimizer(o)) for o in _sub_optimizers(opt)]
         self.plain = [(o, _main_params(o)) for o, distributed in self.subs if not distributed]

@@ -300,7 +300,7 @@ def setup_runtime(
         resolve_model_folder,
     )
     from megatron_recycle.model.parallel import init_distributed, validate_layout
-    from megatron_recycle.train.step import setup_model_and_optimizer
+    from megatron_recycle.train.optim import setup_model_and_optimizer
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -392,7 +392,8 @@ def check_engine_sync(rt: Runtime) -> None:
     """
     from megatron_recycle.engines.vllm import WeightMismatchError
     from megatron_recycle.model.convert import export_hf_state_dict
-    from megatron_recycle.train.step import build_batch, compute_logprobs
+    from megatron_recycle.train.batch import build_batch
+    from megatron_recycle.train.step import compute_logprobs
 
     check = export_hf_state_dict(rt.chunks, rt.hf_config)
     if rt.engine is None:  # this rank only takes part in the collectives

@@ -88,10 +88,11 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     newest complete one, and the run ends as the uninterrupted one would."""
     from megatron_recycle.model.build import resolve_layer_spec_name
     from megatron_recycle.model.convert import save_hf_checkpoint
+    from megatron_recycle.train.batch import build_batch
     from megatron_recycle.train.checkpoint import CheckpointManager
     from megatron_recycle.train.grpo import StopFlag, checkpoint_parts, restore_checkpoint
     from megatron_recycle.train.metrics import MetricsWriter
-    from megatron_recycle.train.step import build_batch, sft_train_step
+    from megatron_recycle.train.step import sft_train_step
 
     paths = rtm.ensure_data(cfg)
     rows = read_oracle_file(paths["sft"], cfg.data.skip_bad_rows)

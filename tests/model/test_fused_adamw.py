@@ -6,13 +6,9 @@ import torch
 
 from megatron_recycle.model.build import build_model_chunks
 from megatron_recycle.model.convert import load_hf_weights
-from megatron_recycle.train.step import (
-    GRPOLossConfig,
-    _torch_optimizers,
-    build_batch,
-    grpo_train_step,
-    wrap_model_and_build_optimizer,
-)
+from megatron_recycle.train.batch import build_batch
+from megatron_recycle.train.optim import _torch_optimizers, wrap_model_and_build_optimizer
+from megatron_recycle.train.step import GRPOLossConfig, grpo_train_step
 
 
 def test_fused_cpu_adamw_matches_unfused(world1, tiny):

@@ -16,15 +16,10 @@ import torch
 
 from megatron_recycle.model.build import build_model_chunks
 from megatron_recycle.model.convert import load_hf_weights
-from megatron_recycle.train.step import (
-    GRPOLossConfig,
-    build_batch,
-    compute_logprobs,
-    group_packed_layout,
-    grpo_train_step,
-    shared_prefix_length,
-    wrap_model_and_build_optimizer,
-)
+from megatron_recycle.train.batch import build_batch
+from megatron_recycle.train.optim import wrap_model_and_build_optimizer
+from megatron_recycle.train.packing import group_packed_layout, shared_prefix_length
+from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
 K = 3
 
@@ -99,7 +94,7 @@ def test_one_packed_shape_for_interleaved_pipelines():
     """Virtual pipeline stages exchange one tensor shape: each micro-batch's packed layout is
     padded (rows and columns) to the largest one, keeping its tokens, targets and gathers; when
     that would cost as many positions as padded rows, the micro-batches stay padded."""
-    from megatron_recycle.train.step import _one_packed_shape
+    from megatron_recycle.train.packing import _one_packed_shape
 
     seqs, masks, gids, adv = _sequences(seed=3)
     cuts = [build_batch(seqs[i:i + K], masks[i:i + K], advantages=adv[i:i + K], group_ids=gids[i:i + K])
@@ -126,22 +121,11 @@ def test_one_packed_shape_for_interleaved_pipelines():
         group_packed_layout(cuts[0], shape=(rows, 2))
 
 
-@pytest.mark.parametrize("route", ["bool-mask", "causal-bias"])
-def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
-    """GroupAttentionPlan's block attention == SDPA with the dense tree mask, outputs and
-    gradients, float64: ragged prefixes and members, the shortest members (the last prompt token +
-    one generated token), padded rows, four prefix lengths. ``causal-bias``: the blocks go through
-    torch's causal_lower_right bias as on CUDA (on a CPU torch builds its mask), so the alignment
-    the GPU route relies on is checked here. The plan holds no mask: its index tensors grow with
-    the tokens, not with their square."""
-    import warnings
-
-    from megatron_recycle.model import attention
-    from megatron_recycle.model.attention import GroupAttentionPlan, group_attention
-
-    if route == "causal-bias":
-        monkeypatch.setattr(attention, "_use_causal_bias", lambda t: True)
-        warnings.filterwarnings("ignore", message=".*(flash|efficient|Memory|Flash|Mem).*")
+def _plan_case():
+    """A packed layout for the plan tests: ragged prefixes and members, the shortest members (the
+    last prompt token + one generated token), rows holding two groups, padded rows; its plan,
+    the real positions and float64 q, k, v [rows, 4 heads, width, 8]."""
+    from megatron_recycle.model.attention import GroupAttentionPlan
 
     seqs, masks, gids, adv = _sequences(seed=4)
     seqs += [[5, 6, 7, 8, 9], [5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
@@ -156,14 +140,36 @@ def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
     held = sum(t.numel() for blk in plan.blocks for t in (blk.q, blk.k, blk.pos, blk.sel))
     assert held <= 4 * len(seqs) * max(map(len, seqs)), held
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
+    qkv = tuple(torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64, requires_grad=True)
+                for _ in range(3))
     real = torch.zeros(rows, width, dtype=torch.bool)
     for r, start, sp, ms in p.spans:
         real[r, start:start + sp] = True
         for off, ln in ms:
             real[r, off:off + ln] = True
     assert (~real).any()  # some row is padded
+    return p, plan, real, qkv, g
+
+
+@pytest.mark.parametrize("route", ["bool-mask", "causal-bias"])
+def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
+    """GroupAttentionPlan's block attention == SDPA with the dense tree mask, outputs and
+    gradients, float64: ragged prefixes and members, the shortest members (the last prompt token +
+    one generated token), padded rows, four prefix lengths. ``causal-bias``: the blocks go through
+    torch's causal_lower_right bias as on CUDA (on a CPU torch builds its mask), so the alignment
+    the GPU route relies on is checked here. The plan holds no mask: its index tensors grow with
+    the tokens, not with their square."""
+    import warnings
+
+    from megatron_recycle.model import attention
+    from megatron_recycle.model.attention import group_attention
+
+    if route == "causal-bias":
+        monkeypatch.setattr(attention, "_use_causal_bias", lambda t: True)
+        warnings.filterwarnings("ignore", message=".*(flash|efficient|Memory|Flash|Mem).*")
+
+    p, plan, real, (q, k, v), g = _plan_case()
+    rows, width = p.tokens.shape
     weights = torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64) * real[:, None, :, None]
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~p.attention_mask, scale=0.3)
     block = group_attention(plan, q, k, v, 0.3)
@@ -172,6 +178,29 @@ def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
     gb = torch.autograd.grad((block * weights).sum(), (q, k, v))
     for a, b in zip(gb, gd):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA kernels behind causal_lower_right")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_group_attention_plan_on_cuda(dtype, tol):
+    """On CUDA the plan's blocks run through torch's causal_lower_right bias (flash attention in
+    bf16, memory-efficient attention in fp32): outputs and gradients against the float64 dense
+    tree mask on the CPU. Tolerance: ``tol`` x the largest reference value."""
+    from megatron_recycle.model.attention import GroupAttentionPlan, group_attention
+
+    p, _, real, (q, k, v), g = _plan_case()
+    rows, width = p.tokens.shape
+    weights = torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64) * real[:, None, :, None]
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~p.attention_mask, scale=0.3)
+    gd = torch.autograd.grad((dense * weights).sum(), (q, k, v))
+    plan = GroupAttentionPlan.build(p.spans, rows, width, p.attention_mask.cuda())
+    qc, kc, vc = (t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v))
+    block = group_attention(plan, qc, kc, vc, 0.3)
+    keep = real[:, None, :, None]
+    torch.testing.assert_close(block.double().cpu() * keep, dense.detach() * keep, atol=tol * float(dense.abs().max()), rtol=0)
+    gb = torch.autograd.grad((block * weights.to("cuda", dtype)).sum(), (qc, kc, vc))
+    for a, b in zip(gb, gd):
+        torch.testing.assert_close(a.double().cpu(), b, atol=tol * float(b.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("kind,tied", [("llama", True), ("qwen3", False)])

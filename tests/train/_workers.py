@@ -170,7 +170,7 @@ def _dp_share() -> tuple[Any, dict, dict, Any, slice, Any]:
     from megatron.core import parallel_state as ps
 
     from megatron_recycle.model.convert import load_hf_weights
-    from megatron_recycle.train.step import TrajectoryBatch, shard_for_data_parallel
+    from megatron_recycle.train.batch import TrajectoryBatch, shard_for_data_parallel
 
     cfg, sd = tiny_llama()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -186,12 +186,8 @@ def grpo_layout(args: dict) -> dict:
     With "recompute"/"sp" in ``args`` the model recomputes activations / runs sequence parallel;
     ``out["calls"][mbs]`` then counts the layer and core-attention calls of the SGD step."""
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu
-    from megatron_recycle.train.step import (
-        GRPOLossConfig,
-        compute_logprobs,
-        grpo_train_step,
-        setup_model_and_optimizer,
-    )
+    from megatron_recycle.train.optim import setup_model_and_optimizer
+    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
     cfg, sd, gb, local, rows, load = _dp_share()
     loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0, compute_entropy=True, agg=args.get("agg", "token-mean"))
@@ -241,12 +237,8 @@ def sequence_parallel_padding(args: dict) -> dict:
     Llama or (``kind="qwen3"``) a tiny Qwen3 with per-head q/k norms: log-probs (every position, and
     only the loss positions) and the SGD gradient of one GRPO step."""
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
-    from megatron_recycle.train.step import (
-        GRPOLossConfig,
-        compute_logprobs,
-        grpo_train_step,
-        setup_model_and_optimizer,
-    )
+    from megatron_recycle.train.optim import setup_model_and_optimizer
+    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
     cfg, sd = tiny_qwen3() if args.get("kind") == "qwen3" else tiny_llama()
     gb = global_batch()
@@ -278,7 +270,7 @@ def _paired_batch(packed: bool, length: int = SEQ - 1) -> Any:
     """The global batch cut to ``length`` with pairs of rows sharing their first 3 (loss-free)
     tokens: GRPO groups of 2 whose shared prompt group packing computes once (group ids only
     when ``packed``)."""
-    from megatron_recycle.train.step import TrajectoryBatch
+    from megatron_recycle.train.batch import TrajectoryBatch
 
     gb = global_batch()
     tokens, mask = gb["tokens"][:, :length].clone(), gb["loss_mask"][:, :length].clone()
@@ -295,12 +287,8 @@ def pipeline_packing(args: dict) -> dict:
     log-probs (all positions, loss positions only), the SGD gradient of one GRPO step, its
     metrics and the attention call counts."""
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
-    from megatron_recycle.train.step import (
-        GRPOLossConfig,
-        compute_logprobs,
-        grpo_train_step,
-        setup_model_and_optimizer,
-    )
+    from megatron_recycle.train.optim import setup_model_and_optimizer
+    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
     cfg, sd = tiny_llama()
     gb = global_batch()
@@ -341,13 +329,8 @@ def overlap_grad_reduce(args: dict) -> dict:
     from megatron.core.distributed import param_and_grad_buffer as pgb
 
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu
-    from megatron_recycle.train.step import (
-        GRPOLossConfig,
-        compute_logprobs,
-        describe_grad_reduction,
-        grpo_train_step,
-        setup_model_and_optimizer,
-    )
+    from megatron_recycle.train.optim import describe_grad_reduction, setup_model_and_optimizer
+    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
     cfg, sd, gb, local, rows, load = _dp_share()
     loss_cfg = GRPOLossConfig(kl_beta=0.05, clip_c=3.0)
@@ -411,13 +394,9 @@ def length_grouping(args: dict) -> dict:
     decoder-layer input shapes of each."""
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
     from megatron_recycle.train import step as step_mod
-    from megatron_recycle.train.step import (
-        GRPOLossConfig,
-        TrajectoryBatch,
-        compute_logprobs,
-        grpo_train_step,
-        setup_model_and_optimizer,
-    )
+    from megatron_recycle.train.batch import TrajectoryBatch
+    from megatron_recycle.train.optim import setup_model_and_optimizer
+    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
     cfg, sd = tiny_llama()
     gb = global_batch()
@@ -454,7 +433,9 @@ def length_grouping(args: dict) -> dict:
 def sft_steps(args: dict) -> dict:
     """A few SFT steps on one tiny batch: the masked next-token loss must go down."""
     from megatron_recycle.model.convert import load_hf_weights
-    from megatron_recycle.train.step import TrajectoryBatch, setup_model_and_optimizer, sft_train_step
+    from megatron_recycle.train.batch import TrajectoryBatch
+    from megatron_recycle.train.optim import setup_model_and_optimizer
+    from megatron_recycle.train.step import sft_train_step
 
     cfg, sd = tiny_llama()
     gb = global_batch()
@@ -468,12 +449,9 @@ def sft_steps(args: dict) -> dict:
 def grpo_bf16(args: dict) -> dict:
     """bf16 parameters (Float16Module, fp32 main weights), distributed optimizer: log-probs and two steps."""
     from megatron_recycle.model.convert import load_hf_weights
-    from megatron_recycle.train.step import (
-        TrajectoryBatch,
-        compute_logprobs,
-        grpo_train_step,
-        setup_model_and_optimizer,
-    )
+    from megatron_recycle.train.batch import TrajectoryBatch
+    from megatron_recycle.train.optim import setup_model_and_optimizer
+    from megatron_recycle.train.step import compute_logprobs, grpo_train_step
 
     cfg, sd = tiny_llama()
     gb = global_batch()
@@ -499,15 +477,13 @@ def optimizer_resume(args: dict) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
-    from megatron_recycle.train.step import (
-        TrajectoryBatch,
-        compute_logprobs,
-        grpo_train_step,
+    from megatron_recycle.train.batch import TrajectoryBatch, shard_for_data_parallel
+    from megatron_recycle.train.optim import (
         load_optimizer_state_dict,
         optimizer_state_dict,
         setup_model_and_optimizer,
-        shard_for_data_parallel,
     )
+    from megatron_recycle.train.step import compute_logprobs, grpo_train_step
 
     cfg, sd = tiny_llama()
     gb = global_batch()
@@ -597,16 +573,14 @@ def reshard_stage(args: dict) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_recycle.model.convert import load_hf_weights
-    from megatron_recycle.train.reshard import load_resharded, model_space_records
-    from megatron_recycle.train.step import (
-        TrajectoryBatch,
+    from megatron_recycle.train.batch import TrajectoryBatch, shard_for_data_parallel
+    from megatron_recycle.train.optim import (
         _torch_optimizers,
-        compute_logprobs,
-        grpo_train_step,
         optimizer_state_dict,
         setup_model_and_optimizer,
-        shard_for_data_parallel,
     )
+    from megatron_recycle.train.reshard import load_resharded, model_space_records
+    from megatron_recycle.train.step import compute_logprobs, grpo_train_step
 
     cfg, sd = tiny_llama(tie=args.get("tie", True))
     gb = global_batch()

@@ -22,13 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_recycle.train.step import (
-    GRPOLossConfig,
-    TrajectoryBatch,
-    build_batch,
-    grpo_train_step,
-    shard_for_data_parallel,
-)
+from megatron_recycle.train.batch import TrajectoryBatch, build_batch, shard_for_data_parallel
+from megatron_recycle.train.step import GRPOLossConfig, grpo_train_step
 
 HERE = Path(__file__).resolve().parent
 
@@ -609,7 +604,7 @@ def test_distributed_optimizer_state_survives_a_resume_on_two_ranks(two_process_
 def test_schedule_differences_names_what_a_resume_keeps():
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megatron_recycle.train.step import schedule_differences
+    from megatron_recycle.train.optim import schedule_differences
 
     def sched(max_lr: float, decay_steps: int) -> OptimizerParamScheduler:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=max_lr)
