@@ -24,7 +24,6 @@ One step, top to bottom (ARCHITECTURE.md "One GRPO step"):
 from __future__ import annotations
 
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -35,44 +34,11 @@ import torch.distributed as dist
 from megatron_recycle.config import Config, check_against_data
 from megatron_recycle.pool import PoolClient, RecyclingPool, gather_rows, shard
 from megatron_recycle.train import runtime as rtm
+from megatron_recycle.train.resume import StopFlag, checkpoint_parts, restore_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the last checkpoint is left untouched."""
-
-
-class StopFlag:
-    """First Ctrl-C (SIGINT) or SIGTERM: finish the step, checkpoint, exit. A second one: stop now."""
-
-    def __init__(self, tag: str = "train") -> None:
-        self.requested = False
-        self.tag = tag
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n[{self.tag}] stop requested: finishing this step, then writing a checkpoint (again to abort)",
-              flush=True)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def any_rank(self) -> bool:
-        """Whether any rank was asked to stop (collective: every rank calls it each step)."""
-        from megatron_recycle.model.parallel import max_over_world
-
-        return max_over_world(int(self.requested)) > 0
 
 
 def make_pool(cfg: Config, num_queries: int) -> RecyclingPool:
@@ -420,81 +386,6 @@ class _DecisionLog:
     def write(self, step: int, decisions: list[dict]) -> None:
         with open(self.path, "a") as f:
             f.write(self._json.dumps({"step": step, "gen_batches": decisions}) + "\n")
-
-
-def describe_layout(d: dict) -> str:
-    """A LayoutChanged side (checkpoint.LAYOUT_KEYS values and world_size) in words."""
-    tp, pp, world = d.get("model.tp") or 1, d.get("model.pp") or 1, d.get("world_size") or 1
-    buckets = ""
-    if d.get("optim.overlap_grad_reduce"):  # only recorded where they shard the state (checkpoint.py)
-        size = d.get("optim.ddp_bucket_size")
-        buckets = f" (gradient buckets of {f'{size:,} parameters' if size else 'the default size'})"
-    return (f"{world} ranks: TP {tp}, PP {pp}, VPP {d.get('model.vpp') or 1}, DP {world // (tp * pp)}, "
-            f"distributed optimizer {'on' if d.get('optim.use_distributed_optimizer') else 'off'}{buckets}")
-
-
-def _load_resharded(ckpt, rt: rtm.Runtime, layout, tag: str = "train") -> tuple[dict, dict]:
-    """Resume a checkpoint saved on another layout (train/reshard.py); returns (shared, this rank's parts)."""
-    from megatron_recycle.train.reshard import load_resharded, rng_state_for_new_layout
-
-    if rt.is_rank0:
-        print(f"[{tag}] --resume: checkpoint step {layout.step} was saved by {describe_layout(layout.saved)}; this run "
-              f"has {describe_layout(layout.current)}: resharding its weights and optimizer state", flush=True)
-    t0 = time.perf_counter()
-    shared, old = ckpt.load_all(layout.step)
-    counts = load_resharded(rt.chunks, rt.optimizer, rt.hf_config, [p.get("model_space") for p in old])
-    seconds = time.perf_counter() - t0
-    # The scheduler is the same on every rank. RNG streams belong to ranks, which the new layout
-    # renumbers: rank r continues old rank (r mod saved ranks)'s streams.
-    source = rt.layout.rank % len(old)
-    if rt.is_rank0:
-        print(f"[{tag}] --resume: resharded {counts['params']} parameter shards and {counts['optimizer_shards']} "
-              f"optimizer shards on rank 0 in {seconds:.1f}s (files verified and read); RNG streams: rank r "
-              f"continues saved rank r mod {len(old)}", flush=True)
-    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return shared, {"scheduler": old[0]["scheduler"], "rng": rng_state_for_new_layout(old[source]["rng"], cuda_devices)}
-
-
-def checkpoint_parts(rt: rtm.Runtime) -> dict[str, Any]:
-    """This rank's training state for a checkpoint: model chunks, optimizer (with the distributed
-    optimizer's shards), their global-name records for resharding, LR schedule, RNG streams."""
-    from megatron_recycle.train.checkpoint import capture_rng_state
-    from megatron_recycle.train.optim import optimizer_state_dict
-    from megatron_recycle.train.reshard import model_space_records
-
-    return {
-        "model": [c.state_dict() for c in rt.chunks],
-        "optimizer": optimizer_state_dict(rt.optimizer),
-        "model_space": model_space_records(rt.chunks, rt.optimizer),
-        "scheduler": rt.scheduler.state_dict(),
-        "rng": capture_rng_state(),
-    }
-
-
-def restore_checkpoint(ckpt, rt: rtm.Runtime, step: int, tag: str) -> dict[str, Any]:
-    """Load checkpoint ``step`` into ``rt`` (resharded when it was saved on another layout), with
-    its LR schedule and RNG streams; returns its shared part. ``tag`` prefixes the messages."""
-    from megatron_recycle.train.checkpoint import LayoutChanged, restore_rng_state
-    from megatron_recycle.train.optim import load_optimizer_state_dict, schedule_differences
-
-    try:
-        shared, parts = ckpt.load(step)
-        for chunk, sd in zip(rt.chunks, parts["model"]):
-            chunk.load_state_dict(sd)
-        load_optimizer_state_dict(rt.optimizer, parts["optimizer"])
-    except LayoutChanged as layout:
-        shared, parts = _load_resharded(ckpt, rt, layout, tag)
-    changed = schedule_differences(rt.scheduler, parts["scheduler"])
-    if changed and rt.is_rank0:
-        if tag == "train":
-            start_over = "train --init-from a Hugging Face export such as RUN_DIR/final_hf or --save-hf DIR"
-        else:
-            start_over = "`megatron-recycle export RUN_DIR/sft` a checkpoint and start SFT from it as model.name_or_path"
-        print(f"[{tag}] --resume: the learning-rate schedule continues the checkpoint's, which differs from "
-              f"this config's: {'; '.join(changed)}. A new schedule needs a new run ({start_over}).", flush=True)
-    rt.scheduler.load_state_dict(parts["scheduler"])
-    restore_rng_state(parts["rng"])
-    return shared
 
 
 def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int) -> None:

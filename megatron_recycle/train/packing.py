@@ -13,7 +13,7 @@ the layout carries a plan-only stand-in for the O(S^2) mask. Under pipeline para
 stage builds the same layout from the same micro-batch and the stages exchange each packed
 micro-batch's shape first (``config.variable_seq_lengths``); virtual pipeline stages exchange one
 shape for all micro-batches, so there the layouts are padded to the largest one
-(:func:`_one_packed_shape`). Where the attention is not the local one, the step trains padded rows.
+(:func:`one_packed_shape`). Where the attention is not the local one, the step trains padded rows.
 Tests: tests/model/test_group_packing.py, tests/train/test_step.py.
 """
 
@@ -66,7 +66,8 @@ class PackedRows:
                           self.spans)
 
 
-def _model_width(seq: int, multiple: int) -> int:
+def model_width(seq: int, multiple: int) -> int:
+    """``seq`` rounded up to a multiple of ``multiple`` (the TP size under sequence parallelism)."""
     return -(-seq // multiple) * multiple
 
 
@@ -135,7 +136,7 @@ def group_packed_layout(
     layout = _rows_for_groups([p[2] for p in plan], row_tokens)
     rows = len(layout)
     width = max(sum(plan[g][2] for g in row) for row in layout)
-    width = _model_width(width, width_multiple)
+    width = model_width(width, width_multiple)
     if shape is not None:
         if shape[0] < rows or shape[1] < width:
             raise ValueError(f"shape={shape} cannot hold the packed layout of {rows} rows x {width} positions")
@@ -206,7 +207,9 @@ def packing_supported(model_chunks: Sequence[torch.nn.Module]) -> str | None:
 _PACKING_NOTED: set[str] = set()
 
 
-def _use_packing(batch: TrajectoryBatch, pack: bool, model_chunks: Sequence[torch.nn.Module]) -> bool:
+def use_packing(batch: TrajectoryBatch, pack: bool, model_chunks: Sequence[torch.nn.Module]) -> bool:
+    """Whether ``batch`` is trained group-packed: asked for, grouped, and supported by the model
+    (otherwise padded rows, with a warning once per reason)."""
     if not pack or batch.group_ids is None:
         return False
     reason = packing_supported(model_chunks)
@@ -218,7 +221,7 @@ def _use_packing(batch: TrajectoryBatch, pack: bool, model_chunks: Sequence[torc
     return True
 
 
-class _RopePositions:
+class RopePositions:
     """Within the block, the model's RoPE uses per-token ``position_ids`` [b, S] (packed rows)
     instead of 0..S-1. megatron-core's GPTModel derives RoPE from the sequence length alone."""
 
@@ -245,7 +248,7 @@ class _RopePositions:
             del self.rope.forward
 
 
-class _GroupAttention:
+class GroupAttention:
     """Within the block, the SDPA core attention of every layer computes only the blocks of the
     group tree mask (model/attention.py GroupAttentionPlan) when called with ``packed``'s mask."""
 
@@ -293,7 +296,7 @@ def drop_group_plans(modules: Sequence[torch.nn.Module]) -> None:
             sub.__dict__.pop("group_plans", None)
 
 
-def _plans_always_apply(model_chunks: Sequence[torch.nn.Module]) -> bool:
+def plans_always_apply(model_chunks: Sequence[torch.nn.Module]) -> bool:
     """Whether every layer's attention computes group-packed rows by their GroupAttentionPlan on
     every call (SDPADotProductAttention without dropout, bias or special softmax), so that the
     micro-batches need no dense tree mask."""
@@ -305,7 +308,7 @@ def _plans_always_apply(model_chunks: Sequence[torch.nn.Module]) -> bool:
     return bool(cores) and all(isinstance(c, SDPADotProductAttention) and c.takes_group_plans() for c in cores)
 
 
-def _one_packed_shape(cuts: list[TrajectoryBatch], multiple: int, padded_positions: int) -> tuple[int, int] | None:
+def one_packed_shape(cuts: list[TrajectoryBatch], multiple: int, padded_positions: int) -> tuple[int, int] | None:
     """Interleaved (virtual) pipeline stages exchange one tensor shape for every micro-batch: the
     largest (rows, width) of the micro-batches' packed layouts, to pad them all to, or None (train
     padded rows) when that would compute as many positions as the padded micro-batches do. The

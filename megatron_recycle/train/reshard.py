@@ -17,7 +17,7 @@ the Hugging Face weight import uses. The optimizer state is elementwise, so the 
 of the weights apply to it unchanged. Nothing is recomputed: after a resharded load the model,
 the main weights and the moments are the checkpoint's values, bit for bit
 (tests/train/test_reshard.py). Only the RNG streams cannot be carried over to other ranks; the
-caller restarts them (train/grpo.py).
+caller restarts them (train/resume.py).
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from megatron_recycle.model.convert import save_hf_checkpoint
     from megatron_recycle.train.batch import build_batch
     from megatron_recycle.train.checkpoint import CheckpointManager
-    from megatron_recycle.train.grpo import StopFlag, checkpoint_parts, restore_checkpoint
     from megatron_recycle.train.metrics import MetricsWriter
+    from megatron_recycle.train.resume import StopFlag, checkpoint_parts, restore_checkpoint
     from megatron_recycle.train.step import sft_train_step
 
     paths = rtm.ensure_data(cfg)

@@ -53,15 +53,15 @@ import torch.nn.functional as F
 
 from megatron_recycle.train.batch import TrajectoryBatch
 from megatron_recycle.train.packing import (
+    GroupAttention,
     PackedRows,
-    _GroupAttention,
-    _model_width,
-    _one_packed_shape,
-    _plans_always_apply,
-    _RopePositions,
-    _use_packing,
+    RopePositions,
     drop_group_plans,
     group_packed_layout,
+    model_width,
+    one_packed_shape,
+    plans_always_apply,
+    use_packing,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def _selection_for(mb: TrajectoryBatch, packed: PackedRows | None, width: int | 
         return LogitSelection.build(packed.gather_index, packed.targets, mb.target_mask, rows, pwidth)
     width = width or mb.seq_length
     n, seq = mb.tokens.shape
-    # the forward's grid is [n, width]: width > seq when the model pads the sequence (_model_width)
+    # the forward's grid is [n, width]: width > seq when the model pads the sequence (model_width)
     grid = torch.arange(n)[:, None] * width + torch.arange(seq - 1)[None]
     targets = torch.cat([mb.tokens[:, 1:], mb.tokens[:, :1]], dim=1)
     targets = F.pad(targets, (0, width - seq))
@@ -251,7 +251,7 @@ def _micro_batches(
     and with PP > 1 where the stages exchange each micro-batch's shape first
     (``config.variable_seq_lengths``, model.build); virtual stages exchange one shape for all, so
     there every micro-batch is cut to the batch's longest extent, and group-packed layouts are
-    padded to one shape (:func:`_one_packed_shape`). The loss and the gradient are the same (each is a sum over sequences,
+    padded to one shape (:func:`one_packed_shape`). The loss and the gradient are the same (each is a sum over sequences,
     normalized by global counts; the cut columns come after every loss position of the
     micro-batch, which causal attention never lets back in). ``return_order``: also return the row
     order used (None: the batch's own).
@@ -263,7 +263,7 @@ def _micro_batches(
             f"pad the batch with build_batch(pad_rows_to_multiple_of={micro_batch_size})"
         )
     dev = _device()
-    packing = _use_packing(batch, pack, model_chunks)
+    packing = use_packing(batch, pack, model_chunks)
     multiple = _seq_multiple(model_chunks[0]) if model_chunks else 1
     one_shape = bool(model_chunks) and not _shapes_may_vary(model_chunks[0])
     grouped = LENGTH_GROUPING and select and not packing and not one_shape
@@ -288,13 +288,13 @@ def _micro_batches(
         cuts.append(mb)
     packs: list[PackedRows | None] = [None] * len(cuts)
     if packing:
-        shape = _one_packed_shape(cuts, multiple, _model_width(batch.seq_length, multiple) * n) if one_shape else None
+        shape = one_packed_shape(cuts, multiple, model_width(batch.seq_length, multiple) * n) if one_shape else None
         if shape is not None or not one_shape:  # (under VPP, None: packing would save nothing)
-            dense = not _plans_always_apply(model_chunks)
+            dense = not plans_always_apply(model_chunks)
             packs = [group_packed_layout(mb, width_multiple=multiple, shape=shape, dense_mask=dense) for mb in cuts]
     out = []
     for mb, packed in zip(cuts, packs):
-        width = _model_width(mb.seq_length, multiple)
+        width = model_width(mb.seq_length, multiple)
         selection = _selection_for(mb, packed, width).to(dev) if select else None
         fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if f.name not in ("packed", "select")}
         fields = {k: (None if v is None else v.to(dev, non_blocking=True)) for k, v in fields.items()}
@@ -308,7 +308,7 @@ def _schedule_shape(mbs: list[TrajectoryBatch], micro_batch_size: int, model: to
     first = mbs[0]
     if first.packed is not None:
         return int(first.packed.tokens.shape[1]), int(first.packed.tokens.shape[0])
-    return _model_width(first.seq_length, _seq_multiple(model)), micro_batch_size
+    return model_width(first.seq_length, _seq_multiple(model)), micro_batch_size
 
 
 def _shapes_may_vary(model: torch.nn.Module) -> bool:
@@ -372,13 +372,13 @@ def _forward_step(loss_fn: Callable, data_iterator: Any, model: torch.nn.Module)
             stack.enter_context(_SelectedLogits(model, mb.select))
         if mb.packed is not None:
             p = mb.packed
-            stack.enter_context(_RopePositions(model, p.position_ids))
-            stack.enter_context(_GroupAttention(model, p))
+            stack.enter_context(RopePositions(model, p.position_ids))
+            stack.enter_context(GroupAttention(model, p))
             output = model(p.tokens, p.position_ids, p.attention_mask)
         else:
             tokens = mb.tokens
             b, seq = tokens.shape
-            width = _model_width(seq, _seq_multiple(model))
+            width = model_width(seq, _seq_multiple(model))
             if width != seq:  # sequence parallelism: pad to a multiple of tp at the end
                 tokens = F.pad(tokens, (0, width - seq))
             position_ids = torch.arange(width, device=tokens.device).unsqueeze(0).expand(b, width)

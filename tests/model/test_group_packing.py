@@ -94,7 +94,7 @@ def test_one_packed_shape_for_interleaved_pipelines():
     """Virtual pipeline stages exchange one tensor shape: each micro-batch's packed layout is
     padded (rows and columns) to the largest one, keeping its tokens, targets and gathers; when
     that would cost as many positions as padded rows, the micro-batches stay padded."""
-    from megatron_recycle.train.packing import _one_packed_shape
+    from megatron_recycle.train.packing import one_packed_shape
 
     seqs, masks, gids, adv = _sequences(seed=3)
     cuts = [build_batch(seqs[i:i + K], masks[i:i + K], advantages=adv[i:i + K], group_ids=gids[i:i + K])
@@ -103,7 +103,7 @@ def test_one_packed_shape_for_interleaved_pipelines():
     assert len({p.tokens.shape for p in natural}) > 1  # the groups pack to different widths
     rows = max(p.tokens.shape[0] for p in natural)
     width = max(p.tokens.shape[1] for p in natural)
-    assert _one_packed_shape(cuts, multiple=1, padded_positions=10**6) == (rows, width)
+    assert one_packed_shape(cuts, multiple=1, padded_positions=10**6) == (rows, width)
     padded = [group_packed_layout(mb, shape=(rows, width)) for mb in cuts]
     assert all(p.tokens.shape == (rows, width) and p.attention_mask.shape == (rows, 1, width, width) for p in padded)
     for nat, pad in zip(natural, padded):
@@ -116,7 +116,7 @@ def test_one_packed_shape_for_interleaved_pipelines():
         assert torch.equal(pad.attention_mask[:r, :, :w, :w], nat.attention_mask)
         assert not (~pad.attention_mask[:r, :, :w, w:]).any()  # real positions never see the padding
         assert pad.spans == nat.spans and pad.saved_tokens == nat.saved_tokens - (rows * width - r * w)
-    assert _one_packed_shape(cuts, multiple=1, padded_positions=len(cuts) * rows * width) is None
+    assert one_packed_shape(cuts, multiple=1, padded_positions=len(cuts) * rows * width) is None
     with pytest.raises(ValueError, match="cannot hold"):
         group_packed_layout(cuts[0], shape=(rows, 2))
 

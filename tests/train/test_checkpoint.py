@@ -239,8 +239,8 @@ def test_gradient_buckets_are_a_layout_key_only_with_the_distributed_optimizer(t
             CheckpointManager(dist, config_dict=_cfg(optim__use_distributed_optimizer=True,
                                                      **{**overlap, **changed})).load()
         assert e.value.saved["optim.ddp_bucket_size"] == 1000
-        # what `train --resume` prints before resharding (train/grpo.py)
-        from megatron_recycle.train.grpo import describe_layout
+        # what `train --resume` prints before resharding (train/resume.py)
+        from megatron_recycle.train.resume import describe_layout
 
         assert describe_layout(e.value.saved) == ("1 ranks: TP 1, PP 1, VPP 1, DP 1, distributed optimizer on "
                                                   "(gradient buckets of 1,000 parameters)")
