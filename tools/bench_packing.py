@@ -11,6 +11,15 @@ Each case runs in a fresh process, so its peak resident memory is its own.
     .venv/bin/python tools/bench_packing.py [--k 5] [--prompt 300] [--members 1000 2000 4000] [--out benchmarks]
 
 Prints a table (layout time, mask size, plan time and size, peak RSS) and writes bench_packing_layout.{json,csv}.
+
+With ``--attention`` it times the attention instead (forward+backward, fp32, median of
+``--repeats``): the group's K trajectories as K padded rows under plain causal attention (what the
+step computes with ``--no-pack`` / ``optim.pack_groups=false``) against the packed row through the
+group plan (model.attention.group_attention), with a dense output gradient as in a model, and
+the query-key pairs each computes; it writes
+bench_packing_attention.{json,csv}.
+
+    .venv/bin/python tools/bench_packing.py --attention [--heads 9] [--head-dim 64] [--members 250 500 1000]
 """
 
 from __future__ import annotations
@@ -61,12 +70,69 @@ def _case(k: int, prompt: int, member: int, dense: bool, repeats: int) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int, repeats: int) -> dict:
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from megatron_recycle.model.attention import GroupAttentionPlan, group_attention
+    from megatron_recycle.train.batch import build_batch
+    from megatron_recycle.train.packing import group_packed_layout
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(4, 1000, (prompt,), generator=g).tolist()
+    seqs = [shared + torch.randint(4, 1000, (member,), generator=g).tolist() for _ in range(k)]
+    masks = [[0] * prompt + [1] * member for _ in range(k)]
+    packed = group_packed_layout(build_batch(seqs, masks, group_ids=[0] * k), dense_mask=False)
+    rows, width = packed.tokens.shape
+    plan = GroupAttentionPlan.build(packed.spans, rows, width, packed.attention_mask)
+    seq = prompt + member
+
+    def timed(fn, shape) -> float:
+        q, kk, v = (torch.randn(*shape, generator=g, requires_grad=True) for _ in range(3))
+        grad_out = torch.randn(*shape, generator=g)  # a dense output gradient, as in a model
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            fn(q, kk, v).backward(grad_out)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+
+    scale = head_dim ** -0.5
+    padded = timed(lambda q, kk, v: F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=scale),
+                   (k, heads, seq, head_dim))
+    grouped = timed(lambda q, kk, v: group_attention(plan, q, kk, v, scale), (rows, heads, width, head_dim))
+    sp = packed.spans[0][2]  # the shared prefix (the prompt less its last token, which each member repeats)
+    members = [ln for _, _, _, ms in packed.spans for _, ln in ms]
+    return {"k": k, "prompt": prompt, "member": member, "heads": heads, "head_dim": head_dim,
+            "padded_positions": k * seq, "packed_positions": rows * width,
+            "padded_pairs": k * seq * (seq + 1) // 2,
+            "plan_pairs": sp * (sp + 1) // 2 + sum(ln * sp + ln * (ln + 1) // 2 for ln in members),
+            "padded_fwd_bwd_s": padded, "plan_fwd_bwd_s": grouped}
+
+
+def _write(out: Path, name: str, meta: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out / name}.json and .csv")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--k", type=int, default=5, help="trajectories per group")
     p.add_argument("--prompt", type=int, default=300, help="shared prompt tokens")
     p.add_argument("--members", type=int, nargs="+", default=[1000, 2000, 4000], help="generated tokens per trajectory")
     p.add_argument("--repeats", type=int, default=3, help="layouts built per case (the fastest is reported)")
+    p.add_argument("--attention", action="store_true",
+                   help="time the attention (padded causal rows vs the group plan) instead of the layout")
+    p.add_argument("--heads", type=int, default=9, help="attention heads (--attention; SmolLM2-135M: 9)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension (--attention)")
     p.add_argument("--out", default=str(REPO / "benchmarks"))
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: k,prompt,member,dense
     a = p.parse_args(argv)
@@ -74,8 +140,26 @@ def main(argv: list[str] | None = None) -> int:
         k, prompt, member, dense = a.case.split(",")
         print(json.dumps(_case(int(k), int(prompt), int(member), dense == "1", a.repeats)))
         return 0
-    if a.k < 1 or a.prompt < 1 or min(a.members) < 1:
-        raise SystemExit("--k, --prompt and --members must be >= 1")
+    if a.k < 1 or a.prompt < 1 or min(a.members) < 1 or a.repeats < 1 or a.heads < 1 or a.head_dim < 1:
+        raise SystemExit("--k, --prompt, --members, --repeats, --heads and --head-dim must be >= 1")
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    if a.attention:
+        import torch
+
+        print(f"attention of one group: K={a.k}, prompt {a.prompt} tokens, {a.heads} heads x {a.head_dim}, fp32, "
+              f"one thread, forward+backward, median of {a.repeats}")
+        print(f"{'generated':>10}{'padded pos.':>13}{'packed pos.':>13}{'padded pairs':>14}{'plan pairs':>12}"
+              f"{'padded (s)':>12}{'plan (s)':>10}")
+        rows = []
+        for member in a.members:
+            r = _attention_case(a.k, a.prompt, member, a.heads, a.head_dim, a.repeats)
+            rows.append(r)
+            print(f"{member:>10}{r['padded_positions']:>13}{r['packed_positions']:>13}{r['padded_pairs']:>14}"
+                  f"{r['plan_pairs']:>12}{r['padded_fwd_bwd_s']:>12.3f}{r['plan_fwd_bwd_s']:>10.3f}")
+        _write(Path(a.out), "bench_packing_attention", {**meta, "torch": torch.__version__}, rows)
+        return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     rows = []
     print(f"group-packed layout of one group: K={a.k}, prompt {a.prompt} tokens (fastest of {a.repeats}, one thread)")
@@ -91,17 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(f"{member:>10}{r['width']:>8}{r['mask']:>11}{r['layout_s']:>12.3f}{r['mask_mib']:>12.3f}"
                   f"{r['plan_s']:>10.4f}{r['plan_mib']:>12.3f}{r['peak_rss_gib']:>16.2f}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "rows": rows}
-    (out / "bench_packing_layout.json").write_text(json.dumps(meta, indent=2) + "\n")
-    with open(out / "bench_packing_layout.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out / 'bench_packing_layout'}.json and .csv")
+    _write(Path(a.out), "bench_packing_layout", meta, rows)
     return 0
 
 

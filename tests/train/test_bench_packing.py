@@ -27,3 +27,19 @@ def test_bench_packing_writes_both_mask_kinds(tmp_path):
     # (q, pos, sel) and 3 x (7 + 17) keys, int64
     assert dense["plan_mib"] == light["plan_mib"] == 8 * (4 * 7 + 3 * 3 * 17 + 3 * 24) / 2**20
     assert "plan-only" in proc.stdout
+
+
+def test_bench_packing_attention_counts_the_pairs(tmp_path):
+    """--attention: padded causal rows vs the group plan; the positions and query-key pairs each
+    computes are counted from the layout (no timing is asserted, only that both were timed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_packing.py"), "--attention", "--k", "3", "--prompt", "8",
+           "--members", "16", "--repeats", "1", "--heads", "2", "--head-dim", "8", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "bench_packing_attention.json").read_text())["rows"]
+    assert (tmp_path / "bench_packing_attention.csv").is_file()
+    assert row["padded_positions"] == 3 * 24 and row["packed_positions"] == 7 + 3 * 17
+    assert row["padded_pairs"] == 3 * 24 * 25 // 2
+    assert row["plan_pairs"] == 7 * 8 // 2 + 3 * (17 * 7 + 17 * 18 // 2)  # shared prefix once; members see it
+    assert row["padded_fwd_bwd_s"] > 0 and row["plan_fwd_bwd_s"] > 0
