@@ -66,8 +66,9 @@ class GroupAttentionPlan:
     allowed blocks: one causal SDPA over the prefixes (gathered, padded to the longest), and one
     per prefix length over the members of groups with that prefix length, each member's queries
     against [its prefix ++ itself] (members padded at the end to the longest). Every block is
-    plain causal attention with the last query aligned to the last key, so no mask is built or
-    held (on CUDA it runs as flash attention's bottom-right causal kernel). For 4 members of 64
+    plain causal attention with the last query aligned to the last key, so the plan holds no mask
+    (on CUDA a block runs as flash attention's bottom-right causal kernel; elsewhere each call
+    builds one [Lq, Lk] mask, shared by the block). For 4 members of 64
     tokens after a 40-token prompt that is ~3x fewer query-key pairs than one group per row, and
     far fewer when groups share a row.
 

@@ -31,12 +31,6 @@ from megatron_recycle.train.batch import TrajectoryBatch
 logger = logging.getLogger(__name__)
 
 
-def _ps() -> Any:
-    from megatron.core import parallel_state
-
-    return parallel_state
-
-
 @dataclass
 class PackedRows:
     """A micro-batch re-laid out by group: [shared prefix][suffix 1]...[suffix K], groups side by side.
@@ -190,11 +184,12 @@ def group_packed_layout(
 
 def packing_supported(model_chunks: Sequence[torch.nn.Module]) -> str | None:
     """None when group packing can run on these chunks, else the reason it cannot."""
+    from megatron.core import parallel_state
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_recycle.model.build import unwrap_model
 
-    if _ps().get_pipeline_model_parallel_world_size() > 1 and not model_chunks:
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 and not model_chunks:
         return "pipeline parallelism without the model chunks (the stages' shape exchange is unknown)"
     for chunk in model_chunks:
         for layer in unwrap_model(chunk).decoder.layers:
