@@ -15,8 +15,9 @@ Prints a table (layout time, mask size, plan time and size, peak RSS) and writes
 With ``--attention`` it times the attention instead (forward+backward, fp32, median of
 ``--repeats``): the group's K trajectories as K padded rows under plain causal attention (what the
 step computes with ``--no-pack`` / ``optim.pack_groups=false``) against the packed row through the
-group plan (model.attention.group_attention), with a dense output gradient as in a model, and
-the query-key pairs each computes; it writes
+group plan (model.attention.group_attention) on this device's route (a CPU: each member block as
+two flash calls merged by log-sum-exp) and, for comparison, with one masked call per block, with
+a dense output gradient as in a model, and the query-key pairs each computes; it writes
 bench_packing_attention.{json,csv}.
 
     .venv/bin/python tools/bench_packing.py --attention [--heads 9] [--head-dim 64] [--members 250 500 1000]
@@ -76,6 +77,7 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
     import torch
     import torch.nn.functional as F
 
+    from megatron_recycle.model import attention
     from megatron_recycle.model.attention import GroupAttentionPlan, group_attention
     from megatron_recycle.train.batch import build_batch
     from megatron_recycle.train.packing import group_packed_layout
@@ -103,14 +105,22 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
     scale = head_dim ** -0.5
     padded = timed(lambda q, kk, v: F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=scale),
                    (k, heads, seq, head_dim))
+    route = attention._route(torch.zeros(1))
     grouped = timed(lambda q, kk, v: group_attention(plan, q, kk, v, scale), (rows, heads, width, head_dim))
+    default_route = attention._route
+    attention._route = lambda t: "bool-mask"  # one masked call per block, for comparison
+    try:
+        masked = timed(lambda q, kk, v: group_attention(plan, q, kk, v, scale), (rows, heads, width, head_dim))
+    finally:
+        attention._route = default_route
     sp = packed.spans[0][2]  # the shared prefix (the prompt less its last token, which each member repeats)
     members = [ln for _, _, _, ms in packed.spans for _, ln in ms]
     return {"k": k, "prompt": prompt, "member": member, "heads": heads, "head_dim": head_dim,
             "padded_positions": k * seq, "packed_positions": rows * width,
             "padded_pairs": k * seq * (seq + 1) // 2,
             "plan_pairs": sp * (sp + 1) // 2 + sum(ln * sp + ln * (ln + 1) // 2 for ln in members),
-            "padded_fwd_bwd_s": padded, "plan_fwd_bwd_s": grouped}
+            "padded_fwd_bwd_s": padded, "plan_route": route, "plan_fwd_bwd_s": grouped,
+            "plan_bool_mask_fwd_bwd_s": masked}
 
 
 def _write(out: Path, name: str, meta: dict, rows: list[dict]) -> None:
@@ -151,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attention of one group: K={a.k}, prompt {a.prompt} tokens, {a.heads} heads x {a.head_dim}, fp32, "
               f"one thread, forward+backward, median of {a.repeats}")
         print(f"{'generated':>10}{'padded pos.':>13}{'packed pos.':>13}{'padded pairs':>14}{'plan pairs':>12}"
-              f"{'padded (s)':>12}{'plan (s)':>10}")
+              f"{'padded (s)':>12}{'plan (s)':>10}{'plan, masked (s)':>18}  plan route")
         rows = []
         for member in a.members:
             r = _attention_case(a.k, a.prompt, member, a.heads, a.head_dim, a.repeats)
             rows.append(r)
             print(f"{member:>10}{r['padded_positions']:>13}{r['packed_positions']:>13}{r['padded_pairs']:>14}"
-                  f"{r['plan_pairs']:>12}{r['padded_fwd_bwd_s']:>12.3f}{r['plan_fwd_bwd_s']:>10.3f}")
+                  f"{r['plan_pairs']:>12}{r['padded_fwd_bwd_s']:>12.3f}{r['plan_fwd_bwd_s']:>10.3f}"
+                  f"{r['plan_bool_mask_fwd_bwd_s']:>18.3f}  {r['plan_route']}")
         _write(Path(a.out), "bench_packing_attention", {**meta, "torch": torch.__version__}, rows)
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -67,8 +67,8 @@ class GroupAttentionPlan:
     per prefix length over the members of groups with that prefix length, each member's queries
     against [its prefix ++ itself] (members padded at the end to the longest). Every block is
     plain causal attention with the last query aligned to the last key, so the plan holds no mask
-    (on CUDA a block runs as flash attention's bottom-right causal kernel; elsewhere each call
-    builds one [Lq, Lk] mask, shared by the block). For 4 members of 64
+    (on CUDA a block runs as flash attention's bottom-right causal kernel; on a CPU as two flash
+    calls merged by their log-sum-exps, :class:`_PrefixThenCausal`). For 4 members of 64
     tokens after a 40-token prompt that is ~3x fewer query-key pairs than one group per row, and
     far fewer when groups share a row.
 
@@ -113,14 +113,16 @@ class GroupAttentionPlan:
         return GroupAttentionPlan(mask, rows, width, tuple(blocks))
 
 
-def _bottom_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """SDPA where query i of Lq sees keys 0 .. i + Lk - Lq. On CUDA through torch's
-    causal_lower_right bias (flash / memory-efficient kernels, no mask); elsewhere with the
-    [Lq, Lk] boolean mask (torch's bias would build the same mask, warning on every call)."""
+def _bottom_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                         route: str) -> torch.Tensor:
+    """SDPA where query i of Lq sees keys 0 .. i + Lk - Lq. ``causal-bias``: torch's
+    causal_lower_right bias (on CUDA the flash / memory-efficient kernels, no mask); ``bool-mask``:
+    one [Lq, Lk] boolean mask, broadcast over the block (torch's bias would build the same mask on
+    a CPU, warning on every call)."""
     lq, lk = q.shape[-2], k.shape[-2]
     if lq == lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if _use_causal_bias(q):
+    if route == "causal-bias":
         from torch.nn.attention.bias import causal_lower_right
 
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk), scale=scale)
@@ -128,8 +130,55 @@ def _bottom_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
-def _use_causal_bias(t: torch.Tensor) -> bool:
-    return t.is_cuda
+def _cpu_flash_ops() -> tuple[Any, Any] | None:
+    """torch's CPU flash-attention forward (returning the log-sum-exp) and backward (taking it),
+    or None where this torch has no such ops."""
+    fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    return None if fwd is None or bwd is None else (fwd, bwd)
+
+
+class _PrefixThenCausal(torch.autograd.Function):
+    """Attention of Lq queries over [P prefix keys, which every query sees] ++ [Lq own keys,
+    causal], computed as two flash calls that skip every masked pair: the queries against the
+    prefix (no mask) and against their own keys (square causal), merged by their log-sum-exps.
+    One masked call instead computes all Lq x (P + Lq) pairs (a CPU kernel skips no masked tile).
+
+    Backward: flash attention's gradient of a key block depends on the queries' final output and
+    final log-sum-exp only, so each call's backward kernel, given the merged output and log-sum-exp,
+    returns exactly its keys' gradients and its share of the queries' (which add up). The same
+    identity splits ring attention across devices. Inputs [b, n, L, hn] (heads expanded)."""
+
+    @staticmethod
+    def forward(ctx, q, kp, vp, km, vm, scale):  # noqa: D102
+        fwd, _ = _cpu_flash_ops()
+        out_p, lse_p = fwd(q, kp, vp, 0.0, False, scale=scale)
+        out_m, lse_m = fwd(q, km, vm, 0.0, True, scale=scale)
+        lse = torch.logaddexp(lse_p, lse_m)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = (out_p.to(acc) * (lse_p - lse).exp().unsqueeze(-1).to(acc)
+               + out_m.to(acc) * (lse_m - lse).exp().unsqueeze(-1).to(acc)).to(q.dtype)
+        ctx.save_for_backward(q, kp, vp, km, vm, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        _, bwd = _cpu_flash_ops()
+        q, kp, vp, km, vm, out, lse = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq_p, dkp, dvp = bwd(grad, q, kp, vp, out, lse, 0.0, False, scale=ctx.scale)
+        dq_m, dkm, dvm = bwd(grad, q, km, vm, out, lse, 0.0, True, scale=ctx.scale)
+        return dq_p + dq_m, dkp, dvp, dkm, dvm, None
+
+
+def _route(t: torch.Tensor) -> str:
+    """How a GroupAttentionPlan's member blocks run on ``t``'s device: ``causal-bias`` on CUDA,
+    ``split`` (:class:`_PrefixThenCausal`) on a CPU whose torch has the CPU flash ops, else
+    ``bool-mask``."""
+    if t.is_cuda:
+        return "causal-bias"
+    return "split" if t.device.type == "cpu" and _cpu_flash_ops() is not None else "bool-mask"
 
 
 def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -144,8 +193,16 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
     take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, n, hn).permute(0, 2, 1, 3)  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     out = q.new_zeros(b * s, n, hn)
+    route = _route(q)
     for blk in plan.blocks:
-        ob = _bottom_right_causal(take(qf, blk.q), take(kf, blk.k), take(vf, blk.k), scale)
+        prefix = blk.k.shape[1] - blk.q.shape[1]
+        if route == "split" and prefix:
+            # a member block's keys are [prefix ++ its own queries' positions]
+            kp = blk.k[:, :prefix]
+            ob = _PrefixThenCausal.apply(take(qf, blk.q), take(kf, kp), take(vf, kp), take(kf, blk.q),
+                                         take(vf, blk.q), scale)
+        else:
+            ob = _bottom_right_causal(take(qf, blk.q), take(kf, blk.k), take(vf, blk.k), scale, route)
         ob = ob.permute(0, 2, 1, 3).reshape(-1, n, hn)
         out = out.index_copy(0, blk.pos, ob.index_select(0, blk.sel))
     return out.view(b, s, n, hn).permute(0, 2, 1, 3)

@@ -151,11 +151,13 @@ def _plan_case():
     return p, plan, real, qkv, g
 
 
-@pytest.mark.parametrize("route", ["bool-mask", "causal-bias"])
+@pytest.mark.parametrize("route", ["split", "bool-mask", "causal-bias"])
 def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
     """GroupAttentionPlan's block attention == SDPA with the dense tree mask, outputs and
     gradients, float64: ragged prefixes and members, the shortest members (the last prompt token +
-    one generated token), padded rows, four prefix lengths. ``causal-bias``: the blocks go through
+    one generated token), padded rows, four prefix lengths. ``split`` (the CPU default): a member
+    block as two flash calls merged by log-sum-exp, with their backward kernels given the merged
+    output. ``bool-mask``: one masked call per block. ``causal-bias``: the blocks go through
     torch's causal_lower_right bias as on CUDA (on a CPU torch builds its mask), so the alignment
     the GPU route relies on is checked here. The plan holds no mask: its index tensors grow with
     the tokens, not with their square."""
@@ -164,8 +166,15 @@ def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
     from megatron_recycle.model import attention
     from megatron_recycle.model.attention import group_attention
 
+    if route == "split":
+        assert attention._route(torch.zeros(1)) == "split", "this torch lacks the CPU flash-attention ops"
+        split_calls = []
+        real_apply = attention._PrefixThenCausal.apply
+        monkeypatch.setattr(attention._PrefixThenCausal, "apply",
+                            lambda *a: split_calls.append(1) or real_apply(*a))
+    else:
+        monkeypatch.setattr(attention, "_route", lambda t: route)
     if route == "causal-bias":
-        monkeypatch.setattr(attention, "_use_causal_bias", lambda t: True)
         warnings.filterwarnings("ignore", message=".*(flash|efficient|Memory|Flash|Mem).*")
 
     p, plan, real, (q, k, v), g = _plan_case()
@@ -178,14 +187,19 @@ def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
     gb = torch.autograd.grad((block * weights).sum(), (q, k, v))
     for a, b in zip(gb, gd):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    if route == "split":
+        assert len(split_calls) == 4  # one per prefix length: every member block went the split way
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA kernels behind causal_lower_right")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: the CUDA kernels behind causal_lower_right"))])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_group_attention_plan_on_cuda(dtype, tol):
-    """On CUDA the plan's blocks run through torch's causal_lower_right bias (flash attention in
-    bf16, memory-efficient attention in fp32): outputs and gradients against the float64 dense
-    tree mask on the CPU. Tolerance: ``tol`` x the largest reference value."""
+def test_group_attention_plan_in_low_precision(device, dtype, tol):
+    """The plan's blocks in fp32 and bf16 on each device's default route (CUDA: torch's
+    causal_lower_right bias, i.e. flash attention in bf16 and memory-efficient attention in fp32;
+    CPU: the split flash calls, whose bf16 log-sum-exps come back in fp32): outputs and gradients
+    against the float64 dense tree mask on the CPU. Tolerance: ``tol`` x the largest reference
+    value."""
     from megatron_recycle.model.attention import GroupAttentionPlan, group_attention
 
     p, _, real, (q, k, v), g = _plan_case()
@@ -193,12 +207,12 @@ def test_group_attention_plan_on_cuda(dtype, tol):
     weights = torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64) * real[:, None, :, None]
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~p.attention_mask, scale=0.3)
     gd = torch.autograd.grad((dense * weights).sum(), (q, k, v))
-    plan = GroupAttentionPlan.build(p.spans, rows, width, p.attention_mask.cuda())
-    qc, kc, vc = (t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v))
+    plan = GroupAttentionPlan.build(p.spans, rows, width, p.attention_mask.to(device))
+    qc, kc, vc = (t.detach().to(device, dtype).requires_grad_() for t in (q, k, v))
     block = group_attention(plan, qc, kc, vc, 0.3)
     keep = real[:, None, :, None]
     torch.testing.assert_close(block.double().cpu() * keep, dense.detach() * keep, atol=tol * float(dense.abs().max()), rtol=0)
-    gb = torch.autograd.grad((block * weights.to("cuda", dtype)).sum(), (qc, kc, vc))
+    gb = torch.autograd.grad((block * weights.to(device, dtype)).sum(), (qc, kc, vc))
     for a, b in zip(gb, gd):
         torch.testing.assert_close(a.double().cpu(), b, atol=tol * float(b.abs().max()), rtol=0)
 

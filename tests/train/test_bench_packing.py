@@ -30,7 +30,8 @@ def test_bench_packing_writes_both_mask_kinds(tmp_path):
 
 
 def test_bench_packing_attention_counts_the_pairs(tmp_path):
-    """--attention: padded causal rows vs the group plan; the positions and query-key pairs each
+    """--attention: padded causal rows vs the group plan (this device's route and one masked call per
+    block); the positions and query-key pairs each
     computes are counted from the layout (no timing is asserted, only that both were timed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(ROOT / "tools" / "bench_packing.py"), "--attention", "--k", "3", "--prompt", "8",
@@ -42,4 +43,5 @@ def test_bench_packing_attention_counts_the_pairs(tmp_path):
     assert row["padded_positions"] == 3 * 24 and row["packed_positions"] == 7 + 3 * 17
     assert row["padded_pairs"] == 3 * 24 * 25 // 2
     assert row["plan_pairs"] == 7 * 8 // 2 + 3 * (17 * 7 + 17 * 18 // 2)  # shared prefix once; members see it
-    assert row["padded_fwd_bwd_s"] > 0 and row["plan_fwd_bwd_s"] > 0
+    assert row["padded_fwd_bwd_s"] > 0 and row["plan_fwd_bwd_s"] > 0 and row["plan_bool_mask_fwd_bwd_s"] > 0
+    assert row["plan_route"] == "split"  # the CPU's route for the members' blocks
