@@ -30,9 +30,9 @@ def test_bench_packing_writes_both_mask_kinds(tmp_path):
 
 
 def test_bench_packing_attention_counts_the_pairs(tmp_path):
-    """--attention: padded causal rows vs the group plan (this device's route and one masked call per
-    block); the positions and query-key pairs each
-    computes are counted from the layout (no timing is asserted, only that both were timed)."""
+    """--attention: padded causal rows vs the group plan (this device's route, and one masked call
+    per block); the positions and query-key pairs each computes are counted from the layout (no
+    timing is asserted, only that all three were timed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(ROOT / "tools" / "bench_packing.py"), "--attention", "--k", "3", "--prompt", "8",
            "--members", "16", "--repeats", "1", "--heads", "2", "--head-dim", "8", "--out", str(tmp_path)]
