@@ -107,12 +107,8 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
                    (k, heads, seq, head_dim))
     route = attention._route(torch.zeros(1))
     grouped = timed(lambda q, kk, v: group_attention(plan, q, kk, v, scale), (rows, heads, width, head_dim))
-    default_route = attention._route
-    attention._route = lambda t: "bool-mask"  # one masked call per block, for comparison
-    try:
-        masked = timed(lambda q, kk, v: group_attention(plan, q, kk, v, scale), (rows, heads, width, head_dim))
-    finally:
-        attention._route = default_route
+    masked = timed(lambda q, kk, v: group_attention(plan, q, kk, v, scale, route="bool-mask"),  # for comparison
+                   (rows, heads, width, head_dim))
     sp = packed.spans[0][2]  # the shared prefix (the prompt less its last token, which each member repeats)
     members = [ln for _, _, _, ms in packed.spans for _, ln in ms]
     return {"k": k, "prompt": prompt, "member": member, "heads": heads, "head_dim": head_dim,

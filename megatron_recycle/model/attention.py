@@ -182,10 +182,11 @@ def _route(t: torch.Tensor) -> str:
 
 
 def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    scale: float | None) -> torch.Tensor:
+                    scale: float | None, route: str | None = None) -> torch.Tensor:
     """Attention over group-packed rows by the plan. q, k, v [b, n, S, hn] (heads already
     expanded); returns [b, n, S, hn]; padding positions get zeros (nothing reads them: no
-    position attends to padding and no loss sits on it)."""
+    position attends to padding and no loss sits on it). ``route``: how the member blocks run
+    (see :func:`_route`; None: the device's default; tests and benchmarks choose others)."""
     b, n, s, hn = q.shape
     flat = lambda t: t.permute(0, 2, 1, 3).reshape(b * s, n, hn)  # noqa: E731
     # index_select (backward: index_add) rather than advanced indexing (backward: a sorting
@@ -193,7 +194,9 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
     take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, n, hn).permute(0, 2, 1, 3)  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     out = q.new_zeros(b * s, n, hn)
-    route = _route(q)
+    route = route or _route(q)
+    if route not in ("split", "causal-bias", "bool-mask"):
+        raise ValueError(f"unknown group attention route {route!r} (split, causal-bias or bool-mask)")
     for blk in plan.blocks:
         prefix = blk.k.shape[1] - blk.q.shape[1]
         if route == "split" and prefix:

@@ -274,13 +274,8 @@ def schedule_differences(scheduler: Any, saved: dict[str, Any]) -> list[str]:
 
 def setup_model_and_optimizer(
     hf_config: Any,
-    lr: float,
-    weight_decay: float = 0.0,
-    clip_grad: float = 1.0,
-    use_distributed_optimizer: bool = False,
+    *,
     bf16: bool = False,
-    warmup_steps: int = 0,
-    total_steps: int = 1,
     load_weights: Callable[[list[torch.nn.Module]], None] | None = None,
     layer_spec: str = "auto",
     model_options: dict[str, Any] | None = None,
@@ -290,16 +285,17 @@ def setup_model_and_optimizer(
 
     Call after init_distributed. ``load_weights(chunks)`` (e.g. HF -> Megatron conversion) runs
     on the bare chunks before DDP and the optimizer copy them. ``model_options``: TransformerConfig
-    fields (model.build.memory_options: recomputation, sequence parallelism). ``optimizer_kwargs`` go
-    to wrap_model_and_build_optimizer (min_lr, lr_decay_style, optimizer, adam betas, sgd_momentum).
+    fields (model.build.memory_options: recomputation, sequence parallelism). ``bf16`` goes to both
+    the model and the optimizer; ``optimizer_kwargs`` (``lr`` required) to
+    wrap_model_and_build_optimizer, whose arguments they are.
     """
+    import inspect
+
     from megatron_recycle.model.build import build_model_chunks
 
+    # a missing lr or a misspelled key fails here, before the model is built
+    inspect.signature(wrap_model_and_build_optimizer).bind([], bf16=bf16, **optimizer_kwargs)
     chunks = build_model_chunks(hf_config, bf16=bf16, layer_spec=layer_spec, **(model_options or {}))
     if load_weights is not None:
         load_weights(chunks)
-    return wrap_model_and_build_optimizer(
-        chunks, lr=lr, weight_decay=weight_decay, clip_grad=clip_grad,
-        use_distributed_optimizer=use_distributed_optimizer, bf16=bf16,
-        warmup_steps=warmup_steps, total_steps=total_steps, **optimizer_kwargs,
-    )
+    return wrap_model_and_build_optimizer(chunks, bf16=bf16, **optimizer_kwargs)

@@ -172,8 +172,6 @@ def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
         real_apply = attention._PrefixThenCausal.apply
         monkeypatch.setattr(attention._PrefixThenCausal, "apply",
                             lambda *a: split_calls.append(1) or real_apply(*a))
-    else:
-        monkeypatch.setattr(attention, "_route", lambda t: route)
     if route == "causal-bias":
         warnings.filterwarnings("ignore", message=".*(flash|efficient|Memory|Flash|Mem).*")
 
@@ -181,7 +179,7 @@ def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
     rows, width = p.tokens.shape
     weights = torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64) * real[:, None, :, None]
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~p.attention_mask, scale=0.3)
-    block = group_attention(plan, q, k, v, 0.3)
+    block = group_attention(plan, q, k, v, 0.3, route=None if route == "split" else route)  # split: the CPU default
     torch.testing.assert_close(block * real[:, None, :, None], dense * real[:, None, :, None], atol=1e-12, rtol=0)
     gd = torch.autograd.grad((dense * weights).sum(), (q, k, v))
     gb = torch.autograd.grad((block * weights).sum(), (q, k, v))
@@ -353,3 +351,11 @@ def test_sdpa_core_attention_equals_megatrons_own(world1, tiny):
         fast = core(q, k, v, mask)
         slow = DotProductAttention.forward(core, q, k, v, mask)
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_group_attention_refuses_an_unknown_route():
+    from megatron_recycle.model.attention import group_attention
+
+    _, plan, _, (q, k, v), _ = _plan_case()
+    with pytest.raises(ValueError, match="unknown group attention route 'flash'"):
+        group_attention(plan, q, k, v, 0.3, route="flash")

@@ -616,3 +616,14 @@ def test_schedule_differences_names_what_a_resume_keeps():
     assert schedule_differences(sched(1e-6, 100), saved) == []
     got = schedule_differences(sched(2e-6, 300), saved)
     assert got == ["max_lr 1e-06 (this config: 2e-06)", "lr_decay_steps 100 (this config: 300)"]
+
+
+@pytest.mark.parametrize("kwargs,message", [({}, "'lr'"), ({"lr": 1e-3, "lr_decy_style": "cosine"}, "lr_decy_style")])
+def test_setup_refuses_bad_optimizer_arguments_before_building(kwargs, message):
+    """setup_model_and_optimizer passes its optimizer arguments through to
+    wrap_model_and_build_optimizer; a missing lr or a misspelled key is a TypeError naming it
+    before any model is built (hf_config=None would fail the build otherwise)."""
+    from megatron_recycle.train.optim import setup_model_and_optimizer
+
+    with pytest.raises(TypeError, match=message):
+        setup_model_and_optimizer(None, **kwargs)
