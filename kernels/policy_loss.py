@@ -2,19 +2,25 @@
 
 Forward: a 2-D grid of (row, token block) programs computes every token's loss term (ratio,
 clip, dual clip, k3 KL) and reduces it, with the token counts and the statistics, to per-block
-partial sums; a tiny [8, N, blocks] sum finishes the aggregation, so no [N, T] intermediate is
-written. Backward recomputes the per-token derivative from the same inputs and scales it by the
-row coefficient of the aggregation mode (reference.row_coefficients) times the upstream
-gradient, read from device memory (no host sync).
+partial sums [8, N, blocks], so no [N, T] intermediate is written; one more program (the finish
+kernel) adds them up in float64 per row, applies the aggregation mode's row coefficients
+(reference.row_coefficients) and writes the loss, the six statistics and the mode's denominator.
+Backward recomputes the per-token derivative from the same inputs and scales it by the row
+coefficient times the upstream gradient, both read from device memory. A forward and backward is
+three kernel launches and no host sync: at a few million tokens the inputs are tens of MB, which
+an H100 reads in microseconds, so every extra launch (the PyTorch ops that used to finish the
+aggregation were about 20) would be a visible share of the time.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 
 from . import buffers
 from .buffers import new_buffer, new_buffer_like
-from .reference import check_loss_args, row_coefficients
+from .reference import AGG_MODES, check_loss_args
 
 try:
     import triton
@@ -27,6 +33,8 @@ except ImportError:  # pragma: no cover
 # Rows of the partial-sum buffer written by the forward kernel.
 _PG, _KL, _CNT, _CLO, _CHI, _DUAL, _RATIO, _AKL = range(8)
 _N_PARTIALS = 8
+# How the finish kernel gets the normalizer: none (the local count), a host number, a device tensor.
+_NORM_NONE, _NORM_HOST, _NORM_DEVICE = range(3)
 
 
 if HAS_TRITON:
@@ -118,14 +126,95 @@ if HAS_TRITON:
         tl.store(out + 7 * stride_p, tl.sum(tl.where(m, tl.exp(nlr) - nlr - 1.0, zero), axis=0))
 
     @triton.jit
+    def _grpo_loss_finish_kernel(
+        part_ptr,
+        loss_ptr,
+        stats_ptr,
+        denom_ptr,
+        norm_ptr,
+        n_rows,
+        n_blk,
+        norm_hi,
+        norm_lo,
+        beta_hi,
+        beta_lo,
+        max_len,
+        AGG: tl.constexpr,
+        NORM: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        """One program: per-row sums of the forward's partials (float64), the loss under the
+        aggregation mode AGG (index into reference.AGG_MODES), the six statistics, and the mode's
+        denominator D (backward's row coefficient is 1 / D, or 1 / (D * row tokens) for
+        seq-mean-token-mean). Host floats arrive as float32 pairs (hi + lo) to keep float64 precision."""
+        stride_p = n_rows * n_blk
+        zero = tl.zeros([BLOCK_R], dtype=tl.float64)
+        acc_loss = zero
+        acc_cnt = zero
+        acc_kl = zero
+        acc_clo = zero
+        acc_chi = zero
+        acc_dual = zero
+        acc_ratio = zero
+        acc_akl = zero
+        f64 = tl.zeros([], dtype=tl.float64)  # scalar arguments (float32 / int, or Python numbers in the interpreter) + f64
+        beta = (f64 + beta_hi) + beta_lo
+        for r0 in range(0, n_rows, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            ok = rows < n_rows
+            base = part_ptr + rows.to(tl.int64) * n_blk
+            pg = zero
+            kl = zero
+            cnt = zero
+            for b in range(0, n_blk):
+                pg += tl.load(base + b, mask=ok, other=0.0).to(tl.float64)
+                kl += tl.load(base + (1 * stride_p + b), mask=ok, other=0.0).to(tl.float64)
+                cnt += tl.load(base + (2 * stride_p + b), mask=ok, other=0.0).to(tl.float64)
+                acc_clo += tl.load(base + (3 * stride_p + b), mask=ok, other=0.0).to(tl.float64)
+                acc_chi += tl.load(base + (4 * stride_p + b), mask=ok, other=0.0).to(tl.float64)
+                acc_dual += tl.load(base + (5 * stride_p + b), mask=ok, other=0.0).to(tl.float64)
+                acc_ratio += tl.load(base + (6 * stride_p + b), mask=ok, other=0.0).to(tl.float64)
+                acc_akl += tl.load(base + (7 * stride_p + b), mask=ok, other=0.0).to(tl.float64)
+            row_loss = pg + beta * kl
+            if AGG == 1:
+                row_loss = row_loss / tl.maximum(cnt, 1.0)
+            acc_loss += row_loss
+            acc_cnt += cnt
+            acc_kl += kl
+        total_cnt = tl.sum(acc_cnt, axis=0)
+        if NORM == 1:
+            denom = (f64 + norm_hi) + norm_lo
+        elif NORM == 2:
+            denom = tl.load(norm_ptr).to(tl.float64)
+        elif AGG == 0:
+            denom = tl.maximum(total_cnt, 1.0)
+        else:
+            denom = tl.maximum(f64 + n_rows, 1.0)
+        if AGG == 3:
+            denom = denom * max_len
+        tl.store(denom_ptr, denom)
+        tl.store(loss_ptr, (tl.sum(acc_loss, axis=0) / denom).to(loss_ptr.dtype.element_ty))
+        n_tok = tl.maximum(total_cnt, 1.0)
+        tl.store(stats_ptr + 0, (tl.sum(acc_clo, axis=0) / n_tok).to(tl.float32))
+        tl.store(stats_ptr + 1, (tl.sum(acc_chi, axis=0) / n_tok).to(tl.float32))
+        tl.store(stats_ptr + 2, (tl.sum(acc_dual, axis=0) / n_tok).to(tl.float32))
+        tl.store(stats_ptr + 3, (tl.sum(acc_ratio, axis=0) / n_tok).to(tl.float32))
+        tl.store(stats_ptr + 4, (tl.sum(acc_akl, axis=0) / n_tok).to(tl.float32))
+        tl.store(stats_ptr + 5, (tl.sum(acc_kl, axis=0) / n_tok).to(tl.float32))
+
+    @triton.jit
     def _grpo_loss_bwd_kernel(
         lp_ptr,
         old_ptr,
         ref_ptr,
         adv_ptr,
         mask_ptr,
-        scale_ptr,
+        part_ptr,
+        denom_ptr,
+        g_ptr,
         grad_ptr,
+        n_rows,
+        n_blk,
         n_cols,
         stride_lp,
         stride_old,
@@ -139,10 +228,20 @@ if HAS_TRITON:
         HAS_REF: tl.constexpr,
         USE_KL: tl.constexpr,
         HAS_DUAL: tl.constexpr,
+        ROW_MEAN: tl.constexpr,
         BLOCK_T: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        # the row coefficient (reference.row_coefficients) in float64, then times the upstream gradient
+        denom = tl.load(denom_ptr)
+        if ROW_MEAN:  # seq-mean-token-mean: also divided by the row's unmasked-token count
+            cnt_ptr = part_ptr + 2 * n_rows * n_blk + row * n_blk
+            cnt = tl.load(cnt_ptr).to(tl.float64)
+            for b in range(1, n_blk):
+                cnt += tl.load(cnt_ptr + b).to(tl.float64)
+            denom = tl.maximum(cnt, 1.0) * denom
+        scale = (1.0 / denom).to(tl.float32) * tl.load(g_ptr).to(tl.float32)
         inb = cols < n_cols
         m = (tl.load(mask_ptr + row * stride_mask + cols, mask=inb, other=0) != 0) & inb
         lp = tl.load(lp_ptr + row * stride_lp + cols, mask=inb, other=0.0).to(tl.float32)
@@ -152,7 +251,6 @@ if HAS_TRITON:
         else:
             ref = lp
         adv = tl.load(adv_ptr + row).to(tl.float32)
-        scale = tl.load(scale_ptr + row)
         lr, ratio, s1, s2, pg1, pg, dref = _token_terms(
             lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL
         )
@@ -182,6 +280,28 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
+def _f32_pair(x: float) -> tuple[float, float]:
+    """A host float as two float32 values whose sum is it to about 48 bits: Triton passes Python
+    floats to a kernel as float32, which would round a token count above 2**24 or a KL weight."""
+    hi = struct.unpack("f", struct.pack("f", float(x)))[0]
+    return hi, float(x) - hi
+
+
+def _normalizer_arg(normalizer: float | torch.Tensor | None, dev: torch.device) -> tuple[int, torch.Tensor | None, float, float]:
+    """(mode, device tensor, hi, lo) of the finish kernel's normalizer argument."""
+    if normalizer is None:
+        return _NORM_NONE, None, 0.0, 0.0
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"a tensor normalizer must hold one number, got shape {tuple(normalizer.shape)}")
+        return _NORM_DEVICE, normalizer.reshape(1).to(dev), 0.0, 0.0
+    return (_NORM_HOST, None, *_f32_pair(normalizer))
+
+
+# Rows per step of the finish kernel's loop (one program adds up [8, N, blocks] partials).
+_FINISH_ROWS = 512
+
+
 class GRPOLossFunction(torch.autograd.Function):
     """Fused GRPO loss; returns (loss, stats tensor [6]) and differentiates w.r.t. logprobs only."""
 
@@ -191,11 +311,12 @@ class GRPOLossFunction(torch.autograd.Function):
     ):  # type: ignore[override]
         n_rows, n_cols = logprobs.shape
         dev = logprobs.device
+        compiled = buffers.compiled(dev)
         block_t = _block_t(n_cols, dev)
         n_blk = max(1, triton.cdiv(n_cols, block_t))
-        part = new_buffer((_N_PARTIALS, n_rows, n_blk), torch.float32, dev)
         has_ref = ref is not None
         if n_rows > 0 and n_cols > 0:
+            part = new_buffer((_N_PARTIALS, n_rows, n_blk), torch.float32, dev)
             _grpo_loss_fwd_kernel[(n_rows, n_blk)](
                 logprobs,
                 old,
@@ -215,33 +336,50 @@ class GRPOLossFunction(torch.autograd.Function):
                 HAS_REF=has_ref,
                 HAS_DUAL=clip_c is not None,
                 BLOCK_T=block_t,
-                num_warps=4 if buffers.compiled(logprobs.device) else 1,
+                num_warps=4 if compiled else 1,
             )
-        else:
-            part.zero_()
-        rows = part.sum(dim=2, dtype=torch.float64)  # [8, N]
-        coef = row_coefficients(rows[_CNT], agg, normalizer, max_len)
-        per_row = rows[_PG] + (kl_beta * rows[_KL] if kl_beta != 0.0 else 0.0)
-        out_dt = torch.promote_types(logprobs.dtype, torch.float32)
-        loss = (coef * per_row).sum().to(out_dt)
-        n_tok = rows[_CNT].sum().clamp_min(1.0)
-        stats = torch.stack([rows[i].sum() / n_tok for i in (_CLO, _CHI, _DUAL, _RATIO, _AKL, _KL)]).to(
-            torch.float32
+        else:  # nothing to reduce: zero partials (at least one element, so the finish kernel has a pointer)
+            part = torch.zeros((_N_PARTIALS, max(n_rows, 1), n_blk), dtype=torch.float32, device=dev)
+        loss = new_buffer((), torch.promote_types(logprobs.dtype, torch.float32), dev)
+        stats = new_buffer((len(_STAT_NAMES),), torch.float32, dev)
+        denom = new_buffer((1,), torch.float64, dev)
+        norm_mode, norm_t, norm_hi, norm_lo = _normalizer_arg(normalizer, dev)
+        beta_hi, beta_lo = _f32_pair(kl_beta if has_ref else 0.0)
+        block_r = _FINISH_ROWS if compiled else max(16, min(4096, triton.next_power_of_2(max(n_rows, 1))))
+        _grpo_loss_finish_kernel[(1,)](
+            part,
+            loss,
+            stats,
+            denom,
+            denom if norm_t is None else norm_t,
+            n_rows,
+            n_blk,
+            norm_hi,
+            norm_lo,
+            beta_hi,
+            beta_lo,
+            int(max_len or 0),
+            AGG=AGG_MODES.index(agg),
+            NORM=norm_mode,
+            BLOCK_R=block_r,
+            num_warps=4 if compiled else 1,
         )
-        ctx.save_for_backward(logprobs, old, adv, mask, ref, coef.to(torch.float32))
-        ctx.cfg = (float(eps_low), float(eps_high), clip_c, float(kl_beta), block_t, n_blk)
+        ctx.save_for_backward(logprobs, old, adv, mask, ref, part, denom)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics (a launch saved)
+        ctx.cfg = (float(eps_low), float(eps_high), clip_c, float(kl_beta), block_t, n_blk, agg)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, g_loss, _g_stats):  # type: ignore[override]
-        logprobs, old, adv, mask, ref, coef = ctx.saved_tensors
-        eps_low, eps_high, clip_c, kl_beta, block_t, n_blk = ctx.cfg
+        logprobs, old, adv, mask, ref, part, denom = ctx.saved_tensors
+        eps_low, eps_high, clip_c, kl_beta, block_t, n_blk, agg = ctx.cfg
         n_rows, n_cols = logprobs.shape
+        if g_loss is None:
+            return None, *([None] * 11)
         grad = new_buffer_like(logprobs)
         if n_rows == 0 or n_cols == 0:
             return grad, *([None] * 11)
-        scale = (coef * g_loss.to(torch.float32)).contiguous()  # upstream gradient folded in on device
         has_ref = ref is not None
         _grpo_loss_bwd_kernel[(n_rows, n_blk)](
             logprobs,
@@ -249,8 +387,12 @@ class GRPOLossFunction(torch.autograd.Function):
             ref if has_ref else logprobs,
             adv,
             mask,
-            scale,
+            part,
+            denom,
+            g_loss,  # read on the device: no host sync
             grad,
+            n_rows,
+            n_blk,
             n_cols,
             logprobs.stride(0),
             old.stride(0),
@@ -264,6 +406,7 @@ class GRPOLossFunction(torch.autograd.Function):
             HAS_REF=has_ref,
             USE_KL=has_ref and kl_beta != 0.0,
             HAS_DUAL=clip_c is not None,
+            ROW_MEAN=agg == "seq-mean-token-mean",
             BLOCK_T=block_t,
             num_warps=4 if buffers.compiled(logprobs.device) else 1,
         )

@@ -149,20 +149,23 @@ def run_workloads(scenario, quick: bool = False) -> None:
             K.grpo_advantages(rnd(4096, dtype=dt), group_index=idx, impl="triton")
 
     # fused GRPO loss forward + backward: row widths under and over one token block, with and
-    # without the reference KL and the dual clip, fp32 and bf16 log-probs
+    # without the reference KL and the dual clip, fp32 and bf16 log-probs, every aggregation mode
+    # and each way of giving the normalizer (none, a host number, a device tensor)
     # (the trainer's [n, L-1] rows have odd widths; tools/bench_kernels.py uses bf16 [n, 4096], dual clip 3)
-    loss_cases = [(64, 1023, torch.float32, False, None)]
+    loss_cases = [(64, 1023, torch.float32, False, None, "token-mean", None)]
     if not quick:
         loss_cases += [
-            (64, 4096, torch.bfloat16, False, 3.0),
-            (64, 4096, torch.float32, True, 3.0),
-            (64, 1000, torch.bfloat16, True, None),
+            (64, 4096, torch.bfloat16, False, 3.0, "seq-mean-token-mean", None),
+            (64, 4096, torch.float32, True, 3.0, "token-mean", 1.0e6),
+            (64, 1000, torch.bfloat16, True, None, "seq-mean-token-sum-norm", torch.tensor(512)),
+            (64, 1000, torch.float32, False, None, "seq-mean-token-sum", 64.0),
         ]
-    for rows, cols, dt, with_ref, clip_c in loss_cases:
+    for rows, cols, dt, with_ref, clip_c, agg, normalizer in loss_cases:
         lp = rnd(rows, cols, dtype=dt).requires_grad_(True)
         ref = rnd(rows, cols, dtype=dt) if with_ref else None
         name = (
-            f"grpo_loss fwd+bwd [{rows},{cols}] {str(dt)[6:]} ref={'yes' if with_ref else 'no'} dual={clip_c}"
+            f"grpo_loss fwd+bwd [{rows},{cols}] {str(dt)[6:]} ref={'yes' if with_ref else 'no'} dual={clip_c} "
+            f"{agg} normalizer={'tensor' if isinstance(normalizer, torch.Tensor) else normalizer}"
         )
         with scenario(name):
             loss, _ = K.grpo_loss(
@@ -173,6 +176,9 @@ def run_workloads(scenario, quick: bool = False) -> None:
                 ref_logprobs=ref,
                 clip_c=clip_c,
                 kl_beta=0.01 if with_ref else 0.0,
+                agg=agg,
+                normalizer=normalizer,
+                max_len=cols,
                 impl="triton",
             )
             loss.backward()

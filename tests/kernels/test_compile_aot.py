@@ -59,7 +59,11 @@ def test_every_kernel_compiles_for_sm90(compiled):
     assert all(r["arch"] == 90 for r in compiled["rows"])
     # every constexpr branch the launchers use was compiled, not only one per kernel
     variants = {(r["kernel"], r["constexprs"]) for r in compiled["rows"]}
-    assert ("_grpo_loss_bwd_kernel", "HAS_REF=True, USE_KL=True, HAS_DUAL=True, BLOCK_T=2048") in variants
+    assert ("_grpo_loss_bwd_kernel", "HAS_REF=True, USE_KL=True, HAS_DUAL=True, ROW_MEAN=False, BLOCK_T=2048") in variants
+    assert ("_grpo_loss_bwd_kernel", "HAS_REF=False, USE_KL=False, HAS_DUAL=True, ROW_MEAN=True, BLOCK_T=2048") in variants
+    finish = {r["constexprs"] for r in compiled["rows"] if r["kernel"] == "_grpo_loss_finish_kernel"}
+    assert {re.search(r"AGG=(\d)", c).group(1) for c in finish} == {"0", "1", "2", "3"}, finish
+    assert {re.search(r"NORM=(\d)", c).group(1) for c in finish} == {"0", "1", "2"}, finish
     assert ("_logprob_grad_kernel", "HAS_G_LP=True, HAS_G_ENT=True, BLOCK_V=4096") in variants
     assert any(
         r["kernel"] == "_adv_contiguous_kernel" and "ACC=fp64" in r["constexprs"] for r in compiled["rows"]

@@ -241,3 +241,87 @@ def test_strided_views_are_read_correctly(impl, triton_device):
     (gr,) = torch.autograd.grad(lr, xr)
     torch.testing.assert_close(loss.double().cpu(), lr, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g.double().cpu(), gr, rtol=1e-5, atol=1e-7)
+
+
+# Ops that launch nothing on a GPU: allocations, views, dtype promotion (host arithmetic).
+_NO_LAUNCH_OPS = {"aten.empty.memory_format", "aten.view.dtype", "aten.view.default", "aten.detach.default",
+                  "aten.unbind.int", "aten.promote_types.default"}
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("normalizer", [None, 300.0, "tensor"])
+def test_forward_and_backward_are_three_launches_and_nothing_else(agg, normalizer, triton_device, monkeypatch):
+    """The fused loss finishes its aggregation on the device: a forward is the token kernel and the
+    finish kernel, a backward the gradient kernel, with no other device op and no host sync (each
+    PyTorch op would be one more launch, a large share of the time at a few million tokens)."""
+    from megatron_recycle_kernels import buffers
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    monkeypatch.setattr(buffers, "POISON", False)  # the poison fill is a test's op, not the kernels'
+    log = []
+
+    class Counted:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                log.append(self.name)
+                with _disable_current_modes():  # the interpreter's own tensor ops are not ours
+                    return self.fn[grid](*args, **kwargs)
+
+            return launch
+
+    for name in ("_grpo_loss_fwd_kernel", "_grpo_loss_finish_kernel", "_grpo_loss_bwd_kernel"):
+        monkeypatch.setattr(grpo_loss_mod, name, Counted(name, getattr(grpo_loss_mod, name)))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) not in _NO_LAUNCH_OPS:
+                log.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    lp, old, ref, adv, mask = (t.float().to(triton_device) if t.is_floating_point() else t.to(triton_device)
+                               for t in make_batch(3))
+    norm = mask.sum() if normalizer == "tensor" else normalizer
+    x = lp.clone().requires_grad_()
+    upstream = torch.tensor(1.5, device=triton_device)
+    with Ops():
+        loss, stats = grpo_loss(x, old, adv, mask, ref, kl_beta=0.1, clip_c=3.0, agg=agg, normalizer=norm,
+                                max_len=MAX_LEN, impl="triton")
+        forward = list(log)
+        log.clear()
+        (g,) = torch.autograd.grad(loss, x, grad_outputs=upstream)
+    assert forward == ["_grpo_loss_fwd_kernel", "_grpo_loss_finish_kernel"]
+    assert log == ["_grpo_loss_bwd_kernel"]
+    # and the numbers are still the reference's
+    xr = lp.double().cpu().requires_grad_()
+    want, want_stats = grpo_loss_reference(xr, old.double().cpu(), adv.double().cpu(), mask.cpu(), ref.double().cpu(),
+                                           kl_beta=0.1, clip_c=3.0, agg=agg,
+                                           normalizer=None if norm is None else float(norm), max_len=MAX_LEN)
+    (gr,) = torch.autograd.grad(want, xr, grad_outputs=torch.tensor(1.5, dtype=torch.float64))
+    torch.testing.assert_close(loss.double().cpu(), want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g.double().cpu(), gr, rtol=1e-5, atol=1e-8)
+    for name, v in want_stats.items():
+        torch.testing.assert_close(stats[name].double().cpu(), v.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_host_normalizer_keeps_float64_precision(triton_device):
+    """Triton passes Python floats as float32; the normalizer travels as a float32 pair, so a
+    count above 2**24 is not rounded (float32 would make 16,777,217 into 16,777,216). float64
+    inputs, so that the loss is returned in float64 (both calls add up the same partial sums)."""
+    lp, old, _, adv, mask = make_batch(4)
+    args = (lp.to(triton_device), old.to(triton_device), adv.to(triton_device), mask.to(triton_device))
+    big = float(2**24 + 1)
+    loss, _ = grpo_loss(*args, normalizer=big, impl="triton")
+    per_token_sum, _ = grpo_loss(*args, normalizer=1.0, impl="triton")
+    assert loss.item() != 0.0
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(per_token_sum.item() / big, rel=1e-13, abs=0.0)
+
+
+def test_a_tensor_normalizer_must_hold_one_number(triton_device):
+    x = torch.zeros(2, 3, device=triton_device)
+    with pytest.raises(ValueError, match="one number"):
+        grpo_loss(x, x, torch.zeros(2, device=triton_device), x > 0, normalizer=torch.tensor([1.0, 2.0]),
+                  impl="triton")
