@@ -177,7 +177,7 @@ def grpo_advantages_triton(
         idx, g = resolve_groups(n, None, group_index, num_groups, dev)
         idx = idx.to(torch.int32).contiguous()
     else:
-        idx, g = resolve_groups(n, group_size, None, num_groups, dev)
+        _, g = resolve_groups(n, group_size, None, num_groups, dev, index=False)
     adv = new_buffer((n,), out_dt, dev)
     mean = new_buffer((g,), out_dt, dev)
     std = new_buffer((g,), out_dt, dev)

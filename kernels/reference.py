@@ -23,8 +23,10 @@ def resolve_groups(
     group_index: torch.Tensor | None,
     num_groups: int | None,
     device: torch.device,
-) -> tuple[torch.Tensor, int]:
-    """Return (group id per rollout as int64 [N], number of groups G), validating the arguments."""
+    index: bool = True,
+) -> tuple[torch.Tensor | None, int]:
+    """Return (group id per rollout as int64 [N], number of groups G), validating the arguments.
+    ``index=False``: contiguous groups get None instead of the ids (the Triton kernel needs none)."""
     if (group_size is None) == (group_index is None):
         raise ValueError(
             "grpo_advantages needs exactly one of group_size (contiguous groups of a fixed size) "
@@ -41,7 +43,7 @@ def resolve_groups(
         g = n // group_size
         if num_groups is not None and num_groups != g:
             raise ValueError(f"num_groups={num_groups} contradicts {n} rewards / group_size {group_size}")
-        return torch.arange(n, device=device) // group_size, g
+        return (torch.arange(n, device=device) // group_size if index else None), g
     assert group_index is not None
     if group_index.dim() != 1 or group_index.numel() != n:
         raise ValueError(
@@ -52,7 +54,7 @@ def resolve_groups(
     idx = group_index.to(device=device, dtype=torch.int64)
     if n == 0:
         return idx, int(num_groups or 0)
-    lo, hi = int(idx.min()), int(idx.max())
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync for both bounds
     if lo < 0:
         raise ValueError(f"group_index has a negative group id ({lo}); ids must be in [0, num_groups)")
     if num_groups is None:

@@ -21,3 +21,50 @@ def triton_device() -> torch.device:
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run here")
     return torch.device("cpu")
+
+
+# Ops that launch nothing on a GPU: allocations, views, dtype promotion (host arithmetic).
+NO_LAUNCH_OPS = frozenset({"aten.empty.memory_format", "aten.view.dtype", "aten.view.default", "aten.detach.default",
+                           "aten.unbind.int", "aten.promote_types.default"})
+
+
+@pytest.fixture
+def device_ops(monkeypatch):
+    """``device_ops(module, *kernel_names)``: a context manager whose list collects, in order, each
+    launch of the named kernels (by name) and every other tensor op that would run on a device
+    (by aten name). The interpreter's own tensor ops inside a launch are not counted, and kernel
+    outputs are not poisoned (the fill would be a test's op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    monkeypatch.setattr(buffers, "POISON", False)
+
+    class Counted:
+        def __init__(self, name, fn, log):
+            self.name, self.fn, self.log = name, fn, log
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                self.log.append(self.name)
+                with _disable_current_modes():
+                    return self.fn[grid](*args, **kwargs)
+
+            return launch
+
+    class Ops(TorchDispatchMode):
+        def __init__(self, log):
+            super().__init__()
+            self.log = log
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) not in NO_LAUNCH_OPS:
+                self.log.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def make(module, *names):
+        log: list[str] = []
+        for name in names:
+            monkeypatch.setattr(module, name, Counted(name, getattr(module, name), log))
+        mode = Ops(log)
+        return mode
+
+    return make

@@ -149,3 +149,16 @@ def test_ragged_property_matches_reference(sizes, levels, seed):
     r = (torch.randint(0, levels, (idx.numel(),), generator=g).double() / max(levels - 1, 1)).float().double()
     out = grpo_advantages(r.float().to(dev), group_index=idx.to(dev), num_groups=len(sizes), impl="triton")
     _check(out, grpo_advantages_reference(r, group_index=idx, num_groups=len(sizes)), group_of=idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contiguous_groups_are_one_launch_and_nothing_else(dtype, triton_device, device_ops):
+    """Fixed-size groups: the kernel and no other device op (it needs no group-id tensor)."""
+    r = torch.randint(0, 2, (40,), generator=torch.Generator().manual_seed(0)).to(triton_device, dtype)
+    ops = device_ops(adv_mod, "_adv_contiguous_kernel", "_adv_ragged_kernel")
+    with ops:
+        adv, mean, std, sig = grpo_advantages(r, group_size=5, impl="triton")
+    assert ops.log == ["_adv_contiguous_kernel"]
+    want = grpo_advantages_reference(r.double().cpu(), group_size=5)
+    torch.testing.assert_close(adv.double().cpu(), want[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(sig.cpu(), want[3])

@@ -243,50 +243,20 @@ def test_strided_views_are_read_correctly(impl, triton_device):
     torch.testing.assert_close(g.double().cpu(), gr, rtol=1e-5, atol=1e-7)
 
 
-# Ops that launch nothing on a GPU: allocations, views, dtype promotion (host arithmetic).
-_NO_LAUNCH_OPS = {"aten.empty.memory_format", "aten.view.dtype", "aten.view.default", "aten.detach.default",
-                  "aten.unbind.int", "aten.promote_types.default"}
-
-
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("normalizer", [None, 300.0, "tensor"])
-def test_forward_and_backward_are_three_launches_and_nothing_else(agg, normalizer, triton_device, monkeypatch):
+def test_forward_and_backward_are_three_launches_and_nothing_else(agg, normalizer, triton_device, device_ops):
     """The fused loss finishes its aggregation on the device: a forward is the token kernel and the
     finish kernel, a backward the gradient kernel, with no other device op and no host sync (each
     PyTorch op would be one more launch, a large share of the time at a few million tokens)."""
-    from megatron_recycle_kernels import buffers
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-
-    monkeypatch.setattr(buffers, "POISON", False)  # the poison fill is a test's op, not the kernels'
-    log = []
-
-    class Counted:
-        def __init__(self, name, fn):
-            self.name, self.fn = name, fn
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                log.append(self.name)
-                with _disable_current_modes():  # the interpreter's own tensor ops are not ours
-                    return self.fn[grid](*args, **kwargs)
-
-            return launch
-
-    for name in ("_grpo_loss_fwd_kernel", "_grpo_loss_finish_kernel", "_grpo_loss_bwd_kernel"):
-        monkeypatch.setattr(grpo_loss_mod, name, Counted(name, getattr(grpo_loss_mod, name)))
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func) not in _NO_LAUNCH_OPS:
-                log.append(str(func))
-            return func(*args, **(kwargs or {}))
-
+    ops = device_ops(grpo_loss_mod, "_grpo_loss_fwd_kernel", "_grpo_loss_finish_kernel", "_grpo_loss_bwd_kernel")
+    log = ops.log
     lp, old, ref, adv, mask = (t.float().to(triton_device) if t.is_floating_point() else t.to(triton_device)
                                for t in make_batch(3))
     norm = mask.sum() if normalizer == "tensor" else normalizer
     x = lp.clone().requires_grad_()
     upstream = torch.tensor(1.5, device=triton_device)
-    with Ops():
+    with ops:
         loss, stats = grpo_loss(x, old, adv, mask, ref, kl_beta=0.1, clip_c=3.0, agg=agg, normalizer=norm,
                                 max_len=MAX_LEN, impl="triton")
         forward = list(log)
