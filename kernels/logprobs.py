@@ -123,6 +123,50 @@ if HAS_TRITON:
                 g = g - g_ent * p * tl.where(p > 0.0, logp + ent, 0.0)
             tl.store(gbase + idx, (g * inv_temp).to(grad_ptr.dtype.element_ty), mask=valid)
 
+    @triton.jit
+    def _logprob_combine_kernel(
+        stats_ptr,
+        logp_ptr,
+        ent_ptr,
+        lse_ptr,
+        n_rows,
+        world,
+        WITH_ENT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Merge the ranks' (m, s, t, q) [world, 4, T] into log p, entropy and log-sum-exp [T]
+        (combine_stats' formulas); entropy NaN when not asked for (never a silent wrong value)."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < n_rows
+        big_m = tl.full([BLOCK], -1.0e30, tl.float32)
+        for r in range(0, world):
+            big_m = tl.maximum(big_m, tl.load(stats_ptr + (4 * r) * n_rows + rows, mask=ok, other=0.0))
+        total = tl.zeros([BLOCK], tl.float32)
+        t_sum = tl.zeros([BLOCK], tl.float32)
+        for r in range(0, world):
+            base = stats_ptr + (4 * r) * n_rows + rows
+            m = tl.load(base, mask=ok, other=0.0)
+            total += tl.exp(m - big_m) * tl.load(base + n_rows, mask=ok, other=1.0)
+            t_sum += tl.load(base + 2 * n_rows, mask=ok, other=0.0)
+        lse = big_m + tl.log(total)
+        tl.store(lse_ptr + rows, lse, mask=ok)
+        tl.store(logp_ptr + rows, (t_sum - lse).to(logp_ptr.dtype.element_ty), mask=ok)
+        if WITH_ENT:
+            # H = log(total) + sum_r w_r (M - m_r - q_r / s_r), w_r = exp(m_r - M) s_r / total
+            acc = tl.zeros([BLOCK], tl.float32)
+            for r in range(0, world):
+                base = stats_ptr + (4 * r) * n_rows + rows
+                m = tl.load(base, mask=ok, other=0.0)
+                s = tl.load(base + n_rows, mask=ok, other=1.0)
+                q = tl.load(base + 3 * n_rows, mask=ok, other=0.0)
+                w = tl.exp(m - big_m) * s / total
+                q_over_s = tl.where(s > 0.0, q / tl.where(s > 0.0, s, 1.0), 0.0)
+                acc += w * (big_m - m - q_over_s)
+            ent = tl.log(total) + acc
+        else:
+            ent = tl.full([BLOCK], float("nan"), tl.float32)
+        tl.store(ent_ptr + rows, ent.to(ent_ptr.dtype.element_ty), mask=ok)
+
 
 # Largest vocabulary block per program step (module-level so tests can shrink it to exercise the loop).
 MAX_BLOCK_V = 4096
@@ -277,22 +321,23 @@ def _grad_torch(
 # --------------------------------------------------------------------------------------------------
 
 
+def gather_stats(stats: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every rank's [4, T] statistics as [world, 4, T]: one all_gather when tp_group has several ranks."""
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return stats.unsqueeze(0)
+    world = dist.get_world_size(tp_group)
+    gathered = torch.empty((world * stats.shape[0], stats.shape[1]), dtype=stats.dtype, device=stats.device)
+    # all_gather_single is the newer name (torch >= 2.13); older torch only has all_gather_into_tensor
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, stats.contiguous(), group=tp_group)
+    return gathered.view(world, *stats.shape)
+
+
 def combine_stats(
     stats: torch.Tensor, tp_group: dist.ProcessGroup | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge per-rank (m, s, t, q) [4, T] into (logp, entropy, lse) [T]; one all_gather when tp_group is set."""
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        world = dist.get_world_size(tp_group)
-        gathered = torch.empty(
-            (world * stats.shape[0], stats.shape[1]), dtype=stats.dtype, device=stats.device
-        )
-        # all_gather_single is the newer name (torch >= 2.13); older torch only has all_gather_into_tensor
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(gathered, stats.contiguous(), group=tp_group)
-        gathered = gathered.view(world, *stats.shape)
-    else:
-        gathered = stats.unsqueeze(0)
-    m, s, t, q = gathered.unbind(1)  # each [world, T]
+    m, s, t, q = gather_stats(stats, tp_group).unbind(1)  # each [world, T]
     big_m = m.amax(dim=0)
     scale = torch.exp(m - big_m) * s  # this rank's share of the global sum-exp (unnormalized)
     total = scale.sum(dim=0)
@@ -303,6 +348,24 @@ def combine_stats(
     entropy = torch.log(total) + (w * (big_m - m - q_over_s)).sum(dim=0)
     logp = t.sum(dim=0) - lse
     return logp, entropy, lse
+
+
+def _combine_triton(
+    gathered: torch.Tensor, with_entropy: bool, out_dt: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """combine_stats in one launch, from gather_stats' [world, 4, T]: (logp, entropy in out_dt, lse fp32)."""
+    world, _, rows = gathered.shape
+    dev = gathered.device
+    logp = new_buffer((rows,), out_dt, dev)
+    ent = new_buffer((rows,), out_dt, dev)
+    lse = new_buffer((rows,), torch.float32, dev)
+    if rows:
+        block = 1024 if buffers.compiled(dev) else max(16, min(4096, triton.next_power_of_2(rows)))
+        _logprob_combine_kernel[(triton.cdiv(rows, block),)](
+            gathered, logp, ent, lse, rows, world,
+            WITH_ENT=with_entropy, BLOCK=block, num_warps=4 if buffers.compiled(dev) else 1,
+        )  # fmt: skip
+    return logp, ent, lse
 
 
 def vocab_range(n_local: int, tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -343,14 +406,18 @@ class TokenLogprobsFunction(torch.autograd.Function):
         vocab_start, _ = vocab_range(logits.shape[1], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
         stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy)
-        logp, entropy, lse = combine_stats(stats, tp_group)
-        if not with_entropy:
-            entropy = torch.full_like(entropy, float("nan"))  # not computed: never a silent wrong value
+        out_dt = logits.dtype if logits.dtype == torch.float64 else torch.float32
+        if use_triton:  # one launch: no chain of small PyTorch ops after the pass over the logits
+            logp, entropy, lse = _combine_triton(gather_stats(stats, tp_group), with_entropy, out_dt)
+        else:
+            logp, entropy, lse = combine_stats(stats, tp_group)
+            if not with_entropy:
+                entropy = torch.full_like(entropy, float("nan"))  # not computed: never a silent wrong value
+            logp, entropy = logp.to(out_dt), entropy.to(out_dt)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
         ctx.set_materialize_grads(False)
-        out_dt = logits.dtype if logits.dtype == torch.float64 else torch.float32
-        return logp.to(out_dt), entropy.to(out_dt)
+        return logp, entropy
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]
@@ -394,15 +461,19 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
             stats[:, a:b] = part
         if stats is None:
             stats = torch.zeros((4, 0), dtype=torch.float32, device=hidden.device)
-        logp, entropy, lse = combine_stats(stats, tp_group)
-        if not with_entropy:
-            entropy = torch.full_like(entropy, float("nan"))
+        out_dt = hidden.dtype if hidden.dtype == torch.float64 else torch.float32
+        if use_triton:
+            logp, entropy, lse = _combine_triton(gather_stats(stats, tp_group), with_entropy, out_dt)
+        else:
+            logp, entropy, lse = combine_stats(stats, tp_group)
+            if not with_entropy:
+                entropy = torch.full_like(entropy, float("nan"))
+            logp, entropy = logp.to(out_dt), entropy.to(out_dt)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
         ctx.tp_group, ctx.chunk = tp_group, chunk
         ctx.set_materialize_grads(False)
-        out_dt = hidden.dtype if hidden.dtype == torch.float64 else torch.float32
-        return logp.to(out_dt), entropy.to(out_dt)
+        return logp, entropy
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]

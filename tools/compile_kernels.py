@@ -200,6 +200,11 @@ def run_workloads(scenario, quick: bool = False) -> None:
             loss = (out[0].sum() + out[1].sum()) if entropy else out.sum()
             loss.backward()
 
+    # the merge of the ranks' statistics after the all_gather of a vocab-parallel pass (TP 2)
+    if not quick:
+        with scenario("token_logprobs combine of 2 ranks' statistics [2, 4, 16]"):
+            logprobs._combine_triton(rnd(2, 4, 16), True, torch.float32)
+
     # chunked log-probs from hidden states: the same kernels on each chunk's logits
     if not quick:
         hidden = rnd(40, 64, dtype=torch.bfloat16).requires_grad_(True)

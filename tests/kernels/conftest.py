@@ -25,7 +25,7 @@ def triton_device() -> torch.device:
 
 # Ops that launch nothing on a GPU: allocations, views, dtype promotion (host arithmetic).
 NO_LAUNCH_OPS = frozenset({"aten.empty.memory_format", "aten.view.dtype", "aten.view.default", "aten.detach.default",
-                           "aten.unbind.int", "aten.promote_types.default"})
+                           "aten.unbind.int", "aten.unsqueeze.default", "aten.promote_types.default"})
 
 
 @pytest.fixture

@@ -65,6 +65,8 @@ def test_every_kernel_compiles_for_sm90(compiled):
     assert {re.search(r"AGG=(\d)", c).group(1) for c in finish} == {"0", "1", "2", "3"}, finish
     assert {re.search(r"NORM=(\d)", c).group(1) for c in finish} == {"0", "1", "2"}, finish
     assert ("_logprob_grad_kernel", "HAS_G_LP=True, HAS_G_ENT=True, BLOCK_V=4096") in variants
+    combine = {r["constexprs"] for r in compiled["rows"] if r["kernel"] == "_logprob_combine_kernel"}
+    assert any("world=1" not in c for c in combine), combine  # the tensor-parallel merge, not only one rank
     assert any(
         r["kernel"] == "_adv_contiguous_kernel" and "ACC=fp64" in r["constexprs"] for r in compiled["rows"]
     )
@@ -80,7 +82,8 @@ def test_no_register_spills(compiled):
 
 def test_bandwidth_kernels_use_16_byte_loads(compiled):
     """The kernels whose bytes matter read 16 bytes per load instruction on aligned rows."""
-    logprob_rows = [r for r in compiled["rows"] if r["kernel"].startswith("_logprob_")]
+    # (the combine kernel reads [world, 4, T] statistics, T times fewer bytes than the logits)
+    logprob_rows = [r for r in compiled["rows"] if r["kernel"] in ("_logprob_stats_kernel", "_logprob_grad_kernel")]
     assert logprob_rows
     for r in logprob_rows:  # every log-prob launch here has a row width divisible by 16
         assert "v4.b32" in r["global_loads"], r

@@ -254,3 +254,32 @@ def test_row_strided_logits_view(impl, triton_device):
     torch.testing.assert_close(lp.double().cpu(), rlp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double().cpu(), rgrad, rtol=1e-5, atol=1e-6)
     assert torch.equal(grad[:, 50:].cpu(), torch.zeros(6, 14))
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_forward_and_backward_launch_only_the_kernels(entropy, triton_device, device_ops):
+    """Triton path: the pass over the logits and the merge of its statistics (one launch, not a
+    chain of PyTorch ops over [T] vectors), then one gradient kernel. The only other ops are the
+    target-range check (aminmax + stack, one host sync), kept on purpose: an id outside the
+    vocabulary (-100 for ignored positions) would otherwise read another row's memory."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(9, 300, generator=g).to(triton_device).requires_grad_()
+    targets = torch.randint(0, 300, (9,), generator=g).to(triton_device)
+    upstream = [torch.randn(9, generator=g).to(triton_device) for _ in range(2)]
+    ops = device_ops(logprobs, "_logprob_stats_kernel", "_logprob_combine_kernel", "_logprob_grad_kernel")
+    with ops:
+        out = token_logprobs(logits, targets, 0.7, return_entropy=entropy, impl="triton")
+        forward = list(ops.log)
+        ops.log.clear()
+        outs = out if entropy else (out,)
+        (grad,) = torch.autograd.grad(outs, logits, grad_outputs=upstream[: len(outs)])
+    assert forward == ["aten.aminmax.default", "aten.stack.default", "_logprob_stats_kernel",
+                       "_logprob_combine_kernel"]
+    assert ops.log == ["_logprob_grad_kernel"]
+    x = logits.detach().double().cpu().requires_grad_()
+    want = token_logprobs_reference(x, targets.cpu(), 0.7, return_entropy=True)
+    loss = sum((w * u.double().cpu()).sum() for w, u in zip(want[: len(outs)], upstream))
+    (want_grad,) = torch.autograd.grad(loss, x)
+    for got, w in zip(outs, want):
+        torch.testing.assert_close(got.double().cpu(), w.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=1e-5, atol=1e-6)
