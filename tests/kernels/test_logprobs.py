@@ -273,8 +273,13 @@ def test_forward_and_backward_launch_only_the_kernels(entropy, triton_device, de
         ops.log.clear()
         outs = out if entropy else (out,)
         (grad,) = torch.autograd.grad(outs, logits, grad_outputs=upstream[: len(outs)])
-    assert forward == ["aten.aminmax.default", "aten.stack.default", "_logprob_stats_kernel",
-                       "_logprob_combine_kernel"]
+    kernels = [op for op in forward if op.startswith("_logprob_")]
+    assert kernels == ["_logprob_stats_kernel", "_logprob_combine_kernel"]
+    check = forward[: forward.index("_logprob_stats_kernel")]
+    assert forward == [*check, *kernels]  # nothing after the pass over the logits but the merge
+    assert check[:2] == ["aten.aminmax.default", "aten.stack.default"]
+    # a CUDA tensor's tolist() may add its device-to-host copy; nothing else
+    assert set(check[2:]) <= {"aten._to_copy.default", "aten.copy_.default", "aten._local_scalar_dense.default"}, check
     assert ops.log == ["_logprob_grad_kernel"]
     x = logits.detach().double().cpu().requires_grad_()
     want = token_logprobs_reference(x, targets.cpu(), 0.7, return_entropy=True)
