@@ -7,8 +7,10 @@ Every case is timed for the forward and forward+backward (median of --reps after
 achieved GB/s from a bytes-that-must-move model (inputs read, gradients written; see `bytes_*`
 below) set against a measured device-to-device copy bandwidth, and peak extra memory over the
 inputs (CUDA: max_memory_allocated; CPU: peak RSS through /proc/self/status VmHWM, reset with
-/proc/self/clear_refs). On a machine without CUDA only the PyTorch paths run (the Triton kernels
-would need the interpreter, whose timings mean nothing) and the output says so.
+/proc/self/clear_refs), and on CUDA the GPU activities one forward+backward launches (kernels,
+copies, fills: torch.profiler; the `launches` column, empty on a CPU). On a machine without CUDA
+only the PyTorch paths run (the Triton kernels would need the interpreter, whose timings mean
+nothing) and the output says so.
 """
 
 from __future__ import annotations
@@ -75,6 +77,27 @@ def _rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return -1
+
+
+def cuda_launches(fn: Callable[[], object], dev: torch.device) -> int | None:
+    """GPU activities (kernels, memcpy, memset) that one call of fn puts on the device, counted by
+    torch.profiler: at a few million tokens each costs a visible share of a bandwidth-bound op.
+    None off CUDA (a CPU runs no kernels to count) or when the profiler fails (said once, and the
+    row is kept)."""
+    if dev.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(dev)
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as e:  # a count is a detail: never lose the timings over it
+        if not getattr(cuda_launches, "warned", False):
+            print(f"(launch counts unavailable: {e!r})"[:200])
+            cuda_launches.warned = True
+        return None
 
 
 def peak_extra_mib(fn: Callable[[], object], dev: torch.device) -> float:
@@ -411,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     header = (
         f"{'case':<20} {'size':<40} {'impl':<16} {'fwd ms':>9} {'fwd GB/s':>9} {'f+b ms':>9} {'f+b GB/s':>9}"
-        f" {'%copy':>6} {'peak MiB':>9}"
+        f" {'%copy':>6} {'peak MiB':>9} {'launches':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -427,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                 t_f = time_fn(fwd, dev, args.reps, args.warmup)
                 t_fb = time_fn(fb, dev, args.reps, args.warmup) if fb is not None else float("nan")
                 peak = peak_extra_mib(fb if fb is not None else fwd, dev)
+                launches = cuda_launches(fb if fb is not None else fwd, dev)
             except Exception as e:  # keep the table going; record why a row is missing
                 print(f"{case:<20} {size:<40} {impl:<16} failed: {e!r}"[:200])
                 rows.append(dict(case=case, size=size, impl=impl, error=repr(e)[:300]))
@@ -435,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             gbs_fb = b_fb / (t_fb * 1e-3) / 1e9 if b_fb else float("nan")
             pct = 100 * (gbs_fb if b_fb else gbs_f) / bw
             print(
-                f"{case:<20} {size:<40} {impl:<16} {t_f:9.3f} {gbs_f:9.1f} {t_fb:9.3f} {gbs_fb:9.1f} {pct:6.1f} {peak:9.1f}",
+                f"{case:<20} {size:<40} {impl:<16} {t_f:9.3f} {gbs_f:9.1f} {t_fb:9.3f} {gbs_fb:9.1f} {pct:6.1f} {peak:9.1f}"
+                f" {'-' if launches is None else launches:>8}",
                 flush=True,
             )
             rows.append(
@@ -449,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                     fwd_bwd_gbs=gbs_fb,
                     pct_of_copy=pct,
                     peak_extra_mib=peak,
+                    launches=launches,
                 )
             )
         del runs
@@ -533,6 +559,7 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
             "fwd_bwd_gbs",
             "pct_of_copy",
             "peak_extra_mib",
+            "launches",
             "error",
         ]
         w = csv.DictWriter(f, fieldnames=keys)
