@@ -113,21 +113,40 @@ class GroupAttentionPlan:
         return GroupAttentionPlan(mask, rows, width, tuple(blocks))
 
 
+def native_gqa(t: torch.Tensor) -> bool:
+    """Whether SDPA on ``t``'s device takes fewer key/value heads than query heads without copying
+    them (``enable_gqa``): torch's CPU flash kernel does (forward and backward, checked against the
+    expanded heads in tests/model/test_group_packing.py). On CUDA the keys and values are expanded
+    first, as before: there torch's memory-efficient kernel (fp32) and the lower-right causal bias
+    would fall back to the math kernel with ``enable_gqa``."""
+    return t.device.type == "cpu"
+
+
+def expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, groups, s, hn] keys or values repeated to [b, heads, s, hn] (query head h reads group
+    h // (heads / groups), Megatron's layout); unchanged when they already have ``heads``."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
 def _bottom_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                          route: str) -> torch.Tensor:
     """SDPA where query i of Lq sees keys 0 .. i + Lk - Lq. ``causal-bias``: torch's
     causal_lower_right bias (on CUDA the flash / memory-efficient kernels, no mask); ``bool-mask``:
     one [Lq, Lk] boolean mask, broadcast over the block (torch's bias would build the same mask on
-    a CPU, warning on every call)."""
+    a CPU, warning on every call). Keys and values may have fewer heads (grouped-query attention):
+    they are expanded for the bias route."""
     lq, lk = q.shape[-2], k.shape[-2]
-    if lq == lk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if route == "causal-bias":
+    gqa = k.shape[1] != q.shape[1]
+    if route == "causal-bias" and lq != lk:
         from torch.nn.attention.bias import causal_lower_right
 
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk), scale=scale)
+        heads = q.shape[1]
+        return F.scaled_dot_product_attention(q, expand_kv(k, heads), expand_kv(v, heads),
+                                              attn_mask=causal_lower_right(lq, lk), scale=scale)
+    if lq == lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
 
 
 def _cpu_flash_ops() -> tuple[Any, Any] | None:
@@ -147,7 +166,8 @@ class _PrefixThenCausal(torch.autograd.Function):
     Backward: flash attention's gradient of a key block depends on the queries' final output and
     final log-sum-exp only, so each call's backward kernel, given the merged output and log-sum-exp,
     returns exactly its keys' gradients and its share of the queries' (which add up). The same
-    identity splits ring attention across devices. Inputs [b, n, L, hn] (heads expanded)."""
+    identity splits ring attention across devices. Inputs [b, n, L, hn]; keys and values may have
+    fewer heads (grouped-query attention: the CPU kernels read them shared, forward and backward)."""
 
     @staticmethod
     def forward(ctx, q, kp, vp, km, vm, scale):  # noqa: D102
@@ -183,15 +203,15 @@ def _route(t: torch.Tensor) -> str:
 
 def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     scale: float | None, route: str | None = None) -> torch.Tensor:
-    """Attention over group-packed rows by the plan. q, k, v [b, n, S, hn] (heads already
-    expanded); returns [b, n, S, hn]; padding positions get zeros (nothing reads them: no
-    position attends to padding and no loss sits on it). ``route``: how the member blocks run
-    (see :func:`_route`; None: the device's default; tests and benchmarks choose others)."""
+    """Attention over group-packed rows by the plan. q [b, n, S, hn], k and v [b, n or fewer
+    (grouped-query) heads, S, hn]; returns [b, n, S, hn]; padding positions get zeros (nothing
+    reads them: no position attends to padding and no loss sits on it). ``route``: how the member
+    blocks run (see :func:`_route`; None: the device's default; tests and benchmarks choose others)."""
     b, n, s, hn = q.shape
-    flat = lambda t: t.permute(0, 2, 1, 3).reshape(b * s, n, hn)  # noqa: E731
+    flat = lambda t: t.permute(0, 2, 1, 3).reshape(b * s, t.shape[1], hn)  # noqa: E731
     # index_select (backward: index_add) rather than advanced indexing (backward: a sorting
-    # index_put with accumulation, measured 2x slower here); [blocks, L] -> [blocks, n, L, hn]
-    take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, n, hn).permute(0, 2, 1, 3)  # noqa: E731
+    # index_put with accumulation, measured 2x slower here); [blocks, L] -> [blocks, heads, L, hn]
+    take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, t.shape[1], hn).permute(0, 2, 1, 3)  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     out = q.new_zeros(b * s, n, hn)
     route = route or _route(q)
@@ -265,9 +285,9 @@ class SDPADotProductAttention(DotProductAttention):
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        if heads != groups:
-            k = k.repeat_interleave(heads // groups, dim=1)
-            v = v.repeat_interleave(heads // groups, dim=1)
+        gqa = heads != groups and native_gqa(q)  # CPU: the kernels read the shared heads, no copies
+        if heads != groups and not gqa:
+            k, v = expand_kv(k, heads), expand_kv(v, heads)
         plan = self.plan_for(attention_mask, b, sq) if self.group_plans else None
         if plan is not None:
             out = group_attention(plan, q, k, v, self.softmax_scale)
@@ -275,10 +295,11 @@ class SDPADotProductAttention(DotProductAttention):
             raise RuntimeError(f"a group-packed micro-batch of {b} rows x {sq} positions came without its "
                                "GroupAttentionPlan (and without a dense mask to fall back on)")
         elif attention_mask is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale,
+                                                 enable_gqa=gqa)
         else:
             causal = self.attn_mask_type == AttnMaskType.causal and sq > 1
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa)
         # [b, n, s, hn] -> [s, b, n * hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
 
@@ -307,5 +328,6 @@ def use_sdpa_core_attention(spec: Any) -> Any:
     return spec
 
 
-__all__ = ["AttentionBlock", "GroupAttentionPlan", "SDPADotProductAttention", "group_attention", "is_plan_only_mask", "plan_only_mask",
+__all__ = ["AttentionBlock", "GroupAttentionPlan", "SDPADotProductAttention", "expand_kv", "group_attention", "is_plan_only_mask",
+           "native_gqa", "plan_only_mask",
            "use_sdpa_core_attention"]

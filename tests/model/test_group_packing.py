@@ -151,8 +151,9 @@ def _plan_case():
     return p, plan, real, qkv, g
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("route", ["split", "bool-mask", "causal-bias"])
-def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
+def test_group_attention_plan_equals_dense_tree_mask(route, kv_heads, monkeypatch):
     """GroupAttentionPlan's block attention == SDPA with the dense tree mask, outputs and
     gradients, float64: ragged prefixes and members, the shortest members (the last prompt token +
     one generated token), padded rows, four prefix lengths. ``split`` (the CPU default): a member
@@ -160,11 +161,13 @@ def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
     output. ``bool-mask``: one masked call per block. ``causal-bias``: the blocks go through
     torch's causal_lower_right bias as on CUDA (on a CPU torch builds its mask), so the alignment
     the GPU route relies on is checked here. The plan holds no mask: its index tensors grow with
-    the tokens, not with their square."""
+    the tokens, not with their square. ``kv_heads=2``: grouped-query attention, the plan given the
+    2 key/value heads of 4 query heads unexpanded (as on a CPU), against the dense mask over the
+    expanded heads (whose gradients autograd sums back into the 2)."""
     import warnings
 
     from megatron_recycle.model import attention
-    from megatron_recycle.model.attention import group_attention
+    from megatron_recycle.model.attention import expand_kv, group_attention
 
     if route == "split":
         assert attention._route(torch.zeros(1)) == "split", "this torch lacks the CPU flash-attention ops"
@@ -176,9 +179,12 @@ def test_group_attention_plan_equals_dense_tree_mask(route, monkeypatch):
         warnings.filterwarnings("ignore", message=".*(flash|efficient|Memory|Flash|Mem).*")
 
     p, plan, real, (q, k, v), g = _plan_case()
+    if kv_heads != 4:
+        k, v = (t[:, :kv_heads].detach().clone().requires_grad_() for t in (k, v))
     rows, width = p.tokens.shape
     weights = torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64) * real[:, None, :, None]
-    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~p.attention_mask, scale=0.3)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, expand_kv(k, 4), expand_kv(v, 4),
+                                                             attn_mask=~p.attention_mask, scale=0.3)
     block = group_attention(plan, q, k, v, 0.3, route=None if route == "split" else route)  # split: the CPU default
     torch.testing.assert_close(block * real[:, None, :, None], dense * real[:, None, :, None], atol=1e-12, rtol=0)
     gd = torch.autograd.grad((dense * weights).sum(), (q, k, v))
