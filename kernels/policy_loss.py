@@ -347,23 +347,10 @@ class GRPOLossFunction(torch.autograd.Function):
         beta_hi, beta_lo = _f32_pair(kl_beta if has_ref else 0.0)
         block_r = _FINISH_ROWS if compiled else max(16, min(4096, triton.next_power_of_2(max(n_rows, 1))))
         _grpo_loss_finish_kernel[(1,)](
-            part,
-            loss,
-            stats,
-            denom,
-            denom if norm_t is None else norm_t,
-            n_rows,
-            n_blk,
-            norm_hi,
-            norm_lo,
-            beta_hi,
-            beta_lo,
-            int(max_len or 0),
-            AGG=AGG_MODES.index(agg),
-            NORM=norm_mode,
-            BLOCK_R=block_r,
-            num_warps=4 if compiled else 1,
-        )
+            part, loss, stats, denom, denom if norm_t is None else norm_t, n_rows, n_blk,
+            norm_hi, norm_lo, beta_hi, beta_lo, int(max_len or 0),
+            AGG=AGG_MODES.index(agg), NORM=norm_mode, BLOCK_R=block_r, num_warps=4 if compiled else 1,
+        )  # fmt: skip
         ctx.save_for_backward(logprobs, old, adv, mask, ref, part, denom)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics (a launch saved)
         ctx.cfg = (float(eps_low), float(eps_high), clip_c, float(kl_beta), block_t, n_blk, agg)
