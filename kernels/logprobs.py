@@ -368,6 +368,22 @@ def _combine_triton(
     return logp, ent, lse
 
 
+def _merge(
+    stats: torch.Tensor, tp_group: dist.ProcessGroup | None, with_entropy: bool, in_dtype: torch.dtype,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, lse) from this rank's statistics, outputs in float32 (float64 for float64
+    inputs); entropy NaN when not computed (never a silent wrong value). Triton: one launch, not a
+    chain of small PyTorch ops after the pass over the logits."""
+    out_dt = in_dtype if in_dtype == torch.float64 else torch.float32
+    if use_triton:
+        return _combine_triton(gather_stats(stats, tp_group), with_entropy, out_dt)
+    logp, entropy, lse = combine_stats(stats, tp_group)
+    if not with_entropy:
+        entropy = torch.full_like(entropy, float("nan"))
+    return logp.to(out_dt), entropy.to(out_dt), lse
+
+
 def vocab_range(n_local: int, tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
     """(first vocab id of this rank's shard, total vocab size) for Megatron's equal contiguous shards."""
     if tp_group is None:
@@ -406,14 +422,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         vocab_start, _ = vocab_range(logits.shape[1], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
         stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy)
-        out_dt = logits.dtype if logits.dtype == torch.float64 else torch.float32
-        if use_triton:  # one launch: no chain of small PyTorch ops after the pass over the logits
-            logp, entropy, lse = _combine_triton(gather_stats(stats, tp_group), with_entropy, out_dt)
-        else:
-            logp, entropy, lse = combine_stats(stats, tp_group)
-            if not with_entropy:
-                entropy = torch.full_like(entropy, float("nan"))  # not computed: never a silent wrong value
-            logp, entropy = logp.to(out_dt), entropy.to(out_dt)
+        logp, entropy, lse = _merge(stats, tp_group, with_entropy, logits.dtype, use_triton)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
         ctx.set_materialize_grads(False)
@@ -461,14 +470,7 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
             stats[:, a:b] = part
         if stats is None:
             stats = torch.zeros((4, 0), dtype=torch.float32, device=hidden.device)
-        out_dt = hidden.dtype if hidden.dtype == torch.float64 else torch.float32
-        if use_triton:
-            logp, entropy, lse = _combine_triton(gather_stats(stats, tp_group), with_entropy, out_dt)
-        else:
-            logp, entropy, lse = combine_stats(stats, tp_group)
-            if not with_entropy:
-                entropy = torch.full_like(entropy, float("nan"))
-            logp, entropy = logp.to(out_dt), entropy.to(out_dt)
+        logp, entropy, lse = _merge(stats, tp_group, with_entropy, hidden.dtype, use_triton)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
         ctx.tp_group, ctx.chunk = tp_group, chunk

@@ -8,8 +8,8 @@ kernel) adds them up in float64 per row, applies the aggregation mode's row coef
 Backward recomputes the per-token derivative from the same inputs and scales it by the row
 coefficient times the upstream gradient, both read from device memory. A forward and backward is
 three kernel launches and no host sync: at a few million tokens the inputs are tens of MB, which
-an H100 reads in microseconds, so every extra launch (the PyTorch ops that used to finish the
-aggregation were about 20) would be a visible share of the time.
+an H100 reads in microseconds, so every extra launch would be a visible share of the time
+(benchmarks/KERNELS.md).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ try:
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
-# Rows of the partial-sum buffer written by the forward kernel.
-_PG, _KL, _CNT, _CLO, _CHI, _DUAL, _RATIO, _AKL = range(8)
+# Rows of the partial-sum buffer the forward kernel writes and the finish kernel reads (by these
+# offsets): 0 policy term, 1 reference KL, 2 token count, 3 low clips, 4 high clips, 5 dual clips,
+# 6 ratio, 7 approximate KL.
 _N_PARTIALS = 8
 # How the finish kernel gets the normalizer: none (the local count), a host number, a device tensor.
 _NORM_NONE, _NORM_HOST, _NORM_DEVICE = range(3)
