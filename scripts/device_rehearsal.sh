@@ -41,7 +41,7 @@ NUMPY=${NUMPY:-2.3.5}
 # imported by our code.
 CARRIED="megatron-core==0.19.2 liger-kernel==0.8.5"
 # what the image holds of the packages our code and tests import (versions as pip resolves them)
-IMAGE_OTHERS="pytest hypothesis pytest-timeout pyyaml httpx tqdm pyarrow tensorboard matplotlib"
+IMAGE_OTHERS="pytest hypothesis pytest-timeout pytest-xdist pyyaml httpx tqdm pyarrow tensorboard matplotlib"
 
 PINS="torch==$TORCH triton==$TRITON transformers==$TRANSFORMERS tokenizers==$TOKENIZERS safetensors==$SAFETENSORS huggingface_hub==$HF_HUB accelerate==$ACCELERATE numpy==$NUMPY"
 stamp="$VENV/.device-rehearsal"

@@ -106,12 +106,32 @@ if [ "${GPU_CHECKS_ON_CPU:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit
     exit 0
 fi
 
-# ---------------------------------------------------------------- 1. kernels on CUDA (issue #3)
-# The AOT compile test is the CPU machine's stand-in for this step and uses Triton internals of one
+# ------------------------------------------ 1 and 4. the kernel and model tests on CUDA, side by side
+# Both test runs go first and together (they share the GPU with each other, never with a benchmark):
+# tests/kernels (issue #3: every kernel compiled and run for real against the float64 references;
+# tests/kernels/test_cuda_configs.py at the real CUDA tiles) and tests/model + the step and
+# resharding tests (issue #4; single-GPU: the multi-rank tests fall back to gloo on the CPU). With
+# pytest-xdist (in the GPU image) each run is spread over worker processes: Triton's compiles and
+# the gloo tests' processes are CPU work, and the machine has 16 cores.
+# The AOT compile test is the CPU machine's stand-in for step 1 and uses Triton internals of one
 # version: left out here.
+XDIST_K=() XDIST_M=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+    read -r WK WM <<<"${GPU_CHECKS_XDIST:-8 4}"  # worker processes of the kernel and model tests
+    ((WK > 1)) && XDIST_K=(-n "$WK")
+    ((WM > 1)) && XDIST_M=(-n "$WM")
+fi
+step tests_model 200 "$OUT/tests_model.log" \
+    "$PY" -m pytest tests/model tests/train/test_step.py tests/train/test_reshard.py -q ${XDIST_M[@]+"${XDIST_M[@]}"} \
+    --continue-on-collection-errors -m "not real_model" &
+MODEL_PID=$!
 step tests_kernels 170 "$OUT/tests_kernels.log" \
-    "$PY" -m pytest tests/kernels -q --continue-on-collection-errors --ignore=tests/kernels/test_compile_aot.py
-[ -f "$OUT/tests_kernels.log" ] && tail -n 3 "$OUT/tests_kernels.log" | tee -a "$SUMMARY"
+    "$PY" -m pytest tests/kernels -q ${XDIST_K[@]+"${XDIST_K[@]}"} --continue-on-collection-errors \
+    --ignore=tests/kernels/test_compile_aot.py
+wait "$MODEL_PID"
+for f in tests_kernels tests_model; do
+    [ -f "$OUT/$f.log" ] && { echo "$f:"; tail -n 3 "$OUT/$f.log"; } | tee -a "$SUMMARY"
+done
 
 # ---------------------------------------------------------------- 2. kernel benchmarks (issue #3)
 # no new case after 140 s (or 60 s before this step's limit when less is left): one case can take
@@ -119,7 +139,8 @@ step tests_kernels 170 "$OUT/tests_kernels.log" \
 LEFT=$((BUDGET - $(elapsed)))
 MAXS=$(((LEFT < 200 ? LEFT : 200) - 60))
 step bench_kernels 200 "$OUT/bench.log" \
-    "$PY" tools/bench_kernels.py --out "$OUT/kernels" --max-seconds $((MAXS < 140 ? MAXS : 140)) --reps 20 --warmup 5
+    "$PY" tools/bench_kernels.py --out "$OUT/kernels" --max-seconds $((MAXS < 140 ? MAXS : 140)) --reps 20 --warmup 5 \
+    --vocab 151936 49152
 grep -A12 "issue #3 targets" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------- 3. one GRPO step at 1.7B (issue #4)
@@ -150,10 +171,5 @@ if [[ $STEPS == *" bench_packed "* ]]; then
 else
     step bench_packed 0 /dev/null true  # says SKIP once
 fi
-
-# ---------------------------------------------------------------- 4. model and step tests on CUDA (issue #4)
-step tests_model 240 "$OUT/tests_model.log" \
-    "$PY" -m pytest tests/model tests/train/test_step.py tests/train/test_reshard.py -q --continue-on-collection-errors -m "not real_model"
-[ -f "$OUT/tests_model.log" ] && tail -n 5 "$OUT/tests_model.log" | tee -a "$SUMMARY"
 
 say "total $(elapsed)s of a ${BUDGET}s budget"
