@@ -5,11 +5,12 @@
 #     bash tools/gpu_checks.sh [BUDGET_SECONDS]          (default 500)
 # Each step has its own time limit, taken from what is left of the budget; a step that fails or
 # runs out of time does not stop the next. Results land in $OUT (default /tmp/gpu_checks), at most
-# 7 files, none deeper than $OUT itself:
+# 8 files, none deeper than $OUT itself:
 #     summary.txt         machine, versions, each step's exit code and time, the benchmark tables
 #     tests_kernels.log   pytest tests/kernels on CUDA (the kernels compiled and run for real)
 #     bench.log           tools/bench_kernels.py and tools/bench_step.py output
 #     kernels_cuda.csv/json   the kernel benchmark rows and the issue #3 target verdicts
+#     sweep_cuda.json     tools/sweep_kernels.py's rows (only with the optional step "sweep")
 #     bench_step.json     one GRPO step of a Qwen3-1.7B-shaped model (random weights, bf16)
 #     tests_model.log     pytest tests/model + tests/train/test_step.py + test_reshard.py on CUDA
 # Without a GPU it says so and runs nothing but the set-up (a dry run of the plumbing);
@@ -18,10 +19,14 @@
 # install (default .whl); GPU_CHECKS_SITE, the folder they are installed into (default
 # /tmp/mr_site); GPU_CHECKS_STEP_MODEL, the model of step 3 (default qwen3-1.7b; the rehearsal's
 # "tiny" fits a CPU); GPU_CHECKS_STEPS, the steps to run (default all four:
-# "tests_kernels bench_kernels bench_step tests_model"; "bench_recompute", step 3 again with full
+# "tests_kernels bench_kernels bench_step tests_model"; "sweep", tools/sweep_kernels.py before the
+# benchmark; "bench_recompute", step 3 again with full
 # activation recomputation, and "bench_packed", step 3's batch in groups of 4 with and without
 # group packing, only when named). scripts/device_rehearsal.sh uses these to
-# run the script on a CPU in a copy of the device image's Python packages.
+# run the script on a CPU in a copy of the device image's Python packages. GPU_CHECKS_XDIST, the
+# pytest-xdist workers of the kernel and the model tests (default "8 4"); GPU_CHECKS_BENCH_ARGS,
+# more arguments of tools/bench_kernels.py (later ones win, e.g. "--no-compile --cases loss");
+# GPU_CHECKS_TEST_LIMIT, one time limit (s) for both test steps instead of 170 and 200.
 set -u
 BUDGET=${1:-500}
 OUT=${OUT:-/tmp/gpu_checks}
@@ -66,7 +71,7 @@ SITE=${GPU_CHECKS_SITE:-/tmp/mr_site}
 mkdir -p "$SITE"
 WHEELS=${GPU_CHECKS_WHEELS:-.whl}
 ALL_STEPS="tests_kernels bench_kernels bench_step tests_model"
-OPTIONAL_STEPS="bench_recompute bench_packed"  # only when named in GPU_CHECKS_STEPS
+OPTIONAL_STEPS="sweep bench_recompute bench_packed"  # only when named in GPU_CHECKS_STEPS
 STEP_MODEL=${GPU_CHECKS_STEP_MODEL:-qwen3-1.7b}
 STEPS=" ${GPU_CHECKS_STEPS:-$ALL_STEPS} "
 for s in $STEPS; do
@@ -115,23 +120,41 @@ fi
 # the gloo tests' processes are CPU work, and the machine has 16 cores.
 # The AOT compile test is the CPU machine's stand-in for step 1 and uses Triton internals of one
 # version: left out here.
+# With pytest-timeout (also in the image) a test that hangs fails on its own after 90 s, with its
+# traceback, instead of taking the step's whole limit and every other test's report with it.
 XDIST_K=() XDIST_M=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && XDIST_M=(--timeout 90)
 if "$PY" -c "import xdist" 2>/dev/null; then
     read -r WK WM <<<"${GPU_CHECKS_XDIST:-8 4}"  # worker processes of the kernel and model tests
     ((WK > 1)) && XDIST_K=(-n "$WK")
-    ((WM > 1)) && XDIST_M=(-n "$WM")
+    ((WM > 1)) && XDIST_M+=(-n "$WM")
 fi
-step tests_model 200 "$OUT/tests_model.log" \
+step tests_model "${GPU_CHECKS_TEST_LIMIT:-200}" "$OUT/tests_model.log" \
     "$PY" -m pytest tests/model tests/train/test_step.py tests/train/test_reshard.py -q ${XDIST_M[@]+"${XDIST_M[@]}"} \
-    --continue-on-collection-errors -m "not real_model" &
+    --tb=short --continue-on-collection-errors -m "not real_model" &
 MODEL_PID=$!
-step tests_kernels 170 "$OUT/tests_kernels.log" \
+step tests_kernels "${GPU_CHECKS_TEST_LIMIT:-170}" "$OUT/tests_kernels.log" \
     "$PY" -m pytest tests/kernels -q ${XDIST_K[@]+"${XDIST_K[@]}"} --continue-on-collection-errors \
     --ignore=tests/kernels/test_compile_aot.py
 wait "$MODEL_PID"
 for f in tests_kernels tests_model; do
     [ -f "$OUT/$f.log" ] && { echo "$f:"; tail -n 3 "$OUT/$f.log"; } | tee -a "$SUMMARY"
 done
+
+# ------------------------------------------- 2a. optional: launch configurations of the log-prob kernel
+# tools/sweep_kernels.py: the statistics kernel's two forms over block widths and warps (times and
+# errors), and grpo_loss's device time per kernel; table in bench.log, rows in sweep_cuda.json
+step sweep 90 "$OUT/bench.log" "$PY" tools/sweep_kernels.py --out "$OUT/sweep"
+# the benchmark then times token_logprobs with the sweep's fastest configuration at the most tokens
+STATS_CFG=$("$PY" - "$OUT/sweep_cuda.json" 2>/dev/null <<'EOF'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["stats"] if "ms" in r]
+top = max(r["tokens"] for r in rows)
+best = min((r for r in rows if r["tokens"] == top), key=lambda r: r["ms"])
+print(f"--stats-config {best['kernel']}:{best['block_v']}:{best['warps']}")
+EOF
+)
+[ -n "$STATS_CFG" ] && say "benchmark with the sweep's choice: $STATS_CFG"
 
 # ---------------------------------------------------------------- 2. kernel benchmarks (issue #3)
 # no new case after 140 s (or 60 s before this step's limit when less is left): one case can take
@@ -140,7 +163,7 @@ LEFT=$((BUDGET - $(elapsed)))
 MAXS=$(((LEFT < 200 ? LEFT : 200) - 60))
 step bench_kernels 200 "$OUT/bench.log" \
     "$PY" tools/bench_kernels.py --out "$OUT/kernels" --max-seconds $((MAXS < 140 ? MAXS : 140)) --reps 20 --warmup 5 \
-    --vocab 151936 49152
+    --vocab 151936 49152 ${STATS_CFG:-} ${GPU_CHECKS_BENCH_ARGS:-}
 grep -A12 "issue #3 targets" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------- 3. one GRPO step at 1.7B (issue #4)

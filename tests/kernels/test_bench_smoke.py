@@ -101,3 +101,30 @@ def test_time_budget_stops_before_the_next_case_and_keeps_the_files(tmp_path):
 
     data = json.loads(Path(f"{out}_cpu.json").read_text())
     assert data["rows"] == [] and len(data["meta"]["not_run"]) == 3  # 2 advantages cases + 1 loss size
+
+
+def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_device):
+    """tools/sweep_kernels.py at tiny sizes: every statistics-kernel configuration runs and its
+    log-sum-exp, entropy and target logit agree with the fp32 PyTorch computation."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("sweep_kernels", BENCH.parent / "sweep_kernels.py")
+        sweep = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sweep)
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    out = tmp_path / "s"
+    argv = ["--device", triton_device.type, "--tokens", "5", "--vocab", "300", "--loss-tokens", "512",
+            "--configs", "blocks:64:4", "lanes:64:4", "--reps", "1", "--warmup", "0", "--out", str(out)]
+    assert sweep.main(argv) == 0
+    data = json.loads(Path(f"{out}_{triton_device.type}.json").read_text())
+    assert [(r["kernel"], r["block_v"]) for r in data["stats"]] == [("blocks", 64), ("lanes", 64)]
+    for r in data["stats"]:
+        assert "error" not in r, r
+        assert max(r["err_lse"], r["err_entropy"], r["err_target"]) < 1e-4, r
+    assert data["loss"] and data["loss"][0]["tokens"] == 512
+    with pytest.raises(SystemExit):
+        sweep.main(["--configs", "lanes:wide:4"])

@@ -1,0 +1,208 @@
+"""Launch-configuration sweep and device-time breakdown of the log-prob and loss kernels (for a GPU).
+
+    python tools/sweep_kernels.py --out /tmp/sweep            # defaults sized for an H100/H200
+
+Two parts, each printed as a table and written to <out>.json:
+
+1. The forward statistics kernel of token_logprobs (one read of the [T, V] logits) in its two
+   forms, "blocks" (a reduction per vocabulary block) and "lanes" (a running softmax per lane, one
+   reduction per row), over block widths and warp counts: median time (CUDA events), the device's
+   busy time (torch.profiler), GB/s over the logits' bytes against a measured copy bandwidth, and
+   the largest error of log-sum-exp and entropy against an fp32 PyTorch computation (float32
+   logsumexp over the upcast logits; both are float32, so the errors are rounding, near 1e-5).
+   kernels/logprobs.py's STATS_KERNEL / STATS_BLOCK_V / STATS_WARPS take the winner.
+2. grpo_loss forward+backward: each kernel's device time (torch.profiler), so that the finish
+   kernel (one program) can be told from the per-token passes.
+
+Without CUDA it runs under TRITON_INTERPRET=1 at tiny sizes as a smoke test (times meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernels as B  # noqa: E402  (measurement helpers)
+from megatron_recycle_kernels import grpo_loss, logprobs  # noqa: E402
+
+DEFAULT_CONFIGS = [
+    ("blocks", 4096, 8),  # the setting before the sweep
+    ("blocks", 2048, 4),
+    ("blocks", 8192, 16),
+    ("lanes", 1024, 4),
+    ("lanes", 2048, 4),
+    ("lanes", 2048, 8),
+    ("lanes", 4096, 8),
+    ("lanes", 4096, 16),
+    ("lanes", 8192, 16),
+]
+
+
+def _reference(logits: torch.Tensor, inv_t: float, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    lse, ent = [], []
+    for i in range(0, logits.shape[0], rows):
+        z = logits[i : i + rows].float() * inv_t
+        l_ = torch.logsumexp(z, -1)
+        p = torch.softmax(z, -1)
+        lse.append(l_)
+        ent.append(l_ - (p * z).sum(-1))
+    return torch.cat(lse), torch.cat(ent)
+
+
+def _kernel_times(fn, dev: torch.device) -> dict[str, float]:
+    """Device time (ms) per kernel name over one call of fn (after one warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(dev)
+    out: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out[e.name[:60]] += e.time_range.elapsed_us() / 1e3
+    return dict(out)
+
+
+def sweep_stats(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, bw: float) -> list[dict]:
+    inv_t = 1 / 0.9
+    logits = (torch.randn(tokens, vocab, device=dev) * 2).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), device=dev)
+    ref_lse, ref_ent = _reference(logits, inv_t)
+    nbytes = logits.numel() * logits.element_size()
+    saved = (logprobs.STATS_KERNEL, logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS)
+    rows = []
+    try:
+        for kernel, block_v, warps in configs:
+            logprobs.STATS_KERNEL, logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS = kernel, block_v, warps
+            row = dict(tokens=tokens, vocab=vocab, kernel=kernel, block_v=block_v, warps=warps)
+            try:
+                fn = lambda: logprobs._stats_triton(logits, targets, 0, inv_t)  # noqa: E731
+                st = fn()
+                m, s, t, q = st[0], st[1], st[2], st[3]
+                lse = m + torch.log(s)
+                ent = torch.log(s) - q / s
+                row["err_lse"] = (lse - ref_lse).abs().max().item()
+                row["err_entropy"] = (ent - ref_ent).abs().max().item()
+                row["err_target"] = (t - logits.float().gather(1, targets[:, None]).squeeze(1) * inv_t).abs().max().item()
+                row["ms"] = B.time_fn(fn, dev, reps, warmup)
+                if dev.type == "cuda":
+                    row["device_ms"] = sum(_kernel_times(fn, dev).values())
+                row["gbs"] = nbytes / (row["ms"] * 1e-3) / 1e9
+                row["pct_of_copy"] = 100 * row["gbs"] / bw
+            except Exception as e:  # a configuration that does not compile or run: say so, go on
+                row["error"] = repr(e)[:300]
+            rows.append(row)
+            _print_stats_row(row)
+    finally:
+        logprobs.STATS_KERNEL, logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS = saved
+    return rows
+
+
+def _print_stats_row(r: dict) -> None:
+    head = f"{r['tokens']:>7} {r['vocab']:>7} {r['kernel']:<7} {r['block_v']:>6} {r['warps']:>5}"
+    if "error" in r:
+        print(f"{head}  failed: {r['error']}"[:200], flush=True)
+        return
+    dms = f"{r['device_ms']:.3f}" if r.get("device_ms") is not None else "-"
+    print(
+        f"{head} {r['ms']:9.3f} {dms:>9} {r['gbs']:9.1f} {r['pct_of_copy']:6.1f}"
+        f" {r['err_lse']:9.2e} {r['err_entropy']:9.2e} {r['err_target']:9.2e}",
+        flush=True,
+    )
+
+
+def loss_breakdown(dev, tokens: int, seq: int = 4096) -> dict:
+    seq = min(seq, tokens)
+    n = max(1, tokens // seq)
+    lp = (-torch.rand(n, seq, device=dev) * 2).to(torch.bfloat16)
+    old = (lp.float() + 0.3 * torch.randn(n, seq, device=dev)).to(torch.bfloat16)
+    adv = torch.randn(n, device=dev)
+    mask = torch.rand(n, seq, device=dev) < 0.8
+    x = lp.clone().requires_grad_()
+
+    def fb():
+        loss, _ = grpo_loss(x, old, adv, mask, clip_c=3.0, impl="triton")
+        loss.backward()
+        x.grad = None
+
+    times = _kernel_times(fb, dev) if dev.type == "cuda" else {}
+    ms = B.time_fn(fb, dev, 20, 5)
+    return dict(tokens=n * seq, rows=n, seq=seq, event_ms=ms, kernels_ms=times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokens", nargs="+", type=int, help="logits rows (16384 4096 on a GPU)")
+    p.add_argument("--vocab", type=int, help="vocabulary (151936 on a GPU)")
+    p.add_argument("--loss-tokens", nargs="+", type=int, help="grpo_loss sizes (4194304 16777216 on a GPU)")
+    p.add_argument("--configs", nargs="+", help="kernel:block_v:warps, e.g. lanes:2048:4 (default: a set of 9)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/sweep_kernels")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    configs = DEFAULT_CONFIGS
+    if args.configs:
+        try:
+            configs = [(k, int(b), int(w)) for k, b, w in (c.split(":") for c in args.configs)]
+        except ValueError:
+            p.error("--configs takes kernel:block_v:warps, e.g. lanes:2048:4")
+    tokens = args.tokens or ([16384, 4096] if gpu else [8])
+    vocab = args.vocab or (151936 if gpu else 300)
+    loss_tokens = args.loss_tokens or ([1 << 22, 1 << 24] if gpu else [4096])
+    name = torch.cuda.get_device_name(dev) if gpu else "CPU (Triton interpreter: times meaningless)"
+    bw = B.copy_bandwidth_gbs(dev, 1024 if gpu else 16)
+    print(f"device: {name}; measured copy bandwidth {bw:.1f} GB/s")
+    print(f"\ntoken_logprobs statistics kernel (bf16 logits, one read), median of {args.reps}")
+    print(f"{'tokens':>7} {'vocab':>7} {'kernel':<7} {'BLOCK':>6} {'warps':>5} {'ms':>9} {'dev ms':>9}"
+          f" {'GB/s':>9} {'%copy':>6} {'err lse':>9} {'err H':>9} {'err tgt':>9}")
+    stats_rows = []
+    for t in tokens:
+        stats_rows += sweep_stats(dev, t, vocab, configs, args.reps, args.warmup, bw)
+        if gpu:
+            torch.cuda.empty_cache()
+    print("\ngrpo_loss forward+backward, device time per kernel (ms)")
+    losses = []
+    for t in loss_tokens:
+        r = loss_breakdown(dev, t) if gpu or t <= 1 << 16 else None
+        if r is None:
+            continue
+        losses.append(r)
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in r["kernels_ms"].items()) or "(no profiler off CUDA)"
+        print(f"  tokens={r['tokens']} ({r['rows']} x {r['seq']}): event-timed {r['event_ms']:.3f} ms; {parts}")
+    meta = dict(
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        device=name,
+        copy_bandwidth_gbs=bw,
+        torch=torch.__version__,
+        command=" ".join([sys.executable, *sys.argv]),
+    )
+    ok = [r for r in stats_rows if "error" not in r]
+    if ok:
+        for t in tokens:
+            mine = [r for r in ok if r["tokens"] == t]
+            if mine:
+                best = min(mine, key=lambda r: r["ms"])
+                print(f"fastest at tokens={t}: {best['kernel']} BLOCK_V={best['block_v']} warps={best['warps']}"
+                      f" ({best['ms']:.3f} ms, median of all configs {statistics.median(r['ms'] for r in mine):.3f})")
+    out = Path(args.out + "_" + dev.type + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, stats=stats_rows, loss=losses), indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
