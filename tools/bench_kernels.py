@@ -357,19 +357,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--stats-config",
-        help="kernel:block_v:warps of token_logprobs' forward statistics kernel on a GPU, e.g. lanes:2048:4"
+        help="block_v:warps[:stages] of token_logprobs' forward statistics kernel on a GPU, e.g. 2048:1:2"
         " (default: kernels/logprobs.py's; tools/sweep_kernels.py compares them)",
     )
     args = p.parse_args(argv)
     if args.stats_config:
+        parts = args.stats_config.split(":")
         try:
-            kind, block_v, warps = args.stats_config.split(":")
-            stats_config = (kind, int(block_v), int(warps))
+            if len(parts) not in (2, 3):
+                raise ValueError
+            cfg = (int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None)
         except ValueError:
-            p.error("--stats-config takes kernel:block_v:warps, e.g. lanes:2048:4")
-        if kind not in ("blocks", "lanes"):
-            p.error(f"--stats-config: the kernel is 'blocks' or 'lanes', not {kind!r}")
-        logprobs_mod.STATS_KERNEL, logprobs_mod.STATS_BLOCK_V, logprobs_mod.STATS_WARPS = stats_config
+            p.error("--stats-config takes block_v:warps[:stages], e.g. 2048:1:2")
+        logprobs_mod.STATS_BLOCK_V, logprobs_mod.STATS_WARPS, logprobs_mod.STATS_STAGES = cfg
 
     dev = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         torch=torch.__version__,
         triton=getattr(triton, "__version__", None),
         command=" ".join([sys.executable, *sys.argv]),
-        stats_kernel=f"{logprobs_mod.STATS_KERNEL}:{logprobs_mod.STATS_BLOCK_V}:{logprobs_mod.STATS_WARPS}",
+        stats_kernel=f"{logprobs_mod.STATS_BLOCK_V}:{logprobs_mod.STATS_WARPS}:{logprobs_mod.STATS_STAGES}",
         note=None if gpu else "CPU only: PyTorch paths timed; Triton, torch.compile and liger skipped",
     )
     out = Path(args.out + ("_" + dev.type))

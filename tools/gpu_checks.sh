@@ -142,7 +142,7 @@ for f in tests_kernels tests_model; do
 done
 
 # ------------------------------------------- 2a. optional: launch configurations of the log-prob kernel
-# tools/sweep_kernels.py: the statistics kernel's two forms over block widths and warps (times and
+# tools/sweep_kernels.py: the statistics kernel over block widths, warps and stages (times and
 # errors), and grpo_loss's device time per kernel; table in bench.log, rows in sweep_cuda.json
 step sweep 90 "$OUT/bench.log" "$PY" tools/sweep_kernels.py --out "$OUT/sweep"
 # the benchmark then times token_logprobs with the sweep's fastest configuration at the most tokens
@@ -151,7 +151,7 @@ import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["stats"] if "ms" in r]
 top = max(r["tokens"] for r in rows)
 best = min((r for r in rows if r["tokens"] == top), key=lambda r: r["ms"])
-print(f"--stats-config {best['kernel']}:{best['block_v']}:{best['warps']}")
+print(f"--stats-config {best['block_v']}:{best['warps']}" + (f":{best['stages']}" if best["stages"] else ""))
 EOF
 )
 [ -n "$STATS_CFG" ] && say "benchmark with the sweep's choice: $STATS_CFG"

@@ -4,13 +4,12 @@
 
 Two parts, each printed as a table and written to <out>.json:
 
-1. The forward statistics kernel of token_logprobs (one read of the [T, V] logits) in its two
-   forms, "blocks" (a reduction per vocabulary block) and "lanes" (a running softmax per lane, one
-   reduction per row), over block widths and warp counts: median time (CUDA events), the device's
-   busy time (torch.profiler), GB/s over the logits' bytes against a measured copy bandwidth, and
-   the largest error of log-sum-exp and entropy against an fp32 PyTorch computation (float32
+1. The forward statistics kernel of token_logprobs (one read of the [T, V] logits) over block
+   widths, warps and pipeline stages: median time (CUDA events), the device's busy time
+   (torch.profiler), GB/s over the logits' bytes against a measured copy bandwidth, and the largest
+   error of log-sum-exp, entropy and target logit against an fp32 PyTorch computation (float32
    logsumexp over the upcast logits; both are float32, so the errors are rounding, near 1e-5).
-   kernels/logprobs.py's STATS_KERNEL / STATS_BLOCK_V / STATS_WARPS take the winner.
+   kernels/logprobs.py's STATS_BLOCK_V / STATS_WARPS / STATS_STAGES take the winner.
 2. grpo_loss forward+backward: each kernel's device time (torch.profiler), so that the finish
    kernel (one program) can be told from the per-token passes.
 
@@ -33,17 +32,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as B  # noqa: E402  (measurement helpers)
 from megatron_recycle_kernels import grpo_loss, logprobs  # noqa: E402
 
+# (BLOCK_V, warps, stages; None = Triton's default). The first is kernels/logprobs.py's setting
+# (the fastest of the first sweep, H200, 2026-11-30); one warp per row with a pipelined loop is what
+# liger-kernel's GRPO forward uses, and its forward read the same logits at 3.9 TB/s there.
 DEFAULT_CONFIGS = [
-    ("blocks", 4096, 8),  # the setting before the sweep
-    ("blocks", 2048, 4),
-    ("blocks", 8192, 16),
-    ("lanes", 1024, 4),
-    ("lanes", 2048, 4),
-    ("lanes", 2048, 8),
-    ("lanes", 4096, 8),
-    ("lanes", 4096, 16),
-    ("lanes", 8192, 16),
+    (2048, 4, None),
+    (4096, 8, None),
+    (2048, 4, 2),
+    (1024, 1, 2),
+    (2048, 1, 2),
+    (2048, 1, 4),
+    (4096, 1, 2),
+    (2048, 2, 2),
+    (4096, 2, 3),
 ]
+
+
+def parse_config(text: str) -> tuple[int, int, int | None]:
+    """"block_v:warps" or "block_v:warps:stages" -> (block_v, warps, stages or None); ValueError if not."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(text)
+    block_v, warps = int(parts[0]), int(parts[1])
+    stages = int(parts[2]) if len(parts) == 3 else None
+    if block_v < 16 or block_v & (block_v - 1) or warps < 1 or (stages is not None and stages < 1):
+        raise ValueError(text)
+    return block_v, warps, stages
 
 
 def _reference(logits: torch.Tensor, inv_t: float, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,12 +93,12 @@ def sweep_stats(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, b
     targets = torch.randint(0, vocab, (tokens,), device=dev)
     ref_lse, ref_ent = _reference(logits, inv_t)
     nbytes = logits.numel() * logits.element_size()
-    saved = (logprobs.STATS_KERNEL, logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS)
+    saved = (logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS, logprobs.STATS_STAGES)
     rows = []
     try:
-        for kernel, block_v, warps in configs:
-            logprobs.STATS_KERNEL, logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS = kernel, block_v, warps
-            row = dict(tokens=tokens, vocab=vocab, kernel=kernel, block_v=block_v, warps=warps)
+        for block_v, warps, stages in configs:
+            logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS, logprobs.STATS_STAGES = block_v, warps, stages
+            row = dict(tokens=tokens, vocab=vocab, block_v=block_v, warps=warps, stages=stages)
             try:
                 fn = lambda: logprobs._stats_triton(logits, targets, 0, inv_t)  # noqa: E731
                 st = fn()
@@ -104,12 +118,12 @@ def sweep_stats(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, b
             rows.append(row)
             _print_stats_row(row)
     finally:
-        logprobs.STATS_KERNEL, logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS = saved
+        logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS, logprobs.STATS_STAGES = saved
     return rows
 
 
 def _print_stats_row(r: dict) -> None:
-    head = f"{r['tokens']:>7} {r['vocab']:>7} {r['kernel']:<7} {r['block_v']:>6} {r['warps']:>5}"
+    head = f"{r['tokens']:>7} {r['vocab']:>7} {r['block_v']:>6} {r['warps']:>5} {r['stages'] or '-':>6}"
     if "error" in r:
         print(f"{head}  failed: {r['error']}"[:200], flush=True)
         return
@@ -146,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", nargs="+", type=int, help="logits rows (16384 4096 on a GPU)")
     p.add_argument("--vocab", type=int, help="vocabulary (151936 on a GPU)")
     p.add_argument("--loss-tokens", nargs="+", type=int, help="grpo_loss sizes (4194304 16777216 on a GPU)")
-    p.add_argument("--configs", nargs="+", help="kernel:block_v:warps, e.g. lanes:2048:4 (default: a set of 9)")
+    p.add_argument(
+        "--configs", nargs="+", help="block_v:warps[:stages], e.g. 2048:1:2 (default: a set of 9)"
+    )
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default="benchmarks/sweep_kernels")
@@ -156,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     configs = DEFAULT_CONFIGS
     if args.configs:
         try:
-            configs = [(k, int(b), int(w)) for k, b, w in (c.split(":") for c in args.configs)]
+            configs = [parse_config(c) for c in args.configs]
         except ValueError:
-            p.error("--configs takes kernel:block_v:warps, e.g. lanes:2048:4")
+            p.error("--configs takes block_v:warps[:stages], e.g. 2048:1:2")
     tokens = args.tokens or ([16384, 4096] if gpu else [8])
     vocab = args.vocab or (151936 if gpu else 300)
     loss_tokens = args.loss_tokens or ([1 << 22, 1 << 24] if gpu else [4096])
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = B.copy_bandwidth_gbs(dev, 1024 if gpu else 16)
     print(f"device: {name}; measured copy bandwidth {bw:.1f} GB/s")
     print(f"\ntoken_logprobs statistics kernel (bf16 logits, one read), median of {args.reps}")
-    print(f"{'tokens':>7} {'vocab':>7} {'kernel':<7} {'BLOCK':>6} {'warps':>5} {'ms':>9} {'dev ms':>9}"
+    print(f"{'tokens':>7} {'vocab':>7} {'BLOCK':>6} {'warps':>5} {'stages':>6} {'ms':>9} {'dev ms':>9}"
           f" {'GB/s':>9} {'%copy':>6} {'err lse':>9} {'err H':>9} {'err tgt':>9}")
     stats_rows = []
     for t in tokens:
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             mine = [r for r in ok if r["tokens"] == t]
             if mine:
                 best = min(mine, key=lambda r: r["ms"])
-                print(f"fastest at tokens={t}: {best['kernel']} BLOCK_V={best['block_v']} warps={best['warps']}"
+                print(f"fastest at tokens={t}: BLOCK_V={best['block_v']} warps={best['warps']} stages={best['stages']}"
                       f" ({best['ms']:.3f} ms, median of all configs {statistics.median(r['ms'] for r in mine):.3f})")
     out = Path(args.out + "_" + dev.type + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
