@@ -31,3 +31,16 @@ from pathlib import Path  # noqa: E402
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
+
+
+def pytest_runtest_logreport(report):
+    """With MR_REPORT_FAILURES_AT_ONCE=1, write each failure's report to stderr the moment it is
+    known, not only in the summary at the end: a run stopped by a time limit (tools/gpu_checks.sh
+    on a lent GPU) then still shows why each test failed. Under pytest-xdist only the controller
+    writes (the workers' reports reach it)."""
+    if os.environ.get("MR_REPORT_FAILURES_AT_ONCE") != "1" or not report.failed:
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    sys.__stderr__.write(f"\n=== FAILED ({report.when}) {report.nodeid} ===\n{report.longreprtext[-6000:]}\n")
+    sys.__stderr__.flush()

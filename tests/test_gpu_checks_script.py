@@ -73,3 +73,28 @@ def test_optional_step_runs_only_when_named(tmp_path, name):
     assert "unknown step" not in summary
     assert f"SKIP  {name}: " in summary and "of the budget left" in summary
     assert "SKIP  bench_step: not in GPU_CHECKS_STEPS" in summary
+
+
+def test_failures_can_be_reported_the_moment_they_happen(monkeypatch):
+    """tests/conftest.py writes a failure's report to stderr at once when MR_REPORT_FAILURES_AT_ONCE=1
+    (gpu_checks.sh sets it), and only in the controller under pytest-xdist."""
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    from tests import conftest
+
+    rep = SimpleNamespace(failed=True, when="call", nodeid="tests/x.py::test_y", longreprtext="E  boom")
+    for env, worker, expect in [("1", None, True), ("1", "gw0", False), (None, None, False)]:
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "__stderr__", err)
+        for k, v in (("MR_REPORT_FAILURES_AT_ONCE", env), ("PYTEST_XDIST_WORKER", worker)):
+            monkeypatch.delenv(k, raising=False) if v is None else monkeypatch.setenv(k, v)
+        conftest.pytest_runtest_logreport(rep)
+        assert ("FAILED (call) tests/x.py::test_y" in err.getvalue() and "E  boom" in err.getvalue()) == expect
+    monkeypatch.setenv("MR_REPORT_FAILURES_AT_ONCE", "1")
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", err)
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, when="call", nodeid="t", longreprtext=""))
+    assert err.getvalue() == ""

@@ -91,6 +91,7 @@ ln -sfn "$REPO/kernels" "$SITE/megatron_recycle_kernels"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRITON_DEFAULT_FP_FUSION=1
+export MR_REPORT_FAILURES_AT_ONCE=1  # tests/conftest.py: each failure written when it happens
 unset TRITON_INTERPRET
 
 say "date: $(date -u '+%Y-%m-%d %H:%M UTC'); commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"

@@ -60,17 +60,19 @@ def run_workers(
         log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
         cmd = [sys.executable, __file__, target, str(out_dir), json.dumps(kwargs)]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    # Poll every rank: when one fails, the others would wait on a collective until the timeout
+    # (300 s by default), so stop them at once.
     deadline = time.monotonic() + timeout
     failed = False
     try:
-        for p, _ in procs:
-            remaining = max(1.0, deadline - time.monotonic())
-            try:
-                if p.wait(timeout=remaining) != 0:
-                    failed = True
-            except subprocess.TimeoutExpired:
+        while True:
+            codes = [p.poll() for p, _ in procs]
+            if any(c not in (None, 0) for c in codes) or time.monotonic() > deadline:
                 failed = True
                 break
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(0.05)
     finally:
         for p, log in procs:
             if p.poll() is None:
