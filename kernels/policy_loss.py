@@ -80,51 +80,58 @@ if HAS_TRITON:
         HAS_REF: tl.constexpr,
         HAS_DUAL: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        TILES: tl.constexpr,
     ):
+        """Program (row, p) covers TILES token blocks of BLOCK_T from block p * TILES on, adds each
+        block's terms into per-lane accumulators and reduces them once: eight partial sums per
+        program, whatever TILES (so more tiles per program means fewer reductions per token)."""
         row = tl.program_id(0).to(tl.int64)
-        blk = tl.program_id(1)
-        n_blk = tl.num_programs(1)
-        cols = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-        inb = cols < n_cols
-        m = (tl.load(mask_ptr + row * stride_mask + cols, mask=inb, other=0) != 0) & inb
-        lp = tl.load(lp_ptr + row * stride_lp + cols, mask=inb, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + row * stride_old + cols, mask=inb, other=0.0).to(tl.float32)
-        if HAS_REF:
-            ref = tl.load(ref_ptr + row * stride_ref + cols, mask=inb, other=0.0).to(tl.float32)
-        else:
-            ref = lp
+        p = tl.program_id(1)
+        n_part = tl.num_programs(1)
         adv = tl.load(adv_ptr + row).to(tl.float32)
-        lr, ratio, s1, s2, pg1, pg, dref = _token_terms(
-            lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL
-        )
-        mf = m.to(tl.float32)
-        zero = tl.zeros_like(lr)
-        adv = adv + zero  # a vector, so that boolean masks combine elementwise (also in the interpreter)
-        out = part_ptr + row * n_blk + blk
-        stride_p = n_rows * n_blk
-        tl.store(out + 0 * stride_p, tl.sum(tl.where(m, pg, zero), axis=0))
-        if HAS_REF:
-            kl = tl.exp(dref) - dref - 1.0
-            tl.store(out + 1 * stride_p, tl.sum(tl.where(m, kl, zero), axis=0))
-        else:
-            tl.store(out + 1 * stride_p, 0.0)
-        tl.store(out + 2 * stride_p, tl.sum(mf, axis=0))
-        tl.store(
-            out + 3 * stride_p, tl.sum(tl.where(m & (adv < 0.0) & (ratio < 1.0 - eps_low), 1.0, 0.0), axis=0)
-        )
-        tl.store(
-            out + 4 * stride_p, tl.sum(tl.where(m & (adv > 0.0) & (ratio > 1.0 + eps_high), 1.0, 0.0), axis=0)
-        )
-        if HAS_DUAL:
-            tl.store(
-                out + 5 * stride_p,
-                tl.sum(tl.where(m & (adv < 0.0) & (pg1 > -clip_c * adv), 1.0, 0.0), axis=0),
+        acc_pg = tl.zeros([BLOCK_T], tl.float32)
+        acc_kl = tl.zeros([BLOCK_T], tl.float32)
+        acc_cnt = tl.zeros([BLOCK_T], tl.float32)
+        acc_clo = tl.zeros([BLOCK_T], tl.float32)
+        acc_chi = tl.zeros([BLOCK_T], tl.float32)
+        acc_dual = tl.zeros([BLOCK_T], tl.float32)
+        acc_ratio = tl.zeros([BLOCK_T], tl.float32)
+        acc_akl = tl.zeros([BLOCK_T], tl.float32)
+        for i in range(TILES):
+            cols = (p * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+            inb = cols < n_cols
+            m = (tl.load(mask_ptr + row * stride_mask + cols, mask=inb, other=0) != 0) & inb
+            lp = tl.load(lp_ptr + row * stride_lp + cols, mask=inb, other=0.0).to(tl.float32)
+            old = tl.load(old_ptr + row * stride_old + cols, mask=inb, other=0.0).to(tl.float32)
+            if HAS_REF:
+                ref = tl.load(ref_ptr + row * stride_ref + cols, mask=inb, other=0.0).to(tl.float32)
+            else:
+                ref = lp
+            lr, ratio, s1, s2, pg1, pg, dref = _token_terms(
+                lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL
             )
-        else:
-            tl.store(out + 5 * stride_p, 0.0)
-        tl.store(out + 6 * stride_p, tl.sum(tl.where(m, ratio, zero), axis=0))
-        nlr = -lr
-        tl.store(out + 7 * stride_p, tl.sum(tl.where(m, tl.exp(nlr) - nlr - 1.0, zero), axis=0))
+            a = adv + tl.zeros_like(lr)  # a vector, so that boolean masks combine elementwise (also in the interpreter)
+            acc_pg += tl.where(m, pg, 0.0)
+            if HAS_REF:
+                acc_kl += tl.where(m, tl.exp(dref) - dref - 1.0, 0.0)
+            acc_cnt += m.to(tl.float32)
+            acc_clo += tl.where(m & (a < 0.0) & (ratio < 1.0 - eps_low), 1.0, 0.0)
+            acc_chi += tl.where(m & (a > 0.0) & (ratio > 1.0 + eps_high), 1.0, 0.0)
+            if HAS_DUAL:
+                acc_dual += tl.where(m & (a < 0.0) & (pg1 > -clip_c * a), 1.0, 0.0)
+            acc_ratio += tl.where(m, ratio, 0.0)
+            nlr = -lr
+            acc_akl += tl.where(m, tl.exp(nlr) - nlr - 1.0, 0.0)
+        out = part_ptr + row * n_part + p
+        stride_p = n_rows * n_part
+        tl.store(out + 0 * stride_p, tl.sum(acc_pg, axis=0))
+        tl.store(out + 1 * stride_p, tl.sum(acc_kl, axis=0))
+        tl.store(out + 2 * stride_p, tl.sum(acc_cnt, axis=0))
+        tl.store(out + 3 * stride_p, tl.sum(acc_clo, axis=0))
+        tl.store(out + 4 * stride_p, tl.sum(acc_chi, axis=0))
+        tl.store(out + 5 * stride_p, tl.sum(acc_dual, axis=0))
+        tl.store(out + 6 * stride_p, tl.sum(acc_ratio, axis=0))
+        tl.store(out + 7 * stride_p, tl.sum(acc_akl, axis=0))
 
     @triton.jit
     def _grpo_loss_finish_kernel(
@@ -134,7 +141,7 @@ if HAS_TRITON:
         denom_ptr,
         norm_ptr,
         n_rows,
-        n_blk,
+        n_part,
         norm_hi,
         norm_lo,
         beta_hi,
@@ -148,7 +155,7 @@ if HAS_TRITON:
         aggregation mode AGG (index into reference.AGG_MODES), the six statistics, and the mode's
         denominator D (backward's row coefficient is 1 / D, or 1 / (D * row tokens) for
         seq-mean-token-mean). Host floats arrive as float32 pairs (hi + lo) to keep float64 precision."""
-        stride_p = n_rows * n_blk
+        stride_p = n_rows * n_part
         zero = tl.zeros([BLOCK_R], dtype=tl.float64)
         acc_loss = zero
         acc_cnt = zero
@@ -163,11 +170,11 @@ if HAS_TRITON:
         for r0 in range(0, n_rows, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             ok = rows < n_rows
-            base = part_ptr + rows.to(tl.int64) * n_blk
+            base = part_ptr + rows.to(tl.int64) * n_part
             pg = zero
             kl = zero
             cnt = zero
-            for b in range(0, n_blk):
+            for b in range(0, n_part):
                 pg += tl.load(base + b, mask=ok, other=0.0).to(tl.float64)
                 kl += tl.load(base + (1 * stride_p + b), mask=ok, other=0.0).to(tl.float64)
                 cnt += tl.load(base + (2 * stride_p + b), mask=ok, other=0.0).to(tl.float64)
@@ -215,7 +222,7 @@ if HAS_TRITON:
         g_ptr,
         grad_ptr,
         n_rows,
-        n_blk,
+        n_part,
         n_cols,
         stride_lp,
         stride_old,
@@ -237,9 +244,9 @@ if HAS_TRITON:
         # the row coefficient (reference.row_coefficients) in float64, then times the upstream gradient
         denom = tl.load(denom_ptr)
         if ROW_MEAN:  # seq-mean-token-mean: also divided by the row's unmasked-token count
-            cnt_ptr = part_ptr + 2 * n_rows * n_blk + row * n_blk
+            cnt_ptr = part_ptr + 2 * n_rows * n_part + row * n_part
             cnt = tl.load(cnt_ptr).to(tl.float64)
-            for b in range(1, n_blk):
+            for b in range(1, n_part):
                 cnt += tl.load(cnt_ptr + b).to(tl.float64)
             denom = tl.maximum(cnt, 1.0) * denom
         scale = (1.0 / denom).to(tl.float32) * tl.load(g_ptr).to(tl.float32)
@@ -268,6 +275,12 @@ if HAS_TRITON:
 
 # Largest token block per program (module-level so tests can shrink it to get several blocks per row).
 MAX_BLOCK_T = 2048
+# Token blocks per forward program (its partial sums are reduced once per program), and the warps
+# of the forward and backward programs on a GPU. On an H200 (2026-11-30) with 1 tile of 2048 and 4
+# warps the forward read about 1.3 TB/s and the backward 3.6 TB/s; tools/sweep_kernels.py tries
+# other settings on the next GPU.
+LOSS_FWD_TILES = 1
+LOSS_WARPS = 4
 
 
 def _block_t(n_cols: int, device: torch.device) -> int:
@@ -314,11 +327,14 @@ class GRPOLossFunction(torch.autograd.Function):
         dev = logprobs.device
         compiled = buffers.compiled(dev)
         block_t = _block_t(n_cols, dev)
-        n_blk = max(1, triton.cdiv(n_cols, block_t))
+        n_blk = max(1, triton.cdiv(n_cols, block_t))  # token blocks per row (the backward's grid)
+        tiles = max(1, min(int(LOSS_FWD_TILES), n_blk))
+        n_part = triton.cdiv(n_blk, tiles)  # forward programs, and partial sums, per row
+        warps = LOSS_WARPS if compiled else 1
         has_ref = ref is not None
         if n_rows > 0 and n_cols > 0:
-            part = new_buffer((_N_PARTIALS, n_rows, n_blk), torch.float32, dev)
-            _grpo_loss_fwd_kernel[(n_rows, n_blk)](
+            part = new_buffer((_N_PARTIALS, n_rows, n_part), torch.float32, dev)
+            _grpo_loss_fwd_kernel[(n_rows, n_part)](
                 logprobs,
                 old,
                 ref if has_ref else logprobs,
@@ -337,10 +353,11 @@ class GRPOLossFunction(torch.autograd.Function):
                 HAS_REF=has_ref,
                 HAS_DUAL=clip_c is not None,
                 BLOCK_T=block_t,
-                num_warps=4 if compiled else 1,
+                TILES=tiles,
+                num_warps=warps,
             )
         else:  # nothing to reduce: zero partials (at least one element, so the finish kernel has a pointer)
-            part = torch.zeros((_N_PARTIALS, max(n_rows, 1), n_blk), dtype=torch.float32, device=dev)
+            part = torch.zeros((_N_PARTIALS, max(n_rows, 1), n_part), dtype=torch.float32, device=dev)
         loss = new_buffer((), torch.promote_types(logprobs.dtype, torch.float32), dev)
         stats = new_buffer((len(_STAT_NAMES),), torch.float32, dev)
         denom = new_buffer((1,), torch.float64, dev)
@@ -348,20 +365,20 @@ class GRPOLossFunction(torch.autograd.Function):
         beta_hi, beta_lo = _f32_pair(kl_beta if has_ref else 0.0)
         block_r = _FINISH_ROWS if compiled else max(16, min(4096, triton.next_power_of_2(max(n_rows, 1))))
         _grpo_loss_finish_kernel[(1,)](
-            part, loss, stats, denom, denom if norm_t is None else norm_t, n_rows, n_blk,
+            part, loss, stats, denom, denom if norm_t is None else norm_t, n_rows, n_part,
             norm_hi, norm_lo, beta_hi, beta_lo, int(max_len or 0),
             AGG=AGG_MODES.index(agg), NORM=norm_mode, BLOCK_R=block_r, num_warps=4 if compiled else 1,
         )  # fmt: skip
         ctx.save_for_backward(logprobs, old, adv, mask, ref, part, denom)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics (a launch saved)
-        ctx.cfg = (float(eps_low), float(eps_high), clip_c, float(kl_beta), block_t, n_blk, agg)
+        ctx.cfg = (float(eps_low), float(eps_high), clip_c, float(kl_beta), block_t, n_blk, n_part, warps, agg)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, g_loss, _g_stats):  # type: ignore[override]
         logprobs, old, adv, mask, ref, part, denom = ctx.saved_tensors
-        eps_low, eps_high, clip_c, kl_beta, block_t, n_blk, agg = ctx.cfg
+        eps_low, eps_high, clip_c, kl_beta, block_t, n_blk, n_part, warps, agg = ctx.cfg
         n_rows, n_cols = logprobs.shape
         if g_loss is None:
             return None, *([None] * 11)
@@ -380,7 +397,7 @@ class GRPOLossFunction(torch.autograd.Function):
             g_loss,  # read on the device: no host sync
             grad,
             n_rows,
-            n_blk,
+            n_part,
             n_cols,
             logprobs.stride(0),
             old.stride(0),
@@ -396,7 +413,7 @@ class GRPOLossFunction(torch.autograd.Function):
             HAS_DUAL=clip_c is not None,
             ROW_MEAN=agg == "seq-mean-token-mean",
             BLOCK_T=block_t,
-            num_warps=4 if buffers.compiled(logprobs.device) else 1,
+            num_warps=warps,
         )
         return grad, *([None] * 11)
 

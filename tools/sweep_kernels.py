@@ -10,8 +10,10 @@ Two parts, each printed as a table and written to <out>.json:
    error of log-sum-exp, entropy and target logit against an fp32 PyTorch computation (float32
    logsumexp over the upcast logits; both are float32, so the errors are rounding, near 1e-5).
    kernels/logprobs.py's STATS_BLOCK_V / STATS_WARPS / STATS_STAGES take the winner.
-2. grpo_loss forward+backward: each kernel's device time (torch.profiler), so that the finish
-   kernel (one program) can be told from the per-token passes.
+2. grpo_loss forward+backward over token block widths, warps and token blocks per forward program
+   (kernels/policy_loss.py's MAX_BLOCK_T, LOSS_WARPS, LOSS_FWD_TILES): event time, each kernel's
+   device time (torch.profiler: the finish kernel, one program, apart from the per-token passes),
+   the forward and backward kernels' GB/s, and the errors against the float64 reference.
 
 Without CUDA it runs under TRITON_INTERPRET=1 at tiny sizes as a smoke test (times meaningless).
 """
@@ -135,23 +137,94 @@ def _print_stats_row(r: dict) -> None:
     )
 
 
-def loss_breakdown(dev, tokens: int, seq: int = 4096) -> dict:
+# grpo_loss launch settings: (BLOCK_T, warps, token blocks per forward program). The first is
+# kernels/policy_loss.py's (measured on an H200, 2026-11-30: forward ~1.3 TB/s, backward 3.6 TB/s);
+# its forward keeps 16 tokens per thread in 96-111 registers (sm_90, tools/compile_kernels.py), so
+# about 4 programs fit an SM. The others hold 4-8 tokens per thread (47-64 registers with KL and
+# dual clip, compiled the same way), some with several blocks per program (fewer reductions).
+LOSS_CONFIGS = [
+    (2048, 4, 1),
+    (2048, 8, 1),
+    (1024, 4, 1),
+    (1024, 8, 4),
+    (1024, 8, 8),
+    (2048, 16, 2),
+    (512, 4, 8),
+]
+
+
+def sweep_loss(dev, tokens: int, configs, reps: int, warmup: int, bw: float, seq: int = 4096) -> list[dict]:
+    """grpo_loss forward+backward (bf16, KL and dual clip on) under each launch setting: event time,
+    each kernel's device time, the forward and backward kernels' GB/s, and the loss's and
+    gradient's error against the float64 reference (max |diff| / max |ref| for the gradient)."""
+    from megatron_recycle_kernels import policy_loss
+    from megatron_recycle_kernels import reference as R
+
     seq = min(seq, tokens)
     n = max(1, tokens // seq)
     lp = (-torch.rand(n, seq, device=dev) * 2).to(torch.bfloat16)
     old = (lp.float() + 0.3 * torch.randn(n, seq, device=dev)).to(torch.bfloat16)
+    ref = (lp.float() + 0.1 * torch.randn(n, seq, device=dev)).to(torch.bfloat16)
     adv = torch.randn(n, device=dev)
     mask = torch.rand(n, seq, device=dev) < 0.8
+    kw = dict(clip_c=3.0, kl_beta=0.04)
+    xr = lp.double().requires_grad_()
+    ref_loss, _ = R.grpo_loss_reference(xr, old.double(), adv.double(), mask, ref.double(), **kw)
+    (ref_grad,) = torch.autograd.grad(ref_loss, xr)
+    del xr
     x = lp.clone().requires_grad_()
+    es = lp.element_size()
+    bytes_fwd = n * seq * (3 * es + 1)  # log-probs, old, reference, mask
+    saved = (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES)
+    rows = []
+    try:
+        for block_t, warps, tiles in configs:
+            policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES = block_t, warps, tiles
+            row = dict(tokens=n * seq, rows=n, seq=seq, block_t=block_t, warps=warps, tiles=tiles)
 
-    def fb():
-        loss, _ = grpo_loss(x, old, adv, mask, clip_c=3.0, impl="triton")
-        loss.backward()
-        x.grad = None
+            def fb():
+                loss, _ = grpo_loss(x, old, adv, mask, ref, impl="triton", **kw)
+                loss.backward()
+                return loss
 
-    times = _kernel_times(fb, dev) if dev.type == "cuda" else {}
-    ms = B.time_fn(fb, dev, 20, 5)
-    return dict(tokens=n * seq, rows=n, seq=seq, event_ms=ms, kernels_ms=times)
+            try:
+                loss = fb()
+                row["err_loss"] = abs(loss.item() - ref_loss.item())
+                row["err_grad"] = ((x.grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item()
+                x.grad = None
+                row["event_ms"] = B.time_fn(lambda: (fb(), setattr(x, "grad", None)), dev, reps, warmup)
+                if dev.type == "cuda":
+                    times = _kernel_times(lambda: (fb(), setattr(x, "grad", None)), dev)
+                    row["kernels_ms"] = times
+                    fwd = sum(v for k, v in times.items() if "fwd" in k)
+                    bwd = sum(v for k, v in times.items() if "bwd" in k)
+                    row["fwd_gbs"] = bytes_fwd / (fwd * 1e-3) / 1e9 if fwd else None
+                    row["bwd_gbs"] = (bytes_fwd + n * seq * es) / (bwd * 1e-3) / 1e9 if bwd else None
+                    row["device_ms"] = sum(times.values())
+            except Exception as e:  # a setting that does not compile or run: say so, go on
+                row["error"] = repr(e)[:300]
+                x.grad = None
+            rows.append(row)
+            _print_loss_row(row, bw)
+    finally:
+        policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES = saved
+    return rows
+
+
+def _print_loss_row(r: dict, bw: float) -> None:
+    head = f"{r['tokens']:>9} {r['block_t']:>6} {r['warps']:>5} {r['tiles']:>5}"
+    if "error" in r:
+        print(f"{head}  failed: {r['error']}"[:200], flush=True)
+        return
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    print(
+        f"{head} {r['event_ms']:9.3f} {f(r.get('device_ms'), '.4f'):>9} {f(r.get('fwd_gbs'), '.0f'):>8}"
+        f" {f(r.get('bwd_gbs'), '.0f'):>8} {r['err_loss']:9.2e} {r['err_grad']:9.2e}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-tokens", nargs="+", type=int, help="grpo_loss sizes (4194304 16777216 on a GPU)")
     p.add_argument(
         "--configs", nargs="+", help="block_v:warps[:stages], e.g. 2048:1:2 (default: a set of 9)"
+    )
+    p.add_argument(
+        "--loss-configs", nargs="+", help="grpo_loss block_t:warps:tiles, e.g. 2048:4:2 (default: a set of 7)"
     )
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -178,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.tokens or ([16384, 4096] if gpu else [8])
     vocab = args.vocab or (151936 if gpu else 300)
     loss_tokens = args.loss_tokens or ([1 << 22, 1 << 24] if gpu else [4096])
+    loss_configs = LOSS_CONFIGS
+    if args.loss_configs:
+        try:
+            loss_configs = [tuple(int(v) for v in c.split(":")) for c in args.loss_configs]
+            if any(len(c) != 3 or min(c) < 1 for c in loss_configs):
+                raise ValueError
+        except ValueError:
+            p.error("--loss-configs takes block_t:warps:tiles, e.g. 2048:4:2")
     name = torch.cuda.get_device_name(dev) if gpu else "CPU (Triton interpreter: times meaningless)"
     bw = B.copy_bandwidth_gbs(dev, 1024 if gpu else 16)
     print(f"device: {name}; measured copy bandwidth {bw:.1f} GB/s")
@@ -189,15 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         stats_rows += sweep_stats(dev, t, vocab, configs, args.reps, args.warmup, bw)
         if gpu:
             torch.cuda.empty_cache()
-    print("\ngrpo_loss forward+backward, device time per kernel (ms)")
+    print(f"\ngrpo_loss forward+backward (bf16, KL, dual clip), median of {args.reps}; GB/s of the"
+          " forward and backward kernels from their device time")
+    print(f"{'tokens':>9} {'BLOCK':>6} {'warps':>5} {'tiles':>5} {'ms':>9} {'dev ms':>9} {'fwd GB/s':>8}"
+          f" {'bwd GB/s':>8} {'err loss':>9} {'err grad':>9}")
     losses = []
     for t in loss_tokens:
-        r = loss_breakdown(dev, t) if gpu or t <= 1 << 16 else None
-        if r is None:
-            continue
-        losses.append(r)
-        parts = ", ".join(f"{k} {v:.4f}" for k, v in r["kernels_ms"].items()) or "(no profiler off CUDA)"
-        print(f"  tokens={r['tokens']} ({r['rows']} x {r['seq']}): event-timed {r['event_ms']:.3f} ms; {parts}")
+        losses += sweep_loss(dev, t, loss_configs, args.reps, args.warmup, bw)
+        if gpu:
+            torch.cuda.empty_cache()
     meta = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         device=name,

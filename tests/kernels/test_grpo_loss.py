@@ -86,6 +86,23 @@ def test_fp32_matches_reference(impl, agg, case, triton_device, monkeypatch):
     assert torch.equal(g.cpu()[~mask], torch.zeros(int((~mask).sum())))
 
 
+@pytest.mark.parametrize("tiles", [2, 3])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_several_token_blocks_per_forward_program(tiles, agg, triton_device, monkeypatch):
+    """LOSS_FWD_TILES > 1: each forward program adds several 16-token blocks into per-lane sums
+    (a row of 45 tokens is 3 blocks: with 2 per program the second runs past the row's end, with 3
+    one program covers the row); loss, statistics
+    and gradient as the float64 reference, and the backward (its own grid of blocks) reads the
+    right per-row token counts for seq-mean-token-mean."""
+    monkeypatch.setattr(grpo_loss_mod, "MAX_BLOCK_T", 16)
+    monkeypatch.setattr(grpo_loss_mod, "LOSS_FWD_TILES", tiles)
+    loss, stats, g, lr, sr, gr = _run("triton", triton_device, torch.float32, agg, dict(ref=True, kl_beta=0.05, clip_c=3.0))
+    torch.testing.assert_close(loss.double().cpu(), lr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.double().cpu(), gr, rtol=1e-5, atol=1e-7)
+    for k in sr:
+        torch.testing.assert_close(stats[k].double().cpu(), sr[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_extreme_ratios_hit_both_clips_and_the_dual_clip(triton_device):
     """The batch above really exercises the clip branches (else the comparison proves little)."""
     loss, stats, g, lr, sr, gr = _run("triton", triton_device, torch.float32, "token-mean", dict(clip_c=3.0))
