@@ -61,6 +61,22 @@ if HAS_TRITON:
         return lr, ratio, s1, s2, pg1, pg, dref
 
     @triton.jit
+    def _load_tokens(
+        lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, inb, stride_lp, stride_old, stride_ref, stride_mask,
+        HAS_REF: tl.constexpr,
+    ):
+        """One token block of a row: mask (bool), log-probs, old and reference log-probs in fp32
+        (the reference is the log-probs themselves without one)."""
+        m = (tl.load(mask_ptr + row * stride_mask + cols, mask=inb, other=0) != 0) & inb
+        lp = tl.load(lp_ptr + row * stride_lp + cols, mask=inb, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + row * stride_old + cols, mask=inb, other=0.0).to(tl.float32)
+        if HAS_REF:
+            ref = tl.load(ref_ptr + row * stride_ref + cols, mask=inb, other=0.0).to(tl.float32)
+        else:
+            ref = lp
+        return m, lp, old, ref
+
+    @triton.jit
     def _grpo_loss_fwd_kernel(
         lp_ptr,
         old_ptr,
@@ -100,13 +116,9 @@ if HAS_TRITON:
         for i in range(TILES):
             cols = (p * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
             inb = cols < n_cols
-            m = (tl.load(mask_ptr + row * stride_mask + cols, mask=inb, other=0) != 0) & inb
-            lp = tl.load(lp_ptr + row * stride_lp + cols, mask=inb, other=0.0).to(tl.float32)
-            old = tl.load(old_ptr + row * stride_old + cols, mask=inb, other=0.0).to(tl.float32)
-            if HAS_REF:
-                ref = tl.load(ref_ptr + row * stride_ref + cols, mask=inb, other=0.0).to(tl.float32)
-            else:
-                ref = lp
+            m, lp, old, ref = _load_tokens(
+                lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, inb, stride_lp, stride_old, stride_ref, stride_mask, HAS_REF
+            )
             lr, ratio, s1, s2, pg1, pg, dref = _token_terms(
                 lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL
             )
@@ -251,13 +263,9 @@ if HAS_TRITON:
             denom = tl.maximum(cnt, 1.0) * denom
         scale = (1.0 / denom).to(tl.float32) * tl.load(g_ptr).to(tl.float32)
         inb = cols < n_cols
-        m = (tl.load(mask_ptr + row * stride_mask + cols, mask=inb, other=0) != 0) & inb
-        lp = tl.load(lp_ptr + row * stride_lp + cols, mask=inb, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + row * stride_old + cols, mask=inb, other=0.0).to(tl.float32)
-        if HAS_REF:
-            ref = tl.load(ref_ptr + row * stride_ref + cols, mask=inb, other=0.0).to(tl.float32)
-        else:
-            ref = lp
+        m, lp, old, ref = _load_tokens(
+            lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, inb, stride_lp, stride_old, stride_ref, stride_mask, HAS_REF
+        )
         adv = tl.load(adv_ptr + row).to(tl.float32)
         lr, ratio, s1, s2, pg1, pg, dref = _token_terms(
             lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL
