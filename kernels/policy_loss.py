@@ -77,6 +77,39 @@ if HAS_TRITON:
         return m, lp, old, ref
 
     @triton.jit
+    def _partial_terms(
+        lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, n_cols, stride_lp, stride_old, stride_ref, stride_mask,
+        adv, eps_low, eps_high, clip_c, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
+    ):
+        """The eight per-token terms of one token block whose sums the forward writes (zero where
+        masked): policy loss, KL to the reference, token, low-clip, high-clip and dual-clip counts,
+        ratio, k3 of old vs current."""
+        inb = cols < n_cols
+        m, lp, old, ref = _load_tokens(
+            lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, inb, stride_lp, stride_old, stride_ref, stride_mask, HAS_REF
+        )
+        lr, ratio, s1, s2, pg1, pg, dref = _token_terms(lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL)
+        a = adv + tl.zeros_like(lr)  # a vector, so that boolean masks combine elementwise (also in the interpreter)
+        zero = tl.zeros_like(lr)
+        kl = zero
+        if HAS_REF:
+            kl = tl.where(m, tl.exp(dref) - dref - 1.0, zero)
+        dual = zero
+        if HAS_DUAL:
+            dual = tl.where(m & (a < 0.0) & (pg1 > -clip_c * a), 1.0, 0.0)
+        nlr = -lr
+        return (
+            tl.where(m, pg, zero),
+            kl,
+            m.to(tl.float32),
+            tl.where(m & (a < 0.0) & (ratio < 1.0 - eps_low), 1.0, 0.0),
+            tl.where(m & (a > 0.0) & (ratio > 1.0 + eps_high), 1.0, 0.0),
+            dual,
+            tl.where(m, ratio, zero),
+            tl.where(m, tl.exp(nlr) - nlr - 1.0, zero),
+        )
+
+    @triton.jit
     def _grpo_loss_fwd_kernel(
         lp_ptr,
         old_ptr,
@@ -104,46 +137,61 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1)
         n_part = tl.num_programs(1)
-        adv = tl.load(adv_ptr + row).to(tl.float32)
-        acc_pg = tl.zeros([BLOCK_T], tl.float32)
-        acc_kl = tl.zeros([BLOCK_T], tl.float32)
-        acc_cnt = tl.zeros([BLOCK_T], tl.float32)
-        acc_clo = tl.zeros([BLOCK_T], tl.float32)
-        acc_chi = tl.zeros([BLOCK_T], tl.float32)
-        acc_dual = tl.zeros([BLOCK_T], tl.float32)
-        acc_ratio = tl.zeros([BLOCK_T], tl.float32)
-        acc_akl = tl.zeros([BLOCK_T], tl.float32)
-        for i in range(TILES):
-            cols = (p * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        if TILES == 1:
+            # One block, each term reduced as soon as it is computed: the code measured on an H200
+            # (2026-11-30), kept as it was. The accumulators below stay live to the loop's end.
+            cols = p * BLOCK_T + tl.arange(0, BLOCK_T)
             inb = cols < n_cols
             m, lp, old, ref = _load_tokens(
                 lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, inb, stride_lp, stride_old, stride_ref, stride_mask, HAS_REF
             )
+            adv = tl.load(adv_ptr + row).to(tl.float32)
             lr, ratio, s1, s2, pg1, pg, dref = _token_terms(
                 lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL
             )
-            a = adv + tl.zeros_like(lr)  # a vector, so that boolean masks combine elementwise (also in the interpreter)
-            acc_pg += tl.where(m, pg, 0.0)
+            mf = m.to(tl.float32)
+            zero = tl.zeros_like(lr)
+            adv = adv + zero  # a vector, so that boolean masks combine elementwise (also in the interpreter)
+            out = part_ptr + row * n_part + p
+            stride_p = n_rows * n_part
+            tl.store(out + 0 * stride_p, tl.sum(tl.where(m, pg, zero), axis=0))
             if HAS_REF:
-                acc_kl += tl.where(m, tl.exp(dref) - dref - 1.0, 0.0)
-            acc_cnt += m.to(tl.float32)
-            acc_clo += tl.where(m & (a < 0.0) & (ratio < 1.0 - eps_low), 1.0, 0.0)
-            acc_chi += tl.where(m & (a > 0.0) & (ratio > 1.0 + eps_high), 1.0, 0.0)
+                kl = tl.exp(dref) - dref - 1.0
+                tl.store(out + 1 * stride_p, tl.sum(tl.where(m, kl, zero), axis=0))
+            else:
+                tl.store(out + 1 * stride_p, 0.0)
+            tl.store(out + 2 * stride_p, tl.sum(mf, axis=0))
+            tl.store(out + 3 * stride_p, tl.sum(tl.where(m & (adv < 0.0) & (ratio < 1.0 - eps_low), 1.0, 0.0), axis=0))
+            tl.store(out + 4 * stride_p, tl.sum(tl.where(m & (adv > 0.0) & (ratio > 1.0 + eps_high), 1.0, 0.0), axis=0))
             if HAS_DUAL:
-                acc_dual += tl.where(m & (a < 0.0) & (pg1 > -clip_c * a), 1.0, 0.0)
-            acc_ratio += tl.where(m, ratio, 0.0)
+                tl.store(out + 5 * stride_p, tl.sum(tl.where(m & (adv < 0.0) & (pg1 > -clip_c * adv), 1.0, 0.0), axis=0))
+            else:
+                tl.store(out + 5 * stride_p, 0.0)
+            tl.store(out + 6 * stride_p, tl.sum(tl.where(m, ratio, zero), axis=0))
             nlr = -lr
-            acc_akl += tl.where(m, tl.exp(nlr) - nlr - 1.0, 0.0)
-        out = part_ptr + row * n_part + p
-        stride_p = n_rows * n_part
-        tl.store(out + 0 * stride_p, tl.sum(acc_pg, axis=0))
-        tl.store(out + 1 * stride_p, tl.sum(acc_kl, axis=0))
-        tl.store(out + 2 * stride_p, tl.sum(acc_cnt, axis=0))
-        tl.store(out + 3 * stride_p, tl.sum(acc_clo, axis=0))
-        tl.store(out + 4 * stride_p, tl.sum(acc_chi, axis=0))
-        tl.store(out + 5 * stride_p, tl.sum(acc_dual, axis=0))
-        tl.store(out + 6 * stride_p, tl.sum(acc_ratio, axis=0))
-        tl.store(out + 7 * stride_p, tl.sum(acc_akl, axis=0))
+            tl.store(out + 7 * stride_p, tl.sum(tl.where(m, tl.exp(nlr) - nlr - 1.0, zero), axis=0))
+        else:
+            adv = tl.load(adv_ptr + row).to(tl.float32)
+            out = part_ptr + row * n_part + p
+            stride_p = n_rows * n_part
+            a0 = tl.zeros([BLOCK_T], tl.float32)
+            a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+            for i in range(TILES):
+                cols = (p * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+                t0, t1, t2, t3, t4, t5, t6, t7 = _partial_terms(
+                    lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, n_cols, stride_lp, stride_old, stride_ref,
+                    stride_mask, adv, eps_low, eps_high, clip_c, HAS_REF, HAS_DUAL,
+                )
+                a0, a1, a2, a3 = a0 + t0, a1 + t1, a2 + t2, a3 + t3
+                a4, a5, a6, a7 = a4 + t4, a5 + t5, a6 + t6, a7 + t7
+            tl.store(out + 0 * stride_p, tl.sum(a0, axis=0))
+            tl.store(out + 1 * stride_p, tl.sum(a1, axis=0))
+            tl.store(out + 2 * stride_p, tl.sum(a2, axis=0))
+            tl.store(out + 3 * stride_p, tl.sum(a3, axis=0))
+            tl.store(out + 4 * stride_p, tl.sum(a4, axis=0))
+            tl.store(out + 5 * stride_p, tl.sum(a5, axis=0))
+            tl.store(out + 6 * stride_p, tl.sum(a6, axis=0))
+            tl.store(out + 7 * stride_p, tl.sum(a7, axis=0))
 
     @triton.jit
     def _grpo_loss_finish_kernel(
