@@ -140,8 +140,8 @@ def _print_stats_row(r: dict) -> None:
 # grpo_loss launch settings: (BLOCK_T, warps, token blocks per forward program). The first is
 # kernels/policy_loss.py's (measured on an H200, 2026-11-30: forward ~1.3 TB/s, backward 3.6 TB/s);
 # its forward keeps 16 tokens per thread in 96-111 registers (sm_90, tools/compile_kernels.py), so
-# about 4 programs fit an SM. The others hold 4-8 tokens per thread (47-64 registers with KL and
-# dual clip, compiled the same way), some with several blocks per program (fewer reductions).
+# about 4 programs fit an SM. The others hold 4-8 tokens per thread, some with several blocks per
+# program (fewer reductions; 57-64 registers at 4 tokens per thread with KL and dual clip).
 LOSS_CONFIGS = [
     (2048, 4, 1),
     (2048, 8, 1),
