@@ -142,9 +142,10 @@ for f in tests_kernels tests_model; do
     [ -f "$OUT/$f.log" ] && { echo "$f:"; tail -n 3 "$OUT/$f.log"; } | tee -a "$SUMMARY"
 done
 
-# ------------------------------------------- 2a. optional: launch configurations of the log-prob kernel
-# tools/sweep_kernels.py: the statistics kernel over block widths, warps and stages (times and
-# errors), and grpo_loss's device time per kernel; table in bench.log, rows in sweep_cuda.json
+# --------------------------------------- 2a. optional: launch settings of the log-prob and loss kernels
+# tools/sweep_kernels.py: the log-prob statistics kernel over block widths, warps and stages, and
+# grpo_loss over token blocks, warps and blocks per forward program (times, each kernel's device
+# time, errors); tables in bench.log, rows in sweep_cuda.json
 step sweep 90 "$OUT/bench.log" "$PY" tools/sweep_kernels.py --out "$OUT/sweep"
 # the benchmark then times token_logprobs with the sweep's fastest configuration at the most tokens
 STATS_CFG=$("$PY" - "$OUT/sweep_cuda.json" 2>/dev/null <<'EOF'
