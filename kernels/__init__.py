@@ -168,6 +168,7 @@ def token_logprobs(
     return_entropy: bool = False,
     *,
     impl: str | None = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(logits / temperature)[targets] per row (and the entropy), differentiable w.r.t. logits.
 
@@ -176,6 +177,12 @@ def token_logprobs(
     gives the gradient of the local shard only. Logits are read in their own dtype (bf16 stays
     bf16) and computed in fp32; only the logits themselves and two [T] vectors are kept for
     backward. Outputs are float32 (float64 for float64 logits).
+
+    `inplace_backward=True`: the backward writes the logits' gradient over the logits themselves,
+    so no second [T, V] buffer is allocated (the trainer's choice: its logits serve nothing after
+    the loss). The logits are then gone; their autograd version is bumped, so any other use of them
+    that autograd saved fails loudly (as does a second backward through the same graph) instead
+    of reading the gradient.
     """
     if logits.dim() != 2:
         raise ValueError(
@@ -187,7 +194,7 @@ def token_logprobs(
     if use_triton and logits.stride(1) != 1:
         logits = logits.contiguous()
     logp, entropy = TokenLogprobsFunction.apply(
-        logits, targets.contiguous(), inv_temp, tp_group, use_triton, return_entropy
+        logits, targets.contiguous(), inv_temp, tp_group, use_triton, return_entropy, bool(inplace_backward)
     )
     return (logp, entropy) if return_entropy else logp
 

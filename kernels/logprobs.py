@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.autograd.graph import increment_version
 
 from . import buffers
 from .buffers import new_buffer, new_buffer_like
@@ -434,13 +435,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
     """log p(target) and entropy from (sharded) logits; saves the logits themselves plus [T] stats."""
 
     @staticmethod
-    def forward(ctx, logits, targets, inv_temp, tp_group, use_triton, with_entropy=True):  # type: ignore[override]
+    def forward(ctx, logits, targets, inv_temp, tp_group, use_triton, with_entropy=True, inplace=False):  # type: ignore[override]
         vocab_start, _ = vocab_range(logits.shape[1], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
         stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy)
         logp, entropy, lse = _merge(stats, tp_group, with_entropy, logits.dtype, use_triton)
         ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
+        ctx.inv_temp, ctx.vocab_start, ctx.use_triton, ctx.inplace = inv_temp, vocab_start, use_triton, inplace
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -448,7 +449,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]
         logits, targets, lse, entropy = ctx.saved_tensors
         if g_lp is None and g_ent is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         grad_fn = _grad_triton if ctx.use_triton else _grad_torch
         grad = grad_fn(
             logits,
@@ -459,8 +460,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
             entropy,
             None if g_lp is None else g_lp.contiguous(),
             None if g_ent is None else g_ent.contiguous(),
+            out=logits if ctx.inplace else None,  # each row is read before it is overwritten
         )
-        return grad, None, None, None, None, None
+        if ctx.inplace:
+            increment_version(logits)  # a kernel wrote it: later readers that autograd saved must fail
+        return grad, None, None, None, None, None, None
 
 
 class ChunkedTokenLogprobsFunction(torch.autograd.Function):

@@ -327,6 +327,12 @@ def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:
     return [iter(mbs) for _ in range(num_chunks)]
 
 
+# The logits' gradient is written over the logits (token_logprobs' inplace_backward): nothing reads
+# the logits after the loss, and a second [tokens, V/tp] buffer is the step's largest allocation
+# at a large vocabulary. Module-level so that a benchmark can compare both.
+INPLACE_LOGITS_GRAD = True
+
+
 def target_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False,
     packed: PackedRows | None = None, select: LogitSelection | None = None,
@@ -352,7 +358,7 @@ def target_logprobs(
         # them) against the next token; the last position gets a dummy target and is dropped.
         targets, gather = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1), None
     out = token_logprobs(logits.reshape(-1, vshard), targets, temperature=temperature, tp_group=_tp_group(),
-                         return_entropy=return_entropy)
+                         return_entropy=return_entropy, inplace_backward=INPLACE_LOGITS_GRAD)
     if gather is not None:
         if return_entropy:
             lp, ent = out

@@ -321,3 +321,59 @@ def test_forward_and_backward_launch_only_the_kernels(entropy, triton_device, de
     for got, w in zip(outs, want):
         torch.testing.assert_close(got.double().cpu(), w.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_in_place_backward_gives_the_same_gradient_in_the_logits_storage(impl, temperature, dtype, triton_device):
+    """inplace_backward=True: the gradient equals the ordinary backward's and lives in the logits'
+    own memory (no second [T, V] buffer); the logits are consumed."""
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(21)
+    base = (torch.randn(7, 300, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, 300, (7,), generator=g).to(dev)
+    w_lp, w_ent = torch.randn(7, generator=g).to(dev), torch.randn(7, generator=g).to(dev)
+    leaf = base.to(dev).requires_grad_()
+    lp, ent = token_logprobs(leaf, targets, temperature, return_entropy=True, impl=impl)
+    (expected,) = torch.autograd.grad((w_lp * lp).sum() + (w_ent * ent).sum(), leaf)
+    src = base.to(dev).requires_grad_()
+    logits = src * 1  # a non-leaf, as the model's output is
+    lp2, ent2 = token_logprobs(logits, targets, temperature, return_entropy=True, impl=impl, inplace_backward=True)
+    assert torch.equal(lp2, lp) and torch.equal(ent2, ent)
+    version = logits._version
+    grad_logits = []
+    logits.register_hook(lambda gr: grad_logits.append(gr))
+    ((w_lp * lp2).sum() + (w_ent * ent2).sum()).backward()
+    assert torch.equal(src.grad, expected)
+    assert grad_logits[0].data_ptr() == logits.data_ptr()  # the gradient was written over the logits
+    assert torch.equal(logits.detach(), expected) and logits._version > version
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_in_place_backward_refuses_a_second_reader_of_the_logits(impl, triton_device):
+    """Another op that saved the logits for its own backward either runs its backward first (autograd
+    goes from the latest op back, so one applied after token_logprobs does: the result is exact) or
+    fails loudly; so does a second backward through the same graph. Never a silent wrong gradient."""
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(22)
+    src = torch.randn(5, 40, generator=g).to(dev).requires_grad_()
+    targets = torch.randint(0, 40, (5,), generator=g).to(dev)
+
+    def total(inplace, squared_first):
+        logits = src * 1
+        squared = (logits * logits).sum() if squared_first else None  # saves the logits themselves
+        lp = token_logprobs(logits, targets, impl=impl, inplace_backward=inplace)
+        if squared is None:
+            squared = (logits * logits).sum()
+        return lp.sum() + squared
+
+    (expected,) = torch.autograd.grad(total(False, False), src)
+    (got,) = torch.autograd.grad(total(True, False), src)  # the squaring's backward reads the logits first
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(total(True, True), src)  # ours overwrites them before the squaring reads them
+    loss = token_logprobs(src * 1, targets, impl=impl, inplace_backward=True).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
