@@ -196,12 +196,11 @@ def _stats_triton(
     stats = new_buffer((4, rows), torch.float32, logits.device)
     if rows == 0:
         return stats
-    compiled = buffers.compiled(logits.device)
-    block_v = _block_v(vocab, logits.device)
-    launch = dict(num_warps=1)  # the interpreter: one "warp", large blocks (see _block_v)
-    if compiled:
+    if buffers.compiled(logits.device):
         block_v = max(16, min(STATS_BLOCK_V, MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 1))))
         launch = dict(num_warps=STATS_WARPS) | ({} if STATS_STAGES is None else dict(num_stages=STATS_STAGES))
+    else:  # the interpreter: one "warp", large blocks (see _block_v)
+        block_v, launch = _block_v(vocab, logits.device), dict(num_warps=1)
     _logprob_stats_kernel[(rows,)](
         logits,
         logits.stride(0),

@@ -1,8 +1,8 @@
 """Fused GRPO clipped-surrogate loss: one Triton pass forward, one backward.
 
-Forward: a 2-D grid of (row, token block) programs computes every token's loss term (ratio,
-clip, dual clip, k3 KL) and reduces it, with the token counts and the statistics, to per-block
-partial sums [8, N, blocks], so no [N, T] intermediate is written; one more program (the finish
+Forward: a 2-D grid of (row, token blocks) programs computes every token's loss term (ratio,
+clip, dual clip, k3 KL) and reduces it, with the token counts and the statistics, to per-program
+partial sums [8, N, programs per row], so no [N, T] intermediate is written; one more program (the finish
 kernel) adds them up in float64 per row, applies the aggregation mode's row coefficients
 (reference.row_coefficients) and writes the loss, the six statistics and the mode's denominator.
 Backward recomputes the per-token derivative from the same inputs and scales it by the row
@@ -83,7 +83,9 @@ if HAS_TRITON:
     ):
         """The eight per-token terms of one token block whose sums the forward writes (zero where
         masked): policy loss, KL to the reference, token, low-clip, high-clip and dual-clip counts,
-        ratio, k3 of old vs current."""
+        ratio, k3 of old vs current. The forward's one-block path spells the same terms out, reduced
+        as they come (fewer live registers: the measured kernel); tests check both paths against
+        the float64 reference (test_grpo_loss.py, one block and 2 or 3 per program)."""
         inb = cols < n_cols
         m, lp, old, ref = _load_tokens(
             lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, inb, stride_lp, stride_old, stride_ref, stride_mask, HAS_REF
@@ -368,7 +370,7 @@ def _normalizer_arg(normalizer: float | torch.Tensor | None, dev: torch.device) 
     return (_NORM_HOST, None, *_f32_pair(normalizer))
 
 
-# Rows per step of the finish kernel's loop (one program adds up [8, N, blocks] partials).
+# Rows per step of the finish kernel's loop (one program adds up [8, N, programs per row] partials).
 _FINISH_ROWS = 512
 
 

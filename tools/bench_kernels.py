@@ -82,34 +82,40 @@ def _rss_kib(field: str) -> int:
     return -1
 
 
+def gpu_activities(fn: Callable[[], object], dev: torch.device) -> list[tuple[str, float]]:
+    """(name, device ms) of every GPU activity (kernel, memcpy, memset) that one call of fn puts on
+    the CUDA device, from torch.profiler, after one unprofiled call (no compilation counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(dev)
+    return [
+        (e.name, e.time_range.elapsed_us() / 1e3)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+
+
 def cuda_activity(fn: Callable[[], object], dev: torch.device) -> tuple[int | None, float | None]:
-    """GPU activities (kernels, memcpy, memset) that one call of fn puts on the device, and the time
-    the device spends in them (ms), from torch.profiler. The count shows the launches that cost a
-    visible share of a bandwidth-bound op at a few million tokens; the device time leaves out the
-    host's time between launches (Python, autograd, Triton's launcher), which the event-timed
-    columns include and a trainer hides behind the GPU work already queued. (None, None) off CUDA
-    (a CPU runs no kernels) or when the profiler fails (said once; the row keeps its timings)."""
+    """How many GPU activities one call of fn launches and the time the device is busy in them (ms).
+    The count shows the launches that cost a visible share of a bandwidth-bound op at a few million
+    tokens; the device time leaves out the host's time between launches (Python, autograd, Triton's
+    launcher), which the event-timed columns include and a trainer hides behind the GPU work already
+    queued. (None, None) off CUDA (a CPU runs no kernels) or when the profiler fails (said once; the
+    row keeps its timings)."""
     if dev.type != "cuda":
         return None, None
     try:
-        from torch.profiler import ProfilerActivity, profile
-
-        fn()  # warm: the profiled call must not include compilation
-        torch.cuda.synchronize(dev)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize(dev)
-        gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        try:
-            busy = sum(e.time_range.elapsed_us() for e in gpu) / 1e3
-        except Exception:  # an event without a time range: keep the count
-            busy = None
-        return len(gpu), busy
+        acts = gpu_activities(fn, dev)
     except Exception as e:  # a count is a detail: never lose the timings over it
         if not getattr(cuda_activity, "warned", False):
             print(f"(launch counts unavailable: {e!r})"[:200])
             cuda_activity.warned = True
         return None, None
+    return len(acts), sum(ms for _, ms in acts)
 
 
 def peak_extra_mib(fn: Callable[[], object], dev: torch.device) -> float:
@@ -330,6 +336,20 @@ def case_chunked(dev, dtype, tokens: int, vocab: int, hidden: int, chunk: int, i
 # --------------------------------------------------------------------------------------------------
 
 
+def parse_stats_config(text: str) -> tuple[int, int, int | None]:
+    """A launch setting of token_logprobs' statistics kernel, "block_v:warps" or "block_v:warps:stages",
+    as (block_v, warps, stages or None); ValueError unless block_v is a power of two >= 16 and the
+    others are >= 1."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(text)
+    block_v, warps = int(parts[0]), int(parts[1])
+    stages = int(parts[2]) if len(parts) == 3 else None
+    if block_v < 16 or block_v & (block_v - 1) or warps < 1 or (stages is not None and stages < 1):
+        raise ValueError(text)
+    return block_v, warps, stages
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -367,13 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.stats_config:
-        parts = args.stats_config.split(":")
         try:
-            if len(parts) not in (2, 3):
-                raise ValueError
-            cfg = (int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None)
+            cfg = parse_stats_config(args.stats_config)
         except ValueError:
-            p.error("--stats-config takes block_v:warps[:stages], e.g. 2048:1:2")
+            p.error("--stats-config takes block_v:warps[:stages] (block_v a power of two >= 16), e.g. 2048:1:2")
         logprobs_mod.STATS_BLOCK_V, logprobs_mod.STATS_WARPS, logprobs_mod.STATS_STAGES = cfg
 
     dev = torch.device(args.device)

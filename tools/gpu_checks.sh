@@ -123,19 +123,19 @@ fi
 # version: left out here.
 # With pytest-timeout (also in the image) a test that hangs fails on its own after 90 s, with its
 # traceback, instead of taking the step's whole limit and every other test's report with it.
-XDIST_K=() XDIST_M=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && XDIST_M=(--timeout 90)
+ARGS_K=() ARGS_M=()  # extra pytest arguments of the kernel and the model tests
+"$PY" -c "import pytest_timeout" 2>/dev/null && ARGS_M=(--timeout 90)
 if "$PY" -c "import xdist" 2>/dev/null; then
     read -r WK WM <<<"${GPU_CHECKS_XDIST:-8 4}"  # worker processes of the kernel and model tests
-    ((WK > 1)) && XDIST_K=(-n "$WK")
-    ((WM > 1)) && XDIST_M+=(-n "$WM")
+    ((WK > 1)) && ARGS_K=(-n "$WK")
+    ((WM > 1)) && ARGS_M+=(-n "$WM")
 fi
 step tests_model "${GPU_CHECKS_TEST_LIMIT:-200}" "$OUT/tests_model.log" \
-    "$PY" -m pytest tests/model tests/train/test_step.py tests/train/test_reshard.py -q ${XDIST_M[@]+"${XDIST_M[@]}"} \
+    "$PY" -m pytest tests/model tests/train/test_step.py tests/train/test_reshard.py -q ${ARGS_M[@]+"${ARGS_M[@]}"} \
     --tb=short --continue-on-collection-errors -m "not real_model" &
 MODEL_PID=$!
 step tests_kernels "${GPU_CHECKS_TEST_LIMIT:-170}" "$OUT/tests_kernels.log" \
-    "$PY" -m pytest tests/kernels -q ${XDIST_K[@]+"${XDIST_K[@]}"} --continue-on-collection-errors \
+    "$PY" -m pytest tests/kernels -q ${ARGS_K[@]+"${ARGS_K[@]}"} --continue-on-collection-errors \
     --ignore=tests/kernels/test_compile_aot.py
 wait "$MODEL_PID"
 for f in tests_kernels tests_model; do

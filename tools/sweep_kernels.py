@@ -50,18 +50,6 @@ DEFAULT_CONFIGS = [
 ]
 
 
-def parse_config(text: str) -> tuple[int, int, int | None]:
-    """"block_v:warps" or "block_v:warps:stages" -> (block_v, warps, stages or None); ValueError if not."""
-    parts = text.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError(text)
-    block_v, warps = int(parts[0]), int(parts[1])
-    stages = int(parts[2]) if len(parts) == 3 else None
-    if block_v < 16 or block_v & (block_v - 1) or warps < 1 or (stages is not None and stages < 1):
-        raise ValueError(text)
-    return block_v, warps, stages
-
-
 def _reference(logits: torch.Tensor, inv_t: float, rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     lse, ent = [], []
     for i in range(0, logits.shape[0], rows):
@@ -74,18 +62,10 @@ def _reference(logits: torch.Tensor, inv_t: float, rows: int = 2048) -> tuple[to
 
 
 def _kernel_times(fn, dev: torch.device) -> dict[str, float]:
-    """Device time (ms) per kernel name over one call of fn (after one warm call)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize(dev)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize(dev)
+    """Device time (ms) per kernel name over one call of fn (bench_kernels.gpu_activities)."""
     out: dict[str, float] = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            out[e.name[:60]] += e.time_range.elapsed_us() / 1e3
+    for name, ms in B.gpu_activities(fn, dev):
+        out[name[:60]] += ms
     return dict(out)
 
 
@@ -248,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = DEFAULT_CONFIGS
     if args.configs:
         try:
-            configs = [parse_config(c) for c in args.configs]
+            configs = [B.parse_stats_config(c) for c in args.configs]
         except ValueError:
             p.error("--configs takes block_v:warps[:stages], e.g. 2048:1:2")
     tokens = args.tokens or ([16384, 4096] if gpu else [8])

@@ -140,3 +140,5 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
         sweep.main(["--configs", "100:4"])  # not a power of two
     with pytest.raises(SystemExit):
         sweep.main(["--loss-configs", "2048:4"])
+    with pytest.raises(SystemExit):  # the benchmark takes the sweep's settings in the same form
+        _bench_module().main(["--stats-config", "2048"])

@@ -326,9 +326,14 @@ def test_forward_and_backward_launch_only_the_kernels(entropy, triton_device, de
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_in_place_backward_gives_the_same_gradient_in_the_logits_storage(impl, temperature, dtype, triton_device):
+def test_the_in_place_backward_gives_the_same_gradient_in_the_logits_storage(
+    impl, temperature, dtype, triton_device, monkeypatch
+):
     """inplace_backward=True: the gradient equals the ordinary backward's and lives in the logits'
-    own memory (no second [T, V] buffer); the logits are consumed."""
+    own memory (no second [T, V] buffer); the logits are consumed. Several vocabulary blocks per
+    row (Triton) and several row chunks (PyTorch), each read before it is overwritten."""
+    monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(logprobs, "TORCH_CHUNK_ELEMENTS", 600)  # 2 rows of 300 per chunk
     dev = _dev(impl, triton_device)
     g = torch.Generator().manual_seed(21)
     base = (torch.randn(7, 300, generator=g) * 3).to(dtype)

@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,8 @@ def run_workers(
     target: str, world_size: int, out_dir: str | os.PathLike, timeout: float = 300, **kwargs: Any
 ) -> list[Any]:
     """Run ``target`` ("file.py:function") on ``world_size`` ranks; return each rank's result."""
+    from tests.train._dist import wait_for_ranks  # not at the top: each rank runs this file as a script
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -60,19 +61,9 @@ def run_workers(
         log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
         cmd = [sys.executable, __file__, target, str(out_dir), json.dumps(kwargs)]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    # Poll every rank: when one fails, the others would wait on a collective until the timeout
-    # (300 s by default), so stop them at once.
-    deadline = time.monotonic() + timeout
     failed = False
     try:
-        while True:
-            codes = [p.poll() for p, _ in procs]
-            if any(c not in (None, 0) for c in codes) or time.monotonic() > deadline:
-                failed = True
-                break
-            if all(c == 0 for c in codes):
-                break
-            time.sleep(0.05)
+        failed = any(c != 0 for c in wait_for_ranks([p for p, _ in procs], timeout).values())
     finally:
         for p, log in procs:
             if p.poll() is None:

@@ -31,6 +31,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_ranks(procs: list[subprocess.Popen], timeout: float) -> dict[int, Any]:
+    """Each rank's exit code, polling all of them: when one fails, the others would wait on a
+    collective until the timeout, so they are stopped at once (code "killed"; "timeout" when the
+    time ran out). Shared by tests/model/_dist.py."""
+    deadline = time.monotonic() + timeout
+    codes: dict[int, Any] = {}
+    while len(codes) < len(procs):
+        for rank, p in enumerate(procs):
+            if rank not in codes and p.poll() is not None:
+                codes[rank] = p.returncode
+        if any(c != 0 for c in codes.values()) or time.monotonic() > deadline:
+            for rank, p in enumerate(procs):
+                if rank not in codes:
+                    p.kill()
+                    p.wait()
+                    codes[rank] = "killed" if time.monotonic() <= deadline else "timeout"
+            break
+        time.sleep(0.05)
+    return codes
+
+
 def run_workers(fn: str, world_size: int, args: dict[str, Any], timeout: float = 300.0) -> list[Any]:
     """Run ``_workers.<fn>(args)`` on ``world_size`` processes; return each rank's result (torch.load).
 
@@ -56,21 +77,7 @@ def run_workers(fn: str, world_size: int, args: dict[str, Any], timeout: float =
             cmd = [sys.executable, str(HERE / "_workers.py"), fn, tmp, json.dumps(args)]
             log = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
             procs.append((subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        # Poll every rank: when one fails, the others would wait on a collective forever, so stop them.
-        deadline = time.monotonic() + timeout
-        codes: dict[int, Any] = {}
-        while len(codes) < world_size:
-            for rank, (p, _) in enumerate(procs):
-                if rank not in codes and p.poll() is not None:
-                    codes[rank] = p.returncode
-            if any(c != 0 for c in codes.values()) or time.monotonic() > deadline:
-                for rank, (p, _) in enumerate(procs):
-                    if rank not in codes:
-                        p.kill()
-                        p.wait()
-                        codes[rank] = "killed" if time.monotonic() <= deadline else "timeout"
-                break
-            time.sleep(0.05)
+        codes = wait_for_ranks([p for p, _ in procs], timeout)
         for _, log in procs:
             log.close()
         failed = [(r, c) for r, c in sorted(codes.items()) if c != 0]
