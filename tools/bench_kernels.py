@@ -10,7 +10,11 @@ inputs (CUDA: max_memory_allocated; CPU: peak RSS through /proc/self/status VmHW
 /proc/self/clear_refs), and on CUDA the GPU activities one forward+backward launches (kernels,
 copies, fills: torch.profiler; the `launches` column, empty on a CPU) with the time the device is
 busy in them (`dev ms`, and `%copy dev`, the bytes over that time: what the kernels achieve without
-the host's time between launches, which the event-timed columns include). On a machine without CUDA
+the host's time between launches, which the event-timed columns include), the host's own time to
+issue one call (`host ms`: Python, autograd and the launches, the device idle at the start; close to
+the event time means host-bound), and the time of one replay from a CUDA graph (`graph ms`, `%copy
+graph`: the launches without the host in between; empty where the call cannot be captured, e.g. a
+host sync inside; `--no-graphs` skips it). On a machine without CUDA
 only the PyTorch paths run (the Triton kernels would need the interpreter, whose timings mean
 nothing) and the output says so.
 """
@@ -116,6 +120,51 @@ def cuda_activity(fn: Callable[[], object], dev: torch.device) -> tuple[int | No
             cuda_activity.warned = True
         return None, None
     return len(acts), sum(ms for _, ms in acts)
+
+
+def host_issue_ms(fn: Callable[[], object], dev: torch.device, reps: int) -> float | None:
+    """Median host time to issue one call of fn on CUDA, the device idle at the start of each and
+    not waited for at the end: the Python, autograd and kernel-launch cost that the event-timed
+    columns include. Where it is close to the event time, the op is host-bound at that size.
+    None off CUDA (there the wall time is all host time)."""
+    if dev.type != "cuda":
+        return None
+    times = []
+    for _ in range(max(1, reps)):
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize(dev)
+    return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], object], dev: torch.device, reps: int, warmup: int) -> float | None:
+    """Median time of one replay of fn captured in a CUDA graph (the launches replayed without the
+    host's Python, autograd and launcher in between): what a trainer that graphs its step would see.
+    None off CUDA, and when fn cannot be captured (a host sync inside, such as token_logprobs'
+    target-range check, fails the capture: said once per reason; the row keeps its other timings)."""
+    if dev.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm up outside the capture (compilation, allocator)
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_fn(graph.replay, dev, reps, warmup)
+    except Exception as e:  # a graph time is a detail: never lose the row over it
+        reason = type(e).__name__
+        warned = graph_ms.__dict__.setdefault("warned", set())
+        if reason not in warned:
+            print(f"(CUDA graph capture failed: {e!r})"[:200])
+            warned.add(reason)
+        torch.cuda.synchronize(dev)
+        return None
 
 
 def peak_extra_mib(fn: Callable[[], object], dev: torch.device) -> float:
@@ -370,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="benchmarks/kernels")
     p.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA, also time each forward+backward replayed from a CUDA graph ('graph ms'; "
+        "--no-graphs skips the capture)",
+    )
+    p.add_argument(
         "--max-seconds",
         type=float,
         help="start no new case after this many seconds (results so far are written after every case)",
@@ -488,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     header = (
         f"{'case':<20} {'size':<40} {'impl':<16} {'fwd ms':>9} {'fwd GB/s':>9} {'f+b ms':>9} {'f+b GB/s':>9}"
-        f" {'%copy':>6} {'peak MiB':>9} {'launches':>8} {'dev ms':>8} {'%copy dev':>9}"
+        f" {'%copy':>6} {'peak MiB':>9} {'launches':>8} {'dev ms':>8} {'%copy dev':>9} {'host ms':>8}"
+        f" {'graph ms':>8} {'%copy graph':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -505,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
                 t_fb = time_fn(fb, dev, args.reps, args.warmup) if fb is not None else float("nan")
                 peak = peak_extra_mib(fb if fb is not None else fwd, dev)
                 launches, dev_ms = cuda_activity(fb if fb is not None else fwd, dev)
+                host_ms = host_issue_ms(fb if fb is not None else fwd, dev, args.reps)
+                g_ms = graph_ms(fb if fb is not None else fwd, dev, args.reps, args.warmup) if args.graphs else None
             except Exception as e:  # keep the table going; record why a row is missing
                 print(f"{case:<20} {size:<40} {impl:<16} failed: {e!r}"[:200])
                 rows.append(dict(case=case, size=size, impl=impl, error=repr(e)[:300]))
@@ -514,10 +573,12 @@ def main(argv: list[str] | None = None) -> int:
             pct = 100 * (gbs_fb if b_fb else gbs_f) / bw
             # the same bytes over the device's own busy time (no host time between launches)
             pct_dev = 100 * (b_fb if b_fb else b_f) / (dev_ms * 1e-3) / 1e9 / bw if dev_ms else None
+            pct_graph = 100 * (b_fb if b_fb else b_f) / (g_ms * 1e-3) / 1e9 / bw if g_ms else None
             print(
                 f"{case:<20} {size:<40} {impl:<16} {t_f:9.3f} {gbs_f:9.1f} {t_fb:9.3f} {gbs_fb:9.1f} {pct:6.1f} {peak:9.1f}"
                 f" {'-' if launches is None else launches:>8}"
-                f" {'-' if dev_ms is None else f'{dev_ms:.3f}':>8} {'-' if pct_dev is None else f'{pct_dev:.1f}':>9}",
+                f" {_cell(dev_ms, 3):>8} {_cell(pct_dev, 1):>9} {_cell(host_ms, 3):>8}"
+                f" {_cell(g_ms, 3):>8} {_cell(pct_graph, 1):>11}",
                 flush=True,
             )
             rows.append(
@@ -534,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
                     launches=launches,
                     device_ms=dev_ms,
                     pct_of_copy_device=pct_dev,
+                    host_ms=host_ms,
+                    graph_ms=g_ms,
+                    pct_of_copy_graph=pct_graph,
                 )
             )
         del runs
@@ -550,6 +614,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'met    ' if t['met'] else 'NOT met' if t['met'] is False else 'n/a    '}  {t['target']}: {t['measured']}")
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.json')}")
     return 0
+
+
+def _cell(value: float | None, digits: int) -> str:
+    """A table cell: the number, or '-' where there is none (off CUDA, or not measured)."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _size_value(size: str, key: str) -> int | None:
@@ -575,8 +644,11 @@ def check_targets(rows: list[dict]) -> list[dict]:
         if case == "grpo_loss" and impl == "triton" and (_size_value(size, "tokens") or 0) >= 1 << 22:
             eager = ok.get((case, size, "eager"))
             speedup = eager["fwd_bwd_ms"] / r["fwd_bwd_ms"] if eager else float("nan")
-            dev_pct = r.get("pct_of_copy_device")
-            dev_note = f" ({dev_pct:.1f}% over the device's busy time alone)" if dev_pct else ""
+            dev_pct, graph_pct = r.get("pct_of_copy_device"), r.get("pct_of_copy_graph")
+            dev_note = f" ({dev_pct:.1f}% over the device's busy time alone" if dev_pct else ""
+            if graph_pct:
+                dev_note += f"{'; ' if dev_note else ' ('}{graph_pct:.1f}% replayed from a CUDA graph"
+            dev_note += ")" if dev_note else ""
             out.append(
                 dict(
                     target=f"grpo_loss fwd+bwd {size}: >= 80% of copy bandwidth and >= 5x eager",
@@ -624,6 +696,9 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
             "launches",
             "device_ms",
             "pct_of_copy_device",
+            "host_ms",
+            "graph_ms",
+            "pct_of_copy_graph",
             "error",
         ]
         w = csv.DictWriter(f, fieldnames=keys)

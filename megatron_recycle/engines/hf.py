@@ -99,7 +99,10 @@ class DecodingBase:
         return params
 
     def _new_generator(self, seed: int | None) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
+        # Always a CPU generator: a seed then draws the same uniforms on every device (a CUDA
+        # generator's stream differs from the CPU's), so a seeded request samples the same tokens
+        # on a CPU and on a GPU wherever their logits agree.
+        gen = torch.Generator()
         gen.manual_seed(seed if seed is not None else self._seed_source.getrandbits(63))
         return gen
 
@@ -130,10 +133,10 @@ class DecodingBase:
                 probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
             # Inverse-CDF sampling, one uniform per row from that row's own generator (so a
             # row's sample never depends on its batch companions); faster than per-row multinomial.
+            # The uniforms are drawn on the CPU and moved in one copy (device-independent samples).
             cdf = probs.double().cumsum(-1)
-            u = torch.cat(
-                [torch.rand(1, generator=rows[r].generator, device=probs.device, dtype=torch.float64) for r in sample_rows]
-            )
+            u = torch.cat([torch.rand(1, generator=rows[r].generator, dtype=torch.float64) for r in sample_rows])
+            u = u.to(probs.device)
             picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
             picked = picked.clamp(max=probs.shape[-1] - 1)
             # rounding can land past the last token with mass: take the likeliest token then

@@ -292,3 +292,22 @@ def test_sampling_follows_the_temperature_and_top_p_distribution(tok):
     want = torch.where(keep, probs, 0.0) / probs[keep].sum()
     freq = draw(1.0, 0.8)
     assert torch.allclose(freq, want, atol=0.015) and freq[~keep].sum() == 0
+
+
+def test_seeded_draws_come_from_the_cpu_stream_on_any_device(tok):
+    """A seed fixes the same uniforms on every device: the generator is a CPU one even for an
+    engine on another device (a CUDA generator's stream differs from the CPU's, which made a
+    GPU engine sample other tokens than a CPU engine from agreeing logits), and the token drawn is
+    the inverse CDF at the CPU stream's first uniform."""
+    engine = HFEngine(tiny_llama(), tok)
+    engine.device = torch.device("meta")  # the generator must not follow the engine's device
+    assert engine._new_generator(5).device.type == "cpu"
+    engine.device = torch.device("cpu")
+    logits = torch.tensor([[0.3, 1.2, -0.4, 0.9, 0.0]] * 6)
+    rows = [SimpleNamespace(generator=engine._new_generator(seed)) for seed in range(6)]
+    tokens, _ = engine._choose(logits, rows, torch.ones(6), torch.ones(6))
+    cdf = torch.softmax(logits[0].double(), -1).cumsum(-1)
+    for seed in range(6):
+        u = torch.rand(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert tokens[seed].item() == int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    assert len(set(tokens.tolist())) > 1

@@ -55,9 +55,16 @@ def tiny_hf_model(kind: str, tied: bool, layers: int = 2, seed: int = 0) -> Any:
     return model
 
 
-def tiny_inputs(batch: int = 2, seq: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids [b, s], position ids [b, s])."""
+def tiny_inputs(batch: int = 2, seq: int = 12, seed: int = 0, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [b, s], position ids [b, s]), drawn on the CPU (the same ids everywhere) and
+    placed on ``device`` (the Megatron model's: the GPU when there is one)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
     pos = torch.arange(seq)[None].expand(batch, seq)
-    return ids, pos
+    return ids.to(device), pos.to(device)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a Megatron model chunk's weights live (build_model_chunks puts them on the GPU when
+    there is one; the Hugging Face reference models of these tests stay on the CPU)."""
+    return next(model.parameters()).device

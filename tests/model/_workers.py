@@ -18,37 +18,42 @@ from megatron_recycle.model.parallel import destroy_distributed, init_distribute
 
 
 def _tp_logits(chunk, ids, pos) -> torch.Tensor:
-    """Full-vocabulary logits from a PP=1 model whose logits are TP-sharded by vocabulary."""
+    """Full-vocabulary logits (on the CPU) from a PP=1 model whose logits are TP-sharded by
+    vocabulary; ids and pos go to the model's device (a GPU under NCCL)."""
     from megatron.core import parallel_state as ps
 
+    dev = next(chunk.parameters()).device
     with torch.no_grad():
-        local = chunk(ids, pos, None)
+        local = chunk(ids.to(dev), pos.to(dev), None)
     tp = ps.get_tensor_model_parallel_world_size()
     parts = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=-1).cpu()
 
 
 def _pp_logits(chunk, ids, pos, vocab: int) -> torch.Tensor:
-    """Logits of a PP=2 model by hand: stage 0 sends its hidden states to stage 1, which
-    computes the logits and broadcasts them so every rank can report the error."""
+    """Logits (on the CPU) of a PP=2 model by hand: stage 0 sends its hidden states to stage 1,
+    which computes the logits and broadcasts them so every rank can report the error. Everything
+    sent lives on the model's device (NCCL moves GPU tensors only)."""
     from megatron.core import parallel_state as ps
 
     group = ps.get_pipeline_model_parallel_group()
     rank = ps.get_pipeline_model_parallel_rank()
     first, last = dist.get_global_rank(group, 0), dist.get_global_rank(group, 1)
     b, s = ids.shape
+    dev = next(chunk.parameters()).device
+    ids, pos = ids.to(dev), pos.to(dev)
     with torch.no_grad():
         if rank == 0:
             dist.send(chunk(ids, pos, None).contiguous(), dst=last)
-            logits = torch.empty(b, s, vocab)
+            logits = torch.empty(b, s, vocab, device=dev)
         else:
-            hidden = torch.empty(s, b, chunk.config.hidden_size)
+            hidden = torch.empty(s, b, chunk.config.hidden_size, device=dev)
             dist.recv(hidden, src=first)
             unwrap_model(chunk).set_input_tensor(hidden)
             logits = chunk(ids, pos, None).contiguous()
     dist.broadcast(logits, src=last)
-    return logits
+    return logits.cpu()
 
 
 _WATCHED = {
@@ -126,7 +131,10 @@ def collective_timeout(rank: int, world_size: int, out_dir: str, timeout_s: floa
 
     from megatron.core import parallel_state as ps
 
-    init_distributed(tp=1, pp=1, timeout_min=None if timeout_s is None else timeout_s / 60)
+    # gloo on every machine: what is tested is that the configured timeout reaches each group. A
+    # timed-out NCCL collective does not raise in the waiting call: NCCL's watchdog tears the
+    # process down, another contract.
+    init_distributed(tp=1, pp=1, backend="gloo", timeout_min=None if timeout_s is None else timeout_s / 60)
     pg = None if group == "default" else ps.get_data_parallel_group()
     out: dict = {"error": None}
     if rank == 0:

@@ -338,7 +338,8 @@ def test_logits_only_at_loss_positions(world1, tiny):
 
 def test_sdpa_core_attention_equals_megatrons_own(world1, tiny):
     """The local spec's core attention is SDPADotProductAttention, and its fast path gives
-    Megatron's DotProductAttention result (causal and with a tree mask)."""
+    Megatron's DotProductAttention result (causal and with a tree mask), on the model's device
+    (Megatron's path takes its buffers from the current CUDA device when there is one)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_recycle.model.attention import SDPADotProductAttention
@@ -353,6 +354,7 @@ def test_sdpa_core_attention_equals_megatrons_own(world1, tiny):
     v = torch.randn(s, b, groups, hn, generator=g)
     seq = torch.tensor([[0, 0, 0, 1, 1, 2, 2]] * b)  # a prefix and two suffixes
     allowed = torch.ones(s, s, dtype=torch.bool).tril() & ((seq[:, :, None] == seq[:, None, :]) | (seq[:, None, :] == 0))
+    q, k, v, allowed = (t.to(world1.device) for t in (q, k, v, allowed))
     for mask in (None, ~allowed[:, None]):
         fast = core(q, k, v, mask)
         slow = DotProductAttention.forward(core, q, k, v, mask)

@@ -36,17 +36,17 @@ def test_logits_match_transformers(world1, tiny, kind, tied):
     hf = tiny.tiny_hf_model(kind, tied)
     model = build_model_chunks(hf.config, layer_spec="local")[0].eval()
     assert load_hf_weights([model], hf) == len(list(model.parameters()))
-    ids, pos = tiny.tiny_inputs()
+    ids, pos = tiny.tiny_inputs(device=tiny.model_device(model))  # the HF reference stays on the CPU
     with torch.no_grad():
-        got = model(ids, pos, None)
-        want = hf(ids).logits
+        got = model(ids, pos, None).cpu()
+        want = hf(ids.cpu()).logits
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # Causality: changing the last token must not change earlier positions' logits.
     ids2 = ids.clone()
     ids2[:, -1] = (ids2[:, -1] + 1) % tiny.VOCAB
     with torch.no_grad():
-        got2 = model(ids2, pos, None)
+        got2 = model(ids2, pos, None).cpu()
     assert torch.equal(got2[:, :-1], got[:, :-1]) and not torch.equal(got2[:, -1], got[:, -1])
     if (kind, tied) in ROPE_SCALED:
         # The scaling matters at these positions: the same weights with plain RoPE are far off.
@@ -54,7 +54,7 @@ def test_logits_match_transformers(world1, tiny, kind, tied):
         plain = build_model_chunks(plain_cfg, layer_spec="local")[0].eval()
         load_hf_weights([plain], hf)
         with torch.no_grad():
-            assert (plain(ids, pos, None) - want).abs().max() > 1e-3
+            assert (plain(ids, pos, None).cpu() - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind,tied", FAMILIES)
@@ -69,7 +69,7 @@ def test_roundtrip_is_bit_identical(world1, tiny, kind, tied):
         assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), name
     with_head = dict(export_hf_state_dict([model], hf.config, include_tied_lm_head=True))
     assert "lm_head.weight" in with_head
-    assert torch.equal(with_head["lm_head.weight"], hf.state_dict()["lm_head.weight"])
+    assert torch.equal(with_head["lm_head.weight"].cpu(), hf.state_dict()["lm_head.weight"])  # the model's device
 
 
 def test_export_streams_without_materializing(world1, tiny):
@@ -127,10 +127,10 @@ def test_bf16_through_float16module(world1, tiny):
     assert isinstance(chunk, Float16Module)
     assert all(p.dtype == torch.bfloat16 for p in unwrap_model(chunk).parameters())
     load_hf_weights([chunk], hf)
-    ids, pos = tiny.tiny_inputs()
+    ids, pos = tiny.tiny_inputs(device=tiny.model_device(chunk))
     with torch.no_grad():
-        got = chunk(ids, pos, None)
-        want = hf(ids).logits
+        got = chunk(ids, pos, None).cpu()
+        want = hf(ids.cpu()).logits
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
     exported = export_hf_state_dict_to_cpu([chunk], hf.config)
@@ -151,8 +151,9 @@ def test_smollm2_real_weights_match_transformers(world1):
     load_hf_weights([model], "smollm2-135m")
     ids = tok("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
     pos = torch.arange(ids.shape[1])[None]
+    dev = next(model.parameters()).device
     with torch.no_grad():
-        got = model(ids, pos, None)
+        got = model(ids.to(dev), pos.to(dev), None).cpu()
         want = hf(ids).logits
     assert want.abs().max() > 5  # real logits, not an all-zero model
     torch.testing.assert_close(got, want, atol=5e-4, rtol=0)

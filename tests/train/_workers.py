@@ -78,14 +78,37 @@ def global_batch() -> dict[str, torch.Tensor]:
 
 
 def _dp_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """The data-parallel ranks' ``t`` concatenated, on the CPU (gathered on the GPU under NCCL)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if ps.get_data_parallel_world_size() == 1:
-        return t
+        return t.cpu()
+    t = t.to(_collective_device()).contiguous()
     out = [torch.empty_like(t) for _ in range(ps.get_data_parallel_world_size())]
-    dist.all_gather(out, t.contiguous(), group=ps.get_data_parallel_group())
-    return torch.cat(out, 0)
+    dist.all_gather(out, t, group=ps.get_data_parallel_group())
+    return torch.cat(out, 0).cpu()
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for a collective must live: the current GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor moved to the CPU (dicts, lists and tuples walked), so that what a
+    rank returns compares with any other rank's result, CPU or GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def _direct_logprobs64(chunks: list, batch: Any) -> torch.Tensor | None:
@@ -101,17 +124,19 @@ def _direct_logprobs64(chunks: list, batch: Any) -> torch.Tensor | None:
     if ps.get_pipeline_model_parallel_world_size() > 1:
         return None
     model = unwrap_model(chunks[0])
+    dev = next(model.parameters()).device  # the GPU when there is one; the batch is on the CPU
     b, seq = batch.tokens.shape
-    pos = torch.arange(seq).unsqueeze(0).expand(b, seq)
+    tokens = batch.tokens.to(dev)
+    pos = torch.arange(seq, device=dev).unsqueeze(0).expand(b, seq)
     with torch.no_grad():
-        logits = model(batch.tokens, pos, None)
+        logits = model(tokens, pos, None)
     tp = ps.get_tensor_model_parallel_world_size()
     if tp > 1:
         parts = [torch.empty_like(logits) for _ in range(tp)]
         dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
         logits = torch.cat(parts, dim=-1)
     lsm = torch.log_softmax(logits.double(), dim=-1)[:, :-1]
-    return lsm.gather(-1, batch.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return lsm.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
 
 
 def _model_options(args: dict) -> dict:
@@ -668,7 +693,7 @@ def main() -> None:
     fn, outdir, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.set_num_threads(1)
     result = globals()[fn](args)
-    torch.save(result, Path(outdir) / f"rank{os.environ.get('RANK', '0')}.pt")
+    torch.save(_on_cpu(result), Path(outdir) / f"rank{os.environ.get('RANK', '0')}.pt")
 
 
 if __name__ == "__main__":
