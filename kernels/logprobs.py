@@ -48,9 +48,13 @@ if HAS_TRITON:
         n_vocab,
         vocab_start,
         inv_temp,
+        WITH_ENT: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        """One program per row: online max / sum-exp / shifted moment, plus the target logit."""
+        """One program per row: online max / sum-exp / shifted moment, plus the target logit.
+        Without WITH_ENT the shifted moment (the entropy's) is neither computed nor reduced: two
+        reductions per block instead of three (each crosses the warps), and the moment is stored
+        as 0 as the PyTorch path leaves it (the merge then reports the entropy as NaN)."""
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         cols = tl.arange(0, BLOCK_V)
@@ -65,8 +69,9 @@ if HAS_TRITON:
             alpha = tl.exp(m - m_new)
             d = tl.where(valid, z - m_new, 0.0)
             e = tl.where(valid, tl.exp(d), 0.0)
-            ed = e * tl.where(e > 0.0, d, 0.0)  # -inf logits: 0, not 0 * -inf
-            q = alpha * (q + s * (m - m_new)) + tl.sum(ed, axis=0)
+            if WITH_ENT:
+                ed = e * tl.where(e > 0.0, d, 0.0)  # -inf logits: 0, not 0 * -inf
+                q = alpha * (q + s * (m - m_new)) + tl.sum(ed, axis=0)
             s = alpha * s + tl.sum(e, axis=0)
             m = m_new
         tgt = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
@@ -210,6 +215,7 @@ def _stats_triton(
         vocab,
         vocab_start,
         inv_temp,
+        WITH_ENT=bool(with_entropy),
         BLOCK_V=block_v,
         **launch,
     )

@@ -112,6 +112,11 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _add8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
+        """Combine function of the forward's joint reduction: eight sums at once."""
+        return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7
+
+    @triton.jit
     def _grpo_loss_fwd_kernel(
         lp_ptr,
         old_ptr,
@@ -132,14 +137,19 @@ if HAS_TRITON:
         HAS_DUAL: tl.constexpr,
         BLOCK_T: tl.constexpr,
         TILES: tl.constexpr,
+        JOINT: tl.constexpr,
     ):
         """Program (row, p) covers TILES token blocks of BLOCK_T from block p * TILES on, adds each
         block's terms into per-lane accumulators and reduces them once: eight partial sums per
-        program, whatever TILES (so more tiles per program means fewer reductions per token)."""
+        program, whatever TILES (so more tiles per program means fewer reductions per token).
+        JOINT: the eight sums in one multi-operand reduction (tl.reduce over a tuple) instead of
+        eight: each of the eight crosses the warps through shared memory with its own barriers,
+        which made the forward (1.3 TB/s on an H200) much slower than the backward (3.6 TB/s),
+        whose loads are the same but which reduces nothing."""
         row = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1)
         n_part = tl.num_programs(1)
-        if TILES == 1:
+        if TILES == 1 and not JOINT:
             # One block, each term reduced as soon as it is computed: the code measured on an H200
             # (2026-11-30), kept as it was. The accumulators below stay live to the loop's end.
             cols = p * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -186,14 +196,25 @@ if HAS_TRITON:
                 )
                 a0, a1, a2, a3 = a0 + t0, a1 + t1, a2 + t2, a3 + t3
                 a4, a5, a6, a7 = a4 + t4, a5 + t5, a6 + t6, a7 + t7
-            tl.store(out + 0 * stride_p, tl.sum(a0, axis=0))
-            tl.store(out + 1 * stride_p, tl.sum(a1, axis=0))
-            tl.store(out + 2 * stride_p, tl.sum(a2, axis=0))
-            tl.store(out + 3 * stride_p, tl.sum(a3, axis=0))
-            tl.store(out + 4 * stride_p, tl.sum(a4, axis=0))
-            tl.store(out + 5 * stride_p, tl.sum(a5, axis=0))
-            tl.store(out + 6 * stride_p, tl.sum(a6, axis=0))
-            tl.store(out + 7 * stride_p, tl.sum(a7, axis=0))
+            if JOINT:
+                s0, s1, s2, s3, s4, s5, s6, s7 = tl.reduce((a0, a1, a2, a3, a4, a5, a6, a7), 0, _add8)
+                tl.store(out + 0 * stride_p, s0)
+                tl.store(out + 1 * stride_p, s1)
+                tl.store(out + 2 * stride_p, s2)
+                tl.store(out + 3 * stride_p, s3)
+                tl.store(out + 4 * stride_p, s4)
+                tl.store(out + 5 * stride_p, s5)
+                tl.store(out + 6 * stride_p, s6)
+                tl.store(out + 7 * stride_p, s7)
+            else:
+                tl.store(out + 0 * stride_p, tl.sum(a0, axis=0))
+                tl.store(out + 1 * stride_p, tl.sum(a1, axis=0))
+                tl.store(out + 2 * stride_p, tl.sum(a2, axis=0))
+                tl.store(out + 3 * stride_p, tl.sum(a3, axis=0))
+                tl.store(out + 4 * stride_p, tl.sum(a4, axis=0))
+                tl.store(out + 5 * stride_p, tl.sum(a5, axis=0))
+                tl.store(out + 6 * stride_p, tl.sum(a6, axis=0))
+                tl.store(out + 7 * stride_p, tl.sum(a7, axis=0))
 
     @triton.jit
     def _grpo_loss_finish_kernel(
@@ -339,6 +360,9 @@ MAX_BLOCK_T = 2048
 # other settings on the next GPU.
 LOSS_FWD_TILES = 1
 LOSS_WARPS = 4
+# The forward's eight partial sums in one multi-operand reduction instead of eight (JOINT above);
+# off (the measured kernel) until tools/sweep_kernels.py has timed it on a GPU.
+LOSS_FWD_JOINT = False
 
 
 def _block_t(n_cols: int, device: torch.device) -> int:
@@ -412,6 +436,7 @@ class GRPOLossFunction(torch.autograd.Function):
                 HAS_DUAL=clip_c is not None,
                 BLOCK_T=block_t,
                 TILES=tiles,
+                JOINT=bool(LOSS_FWD_JOINT),
                 num_warps=warps,
             )
         else:  # nothing to reduce: zero partials (at least one element, so the finish kernel has a pointer)

@@ -183,6 +183,27 @@ def run_workloads(scenario, quick: bool = False) -> None:
             )
             loss.backward()
 
+    # the forward's other launch settings that tools/sweep_kernels.py times on a GPU: the eight
+    # sums in one joint reduction (one block per program, and 4 blocks of 1,024 with 8 warps), and
+    # the default's eight reductions on the same bf16 inputs with KL and dual clip, to compare
+    if not quick:
+        saved = (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES, policy_loss.LOSS_FWD_JOINT)
+        try:
+            for block_t, warps, tiles, joint in ((2048, 4, 1, False), (2048, 4, 1, True), (1024, 8, 4, True)):
+                policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS = block_t, warps
+                policy_loss.LOSS_FWD_TILES, policy_loss.LOSS_FWD_JOINT = tiles, joint
+                lp = rnd(64, 4096, dtype=torch.bfloat16).requires_grad_(True)
+                with scenario(f"grpo_loss fwd+bwd [64,4096] bf16 ref=yes dual=3.0 joint={joint} block={block_t} "
+                              f"warps={warps} tiles={tiles}"):
+                    loss, _ = K.grpo_loss(lp, rnd(64, 4096, dtype=torch.bfloat16), rnd(64),
+                                          torch.rand(64, 4096, generator=g) > 0.3,
+                                          ref_logprobs=rnd(64, 4096, dtype=torch.bfloat16), clip_c=3.0,
+                                          kl_beta=0.01, impl="triton")
+                    loss.backward()
+        finally:
+            (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES,
+             policy_loss.LOSS_FWD_JOINT) = saved
+
     # token log-probs (+ entropy) forward and backward at the two vocabularies of the targets,
     # a tensor-parallel shard of the larger one (an odd width), bf16 and fp32 logits
     lp_cases = [(16, 49_152, torch.bfloat16, False)]
@@ -260,6 +281,12 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return dict(zip(("regs", "stack_bytes", "static_shared_bytes", "local_bytes"), map(int, m.groups())))
 
 
+def barrier_count(ptx: str) -> int:
+    """Block-wide barriers in the PTX (bar.sync / barrier.sync): a reduction across warps passes
+    shared memory between two of them, so this counts a kernel's cross-warp exchanges."""
+    return len(re.findall(r"\b(?:bar|barrier)(?:\.cta)?\.sync\b", ptx))
+
+
 def memory_ops(ptx: str) -> dict[str, str]:
     """Global loads and stores in the PTX by access width, e.g. {'ld': 'v4.b32 x6, b16 x2', ...}."""
     out = {}
@@ -312,6 +339,7 @@ class Compiled:
     shared_bytes: int
     global_loads: str
     global_stores: str
+    barriers: int
     compile_s: float
 
 
@@ -366,6 +394,7 @@ def compile_launches(
             shared_bytes=int(ck.metadata.shared),
             global_loads=mem["ld"],
             global_stores=mem["st"],
+            barriers=barrier_count(ck.asm["ptx"]),
             compile_s=round(secs, 2),
         )
     return list(rows.values())
@@ -391,7 +420,7 @@ def print_table(rows: list[Compiled]) -> None:
             f"{r.compile_s:>9.2f}  {r.constexprs}"
         )
         pad = " " * 75
-        print(f"{pad}ld: {r.global_loads}; st: {r.global_stores}")
+        print(f"{pad}ld: {r.global_loads}; st: {r.global_stores}; barriers: {r.barriers}")
         print(f"{pad}16-divisible args: {r.aligned_args or '-'}")
 
 

@@ -10,8 +10,9 @@ Two parts, each printed as a table and written to <out>.json:
    error of log-sum-exp, entropy and target logit against an fp32 PyTorch computation (float32
    logsumexp over the upcast logits; both are float32, so the errors are rounding, near 1e-5).
    kernels/logprobs.py's STATS_BLOCK_V / STATS_WARPS / STATS_STAGES take the winner.
-2. grpo_loss forward+backward over token block widths, warps and token blocks per forward program
-   (kernels/policy_loss.py's MAX_BLOCK_T, LOSS_WARPS, LOSS_FWD_TILES): event time, each kernel's
+2. grpo_loss forward+backward over token block widths, warps, token blocks per forward program and
+   the forward's joint reduction (kernels/policy_loss.py's MAX_BLOCK_T, LOSS_WARPS, LOSS_FWD_TILES,
+   LOSS_FWD_JOINT): event time, each kernel's
    device time (torch.profiler: the finish kernel, one program, apart from the per-token passes),
    the forward and backward kernels' GB/s, and the errors against the float64 reference.
 
@@ -117,19 +118,24 @@ def _print_stats_row(r: dict) -> None:
     )
 
 
-# grpo_loss launch settings: (BLOCK_T, warps, token blocks per forward program). The first is
-# kernels/policy_loss.py's (measured on an H200, 2026-11-30: forward ~1.3 TB/s, backward 3.6 TB/s);
-# its forward keeps 16 tokens per thread in 96-111 registers (sm_90, tools/compile_kernels.py), so
-# about 4 programs fit an SM. The others hold 4-8 tokens per thread, some with several blocks per
-# program (fewer reductions; 57-64 registers at 4 tokens per thread with KL and dual clip).
+# grpo_loss launch settings: (BLOCK_T, warps, token blocks per forward program, joint reduction).
+# The first is kernels/policy_loss.py's (measured on an H200, 2026-11-30: forward ~1.3 TB/s,
+# backward 3.6 TB/s); its forward keeps 16 tokens per thread in 96-111 registers (sm_90,
+# tools/compile_kernels.py), so about 4 programs fit an SM. The others hold 4-8 tokens per thread,
+# some with several blocks per program (fewer reductions; 57-64 registers at 4 tokens per thread
+# with KL and dual clip). Joint (1): the eight partial sums in one multi-operand reduction
+# (kernels/policy_loss.py LOSS_FWD_JOINT; with KL and dual clip on sm_90: 8 barriers instead of
+# 15, 80 registers instead of 96 at 2048 x 4 warps).
 LOSS_CONFIGS = [
-    (2048, 4, 1),
-    (2048, 8, 1),
-    (1024, 4, 1),
-    (1024, 8, 4),
-    (1024, 8, 8),
-    (2048, 16, 2),
-    (512, 4, 8),
+    (2048, 4, 1, 0),
+    (2048, 4, 1, 1),
+    (2048, 8, 1, 1),
+    (1024, 4, 1, 0),
+    (1024, 8, 4, 0),
+    (1024, 8, 4, 1),
+    (1024, 8, 8, 1),
+    (2048, 16, 2, 0),
+    (512, 4, 8, 1),
 ]
 
 
@@ -155,12 +161,13 @@ def sweep_loss(dev, tokens: int, configs, reps: int, warmup: int, bw: float, seq
     x = lp.clone().requires_grad_()
     es = lp.element_size()
     bytes_fwd = n * seq * (3 * es + 1)  # log-probs, old, reference, mask
-    saved = (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES)
+    saved = (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES, policy_loss.LOSS_FWD_JOINT)
     rows = []
     try:
-        for block_t, warps, tiles in configs:
+        for block_t, warps, tiles, joint in configs:
             policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES = block_t, warps, tiles
-            row = dict(tokens=n * seq, rows=n, seq=seq, block_t=block_t, warps=warps, tiles=tiles)
+            policy_loss.LOSS_FWD_JOINT = bool(joint)
+            row = dict(tokens=n * seq, rows=n, seq=seq, block_t=block_t, warps=warps, tiles=tiles, joint=int(joint))
 
             def fb():
                 loss, _ = grpo_loss(x, old, adv, mask, ref, impl="triton", **kw)
@@ -187,12 +194,13 @@ def sweep_loss(dev, tokens: int, configs, reps: int, warmup: int, bw: float, seq
             rows.append(row)
             _print_loss_row(row, bw)
     finally:
-        policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES = saved
+        (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES,
+         policy_loss.LOSS_FWD_JOINT) = saved
     return rows
 
 
 def _print_loss_row(r: dict, bw: float) -> None:
-    head = f"{r['tokens']:>9} {r['block_t']:>6} {r['warps']:>5} {r['tiles']:>5}"
+    head = f"{r['tokens']:>9} {r['block_t']:>6} {r['warps']:>5} {r['tiles']:>5} {r['joint']:>5}"
     if "error" in r:
         print(f"{head}  failed: {r['error']}"[:200], flush=True)
         return
@@ -207,6 +215,17 @@ def _print_loss_row(r: dict, bw: float) -> None:
     )
 
 
+def parse_loss_config(text: str) -> tuple[int, int, int, int]:
+    """'block_t:warps:tiles[:joint]' -> (block_t, warps, tiles, joint 0/1); ValueError otherwise."""
+    parts = [int(v) for v in text.split(":")]
+    if len(parts) == 3:
+        parts.append(0)
+    block_t, warps, tiles, joint = parts if len(parts) == 4 else (0, 0, 0, -1)
+    if min(block_t, warps, tiles) < 1 or joint not in (0, 1) or block_t & (block_t - 1) or block_t < 16:
+        raise ValueError(f"bad grpo_loss setting {text!r}")
+    return block_t, warps, tiles, joint
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -217,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", nargs="+", help="block_v:warps[:stages], e.g. 2048:1:2 (default: a set of 9)"
     )
     p.add_argument(
-        "--loss-configs", nargs="+", help="grpo_loss block_t:warps:tiles, e.g. 2048:4:2 (default: a set of 7)"
+        "--loss-configs", nargs="+",
+        help="grpo_loss block_t:warps:tiles[:joint], e.g. 2048:4:2 or 2048:4:1:1 (default: a set of 9)"
     )
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -237,11 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     loss_configs = LOSS_CONFIGS
     if args.loss_configs:
         try:
-            loss_configs = [tuple(int(v) for v in c.split(":")) for c in args.loss_configs]
-            if any(len(c) != 3 or min(c) < 1 for c in loss_configs):
-                raise ValueError
+            loss_configs = [parse_loss_config(c) for c in args.loss_configs]
         except ValueError:
-            p.error("--loss-configs takes block_t:warps:tiles, e.g. 2048:4:2")
+            p.error("--loss-configs takes block_t:warps:tiles[:joint], e.g. 2048:4:2 or 2048:4:1:1")
     name = torch.cuda.get_device_name(dev) if gpu else "CPU (Triton interpreter: times meaningless)"
     bw = B.copy_bandwidth_gbs(dev, 1024 if gpu else 16)
     print(f"device: {name}; measured copy bandwidth {bw:.1f} GB/s")
@@ -255,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     print(f"\ngrpo_loss forward+backward (bf16, KL, dual clip), median of {args.reps}; GB/s of the"
           " forward and backward kernels from their device time")
-    print(f"{'tokens':>9} {'BLOCK':>6} {'warps':>5} {'tiles':>5} {'ms':>9} {'dev ms':>9} {'fwd GB/s':>8}"
+    print(f"{'tokens':>9} {'BLOCK':>6} {'warps':>5} {'tiles':>5} {'joint':>5} {'ms':>9} {'dev ms':>9} {'fwd GB/s':>8}"
           f" {'bwd GB/s':>8} {'err loss':>9} {'err grad':>9}")
     losses = []
     for t in loss_tokens:

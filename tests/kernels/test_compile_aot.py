@@ -72,6 +72,18 @@ def test_every_kernel_compiles_for_sm90(compiled):
     )
 
 
+def test_joint_reduction_crosses_the_warps_fewer_times(compiled):
+    """The loss forward's joint reduction (LOSS_FWD_JOINT) compiles, and its PTX has fewer block-wide
+    barriers than the eight separate reductions of the same setting (bf16, KL, dual clip, 2,048
+    tokens, 4 warps): the point of it, which a GPU has yet to time."""
+    fwd = {r["constexprs"]: r for r in compiled["rows"]
+           if r["kernel"] == "_grpo_loss_fwd_kernel" and "lp_ptr:*bf16" in r["signature"]}
+    same = "HAS_REF=True, HAS_DUAL=True, BLOCK_T=2048, TILES=1, JOINT="
+    eight, joint = fwd[same + "False"], fwd[same + "True"]
+    assert 0 < joint["barriers"] < eight["barriers"], (joint, eight)
+    assert any(c.endswith("TILES=4, JOINT=True") for c in fwd), sorted(fwd)
+
+
 def test_no_register_spills(compiled):
     for r in compiled["rows"]:
         assert r["regs"] is not None and 0 < r["regs"] <= 255, r

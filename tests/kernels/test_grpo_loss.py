@@ -86,16 +86,18 @@ def test_fp32_matches_reference(impl, agg, case, triton_device, monkeypatch):
     assert torch.equal(g.cpu()[~mask], torch.zeros(int((~mask).sum())))
 
 
-@pytest.mark.parametrize("tiles", [2, 3])
+@pytest.mark.parametrize("tiles,joint", [(2, False), (3, False), (1, True), (2, True)])
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_several_token_blocks_per_forward_program(tiles, agg, triton_device, monkeypatch):
+def test_several_token_blocks_per_forward_program(tiles, joint, agg, triton_device, monkeypatch):
     """LOSS_FWD_TILES > 1: each forward program adds several 16-token blocks into per-lane sums
     (a row of 45 tokens is 3 blocks: with 2 per program the second runs past the row's end, with 3
-    one program covers the row); loss, statistics
+    one program covers the row); LOSS_FWD_JOINT: the eight sums in one multi-operand reduction
+    (one block or two per program); loss, statistics
     and gradient as the float64 reference, and the backward (its own grid of blocks) reads the
     right per-row token counts for seq-mean-token-mean."""
     monkeypatch.setattr(grpo_loss_mod, "MAX_BLOCK_T", 16)
     monkeypatch.setattr(grpo_loss_mod, "LOSS_FWD_TILES", tiles)
+    monkeypatch.setattr(grpo_loss_mod, "LOSS_FWD_JOINT", joint)
     loss, stats, g, lr, sr, gr = _run("triton", triton_device, torch.float32, agg, dict(ref=True, kl_beta=0.05, clip_c=3.0))
     torch.testing.assert_close(loss.double().cpu(), lr, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g.double().cpu(), gr, rtol=1e-5, atol=1e-7)

@@ -132,6 +132,12 @@ def test_the_statistics_kernel_over_many_blocks(case, triton_device, monkeypatch
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     torch.testing.assert_close(lp.double().cpu(), rlp, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(ent.double().cpu(), rent, rtol=1e-5, atol=2e-5)
+    # without the entropy the kernel skips its moment (one reduction less per block): the same log p,
+    # and the moment's slot is 0 as on the PyTorch path
+    alone = token_logprobs(x.to(triton_device), targets.to(triton_device), temp, impl="triton")
+    torch.testing.assert_close(alone.double().cpu(), rlp, rtol=1e-5, atol=2e-5)
+    stats = logprobs._stats_triton(x.to(triton_device), targets.to(triton_device), 0, 1 / temp, with_entropy=False)
+    assert torch.equal(stats[3].cpu(), torch.zeros(rows))
 
 
 def test_torch_path_keeps_no_fp32_copy_and_passes_gradcheck():
