@@ -395,7 +395,11 @@ def _normalizer_arg(normalizer: float | torch.Tensor | None, dev: torch.device) 
 
 
 # Rows per step of the finish kernel's loop (one program adds up [8, N, programs per row] partials).
-_FINISH_ROWS = 512
+# Its warps on a GPU. On an H200 (2026-11-30) at 512 rows and 4 warps it took 4.4 us at 4M tokens
+# and 10.3 us at 16M (4,096-token rows: 1,024 and 4,096 rows, 2 and 8 steps of its loop), a third
+# of the forward's time at 16M; tools/sweep_kernels.py tries wider steps with more warps.
+FINISH_ROWS = 512
+FINISH_WARPS = 4
 
 
 class GRPOLossFunction(torch.autograd.Function):
@@ -446,11 +450,11 @@ class GRPOLossFunction(torch.autograd.Function):
         denom = new_buffer((1,), torch.float64, dev)
         norm_mode, norm_t, norm_hi, norm_lo = _normalizer_arg(normalizer, dev)
         beta_hi, beta_lo = _f32_pair(kl_beta if has_ref else 0.0)
-        block_r = _FINISH_ROWS if compiled else max(16, min(4096, triton.next_power_of_2(max(n_rows, 1))))
+        block_r = FINISH_ROWS if compiled else max(16, min(4096, triton.next_power_of_2(max(n_rows, 1))))
         _grpo_loss_finish_kernel[(1,)](
             part, loss, stats, denom, denom if norm_t is None else norm_t, n_rows, n_part,
             norm_hi, norm_lo, beta_hi, beta_lo, int(max_len or 0),
-            AGG=AGG_MODES.index(agg), NORM=norm_mode, BLOCK_R=block_r, num_warps=4 if compiled else 1,
+            AGG=AGG_MODES.index(agg), NORM=norm_mode, BLOCK_R=block_r, num_warps=FINISH_WARPS if compiled else 1,
         )  # fmt: skip
         ctx.save_for_backward(logprobs, old, adv, mask, ref, part, denom)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics (a launch saved)

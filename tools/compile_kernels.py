@@ -184,25 +184,30 @@ def run_workloads(scenario, quick: bool = False) -> None:
             loss.backward()
 
     # the forward's other launch settings that tools/sweep_kernels.py times on a GPU: the eight
-    # sums in one joint reduction (one block per program, and 4 blocks of 1,024 with 8 warps), and
-    # the default's eight reductions on the same bf16 inputs with KL and dual clip, to compare
+    # sums in one joint reduction (one block per program, and 4 blocks of 1,024 with 8 warps), the
+    # default's eight reductions on the same bf16 inputs with KL and dual clip, to compare, and the
+    # finish kernel in wider steps with more warps
     if not quick:
-        saved = (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES, policy_loss.LOSS_FWD_JOINT)
+        knobs = ("MAX_BLOCK_T", "LOSS_WARPS", "LOSS_FWD_TILES", "LOSS_FWD_JOINT", "FINISH_ROWS", "FINISH_WARPS")
+        saved = {k: getattr(policy_loss, k) for k in knobs}
+        settings = ((2048, 4, 1, False, 512, 4), (2048, 4, 1, True, 512, 4), (1024, 8, 4, True, 512, 4),
+                    (2048, 4, 1, False, 1024, 8), (2048, 4, 1, False, 2048, 16))
         try:
-            for block_t, warps, tiles, joint in ((2048, 4, 1, False), (2048, 4, 1, True), (1024, 8, 4, True)):
-                policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS = block_t, warps
-                policy_loss.LOSS_FWD_TILES, policy_loss.LOSS_FWD_JOINT = tiles, joint
+            for setting in settings:
+                for k, v in zip(knobs, setting):
+                    setattr(policy_loss, k, v)
+                block_t, warps, tiles, joint, finish_rows, finish_warps = setting
                 lp = rnd(64, 4096, dtype=torch.bfloat16).requires_grad_(True)
                 with scenario(f"grpo_loss fwd+bwd [64,4096] bf16 ref=yes dual=3.0 joint={joint} block={block_t} "
-                              f"warps={warps} tiles={tiles}"):
+                              f"warps={warps} tiles={tiles} finish={finish_rows}x{finish_warps}"):
                     loss, _ = K.grpo_loss(lp, rnd(64, 4096, dtype=torch.bfloat16), rnd(64),
                                           torch.rand(64, 4096, generator=g) > 0.3,
                                           ref_logprobs=rnd(64, 4096, dtype=torch.bfloat16), clip_c=3.0,
                                           kl_beta=0.01, impl="triton")
                     loss.backward()
         finally:
-            (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES,
-             policy_loss.LOSS_FWD_JOINT) = saved
+            for k, v in saved.items():
+                setattr(policy_loss, k, v)
 
     # token log-probs (+ entropy) forward and backward at the two vocabularies of the targets,
     # a tensor-parallel shard of the larger one (an odd width), bf16 and fp32 logits

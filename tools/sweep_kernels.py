@@ -11,8 +11,9 @@ Two parts, each printed as a table and written to <out>.json:
    logsumexp over the upcast logits; both are float32, so the errors are rounding, near 1e-5).
    kernels/logprobs.py's STATS_BLOCK_V / STATS_WARPS / STATS_STAGES take the winner.
 2. grpo_loss forward+backward over token block widths, warps, token blocks per forward program and
-   the forward's joint reduction (kernels/policy_loss.py's MAX_BLOCK_T, LOSS_WARPS, LOSS_FWD_TILES,
-   LOSS_FWD_JOINT): event time, each kernel's
+   the forward's joint reduction, and the finish kernel's rows per step and warps
+   (kernels/policy_loss.py's MAX_BLOCK_T, LOSS_WARPS, LOSS_FWD_TILES, LOSS_FWD_JOINT, FINISH_ROWS,
+   FINISH_WARPS): event time, each kernel's
    device time (torch.profiler: the finish kernel, one program, apart from the per-token passes),
    the forward and backward kernels' GB/s, and the errors against the float64 reference.
 
@@ -118,25 +119,32 @@ def _print_stats_row(r: dict) -> None:
     )
 
 
-# grpo_loss launch settings: (BLOCK_T, warps, token blocks per forward program, joint reduction).
+# grpo_loss launch settings: (BLOCK_T, warps, token blocks per forward program, joint reduction,
+# finish kernel rows per step, finish kernel warps).
 # The first is kernels/policy_loss.py's (measured on an H200, 2026-11-30: forward ~1.3 TB/s,
 # backward 3.6 TB/s); its forward keeps 16 tokens per thread in 96-111 registers (sm_90,
 # tools/compile_kernels.py), so about 4 programs fit an SM. The others hold 4-8 tokens per thread,
 # some with several blocks per program (fewer reductions; 57-64 registers at 4 tokens per thread
 # with KL and dual clip). Joint (1): the eight partial sums in one multi-operand reduction
 # (kernels/policy_loss.py LOSS_FWD_JOINT; with KL and dual clip on sm_90: 8 barriers instead of
-# 15, 80 registers instead of 96 at 2048 x 4 warps).
+# 15, 80 registers instead of 96 at 2048 x 4 warps). The finish kernel (one program) took 4.4 us at
+# 4M tokens and 10.3 us at 16M with 512 rows per step and 4 warps, about 1 us per step of its loop;
+# wider steps with more warps (sm_90, with KL: 1024 x 8 warps 174 registers, 2048 x 16 128; 4096 x
+# 16 would keep a stack) take fewer steps.
 LOSS_CONFIGS = [
-    (2048, 4, 1, 0),
-    (2048, 4, 1, 1),
-    (2048, 8, 1, 1),
-    (1024, 4, 1, 0),
-    (1024, 8, 4, 0),
-    (1024, 8, 4, 1),
-    (1024, 8, 8, 1),
-    (2048, 16, 2, 0),
-    (512, 4, 8, 1),
+    (2048, 4, 1, 0, 512, 4),
+    (2048, 4, 1, 1, 512, 4),
+    (2048, 8, 1, 1, 512, 4),
+    (1024, 4, 1, 0, 512, 4),
+    (1024, 8, 4, 0, 512, 4),
+    (1024, 8, 4, 1, 512, 4),
+    (1024, 8, 8, 1, 512, 4),
+    (2048, 16, 2, 0, 512, 4),
+    (512, 4, 8, 1, 512, 4),
+    (2048, 4, 1, 0, 1024, 8),
+    (2048, 4, 1, 0, 2048, 16),
 ]
+_LOSS_KNOBS = ("MAX_BLOCK_T", "LOSS_WARPS", "LOSS_FWD_TILES", "LOSS_FWD_JOINT", "FINISH_ROWS", "FINISH_WARPS")
 
 
 def sweep_loss(dev, tokens: int, configs, reps: int, warmup: int, bw: float, seq: int = 4096) -> list[dict]:
@@ -161,13 +169,15 @@ def sweep_loss(dev, tokens: int, configs, reps: int, warmup: int, bw: float, seq
     x = lp.clone().requires_grad_()
     es = lp.element_size()
     bytes_fwd = n * seq * (3 * es + 1)  # log-probs, old, reference, mask
-    saved = (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES, policy_loss.LOSS_FWD_JOINT)
+    saved = {k: getattr(policy_loss, k) for k in _LOSS_KNOBS}
     rows = []
     try:
-        for block_t, warps, tiles, joint in configs:
-            policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES = block_t, warps, tiles
-            policy_loss.LOSS_FWD_JOINT = bool(joint)
-            row = dict(tokens=n * seq, rows=n, seq=seq, block_t=block_t, warps=warps, tiles=tiles, joint=int(joint))
+        for config in configs:
+            block_t, warps, tiles, joint, finish_rows, finish_warps = config
+            for k, v in zip(_LOSS_KNOBS, (block_t, warps, tiles, bool(joint), finish_rows, finish_warps)):
+                setattr(policy_loss, k, v)
+            row = dict(tokens=n * seq, rows=n, seq=seq, block_t=block_t, warps=warps, tiles=tiles, joint=int(joint),
+                       finish_rows=finish_rows, finish_warps=finish_warps)
 
             def fb():
                 loss, _ = grpo_loss(x, old, adv, mask, ref, impl="triton", **kw)
@@ -194,13 +204,14 @@ def sweep_loss(dev, tokens: int, configs, reps: int, warmup: int, bw: float, seq
             rows.append(row)
             _print_loss_row(row, bw)
     finally:
-        (policy_loss.MAX_BLOCK_T, policy_loss.LOSS_WARPS, policy_loss.LOSS_FWD_TILES,
-         policy_loss.LOSS_FWD_JOINT) = saved
+        for k, v in saved.items():
+            setattr(policy_loss, k, v)
     return rows
 
 
 def _print_loss_row(r: dict, bw: float) -> None:
-    head = f"{r['tokens']:>9} {r['block_t']:>6} {r['warps']:>5} {r['tiles']:>5} {r['joint']:>5}"
+    head = (f"{r['tokens']:>9} {r['block_t']:>6} {r['warps']:>5} {r['tiles']:>5} {r['joint']:>5}"
+            f" {r['finish_rows']:>6} {r['finish_warps']:>5}")
     if "error" in r:
         print(f"{head}  failed: {r['error']}"[:200], flush=True)
         return
@@ -215,15 +226,20 @@ def _print_loss_row(r: dict, bw: float) -> None:
     )
 
 
-def parse_loss_config(text: str) -> tuple[int, int, int, int]:
-    """'block_t:warps:tiles[:joint]' -> (block_t, warps, tiles, joint 0/1); ValueError otherwise."""
+def parse_loss_config(text: str) -> tuple[int, int, int, int, int, int]:
+    """'block_t:warps:tiles[:joint[:finish_rows:finish_warps]]' -> (block_t, warps, tiles, joint 0/1,
+    finish_rows, finish_warps), joint 0 and the finish kernel at 512 rows and 4 warps by default;
+    ValueError otherwise. Block and row widths must be powers of two (Triton's tl.arange)."""
     parts = [int(v) for v in text.split(":")]
-    if len(parts) == 3:
-        parts.append(0)
-    block_t, warps, tiles, joint = parts if len(parts) == 4 else (0, 0, 0, -1)
-    if min(block_t, warps, tiles) < 1 or joint not in (0, 1) or block_t & (block_t - 1) or block_t < 16:
+    defaults = [0, 512, 4]
+    if len(parts) not in (3, 4, 6):
         raise ValueError(f"bad grpo_loss setting {text!r}")
-    return block_t, warps, tiles, joint
+    parts += defaults[len(parts) - 3:]
+    block_t, warps, tiles, joint, finish_rows, finish_warps = parts
+    pow2 = all(v >= 16 and not v & (v - 1) for v in (block_t, finish_rows))
+    if min(warps, tiles, finish_warps) < 1 or joint not in (0, 1) or not pow2:
+        raise ValueError(f"bad grpo_loss setting {text!r}")
+    return block_t, warps, tiles, joint, finish_rows, finish_warps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--loss-configs", nargs="+",
-        help="grpo_loss block_t:warps:tiles[:joint], e.g. 2048:4:2 or 2048:4:1:1 (default: a set of 9)"
+        help="grpo_loss block_t:warps:tiles[:joint[:finish_rows:finish_warps]], e.g. 2048:4:2, 2048:4:1:1 or "
+        "2048:4:1:0:2048:16 (default: a set of 11)"
     )
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -259,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             loss_configs = [parse_loss_config(c) for c in args.loss_configs]
         except ValueError:
-            p.error("--loss-configs takes block_t:warps:tiles[:joint], e.g. 2048:4:2 or 2048:4:1:1")
+            p.error("--loss-configs takes block_t:warps:tiles[:joint[:finish_rows:finish_warps]], "
+                    "e.g. 2048:4:2, 2048:4:1:1 or 2048:4:1:0:2048:16")
     name = torch.cuda.get_device_name(dev) if gpu else "CPU (Triton interpreter: times meaningless)"
     bw = B.copy_bandwidth_gbs(dev, 1024 if gpu else 16)
     print(f"device: {name}; measured copy bandwidth {bw:.1f} GB/s")
@@ -273,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     print(f"\ngrpo_loss forward+backward (bf16, KL, dual clip), median of {args.reps}; GB/s of the"
           " forward and backward kernels from their device time")
-    print(f"{'tokens':>9} {'BLOCK':>6} {'warps':>5} {'tiles':>5} {'joint':>5} {'ms':>9} {'dev ms':>9} {'fwd GB/s':>8}"
+    print(f"{'tokens':>9} {'BLOCK':>6} {'warps':>5} {'tiles':>5} {'joint':>5} {'fin R':>6} {'fin w':>5} {'ms':>9} {'dev ms':>9} {'fwd GB/s':>8}"
           f" {'bwd GB/s':>8} {'err loss':>9} {'err grad':>9}")
     losses = []
     for t in loss_tokens:

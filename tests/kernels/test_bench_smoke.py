@@ -131,7 +131,7 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
         sys.path.remove(str(BENCH.parent))
     out = tmp_path / "s"
     argv = ["--device", triton_device.type, "--tokens", "5", "--vocab", "300", "--loss-tokens", "512",
-            "--configs", "64:4", "128:1:2", "--loss-configs", "2048:4:1", "16:1:3", "16:2:2:1",
+            "--configs", "64:4", "128:1:2", "--loss-configs", "2048:4:1", "16:1:3", "16:2:2:1", "16:1:1:0:16:2",
             "--reps", "1", "--warmup", "0", "--out", str(out)]
     assert sweep.main(argv) == 0
     data = json.loads(Path(f"{out}_{triton_device.type}.json").read_text())
@@ -139,7 +139,8 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
     for r in data["stats"]:
         assert "error" not in r, r
         assert max(r["err_lse"], r["err_entropy"], r["err_target"]) < 1e-4, r
-    assert [(r["block_t"], r["tiles"], r["joint"]) for r in data["loss"]] == [(2048, 1, 0), (16, 3, 0), (16, 2, 1)]
+    assert [(r["block_t"], r["tiles"], r["joint"], r["finish_rows"]) for r in data["loss"]] == [
+        (2048, 1, 0, 512), (16, 3, 0, 512), (16, 2, 1, 512), (16, 1, 0, 16)]
     for r in data["loss"]:
         assert "error" not in r and r["tokens"] == 512, r
         assert r["err_loss"] < 1e-5 and r["err_grad"] < 2e-2, r  # bf16 gradient: about one ulp
@@ -147,7 +148,8 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
         sweep.main(["--configs", "wide:4"])
     with pytest.raises(SystemExit):
         sweep.main(["--configs", "100:4"])  # not a power of two
-    for bad in ("2048:4", "2048:4:1:2", "1000:4:1"):  # too short, joint not 0/1, not a power of two
+    # too short, joint not 0/1, not a power of two, finish warps missing, finish rows not a power of two
+    for bad in ("2048:4", "2048:4:1:2", "1000:4:1", "2048:4:1:0:512", "2048:4:1:0:500:4"):
         with pytest.raises(SystemExit):
             sweep.main(["--loss-configs", bad])
     with pytest.raises(SystemExit):  # the benchmark takes the sweep's settings in the same form

@@ -88,6 +88,38 @@ def test_grpo_loss(cuda_configs, cols, with_ref, clip_c):
         )
 
 
+@pytest.mark.parametrize("rows_per_step,warps,n", [(16, 1, 40), (64, 2, 150), (2048, 16, 40)])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_grpo_loss_finish_over_several_steps(cuda_configs, rows_per_step, warps, n, agg, monkeypatch):
+    """The finish kernel's loop over the rows in steps of FINISH_ROWS, the last step partial (16
+    and 64 rows per step: 3 steps; the sweep's 2,048 x 16 warps: one step, mostly masked; the rows
+    are few because every row is a forward program, slow in the interpreter): loss, statistics and
+    the gradient (whose row coefficient it writes) against the float64 reference."""
+    from megatron_recycle_kernels import policy_loss
+
+    monkeypatch.setattr(policy_loss, "FINISH_ROWS", rows_per_step)
+    monkeypatch.setattr(policy_loss, "FINISH_WARPS", warps)
+    g = torch.Generator().manual_seed(n)
+    cols = 24
+    lp = -torch.rand(n, cols, generator=g, dtype=torch.float64) * 3
+    old = lp + 0.8 * torch.randn(n, cols, generator=g, dtype=torch.float64)
+    ref = lp + 0.3 * torch.randn(n, cols, generator=g, dtype=torch.float64)
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, cols, generator=g) < 0.7
+    kw = dict(clip_c=3.0, kl_beta=0.05, agg=agg, max_len=cols)
+    x = lp.float().to(cuda_configs).requires_grad_(True)
+    loss, stats = grpo_loss(x, old.float().to(cuda_configs), adv.float().to(cuda_configs), mask.to(cuda_configs),
+                            ref_logprobs=ref.float().to(cuda_configs), impl="triton", **kw)
+    loss.backward()
+    xr = lp.clone().requires_grad_(True)
+    want, want_stats = grpo_loss_reference(xr, old, adv, mask, ref_logprobs=ref, **kw)
+    want.backward()
+    torch.testing.assert_close(loss.double().cpu(), want.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, atol=1e-9, rtol=1e-5)
+    for name in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "ref_kl"):
+        torch.testing.assert_close(stats[name].double().cpu(), want_stats[name].double(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("vocab", [9000, 4096])
 def test_token_logprobs(cuda_configs, vocab):
     # 9,000: three 4,096-wide vocabulary blocks, the last one partial
