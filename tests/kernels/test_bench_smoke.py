@@ -154,3 +154,23 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
             sweep.main(["--loss-configs", bad])
     with pytest.raises(SystemExit):  # the benchmark takes the sweep's settings in the same form
         _bench_module().main(["--stats-config", "2048"])
+
+
+def test_host_overhead_tool_stubs_the_launches_and_restores_them(tmp_path):
+    """tools/bench_host_overhead.py times our wrappers with every Triton launch replaced by a no-op
+    (counted: 3 per forward+backward of each op), and puts the kernels back afterwards."""
+    import json
+
+    from megatron_recycle_kernels import buffers, policy_loss
+
+    spec = importlib.util.spec_from_file_location("bench_host_overhead", BENCH.parent / "bench_host_overhead.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    kernel, compiled = policy_loss._grpo_loss_fwd_kernel, buffers.compiled
+    assert tool.main(["--reps", "3", "--warmup", "1", "--out", str(tmp_path / "h")]) == 0
+    rows = json.loads((tmp_path / "h.json").read_text())["rows"]
+    assert [(r["op"], r["kind"], r["launches"]) for r in rows] == [
+        ("grpo_loss", "fwd", 2), ("grpo_loss", "fwd+bwd", 3), ("token_logprobs", "fwd", 2),
+        ("token_logprobs", "fwd+bwd", 3)]
+    assert all(r["wrapper_us"] > 0 for r in rows)
+    assert policy_loss._grpo_loss_fwd_kernel is kernel and buffers.compiled is compiled
