@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 import megatron_recycle_kernels as K
+import torch
 from megatron_recycle_kernels import buffers, logprobs, policy_loss
 
 KERNELS = {
