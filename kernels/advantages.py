@@ -3,7 +3,10 @@
 Contiguous groups (fixed size K): each program loads a [groups x K] tile once and writes
 everything. Ragged groups (an id per rollout, any order): each program owns a block of group ids,
 streams over all rollouts merging per-chunk statistics (Chan's parallel variance, so no
-sum-of-squares cancellation), then streams again to write the advantages of its rollouts. The
+sum-of-squares cancellation), then streams again to write the advantages of its rollouts: O(N x G)
+work in all. When the ids never decrease (the launcher learns it in the same host sync as their
+range), each program binary-searches where its groups' rollouts start and end and streams only
+those: O(N x BLOCK_G). The
 definitions, including exact zeros for all-equal and size-1 groups, are those of
 reference.grpo_advantages_reference.
 """
@@ -14,7 +17,7 @@ import torch
 
 from . import buffers
 from .buffers import new_buffer
-from .reference import resolve_groups
+from .reference import resolve_groups, resolve_ragged_groups
 
 try:
     import triton
@@ -33,6 +36,9 @@ RAGGED_BLOCK_G = 64  # ragged groups: group ids per program
 RAGGED_BLOCK_N = 64  # ragged groups: rollouts per chunk on GPU (halved for fp64)
 INTERPRET_BLOCK_N = 4096  # ... and in the interpreter, where fewer, larger steps are faster
 COMPILED_WARPS = 8  # warps of the compiled advantage kernels (the interpreter ignores warps)
+# Ragged ids that never decrease (each group's rollouts side by side) go to the kernel that gives
+# each program only its own groups' rollouts (a binary search for where they start and end).
+SORTED_RAGGED = True
 
 if HAS_TRITON:
 
@@ -155,6 +161,96 @@ if HAS_TRITON:
             tl.store(adv_ptr + i, (r - mu) * sc, mask=mine)
 
 
+    @triton.jit
+    def _adv_ragged_sorted_kernel(
+        r_ptr,
+        idx_ptr,
+        adv_ptr,
+        mean_ptr,
+        std_ptr,
+        sig_ptr,
+        n_items,
+        n_groups,
+        eps,
+        search_steps,
+        NORM: tl.constexpr,
+        UNBIASED: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """Sorted ids (never decreasing): program p owns group ids [p*BLOCK_G, (p+1)*BLOCK_G), finds
+        where its rollouts start and end by a binary search over the ids (``search_steps`` =
+        ceil(log2(N + 1)) probes per lane), and streams only that range, twice, with the one-hot
+        tiles and Chan merges of _adv_ragged_kernel: O(N * BLOCK_G) work in all instead of
+        O(N * G). Ids that no rollout carries get count 0 (mean 0, std 0, no signal)."""
+        g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+        g_ok = g < n_groups
+        # lower bounds of g and of g + 1 in the sorted ids: each group's [first, last + 1)
+        lo = tl.zeros((BLOCK_G,), tl.int64)
+        hi = tl.zeros((BLOCK_G,), tl.int64) + n_items
+        lo1 = tl.zeros((BLOCK_G,), tl.int64)
+        hi1 = tl.zeros((BLOCK_G,), tl.int64) + n_items
+        g64 = g.to(tl.int64)
+        for _ in range(0, search_steps):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            v = tl.load(idx_ptr + mid, mask=active, other=0)
+            right = active & (v < g64)
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(active & (v >= g64), mid, hi)
+            active1 = lo1 < hi1
+            mid1 = (lo1 + hi1) // 2
+            v1 = tl.load(idx_ptr + mid1, mask=active1, other=0)
+            right1 = active1 & (v1 < g64 + 1)
+            lo1 = tl.where(right1, mid1 + 1, lo1)
+            hi1 = tl.where(active1 & (v1 >= g64 + 1), mid1, hi1)
+        first = tl.min(tl.where(g_ok, lo, n_items), axis=0)
+        last = tl.max(tl.where(g_ok, lo1, 0), axis=0)
+        cols = tl.arange(0, BLOCK_N)
+        n = tl.zeros((BLOCK_G,), ACC)
+        mean = tl.zeros((BLOCK_G,), ACC)
+        m2 = tl.zeros((BLOCK_G,), ACC)
+        gmax = tl.full((BLOCK_G,), float("-inf"), ACC)
+        gmin = tl.full((BLOCK_G,), float("inf"), ACC)
+        for start in range(first, last, BLOCK_N):
+            i = start + cols
+            ok = i < last
+            r = tl.load(r_ptr + i, mask=ok, other=0.0).to(ACC)
+            gi = tl.load(idx_ptr + i, mask=ok, other=-1)
+            hot = (gi[None, :] == g[:, None]) & ok[None, :]
+            n_c = tl.sum(hot.to(ACC), axis=1)
+            mean_c = tl.sum(tl.where(hot, r[None, :], 0.0), axis=1) / tl.maximum(n_c, 1.0)
+            d = tl.where(hot, r[None, :] - mean_c[:, None], 0.0)
+            m2_c = tl.sum(d * d, axis=1)
+            n_new = n + n_c
+            delta = mean_c - mean
+            frac = n_c / tl.maximum(n_new, 1.0)
+            mean = mean + delta * frac
+            m2 = m2 + m2_c + delta * delta * n * frac
+            n = n_new
+            gmax = tl.maximum(gmax, tl.max(tl.where(hot, r[None, :], float("-inf")), axis=1))
+            gmin = tl.minimum(gmin, tl.min(tl.where(hot, r[None, :], float("inf")), axis=1))
+        mean, std, signal = _finish_groups(n, mean, m2, gmax, gmin, eps, UNBIASED)
+        tl.store(mean_ptr + g, mean, mask=g_ok)
+        tl.store(std_ptr + g, std, mask=g_ok)
+        tl.store(sig_ptr + g, signal.to(tl.uint8), mask=g_ok)
+        sig_f = signal.to(ACC)
+        if NORM:
+            scale = sig_f / (std + eps)
+        else:
+            scale = sig_f
+        for start in range(first, last, BLOCK_N):
+            i = start + cols
+            ok = i < last
+            r = tl.load(r_ptr + i, mask=ok, other=0.0).to(ACC)
+            gi = tl.load(idx_ptr + i, mask=ok, other=-1)
+            hot = (gi[None, :] == g[:, None]) & ok[None, :]
+            mu = tl.sum(tl.where(hot, mean[:, None], 0.0), axis=0)
+            sc = tl.sum(tl.where(hot, scale[:, None], 0.0), axis=0)
+            tl.store(adv_ptr + i, (r - mu) * sc, mask=ok)
+
+
 def grpo_advantages_triton(
     rewards: torch.Tensor,
     group_size: int | None,
@@ -173,8 +269,9 @@ def grpo_advantages_triton(
     n = r.numel()
     dev = r.device
     ragged = group_index is not None
+    is_sorted = False
     if ragged:
-        idx, g = resolve_groups(n, None, group_index, num_groups, dev)
+        idx, g, is_sorted = resolve_ragged_groups(n, group_index, num_groups, dev)
         idx = idx.to(torch.int32).contiguous()
     else:
         _, g = resolve_groups(n, group_size, None, num_groups, dev, index=False)
@@ -203,8 +300,15 @@ def grpo_advantages_triton(
         cap = max(1, RAGGED_BLOCK_N // wide) if compiled else INTERPRET_BLOCK_N
         block_n = min(triton.next_power_of_2(max(n, 1)), cap)
         grid = (triton.cdiv(g, block_g),)
-        _adv_ragged_kernel[grid](
-            r, idx, adv, mean, std, sig, n, g, float(eps),
-            **common, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=COMPILED_WARPS if compiled else 1,
-        )  # fmt: skip
+        warps = COMPILED_WARPS if compiled else 1
+        if is_sorted and SORTED_RAGGED:
+            _adv_ragged_sorted_kernel[grid](
+                r, idx, adv, mean, std, sig, n, g, float(eps), max(1, n.bit_length()),
+                **common, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=warps,
+            )  # fmt: skip
+        else:
+            _adv_ragged_kernel[grid](
+                r, idx, adv, mean, std, sig, n, g, float(eps),
+                **common, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=warps,
+            )  # fmt: skip
     return adv, mean, std, sig.view(torch.bool)

@@ -45,6 +45,17 @@ def resolve_groups(
             raise ValueError(f"num_groups={num_groups} contradicts {n} rewards / group_size {group_size}")
         return (torch.arange(n, device=device) // group_size if index else None), g
     assert group_index is not None
+    idx, g, _ = resolve_ragged_groups(n, group_index, num_groups, device)
+    return idx, g
+
+
+def resolve_ragged_groups(
+    n: int, group_index: torch.Tensor, num_groups: int | None, device: torch.device
+) -> tuple[torch.Tensor, int, bool]:
+    """(group id per rollout as int64 [N], number of groups G, whether the ids never decrease),
+    validated, with one host sync for the bounds and the order together. Sorted ids (each group's
+    rollouts side by side, the usual layout of a batch) let the Triton kernel give each program only
+    its own groups' rollouts."""
     if group_index.dim() != 1 or group_index.numel() != n:
         raise ValueError(
             f"group_index must be 1-D with one entry per reward ({n}), got shape {tuple(group_index.shape)}"
@@ -53,15 +64,17 @@ def resolve_groups(
         raise TypeError(f"group_index must be an integer tensor, got {group_index.dtype}")
     idx = group_index.to(device=device, dtype=torch.int64)
     if n == 0:
-        return idx, int(num_groups or 0)
-    lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync for both bounds
+        return idx, int(num_groups or 0), True
+    lo, hi = torch.aminmax(idx)
+    descents = (idx[1:] < idx[:-1]).sum()
+    lo, hi, descents = torch.stack([lo, hi, descents]).tolist()  # one host sync for all three
     if lo < 0:
         raise ValueError(f"group_index has a negative group id ({lo}); ids must be in [0, num_groups)")
     if num_groups is None:
         num_groups = hi + 1
     elif hi >= num_groups:
         raise ValueError(f"group_index has id {hi} but num_groups={num_groups}; pass a larger num_groups")
-    return idx, int(num_groups)
+    return idx, int(num_groups), descents == 0
 
 
 def grpo_advantages_reference(

@@ -242,10 +242,20 @@ def _fwd_and_fb(f: Callable[[], torch.Tensor], leaves: tuple[torch.Tensor, ...])
     return fwd, fwd_bwd
 
 
-def case_advantages(dev, n: int, impls: list[str], ragged: bool) -> list[Run]:
+def case_advantages(dev, n: int, impls: list[str], layout: str) -> list[Run]:
+    """layout: "contiguous" (groups of 8), "ragged" (ids of groups of 8 in shuffled order) or
+    "ragged-sorted" (groups of 1 to 15 rollouts side by side, ids never decreasing)."""
     k = 8
     r = torch.randint(0, 2, (n,), device=dev).float()
-    kw = dict(group_index=torch.randperm(n, device=dev) // k) if ragged else dict(group_size=k)
+    if layout == "contiguous":
+        kw = dict(group_size=k)
+    elif layout == "ragged":
+        kw = dict(group_index=torch.randperm(n, device=dev) // k)
+    else:
+        sizes = torch.randint(1, 2 * k, (n,), generator=torch.Generator().manual_seed(0))
+        ids = torch.repeat_interleave(torch.arange(n), sizes)[:n]
+        kw = dict(group_index=ids.to(dev))
+    ragged = layout != "contiguous"
     nbytes = n * 4 * 2 + (n * 8 if ragged else 0)
     runs: list[Run] = []
     for impl in impls:
@@ -486,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     base = [i for i in impls if i in ("triton", "torch", "eager")]
     if "advantages" in args.cases:
         for n in rollouts:
-            for ragged in (False, True):
-                name = "advantages-" + ("ragged" if ragged else "contiguous")
+            for layout in ("contiguous", "ragged", "ragged-sorted"):
                 plan.append(
-                    (name, f"N={n},K=8", lambda n=n, ragged=ragged: case_advantages(dev, n, base, ragged))
+                    (f"advantages-{layout}", f"N={n},K=8" if layout != "ragged-sorted" else f"N={n},K=1..15",
+                     lambda n=n, layout=layout: case_advantages(dev, n, base, layout))
                 )
     if "loss" in args.cases:
         compiled = _maybe_compile(R.grpo_loss_reference, compile_on)

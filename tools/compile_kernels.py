@@ -147,6 +147,9 @@ def run_workloads(scenario, quick: bool = False) -> None:
         with scenario(f"grpo_advantages ragged N=4096 G=512 {str(dt)[6:]}"):
             idx = torch.randint(0, 512, (4096,), generator=g)
             K.grpo_advantages(rnd(4096, dtype=dt), group_index=idx, impl="triton")
+        with scenario(f"grpo_advantages ragged sorted N=4096 G=512 {str(dt)[6:]}"):
+            idx = torch.randint(0, 512, (4096,), generator=g).sort().values
+            K.grpo_advantages(rnd(4096, dtype=dt), group_index=idx, impl="triton")
 
     # fused GRPO loss forward + backward: row widths under and over one token block, with and
     # without the reference KL and the dual clip, fp32 and bf16 log-probs, every aggregation mode

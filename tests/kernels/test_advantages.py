@@ -130,6 +130,53 @@ def test_dispatch_rule(monkeypatch):
         resolve_impl(cpu, "numpy")
 
 
+@pytest.mark.parametrize("block_g,block_n", [(4, 8), (4, 4096), (64, 8)])
+def test_sorted_ragged_ids_take_the_searching_kernel(block_g, block_n, triton_device, device_ops, monkeypatch):
+    """Ids that never decrease (each group's rollouts side by side, with an empty id, a size-1
+    group, an all-equal group, and a last group ending at the last rollout) go to the kernel whose
+    programs binary-search their own rollouts: several programs (4 ids each) and several chunks
+    (8 rollouts), or one of each; the results are the float64 reference's, every rollout written
+    (outputs poisoned otherwise). Shuffled, the same ids take the scanning kernel."""
+    monkeypatch.setattr(adv_mod, "RAGGED_BLOCK_G", block_g)
+    monkeypatch.setattr(adv_mod, "RAGGED_BLOCK_N", block_n)
+    monkeypatch.setattr(adv_mod, "INTERPRET_BLOCK_N", block_n)
+    sizes = [3, 1, 5, 0, 2, 7, 4, 4, 6, 0, 0, 9]
+    idx = torch.cat([torch.full((n,), gi) for gi, n in enumerate(sizes)])
+    r = torch.rand(idx.numel(), generator=torch.Generator().manual_seed(3)).double()
+    r[idx == 5] = 0.25
+    names = ("_adv_ragged_kernel", "_adv_ragged_sorted_kernel")
+    ref = grpo_advantages_reference(r, group_index=idx, num_groups=13)
+    for order in (torch.arange(idx.numel()), torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(4))):
+        ops = device_ops(adv_mod, *names)
+        with ops:
+            out = grpo_advantages(r[order].float().to(triton_device), group_index=idx[order].to(triton_device),
+                                  num_groups=13, impl="triton")
+        sorted_ids = bool((order == torch.arange(idx.numel())).all())
+        assert [op for op in ops.log if op in names] == [names[sorted_ids]]
+        a, mean, std, sig = (t.cpu() for t in out)
+        torch.testing.assert_close(a.double(), ref[0][order], atol=1e-5, rtol=1e-5)
+        _check((torch.empty(0), mean, std, sig), (torch.empty(0, dtype=torch.float64), *ref[1:]))
+    assert not sig[3] and not sig[9] and not sig[5] and sig[11]
+
+
+def test_sorted_ragged_ids_at_cuda_tiles(triton_device, monkeypatch):
+    """The searching kernel at the CUDA tiles (64 ids per program, 64 rollouts per chunk, 32 in
+    fp64) against the float64 reference: some 2,800 rollouts in 700 sorted groups of 0 to 8."""
+    from megatron_recycle_kernels import buffers
+
+    if triton_device.type != "cuda":
+        monkeypatch.setattr(buffers, "compiled", lambda device: True)
+    g = torch.Generator().manual_seed(5)
+    sizes = torch.randint(0, 9, (700,), generator=g)
+    idx = torch.repeat_interleave(torch.arange(700), sizes)
+    r = torch.randint(0, 3, (idx.numel(),), generator=g).double() / 2
+    ref = grpo_advantages_reference(r, group_index=idx, num_groups=700)
+    for dtype in (torch.float32, torch.float64):
+        out = grpo_advantages(r.to(dtype).to(triton_device), group_index=idx.to(triton_device), num_groups=700,
+                              impl="triton")
+        _check(out, ref, group_of=idx)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     sizes=st.lists(st.integers(0, 9), min_size=1, max_size=12),
@@ -145,7 +192,8 @@ def test_ragged_property_matches_reference(sizes, levels, seed):
     idx = torch.cat([torch.full((s,), gi, dtype=torch.long) for gi, s in enumerate(sizes)])
     if idx.numel() == 0:
         return
-    idx = idx[torch.randperm(idx.numel(), generator=g)]
+    if seed % 2:  # shuffled (the scanning kernel); even seeds keep the ids sorted (the searching one)
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
     r = (torch.randint(0, levels, (idx.numel(),), generator=g).double() / max(levels - 1, 1)).float().double()
     out = grpo_advantages(r.float().to(dev), group_index=idx.to(dev), num_groups=len(sizes), impl="triton")
     _check(out, grpo_advantages_reference(r, group_index=idx, num_groups=len(sizes)), group_of=idx)

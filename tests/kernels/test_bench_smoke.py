@@ -58,6 +58,9 @@ def test_bench_script_runs(impls, tmp_path, triton_device):
         assert ("logits->grpo_loss", "liger") in got
     if "eager" in impls:
         assert ("token_logprobs", "eager") in got
+    if "triton" in impls or "torch" in impls:
+        assert {c for c, _ in got if c.startswith("advantages")} == {
+            "advantages-contiguous", "advantages-ragged", "advantages-ragged-sorted"}
 
 
 def _bench_module():
@@ -113,7 +116,7 @@ def test_time_budget_stops_before_the_next_case_and_keeps_the_files(tmp_path):
     import json
 
     data = json.loads(Path(f"{out}_cpu.json").read_text())
-    assert data["rows"] == [] and len(data["meta"]["not_run"]) == 3  # 2 advantages cases + 1 loss size
+    assert data["rows"] == [] and len(data["meta"]["not_run"]) == 4  # 3 advantages layouts + 1 loss size
 
 
 def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_device):
