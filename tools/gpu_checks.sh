@@ -122,13 +122,19 @@ fi
 # The AOT compile test is the CPU machine's stand-in for step 1 and uses Triton internals of one
 # version: left out here.
 # With pytest-timeout (also in the image) a test that hangs fails on its own after 90 s, with its
-# traceback, instead of taking the step's whole limit and every other test's report with it.
+# traceback, instead of taking the step's whole limit and every other test's report with it. The
+# limit is the test function's only (timeout_func_only): the step tests' module fixtures run whole
+# multi-process trainings (each bounded by its launcher's own 300 s), which on a slow or busy machine
+# take more than 90 s, and pytest-timeout would otherwise fail every test whose turn it is to build
+# them (what the CPU rehearsal of session 18 showed: 10 setup timeouts). The model tests go to the
+# xdist workers a module at a time (--dist loadscope), so each module fixture is built once, not
+# once per worker that happens to get one of its tests.
 ARGS_K=() ARGS_M=()  # extra pytest arguments of the kernel and the model tests
-"$PY" -c "import pytest_timeout" 2>/dev/null && ARGS_M=(--timeout 90)
+"$PY" -c "import pytest_timeout" 2>/dev/null && ARGS_M=(--timeout 90 -o timeout_func_only=true)
 if "$PY" -c "import xdist" 2>/dev/null; then
     read -r WK WM <<<"${GPU_CHECKS_XDIST:-8 4}"  # worker processes of the kernel and model tests
     ((WK > 1)) && ARGS_K=(-n "$WK")
-    ((WM > 1)) && ARGS_M+=(-n "$WM")
+    ((WM > 1)) && ARGS_M+=(-n "$WM" --dist loadscope)
 fi
 step tests_model "${GPU_CHECKS_TEST_LIMIT:-200}" "$OUT/tests_model.log" \
     "$PY" -m pytest tests/model tests/train/test_step.py tests/train/test_reshard.py -q ${ARGS_M[@]+"${ARGS_M[@]}"} \
