@@ -138,10 +138,12 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
             "--reps", "1", "--warmup", "0", "--out", str(out)]
     assert sweep.main(argv) == 0
     data = json.loads(Path(f"{out}_{triton_device.type}.json").read_text())
-    assert [(r["block_v"], r["warps"], r["stages"]) for r in data["stats"]] == [(64, 4, None), (128, 1, 2)]
+    assert [(r["block_v"], r["warps"], r["stages"], r["entropy"]) for r in data["stats"]] == [
+        (64, 4, None, False), (64, 4, None, True), (128, 1, 2, False), (128, 1, 2, True)]
     for r in data["stats"]:
         assert "error" not in r, r
-        assert max(r["err_lse"], r["err_entropy"], r["err_target"]) < 1e-4, r
+        assert max(r["err_lse"], r["err_target"]) < 1e-4, r
+        assert (r["err_entropy"] < 1e-4) if r["entropy"] else r["err_entropy"] is None, r
     assert [(r["block_t"], r["tiles"], r["joint"], r["finish_rows"]) for r in data["loss"]] == [
         (2048, 1, 0, 512), (16, 3, 0, 512), (16, 2, 1, 512), (16, 1, 0, 16)]
     for r in data["loss"]:
