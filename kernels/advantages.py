@@ -58,6 +58,53 @@ if HAS_TRITON:
         return mean, std, signal
 
     @triton.jit
+    def _merge_chunk(r_ptr, idx_ptr, i, ok, g, n, mean, m2, gmax, gmin, ACC: tl.constexpr):
+        """Fold one chunk of rollouts (positions i, valid where ok) into the running count, mean,
+        M2, max and min of the groups g (Chan's parallel merge; one-hot membership tile)."""
+        r = tl.load(r_ptr + i, mask=ok, other=0.0).to(ACC)
+        gi = tl.load(idx_ptr + i, mask=ok, other=-1)
+        hot = (gi[None, :] == g[:, None]) & ok[None, :]
+        n_c = tl.sum(hot.to(ACC), axis=1)
+        mean_c = tl.sum(tl.where(hot, r[None, :], 0.0), axis=1) / tl.maximum(n_c, 1.0)
+        d = tl.where(hot, r[None, :] - mean_c[:, None], 0.0)
+        m2_c = tl.sum(d * d, axis=1)
+        n_new = n + n_c
+        delta = mean_c - mean
+        frac = n_c / tl.maximum(n_new, 1.0)
+        mean = mean + delta * frac
+        m2 = m2 + m2_c + delta * delta * n * frac
+        gmax = tl.maximum(gmax, tl.max(tl.where(hot, r[None, :], float("-inf")), axis=1))
+        gmin = tl.minimum(gmin, tl.min(tl.where(hot, r[None, :], float("inf")), axis=1))
+        return n_new, mean, m2, gmax, gmin
+
+    @triton.jit
+    def _chunk_advantages(r_ptr, idx_ptr, i, ok, g, mean, scale, ACC: tl.constexpr):
+        """Advantages of one chunk of rollouts from their groups' mean and scale, and which of
+        the rollouts belong to the groups g."""
+        r = tl.load(r_ptr + i, mask=ok, other=0.0).to(ACC)
+        gi = tl.load(idx_ptr + i, mask=ok, other=-1)
+        hot = (gi[None, :] == g[:, None]) & ok[None, :]
+        mine = tl.sum(hot.to(tl.int32), axis=0) > 0
+        mu = tl.sum(tl.where(hot, mean[:, None], 0.0), axis=0)
+        sc = tl.sum(tl.where(hot, scale[:, None], 0.0), axis=0)
+        return (r - mu) * sc, mine
+
+    @triton.jit
+    def _store_groups(mean_ptr, std_ptr, sig_ptr, g, g_ok, n, mean, m2, gmax, gmin, eps,
+                      NORM: tl.constexpr, UNBIASED: tl.constexpr, ACC: tl.constexpr):
+        """Finish and store the groups' mean, std and signal; return (mean, the advantage scale)."""
+        mean, std, signal = _finish_groups(n, mean, m2, gmax, gmin, eps, UNBIASED)
+        tl.store(mean_ptr + g, mean, mask=g_ok)
+        tl.store(std_ptr + g, std, mask=g_ok)
+        tl.store(sig_ptr + g, signal.to(tl.uint8), mask=g_ok)
+        sig_f = signal.to(ACC)
+        if NORM:
+            scale = sig_f / (std + eps)
+        else:
+            scale = sig_f
+        return mean, scale
+
+    @triton.jit
     def _adv_contiguous_kernel(
         r_ptr,
         adv_ptr,
@@ -124,42 +171,23 @@ if HAS_TRITON:
         gmin = tl.full((BLOCK_G,), float("inf"), ACC)
         for start in range(0, n_items, BLOCK_N):
             i = start + cols
-            ok = i < n_items
-            r = tl.load(r_ptr + i, mask=ok, other=0.0).to(ACC)
-            gi = tl.load(idx_ptr + i, mask=ok, other=-1)
-            hot = (gi[None, :] == g[:, None]) & ok[None, :]
-            n_c = tl.sum(hot.to(ACC), axis=1)
-            mean_c = tl.sum(tl.where(hot, r[None, :], 0.0), axis=1) / tl.maximum(n_c, 1.0)
-            d = tl.where(hot, r[None, :] - mean_c[:, None], 0.0)
-            m2_c = tl.sum(d * d, axis=1)
-            n_new = n + n_c
-            delta = mean_c - mean
-            frac = n_c / tl.maximum(n_new, 1.0)
-            mean = mean + delta * frac
-            m2 = m2 + m2_c + delta * delta * n * frac
-            n = n_new
-            gmax = tl.maximum(gmax, tl.max(tl.where(hot, r[None, :], float("-inf")), axis=1))
-            gmin = tl.minimum(gmin, tl.min(tl.where(hot, r[None, :], float("inf")), axis=1))
-        mean, std, signal = _finish_groups(n, mean, m2, gmax, gmin, eps, UNBIASED)
-        tl.store(mean_ptr + g, mean, mask=g_ok)
-        tl.store(std_ptr + g, std, mask=g_ok)
-        tl.store(sig_ptr + g, signal.to(tl.uint8), mask=g_ok)
-        sig_f = signal.to(ACC)
-        if NORM:
-            scale = sig_f / (std + eps)
-        else:
-            scale = sig_f
+            n, mean, m2, gmax, gmin = _merge_chunk(r_ptr, idx_ptr, i, i < n_items, g, n, mean, m2, gmax, gmin, ACC)
+        mean, scale = _store_groups(mean_ptr, std_ptr, sig_ptr, g, g_ok, n, mean, m2, gmax, gmin, eps,
+                                    NORM, UNBIASED, ACC)
         for start in range(0, n_items, BLOCK_N):
             i = start + cols
-            ok = i < n_items
-            r = tl.load(r_ptr + i, mask=ok, other=0.0).to(ACC)
-            gi = tl.load(idx_ptr + i, mask=ok, other=-1)
-            hot = (gi[None, :] == g[:, None]) & ok[None, :]
-            mine = tl.sum(hot.to(tl.int32), axis=0) > 0
-            mu = tl.sum(tl.where(hot, mean[:, None], 0.0), axis=0)
-            sc = tl.sum(tl.where(hot, scale[:, None], 0.0), axis=0)
-            tl.store(adv_ptr + i, (r - mu) * sc, mask=mine)
+            adv, mine = _chunk_advantages(r_ptr, idx_ptr, i, i < n_items, g, mean, scale, ACC)
+            tl.store(adv_ptr + i, adv, mask=mine)
 
+    @triton.jit
+    def _lower_bound_step(idx_ptr, lo, hi, target):
+        """One probe of a binary search, per lane, for the first position in [lo, hi) of the
+        sorted ids whose id is not below target; lanes with lo == hi are done."""
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(idx_ptr + mid, mask=active, other=0)
+        below = v < target
+        return tl.where(active & below, mid + 1, lo), tl.where(active & ~below, mid, hi)
 
     @triton.jit
     def _adv_ragged_sorted_kernel(
@@ -192,19 +220,9 @@ if HAS_TRITON:
         lo1 = tl.zeros((BLOCK_G,), tl.int64)
         hi1 = tl.zeros((BLOCK_G,), tl.int64) + n_items
         g64 = g.to(tl.int64)
-        for _ in range(0, search_steps):
-            active = lo < hi
-            mid = (lo + hi) // 2
-            v = tl.load(idx_ptr + mid, mask=active, other=0)
-            right = active & (v < g64)
-            lo = tl.where(right, mid + 1, lo)
-            hi = tl.where(active & (v >= g64), mid, hi)
-            active1 = lo1 < hi1
-            mid1 = (lo1 + hi1) // 2
-            v1 = tl.load(idx_ptr + mid1, mask=active1, other=0)
-            right1 = active1 & (v1 < g64 + 1)
-            lo1 = tl.where(right1, mid1 + 1, lo1)
-            hi1 = tl.where(active1 & (v1 >= g64 + 1), mid1, hi1)
+        for _probe in range(0, search_steps):
+            lo, hi = _lower_bound_step(idx_ptr, lo, hi, g64)
+            lo1, hi1 = _lower_bound_step(idx_ptr, lo1, hi1, g64 + 1)
         first = tl.min(tl.where(g_ok, lo, n_items), axis=0)
         last = tl.max(tl.where(g_ok, lo1, 0), axis=0)
         cols = tl.arange(0, BLOCK_N)
@@ -215,40 +233,14 @@ if HAS_TRITON:
         gmin = tl.full((BLOCK_G,), float("inf"), ACC)
         for start in range(first, last, BLOCK_N):
             i = start + cols
-            ok = i < last
-            r = tl.load(r_ptr + i, mask=ok, other=0.0).to(ACC)
-            gi = tl.load(idx_ptr + i, mask=ok, other=-1)
-            hot = (gi[None, :] == g[:, None]) & ok[None, :]
-            n_c = tl.sum(hot.to(ACC), axis=1)
-            mean_c = tl.sum(tl.where(hot, r[None, :], 0.0), axis=1) / tl.maximum(n_c, 1.0)
-            d = tl.where(hot, r[None, :] - mean_c[:, None], 0.0)
-            m2_c = tl.sum(d * d, axis=1)
-            n_new = n + n_c
-            delta = mean_c - mean
-            frac = n_c / tl.maximum(n_new, 1.0)
-            mean = mean + delta * frac
-            m2 = m2 + m2_c + delta * delta * n * frac
-            n = n_new
-            gmax = tl.maximum(gmax, tl.max(tl.where(hot, r[None, :], float("-inf")), axis=1))
-            gmin = tl.minimum(gmin, tl.min(tl.where(hot, r[None, :], float("inf")), axis=1))
-        mean, std, signal = _finish_groups(n, mean, m2, gmax, gmin, eps, UNBIASED)
-        tl.store(mean_ptr + g, mean, mask=g_ok)
-        tl.store(std_ptr + g, std, mask=g_ok)
-        tl.store(sig_ptr + g, signal.to(tl.uint8), mask=g_ok)
-        sig_f = signal.to(ACC)
-        if NORM:
-            scale = sig_f / (std + eps)
-        else:
-            scale = sig_f
+            n, mean, m2, gmax, gmin = _merge_chunk(r_ptr, idx_ptr, i, i < last, g, n, mean, m2, gmax, gmin, ACC)
+        mean, scale = _store_groups(mean_ptr, std_ptr, sig_ptr, g, g_ok, n, mean, m2, gmax, gmin, eps,
+                                    NORM, UNBIASED, ACC)
         for start in range(first, last, BLOCK_N):
             i = start + cols
             ok = i < last
-            r = tl.load(r_ptr + i, mask=ok, other=0.0).to(ACC)
-            gi = tl.load(idx_ptr + i, mask=ok, other=-1)
-            hot = (gi[None, :] == g[:, None]) & ok[None, :]
-            mu = tl.sum(tl.where(hot, mean[:, None], 0.0), axis=0)
-            sc = tl.sum(tl.where(hot, scale[:, None], 0.0), axis=0)
-            tl.store(adv_ptr + i, (r - mu) * sc, mask=ok)
+            adv, in_block = _chunk_advantages(r_ptr, idx_ptr, i, ok, g, mean, scale, ACC)  # in_block == ok here
+            tl.store(adv_ptr + i, adv, mask=ok)  # every rollout in [first, last) is one of this program's
 
 
 def grpo_advantages_triton(

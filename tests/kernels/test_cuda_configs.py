@@ -55,37 +55,34 @@ def test_advantages_ragged(cuda_configs, dtype):
     assert torch.equal(out[3].cpu(), ref[3])
 
 
-@pytest.mark.parametrize("cols,with_ref,clip_c", [(4500, True, 3.0), (1023, False, None)])
-def test_grpo_loss(cuda_configs, cols, with_ref, clip_c):
-    # 4,500 columns: three 2,048-token blocks per row, the last one partial
-    g = torch.Generator().manual_seed(cols)
-    n = 3
+def _loss_against_reference(dev, n, cols, with_ref, clip_c, agg, seed, grad_atol, stat_names):
+    """grpo_loss (Triton) on random fp32 rows against the float64 reference: loss, gradient and
+    the named statistics."""
+    g = torch.Generator().manual_seed(seed)
     lp = -torch.rand(n, cols, generator=g, dtype=torch.float64) * 3
     old = lp + 0.8 * torch.randn(n, cols, generator=g, dtype=torch.float64)
     ref = lp + 0.3 * torch.randn(n, cols, generator=g, dtype=torch.float64) if with_ref else None
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     mask = torch.rand(n, cols, generator=g) < 0.7
-    kw = dict(clip_c=clip_c, kl_beta=0.05 if with_ref else 0.0, agg="seq-mean-token-mean")
-    x = lp.float().to(cuda_configs).requires_grad_(True)
-    loss, stats = grpo_loss(
-        x,
-        old.float().to(cuda_configs),
-        adv.float().to(cuda_configs),
-        mask.to(cuda_configs),
-        ref_logprobs=None if ref is None else ref.float().to(cuda_configs),
-        impl="triton",
-        **kw,
-    )
+    kw = dict(clip_c=clip_c, kl_beta=0.05 if with_ref else 0.0, agg=agg, max_len=cols)
+    x = lp.float().to(dev).requires_grad_(True)
+    loss, stats = grpo_loss(x, old.float().to(dev), adv.float().to(dev), mask.to(dev),
+                            ref_logprobs=None if ref is None else ref.float().to(dev), impl="triton", **kw)
     loss.backward()
     xr = lp.clone().requires_grad_(True)
     want, want_stats = grpo_loss_reference(xr, old, adv, mask, ref_logprobs=ref, **kw)
     want.backward()
     torch.testing.assert_close(loss.double().cpu(), want.detach(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, atol=1e-8, rtol=1e-5)
-    for name in ("clip_frac_low", "clip_frac_high", "ratio_mean"):
-        torch.testing.assert_close(
-            stats[name].double().cpu(), want_stats[name].double(), atol=1e-5, rtol=1e-5
-        )
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, atol=grad_atol, rtol=1e-5)
+    for name in stat_names:
+        torch.testing.assert_close(stats[name].double().cpu(), want_stats[name].double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cols,with_ref,clip_c", [(4500, True, 3.0), (1023, False, None)])
+def test_grpo_loss(cuda_configs, cols, with_ref, clip_c):
+    # 4,500 columns: three 2,048-token blocks per row, the last one partial
+    _loss_against_reference(cuda_configs, 3, cols, with_ref, clip_c, "seq-mean-token-mean", cols, 1e-8,
+                            ("clip_frac_low", "clip_frac_high", "ratio_mean"))
 
 
 @pytest.mark.parametrize("rows_per_step,warps,n", [(16, 1, 40), (64, 2, 150), (2048, 16, 40)])
@@ -99,25 +96,8 @@ def test_grpo_loss_finish_over_several_steps(cuda_configs, rows_per_step, warps,
 
     monkeypatch.setattr(policy_loss, "FINISH_ROWS", rows_per_step)
     monkeypatch.setattr(policy_loss, "FINISH_WARPS", warps)
-    g = torch.Generator().manual_seed(n)
-    cols = 24
-    lp = -torch.rand(n, cols, generator=g, dtype=torch.float64) * 3
-    old = lp + 0.8 * torch.randn(n, cols, generator=g, dtype=torch.float64)
-    ref = lp + 0.3 * torch.randn(n, cols, generator=g, dtype=torch.float64)
-    adv = torch.randn(n, generator=g, dtype=torch.float64)
-    mask = torch.rand(n, cols, generator=g) < 0.7
-    kw = dict(clip_c=3.0, kl_beta=0.05, agg=agg, max_len=cols)
-    x = lp.float().to(cuda_configs).requires_grad_(True)
-    loss, stats = grpo_loss(x, old.float().to(cuda_configs), adv.float().to(cuda_configs), mask.to(cuda_configs),
-                            ref_logprobs=ref.float().to(cuda_configs), impl="triton", **kw)
-    loss.backward()
-    xr = lp.clone().requires_grad_(True)
-    want, want_stats = grpo_loss_reference(xr, old, adv, mask, ref_logprobs=ref, **kw)
-    want.backward()
-    torch.testing.assert_close(loss.double().cpu(), want.detach(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, atol=1e-9, rtol=1e-5)
-    for name in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "ref_kl"):
-        torch.testing.assert_close(stats[name].double().cpu(), want_stats[name].double(), atol=1e-5, rtol=1e-5)
+    _loss_against_reference(cuda_configs, n, 24, True, 3.0, agg, n, 1e-9,
+                            ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "ref_kl"))
 
 
 @pytest.mark.parametrize("vocab", [9000, 4096])
