@@ -627,3 +627,18 @@ def test_setup_refuses_bad_optimizer_arguments_before_building(kwargs, message):
 
     with pytest.raises(TypeError, match=message):
         setup_model_and_optimizer(None, **kwargs)
+
+
+def test_worker_results_come_back_on_the_cpu_whole():
+    """_workers._on_cpu (applied to every rank's result before it is saved, so runs on a GPU and on
+    the CPU compare): every tensor detached and on the CPU, dicts, lists, tuples and named tuples
+    kept as they were, other values untouched."""
+    import collections
+
+    pair = collections.namedtuple("pair", "a b")
+    w = torch.ones(2, requires_grad=True)
+    got = _workers._on_cpu({"g": [pair(w * 2, (1, w))], "n": 3, "s": "x"})
+    (p,) = got["g"]
+    assert type(p) is pair and p.b[0] == 1 and got["n"] == 3 and got["s"] == "x"
+    assert all(t.device.type == "cpu" and not t.requires_grad for t in (p.a, p.b[1]))
+    assert torch.equal(p.a, torch.full((2,), 2.0))
