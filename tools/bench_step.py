@@ -23,7 +23,10 @@ any local HF folder works as --model. The malloc setting (GLIBC_TUNABLES) is rec
 with and without it on CPU (PLATFORM.md). ``--min-len-frac`` gives the rows uneven lengths (right
 padding), which the step's length-grouped micro-batches cut (``--no-length-grouping`` pads every
 micro-batch to the batch's width, to compare); tokens/s counts real tokens. ``--overlap-grad-reduce``
-measures Megatron's overlapped DP gradient reduction (with DP > 1).
+measures Megatron's overlapped DP gradient reduction (with DP > 1). ``--profile`` profiles one more
+step: on CUDA the device activities it launches, their busy time and the share of the wall time the
+device sat idle (a host-bound step shows a high share: what to compare between packed and padded
+groups, packing having been the slower of the two on an H200), on a CPU the aten ops dispatched.
 """
 
 from __future__ import annotations
@@ -142,6 +145,40 @@ def saved_activation_gib(chunks: list, batch: Any, mbs: int) -> float:
     return sum(saved.values()) / 2**30
 
 
+def profile_step(run_step, top: int = 12) -> dict[str, Any]:
+    """One more step (``run_step()``) under torch.profiler: its wall time, and on CUDA the device
+    activities it launched (kernels, copies, fills), their busy time and the share of the wall time
+    the device sat idle (high: the host's Python and launches set the pace), with the costliest
+    kernels by total device time; on a CPU the aten ops dispatched (each would be at least one
+    launch on a GPU) and the costliest by self time. What tells whether a step is host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        run_step()
+        _sync()
+        wall = time.perf_counter() - t0
+    out: dict[str, Any] = {"wall_s": wall}
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            by_name.setdefault(e.name[:80], []).append(e.time_range.elapsed_us() / 1e3)
+        out.update(device_activities=len(kernels), device_busy_s=busy,
+                   device_idle_frac=max(0.0, 1.0 - busy / wall) if wall > 0 else None,
+                   top=[(n, len(v), sum(v)) for n, v in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]])
+    else:
+        ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        out.update(aten_ops=sum(e.count for e in ops),
+                   top=[(e.key, e.count, e.self_cpu_time_total / 1e3)
+                        for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]])
+    return out
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -210,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Megatron DDP's overlapped gradient reduction (optim.overlap_grad_reduce; pays off with DP > 1)")
     p.add_argument("--bucket-size", type=int, default=None,
                    help="parameters per gradient bucket with --overlap-grad-reduce (default: Megatron's)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step (torch.profiler): device activities, busy time and idle share "
+                        "on CUDA, aten ops on a CPU, the costliest kernels; in the JSON as 'profile'")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: OMP_NUM_THREADS or torch's")
@@ -278,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         if i >= a.warmup:
             rows.append(rec)
     activations = saved_activation_gib(chunks, batch, a.mbs) if a.pp == 1 else float("nan")
+    prof = None
+    if a.profile:
+        def run_step() -> None:
+            old = compute_logprobs(chunks, batch, a.mbs, only_loss_positions=True, pack_groups=not a.no_pack)
+            grpo_train_step(chunks, opt, sched, batch.replace(old_logprobs=old), a.mbs, GRPOLossConfig(),
+                            pack_groups=not a.no_pack)
+
+        prof = profile_step(run_step)
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in rows)
@@ -315,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         # kept for backward by the decoder, one micro-batch (saved_activation_gib; NaN with PP > 1)
         "saved_activations_gib_per_microbatch": activations,
     }
+    if prof is not None:
+        result["profile"] = prof
     if layout.rank == 0:
         ragged = (f" (lengths {a.min_len_frac:g}-1 x L, {'length-grouped' if not a.no_length_grouping else 'batch-wide'}"
                   " micro-batches)" if a.min_len_frac < 1 else "")
@@ -332,6 +382,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokens/s (old-logprob fwd + train step): {result['tokens_per_s']:.0f}"
               f"{f' ({tokens} real tokens of {a.n * a.seq_len})' if tokens != a.n * a.seq_len else ''}")
         print(f"decoder activations kept for backward, one micro-batch of {a.mbs}: {activations:.3f} GiB\n")
+        if prof is not None:
+            if "device_activities" in prof:
+                print(f"profiled step: {prof['wall_s']:.3f} s wall, {prof['device_activities']} device activities, "
+                      f"busy {prof['device_busy_s']:.3f} s, idle {100 * (prof['device_idle_frac'] or 0):.0f}% of the wall time")
+                unit = "device ms"
+            else:
+                print(f"profiled step: {prof['wall_s']:.3f} s wall, {prof['aten_ops']} aten ops dispatched")
+                unit = "self CPU ms"
+            print(f"  {'count':>7} {unit:>12}  name")
+            for name, count, ms in prof["top"]:
+                print(f"  {count:>7} {ms:>12.2f}  {name}")
+            print()
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = a.tag or ("malloc-tuned" if "mmap_max=0" in malloc else "malloc-default")

@@ -192,14 +192,18 @@ step bench_recompute 120 "$OUT/bench.log" \
 
 # ------------------------------ 3c. optional: step 3's batch as 2 GRPO groups of 4, packed and padded
 # (the trainer packs groups: each group's shared prompt computed once, the members' attention by
-# the group plan, flash attention's bottom-right causal kernel on CUDA); tables in bench.log
+# the group plan, flash attention's bottom-right causal kernel on CUDA); tables in bench.log, with
+# each run's profile (--profile: on the H200 packing was the slower of the two; the device's idle
+# share and activity count say whether the host's launches set the pace)
 if [[ $STEPS == *" bench_packed "* ]]; then
     for pack in "" "--no-pack"; do  # two runs, each with its own limit
         step bench_packed 80 "$OUT/bench.log" \
             "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model "$STEP_MODEL" --bf16 \
-            --sequences 8 --seq-len 1024 --group-size 4 --mbs 4 --steps 2 --warmup 1 --out "$STEP_DIR" --tag cuda-k4 $pack
+            --sequences 8 --seq-len 1024 --group-size 4 --mbs 4 --steps 2 --warmup 1 --out "$STEP_DIR" \
+            --tag "cuda-k4${pack:+-nopack}" --profile $pack
     done
-    grep -A10 "in groups of 4" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
+    # the tables, then each run's profile: device activities, busy time, idle share, costliest kernels
+    grep -A26 "in groups of 4" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
 else
     step bench_packed 0 /dev/null true  # says SKIP once
 fi

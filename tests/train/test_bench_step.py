@@ -22,10 +22,16 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
            "--mbs", "2", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--tag", "t.1",
            "--recompute", "full", "--recompute-method", "block", "--recompute-num-layers", "2",
            "--overlap-grad-reduce", "--bucket-size", "20000", "--min-len-frac", "0.5",
-           "--group-size", "2", "--no-pack"]
+           "--group-size", "2", "--no-pack", "--profile"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "bench_step_tiny_4x32_t.1.json").read_text())  # a dot in the name (qwen3-1.7b) stays
+    # --profile: one more step under torch.profiler; on a CPU the aten ops it dispatched, the costliest first
+    prof = result["profile"]
+    assert prof["wall_s"] > 0 and prof["aten_ops"] > 100 and "device_activities" not in prof
+    assert len(prof["top"]) == 12 and all(name.startswith("aten::") and count >= 1 for name, count, _ in prof["top"])
+    assert prof["top"][0][2] >= prof["top"][-1][2]
+    assert f"{prof['aten_ops']} aten ops dispatched" in proc.stdout
     assert (tmp_path / "bench_step_tiny_4x32_t.1.csv").is_file()
     assert result["n"] == 4 and result["seq_len"] == 32 and result["dp"] == 1
     assert set(result["time_s"]) == {"old_logprobs", "forward_backward", "optimizer"}
