@@ -36,9 +36,6 @@ RAGGED_BLOCK_G = 64  # ragged groups: group ids per program
 RAGGED_BLOCK_N = 64  # ragged groups: rollouts per chunk on GPU (halved for fp64)
 INTERPRET_BLOCK_N = 4096  # ... and in the interpreter, where fewer, larger steps are faster
 COMPILED_WARPS = 8  # warps of the compiled advantage kernels (the interpreter ignores warps)
-# Ragged ids that never decrease (each group's rollouts side by side) go to the kernel that gives
-# each program only its own groups' rollouts (a binary search for where they start and end).
-SORTED_RAGGED = True
 
 if HAS_TRITON:
 
@@ -181,8 +178,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _lower_bound_step(idx_ptr, lo, hi, target):
-        """One probe of a binary search, per lane, for the first position in [lo, hi) of the
-        sorted ids whose id is not below target; lanes with lo == hi are done."""
+        """One probe of a binary search for the first position in [lo, hi) of the sorted ids whose
+        id is not below target; done once lo == hi."""
         active = lo < hi
         mid = (lo + hi) // 2
         v = tl.load(idx_ptr + mid, mask=active, other=0)
@@ -207,24 +204,23 @@ if HAS_TRITON:
         BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """Sorted ids (never decreasing): program p owns group ids [p*BLOCK_G, (p+1)*BLOCK_G), finds
-        where its rollouts start and end by a binary search over the ids (``search_steps`` =
-        ceil(log2(N + 1)) probes per lane), and streams only that range, twice, with the one-hot
-        tiles and Chan merges of _adv_ragged_kernel: O(N * BLOCK_G) work in all instead of
-        O(N * G). Ids that no rollout carries get count 0 (mean 0, std 0, no signal)."""
-        g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+        """Sorted ids (never decreasing): program p owns group ids [g0, g_end) = [p*BLOCK_G,
+        min((p+1)*BLOCK_G, G)), and so the rollouts [first, last) with first the first position
+        whose id is not below g0 and last the first whose id is not below g_end: two binary searches
+        over the ids (``search_steps`` = ceil(log2(N + 1)) probes each). It streams only that range,
+        twice, with the one-hot tiles and Chan merges of _adv_ragged_kernel: O(N * BLOCK_G) work in
+        all instead of O(N * G). Ids that no rollout carries get count 0 (mean 0, std 0, no signal)."""
+        g0 = tl.program_id(0) * BLOCK_G
+        g = g0 + tl.arange(0, BLOCK_G)
         g_ok = g < n_groups
-        # lower bounds of g and of g + 1 in the sorted ids: each group's [first, last + 1)
-        lo = tl.zeros((BLOCK_G,), tl.int64)
-        hi = tl.zeros((BLOCK_G,), tl.int64) + n_items
-        lo1 = tl.zeros((BLOCK_G,), tl.int64)
-        hi1 = tl.zeros((BLOCK_G,), tl.int64) + n_items
-        g64 = g.to(tl.int64)
+        g_end = tl.minimum(g0 + BLOCK_G, n_groups)
+        first = tl.zeros((), tl.int64)
+        hi0 = first + n_items
+        last = first
+        hi1 = hi0
         for _probe in range(0, search_steps):
-            lo, hi = _lower_bound_step(idx_ptr, lo, hi, g64)
-            lo1, hi1 = _lower_bound_step(idx_ptr, lo1, hi1, g64 + 1)
-        first = tl.min(tl.where(g_ok, lo, n_items), axis=0)
-        last = tl.max(tl.where(g_ok, lo1, 0), axis=0)
+            first, hi0 = _lower_bound_step(idx_ptr, first, hi0, g0)
+            last, hi1 = _lower_bound_step(idx_ptr, last, hi1, g_end)
         cols = tl.arange(0, BLOCK_N)
         n = tl.zeros((BLOCK_G,), ACC)
         mean = tl.zeros((BLOCK_G,), ACC)
@@ -239,8 +235,9 @@ if HAS_TRITON:
         for start in range(first, last, BLOCK_N):
             i = start + cols
             ok = i < last
-            adv, in_block = _chunk_advantages(r_ptr, idx_ptr, i, ok, g, mean, scale, ACC)  # in_block == ok here
-            tl.store(adv_ptr + i, adv, mask=ok)  # every rollout in [first, last) is one of this program's
+            # every rollout in [first, last) is one of this program's, so ok is its membership too
+            adv, in_block = _chunk_advantages(r_ptr, idx_ptr, i, ok, g, mean, scale, ACC)
+            tl.store(adv_ptr + i, adv, mask=ok)
 
 
 def grpo_advantages_triton(
@@ -293,7 +290,7 @@ def grpo_advantages_triton(
         block_n = min(triton.next_power_of_2(max(n, 1)), cap)
         grid = (triton.cdiv(g, block_g),)
         warps = COMPILED_WARPS if compiled else 1
-        if is_sorted and SORTED_RAGGED:
+        if is_sorted:  # each program streams only its own groups' rollouts
             _adv_ragged_sorted_kernel[grid](
                 r, idx, adv, mean, std, sig, n, g, float(eps), max(1, n.bit_length()),
                 **common, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=warps,

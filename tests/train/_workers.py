@@ -82,21 +82,15 @@ def _dp_all_gather(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megatron_recycle.pool import _comm_device  # the GPU under NCCL, else the CPU
+
     if ps.get_data_parallel_world_size() == 1:
         return t.cpu()
-    t = t.to(_collective_device()).contiguous()
+    group = ps.get_data_parallel_group()
+    t = t.to(_comm_device(group)).contiguous()
     out = [torch.empty_like(t) for _ in range(ps.get_data_parallel_world_size())]
-    dist.all_gather(out, t, group=ps.get_data_parallel_group())
+    dist.all_gather(out, t, group=group)
     return torch.cat(out, 0).cpu()
-
-
-def _collective_device() -> torch.device:
-    """Where tensors for a collective must live: the current GPU under NCCL, else the CPU."""
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _on_cpu(obj: Any) -> Any:
