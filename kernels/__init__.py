@@ -169,6 +169,7 @@ def token_logprobs(
     *,
     impl: str | None = None,
     inplace_backward: bool = False,
+    validate_targets: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(logits / temperature)[targets] per row (and the entropy), differentiable w.r.t. logits.
 
@@ -183,13 +184,19 @@ def token_logprobs(
     the loss). The logits are then gone; their autograd version is bumped, so any other use of them
     that autograd saved fails loudly (as does a second backward through the same graph) instead
     of reading the gradient.
+
+    `validate_targets=False` skips the target-range check, the call's one host sync (it reads the
+    ids' min and max back), so the call can run inside a CUDA graph and never stalls the host;
+    for callers that checked the ids themselves (the trainer checks every token id against the
+    model's vocabulary when it cuts its micro-batches). A target outside [0, V) then gives a NaN
+    log-prob and a NaN gradient row (on every tensor-parallel rank), never another token's value.
     """
     if logits.dim() != 2:
         raise ValueError(
             f"logits must be [T, V] (flatten batch and sequence first), got shape {tuple(logits.shape)}"
         )
     inv_temp = _check_temperature(temperature)
-    check_targets(targets, logits.shape[0], vocab_range(logits.shape[1], tp_group)[1])
+    check_targets(targets, logits.shape[0], vocab_range(logits.shape[1], tp_group)[1], validate_targets)
     use_triton = resolve_impl(logits, impl) == "triton"
     if use_triton and logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -209,11 +216,13 @@ def chunked_token_logprobs(
     return_entropy: bool = False,
     *,
     impl: str | None = None,
+    validate_targets: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """token_logprobs(hidden @ weight.T, ...) without ever holding more than [chunk_size, V_local] logits.
 
     `weight` is the output layer (or this rank's vocabulary shard of it, [V/tp, H]); differentiable
     w.r.t. hidden and weight. With tp_group the hidden gradient is all-reduced over the group.
+    `validate_targets`: as in token_logprobs.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -222,7 +231,7 @@ def chunked_token_logprobs(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 row, got {chunk_size}")
     inv_temp = _check_temperature(temperature)
-    check_targets(targets, hidden.shape[0], vocab_range(weight.shape[0], tp_group)[1])
+    check_targets(targets, hidden.shape[0], vocab_range(weight.shape[0], tp_group)[1], validate_targets)
     use_triton = resolve_impl(hidden, impl) == "triton"
     logp, entropy = ChunkedTokenLogprobsFunction.apply(
         hidden, weight, targets.contiguous(), inv_temp, tp_group, use_triton, int(chunk_size), return_entropy

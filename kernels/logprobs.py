@@ -47,11 +47,14 @@ if HAS_TRITON:
         n_rows,
         n_vocab,
         vocab_start,
+        vocab_total,
         inv_temp,
         WITH_ENT: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        """One program per row: online max / sum-exp / shifted moment, plus the target logit.
+        """One program per row: online max / sum-exp / shifted moment, plus the target logit (NaN
+        for a target outside the whole vocabulary [0, vocab_total), on every rank: its log-prob
+        comes out NaN, never another token's).
         Without WITH_ENT the shifted moment (the entropy's) is neither computed nor reduced: two
         reductions per block instead of three (each crosses the warps), and the moment is stored
         as 0 as the PyTorch path leaves it (the merge then reports the entropy as NaN)."""
@@ -74,9 +77,11 @@ if HAS_TRITON:
                 q = alpha * (q + s * (m - m_new)) + tl.sum(ed, axis=0)
             s = alpha * s + tl.sum(e, axis=0)
             m = m_new
-        tgt = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
+        tgt_id = tl.load(targets_ptr + row).to(tl.int64)
+        tgt = tgt_id - vocab_start
         here = (tgt >= 0) & (tgt < n_vocab)
         t = tl.load(base + tl.where(here, tgt, 0), mask=here, other=0.0).to(tl.float32) * inv_temp
+        t = tl.where((tgt_id < 0) | (tgt_id >= vocab_total), float("nan"), t)
         tl.store(stats_ptr + row, m)
         tl.store(stats_ptr + n_rows + row, s)
         tl.store(stats_ptr + 2 * n_rows + row, t)
@@ -95,18 +100,22 @@ if HAS_TRITON:
         stride_grad_row,
         n_vocab,
         vocab_start,
+        vocab_total,
         inv_temp,
         HAS_G_LP: tl.constexpr,
         HAS_G_ENT: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        """One program per row: grad_logits = inv_temp * (g_lp*(onehot - p) - g_ent*p*(log p + H))."""
+        """One program per row: grad_logits = inv_temp * (g_lp*(onehot - p) - g_ent*p*(log p + H));
+        a row whose target lies outside the whole vocabulary gets NaN (its log-prob is NaN too)."""
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         gbase = grad_ptr + row * stride_grad_row
         cols = tl.arange(0, BLOCK_V)
         lse = tl.load(lse_ptr + row)
-        tgt = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
+        tgt_id = tl.load(targets_ptr + row).to(tl.int64)
+        tgt = tgt_id - vocab_start
+        lse = tl.where((tgt_id < 0) | (tgt_id >= vocab_total), float("nan"), lse)  # poisons the whole row
         if HAS_G_LP:
             g_lp = tl.load(g_lp_ptr + row).to(tl.float32)
         else:
@@ -195,9 +204,14 @@ STATS_STAGES: int | None = None
 
 
 def _stats_triton(
-    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True,
+    vocab_total: int | None = None,
 ) -> torch.Tensor:
+    """This rank's [4, T] statistics (m, s, t, q). ``vocab_total``: the whole vocabulary's size
+    (None: this shard's end, ``vocab_start`` + its width, as on one rank); a target outside it
+    gets t = NaN."""
     rows, vocab = logits.shape
+    vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
     stats = new_buffer((4, rows), torch.float32, logits.device)
     if rows == 0:
         return stats
@@ -214,6 +228,7 @@ def _stats_triton(
         rows,
         vocab,
         vocab_start,
+        vocab_total,
         inv_temp,
         WITH_ENT=bool(with_entropy),
         BLOCK_V=block_v,
@@ -232,8 +247,10 @@ def _grad_triton(
     g_lp: torch.Tensor | None,
     g_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
+    vocab_total: int | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
+    vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
     grad = new_buffer_like(logits) if out is None else out
     if rows == 0:
         return grad
@@ -249,6 +266,7 @@ def _grad_triton(
         grad.stride(0),
         vocab,
         vocab_start,
+        vocab_total,
         inv_temp,
         HAS_G_LP=g_lp is not None,
         HAS_G_ENT=g_ent is not None,
@@ -269,13 +287,16 @@ def _row_chunk(vocab: int) -> int:
 
 
 def _stats_torch(
-    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True,
+    vocab_total: int | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
+    vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
     dt = torch.promote_types(logits.dtype, torch.float32)
     stats = torch.zeros((4, rows), dtype=dt, device=logits.device)
     tgt = targets.long() - vocab_start
     here = (tgt >= 0) & (tgt < vocab)
+    outside = (targets < 0) | (targets >= vocab_total)  # outside the whole vocabulary: t = NaN
     step = _row_chunk(vocab)
     for a in range(0, rows, step):
         b = min(rows, a + step)
@@ -294,6 +315,7 @@ def _stats_torch(
         if with_entropy:
             z.masked_fill_(e == 0, 0.0)  # -inf logits: 0 * -inf would be NaN
             stats[3, a:b] = e.mul_(z).sum(dim=1)
+    stats[2].masked_fill_(outside, float("nan"))
     return stats
 
 
@@ -307,12 +329,16 @@ def _grad_torch(
     g_lp: torch.Tensor | None,
     g_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
+    vocab_total: int | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
+    vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
     dt = torch.promote_types(logits.dtype, torch.float32)
     grad = torch.empty_like(logits) if out is None else out
     tgt = targets.long() - vocab_start
     here = (tgt >= 0) & (tgt < vocab)
+    # a target outside the whole vocabulary: a NaN log-sum-exp poisons its row's gradient ([T] work)
+    lse = lse.masked_fill((targets < 0) | (targets >= vocab_total), float("nan"))
     step = _row_chunk(vocab)
     for a in range(0, rows, step):
         b = min(rows, a + step)
@@ -414,15 +440,16 @@ def vocab_range(n_local: int, tp_group: dist.ProcessGroup | None) -> tuple[int, 
     return rank * n_local, n_local * dist.get_world_size(tp_group)
 
 
-def check_targets(targets: torch.Tensor, n_rows: int, vocab_total: int) -> None:
-    """Raise when the targets do not match the rows or fall outside the (global) vocabulary."""
+def check_targets(targets: torch.Tensor, n_rows: int, vocab_total: int, check_range: bool = True) -> None:
+    """Raise when the targets do not match the rows or (``check_range``: one host sync) fall
+    outside the (global) vocabulary."""
     if targets.dim() != 1 or targets.numel() != n_rows:
         raise ValueError(
             f"targets must be 1-D with one id per row ({n_rows}), got shape {tuple(targets.shape)}"
         )
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
-    if n_rows:
+    if n_rows and check_range:
         lo, hi = torch.stack(torch.aminmax(targets)).tolist()  # one host sync for both bounds
         if lo < 0 or hi >= vocab_total:
             raise ValueError(
@@ -441,12 +468,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, inv_temp, tp_group, use_triton, with_entropy=True, inplace=False):  # type: ignore[override]
-        vocab_start, _ = vocab_range(logits.shape[1], tp_group)
+        vocab_start, vocab_total = vocab_range(logits.shape[1], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
-        stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy)
+        stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy, vocab_total)
         logp, entropy, lse = _merge(stats, tp_group, with_entropy, logits.dtype, use_triton)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.use_triton, ctx.inplace = inv_temp, vocab_start, use_triton, inplace
+        ctx.vocab_total = vocab_total
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -466,6 +494,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
             None if g_lp is None else g_lp.contiguous(),
             None if g_ent is None else g_ent.contiguous(),
             out=logits if ctx.inplace else None,  # each row is read before it is overwritten
+            vocab_total=ctx.vocab_total,
         )
         if ctx.inplace:
             increment_version(logits)  # a kernel wrote it: later readers that autograd saved must fail
@@ -484,12 +513,12 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_temp, tp_group, use_triton, chunk, with_entropy=True):  # type: ignore[override]
         rows = hidden.shape[0]
-        vocab_start, _ = vocab_range(weight.shape[0], tp_group)
+        vocab_start, vocab_total = vocab_range(weight.shape[0], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
         stats = None
         for a in range(0, rows, chunk):
             b = min(rows, a + chunk)
-            part = stats_fn(hidden[a:b] @ weight.t(), targets[a:b], vocab_start, inv_temp, with_entropy)
+            part = stats_fn(hidden[a:b] @ weight.t(), targets[a:b], vocab_start, inv_temp, with_entropy, vocab_total)
             if stats is None:
                 stats = torch.empty((4, rows), dtype=part.dtype, device=hidden.device)
             stats[:, a:b] = part
@@ -497,7 +526,7 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
             stats = torch.zeros((4, 0), dtype=torch.float32, device=hidden.device)
         logp, entropy, lse = _merge(stats, tp_group, with_entropy, hidden.dtype, use_triton)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.inv_temp, ctx.vocab_start, ctx.use_triton = inv_temp, vocab_start, use_triton
+        ctx.inv_temp, ctx.vocab_start, ctx.vocab_total, ctx.use_triton = inv_temp, vocab_start, vocab_total, use_triton
         ctx.tp_group, ctx.chunk = tp_group, chunk
         ctx.set_materialize_grads(False)
         return logp, entropy
@@ -527,6 +556,7 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
                 None if g_lp is None else g_lp[a:b].contiguous(),
                 None if g_ent is None else g_ent[a:b].contiguous(),
                 out=logits,  # the gradient overwrites the recomputed logits: one block alive
+                vocab_total=ctx.vocab_total,
             )
             if need_h:
                 grad_h[a:b] = logits @ weight

@@ -12,15 +12,22 @@ Each case runs in a fresh process, so its peak resident memory is its own.
 
 Prints a table (layout time, mask size, plan time and size, peak RSS) and writes bench_packing_layout.{json,csv}.
 
-With ``--attention`` it times the attention instead (forward+backward, fp32, median of
-``--repeats``): the group's K trajectories as K padded rows under plain causal attention (what the
-step computes with ``--no-pack`` / ``optim.pack_groups=false``) against the packed row through the
-group plan (model.attention.group_attention) on this device's route (a CPU: each member block as
-two flash calls merged by log-sum-exp) and, for comparison, with one masked call per block, with
-a dense output gradient as in a model, and the query-key pairs each computes; it writes
-bench_packing_attention.{json,csv}.
+With ``--attention`` it times the attention instead (forward+backward, median of ``--repeats``):
+the group's K trajectories as K padded rows under plain causal attention (what the step computes
+with ``--no-pack`` / ``optim.pack_groups=false``) against the packed row through the group plan
+(model.attention.group_attention) on this device's route (a CPU: each member block as two flash
+calls merged by log-sum-exp; CUDA: flash attention's bottom-right causal kernel) and, for
+comparison, with one masked call per block, with a dense output gradient as in a model, and the
+query-key pairs each computes. Keys and values have ``--kv-heads`` heads (grouped-query
+attention) and go through the model's own handling of them (model.attention.native_gqa /
+expand_kv) on both sides. On CUDA (``--device cuda``, bf16 by default) each form's device
+activities per forward+backward are counted (torch.profiler) with the device's busy time: the
+packed form launches more, smaller kernels, and whether that or the arithmetic sets its pace is
+what this separates from the rest of a training step. It writes bench_packing_attention.{json,csv}.
 
     .venv/bin/python tools/bench_packing.py --attention [--heads 9] [--head-dim 64] [--members 250 500 1000]
+    python tools/bench_packing.py --attention --device cuda --k 4 --prompt 256 --members 768 \
+        --heads 16 --kv-heads 8 --head-dim 128        # one Qwen3-1.7B layer's attention, bf16
 """
 
 from __future__ import annotations
@@ -71,52 +78,87 @@ def _case(k: int, prompt: int, member: int, dense: bool, repeats: int) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int, repeats: int) -> dict:
+def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int, repeats: int,
+                    kv_heads: int | None = None, device: str = "cpu", dtype: str = "fp32") -> dict:
     import statistics
 
     import torch
     import torch.nn.functional as F
 
     from megatron_recycle.model import attention
-    from megatron_recycle.model.attention import GroupAttentionPlan, group_attention
+    from megatron_recycle.model.attention import GroupAttentionPlan, expand_kv, group_attention, native_gqa
     from megatron_recycle.train.batch import build_batch
     from megatron_recycle.train.packing import group_packed_layout
 
-    torch.set_num_threads(1)
+    kv_heads = kv_heads or heads
+    dev = torch.device(device)
+    dt_ = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    cuda = dev.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     shared = torch.randint(4, 1000, (prompt,), generator=g).tolist()
     seqs = [shared + torch.randint(4, 1000, (member,), generator=g).tolist() for _ in range(k)]
     masks = [[0] * prompt + [1] * member for _ in range(k)]
     packed = group_packed_layout(build_batch(seqs, masks, group_ids=[0] * k), dense_mask=False)
     rows, width = packed.tokens.shape
-    plan = GroupAttentionPlan.build(packed.spans, rows, width, packed.attention_mask)
+    plan = GroupAttentionPlan.build(packed.spans, rows, width, packed.attention_mask.to(dev))
     seq = prompt + member
 
-    def timed(fn, shape) -> float:
-        q, kk, v = (torch.randn(*shape, generator=g, requires_grad=True) for _ in range(3))
-        grad_out = torch.randn(*shape, generator=g)  # a dense output gradient, as in a model
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    def with_kv(fn):
+        """The model's handling of fewer key/value heads (SDPADotProductAttention.forward)."""
+        def run(q, kk, v):
+            gqa = kv_heads != heads and native_gqa(q)
+            if kv_heads != heads and not gqa:
+                kk, v = expand_kv(kk, heads), expand_kv(v, heads)
+            return fn(q, kk, v, gqa)
+        return run
+
+    def timed(fn, b: int, s: int) -> tuple[float, int | None, float | None]:
+        """Median fwd+bwd seconds; on CUDA also the device activities of one and their busy seconds."""
+        q = torch.randn(b, heads, s, head_dim, generator=g).to(dev, dt_).requires_grad_()
+        kk, v = (torch.randn(b, kv_heads, s, head_dim, generator=g).to(dev, dt_).requires_grad_() for _ in range(2))
+        grad_out = torch.randn(b, heads, s, head_dim, generator=g).to(dev, dt_)  # a dense output gradient, as in a model
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
+            sync()
             t = time.perf_counter()
             fn(q, kk, v).backward(grad_out)
+            sync()
             times.append(time.perf_counter() - t)
-        return statistics.median(times[1:])
+        launches = busy = None
+        if cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn(q, kk, v).backward(grad_out)
+                sync()
+            acts = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            launches, busy = len(acts), sum(e.time_range.elapsed_us() for e in acts) / 1e6
+        return statistics.median(times[1:]), launches, busy
 
     scale = head_dim ** -0.5
-    padded = timed(lambda q, kk, v: F.scaled_dot_product_attention(q, kk, v, is_causal=True, scale=scale),
-                   (k, heads, seq, head_dim))
-    route = attention._route(torch.zeros(1))
-    grouped = timed(lambda q, kk, v: group_attention(plan, q, kk, v, scale), (rows, heads, width, head_dim))
-    masked = timed(lambda q, kk, v: group_attention(plan, q, kk, v, scale, route="bool-mask"),  # for comparison
-                   (rows, heads, width, head_dim))
+    padded = timed(with_kv(lambda q, kk, v, gqa: F.scaled_dot_product_attention(
+        q, kk, v, is_causal=True, scale=scale, enable_gqa=gqa)), k, seq)
+    route = attention._route(torch.zeros(1, device=dev))
+    grouped = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale)), rows, width)
+    masked = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale, route="bool-mask")),
+                   rows, width)  # for comparison
     sp = packed.spans[0][2]  # the shared prefix (the prompt less its last token, which each member repeats)
     members = [ln for _, _, _, ms in packed.spans for _, ln in ms]
-    return {"k": k, "prompt": prompt, "member": member, "heads": heads, "head_dim": head_dim,
+    return {"k": k, "prompt": prompt, "member": member, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "device": str(dev), "dtype": dtype,
             "padded_positions": k * seq, "packed_positions": rows * width,
             "padded_pairs": k * seq * (seq + 1) // 2,
             "plan_pairs": sp * (sp + 1) // 2 + sum(ln * sp + ln * (ln + 1) // 2 for ln in members),
-            "padded_fwd_bwd_s": padded, "plan_route": route, "plan_fwd_bwd_s": grouped,
-            "plan_bool_mask_fwd_bwd_s": masked}
+            "padded_fwd_bwd_s": padded[0], "plan_route": route, "plan_fwd_bwd_s": grouped[0],
+            "plan_bool_mask_fwd_bwd_s": masked[0],
+            "padded_launches": padded[1], "plan_launches": grouped[1], "plan_bool_mask_launches": masked[1],
+            "padded_busy_s": padded[2], "plan_busy_s": grouped[2], "plan_bool_mask_busy_s": masked[2]}
 
 
 def _write(out: Path, name: str, meta: dict, rows: list[dict]) -> None:
@@ -139,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the attention (padded causal rows vs the group plan) instead of the layout")
     p.add_argument("--heads", type=int, default=9, help="attention heads (--attention; SmolLM2-135M: 9)")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension (--attention)")
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="key/value heads (--attention; grouped-query attention; default: --heads; SmolLM2-135M: 3)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (--attention)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="--attention's inputs (default: bf16 on CUDA, fp32 on a CPU)")
     p.add_argument("--out", default=str(REPO / "benchmarks"))
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: k,prompt,member,dense
     a = p.parse_args(argv)
@@ -154,17 +201,33 @@ def main(argv: list[str] | None = None) -> int:
     if a.attention:
         import torch
 
-        print(f"attention of one group: K={a.k}, prompt {a.prompt} tokens, {a.heads} heads x {a.head_dim}, fp32, "
-              f"one thread, forward+backward, median of {a.repeats}")
+        kv = a.kv_heads or a.heads
+        if kv < 1 or a.heads % kv:
+            raise SystemExit(f"--kv-heads {kv} must be >= 1 and divide --heads {a.heads}")
+        dev = torch.device(a.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch finds no CUDA device here")
+        dtype = a.dtype or ("bf16" if dev.type == "cuda" else "fp32")
+        cuda = dev.type == "cuda"
+        where = torch.cuda.get_device_name(dev) if cuda else "one thread"
+        print(f"attention of one group: K={a.k}, prompt {a.prompt} tokens, {a.heads} heads ({kv} key/value) x "
+              f"{a.head_dim}, {dtype}, {where}, forward+backward, median of {a.repeats}")
         print(f"{'generated':>10}{'padded pos.':>13}{'packed pos.':>13}{'padded pairs':>14}{'plan pairs':>12}"
-              f"{'padded (s)':>12}{'plan (s)':>10}{'plan, masked (s)':>18}  plan route")
+              f"{'padded (s)':>12}{'plan (s)':>10}{'plan, masked (s)':>18}  plan route"
+              + ("   launches padded/plan/masked   device busy (ms) padded/plan/masked" if cuda else ""))
         rows = []
         for member in a.members:
-            r = _attention_case(a.k, a.prompt, member, a.heads, a.head_dim, a.repeats)
+            r = _attention_case(a.k, a.prompt, member, a.heads, a.head_dim, a.repeats, kv, str(dev), dtype)
             rows.append(r)
-            print(f"{member:>10}{r['padded_positions']:>13}{r['packed_positions']:>13}{r['padded_pairs']:>14}"
-                  f"{r['plan_pairs']:>12}{r['padded_fwd_bwd_s']:>12.3f}{r['plan_fwd_bwd_s']:>10.3f}"
-                  f"{r['plan_bool_mask_fwd_bwd_s']:>18.3f}  {r['plan_route']}")
+            line = (f"{member:>10}{r['padded_positions']:>13}{r['packed_positions']:>13}{r['padded_pairs']:>14}"
+                    f"{r['plan_pairs']:>12}{r['padded_fwd_bwd_s']:>12.4f}{r['plan_fwd_bwd_s']:>10.4f}"
+                    f"{r['plan_bool_mask_fwd_bwd_s']:>18.4f}  {r['plan_route']}")
+            if cuda:
+                line += (f"   {r['padded_launches']}/{r['plan_launches']}/{r['plan_bool_mask_launches']}"
+                         f"   {1e3 * r['padded_busy_s']:.3f}/{1e3 * r['plan_busy_s']:.3f}/"
+                         f"{1e3 * r['plan_bool_mask_busy_s']:.3f}")
+            print(line)
+        meta["device"] = where if cuda else meta["machine"]
         _write(Path(a.out), "bench_packing_attention", {**meta, "torch": torch.__version__}, rows)
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -196,6 +196,14 @@ step bench_recompute 120 "$OUT/bench.log" \
 # each run's profile (--profile: on the H200 packing was the slower of the two; the device's idle
 # share and activity count say whether the host's launches set the pace)
 if [[ $STEPS == *" bench_packed "* ]]; then
+    ATTN=(--device cuda --members 768 1792 --heads 16 --kv-heads 8 --head-dim 128)
+    [ "${GPU_CHECKS_ON_CPU:-0}" = 1 ] && ATTN=(--device cpu --members 768 --heads 4 --kv-heads 2 --head-dim 32)  # the rehearsal
+    # first one layer's attention alone, the same group (4 x 1,024 tokens, a 256-token prompt) in
+    # Qwen3-1.7B's heads: padded causal rows against the group plan, with each form's device
+    # activities and busy time (tools/bench_packing.py --attention; seconds)
+    PYTHONWARNINGS=ignore step bench_packed 60 "$OUT/bench.log" \
+        "$PY" tools/bench_packing.py --attention --k 4 --prompt 256 "${ATTN[@]}" --repeats 5 --out "$STEP_DIR"
+    grep -A4 "^attention of one group" "$OUT/bench.log" 2>/dev/null | grep -v "^W[0-9]" | tee -a "$SUMMARY"
     for pack in "" "--no-pack"; do  # two runs, each with its own limit
         step bench_packed 80 "$OUT/bench.log" \
             "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model "$STEP_MODEL" --bf16 \

@@ -238,6 +238,28 @@ def _device() -> torch.device:
 LENGTH_GROUPING = True
 
 
+def check_token_ids(batch: TrajectoryBatch, vocab_size: int) -> None:
+    """Raise unless every token id of ``batch`` lies in the model's vocabulary [0, vocab_size).
+
+    Once per batch, on the host where the batch is (one read of its min and max), before any
+    micro-batch reaches the model: an id outside the vocabulary would otherwise stop a GPU run
+    with a device-side assert in the embedding (or, under tensor parallelism, be embedded as
+    zeros by every rank). The step's log-prob calls then skip token_logprobs' own check of the
+    same ids (``validate_targets=False``), a host sync per micro-batch."""
+    t = batch.tokens
+    if t.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()
+    if lo < 0 or hi >= vocab_size:
+        bad = ((t < 0) | (t >= vocab_size)).nonzero()
+        row, pos = bad[0].tolist()
+        raise ValueError(
+            f"token id {int(t[row, pos])} at row {row}, position {pos} lies outside the model's vocabulary "
+            f"[0, {vocab_size}) ({len(bad)} such ids in the batch); the rollouts' tokenizer and the trained "
+            "model must share one vocabulary, and padding must use a real id (the loss mask excludes it)"
+        )
+
+
 def _micro_batches(
     batch: TrajectoryBatch, micro_batch_size: int, pack: bool = False, model_chunks: Sequence[torch.nn.Module] = (),
     select: bool = False, return_order: bool = False,
@@ -262,6 +284,10 @@ def _micro_batches(
             f"micro_batch_size={micro_batch_size} must divide this rank's {n} sequences; "
             f"pad the batch with build_batch(pad_rows_to_multiple_of={micro_batch_size})"
         )
+    if model_chunks:
+        from megatron_recycle.model.build import unwrap_model
+
+        check_token_ids(batch, unwrap_model(model_chunks[0]).vocab_size)
     dev = _device()
     packing = use_packing(batch, pack, model_chunks)
     multiple = _seq_multiple(model_chunks[0]) if model_chunks else 1
@@ -335,14 +361,15 @@ INPLACE_LOGITS_GRAD = True
 
 def target_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False,
-    packed: PackedRows | None = None, select: LogitSelection | None = None,
+    packed: PackedRows | None = None, select: LogitSelection | None = None, validate_targets: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs [b, L-1] of tokens[:, 1:] from vocab-parallel logits [b, L, V/tp].
 
     Uses token_logprobs with the TP group, so the full vocabulary is never gathered. With
     ``packed``, the logits are the packed rows' [R, S, V/tp]; with ``select``, they are only the
     selected positions' [1, K, V/tp]. Either way the result is gathered back to the sequences'
-    [n, L-1] layout (``tokens`` is always the unpacked [n, L]).
+    [n, L-1] layout (``tokens`` is always the unpacked [n, L]). ``validate_targets``: as in
+    token_logprobs (False: the caller checked the ids, :func:`check_token_ids`; no host sync).
     """
     from megatron_recycle_kernels import token_logprobs
 
@@ -358,7 +385,8 @@ def target_logprobs(
         # them) against the next token; the last position gets a dummy target and is dropped.
         targets, gather = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).reshape(-1), None
     out = token_logprobs(logits.reshape(-1, vshard), targets, temperature=temperature, tp_group=_tp_group(),
-                         return_entropy=return_entropy, inplace_backward=INPLACE_LOGITS_GRAD)
+                         return_entropy=return_entropy, inplace_backward=INPLACE_LOGITS_GRAD,
+                         validate_targets=validate_targets)
     if gather is not None:
         if return_entropy:
             lp, ent = out
@@ -431,7 +459,8 @@ def compute_logprobs(
     seq_length, mb_rows = _schedule_shape(mbs, micro_batch_size, model_chunks[0])
 
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        lp = target_logprobs(output, mb.tokens, temperature, packed=mb.packed, select=mb.select).float()
+        lp = target_logprobs(output, mb.tokens, temperature, packed=mb.packed, select=mb.select,
+                             validate_targets=False).float()  # _micro_batches checked the ids
         return output.new_zeros(()), {"logprobs": F.pad(lp, (0, batch.seq_length - 1 - lp.shape[1]))}
 
     was_training = [m.training for m in model_chunks]
@@ -593,9 +622,10 @@ def grpo_train_step(
         entropy = None
         if cfg.compute_entropy:
             lp, entropy = target_logprobs(output, mb.tokens, cfg.temperature, return_entropy=True, packed=mb.packed,
-                                          select=mb.select)
+                                          select=mb.select, validate_targets=False)  # _micro_batches checked the ids
         else:
-            lp = target_logprobs(output, mb.tokens, cfg.temperature, packed=mb.packed, select=mb.select)
+            lp = target_logprobs(output, mb.tokens, cfg.temperature, packed=mb.packed, select=mb.select,
+                                 validate_targets=False)
         old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
         loss, stats = grpo_loss(
             lp, old, mb.advantages, mb.target_mask, ref_logprobs=mb.ref_logprobs,
@@ -644,7 +674,8 @@ def sft_train_step(
     scale = float(num_mb * dp_size)
 
     def loss_fn(mb: TrajectoryBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        lp = target_logprobs(output, mb.tokens, 1.0, packed=mb.packed, select=mb.select)
+        lp = target_logprobs(output, mb.tokens, 1.0, packed=mb.packed, select=mb.select,
+                             validate_targets=False)  # _micro_batches checked the ids
         loss = -(lp * mb.target_mask).sum() / global_tokens
         return loss * scale, {"loss": loss.detach(), "tokens": mb.target_mask.sum()}
 

@@ -228,6 +228,53 @@ def test_bad_targets_raise(targets, match):
         token_logprobs(torch.zeros(2, 10), targets, impl="torch")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_unvalidated_out_of_range_targets_give_nan_rows(impl, chunked, triton_device, monkeypatch):
+    """validate_targets=False (no host sync): a target outside [0, V) (-100 for an ignored position,
+    V, far beyond) gives a NaN log-prob and a NaN gradient row, never another token's value (the
+    kernel would otherwise read a neighbouring row's logit); every other row is exact. The same
+    call validated raises."""
+    monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 16)  # several vocabulary blocks per row
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(31)
+    rows, vocab, hid = 7, 40, 6
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    bad = torch.tensor([False, True, False, True, False, True, False])
+    targets[bad] = torch.tensor([-100, vocab, vocab + 9])
+    w_lp = torch.randn(rows, generator=g, dtype=torch.float64)
+    if chunked:
+        hidden = torch.randn(rows, hid, generator=g, dtype=torch.float64)
+        weight = torch.randn(vocab, hid, generator=g, dtype=torch.float64)
+        x = [hidden.float().to(dev).requires_grad_(), weight.float().to(dev).requires_grad_()]
+        run = lambda **kw: chunked_token_logprobs(*x, targets.to(dev), 0.9, chunk_size=3,  # noqa: E731
+                                                  return_entropy=True, impl=impl, **kw)
+        ref_x = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+        ref = chunked_token_logprobs_reference(*ref_x, targets.clamp(0, vocab - 1), 0.9, True)
+    else:
+        logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3
+        x = [logits.float().to(dev).requires_grad_()]
+        run = lambda **kw: token_logprobs(x[0], targets.to(dev), 0.9, return_entropy=True, impl=impl, **kw)  # noqa: E731
+        ref_x = [logits.clone().requires_grad_()]
+        ref = token_logprobs_reference(ref_x[0], targets.clamp(0, vocab - 1), 0.9, return_entropy=True)
+    with pytest.raises(ValueError, match=r"\[0, 40\)"):
+        run()
+    lp, ent = run(validate_targets=False)
+    lp, ent = lp.double().cpu(), ent.double().cpu()
+    assert torch.isnan(lp[bad]).all() and not torch.isnan(lp[~bad]).any()
+    torch.testing.assert_close(lp[~bad], ref[0][~bad].detach(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent, ref[1].detach(), rtol=1e-5, atol=2e-5)  # the entropy needs no target
+    # upstream 0 on the bad rows, as a loss mask would give: their gradient is NaN all the same
+    w_ok = torch.where(bad, 0.0, w_lp)
+    grads = torch.autograd.grad((w_ok.float().to(dev) * run(validate_targets=False)[0]).sum(), x)
+    ref_grads = torch.autograd.grad((w_ok * torch.where(bad, 0.0, ref[0])).sum(), ref_x)
+    grad, rgrad = grads[0].double().cpu(), ref_grads[0]
+    assert torch.isnan(grad[bad]).all() and not torch.isnan(grad[~bad]).any()
+    torch.testing.assert_close(grad[~bad], rgrad[~bad], rtol=1e-4, atol=2e-5)
+    if chunked:  # every weight row adds up all rows' logit gradients, the NaN ones included
+        assert torch.isnan(grads[1]).all()
+
+
 def test_bad_temperature_and_shapes_raise():
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(torch.zeros(2, 10), torch.tensor([1, 2]), temperature=0.0)
@@ -296,18 +343,20 @@ def test_row_strided_logits_view(impl, triton_device):
 
 
 @pytest.mark.parametrize("entropy", [False, True])
-def test_forward_and_backward_launch_only_the_kernels(entropy, triton_device, device_ops):
+@pytest.mark.parametrize("validate", [True, False])
+def test_forward_and_backward_launch_only_the_kernels(entropy, validate, triton_device, device_ops):
     """Triton path: the pass over the logits and the merge of its statistics (one launch, not a
     chain of PyTorch ops over [T] vectors), then one gradient kernel. The only other ops are the
-    target-range check (aminmax + stack, one host sync), kept on purpose: an id outside the
-    vocabulary (-100 for ignored positions) would otherwise read another row's memory."""
+    target-range check (aminmax + stack, one host sync), which a clear error for an id outside
+    the vocabulary (-100 for ignored positions) needs; with validate_targets=False there are none
+    (such an id then gives NaN, see test_unvalidated_out_of_range_targets_give_nan_rows)."""
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(9, 300, generator=g).to(triton_device).requires_grad_()
     targets = torch.randint(0, 300, (9,), generator=g).to(triton_device)
     upstream = [torch.randn(9, generator=g).to(triton_device) for _ in range(2)]
     ops = device_ops(logprobs, "_logprob_stats_kernel", "_logprob_combine_kernel", "_logprob_grad_kernel")
     with ops:
-        out = token_logprobs(logits, targets, 0.7, return_entropy=entropy, impl="triton")
+        out = token_logprobs(logits, targets, 0.7, return_entropy=entropy, impl="triton", validate_targets=validate)
         forward = list(ops.log)
         ops.log.clear()
         outs = out if entropy else (out,)
@@ -316,7 +365,10 @@ def test_forward_and_backward_launch_only_the_kernels(entropy, triton_device, de
     assert kernels == ["_logprob_stats_kernel", "_logprob_combine_kernel"]
     check = forward[: forward.index("_logprob_stats_kernel")]
     assert forward == [*check, *kernels]  # nothing after the pass over the logits but the merge
-    assert check[:2] == ["aten.aminmax.default", "aten.stack.default"]
+    if not validate:
+        assert check == []
+    else:
+        assert check[:2] == ["aten.aminmax.default", "aten.stack.default"]
     # a CUDA tensor's tolist() may add its device-to-host copy; nothing else
     assert set(check[2:]) <= {"aten._to_copy.default", "aten.copy_.default", "aten._local_scalar_dense.default"}, check
     assert ops.log == ["_logprob_grad_kernel"]

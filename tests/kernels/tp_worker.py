@@ -63,6 +63,17 @@ def _check(rank: int, world: int, impl: str) -> None:
     torch.testing.assert_close(gh.double(), rh, **tol)
     torch.testing.assert_close(gw.double(), rw[lo:hi], **tol)
 
+    # unvalidated ids outside the whole vocabulary (one in neither shard, -100): NaN on every rank,
+    # though each rank alone sees only "not mine"; the other rows as before
+    bad_targets = targets.clone()
+    bad_targets[3], bad_targets[4] = vocab + 1, -100
+    lp = token_logprobs(logits[:, lo:hi], bad_targets, 0.8, tp_group=group, impl=impl, validate_targets=False)
+    rlp = token_logprobs_reference(logits, targets, 0.8)
+    assert torch.isnan(lp[3:5]).all() and not torch.isnan(lp[5:]).any() and not torch.isnan(lp[:3]).any()
+    keep = torch.ones(rows, dtype=torch.bool)
+    keep[3:5] = False
+    torch.testing.assert_close(lp.double()[keep], rlp[keep], **tol)
+
 
 def _run(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)

@@ -336,6 +336,45 @@ def test_logits_only_at_loss_positions(world1, tiny):
     assert _selection_for(empty, None).flat.numel() == 1
 
 
+def test_token_ids_outside_the_vocabulary_stop_the_step_before_the_model(world1, tiny, monkeypatch):
+    """The step checks every token id against the model's vocabulary once, where it cuts the
+    micro-batches, with the row and position named, before the model runs (on a GPU the
+    embedding would stop with a device-side assert); its log-prob calls then skip
+    token_logprobs' own check of the same ids (a host sync per micro-batch): the step's loss
+    functions pass validate_targets=False, and a valid batch gives the validated result."""
+    import megatron_recycle_kernels as K
+
+    from megatron_recycle.train import step as step_mod
+
+    seqs, masks, gids, adv = _sequences(seed=6)
+    chunks, opt, sched = _model(tiny, "llama", True)
+    vocab = chunks[0].module.vocab_size
+    seen = []
+    real = K.token_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("validate_targets", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(K, "token_logprobs", spy)
+    batch = build_batch(seqs, masks, advantages=adv, group_ids=gids)
+    got = compute_logprobs(chunks, batch, 9, pack_groups=True, only_loss_positions=True)
+    assert seen and not any(seen)
+    seen.clear()
+    monkeypatch.setattr(K, "token_logprobs", lambda *a, **kw: real(*a, **{**kw, "validate_targets": True}))
+    want = compute_logprobs(chunks, batch, 9, pack_groups=True, only_loss_positions=True)
+    assert torch.equal(got, want)
+    for bad_id in (vocab, -1):
+        seqs_bad = [list(s) for s in seqs]
+        seqs_bad[4][3] = bad_id
+        bad = build_batch(seqs_bad, masks, advantages=adv, group_ids=gids)
+        with pytest.raises(ValueError, match=rf"token id {bad_id} at row 4, position 3 lies outside .*\[0, {vocab}\)"):
+            compute_logprobs(chunks, bad, 9)
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            step_mod.grpo_train_step(chunks, opt, sched, bad.replace(old_logprobs=torch.zeros(bad.tokens.shape[0],
+                                     bad.seq_length - 1)), 9, step_mod.GRPOLossConfig())
+
+
 def test_sdpa_core_attention_equals_megatrons_own(world1, tiny):
     """The local spec's core attention is SDPADotProductAttention, and its fast path gives
     Megatron's DotProductAttention result (causal and with a tree mask), on the model's device

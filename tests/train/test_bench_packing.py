@@ -45,3 +45,23 @@ def test_bench_packing_attention_counts_the_pairs(tmp_path):
     assert row["plan_pairs"] == 7 * 8 // 2 + 3 * (17 * 7 + 17 * 18 // 2)  # shared prefix once; members see it
     assert row["padded_fwd_bwd_s"] > 0 and row["plan_fwd_bwd_s"] > 0 and row["plan_bool_mask_fwd_bwd_s"] > 0
     assert row["plan_route"] == "split"  # the CPU's route for the members' blocks
+    assert (row["device"], row["dtype"], row["kv_heads"]) == ("cpu", "fp32", 2)
+    assert row["plan_launches"] is None  # device activities are counted on CUDA only
+
+
+def test_bench_packing_attention_with_grouped_query_heads(tmp_path):
+    """--kv-heads: fewer key/value heads go through the model's own handling (the CPU kernels read
+    them shared); a --kv-heads that does not divide --heads is refused, and so is a missing CUDA."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    base = [sys.executable, str(ROOT / "tools" / "bench_packing.py"), "--attention", "--k", "2", "--prompt", "6",
+            "--members", "10", "--repeats", "1", "--heads", "4", "--head-dim", "8", "--out", str(tmp_path)]
+    proc = subprocess.run(base + ["--kv-heads", "2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "bench_packing_attention.json").read_text())["rows"]
+    assert (row["heads"], row["kv_heads"]) == (4, 2) and row["plan_fwd_bwd_s"] > 0
+    bad = subprocess.run(base + ["--kv-heads", "3"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "must be >= 1 and divide --heads 4" in bad.stderr
+    if not __import__("torch").cuda.is_available():
+        nocuda = subprocess.run(base + ["--device", "cuda"], capture_output=True, text=True, env=env, cwd=ROOT,
+                                timeout=300)
+        assert nocuda.returncode != 0 and "no CUDA device" in nocuda.stderr
