@@ -85,16 +85,20 @@ def measure(reps: int = 300, warmup: int = 30) -> list[dict]:
             loss.backward()
             lp.grad = None
 
-        def lp_fwd():
+        def lp_fwd(validate=True):
             with torch.no_grad():
-                K.token_logprobs(logits, targets, 0.9, impl="triton")
+                K.token_logprobs(logits, targets, 0.9, impl="triton", validate_targets=validate)
 
-        def lp_fb():
-            K.token_logprobs(logits, targets, 0.9, impl="triton").sum().backward()
+        def lp_fb(validate=True):
+            K.token_logprobs(logits, targets, 0.9, impl="triton", validate_targets=validate).sum().backward()
             logits.grad = None
 
+        # token_logprobs as the trainer calls it: validate_targets=False (the ids checked once per
+        # batch), without the target-range check and its host sync
+        unchecked = "token_logprobs, unvalidated"
         for op, kind, fn in (("grpo_loss", "fwd", loss_fwd), ("grpo_loss", "fwd+bwd", loss_fb),
-                             ("token_logprobs", "fwd", lp_fwd), ("token_logprobs", "fwd+bwd", lp_fb)):
+                             ("token_logprobs", "fwd", lp_fwd), ("token_logprobs", "fwd+bwd", lp_fb),
+                             (unchecked, "fwd", lambda: lp_fwd(False)), (unchecked, "fwd+bwd", lambda: lp_fb(False))):
             before = sum(s.calls for s in stubs.values())
             fn()
             launches = sum(s.calls for s in stubs.values()) - before
@@ -114,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = measure(args.reps, args.warmup)
-    print(f"{'op':<16} {'pass':<8} {'wrapper us':>10} {'launches':>8}   (Triton launches stubbed out)")
+    print(f"{'op':<28} {'pass':<8} {'wrapper us':>10} {'launches':>8}   (Triton launches stubbed out)")
     for r in rows:
-        print(f"{r['op']:<16} {r['kind']:<8} {r['wrapper_us']:10.1f} {r['launches']:>8}")
+        print(f"{r['op']:<28} {r['kind']:<8} {r['wrapper_us']:10.1f} {r['launches']:>8}")
     meta = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         machine=f"{platform.processor() or platform.machine()} ({platform.python_implementation()} "

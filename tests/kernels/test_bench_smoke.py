@@ -178,6 +178,7 @@ def test_host_overhead_tool_stubs_the_launches_and_restores_them(tmp_path):
     rows = json.loads((tmp_path / "h.json").read_text())["rows"]
     assert [(r["op"], r["kind"], r["launches"]) for r in rows] == [
         ("grpo_loss", "fwd", 2), ("grpo_loss", "fwd+bwd", 3), ("token_logprobs", "fwd", 2),
-        ("token_logprobs", "fwd+bwd", 3)]
+        ("token_logprobs", "fwd+bwd", 3), ("token_logprobs, unvalidated", "fwd", 2),
+        ("token_logprobs, unvalidated", "fwd+bwd", 3)]
     assert all(r["wrapper_us"] > 0 for r in rows)
     assert policy_loss._grpo_loss_fwd_kernel is kernel and buffers.compiled is compiled
