@@ -53,11 +53,26 @@ class PackedRows:
     # per group: (row, prefix offset, shared prefix length, [(offset, length) of each member's
     # suffix]); the local attention computes only these blocks (model/attention.py GroupAttentionPlan)
     spans: list[tuple[int, int, int, list[tuple[int, int]]]] | None = None
+    # the largest RoPE position (position_ids.max(), known on the host: RopePositions needs no sync)
+    max_position: int | None = None
+    # the GroupAttentionPlan of ``spans`` for this ``attention_mask`` (:meth:`with_plan`), built
+    # where the micro-batch is moved to its device rather than inside each forward
+    plan: Any = None
 
     def to(self, device: torch.device) -> PackedRows:
+        """On ``device``, without a plan (a plan holds device index tensors and its mask)."""
         return PackedRows(self.tokens.to(device), self.targets.to(device), self.position_ids.to(device),
                           self.attention_mask.to(device), self.gather_index.to(device), self.saved_tokens,
-                          self.spans)
+                          self.spans, self.max_position)
+
+    def with_plan(self) -> PackedRows:
+        """This layout with its GroupAttentionPlan built (on the layout's device; none without spans)."""
+        if self.spans and self.plan is None:
+            from megatron_recycle.model.attention import GroupAttentionPlan
+
+            rows, width = self.tokens.shape
+            self.plan = GroupAttentionPlan.build(self.spans, rows, width, self.attention_mask)
+        return self
 
 
 def model_width(seq: int, multiple: int) -> int:
@@ -142,6 +157,7 @@ def group_packed_layout(
     segment = torch.full((rows, width), -1, dtype=torch.long)  # 0 = shared prefix, k = member k
     gather = torch.zeros(n, seq - 1, dtype=torch.long)
     spans: list[tuple[int, int, int, list[tuple[int, int]]]] = []
+    max_position = 0  # padding sits at position 0
     for r, row_groups in enumerate(layout):
         off = 0
         for g in row_groups:
@@ -164,6 +180,7 @@ def group_packed_layout(
                 positions[r, off : off + span] = torch.arange(s, ln)
                 segment[r, off : off + span] = k
                 spans[-1][3].append((off, span))
+                max_position = max(max_position, ln - 1)
                 gather[i, :s] = base + start + torch.arange(s)
                 gather[i, s : ln - 1] = base + off + torch.arange(ln - 1 - s)
                 gather[i, ln - 1 :] = base + off
@@ -172,14 +189,14 @@ def group_packed_layout(
     if not dense_mask:
         from megatron_recycle.model.attention import plan_only_mask
 
-        return PackedRows(tokens, targets, positions, plan_only_mask(rows), gather, saved, spans)
+        return PackedRows(tokens, targets, positions, plan_only_mask(rows), gather, saved, spans, max_position)
     # a position sees the earlier positions of its own group's prefix and of its own suffix;
     # padding forms one segment of its own per row (it sees only earlier padding)
     same_group = group_of[:, :, None] == group_of[:, None, :]
     q, k = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = causal & same_group & ((q == k) | (k == 0))
-    return PackedRows(tokens, targets, positions, ~allowed[:, None], gather, saved, spans)
+    return PackedRows(tokens, targets, positions, ~allowed[:, None], gather, saved, spans, max_position)
 
 
 def packing_supported(model_chunks: Sequence[torch.nn.Module]) -> str | None:
@@ -218,22 +235,27 @@ def use_packing(batch: TrajectoryBatch, pack: bool, model_chunks: Sequence[torch
 
 class RopePositions:
     """Within the block, the model's RoPE uses per-token ``position_ids`` [b, S] (packed rows)
-    instead of 0..S-1. megatron-core's GPTModel derives RoPE from the sequence length alone."""
+    instead of 0..S-1. megatron-core's GPTModel derives RoPE from the sequence length alone.
+    ``max_position``: the largest of ``position_ids`` when the caller knows it (PackedRows does);
+    otherwise it is read from the tensor, a host sync on a GPU."""
 
-    def __init__(self, model: torch.nn.Module, position_ids: torch.Tensor) -> None:
+    def __init__(self, model: torch.nn.Module, position_ids: torch.Tensor, max_position: int | None = None) -> None:
         from megatron_recycle.model.build import unwrap_model
 
         self.rope = getattr(unwrap_model(model), "rotary_pos_emb", None)
         self.position_ids = position_ids
+        self.max_position = max_position
 
     def __enter__(self) -> None:
         if self.rope is None:
             return
         table_fn = type(self.rope).forward.__get__(self.rope)
         pos = self.position_ids
+        top = self.max_position
 
         def forward(max_seq_len: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-            table = table_fn(max(max_seq_len, int(pos.max()) + 1), *args, **kwargs)  # [S, 1, 1, D]
+            needed = (int(pos.max()) if top is None else top) + 1
+            table = table_fn(max(max_seq_len, needed), *args, **kwargs)  # [S, 1, 1, D]
             return table[:, 0, 0, :][pos.t()].unsqueeze(2)  # [S, b, 1, D]
 
         self.rope.forward = forward
@@ -264,7 +286,10 @@ class GroupAttention:
         p = self.packed
         if not self.cores or not p.spans:
             return
-        self.plan = GroupAttentionPlan.build(p.spans, p.tokens.shape[0], p.tokens.shape[1], p.attention_mask)
+        if p.plan is not None and p.plan.mask is p.attention_mask:
+            self.plan = p.plan  # built with the micro-batch (PackedRows.with_plan): no host-to-device copies here
+        else:
+            self.plan = GroupAttentionPlan.build(p.spans, p.tokens.shape[0], p.tokens.shape[1], p.attention_mask)
         for core in self.cores:
             core.group_plans = (*core.__dict__.get("group_plans", ()), self.plan)
 

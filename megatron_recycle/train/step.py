@@ -324,7 +324,10 @@ def _micro_batches(
         selection = _selection_for(mb, packed, width).to(dev) if select else None
         fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if f.name not in ("packed", "select")}
         fields = {k: (None if v is None else v.to(dev, non_blocking=True)) for k, v in fields.items()}
-        out.append(TrajectoryBatch(**fields, packed=None if packed is None else packed.to(dev), select=selection))
+        # the packed layout's attention plan is built here, with the other host-to-device copies
+        # (a pageable copy waits for the device), not inside each forward of the schedule
+        out.append(TrajectoryBatch(**fields, packed=None if packed is None else packed.to(dev).with_plan(),
+                                   select=selection))
     return (out, order) if return_order else out
 
 
@@ -406,7 +409,7 @@ def _forward_step(loss_fn: Callable, data_iterator: Any, model: torch.nn.Module)
             stack.enter_context(_SelectedLogits(model, mb.select))
         if mb.packed is not None:
             p = mb.packed
-            stack.enter_context(RopePositions(model, p.position_ids))
+            stack.enter_context(RopePositions(model, p.position_ids, p.max_position))
             stack.enter_context(GroupAttention(model, p))
             output = model(p.tokens, p.position_ids, p.attention_mask)
         else:

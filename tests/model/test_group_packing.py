@@ -11,6 +11,8 @@ different order; measured ~1e-7).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -373,6 +375,46 @@ def test_token_ids_outside_the_vocabulary_stop_the_step_before_the_model(world1,
         with pytest.raises(ValueError, match="outside the model's vocabulary"):
             step_mod.grpo_train_step(chunks, opt, sched, bad.replace(old_logprobs=torch.zeros(bad.tokens.shape[0],
                                      bad.seq_length - 1)), 9, step_mod.GRPOLossConfig())
+
+
+def test_a_packed_forward_builds_no_plan_and_reads_nothing_back(world1, tiny, monkeypatch):
+    """A packed micro-batch arrives with its attention plan, built where the micro-batch was moved
+    to its device, and with its largest RoPE position known on the host: its forward builds no
+    plan and reads no value back from the device (on a GPU a pageable host-to-device copy and a
+    .max() read each wait for the device, in the middle of the pipeline schedule)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_recycle.model import attention
+    from megatron_recycle.train.step import _forward_step, _micro_batches
+
+    seqs, masks, gids, adv = _sequences(seed=7)
+    batch = build_batch(seqs, masks, advantages=adv, group_ids=gids)
+    chunks, _, _ = _model(tiny, "llama", True)
+    builds = []
+    build = attention.GroupAttentionPlan.build
+    monkeypatch.setattr(attention.GroupAttentionPlan, "build",
+                        staticmethod(lambda *a, **kw: builds.append(1) or build(*a, **kw)))
+    (mb,) = _micro_batches(batch, 9, True, chunks, select=True)
+    p = mb.packed
+    assert len(builds) == 1 and p.plan is not None and p.plan.mask is p.attention_mask
+    assert p.max_position == int(p.position_ids.max()) > 0
+    builds.clear()
+
+    class Reads(TorchDispatchMode):
+        ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Reads() as reads:
+        output, _ = _forward_step(lambda *a: None, iter([mb]), chunks[0])
+    assert builds == [] and output.shape[-1] == chunks[0].module.vocab_size
+    assert "aten._local_scalar_dense.default" not in reads.ops and "aten.max.default" not in reads.ops
+    # the same logits as a forward that builds its plan and reads the positions itself
+    rebuilt = dataclasses.replace(p, plan=None, max_position=None)
+    again, _ = _forward_step(lambda *a: None, iter([dataclasses.replace(mb, packed=rebuilt)]), chunks[0])
+    assert len(builds) == 1 and torch.equal(again, output)
 
 
 def test_sdpa_core_attention_equals_megatrons_own(world1, tiny):
