@@ -47,6 +47,9 @@ class _NoLaunch:
         return launch
 
 
+ROUNDS = 10  # each row's calls are timed in this many rounds, interleaved with the other rows
+
+
 def median_us(fn: Callable[[], object], reps: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -96,13 +99,22 @@ def measure(reps: int = 300, warmup: int = 30) -> list[dict]:
         # token_logprobs as the trainer calls it: validate_targets=False (the ids checked once per
         # batch), without the target-range check and its host sync
         unchecked = "token_logprobs, unvalidated"
-        for op, kind, fn in (("grpo_loss", "fwd", loss_fwd), ("grpo_loss", "fwd+bwd", loss_fb),
-                             ("token_logprobs", "fwd", lp_fwd), ("token_logprobs", "fwd+bwd", lp_fb),
-                             (unchecked, "fwd", lambda: lp_fwd(False)), (unchecked, "fwd+bwd", lambda: lp_fb(False))):
+        cases = (("grpo_loss", "fwd", loss_fwd), ("grpo_loss", "fwd+bwd", loss_fb),
+                 ("token_logprobs", "fwd", lp_fwd), ("token_logprobs", "fwd+bwd", lp_fb),
+                 (unchecked, "fwd", lambda: lp_fwd(False)), (unchecked, "fwd+bwd", lambda: lp_fb(False)))
+        launches = []
+        for _, _, fn in cases:
             before = sum(s.calls for s in stubs.values())
             fn()
-            launches = sum(s.calls for s in stubs.values()) - before
-            rows.append(dict(op=op, kind=kind, wrapper_us=median_us(fn, reps, warmup), launches=launches))
+            launches.append(sum(s.calls for s in stubs.values()) - before)
+        # interleaved rounds, so that a noisy neighbour on a shared machine slows every row alike
+        samples: list[list[float]] = [[] for _ in cases]
+        rounds = max(1, min(ROUNDS, reps))
+        for _ in range(rounds):
+            for i, (_, _, fn) in enumerate(cases):
+                samples[i].append(median_us(fn, max(1, reps // rounds), max(1, warmup // rounds)))
+        for (op, kind, _), n, us in zip(cases, launches, samples):
+            rows.append(dict(op=op, kind=kind, wrapper_us=statistics.median(us), launches=n))
     finally:
         for (mod, name), fn in saved.items():
             setattr(mod, name, fn)
