@@ -71,6 +71,8 @@ def _case(k: int, prompt: int, member: int, dense: bool, repeats: int) -> dict:
         plan = GroupAttentionPlan.build(packed.spans, shape[0], shape[1], packed.attention_mask)
         plan_times.append(time.perf_counter() - t)
         plan_bytes = sum(x.numel() * x.element_size() for blk in plan.blocks for x in (blk.q, blk.k, blk.pos, blk.sel))
+        if len(plan.blocks) > 1:  # the blocks' positions joined (with one block, the same tensor)
+            plan_bytes += plan.pos.numel() * plan.pos.element_size()
         del packed, plan
     return {"k": k, "prompt": prompt, "member": member, "mask": "dense" if dense else "plan-only",
             "rows": shape[0], "width": shape[1], "layout_s": min(times), "mask_mib": mask_bytes / 2**20,

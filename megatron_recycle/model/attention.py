@@ -81,6 +81,9 @@ class GroupAttentionPlan:
     rows: int
     width: int
     blocks: tuple[AttentionBlock, ...]
+    # every block's real query positions, in block order (the blocks' ``pos`` joined): where the
+    # outputs land, in one copy per layer
+    pos: torch.Tensor | None = None
 
     def matches(self, attention_mask: Any) -> bool:
         """Whether ``attention_mask`` is this plan's mask: the same tensor, or a view of the same
@@ -110,7 +113,8 @@ class GroupAttentionPlan:
             own, pre = by_prefix[sp]
             if own:
                 blocks.append(_block(own, pre, sp, dev))
-        return GroupAttentionPlan(mask, rows, width, tuple(blocks))
+        pos = torch.cat([blk.pos for blk in blocks]) if len(blocks) > 1 else (blocks[0].pos if blocks else None)
+        return GroupAttentionPlan(mask, rows, width, tuple(blocks), pos)
 
 
 def native_gqa(t: torch.Tensor) -> bool:
@@ -213,10 +217,10 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
     # index_put with accumulation, measured 2x slower here); [blocks, L] -> [blocks, heads, L, hn]
     take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, t.shape[1], hn).permute(0, 2, 1, 3)  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
-    out = q.new_zeros(b * s, n, hn)
     route = route or _route(q)
     if route not in ("split", "causal-bias", "bool-mask"):
         raise ValueError(f"unknown group attention route {route!r} (split, causal-bias or bool-mask)")
+    outs = []
     for blk in plan.blocks:
         prefix = blk.k.shape[1] - blk.q.shape[1]
         if route == "split" and prefix:
@@ -226,8 +230,12 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
                                          take(vf, blk.q), scale)
         else:
             ob = _bottom_right_causal(take(qf, blk.q), take(kf, blk.k), take(vf, blk.k), scale, route)
-        ob = ob.permute(0, 2, 1, 3).reshape(-1, n, hn)
-        out = out.index_copy(0, blk.pos, ob.index_select(0, blk.sel))
+        outs.append(ob.permute(0, 2, 1, 3).reshape(-1, n, hn).index_select(0, blk.sel))
+    # one copy of every block's rows into the zeroed output (per block, an out-of-place index_copy
+    # copied the whole output each time, forward and backward)
+    out = q.new_zeros(b * s, n, hn)
+    if outs:
+        out = out.index_copy_(0, plan.pos, outs[0] if len(outs) == 1 else torch.cat(outs))
     return out.view(b, s, n, hn).permute(0, 2, 1, 3)
 
 

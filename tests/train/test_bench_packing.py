@@ -24,8 +24,8 @@ def test_bench_packing_writes_both_mask_kinds(tmp_path):
     assert dense["width"] == light["width"] == (8 - 1) + 3 * (16 + 1)  # the last prompt token is repeated per member
     assert dense["mask_mib"] * 2**20 == dense["width"] ** 2 and light["mask_mib"] * 2**20 == 1
     # the plan: prefix block (q, k, pos, sel: 7 positions each) + one member block of 3 x 17 queries
-    # (q, pos, sel) and 3 x (7 + 17) keys, int64
-    assert dense["plan_mib"] == light["plan_mib"] == 8 * (4 * 7 + 3 * 3 * 17 + 3 * 24) / 2**20
+    # (q, pos, sel) and 3 x (7 + 17) keys, + both blocks' positions joined (7 + 3 x 17), int64
+    assert dense["plan_mib"] == light["plan_mib"] == 8 * (4 * 7 + 3 * 3 * 17 + 3 * 24 + 7 + 3 * 17) / 2**20
     assert "plan-only" in proc.stdout
 
 
