@@ -170,6 +170,7 @@ def token_logprobs(
     impl: str | None = None,
     inplace_backward: bool = False,
     validate_targets: bool = True,
+    row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(logits / temperature)[targets] per row (and the entropy), differentiable w.r.t. logits.
 
@@ -190,18 +191,25 @@ def token_logprobs(
     for callers that checked the ids themselves (the trainer checks every token id against the
     model's vocabulary when it cuts its micro-batches). A target outside [0, V) then gives a NaN
     log-prob and a NaN gradient row (on every tensor-parallel rank), never another token's value.
+
+    `row_mask` [T] (bool or integer): rows where it is 0 are skipped: log-prob 0, entropy 0 and
+    gradient 0, their targets neither read nor judged (an ignored position may hold -100). The
+    Triton kernels do not read those rows' logits at all (the backward only writes their zero
+    gradient), which is what a caller scoring every position of a sequence saves on the masked
+    ones; the PyTorch path computes them and zeroes the results.
     """
     if logits.dim() != 2:
         raise ValueError(
             f"logits must be [T, V] (flatten batch and sequence first), got shape {tuple(logits.shape)}"
         )
     inv_temp = _check_temperature(temperature)
-    check_targets(targets, logits.shape[0], vocab_range(logits.shape[1], tp_group)[1], validate_targets)
+    check_targets(targets, logits.shape[0], vocab_range(logits.shape[1], tp_group)[1], validate_targets, row_mask)
     use_triton = resolve_impl(logits, impl) == "triton"
     if use_triton and logits.stride(1) != 1:
         logits = logits.contiguous()
     logp, entropy = TokenLogprobsFunction.apply(
-        logits, targets.contiguous(), inv_temp, tp_group, use_triton, return_entropy, bool(inplace_backward)
+        logits, targets.contiguous(), inv_temp, tp_group, use_triton, return_entropy, bool(inplace_backward),
+        None if row_mask is None else row_mask.contiguous(),
     )
     return (logp, entropy) if return_entropy else logp
 

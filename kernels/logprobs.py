@@ -44,12 +44,14 @@ if HAS_TRITON:
         stride_row,
         targets_ptr,
         stats_ptr,
+        mask_ptr,
         n_rows,
         n_vocab,
         vocab_start,
         vocab_total,
         inv_temp,
         WITH_ENT: tl.constexpr,
+        HAS_MASK: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
         """One program per row: online max / sum-exp / shifted moment, plus the target logit (NaN
@@ -57,35 +59,46 @@ if HAS_TRITON:
         comes out NaN, never another token's).
         Without WITH_ENT the shifted moment (the entropy's) is neither computed nor reduced: two
         reductions per block instead of three (each crosses the warps), and the moment is stored
-        as 0 as the PyTorch path leaves it (the merge then reports the entropy as NaN)."""
+        as 0 as the PyTorch path leaves it (the merge then reports the entropy as NaN).
+        HAS_MASK: a row whose mask is 0 reads nothing (its target is not looked at either) and
+        stores (0, 1, 0, 0); the merge reports it as 0."""
         row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_row
-        cols = tl.arange(0, BLOCK_V)
-        m = tl.full((), -1.0e30, tl.float32)
-        s = tl.zeros((), tl.float32)
-        q = tl.zeros((), tl.float32)
-        for start in range(0, n_vocab, BLOCK_V):
-            idx = start + cols
-            valid = idx < n_vocab
-            z = tl.load(base + idx, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            alpha = tl.exp(m - m_new)
-            d = tl.where(valid, z - m_new, 0.0)
-            e = tl.where(valid, tl.exp(d), 0.0)
-            if WITH_ENT:
-                ed = e * tl.where(e > 0.0, d, 0.0)  # -inf logits: 0, not 0 * -inf
-                q = alpha * (q + s * (m - m_new)) + tl.sum(ed, axis=0)
-            s = alpha * s + tl.sum(e, axis=0)
-            m = m_new
-        tgt_id = tl.load(targets_ptr + row).to(tl.int64)
-        tgt = tgt_id - vocab_start
-        here = (tgt >= 0) & (tgt < n_vocab)
-        t = tl.load(base + tl.where(here, tgt, 0), mask=here, other=0.0).to(tl.float32) * inv_temp
-        t = tl.where((tgt_id < 0) | (tgt_id >= vocab_total), float("nan"), t)
-        tl.store(stats_ptr + row, m)
-        tl.store(stats_ptr + n_rows + row, s)
-        tl.store(stats_ptr + 2 * n_rows + row, t)
-        tl.store(stats_ptr + 3 * n_rows + row, q)
+        keep = True
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + row) != 0
+        if keep:
+            base = logits_ptr + row * stride_row
+            cols = tl.arange(0, BLOCK_V)
+            m = tl.full((), -1.0e30, tl.float32)
+            s = tl.zeros((), tl.float32)
+            q = tl.zeros((), tl.float32)
+            for start in range(0, n_vocab, BLOCK_V):
+                idx = start + cols
+                valid = idx < n_vocab
+                z = tl.load(base + idx, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                alpha = tl.exp(m - m_new)
+                d = tl.where(valid, z - m_new, 0.0)
+                e = tl.where(valid, tl.exp(d), 0.0)
+                if WITH_ENT:
+                    ed = e * tl.where(e > 0.0, d, 0.0)  # -inf logits: 0, not 0 * -inf
+                    q = alpha * (q + s * (m - m_new)) + tl.sum(ed, axis=0)
+                s = alpha * s + tl.sum(e, axis=0)
+                m = m_new
+            tgt_id = tl.load(targets_ptr + row).to(tl.int64)
+            tgt = tgt_id - vocab_start
+            here = (tgt >= 0) & (tgt < n_vocab)
+            t = tl.load(base + tl.where(here, tgt, 0), mask=here, other=0.0).to(tl.float32) * inv_temp
+            t = tl.where((tgt_id < 0) | (tgt_id >= vocab_total), float("nan"), t)
+            tl.store(stats_ptr + row, m)
+            tl.store(stats_ptr + n_rows + row, s)
+            tl.store(stats_ptr + 2 * n_rows + row, t)
+            tl.store(stats_ptr + 3 * n_rows + row, q)
+        else:
+            tl.store(stats_ptr + row, 0.0)
+            tl.store(stats_ptr + n_rows + row, 1.0)
+            tl.store(stats_ptr + 2 * n_rows + row, 0.0)
+            tl.store(stats_ptr + 3 * n_rows + row, 0.0)
 
     @triton.jit
     def _logprob_grad_kernel(
@@ -97,6 +110,7 @@ if HAS_TRITON:
         g_lp_ptr,
         g_ent_ptr,
         grad_ptr,
+        mask_ptr,
         stride_grad_row,
         n_vocab,
         vocab_start,
@@ -104,39 +118,50 @@ if HAS_TRITON:
         inv_temp,
         HAS_G_LP: tl.constexpr,
         HAS_G_ENT: tl.constexpr,
+        HAS_MASK: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
         """One program per row: grad_logits = inv_temp * (g_lp*(onehot - p) - g_ent*p*(log p + H));
-        a row whose target lies outside the whole vocabulary gets NaN (its log-prob is NaN too)."""
+        a row whose target lies outside the whole vocabulary gets NaN (its log-prob is NaN too).
+        HAS_MASK: a row whose mask is 0 gets zeros, its logits unread."""
         row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_row
         gbase = grad_ptr + row * stride_grad_row
         cols = tl.arange(0, BLOCK_V)
-        lse = tl.load(lse_ptr + row)
-        tgt_id = tl.load(targets_ptr + row).to(tl.int64)
-        tgt = tgt_id - vocab_start
-        lse = tl.where((tgt_id < 0) | (tgt_id >= vocab_total), float("nan"), lse)  # poisons the whole row
-        if HAS_G_LP:
-            g_lp = tl.load(g_lp_ptr + row).to(tl.float32)
-        else:
-            g_lp = 0.0
-        if HAS_G_ENT:
-            g_ent = tl.load(g_ent_ptr + row).to(tl.float32)
-            ent = tl.load(ent_ptr + row)
-        else:
-            g_ent = 0.0
-            ent = 0.0
-        for start in range(0, n_vocab, BLOCK_V):
-            idx = start + cols
-            valid = idx < n_vocab
-            z = tl.load(base + idx, mask=valid, other=0.0).to(tl.float32) * inv_temp
-            logp = z - lse
-            p = tl.exp(logp)
-            g = -g_lp * p
-            g = tl.where(idx == tgt, g + g_lp, g)
+        keep = True
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + row) != 0
+        if keep:
+            base = logits_ptr + row * stride_row
+            lse = tl.load(lse_ptr + row)
+            tgt_id = tl.load(targets_ptr + row).to(tl.int64)
+            tgt = tgt_id - vocab_start
+            lse = tl.where((tgt_id < 0) | (tgt_id >= vocab_total), float("nan"), lse)  # poisons the whole row
+            if HAS_G_LP:
+                g_lp = tl.load(g_lp_ptr + row).to(tl.float32)
+            else:
+                g_lp = 0.0
             if HAS_G_ENT:
-                g = g - g_ent * p * tl.where(p > 0.0, logp + ent, 0.0)
-            tl.store(gbase + idx, (g * inv_temp).to(grad_ptr.dtype.element_ty), mask=valid)
+                g_ent = tl.load(g_ent_ptr + row).to(tl.float32)
+                ent = tl.load(ent_ptr + row)
+            else:
+                g_ent = 0.0
+                ent = 0.0
+            for start in range(0, n_vocab, BLOCK_V):
+                idx = start + cols
+                valid = idx < n_vocab
+                z = tl.load(base + idx, mask=valid, other=0.0).to(tl.float32) * inv_temp
+                logp = z - lse
+                p = tl.exp(logp)
+                g = -g_lp * p
+                g = tl.where(idx == tgt, g + g_lp, g)
+                if HAS_G_ENT:
+                    g = g - g_ent * p * tl.where(p > 0.0, logp + ent, 0.0)
+                tl.store(gbase + idx, (g * inv_temp).to(grad_ptr.dtype.element_ty), mask=valid)
+        else:
+            zero = tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty)
+            for start in range(0, n_vocab, BLOCK_V):
+                idx = start + cols
+                tl.store(gbase + idx, zero, mask=idx < n_vocab)
 
     @triton.jit
     def _logprob_combine_kernel(
@@ -144,15 +169,20 @@ if HAS_TRITON:
         logp_ptr,
         ent_ptr,
         lse_ptr,
+        mask_ptr,
         n_rows,
         world,
         WITH_ENT: tl.constexpr,
+        HAS_MASK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """Merge the ranks' (m, s, t, q) [world, 4, T] into log p, entropy and log-sum-exp [T]
-        (combine_stats' formulas); entropy NaN when not asked for (never a silent wrong value)."""
+        (combine_stats' formulas); entropy NaN when not asked for (never a silent wrong value).
+        HAS_MASK: a row whose mask is 0 gets log p 0 and entropy 0 (NaN when not asked for)."""
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rows < n_rows
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + rows, mask=ok, other=0) != 0
         big_m = tl.full([BLOCK], -1.0e30, tl.float32)
         for r in range(0, world):
             big_m = tl.maximum(big_m, tl.load(stats_ptr + (4 * r) * n_rows + rows, mask=ok, other=0.0))
@@ -164,8 +194,11 @@ if HAS_TRITON:
             total += tl.exp(m - big_m) * tl.load(base + n_rows, mask=ok, other=1.0)
             t_sum += tl.load(base + 2 * n_rows, mask=ok, other=0.0)
         lse = big_m + tl.log(total)
+        logp = t_sum - lse
+        if HAS_MASK:
+            logp = tl.where(keep, logp, 0.0)
         tl.store(lse_ptr + rows, lse, mask=ok)
-        tl.store(logp_ptr + rows, (t_sum - lse).to(logp_ptr.dtype.element_ty), mask=ok)
+        tl.store(logp_ptr + rows, logp.to(logp_ptr.dtype.element_ty), mask=ok)
         if WITH_ENT:
             # H = log(total) + sum_r w_r (M - m_r - q_r / s_r), w_r = exp(m_r - M) s_r / total
             acc = tl.zeros([BLOCK], tl.float32)
@@ -178,6 +211,8 @@ if HAS_TRITON:
                 q_over_s = tl.where(s > 0.0, q / tl.where(s > 0.0, s, 1.0), 0.0)
                 acc += w * (big_m - m - q_over_s)
             ent = tl.log(total) + acc
+            if HAS_MASK:
+                ent = tl.where(keep, ent, 0.0)
         else:
             ent = tl.full([BLOCK], float("nan"), tl.float32)
         tl.store(ent_ptr + rows, ent.to(ent_ptr.dtype.element_ty), mask=ok)
@@ -205,11 +240,11 @@ STATS_STAGES: int | None = None
 
 def _stats_triton(
     logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True,
-    vocab_total: int | None = None,
+    vocab_total: int | None = None, row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's [4, T] statistics (m, s, t, q). ``vocab_total``: the whole vocabulary's size
     (None: this shard's end, ``vocab_start`` + its width, as on one rank); a target outside it
-    gets t = NaN."""
+    gets t = NaN. ``row_mask`` [T]: rows where it is 0 are not read."""
     rows, vocab = logits.shape
     vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
     stats = new_buffer((4, rows), torch.float32, logits.device)
@@ -225,12 +260,14 @@ def _stats_triton(
         logits.stride(0),
         targets,
         stats,
+        targets if row_mask is None else row_mask,
         rows,
         vocab,
         vocab_start,
         vocab_total,
         inv_temp,
         WITH_ENT=bool(with_entropy),
+        HAS_MASK=row_mask is not None,
         BLOCK_V=block_v,
         **launch,
     )
@@ -248,6 +285,7 @@ def _grad_triton(
     g_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
     vocab_total: int | None = None,
+    row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
     vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
@@ -263,6 +301,7 @@ def _grad_triton(
         g_lp if g_lp is not None else lse,
         g_ent if g_ent is not None else lse,
         grad,
+        targets if row_mask is None else row_mask,
         grad.stride(0),
         vocab,
         vocab_start,
@@ -270,6 +309,7 @@ def _grad_triton(
         inv_temp,
         HAS_G_LP=g_lp is not None,
         HAS_G_ENT=g_ent is not None,
+        HAS_MASK=row_mask is not None,
         BLOCK_V=_block_v(vocab, logits.device),
         num_warps=8 if buffers.compiled(logits.device) else 1,
     )
@@ -288,7 +328,7 @@ def _row_chunk(vocab: int) -> int:
 
 def _stats_torch(
     logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True,
-    vocab_total: int | None = None,
+    vocab_total: int | None = None, row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
     vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
@@ -297,6 +337,8 @@ def _stats_torch(
     tgt = targets.long() - vocab_start
     here = (tgt >= 0) & (tgt < vocab)
     outside = (targets < 0) | (targets >= vocab_total)  # outside the whole vocabulary: t = NaN
+    if row_mask is not None:  # masked rows are computed here (the merge zeroes them), their ids not judged
+        outside &= row_mask.bool()
     step = _row_chunk(vocab)
     for a in range(0, rows, step):
         b = min(rows, a + step)
@@ -330,6 +372,7 @@ def _grad_torch(
     g_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
     vocab_total: int | None = None,
+    row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
     vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
@@ -338,7 +381,13 @@ def _grad_torch(
     tgt = targets.long() - vocab_start
     here = (tgt >= 0) & (tgt < vocab)
     # a target outside the whole vocabulary: a NaN log-sum-exp poisons its row's gradient ([T] work)
-    lse = lse.masked_fill((targets < 0) | (targets >= vocab_total), float("nan"))
+    outside = (targets < 0) | (targets >= vocab_total)
+    if row_mask is not None:  # masked rows: zero upstream gradients give exact zeros ([T] work)
+        keep = row_mask.bool()
+        outside &= keep
+        g_lp = None if g_lp is None else torch.where(keep, g_lp, torch.zeros_like(g_lp))
+        g_ent = None if g_ent is None else torch.where(keep, g_ent, torch.zeros_like(g_ent))
+    lse = lse.masked_fill(outside, float("nan"))
     step = _row_chunk(vocab)
     for a in range(0, rows, step):
         b = min(rows, a + step)
@@ -399,7 +448,7 @@ def combine_stats(
 
 
 def _combine_triton(
-    gathered: torch.Tensor, with_entropy: bool, out_dt: torch.dtype
+    gathered: torch.Tensor, with_entropy: bool, out_dt: torch.dtype, row_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """combine_stats in one launch, from gather_stats' [world, 4, T]: (logp, entropy in out_dt, lse fp32)."""
     world, _, rows = gathered.shape
@@ -410,23 +459,28 @@ def _combine_triton(
     if rows:
         block = 1024 if buffers.compiled(dev) else max(16, min(4096, triton.next_power_of_2(rows)))
         _logprob_combine_kernel[(triton.cdiv(rows, block),)](
-            gathered, logp, ent, lse, rows, world,
-            WITH_ENT=with_entropy, BLOCK=block, num_warps=4 if buffers.compiled(dev) else 1,
+            gathered, logp, ent, lse, lse if row_mask is None else row_mask, rows, world,
+            WITH_ENT=with_entropy, HAS_MASK=row_mask is not None, BLOCK=block,
+            num_warps=4 if buffers.compiled(dev) else 1,
         )  # fmt: skip
     return logp, ent, lse
 
 
 def _merge(
     stats: torch.Tensor, tp_group: dist.ProcessGroup | None, with_entropy: bool, in_dtype: torch.dtype,
-    use_triton: bool,
+    use_triton: bool, row_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse) from this rank's statistics, outputs in float32 (float64 for float64
-    inputs); entropy NaN when not computed (never a silent wrong value). Triton: one launch, not a
-    chain of small PyTorch ops after the pass over the logits."""
+    inputs); entropy NaN when not computed (never a silent wrong value); rows where ``row_mask`` is
+    0 give 0. Triton: one launch, not a chain of small PyTorch ops after the pass over the logits."""
     out_dt = in_dtype if in_dtype == torch.float64 else torch.float32
     if use_triton:
-        return _combine_triton(gather_stats(stats, tp_group), with_entropy, out_dt)
+        return _combine_triton(gather_stats(stats, tp_group), with_entropy, out_dt, row_mask)
     logp, entropy, lse = combine_stats(stats, tp_group)
+    if row_mask is not None:
+        keep = row_mask.bool()
+        logp = torch.where(keep, logp, torch.zeros_like(logp))
+        entropy = torch.where(keep, entropy, torch.zeros_like(entropy))
     if not with_entropy:
         entropy = torch.full_like(entropy, float("nan"))
     return logp.to(out_dt), entropy.to(out_dt), lse
@@ -440,17 +494,24 @@ def vocab_range(n_local: int, tp_group: dist.ProcessGroup | None) -> tuple[int, 
     return rank * n_local, n_local * dist.get_world_size(tp_group)
 
 
-def check_targets(targets: torch.Tensor, n_rows: int, vocab_total: int, check_range: bool = True) -> None:
+def check_targets(targets: torch.Tensor, n_rows: int, vocab_total: int, check_range: bool = True,
+                  row_mask: torch.Tensor | None = None) -> None:
     """Raise when the targets do not match the rows or (``check_range``: one host sync) fall
-    outside the (global) vocabulary."""
+    outside the (global) vocabulary where ``row_mask`` (when given) is not 0."""
     if targets.dim() != 1 or targets.numel() != n_rows:
         raise ValueError(
             f"targets must be 1-D with one id per row ({n_rows}), got shape {tuple(targets.shape)}"
         )
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
+    if row_mask is not None:
+        if row_mask.shape != targets.shape:
+            raise ValueError(f"row_mask must be [T] like the targets, got shape {tuple(row_mask.shape)}")
+        if row_mask.dtype.is_floating_point:
+            raise TypeError(f"row_mask must be bool or integer, got {row_mask.dtype}")
     if n_rows and check_range:
-        lo, hi = torch.stack(torch.aminmax(targets)).tolist()  # one host sync for both bounds
+        judged = targets if row_mask is None else torch.where(row_mask.bool(), targets, torch.zeros_like(targets))
+        lo, hi = torch.stack(torch.aminmax(judged)).tolist()  # one host sync for both bounds
         if lo < 0 or hi >= vocab_total:
             raise ValueError(
                 f"target ids must lie in [0, {vocab_total}) (the full vocabulary), got range [{lo}, {hi}]; "
@@ -467,12 +528,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
     """log p(target) and entropy from (sharded) logits; saves the logits themselves plus [T] stats."""
 
     @staticmethod
-    def forward(ctx, logits, targets, inv_temp, tp_group, use_triton, with_entropy=True, inplace=False):  # type: ignore[override]
+    def forward(ctx, logits, targets, inv_temp, tp_group, use_triton, with_entropy=True, inplace=False,  # type: ignore[override]
+                row_mask=None):
         vocab_start, vocab_total = vocab_range(logits.shape[1], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
-        stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy, vocab_total)
-        logp, entropy, lse = _merge(stats, tp_group, with_entropy, logits.dtype, use_triton)
-        ctx.save_for_backward(logits, targets, lse, entropy)
+        stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy, vocab_total, row_mask)
+        logp, entropy, lse = _merge(stats, tp_group, with_entropy, logits.dtype, use_triton, row_mask)
+        ctx.save_for_backward(logits, targets, lse, entropy, row_mask)
         ctx.inv_temp, ctx.vocab_start, ctx.use_triton, ctx.inplace = inv_temp, vocab_start, use_triton, inplace
         ctx.vocab_total = vocab_total
         ctx.set_materialize_grads(False)
@@ -480,9 +542,9 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]
-        logits, targets, lse, entropy = ctx.saved_tensors
+        logits, targets, lse, entropy, row_mask = ctx.saved_tensors
         if g_lp is None and g_ent is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         grad_fn = _grad_triton if ctx.use_triton else _grad_torch
         grad = grad_fn(
             logits,
@@ -495,10 +557,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
             None if g_ent is None else g_ent.contiguous(),
             out=logits if ctx.inplace else None,  # each row is read before it is overwritten
             vocab_total=ctx.vocab_total,
+            row_mask=row_mask,
         )
         if ctx.inplace:
             increment_version(logits)  # a kernel wrote it: later readers that autograd saved must fail
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 class ChunkedTokenLogprobsFunction(torch.autograd.Function):

@@ -334,6 +334,10 @@ def case_loss_from_logits(dev, dtype, tokens: int, vocab: int, impls: list[str])
     # logits through a free view, the last one against a dummy target and dropped afterwards; slicing
     # the last position off first would copy the logits (and their gradient).
     every = torch.cat([ids, ids[:, :1]], dim=1).reshape(-1)
+    # the positions without loss (10% here, and each row's dummy last one) skipped by row_mask, as
+    # liger's kernel skips the rows its completion mask zeroes (the trainer goes further: it never
+    # computes logits there, train/step.py LogitSelection)
+    rows = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1).reshape(-1)
 
     # "triton-inplace": the trainer's setting, the logits' gradient written over the logits
     # (token_logprobs(inplace_backward=True)); over the repetitions the logits then hold the last
@@ -346,7 +350,7 @@ def case_loss_from_logits(dev, dtype, tokens: int, vocab: int, impls: list[str])
         inplace = impl == "triton-inplace"
         impl = "triton" if inplace else impl
         lp = token_logprobs(x, every, 0.9, impl=impl, inplace_backward=inplace,  # the trainer's settings
-                            validate_targets=False).view(b, length + 1)[:, :-1]
+                            validate_targets=False, row_mask=rows).view(b, length + 1)[:, :-1]
         return grpo_loss(lp, old, adv, mask, ref, kl_beta=0.04, impl=impl)[0]
 
     runs: list[Run] = []

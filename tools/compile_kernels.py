@@ -229,6 +229,13 @@ def run_workloads(scenario, quick: bool = False) -> None:
             loss = (out[0].sum() + out[1].sum()) if entropy else out.sum()
             loss.backward()
 
+    # masked rows skipped (row_mask: the logits -> loss benchmark's setting, as liger skips them)
+    if not quick:
+        logits = rnd(16, 151_936, dtype=torch.bfloat16).requires_grad_(True)
+        tgt = torch.randint(0, 151_936, (16,), generator=g)
+        with scenario("token_logprobs fwd+bwd [16,151936] bfloat16 row_mask"):
+            K.token_logprobs(logits, tgt, impl="triton", row_mask=torch.rand(16, generator=g) < 0.9).sum().backward()
+
     # the merge of the ranks' statistics after the all_gather of a vocab-parallel pass (TP 2)
     if not quick:
         with scenario("token_logprobs combine of 2 ranks' statistics [2, 4, 16]"):

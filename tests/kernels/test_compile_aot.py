@@ -64,7 +64,9 @@ def test_every_kernel_compiles_for_sm90(compiled):
     finish = {r["constexprs"] for r in compiled["rows"] if r["kernel"] == "_grpo_loss_finish_kernel"}
     assert {re.search(r"AGG=(\d)", c).group(1) for c in finish} == {"0", "1", "2", "3"}, finish
     assert {re.search(r"NORM=(\d)", c).group(1) for c in finish} == {"0", "1", "2"}, finish
-    assert ("_logprob_grad_kernel", "HAS_G_LP=True, HAS_G_ENT=True, BLOCK_V=4096") in variants
+    assert ("_logprob_grad_kernel", "HAS_G_LP=True, HAS_G_ENT=True, HAS_MASK=False, BLOCK_V=4096") in variants
+    for name in ("_logprob_stats_kernel", "_logprob_grad_kernel", "_logprob_combine_kernel"):  # row_mask's form too
+        assert any(k == name and "HAS_MASK=True" in c for k, c in variants), name
     combine = {r["constexprs"] for r in compiled["rows"] if r["kernel"] == "_logprob_combine_kernel"}
     assert any("world=1" not in c for c in combine), combine  # the tensor-parallel merge, not only one rank
     assert any(

@@ -148,7 +148,7 @@ def test_torch_path_keeps_no_fp32_copy_and_passes_gradcheck():
     lp, ent = TokenLogprobsFunction.apply(logits, targets, 1.0 / 0.8, None, False)
     saved = lp.grad_fn.saved_tensors
     assert saved[0] is logits or saved[0].data_ptr() == logits.data_ptr()
-    assert all(t.numel() <= 5 for t in saved[1:])
+    assert all(t is None or t.numel() <= 5 for t in saved[1:])  # None: no row_mask
     fn = lambda x: TokenLogprobsFunction.apply(x, targets, 1.25, None, False)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits,))
     assert torch.autograd.gradcheck(lambda x: token_logprobs_reference(x, targets, 0.8, True), (logits,))
@@ -440,3 +440,73 @@ def test_the_in_place_backward_refuses_a_second_reader_of_the_logits(impl, trito
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_masked_rows_are_skipped(impl, inplace, entropy, triton_device, monkeypatch):
+    """row_mask: rows where it is 0 give log-prob 0, entropy 0 (NaN when not asked for, as every
+    row) and a zero gradient, also written over the logits in place; their targets are neither
+    read nor judged (-100 or V + 3 there pass the validated call). Every other row equals the
+    float64 reference, and a bad id on a kept row still raises."""
+    monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 16)  # several vocabulary blocks per row
+    monkeypatch.setattr(logprobs, "TORCH_CHUNK_ELEMENTS", 80)  # PyTorch path: 2 rows per chunk
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(41)
+    rows, vocab = 9, 40
+    logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 4 + 20
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[~keep] = torch.tensor([-100, vocab + 3, -100, -7])
+    w_lp, w_ent = torch.randn(rows, generator=g, dtype=torch.float64), torch.randn(rows, generator=g, dtype=torch.float64)
+    src = logits.float().to(dev).requires_grad_()
+    x = src * 1 if inplace else src
+    out = token_logprobs(x, targets.to(dev), 0.8, return_entropy=entropy, impl=impl, inplace_backward=inplace,
+                         row_mask=keep.to(dev))
+    lp, ent = out if entropy else (out, None)
+    loss = (w_lp.float().to(dev) * lp).sum() + ((w_ent.float().to(dev) * ent).sum() if entropy else 0.0)
+    (grad,) = torch.autograd.grad(loss, src)
+    lp, grad = lp.double().cpu(), grad.double().cpu()
+    ref_x = logits.clone().requires_grad_()
+    rlp, rent = token_logprobs_reference(ref_x, targets.clamp(0, vocab - 1), 0.8, return_entropy=True)
+    kept = keep.double()
+    rloss = (w_lp * rlp * kept).sum() + ((w_ent * rent * kept).sum() if entropy else 0.0)
+    (rgrad,) = torch.autograd.grad(rloss, ref_x)
+    assert torch.equal(lp[~keep], torch.zeros(int((~keep).sum()), dtype=torch.float64))
+    torch.testing.assert_close(lp[keep], rlp[keep].detach(), rtol=1e-5, atol=2e-5)
+    if entropy:
+        ent = ent.double().cpu()
+        assert torch.equal(ent[~keep], torch.zeros(int((~keep).sum()), dtype=torch.float64))
+        torch.testing.assert_close(ent[keep], rent[keep].detach(), rtol=1e-5, atol=2e-5)
+    assert torch.equal(grad[~keep], torch.zeros(int((~keep).sum()), vocab, dtype=torch.float64))
+    torch.testing.assert_close(grad, rgrad, rtol=1e-4, atol=2e-5)
+    bad = targets.clone()
+    bad[0] = vocab  # a kept row
+    with pytest.raises(ValueError, match=r"\[0, 40\)"):
+        token_logprobs(src, bad.to(dev), row_mask=keep.to(dev), impl=impl)
+    with pytest.raises(ValueError, match="row_mask must be"):
+        token_logprobs(src, targets.to(dev), row_mask=keep[:-1].to(dev), impl=impl)
+
+
+def test_masked_rows_are_not_read(triton_device, device_ops):
+    """Triton path: rows whose mask is 0 are not read by either pass (NaN logits there change
+    nothing), and the mask adds no launch: two kernels forward, one backward."""
+    g = torch.Generator().manual_seed(43)
+    keep = torch.tensor([True, False, True, False, False, True])
+    logits = torch.randn(6, 50, generator=g)
+    logits[~keep] = float("nan")
+    logits = logits.to(triton_device).requires_grad_()
+    targets = torch.randint(0, 50, (6,), generator=g).to(triton_device)
+    upstream = torch.ones(6).to(triton_device)
+    ops = device_ops(logprobs, "_logprob_stats_kernel", "_logprob_combine_kernel", "_logprob_grad_kernel")
+    with ops:
+        lp = token_logprobs(logits, targets, impl="triton", validate_targets=False, row_mask=keep.to(triton_device))
+        assert ops.log == ["_logprob_stats_kernel", "_logprob_combine_kernel"]
+        ops.log.clear()
+        (grad,) = torch.autograd.grad(lp, logits, grad_outputs=upstream)
+        assert ops.log == ["_logprob_grad_kernel"]
+    assert not torch.isnan(lp).any() and torch.equal(lp[~keep.to(triton_device)].cpu(), torch.zeros(3))
+    assert not torch.isnan(grad).any() and torch.equal(grad[~keep.to(triton_device)].cpu(), torch.zeros(3, 50))
+    want = token_logprobs_reference(logits.detach()[keep.to(triton_device)].double().cpu(), targets[keep.to(triton_device)].cpu())
+    torch.testing.assert_close(lp[keep.to(triton_device)].double().cpu(), want, rtol=1e-5, atol=1e-5)

@@ -74,6 +74,23 @@ def _check(rank: int, world: int, impl: str) -> None:
     keep[3:5] = False
     torch.testing.assert_close(lp.double()[keep], rlp[keep], **tol)
 
+    # row_mask: masked rows (ids there out of range too) give 0 on both ranks, where each rank's
+    # merge alone would report -log(world); their logits' gradient is 0, the kept rows' as before
+    row_mask = torch.ones(rows, dtype=torch.bool)
+    row_mask[3:6] = False
+    shard = logits[:, lo:hi].clone().requires_grad_()
+    lp, ent = token_logprobs(shard, bad_targets, 0.8, tp_group=group, return_entropy=True, impl=impl,
+                             row_mask=row_mask)
+    (grad,) = torch.autograd.grad((w_lp * lp.double()).sum() + (w_ent * ent.double()).sum(), shard)
+    x = logits.clone().requires_grad_()
+    rlp, rent = token_logprobs_reference(x, targets, 0.8, return_entropy=True)
+    kept = row_mask.double()
+    (rgrad,) = torch.autograd.grad((w_lp * rlp * kept).sum() + (w_ent * rent * kept).sum(), x)
+    assert torch.equal(lp[3:6], torch.zeros(3, dtype=lp.dtype)) and torch.equal(ent[3:6], torch.zeros(3, dtype=ent.dtype))
+    torch.testing.assert_close(lp.double()[row_mask], rlp[row_mask], **tol)
+    torch.testing.assert_close(ent.double()[row_mask], rent[row_mask], **tol)
+    torch.testing.assert_close(grad.double(), rgrad[:, lo:hi], **tol)
+
 
 def _run(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
