@@ -18,7 +18,11 @@ MODES = [("bnpo", "token-mean"), ("grpo", "seq-mean-token-mean"), ("dr_grpo", "s
 
 @pytest.mark.parametrize("liger_mode, agg", MODES)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_matches_liger_triton_grpo_loss(liger_mode, agg, beta, triton_device):
+@pytest.mark.parametrize("layout", ["sliced", "every-row-masked"])
+def test_matches_liger_triton_grpo_loss(liger_mode, agg, beta, layout, triton_device):
+    """``every-row-masked``: tools/bench_kernels.py's logits -> loss layout, every position of the
+    [b, L+1] logits through a free view (the last against a dummy target) with the loss mask as
+    token_logprobs' row_mask, as liger skips the rows its mask zeroes."""
     b, length, vocab, temp = 3, 10, 64, 0.9
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(b, length + 1, vocab, generator=g) * 2).to(triton_device)
@@ -50,9 +54,15 @@ def test_matches_liger_triton_grpo_loss(liger_mode, agg, beta, triton_device):
     (g1,) = torch.autograd.grad(peer, x1)
 
     x2 = logits.clone().requires_grad_()
-    lp = token_logprobs(x2[:, :-1].reshape(-1, vocab), ids.reshape(-1), temperature=temp, impl="triton").view(
-        b, length
-    )
+    if layout == "sliced":
+        lp = token_logprobs(x2[:, :-1].reshape(-1, vocab), ids.reshape(-1), temperature=temp, impl="triton").view(
+            b, length
+        )
+    else:
+        every = torch.cat([ids, ids[:, :1]], dim=1).reshape(-1)
+        rows = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1).reshape(-1)
+        lp = token_logprobs(x2.view(-1, vocab), every, temperature=temp, impl="triton", validate_targets=False,
+                            row_mask=rows).view(b, length + 1)[:, :-1]
     ours, _ = grpo_loss(
         lp,
         old,
