@@ -232,9 +232,9 @@ def test_bad_targets_raise(targets, match):
 @pytest.mark.parametrize("chunked", [False, True])
 def test_unvalidated_out_of_range_targets_give_nan_rows(impl, chunked, triton_device, monkeypatch):
     """validate_targets=False (no host sync): a target outside [0, V) (-100 for an ignored position,
-    V, far beyond) gives a NaN log-prob and a NaN gradient row, never another token's value (the
-    kernel would otherwise read a neighbouring row's logit); every other row is exact. The same
-    call validated raises."""
+    V, far beyond) gives a NaN log-prob and a NaN gradient row, never a finite wrong value (the
+    kernels took 0 for such a target's logit before); every other row is exact. The same call
+    validated raises."""
     monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 16)  # several vocabulary blocks per row
     dev = _dev(impl, triton_device)
     g = torch.Generator().manual_seed(31)
