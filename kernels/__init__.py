@@ -225,12 +225,14 @@ def chunked_token_logprobs(
     *,
     impl: str | None = None,
     validate_targets: bool = True,
+    row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """token_logprobs(hidden @ weight.T, ...) without ever holding more than [chunk_size, V_local] logits.
 
     `weight` is the output layer (or this rank's vocabulary shard of it, [V/tp, H]); differentiable
     w.r.t. hidden and weight. With tp_group the hidden gradient is all-reduced over the group.
-    `validate_targets`: as in token_logprobs.
+    `validate_targets`, `row_mask`: as in token_logprobs (the masked rows' logits are still
+    computed, chunk by chunk with the others, but not read after; their gradient rows are 0).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -239,9 +241,10 @@ def chunked_token_logprobs(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 row, got {chunk_size}")
     inv_temp = _check_temperature(temperature)
-    check_targets(targets, hidden.shape[0], vocab_range(weight.shape[0], tp_group)[1], validate_targets)
+    check_targets(targets, hidden.shape[0], vocab_range(weight.shape[0], tp_group)[1], validate_targets, row_mask)
     use_triton = resolve_impl(hidden, impl) == "triton"
     logp, entropy = ChunkedTokenLogprobsFunction.apply(
-        hidden, weight, targets.contiguous(), inv_temp, tp_group, use_triton, int(chunk_size), return_entropy
+        hidden, weight, targets.contiguous(), inv_temp, tp_group, use_triton, int(chunk_size), return_entropy,
+        None if row_mask is None else row_mask.contiguous(),
     )
     return (logp, entropy) if return_entropy else logp

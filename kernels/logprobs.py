@@ -574,21 +574,23 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, tp_group, use_triton, chunk, with_entropy=True):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, inv_temp, tp_group, use_triton, chunk, with_entropy=True,  # type: ignore[override]
+                row_mask=None):
         rows = hidden.shape[0]
         vocab_start, vocab_total = vocab_range(weight.shape[0], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
         stats = None
         for a in range(0, rows, chunk):
             b = min(rows, a + chunk)
-            part = stats_fn(hidden[a:b] @ weight.t(), targets[a:b], vocab_start, inv_temp, with_entropy, vocab_total)
+            part = stats_fn(hidden[a:b] @ weight.t(), targets[a:b], vocab_start, inv_temp, with_entropy, vocab_total,
+                            None if row_mask is None else row_mask[a:b])
             if stats is None:
                 stats = torch.empty((4, rows), dtype=part.dtype, device=hidden.device)
             stats[:, a:b] = part
         if stats is None:
             stats = torch.zeros((4, 0), dtype=torch.float32, device=hidden.device)
-        logp, entropy, lse = _merge(stats, tp_group, with_entropy, hidden.dtype, use_triton)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        logp, entropy, lse = _merge(stats, tp_group, with_entropy, hidden.dtype, use_triton, row_mask)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy, row_mask)
         ctx.inv_temp, ctx.vocab_start, ctx.vocab_total, ctx.use_triton = inv_temp, vocab_start, vocab_total, use_triton
         ctx.tp_group, ctx.chunk = tp_group, chunk
         ctx.set_materialize_grads(False)
@@ -596,8 +598,8 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        none = (None,) * 6
+        hidden, weight, targets, lse, entropy, row_mask = ctx.saved_tensors
+        none = (None,) * 7
         if g_lp is None and g_ent is None:
             return None, None, *none
         grad_fn = _grad_triton if ctx.use_triton else _grad_torch
@@ -620,6 +622,7 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
                 None if g_ent is None else g_ent[a:b].contiguous(),
                 out=logits,  # the gradient overwrites the recomputed logits: one block alive
                 vocab_total=ctx.vocab_total,
+                row_mask=None if row_mask is None else row_mask[a:b],
             )
             if need_h:
                 grad_h[a:b] = logits @ weight

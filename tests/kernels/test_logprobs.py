@@ -510,3 +510,32 @@ def test_masked_rows_are_not_read(triton_device, device_ops):
     assert not torch.isnan(grad).any() and torch.equal(grad[~keep.to(triton_device)].cpu(), torch.zeros(3, 50))
     want = token_logprobs_reference(logits.detach()[keep.to(triton_device)].double().cpu(), targets[keep.to(triton_device)].cpu())
     torch.testing.assert_close(lp[keep.to(triton_device)].double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_chunked_masked_rows_equal_unchunked(impl, triton_device):
+    """chunked_token_logprobs(row_mask=) gives what token_logprobs(hidden @ weight.T, row_mask=)
+    gives: masked rows 0 with a zero hidden gradient (-100 allowed there), the weight gradient
+    from the kept rows only, chunks that start and end inside masked runs."""
+    dev = _dev(impl, triton_device)
+    g = torch.Generator().manual_seed(47)
+    rows, hid, vocab = 11, 8, 60
+    hidden = torch.randn(rows, hid, generator=g).to(dev)
+    weight = (torch.randn(vocab, hid, generator=g) * 0.5).to(dev)
+    keep = torch.tensor([1, 1, 0, 0, 0, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[~keep] = -100
+    targets, keep = targets.to(dev), keep.to(dev)
+    w_lp, w_ent = torch.randn(rows, generator=g).to(dev), torch.randn(rows, generator=g).to(dev)
+    h1, wt1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp1, ent1 = chunked_token_logprobs(h1, wt1, targets, 0.9, chunk_size=3, return_entropy=True, impl=impl,
+                                       row_mask=keep)
+    g1 = torch.autograd.grad((w_lp * lp1).sum() + (w_ent * ent1).sum(), (h1, wt1))
+    h2, wt2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp2, ent2 = token_logprobs(h2 @ wt2.t(), targets, 0.9, return_entropy=True, impl=impl, row_mask=keep)
+    g2 = torch.autograd.grad((w_lp * lp2).sum() + (w_ent * ent2).sum(), (h2, wt2))
+    torch.testing.assert_close(lp1, lp2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent1, ent2, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lp1[~keep].cpu(), torch.zeros(5)) and torch.equal(g1[0][~keep].cpu(), torch.zeros(5, hid))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
