@@ -239,14 +239,13 @@ STATS_STAGES: int | None = None
 
 
 def _stats_triton(
-    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True,
-    vocab_total: int | None = None, row_mask: torch.Tensor | None = None,
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool,
+    vocab_total: int, row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's [4, T] statistics (m, s, t, q). ``vocab_total``: the whole vocabulary's size
-    (None: this shard's end, ``vocab_start`` + its width, as on one rank); a target outside it
-    gets t = NaN. ``row_mask`` [T]: rows where it is 0 are not read."""
+    (``vocab_range``'s second value); a target outside it gets t = NaN. ``row_mask`` [T]: rows
+    where it is 0 are not read."""
     rows, vocab = logits.shape
-    vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
     stats = new_buffer((4, rows), torch.float32, logits.device)
     if rows == 0:
         return stats
@@ -284,11 +283,11 @@ def _grad_triton(
     g_lp: torch.Tensor | None,
     g_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
-    vocab_total: int | None = None,
+    *,
+    vocab_total: int,
     row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
-    vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
     grad = new_buffer_like(logits) if out is None else out
     if rows == 0:
         return grad
@@ -327,11 +326,10 @@ def _row_chunk(vocab: int) -> int:
 
 
 def _stats_torch(
-    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool = True,
-    vocab_total: int | None = None, row_mask: torch.Tensor | None = None,
+    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool,
+    vocab_total: int, row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
-    vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
     dt = torch.promote_types(logits.dtype, torch.float32)
     stats = torch.zeros((4, rows), dtype=dt, device=logits.device)
     tgt = targets.long() - vocab_start
@@ -371,11 +369,11 @@ def _grad_torch(
     g_lp: torch.Tensor | None,
     g_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
-    vocab_total: int | None = None,
+    *,
+    vocab_total: int,
     row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows, vocab = logits.shape
-    vocab_total = vocab_start + vocab if vocab_total is None else vocab_total
     dt = torch.promote_types(logits.dtype, torch.float32)
     grad = torch.empty_like(logits) if out is None else out
     tgt = targets.long() - vocab_start
@@ -509,6 +507,8 @@ def check_targets(targets: torch.Tensor, n_rows: int, vocab_total: int, check_ra
             raise ValueError(f"row_mask must be [T] like the targets, got shape {tuple(row_mask.shape)}")
         if row_mask.dtype.is_floating_point:
             raise TypeError(f"row_mask must be bool or integer, got {row_mask.dtype}")
+        if row_mask.device != targets.device:
+            raise ValueError(f"row_mask is on {row_mask.device}, the targets on {targets.device}")
     if n_rows and check_range:
         judged = targets if row_mask is None else torch.where(row_mask.bool(), targets, torch.zeros_like(targets))
         lo, hi = torch.stack(torch.aminmax(judged)).tolist()  # one host sync for both bounds

@@ -85,7 +85,7 @@ def sweep_stats(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, b
             logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS, logprobs.STATS_STAGES = block_v, warps, stages
             row = dict(tokens=tokens, vocab=vocab, block_v=block_v, warps=warps, stages=stages, entropy=entropy)
             try:
-                fn = lambda entropy=entropy: logprobs._stats_triton(logits, targets, 0, inv_t, with_entropy=entropy)  # noqa: E731
+                fn = lambda entropy=entropy: logprobs._stats_triton(logits, targets, 0, inv_t, entropy, vocab)  # noqa: E731
                 st = fn()
                 m, s, t, q = st[0], st[1], st[2], st[3]
                 lse = m + torch.log(s)

@@ -136,7 +136,7 @@ def test_the_statistics_kernel_over_many_blocks(case, triton_device, monkeypatch
     # and the moment's slot is 0 as on the PyTorch path
     alone = token_logprobs(x.to(triton_device), targets.to(triton_device), temp, impl="triton")
     torch.testing.assert_close(alone.double().cpu(), rlp, rtol=1e-5, atol=2e-5)
-    stats = logprobs._stats_triton(x.to(triton_device), targets.to(triton_device), 0, 1 / temp, with_entropy=False)
+    stats = logprobs._stats_triton(x.to(triton_device), targets.to(triton_device), 0, 1 / temp, False, x.shape[1])
     assert torch.equal(stats[3].cpu(), torch.zeros(rows))
 
 
@@ -487,6 +487,8 @@ def test_masked_rows_are_skipped(impl, inplace, entropy, triton_device, monkeypa
         token_logprobs(src, bad.to(dev), row_mask=keep.to(dev), impl=impl)
     with pytest.raises(ValueError, match="row_mask must be"):
         token_logprobs(src, targets.to(dev), row_mask=keep[:-1].to(dev), impl=impl)
+    with pytest.raises(ValueError, match="row_mask is on meta"):  # not where the targets are
+        token_logprobs(src, targets.to(dev), row_mask=keep.to("meta"), impl=impl)
 
 
 def test_masked_rows_are_not_read(triton_device, device_ops):

@@ -401,7 +401,9 @@ def test_a_packed_forward_builds_no_plan_and_reads_nothing_back(world1, tiny, mo
     builds.clear()
 
     class Reads(TorchDispatchMode):
-        ops: list[str] = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.ops.append(str(func))
