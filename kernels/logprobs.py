@@ -45,6 +45,9 @@ if HAS_TRITON:
         targets_ptr,
         stats_ptr,
         mask_ptr,
+        logp_ptr,
+        ent_ptr,
+        lse_ptr,
         n_rows,
         n_vocab,
         vocab_start,
@@ -52,6 +55,7 @@ if HAS_TRITON:
         inv_temp,
         WITH_ENT: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        FINAL: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
         """One program per row: online max / sum-exp / shifted moment, plus the target logit (NaN
@@ -61,7 +65,10 @@ if HAS_TRITON:
         reductions per block instead of three (each crosses the warps), and the moment is stored
         as 0 as the PyTorch path leaves it (the merge then reports the entropy as NaN).
         HAS_MASK: a row whose mask is 0 reads nothing (its target is not looked at either) and
-        stores (0, 1, 0, 0); the merge reports it as 0."""
+        stores (0, 1, 0, 0); the merge reports it as 0.
+        FINAL (one rank holds the whole vocabulary): the row's statistics are merged here, by the
+        combine kernel's formulas for one rank, and log p, entropy and log-sum-exp are stored
+        instead of (m, s, t, q): one launch for the forward, no [4, T] buffer."""
         row = tl.program_id(0).to(tl.int64)
         keep = True
         if HAS_MASK:
@@ -90,15 +97,37 @@ if HAS_TRITON:
             here = (tgt >= 0) & (tgt < n_vocab)
             t = tl.load(base + tl.where(here, tgt, 0), mask=here, other=0.0).to(tl.float32) * inv_temp
             t = tl.where((tgt_id < 0) | (tgt_id >= vocab_total), float("nan"), t)
-            tl.store(stats_ptr + row, m)
-            tl.store(stats_ptr + n_rows + row, s)
-            tl.store(stats_ptr + 2 * n_rows + row, t)
-            tl.store(stats_ptr + 3 * n_rows + row, q)
+            if FINAL:  # _logprob_combine_kernel with world = 1, term for term (the same bits)
+                big_m = tl.maximum(m, -1.0e30)
+                total = tl.exp(m - big_m) * s
+                lse = big_m + tl.log(total)
+                tl.store(lse_ptr + row, lse)
+                tl.store(logp_ptr + row, (t - lse).to(logp_ptr.dtype.element_ty))
+                if WITH_ENT:
+                    w = tl.exp(m - big_m) * s / total
+                    q_over_s = tl.where(s > 0.0, q / tl.where(s > 0.0, s, 1.0), 0.0)
+                    ent = tl.log(total) + w * (big_m - m - q_over_s)
+                else:
+                    ent = tl.full((), float("nan"), tl.float32)
+                tl.store(ent_ptr + row, ent.to(ent_ptr.dtype.element_ty))
+            else:
+                tl.store(stats_ptr + row, m)
+                tl.store(stats_ptr + n_rows + row, s)
+                tl.store(stats_ptr + 2 * n_rows + row, t)
+                tl.store(stats_ptr + 3 * n_rows + row, q)
         else:
-            tl.store(stats_ptr + row, 0.0)
-            tl.store(stats_ptr + n_rows + row, 1.0)
-            tl.store(stats_ptr + 2 * n_rows + row, 0.0)
-            tl.store(stats_ptr + 3 * n_rows + row, 0.0)
+            if FINAL:  # what the merge reports for a masked row
+                tl.store(lse_ptr + row, 0.0)
+                tl.store(logp_ptr + row, tl.zeros((), logp_ptr.dtype.element_ty))
+                if WITH_ENT:
+                    tl.store(ent_ptr + row, tl.zeros((), ent_ptr.dtype.element_ty))
+                else:
+                    tl.store(ent_ptr + row, tl.full((), float("nan"), ent_ptr.dtype.element_ty))
+            else:
+                tl.store(stats_ptr + row, 0.0)
+                tl.store(stats_ptr + n_rows + row, 1.0)
+                tl.store(stats_ptr + 2 * n_rows + row, 0.0)
+                tl.store(stats_ptr + 3 * n_rows + row, 0.0)
 
     @triton.jit
     def _logprob_grad_kernel(
@@ -241,12 +270,15 @@ STATS_STAGES: int | None = None
 def _stats_triton(
     logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float, with_entropy: bool,
     vocab_total: int, row_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    final: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | None:
     """This rank's [4, T] statistics (m, s, t, q). ``vocab_total``: the whole vocabulary's size
     (``vocab_range``'s second value); a target outside it gets t = NaN. ``row_mask`` [T]: rows
-    where it is 0 are not read."""
+    where it is 0 are not read. ``final`` (logp, entropy, lse), three [T] tensors, when this rank
+    holds the whole vocabulary: the kernel merges each row itself and writes them (what
+    ``_merge`` would give, bit for bit) instead of the statistics, and None is returned."""
     rows, vocab = logits.shape
-    stats = new_buffer((4, rows), torch.float32, logits.device)
+    stats = None if final is not None else new_buffer((4, rows), torch.float32, logits.device)
     if rows == 0:
         return stats
     if buffers.compiled(logits.device):
@@ -254,12 +286,16 @@ def _stats_triton(
         launch = dict(num_warps=STATS_WARPS) | ({} if STATS_STAGES is None else dict(num_stages=STATS_STAGES))
     else:  # the interpreter: one "warp", large blocks (see _block_v)
         block_v, launch = _block_v(vocab, logits.device), dict(num_warps=1)
+    logp, ent, lse = final if final is not None else (stats, stats, stats)
     _logprob_stats_kernel[(rows,)](
         logits,
         logits.stride(0),
         targets,
-        stats,
+        lse if stats is None else stats,
         targets if row_mask is None else row_mask,
+        logp,
+        ent,
+        lse,
         rows,
         vocab,
         vocab_start,
@@ -267,10 +303,17 @@ def _stats_triton(
         inv_temp,
         WITH_ENT=bool(with_entropy),
         HAS_MASK=row_mask is not None,
+        FINAL=final is not None,
         BLOCK_V=block_v,
         **launch,
     )
     return stats
+
+
+def _one_rank_outputs(rows: int, in_dtype: torch.dtype, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (logp, entropy, lse) [rows] in ``_merge``'s dtypes, for ``_stats_triton(final=...)``."""
+    out_dt = in_dtype if in_dtype == torch.float64 else torch.float32
+    return new_buffer((rows,), out_dt, dev), new_buffer((rows,), out_dt, dev), new_buffer((rows,), torch.float32, dev)
 
 
 def _grad_triton(
@@ -309,10 +352,25 @@ def _grad_triton(
         HAS_G_LP=g_lp is not None,
         HAS_G_ENT=g_ent is not None,
         HAS_MASK=row_mask is not None,
-        BLOCK_V=_block_v(vocab, logits.device),
-        num_warps=8 if buffers.compiled(logits.device) else 1,
+        **_grad_launch(vocab, logits.device),
     )
     return grad
+
+
+# The gradient kernel's launch on a GPU (a read and a write of the logits). Measured on an H200
+# (2026-11-30, bf16, V = 151,936, 16,384 rows): 2.6 ms at 4096 / 8 warps, about 3.8 TB/s, against
+# liger-kernel's backward's 2.5 ms on the same logits; tools/sweep_kernels.py tries other settings.
+GRAD_BLOCK_V = 4096
+GRAD_WARPS = 8
+GRAD_STAGES: int | None = None
+
+
+def _grad_launch(vocab: int, device: torch.device) -> dict:
+    """BLOCK_V and launch options of the gradient kernel (the interpreter's: see _block_v)."""
+    if not buffers.compiled(device):
+        return dict(BLOCK_V=_block_v(vocab, device), num_warps=1)
+    block_v = max(16, min(GRAD_BLOCK_V, MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 1))))
+    return dict(BLOCK_V=block_v, num_warps=GRAD_WARPS) | ({} if GRAD_STAGES is None else dict(num_stages=GRAD_STAGES))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,9 +474,14 @@ def _grad_torch(
 # --------------------------------------------------------------------------------------------------
 
 
+def _one_rank(tp_group: dist.ProcessGroup | None) -> bool:
+    """Whether this rank holds the whole vocabulary (no group, or a group of one)."""
+    return tp_group is None or dist.get_world_size(tp_group) == 1
+
+
 def gather_stats(stats: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """Every rank's [4, T] statistics as [world, 4, T]: one all_gather when tp_group has several ranks."""
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
+    if _one_rank(tp_group):
         return stats.unsqueeze(0)
     world = dist.get_world_size(tp_group)
     gathered = torch.empty((world * stats.shape[0], stats.shape[1]), dtype=stats.dtype, device=stats.device)
@@ -531,9 +594,14 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, inv_temp, tp_group, use_triton, with_entropy=True, inplace=False,  # type: ignore[override]
                 row_mask=None):
         vocab_start, vocab_total = vocab_range(logits.shape[1], tp_group)
-        stats_fn = _stats_triton if use_triton else _stats_torch
-        stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy, vocab_total, row_mask)
-        logp, entropy, lse = _merge(stats, tp_group, with_entropy, logits.dtype, use_triton, row_mask)
+        if use_triton and _one_rank(tp_group):  # one launch: the kernel merges its own rows
+            logp, entropy, lse = _one_rank_outputs(logits.shape[0], logits.dtype, logits.device)
+            _stats_triton(logits, targets, vocab_start, inv_temp, with_entropy, vocab_total, row_mask,
+                          final=(logp, entropy, lse))
+        else:
+            stats_fn = _stats_triton if use_triton else _stats_torch
+            stats = stats_fn(logits, targets, vocab_start, inv_temp, with_entropy, vocab_total, row_mask)
+            logp, entropy, lse = _merge(stats, tp_group, with_entropy, logits.dtype, use_triton, row_mask)
         ctx.save_for_backward(logits, targets, lse, entropy, row_mask)
         ctx.inv_temp, ctx.vocab_start, ctx.use_triton, ctx.inplace = inv_temp, vocab_start, use_triton, inplace
         ctx.vocab_total = vocab_total
@@ -579,17 +647,26 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
         rows = hidden.shape[0]
         vocab_start, vocab_total = vocab_range(weight.shape[0], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
+        final = _one_rank_outputs(rows, hidden.dtype, hidden.device) if use_triton and _one_rank(tp_group) else None
         stats = None
         for a in range(0, rows, chunk):
             b = min(rows, a + chunk)
+            mask_ab = None if row_mask is None else row_mask[a:b]
+            if final is not None:  # each chunk's rows merged by the kernel into their slice of the outputs
+                _stats_triton(hidden[a:b] @ weight.t(), targets[a:b], vocab_start, inv_temp, with_entropy, vocab_total,
+                              mask_ab, final=tuple(t[a:b] for t in final))
+                continue
             part = stats_fn(hidden[a:b] @ weight.t(), targets[a:b], vocab_start, inv_temp, with_entropy, vocab_total,
-                            None if row_mask is None else row_mask[a:b])
+                            mask_ab)
             if stats is None:
                 stats = torch.empty((4, rows), dtype=part.dtype, device=hidden.device)
             stats[:, a:b] = part
-        if stats is None:
-            stats = torch.zeros((4, 0), dtype=torch.float32, device=hidden.device)
-        logp, entropy, lse = _merge(stats, tp_group, with_entropy, hidden.dtype, use_triton, row_mask)
+        if final is not None:
+            logp, entropy, lse = final
+        else:
+            if stats is None:
+                stats = torch.zeros((4, 0), dtype=torch.float32, device=hidden.device)
+            logp, entropy, lse = _merge(stats, tp_group, with_entropy, hidden.dtype, use_triton, row_mask)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy, row_mask)
         ctx.inv_temp, ctx.vocab_start, ctx.vocab_total, ctx.use_triton = inv_temp, vocab_start, vocab_total, use_triton
         ctx.tp_group, ctx.chunk = tp_group, chunk

@@ -236,10 +236,17 @@ def run_workloads(scenario, quick: bool = False) -> None:
         with scenario("token_logprobs fwd+bwd [16,151936] bfloat16 row_mask"):
             K.token_logprobs(logits, tgt, impl="triton", row_mask=torch.rand(16, generator=g) < 0.9).sum().backward()
 
-    # the merge of the ranks' statistics after the all_gather of a vocab-parallel pass (TP 2)
+    # a vocab-parallel rank's pass (TP 2: its statistics, FINAL=False; one rank merges its rows in
+    # the same launch), then the merge of the ranks' statistics after the all_gather
     if not quick:
+        for entropy in (False, True):
+            shard, tgt = rnd(16, 151_936 // 2, dtype=torch.bfloat16), torch.randint(0, 151_936, (16,), generator=g)
+            with scenario(f"token_logprobs statistics of a TP-2 shard [16,{151_936 // 2}] bf16 entropy={entropy}"):
+                logprobs._stats_triton(shard, tgt, 151_936 // 2, 1.0, entropy, 151_936)
         with scenario("token_logprobs combine of 2 ranks' statistics [2, 4, 16]"):
             logprobs._combine_triton(rnd(2, 4, 16), True, torch.float32)
+        with scenario("token_logprobs combine of 2 ranks' statistics [2, 4, 16] row_mask"):
+            logprobs._combine_triton(rnd(2, 4, 16), False, torch.float32, torch.rand(16, generator=g) < 0.9)
 
     # chunked log-probs from hidden states: the same kernels on each chunk's logits
     if not quick:

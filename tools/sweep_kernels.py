@@ -2,16 +2,20 @@
 
     python tools/sweep_kernels.py --out /tmp/sweep            # defaults sized for an H100/H200
 
-Two parts, each printed as a table and written to <out>.json:
+Three parts, each printed as a table and written to <out>.json:
 
-1. The forward statistics kernel of token_logprobs (one read of the [T, V] logits) over block
+1. The forward statistics kernel of token_logprobs (one read of the [T, V] logits; on one rank it
+   merges each row itself and writes log p, entropy and log-sum-exp, as timed here) over block
    widths, warps and pipeline stages, each without and with the entropy's moment (without: the
    trainer's default and the liger comparison): median time (CUDA events), the device's busy time
    (torch.profiler), GB/s over the logits' bytes against a measured copy bandwidth, and the largest
    error of log-sum-exp, entropy and target logit against an fp32 PyTorch computation (float32
    logsumexp over the upcast logits; both are float32, so the errors are rounding, near 1e-5).
    kernels/logprobs.py's STATS_BLOCK_V / STATS_WARPS / STATS_STAGES take the winner.
-2. grpo_loss forward+backward over token block widths, warps, token blocks per forward program and
+2. The gradient kernel of token_logprobs (a read and a write of the logits) over block widths,
+   warps and stages: time, GB/s, and the error against a float32 PyTorch gradient on the first
+   rows. kernels/logprobs.py's GRAD_BLOCK_V / GRAD_WARPS / GRAD_STAGES take the winner.
+3. grpo_loss forward+backward over token block widths, warps, token blocks per forward program and
    the forward's joint reduction, and the finish kernel's rows per step and warps
    (kernels/policy_loss.py's MAX_BLOCK_T, LOSS_WARPS, LOSS_FWD_TILES, LOSS_FWD_JOINT, FINISH_ROWS,
    FINISH_WARPS): event time, each kernel's
@@ -85,12 +89,15 @@ def sweep_stats(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, b
             logprobs.STATS_BLOCK_V, logprobs.STATS_WARPS, logprobs.STATS_STAGES = block_v, warps, stages
             row = dict(tokens=tokens, vocab=vocab, block_v=block_v, warps=warps, stages=stages, entropy=entropy)
             try:
-                fn = lambda entropy=entropy: logprobs._stats_triton(logits, targets, 0, inv_t, entropy, vocab)  # noqa: E731
-                st = fn()
-                m, s, t, q = st[0], st[1], st[2], st[3]
-                lse = m + torch.log(s)
+                # the one-rank pass, as token_logprobs runs it: each row merged in the same launch
+                out = logprobs._one_rank_outputs(tokens, logits.dtype, dev)
+                fn = lambda entropy=entropy, out=out: logprobs._stats_triton(  # noqa: E731
+                    logits, targets, 0, inv_t, entropy, vocab, final=out)
+                fn()
+                lp, ent, lse = out
                 row["err_lse"] = (lse - ref_lse).abs().max().item()
-                row["err_entropy"] = ((torch.log(s) - q / s) - ref_ent).abs().max().item() if entropy else None
+                row["err_entropy"] = (ent - ref_ent).abs().max().item() if entropy else None
+                t = lp + lse  # the target logit the kernel read
                 row["err_target"] = (t - logits.float().gather(1, targets[:, None]).squeeze(1) * inv_t).abs().max().item()
                 row["ms"] = B.time_fn(fn, dev, reps, warmup)
                 if dev.type == "cuda":
@@ -119,6 +126,69 @@ def _print_stats_row(r: dict) -> None:
         f" {r['err_lse']:9.2e} {err_h:>9} {r['err_target']:9.2e}",
         flush=True,
     )
+
+
+# The log-prob gradient kernel's settings (BLOCK_V, warps, stages; None = Triton's default): a read
+# and a write of the logits per call. The first is kernels/logprobs.py's (GRAD_*; 2.6 ms for 16,384
+# x 151,936 bf16 on an H200, 2026-11-30, against liger-kernel's backward's 2.5 ms).
+GRAD_CONFIGS = [
+    (4096, 8, None),
+    (4096, 4, None),
+    (2048, 4, None),
+    (2048, 8, None),
+    (2048, 2, 2),
+    (1024, 1, 2),
+    (4096, 16, None),
+]
+
+
+def sweep_grad(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, bw: float) -> list[dict]:
+    """The gradient kernel alone (log p's gradient, no entropy, as the trainer's loss gives it) under
+    each setting: event and device time, GB/s over a read and a write of the logits, and the largest
+    error against a float32 PyTorch computation of (onehot - p) * g / T, rounded to bf16 as the
+    kernel's output is (max |diff| / max |reference|: one bf16 rounding step is about 4e-3)."""
+    inv_t = 1 / 0.9
+    logits = (torch.randn(tokens, vocab, device=dev) * 2).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (tokens,), device=dev)
+    g_lp = torch.randn(tokens, device=dev)
+    lse, _ = _reference(logits, inv_t)
+    grad = torch.empty_like(logits)
+    want_rows = min(tokens, 256)  # the error is checked on the first rows (an fp32 copy of all is large)
+    z = logits[:want_rows].float() * inv_t
+    want = -torch.softmax(z, -1) * g_lp[:want_rows, None]
+    want[torch.arange(want_rows, device=dev), targets[:want_rows]] += g_lp[:want_rows]
+    want = (want * inv_t).to(torch.bfloat16).float()
+    nbytes = 2 * logits.numel() * logits.element_size()
+    saved = (logprobs.GRAD_BLOCK_V, logprobs.GRAD_WARPS, logprobs.GRAD_STAGES, logprobs.MAX_BLOCK_V)
+    rows = []
+    try:
+        for block_v, warps, stages in configs:
+            logprobs.GRAD_BLOCK_V, logprobs.GRAD_WARPS, logprobs.GRAD_STAGES = block_v, warps, stages
+            logprobs.MAX_BLOCK_V = max(saved[3], block_v)
+            row = dict(tokens=tokens, vocab=vocab, block_v=block_v, warps=warps, stages=stages)
+            try:
+                fn = lambda: logprobs._grad_triton(  # noqa: E731
+                    logits, targets, 0, inv_t, lse, lse, g_lp, None, out=grad, vocab_total=vocab)
+                fn()
+                row["err_grad"] = ((grad[:want_rows].float() - want).abs().max() / want.abs().max()).item()
+                row["ms"] = B.time_fn(fn, dev, reps, warmup)
+                if dev.type == "cuda":
+                    row["device_ms"] = sum(_kernel_times(fn, dev).values())
+                row["gbs"] = nbytes / (row["ms"] * 1e-3) / 1e9
+                row["pct_of_copy"] = 100 * row["gbs"] / bw
+            except Exception as e:  # a configuration that does not compile or run: say so, go on
+                row["error"] = repr(e)[:300]
+            rows.append(row)
+            head = f"{tokens:>7} {vocab:>7} {block_v:>6} {warps:>5} {stages or '-':>6}"
+            if "error" in row:
+                print(f"{head}  failed: {row['error']}"[:200], flush=True)
+            else:
+                dms = f"{row['device_ms']:.3f}" if row.get("device_ms") is not None else "-"
+                print(f"{head} {row['ms']:9.3f} {dms:>9} {row['gbs']:9.1f} {row['pct_of_copy']:6.1f}"
+                      f" {row['err_grad']:9.2e}", flush=True)
+    finally:
+        logprobs.GRAD_BLOCK_V, logprobs.GRAD_WARPS, logprobs.GRAD_STAGES, logprobs.MAX_BLOCK_V = saved
+    return rows
 
 
 # grpo_loss launch settings: (BLOCK_T, warps, token blocks per forward program, joint reduction,
@@ -254,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", nargs="+", help="block_v:warps[:stages], e.g. 2048:1:2 (default: a set of 9)"
     )
     p.add_argument(
+        "--grad-configs", nargs="+",
+        help="log-prob gradient kernel block_v:warps[:stages], e.g. 2048:4 (default: a set of 7)",
+    )
+    p.add_argument(
         "--loss-configs", nargs="+",
         help="grpo_loss block_t:warps:tiles[:joint[:finish_rows:finish_warps]], e.g. 2048:4:2, 2048:4:1:1 or "
         "2048:4:1:0:2048:16 (default: a set of 11)"
@@ -273,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.tokens or ([16384, 4096] if gpu else [8])
     vocab = args.vocab or (151936 if gpu else 300)
     loss_tokens = args.loss_tokens or ([1 << 22, 1 << 24] if gpu else [4096])
+    grad_configs = GRAD_CONFIGS
+    if args.grad_configs:
+        try:
+            grad_configs = [B.parse_stats_config(c) for c in args.grad_configs]
+        except ValueError:
+            p.error("--grad-configs takes block_v:warps[:stages], e.g. 2048:4")
     loss_configs = LOSS_CONFIGS
     if args.loss_configs:
         try:
@@ -289,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     stats_rows = []
     for t in tokens:
         stats_rows += sweep_stats(dev, t, vocab, configs, args.reps, args.warmup, bw)
+        if gpu:
+            torch.cuda.empty_cache()
+    print(f"\ntoken_logprobs gradient kernel (bf16 logits, a read and a write), median of {args.reps}")
+    print(f"{'tokens':>7} {'vocab':>7} {'BLOCK':>6} {'warps':>5} {'stages':>6} {'ms':>9} {'dev ms':>9}"
+          f" {'GB/s':>9} {'%copy':>6} {'err grad':>9}")
+    grad_rows = []
+    for t in tokens:
+        grad_rows += sweep_grad(dev, t, vocab, grad_configs, args.reps, args.warmup, bw)
         if gpu:
             torch.cuda.empty_cache()
     print(f"\ngrpo_loss forward+backward (bf16, KL, dual clip), median of {args.reps}; GB/s of the"
@@ -317,7 +405,13 @@ def main(argv: list[str] | None = None) -> int:
                       f" ({best['ms']:.3f} ms, median of all configs {statistics.median(r['ms'] for r in mine):.3f})")
     out = Path(args.out + "_" + dev.type + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, stats=stats_rows, loss=losses), indent=1))
+    for t in tokens:
+        mine = [r for r in grad_rows if r["tokens"] == t and "error" not in r]
+        if mine:
+            best = min(mine, key=lambda r: r["ms"])
+            print(f"fastest gradient at tokens={t}: BLOCK_V={best['block_v']} warps={best['warps']} "
+                  f"stages={best['stages']} ({best['ms']:.3f} ms)")
+    out.write_text(json.dumps(dict(meta=meta, stats=stats_rows, grad=grad_rows, loss=losses), indent=1))
     print(f"wrote {out}")
     return 0
 

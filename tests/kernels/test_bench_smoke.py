@@ -123,7 +123,9 @@ def test_time_budget_stops_before_the_next_case_and_keeps_the_files(tmp_path):
 
 def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_device):
     """tools/sweep_kernels.py at tiny sizes: every statistics-kernel configuration runs and its
-    log-sum-exp, entropy and target logit agree with the fp32 PyTorch computation."""
+    log-sum-exp, entropy and target logit agree with the fp32 PyTorch computation; every gradient
+    kernel configuration agrees with the fp32 gradient to a bf16 rounding step, and the sweep puts
+    the module's settings back (MAX_BLOCK_V too, which it lifts for a width above it)."""
     import json
     import sys
 
@@ -134,9 +136,12 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
         spec.loader.exec_module(sweep)
     finally:
         sys.path.remove(str(BENCH.parent))
+    from megatron_recycle_kernels import logprobs
+
+    grad_block, max_block = logprobs.GRAD_BLOCK_V, logprobs.MAX_BLOCK_V
     out = tmp_path / "s"
     argv = ["--device", triton_device.type, "--tokens", "5", "--vocab", "300", "--loss-tokens", "512",
-            "--configs", "64:4", "128:1:2", "--loss-configs", "2048:4:1", "16:1:3", "16:2:2:1", "16:1:1:0:16:2",
+            "--configs", "64:4", "128:1:2", "--grad-configs", "64:2", "8192:8", "--loss-configs", "2048:4:1", "16:1:3", "16:2:2:1", "16:1:1:0:16:2",
             "--reps", "1", "--warmup", "0", "--out", str(out)]
     assert sweep.main(argv) == 0
     data = json.loads(Path(f"{out}_{triton_device.type}.json").read_text())
@@ -146,6 +151,10 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
         assert "error" not in r, r
         assert max(r["err_lse"], r["err_target"]) < 1e-4, r
         assert (r["err_entropy"] < 1e-4) if r["entropy"] else r["err_entropy"] is None, r
+    assert [(r["block_v"], r["warps"], r["stages"]) for r in data["grad"]] == [(64, 2, None), (8192, 8, None)]
+    for r in data["grad"]:
+        assert "error" not in r and r["err_grad"] < 1e-2, r
+    assert (logprobs.GRAD_BLOCK_V, logprobs.MAX_BLOCK_V) == (grad_block, max_block)
     assert [(r["block_t"], r["tiles"], r["joint"], r["finish_rows"]) for r in data["loss"]] == [
         (2048, 1, 0, 512), (16, 3, 0, 512), (16, 2, 1, 512), (16, 1, 0, 16)]
     for r in data["loss"]:
@@ -155,6 +164,8 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
         sweep.main(["--configs", "wide:4"])
     with pytest.raises(SystemExit):
         sweep.main(["--configs", "100:4"])  # not a power of two
+    with pytest.raises(SystemExit):
+        sweep.main(["--grad-configs", "2048"])
     # too short, joint not 0/1, not a power of two, finish warps missing, finish rows not a power of two
     for bad in ("2048:4", "2048:4:1:2", "1000:4:1", "2048:4:1:0:512", "2048:4:1:0:500:4"):
         with pytest.raises(SystemExit):
@@ -165,7 +176,8 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
 
 def test_host_overhead_tool_stubs_the_launches_and_restores_them(tmp_path):
     """tools/bench_host_overhead.py times our wrappers with every Triton launch replaced by a no-op
-    (counted: 3 per forward+backward of each op), and puts the kernels back afterwards."""
+    (counted: 3 per forward+backward of grpo_loss, 2 of token_logprobs on one rank, whose forward
+    merges its statistics in the same launch), and puts the kernels back afterwards."""
     import json
 
     from megatron_recycle_kernels import buffers, policy_loss
@@ -177,8 +189,8 @@ def test_host_overhead_tool_stubs_the_launches_and_restores_them(tmp_path):
     assert tool.main(["--reps", "3", "--warmup", "1", "--out", str(tmp_path / "h")]) == 0
     rows = json.loads((tmp_path / "h.json").read_text())["rows"]
     assert [(r["op"], r["kind"], r["launches"]) for r in rows] == [
-        ("grpo_loss", "fwd", 2), ("grpo_loss", "fwd+bwd", 3), ("token_logprobs", "fwd", 2),
-        ("token_logprobs", "fwd+bwd", 3), ("token_logprobs, unvalidated", "fwd", 2),
-        ("token_logprobs, unvalidated", "fwd+bwd", 3)]
+        ("grpo_loss", "fwd", 2), ("grpo_loss", "fwd+bwd", 3), ("token_logprobs", "fwd", 1),
+        ("token_logprobs", "fwd+bwd", 2), ("token_logprobs, unvalidated", "fwd", 1),
+        ("token_logprobs, unvalidated", "fwd+bwd", 2)]
     assert all(r["wrapper_us"] > 0 for r in rows)
     assert policy_loss._grpo_loss_fwd_kernel is kernel and buffers.compiled is compiled

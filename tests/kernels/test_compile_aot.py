@@ -67,6 +67,10 @@ def test_every_kernel_compiles_for_sm90(compiled):
     assert ("_logprob_grad_kernel", "HAS_G_LP=True, HAS_G_ENT=True, HAS_MASK=False, BLOCK_V=4096") in variants
     for name in ("_logprob_stats_kernel", "_logprob_grad_kernel", "_logprob_combine_kernel"):  # row_mask's form too
         assert any(k == name and "HAS_MASK=True" in c for k, c in variants), name
+    stats = {r["constexprs"] for r in compiled["rows"] if r["kernel"] == "_logprob_stats_kernel"}
+    for final in ("True", "False"):  # one rank merges in the pass; a TP shard writes its statistics
+        for ent in ("True", "False"):
+            assert any(f"WITH_ENT={ent}" in c and f"FINAL={final}" in c for c in stats), (final, ent, stats)
     combine = {r["constexprs"] for r in compiled["rows"] if r["kernel"] == "_logprob_combine_kernel"}
     assert any("world=1" not in c for c in combine), combine  # the tensor-parallel merge, not only one rank
     assert any(

@@ -100,10 +100,14 @@ def test_grpo_loss_finish_over_several_steps(cuda_configs, rows_per_step, warps,
                             ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "ref_kl"))
 
 
-@pytest.mark.parametrize("vocab", [9000, 4096])
-def test_token_logprobs(cuda_configs, vocab):
-    # 9,000: three 4,096-wide vocabulary blocks, the last one partial
-    g = torch.Generator().manual_seed(vocab)
+@pytest.mark.parametrize("vocab,grad_block", [(9000, 4096), (4096, 4096), (9000, 1024)])
+def test_token_logprobs(cuda_configs, vocab, grad_block, monkeypatch):
+    # 9,000: three 4,096-wide vocabulary blocks, the last one partial; the gradient kernel also at
+    # another of tools/sweep_kernels.py's widths (GRAD_BLOCK_V; warps do not exist in the interpreter)
+    from megatron_recycle_kernels import logprobs
+
+    monkeypatch.setattr(logprobs, "GRAD_BLOCK_V", grad_block)
+    g = torch.Generator().manual_seed(vocab + grad_block)
     rows = 5
     logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3
     tgt = torch.randint(0, vocab, (rows,), generator=g)

@@ -343,10 +343,54 @@ def test_row_strided_logits_view(impl, triton_device):
 
 
 @pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_one_launch_forward_equals_statistics_then_merge(entropy, masked, dtype, triton_device, monkeypatch):
+    """On one rank the statistics kernel merges its own rows (FINAL): log p, entropy and
+    log-sum-exp equal what the [4, T] statistics and the merge kernel give (the TP path's two
+    launches): bit for bit in the interpreter, to rounding where the compiler may fuse a multiply
+    and an add differently. Covered: several vocabulary blocks per row, a row of -inf logits, a
+    row whose -inf logits hold the target, ids outside the vocabulary (NaN rows, unvalidated),
+    masked rows (NaN logits there), float64 outputs for float64 logits."""
+    monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 32)
+    g = torch.Generator().manual_seed(11)
+    rows, vocab = 12, 100
+    x = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 6
+    x[1] = float("-inf")  # nothing finite: lse -inf
+    x[2, :50] = float("-inf")
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[2], targets[3], targets[4] = 7, vocab, -100  # target on a -inf logit; two ids outside
+    keep = torch.ones(rows, dtype=torch.bool)
+    if masked:
+        keep[[0, 5, 9]] = False
+        x[[0, 5, 9]] = float("nan")
+    logits, targets = x.to(dtype).to(triton_device), targets.to(triton_device)
+    row_mask = keep.to(triton_device) if masked else None
+    final = logprobs._one_rank_outputs(rows, dtype, logits.device)
+    assert logprobs._stats_triton(logits, targets, 0, 0.8, entropy, vocab, row_mask, final=final) is None
+    stats = logprobs._stats_triton(logits, targets, 0, 0.8, entropy, vocab, row_mask)
+    want = logprobs._merge(stats, None, entropy, dtype, True, row_mask)
+    exact = triton_device.type == "cpu"
+    for name, got, w in zip(("logp", "entropy", "lse"), final, want):
+        assert got.dtype == w.dtype, name
+        if exact:
+            assert torch.equal(got.isnan(), w.isnan()) and torch.equal(got.nan_to_num(), w.nan_to_num()), name
+        else:
+            torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-6, equal_nan=True, msg=name)
+    lp, ent, lse = (t.cpu() for t in final)
+    assert lp[3].isnan() and lp[4].isnan() and not lse[3].isnan()  # an id outside: NaN log p only
+    assert lse[1] == float("-inf") and lp[2] == float("-inf")
+    assert ent.isnan().all() if not entropy else not ent[[0, 5, 6]].isnan().any()
+    if masked:
+        assert torch.equal(lp[~keep], torch.zeros(3, dtype=lp.dtype)) and torch.equal(lse[~keep], torch.zeros(3))
+
+
+@pytest.mark.parametrize("entropy", [False, True])
 @pytest.mark.parametrize("validate", [True, False])
 def test_forward_and_backward_launch_only_the_kernels(entropy, validate, triton_device, device_ops):
-    """Triton path: the pass over the logits and the merge of its statistics (one launch, not a
-    chain of PyTorch ops over [T] vectors), then one gradient kernel. The only other ops are the
+    """Triton path on one rank: the pass over the logits, which merges each row's statistics itself
+    (one launch: no merge kernel, no chain of PyTorch ops over [T] vectors), then one gradient
+    kernel. The only other ops are the
     target-range check (aminmax + stack, one host sync), which a clear error for an id outside
     the vocabulary (-100 for ignored positions) needs; with validate_targets=False there are none
     (such an id then gives NaN, see test_unvalidated_out_of_range_targets_give_nan_rows)."""
@@ -362,9 +406,9 @@ def test_forward_and_backward_launch_only_the_kernels(entropy, validate, triton_
         outs = out if entropy else (out,)
         (grad,) = torch.autograd.grad(outs, logits, grad_outputs=upstream[: len(outs)])
     kernels = [op for op in forward if op.startswith("_logprob_")]
-    assert kernels == ["_logprob_stats_kernel", "_logprob_combine_kernel"]
+    assert kernels == ["_logprob_stats_kernel"]
     check = forward[: forward.index("_logprob_stats_kernel")]
-    assert forward == [*check, *kernels]  # nothing after the pass over the logits but the merge
+    assert forward == [*check, *kernels]  # nothing after the pass over the logits
     if not validate:
         assert check == []
     else:
@@ -493,7 +537,7 @@ def test_masked_rows_are_skipped(impl, inplace, entropy, triton_device, monkeypa
 
 def test_masked_rows_are_not_read(triton_device, device_ops):
     """Triton path: rows whose mask is 0 are not read by either pass (NaN logits there change
-    nothing), and the mask adds no launch: two kernels forward, one backward."""
+    nothing), and the mask adds no launch: one kernel forward, one backward."""
     g = torch.Generator().manual_seed(43)
     keep = torch.tensor([True, False, True, False, False, True])
     logits = torch.randn(6, 50, generator=g)
@@ -504,7 +548,7 @@ def test_masked_rows_are_not_read(triton_device, device_ops):
     ops = device_ops(logprobs, "_logprob_stats_kernel", "_logprob_combine_kernel", "_logprob_grad_kernel")
     with ops:
         lp = token_logprobs(logits, targets, impl="triton", validate_targets=False, row_mask=keep.to(triton_device))
-        assert ops.log == ["_logprob_stats_kernel", "_logprob_combine_kernel"]
+        assert ops.log == ["_logprob_stats_kernel"]
         ops.log.clear()
         (grad,) = torch.autograd.grad(lp, logits, grad_outputs=upstream)
         assert ops.log == ["_logprob_grad_kernel"]
