@@ -458,7 +458,19 @@ def main(argv: list[str] | None = None) -> int:
         help="block_v:warps[:stages] of token_logprobs' forward statistics kernel on a GPU, e.g. 2048:1:2"
         " (default: kernels/logprobs.py's; tools/sweep_kernels.py compares them)",
     )
+    p.add_argument(
+        "--grad-config",
+        help="block_v:warps[:stages] of token_logprobs' gradient kernel on a GPU, e.g. 4096:8"
+        " (default: kernels/logprobs.py's GRAD_*; tools/sweep_kernels.py compares them)",
+    )
     args = p.parse_args(argv)
+    if args.grad_config:
+        try:
+            block_v, warps, stages = parse_stats_config(args.grad_config)
+        except ValueError:
+            p.error("--grad-config takes block_v:warps[:stages] (block_v a power of two >= 16), e.g. 4096:8")
+        logprobs_mod.GRAD_BLOCK_V, logprobs_mod.GRAD_WARPS, logprobs_mod.GRAD_STAGES = block_v, warps, stages
+        logprobs_mod.MAX_BLOCK_V = max(logprobs_mod.MAX_BLOCK_V, block_v)
     if args.stats_config:
         try:
             cfg = parse_stats_config(args.stats_config)
@@ -553,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         triton=getattr(triton, "__version__", None),
         command=" ".join([sys.executable, *sys.argv]),
         stats_kernel=f"{logprobs_mod.STATS_BLOCK_V}:{logprobs_mod.STATS_WARPS}:{logprobs_mod.STATS_STAGES}",
+        grad_kernel=f"{logprobs_mod.GRAD_BLOCK_V}:{logprobs_mod.GRAD_WARPS}:{logprobs_mod.GRAD_STAGES}",
         note=None if gpu else "CPU only: PyTorch paths timed; Triton, torch.compile and liger skipped",
     )
     out = Path(args.out + ("_" + dev.type))

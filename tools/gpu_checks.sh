@@ -149,18 +149,27 @@ for f in tests_kernels tests_model; do
 done
 
 # --------------------------------------- 2a. optional: launch settings of the log-prob and loss kernels
-# tools/sweep_kernels.py: the log-prob statistics kernel over block widths, warps and stages, and
-# grpo_loss over token blocks, warps and blocks per forward program (times, each kernel's device
-# time, errors); tables in bench.log, rows in sweep_cuda.json
-step sweep 90 "$OUT/bench.log" "$PY" tools/sweep_kernels.py --out "$OUT/sweep"
-# the benchmark then times token_logprobs with the sweep's fastest configuration at the most tokens
-# (without the entropy, as the benchmark's cases and the trainer's default compute it)
+# tools/sweep_kernels.py: the log-prob statistics and gradient kernels over block widths, warps and
+# stages, and grpo_loss over token blocks, warps and blocks per forward program (times, each
+# kernel's device time, errors); tables in bench.log, rows in sweep_cuda.json
+# (in a rehearsal on the CPU it runs in the Triton interpreter at tiny sizes, so that the hand-off
+# of its choices to the benchmark below is rehearsed too)
+SWEEP_ENV=() SWEEP_ARGS=()
+[ "${GPU_CHECKS_ON_CPU:-0}" = 1 ] && SWEEP_ENV=(env TRITON_INTERPRET=1) SWEEP_ARGS=(--reps 2 --warmup 0)
+step sweep 90 "$OUT/bench.log" ${SWEEP_ENV[@]+"${SWEEP_ENV[@]}"} "$PY" tools/sweep_kernels.py --out "$OUT/sweep" \
+    ${SWEEP_ARGS[@]+"${SWEEP_ARGS[@]}"}
+# the benchmark then times token_logprobs with the sweep's fastest configurations at the most tokens
+# (the statistics kernel's without the entropy, as the benchmark's cases and the trainer's default
+# compute it; the gradient kernel's)
 STATS_CFG=$("$PY" - "$OUT/sweep_cuda.json" 2>/dev/null <<'EOF'
 import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))["stats"] if "ms" in r and not r.get("entropy")]
-top = max(r["tokens"] for r in rows)
-best = min((r for r in rows if r["tokens"] == top), key=lambda r: r["ms"])
-print(f"--stats-config {best['block_v']}:{best['warps']}" + (f":{best['stages']}" if best["stages"] else ""))
+data = json.load(open(sys.argv[1]))
+for part, flag in (("stats", "--stats-config"), ("grad", "--grad-config")):
+    rows = [r for r in data.get(part, []) if "ms" in r and not r.get("entropy")]
+    if rows:
+        top = max(r["tokens"] for r in rows)
+        best = min((r for r in rows if r["tokens"] == top), key=lambda r: r["ms"])
+        print(f"{flag} {best['block_v']}:{best['warps']}" + (f":{best['stages']}" if best["stages"] else ""), end=" ")
 EOF
 )
 [ -n "$STATS_CFG" ] && say "benchmark with the sweep's choice: $STATS_CFG"

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,12 @@ BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench_kernels.py"
 
 
 @pytest.mark.parametrize("impls", [["torch", "eager"], ["triton", "triton-inplace", "liger"]])
-def test_bench_script_runs(impls, tmp_path, triton_device):
+def test_bench_script_runs(impls, tmp_path, triton_device, monkeypatch):
+    from megatron_recycle_kernels import logprobs
+
+    for knob in ("STATS_BLOCK_V", "STATS_WARPS", "STATS_STAGES", "GRAD_BLOCK_V", "GRAD_WARPS", "GRAD_STAGES",
+                 "MAX_BLOCK_V"):  # the settings flags below change the module: put them back afterwards
+        monkeypatch.setattr(logprobs, knob, getattr(logprobs, knob))
     if "liger" in impls and importlib.util.find_spec("liger_kernel") is None:
         impls = [i for i in impls if i != "liger"]
     spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
@@ -41,7 +47,13 @@ def test_bench_script_runs(impls, tmp_path, triton_device):
         "--out",
         str(out),
     ]
+    if "triton" in impls:  # the sweep's choices, as tools/gpu_checks.sh hands them over
+        argv += ["--stats-config", "64:2", "--grad-config", "8192:2:3"]
     assert bench.main(argv) == 0
+    if "triton" in impls:
+        meta = json.loads(Path(f"{out}_{triton_device.type}.json").read_text())["meta"]
+        assert (meta["stats_kernel"], meta["grad_kernel"]) == ("64:2:None", "8192:2:3"), meta
+        assert logprobs.MAX_BLOCK_V == 8192  # lifted, so that the wider gradient block applies
     rows = list(csv.DictReader(open(f"{out}_{triton_device.type}.csv")))
     assert rows and not [r for r in rows if r["error"]], rows
     if triton_device.type == "cpu":  # launch counts, host issue and graph times are CUDA's only
@@ -115,7 +127,6 @@ def test_time_budget_stops_before_the_next_case_and_keeps_the_files(tmp_path):
     argv = ["--device", "cpu", "--impls", "torch", "--cases", "advantages", "loss", "--tokens", "4096",
             "--rollouts", "64", "--reps", "1", "--warmup", "0", "--max-seconds", "0", "--out", str(out)]
     assert bench.main(argv) == 0
-    import json
 
     data = json.loads(Path(f"{out}_cpu.json").read_text())
     assert data["rows"] == [] and len(data["meta"]["not_run"]) == 4  # 3 advantages layouts + 1 loss size
@@ -126,7 +137,6 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
     log-sum-exp, entropy and target logit agree with the fp32 PyTorch computation; every gradient
     kernel configuration agrees with the fp32 gradient to a bf16 rounding step, and the sweep puts
     the module's settings back (MAX_BLOCK_V too, which it lifts for a width above it)."""
-    import json
     import sys
 
     sys.path.insert(0, str(BENCH.parent))
@@ -172,13 +182,14 @@ def test_the_sweep_runs_every_configuration_and_checks_it(tmp_path, triton_devic
             sweep.main(["--loss-configs", bad])
     with pytest.raises(SystemExit):  # the benchmark takes the sweep's settings in the same form
         _bench_module().main(["--stats-config", "2048"])
+    with pytest.raises(SystemExit):
+        _bench_module().main(["--grad-config", "3000:4"])
 
 
 def test_host_overhead_tool_stubs_the_launches_and_restores_them(tmp_path):
     """tools/bench_host_overhead.py times our wrappers with every Triton launch replaced by a no-op
     (counted: 3 per forward+backward of grpo_loss, 2 of token_logprobs on one rank, whose forward
     merges its statistics in the same launch), and puts the kernels back afterwards."""
-    import json
 
     from megatron_recycle_kernels import buffers, policy_loss
 
