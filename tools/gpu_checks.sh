@@ -161,7 +161,9 @@ step sweep 90 "$OUT/bench.log" ${SWEEP_ENV[@]+"${SWEEP_ENV[@]}"} "$PY" tools/swe
 # the benchmark then times token_logprobs with the sweep's fastest configurations at the most tokens
 # (the statistics kernel's without the entropy, as the benchmark's cases and the trainer's default
 # compute it; the gradient kernel's)
-STATS_CFG=$("$PY" - "$OUT/sweep_cuda.json" 2>/dev/null <<'EOF'
+SWEEP_JSON=$OUT/sweep_cuda.json
+[ "${GPU_CHECKS_ON_CPU:-0}" = 1 ] && SWEEP_JSON=$OUT/sweep_cpu.json
+STATS_CFG=$("$PY" - "$SWEEP_JSON" 2>/dev/null <<'EOF'
 import json, sys
 data = json.load(open(sys.argv[1]))
 for part, flag in (("stats", "--stats-config"), ("grad", "--grad-config")):
