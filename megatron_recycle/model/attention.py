@@ -15,6 +15,7 @@ tests/model/test_group_packing.py (arbitrary tree masks).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,69 @@ def _block(queries: list[tuple[int, int]], prefix: list[int], prefix_len: int, d
 
 
 @dataclass
+class VarlenPlan:
+    """The plan as ONE variable-length attention call (route ``varlen``): every position of the
+    flattened [rows * width] queries belongs to one segment, in order (a group's prefix, each of
+    its members, a stretch of padding), and each segment attends causally, its last query aligned
+    with its last key, to its keys: its own positions, after the group's prefix for a member.
+    ``k_idx`` [T_k]: the keys' flat positions, segment after segment (a member's prefix keys are
+    gathered once per member); ``cu_q`` / ``cu_k`` [segments + 1] (int32): where each segment's
+    queries and keys start; ``max_q`` / ``max_k``: the longest; ``pad`` [rows * width] (bool):
+    the padding positions, None when there are none (padding attends to itself and is then
+    zeroed, as the block routes leave it)."""
+
+    k_idx: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    pad: torch.Tensor | None
+
+    @staticmethod
+    def build(spans: list[tuple[int, int, int, list[tuple[int, int]]]], rows: int, width: int,
+              dev: torch.device) -> VarlenPlan:
+        """From GroupAttentionPlan.build's ``spans``; ValueError if two spans overlap."""
+        by_row: dict[int, list[tuple[int, int, int, int]]] = {}  # row -> (offset, length, prefix start, prefix length)
+        for row, start, sp, members in spans:
+            segs = by_row.setdefault(row, [])
+            if sp > 0:
+                segs.append((start, sp, 0, 0))
+            segs.extend((off, ln, start, sp) for off, ln in members if ln > 0)
+        keys: list[torch.Tensor] = []
+        q_lens: list[int] = []
+        k_lens: list[int] = []
+        padding = False
+        for row in range(rows):
+            at = 0
+            base = row * width
+            for off, ln, pstart, sp in sorted(by_row.get(row, [])) + [(width, 0, 0, 0)]:
+                if off < at:
+                    raise ValueError(f"packed spans overlap in row {row} at position {off}")
+                if off > at:  # padding: a segment of its own
+                    padding = True
+                    keys.append(torch.arange(base + at, base + off))
+                    q_lens.append(off - at)
+                    k_lens.append(off - at)
+                if ln:
+                    own = torch.arange(base + off, base + off + ln)
+                    keys.append(torch.cat([torch.arange(base + pstart, base + pstart + sp), own]) if sp else own)
+                    q_lens.append(ln)
+                    k_lens.append(sp + ln)
+                at = off + ln
+        cu = lambda lens: torch.tensor([0, *lens], dtype=torch.long).cumsum(0).to(torch.int32)  # noqa: E731
+        pad = None
+        if padding:
+            pad = torch.ones(rows * width, dtype=torch.bool)
+            for row, start, sp, members in spans:
+                pad[row * width + start: row * width + start + sp] = False
+                for off, ln in members:
+                    pad[row * width + off: row * width + off + ln] = False
+            pad = pad.to(dev)
+        return VarlenPlan(torch.cat(keys).to(dev), cu(q_lens).to(dev), cu(k_lens).to(dev), max(q_lens),
+                          max(k_lens), pad)
+
+
+@dataclass
 class GroupAttentionPlan:
     """Index plan for attention over group-packed rows (train/packing.py's group_packed_layout: per
     group [prefix][member 1]...[member K], groups side by side in a row), computed once per
@@ -84,6 +148,8 @@ class GroupAttentionPlan:
     # every block's real query positions, in block order (the blocks' ``pos`` joined): where the
     # outputs land, in one copy per layer
     pos: torch.Tensor | None = None
+    # the same attention as one variable-length call (route "varlen"), built with the plan
+    varlen: VarlenPlan | None = None
 
     def matches(self, attention_mask: Any) -> bool:
         """Whether ``attention_mask`` is this plan's mask: the same tensor, or a view of the same
@@ -114,7 +180,8 @@ class GroupAttentionPlan:
             if own:
                 blocks.append(_block(own, pre, sp, dev))
         pos = torch.cat([blk.pos for blk in blocks]) if len(blocks) > 1 else (blocks[0].pos if blocks else None)
-        return GroupAttentionPlan(mask, rows, width, tuple(blocks), pos)
+        varlen = VarlenPlan.build(spans, rows, width, dev) if _forced_route() == "varlen" else None
+        return GroupAttentionPlan(mask, rows, width, tuple(blocks), pos, varlen)
 
 
 def native_gqa(t: torch.Tensor) -> bool:
@@ -196,13 +263,77 @@ class _PrefixThenCausal(torch.autograd.Function):
         return dq_p + dq_m, dkp, dvp, dkm, dvm, None
 
 
+ROUTES = ("split", "causal-bias", "bool-mask", "varlen")
+ROUTE_ENV = "MEGATRON_RECYCLE_PACKED_ATTENTION"
+
+
+def _forced_route() -> str | None:
+    """The route named by $MEGATRON_RECYCLE_PACKED_ATTENTION (unset, empty or ``auto``: None, the
+    device's default); ValueError for an unknown name."""
+    name = os.environ.get(ROUTE_ENV, "").strip()
+    if name in ("", "auto"):
+        return None
+    if name not in ROUTES:
+        raise ValueError(f"{ROUTE_ENV}={name!r} is not a group attention route: auto or one of {', '.join(ROUTES)}")
+    return name
+
+
 def _route(t: torch.Tensor) -> str:
-    """How a GroupAttentionPlan's member blocks run on ``t``'s device: ``causal-bias`` on CUDA,
-    ``split`` (:class:`_PrefixThenCausal`) on a CPU whose torch has the CPU flash ops, else
-    ``bool-mask``."""
+    """How a GroupAttentionPlan's attention runs on ``t``'s device: the route named by
+    $MEGATRON_RECYCLE_PACKED_ATTENTION when set, else ``causal-bias`` on CUDA, ``split``
+    (:class:`_PrefixThenCausal`) on a CPU whose torch has the CPU flash ops, else ``bool-mask``.
+    ``varlen`` (one variable-length flash call for every segment, torch's
+    ``torch.nn.attention.varlen``; on a CPU a per-segment emulation of it, for tests) is chosen
+    only by name."""
+    forced = _forced_route()
+    if forced is not None:
+        return forced
     if t.is_cuda:
         return "causal-bias"
     return "split" if t.device.type == "cpu" and _cpu_flash_ops() is not None else "bool-mask"
+
+
+def varlen_attn_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                         max_q: int, max_k: int, *, scale: float | None = None,
+                         window_size: tuple[int, int] = (-1, 0)) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn's causal case (``window_size=(-1, 0)``: each segment's
+    last query aligned with its last key), one SDPA per segment: the route ``varlen`` off CUDA,
+    where torch has no variable-length kernel. Same arguments, [T_q, heads, hn] out."""
+    if tuple(window_size) != (-1, 0):
+        raise ValueError(f"only the causal window (-1, 0) is emulated, got {window_size}")
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    outs = []
+    for i in range(len(bq) - 1):
+        lq, lk = bq[i + 1] - bq[i], bk[i + 1] - bk[i]
+        if not (0 < lq <= lk and lq <= max_q and lk <= max_k):
+            raise ValueError(f"segment {i}: {lq} queries, {lk} keys (longest {max_q}, {max_k})")
+        qs, ks, vs = (t.permute(1, 0, 2)[None] for t in (q[bq[i]:bq[i + 1]], k[bk[i]:bk[i + 1]], v[bk[i]:bk[i + 1]]))
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)[0].permute(1, 0, 2))
+    return torch.cat(outs)
+
+
+def _varlen_attention(plan: GroupAttentionPlan, qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor,
+                      scale: float | None) -> torch.Tensor:
+    """Route ``varlen``: the keys and values gathered segment after segment (one index_select
+    each), one variable-length causal call, padding zeroed. [b * s, heads, hn] in and out."""
+    vp = plan.varlen
+    if vp is None:
+        raise RuntimeError(f"this GroupAttentionPlan was built without its variable-length form: set {ROUTE_ENV}=varlen "
+                           "before the micro-batches are cut (GroupAttentionPlan.build reads it)")
+    heads = qf.shape[1]
+    kg, vg = (t.index_select(0, vp.k_idx) for t in (kf, vf))
+    if kg.shape[1] != heads:  # grouped-query keys and values: expanded after the gather, as the call takes them
+        kg, vg = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (kg, vg))
+    fn = varlen_attn_emulated
+    if qf.is_cuda and qf.dtype in (torch.float16, torch.bfloat16):
+        try:
+            from torch.nn.attention.varlen import varlen_attn as fn
+        except ImportError as e:  # torch < 2.10
+            raise RuntimeError(f"{ROUTE_ENV}=varlen needs torch.nn.attention.varlen (torch >= 2.10); this torch "
+                               f"{torch.__version__} has none: use causal-bias") from e
+    out = fn(qf, kg, vg, vp.cu_q, vp.cu_k, vp.max_q, vp.max_k, scale=scale, window_size=(-1, 0))
+    return out if vp.pad is None else out.masked_fill(vp.pad[:, None, None], 0.0)
 
 
 def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -218,8 +349,10 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
     take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, t.shape[1], hn).permute(0, 2, 1, 3)  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
     route = route or _route(q)
-    if route not in ("split", "causal-bias", "bool-mask"):
-        raise ValueError(f"unknown group attention route {route!r} (split, causal-bias or bool-mask)")
+    if route not in ROUTES:
+        raise ValueError(f"unknown group attention route {route!r} ({', '.join(ROUTES)})")
+    if route == "varlen":
+        return _varlen_attention(plan, qf, kf, vf, scale).view(b, s, n, hn).permute(0, 2, 1, 3)
     outs = []
     for blk in plan.blocks:
         prefix = blk.k.shape[1] - blk.q.shape[1]
@@ -336,6 +469,6 @@ def use_sdpa_core_attention(spec: Any) -> Any:
     return spec
 
 
-__all__ = ["AttentionBlock", "GroupAttentionPlan", "SDPADotProductAttention", "expand_kv", "group_attention", "is_plan_only_mask",
+__all__ = ["ROUTES", "ROUTE_ENV", "AttentionBlock", "GroupAttentionPlan", "VarlenPlan", "varlen_attn_emulated", "SDPADotProductAttention", "expand_kv", "group_attention", "is_plan_only_mask",
            "native_gqa", "plan_only_mask",
            "use_sdpa_core_attention"]

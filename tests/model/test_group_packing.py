@@ -154,7 +154,7 @@ def _plan_case():
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-@pytest.mark.parametrize("route", ["split", "bool-mask", "causal-bias"])
+@pytest.mark.parametrize("route", ["split", "bool-mask", "causal-bias", "varlen"])
 def test_group_attention_plan_equals_dense_tree_mask(route, kv_heads, monkeypatch):
     """GroupAttentionPlan's block attention == SDPA with the dense tree mask, outputs and
     gradients, float64: ragged prefixes and members, the shortest members (the last prompt token +
@@ -165,7 +165,9 @@ def test_group_attention_plan_equals_dense_tree_mask(route, kv_heads, monkeypatc
     the GPU route relies on is checked here. The plan holds no mask: its index tensors grow with
     the tokens, not with their square. ``kv_heads=2``: grouped-query attention, the plan given the
     2 key/value heads of 4 query heads unexpanded (as on a CPU), against the dense mask over the
-    expanded heads (whose gradients autograd sums back into the 2)."""
+    expanded heads (whose gradients autograd sums back into the 2). ``varlen``: every segment in
+    one variable-length call (on a CPU the per-segment emulation of torch's varlen_attn, given
+    exactly the arguments the CUDA kernel gets: ``test_varlen_route_on_cuda`` checks the kernel)."""
     import warnings
 
     from megatron_recycle.model import attention
@@ -180,7 +182,10 @@ def test_group_attention_plan_equals_dense_tree_mask(route, kv_heads, monkeypatc
     if route == "causal-bias":
         warnings.filterwarnings("ignore", message=".*(flash|efficient|Memory|Flash|Mem).*")
 
+    if route == "varlen":  # the plan builds its variable-length form when the route is named
+        monkeypatch.setenv(attention.ROUTE_ENV, "varlen")
     p, plan, real, (q, k, v), g = _plan_case()
+    assert (plan.varlen is not None) == (route == "varlen")
     if kv_heads != 4:
         k, v = (t[:, :kv_heads].detach().clone().requires_grad_() for t in (k, v))
     rows, width = p.tokens.shape
@@ -189,6 +194,7 @@ def test_group_attention_plan_equals_dense_tree_mask(route, kv_heads, monkeypatc
                                                              attn_mask=~p.attention_mask, scale=0.3)
     block = group_attention(plan, q, k, v, 0.3, route=None if route == "split" else route)  # split: the CPU default
     torch.testing.assert_close(block * real[:, None, :, None], dense * real[:, None, :, None], atol=1e-12, rtol=0)
+    assert not block.permute(0, 2, 1, 3)[~real].any()  # padding positions: zeros on every route
     gd = torch.autograd.grad((dense * weights).sum(), (q, k, v))
     gb = torch.autograd.grad((block * weights).sum(), (q, k, v))
     for a, b in zip(gb, gd):
@@ -276,6 +282,40 @@ def test_packed_logprobs_and_gradient_equal_padded(world1, tiny, kind, tied, mon
     assert used  # the packed steps ran the block attention of the group plan ...
     assert all("group_plans" not in layer.self_attention.core_attention.__dict__  # ... only inside them
                for layer in chunks[0].module.decoder.layers)
+
+
+def test_the_varlen_route_through_a_packed_step(world1, tiny, monkeypatch):
+    """$MEGATRON_RECYCLE_PACKED_ATTENTION=varlen through the model (Qwen3: grouped-query heads,
+    QK-norm): packed log-probs and one packed GRPO step's weight update equal the default route's,
+    and every layer's attention went the variable-length way (on a CPU its emulation)."""
+    import megatron_recycle.model.attention as attn
+
+    seqs, masks, gids, adv = _sequences(seed=1)
+    batch = build_batch(seqs, masks, advantages=adv, group_ids=gids)
+    real = torch.arange(batch.seq_length - 1)[None] < (batch.lengths - 1)[:, None]
+    calls = []
+    real_varlen = attn._varlen_attention
+    monkeypatch.setattr(attn, "_varlen_attention", lambda *a: calls.append(1) or real_varlen(*a))
+    cfg = GRPOLossConfig(eps_low=0.2, eps_high=0.28)
+    out = {}
+    for route in ("auto", "varlen"):
+        monkeypatch.setenv(attn.ROUTE_ENV, route)
+        chunks, opt, sched = _model(tiny, "qwen3", False)
+        lp = compute_logprobs(chunks, batch, 9, pack_groups=True)
+        old = lp + 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
+        before = [p.detach().clone() for p in chunks[0].parameters()]
+        m = grpo_train_step(chunks, opt, sched, batch.replace(old_logprobs=old), 9, cfg, pack_groups=True)
+        out[route] = (lp, m, [b - p.detach() for b, p in zip(before, chunks[0].parameters())])
+        if route == "auto":
+            assert not calls
+    layers = len(chunks[0].module.decoder.layers)
+    assert len(calls) >= 2 * layers and len(calls) % layers == 0  # every layer, in both forwards
+    (lp_a, m_a, g_a), (lp_v, m_v, g_v) = out["auto"], out["varlen"]
+    torch.testing.assert_close(lp_v[real], lp_a[real], atol=2e-5, rtol=0)
+    gmax = max(g.abs().max().item() for g in g_a)
+    assert gmax > 1e-3
+    assert max((a - b).abs().max().item() for a, b in zip(g_v, g_a)) <= 1e-5 * gmax
+    assert m_v["loss"] == pytest.approx(m_a["loss"], rel=1e-5)
 
 
 def test_plan_only_masks_replace_the_dense_tree_mask(world1, tiny):
@@ -442,6 +482,80 @@ def test_sdpa_core_attention_equals_megatrons_own(world1, tiny):
         fast = core(q, k, v, mask)
         slow = DotProductAttention.forward(core, q, k, v, mask)
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_varlen_plan_segments_cover_every_position_once(monkeypatch):
+    """The variable-length form of _plan_case's plan: its query segments tile the flattened rows in
+    order (prefixes, members, padding stretches), each member's keys are its group's prefix then
+    itself, padding attends to itself only and is marked, and the plan-only route refuses a plan
+    built without it (the route is read when the plan is built, outside the forward)."""
+    from megatron_recycle.model import attention
+    from megatron_recycle.model.attention import GroupAttentionPlan, VarlenPlan, group_attention
+
+    p, plan, real, (q, k, v), _ = _plan_case()
+    rows, width = p.tokens.shape
+    vp = VarlenPlan.build(p.spans, rows, width, torch.device("cpu"))
+    cu_q, cu_k = vp.cu_q.tolist(), vp.cu_k.tolist()
+    assert vp.cu_q.dtype == vp.cu_k.dtype == torch.int32 and cu_q[-1] == rows * width and cu_k[-1] == len(vp.k_idx)
+    want = []  # (query positions, key positions) per segment, in order
+    for r in range(rows):
+        segs = []
+        for _, start, sp, ms in (span for span in p.spans if span[0] == r):
+            pre = list(range(r * width + start, r * width + start + sp))
+            if sp:
+                segs.append((pre, pre))
+            for off, ln in ms:
+                own = list(range(r * width + off, r * width + off + ln))
+                segs.append((own, pre + own))
+        at = r * width
+        for qs, ks in sorted(segs) + [([(r + 1) * width], None)]:
+            if qs[0] > at:  # padding: its own keys
+                want.append((list(range(at, qs[0])), list(range(at, qs[0]))))
+            if ks is not None:
+                want.append((qs, ks))
+                at = qs[-1] + 1
+    assert [ks for _, ks in want] == [vp.k_idx[cu_k[i]:cu_k[i + 1]].tolist() for i in range(len(cu_k) - 1)]
+    assert [q for qs, _ in want for q in qs] == list(range(rows * width))  # the segments tile the rows in order
+    assert cu_q == [0, *torch.tensor([len(qs) for qs, _ in want]).cumsum(0).tolist()]
+    assert vp.max_q == max(len(qs) for qs, _ in want) and vp.max_k == max(len(ks) for _, ks in want)
+    assert torch.equal(vp.pad, ~real.reshape(-1))
+    with pytest.raises(RuntimeError, match="without its variable-length form"):
+        group_attention(plan, q, k, v, 0.3, route="varlen")
+    monkeypatch.setenv(attention.ROUTE_ENV, "flash")
+    with pytest.raises(ValueError, match="'flash' is not a group attention route"):
+        GroupAttentionPlan.build(p.spans, rows, width, p.attention_mask)
+    one = [(0, 0, 3, [(3, 2), (5, 4)])]  # one group filling its row exactly: no padding segment
+    vp = VarlenPlan.build(one, 1, 9, torch.device("cpu"))
+    assert vp.pad is None and vp.cu_q.tolist() == [0, 3, 5, 9] and vp.cu_k.tolist() == [0, 3, 8, 15]
+    assert vp.k_idx.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8]
+    with pytest.raises(ValueError, match="overlap in row 0"):
+        VarlenPlan.build([(0, 0, 3, [(2, 2)])], 1, 9, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: torch's variable-length flash kernel")
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_varlen_route_on_cuda(kv_heads, monkeypatch):
+    """The route ``varlen`` with torch's own varlen_attn (bf16 on CUDA) against the emulation of it
+    (float64 on the CPU, the same arguments): outputs and gradients, so the kernel's causal
+    alignment (last query on last key) and segment handling are what the plan assumes."""
+    from megatron_recycle.model import attention
+    from megatron_recycle.model.attention import GroupAttentionPlan, group_attention
+
+    monkeypatch.setenv(attention.ROUTE_ENV, "varlen")
+    p, plan, real, (q, k, v), g = _plan_case()
+    k, v = (t[:, :kv_heads].detach().clone().requires_grad_() for t in (k, v))
+    rows, width = p.tokens.shape
+    weights = torch.randn(rows, 4, width, 8, generator=g, dtype=torch.float64) * real[:, None, :, None]
+    want = group_attention(plan, q, k, v, 0.3)
+    gw = torch.autograd.grad((want * weights).sum(), (q, k, v))
+    gplan = GroupAttentionPlan.build(p.spans, rows, width, p.attention_mask.cuda())
+    qc, kc, vc = (t.detach().cuda().bfloat16().requires_grad_() for t in (q, k, v))
+    got = group_attention(gplan, qc, kc, vc, 0.3)
+    tol = 3e-2 * float(want.abs().max())
+    torch.testing.assert_close(got.double().cpu(), want.detach(), atol=tol, rtol=0)
+    gg = torch.autograd.grad((got * weights.cuda().bfloat16()).sum(), (qc, kc, vc))
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a.double().cpu(), b, atol=3e-2 * float(b.abs().max()), rtol=0)
 
 
 def test_group_attention_refuses_an_unknown_route():
