@@ -11,6 +11,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests choose the group attention route themselves (each device's default unless a test names one)
+os.environ.pop("MEGATRON_RECYCLE_PACKED_ATTENTION", None)
 
 import torch  # noqa: E402
 

@@ -17,8 +17,9 @@ the group's K trajectories as K padded rows under plain causal attention (what t
 with ``--no-pack`` / ``optim.pack_groups=false``) against the packed row through the group plan
 (model.attention.group_attention) on this device's route (a CPU: each member block as two flash
 calls merged by log-sum-exp; CUDA: flash attention's bottom-right causal kernel) and, for
-comparison, with one masked call per block, with a dense output gradient as in a model, and the
-query-key pairs each computes. Keys and values have ``--kv-heads`` heads (grouped-query
+comparison, with one masked call per block, and on CUDA as one variable-length flash call for
+every segment (route ``varlen``, torch.nn.attention.varlen), with a dense output gradient as in a
+model, and the query-key pairs each computes. Keys and values have ``--kv-heads`` heads (grouped-query
 attention) and go through the model's own handling of them (model.attention.native_gqa /
 expand_kv) on both sides. On CUDA (``--device cuda``, bf16 by default) each form's device
 activities per forward+backward are counted (torch.profiler) with the device's busy time: the
@@ -88,7 +89,13 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
     import torch.nn.functional as F
 
     from megatron_recycle.model import attention
-    from megatron_recycle.model.attention import GroupAttentionPlan, expand_kv, group_attention, native_gqa
+    from megatron_recycle.model.attention import (
+        GroupAttentionPlan,
+        VarlenPlan,
+        expand_kv,
+        group_attention,
+        native_gqa,
+    )
     from megatron_recycle.train.batch import build_batch
     from megatron_recycle.train.packing import group_packed_layout
 
@@ -150,6 +157,11 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
     grouped = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale)), rows, width)
     masked = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale, route="bool-mask")),
                    rows, width)  # for comparison
+    varlen = (None, None, None)
+    if cuda:  # every segment in one variable-length flash call (route "varlen"; a CPU only emulates it)
+        plan.varlen = VarlenPlan.build(packed.spans, rows, width, dev)
+        varlen = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale, route="varlen")),
+                       rows, width)
     sp = packed.spans[0][2]  # the shared prefix (the prompt less its last token, which each member repeats)
     members = [ln for _, _, _, ms in packed.spans for _, ln in ms]
     return {"k": k, "prompt": prompt, "member": member, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
@@ -160,7 +172,8 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
             "padded_fwd_bwd_s": padded[0], "plan_route": route, "plan_fwd_bwd_s": grouped[0],
             "plan_bool_mask_fwd_bwd_s": masked[0],
             "padded_launches": padded[1], "plan_launches": grouped[1], "plan_bool_mask_launches": masked[1],
-            "padded_busy_s": padded[2], "plan_busy_s": grouped[2], "plan_bool_mask_busy_s": masked[2]}
+            "padded_busy_s": padded[2], "plan_busy_s": grouped[2], "plan_bool_mask_busy_s": masked[2],
+            "plan_varlen_fwd_bwd_s": varlen[0], "plan_varlen_launches": varlen[1], "plan_varlen_busy_s": varlen[2]}
 
 
 def _write(out: Path, name: str, meta: dict, rows: list[dict]) -> None:
@@ -216,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{a.head_dim}, {dtype}, {where}, forward+backward, median of {a.repeats}")
         print(f"{'generated':>10}{'padded pos.':>13}{'packed pos.':>13}{'padded pairs':>14}{'plan pairs':>12}"
               f"{'padded (s)':>12}{'plan (s)':>10}{'plan, masked (s)':>18}  plan route"
-              + ("   launches padded/plan/masked   device busy (ms) padded/plan/masked" if cuda else ""))
+              + (f"{'varlen (s)':>12}   launches padded/plan/masked/varlen   device busy (ms) padded/plan/masked/varlen"
+                 if cuda else ""))
         rows = []
         for member in a.members:
             r = _attention_case(a.k, a.prompt, member, a.heads, a.head_dim, a.repeats, kv, str(dev), dtype)
@@ -225,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['plan_pairs']:>12}{r['padded_fwd_bwd_s']:>12.4f}{r['plan_fwd_bwd_s']:>10.4f}"
                     f"{r['plan_bool_mask_fwd_bwd_s']:>18.4f}  {r['plan_route']}")
             if cuda:
-                line += (f"   {r['padded_launches']}/{r['plan_launches']}/{r['plan_bool_mask_launches']}"
+                line += (f"{r['plan_varlen_fwd_bwd_s']:>12.4f}"
+                         f"   {r['padded_launches']}/{r['plan_launches']}/{r['plan_bool_mask_launches']}"
+                         f"/{r['plan_varlen_launches']}"
                          f"   {1e3 * r['padded_busy_s']:.3f}/{1e3 * r['plan_busy_s']:.3f}/"
-                         f"{1e3 * r['plan_bool_mask_busy_s']:.3f}")
+                         f"{1e3 * r['plan_bool_mask_busy_s']:.3f}/{1e3 * r['plan_varlen_busy_s']:.3f}")
             print(line)
         meta["device"] = where if cuda else meta["machine"]
         _write(Path(a.out), "bench_packing_attention", {**meta, "torch": torch.__version__}, rows)

@@ -365,12 +365,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     if prof is not None:
         result["profile"] = prof
+    # the group plan's attention route ($MEGATRON_RECYCLE_PACKED_ATTENTION, else the device's default)
+    from megatron_recycle.model.attention import _route
+
+    packed_route = _route(torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu"))
+    result["packed_attention_route"] = packed_route if a.group_size > 1 and not a.no_pack else None
     if layout.rank == 0:
         ragged = (f" (lengths {a.min_len_frac:g}-1 x L, {'length-grouped' if not a.no_length_grouping else 'batch-wide'}"
                   " micro-batches)" if a.min_len_frac < 1 else "")
         print(f"\nGRPO step: {a.model} ({a.weights} weights, {n_params / 1e6:.1f}M params/rank), N={a.n} x L={a.seq_len}{ragged}"
               f"{f' in groups of {a.group_size} ' if a.group_size > 1 else ''}"
-              f"{('(padded rows)' if a.no_pack else '(packed)') if a.group_size > 1 else ''}, "
+              f"{('(padded rows)' if a.no_pack else f'(packed, attention route {packed_route})') if a.group_size > 1 else ''}, "
               f"mbs={a.mbs}, tp={a.tp} pp={a.pp}{f' vpp={a.vpp}' if a.vpp else ''} dp={layout.dp}, bf16={a.bf16}, "
               f"dist_opt={a.dist_opt}, {memory}")
         print(f"device: {result['device']}, threads={result['threads']}, GLIBC_TUNABLES={malloc or '(unset)'}")

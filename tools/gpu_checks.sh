@@ -212,14 +212,19 @@ if [[ $STEPS == *" bench_packed "* ]]; then
     # first one layer's attention alone, the same group (4 x 1,024 tokens, a 256-token prompt) in
     # Qwen3-1.7B's heads: padded causal rows against the group plan, with each form's device
     # activities and busy time (tools/bench_packing.py --attention; seconds)
-    PYTHONWARNINGS=ignore step bench_packed 60 "$OUT/bench.log" \
+    PYTHONWARNINGS=ignore step bench_packed 45 "$OUT/bench.log" \
         "$PY" tools/bench_packing.py --attention --k 4 --prompt 256 "${ATTN[@]}" --repeats 5 --out "$STEP_DIR"
     grep -A4 "^attention of one group" "$OUT/bench.log" 2>/dev/null | grep -v "^W[0-9]" | tee -a "$SUMMARY"
-    for pack in "" "--no-pack"; do  # two runs, each with its own limit
-        step bench_packed 80 "$OUT/bench.log" \
+    # three runs, each with its own limit: packed (the default route), packed with every segment in
+    # one variable-length flash call (MEGATRON_RECYCLE_PACKED_ATTENTION=varlen), padded rows
+    for mode in packed varlen nopack; do
+        route=auto pack=""
+        [ "$mode" = varlen ] && route=varlen
+        [ "$mode" = nopack ] && pack="--no-pack"
+        MEGATRON_RECYCLE_PACKED_ATTENTION=$route step bench_packed 70 "$OUT/bench.log" \
             "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model "$STEP_MODEL" --bf16 \
             --sequences 8 --seq-len 1024 --group-size 4 --mbs 4 --steps 2 --warmup 1 --out "$STEP_DIR" \
-            --tag "cuda-k4${pack:+-nopack}" --profile $pack
+            --tag "cuda-k4-$mode" --profile $pack
     done
     # the tables, then each run's profile: device activities, busy time, idle share, costliest kernels
     grep -A26 "in groups of 4" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -53,7 +55,7 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
 
 def test_bench_step_packs_groups_on_virtual_pipeline_stages(tmp_path):
     """PP 2 x VPP 2 (one layer of the tiny model per chunk): the packed micro-batches share one shape."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGATRON_RECYCLE_PACKED_ATTENTION")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tools" / "bench_step.py"), "--model", "tiny", "--sequences", "4", "--seq-len", "32",
@@ -65,4 +67,6 @@ def test_bench_step_packs_groups_on_virtual_pipeline_stages(tmp_path):
     result = json.loads(path.read_text())
     assert result["pp"] == 2 and result["vpp"] == 2 and result["dp"] == 1 and result["group_packing"] is True
     assert result["packed_saved_tokens"] > 0  # the groups' shared prompts were computed once
-    assert math.isfinite(result["loss_last"]) and "in groups of 2 (packed)" in proc.stdout
+    route = "causal-bias" if torch.cuda.is_available() else "split"  # the device's default (the variable unset)
+    assert math.isfinite(result["loss_last"]) and f"in groups of 2 (packed, attention route {route})" in proc.stdout
+    assert result["packed_attention_route"] == route
