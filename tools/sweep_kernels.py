@@ -76,6 +76,16 @@ def _kernel_times(fn, dev: torch.device) -> dict[str, float]:
     return dict(out)
 
 
+def _time_into(row: dict, fn, dev, reps: int, warmup: int, nbytes: int, bw: float) -> None:
+    """Median event time of fn (ms), its device time on CUDA, and GB/s of ``nbytes`` against the
+    copy bandwidth, into ``row``."""
+    row["ms"] = B.time_fn(fn, dev, reps, warmup)
+    if dev.type == "cuda":
+        row["device_ms"] = sum(_kernel_times(fn, dev).values())
+    row["gbs"] = nbytes / (row["ms"] * 1e-3) / 1e9
+    row["pct_of_copy"] = 100 * row["gbs"] / bw
+
+
 def sweep_stats(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, bw: float) -> list[dict]:
     inv_t = 1 / 0.9
     logits = (torch.randn(tokens, vocab, device=dev) * 2).to(torch.bfloat16)
@@ -99,11 +109,7 @@ def sweep_stats(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, b
                 row["err_entropy"] = (ent - ref_ent).abs().max().item() if entropy else None
                 t = lp + lse  # the target logit the kernel read
                 row["err_target"] = (t - logits.float().gather(1, targets[:, None]).squeeze(1) * inv_t).abs().max().item()
-                row["ms"] = B.time_fn(fn, dev, reps, warmup)
-                if dev.type == "cuda":
-                    row["device_ms"] = sum(_kernel_times(fn, dev).values())
-                row["gbs"] = nbytes / (row["ms"] * 1e-3) / 1e9
-                row["pct_of_copy"] = 100 * row["gbs"] / bw
+                _time_into(row, fn, dev, reps, warmup, nbytes, bw)
             except Exception as e:  # a configuration that does not compile or run: say so, go on
                 row["error"] = repr(e)[:300]
             rows.append(row)
@@ -171,11 +177,7 @@ def sweep_grad(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, bw
                     logits, targets, 0, inv_t, lse, lse, g_lp, None, out=grad, vocab_total=vocab)
                 fn()
                 row["err_grad"] = ((grad[:want_rows].float() - want).abs().max() / want.abs().max()).item()
-                row["ms"] = B.time_fn(fn, dev, reps, warmup)
-                if dev.type == "cuda":
-                    row["device_ms"] = sum(_kernel_times(fn, dev).values())
-                row["gbs"] = nbytes / (row["ms"] * 1e-3) / 1e9
-                row["pct_of_copy"] = 100 * row["gbs"] / bw
+                _time_into(row, fn, dev, reps, warmup, nbytes, bw)
             except Exception as e:  # a configuration that does not compile or run: say so, go on
                 row["error"] = repr(e)[:300]
             rows.append(row)
