@@ -15,6 +15,7 @@ tests/model/test_group_packing.py (arbitrary tree masks).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -326,6 +329,11 @@ def _varlen_attention(plan: GroupAttentionPlan, qf: torch.Tensor, kf: torch.Tens
     if kg.shape[1] != heads:  # grouped-query keys and values: expanded after the gather, as the call takes them
         kg, vg = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (kg, vg))
     fn = varlen_attn_emulated
+    if qf.is_cuda and qf.dtype not in (torch.float16, torch.bfloat16) and not _varlen_attention.__dict__.get("warned"):
+        _varlen_attention.warned = True
+        logger.warning("%s=varlen with %s on CUDA: the variable-length flash kernel takes fp16/bf16 only, so each "
+                       "segment runs as its own SDPA call (correct, slow); train in bf16 or use causal-bias",
+                       ROUTE_ENV, qf.dtype)
     if qf.is_cuda and qf.dtype in (torch.float16, torch.bfloat16):
         try:
             from torch.nn.attention.varlen import varlen_attn as fn
