@@ -156,7 +156,7 @@ done
 # of its choices to the benchmark below is rehearsed too)
 SWEEP_ENV=() SWEEP_ARGS=()
 [ "${GPU_CHECKS_ON_CPU:-0}" = 1 ] && SWEEP_ENV=(env TRITON_INTERPRET=1) SWEEP_ARGS=(--reps 2 --warmup 0)
-step sweep 90 "$OUT/bench.log" ${SWEEP_ENV[@]+"${SWEEP_ENV[@]}"} "$PY" tools/sweep_kernels.py --out "$OUT/sweep" \
+step sweep 120 "$OUT/bench.log" ${SWEEP_ENV[@]+"${SWEEP_ENV[@]}"} "$PY" tools/sweep_kernels.py --out "$OUT/sweep" \
     ${SWEEP_ARGS[@]+"${SWEEP_ARGS[@]}"}
 # the benchmark then times token_logprobs with the sweep's fastest configurations at the most tokens
 # (the statistics kernel's without the entropy, as the benchmark's cases and the trainer's default

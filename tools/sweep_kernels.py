@@ -2,7 +2,8 @@
 
     python tools/sweep_kernels.py --out /tmp/sweep            # defaults sized for an H100/H200
 
-Three parts, each printed as a table and written to <out>.json:
+Three parts, each printed as a table and written to <out>.json after it ran, in the order 1, 3, 2
+(so that a run stopped at its time limit keeps the parts that matter most):
 
 1. The forward statistics kernel of token_logprobs (one read of the [T, V] logits; on one rank it
    merges each row itself and writes log p, entropy and log-sum-exp, as timed here) over block
@@ -365,31 +366,6 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(dev) if gpu else "CPU (Triton interpreter: times meaningless)"
     bw = B.copy_bandwidth_gbs(dev, 1024 if gpu else 16)
     print(f"device: {name}; measured copy bandwidth {bw:.1f} GB/s")
-    print(f"\ntoken_logprobs statistics kernel (bf16 logits, one read), median of {args.reps}")
-    print(f"{'tokens':>7} {'vocab':>7} {'BLOCK':>6} {'warps':>5} {'stages':>6} {'ent':>4} {'ms':>9} {'dev ms':>9}"
-          f" {'GB/s':>9} {'%copy':>6} {'err lse':>9} {'err H':>9} {'err tgt':>9}")
-    stats_rows = []
-    for t in tokens:
-        stats_rows += sweep_stats(dev, t, vocab, configs, args.reps, args.warmup, bw)
-        if gpu:
-            torch.cuda.empty_cache()
-    print(f"\ntoken_logprobs gradient kernel (bf16 logits, a read and a write), median of {args.reps}")
-    print(f"{'tokens':>7} {'vocab':>7} {'BLOCK':>6} {'warps':>5} {'stages':>6} {'ms':>9} {'dev ms':>9}"
-          f" {'GB/s':>9} {'%copy':>6} {'err grad':>9}")
-    grad_rows = []
-    for t in tokens:
-        grad_rows += sweep_grad(dev, t, vocab, grad_configs, args.reps, args.warmup, bw)
-        if gpu:
-            torch.cuda.empty_cache()
-    print(f"\ngrpo_loss forward+backward (bf16, KL, dual clip), median of {args.reps}; GB/s of the"
-          " forward and backward kernels from their device time")
-    print(f"{'tokens':>9} {'BLOCK':>6} {'warps':>5} {'tiles':>5} {'joint':>5} {'fin R':>6} {'fin w':>5} {'ms':>9} {'dev ms':>9} {'fwd GB/s':>8}"
-          f" {'bwd GB/s':>8} {'err loss':>9} {'err grad':>9}")
-    losses = []
-    for t in loss_tokens:
-        losses += sweep_loss(dev, t, loss_configs, args.reps, args.warmup, bw)
-        if gpu:
-            torch.cuda.empty_cache()
     meta = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         device=name,
@@ -397,23 +373,53 @@ def main(argv: list[str] | None = None) -> int:
         torch=torch.__version__,
         command=" ".join([sys.executable, *sys.argv]),
     )
-    ok = [r for r in stats_rows if "error" not in r]
-    if ok:
-        for t in tokens:
-            mine = [r for r in ok if r["tokens"] == t]
-            if mine:
-                best = min(mine, key=lambda r: r["ms"])
-                print(f"fastest at tokens={t}: BLOCK_V={best['block_v']} warps={best['warps']} stages={best['stages']}"
-                      f" ({best['ms']:.3f} ms, median of all configs {statistics.median(r['ms'] for r in mine):.3f})")
     out = Path(args.out + "_" + dev.type + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    parts: dict[str, list[dict]] = dict(stats=[], loss=[], grad=[])
+
+    def save() -> None:  # after every part: a run stopped at its time limit keeps what it measured
+        out.write_text(json.dumps(dict(meta=meta, **parts), indent=1))
+
+    # in order of what the next decisions need most: the statistics pass (liger's comparison), the
+    # loss (its 80% target), then the gradient kernel (already near the copy bandwidth)
+    print(f"\ntoken_logprobs statistics kernel (bf16 logits, one read), median of {args.reps}")
+    print(f"{'tokens':>7} {'vocab':>7} {'BLOCK':>6} {'warps':>5} {'stages':>6} {'ent':>4} {'ms':>9} {'dev ms':>9}"
+          f" {'GB/s':>9} {'%copy':>6} {'err lse':>9} {'err H':>9} {'err tgt':>9}")
     for t in tokens:
-        mine = [r for r in grad_rows if r["tokens"] == t and "error" not in r]
+        parts["stats"] += sweep_stats(dev, t, vocab, configs, args.reps, args.warmup, bw)
+        if gpu:
+            torch.cuda.empty_cache()
+    ok = [r for r in parts["stats"] if "error" not in r]
+    for t in tokens:
+        mine = [r for r in ok if r["tokens"] == t]
+        if mine:
+            best = min(mine, key=lambda r: r["ms"])
+            print(f"fastest at tokens={t}: BLOCK_V={best['block_v']} warps={best['warps']} stages={best['stages']}"
+                  f" ({best['ms']:.3f} ms, median of all configs {statistics.median(r['ms'] for r in mine):.3f})")
+    save()
+    print(f"\ngrpo_loss forward+backward (bf16, KL, dual clip), median of {args.reps}; GB/s of the"
+          " forward and backward kernels from their device time")
+    print(f"{'tokens':>9} {'BLOCK':>6} {'warps':>5} {'tiles':>5} {'joint':>5} {'fin R':>6} {'fin w':>5} {'ms':>9} {'dev ms':>9} {'fwd GB/s':>8}"
+          f" {'bwd GB/s':>8} {'err loss':>9} {'err grad':>9}")
+    for t in loss_tokens:
+        parts["loss"] += sweep_loss(dev, t, loss_configs, args.reps, args.warmup, bw)
+        if gpu:
+            torch.cuda.empty_cache()
+    save()
+    print(f"\ntoken_logprobs gradient kernel (bf16 logits, a read and a write), median of {args.reps}")
+    print(f"{'tokens':>7} {'vocab':>7} {'BLOCK':>6} {'warps':>5} {'stages':>6} {'ms':>9} {'dev ms':>9}"
+          f" {'GB/s':>9} {'%copy':>6} {'err grad':>9}")
+    for t in tokens:
+        parts["grad"] += sweep_grad(dev, t, vocab, grad_configs, args.reps, args.warmup, bw)
+        if gpu:
+            torch.cuda.empty_cache()
+    for t in tokens:
+        mine = [r for r in parts["grad"] if r["tokens"] == t and "error" not in r]
         if mine:
             best = min(mine, key=lambda r: r["ms"])
             print(f"fastest gradient at tokens={t}: BLOCK_V={best['block_v']} warps={best['warps']} "
                   f"stages={best['stages']} ({best['ms']:.3f} ms)")
-    out.write_text(json.dumps(dict(meta=meta, stats=stats_rows, grad=grad_rows, loss=losses), indent=1))
+    save()
     print(f"wrote {out}")
     return 0
 
