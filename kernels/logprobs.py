@@ -310,9 +310,15 @@ def _stats_triton(
     return stats
 
 
-def _one_rank_outputs(rows: int, in_dtype: torch.dtype, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty (logp, entropy, lse) [rows] in ``_merge``'s dtypes, for ``_stats_triton(final=...)``."""
-    out_dt = in_dtype if in_dtype == torch.float64 else torch.float32
+def _out_dtype(in_dtype: torch.dtype) -> torch.dtype:
+    """log p's and the entropy's dtype: float32, float64 for float64 inputs."""
+    return in_dtype if in_dtype == torch.float64 else torch.float32
+
+
+def _merged_outputs(rows: int, in_dtype: torch.dtype, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (logp, entropy, lse) [rows] for a merge from ``in_dtype`` logits: the merge kernel's
+    outputs, or ``_stats_triton(final=...)``'s."""
+    out_dt = _out_dtype(in_dtype)
     return new_buffer((rows,), out_dt, dev), new_buffer((rows,), out_dt, dev), new_buffer((rows,), torch.float32, dev)
 
 
@@ -509,14 +515,13 @@ def combine_stats(
 
 
 def _combine_triton(
-    gathered: torch.Tensor, with_entropy: bool, out_dt: torch.dtype, row_mask: torch.Tensor | None = None
+    gathered: torch.Tensor, with_entropy: bool, in_dtype: torch.dtype, row_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """combine_stats in one launch, from gather_stats' [world, 4, T]: (logp, entropy in out_dt, lse fp32)."""
+    """combine_stats in one launch, from gather_stats' [world, 4, T]: (logp, entropy, lse fp32) for
+    ``in_dtype`` logits."""
     world, _, rows = gathered.shape
     dev = gathered.device
-    logp = new_buffer((rows,), out_dt, dev)
-    ent = new_buffer((rows,), out_dt, dev)
-    lse = new_buffer((rows,), torch.float32, dev)
+    logp, ent, lse = _merged_outputs(rows, in_dtype, dev)
     if rows:
         block = 1024 if buffers.compiled(dev) else max(16, min(4096, triton.next_power_of_2(rows)))
         _logprob_combine_kernel[(triton.cdiv(rows, block),)](
@@ -534,9 +539,9 @@ def _merge(
     """(logp, entropy, lse) from this rank's statistics, outputs in float32 (float64 for float64
     inputs); entropy NaN when not computed (never a silent wrong value); rows where ``row_mask`` is
     0 give 0. Triton: one launch, not a chain of small PyTorch ops after the pass over the logits."""
-    out_dt = in_dtype if in_dtype == torch.float64 else torch.float32
+    out_dt = _out_dtype(in_dtype)
     if use_triton:
-        return _combine_triton(gather_stats(stats, tp_group), with_entropy, out_dt, row_mask)
+        return _combine_triton(gather_stats(stats, tp_group), with_entropy, in_dtype, row_mask)
     logp, entropy, lse = combine_stats(stats, tp_group)
     if row_mask is not None:
         keep = row_mask.bool()
@@ -595,7 +600,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
                 row_mask=None):
         vocab_start, vocab_total = vocab_range(logits.shape[1], tp_group)
         if use_triton and _one_rank(tp_group):  # one launch: the kernel merges its own rows
-            logp, entropy, lse = _one_rank_outputs(logits.shape[0], logits.dtype, logits.device)
+            logp, entropy, lse = _merged_outputs(logits.shape[0], logits.dtype, logits.device)
             _stats_triton(logits, targets, vocab_start, inv_temp, with_entropy, vocab_total, row_mask,
                           final=(logp, entropy, lse))
         else:
@@ -647,7 +652,7 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
         rows = hidden.shape[0]
         vocab_start, vocab_total = vocab_range(weight.shape[0], tp_group)
         stats_fn = _stats_triton if use_triton else _stats_torch
-        final = _one_rank_outputs(rows, hidden.dtype, hidden.device) if use_triton and _one_rank(tp_group) else None
+        final = _merged_outputs(rows, hidden.dtype, hidden.device) if use_triton and _one_rank(tp_group) else None
         stats = None
         for a in range(0, rows, chunk):
             b = min(rows, a + chunk)

@@ -101,7 +101,7 @@ def sweep_stats(dev, tokens: int, vocab: int, configs, reps: int, warmup: int, b
             row = dict(tokens=tokens, vocab=vocab, block_v=block_v, warps=warps, stages=stages, entropy=entropy)
             try:
                 # the one-rank pass, as token_logprobs runs it: each row merged in the same launch
-                out = logprobs._one_rank_outputs(tokens, logits.dtype, dev)
+                out = logprobs._merged_outputs(tokens, logits.dtype, dev)
                 fn = lambda entropy=entropy, out=out: logprobs._stats_triton(  # noqa: E731
                     logits, targets, 0, inv_t, entropy, vocab, final=out)
                 fn()
@@ -317,6 +317,17 @@ def parse_loss_config(text: str) -> tuple[int, int, int, int, int, int]:
     return block_t, warps, tiles, joint, finish_rows, finish_warps
 
 
+def _print_fastest(what: str, rows: list[dict], tokens: list[int]) -> None:
+    """The fastest setting of ``rows`` (those that ran) at each token count, with the median of all."""
+    for t in tokens:
+        mine = [r for r in rows if r["tokens"] == t and "error" not in r]
+        if mine:
+            best = min(mine, key=lambda r: r["ms"])
+            print(f"fastest {what} at tokens={t}: BLOCK_V={best['block_v']} warps={best['warps']} "
+                  f"stages={best['stages']} ({best['ms']:.3f} ms, median of all settings "
+                  f"{statistics.median(r['ms'] for r in mine):.3f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -389,13 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         parts["stats"] += sweep_stats(dev, t, vocab, configs, args.reps, args.warmup, bw)
         if gpu:
             torch.cuda.empty_cache()
-    ok = [r for r in parts["stats"] if "error" not in r]
-    for t in tokens:
-        mine = [r for r in ok if r["tokens"] == t]
-        if mine:
-            best = min(mine, key=lambda r: r["ms"])
-            print(f"fastest at tokens={t}: BLOCK_V={best['block_v']} warps={best['warps']} stages={best['stages']}"
-                  f" ({best['ms']:.3f} ms, median of all configs {statistics.median(r['ms'] for r in mine):.3f})")
+    _print_fastest("statistics kernel", parts["stats"], tokens)
     save()
     print(f"\ngrpo_loss forward+backward (bf16, KL, dual clip), median of {args.reps}; GB/s of the"
           " forward and backward kernels from their device time")
@@ -413,12 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         parts["grad"] += sweep_grad(dev, t, vocab, grad_configs, args.reps, args.warmup, bw)
         if gpu:
             torch.cuda.empty_cache()
-    for t in tokens:
-        mine = [r for r in parts["grad"] if r["tokens"] == t and "error" not in r]
-        if mine:
-            best = min(mine, key=lambda r: r["ms"])
-            print(f"fastest gradient at tokens={t}: BLOCK_V={best['block_v']} warps={best['warps']} "
-                  f"stages={best['stages']} ({best['ms']:.3f} ms)")
+    _print_fastest("gradient kernel", parts["grad"], tokens)
     save()
     print(f"wrote {out}")
     return 0

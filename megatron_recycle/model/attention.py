@@ -90,7 +90,7 @@ class VarlenPlan:
         keys: list[torch.Tensor] = []
         q_lens: list[int] = []
         k_lens: list[int] = []
-        padding = False
+        padding: list[torch.Tensor] = []
         for row in range(rows):
             at = 0
             base = row * width
@@ -98,8 +98,8 @@ class VarlenPlan:
                 if off < at:
                     raise ValueError(f"packed spans overlap in row {row} at position {off}")
                 if off > at:  # padding: a segment of its own
-                    padding = True
-                    keys.append(torch.arange(base + at, base + off))
+                    padding.append(torch.arange(base + at, base + off))
+                    keys.append(padding[-1])
                     q_lens.append(off - at)
                     k_lens.append(off - at)
                 if ln:
@@ -111,12 +111,7 @@ class VarlenPlan:
         cu = lambda lens: torch.tensor([0, *lens], dtype=torch.long).cumsum(0).to(torch.int32)  # noqa: E731
         pad = None
         if padding:
-            pad = torch.ones(rows * width, dtype=torch.bool)
-            for row, start, sp, members in spans:
-                pad[row * width + start: row * width + start + sp] = False
-                for off, ln in members:
-                    pad[row * width + off: row * width + off + ln] = False
-            pad = pad.to(dev)
+            pad = torch.zeros(rows * width, dtype=torch.bool).index_fill_(0, torch.cat(padding), True).to(dev)
         return VarlenPlan(torch.cat(keys).to(dev), cu(q_lens).to(dev), cu(k_lens).to(dev), max(q_lens),
                           max(k_lens), pad)
 
@@ -151,6 +146,8 @@ class GroupAttentionPlan:
     # every block's real query positions, in block order (the blocks' ``pos`` joined): where the
     # outputs land, in one copy per layer
     pos: torch.Tensor | None = None
+    # how group_attention runs it (:func:`_route` of the mask's device, read when the plan is built)
+    route: str = "bool-mask"
     # the same attention as one variable-length call (route "varlen"), built with the plan
     varlen: VarlenPlan | None = None
 
@@ -183,8 +180,9 @@ class GroupAttentionPlan:
             if own:
                 blocks.append(_block(own, pre, sp, dev))
         pos = torch.cat([blk.pos for blk in blocks]) if len(blocks) > 1 else (blocks[0].pos if blocks else None)
-        varlen = VarlenPlan.build(spans, rows, width, dev) if _forced_route() == "varlen" else None
-        return GroupAttentionPlan(mask, rows, width, tuple(blocks), pos, varlen)
+        route = _route(mask)
+        varlen = VarlenPlan.build(spans, rows, width, dev) if route == "varlen" else None
+        return GroupAttentionPlan(mask, rows, width, tuple(blocks), pos, route, varlen)
 
 
 def native_gqa(t: torch.Tensor) -> bool:
@@ -349,14 +347,15 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
     """Attention over group-packed rows by the plan. q [b, n, S, hn], k and v [b, n or fewer
     (grouped-query) heads, S, hn]; returns [b, n, S, hn]; padding positions get zeros (nothing
     reads them: no position attends to padding and no loss sits on it). ``route``: how the member
-    blocks run (see :func:`_route`; None: the device's default; tests and benchmarks choose others)."""
+    blocks run (see :func:`_route`; None: the plan's, chosen when it was built; tests and
+    benchmarks choose others)."""
     b, n, s, hn = q.shape
     flat = lambda t: t.permute(0, 2, 1, 3).reshape(b * s, t.shape[1], hn)  # noqa: E731
     # index_select (backward: index_add) rather than advanced indexing (backward: a sorting
     # index_put with accumulation, measured 2x slower here); [blocks, L] -> [blocks, heads, L, hn]
     take = lambda t, i: t.index_select(0, i.reshape(-1)).view(*i.shape, t.shape[1], hn).permute(0, 2, 1, 3)  # noqa: E731
     qf, kf, vf = flat(q), flat(k), flat(v)
-    route = route or _route(q)
+    route = route or plan.route
     if route not in ROUTES:
         raise ValueError(f"unknown group attention route {route!r} ({', '.join(ROUTES)})")
     if route == "varlen":

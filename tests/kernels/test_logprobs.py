@@ -366,7 +366,7 @@ def test_the_one_launch_forward_equals_statistics_then_merge(entropy, masked, dt
         x[[0, 5, 9]] = float("nan")
     logits, targets = x.to(dtype).to(triton_device), targets.to(triton_device)
     row_mask = keep.to(triton_device) if masked else None
-    final = logprobs._one_rank_outputs(rows, dtype, logits.device)
+    final = logprobs._merged_outputs(rows, dtype, logits.device)
     assert logprobs._stats_triton(logits, targets, 0, 0.8, entropy, vocab, row_mask, final=final) is None
     stats = logprobs._stats_triton(logits, targets, 0, 0.8, entropy, vocab, row_mask)
     want = logprobs._merge(stats, None, entropy, dtype, True, row_mask)
