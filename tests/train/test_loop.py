@@ -225,6 +225,20 @@ def dp2_reference(env) -> Path:
     return env["out"] / name
 
 
+_FIRST_ERROR = re.compile(r"terminate called|Traceback \(most recent call last\)|Signal \d+ \(SIG|exitcode: -?\d+")
+
+
+def _launch_report(out: str, log: Path) -> str:
+    """A failed launch's assertion message: the whole output goes to ``log`` (torchrun's restarts
+    interleave several attempts, and the first error may sit far above the tail), the message
+    shows the first error's context and the tail."""
+    log.write_text(out)
+    m = _FIRST_ERROR.search(out)
+    head = "" if m is None or m.start() >= len(out) - 3000 else (
+        f"first error, at character {m.start()}:\n{out[max(0, m.start() - 1500):m.start() + 2500]}\n...\n")
+    return f"whole output: {log}\n{head}last 3000 characters:\n{out[-3000:]}"
+
+
 def _two_nodes(tmp_path: Path, over: list[str], stagger_s: float = 0.0, **extra_env: str) -> list[tuple[int, str]]:
     """recipes/launch_multi_node.sh as two nodes of one process each (c10d rendezvous on
     127.0.0.1), NODE_NAME A and B (B started ``stagger_s`` later: A then hosts the rendezvous);
@@ -280,8 +294,8 @@ def test_multi_node_launcher_two_nodes_on_localhost(env, tmp_path, dp2_reference
     name = "multi_node"
     over = _overrides(env, name, *DP2_REF_STEPS, "optim.overlap_grad_reduce=true", "optim.ddp_bucket_size=20000")
     nodes = _two_nodes(tmp_path, over)
-    for rc, out in nodes:
-        assert rc == 0, out[-4000:]
+    for node, (rc, out) in zip("AB", nodes):
+        assert rc == 0, _launch_report(out, tmp_path / f"node_{node}.log")
     outs = [out for _, out in nodes]
     run_dir = env["out"] / name
     rows = _metrics(run_dir)
@@ -308,11 +322,11 @@ def test_multi_node_launcher_restarts_after_a_crash_and_resumes(env, tmp_path, d
     sentinel = tmp_path / "crashed"
     nodes = _two_nodes(tmp_path, _crash_overrides(env, name), MAX_RESTARTS="1", CRASH_RANK="1",
                        CRASH_SENTINEL=str(sentinel), CRASH_AFTER=str(run_dir / "checkpoints" / "step_2" / "manifest.json"))
-    for rc, out in nodes:
-        assert rc == 0, out[-4000:]
+    for node, (rc, out) in zip("AB", nodes):
+        assert rc == 0, _launch_report(out, tmp_path / f"node_{node}.log")
     outs = "\n".join(out for _, out in nodes)
     assert sentinel.read_text().startswith("crashed with TORCHELASTIC_RESTART_COUNT=0")
-    assert "(exitcode: 17)" in outs, outs[-4000:]
+    assert "(exitcode: 17)" in outs, _launch_report(outs, tmp_path / "nodes.log")
     assert outs.count("[train] torchrun restarted the workers: resuming as with --resume") == 1
     assert f"[train] resumed from {run_dir / 'checkpoints'} step 2" in outs
     _same_run(dp2_reference, run_dir)
@@ -335,7 +349,7 @@ def test_multi_node_launcher_goes_on_without_a_lost_node(env, tmp_path, dp2_refe
         tmp_path, _crash_overrides(env, name), stagger_s=2.0, NNODES="1:2", MAX_RESTARTS="1", CRASH_NODE="B",
         CRASH_SENTINEL=str(sentinel), CRASH_AFTER=str(run_dir / "checkpoints" / "step_2" / "manifest.json"),
         RDZV_CONF="last_call_timeout=1,heartbeat_timeout=5,keep_alive_interval=1")
-    assert rc_a == 0, out_a[-4000:]
+    assert rc_a == 0, _launch_report(out_a, tmp_path / "node_A.log")
     assert rc_b != 0 and sentinel.is_file()  # node B was lost
     assert "steps 0->3, world 2 (tp 1 pp 1 dp 2)" in out_a and "steps 2->3, world 1 (tp 1 pp 1 dp 1)" in out_a
     assert "[train] torchrun restarted the workers: resuming as with --resume" in out_a
@@ -368,7 +382,7 @@ def test_single_node_launcher_restarts_after_a_crash_and_resumes(env, tmp_path, 
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "launch_single_node.sh"), str(recipe)] + over, env=e,
                           cwd=ROOT, capture_output=True, text=True, timeout=400)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    assert proc.returncode == 0, _launch_report(out, tmp_path / "launch.log")
     assert sentinel.read_text().startswith("crashed with TORCHELASTIC_RESTART_COUNT=0")
     assert "(exitcode: 17)" in out and out.count("[train] torchrun restarted the workers") == 1
     assert f"[train] resumed from {run_dir / 'checkpoints'} step 2" in out
