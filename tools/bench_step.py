@@ -366,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if prof is not None:
         result["profile"] = prof
     # the group plan's attention route ($MEGATRON_RECYCLE_PACKED_ATTENTION, else the device's default)
-    from megatron_recycle.model.attention import _route
+    from megatron_recycle.model.attention import packed_route as route_of
 
-    packed_route = _route(torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu"))
+    packed_route = route_of("cuda" if torch.cuda.is_available() else "cpu")
     result["packed_attention_route"] = packed_route if a.group_size > 1 and not a.no_pack else None
     if layout.rank == 0:
         ragged = (f" (lengths {a.min_len_frac:g}-1 x L, {'length-grouped' if not a.no_length_grouping else 'batch-wide'}"

@@ -13,13 +13,15 @@
 #     sweep_cuda.json     tools/sweep_kernels.py's rows (only with the optional step "sweep")
 #     bench_step.json     one GRPO step of a Qwen3-1.7B-shaped model (random weights, bf16)
 #     tests_model.log     pytest tests/model + tests/train/test_step.py + test_reshard.py on CUDA
+#     loop.log/json       the GRPO loop end to end at toy scale (only with the optional step "loop")
 # Without a GPU it says so and runs nothing but the set-up (a dry run of the plumbing);
 # GPU_CHECKS_ON_CPU=1 runs the steps anyway, on the CPU, to test the script itself.
 # Environment: OUT; PYTHON (default python3); GPU_CHECKS_WHEELS, the folder of the wheels to
 # install (default .whl); GPU_CHECKS_SITE, the folder they are installed into (default
 # /tmp/mr_site); GPU_CHECKS_STEP_MODEL, the model of step 3 (default qwen3-1.7b; the rehearsal's
 # "tiny" fits a CPU); GPU_CHECKS_STEPS, the steps to run (default all four:
-# "tests_kernels bench_kernels bench_step tests_model"; "sweep", tools/sweep_kernels.py before the
+# "tests_kernels bench_kernels bench_step tests_model"; "loop", tools/smoke_loop.py after the tests
+# (GPU_CHECKS_LOOP_MODEL: its model folder); "sweep", tools/sweep_kernels.py before the
 # benchmark; "bench_recompute", step 3 again with full
 # activation recomputation, and "bench_packed", step 3's batch in groups of 4 with and without
 # group packing, only when named). scripts/device_rehearsal.sh uses these to
@@ -71,7 +73,7 @@ SITE=${GPU_CHECKS_SITE:-/tmp/mr_site}
 mkdir -p "$SITE"
 WHEELS=${GPU_CHECKS_WHEELS:-.whl}
 ALL_STEPS="tests_kernels bench_kernels bench_step tests_model"
-OPTIONAL_STEPS="sweep bench_recompute bench_packed"  # only when named in GPU_CHECKS_STEPS
+OPTIONAL_STEPS="loop sweep bench_recompute bench_packed"  # only when named in GPU_CHECKS_STEPS
 STEP_MODEL=${GPU_CHECKS_STEP_MODEL:-qwen3-1.7b}
 STEPS=" ${GPU_CHECKS_STEPS:-$ALL_STEPS} "
 for s in $STEPS; do
@@ -147,6 +149,17 @@ wait "$MODEL_PID"
 for f in tests_kernels tests_model; do
     [ -f "$OUT/$f.log" ] && { echo "$f:"; tail -n 3 "$OUT/$f.log"; } | tee -a "$SUMMARY"
 done
+
+# ------------------------------------ 1b. optional: the whole GRPO loop on the GPU at toy scale (issue #4)
+# tools/smoke_loop.py: `run` (evaluations, SFT, 2 GRPO steps, report), `train --resume` to step 3, and
+# one more resumed step with the varlen packed attention, each its own process, on a 2-layer
+# random Llama with SmolLM2's tokenizer in Megatron's bf16; the model folder is carried
+# (GPU_CHECKS_LOOP_MODEL, default .gpu_assets/tiny_llama, written by
+# `tools/smoke_loop.py --write-model`), and bm25s with the wheels. Output in loop.log, loop.json.
+LOOP_MODEL=${GPU_CHECKS_LOOP_MODEL:-.gpu_assets/tiny_llama}
+step loop 120 "$OUT/loop.log" "$PY" tools/smoke_loop.py --model "$LOOP_MODEL" --out /tmp/mr_smoke_loop --varlen \
+    --json "$OUT/loop.json" --timeout 100
+[ -f "$OUT/loop.log" ] && { echo "loop:"; sed -n "/^GRPO loop smoke run/,\$p" "$OUT/loop.log"; } | tee -a "$SUMMARY"
 
 # --------------------------------------- 2a. optional: launch settings of the log-prob and loss kernels
 # tools/sweep_kernels.py: the log-prob statistics and gradient kernels over block widths, warps and

@@ -279,8 +279,8 @@ def _forced_route() -> str | None:
     return name
 
 
-def _route(t: torch.Tensor) -> str:
-    """How a GroupAttentionPlan's attention runs on ``t``'s device: the route named by
+def packed_route(device: torch.device | str) -> str:
+    """How a GroupAttentionPlan's attention runs on ``device``: the route named by
     $MEGATRON_RECYCLE_PACKED_ATTENTION when set, else ``causal-bias`` on CUDA, ``split``
     (:class:`_PrefixThenCausal`) on a CPU whose torch has the CPU flash ops, else ``bool-mask``.
     ``varlen`` (one variable-length flash call for every segment, torch's
@@ -289,9 +289,15 @@ def _route(t: torch.Tensor) -> str:
     forced = _forced_route()
     if forced is not None:
         return forced
-    if t.is_cuda:
+    device = torch.device(device)
+    if device.type == "cuda":
         return "causal-bias"
-    return "split" if t.device.type == "cpu" and _cpu_flash_ops() is not None else "bool-mask"
+    return "split" if device.type == "cpu" and _cpu_flash_ops() is not None else "bool-mask"
+
+
+def _route(t: torch.Tensor) -> str:
+    """:func:`packed_route` of ``t``'s device."""
+    return packed_route(t.device)
 
 
 def varlen_attn_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
@@ -476,6 +482,6 @@ def use_sdpa_core_attention(spec: Any) -> Any:
     return spec
 
 
-__all__ = ["ROUTES", "ROUTE_ENV", "AttentionBlock", "GroupAttentionPlan", "VarlenPlan", "varlen_attn_emulated", "SDPADotProductAttention", "expand_kv", "group_attention", "is_plan_only_mask",
+__all__ = ["ROUTES", "ROUTE_ENV", "packed_route", "AttentionBlock", "GroupAttentionPlan", "VarlenPlan", "varlen_attn_emulated", "SDPADotProductAttention", "expand_kv", "group_attention", "is_plan_only_mask",
            "native_gqa", "plan_only_mask",
            "use_sdpa_core_attention"]

@@ -211,6 +211,23 @@ def _batch_from_groups(groups: list[list[dict]], rt: rtm.Runtime):
                        pad_token_id=pad, pad_rows_to_multiple_of=mbs, group_ids=group_ids)
 
 
+
+def _describe_packing(cfg: Any, chunks: list) -> str:
+    """How the training step lays out groups, for the start line: packed groups name the attention
+    route of their GroupAttentionPlans (the device's default, or $MEGATRON_RECYCLE_PACKED_ATTENTION's),
+    or the dense tree mask when the model's attention does not take plans."""
+    if not cfg.optim.pack_groups or cfg.rollout.group_size < 2:
+        return "padded groups"
+    from megatron_recycle.model.attention import ROUTE_ENV, _forced_route, packed_route
+    from megatron_recycle.train.packing import plans_always_apply
+
+    if not plans_always_apply(chunks):
+        return "packed groups, attention by the dense tree mask"
+    device = next(chunks[0].parameters()).device
+    forced = f" ({ROUTE_ENV})" if _forced_route() is not None else ""
+    return f"packed groups, attention {packed_route(device)}{forced}"
+
+
 def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) -> dict[str, Any]:
     """The GRPO loop; returns a summary of the run."""
     from megatron_recycle.model.build import resolve_layer_spec_name
@@ -269,7 +286,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         from megatron_recycle.train.optim import describe_grad_reduction
 
         memory = ", ".join(x for x in (describe_memory_options(unwrap_model(rt.chunks[0]).config),
-                                       describe_grad_reduction(rt.chunks)) if x)
+                                       describe_grad_reduction(rt.chunks), _describe_packing(cfg, rt.chunks)) if x)
         print(f"[train] {cfg.pool.strategy}: {len(examples)} queries, B={cfg.pool.batch_size} k={cfg.pool.oversample} "
               f"K={cfg.rollout.group_size}, steps {start_step}->{cfg.train.steps}, world {lay.world_size} "
               f"(tp {lay.tp} pp {lay.pp} dp {lay.dp}{', ' + memory if memory else ''})", flush=True)

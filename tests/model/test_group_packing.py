@@ -564,3 +564,22 @@ def test_group_attention_refuses_an_unknown_route():
     _, plan, _, (q, k, v), _ = _plan_case()
     with pytest.raises(ValueError, match="unknown group attention route 'flash'"):
         group_attention(plan, q, k, v, 0.3, route="flash")
+
+
+def test_packed_route_by_device_and_environment(monkeypatch):
+    """The device's default route (causal-bias on CUDA, split on a CPU with torch's CPU flash ops),
+    any device overridden by the environment ('auto' and empty mean the default), an unknown name
+    refused; _route is packed_route of a tensor's device."""
+    from megatron_recycle.model import attention
+
+    monkeypatch.delenv(attention.ROUTE_ENV, raising=False)
+    assert attention.packed_route("cuda") == attention.packed_route(torch.device("cuda", 0)) == "causal-bias"
+    cpu = "split" if attention._cpu_flash_ops() is not None else "bool-mask"
+    assert attention.packed_route("cpu") == attention._route(torch.zeros(1)) == cpu
+    for value, cuda, host in (("auto", "causal-bias", cpu), ("", "causal-bias", cpu), ("varlen", "varlen", "varlen"),
+                              ("bool-mask", "bool-mask", "bool-mask")):
+        monkeypatch.setenv(attention.ROUTE_ENV, value)
+        assert (attention.packed_route("cuda"), attention.packed_route("cpu")) == (cuda, host), value
+    monkeypatch.setenv(attention.ROUTE_ENV, "flash")
+    with pytest.raises(ValueError, match="'flash' is not a group attention route"):
+        attention.packed_route("cpu")

@@ -351,7 +351,7 @@ def test_multi_node_launcher_goes_on_without_a_lost_node(env, tmp_path, dp2_refe
         RDZV_CONF="last_call_timeout=1,heartbeat_timeout=5,keep_alive_interval=1")
     assert rc_a == 0, _launch_report(out_a, tmp_path / "node_A.log")
     assert rc_b != 0 and sentinel.is_file()  # node B was lost
-    assert "steps 0->3, world 2 (tp 1 pp 1 dp 2)" in out_a and "steps 2->3, world 1 (tp 1 pp 1 dp 1)" in out_a
+    assert "steps 0->3, world 2 (tp 1 pp 1 dp 2, " in out_a and "steps 2->3, world 1 (tp 1 pp 1 dp 1, " in out_a
     assert "[train] torchrun restarted the workers: resuming as with --resume" in out_a
     assert "resharding its weights and optimizer state" in out_a
     # the reference: the two-node run's checkpoint of step 2, resumed by one process
@@ -482,7 +482,7 @@ def test_resume_on_another_layout_reshards_the_checkpoint(env, tmp_path):
     out = _run(torchrun + _overrides(env, name, "train.steps=1", "model.tp=2", "optim.use_distributed_optimizer=true",
                                      "model.sequence_parallel=true", "model.recompute=selective", *extra),
                timeout=400).stdout
-    assert "(tp 2 pp 1 dp 1, selective recomputation (core_attn), sequence parallel)" in out, out[-3000:]
+    assert "(tp 2 pp 1 dp 1, selective recomputation (core_attn), sequence parallel, packed groups, attention " in out, out[-3000:]
     step1 = env["out"] / name / "checkpoints" / "step_1"
     records = [torch.load(step1 / f"rank_0000{r}.pt", weights_only=True)["parts"]["model_space"] for r in (0, 1)]
     saved = SavedModelSpace(records, AutoConfig.from_pretrained(env["model"]))
@@ -522,7 +522,7 @@ def test_resume_on_another_layout_reshards_the_checkpoint(env, tmp_path):
 
     out = _run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", "model.recompute=full",
                                                         "model.recompute_num_layers=2", *extra)).stdout
-    assert "(tp 1 pp 1 dp 1, full recomputation (uniform, 2 layers per unit))" in out, out[-3000:]
+    assert "(tp 1 pp 1 dp 1, full recomputation (uniform, 2 layers per unit), packed groups, attention " in out, out[-3000:]
     assert [r["step"] for r in _metrics(env["out"] / name)] == [0, 1]
     manifest = json.loads((env["out"] / name / "checkpoints" / "step_2" / "manifest.json").read_text())
     assert manifest["world_size"] == 1
