@@ -21,7 +21,7 @@ folder, docs/GPU_CHECKS.md). The data are the trainer tests' 24 questions
 (tests/train/loop_fixtures.py), the corpus a dozen passages about them (BM25, bm25s), the reward
 the tests' deterministic coin on the response text, so that a random model's groups carry signal
 and every step trains. ``--bf16 auto`` (default) trains in Megatron's bf16 on CUDA and in fp32
-elsewhere.
+elsewhere. On CUDA, MEGATRON_RECYCLE_KERNELS_IMPL=triton holds every kernel call to the Triton path.
 
 What counts as a pass: every command exits 0; the GRPO metrics hold steps 0..N-1 in order, each
 with a finite loss and gradient norm and a non-empty effective batch; the resumed commands say they
@@ -47,6 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "train" / "loop_fixtures.py"
 ROUTE_ENV = "MEGATRON_RECYCLE_PACKED_ATTENTION"
+IMPL_ENV = "MEGATRON_RECYCLE_KERNELS_IMPL"
 
 
 def _fixtures():
@@ -187,7 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("TRITON_INTERPRET", None)  # the production path of the device: Triton on CUDA, PyTorch on a CPU
     env.pop(ROUTE_ENV, None)
-    print(f"[smoke] device: {device}; bf16 {bf16}; model {model}; work {work}", flush=True)
+    # on CUDA every kernel call of the loop must take the Triton path (the environment forces it, so
+    # a call that cannot fails instead of quietly running PyTorch); elsewhere the device's default
+    if cuda:
+        env[IMPL_ENV] = "triton"
+    else:
+        env.pop(IMPL_ENV, None)
+    print(f"[smoke] device: {device}; bf16 {bf16}; kernels {env.get(IMPL_ENV, 'by device')}; model {model}; "
+          f"work {work}", flush=True)
 
     commands = [_run("run", ["run", *overrides(model, work, bf16, 2)], work / "logs", env, args.timeout)]
     plan = [("resume", 3, {})]

@@ -285,11 +285,16 @@ def packed_route(device: torch.device | str) -> str:
     (:class:`_PrefixThenCausal`) on a CPU whose torch has the CPU flash ops, else ``bool-mask``.
     ``varlen`` (one variable-length flash call for every segment, torch's
     ``torch.nn.attention.varlen``; on a CPU a per-segment emulation of it, for tests) is chosen
-    only by name."""
+    only by name; ``split`` runs torch's CPU flash kernels, so it is refused on another device (or
+    a torch without them) with a ValueError, when the plan is built."""
     forced = _forced_route()
+    device = torch.device(device)
+    if forced == "split" and (device.type != "cpu" or _cpu_flash_ops() is None):
+        where = f"on {device.type.upper()} tensors" if device.type != "cpu" else f"with torch {torch.__version__}"
+        raise ValueError(f"{ROUTE_ENV}=split runs torch's CPU flash-attention kernels, which do not exist {where}; "
+                         "unset it for the device's default route, or name causal-bias, bool-mask or varlen")
     if forced is not None:
         return forced
-    device = torch.device(device)
     if device.type == "cuda":
         return "causal-bias"
     return "split" if device.type == "cpu" and _cpu_flash_ops() is not None else "bool-mask"
@@ -344,8 +349,23 @@ def _varlen_attention(plan: GroupAttentionPlan, qf: torch.Tensor, kf: torch.Tens
         except ImportError as e:  # torch < 2.10
             raise RuntimeError(f"{ROUTE_ENV}=varlen needs torch.nn.attention.varlen (torch >= 2.10); this torch "
                                f"{torch.__version__} has none: use causal-bias") from e
-    out = fn(qf, kg, vg, vp.cu_q, vp.cu_k, vp.max_q, vp.max_k, scale=scale, window_size=(-1, 0))
+    out = fn(qf, kg, vg, vp.cu_q, vp.cu_k, vp.max_q, vp.max_k, scale=scale, **_causal_kwargs(fn))
     return out if vp.pad is None else out.masked_fill(vp.pad[:, None, None], 0.0)
+
+
+def _causal_kwargs(fn: Any) -> dict[str, Any]:
+    """How ``fn`` (torch's varlen_attn, or its emulation) is asked for causal attention with each
+    segment's last query aligned with its last key: ``window_size=(-1, 0)`` since torch 2.11,
+    ``is_causal=True`` in torch 2.10, where the window did not exist yet."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        return {"window_size": (-1, 0)}
+    if "is_causal" in params:
+        return {"is_causal": True}
+    raise RuntimeError(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', fn)} takes neither window_size nor "
+                       f"is_causal (torch {torch.__version__}): {ROUTE_ENV}=varlen does not know how to make it causal")
 
 
 def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

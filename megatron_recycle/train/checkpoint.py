@@ -541,6 +541,21 @@ class CheckpointManager:
 
 
 # ----------------------------------------------------------------------------------- RNG state
+def cuda_states_to_restore(state: dict[str, Any], device_count: int) -> tuple[str, Any]:
+    """Which saved CUDA generator states a process that sees ``device_count`` devices restores:
+    ("all", one state per device) when it sees as many as the saving process did, else ("current",
+    the saving process's own device's state), which a checkpoint from before 2026-12-01 does not
+    hold: ValueError then."""
+    cuda_states = state["cuda"]
+    if len(cuda_states) == device_count:
+        return "all", cuda_states
+    if "cuda_current" in state:
+        return "current", state["cuda_current"]
+    raise ValueError(f"RNG state holds {len(cuda_states)} CUDA device states but {device_count} devices are "
+                     "visible, and not the saving process's own device's state (a checkpoint from before "
+                     "2026-12-01); resume with the same devices per process")
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Every RNG a training step touches: python ``random``, numpy's global RNG, torch CPU, CUDA (when
     initialized) and megatron's named model-parallel RNG states (when megatron has seeded them).
@@ -561,6 +576,9 @@ def capture_rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own device's generator, the one its kernels draw from: what a resume that
+        # sees another number of devices (one GPU per process instead of all of them) restores
+        state["cuda_current"] = torch.cuda.get_rng_state()
     tracker = _megatron_tracker(create=False)
     if tracker is not None and tracker.is_initialized():
         named = tracker.get_states()
@@ -601,13 +619,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
     if "cuda" in state:
         if torch.cuda.is_available():
-            cuda_states = state["cuda"]
-            if len(cuda_states) != torch.cuda.device_count():
-                raise ValueError(
-                    f"RNG state holds {len(cuda_states)} CUDA device states but {torch.cuda.device_count()} "
-                    "devices are visible; resume with the same devices per process"
-                )
-            torch.cuda.set_rng_state_all(cuda_states)
+            how, states = cuda_states_to_restore(state, torch.cuda.device_count())
+            if how == "all":
+                torch.cuda.set_rng_state_all(states)
+            else:
+                log.info("RNG state: saved with %d visible CUDA devices, %d visible now: restoring this process's "
+                         "device generator only", len(state["cuda"]), torch.cuda.device_count())
+                torch.cuda.set_rng_state(states)
         else:
             log.warning("RNG state holds CUDA generator states but CUDA is not available: they are not restored")
     if "megatron_tracker" in state:

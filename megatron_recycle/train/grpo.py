@@ -161,7 +161,9 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
         signal_flags = None
         if rt.is_rank0:
             rewards_all.append(rewards)
-            signal_flags = grpo_advantages(rewards.flatten(), group_size=k)[3]
+            # impl="torch" here and below: a few dozen rewards on the host, where the kernels' Triton
+            # path does not run even when MEGATRON_RECYCLE_KERNELS_IMPL=triton asks it for the GPU's tensors
+            signal_flags = grpo_advantages(rewards.flatten(), group_size=k, impl="torch")[3]
         chosen = client.update(ids, rewards, signal_flags)
         n_effective += chosen.numel()
         decisions.append({"sampled": ids.tolist(), "chosen": chosen.tolist()})
@@ -169,7 +171,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
         if mine.numel():
             adv = grpo_advantages(
                 local_rewards.flatten(), group_size=k, norm_by_std=cfg.loss.norm_adv_by_std,
-                unbiased=cfg.loss.unbiased_std,
+                unbiased=cfg.loss.unbiased_std, impl="torch",
             )[0].view(len(mine), k)
             keep = set(chosen.tolist())
             for gi, q in enumerate(mine.tolist()):
@@ -215,12 +217,15 @@ def _batch_from_groups(groups: list[list[dict]], rt: rtm.Runtime):
 def _describe_packing(cfg: Any, chunks: list) -> str:
     """How the training step lays out groups, for the start line: packed groups name the attention
     route of their GroupAttentionPlans (the device's default, or $MEGATRON_RECYCLE_PACKED_ATTENTION's),
-    or the dense tree mask when the model's attention does not take plans."""
+    or the dense tree mask when the model's attention does not always take plans; groups stay padded
+    when it cannot pack them at all (the step warns why, once)."""
     if not cfg.optim.pack_groups or cfg.rollout.group_size < 2:
         return "padded groups"
     from megatron_recycle.model.attention import ROUTE_ENV, _forced_route, packed_route
-    from megatron_recycle.train.packing import plans_always_apply
+    from megatron_recycle.train.packing import packing_supported, plans_always_apply
 
+    if packing_supported(chunks) is not None:
+        return "padded groups (this model's attention cannot pack them)"
     if not plans_always_apply(chunks):
         return "packed groups, attention by the dense tree mask"
     device = next(chunks[0].parameters()).device

@@ -350,4 +350,5 @@ def rng_state_for_new_layout(state: dict[str, Any], cuda_devices: int) -> dict[s
     out = dict(state)
     if "cuda" in out and len(out["cuda"]) != cuda_devices:
         out.pop("cuda")
+        out.pop("cuda_current", None)
     return out

@@ -12,6 +12,7 @@ different order; measured ~1e-7).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -583,3 +584,32 @@ def test_packed_route_by_device_and_environment(monkeypatch):
     monkeypatch.setenv(attention.ROUTE_ENV, "flash")
     with pytest.raises(ValueError, match="'flash' is not a group attention route"):
         attention.packed_route("cpu")
+    # split is torch's CPU flash kernels: refused where they cannot run, when the plan is built
+    monkeypatch.setenv(attention.ROUTE_ENV, "split")
+    with pytest.raises(ValueError, match="split runs torch's CPU flash-attention kernels, which do not exist on CUDA"):
+        attention.packed_route("cuda")
+    monkeypatch.setattr(attention, "_cpu_flash_ops", lambda: None)
+    with pytest.raises(ValueError, match=re.escape(f"which do not exist with torch {torch.__version__}")):
+        attention.packed_route("cpu")
+
+
+def test_varlen_is_asked_for_causal_attention_in_either_torch_spelling():
+    """torch 2.11 (the GPU image's) spells causal as window_size=(-1, 0), torch 2.10 as
+    is_causal=True: the route passes whichever its varlen_attn takes, and refuses one with neither."""
+    from megatron_recycle.model.attention import _causal_kwargs, varlen_attn_emulated
+
+    def torch_2_11(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        pass
+
+    def torch_2_10(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False, scale=None):
+        pass
+
+    def neither(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+        pass
+
+    assert _causal_kwargs(torch_2_11) == _causal_kwargs(varlen_attn_emulated) == {"window_size": (-1, 0)}
+    assert _causal_kwargs(torch_2_10) == {"is_causal": True}
+    with pytest.raises(RuntimeError, match="takes neither window_size nor is_causal"):
+        _causal_kwargs(neither)
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    assert _causal_kwargs(varlen.varlen_attn) == {"window_size": (-1, 0)}  # this torch's (2.13 in CI)

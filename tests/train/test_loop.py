@@ -82,7 +82,13 @@ STRATEGIES = [
 @pytest.mark.parametrize("strategy,extra", STRATEGIES, ids=[s for s, _ in STRATEGIES])
 def test_two_steps_every_strategy(env, strategy, extra):
     name = f"s_{strategy}"
-    _run(CLI + ["train"] + _overrides(env, name, f"pool.strategy={strategy}", *extra))
+    out = _run(CLI + ["train"] + _overrides(env, name, f"pool.strategy={strategy}", *extra)).stdout
+    # the start line says how the step lays out the groups
+    from megatron_recycle.model.attention import packed_route
+
+    route = packed_route("cuda" if torch.cuda.is_available() else "cpu")
+    layout = "padded groups)" if "optim.pack_groups=false" in extra else f"packed groups, attention {route})"
+    assert f"steps 0->2, world 1 (tp 1 pp 1 dp 1, {layout}" in out, out[-3000:]
     run_dir = env["out"] / name
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1]

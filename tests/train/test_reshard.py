@@ -147,12 +147,30 @@ def test_cuda_rng_states_of_another_machine_shape_are_dropped():
     from megatron_recycle.train.reshard import rng_state_for_new_layout
 
     cuda = [torch.zeros(8, dtype=torch.uint8)] * 8  # saved by a process that saw 8 GPUs
-    state = {"python": (3, tuple(range(625)), None), "cuda": cuda}
+    own = torch.ones(8, dtype=torch.uint8)
+    state = {"python": (3, tuple(range(625)), None), "cuda": cuda, "cuda_current": own}
     assert rng_state_for_new_layout(state, 8)["cuda"] is cuda
     for devices in (4, 0):
         kept = rng_state_for_new_layout(state, devices)
-        assert "cuda" not in kept and kept["python"] == state["python"]
-    assert "cuda" in state  # the checkpoint's own dict is left as it was
+        assert "cuda" not in kept and "cuda_current" not in kept and kept["python"] == state["python"]
+    assert "cuda" in state and "cuda_current" in state  # the checkpoint's own dict is left as it was
     if torch.cuda.is_available() and torch.cuda.device_count() != 8:
+        old = {k: v for k, v in capture_rng_state().items() if k != "cuda_current"}  # a checkpoint of before
         with pytest.raises(ValueError, match="CUDA device states"):  # what the resharded resume avoids
-            restore_rng_state({**capture_rng_state(), "cuda": cuda})
+            restore_rng_state({**old, "cuda": cuda})
+
+
+def test_a_resume_that_sees_other_devices_restores_its_own_device_generator():
+    """Saved by a process that saw 8 GPUs, resumed by the same layout with one GPU per process
+    (CUDA_VISIBLE_DEVICES): the saving process's own device's generator is restored, since that is
+    the one its kernels drew from; all of them with as many devices; a checkpoint without it refused."""
+    from megatron_recycle.train.checkpoint import cuda_states_to_restore
+
+    cuda = [torch.full((8,), i, dtype=torch.uint8) for i in range(8)]
+    own = cuda[3]
+    assert cuda_states_to_restore({"cuda": cuda, "cuda_current": own}, 8) == ("all", cuda)
+    for devices in (1, 2):
+        how, states = cuda_states_to_restore({"cuda": cuda, "cuda_current": own}, devices)
+        assert how == "current" and states is own
+    with pytest.raises(ValueError, match="8 CUDA device states but 1 devices are visible, and not the saving process"):
+        cuda_states_to_restore({"cuda": cuda}, 1)
