@@ -101,6 +101,22 @@ class TrajectoryBatch:
         """A copy with some fields replaced (e.g. old_logprobs from compute_logprobs)."""
         return dataclasses.replace(self, **fields)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False, **fields: Any) -> TrajectoryBatch:
+        """This batch's tensors on ``device``, with ``fields`` set as given (``packed``, ``select``: already
+        on it). The checks are not run again: this batch passed them, and on a GPU two of them would
+        each wait for the copies (a host sync per micro-batch)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = set(fields) - set(names)
+        if unknown:
+            raise TypeError(f"TrajectoryBatch has no field(s) {sorted(unknown)}")
+        out = object.__new__(TrajectoryBatch)  # no __init__: no __post_init__ checks
+        for name in names:
+            v = fields[name] if name in fields else getattr(self, name)
+            if name not in fields and isinstance(v, torch.Tensor):
+                v = v.to(device, non_blocking=non_blocking)
+            setattr(out, name, v)
+        return out
+
     def take(self, index: torch.Tensor | slice) -> TrajectoryBatch:
         """The rows ``index`` (a LongTensor, in that order, or a slice) of every field."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731

@@ -39,7 +39,6 @@ its gradient beyond fp32 rounding (tests/train/test_step.py).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -322,12 +321,11 @@ def _micro_batches(
     for mb, packed in zip(cuts, packs):
         width = model_width(mb.seq_length, multiple)
         selection = _selection_for(mb, packed, width).to(dev) if select else None
-        fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(mb) if f.name not in ("packed", "select")}
-        fields = {k: (None if v is None else v.to(dev, non_blocking=True)) for k, v in fields.items()}
         # the packed layout's attention plan is built here, with the other host-to-device copies
-        # (a pageable copy waits for the device), not inside each forward of the schedule
-        out.append(TrajectoryBatch(**fields, packed=None if packed is None else packed.to(dev).with_plan(),
-                                   select=selection))
+        # (a pageable copy waits for the device), not inside each forward of the schedule; the cut
+        # was checked on the host, so its device copy is not checked again (no host sync)
+        out.append(mb.to(dev, non_blocking=True, packed=None if packed is None else packed.to(dev).with_plan(),
+                         select=selection))
     return (out, order) if return_order else out
 
 

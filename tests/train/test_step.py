@@ -75,6 +75,26 @@ def test_batch_rejects_bad_shapes(kwargs, match):
         TrajectoryBatch(**kwargs)
 
 
+def test_batch_to_a_device_keeps_every_field_and_checks_nothing_again(monkeypatch):
+    """TrajectoryBatch.to: every tensor field moved (here to the CPU: the same tensors), the fields
+    given set as given, unknown fields refused; the checks, which the batch passed when it was made,
+    do not run again (on a GPU each would wait for the copies: a host sync per micro-batch)."""
+    b = build_batch([[1, 2, 3], [4, 5]], [[0, 1, 1], [0, 1]], advantages=[1.0, -1.0], group_ids=[0, 0])
+    b = b.replace(old_logprobs=torch.full((2, 2), -0.5))
+
+    def no_checks(self):
+        raise AssertionError("TrajectoryBatch checks ran again")
+
+    monkeypatch.setattr(TrajectoryBatch, "__post_init__", no_checks)
+    moved = b.to("cpu", non_blocking=True, select="sel")
+    assert type(moved) is TrajectoryBatch and moved is not b
+    for name in ("tokens", "loss_mask", "advantages", "old_logprobs", "group_ids", "lengths"):
+        assert torch.equal(getattr(moved, name), getattr(b, name)), name
+    assert moved.ref_logprobs is None and moved.packed is None and moved.select == "sel" and b.select is None
+    with pytest.raises(TypeError, match=r"no field\(s\) \['mask'\]"):
+        b.to("cpu", mask=None)
+
+
 def test_build_batch_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="2 token sequences but 1 loss masks"):
         build_batch([[1, 2], [3, 4]], [[0, 1]])
