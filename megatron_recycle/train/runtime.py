@@ -57,7 +57,10 @@ def data_paths(cfg: Config) -> dict[str, Path]:
 
 
 def ensure_data(cfg: Config) -> dict[str, Path]:
-    """The data files, generated first (rank 0, others wait) when absent and allowed."""
+    """The data files, generated first (rank 0, others wait) when absent and allowed. Under torchrun
+    the default process group is brought up here when no one has yet (``train`` reads its data
+    before the trainer sets it up, and the trainer reuses it): without it every rank would generate
+    the same files into the same folder at once."""
     paths = data_paths(cfg)
     missing = [k for k in ("train", "dev", "test") if not paths[k].is_file()]
     if missing:
@@ -66,6 +69,10 @@ def ensure_data(cfg: Config) -> dict[str, Path]:
                 f"data files missing: {', '.join(str(paths[k]) for k in missing)}; run `megatron-recycle "
                 "gen-data` or set data.generate_if_missing=true"
             )
+        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from megatron_recycle.model.parallel import init_process_group
+
+            init_process_group(timeout_min=cfg.run.collective_timeout_min)
         if not dist.is_initialized() or dist.get_rank() == 0:
             generate_data(cfg)
         if dist.is_initialized():

@@ -665,6 +665,32 @@ def reshard_stage(args: dict) -> dict:
     return out
 
 
+def ensure_data_once(args: dict) -> dict:
+    """ensure_data on every rank of a torchrun world that no one has set up yet (what `train` does
+    before the trainer), with the generator replaced by one that records who ran it and writes the
+    three files slowly: only rank 0 may run it, and every rank must return after the files exist."""
+    import time
+
+    from megatron_recycle.config import Config
+    from megatron_recycle.train import runtime as rtm
+
+    folder = Path(args["dir"])
+
+    def fake_generate(cfg):
+        (folder / f"generated_by_{os.environ['RANK']}").write_text("")
+        time.sleep(1.0)  # a rank that did not wait would find nothing
+        for name in ("train", "dev", "test"):
+            (folder / f"{name}.jsonl").write_text("{}\n")
+
+    rtm.generate_data = fake_generate
+    cfg = Config()
+    cfg.data.dir = str(folder)
+    initialized_before = torch.distributed.is_initialized()
+    paths = rtm.ensure_data(cfg)
+    return {"initialized_before": initialized_before, "initialized_after": torch.distributed.is_initialized(),
+            "files": sorted(p.name for p in folder.iterdir()), "train_exists": paths["train"].is_file()}
+
+
 def run_jobs(args: dict) -> dict:
     """Run several jobs in the same processes (saves the interpreter start-up, several seconds each).
 

@@ -95,6 +95,16 @@ def test_batch_to_a_device_keeps_every_field_and_checks_nothing_again(monkeypatc
         b.to("cpu", mask=None)
 
 
+@pytest.mark.distributed
+def test_missing_data_is_generated_once_under_torchrun(tmp_path):
+    """`train` reads its data before the trainer sets up torch.distributed: ensure_data brings up the
+    process group itself, rank 0 generates, the other rank waits for the files."""
+    results = _dist.run_workers("ensure_data_once", 2, {"dir": str(tmp_path)})
+    for r in results:
+        assert not r["initialized_before"] and r["initialized_after"] and r["train_exists"]
+        assert r["files"] == ["dev.jsonl", "generated_by_0", "test.jsonl", "train.jsonl"]
+
+
 def test_build_batch_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="2 token sequences but 1 loss masks"):
         build_batch([[1, 2], [3, 4]], [[0, 1]])
