@@ -520,8 +520,10 @@ class VLLMEngine:
     raises on all of them when they do not. ``gpu_memory_utilization`` is the share of the whole
     GPU vLLM may take (weights + KV cache): leave room for training. On vLLM's CPU build it is,
     by vLLM's rule, the share of the machine's memory. ``kv_cache_bytes`` fixes the KV cache's
-    size instead (vLLM's ``kv_cache_memory_bytes``; the share is then not used for it). On the CPU
-    build the ``VLLM_CPU_KVCACHE_SPACE`` environment variable (GiB), when set, wins over both.
+    size instead (vLLM's ``kv_cache_memory_bytes``; the share then does not size it, but vLLM still
+    refuses to start on a GPU with less free memory than the share: lower it to what the weights and
+    that cache need when the trainer holds most of the GPU). On the CPU build the
+    ``VLLM_CPU_KVCACHE_SPACE`` environment variable (GiB), when set, wins over both.
     """
 
     def __init__(
@@ -541,8 +543,9 @@ class VLLMEngine:
         **llm_kwargs: Any,
     ) -> None:
         vllm = require_vllm()
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu and not _vllm_platform_is_cpu():
+        # the installed vLLM's platform decides (a CPU build on a GPU machine has no sleep mode either)
+        on_cpu = _vllm_platform_is_cpu()
+        if not on_cpu and not torch.cuda.is_available():
             raise RuntimeError(f"VLLMEngine needs a CUDA GPU (or a CPU build of vLLM) and none is visible; {INSTALL_HINT}")
         if tensor_parallel_size < 1:
             raise ValueError(f"VLLMEngine tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
@@ -560,7 +563,11 @@ class VLLMEngine:
                 raise ValueError(f"VLLMEngine kv_cache_bytes must be >= 1 (or None), got {kv_cache_bytes}")
             llm_kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         # Closures passed to apply_model must run in this process (external launcher, in-process core).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            log.warning("VLLMEngine: VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0 (the colocated engine runs "
+                        "vLLM's core in this process)", os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"])
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        external_launcher_env(on_cpu)
         # vLLM's CPU backend has no sleep mode: there sleep() frees the KV buffer itself (release_kv_cache)
         release_kv = on_cpu and enable_sleep_mode
         if release_kv:
@@ -698,6 +705,18 @@ class VLLMEngine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def _wake_up(self, tags: list[str]) -> None:
+        """vLLM's wake_up(tags), with PyTorch's cached free blocks handed back to the driver first on a
+        GPU: vLLM maps its memory back through the CUDA driver (cuMem), which cannot use what PyTorch's
+        caching allocator still holds from the training step (vLLM 0.32 empties the cache itself,
+        older versions did not and could run out of memory there)."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        self.llm.wake_up(tags=tags)
+
     # ------------------------------------------------------------------------------ weights
     def _apply(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
         """Run ``fn(model)`` on this process's vLLM worker and return its result."""
@@ -714,7 +733,7 @@ class VLLMEngine:
         stopping early on one rank would hang the others); the first error is raised afterwards.
         """
         if self._weights_asleep:  # weights must be mapped before writing into them; KV stays released
-            self.llm.wake_up(tags=["weights"])
+            self._wake_up(["weights"])
             self._weights_asleep = False
         if self._layerwise_reload is None:
             self._layerwise_reload = _supports_layerwise_reload(self.llm)
@@ -753,7 +772,7 @@ class VLLMEngine:
     def _reload_layerwise(self, stream: Iterator[Any]) -> tuple[int, Exception | None]:
         """All tensors through ONE call of the worker's ``reload_weights`` (vLLM's layerwise reload).
 
-        Recent vLLM drops the weight loaders once a model is loaded; its reload re-arms them,
+        vLLM's CPU backend drops the weight loaders once a model is loaded; the reload re-arms them,
         processes each layer as soon as all its tensors arrived and puts back the previous
         values of any layer that got none. A layer must therefore receive all its tensors in one
         call (q, k and v of a packed projection may not be split across calls), so the stream is
@@ -812,7 +831,7 @@ class VLLMEngine:
         elif missing := sorted(wanted - kept.keys()):
             raise KeyError(f"check_weights: {missing[:5]} are not in the exported tensors (e.g. {all_names[:3]})")
         if self._weights_asleep:
-            self.llm.wake_up(tags=["weights"])
+            self._wake_up(["weights"])
             self._weights_asleep = False
 
         def compare(model: torch.nn.Module) -> dict[str, float]:
@@ -868,7 +887,7 @@ class VLLMEngine:
         if not self.enable_sleep_mode or (self._kv_asleep and self._weights_asleep):
             return
         if self._kv_asleep:  # weights were woken for a sync: bring the KV back so one sleep covers both
-            self.llm.wake_up(tags=["kv_cache"])
+            self._wake_up(["kv_cache"])
         self.llm.sleep(level=self.sleep_level)
         self._kv_asleep = self._weights_asleep = True
         if self.sleep_level == 2:
@@ -888,7 +907,7 @@ class VLLMEngine:
         tags = [t for t, asleep in (("weights", self._weights_asleep), ("kv_cache", self._kv_asleep)) if asleep]
         if not tags:
             return
-        self.llm.wake_up(tags=tags)
+        self._wake_up(tags)
         self._weights_asleep = self._kv_asleep = False
         self.llm.reset_prefix_cache()
 
@@ -952,10 +971,10 @@ def _hf_config(llm: Any) -> Any:
 
 
 def _supports_layerwise_reload(llm: Any) -> bool:
-    """Whether the vLLM worker updates weights through ``reload_weights`` (vLLM's layerwise reload).
-
-    Such versions drop each parameter's weight loader after the first load, so calling
-    ``model.load_weights`` again fails; older ones keep the loaders and take buckets directly.
+    """Whether the vLLM worker updates weights through ``reload_weights`` (vLLM's layerwise reload,
+    :func:`_worker_has_reload_weights`). Where it exists it is used: vLLM's CPU backend (0.32) drops
+    each parameter's weight loader after the first load, so ``model.load_weights`` fails there
+    again; older versions keep the loaders and take buckets directly.
     """
     rpc = getattr(llm, "collective_rpc", None)
     if not callable(rpc):
@@ -1057,7 +1076,62 @@ def restore_kv_cache(worker: Any) -> int:
 
 
 def _worker_has_reload_weights(worker: Any) -> bool:
-    return callable(getattr(worker, "reload_weights", None))
+    """Whether this vLLM worker reloads weights from a stream (vLLM's layerwise reload, whose
+    ``reload_weights`` takes ``weights_iterator``; the worker's own may pass ``*args, **kwargs`` on to
+    its model runner's, which then says). Older V1 workers have a ``reload_weights()`` without
+    arguments that rereads the checkpoint from disk: False there, and the weights go in buckets
+    through ``model.load_weights``, whose loaders those versions keep on a GPU."""
+    import inspect
+
+    def params(fn: Any) -> Any:
+        try:
+            return inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # a builtin or C function: nothing to read
+            return None
+
+    own = getattr(worker, "reload_weights", None)
+    mine = params(own) if callable(own) else None
+    if mine is None:
+        return False
+    if "weights_iterator" in mine:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in mine.values()):
+        return False  # explicit arguments, none of them the stream
+    runner = getattr(getattr(worker, "model_runner", None), "reload_weights", None)
+    theirs = params(runner) if callable(runner) else None
+    return theirs is not None and "weights_iterator" in theirs
+
+
+def external_launcher_env(on_cpu: bool) -> dict[str, str]:
+    """What vLLM's external launcher reads from torchrun's environment, checked (and returned as set).
+
+    It reads RANK and LOCAL_RANK unconditionally: a single process started without torchrun (the
+    README's `megatron-recycle run` with ``rollout.engine=vllm``) gets 0 for both, which is what it
+    is. On a GPU it takes device LOCAL_RANK among the visible ones (as the trainer does): a
+    launcher that shows each process one GPU (CUDA_VISIBLE_DEVICES per task) with LOCAL_RANK > 0
+    is refused here with the reason, not by vLLM's assertion."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    set_here = {}
+    if world == 1:
+        for key in ("RANK", "LOCAL_RANK"):
+            if key not in os.environ:
+                os.environ[key] = set_here[key] = "0"
+        if set_here:
+            log.info("VLLMEngine: one process without torchrun: %s for vLLM's external launcher",
+                     ", ".join(f"{k}=0" for k in set_here))
+    for key in ("RANK", "LOCAL_RANK"):
+        if key not in os.environ:
+            raise RuntimeError(f"VLLMEngine: {key} is not set in a world of {world} processes; launch with torchrun")
+    if not on_cpu and torch.cuda.is_available():
+        local, visible = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= visible:
+            raise RuntimeError(
+                f"VLLMEngine: LOCAL_RANK={local} but this process sees {visible} GPU(s): vLLM's external launcher "
+                "runs on device LOCAL_RANK, so every process must see all of its node's GPUs (do not set "
+                "CUDA_VISIBLE_DEVICES per process; torchrun --nproc-per-node does not)")
+    return set_here
 
 
 def _vllm_tp_rank_size() -> tuple[int, int]:

@@ -482,6 +482,90 @@ def test_layerwise_reload_sends_every_tensor_in_one_call_with_the_tied_head():
     assert "lm_head.weight" not in untied.reload_calls[0]
 
 
+def test_the_layerwise_reload_probe_reads_the_signature():
+    """Only a reload_weights that takes the stream counts: vLLM 0.32's worker passes *args/**kwargs
+    on to its model runner's (weights_iterator, ...); older V1 workers have reload_weights() that
+    rereads the checkpoint from disk, and a call with the stream would fail there."""
+    def old(): pass  # noqa: E704
+    def passes_on(*args, **kwargs): pass  # noqa: E704
+    def streams(weights_iterator=None, weights_path=None, is_checkpoint_format=True): pass  # noqa: E704
+    def from_disk(self_path=None): pass  # noqa: E704
+
+    probe = V._worker_has_reload_weights
+    assert probe(SimpleNamespace(reload_weights=streams))
+    assert probe(SimpleNamespace(reload_weights=passes_on, model_runner=SimpleNamespace(reload_weights=streams)))
+    assert not probe(SimpleNamespace(reload_weights=old, model_runner=SimpleNamespace(reload_weights=streams)))
+    assert not probe(SimpleNamespace(reload_weights=passes_on, model_runner=SimpleNamespace(reload_weights=from_disk)))
+    assert not probe(SimpleNamespace(reload_weights=passes_on, model_runner=SimpleNamespace()))
+    assert not probe(SimpleNamespace(model_runner=SimpleNamespace(reload_weights=streams)))  # the RPC names the worker's
+    assert not probe(SimpleNamespace(reload_weights=len))  # a builtin with explicit arguments
+
+
+class FakeDiskReloadLLM(FakeReloadLLM):
+    """An older V1 vLLM: its workers have a reload_weights() that rereads the checkpoint from disk
+    (and keep their weight loaders), so the stream must go in buckets through model.load_weights."""
+
+    def __init__(self, model: FakeModel) -> None:
+        super().__init__(model)
+        self.worker = SimpleNamespace(reload_weights=lambda: self.reload_calls.append(["from disk"]))
+
+
+def test_an_older_vllm_with_a_disk_reload_gets_buckets():
+    model = FakeModel(1, 2, 2)
+    llm = FakeDiskReloadLLM(model)
+    engine = V.VLLMEngine.from_llm(llm, dict, FakeTokenizer(), vocab_size=len(PIECES), max_model_len=512,
+                                   tp_rank_size=lambda: (1, 2), bucket_bytes=1)
+    new = full_layer(kv_heads=2, seed=6)
+    engine.load_weights(iter(new.items()))
+    assert engine._layerwise_reload is False and llm.reload_calls == []
+    assert [n for call in model.load_calls for n in call] == list(new) and len(model.load_calls) == len(new)
+    assert max(engine.check_weights(iter(new.items())).values()) == 0.0
+
+
+def test_wake_up_hands_pytorchs_cached_blocks_back_first_on_a_gpu(monkeypatch):
+    """vLLM maps its memory back through the driver, which cannot use what PyTorch's caching
+    allocator holds: on CUDA every wake_up is preceded by empty_cache (not on a CPU)."""
+    engine, llm, _ = fake_engine()
+    engine.sleep()
+    calls = []
+    monkeypatch.setattr(V.torch.cuda, "empty_cache", lambda: calls.append(("empty_cache",)))
+    monkeypatch.setattr(V.torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(V.torch.cuda, "is_available", lambda: False)
+    engine.wake()
+    assert calls == [] and llm.events[-2:] == [("wake", ("weights", "kv_cache")), ("reset",)]
+    engine.sleep()
+    monkeypatch.setattr(V.torch.cuda, "is_available", lambda: True)
+    real_wake = llm.wake_up
+    llm.wake_up = lambda tags=None: (calls.append(("wake", tuple(tags))), real_wake(tags))
+    engine.load_weights(iter(full_layer(kv_heads=2, seed=3).items()))  # weights woken for the sync
+    engine.wake()  # then the KV cache
+    assert calls == [("empty_cache",), ("wake", ("weights",)), ("empty_cache",), ("wake", ("kv_cache",))]
+
+
+def test_the_external_launcher_environment(monkeypatch):
+    """vLLM's external launcher reads RANK and LOCAL_RANK: one process without torchrun gets 0 for
+    both; several without them are refused; on a GPU, a LOCAL_RANK beyond the visible devices (one
+    GPU shown per process) is refused with the reason."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert V.external_launcher_env(on_cpu=True) == {"RANK": "0", "LOCAL_RANK": "0"}
+    assert os.environ["RANK"] == os.environ["LOCAL_RANK"] == "0"
+    assert V.external_launcher_env(on_cpu=True) == {}  # already set: left as it is
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(RuntimeError, match="RANK is not set in a world of 2 processes; launch with torchrun"):
+        V.external_launcher_env(on_cpu=True)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(V.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(V.torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 but this process sees 1 GPU\(s\)"):
+        V.external_launcher_env(on_cpu=False)
+    assert V.external_launcher_env(on_cpu=True) == {}  # vLLM's CPU build: no device to pick
+    monkeypatch.setattr(V.torch.cuda, "device_count", lambda: 2)
+    assert V.external_launcher_env(on_cpu=False) == {}
+
+
 def test_layerwise_reload_error_drains_the_collective_stream():
     engine = V.VLLMEngine.from_llm(FakeReloadLLM(FakeModel(0, 1, 2)), dict, FakeTokenizer(),
                                    tp_rank_size=lambda: (0, 1))
