@@ -828,13 +828,16 @@ def test_vllm_end_to_end_matches_hf_engine(tmp_path, monkeypatch):
     model = _tiny_llama(0)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "29517"}.items():
+    # one process as without torchrun: no RANK / LOCAL_RANK, which the engine sets for vLLM's launcher
+    for k, v in {"WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}.items():
         monkeypatch.setenv(k, v)
+    for k in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
     if not on_gpu:
         monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     engine = V.VLLMEngine(tmp_path, tok, gpu_memory_utilization=0.25, max_model_len=256, dtype="float32",
                           enforce_eager=True)
+    assert os.environ["RANK"] == os.environ["LOCAL_RANK"] == "0"
     dev = "cuda" if on_gpu else "cpu"
     hf = HFEngine(model.float(), tok, device=dev)
     prompts = [tok("The capital of France is").input_ids, tok("<search>who wrote").input_ids]
@@ -852,6 +855,8 @@ def test_vllm_end_to_end_matches_hf_engine(tmp_path, monkeypatch):
     engine.bucket_bytes = 1 << 20
     engine.load_weights(iter(named))
     assert engine.weights_version == 1
+    if not on_gpu:  # the CPU backend drops its weight loaders: only the layerwise reload can sync
+        assert engine._layerwise_reload is True
     diffs = engine.check_weights(iter(named))
     assert diffs and max(diffs.values()) == 0.0 and "model.embed_tokens.weight" in diffs
     if on_gpu:
