@@ -111,8 +111,10 @@ class RolloutConfig:
     # engine=vllm: share of GPU memory for weights + KV cache (on vLLM's CPU build: of the machine's memory)
     vllm_gpu_memory_utilization: float = 0.5
     # engine=vllm: a fixed KV cache size in GiB per engine (vLLM's kv_cache_memory_bytes) instead of
-    # sizing it from the share above; 0 = from the share. On vLLM's CPU build the environment
-    # variable VLLM_CPU_KVCACHE_SPACE (GiB), when set, wins (scripts/vllm_cpu.sh sets 1).
+    # sizing it from the share above; 0 = from the share. vLLM still refuses to start on a GPU whose
+    # free memory is below the share, so with a fixed size lower the share to what the weights and
+    # this cache need. On vLLM's CPU build the environment variable VLLM_CPU_KVCACHE_SPACE (GiB),
+    # when set, wins (scripts/vllm_cpu.sh sets 1).
     vllm_kv_cache_gib: float = 0.0
     # engine=vllm: release the KV cache while the trainer runs (GPU: vLLM's sleep mode, level 1, weights
     # offloaded to host memory; vLLM's CPU build: the KV buffer is freed, weights stay). false keeps
