@@ -96,11 +96,15 @@ def gpu_activities(fn: Callable[[], object], dev: torch.device) -> list[tuple[st
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(dev)
-    return [
-        (e.name, e.time_range.elapsed_us() / 1e3)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    ]
+    return [(e.name, e.time_range.elapsed_us() / 1e3) for e in prof.events() if is_device_activity(e)]
+
+
+def is_device_activity(e: object) -> bool:
+    """A profiler event that is work on the CUDA device (kernel, memcpy, memset), not a user range
+    that Kineto mirrors onto the device's timeline (record_function, e.g. torch.optim's
+    ``Optimizer.step#AdamW.step`` or Inductor's ranges: ``is_user_annotation``), which would count
+    the time of the kernels inside it twice."""
+    return e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
 
 
 def cuda_activity(fn: Callable[[], object], dev: torch.device) -> tuple[int | None, float | None]:
@@ -142,17 +146,28 @@ def host_issue_ms(fn: Callable[[], object], dev: torch.device, reps: int) -> flo
 def graph_ms(fn: Callable[[], object], dev: torch.device, reps: int, warmup: int) -> float | None:
     """Median time of one replay of fn captured in a CUDA graph (the launches replayed without the
     host's Python, autograd and launcher in between): what a trainer that graphs its step would see.
-    None off CUDA, and when fn cannot be captured (a host sync inside, such as token_logprobs'
-    target-range check, fails the capture: said once per reason; the row keeps its other timings)."""
+    None off CUDA, and when fn cannot be captured: a call with a host sync (a ragged group count, a
+    target-range check, PyTorch's nonzero) is found in one more warm-up call under
+    ``torch.cuda.set_sync_debug_mode("error")`` and never captured, since a capture that a sync
+    invalidates leaves torch 2.11's caching allocator in capture mode for the rest of the process
+    (pytorch#180395: ``empty_cache`` then frees nothing); said once per reason, the row keeps its
+    other timings."""
     if dev.type != "cuda":
         return None
+    prev = torch.cuda.current_stream(dev)
     try:
         side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
+        side.wait_stream(prev)
         with torch.cuda.stream(side):  # warm up outside the capture (compilation, allocator)
             for _ in range(3):
                 fn()
-        torch.cuda.current_stream(dev).wait_stream(side)
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                fn()  # raises at a host sync, outside any capture
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        prev.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
@@ -161,10 +176,12 @@ def graph_ms(fn: Callable[[], object], dev: torch.device, reps: int, warmup: int
         reason = type(e).__name__
         warned = graph_ms.__dict__.setdefault("warned", set())
         if reason not in warned:
-            print(f"(CUDA graph capture failed: {e!r})"[:200])
+            print(f"(no CUDA graph time: {e!r})"[:200])
             warned.add(reason)
         torch.cuda.synchronize(dev)
         return None
+    finally:
+        torch.cuda.set_stream(prev)
 
 
 def peak_extra_mib(fn: Callable[[], object], dev: torch.device) -> float:
@@ -477,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.error("--stats-config takes block_v:warps[:stages] (block_v a power of two >= 16), e.g. 2048:1:2")
         logprobs_mod.STATS_BLOCK_V, logprobs_mod.STATS_WARPS, logprobs_mod.STATS_STAGES = cfg
+        logprobs_mod.MAX_BLOCK_V = max(logprobs_mod.MAX_BLOCK_V, cfg[0])  # a wider block runs as named
 
     dev = torch.device(args.device)
     dtype = DTYPES[args.dtype]

@@ -146,7 +146,8 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn(q, kk, v).backward(grad_out)
                 sync()
-            acts = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            acts = [e for e in prof.events()  # device work, not user ranges mirrored onto the device
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
             launches, busy = len(acts), sum(e.time_range.elapsed_us() for e in acts) / 1e6
         return statistics.median(times[1:]), launches, busy
 

@@ -84,6 +84,42 @@ def _bench_module():
     return bench
 
 
+def test_device_activities_leave_out_user_ranges():
+    """torch.optim's Optimizer.step record_function (and Inductor's ranges) show on the device's
+    timeline as user annotations: counting them would count their kernels' time twice."""
+    from types import SimpleNamespace
+
+    import torch
+
+    bench = _bench_module()
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    assert bench.is_device_activity(SimpleNamespace(device_type=cuda, is_user_annotation=False))
+    assert bench.is_device_activity(SimpleNamespace(device_type=cuda))  # a torch without the flag
+    assert not bench.is_device_activity(SimpleNamespace(device_type=cuda, is_user_annotation=True))
+    assert not bench.is_device_activity(SimpleNamespace(device_type=cpu, is_user_annotation=False))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_time_never_captures_a_call_with_a_host_sync():
+    """A call with a host sync is found before any capture (a capture it invalidated would leave
+    torch 2.11's allocator in capture mode for the rest of the process): no graph time, and the
+    next call's capture and the allocator work as before."""
+    import torch
+
+    bench = _bench_module()
+    dev = torch.device("cuda")
+    x = torch.randn(1 << 20, device=dev)
+    assert bench.graph_ms(lambda: x.sum().item(), dev, 2, 1) is None
+    assert bench.graph_ms(lambda: torch.nonzero(x > 0), dev, 2, 1) is None
+    assert torch.cuda.current_stream(dev) == torch.cuda.default_stream(dev)
+    before = torch.cuda.memory_reserved(dev)
+    y = torch.empty(1 << 26, device=dev)
+    del y
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved(dev) <= before  # empty_cache frees again
+    assert bench.graph_ms(lambda: (x * 2).sum(), dev, 3, 1) > 0
+
+
 def test_targets_are_judged_from_the_rows():
     bench = _bench_module()
     size4m, size1m = f"tokens={1 << 22}", f"tokens={1 << 20}"
