@@ -146,15 +146,17 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn(q, kk, v).backward(grad_out)
                 sync()
-            acts = [e for e in prof.events()  # device work, not user ranges mirrored onto the device
-                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_kernels import is_device_activity
+
+            acts = [e for e in prof.events() if is_device_activity(e)]
             launches, busy = len(acts), sum(e.time_range.elapsed_us() for e in acts) / 1e6
         return statistics.median(times[1:]), launches, busy
 
     scale = head_dim ** -0.5
     padded = timed(with_kv(lambda q, kk, v, gqa: F.scaled_dot_product_attention(
         q, kk, v, is_causal=True, scale=scale, enable_gqa=gqa)), k, seq)
-    route = attention._route(torch.zeros(1, device=dev))
+    route = attention.packed_route(dev)
     grouped = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale)), rows, width)
     masked = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale, route="bool-mask")),
                    rows, width)  # for comparison

@@ -163,10 +163,10 @@ def profile_step(run_step, top: int = 12) -> dict[str, Any]:
         wall = time.perf_counter() - t0
     out: dict[str, Any] = {"wall_s": wall}
     if cuda:
-        # device work only: not the user ranges Kineto mirrors onto the device's timeline (torch.optim's
-        # Optimizer.step#AdamW.step record_function would count the optimizer's kernels twice)
-        kernels = [e for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_kernels import is_device_activity  # device work, not user ranges (Optimizer.step)
+
+        kernels = [e for e in prof.events() if is_device_activity(e)]
         busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
         by_name: dict[str, list[float]] = {}
         for e in kernels:

@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "train" / "loop_fixtures.py"
 ROUTE_ENV = "MEGATRON_RECYCLE_PACKED_ATTENTION"
 IMPL_ENV = "MEGATRON_RECYCLE_KERNELS_IMPL"
+MARKER = ".smoke_loop"  # in a work folder the tool made: the only non-empty --out it empties
 
 
 def _fixtures():
@@ -58,11 +59,10 @@ def _fixtures():
     return mod
 
 
-def write_corpus(path: Path) -> Path:
-    """A Search-R1 jsonl corpus: one passage per fixture question, plus a few distractors."""
-    fx = _fixtures()
+def write_corpus(path: Path, facts: list[tuple[str, list[str]]]) -> Path:
+    """A Search-R1 jsonl corpus: one passage per fixture question (``facts``), plus a few distractors."""
     rows = [{"id": f"p{i}", "contents": f"{answers[0]}\n{question.rstrip('?')}: {answers[0]}."}
-            for i, (question, answers) in enumerate(fx.FACTS)]
+            for i, (question, answers) in enumerate(facts)]
     rows += [{"id": f"d{i}", "contents": f"Filler {i}\nA passage about nothing in particular, number {i}."}
              for i in range(4)]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-model", type=Path, default=None, metavar="DIR",
                     help="write the tiny model (random weights, SmolLM2's tokenizer) to DIR and stop")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mr_smoke_loop"),
-                    help="work folder: data, corpus, runs/smoke, logs (emptied first)")
+                    help="work folder: data, corpus, runs/smoke, logs (emptied first; a non-empty folder the "
+                    "tool did not make is refused)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                     help="Megatron bf16 training (auto: on with CUDA, off without)")
@@ -175,14 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     cuda, device = _cuda()
     bf16 = cuda if args.bf16 == "auto" else args.bf16 == "on"
     work = args.out.resolve()
+    if work.exists() and any(work.iterdir()) and not (work / MARKER).is_file():
+        print(f"[smoke] {work} is not empty and not a smoke-loop work folder (no {MARKER}): refusing to empty it; "
+              "pass a new or empty --out", file=sys.stderr)
+        return 2
     shutil.rmtree(work, ignore_errors=True)
     (work / "logs").mkdir(parents=True)
+    (work / MARKER).write_text("written by tools/smoke_loop.py, which empties this folder on its next run\n")
     model = args.model.resolve() if args.model is not None else fx.write_tiny_model(work / "model")
     if not (model / "config.json").is_file():
         print(f"[smoke] {model} is not a model folder (no config.json); write one with --write-model", file=sys.stderr)
         return 2
     fx.write_tiny_data(work / "data")
-    write_corpus(work / "corpus.jsonl")
+    write_corpus(work / "corpus.jsonl", fx.FACTS)
     run_dir = work / "runs" / "smoke"
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

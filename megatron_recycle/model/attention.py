@@ -15,6 +15,7 @@ tests/model/test_group_packing.py (arbitrary tree masks).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -146,7 +147,7 @@ class GroupAttentionPlan:
     # every block's real query positions, in block order (the blocks' ``pos`` joined): where the
     # outputs land, in one copy per layer
     pos: torch.Tensor | None = None
-    # how group_attention runs it (:func:`_route` of the mask's device, read when the plan is built)
+    # how group_attention runs it (:func:`packed_route` of the mask's device, read when the plan is built)
     route: str = "bool-mask"
     # the same attention as one variable-length call (route "varlen"), built with the plan
     varlen: VarlenPlan | None = None
@@ -180,7 +181,7 @@ class GroupAttentionPlan:
             if own:
                 blocks.append(_block(own, pre, sp, dev))
         pos = torch.cat([blk.pos for blk in blocks]) if len(blocks) > 1 else (blocks[0].pos if blocks else None)
-        route = _route(mask)
+        route = packed_route(mask.device)
         varlen = VarlenPlan.build(spans, rows, width, dev) if route == "varlen" else None
         return GroupAttentionPlan(mask, rows, width, tuple(blocks), pos, route, varlen)
 
@@ -300,11 +301,6 @@ def packed_route(device: torch.device | str) -> str:
     return "split" if device.type == "cpu" and _cpu_flash_ops() is not None else "bool-mask"
 
 
-def _route(t: torch.Tensor) -> str:
-    """:func:`packed_route` of ``t``'s device."""
-    return packed_route(t.device)
-
-
 def varlen_attn_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                          max_q: int, max_k: int, *, scale: float | None = None,
                          window_size: tuple[int, int] = (-1, 0)) -> torch.Tensor:
@@ -353,10 +349,12 @@ def _varlen_attention(plan: GroupAttentionPlan, qf: torch.Tensor, kf: torch.Tens
     return out if vp.pad is None else out.masked_fill(vp.pad[:, None, None], 0.0)
 
 
+@functools.cache
 def _causal_kwargs(fn: Any) -> dict[str, Any]:
     """How ``fn`` (torch's varlen_attn, or its emulation) is asked for causal attention with each
     segment's last query aligned with its last key: ``window_size=(-1, 0)`` since torch 2.11,
-    ``is_causal=True`` in torch 2.10, where the window did not exist yet."""
+    ``is_causal=True`` in torch 2.10, where the window did not exist yet. Read once per function
+    (cached): the route calls it in every layer's forward."""
     import inspect
 
     params = inspect.signature(fn).parameters
@@ -373,7 +371,7 @@ def group_attention(plan: GroupAttentionPlan, q: torch.Tensor, k: torch.Tensor, 
     """Attention over group-packed rows by the plan. q [b, n, S, hn], k and v [b, n or fewer
     (grouped-query) heads, S, hn]; returns [b, n, S, hn]; padding positions get zeros (nothing
     reads them: no position attends to padding and no loss sits on it). ``route``: how the member
-    blocks run (see :func:`_route`; None: the plan's, chosen when it was built; tests and
+    blocks run (see :func:`packed_route`; None: the plan's, chosen when it was built; tests and
     benchmarks choose others)."""
     b, n, s, hn = q.shape
     flat = lambda t: t.permute(0, 2, 1, 3).reshape(b * s, t.shape[1], hn)  # noqa: E731

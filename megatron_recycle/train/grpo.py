@@ -213,7 +213,6 @@ def _batch_from_groups(groups: list[list[dict]], rt: rtm.Runtime):
                        pad_token_id=pad, pad_rows_to_multiple_of=mbs, group_ids=group_ids)
 
 
-
 def _describe_packing(cfg: Any, chunks: list) -> str:
     """How the training step lays out groups, for the start line: packed groups name the attention
     route of their GroupAttentionPlans (the device's default, or $MEGATRON_RECYCLE_PACKED_ATTENTION's),

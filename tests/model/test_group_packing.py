@@ -175,7 +175,7 @@ def test_group_attention_plan_equals_dense_tree_mask(route, kv_heads, monkeypatc
     from megatron_recycle.model.attention import expand_kv, group_attention
 
     if route == "split":
-        assert attention._route(torch.zeros(1)) == "split", "this torch lacks the CPU flash-attention ops"
+        assert attention.packed_route("cpu") == "split", "this torch lacks the CPU flash-attention ops"
         split_calls = []
         real_apply = attention._PrefixThenCausal.apply
         monkeypatch.setattr(attention._PrefixThenCausal, "apply",
@@ -570,13 +570,13 @@ def test_group_attention_refuses_an_unknown_route():
 def test_packed_route_by_device_and_environment(monkeypatch):
     """The device's default route (causal-bias on CUDA, split on a CPU with torch's CPU flash ops),
     any device overridden by the environment ('auto' and empty mean the default), an unknown name
-    refused; _route is packed_route of a tensor's device."""
+    refused."""
     from megatron_recycle.model import attention
 
     monkeypatch.delenv(attention.ROUTE_ENV, raising=False)
     assert attention.packed_route("cuda") == attention.packed_route(torch.device("cuda", 0)) == "causal-bias"
     cpu = "split" if attention._cpu_flash_ops() is not None else "bool-mask"
-    assert attention.packed_route("cpu") == attention._route(torch.zeros(1)) == cpu
+    assert attention.packed_route("cpu") == attention.packed_route(torch.device("cpu")) == cpu
     for value, cuda, host in (("auto", "causal-bias", cpu), ("", "causal-bias", cpu), ("varlen", "varlen", "varlen"),
                               ("bool-mask", "bool-mask", "bool-mask")):
         monkeypatch.setenv(attention.ROUTE_ENV, value)

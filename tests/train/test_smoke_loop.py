@@ -46,6 +46,14 @@ def test_smoke_loop_runs_the_loop_resumes_and_reports(tmp_path):
     assert "attention varlen" not in logs["run"] + logs["resume"]
 
 
+def test_smoke_loop_refuses_to_empty_a_folder_it_did_not_make(tmp_path, capsys):
+    keep = tmp_path / "mine.txt"
+    keep.write_text("user data")
+    assert _tool().main(["--out", str(tmp_path), "--model", str(tmp_path)]) == 2
+    assert keep.read_text() == "user data"
+    assert "not a smoke-loop work folder" in capsys.readouterr().err
+
+
 def _record(name: str, rc: int = 0, output: str = "", resumed_at: int | None = None) -> dict:
     c = {"name": name, "rc": rc, "output": output, "seconds": 1.0, "args": []}
     if resumed_at is not None:
