@@ -9,10 +9,12 @@ present, <run_dir>/pool_history.csv, and draws into <run_dir>/plots/:
     reward.png           reward_mean, em_mean and every eval/... key over steps
     transitions.png      hard/signal/easy transition counts (transitions_total of the last step)
     flips.png            (with pool_history.csv) queries drawn and queries that flipped state
+    pool.png             live weight mass, live queries and queries never drawn
 
 It prints the same numbers as a table (every step, or every Nth for long runs, plus a summary
 row) and returns them in a dict. Malformed lines are counted, reported with their line number
-and skipped; a step logged twice keeps its last line.
+and skipped; lines of the same step are merged (a key logged twice keeps its last value).
+Steps without the pool's metrics (an evaluation logged on its own) feed the reward plot only.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from megatron_recycle.pool import STATES, binary_state
 from megatron_recycle.train.metrics import METRICS_FILE, POOL_HISTORY_FILE, read_float
 
-STATES = ("hard", "signal", "easy")
+HISTORY_COLUMNS = ("query", "step", "successes", "k", "state")
 
 # (column header, metrics key, format) of the printed table; a key missing from a step prints "-".
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -47,7 +50,11 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("roll/eff", "rollouts_per_effective_group", ".1f"),
     ("reward", "reward_mean", ".3f"),
     ("em", "em_mean", ".3f"),
+    ("live_w", "live_weight_mass", ".1f"),
+    ("never", "never_drawn", "d"),
 )
+# Pool state after a step rather than a count per step: the summary row shows the last value.
+STATE_KEYS = ("live_weight_mass", "never_drawn")
 
 
 class AnalyzeError(RuntimeError):
@@ -56,7 +63,12 @@ class AnalyzeError(RuntimeError):
 
 # ----------------------------------------------------------------------------------- reading
 def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]], int]:
-    """(records sorted by step, [(line number, why it was skipped)], number of duplicate steps)."""
+    """(records sorted by step, [(line number, why it was skipped)], number of clashing lines).
+
+    Lines with the same step are merged into one record (e.g. a step's metrics and an evaluation
+    logged apart, as runs before 2026-12-01 logged the dev evaluation); a line that gives a key
+    another value than an earlier line of its step counts as a clash, and the last value wins.
+    """
     by_step: dict[int, dict[str, Any]] = {}
     bad: list[tuple[int, str]] = []
     duplicates = 0
@@ -76,9 +88,10 @@ def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[tuple[int
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
                 bad.append((lineno, f"no integer 'step' (got {step!r})"))
                 continue
-            if step in by_step:
-                duplicates += 1
-            by_step[step] = record
+            earlier = by_step.setdefault(step, {})
+            if any(k in earlier and earlier[k] != v for k, v in record.items() if k not in ("step", "unix_time")):
+                duplicates += 1  # the same step logged twice with different values: the last line wins
+            earlier.update(record)
     return [by_step[s] for s in sorted(by_step)], bad, duplicates
 
 
@@ -95,41 +108,50 @@ def _has(records: list[dict[str, Any]], key: str) -> bool:
     return any(_value(r, key) is not None for r in records)
 
 
-def read_pool_history(path: str | Path) -> tuple[dict[int, list[tuple[int, int, int]]], list[tuple[int, str]]]:
-    """pool_history.csv -> ({query: [(step, successes, k), ...] in file order}, bad rows)."""
-    draws: dict[int, list[tuple[int, int, int]]] = {}
+def read_pool_history(path: str | Path) -> tuple[dict[int, list[tuple[int, int, int, int]]], list[tuple[int, str]]]:
+    """pool_history.csv -> ({query: [(step, successes, k, state), ...] in file order}, bad rows).
+
+    state is the pool's (0 hard, 1 signal, 2 easy). Files written before the pool kept it (header
+    query,step,successes,k) get the binary-reward rule from the success count (``binary_state``),
+    which misreads continuous rewards (a spread with no success counts as hard).
+    """
+    draws: dict[int, list[tuple[int, int, int, int]]] = {}
     bad: list[tuple[int, str]] = []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header != ["query", "step", "successes", "k"]:
-            raise AnalyzeError(f"{path}: header {header!r}, expected query,step,successes,k")
+        if header not in (list(HISTORY_COLUMNS), list(HISTORY_COLUMNS[:4])):
+            raise AnalyzeError(f"{path}: header {header!r}, expected {','.join(HISTORY_COLUMNS)}")
+        with_state = len(header) == 5
         for lineno, row in enumerate(reader, 2):
             try:
-                q, s, n, k = (int(x) for x in row)
+                if len(row) != len(header):
+                    raise ValueError(f"{len(row)} fields, expected {len(header)}")
+                q, s, n, k = (int(x) for x in row[:4])
                 if not 0 <= n <= k:
                     raise ValueError(f"successes {n} outside [0, k={k}]")
+                if with_state:
+                    if row[4] not in STATES:
+                        raise ValueError(f"state {row[4]!r} is not one of {STATES}")
+                    state = STATES.index(row[4])
+                else:
+                    state = binary_state(n, k)
             except ValueError as e:
                 bad.append((lineno, f"{row!r}: {e}"))
                 continue
-            draws.setdefault(q, []).append((s, n, k))
+            draws.setdefault(q, []).append((s, n, k, state))
     return draws, bad
 
 
-def _state(successes: int, k: int) -> int:
-    """0 hard (no success), 2 easy (all K), 1 signal: the pool's rule for binary rewards."""
-    return 0 if successes == 0 else (2 if successes >= k else 1)
-
-
-def history_summary(draws: dict[int, list[tuple[int, int, int]]]) -> dict[str, Any]:
+def history_summary(draws: dict[int, list[tuple[int, int, int, int]]]) -> dict[str, Any]:
     """Queries drawn, queries that changed state between two of their draws, and when they first did."""
     first_flip: list[int] = []
     first_draw: list[int] = []
     for hist in draws.values():
         hist = sorted(hist, key=lambda t: t[0])
         first_draw.append(hist[0][0])
-        states = [_state(n, k) for _, n, k in hist]
-        for (step, _, _), a, b in zip(hist[1:], states, states[1:]):
+        states = [state for *_, state in hist]
+        for (step, *_), a, b in zip(hist[1:], states, states[1:]):
             if a != b:
                 first_flip.append(step)
                 break
@@ -316,6 +338,26 @@ def plot_flips(summary: dict[str, Any], last_step: int, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_pool(records: list[dict[str, Any]], num_queries: float | None, path: Path) -> Path:
+    steps = _series(records, "step")
+    fig, (ax,) = _figure()
+    for key, label, color in (("live_weight_mass", "live weight mass (sum of w_q)", "tab:blue"),
+                              ("live_queries", "live queries (w_q > 0)", "tab:green"),
+                              ("never_drawn", "queries never drawn", "tab:gray")):
+        if _has(records, key):
+            ax.plot(steps, _series(records, key), color=color, lw=1.5, label=label)
+    if num_queries:
+        ax.axhline(num_queries, color="black", ls="--", lw=1, label=f"pool size ({num_queries:.0f})")
+    _mark_epochs(ax, records)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("training step (after it)")
+    ax.set_ylabel("queries / weight")
+    ax.set_title("The pool after each step: live weight and coverage")
+    _legend(ax, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------------------------ table
 def _fmt(value: float | None, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -341,9 +383,14 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if den else math.inf if num else None
 
 
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    vals = [v for r in records if (v := _value(r, key)) is not None]
+    return vals[-1] if vals else None
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, float | None]:
     """One summary row: counts summed over steps, shares and rollouts/effective group over the sums,
-    batch fill, reward and EM averaged over steps."""
+    batch fill, reward and EM averaged over steps, the pool's state (STATE_KEYS) after the last step."""
     eff = _sum(records, "effective_batch")
     return {
         "step": None,
@@ -359,6 +406,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float | None]:
         "rollouts_per_effective_group": _ratio(_sum(records, "rollouts"), eff),
         "reward_mean": _mean(records, "reward_mean"),
         "em_mean": _mean(records, "em_mean"),
+        **{key: _last(records, key) for key in STATE_KEYS},
     }
 
 
@@ -405,6 +453,10 @@ def analyze(run_dir: str | Path, every: int | None = None, plots: bool = True,
     if every < 1:
         raise ValueError(f"every must be >= 1 (print every Nth step), got {every}")
 
+    # The pool's plots and table read the steps that logged the pool's metrics; a line with only an
+    # evaluation (older runs logged the dev evaluation on a line of its own) feeds the reward plot.
+    all_records = records
+    records = [r for r in all_records if _value(r, "candidates") is not None] or all_records
     result: dict[str, Any] = {
         "run_dir": str(run_dir), "metrics_file": str(path), "steps": len(records),
         "first_step": records[0]["step"], "last_step": records[-1]["step"],
@@ -449,10 +501,14 @@ def analyze(run_dir: str | Path, every: int | None = None, plots: bool = True,
                 result["skipped"][name] = f"no step logged {missing}"
                 continue
             result["plots"][name] = str(fn(records, plot_dir / f"{name}.png"))
-        if _has(records, "reward_mean") or _has(records, "em_mean") or _eval_keys(records):
-            result["plots"]["reward"] = str(plot_reward(records, plot_dir / "reward.png"))
+        if _has(all_records, "reward_mean") or _has(all_records, "em_mean") or _eval_keys(all_records):
+            result["plots"]["reward"] = str(plot_reward(all_records, plot_dir / "reward.png"))
         else:
             result["skipped"]["reward"] = "no step logged reward_mean, em_mean or eval/..."
+        if _has(records, "live_weight_mass") or _has(records, "never_drawn"):
+            result["plots"]["pool"] = str(plot_pool(records, _last(records, "pool_queries"), plot_dir / "pool.png"))
+        else:
+            result["skipped"]["pool"] = "no step logged live_weight_mass or never_drawn"
         if transitions is not None:
             result["plots"]["transitions"] = str(plot_transitions(
                 np.array(transitions["matrix"]), transitions["step"], plot_dir / "transitions.png"))
@@ -488,6 +544,11 @@ def analyze(run_dir: str | Path, every: int | None = None, plots: bool = True,
         print(f"# pool history: {history['queries_drawn']} queries drawn ({history['draws']} draws), "
               f"{history['queries_flipped']} flipped state at least once "
               f"({100 * history['flipped_share_of_drawn']:.1f}% of drawn)", file=out)
+        logged = _last(records, "flipped_queries")
+        if logged is not None and int(logged) != history["queries_flipped"]:
+            print(f"warning: {hist_path.name} says {history['queries_flipped']} queries flipped, the metrics' last "
+                  f"step (step {records[-1]['step']}) says {int(logged)}: the history is from another point of "
+                  "the run (written at checkpoints and at the end) or from another run", file=out)
     for name, p in result["plots"].items():
         print(f"# plot {name}: {p}", file=out)
     for name, why in result["skipped"].items():

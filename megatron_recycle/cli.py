@@ -193,7 +193,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from megatron_recycle.analyze import main as analyze_main
 
-    return analyze_main([args.run_dir])
+    argv = [args.run_dir] + (["--every", str(args.every)] if args.every is not None else [])
+    return analyze_main(argv + (["--no-plots"] if args.no_plots else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("analyze", "Plots and tables of a run's recycling dynamics from its metrics.jsonl.", cmd_analyze,
             config=False)
     p.add_argument("run_dir", help="a run directory (runs/NAME)")
+    p.add_argument("--every", type=int, default=None, metavar="N",
+                   help="print every Nth step and the last (default: every step up to 50, else about 40 rows)")
+    p.add_argument("--no-plots", action="store_true", help="only print the table")
     p = add("simulate", "Pool simulator: every strategy against a synthetic learner (not real training).",
             cmd_simulate, config=False)
     p.add_argument("sim_args", nargs="*", help="options of tools/simulate_pool.py (`megatron-recycle simulate --help`)")

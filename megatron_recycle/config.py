@@ -63,6 +63,10 @@ class RetrieverConfig:
     dense_model: str = "minilm"  # kind=dense: "minilm" (packaged) or a local sentence-transformers path
     timeout_s: float = 10.0  # kind=http: per-request timeout
     retries: int = 3  # kind=http: retries with exponential backoff before an error observation
+    # kind=http: at most this many queries per request (a rollout round's searches are split), and
+    # longer queries cut to max_query_chars (counted, logged); both are this project's server limits
+    max_batch: int = 512
+    max_query_chars: int = 4096
     cache_dir: str = ".cache/retrieval"  # BM25 index / dense embeddings cache
 
 
@@ -360,6 +364,9 @@ def validate(cfg: Config) -> None:
              "must be >= 0")
     _require(cfg.retriever.timeout_s > 0, "retriever.timeout_s", cfg.retriever.timeout_s, "must be > 0")
     _require(cfg.retriever.retries >= 0, "retriever.retries", cfg.retriever.retries, "must be >= 0")
+    _require(cfg.retriever.max_batch >= 1, "retriever.max_batch", cfg.retriever.max_batch, "must be >= 1")
+    _require(cfg.retriever.max_query_chars >= 1, "retriever.max_query_chars", cfg.retriever.max_query_chars,
+             "must be >= 1")
     m = cfg.model
     _require(m.tp >= 1, "model.tp", m.tp, "must be >= 1")
     _require(m.pp >= 1, "model.pp", m.pp, "must be >= 1")

@@ -34,6 +34,12 @@ HARD, SIGNAL, EASY = 0, 1, 2
 _NEVER = -1
 
 
+def binary_state(successes: int, k: int) -> int:
+    """A draw's state from its success count alone: right for binary rewards only (0 hard, K easy,
+    signal between); the pool itself decides from the rewards' spread."""
+    return HARD if successes == 0 else (EASY if successes >= k else SIGNAL)
+
+
 class PoolExhausted(RuntimeError):
     """The live weight mass cannot fill a draw and the pool was configured to stop."""
 
@@ -116,11 +122,14 @@ class RecyclingPool:
         self.last_zero_variance = torch.full((num_queries,), _NEVER, dtype=torch.long)
         self.state_changes = torch.zeros(num_queries, dtype=torch.long)
         self.transitions_total = torch.zeros(3, 3, dtype=torch.long)
-        # Flat history, one row per draw: (query, step, successes, K). Lists for cheap appends.
+        # Flat history, one row per draw: (query, step, successes, K, state). Lists for cheap appends.
+        # The state is the pool's own (HARD/SIGNAL/EASY): with continuous rewards it cannot be told
+        # from the success count alone.
         self._hist_query: list[int] = []
         self._hist_step: list[int] = []
         self._hist_successes: list[int] = []
         self._hist_k: list[int] = []
+        self._hist_state: list[int] = []
         self._acc = _StepAccumulator()
         self._step_transitions = torch.zeros(3, 3, dtype=torch.long)
         self._pending: torch.Tensor | None = None  # ids sampled but not yet updated
@@ -247,6 +256,7 @@ class RecyclingPool:
         self._hist_step.extend([self.step] * ids.numel())
         self._hist_successes.extend(successes.tolist())
         self._hist_k.extend([k] * ids.numel())
+        self._hist_state.extend(states.tolist())
 
         if not self.needs_more:
             self._finish_step()
@@ -294,6 +304,7 @@ class RecyclingPool:
             {
                 "pool_step": self.step,
                 "pool_epoch": self.epoch,
+                "pool_queries": self.num_queries,
                 "live_weight_mass": float(self.weights.sum()),
                 "live_queries": int(live.sum()),
                 "never_drawn": int((self.draw_count == 0).sum()),
@@ -317,12 +328,13 @@ class RecyclingPool:
         ]
 
     def history_table(self) -> dict[str, torch.Tensor]:
-        """The whole per-draw history as columns: query, step, successes, k."""
+        """The whole per-draw history as columns: query, step, successes, k, state (0 hard, 1 signal, 2 easy)."""
         return {
             "query": torch.tensor(self._hist_query, dtype=torch.long),
             "step": torch.tensor(self._hist_step, dtype=torch.long),
             "successes": torch.tensor(self._hist_successes, dtype=torch.long),
             "k": torch.tensor(self._hist_k, dtype=torch.long),
+            "state": torch.tensor(self._hist_state, dtype=torch.long),
         }
 
     # -------------------------------------------------------------------------- checkpoints
@@ -385,6 +397,10 @@ class RecyclingPool:
         self._hist_step = hist["step"].tolist()
         self._hist_successes = hist["successes"].tolist()
         self._hist_k = hist["k"].tolist()
+        if "state" in hist:
+            self._hist_state = hist["state"].tolist()
+        else:  # a checkpoint from before the history kept states: the binary-reward rule
+            self._hist_state = [binary_state(n, k) for n, k in zip(self._hist_successes, self._hist_k)]
         self._last_stats = dict(sd["last_stats"])
         self.totals = dict(sd["totals"])
         self._acc = _StepAccumulator()

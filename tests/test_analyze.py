@@ -42,7 +42,8 @@ def test_analyze_draws_every_plot_and_tables_the_logged_numbers(run):
     run_dir, logged, pool = run
     out = io.StringIO()
     res = analyze(run_dir, out=out)
-    assert set(res["plots"]) == {"recycled_share", "zero_variance", "batch_fill", "reward", "transitions", "flips"}
+    assert set(res["plots"]) == {"recycled_share", "zero_variance", "batch_fill", "reward", "transitions", "flips",
+                                 "pool"}
     assert res["skipped"] == {}
     for path in res["plots"].values():
         data = open(path, "rb").read()
@@ -66,6 +67,9 @@ def test_analyze_draws_every_plot_and_tables_the_logged_numbers(run):
     assert s["recovery_share"] + s["drift_share"] == pytest.approx(s["recycled_share"])
     assert s["reward_mean"] == pytest.approx(sum(r["reward_mean"] for r in logged) / STEPS)
     assert s["recycled_share"] > 0  # the run did recycle something
+    # the pool's state columns: the summary row shows the state after the last step
+    assert s["live_weight_mass"] == logged[-1]["live_weight_mass"] == float(pool.weights.sum())
+    assert s["never_drawn"] == logged[-1]["never_drawn"]
 
     # transition matrix of the last step = the pool's cumulative one
     assert res["transitions"] == {"step": STEPS - 1, "matrix": pool.stats()["transitions_total"]}
@@ -108,6 +112,7 @@ def test_malformed_lines_are_counted_reported_and_skipped(tmp_path):
     assert res["table"]["rows"][-1][COLUMNS.index(("reward", "reward_mean", ".3f"))] == 9.0  # last line wins
     # what the records lack is skipped with a reason, not drawn empty
     assert set(res["plots"]) == {"batch_fill", "reward"}
+    assert "pool" in res["skipped"]
     assert "recycled_share" in res["skipped"] and "transitions" in res["skipped"]
     assert res["summary"]["rollouts_per_effective_group"] is None  # no "rollouts" counts logged
 
@@ -130,3 +135,76 @@ def test_main_prints_the_table(run, capsys):
     text = capsys.readouterr().out
     assert "20 steps (0..19), showing every 5 steps and the last" in text
     assert "# transitions up to step 19" in text
+
+
+def _pool_run(run_dir, rewards_per_step, eval_apart=False):
+    """A 4-query pool, B=2, k=2 (every step draws all four), logged step by step; returns the pool."""
+    pool = RecyclingPool(4, batch_size=2, oversample=2, seed=0)
+    with MetricsWriter(run_dir, tensorboard=False) as w:
+        for step, rewards in enumerate(rewards_per_step):
+            ids = pool.sample()
+            pool.update(ids, torch.tensor(rewards, dtype=torch.float64))
+            w.log(step, {**pool.stats(), "reward_mean": 0.5})
+            if eval_apart:  # as runs before 2026-12-01 logged it: a line of its own at step + 1
+                w.log(step + 1, {"eval/dev_pass@1": (step + 1) / 4})
+    write_pool_history(run_dir, pool.history_table())
+    return pool
+
+
+def test_an_evaluation_logged_apart_is_merged_and_does_not_blank_the_pool_metrics(tmp_path):
+    _pool_run(tmp_path, [[[0, 1]] * 4, [[1, 1]] * 4, [[0, 0]] * 4], eval_apart=True)
+    records, bad, clashes = read_metrics(tmp_path / "metrics.jsonl")
+    assert bad == [] and clashes == 0 and [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [r.get("eval/dev_pass@1") for r in records] == [None, 0.25, 0.5, 0.75]  # every evaluation kept
+    assert "candidates" in records[1] and "candidates" not in records[3]
+    out = io.StringIO()
+    res = analyze(tmp_path, out=out)
+    assert "logged more than once" not in out.getvalue()
+    # the pool's table and plots cover the three training steps; the last evaluation only the reward plot
+    assert res["steps"] == 3 and res["last_step"] == 2 and [row[0] for row in res["table"]["rows"]] == [0, 1, 2]
+    assert res["final_window"]["candidates"] == 4 and res["final_window"]["batch_fill"] == 0.0
+    assert "reward" in res["plots"]
+
+
+def test_flips_follow_the_pools_states_with_continuous_rewards(tmp_path):
+    # F1-like rewards: a spread with no success (0.2 vs 0.4) is signal for the pool, not hard
+    pool = _pool_run(tmp_path, [[[0.2, 0.4]] * 4, [[0.2, 0.4]] * 4, [[0.0, 0.0]] * 4])
+    assert pool.stats()["flipped_queries"] == 4  # every step draws all four (epoch resets): signal, signal, hard
+    res = analyze(tmp_path, plots=False, out=io.StringIO())
+    assert res["history"]["queries_flipped"] == 4
+    lines = (tmp_path / "pool_history.csv").read_text().splitlines()
+    assert lines[0] == "query,step,successes,k,state" and lines[1].endswith(",0,2,signal")
+    # the success count alone (the old file layout) reads all three draws as hard: no flip
+    old = ["query,step,successes,k"] + [line.rsplit(",", 1)[0] for line in lines[1:]]
+    (tmp_path / "pool_history.csv").write_text("\n".join(old) + "\n")
+    assert analyze(tmp_path, plots=False, out=io.StringIO())["history"]["queries_flipped"] == 0
+
+
+def test_a_history_without_states_is_read_with_the_binary_rule(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "candidates": 2}) + "\n")
+    (tmp_path / "pool_history.csv").write_text("query,step,successes,k\n0,0,0,4\n0,1,2,4\n1,0,4,4\n1,1,4,4\n")
+    from megatron_recycle.analyze import read_pool_history
+
+    draws, bad = read_pool_history(tmp_path / "pool_history.csv")
+    assert bad == [] and draws == {0: [(0, 0, 4, 0), (1, 2, 4, 1)], 1: [(0, 4, 4, 2), (1, 4, 4, 2)]}
+    (tmp_path / "pool_history.csv").write_text("query,step,successes,k,state\n0,0,0,4,hard\n0,1,2,4,sideways\n")
+    draws, bad = read_pool_history(tmp_path / "pool_history.csv")
+    assert draws == {0: [(0, 0, 4, 0)]} and "not one of" in bad[0][1]
+
+
+def test_a_history_from_elsewhere_is_flagged(tmp_path):
+    _pool_run(tmp_path, [[[0, 1]] * 4, [[1, 1]] * 4, [[0, 0]] * 4])
+    other = tmp_path / "other"
+    _pool_run(other, [[[0, 1]] * 4, [[0, 1]] * 4, [[0, 1]] * 4])
+    (other / "pool_history.csv").replace(tmp_path / "pool_history.csv")
+    out = io.StringIO()
+    analyze(tmp_path, plots=False, out=out)
+    assert "the history is from another point of the run" in out.getvalue()
+
+
+def test_cli_analyze_passes_every_and_no_plots(run, capsys):
+    from megatron_recycle.cli import main as cli_main
+
+    run_dir, _, _ = run
+    assert cli_main(["analyze", str(run_dir), "--every", "7", "--no-plots"]) == 0
+    assert "20 steps (0..19), showing every 7 steps and the last" in capsys.readouterr().out

@@ -24,7 +24,10 @@ INSTRUCTION = (
     "for example <answer> Paris </answer>.\nQuestion: {question}\n"
 )
 
-_TAG_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+# A tag's content runs from the last opening tag before its closing one: "<search> a <search> b
+# </search>" searches "b" (text that mentions the tag, e.g. while thinking, is not sent as a query).
+_TAG_RE = re.compile(r"<(search|answer)>((?:(?!<\1>).)*?)</\1>", re.DOTALL)
+_ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 
 
 def user_message(question: str) -> str:
@@ -56,7 +59,7 @@ def parse_action(text: str) -> tuple[str | None, str | None]:
 
 def extract_answer(response: str) -> str | None:
     """Content of the last complete <answer> tag of a whole response, or None."""
-    answers = re.findall(r"<answer>(.*?)</answer>", response, re.DOTALL)
+    answers = _ANSWER_RE.findall(response)
     return answers[-1].strip() if answers else None
 
 

@@ -49,6 +49,7 @@ class RetrieverStats:
     timeouts: int = 0
     http_errors: int = 0  # answers with a 4xx/5xx status
     failures: int = 0
+    truncated_queries: int = 0  # http: queries cut to max_query_chars before sending
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -369,6 +370,12 @@ class HTTPRetriever(_StatsMixin):
     ``max_backoff``). Other 4xx answers and malformed bodies are not retried. When every attempt
     fails it raises RetrievalError (the rollout turns that into an error observation) and counts
     the failure in ``stats``.
+
+    A batch is sent in requests of at most ``max_batch`` queries and about ``max_request_bytes``
+    of JSON, and a query longer than ``max_query_chars`` is cut to that length (counted in
+    ``stats.truncated_queries``, logged): the defaults are the limits of this project's server
+    (agent/server.py), beyond which it answers 413/422, so one degenerate query or a large round
+    cannot fail every search of the round.
     """
 
     def __init__(
@@ -379,9 +386,17 @@ class HTTPRetriever(_StatsMixin):
         backoff: float = 0.5,
         max_backoff: float = 8.0,
         return_scores: bool = True,
+        max_batch: int = 512,
+        max_query_chars: int = 4096,
+        max_request_bytes: int = 2 * 1024 * 1024,
     ) -> None:
         import httpx
 
+        if min(max_batch, max_query_chars, max_request_bytes) < 1:
+            raise ValueError(
+                f"need max_batch, max_query_chars and max_request_bytes >= 1; got {max_batch}, "
+                f"{max_query_chars}, {max_request_bytes}"
+            )
         if not url or not url.startswith(("http://", "https://")):
             raise ValueError(f"retriever url must start with http:// or https://, got {url!r}")
         if timeout <= 0 or max_retries < 0 or backoff < 0:
@@ -398,6 +413,9 @@ class HTTPRetriever(_StatsMixin):
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.return_scores = return_scores
+        self.max_batch = int(max_batch)
+        self.max_query_chars = int(max_query_chars)
+        self.max_request_bytes = int(max_request_bytes)
         self._httpx = httpx
         self._client = httpx.Client(timeout=httpx.Timeout(self.timeout), trust_env=False)
         self._init_stats()
@@ -418,11 +436,42 @@ class HTTPRetriever(_StatsMixin):
         return (self.max_retries + 1) * self.timeout * 2 + waits
 
     def search(self, queries: Sequence[str], topk: int) -> list[list[Passage]]:
-        """POST the batch and parse the answer; RetrievalError once the retries are spent."""
+        """POST the batch (in bounded requests) and parse the answers; RetrievalError once the
+        retries of any request are spent."""
         queries = _check_queries(queries, topk)
         self._count(calls=1, queries=len(queries))
         if not queries:
             return []
+        long = [len(q) for q in queries if len(q) > self.max_query_chars]
+        if long:
+            self._count(truncated_queries=len(long))
+            logger.warning("retrieval: %d quer%s longer than %d characters (up to %d) cut to that length",
+                           len(long), "y" if len(long) == 1 else "ies", self.max_query_chars, max(long))
+            queries = [q[: self.max_query_chars] for q in queries]
+        out: list[list[Passage]] = []
+        try:
+            for chunk in self._requests(queries):
+                out.extend(self._post(chunk, topk))
+        except RetrievalError:
+            self._count(failures=1)
+            raise
+        return out
+
+    def _requests(self, queries: list[str]) -> list[list[str]]:
+        """Consecutive runs of queries within max_batch queries and max_request_bytes of JSON each."""
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for q in queries:
+            n = len(json.dumps(q)) + 2  # the string as JSON, a comma and a space
+            if chunks[-1] and (len(chunks[-1]) >= self.max_batch or size + n > self.max_request_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(q)
+            size += n
+        return chunks
+
+    def _post(self, queries: list[str], topk: int) -> list[list[Passage]]:
+        """One request, retried as the class says; RetrievalError (logged) once the retries are spent."""
         payload = {"queries": queries, "topk": topk, "return_scores": self.return_scores}
         httpx = self._httpx
         last_error = "no attempt made"
@@ -451,7 +500,6 @@ class HTTPRetriever(_StatsMixin):
             except (ValueError, RetrievalError) as e:
                 last_error = f"bad response body: {e}"
                 break
-        self._count(failures=1)
         logger.warning("retrieval from %s failed: %s", self.url, last_error)
         raise RetrievalError(f"retrieval from {self.url} failed: {last_error}")
 

@@ -20,7 +20,12 @@ _PUNCT = set(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, fold white space (the SQuAD/FlashRAG rule)."""
+    """Lower-case, drop punctuation and articles, fold white space (the SQuAD/FlashRAG rule).
+
+    Punctuation is ASCII's (``string.punctuation``), as in SQuAD, FlashRAG and Search-R1, so that
+    exact match means what their published numbers mean: curly quotes, dashes other than "-" and
+    other non-ASCII punctuation are kept, and "“Paris”" does not match "Paris".
+    """
     text = text.lower()
     text = "".join(ch for ch in text if ch not in _PUNCT)
     text = _ARTICLES.sub(" ", text)

@@ -242,7 +242,6 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         format_step_line,
         memory_metrics,
         rss_gib,
-        write_pool_history,
     )
     from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
@@ -337,6 +336,11 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 if rt.engine is not None:  # then the KV cache, before the next rollouts
                     rt.engine.wake()
             t3 = time.perf_counter()
+            dev_eval = None
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+                # Logged in this step's record (the policy after this step's update), so that it
+                # shares the step's line and a resume from the checkpoint after it keeps it.
+                dev_eval = _periodic_eval(rt, paths["dev"], step)
             s = pool.stats() if pool is not None else {}
             rollouts_done += info["rollouts"]
             decisions.write(step, info["decisions"])
@@ -349,6 +353,9 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                               rollouts_total=rollouts_done, **memory_metrics())
                 record.update({"time/rollout": t1 - t0, "time/logprob": t_ref, "time/train": t2 - t1 - t_ref,
                                "time/sync": t3 - t2, "time/step": t3 - t0})
+                if dev_eval is not None:
+                    record.update({f"eval/dev_{k}": v for k, v in dev_eval.items()})
+                    record["time/eval"] = time.perf_counter() - t3
                 gen_tokens = info["rollout"].get("generated_tokens", 0)
                 if gen_tokens:
                     record["throughput/rollout_tok_per_s"] = gen_tokens / max(t1 - t0, 1e-9)
@@ -357,9 +364,9 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 metrics.log(step, record)
                 if (step + 1) % cfg.run.log_every == 0:
                     print(format_step_line(record), flush=True)
+                if dev_eval is not None:
+                    print(f"[eval] after step {step} (update {step + 1}) dev Pass@1 {dev_eval['pass@1']:.3f}", flush=True)
             summary = {"steps": step + 1, "last": record, "stopped": False}
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-                _periodic_eval(rt, paths["dev"], step + 1, metrics)
             stopping = stop.any_rank()
             if stopping or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                 _save(ckpt, rt, pool, step + 1, rollouts_done)
@@ -370,9 +377,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 break
     final_step = summary["steps"] if summary["steps"] else start_step
     if last_saved != final_step:
-        _save(ckpt, rt, pool, final_step, rollouts_done)
-    if pool is not None:
-        write_pool_history(run_dir, pool.history_table())
+        _save(ckpt, rt, pool, final_step, rollouts_done)  # with pool_history.csv, as every save
     metrics.close()
     summary["run_dir"] = str(run_dir)
     summary["runtime"] = rt
@@ -410,8 +415,12 @@ class _DecisionLog:
 
 
 def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int) -> None:
+    from megatron_recycle.train.metrics import write_pool_history
+
     shared = {"step": step, "rollouts": rollouts, "pool": pool.state_dict() if pool is not None else None}
     ckpt.save(step, checkpoint_parts(rt), shared)
+    if pool is not None:  # rank 0: pool_history.csv as of this checkpoint, so that a crash leaves one
+        write_pool_history(ckpt.dir.parent, pool.history_table())
     if rt.is_rank0:
         print(f"[train] checkpoint step {step} -> {ckpt.dir / f'step_{step}'}", flush=True)
 
@@ -431,10 +440,11 @@ def _reference_model(rt: rtm.Runtime) -> list:
     return chunks
 
 
-def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int, metrics) -> None:
-    """Dev-set Pass@1 during training, sharded like the rollouts: each vLLM TP block (with
-    ``rollout.engine=vllm``) or each data-parallel replica's model-parallel leader evaluates its
-    share of the batches; rank 0 gathers and logs. Collective: every rank calls it."""
+def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int) -> dict[str, Any] | None:
+    """Dev-set Pass@1 after training step ``step``, sharded like the rollouts: each vLLM TP block
+    (with ``rollout.engine=vllm``) or each data-parallel replica's model-parallel leader evaluates
+    its share of the batches; rank 0 gathers and gets the overall numbers (None on other ranks),
+    which the caller logs in the step's record. Collective: every rank calls it."""
     from megatron_recycle.evaluate import evaluate, gather_on_rank0
 
     cfg = rt.cfg
@@ -449,8 +459,6 @@ def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int, metrics) -> None:
     examples = rtm.read_examples(dev_path, cfg, cfg.eval.max_examples)
     holds = shard is not None
     res = evaluate(rt.engine if holds else None, rt.retriever if holds else None, examples,
-                   **(rtm.eval_settings(cfg) | {"seed": cfg.run.seed + step}), progress=False, shard=shard,
+                   **(rtm.eval_settings(cfg) | {"seed": cfg.run.seed + step + 1}), progress=False, shard=shard,
                    gather=gather_on_rank0 if lay.world_size > 1 else None)
-    if res is not None:
-        metrics.log(step, {"step": step, **{f"eval/dev_{k}": v for k, v in res["overall"].items()}})
-        print(f"[eval] step {step} dev Pass@1 {res['overall']['pass@1']:.3f}", flush=True)
+    return None if res is None else dict(res["overall"])

@@ -91,7 +91,7 @@ class MetricsWriter:
 
     ``resume_step``: the step the run resumes at; lines with step >= it are dropped first, so a
     resumed run's file has no duplicate steps. Without it an existing metrics.jsonl belongs to an
-    earlier run and is moved to metrics.jsonl.old (with a warning). With ``enabled=False`` (every
+    earlier run and is moved to metrics.jsonl.old (with a warning), and so is its pool_history.csv. With ``enabled=False`` (every
     rank but 0) all methods do nothing. ``filename`` gives a phase with its own step axis (e.g.
     the SFT warm-up: "sft_metrics.jsonl") its own file and TensorBoard run.
     """
@@ -116,10 +116,15 @@ class MetricsWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._truncate_for_resume(resume_step)
-        elif self.path.exists() and self.path.stat().st_size > 0:
-            old = self.path.with_name(self.path.name + ".old")
-            os.replace(self.path, old)
-            log.warning("metrics: %s existed from an earlier run (not resuming); moved it to %s", self.path, old)
+        else:
+            # Files of an earlier run in this folder: moved aside, so that nothing mixes them with this
+            # run's (the pool history goes with the step metrics it belongs to).
+            earlier = [self.path] + ([self.run_dir / POOL_HISTORY_FILE] if filename == METRICS_FILE else [])
+            for path in earlier:
+                if path.exists() and path.stat().st_size > 0:
+                    old = path.with_name(path.name + ".old")
+                    os.replace(path, old)
+                    log.warning("metrics: %s existed from an earlier run (not resuming); moved it to %s", path, old)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -318,8 +323,11 @@ def format_step_line(metrics: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- pool history
 def write_pool_history(run_dir: str | Path, pool_history_table: Mapping[str, Any]) -> Path:
-    """Write RecyclingPool.history_table() as <run_dir>/pool_history.csv (query,step,successes,k), atomically."""
-    columns = ("query", "step", "successes", "k")
+    """Write RecyclingPool.history_table() as <run_dir>/pool_history.csv, atomically: one row per
+    draw, query,step,successes,k,state (state: hard, signal or easy, as the pool decided it)."""
+    from megatron_recycle.pool import STATES
+
+    columns = ("query", "step", "successes", "k", "state")
     missing = [c for c in columns if c not in pool_history_table]
     if missing:
         raise ValueError(f"pool history table lacks columns {missing}; pass RecyclingPool.history_table()")
@@ -330,13 +338,16 @@ def write_pool_history(run_dir: str | Path, pool_history_table: Mapping[str, Any
     lengths = {c: len(v) for c, v in zip(columns, cols)}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"pool history columns differ in length: {lengths}")
+    bad = sorted({int(x) for x in cols[-1]} - set(range(len(STATES))))
+    if bad:
+        raise ValueError(f"pool history states must be 0..{len(STATES) - 1} ({', '.join(STATES)}), got {bad}")
     path = Path(run_dir) / POOL_HISTORY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{POOL_HISTORY_FILE}.partial")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(",".join(columns) + "\n")
-        for row in zip(*cols):
-            f.write(",".join(str(int(x)) for x in row) + "\n")
+        for *row, state in zip(*cols):
+            f.write(",".join(str(int(x)) for x in row) + f",{STATES[int(state)]}\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -26,12 +26,20 @@ def test_parse_action_takes_the_last_complete_tag():
     assert parse_action("<search>unclosed") == (None, None)
     assert parse_action("<search>a</answer>") == (None, None)  # mismatched tags are no action
     assert parse_action("<search></search>") == ("search", "")
+    # a repeated opening tag: the content starts after the last one (thinking that mentions the tag
+    # does not go to the retriever)
+    assert parse_action("<think>I will use <search> next</think><search> capital of France</search>") == (
+        "search", "capital of France")
+    assert parse_action("<answer> <answer> Paris </answer>") == ("answer", "Paris")
+    assert parse_action("<answer> x <search> y </answer>") == ("answer", "x <search> y")  # only its own tag
 
 
 def test_extract_answer():
     assert extract_answer("<answer> 1879 </answer>") == "1879"
     assert extract_answer("<answer>a</answer><answer>b</answer>") == "b"
     assert extract_answer("<answer>open") is None
+    assert extract_answer("<answer> <answer> Paris </answer>") == "Paris"
+    assert extract_answer("<answer>a</answer> <answer> <answer>b</answer>") == "b"
     assert extract_answer("") is None
 
 

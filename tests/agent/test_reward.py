@@ -16,6 +16,7 @@ from megatron_recycle.agent.reward import exact_match, f1_score, normalize_answe
         ("U.S.A.", "usa"),
         ("an apple, the pear", "apple pear"),
         ("Theatre", "theatre"),  # 'the' only as a whole word
+        ("\u201cParis\u201d", "\u201cparis\u201d"),  # ASCII punctuation only, as SQuAD/FlashRAG/Search-R1
         ("", ""),
     ],
 )

@@ -122,3 +122,35 @@ def test_real_uvicorn_round_trip_with_http_client(retriever):
             assert got[0][0].title == "Albert Einstein" and got[2] == []
             if return_scores:
                 assert got[0][0].score == pytest.approx(want[0][0].score, rel=1e-6)
+
+
+def test_a_large_round_and_an_overlong_query_stay_within_the_servers_limits(retriever):
+    # Server limits of 4 queries and 200 characters per request: 10 queries, one of them 5,000
+    # characters long, go out as requests the server accepts, and every query gets its passages.
+    limits = ServerLimits(max_queries=4, max_query_chars=200)
+    queries = ["German-born theoretical physicist", "Mona Lisa", "capital of France"] * 3
+    queries.insert(4, "Hamlet prince of Denmark " + "x" * 5000)
+    with BackgroundServer(create_app(retriever, limits), host="127.0.0.1", port=0) as server:
+        with HTTPRetriever(server.url, timeout=5.0, max_retries=0, max_batch=4, max_query_chars=200) as http:
+            got = http.search(queries, topk=2)
+            stats = http.stats_snapshot()
+        with HTTPRetriever(server.url, timeout=5.0, max_retries=0) as unbounded:  # the defaults exceed these limits
+            with pytest.raises(RetrievalError, match="HTTP 413"):
+                unbounded.search(queries, topk=2)
+    want = retriever.search([q[:200] for q in queries], 2)
+    assert [[p.id for p in r] for r in got] == [[p.id for p in r] for r in want]
+    assert got[4][0].title == "Hamlet"
+    assert stats["requests"] == 3 and stats["calls"] == 1 and stats["truncated_queries"] == 1
+    assert stats["failures"] == 0 and stats["http_errors"] == 0
+
+
+def test_requests_are_bounded_in_bytes_too():
+    http = HTTPRetriever("http://127.0.0.1:9/retrieve", max_batch=100, max_request_bytes=50)
+    try:
+        chunks = http._requests(["a" * 20, "b" * 20, "c" * 20, "d" * 60, "e"])
+    finally:
+        http.close()
+    # each JSON string with its separator takes len + 4 bytes; a query over the bound goes alone
+    assert chunks == [["a" * 20, "b" * 20], ["c" * 20], ["d" * 60], ["e"]]
+    with pytest.raises(ValueError, match="max_batch, max_query_chars and max_request_bytes >= 1"):
+        HTTPRetriever("http://127.0.0.1:9/retrieve", max_batch=0)

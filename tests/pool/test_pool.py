@@ -233,6 +233,22 @@ def test_state_round_trip_continues_identically():
     assert torch.equal(a.weights, b.weights)
 
 
+def test_history_keeps_the_pools_state_per_draw_and_older_checkpoints_load():
+    pool = RecyclingPool(4, batch_size=2, oversample=2, seed=0)
+    for rewards in ([[0.2, 0.4]] * 4, [[1.0, 1.0]] * 4):  # continuous spread (signal), then all correct
+        ids = pool.sample()
+        pool.update(ids, torch.tensor(rewards))
+    table = pool.history_table()
+    assert table["state"].tolist() == [SIGNAL] * 4 + [EASY] * 4
+    sd = pool.state_dict()
+    del sd["history"]["state"]  # a checkpoint written before the history kept states
+    old = RecyclingPool(4, batch_size=2, oversample=2)
+    old.load_state_dict(sd)
+    # the success count is all it has: the continuous spread with no success reads as hard
+    assert old.history_table()["state"].tolist() == [HARD] * 4 + [EASY] * 4
+    assert torch.equal(old.history_table()["successes"], table["successes"])
+
+
 def test_load_state_rejects_mismatch():
     sd = RecyclingPool(64, batch_size=4).state_dict()
     with pytest.raises(ValueError, match="64 queries"):

@@ -108,6 +108,18 @@ def test_fresh_run_moves_an_old_file_aside_and_disabled_writes_nothing(tmp_path)
         w.log(0, {"a": 2})
     assert _lines(tmp_path / "metrics.jsonl")[0]["a"] == 2
     assert _lines(tmp_path / "metrics.jsonl.old")[0]["a"] == 1
+    # the earlier run's pool history goes aside with its metrics (an SFT writer leaves it alone)
+    (tmp_path / "pool_history.csv").write_text("query,step,successes,k,state\n0,0,0,4,hard\n")
+    with MetricsWriter(tmp_path, tensorboard=False, filename="sft_metrics.jsonl"):
+        pass
+    assert (tmp_path / "pool_history.csv").exists()
+    with MetricsWriter(tmp_path, tensorboard=False, resume_step=1):
+        pass
+    assert (tmp_path / "pool_history.csv").exists()
+    with MetricsWriter(tmp_path, tensorboard=False):
+        pass
+    assert not (tmp_path / "pool_history.csv").exists()
+    assert (tmp_path / "pool_history.csv.old").read_text().endswith("0,0,0,4,hard\n")
     other = tmp_path / "rank1"
     with MetricsWriter(other, enabled=False) as w:
         w.log(0, {"a": 1})
@@ -175,12 +187,15 @@ def test_write_pool_history_matches_the_pool(tmp_path):
     assert len(rows) == 5 * 8
     for c in ("query", "step", "successes", "k"):
         assert [int(r[c]) for r in rows] == table[c].tolist()
+    assert [("hard", "signal", "easy").index(r["state"]) for r in rows] == table["state"].tolist()
     q = int(table["query"][0])
     assert [(int(r["step"]), int(r["successes"]), int(r["k"])) for r in rows if int(r["query"]) == q] == pool.history(q)
-    with pytest.raises(ValueError, match=r"lacks columns \['k'\]"):
+    with pytest.raises(ValueError, match=r"lacks columns \['k', 'state'\]"):
         write_pool_history(tmp_path, {"query": [1], "step": [0], "successes": [1]})
     with pytest.raises(ValueError, match="differ in length"):
-        write_pool_history(tmp_path, {"query": [1, 2], "step": [0], "successes": [1], "k": [4]})
+        write_pool_history(tmp_path, {"query": [1, 2], "step": [0], "successes": [1], "k": [4], "state": [1]})
+    with pytest.raises(ValueError, match=r"states must be 0..2 \(hard, signal, easy\), got \[3\]"):
+        write_pool_history(tmp_path, {"query": [1], "step": [0], "successes": [1], "k": [4], "state": [3]})
 
 
 def test_memory_metrics_are_plausible():
