@@ -399,7 +399,9 @@ def test_single_node_launcher_restarts_after_a_crash_and_resumes(env, tmp_path, 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(env):
-    steps = ["train.steps=4", "pool.oversample=2"]
+    # with a dev evaluation after the second update: logged in step 1's record, before the
+    # checkpoint of step 2 the resume starts from, so the resumed file keeps it
+    steps = ["train.steps=4", "pool.oversample=2", "train.eval_every=2", "eval.batch_size=4"]
     _run(CLI + ["train"] + _overrides(env, "straight", *steps))
     straight = _metrics(env["out"] / "straight")
 
@@ -427,11 +429,18 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(env):
     _run(CLI + ["train", "--resume"] + _overrides(env, name, *steps))
     resumed = _metrics(run_dir)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
-    keys = ["candidates", "effective_batch", "reward_mean", "train/loss", "recycled_share", "zv_all_wrong"]
+    keys = ["candidates", "effective_batch", "reward_mean", "train/loss", "recycled_share", "zv_all_wrong",
+            "eval/dev_pass@1"]
     for a, b in zip(straight, resumed):
         for key in keys:
-            assert a.get(key) == pytest.approx(b.get(key), rel=1e-6, abs=1e-9), (a["step"], key)
+            if a.get(key) is None or b.get(key) is None:
+                assert a.get(key) is b.get(key) is None, (a["step"], key)
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    assert [("eval/dev_pass@1" in r) for r in resumed] == [False, True, False, True]
     assert _decisions(env["out"] / "straight") == _decisions(run_dir)
+    # the pool history, rewritten at every checkpoint, ends the same
+    assert (run_dir / "pool_history.csv").read_text() == (env["out"] / "straight" / "pool_history.csv").read_text()
 
 
 def test_resume_refuses_a_mismatched_checkpoint(env):
