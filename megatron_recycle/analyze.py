@@ -341,11 +341,12 @@ def plot_flips(summary: dict[str, Any], last_step: int, path: Path) -> Path:
 def plot_pool(records: list[dict[str, Any]], num_queries: float | None, path: Path) -> Path:
     steps = _series(records, "step")
     fig, (ax,) = _figure()
-    for key, label, color in (("live_weight_mass", "live weight mass (sum of w_q)", "tab:blue"),
-                              ("live_queries", "live queries (w_q > 0)", "tab:green"),
-                              ("never_drawn", "queries never drawn", "tab:gray")):
+    # live queries solid and wide, the weight mass dashed on top: with consumed_weight 0 they coincide
+    for key, label, color, style, width in (("live_queries", "live queries (w_q > 0)", "tab:green", "-", 3.0),
+                                            ("live_weight_mass", "live weight mass (sum of w_q)", "tab:blue", "--", 1.5),
+                                            ("never_drawn", "queries never drawn", "tab:gray", "-", 1.5)):
         if _has(records, key):
-            ax.plot(steps, _series(records, key), color=color, lw=1.5, label=label)
+            ax.plot(steps, _series(records, key), color=color, ls=style, lw=width, label=label)
     if num_queries:
         ax.axhline(num_queries, color="black", ls="--", lw=1, label=f"pool size ({num_queries:.0f})")
     _mark_epochs(ax, records)
