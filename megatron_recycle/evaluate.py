@@ -264,15 +264,19 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def summarize_benchmarks(results: dict[str, dict[str, Any]], model: str) -> dict[str, Any]:
-    """One row per evaluated file (name -> its ``evaluate`` result) and the averages the papers
-    report: ``average`` is the unweighted mean over the files (the "average over the seven
-    benchmarks" of Search-R1-style tables), ``all_questions`` weights every question equally."""
+    """One row per benchmark and the averages the papers report: ``average`` is the unweighted
+    mean over the rows (the "average over the seven benchmarks" of Search-R1-style tables),
+    ``all_questions`` weights every question equally. ``results`` maps a file's name to its
+    ``evaluate`` result; a file is one row, or one row per source ("file:source") when its
+    questions come from several (Search-R1's combined test.parquet, by ``data_source``)."""
     if not results:
         raise ValueError("summarize_benchmarks: no results")
     rows = {}
     for name, res in results.items():
-        o = res["overall"]
-        rows[name] = {k: o[k] for k in ("n", "pass@1", "f1", "answer_rate", "searches", "turns")}
+        sources = res.get("per_source") or {}
+        parts = [(f"{name}:{src}", o) for src, o in sources.items()] if len(sources) > 1 else [(name, res["overall"])]
+        for row_name, o in parts:
+            rows[row_name] = {k: o[k] for k in ("n", "pass@1", "f1", "answer_rate", "searches", "turns")}
     n_all = sum(r["n"] for r in rows.values())
     return {
         "model": str(model),

@@ -78,23 +78,43 @@ def _source_from_path(path: Path) -> str:
     return re.sub(r"[_-](train|test|dev|val|validation)$", "", stem)
 
 
-def _as_answers(value: Any) -> list[str] | None:
+def _as_answers(value: Any, field: str) -> list[str] | None:
+    """A golden-answer field as a list of strings; None when the field is absent (None), and
+    QAFormatError when it is there but holds no usable answer (so that no other field is read in
+    its place): an answer must be text or a number, not a list or a mapping."""
     if value is None:
         return None
-    if hasattr(value, "tolist"):  # numpy arrays from parquet
+    if hasattr(value, "tolist"):  # numpy arrays (and scalars) from parquet
         value = value.tolist()
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        return None
-    answers = [str(a).strip() for a in value if a is not None and str(a).strip()]
-    return answers or None
+        raise QAFormatError(f"'{field}' must be a list of answers or one answer, got {type(value).__name__}")
+    answers = []
+    for a in value:
+        if hasattr(a, "tolist"):
+            a = a.tolist()
+        if a is None:
+            continue
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+            raise QAFormatError(f"'{field}' holds a {type(a).__name__} ({str(a)[:60]}); answers must be text or numbers")
+        text = str(int(a)) if isinstance(a, float) and a.is_integer() else str(a)  # 1960.0 -> "1960"
+        if text.strip():
+            answers.append(text.strip())
+    if not answers:
+        raise QAFormatError(f"'{field}' holds no non-empty answer")
+    return answers
 
 
 def _question_from_prompt(prompt: Any) -> str | None:
     """The question inside a Search-R1 prompt (chat messages or a string)."""
     if hasattr(prompt, "tolist"):
         prompt = prompt.tolist()
+    if isinstance(prompt, str) and prompt.lstrip().startswith("[{"):
+        try:  # chat messages stored as a JSON string
+            prompt = json.loads(prompt)
+        except ValueError:
+            pass
     if isinstance(prompt, list):
         users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
         prompt = users[-1] if users else None
@@ -115,13 +135,15 @@ def _to_example(row: Any, index: int, default_source: str) -> QAExample:
         question = _question_from_prompt(row.get("prompt"))
     if not question:
         raise QAFormatError("no 'question' (or Search-R1 'prompt') field with text")
-    answers = _as_answers(row.get("golden_answers"))
+    # The first answer field present is the one read; a present but unusable one is an error.
+    answers = _as_answers(row.get("golden_answers"), "golden_answers")
     if answers is None:
         reward = row.get("reward_model")
         if isinstance(reward, dict) and isinstance(reward.get("ground_truth"), dict):
-            answers = _as_answers(reward["ground_truth"].get("target"))
+            answers = _as_answers(reward["ground_truth"].get("target"), "reward_model.ground_truth.target")
     if answers is None:
-        answers = _as_answers(row.get("answers", row.get("answer")))
+        key = "answers" if row.get("answers") is not None else "answer"
+        answers = _as_answers(row.get(key), key)
     if answers is None:
         raise QAFormatError(
             "no golden answers: expected a non-empty 'golden_answers' list or Search-R1 "

@@ -58,7 +58,7 @@ def _is_smollm2_alias(name: str) -> bool:
 _DIGESTS: dict[tuple, str] = {}
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
     """SHA-1 of a file's bytes (~0.2 s for the 98 MB SmolLM2 GGUF), memoized per process by
     (path, size, mtime, inode) so repeated loads of an unchanged file hash it once."""
     st = os.stat(path)
@@ -77,12 +77,12 @@ def model_digest(name_or_path: str | os.PathLike) -> str | None:
     """A SHA-1 of a model's weights and config (the packaged GGUF for the alias, a .gguf file, or a
     folder's config.json and weight files), so that two results of "the same path" can be told
     apart when the folder was written again with other weights; None when it names no local file
-    or folder. Memoized per file (see _file_digest): a 3.4 GB bf16 1.7B model hashes in seconds."""
+    or folder. Memoized per file (see file_digest): a 3.4 GB bf16 1.7B model hashes in seconds."""
     name = str(name_or_path)
     if _is_smollm2_alias(name):
         name = smollm2_gguf_path()
     if os.path.isfile(name):
-        return _file_digest(name)
+        return file_digest(name)
     folder = Path(name)
     if not folder.is_dir():
         return None
@@ -91,7 +91,7 @@ def model_digest(name_or_path: str | os.PathLike) -> str | None:
         or f.name.endswith(".safetensors.index.json")))
     h = hashlib.sha1()
     for f in files:
-        h.update(f"{f.name}:{_file_digest(str(f))}\n".encode())
+        h.update(f"{f.name}:{file_digest(str(f))}\n".encode())
     return h.hexdigest()
 
 
@@ -106,7 +106,7 @@ def _gguf_cache_folder(gguf_path: str, cache_dir: str | os.PathLike | None) -> P
     dequantizes it. Every install of the same file (each virtual environment, each fresh clone)
     shares one entry; a changed file or a new transformers gets a new one. (Keying by path and
     mtime, as before, left a 517 MB entry behind per fresh environment.)"""
-    key = hashlib.sha1(f"{_file_digest(gguf_path)}|transformers-{_transformers_version()}".encode()).hexdigest()[
+    key = hashlib.sha1(f"{file_digest(gguf_path)}|transformers-{_transformers_version()}".encode()).hexdigest()[
         :12
     ]
     stem = Path(gguf_path).name.removesuffix(".gguf")
@@ -137,7 +137,7 @@ def _convert_gguf_to_cache(gguf_path: str, folder: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        source = {"gguf": os.path.basename(gguf_path), "sha1": _file_digest(gguf_path),
+        source = {"gguf": os.path.basename(gguf_path), "sha1": file_digest(gguf_path),
                   "bytes": os.path.getsize(gguf_path), "transformers": _transformers_version()}
         (tmp / "source.json").write_text(json.dumps(source, indent=1) + "\n")
         try:

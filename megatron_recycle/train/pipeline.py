@@ -94,7 +94,8 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     res = evaluate(engine, retriever, examples, **rtm.eval_settings(cfg), output_path=out_path, progress=rank == 0,
                    run_info={"model": str(model_path), "label": label, "split": split, "data": str(paths[split]),
                              "retriever": rtm.retriever_id(cfg),
-                             "model_digest": model_digest(model_path) if rank == 0 else None},
+                             "model_digest": model_digest(model_path) if rank == 0 else None,
+                             **(rtm.eval_identity(cfg, paths[split]) if rank == 0 else {})},
                    shard=shard, gather=gather_on_rank0 if world > 1 else None)
     if rtm.engine_kind(cfg) == "vllm":
         engine.sleep()  # the engine stays for later phases; its memory goes back to them
@@ -286,8 +287,9 @@ def _cached_eval(cfg: Config, model: str, split: str, path: Path, label: str,
 
 def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) -> dict[str, Any] | None:
     """The result JSON at ``path`` if it evaluated this model (the same weights: the same path may
-    hold other ones now, as final_hf after more training) on this split's file, with as many
-    questions, the same evaluation settings and the same retriever as the config asks for now;
+    hold other ones now, as final_hf after more training) on this split's file (the same bytes),
+    with as many questions, the same evaluation settings, retriever, engine and precision as the
+    config asks for now;
     None, and why, otherwise (a file written before all of these were recorded included)."""
     from megatron_recycle.model.hf_loading import model_digest
 
@@ -300,6 +302,7 @@ def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) ->
     data = str(rtm.data_paths(cfg)[split])
     want = {"model": str(model), "data": data, "questions": len(rtm.read_examples(data, cfg, cfg.eval.max_examples))}
     want |= rtm.eval_settings(cfg) | {"retriever": rtm.retriever_id(cfg), "model_digest": model_digest(model)}
+    want |= rtm.eval_identity(cfg, data)
     differ = [f"{k}={have.get(k)!r} (now {v!r})" for k, v in want.items() if have.get(k) != v]
     if differ:
         print(f"[eval] {label}: {path} was evaluated otherwise: {', '.join(differ)}; evaluating again", flush=True)

@@ -115,10 +115,20 @@ def eval_settings(cfg: Config) -> dict[str, Any]:
             "batch_size": cfg.eval.batch_size, "seed": cfg.run.seed}
 
 
+def eval_identity(cfg: Config, data: str | os.PathLike) -> dict[str, Any]:
+    """What else an evaluation's result depends on, recorded with it so that a resume reuses it only
+    when all of it is the same: the data file's bytes (the same path may hold other questions), the
+    engine and the precision it runs in."""
+    from megatron_recycle.model.hf_loading import file_digest
+
+    return {"data_digest": file_digest(str(data)), "engine": engine_kind(cfg), "bf16": cfg.model.bf16}
+
+
 def retriever_id(cfg: Config) -> str:
     """What an evaluation's retriever was, as recorded in its result (kind and corpus or URL)."""
     r = cfg.retriever
-    where = {"http": r.url, "dense": f"{r.corpus} {r.dense_model}"}.get(r.kind, r.corpus)
+    where = {"http": f"{r.url} (queries cut at {r.max_query_chars} characters)",
+             "dense": f"{r.corpus} {r.dense_model}"}.get(r.kind, r.corpus)
     return f"{r.kind} {where}"
 
 

@@ -155,6 +155,14 @@ def test_summary_averages():
     assert table[-2].split()[-2:] == ["0.300", "0.400"] and table[-1].split()[-3:] == ["40", "0.400", "0.500"]
     with pytest.raises(ValueError, match="no results"):
         summarize_benchmarks({}, "m")
+    # one file holding two benchmarks (Search-R1's combined test.parquet): a row per source, so
+    # that the average is over benchmarks, not questions
+    both = {**res(30, 0.6, 0.7), "per_source": {"nq": res(27, 0.63, 0.7)["overall"],
+                                                "bamboogle": res(3, 1.0, 1.0)["overall"]}}
+    s = summarize_benchmarks({"test": both, "c": {**res(10, 0.1, 0.2), "per_source": {"c": res(10, 0.1, 0.2)["overall"]}}}, "m")
+    assert list(s["benchmarks"]) == ["test:nq", "test:bamboogle", "c"]
+    assert s["average"]["pass@1"] == pytest.approx((0.63 + 1.0 + 0.1) / 3)
+    assert s["all_questions"]["n"] == 40
 
 
 def test_run_pipeline_reuses_evaluations_only_when_resuming(tmp_path, monkeypatch):
@@ -170,7 +178,7 @@ def test_run_pipeline_reuses_evaluations_only_when_resuming(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "evaluate_model", lambda *a, **k: calls.append(a[1]) or {"fresh": True})
     path = tmp_path / "eval.json"
     record = {"model": "m", "data": str(data), **rtm.eval_settings(cfg), "retriever": rtm.retriever_id(cfg),
-              "model_digest": None}
+              "model_digest": None, **rtm.eval_identity(cfg, data)}
     path.write_text(json.dumps({"config": record, "overall": {"n": 1, "pass@1": 0.5}}))
     assert pipeline._eval(cfg, "m", "test", path, "x", resume=False) == {"fresh": True} and calls == ["m"]
     assert pipeline._eval(cfg, "m", "test", path, "x", resume=True)["overall"]["pass@1"] == 0.5 and calls == ["m"]
@@ -183,6 +191,18 @@ def test_run_pipeline_reuses_evaluations_only_when_resuming(tmp_path, monkeypatc
         path.write_text(text)
         assert pipeline._eval(cfg, "m", "test", path, "x", resume=True) == {"fresh": True}
     assert calls == ["m"] * 4
+    # another question under the same path and count, another engine or precision: evaluated again
+    record = {"model": "m", "data": str(data), **rtm.eval_settings(cfg), "retriever": rtm.retriever_id(cfg),
+              "model_digest": None, **rtm.eval_identity(cfg, data)}
+    path.write_text(json.dumps({"config": record, "overall": {"n": 1, "pass@1": 0.5}}))
+    assert pipeline._eval(cfg, "m", "test", path, "x", resume=True)["overall"]["pass@1"] == 0.5
+    for key, other in (("engine", "vllm"), ("bf16", not cfg.model.bf16)):
+        path.write_text(json.dumps({"config": record | {key: other}, "overall": {"n": 1, "pass@1": 0.5}}))
+        assert pipeline._eval(cfg, "m", "test", path, "x", resume=True) == {"fresh": True}, key
+    path.write_text(json.dumps({"config": record, "overall": {"n": 1, "pass@1": 0.5}}))
+    data.write_text(json.dumps({"question": "capital of Italy?", "golden_answers": ["Rome"]}) + "\n")
+    assert pipeline._eval(cfg, "m", "test", path, "x", resume=True) == {"fresh": True}
+    assert calls == ["m"] * 7
 
 
 def test_a_benchmark_folder_without_benchmarks_is_refused_up_front(tmp_path, builds, capsys):

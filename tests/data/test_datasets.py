@@ -90,7 +90,7 @@ def test_search_r1_parquet(tmp_path):
     ]
     path = tmp_path / "test.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    with pytest.raises(QAFormatError, match=r"test.parquet:row 2: no golden answers"):
+    with pytest.raises(QAFormatError, match=r"test.parquet:row 2: 'reward_model.ground_truth.target' holds no non-empty"):
         read_qa_file(path)
     got = read_qa_file(path, skip_bad_rows=True)
     assert len(got) == 1 and got.skipped == 1
@@ -129,3 +129,33 @@ def test_find_benchmark_files(tmp_path):
     assert dict(found) == found.found and found["nq"] == found.found["nq"]  # usable as a plain dict
     with pytest.raises(FileNotFoundError):
         find_benchmark_files(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "row, error",
+    [
+        ({"question": "q", "golden_answers": [["Paris", "City of Light"]]}, "holds a list"),
+        ({"question": "q", "golden_answers": [{"text": "Paris"}]}, "holds a dict"),
+        ({"question": "q", "golden_answers": [True]}, "holds a bool"),
+        # present but unusable: an error, not the next field read in its place
+        ({"question": "q", "golden_answers": {"x": 1}, "answer": "Rome"}, "must be a list of answers"),
+        ({"question": "q", "golden_answers": [], "answer": "Rome"}, "holds no non-empty answer"),
+    ],
+)
+def test_unusable_answers_are_errors(tmp_path, row, error):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [row])
+    with pytest.raises(QAFormatError, match=error):
+        read_qa_file(path)
+
+
+def test_answer_fields_in_order_numbers_and_a_json_chat_prompt(tmp_path):
+    rows = [
+        {"question": "q1", "golden_answers": [1960.0, 3, "  x "]},
+        {"question": "q2", "golden_answers": None, "answers": ["a"], "answer": "b"},
+        {"question": "q3", "answer": "b"},
+        {"prompt": json.dumps([{"role": "user", "content": "Answer. Question: who wrote Hamlet?\n"}]),
+         "golden_answers": ["Shakespeare"]},
+    ]
+    got = read_qa_file(_write_jsonl(tmp_path / "ok.jsonl", rows))
+    assert [ex.golden_answers for ex in got] == [["1960", "3", "x"], ["a"], ["b"], ["Shakespeare"]]
+    assert got[3].question == "who wrote Hamlet?"

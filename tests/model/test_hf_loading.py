@@ -125,4 +125,4 @@ def test_model_digest_follows_the_weights_not_the_path(tmp_path):
 
 @pytest.mark.real_model
 def test_model_digest_of_the_embedded_model_is_its_gguf_file():
-    assert hf_loading.model_digest("smollm2-135m") == hf_loading._file_digest(hf_loading.smollm2_gguf_path())
+    assert hf_loading.model_digest("smollm2-135m") == hf_loading.file_digest(hf_loading.smollm2_gguf_path())
