@@ -123,7 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.save_hf:
         from megatron_recycle.model.convert import save_hf_checkpoint
 
-        save_hf_checkpoint(rt.chunks, rt.hf_config, args.save_hf, tokenizer=rt.tokenizer)
+        save_hf_checkpoint(rt.chunks, rt.hf_config, args.save_hf, tokenizer=rt.tokenizer,
+                           generation_config=rt.generation_config)
         if rt.is_rank0:
             print(f"[train] saved a Hugging Face checkpoint to {args.save_hf}", flush=True)
     return 0

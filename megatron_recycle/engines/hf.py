@@ -13,6 +13,7 @@ import logging
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -126,11 +127,7 @@ class DecodingBase:
             probs = logp[sample_rows].exp()
             sub_top_p = top_p[sample_rows]
             if bool((sub_top_p < 1).any()):
-                sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
-                # Keep the smallest prefix whose mass reaches top_p (the first token always).
-                drop = (sorted_probs.cumsum(-1) - sorted_probs) >= sub_top_p[:, None]
-                sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+                probs = nucleus(probs, sub_top_p)
             # Inverse-CDF sampling, one uniform per row from that row's own generator (so a
             # row's sample never depends on its batch companions); faster than per-row multinomial.
             # The uniforms are drawn on the CPU and moved in one copy (device-independent samples).
@@ -310,11 +307,22 @@ class HFEngine(DecodingBase):
         """No-op, see sleep()."""
 
 
-def _eos_token_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
-    """End-of-sequence ids from the tokenizer and the model's generation config."""
+def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p truncation of each row of ``probs`` [rows, V] (not renormalized): the smallest prefix,
+    by descending probability, whose mass reaches the row's ``top_p`` (the first token always).
+    A row at top_p 1 keeps every token: its float32 running sum can pass 1 before the tail."""
+    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+    drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]
+    drop &= (top_p < 1)[:, None]
+    return torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs.masked_fill(drop, 0.0))
+
+
+def _eos_token_ids(model: torch.nn.Module, tokenizer, generation_config: Any = None) -> frozenset[int]:
+    """End-of-sequence ids from the tokenizer and the generation config (``generation_config``, else
+    the model's own: a transformers model has one, a Megatron model does not)."""
     ids: set[int] = set()
     candidates = [getattr(tokenizer, "eos_token_id", None)]
-    gen_cfg = getattr(model, "generation_config", None)
+    gen_cfg = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     if gen_cfg is not None:
         candidates.append(getattr(gen_cfg, "eos_token_id", None))
     for c in candidates:

@@ -76,7 +76,9 @@ class NativeEngine(DecodingBase):
     """The Engine protocol (engines/base.py) over a megatron-core GPTModel held by the trainer.
 
     ``model``: the GPTModel (bare, or wrapped in DDP / Float16Module); ``hf_config``: the
-    Hugging Face config it was built from (head counts, RoPE base, norm epsilon).
+    Hugging Face config it was built from (head counts, RoPE base, norm epsilon);
+    ``generation_config``: the model folder's (hf_loading.load_generation_config), whose
+    end-of-sequence ids are stopped on besides the tokenizer's.
     """
 
     name = "NativeEngine"
@@ -84,7 +86,8 @@ class NativeEngine(DecodingBase):
     shares_trainer_weights = True  # the trainer must not export weights into this engine
 
     def __init__(self, model: torch.nn.Module, hf_config: Any, tokenizer, max_batch_size: int = 64,
-                 compact_fraction: float = 0.125, prefix_cache: bool = True, fast_gemm: bool = True) -> None:
+                 compact_fraction: float = 0.125, prefix_cache: bool = True, fast_gemm: bool = True,
+                 generation_config: Any = None) -> None:
         from megatron_recycle.model.build import _check_supported, head_dim, rope_inv_freq, unwrap_model
 
         if max_batch_size < 1:
@@ -110,7 +113,7 @@ class NativeEngine(DecodingBase):
         self.head_dim = head_dim(hf_config)
         self.eps = float(hf_config.rms_norm_eps)
         self.rope_inv_freq = rope_inv_freq(hf_config, self.head_dim)  # float64, the config's scaling applied
-        self.eos_token_ids = _eos_token_ids(self.model, tokenizer)
+        self.eos_token_ids = _eos_token_ids(self.model, tokenizer, generation_config)
         self._seed_source = random.Random()
         w = self._weights()
         self.vocab_size = int(w["embedding"].shape[0])

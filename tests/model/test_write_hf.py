@@ -70,3 +70,17 @@ def test_a_folder_that_is_not_a_model_is_not_replaced(tmp_path):
     assert consumed == ["t0", "t1", "t2"]  # consumed all the same (a collective export must not stall)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert write_hf_folder(_tensors(1, 1.0), CFG, tmp_path / "empty_is_fine") == 1
+
+
+def test_the_generation_config_goes_with_the_export_and_is_read_back(tmp_path):
+    """The source model's stop ids (generation_config.json) travel into every export, where the
+    engines that evaluate or continue from it read them (hf_loading.load_generation_config)."""
+    from transformers import GenerationConfig
+
+    from megatron_recycle.model.hf_loading import load_generation_config
+
+    out = tmp_path / "hf"
+    write_hf_folder(_tensors(1, 1.0), CFG, out)
+    assert not (out / "generation_config.json").exists() and load_generation_config(out) is None
+    write_hf_folder(_tensors(1, 1.0), CFG, out, generation_config=GenerationConfig(eos_token_id=[2, 7]))
+    assert load_generation_config(out).eos_token_id == [2, 7]

@@ -685,6 +685,10 @@ def test_run_pipeline_end_to_end(env):
     for f in ("before_test.json", "after_sft_test.json", "after_test.json"):
         assert (run_dir / "eval" / f).is_file()
     assert (run_dir / "sft" / "hf" / "config.json").is_file() and (run_dir / "final_hf" / "config.json").is_file()
+    # the source model's stop ids travel through the SFT export into the final one
+    source = json.loads((Path(env["model"]) / "generation_config.json").read_text())
+    for folder in ("sft/hf", "final_hf"):
+        assert json.loads((run_dir / folder / "generation_config.json").read_text())["eos_token_id"] == source["eos_token_id"]
     assert (run_dir / "plots" / "recycled_share.png").stat().st_size > 1000
     assert any("eval/dev_pass@1" in r for r in _metrics(run_dir))
     assert "Report:" in proc.stdout
