@@ -45,6 +45,14 @@ def render_prompt(tokenizer, question: str) -> str:
     return message
 
 
+def prompt_token_ids(tokenizer, question: str) -> list[int]:
+    """The prompt's token ids, as rollouts and SFT both start a trajectory: the chat template's
+    text carries its own special tokens; a plain prompt gets the tokenizer's (e.g. a base model's
+    BOS)."""
+    add_special = not getattr(tokenizer, "chat_template", None)
+    return list(tokenizer(render_prompt(tokenizer, question), add_special_tokens=add_special)["input_ids"])
+
+
 def parse_action(text: str) -> tuple[str | None, str | None]:
     """The last complete <search> or <answer> tag in a generated chunk: (kind, content).
 

@@ -19,7 +19,7 @@ from megatron_recycle.agent.protocol import (
     format_information,
     format_retrieval_error,
     parse_action,
-    render_prompt,
+    prompt_token_ids,
 )
 from megatron_recycle.agent.reward import score_response
 from megatron_recycle.agent.types import RetrievalError, Retriever, Trajectory
@@ -109,11 +109,10 @@ def rollout(
     tokenizer = engine.tokenizer
     stats = RolloutStats()
     stops = tuple(dict.fromkeys(STOP_STRINGS + tuple(params.stop)))
-    add_special = not getattr(tokenizer, "chat_template", None)
 
     states: list[_State] = []
     for query_id, question, golds in questions:
-        prompt_ids = list(tokenizer(render_prompt(tokenizer, question), add_special_tokens=add_special).input_ids)
+        prompt_ids = prompt_token_ids(tokenizer, question)
         for k in range(num_samples):
             s = _State(len(states), int(query_id), k, list(golds), list(prompt_ids), len(prompt_ids))
             s.loss_mask = [0] * len(prompt_ids)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_recycle.agent.protocol import render_prompt
+from megatron_recycle.agent.protocol import prompt_token_ids
 from megatron_recycle.config import Config
 from megatron_recycle.train import runtime as rtm
 
@@ -28,7 +28,7 @@ class SFTDataError(ValueError):
 
 def tokenize_oracle(row: dict, tokenizer, max_tokens: int) -> tuple[list[int], list[int]]:
     """Token ids and loss mask (1 on policy-written segments) of one oracle trajectory."""
-    ids = list(tokenizer(render_prompt(tokenizer, row["question"]), add_special_tokens=False)["input_ids"])
+    ids = prompt_token_ids(tokenizer, row["question"])  # exactly as a rollout starts
     mask = [0] * len(ids)
     for turn in row["turns"]:
         for key, m in (("generated", 1), ("information", 0)):

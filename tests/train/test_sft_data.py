@@ -47,3 +47,25 @@ def test_a_file_without_usable_rows_is_an_error(tmp_path):
     path = _write(tmp_path / "sft.jsonl", ["{not json"])
     with pytest.raises(SFTDataError, match="no usable oracle trajectories"):
         read_oracle_file(path, skip_bad_rows=True)
+
+
+class _BosTokenizer:
+    """A base model's tokenizer: no chat template, BOS (id 1) added with special tokens."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_sft_starts_a_trajectory_with_the_rollouts_prompt_ids():
+    from megatron_recycle.agent.protocol import prompt_token_ids
+    from megatron_recycle.train.sft import tokenize_oracle
+
+    tok = _BosTokenizer()
+    prompt = prompt_token_ids(tok, "Who?")
+    assert prompt[0] == 1  # the plain prompt keeps the tokenizer's BOS
+    ids, mask = tokenize_oracle({"question": "Who?", "turns": [{"generated": "<answer> x </answer>"}]}, tok, 10_000)
+    assert ids[: len(prompt)] == prompt and mask[: len(prompt)] == [0] * len(prompt)
+    assert ids[len(prompt):] == [ord(c) for c in "<answer> x </answer>"] and set(mask[len(prompt):]) == {1}
