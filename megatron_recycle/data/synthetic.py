@@ -84,6 +84,30 @@ WORK_ROLES: dict[str, str] = {
 _LIFESPAN = re.compile(r"\((\d{3,4})\s*[–-]\s*(\d{3,4})\)$")
 _BORN = re.compile(r"\(born (\d{3,4})\)$")
 _PAREN_SUFFIX = re.compile(r"\s*\([^)]*\)$")
+_YEAR_SPAN = re.compile(r"\d{2,4}\s*[–-]\s*\d{2,4}|\bborn \d{3,4}")
+# Articles whose description ends in a year span but that are no person: the span is not a life
+# ("English rock band (1968–1980)", "Imperial dynasty of China (1368–1644)"). The description's
+# head noun (before "of", "in", ...) says so.
+_NOT_A_PERSON = frozenset(
+    "band group duo trio quartet team orchestra ensemble dynasty empire kingdom caliphate sultanate "
+    "principality monarchy republic state union confederation league alliance coalition colony "
+    "territory house family company conglomerate club party movement order organization organisation "
+    "institution agency government regime war wars conflict conflicts battle revolution rebellion "
+    "crisis depression period era civilization continuation emergence expansion dispute association "
+    "series show programme program magazine newspaper".split()
+)
+_HEAD_CUT = re.compile(r"\s+(?:of|in|from|between|among|against|around|for|controlled)\s+")
+# A passage that names more than one capital (an administrative, a former, a proclaimed one, a
+# seat of government): the country's capital question has no single answer there.
+_OTHER_CAPITAL = re.compile(
+    r"\b(?:administrative|legislative|executive|judicial|constitutional|proclaimed|de facto|former)"
+    r"(?:\s+and\s+\w+)?\s+capital\b|\bseat of government\b",
+    re.IGNORECASE,
+)
+# Continents a country can straddle (its passage naming both: Russia, Turkey, Egypt, Georgia).
+_STRADDLED = (("Europe", "Asia"), ("Africa", "Asia"), ("North America", "South America"))
+# A nationality followed by another ("Austrian and American filmmaker"): no single country.
+_SECOND_NATIONALITY = re.compile(r"^\s*(?:and|&|/)\s*[A-Z]")
 
 
 @dataclass(frozen=True)
@@ -223,6 +247,8 @@ class Facts:
             found = [v for v in variants if _contains(text, v)]
             if not found:
                 continue  # the country's passage does not name its capital: no checkable answer
+            if _OTHER_CAPITAL.search(text):
+                continue  # several capitals named (Bolivia, Malaysia, Sri Lanka, ...): no single answer
             capitals = tuple(dict.fromkeys(found + variants))
             countries.append(
                 Country(
@@ -249,7 +275,12 @@ class Facts:
             cont = named[0] if len(named) == 1 else None
         else:
             cont = None
-        return cont if cont and _contains(text, cont) else None
+        if not cont or not _contains(text, cont):
+            return None
+        for pair in _STRADDLED:  # a country on two continents has no single answer
+            if cont in pair and all(_contains(text, c) for c in pair):
+                return None
+        return cont
 
     def _demonyms(self) -> dict[str, Country]:
         """Demonym -> the most populous country using it; dropped when that one has no usable passage."""
@@ -261,16 +292,29 @@ class Facts:
         return out
 
     def _people(self) -> dict[str, Person]:
+        """People with a birth year: an article (of the People topic, or uncategorized) whose
+        description ends in its one life span, "(1835–1910)" or "(born 1947)". Not a person: a
+        description with several spans (reigns, offices), a head noun like band, dynasty or war,
+        or a span the extract repeats as one of activity ("was the Ottoman sultan from 1520 to
+        1566"). The nationality is the demonym the description starts with, unless a second one
+        follows ("Austrian and American filmmaker")."""
         demonyms = sorted(self.by_demonym, key=len, reverse=True)
         people = {}
         for a in self.articles.values():
             m = _LIFESPAN.search(a.description) or _BORN.search(a.description)
-            if not m or a.title[:1].isdigit():
+            if not m or a.title[:1].isdigit() or a.topic not in ("People", "Uncategorized", ""):
+                continue
+            if len(_YEAR_SPAN.findall(a.description)) != 1:
+                continue
+            head = re.findall(r"[A-Za-z-]+", _HEAD_CUT.split(_PAREN_SUFFIX.sub("", a.description), maxsplit=1)[0])
+            if head and head[-1].lower() in _NOT_A_PERSON:
+                continue
+            if m.re is _LIFESPAN and all(re.search(rf"\b{y}\b", a.extract) for y in m.groups()):
                 continue
             year = int(m.group(1))
-            if str(year) not in a.contents:
-                continue
             demonym = next((d for d in demonyms if a.description.startswith(d + " ")), None)
+            if demonym and _SECOND_NATIONALITY.match(a.description[len(demonym):]):
+                demonym = None
             people[a.title] = Person(a.title, _display(a.title), year, demonym)
         return people
 

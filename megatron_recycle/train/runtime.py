@@ -85,9 +85,16 @@ def generate_data(cfg: Config) -> dict[str, Any]:
     from megatron_recycle.data.synthetic import generate_dataset
 
     print(f"[data] generating synthetic data into {cfg.data.dir}", flush=True)
+    retriever = None  # the generator's own BM25 over the packaged Wikipedia, the default retriever
+    if cfg.retriever.kind != "bm25" or cfg.retriever.corpus != "wiki-offline":
+        # The oracle trajectories' searches and information blocks come from the retriever the
+        # rollouts will search, so that SFT shows the policy what it will see.
+        retriever = build_retriever_from_config(cfg)
+        print(f"[data] oracle searches through the configured retriever: {retriever_id(cfg)}", flush=True)
     return generate_dataset(
         cfg.data.dir, seed=cfg.run.seed, n_train=cfg.data.n_train, n_dev=cfg.data.n_dev,
         n_test=cfg.data.n_test, topk=cfg.retriever.topk, max_passage_words=cfg.retriever.max_passage_words,
+        retriever=retriever,
     )
 
 

@@ -60,6 +60,27 @@ def test_facts_resolve_demonyms_and_birth_years():
     assert len(facts.countries) > 150 and len(facts.people) > 1000 and len(facts.works) > 50
 
 
+def test_facts_leave_out_what_has_no_single_answer():
+    facts = Facts(load_wiki_articles())
+    # year spans that are no life: a band, a dynasty, a war, a reign the extract repeats, several spans
+    for title in ("Led Zeppelin", "The Beatles", "Ming dynasty", "Tang dynasty", "Seven Years' War",
+                  "World War II", "Suleiman the Magnificent", "Puyi", "Eleanor of Aquitaine"):
+        assert title not in facts.people, title
+    assert facts.people["Mark Twain"].birth_year == 1835 and facts.people["Napoleon"].birth_year == 1769
+    # two nationalities: no single capital to ask for
+    assert facts.people["Billy Wilder"].demonym is None  # "Austrian and American filmmaker"
+    assert facts.people["Mark Twain"].demonym == "American"
+    countries = {c.name: c for c in facts.countries}
+    # passages naming several capitals (seat of government, administrative, former, proclaimed)
+    for name in ("Bolivia", "Malaysia", "Sri Lanka", "Eswatini", "Palestine", "Equatorial Guinea"):
+        assert name not in countries, name
+    assert countries["France"].capitals[0] == "Paris" and "United Kingdom" in countries
+    # countries whose passage names both continents they straddle get no continent question
+    for name in ("Russia", "Turkey", "Egypt", "Azerbaijan"):
+        assert countries[name].continent is None, name
+    assert countries["Spain"].continent == "Europe" and countries["Argentina"].continent == "South America"
+
+
 def test_files_sizes_and_format(generated):
     out, result = generated
     counts = result["counts"]
@@ -171,3 +192,23 @@ def test_bad_arguments():
         generate_dataset("/nonexistent", templates=("who_is_taller",), progress=None)
     with pytest.raises(ValueError, match="split sizes"):
         generate_dataset("/nonexistent", n_train=0, n_dev=0, n_test=0, progress=None)
+
+
+def test_generate_data_searches_through_the_configured_retriever(monkeypatch, tmp_path):
+    """Oracle trajectories must show what rollouts will retrieve: a config with another retriever
+    (dense, http, another corpus) hands that retriever to the generator; the default lets the
+    generator build its BM25 over the packaged Wikipedia."""
+    from megatron_recycle.config import load_config
+    from megatron_recycle.data import synthetic
+    from megatron_recycle.train import runtime as rtm
+
+    got = {}
+    monkeypatch.setattr(synthetic, "generate_dataset", lambda *a, **k: got.update(k) or {})
+    sentinel = object()
+    monkeypatch.setattr(rtm, "build_retriever_from_config", lambda cfg: sentinel)
+    rtm.generate_data(load_config(None, [f"data.dir={tmp_path}"]))
+    assert got["retriever"] is None
+    for override in ("retriever.kind=dense", "retriever.kind=http", f"retriever.corpus={tmp_path / 'c.jsonl'}"):
+        got.clear()
+        rtm.generate_data(load_config(None, [f"data.dir={tmp_path}", override]))
+        assert got["retriever"] is sentinel, override
