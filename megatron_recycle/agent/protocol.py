@@ -50,7 +50,7 @@ def prompt_token_ids(tokenizer, question: str) -> list[int]:
     text carries its own special tokens; a plain prompt gets the tokenizer's (e.g. a base model's
     BOS)."""
     add_special = not getattr(tokenizer, "chat_template", None)
-    return list(tokenizer(render_prompt(tokenizer, question), add_special_tokens=add_special)["input_ids"])
+    return list(tokenizer(render_prompt(tokenizer, question), add_special_tokens=add_special).input_ids)
 
 
 def parse_action(text: str) -> tuple[str | None, str | None]:

@@ -1021,7 +1021,7 @@ def test_runtime_builds_one_vllm_engine_per_process_and_reloads_other_folders(tm
         list(rtm.iter_folder_tensors(tmp_path))
 
 
-def test_pipeline_evaluation_shards_by_vllm_block(monkeypatch, capsys):
+def test_pipeline_evaluation_shards_by_vllm_block(monkeypatch, capsys, tmp_path):
     """Every rank evaluates: the shards are the vLLM TP blocks (engine vllm) or the ranks (hf);
     the vLLM layout is checked before any engine is built; the vLLM engine sleeps afterwards."""
     from types import SimpleNamespace
@@ -1043,7 +1043,9 @@ def test_pipeline_evaluation_shards_by_vllm_block(monkeypatch, capsys):
     world = {"size": 1, "rank": 0}
     monkeypatch.setattr(rtm, "build_engine", lambda cfg, path, tok, **kw: seen.append(cfg.rollout.engine) or Engine())
     monkeypatch.setattr(rtm, "build_retriever_from_config", lambda cfg: object())
-    monkeypatch.setattr(rtm, "data_paths", lambda cfg: {"test": "unused"})
+    data = tmp_path / "test.jsonl"  # read for its digest only (read_examples is stubbed)
+    data.write_text("")
+    monkeypatch.setattr(rtm, "data_paths", lambda cfg: {"test": data})
     monkeypatch.setattr(rtm, "read_examples", lambda *a, **k: [object()])
     monkeypatch.setattr("megatron_recycle.evaluate.evaluate", fake_evaluate)
     monkeypatch.setattr("megatron_recycle.model.parallel.init_process_group", lambda *a, **k: False)

@@ -49,6 +49,14 @@ def test_a_file_without_usable_rows_is_an_error(tmp_path):
         read_oracle_file(path, skip_bad_rows=True)
 
 
+class _Encoding(dict):
+    """What a transformers tokenizer returns: the ids by key and by attribute."""
+
+    def __init__(self, ids):
+        super().__init__(input_ids=ids)
+        self.input_ids = ids
+
+
 class _BosTokenizer:
     """A base model's tokenizer: no chat template, BOS (id 1) added with special tokens."""
 
@@ -56,7 +64,7 @@ class _BosTokenizer:
 
     def __call__(self, text, add_special_tokens=True):
         ids = [ord(c) for c in text]
-        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+        return _Encoding(([1] if add_special_tokens else []) + ids)
 
 
 def test_sft_starts_a_trajectory_with_the_rollouts_prompt_ids():
