@@ -71,7 +71,7 @@ def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[tuple[int
     """
     by_step: dict[int, dict[str, Any]] = {}
     bad: list[tuple[int, str]] = []
-    duplicates = 0
+    clashes = 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -90,9 +90,9 @@ def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[tuple[int
                 continue
             earlier = by_step.setdefault(step, {})
             if any(k in earlier and earlier[k] != v for k, v in record.items() if k not in ("step", "unix_time")):
-                duplicates += 1  # the same step logged twice with different values: the last line wins
+                clashes += 1  # a key of this step logged again with another value: the last one wins
             earlier.update(record)
-    return [by_step[s] for s in sorted(by_step)], bad, duplicates
+    return [by_step[s] for s in sorted(by_step)], bad, clashes
 
 
 def _value(record: dict[str, Any], key: str) -> float | None:
@@ -190,6 +190,16 @@ def _legend(ax, ncol: int = 3) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, below), ncol=ncol, fontsize=8, frameon=False)
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, ncol: int) -> Path:
+    """Labels, title, the legend under the axes and a light grid; then the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _legend(ax, ncol=ncol)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _mark_epochs(ax, records: list[dict[str, Any]]) -> None:
     """Dotted vertical lines at the steps where the pool started a new epoch (weights reset to 1)."""
     resets = [r["step"] for r in records if r.get("epoch_reset") is True]
@@ -227,12 +237,8 @@ def plot_recycled_share(records: list[dict[str, Any]], path: Path) -> Path:
             label=f"recycled share, rolling mean over {window} step(s)")
     _mark_epochs(ax, records)
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("share of the effective batch")
-    ax.set_title("Recycled queries in the effective batch (recovery vs drift)")
-    _legend(ax, ncol=2)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "training step", "share of the effective batch",
+                   "Recycled queries in the effective batch (recovery vs drift)", ncol=2)
 
 
 def plot_zero_variance(records: list[dict[str, Any]], path: Path) -> Path:
@@ -244,14 +250,10 @@ def plot_zero_variance(records: list[dict[str, Any]], path: Path) -> Path:
     ax.stackplot(steps, wrong, right, signal, step="mid", alpha=0.75,
                  colors=["tab:red", "tab:blue", "tab:green"],
                  labels=["zero-variance, all wrong", "zero-variance, all correct", "signal-bearing"])
-    ax.set_xlabel("training step")
     _mark_epochs(ax, records)
-    ax.set_ylabel("candidate groups")
     _integer_ticks(ax)
-    ax.set_title("Candidate groups per step: zero-variance split and signal-bearing")
-    _legend(ax, ncol=4)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "training step", "candidate groups",
+                   "Candidate groups per step: zero-variance split and signal-bearing", ncol=4)
 
 
 def plot_batch_fill(records: list[dict[str, Any]], path: Path) -> Path:
@@ -298,12 +300,7 @@ def plot_reward(records: list[dict[str, Any]], path: Path) -> Path:
         y = _series(records, key)
         keep = ~np.isnan(y)
         ax.plot(steps[keep], y[keep], marker="o", ls="--", color=eval_colors[i % len(eval_colors)], label=key)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean over rollouts / examples")
-    ax.set_title("Reward and exact match")
-    _legend(ax, ncol=3)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "training step", "mean over rollouts / examples", "Reward and exact match", ncol=3)
 
 
 def plot_transitions(matrix: np.ndarray, step: int, path: Path) -> Path:
@@ -329,13 +326,9 @@ def plot_flips(summary: dict[str, Any], last_step: int, path: Path) -> Path:
     fig, (ax,) = _figure()
     ax.plot(steps, drawn, color="tab:blue", label="queries drawn at least once")
     ax.plot(steps, flipped, color="tab:red", label="queries that changed state (hard/signal/easy)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("queries (cumulative)")
     _integer_ticks(ax)
-    ax.set_title("Pool coverage and queries that flipped state")
-    _legend(ax, ncol=2)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "training step", "queries (cumulative)",
+                   "Pool coverage and queries that flipped state", ncol=2)
 
 
 def plot_pool(records: list[dict[str, Any]], num_queries: float | None, path: Path) -> Path:
@@ -351,12 +344,8 @@ def plot_pool(records: list[dict[str, Any]], num_queries: float | None, path: Pa
         ax.axhline(num_queries, color="black", ls="--", lw=1, label=f"pool size ({num_queries:.0f})")
     _mark_epochs(ax, records)
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("training step (after it)")
-    ax.set_ylabel("queries / weight")
-    ax.set_title("The pool after each step: live weight and coverage")
-    _legend(ax, ncol=2)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "training step (after it)", "queries / weight",
+                   "The pool after each step: live weight and coverage", ncol=2)
 
 
 # ------------------------------------------------------------------------------------ table
@@ -440,13 +429,14 @@ def analyze(run_dir: str | Path, every: int | None = None, plots: bool = True,
     if not path.is_file():
         hint = "" if run_dir.is_dir() else " (the run directory itself does not exist)"
         raise AnalyzeError(f"{path} not found{hint}: pass a run directory written by `megatron-recycle train`")
-    records, bad, duplicates = read_metrics(path)
+    records, bad, clashes = read_metrics(path)
     for lineno, why in bad[:20]:
         print(f"warning: {path}:{lineno}: skipped: {why}", file=out)
     if len(bad) > 20:
         print(f"warning: {len(bad) - 20} more malformed lines skipped", file=out)
-    if duplicates:
-        print(f"warning: {duplicates} step(s) logged more than once; the last line of each was kept", file=out)
+    if clashes:
+        print(f"warning: {clashes} line(s) logged a step's metric again with another value; the last value was kept",
+              file=out)
     if not records:
         raise AnalyzeError(f"{path}: no valid metrics line ({len(bad)} malformed)")
     if every is None:
@@ -461,7 +451,7 @@ def analyze(run_dir: str | Path, every: int | None = None, plots: bool = True,
     result: dict[str, Any] = {
         "run_dir": str(run_dir), "metrics_file": str(path), "steps": len(records),
         "first_step": records[0]["step"], "last_step": records[-1]["step"],
-        "bad_lines": [{"line": n, "reason": why} for n, why in bad], "duplicate_steps": duplicates,
+        "bad_lines": [{"line": n, "reason": why} for n, why in bad], "duplicate_steps": clashes,
         "plots": {}, "skipped": {},
     }
 
@@ -549,7 +539,7 @@ def analyze(run_dir: str | Path, every: int | None = None, plots: bool = True,
         if logged is not None and int(logged) != history["queries_flipped"]:
             print(f"warning: {hist_path.name} says {history['queries_flipped']} queries flipped, the metrics' last "
                   f"step (step {records[-1]['step']}) says {int(logged)}: the history is from another point of "
-                  "the run (written at checkpoints and at the end) or from another run", file=out)
+                  "the run (it is written at each checkpoint) or from another run", file=out)
     for name, p in result["plots"].items():
         print(f"# plot {name}: {p}", file=out)
     for name, why in result["skipped"].items():

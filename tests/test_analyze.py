@@ -108,6 +108,7 @@ def test_malformed_lines_are_counted_reported_and_skipped(tmp_path):
     res = analyze(tmp_path, out=out)
     assert [b["line"] for b in res["bad_lines"]] == [2, 3, 4]
     assert "metrics.jsonl:2: skipped: not JSON" in out.getvalue()
+    assert "1 line(s) logged a step's metric again with another value" in out.getvalue()
     assert "metrics.jsonl:4: skipped: no integer 'step'" in out.getvalue()
     assert res["table"]["rows"][-1][COLUMNS.index(("reward", "reward_mean", ".3f"))] == 9.0  # last line wins
     # what the records lack is skipped with a reason, not drawn empty
@@ -159,7 +160,7 @@ def test_an_evaluation_logged_apart_is_merged_and_does_not_blank_the_pool_metric
     assert "candidates" in records[1] and "candidates" not in records[3]
     out = io.StringIO()
     res = analyze(tmp_path, out=out)
-    assert "logged more than once" not in out.getvalue()
+    assert "again with another value" not in out.getvalue()
     # the pool's table and plots cover the three training steps; the last evaluation only the reward plot
     assert res["steps"] == 3 and res["last_step"] == 2 and [row[0] for row in res["table"]["rows"]] == [0, 1, 2]
     assert res["final_window"]["candidates"] == 4 and res["final_window"]["batch_fill"] == 0.0

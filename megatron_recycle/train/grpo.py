@@ -341,6 +341,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 # Logged in this step's record (the policy after this step's update), so that it
                 # shares the step's line and a resume from the checkpoint after it keeps it.
                 dev_eval = _periodic_eval(rt, paths["dev"], step)
+            t4 = time.perf_counter()
             s = pool.stats() if pool is not None else {}
             rollouts_done += info["rollouts"]
             decisions.write(step, info["decisions"])
@@ -355,7 +356,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                                "time/sync": t3 - t2, "time/step": t3 - t0})
                 if dev_eval is not None:
                     record.update({f"eval/dev_{k}": v for k, v in dev_eval.items()})
-                    record["time/eval"] = time.perf_counter() - t3
+                    record["time/eval"] = t4 - t3
                 gen_tokens = info["rollout"].get("generated_tokens", 0)
                 if gen_tokens:
                     record["throughput/rollout_tok_per_s"] = gen_tokens / max(t1 - t0, 1e-9)
@@ -420,7 +421,7 @@ def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int) -> None:
     shared = {"step": step, "rollouts": rollouts, "pool": pool.state_dict() if pool is not None else None}
     ckpt.save(step, checkpoint_parts(rt), shared)
     if pool is not None:  # rank 0: pool_history.csv as of this checkpoint, so that a crash leaves one
-        write_pool_history(ckpt.dir.parent, pool.history_table())
+        write_pool_history(rt.cfg.run_dir, pool.history_table())
     if rt.is_rank0:
         print(f"[train] checkpoint step {step} -> {ckpt.dir / f'step_{step}'}", flush=True)
 

@@ -91,8 +91,8 @@ class MetricsWriter:
 
     ``resume_step``: the step the run resumes at; lines with step >= it are dropped first, so a
     resumed run's file has no duplicate steps. Without it an existing metrics.jsonl belongs to an
-    earlier run and is moved to metrics.jsonl.old (with a warning), and so is its pool_history.csv. With ``enabled=False`` (every
-    rank but 0) all methods do nothing. ``filename`` gives a phase with its own step axis (e.g.
+    earlier run and is moved to metrics.jsonl.old (with a warning), and so is its
+    pool_history.csv. With ``enabled=False`` (every rank but 0) all methods do nothing. ``filename`` gives a phase with its own step axis (e.g.
     the SFT warm-up: "sft_metrics.jsonl") its own file and TensorBoard run.
     """
 

