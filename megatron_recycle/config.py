@@ -67,6 +67,9 @@ class RetrieverConfig:
     # longer queries cut to max_query_chars (counted, logged); both are this project's server limits
     max_batch: int = 512
     max_query_chars: int = 4096
+    # kind=http: a request refused with 400/413/422 is resent in halves so that only the refused
+    # query fails; at most this many extra requests per rollout round (0: fail the whole request)
+    max_split_requests: int = 32
     cache_dir: str = ".cache/retrieval"  # BM25 index / dense embeddings cache
 
 
@@ -367,6 +370,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.retriever.max_batch >= 1, "retriever.max_batch", cfg.retriever.max_batch, "must be >= 1")
     _require(cfg.retriever.max_query_chars >= 1, "retriever.max_query_chars", cfg.retriever.max_query_chars,
              "must be >= 1")
+    _require(cfg.retriever.max_split_requests >= 0, "retriever.max_split_requests",
+             cfg.retriever.max_split_requests, "must be >= 0")
     m = cfg.model
     _require(m.tp >= 1, "model.tp", m.tp, "must be >= 1")
     _require(m.pp >= 1, "model.pp", m.pp, "must be >= 1")

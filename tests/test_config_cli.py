@@ -49,6 +49,7 @@ def test_defaults_and_overrides(tmp_path):
         ("optim.ddp_bucket_size=0", r"optim.ddp_bucket_size=0: must be >= 1"),
         ("optim.ddp_bucket_size=1000", r"optim.ddp_bucket_size=1000: only applies with optim.overlap_grad_reduce"),
         ("optim.ddp_bucket_size=4e7", r"optim.ddp_bucket_size: expected an integer"),
+        ("retriever.max_split_requests=-1", r"retriever.max_split_requests=-1: must be >= 0"),
     ],
 )
 def test_invalid_values_name_key_and_value(override, match):
@@ -223,3 +224,18 @@ def test_cli_out_of_memory_names_the_memory_options(monkeypatch, capsys):
         assert hasattr(getattr(Config(), section), key), f"{section}.{key}"
     changeable = {f"{s}.{k}" for s, k in named} - {"model.tp", "model.pp"}  # these reshard instead
     assert not changeable & set(RESUME_KEYS)
+
+
+def test_http_retriever_options_reach_the_client():
+    from megatron_recycle.train.runtime import build_retriever_from_config
+
+    cfg = load_config(None, ["retriever.kind=http", "retriever.url=http://127.0.0.1:9", "retriever.timeout_s=2.5",
+                             "retriever.retries=1", "retriever.max_batch=7", "retriever.max_query_chars=99",
+                             "retriever.max_split_requests=5"])
+    client = build_retriever_from_config(cfg)
+    try:
+        got = (client.url, client.timeout, client.max_retries, client.max_batch, client.max_query_chars,
+               client.max_split_requests)
+    finally:
+        client.close()
+    assert got == ("http://127.0.0.1:9/retrieve", 2.5, 1, 7, 99, 5)

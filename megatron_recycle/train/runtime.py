@@ -155,7 +155,7 @@ def build_retriever_from_config(cfg: Config):
     corpus = "wiki" if r.corpus == "wiki-offline" else r.corpus
     if r.kind == "http":
         return build_retriever("http", url=r.url, timeout=r.timeout_s, max_retries=r.retries, max_batch=r.max_batch,
-                               max_query_chars=r.max_query_chars)
+                               max_query_chars=r.max_query_chars, max_split_requests=r.max_split_requests)
     if r.kind == "dense":
         model = None if r.dense_model == "minilm" else r.dense_model
         return build_retriever("dense", corpus=corpus, cache_dir=r.cache_dir, model=model)

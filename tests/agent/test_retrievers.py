@@ -142,6 +142,8 @@ class _FaultyHandler(BaseHTTPRequestHandler):
         if action == "sleep":
             time.sleep(server.sleep_s)
             action = "ok"
+        if action == "reject-bad":  # a validation error whenever the request holds a bad query
+            action = "422" if any(q.startswith("bad") for q in body["queries"]) else "ok"
         if action == "ok":
             result = [
                 [{"document": {"id": "7", "contents": f"Title\n{q}"}, "score": 1.5}] for q in body["queries"]
@@ -242,3 +244,45 @@ def test_http_retriever_connection_refused():
     with pytest.raises(RetrievalError, match="ConnectError"):
         client.search(["q"], topk=1)
     assert client.stats.requests == 2 and client.stats.failures == 1
+
+
+def test_http_retriever_isolates_a_refused_query_by_splitting_the_request(faulty_server):
+    faulty_server.default = "reject-bad"
+    queries = [f"q{i}" for i in range(8)]
+    queries[5] = "bad five"
+    with HTTPRetriever(_url(faulty_server), timeout=2.0, max_retries=3, backoff=0.01, max_batch=8) as client:
+        got = client.search_each(queries, topk=1)
+        stats = client.stats_snapshot()
+        with pytest.raises(RetrievalError, match="HTTP 422"):
+            client.search(queries, topk=1)  # search() still raises when any query failed
+    assert [isinstance(g, RetrievalError) for g in got] == [i == 5 for i in range(8)]
+    assert [g[0].contents for i, g in enumerate(got) if i != 5] == [f"Title\n{q}" for q in queries if q != "bad five"]
+    assert "HTTP 422" in str(got[5])
+    # 8 -> 4 + 4 -> 2 + 2 -> 1 + 1, depth first: one request refused per level, none retried
+    assert stats["requests"] == 7 and stats["split_requests"] == 6 and stats["retries"] == 0
+    assert stats["failures"] == 1 and stats["failed_queries"] == 1
+    assert [len(b["queries"]) for b in faulty_server.bodies] == [8, 4, 4, 2, 1, 1, 2] + [8, 4, 4, 2, 1, 1, 2]
+
+
+def test_http_retriever_split_budget_bounds_the_requests(faulty_server):
+    faulty_server.default = "reject-bad"
+    queries = [f"bad {i}" for i in range(64)]  # a server refusing everything: not worth 127 requests
+    with HTTPRetriever(_url(faulty_server), timeout=2.0, max_retries=0, max_batch=64, max_split_requests=6) as client:
+        got = client.search_each(queries, topk=1)
+    assert all(isinstance(g, RetrievalError) for g in got)
+    assert client.stats.requests == 1 + 6 and client.stats.failed_queries == 64
+
+
+def test_http_retriever_keeps_answers_received_before_the_server_went_down(faulty_server):
+    faulty_server.script = ["ok", "500", "500"]
+    faulty_server.default = "ok"
+    queries = ["a", "b", "c", "d", "e", "f"]
+    with HTTPRetriever(_url(faulty_server), timeout=2.0, max_retries=1, backoff=0.01, max_batch=2) as client:
+        got = client.search_each(queries, topk=1)
+    assert [g[0].contents for g in got[:2]] == ["Title\na", "Title\nb"]
+    assert all(isinstance(g, RetrievalError) for g in got[2:])
+    assert "HTTP 500" in str(got[2]) and "2 queries not sent" in str(got[4])
+    # the third request is not sent once the second failed after its retry (a down server costs one
+    # request's retries per call, not one per request); 500 is not split
+    assert client.stats.requests == 3 and client.stats.split_requests == 0
+    assert client.stats.failures == 1 and client.stats.failed_queries == 4

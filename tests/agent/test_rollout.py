@@ -161,6 +161,29 @@ def test_retrieval_error_is_observed_counted_and_the_run_goes_on(tok):
     assert batch.stats.retrieval_failures == 2
 
 
+def test_a_failed_query_costs_only_its_own_trajectory(tok):
+    class PartlyFailing(FakeRetriever):
+        def search_each(self, queries, topk):
+            self.calls.append(list(queries))
+            return [RetrievalError("HTTP 422: too long") if "Kenya" in q else
+                    [Passage("d0", f"Title {q}\nText.", 1.0)] for q in queries]
+
+    engine = FakeEngine(tok, {
+        "France": [chars(tok, "<search> France </search>"), chars(tok, "<answer> Paris </answer>")],
+        "Kenya": [chars(tok, "<search> Kenya </search>"), chars(tok, "<answer> Africa </answer>")],
+    })
+    retriever = PartlyFailing()
+    batch = rollout(engine, retriever, [(0, "Capital of France?", ["Paris"]), (1, "Where is Kenya?", ["Africa"])],
+                    1, SamplingParams(max_new_tokens=100), 2, 4096, 3)
+    assert retriever.calls == [["France", "Kenya"]]  # one call; search() itself is never used
+    assert [t.retrieval_errors for t in batch] == [0, 1]
+    assert batch.stats.retrieval_failures == 1
+    err = tok(format_retrieval_error("HTTP 422: too long"), add_special_tokens=False).input_ids
+    kenya = list(batch)[1]
+    start = kenya.prompt_len + len(chars(tok, "<search> Kenya </search>"))
+    assert kenya.token_ids[start : start + len(err)] == err
+
+
 def test_max_turns_ends_the_trajectory_with_zero_reward(tok):
     search = chars(tok, "<search> more </search>")
     engine = FakeEngine(tok, {"loop": [search, search, search, chars(tok, "<answer> x </answer>")]})

@@ -134,14 +134,24 @@ def test_a_large_round_and_an_overlong_query_stay_within_the_servers_limits(retr
         with HTTPRetriever(server.url, timeout=5.0, max_retries=0, max_batch=4, max_query_chars=200) as http:
             got = http.search(queries, topk=2)
             stats = http.stats_snapshot()
-        with HTTPRetriever(server.url, timeout=5.0, max_retries=0) as unbounded:  # the defaults exceed these limits
-            with pytest.raises(RetrievalError, match="HTTP 413"):
+        with HTTPRetriever(server.url, timeout=5.0, max_retries=0, max_split_requests=0) as unbounded:
+            with pytest.raises(RetrievalError, match="HTTP 413"):  # the defaults exceed these limits
                 unbounded.search(queries, topk=2)
+        with HTTPRetriever(server.url, timeout=5.0, max_retries=0) as splitting:
+            split = splitting.search_each(queries, topk=2)  # halves until the server takes them
+            split_stats = splitting.stats_snapshot()
     want = retriever.search([q[:200] for q in queries], 2)
     assert [[p.id for p in r] for r in got] == [[p.id for p in r] for r in want]
     assert got[4][0].title == "Hamlet"
     assert stats["requests"] == 3 and stats["calls"] == 1 and stats["truncated_queries"] == 1
     assert stats["failures"] == 0 and stats["http_errors"] == 0
+    # without the client's limits, splitting still answers every query but the overlong one,
+    # which the server refuses alone (its 4,096 characters exceed the server's 200)
+    assert isinstance(split[4], RetrievalError) and "HTTP 422" in str(split[4])
+    assert [[p.id for p in r] for i, r in enumerate(split) if i != 4] == [
+        [p.id for p in r] for i, r in enumerate(want) if i != 4
+    ]
+    assert split_stats["failed_queries"] == 1 and split_stats["split_requests"] > 0
 
 
 def test_requests_are_bounded_in_bytes_too():
