@@ -76,14 +76,9 @@ STOPPED_EXIT_CODE = 130
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    import importlib.util
-    from pathlib import Path
+    from megatron_recycle.simulate import main as simulate
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "simulate_pool.py"
-    spec = importlib.util.spec_from_file_location("simulate_pool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(args.sim_args)
+    simulate(args.sim_args)
     return 0
 
 
@@ -176,9 +171,12 @@ def cmd_serve_retriever(args: argparse.Namespace) -> int:
     r = cfg.retriever
     if r.kind == "http":
         raise ConfigError("retriever.kind=http: serve-retriever serves a local index; use bm25 or dense")
+    # the server's limits are the ones the same config's HTTP client keeps to (retriever.max_batch,
+    # retriever.max_query_chars), so that a client and its server never disagree
     serve(host=args.host, port=args.port, retriever_kind=r.kind,
           corpus="wiki" if r.corpus == "wiki-offline" else r.corpus, cache_dir=r.cache_dir,
-          model=None if r.dense_model == "minilm" else r.dense_model, default_topk=r.topk)
+          model=None if r.dense_model == "minilm" else r.dense_model, default_topk=r.topk,
+          max_topk=max(100, r.topk), max_queries=r.max_batch, max_query_chars=r.max_query_chars)
     return 0
 
 
@@ -253,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="only print the table")
     p = add("simulate", "Pool simulator: every strategy against a synthetic learner (not real training).",
             cmd_simulate, config=False)
-    p.add_argument("sim_args", nargs="*", help="options of tools/simulate_pool.py (`megatron-recycle simulate --help`)")
+    p.add_argument("sim_args", nargs="*", help="options of the simulator (`megatron-recycle simulate --help`)")
     return parser
 
 
@@ -264,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if from_command_line:
         _maybe_reexec_keep_memory(argv)
-    if argv[:1] == ["simulate"]:  # every option after it belongs to tools/simulate_pool.py
+    if argv[:1] == ["simulate"]:  # every option after it belongs to megatron_recycle/simulate.py
         return cmd_simulate(argparse.Namespace(sim_args=argv[1:]))
     # key=value overrides may come before, between or after the options (`eval nq.x=1 --resume y=2`):
     # argparse takes the first run of them as the positional and leaves the later ones over

@@ -64,7 +64,8 @@ class RetrieverConfig:
     timeout_s: float = 10.0  # kind=http: per-request timeout
     retries: int = 3  # kind=http: retries with exponential backoff before an error observation
     # kind=http: at most this many queries per request (a rollout round's searches are split), and
-    # longer queries cut to max_query_chars (counted, logged); both are this project's server limits
+    # longer queries cut to max_query_chars (counted, logged); `serve-retriever` serves with these
+    # two as its limits, so a client and a server of one config agree
     max_batch: int = 512
     max_query_chars: int = 4096
     # kind=http: a request refused with 400/413/422 is resent in halves so that only the refused

@@ -1,6 +1,10 @@
 """The typed config tree, recipe loading with overrides, validation messages, and the CLI skeleton."""
 
-import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,9 +187,8 @@ def test_cli_overrides_before_between_and_after_options(monkeypatch, capsys):
 
 
 def test_simulator_runs_every_strategy_small():
-    spec = importlib.util.spec_from_file_location("simulate_pool", ROOT / "tools" / "simulate_pool.py")
-    sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim)
+    from megatron_recycle import simulate as sim
+
     out = sim.main(["--queries", "300", "--batch-size", "8", "--budget", "3000", "--oversample", "1", "2"])
     rows = {(r["strategy"], r["oversample"]): r for r in out["results"]}
     assert set(rows) == {("recycle", 1), ("recycle", 2), ("soft_recycle", 1), ("soft_recycle", 2),
@@ -239,3 +242,44 @@ def test_http_retriever_options_reach_the_client():
     finally:
         client.close()
     assert got == ("http://127.0.0.1:9/retrieve", 2.5, 1, 7, 99, 5)
+
+
+def test_simulator_refuses_bad_arguments_and_reports_nothing_trained(tmp_path, capsys):
+    from megatron_recycle import simulate as sim
+
+    for bad, match in ((["--group-size", "0"], "--group-size must be >= 1"), (["--budget", "0"], "--budget must be >= 1"),
+                       (["--oversample", "0"], "--oversample values must be >= 1"),
+                       (["--queries", "50", "--batch-size", "32"], r"k\*B = 2\*32 candidates .* only 50 queries")):
+        with pytest.raises(SystemExit):
+            sim.main(["--queries", "300", "--batch-size", "8", "--budget", "100", *bad])
+        assert re.search(match, capsys.readouterr().err), bad
+    # K = 1: every group has zero variance, nothing is ever trained: roll/grp is undefined, not a count
+    out = sim.main(["--queries", "200", "--batch-size", "8", "--budget", "400", "--group-size", "1",
+                    "--strategies", "recycle", "--oversample", "1", "--out", str(tmp_path / "sim.json")])
+    (r,) = out["results"]
+    assert r["trained_groups"] == 0 and r["rollouts"] >= 400 and math.isinf(r["rollouts_per_effective_group"])
+    saved = json.loads((tmp_path / "sim.json").read_text())["results"][0]
+    assert saved["rollouts_per_effective_group"] is None and saved["rollouts"] == r["rollouts"]
+    assert "inf" in capsys.readouterr().out
+
+
+def test_simulate_command_runs_from_the_installed_package(tmp_path):
+    # the simulator is part of the package: `megatron-recycle simulate` needs no checkout's tools/
+    code = ("import sys; sys.path.remove(sys.path[0]) if sys.path[0] == '' else None; "
+            "from megatron_recycle.cli import main; "
+            "sys.exit(main(['simulate', '--queries', '64', '--batch-size', '4', '--budget', '64', "
+            "'--strategies', 'grpo']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "grpo" in proc.stdout and "synthetic learner" in proc.stdout
+
+
+def test_serve_retriever_serves_with_the_clients_limits(monkeypatch):
+    import megatron_recycle.agent.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda **kw: seen.update(kw))
+    assert main(["serve-retriever", "retriever.max_batch=2048", "retriever.max_query_chars=8000",
+                 "retriever.topk=150", "--port", "8123"]) == 0
+    assert (seen["max_queries"], seen["max_query_chars"], seen["default_topk"], seen["max_topk"]) == (2048, 8000, 150, 150)
+    assert seen["port"] == 8123 and seen["retriever_kind"] == "bm25"

@@ -10,6 +10,7 @@ GET /health answers {"status": "ok", ...}. The server binds 127.0.0.1 unless tol
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -63,6 +64,7 @@ def create_app(retriever: Retriever, limits: ServerLimits | None = None, **limit
     and the retrievers are not meant to be shared by threads).
     """
     from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     if limits is None:
@@ -72,24 +74,22 @@ def create_app(retriever: Retriever, limits: ServerLimits | None = None, **limit
 
     app = FastAPI(title="megatron-recycle retrieval server")
     lock = threading.Lock()
-    counters = {"requests": 0, "queries": 0, "rejected": 0, "errors": 0}
+    counters = _Counters()
     app.state.retriever = retriever
     app.state.limits = limits
     app.state.counters = counters
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            counters["rejected"] += 1
-            return JSONResponse(
-                status_code=413,
-                content={"detail": f"request body of {length} bytes exceeds {limits.max_body_bytes}"},
-            )
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        # FastAPI's own answer echoes the offending input, which fails to encode when it is a
+        # NaN or an infinity (JSON constants Python's parser accepts), and becomes a 500
+        counters.add(rejected=1)
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     def reject(status: int, message: str) -> HTTPException:
-        counters["rejected"] += 1
+        counters.add(rejected=1)
         return HTTPException(status_code=status, detail=message)
 
     @app.post("/retrieve")
@@ -106,13 +106,12 @@ def create_app(retriever: Retriever, limits: ServerLimits | None = None, **limit
                 raise reject(
                     422, f"queries[{i}] has {len(q)} characters; the limit is {limits.max_query_chars}"
                 )
-        counters["requests"] += 1
-        counters["queries"] += len(request.queries)
+        counters.add(requests=1, queries=len(request.queries))
         try:
             with lock:
                 hits = retriever.search(request.queries, topk) if request.queries else []
         except RetrievalError as e:
-            counters["errors"] += 1
+            counters.add(errors=1)
             raise HTTPException(status_code=503, detail=f"retrieval failed: {e}") from None
         result = []
         for passages in hits:
@@ -131,10 +130,88 @@ def create_app(retriever: Retriever, limits: ServerLimits | None = None, **limit
             "retriever": type(retriever).__name__,
             "passages": len(corpus) if corpus is not None else None,
             "limits": limits.__dict__,
-            "counters": dict(counters),
+            "counters": counters.snapshot(),
         }
 
-    return app
+    return _BodyLimit(app, limits.max_body_bytes, counters)
+
+
+class _Counters:
+    """The server's request counters (handlers run on a thread pool, hence the lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = {"requests": 0, "queries": 0, "rejected": 0, "errors": 0}
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for key, delta in deltas.items():
+                self._values[key] += delta
+
+    def __getitem__(self, key: str) -> int:
+        with self._lock:
+            return self._values[key]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+class _BodyLimit:
+    """ASGI wrapper answering 413 to a request body over ``max_bytes``, whether the client
+    announced its length or streamed it in chunks: the body is read (at most ``max_bytes``)
+    before the app sees the request, then replayed to it. Other attributes come from the app.
+    """
+
+    def __init__(self, app, max_bytes: int, counters: _Counters) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.counters = counters
+
+    def __getattr__(self, name: str):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(send, f"request body of {int(length)} bytes exceeds {self.max_bytes}")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._reject(send, f"request body exceeds {self.max_bytes} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+    async def _reject(self, send, message: str) -> None:
+        self.counters.add(rejected=1)
+        data = json.dumps({"detail": message}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(data)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": data})
+
+
+def _replay(messages: list[dict], receive):
+    """A receive callable giving ``messages`` first, then the real ``receive``."""
+    pending = list(messages)
+
+    async def replayed():
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
 
 
 class BackgroundServer:

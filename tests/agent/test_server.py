@@ -88,8 +88,22 @@ def test_non_json_and_oversized_bodies(retriever):
         assert r.status_code == 422
         r = c.post("/retrieve", json={"queries": ["x" * 2000]})
         assert r.status_code == 413 and "exceeds 1000" in r.json()["detail"]
+        # a body streamed without Content-Length is held to the same bound
+        big = json.dumps({"queries": ["Mona Lisa"] * 300}).encode()
+        r = c.post("/retrieve", content=iter([big[:500], big[500:]]), headers={"content-type": "application/json"})
+        assert "content-length" not in r.request.headers and r.status_code == 413
+        small = json.dumps({"queries": ["Mona Lisa"], "topk": 1}).encode()
+        r = c.post("/retrieve", content=iter([small[:10], small[10:]]), headers={"content-type": "application/json"})
+        assert r.status_code == 200 and r.json()["result"][0][0]["id"]
+        # NaN and infinities are JSON constants Python accepts; they are a 422, not a 500
+        for body in (b'{"queries": ["a"], "topk": NaN}', b'{"queries": [Infinity]}',
+                     b'{"queries": ["a"], "return_scores": -Infinity}'):
+            r = c.post("/retrieve", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body", body
         health = c.get("/health").json()
-        assert health["status"] == "ok" and health["counters"]["rejected"] == 1
+        # every refusal counts: the parse error, two oversized bodies and three invalid ones
+        assert health["status"] == "ok" and health["counters"]["rejected"] == 6
+        assert health["counters"]["requests"] == 1
     with pytest.raises(ValueError, match="default_topk"):
         ServerLimits(default_topk=20, max_topk=10)
 
