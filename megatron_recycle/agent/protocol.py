@@ -74,16 +74,22 @@ def extract_answer(response: str) -> str | None:
 def format_information(passages: Sequence[Passage], max_words: int = 0) -> str:
     """The block the environment appends after a search (loss mask 0).
 
-    ``max_words`` > 0 keeps only the first words of each passage's text (shorter contexts: the
-    rollouts, the SFT data and evaluation must use the same value).
+    ``max_words`` > 0 keeps only the first words of each passage's text, or of a one-line
+    passage's title (shorter contexts: the rollouts, the SFT data and evaluation must use the
+    same value).
     """
+    def cut(part: str) -> str:
+        words = part.split()
+        return " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+
     lines = []
     for i, p in enumerate(passages, 1):
-        text = p.text
+        title, text = p.title, p.text
         if max_words > 0:
-            words = text.split()
-            text = " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
-        lines.append(f"Doc {i} (Title: {p.title}) {text}".rstrip())
+            text = cut(text)
+            if "\n" not in p.contents:  # a passage of one line is all title: the bound holds there too
+                title = cut(title)
+        lines.append(f"Doc {i} (Title: {title}) {text}".rstrip())
     return "\n\n<information>" + "\n".join(lines) + "</information>\n\n"
 
 

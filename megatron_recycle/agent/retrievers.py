@@ -150,6 +150,13 @@ class BM25Retriever(_StatsMixin):
         self.cache_rebuilds = 0
         if use_cache:
             self.index_dir = Path(cache_dir or default_cache_dir()) / f"bm25-{self.cache_key}"
+            if self.index_dir.exists() and not (self.index_dir / "meta.json").is_file():
+                # a complete index is published with its meta.json in one rename, so this is
+                # what a crash while removing a damaged one leaves: clear it, or it would
+                # block every later publish and the index would be rebuilt on every start
+                logger.warning("BM25 cache %s has no meta.json; removing it and rebuilding", self.index_dir)
+                self.cache_rebuilds += 1
+                shutil.rmtree(self.index_dir, ignore_errors=True)
             if (self.index_dir / "meta.json").is_file():
                 try:
                     self._model = bm25s.BM25.load(str(self.index_dir), show_progress=False)
@@ -219,17 +226,24 @@ def packaged_minilm_path() -> Path:
     return path
 
 
-def _model_fingerprint(path: Path) -> str:
-    """Hash of a local model folder's small files and weight sizes (cheap, changes on new weights)."""
+def _model_fingerprint(path: Path, sample: int = 65536) -> str:
+    """Hash of a local model folder: small files whole, large ones (weights) by size and three
+    ``sample``-byte slices (start, middle, end). Cheap on a multi-GB model, and it changes when
+    weights are re-saved with other values, even at the same size."""
     h = hashlib.sha256(str(path.resolve()).encode())
     for f in sorted(path.rglob("*")):
         if not f.is_file():
             continue
         h.update(str(f.relative_to(path)).encode())
-        if f.stat().st_size < 1_000_000:
+        size = f.stat().st_size
+        if size < 1_000_000:
             h.update(f.read_bytes())
-        else:
-            h.update(str(f.stat().st_size).encode())
+            continue
+        h.update(str(size).encode())
+        with f.open("rb") as fh:
+            for offset in (0, size // 2, size - sample):
+                fh.seek(offset)
+                h.update(fh.read(sample))
     return h.hexdigest()
 
 

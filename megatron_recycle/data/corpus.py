@@ -6,6 +6,7 @@ corpus serves our retrievers, the retrieval server and existing Search-R1 toolin
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -204,14 +205,20 @@ def load_wiki_corpus(path: str | Path | None = None) -> Corpus:
 def load_jsonl_corpus(path: str | Path) -> Corpus:
     """A user corpus in Search-R1 jsonl: one {"id", "contents": "title\\ntext"} per line.
 
-    Rows without an id get their line number as id (wiki-18 style); a row that is not JSON or
-    has no ``contents`` is an error naming the file and line.
+    Plain or gzip-compressed (``.gz``); a UTF-8 byte-order mark is skipped. Rows without an id
+    get their line number as id (wiki-18 style); an id must be a string or an integer. A row that
+    is not JSON or has no ``contents`` is an error naming the file and line. Rows whose contents
+    have no newline (no title line) are kept, counted and logged: their whole text is the title.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"corpus {path} is a directory; give the jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist")
     ids, contents = [], []
-    with path.open(encoding="utf-8") as f:
+    untitled = 0
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -225,9 +232,15 @@ def load_jsonl_corpus(path: str | Path) -> Corpus:
                     f"got {line.strip()[:120]!r}"
                 )
             pid = row.get("id", lineno - 1)
+            if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+                raise ValueError(f"{path}:{lineno}: 'id' must be a string or an integer, got {pid!r}")
             ids.append(str(pid))
             contents.append(row["contents"])
-    return Corpus(ids, contents, name=path.stem)
+            untitled += "\n" not in row["contents"]
+    if untitled:
+        logger.warning("corpus %s: %d of %d passages have no title line (no newline in 'contents'); "
+                       "each is read as a title alone", path, untitled, len(contents))
+    return Corpus(ids, contents, name=Path(path.name.removesuffix(".gz")).stem)
 
 
 def load_corpus(spec: str | Path | Corpus | None = "wiki") -> Corpus:

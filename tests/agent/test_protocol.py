@@ -51,6 +51,12 @@ def test_format_information_layout():
     assert "Doc 2 (Title: Lyon)" in block
     assert parse_action(block) == (None, None)
     assert format_information([]) == "\n\n<information></information>\n\n"
+    # max_words bounds a passage's text, and a one-line passage's title (it has no other part)
+    long_text = " ".join(f"w{i}" for i in range(40))
+    cut = format_information([Passage("1", f"Paris\n{long_text}"), Passage("2", long_text)], max_words=5)
+    assert "Doc 1 (Title: Paris) w0 w1 w2 w3 w4 ..." in cut
+    assert "Doc 2 (Title: w0 w1 w2 w3 w4 ...)" in cut and "w5" not in cut
+    assert "Doc 2 (Title: Lyon)" in format_information(passages, max_words=5)  # a short one stays whole
 
 
 def test_format_retrieval_error_is_an_information_block():

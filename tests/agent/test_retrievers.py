@@ -78,6 +78,28 @@ def test_bm25_damaged_cache_is_rebuilt(wiki, tmp_path):
     query = [corpus.contents[7].split("\n")[0]]
     assert [p.id for p in second.search(query, 3)[0]] == [p.id for p in first.search(query, 3)[0]]
     assert BM25Retriever(corpus, cache_dir=tmp_path).loaded_from_cache  # the rebuilt cache is good
+    # a crash while removing a damaged cache leaves a folder without meta.json: it is cleared
+    # and replaced, not left to block every later publish
+    (first.index_dir / "meta.json").unlink()
+    third = BM25Retriever(corpus, cache_dir=tmp_path)
+    assert not third.loaded_from_cache and third.cache_rebuilds == 1 and (third.index_dir / "meta.json").is_file()
+    assert BM25Retriever(corpus, cache_dir=tmp_path).loaded_from_cache
+
+
+def test_model_fingerprint_sees_new_weights_of_the_same_size(tmp_path):
+    from megatron_recycle.agent.retrievers import _model_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal(400_000).astype(np.float32)  # 1.6 MB: fingerprinted by sampling
+    (model / "model.safetensors").write_bytes(weights.tobytes())
+    before = _model_fingerprint(model)
+    assert _model_fingerprint(model) == before
+    weights[200_000] += 1.0  # one value in the middle changed, same size
+    (model / "model.safetensors").write_bytes(weights.tobytes())
+    assert _model_fingerprint(model) != before
 
 
 def test_bm25_edge_cases(bm25, wiki):

@@ -66,3 +66,25 @@ def test_jsonl_corpus_roundtrip_and_errors(wiki, tmp_path):
         load_jsonl_corpus(dup)
     with pytest.raises(FileNotFoundError, match="neither 'wiki'"):
         load_corpus(tmp_path / "missing.jsonl")
+
+
+def test_jsonl_corpus_gzip_bom_ids_and_untitled_rows(tmp_path, caplog):
+    import gzip
+
+    rows = [{"id": 10, "contents": "T\ntext"}, {"id": "b", "contents": "one line, no title"}]
+    lines = "\n".join(json.dumps(r) for r in rows) + "\n"
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines)
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + lines, encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        for name in ("c.jsonl.gz", "bom.jsonl"):
+            corpus = load_corpus(tmp_path / name)
+            assert corpus.ids == ["10", "b"] and corpus.contents == [r["contents"] for r in rows]
+    assert corpus.name == "bom" and load_corpus(tmp_path / "c.jsonl.gz").name == "c"
+    assert "1 of 2 passages have no title line" in caplog.text
+    bad_id = tmp_path / "null.jsonl"
+    bad_id.write_text('{"id": null, "contents": "a\\nb"}\n')
+    with pytest.raises(ValueError, match=r"null.jsonl:1: 'id' must be a string or an integer, got None"):
+        load_jsonl_corpus(bad_id)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        load_corpus(tmp_path)
