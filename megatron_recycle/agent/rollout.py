@@ -286,30 +286,44 @@ def _validate(questions, num_samples, max_turns, max_total_tokens, topk, reward_
             )
 
 
-def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
-    """Mean reward, EM, F1, answer rate, searches, turns, lengths, finish-reason shares and,
-    for groups of several samples, the all-correct / all-wrong / mixed split by query."""
-    n = len(trajectories)
+def trajectory_record(t: Trajectory) -> dict:
+    """What rollout_metrics needs of one trajectory: a few numbers, cheap to gather across ranks."""
+    return {"query_id": t.query_id, "reward": t.reward, "em": t.em, "f1": t.f1,
+            "answered": t.finish_reason == "answer" and not t.extra.get("malformed", False),
+            "finish_reason": t.finish_reason, "searches": t.searches, "turns": t.turns,
+            "response_tokens": len(t.token_ids) - t.prompt_len, "generated_tokens": sum(t.loss_mask),
+            "retrieval_errors": t.retrieval_errors}
+
+
+def rollout_metrics(trajectories: Sequence[Trajectory | dict]) -> dict[str, float]:
+    """Mean reward, EM, F1, answer rate, searches, turns, lengths, generated tokens (mean and
+    total), finish-reason shares and, for groups of several samples, the all-correct / all-wrong /
+    mixed split by query. Takes trajectories or their ``trajectory_record``s (a trainer gathers
+    the records of every data-parallel replica, so that the metrics cover the whole batch)."""
+    records = [t if isinstance(t, dict) else trajectory_record(t) for t in trajectories]
+    n = len(records)
     if n == 0:
         return {"trajectories": 0}
+    generated = sum(r["generated_tokens"] for r in records)
     out: dict[str, float] = {
         "trajectories": n,
-        "reward_mean": sum(t.reward for t in trajectories) / n,
-        "em_mean": sum(t.em for t in trajectories) / n,
-        "f1_mean": sum(t.f1 for t in trajectories) / n,
-        "answer_rate": sum(t.finish_reason == "answer" and not t.extra.get("malformed", False) for t in trajectories) / n,
-        "searches_mean": sum(t.searches for t in trajectories) / n,
-        "turns_mean": sum(t.turns for t in trajectories) / n,
-        "response_tokens_mean": sum(len(t.token_ids) - t.prompt_len for t in trajectories) / n,
-        "generated_tokens_mean": sum(sum(t.loss_mask) for t in trajectories) / n,
-        "retrieval_errors": sum(t.retrieval_errors for t in trajectories),
+        "reward_mean": sum(r["reward"] for r in records) / n,
+        "em_mean": sum(r["em"] for r in records) / n,
+        "f1_mean": sum(r["f1"] for r in records) / n,
+        "answer_rate": sum(r["answered"] for r in records) / n,
+        "searches_mean": sum(r["searches"] for r in records) / n,
+        "turns_mean": sum(r["turns"] for r in records) / n,
+        "response_tokens_mean": sum(r["response_tokens"] for r in records) / n,
+        "generated_tokens_mean": generated / n,
+        "generated_tokens": generated,
+        "retrieval_errors": sum(r["retrieval_errors"] for r in records),
     }
-    reasons = Counter(t.finish_reason for t in trajectories)
+    reasons = Counter(r["finish_reason"] for r in records)
     for reason in FINISH_REASONS:
         out[f"finish_{reason}"] = reasons.get(reason, 0) / n
     groups: dict[int, list[float]] = {}
-    for t in trajectories:
-        groups.setdefault(t.query_id, []).append(t.reward)
+    for r in records:
+        groups.setdefault(r["query_id"], []).append(r["reward"])
     if any(len(g) > 1 for g in groups.values()):
         multi = [g for g in groups.values() if len(g) > 1]
         out["groups"] = len(multi)

@@ -132,6 +132,19 @@ def _gather_groups(local: list[list[dict]]) -> list[list[dict]]:
     return [g for part in parts for g in part]
 
 
+def _gather_records(records: list[dict], reused: int | None) -> tuple[list[dict], int | None]:
+    """Every replica's trajectory records (DP-rank order) and the sum of their engines' reused
+    prompt tokens (None when the engines do not count them), on every rank."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() == 1:
+        return records, reused
+    parts: list = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(parts, (records, reused), group=ps.get_data_parallel_group())
+    counts = [r for _, r in parts]
+    return [rec for part, _ in parts for rec in part], None if None in counts else sum(counts)
+
+
 def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int) -> tuple[list[list[dict]], dict]:
     """Steps 1-4: sample, roll out, update the pool.
 
@@ -140,7 +153,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
     """
     from megatron_recycle_kernels import grpo_advantages
 
-    from megatron_recycle.agent.rollout import rollout_metrics
+    from megatron_recycle.agent.rollout import rollout_metrics, trajectory_record
 
     cfg, lay = rt.cfg, rt.layout
     k = cfg.rollout.group_size
@@ -184,11 +197,15 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
         gen_batch += 1
         if not client.needs_more:
             break
-    info = {"rollout": rollout_metrics(all_trajs) if all_trajs else {}, "effective": n_effective,
+    # The rollout metrics cover every replica's trajectories (rank 0 logs them): a few numbers per
+    # trajectory gathered over DP, and the prompt tokens each replica's engine reused from the
+    # previous turn (native engine's prefix store: keys/values not prefilled again).
+    reused = None if reused_before is None else rt.engine.reused_tokens - reused_before
+    records, reused_all = _gather_records([trajectory_record(t) for t in all_trajs], reused)
+    info = {"rollout": rollout_metrics(records) if records else {}, "effective": n_effective,
             "rollouts": n_rollouts, "decisions": decisions}
-    if reused_before is not None and info["rollout"]:
-        # prompt tokens whose keys/values came from the previous turn (not prefilled again)
-        info["rollout"]["prefix_reused_tokens"] = float(rt.engine.reused_tokens - reused_before)
+    if reused_all is not None and info["rollout"]:
+        info["rollout"]["prefix_reused_tokens"] = float(reused_all)
     if rt.is_rank0:
         r = torch.cat(rewards_all)
         info["reward_mean"] = float(r.mean())

@@ -59,8 +59,10 @@ def wrap_model_and_build_optimizer(
 
     if lr <= 0 or min_lr < 0 or min_lr > lr:
         raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
-    if total_steps < 1 or warmup_steps < 0 or warmup_steps > total_steps:
-        raise ValueError(f"need 0 <= warmup_steps <= total_steps >= 1, got {warmup_steps}, {total_steps}")
+    if total_steps < 1 or warmup_steps < 0 or warmup_steps >= total_steps:
+        # Megatron's scheduler asserts lr_warmup_steps < lr_decay_steps (= total_steps)
+        raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+                         f"total_steps={total_steps}")
     if lr_decay_style not in ("constant", "linear", "cosine", "inverse-square-root"):
         raise ValueError(f"lr_decay_style={lr_decay_style!r}; use constant, linear, cosine or inverse-square-root")
     if optimizer not in ("adam", "sgd"):

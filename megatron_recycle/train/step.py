@@ -559,20 +559,22 @@ def _run_train_step(
             for k, v in d.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     sums = _collect_last_stage(sums)
-    keys = sorted(sums)
-    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=_device())
-    if vec.numel():
-        dist.all_reduce(vec, group=dp_group)
-    totals = dict(zip(keys, vec.tolist()))
-    totals.update(
-        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-        lr=lr,
-        update_successful=float(bool(update_successful)),
+    # this replica's layout counters, summed over DP with the rest (every stage has the same ones)
+    sums.update(
         num_microbatches=float(len(mbs)),
         packed_saved_tokens=float(sum(mb.packed.saved_tokens for mb in mbs if mb.packed is not None)),
         # padding the length-grouped micro-batches did not train (positions: rows x columns cut)
         length_cut_tokens=float(sum((batch.seq_length - mb.seq_length) * mb.num_sequences
                                     for mb in mbs if mb.packed is None)),
+    )
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=_device())
+    dist.all_reduce(vec, group=dp_group)
+    totals = dict(zip(keys, vec.tolist()))
+    totals.update(
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        lr=lr,
+        update_successful=float(bool(update_successful)),
         **{"time/forward_backward_s": t1 - t0, "time/optimizer_s": t2 - t1},
     )
     return totals

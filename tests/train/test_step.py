@@ -315,6 +315,8 @@ def test_layouts_give_the_same_gradient_and_weights(reference_run, two_process_r
     ref_m, m = reference_run["sgd_metrics"][8], run["sgd_metrics"][mbs]
     for key in ("loss", "grad_norm", "tokens", "clip_frac_low", "clip_frac_high", "ratio_mean", "ref_kl", "entropy"):
         assert m[key] == pytest.approx(ref_m[key], rel=1e-5, abs=1e-7), key
+    # layout counters are global too: every replica's micro-batches, not rank 0's alone
+    assert m["num_microbatches"] == _workers.N_GLOBAL // mbs, (layout, mbs)
     # Full batch of log-probs (gathered over DP) and the same answer on every rank of a replica.
     torch.testing.assert_close(run["logprobs"], reference_run["logprobs"], rtol=0, atol=1e-5)
     if args.get("tp", 1) * args.get("pp", 1) == len(results):
@@ -672,3 +674,12 @@ def test_worker_results_come_back_on_the_cpu_whole():
     assert type(p) is pair and p.b[0] == 1 and got["n"] == 3 and got["s"] == "x"
     assert all(t.device.type == "cpu" and not t.requires_grad for t in (p.a, p.b[1]))
     assert torch.equal(p.a, torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("warmup,total", [(5, 5), (6, 5), (-1, 5), (0, 0)])
+def test_wrap_refuses_a_schedule_megatron_would_assert_on(warmup, total):
+    # checked before any model is touched: Megatron's scheduler asserts warmup < decay steps
+    from megatron_recycle.train.optim import wrap_model_and_build_optimizer
+
+    with pytest.raises(ValueError, match="need 0 <= warmup_steps < total_steps"):
+        wrap_model_and_build_optimizer([], lr=1e-3, warmup_steps=warmup, total_steps=total)
