@@ -80,6 +80,17 @@ SFT_RESUME_KEYS: tuple[str, ...] = (
 )
 
 
+def replica_rows(encoded: list, take: list[int], dp_rank: int, dp: int, pad: int) -> tuple[list, list]:
+    """This DP replica's rows of the global batch ``take`` (every dp-th example from dp_rank on):
+    token ids and loss masks (nothing predicts a row's first token). A replica left without an
+    example (sft.batch_size < DP size) gets one all-masked row, so that it joins the step's
+    collectives without adding tokens to the global normalizer or weight to any example."""
+    share = take[dp_rank::dp]
+    if not share:
+        return [[pad, pad]], [[0, 0]]
+    return [encoded[i][0] for i in share], [[0] + encoded[i][1][1:] for i in share]
+
+
 def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Run the SFT warm-up; returns the path of the saved Hugging Face folder and the losses.
 
@@ -138,10 +149,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 rng.shuffle(perm)
                 order += perm
             take, order = order[:b], order[b:]
-            # Every DP replica takes its contiguous share of the global batch.
-            share = take[lay.dp_rank::lay.dp] or take[:1]
-            ids = [encoded[i][0] for i in share]
-            masks = [[0] + encoded[i][1][1:] for i in share]
+            ids, masks = replica_rows(encoded, take, lay.dp_rank, lay.dp, pad)
             batch = build_batch(ids, masks, pad_token_id=pad, pad_rows_to_multiple_of=mbs)
             m = sft_train_step(rt.chunks, rt.optimizer, rt.scheduler, batch, mbs)
             losses.append(m["loss"])

@@ -77,3 +77,18 @@ def test_sft_starts_a_trajectory_with_the_rollouts_prompt_ids():
     ids, mask = tokenize_oracle({"question": "Who?", "turns": [{"generated": "<answer> x </answer>"}]}, tok, 10_000)
     assert ids[: len(prompt)] == prompt and mask[: len(prompt)] == [0] * len(prompt)
     assert ids[len(prompt):] == [ord(c) for c in "<answer> x </answer>"] and set(mask[len(prompt):]) == {1}
+
+
+def test_replica_rows_never_repeat_an_example_when_the_batch_is_smaller_than_dp():
+    from megatron_recycle.train.sft import replica_rows
+
+    encoded = [([10 + i, 20 + i, 30 + i], [0, 1, 1]) for i in range(4)]
+    take = [2, 0]  # sft.batch_size 2 over DP 4
+    rows = [replica_rows(encoded, take, r, 4, pad=0) for r in range(4)]
+    assert rows[0] == ([[12, 22, 32]], [[0, 1, 1]]) and rows[1] == ([[10, 20, 30]], [[0, 1, 1]])
+    assert rows[2] == rows[3] == ([[0, 0]], [[0, 0]])  # all masked: no weight, no normalizer tokens
+    trained = sum(sum(m) for _, masks in rows for m in masks)
+    assert trained == 4  # each example's two loss tokens once
+    # DP 2 with four examples: every-other split, every example once
+    assert [replica_rows(encoded, [0, 1, 2, 3], r, 2, 0)[0] for r in (0, 1)] == [
+        [encoded[0][0], encoded[2][0]], [encoded[1][0], encoded[3][0]]]
