@@ -164,6 +164,16 @@ def _refuse_training_checkpoint(path: str, option: str) -> None:
         )
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
+
+
 def cmd_serve_retriever(args: argparse.Namespace) -> int:
     from megatron_recycle.agent.server import serve
 
@@ -235,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve-retriever", "Serve a retriever over HTTP with the Search-R1 /retrieve contract.",
             cmd_serve_retriever)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free one; default 8000)")
     p = add("export", "Write a training checkpoint's policy as a Hugging Face folder (one process, any "
             "layout the checkpoint was saved on).", cmd_export, config=False)
     p.add_argument("run_dir", help="a run directory (runs/NAME) with checkpoints/")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,8 +108,8 @@ class RolloutConfig:
     # hf: a transformers copy synced after each step; vllm: colocated vLLM (rollout.vllm_*), for GPUs
     # (a CPU build of vLLM also works: scripts/vllm_cpu.sh).
     engine: Literal["auto", "native", "hf", "vllm"] = "auto"
-    group_size: int = 4  # K rollouts per query
-    temperature: float = 1.0
+    group_size: int = 4  # K rollouts per query (>= 2: a group needs two rollouts to have a variance)
+    temperature: float = 1.0  # sampling temperature of the training rollouts (> 0; eval.temperature is separate)
     top_p: float = 1.0
     max_turns: int = 2  # searches allowed per trajectory
     max_new_tokens: int = 96  # per generation turn
@@ -264,14 +265,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -293,20 +299,49 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             raise ConfigError(f"unknown config key {dotted!r}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{dotted}.")
+            # a section whose keys are all commented out reads as null: the defaults
+            kwargs[key] = _build(tp, {} if value is None else value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(value, tp, dotted)
     return cls(**kwargs)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set one override; a mapping value (``pool={batch_size: 16}``) is merged into the section
+    key by key, never replacing the recipe's other keys."""
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or a section left empty in the recipe
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
-    node[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        for key, inner in value.items():
+            _set_dotted(node, f"{last}.{key}", inner)
+    else:
+        node[last] = value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently: a second `pool:` section would replace the first)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
+                              f"{key_node.start_mark.line + 1})")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -324,24 +359,36 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Recipe YAML (optional) + dotted overrides -> a validated Config."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_environment: bool = True) -> Config:
+    """Recipe YAML (optional) + dotted overrides -> a validated Config.
+
+    ``check_environment=False`` skips the checks of what this machine has (vLLM,
+    transformer-engine, a custom reward's module, torchrun's world size): for reading a run's
+    saved config elsewhere, e.g. to export its checkpoint.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"recipe {str(p)!r} is a directory; give a YAML file")
         if not p.is_file():
             raise ConfigError(f"recipe {str(p)!r} does not exist")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except ConfigError as e:
+            raise ConfigError(f"recipe {str(p)!r}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"recipe {str(p)!r} is not valid YAML: {e}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"recipe {str(p)!r} cannot be read: {e}") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"recipe {str(p)!r} must be a mapping of sections, got {type(tree).__name__}")
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
-    validate(cfg)
+    validate(cfg, check_environment=check_environment)
     return cfg
 
 
@@ -351,15 +398,20 @@ def _require(cond: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
-def validate(cfg: Config) -> None:
-    """Value checks that need no data or model; see also check_against_data / check_parallel_layout."""
+def validate(cfg: Config, check_environment: bool = True) -> None:
+    """Value checks that need no data or model; see also check_against_data / check_parallel_layout.
+
+    With ``check_environment`` also what this machine must have for the config to run: vLLM,
+    transformer-engine, the custom reward's module, a torchrun world that vLLM's blocks tile.
+    """
     r, p, ro, lo, o = cfg.run, cfg.pool, cfg.rollout, cfg.loss, cfg.optim
     _require(r.save_every >= 0, "run.save_every", r.save_every, "must be >= 0")
     _require(r.keep_last >= 1, "run.keep_last", r.keep_last, "must be >= 1")
     _require(r.log_every >= 1, "run.log_every", r.log_every, "must be >= 1")
     _require(r.threads >= 0, "run.threads", r.threads, "must be >= 0")
     _require(r.collective_timeout_min > 0, "run.collective_timeout_min", r.collective_timeout_min, "must be > 0")
-    _require(bool(r.name) and "/" not in r.name, "run.name", r.name, "must be a non-empty folder name")
+    _require(bool(r.name) and not set(r.name) & set("/\\") and r.name not in (".", ".."), "run.name", r.name,
+             "must be a folder name (not empty, '.' or '..', no slashes)")
     for key in ("n_train", "n_dev", "n_test", "max_train_queries"):
         v = getattr(cfg.data, key)
         _require(v >= 0, f"data.{key}", v, "must be >= 0")
@@ -371,6 +423,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.retriever.max_batch >= 1, "retriever.max_batch", cfg.retriever.max_batch, "must be >= 1")
     _require(cfg.retriever.max_query_chars >= 1, "retriever.max_query_chars", cfg.retriever.max_query_chars,
              "must be >= 1")
+    if cfg.retriever.kind == "http":
+        _require(cfg.retriever.url.startswith(("http://", "https://")), "retriever.url", cfg.retriever.url,
+                 "must start with http:// or https:// (retriever.kind=http)")
     _require(cfg.retriever.max_split_requests >= 0, "retriever.max_split_requests",
              cfg.retriever.max_split_requests, "must be >= 0")
     m = cfg.model
@@ -382,8 +437,10 @@ def validate(cfg: Config) -> None:
     _require(m.recompute_num_layers >= 1, "model.recompute_num_layers", m.recompute_num_layers, "must be >= 1")
     _require(not m.sequence_parallel or m.tp > 1, "model.sequence_parallel", m.sequence_parallel,
              "splits the sequence over the tensor-parallel ranks, so it needs model.tp > 1")
-    _require(ro.group_size >= 1, "rollout.group_size", ro.group_size, "K must be >= 1")
-    _require(ro.temperature >= 0, "rollout.temperature", ro.temperature, "must be >= 0")
+    _require(ro.group_size >= 2, "rollout.group_size", ro.group_size,
+             "K must be >= 2: a group of one rollout has no variance, so GRPO never learns from it")
+    _require(ro.temperature > 0, "rollout.temperature", ro.temperature,
+             "must be > 0: greedy rollouts of one query are identical, so no group would carry a signal")
     _require(0 < ro.top_p <= 1, "rollout.top_p", ro.top_p, "must be in (0, 1]")
     _require(ro.max_turns >= 0, "rollout.max_turns", ro.max_turns, "must be >= 0")
     _require(ro.max_new_tokens >= 1, "rollout.max_new_tokens", ro.max_new_tokens, "must be >= 1")
@@ -396,20 +453,6 @@ def validate(cfg: Config) -> None:
              f"the native engine decodes with the trainer's whole model, so it needs model.tp=1 and model.pp=1 "
              f"(got tp={m.tp} pp={m.pp}); use rollout.engine=hf or vllm, or auto")
     _require(ro.vllm_tp >= 1, "rollout.vllm_tp", ro.vllm_tp, "must be >= 1")
-    if ro.engine == "vllm":
-        import importlib.util
-        import os
-
-        # Under torchrun: vLLM's external launcher tiles the world with blocks of vllm_tp ranks (the
-        # full check, against the model and the trainer's layout, is train.runtime.setup_runtime's).
-        if os.environ.get("WORLD_SIZE"):
-            world = int(os.environ["WORLD_SIZE"])
-            _require(ro.vllm_tp <= world and world % ro.vllm_tp == 0, "rollout.vllm_tp", ro.vllm_tp,
-                     f"must divide the number of torchrun processes (WORLD_SIZE={world}): every process runs "
-                     "one vLLM worker and vLLM groups them in blocks of vllm_tp consecutive ranks")
-        _require(importlib.util.find_spec("vllm") is not None, "rollout.engine", ro.engine,
-                 "vLLM is not installed; it needs a CUDA GPU: `pip install -e '.[gpu]'` on a GPU machine "
-                 "(or a CPU build of vLLM, see scripts/vllm_cpu.sh), or use rollout.engine=hf")
     _require(0 < ro.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
              ro.vllm_gpu_memory_utilization, "must be in (0, 1)")
     _require(ro.vllm_kv_cache_gib >= 0, "rollout.vllm_kv_cache_gib", ro.vllm_kv_cache_gib,
@@ -435,6 +478,8 @@ def validate(cfg: Config) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(0 <= o.adam_beta1 < 1, "optim.adam_beta1", o.adam_beta1, "must be in [0, 1)")
+    _require(0 <= o.adam_beta2 < 1, "optim.adam_beta2", o.adam_beta2, "must be in [0, 1)")
     _require(o.micro_batch_size >= 1, "optim.micro_batch_size", o.micro_batch_size, "must be >= 1")
     if o.ddp_bucket_size is not None:
         _require(o.ddp_bucket_size >= 1, "optim.ddp_bucket_size", o.ddp_bucket_size,
@@ -450,6 +495,9 @@ def validate(cfg: Config) -> None:
     _require(s.batch_size >= 1, "sft.batch_size", s.batch_size, "must be >= 1")
     _require(s.lr > 0, "sft.lr", s.lr, "must be > 0")
     _require(s.save_every >= 0, "sft.save_every", s.save_every, "must be >= 0")
+    _require(s.warmup_steps >= 0, "sft.warmup_steps", s.warmup_steps, "must be >= 0")
+    _require(s.max_examples >= 0, "sft.max_examples", s.max_examples, "must be >= 0 (0: all)")
+    _require(o.min_lr <= s.lr, "optim.min_lr", o.min_lr, f"SFT decays to it too, so it must be <= sft.lr={s.lr}")
     e = cfg.eval
     _require(e.n_samples >= 1, "eval.n_samples", e.n_samples, "must be >= 1")
     _require(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0")
@@ -457,6 +505,41 @@ def validate(cfg: Config) -> None:
         _require(e.temperature > 0, "eval.temperature", e.temperature,
                  f"eval.n_samples={e.n_samples} samples need a temperature > 0 (greedy samples are identical)")
     _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+    _require(e.max_examples >= 0, "eval.max_examples", e.max_examples, "must be >= 0 (0: the whole file)")
+    if check_environment:
+        _check_environment(cfg)
+
+
+def _check_environment(cfg: Config) -> None:
+    """What this machine must have for ``cfg`` to run (validate's check_environment)."""
+    import importlib.util
+    import os
+
+    ro, m = cfg.rollout, cfg.model
+    if ro.reward not in ("em", "f1"):
+        from megatron_recycle.agent.reward import load_reward_fn
+
+        try:
+            load_reward_fn(ro.reward)
+        except ValueError as e:
+            raise ConfigError(f"rollout.reward={ro.reward!r}: {e}") from None
+    if m.layer_spec == "te":
+        from megatron_recycle.model.build import te_available
+
+        _require(te_available(), "model.layer_spec", m.layer_spec,
+                 "needs transformer-engine and a CUDA device (the [gpu] extra on a GPU machine); "
+                 "use local or auto")
+    if ro.engine == "vllm":
+        # Under torchrun: vLLM's external launcher tiles the world with blocks of vllm_tp ranks (the
+        # full check, against the model and the trainer's layout, is train.runtime.setup_runtime's).
+        if os.environ.get("WORLD_SIZE"):
+            world = int(os.environ["WORLD_SIZE"])
+            _require(ro.vllm_tp <= world and world % ro.vllm_tp == 0, "rollout.vllm_tp", ro.vllm_tp,
+                     f"must divide the number of torchrun processes (WORLD_SIZE={world}): every process runs "
+                     "one vLLM worker and vLLM groups them in blocks of vllm_tp consecutive ranks")
+        _require(importlib.util.find_spec("vllm") is not None, "rollout.engine", ro.engine,
+                 "vLLM is not installed; it needs a CUDA GPU: `pip install -e '.[gpu]'` on a GPU machine "
+                 "(or a CPU build of vLLM, see scripts/vllm_cpu.sh), or use rollout.engine=hf")
 
 
 def check_against_data(cfg: Config, num_train_queries: int) -> None:

@@ -54,11 +54,50 @@ def test_defaults_and_overrides(tmp_path):
         ("optim.ddp_bucket_size=1000", r"optim.ddp_bucket_size=1000: only applies with optim.overlap_grad_reduce"),
         ("optim.ddp_bucket_size=4e7", r"optim.ddp_bucket_size: expected an integer"),
         ("retriever.max_split_requests=-1", r"retriever.max_split_requests=-1: must be >= 0"),
+        # found late before: after the model was loaded, after rollouts, or never
+        ("sft.warmup_steps=-5", r"sft.warmup_steps=-5: must be >= 0"),
+        ("optim.adam_beta1=1.5", r"optim.adam_beta1=1.5: must be in \[0, 1\)"),
+        ("optim.adam_beta2=1", r"optim.adam_beta2=1.0: must be in \[0, 1\)"),
+        ("sft.max_examples=-1", r"sft.max_examples=-1: must be >= 0"),
+        ("eval.max_examples=-3", r"eval.max_examples=-3: must be >= 0"),
+        ("rollout.group_size=1", r"rollout.group_size=1: K must be >= 2"),
+        ("rollout.temperature=0", r"rollout.temperature=0.0: must be > 0: greedy rollouts"),
+        ("rollout.reward=no_such_pkg.mod:fn", r"rollout.reward='no_such_pkg.mod:fn': cannot load the custom reward"),
+        ("run.name=..", r"run.name='..': must be a folder name"),
+        ("run.name=.", r"run.name='.': must be a folder name"),
+        ("run.collective_timeout_min=.inf", r"run.collective_timeout_min: expected a finite number, got inf"),
+        ("optim.lr=.nan", r"optim.lr: expected a finite number"),
+        ("rollout.vllm_kv_cache_gib=inf", r"rollout.vllm_kv_cache_gib: expected a finite number, got 'inf'"),
     ],
 )
 def test_invalid_values_name_key_and_value(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_http_url_and_transformer_engine_are_checked_at_validation():
+    with pytest.raises(ConfigError, match=r"optim.min_lr=5e-05: SFT decays to it too, so it must be <= sft.lr=2e-05"):
+        load_config(None, ["optim.lr=1e-4", "optim.min_lr=5e-5"])
+    with pytest.raises(ConfigError, match=r"retriever.url='notaurl': must start with http://"):
+        load_config(None, ["retriever.kind=http", "retriever.url=notaurl"])
+    load_config(None, ["retriever.url=notaurl"])  # not used by bm25
+    from megatron_recycle.model.build import te_available
+
+    if te_available():
+        pytest.skip("transformer-engine is usable here")
+    with pytest.raises(ConfigError, match=r"model.layer_spec='te': needs transformer-engine"):
+        load_config(None, ["model.layer_spec=te"])
+
+
+def test_environment_checks_can_be_skipped_for_a_saved_run(tmp_path):
+    # a run trained with vLLM (or a custom reward) is read back, for `export`, where neither exists
+    saved = tmp_path / "config.yaml"
+    saved.write_text(load_config(None, []).to_yaml().replace("engine: auto", "engine: vllm")
+                     .replace("reward: em", "reward: gone_pkg.rewards:fn"))
+    cfg = load_config(saved, check_environment=False)
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.reward == "gone_pkg.rewards:fn"
+    with pytest.raises(ConfigError, match="rollout.reward|vLLM is not installed"):
+        load_config(saved)
 
 
 def test_overlapped_grad_reduction_options():
@@ -124,7 +163,43 @@ def test_bad_recipe_files(tmp_path):
     bad.write_text("pool: 3\n")
     with pytest.raises(ConfigError, match="pool: expected a mapping"):
         load_config(bad)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    bad.write_bytes(b"pool:\n  strategy: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(bad)
+    # a key given twice: PyYAML would keep the last one, silently turning a baseline into recycling
+    bad.write_text("pool:\n  strategy: grpo\n  oversample: 1\noptim:\n  lr: 1e-6\npool:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"key 'pool' appears twice in one mapping \(lines 1 and 6\)"):
+        load_config(bad)
+    bad.write_text("optim:\n  lr: 1e-6\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError, match="key 'lr' appears twice"):
+        load_config(bad)
 
+
+def test_empty_sections_and_section_overrides_merge(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("pool:\n  strategy: grpo\n  oversample: 1\n  batch_size: 8\nsft:\n  # enabled: false\n")
+    cfg = load_config(recipe)
+    assert cfg.sft.enabled is True  # a section with every key commented out: the defaults
+    # a mapping override merges into the section instead of replacing the recipe's keys
+    cfg = load_config(recipe, ["pool={batch_size: 16}", "sft.enabled=false"])
+    assert (cfg.pool.strategy, cfg.pool.oversample, cfg.pool.batch_size) == ("grpo", 1, 16)
+    assert cfg.sft.enabled is False
+    with pytest.raises(ConfigError, match="unknown config key 'pool.batchsize'"):
+        load_config(recipe, ["pool={batchsize: 16}"])
+
+
+def test_every_recipe_launch_line_names_its_own_file():
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        launches = re.findall(r"^# Launch: .*?(recipes/\S+\.yaml)", recipe.read_text(), flags=re.M)
+        assert launches in ([], [f"recipes/{recipe.name}"]), recipe.name
+
+
+def test_serve_retriever_port_must_be_a_port(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve-retriever", "--port", "99999"])
+    assert e.value.code == 2 and "port 99999 is outside 0-65535" in capsys.readouterr().err
 
 def test_checks_against_data():
     cfg = load_config(None, ["pool.batch_size=8", "pool.oversample=2"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_recycle.config import Config
+from megatron_recycle.config import Config, check_against_data
 from megatron_recycle.train import runtime as rtm
 
 
@@ -71,8 +71,10 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
 
     world, rank = _eval_world(cfg)
     block = 1
+    hf_config = load_hf_config(model_path, cache_dir=cfg.model.cache_dir)
+    rtm.check_context_length(cfg, hf_config)
     if rtm.engine_kind(cfg) == "vllm" and world > 1:
-        rtm.check_vllm_world(cfg, load_hf_config(model_path, cache_dir=cfg.model.cache_dir), world, tp=1, pp=1)
+        rtm.check_vllm_world(cfg, hf_config, world, tp=1, pp=1)
         block = cfg.rollout.vllm_tp
     shard = (rank // block, world // block)
     paths = rtm.data_paths(cfg)
@@ -186,7 +188,9 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     # the benchmarks the final model is evaluated on: looked up now, not after hours of training
     bench_files = eval_files(cfg, []) if cfg.eval.data_dir else []
     t = time.perf_counter()
-    rtm.ensure_data(cfg)
+    paths = rtm.ensure_data(cfg)
+    # the pool's size against the data now, not after the evaluation and SFT phases
+    check_against_data(cfg, len(rtm.read_examples(paths["train"], cfg, cfg.data.max_train_queries)))
     phase("data", t)
     evals: dict[str, Any] = {}
     split = "test"

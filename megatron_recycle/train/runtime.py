@@ -325,6 +325,16 @@ def check_model_options(m: Any, hf_config: Any) -> None:
                           f"model.sequence_parallel={m.sequence_parallel}: {e}") from None
 
 
+def check_context_length(cfg: Config, hf_config: Any) -> None:
+    """ConfigError when a trajectory may outgrow the model's positions (rollout.max_total_tokens
+    against max_position_embeddings): past them RoPE positions are ones the model never saw, and
+    vLLM would refuse the length."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.rollout.max_total_tokens > limit:
+        raise ConfigError(f"rollout.max_total_tokens={cfg.rollout.max_total_tokens}: the model has "
+                          f"max_position_embeddings={limit}; lower it to at most {limit}")
+
+
 def setup_runtime(
     cfg: Config, *, model_path: str, lr: float, warmup_steps: int, total_steps: int, with_engine: bool = True
 ) -> Runtime:
@@ -349,6 +359,7 @@ def setup_runtime(
     except ValueError as e:
         raise ConfigError(f"model.tp={m.tp} model.pp={m.pp} model.vpp={m.vpp}: {e}") from None
     check_model_options(m, hf_config)
+    check_context_length(cfg, hf_config)
     layout = init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.run.seed, model_config=hf_config,
                               timeout_min=cfg.run.collective_timeout_min)
     folder = resolve_model_folder(model_path, cache_dir=m.cache_dir)
