@@ -50,11 +50,13 @@ SHARED_FILE = "shared.pt"
 FORMAT_VERSION = 1
 
 # Config keys (dotted; a section name means the whole section) that must be equal between the run
-# that saved a checkpoint and the run that resumes it. Left out on purpose: run.* (names, save
-# cadence, seed: the RNG states are restored from the checkpoint), optim.lr and the schedule
+# that saved a checkpoint and the run that resumes it. run.seed is one: the RNG states are
+# restored from the checkpoint, but every rollout's and dev evaluation's sampling seed is derived
+# from it. Left out on purpose: the rest of run.* (names, save cadence), optim.lr and the schedule
 # knobs (a resumed run may change its learning rate), loss.*, rollout sampling knobs, eval.*,
 # retriever.* and the data file paths of the dev/test splits.
 RESUME_KEYS: tuple[str, ...] = (
+    "run.seed",
     "model.name_or_path",
     "model.tp",
     "model.pp",
@@ -175,7 +177,10 @@ def _atomic_torch_save(obj: Any, path: Path) -> dict[str, Any]:
     return {"size": w.size, "sha256": w.sha.hexdigest()}
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a crash leaves the old
+    file or the new one, never a half-written one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "w") as f:
         f.write(text)
@@ -226,20 +231,14 @@ def _all_gather(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
-def _barrier(world_size: int) -> None:
-    if _dist_active(world_size):
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 # ------------------------------------------------------------------------------- the manager
 class CheckpointManager:
     """Save, find and load the checkpoints of one run; every rank makes the same calls.
 
     ``save`` is collective (every rank must call it with the same step); ``latest`` and ``load``
     are not. ``fault_hook`` (tests only) is called with a point name during ``save``: "rank_file",
-    "shared_file", "before_manifest", "before_rename", "after_rename".
+    "shared_file", "before_manifest", "before_rename", "between_renames" (re-saving an existing
+    step), "after_rename".
     """
 
     def __init__(
@@ -315,34 +314,49 @@ class CheckpointManager:
         if failed:
             raise CheckpointError(f"checkpoint step {step} not saved ({tmp} left for cleanup): rank errors {failed}")
         final = self.step_dir(step)
+        failure = ""
         if self.rank == 0:
-            merged: dict[str, dict[str, Any]] = {}
-            for entry in everyone:
-                merged.update(entry["files"])
-            expected = {SHARED_FILE, *(_RANK_FILE.format(r) for r in range(self.world_size))}
-            if set(merged) != expected:
-                raise CheckpointError(f"checkpoint {tmp}: ranks reported files {sorted(merged)}, expected {sorted(expected)}")
-            self._hook("before_manifest")
-            manifest = {
-                "format": FORMAT_VERSION,
-                "step": step,
-                "world_size": self.world_size,
-                "config_hash": self.config_hash,
-                "config_fingerprint": self.fingerprint,
-                "files": dict(sorted(merged.items())),
-                "created_unix": time.time(),
-                "torch_version": torch.__version__,
-            }
-            if self.layer_spec is not None:
-                manifest["layer_spec"] = self.layer_spec
-            _atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), tmp / MANIFEST)
-            _fsync_dir(tmp)
-            self._hook("before_rename")
-            self._install(tmp, final, token)
-            self._hook("after_rename")
-            self._prune(keep=final)
-        _barrier(self.world_size)
+            try:
+                self._finish_save(everyone, tmp, final, step, token)
+            except Exception as e:
+                if self.world_size == 1:
+                    raise
+                failure = f"{type(e).__name__}: {e}"
+                log.error("checkpoint step %d: rank 0 could not finish it: %s", step, failure)
+        # every rank learns whether rank 0 finished (instead of waiting in a barrier for a rank
+        # that has failed) and fails with its cause
+        failure = _broadcast_str(failure, self.world_size)
+        if failure:
+            raise CheckpointError(f"checkpoint step {step} not saved: rank 0 failed: {failure}")
         return final
+
+    def _finish_save(self, everyone: list[dict], tmp: Path, final: Path, step: int, token: str) -> None:
+        """Rank 0: the manifest, the rename into place, the pruning."""
+        merged: dict[str, dict[str, Any]] = {}
+        for entry in everyone:
+            merged.update(entry["files"])
+        expected = {SHARED_FILE, *(_RANK_FILE.format(r) for r in range(self.world_size))}
+        if set(merged) != expected:
+            raise CheckpointError(f"checkpoint {tmp}: ranks reported files {sorted(merged)}, expected {sorted(expected)}")
+        self._hook("before_manifest")
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "world_size": self.world_size,
+            "config_hash": self.config_hash,
+            "config_fingerprint": self.fingerprint,
+            "files": dict(sorted(merged.items())),
+            "created_unix": time.time(),
+            "torch_version": torch.__version__,
+        }
+        if self.layer_spec is not None:
+            manifest["layer_spec"] = self.layer_spec
+        atomic_write_text(json.dumps(manifest, indent=1, sort_keys=True), tmp / MANIFEST)
+        _fsync_dir(tmp)
+        self._hook("before_rename")
+        self._install(tmp, final, token)
+        self._hook("after_rename")
+        self._prune(keep=final)
 
     def _install(self, tmp: Path, final: Path, token: str) -> None:
         """Rename the finished tmp folder to step_N; an existing step_N is replaced, never half-written."""
@@ -350,10 +364,45 @@ class CheckpointManager:
         if final.exists():
             old = final.with_name(f"{final.name}.old-{token}")
             os.replace(final, old)
+            self._hook("between_renames")  # step_N absent here: recover() puts it back after a crash
         os.replace(tmp, final)
         _fsync_dir(self.dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+    def recover(self) -> list[int]:
+        """Finish an install a crash interrupted (rank 0, before resuming): between its two renames
+        step_N is missing while the complete new copy waits as step_N.tmp-T (with its manifest)
+        and the old one as step_N.old-T. The new copy is put in place (else the old one back), so
+        that neither is taken for debris and deleted by the next save. Returns the steps recovered."""
+        if not self.dir.is_dir():
+            return []
+        recovered = []
+        for suffix in (".tmp-", ".old-"):  # the new copy first; the old one only when there is none
+            for path in sorted(self.dir.iterdir()):
+                m = re.match(rf"^step_(\d+){re.escape(suffix)}\w+$", path.name)
+                if not m or not path.is_dir() or self.step_dir(int(m.group(1))).exists():
+                    continue
+                if not (path / MANIFEST).is_file():
+                    continue  # a save that never finished: debris indeed
+                os.replace(path, self.step_dir(int(m.group(1))))
+                _fsync_dir(self.dir)
+                recovered.append(int(m.group(1)))
+                log.warning("checkpoint: an interrupted save left %s; restored it as %s", path.name,
+                            self.step_dir(int(m.group(1))).name)
+        return recovered
+
+    def latest_agreed(self) -> int | None:
+        """Collective ``latest``: rank 0 recovers interrupted installs and finds the newest complete
+        checkpoint, and every rank takes its answer (ranks that looked for themselves could see a
+        shared file system at different moments, and load different steps)."""
+        if self.rank == 0:
+            self.recover()
+            found = self.latest()
+        else:
+            found = None
+        answer = _broadcast_str("" if found is None else str(found), self.world_size)
+        return int(answer) if answer else None
 
     def _prune(self, keep: Path) -> None:
         """Delete complete checkpoints beyond the newest keep_last, and stale temporary folders."""

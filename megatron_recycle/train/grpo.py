@@ -34,7 +34,13 @@ import torch.distributed as dist
 from megatron_recycle.config import Config, check_against_data
 from megatron_recycle.pool import PoolClient, RecyclingPool, gather_rows, shard
 from megatron_recycle.train import runtime as rtm
-from megatron_recycle.train.resume import StopFlag, checkpoint_parts, restore_checkpoint
+from megatron_recycle.train.resume import (
+    GRPO_RUN_FILES,
+    StopFlag,
+    archive_earlier_run,
+    checkpoint_parts,
+    restore_checkpoint,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -253,12 +259,13 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
     """The GRPO loop; returns a summary of the run."""
     from megatron_recycle.model.build import resolve_layer_spec_name
     from megatron_recycle.model.parallel import restarted_anywhere
-    from megatron_recycle.train.checkpoint import CheckpointManager
+    from megatron_recycle.train.checkpoint import CheckpointManager, atomic_write_text
     from megatron_recycle.train.metrics import (
         MetricsWriter,
         format_step_line,
         memory_metrics,
         rss_gib,
+        write_pool_history,
     )
     from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
@@ -271,33 +278,42 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                            total_steps=cfg.train.steps)
     rt.retriever = rtm.build_retriever_from_config(cfg) if rt.is_mp_leader else None
     lay = rt.layout
-    if rt.is_rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    pool = make_pool(cfg, len(examples)) if rt.is_rank0 else None
-    client = PoolClient(pool)
-    ckpt = CheckpointManager(run_dir, keep_last=cfg.run.keep_last, rank=lay.rank, world_size=lay.world_size,
-                             config_dict=cfg.to_dict(), layer_spec=resolve_layer_spec_name(cfg.model.layer_spec))
-    start_step, rollouts_done = 0, 0
     if not resume and restarted_anywhere():  # torchrun --max-restarts started the workers again
         resume = True
         if rt.is_rank0:
             print("[train] torchrun restarted the workers: resuming as with --resume", flush=True)
+    if rt.is_rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        archive_earlier_run(run_dir, GRPO_RUN_FILES, rt.is_rank0, "train")
+    pool = make_pool(cfg, len(examples)) if rt.is_rank0 else None
+    client = PoolClient(pool)
+    ckpt = CheckpointManager(run_dir, keep_last=cfg.run.keep_last, rank=lay.rank, world_size=lay.world_size,
+                             config_dict=cfg.to_dict(), layer_spec=resolve_layer_spec_name(cfg.model.layer_spec))
+    # The reference model before any restore: building it draws random initial weights, which
+    # would move the RNG states a resume restores.
+    ref_chunks = _reference_model(rt) if cfg.loss.kl_beta > 0 else None
+    start_step, rollouts_done = 0, 0
     if resume:
-        latest = ckpt.latest()
+        latest = ckpt.latest_agreed()
         if latest is None:
-            print(f"[train] --resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", flush=True)
+            if rt.is_rank0:
+                print(f"[train] --resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0",
+                      flush=True)
         else:
             shared = restore_checkpoint(ckpt, rt, latest, "train")
             if pool is not None:
                 pool.load_state_dict(shared["pool"])
+                # the history file as of this checkpoint (a crash may have come before it was written)
+                write_pool_history(run_dir, pool.history_table())
             start_step, rollouts_done = int(shared["step"]), int(shared["rollouts"])
             rtm.sync_engine_weights(rt)
             if rt.is_rank0:
                 print(f"[train] resumed from {run_dir / 'checkpoints'} step {start_step}", flush=True)
+    if rt.is_rank0:  # after a refused resume it still describes the checkpoints (`export` reads it)
+        atomic_write_text(cfg.to_yaml(), run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, enabled=rt.is_rank0, resume_step=start_step if resume else None)
     decisions = _DecisionLog(run_dir, lay.rank, start_step if resume else None)
-    ref_chunks = _reference_model(rt) if cfg.loss.kl_beta > 0 else None
     loss_cfg = GRPOLossConfig(eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, clip_c=cfg.loss.clip_c,
                               kl_beta=cfg.loss.kl_beta, agg=cfg.loss.agg, max_len=cfg.loss.max_len,
                               temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0)
@@ -412,6 +428,8 @@ class _DecisionLog:
     def __init__(self, run_dir: Path, rank: int, resume_step: int | None) -> None:
         import json
 
+        from megatron_recycle.train.checkpoint import atomic_write_text
+
         self._json = json
         self.path = Path(run_dir) / "ranks" / f"rank_{rank:05d}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -423,7 +441,7 @@ class _DecisionLog:
                         keep.append(line)
                 except (ValueError, KeyError):
                     continue
-            self.path.write_text("".join(line + "\n" for line in keep))
+            atomic_write_text("".join(line + "\n" for line in keep), self.path)
         elif resume_step is None:
             self.path.write_text("")
 

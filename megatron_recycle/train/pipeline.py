@@ -71,10 +71,8 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
 
     world, rank = _eval_world(cfg)
     block = 1
-    hf_config = load_hf_config(model_path, cache_dir=cfg.model.cache_dir)
-    rtm.check_context_length(cfg, hf_config)
     if rtm.engine_kind(cfg) == "vllm" and world > 1:
-        rtm.check_vllm_world(cfg, hf_config, world, tp=1, pp=1)
+        rtm.check_vllm_world(cfg, load_hf_config(model_path, cache_dir=cfg.model.cache_dir), world, tp=1, pp=1)
         block = cfg.rollout.vllm_tp
     shard = (rank // block, world // block)
     paths = rtm.data_paths(cfg)

@@ -4,13 +4,48 @@ and the Ctrl-C / SIGTERM flag that ends a run after its step with a checkpoint."
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_recycle.train import runtime as rtm
+
+EARLIER_RUNS_DIR = "previous"
+# what a GRPO run (`train`) and an SFT run write in their folders: moved aside by a fresh start
+GRPO_RUN_FILES = ("checkpoints", "tensorboard", "ranks", "metrics.jsonl", "pool_history.csv", "config.yaml")
+SFT_RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "hf", "config.yaml")
+
+
+def archive_earlier_run(folder: Path, names: tuple[str, ...], is_rank0: bool, tag: str) -> Path | None:
+    """A fresh (not resumed) run in a folder an earlier run used: rank 0 moves that run's
+    ``names`` found in ``folder`` into ``folder/previous/<UTC time>/``, so that no later
+    ``--resume`` or torchrun restart takes the earlier checkpoints for this run's (or an earlier
+    SFT result for this one's), and their logs do not mix. Nothing is deleted. Collective: every
+    rank calls it, and none goes on before the move is done. Returns where they went (rank 0)."""
+    folder = Path(folder)
+    dest = None
+    if is_rank0:
+        found = [folder / n for n in names if (folder / n).exists()]
+        if found:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            dest = folder / EARLIER_RUNS_DIR / stamp
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = folder / EARLIER_RUNS_DIR / f"{stamp}-{n}"
+            dest.mkdir(parents=True)
+            for path in found:
+                os.replace(path, dest / path.name)
+            print(f"[{tag}] {folder} holds an earlier run (not resuming): moved its "
+                  f"{', '.join(p.name for p in found)} to {dest}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return dest
 
 
 class StopFlag:

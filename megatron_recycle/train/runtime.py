@@ -245,7 +245,7 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
     process groups over the whole world). Run with vLLM's CPU build (scripts/vllm_cpu.sh); never
     on a GPU in this project (issue #7).
     """
-    from megatron_recycle.model.hf_loading import load_hf_model, resolve_model_folder
+    from megatron_recycle.model.hf_loading import load_hf_config, load_hf_model, resolve_model_folder
 
     if cfg.rollout.engine == "vllm":
         from megatron_recycle.engines.vllm import VLLMEngine, new_request_group, require_vllm
@@ -255,6 +255,7 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
         except ImportError as e:
             raise ConfigError(f"rollout.engine=vllm: {e}") from None
         folder = str(resolve_model_folder(model_path, cache_dir=cfg.model.cache_dir))
+        check_context_length(cfg, load_hf_config(folder))
         settings = (cfg.rollout.vllm_tp, cfg.rollout.vllm_gpu_memory_utilization, cfg.run.seed,
                     cfg.rollout.max_total_tokens, cfg.rollout.vllm_sleep, cfg.rollout.vllm_kv_cache_gib,
                     vllm_dtype(cfg))
@@ -284,6 +285,7 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     hf_model = load_hf_model(model_path, cache_dir=cfg.model.cache_dir)
+    check_context_length(cfg, hf_model.config)
     return HFEngine(hf_model, tokenizer, device=device, max_batch_size=cfg.rollout.batch_size)
 
 

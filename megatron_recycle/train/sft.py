@@ -100,9 +100,15 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from megatron_recycle.model.build import resolve_layer_spec_name
     from megatron_recycle.model.convert import save_hf_checkpoint
     from megatron_recycle.train.batch import build_batch
-    from megatron_recycle.train.checkpoint import CheckpointManager
+    from megatron_recycle.train.checkpoint import CheckpointManager, atomic_write_text
     from megatron_recycle.train.metrics import MetricsWriter
-    from megatron_recycle.train.resume import StopFlag, checkpoint_parts, restore_checkpoint
+    from megatron_recycle.train.resume import (
+        SFT_RUN_FILES,
+        StopFlag,
+        archive_earlier_run,
+        checkpoint_parts,
+        restore_checkpoint,
+    )
     from megatron_recycle.train.step import sft_train_step
 
     paths = rtm.ensure_data(cfg)
@@ -115,7 +121,8 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     out_dir = cfg.run_dir / "sft"
     if rt.is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())  # what `megatron-recycle export RUN_DIR/sft` reads
+    if not resume:  # an earlier SFT's checkpoints and result would be taken for this one's
+        archive_earlier_run(out_dir, SFT_RUN_FILES, rt.is_rank0, "sft")
     encoded = [tokenize_oracle(r, rt.tokenizer, cfg.rollout.max_total_tokens) for r in rows]
     pad = rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else 0
     rng = random.Random(cfg.run.seed)
@@ -126,7 +133,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
                              config_dict=cfg.to_dict(), resume_keys=SFT_RESUME_KEYS,
                              layer_spec=resolve_layer_spec_name(cfg.model.layer_spec))
     if resume:
-        latest = ckpt.latest()
+        latest = ckpt.latest_agreed()
         if latest is None:
             if rt.is_rank0:
                 print(f"[sft] --resume: no complete checkpoint in {ckpt.dir}; starting from step 0", flush=True)
@@ -136,6 +143,8 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
             rng.setstate(shared["data_rng"])
             if rt.is_rank0:
                 print(f"[sft] resumed from {ckpt.dir} step {start}", flush=True)
+    if rt.is_rank0:  # what `megatron-recycle export RUN_DIR/sft` reads; after a refused resume, still the old one
+        atomic_write_text(cfg.to_yaml(), out_dir / "config.yaml")
     metrics = MetricsWriter(out_dir, enabled=rt.is_rank0, resume_step=start if resume else None)
     b, mbs = cfg.sft.batch_size, cfg.optim.micro_batch_size
     if rt.is_rank0:

@@ -185,6 +185,14 @@ def test_broken_or_missing_manifest_is_not_complete(tmp_path):
         mgr.load(step=2)
 
 
+def test_run_seed_is_a_resume_key(tmp_path):
+    # the RNG states come back from the checkpoint, but rollout and evaluation seeds derive from it
+    assert "run.seed" in RESUME_KEYS
+    _save(CheckpointManager(tmp_path, config_dict=_cfg()), 1)
+    with pytest.raises(CheckpointError, match="run.seed"):
+        CheckpointManager(tmp_path, config_dict=_cfg(run__seed=1234)).load()
+
+
 def test_mismatched_config_is_refused_naming_the_keys(tmp_path):
     CheckpointManager(tmp_path, config_dict=_cfg()).save(1, {}, {"step": 1})
     with pytest.raises(CheckpointError, match=r"model.tp: checkpoint 1, this run 2.*pool: checkpoint"):
@@ -372,7 +380,70 @@ def test_sigkill_while_writing_a_large_tensor(tmp_path):
     assert mgr.load()[0]["step"] == 1
 
 
+def test_kill_while_replacing_an_existing_step_is_recovered(tmp_path):
+    # Re-saving step 2 moves the old step_2 aside before the new copy takes its name; a kill in
+    # between leaves no step_2. recover() (what a resume runs first) puts the complete new copy in
+    # place, instead of the next save deleting both as debris.
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    _save(mgr, 2, fill=0.5)
+    proc = _child(tmp_path, "between_renames")
+    proc.join(timeout=120)
+    assert proc.exitcode == -signal.SIGKILL
+    names = sorted(p.name for p in mgr.dir.iterdir())
+    assert "step_2" not in names and mgr.latest() is None, names
+    assert mgr.latest_agreed() == 2  # recovered
+    assert mgr.load()[1]["model"]["w"].tolist() == [1.0] * 1000  # the new copy, the one the kill interrupted
+    _save(mgr, 3)
+    assert sorted(p.name for p in mgr.dir.iterdir()) == ["step_3"]  # and the old copy pruned as debris
+    # with only the old copy whole (the new one had no manifest yet), the old one comes back
+    mgr2 = CheckpointManager(tmp_path / "b", keep_last=1)
+    _save(mgr2, 4, fill=0.25)
+    os.replace(mgr2.step_dir(4), mgr2.dir / "step_4.old-abc")
+    (mgr2.dir / "step_4.tmp-abc").mkdir()
+    assert mgr2.recover() == [4] and mgr2.latest() == 4
+    assert mgr2.load()[1]["model"]["w"].tolist() == [4.25] * 4
+
+
 # -------------------------------------------------------------------------- two gloo ranks
+def _rank0_fails_worker(rank: int, world: int, port: int, run_dir: str, out) -> None:
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+
+    def hook(point: str) -> None:
+        if rank == 0 and point == "before_manifest":
+            raise OSError(28, "No space left on device")
+
+    try:
+        mgr = CheckpointManager(run_dir, rank=rank, world_size=world, config_dict=_cfg(), fault_hook=hook)
+        start = time.monotonic()
+        try:
+            mgr.save(1, {"w": torch.ones(2)}, {"step": 1} if rank == 0 else None)
+            out[rank] = "saved"
+        except CheckpointError as e:
+            out[rank] = (str(e), time.monotonic() - start)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_rank0_failing_after_the_gather_fails_every_rank_at_once(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_rank0_fails_worker, args=(2, port, str(tmp_path), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        message, seconds = out[rank]
+        assert "rank 0 failed: OSError" in message and "No space left" in message, message
+        assert seconds < 30  # told, not left waiting for the collective timeout
+    assert CheckpointManager(tmp_path, world_size=2, config_dict=_cfg()).latest() is None
+
+
 def _dist_worker(rank: int, world: int, port: int, run_dir: str, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -458,6 +458,36 @@ def test_resume_refuses_a_mismatched_checkpoint(env):
                           capture_output=True, text=True, timeout=240, env=_env_vars(), cwd=ROOT)
     assert proc.returncode != 0
     assert "pool" in (proc.stderr + proc.stdout) and "oversample" in (proc.stderr + proc.stdout)
+    # the refused resume left config.yaml describing the checkpoints, so they still export
+    assert "oversample: 2" in (env["out"] / name / "config.yaml").read_text()
+    _run(CLI + ["export", str(env["out"] / name), "--out", str(env["out"] / f"{name}_hf")])
+    assert (env["out"] / f"{name}_hf" / "config.json").is_file()
+
+
+def test_a_fresh_run_in_a_used_folder_moves_the_earlier_run_aside(env):
+    # Before: the earlier run's step_3 outlived the new run's checkpoints, and a --resume (or a
+    # torchrun restart) of the new run took it up: "steps 3->2", the old run's weights and pool.
+    name = "reused_dir"
+    run_dir = env["out"] / name
+    _run(CLI + ["train"] + _overrides(env, name, "train.steps=3"))
+    first_metrics = (run_dir / "metrics.jsonl").read_text()
+    out = _run(CLI + ["train"] + _overrides(env, name, "train.steps=1")).stdout
+    assert "holds an earlier run (not resuming): moved its checkpoints" in out
+    (earlier,) = (run_dir / "previous").iterdir()
+    assert "step_3" in {p.name for p in (earlier / "checkpoints").iterdir()}
+    assert (earlier / "metrics.jsonl").read_text() == first_metrics  # nothing lost
+    assert (earlier / "pool_history.csv").is_file() and (earlier / "config.yaml").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1"]
+    # the resume continues this run, from its own step 1; a crash may have left the pool
+    # history behind its checkpoint: the resume rewrites it from the restored pool
+    history = (run_dir / "pool_history.csv").read_text()
+    (run_dir / "pool_history.csv").unlink()
+    out = _run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=1")).stdout
+    assert f"resumed from {run_dir / 'checkpoints'} step 1" in out and "steps 1->1" in out
+    assert (run_dir / "pool_history.csv").read_text() == history
+    out = _run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2")).stdout
+    assert "steps 1->2" in out
+    assert [r["step"] for r in _metrics(run_dir)] == [0, 1]
 
 
 def test_bf16_distributed_optimizer_resume_gives_the_uninterrupted_weights(env, tmp_path):
