@@ -166,6 +166,8 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     clip_grad: float = 1.0  # global grad-norm clip (0: off)
+    # linear warm-up from 0 over this many updates (Megatron's schedule: update u runs at
+    # lr * (u - 1) / warmup_steps, so with a warm-up the first update runs at 0)
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     use_distributed_optimizer: bool = False

@@ -394,7 +394,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 if gen_tokens:
                     record["throughput/rollout_tok_per_s"] = gen_tokens / max(t1 - t0, 1e-9)
                 if train_metrics.get("tokens"):
-                    record["throughput/train_tok_per_s"] = train_metrics["tokens"] / max(t2 - t1, 1e-9)
+                    record["throughput/train_tok_per_s"] = train_metrics["tokens"] / max(t2 - t1 - t_ref, 1e-9)
                 metrics.log(step, record)
                 if (step + 1) % cfg.run.log_every == 0:
                     print(format_step_line(record), flush=True)

@@ -451,7 +451,9 @@ def compute_logprobs(
 
     For old and reference log-probs. Only the last PP stage has logits; the result is broadcast
     over the pipeline group so that every rank of this DP replica (all TP and PP ranks) returns
-    the same tensor. Masked positions hold valid log-probs too (the mask is not applied).
+    the same tensor. Without ``only_loss_positions`` masked positions of a row hold valid
+    log-probs too (the mask is not applied); a row's padding columns (past its own length) hold
+    valid ones only with ``pack_groups=False``.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
