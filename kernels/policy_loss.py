@@ -41,6 +41,19 @@ _NORM_NONE, _NORM_HOST, _NORM_DEVICE = range(3)
 if HAS_TRITON:
 
     @triton.jit
+    def _expm1(d):
+        """exp(d) - 1, by its series where |d| < 0.1 (the direct form cancels there in fp32)."""
+        series = d * (1.0 + d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0 + d * (1.0 / 720.0))))))
+        return tl.where(tl.abs(d) < 0.1, series, tl.exp(d) - 1.0)
+
+    @triton.jit
+    def _k3(d):
+        """k3 = exp(d) - d - 1 >= 0, by its series where |d| < 0.1: the direct form's cancellation
+        there gave noise, even negative values, at the small log ratios of near on-policy steps."""
+        series = d * d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0 + d * (1.0 / 720.0)))))
+        return tl.where(tl.abs(d) < 0.1, series, tl.exp(d) - d - 1.0)
+
+    @triton.jit
     def _token_terms(
         lp, old, ref, adv, m, eps_low, eps_high, clip_c, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr
     ):
@@ -95,7 +108,7 @@ if HAS_TRITON:
         zero = tl.zeros_like(lr)
         kl = zero
         if HAS_REF:
-            kl = tl.where(m, tl.exp(dref) - dref - 1.0, zero)
+            kl = tl.where(m, _k3(dref), zero)
         dual = zero
         if HAS_DUAL:
             dual = tl.where(m & (a < 0.0) & (pg1 > -clip_c * a), 1.0, 0.0)
@@ -108,7 +121,7 @@ if HAS_TRITON:
             tl.where(m & (a > 0.0) & (ratio > 1.0 + eps_high), 1.0, 0.0),
             dual,
             tl.where(m, ratio, zero),
-            tl.where(m, tl.exp(nlr) - nlr - 1.0, zero),
+            tl.where(m, _k3(nlr), zero),
         )
 
     @triton.jit
@@ -168,7 +181,7 @@ if HAS_TRITON:
             stride_p = n_rows * n_part
             tl.store(out + 0 * stride_p, tl.sum(tl.where(m, pg, zero), axis=0))
             if HAS_REF:
-                kl = tl.exp(dref) - dref - 1.0
+                kl = _k3(dref)
                 tl.store(out + 1 * stride_p, tl.sum(tl.where(m, kl, zero), axis=0))
             else:
                 tl.store(out + 1 * stride_p, 0.0)
@@ -181,7 +194,7 @@ if HAS_TRITON:
                 tl.store(out + 5 * stride_p, 0.0)
             tl.store(out + 6 * stride_p, tl.sum(tl.where(m, ratio, zero), axis=0))
             nlr = -lr
-            tl.store(out + 7 * stride_p, tl.sum(tl.where(m, tl.exp(nlr) - nlr - 1.0, zero), axis=0))
+            tl.store(out + 7 * stride_p, tl.sum(tl.where(m, _k3(nlr), zero), axis=0))
         else:
             adv = tl.load(adv_ptr + row).to(tl.float32)
             out = part_ptr + row * n_part + p
@@ -347,7 +360,7 @@ if HAS_TRITON:
             d = tl.where((adv < 0.0) & (pg1 > -clip_c * adv), 0.0, d)
         d = tl.where(adv == 0.0, 0.0, d)
         if USE_KL:
-            d = d + kl_beta * (1.0 - tl.exp(dref))
+            d = d - kl_beta * _expm1(dref)
         g = tl.where(m, d * scale, 0.0)
         tl.store(grad_ptr + row * stride_grad + cols, g.to(grad_ptr.dtype.element_ty), mask=inb)
 

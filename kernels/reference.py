@@ -240,6 +240,16 @@ def grpo_loss_reference(
     adv = advantages.to(dt)[:, None].expand_as(lp)
     zero = torch.zeros((), dtype=dt, device=lp.device)
     log_ratio = torch.where(m, lp - old, zero)
+    with torch.no_grad():
+        # Tokens whose policy term is flat in the ratio (masked, zero advantage, an active clip or
+        # dual clip): no gradient through exp, whose backward would give 0 * inf = NaN where the
+        # ratio overflows while the loss stays finite. Loss values are unchanged.
+        r0 = torch.exp(log_ratio)
+        flat = (~m) | (adv == 0) | ((adv > 0) & (r0 > 1.0 + eps_high)) | ((adv < 0) & (r0 < 1.0 - eps_low))
+        if clip_c is not None:
+            flat |= (adv < 0) & (-torch.minimum(r0 * adv, torch.clamp(r0, 1.0 - eps_low, 1.0 + eps_high) * adv)
+                                 > -clip_c * adv)
+    log_ratio = torch.where(flat, log_ratio.detach(), log_ratio)
     ratio = torch.exp(log_ratio)
     s1 = ratio * adv
     s2 = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
@@ -251,7 +261,7 @@ def grpo_loss_reference(
     ref_kl_tok = torch.zeros_like(lp)
     if ref_logprobs is not None:
         d_ref = torch.where(m, ref_logprobs.to(dt) - lp, zero)
-        ref_kl_tok = torch.exp(d_ref) - d_ref - 1.0
+        ref_kl_tok = torch.expm1(d_ref) - d_ref  # k3, without exp(d) - d - 1's cancellation at small d
         if kl_beta != 0.0:
             tok = tok + kl_beta * ref_kl_tok
     tok = torch.where(m, tok, zero)
@@ -271,7 +281,7 @@ def grpo_loss_reference(
                 else zero.clone()
             ),
             "ratio_mean": (ratio * mf).sum() / n_tok,
-            "approx_kl": ((torch.exp(neg_lr) - neg_lr - 1.0) * mf).sum() / n_tok,
+            "approx_kl": ((torch.expm1(neg_lr) - neg_lr) * mf).sum() / n_tok,
             "ref_kl": (ref_kl_tok * mf).sum() / n_tok,
         }
     return loss, stats
@@ -298,7 +308,9 @@ def token_logprobs_reference(
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    p = logp_all.exp()
+    # 0 * log 0 = 0: a -inf logit (a padded vocabulary) adds nothing, and no NaN in the backward
+    entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
     return logp, entropy
 
 
