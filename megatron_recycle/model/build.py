@@ -123,6 +123,10 @@ def _check_supported(hf_config: Any) -> str:
         raise NotImplementedError("sliding-window attention (use_sliding_window=True) is not supported")
     if getattr(hf_config, "mlp_bias", False):
         raise NotImplementedError("mlp_bias=True is not supported")
+    if model_type != "qwen2" and getattr(hf_config, "attention_bias", False):
+        # transformers then gives o_proj a bias too, which Megatron's linear_proj only has together
+        # with biases on every linear layer (add_bias_linear): it would be dropped silently
+        raise NotImplementedError(f"attention_bias=True is not supported for {model_type} (o_proj has a bias)")
     _rope_theta(hf_config)  # an unsupported RoPE scaling is refused here, before any process group
     return model_type
 
@@ -134,7 +138,8 @@ def head_dim(hf_config: Any) -> int:
 
 
 def has_qkv_bias(hf_config: Any) -> bool:
-    """Qwen2 always has q/k/v biases; Llama and Qwen3 only with ``attention_bias=True``."""
+    """Qwen2 always has q/k/v biases (and none on o_proj); Llama and Qwen3 with ``attention_bias=True``
+    are refused by _check_supported (their o_proj has a bias too)."""
     if hf_config.model_type == "qwen2":
         return True
     return bool(getattr(hf_config, "attention_bias", False))

@@ -17,6 +17,7 @@ parallel ``linear_proj``/``linear_fc2`` split the input dim; embeddings/output s
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -452,6 +453,40 @@ def save_hf_checkpoint(
                     generation_config=generation_config)
 
 
+def _fsync_folder(folder: Path) -> None:
+    """fsync every file of ``folder`` (one level) and the folder itself."""
+    for f in folder.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover_hf_folder(final: Path) -> None:
+    """Before writing ``final``: a crash between write_hf_folder's two renames left no ``final``
+    but its previous copy as ``.NAME.old-*``, which is put back; folders of writes that never
+    finished (``.NAME.tmp-*``) are removed."""
+    import shutil
+
+    parent = final.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".{final.name}.old-*"))
+    if olds and not final.exists() and (olds[-1] / "config.json").is_file():
+        os.replace(olds[-1], final)
+        logger.warning("restored %s from %s, left by an interrupted write", final, olds[-1].name)
+        olds = olds[:-1]
+    for debris in [*olds, *parent.glob(f".{final.name}.tmp-*")]:
+        shutil.rmtree(debris, ignore_errors=True)
+
+
 def write_hf_folder(
     tensors: Iterable[tuple[str, torch.Tensor]],
     hf_config: Any,
@@ -479,6 +514,8 @@ def write_hf_folder(
     from safetensors.torch import save_file
 
     final = Path(out_dir)
+    if write:
+        _recover_hf_folder(final)
     out = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     refused = None
     if write and (final.is_file() or (final.is_dir() and any(final.iterdir()) and not (final / "config.json").is_file())):
@@ -494,6 +531,7 @@ def write_hf_folder(
     weight_map: dict[str, str] = {}
     files: list[str] = []
     n = 0
+    written_dtype: torch.dtype | None = None
 
     def flush() -> None:
         nonlocal bucket, size
@@ -518,7 +556,25 @@ def write_hf_folder(
                 flush()
             bucket[name] = t.cpu().contiguous().clone()
             size += nbytes
+            if written_dtype is None and t.is_floating_point():
+                written_dtype = t.dtype
         flush()
+        if refused is None and write:
+            config = hf_config
+            if written_dtype is not None and getattr(hf_config, "dtype", None) != written_dtype:
+                # config.json names the dtype the weights are in ("auto" loaders, vLLM, follow it):
+                # fp32 weights of a bf16 source must not be read back rounded to bf16
+                config = copy.deepcopy(hf_config)
+                config.dtype = written_dtype
+            config.save_pretrained(out)
+            total = sum(os.path.getsize(out / f) for f in files)
+            with open(out / "model.safetensors.index.json", "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(out))
+            if generation_config is not None:
+                generation_config.save_pretrained(str(out))
+            _fsync_folder(out)  # on disk before the folder takes the final name
     except BaseException:
         if write:
             shutil.rmtree(out, ignore_errors=True)
@@ -526,14 +582,6 @@ def write_hf_folder(
     if refused is not None:
         raise refused
     if write:
-        hf_config.save_pretrained(out)
-        total = sum(os.path.getsize(out / f) for f in files)
-        with open(out / "model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
-        if generation_config is not None:
-            generation_config.save_pretrained(str(out))
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")

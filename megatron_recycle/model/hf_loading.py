@@ -73,9 +73,16 @@ def file_digest(path: str) -> str:
     return digest
 
 
+# Besides the weights, what a model folder holds that changes what the model generates: its
+# config, its stop ids (generation_config.json) and its tokenizer with the chat template.
+DIGESTED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+                  "merges.txt", "tokenizer.model")
+
+
 def model_digest(name_or_path: str | os.PathLike) -> str | None:
     """A SHA-1 of a model's weights and config (the packaged GGUF for the alias, a .gguf file, or a
-    folder's config.json and weight files), so that two results of "the same path" can be told
+    folder's weight files and DIGESTED_FILES), so that two results of "the same path" can be told
     apart when the folder was written again with other weights; None when it names no local file
     or folder. Memoized per file (see file_digest): a 3.4 GB bf16 1.7B model hashes in seconds."""
     name = str(name_or_path)
@@ -87,7 +94,7 @@ def model_digest(name_or_path: str | os.PathLike) -> str | None:
     if not folder.is_dir():
         return None
     files = sorted(f for f in folder.iterdir() if f.is_file() and (
-        f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".gguf")
+        f.name in DIGESTED_FILES or f.suffix in (".safetensors", ".bin", ".pt", ".gguf")
         or f.name.endswith(".safetensors.index.json")))
     h = hashlib.sha1()
     for f in files:

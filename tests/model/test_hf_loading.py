@@ -98,8 +98,8 @@ def test_smollm2_cache_is_plain_fp32():
 
 def test_model_digest_follows_the_weights_not_the_path(tmp_path):
     """Evaluation results are reused by model digest: a folder written again with the same bytes
-    keeps it (the final export of a resumed, finished run), other weights under the same path
-    change it (final_hf after more training)."""
+    keeps it (the final export of a resumed, finished run), other weights, tokenizer or stop ids
+    under the same path change it (final_hf after more training)."""
     import time
 
     from safetensors.torch import save_file
@@ -113,7 +113,15 @@ def test_model_digest_follows_the_weights_not_the_path(tmp_path):
     assert first is not None and len(first) == 40
     time.sleep(0.01)
     save_file({"w": torch.arange(6, dtype=torch.float32)}, str(folder / "model.safetensors"))  # same bytes, new mtime
-    (folder / "tokenizer.json").write_text('{"other": 1}')  # not part of the weights
+    (folder / "README.md").write_text("notes")  # says nothing about what the model generates
+    assert hf_loading.model_digest(folder) == first
+    # the tokenizer (chat template) and the stop ids change what it generates: another digest
+    (folder / "tokenizer.json").write_text('{"other": 1}')
+    assert hf_loading.model_digest(folder) != first
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
+    assert hf_loading.model_digest(folder) != first
+    (folder / "generation_config.json").unlink()
     assert hf_loading.model_digest(folder) == first
     save_file({"w": torch.arange(6, dtype=torch.float32) + 1}, str(folder / "model.safetensors"))
     changed = hf_loading.model_digest(folder)

@@ -71,6 +71,14 @@ def test_unsupported_models_fail_clearly(tiny):
     cfg.hidden_act = "gelu"
     with pytest.raises(ValueError, match=r"hidden_act='gelu'"):
         transformer_config_from_hf(cfg, tp=1, pp=1)
+    # Llama / Qwen3 with attention_bias: o_proj has a bias Megatron's linear_proj cannot hold alone
+    for kind in ("llama", "qwen3"):
+        cfg = tiny.tiny_config(kind, tied=True)
+        cfg.attention_bias = True
+        with pytest.raises(NotImplementedError, match=rf"attention_bias=True is not supported for {kind}"):
+            transformer_config_from_hf(cfg, tp=1, pp=1)
+    qwen2 = tiny.tiny_config("qwen2", tied=True)  # q/k/v biases only: supported
+    transformer_config_from_hf(qwen2, tp=1, pp=1)
 
 
 def test_unsupported_rope_scalings_are_refused(tiny):

@@ -84,3 +84,45 @@ def test_the_generation_config_goes_with_the_export_and_is_read_back(tmp_path):
     assert not (out / "generation_config.json").exists() and load_generation_config(out) is None
     write_hf_folder(_tensors(1, 1.0), CFG, out, generation_config=GenerationConfig(eos_token_id=[2, 7]))
     assert load_generation_config(out).eos_token_id == [2, 7]
+
+
+def test_a_failure_after_the_tensors_leaves_no_hidden_copy(tmp_path):
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            raise OSError(28, "No space left on device")
+
+    out = tmp_path / "hf"
+    write_hf_folder(_tensors(2, 1.0), CFG, out)
+    with pytest.raises(OSError, match="No space left"):
+        write_hf_folder(_tensors(2, 2.0), CFG, out, tokenizer=BrokenTokenizer())
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # the full weights copy is gone
+    assert all(bool((v == 1.0).all()) for v in _read(out).values())
+
+
+def test_a_kill_between_the_renames_is_recovered_by_the_next_write(tmp_path):
+    out = tmp_path / "hf"
+    write_hf_folder(_tensors(2, 1.0), CFG, out)
+    # what a kill between `final -> .old` and `.tmp -> final` leaves: no hf, its old copy, debris
+    out.rename(tmp_path / ".hf.old-1234abcd")
+    (tmp_path / ".hf.tmp-5678ef01").mkdir()
+    (tmp_path / ".hf.tmp-5678ef01" / "model-00001.safetensors").write_bytes(b"partial")
+    from megatron_recycle.model.convert import _recover_hf_folder
+
+    _recover_hf_folder(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+    assert all(bool((v == 1.0).all()) for v in _read(out).values())
+
+
+def test_config_json_names_the_dtype_the_weights_are_in(tmp_path):
+    # a bf16 source trained (and exported) in fp32: an "auto" loader must not round it to bf16
+    bf16_source = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, dtype="bfloat16")
+    write_hf_folder(_tensors(1, 1.0), bf16_source, tmp_path / "fp32")
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    assert bf16_source.dtype == torch.bfloat16  # the caller's config is left as it was
+
+    def bf16_tensors():
+        yield "t0", torch.ones(4, dtype=torch.bfloat16)
+
+    write_hf_folder(bf16_tensors(), bf16_source, tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
