@@ -176,7 +176,11 @@ class BM25Retriever(_StatsMixin):
     def _build(self):
         t0 = time.perf_counter()
         model = self._bm25s.BM25(k1=self.k1, b=self.b)
-        model.index(self._tokenize(self.corpus.contents, return_ids=True), show_progress=False)
+        tokens = self._tokenize(self.corpus.contents, return_ids=True)
+        if not tokens.vocab:
+            raise ValueError(f"corpus {self.corpus.name!r}: no passage has an indexable term (all empty "
+                             "or English stopwords); BM25 has nothing to index")
+        model.index(tokens, show_progress=False)
         logger.info("BM25 index of %d passages built in %.2f s", len(self.corpus), time.perf_counter() - t0)
         return model
 

@@ -124,13 +124,13 @@ def eval_files(cfg: Config, data: list[str], benchmarks: bool = True) -> list[tu
             print(f"[eval] not found in {cfg.eval.data_dir}: {', '.join(found.missing)}", flush=True)
     for _, f, _ in files:  # all of them before the first (long) evaluation
         if not f.is_file():
-            raise SystemExit(f"eval: dataset file {f} does not exist")
+            raise FileNotFoundError(f"eval: dataset file {f} does not exist")
     names = [name for name, _, _ in files]
     if len(set(names)) < len(names):  # e.g. two files named test.jsonl: name them by folder too
         files = [(stem, f, stem) for _, f, stem in files]
     if len({stem for _, _, stem in files}) < len(files):
-        raise SystemExit("eval: two dataset files would write the same result file: "
-                         + ", ".join(str(f) for _, f, _ in files))
+        raise FileExistsError("eval: two dataset files would write the same result file: "
+                              + ", ".join(str(f) for _, f, _ in files))
     return files
 
 

@@ -126,9 +126,9 @@ def test_eval_command_resume(bench_dir, tmp_path, builds, capsys):
 def test_eval_command_refuses_a_missing_file_before_any_work(tmp_path, builds, capsys):
     good = tmp_path / "a.jsonl"
     good.write_text(json.dumps({"question": "capital of France?", "golden_answers": ["Paris"]}) + "\n")
-    with pytest.raises(SystemExit, match="nowhere.jsonl does not exist"):
-        cli.main(["eval", "--data", str(good), "--data", str(tmp_path / "nowhere.jsonl"),
-                  "--out", str(tmp_path / "out"), f"run.output_dir={tmp_path / 'runs'}"])
+    rc = cli.main(["eval", "--data", str(good), "--data", str(tmp_path / "nowhere.jsonl"),
+                   "--out", str(tmp_path / "out"), f"run.output_dir={tmp_path / 'runs'}"])
+    assert rc == 2 and "nowhere.jsonl does not exist" in capsys.readouterr().err  # a user error: one line
     assert builds == {"engine": 0, "retriever": 0} and not (tmp_path / "out").exists()
 
 

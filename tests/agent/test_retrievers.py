@@ -308,3 +308,10 @@ def test_http_retriever_keeps_answers_received_before_the_server_went_down(fault
     # request's retries per call, not one per request); 500 is not split
     assert client.stats.requests == 3 and client.stats.split_requests == 0
     assert client.stats.failures == 1 and client.stats.failed_queries == 4
+
+
+def test_bm25_refuses_a_corpus_without_any_indexable_term(tmp_path):
+    from megatron_recycle.data.corpus import Corpus
+
+    with pytest.raises(ValueError, match="no passage has an indexable term"):
+        BM25Retriever(Corpus(["a", "b"], ["the\nof the", "and\n"]), cache_dir=tmp_path)
