@@ -23,6 +23,11 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, as vLLM also accepts it (not its characters)
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {self.stop!r}")
         if self.temperature < 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

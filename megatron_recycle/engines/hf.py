@@ -185,6 +185,8 @@ class HFEngine(DecodingBase):
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        if not 0 <= self.pad_token_id < self.vocab_size:  # an added <pad> the embedding never got:
+            self.pad_token_id = 0  # any real id does in the masked left padding
         self.weights_version = 0
         self._seed_source = random.Random()
         # transformers 5.2x renamed the forward's ``past_key_values`` argument to ``cache``.

@@ -16,8 +16,11 @@ It is a lean decode loop written for small batches on a CPU (it also runs on one
 - a prefix store: the keys/values of every context the previous call generated are kept, and a
   prompt that extends one of them (the next turn of a multi-turn rollout: the same context plus
   an information block) prefills only its new tokens. The store is dropped by sleep() (before
-  the trainer runs), by clear_prefix_cache(), and whenever the weights changed in place (the
-  parameters' version counters moved);
+  the trainer runs), by clear_prefix_cache(), after every step of the optimizers given to
+  watch_optimizers() (the trainer's: Megatron writes the new weights through ``.data``, which
+  no version counter sees), and when the parameters' version counters moved (other in-place
+  writes through autograd-visible ops). A caller that changes the weights any other way must
+  call clear_prefix_cache();
 - on a CPU (fp32), decode steps of 5-64 rows run through small C kernels built on first use
   (engines/cpu_gemm.py; ``fast_gemm=False`` or MEGATRON_RECYCLE_CPU_GEMM=0 turn them off): a
   skinny AVX2/FMA GEMM that streams the weights 1.4-2x faster than MKL does on AMD CPUs, with
@@ -122,8 +125,19 @@ class NativeEngine(DecodingBase):
         self.prefix_cache = prefix_cache
         self.fast_gemm = fast_gemm
         self._store: dict[tuple[int, ...], torch.Tensor] = {}
-        self._store_fingerprint: int | None = None
+        self._store_fingerprint: tuple[int, int] | None = None
+        self._optimizer_steps = 0  # steps of the watched optimizers (watch_optimizers)
+        self._watch_handles: list[Any] = []
         self.reused_tokens = 0  # prompt tokens whose keys/values came from the prefix store
+
+    def watch_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Count every step of these torch optimizers (those inside the trainer's Megatron
+        optimizer) as a weight change: the prefix store is not reused across one."""
+        def bump(*_: Any) -> None:
+            self._optimizer_steps += 1
+
+        for opt in optimizers:
+            self._watch_handles.append(opt.register_step_post_hook(bump))
 
     # ---------------------------------------------------------------------------- weights
     def _weights(self) -> dict[str, Any]:
@@ -405,8 +419,8 @@ class NativeEngine(DecodingBase):
             if key not in store:
                 store[key] = cache[:, :, b, :, : len(key) - 1].clone()
 
-    def _fingerprint(self) -> int:
-        return sum(p._version for p in self.model.parameters())
+    def _fingerprint(self) -> tuple[int, int]:
+        return sum(p._version for p in self.model.parameters()), self._optimizer_steps
 
     def _lookup(self, prompt: tuple[int, ...]) -> tuple[int, torch.Tensor | None]:
         """The longest stored context that ``prompt`` extends: (valid cached length, keys/values)."""

@@ -148,7 +148,7 @@ def _sub_optimizers(opt: Any) -> list[Any]:
     return list(getattr(opt, "chained_optimizers", None) or [opt])
 
 
-def _torch_optimizers(opt: Any) -> list[torch.optim.Optimizer]:
+def torch_optimizers(opt: Any) -> list[torch.optim.Optimizer]:
     """The torch optimizers inside a Megatron (chained) optimizer."""
     found: list[torch.optim.Optimizer] = []
     for o in _sub_optimizers(opt):
@@ -164,7 +164,7 @@ def use_fused_cpu_adamw(opt: Any) -> int:
     (4x faster for 135M parameters on 2 cores; same update to fp32 rounding). Returns the number
     of param groups switched."""
     switched = 0
-    for inner in _torch_optimizers(opt):
+    for inner in torch_optimizers(opt):
         if not isinstance(inner, torch.optim.AdamW):
             continue
         for group in inner.param_groups:

@@ -386,6 +386,10 @@ def setup_runtime(
     elif with_engine and layout.tp_rank == 0 and layout.pp_rank == 0:
         engine = build_engine(cfg, model_path, tokenizer, chunks=chunks, hf_config=hf_config,
                               generation_config=generation_config)
+        if hasattr(engine, "watch_optimizers"):  # the native engine decodes with the very tensors trained
+            from megatron_recycle.train.optim import torch_optimizers
+
+            engine.watch_optimizers(torch_optimizers(optimizer))
     return Runtime(cfg, layout, hf_config, tokenizer, chunks, optimizer, scheduler, engine, str(model_path),
                    generation_config=generation_config)
 

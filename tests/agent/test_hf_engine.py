@@ -167,6 +167,24 @@ def test_bad_requests_raise(tok):
         engine.generate([[1, 10**6]], SamplingParams(0))
     with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
         engine.generate([[1], [2]], [SamplingParams(0)])
+    # one stop string given bare is that string, not its characters; an empty one would stop at once
+    assert SamplingParams(stop="</answer>").stop == ("</answer>",)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        SamplingParams(stop=("",))
+
+
+def test_a_pad_id_outside_the_embedding_is_not_fed_to_the_model(tok):
+    class PadBeyondVocab:
+        pad_token_id = 10**6  # an added <pad> the model's embedding was never resized for
+        eos_token_id = 2
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "x" * len(ids)
+
+    engine = HFEngine(tiny_llama(), PadBeyondVocab())
+    gens = engine.generate([[5, 6, 7], [8]], SamplingParams(0, max_new_tokens=3))  # left padding needed
+    alone = engine.generate([[8]], SamplingParams(0, max_new_tokens=3))
+    assert gens[1].token_ids == alone[0].token_ids
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from megatron_recycle.model.build import build_model_chunks
 from megatron_recycle.model.convert import load_hf_weights
 from megatron_recycle.train.batch import build_batch
-from megatron_recycle.train.optim import _torch_optimizers, wrap_model_and_build_optimizer
+from megatron_recycle.train.optim import torch_optimizers, wrap_model_and_build_optimizer
 from megatron_recycle.train.step import GRPOLossConfig, grpo_train_step
 
 
@@ -25,7 +25,7 @@ def test_fused_cpu_adamw_matches_unfused(world1, tiny):
         load_hf_weights(chunks, hf)
         chunks, opt, sched = wrap_model_and_build_optimizer(chunks, lr=1e-2, clip_grad=1.0, total_steps=10,
                                                             lr_decay_style="constant")
-        groups = [grp for o in _torch_optimizers(opt) for grp in o.param_groups]
+        groups = [grp for o in torch_optimizers(opt) for grp in o.param_groups]
         assert groups and all(grp["fused"] for grp in groups)  # switched on by default on CPU
         if not fused:
             for grp in groups:

@@ -196,3 +196,37 @@ def test_skinny_cpu_gemm_is_used_and_agrees_with_torch_matmul(world1, tiny):
     if cpu_gemm.available():  # the skinny GEMM and the one-call decode attention both ran
         assert cpu_gemm.calls > before and cpu_gemm.attention_calls > att_before
     _same(a, b, atol=1e-5)
+
+
+def test_prefix_store_is_not_reused_across_a_real_optimizer_step(world1, tiny):
+    """Megatron's optimizers write the new weights through ``.data`` (and DDP's parameters are views
+    of its buffer): no version counter moves. The engine watches the optimizer's steps instead, as
+    setup_runtime arranges; without that it reused keys/values of the old weights."""
+    from megatron_recycle.train.batch import build_batch
+    from megatron_recycle.train.optim import torch_optimizers, wrap_model_and_build_optimizer
+    from megatron_recycle.train.step import GRPOLossConfig, grpo_train_step
+
+    hf = tiny.tiny_hf_model("qwen3", False)
+    with torch.no_grad():
+        hf.get_input_embeddings().weight.mul_(8.0)
+    chunks = build_model_chunks(hf.config, layer_spec="local")
+    load_hf_weights(chunks, hf)
+    chunks, opt, sched = wrap_model_and_build_optimizer(chunks, lr=1e-2, total_steps=10, lr_decay_style="constant")
+    model = chunks[0].module
+    cached = NativeEngine(model, hf.config, CharTokenizer())
+    cached.watch_optimizers(torch_optimizers(opt))
+    plain = NativeEngine(model, hf.config, CharTokenizer(), prefix_cache=False)
+    prompts = _prompts(n_groups=2, k=2, seed=5)
+    params = SamplingParams(temperature=0.0, max_new_tokens=5)
+    first = cached.generate(prompts, params)
+    versions = sum(p._version for p in model.parameters())
+    seqs = [p + g.token_ids for p, g in zip(prompts, first)]
+    batch = build_batch(seqs, [[0] * len(p) + [1] * len(g.token_ids) for p, g in zip(prompts, first)],
+                        advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]), group_ids=[0, 0, 1, 1])
+    grpo_train_step(chunks, opt, sched, batch, 4, GRPOLossConfig())
+    grpo_train_step(chunks, opt, sched, batch, 4, GRPOLossConfig())
+    assert sum(p._version for p in model.parameters()) == versions  # the counters did not see the step
+    second = [s + [7, 8] for s in seqs]
+    before = cached.reused_tokens
+    _same(cached.generate(second, params), plain.generate(second, params))
+    assert cached.reused_tokens == before  # nothing reused across the step

@@ -596,9 +596,9 @@ def reshard_stage(args: dict) -> dict:
     from megatron_recycle.model.convert import load_hf_weights
     from megatron_recycle.train.batch import TrajectoryBatch, shard_for_data_parallel
     from megatron_recycle.train.optim import (
-        _torch_optimizers,
         optimizer_state_dict,
         setup_model_and_optimizer,
+        torch_optimizers,
     )
     from megatron_recycle.train.reshard import load_resharded, model_space_records
     from megatron_recycle.train.step import compute_logprobs, grpo_train_step
@@ -637,7 +637,7 @@ def reshard_stage(args: dict) -> dict:
     out: dict[str, Any] = {"world": world}
     chunks, opt, sched = build()
     # this rank's optimizer shards (with the distributed optimizer: its slices of the buckets)
-    out["shard_shapes"] = [tuple(p.shape) for inner in _torch_optimizers(opt) for g in inner.param_groups
+    out["shard_shapes"] = [tuple(p.shape) for inner in torch_optimizers(opt) for g in inner.param_groups
                            for p in g["params"]]
     if args.get("load_from"):
         out["counts"] = load(chunks, opt)
@@ -658,7 +658,7 @@ def reshard_stage(args: dict) -> dict:
     if args.get("load_from"):
         chunks, opt, sched = build()
         load(chunks, opt)
-        for inner in _torch_optimizers(opt):
+        for inner in torch_optimizers(opt):
             inner.state.clear()  # the weights and main weights, but new moments and step count
         step(chunks, opt, sched)
         out["control"] = save(chunks, opt, args["name"] + "_control")
