@@ -138,8 +138,12 @@ if "$PY" -c "import xdist" 2>/dev/null; then
     ((WK > 1)) && ARGS_K=(-n "$WK")
     ((WM > 1)) && ARGS_M+=(-n "$WM" --dist loadscope)
 fi
-step tests_model "${GPU_CHECKS_TEST_LIMIT:-200}" "$OUT/tests_model.log" \
-    "$PY" -m pytest tests/model tests/train/test_step.py tests/train/test_reshard.py -q ${ARGS_M[@]+"${ARGS_M[@]}"} \
+# The multi-process launchers (tests/*/_dist.py) stop their ranks before the step's limit, so their
+# own error, which carries every rank's output, is reported (MR_DIST_TIMEOUT_S caps their 300 s;
+# a test stopped by pytest-timeout first reports the ranks' output too)
+MODEL_LIMIT=${GPU_CHECKS_TEST_LIMIT:-200}
+step tests_model "$MODEL_LIMIT" "$OUT/tests_model.log" \
+    env MR_DIST_TIMEOUT_S=$((MODEL_LIMIT > 60 ? MODEL_LIMIT - 40 : 20)) "$PY" -m pytest tests/model tests/train/test_step.py tests/train/test_reshard.py -q ${ARGS_M[@]+"${ARGS_M[@]}"} \
     --tb=short --continue-on-collection-errors -m "not real_model" &
 MODEL_PID=$!
 step tests_kernels "${GPU_CHECKS_TEST_LIMIT:-170}" "$OUT/tests_kernels.log" \
@@ -157,8 +161,11 @@ done
 # (GPU_CHECKS_LOOP_MODEL, default .gpu_assets/tiny_llama, written by
 # `tools/smoke_loop.py --write-model`), and bm25s with the wheels. Output in loop.log, loop.json.
 LOOP_MODEL=${GPU_CHECKS_LOOP_MODEL:-.gpu_assets/tiny_llama}
+# --deadline: the three commands share 105 s (loop.json is written after each), so the step's own
+# limit never cuts the results; each command's whole output comes back as loop_<command>.log
 step loop 120 "$OUT/loop.log" "$PY" tools/smoke_loop.py --model "$LOOP_MODEL" --out /tmp/mr_smoke_loop --varlen \
-    --json "$OUT/loop.json" --timeout 100
+    --json "$OUT/loop.json" --timeout 100 --deadline 105
+for f in /tmp/mr_smoke_loop/logs/*.log; do [ -e "$f" ] && cp "$f" "$OUT/loop_$(basename "$f")"; done
 [ -f "$OUT/loop.log" ] && { echo "loop:"; sed -n "/^GRPO loop smoke run/,\$p" "$OUT/loop.log"; } | tee -a "$SUMMARY"
 
 # --------------------------------------- 2a. optional: launch settings of the log-prob and loss kernels
@@ -194,6 +201,10 @@ EOF
 # tens of seconds (torch.compile), and the rows are written after every case
 LEFT=$((BUDGET - $(elapsed)))
 MAXS=$(((LEFT < 200 ? LEFT : 200) - 60))
+if ((MAXS < 20)) && [[ $STEPS == *" bench_kernels "* ]]; then
+    say "SKIP  bench_kernels: ${LEFT}s of the budget left, too little to time a case"
+    STEPS=${STEPS/ bench_kernels / }
+fi
 step bench_kernels 200 "$OUT/bench.log" \
     "$PY" tools/bench_kernels.py --out "$OUT/kernels" --max-seconds $((MAXS < 140 ? MAXS : 140)) --reps 20 --warmup 5 \
     --vocab 151936 49152 ${STATS_CFG:-} ${GPU_CHECKS_BENCH_ARGS:-}
@@ -201,7 +212,9 @@ grep -A12 "issue #3 targets" "$OUT/bench.log" 2>/dev/null | tee -a "$SUMMARY"
 
 # ---------------------------------------------------------------- 3. one GRPO step at 1.7B (issue #4)
 STEP_DIR=/tmp/mr_bench_step
-rm -rf "$STEP_DIR" && mkdir -p "$STEP_DIR"
+if [[ $STEPS == *" bench_step "* || $STEPS == *" bench_recompute "* || $STEPS == *" bench_packed "* ]]; then
+    rm -rf "$STEP_DIR" && mkdir -p "$STEP_DIR"
+fi
 step bench_step 150 "$OUT/bench.log" \
     "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_step.py --model "$STEP_MODEL" --bf16 --sequences 8 \
     --seq-len 1024 --mbs 2 --steps 3 --warmup 1 --out "$STEP_DIR" --tag cuda

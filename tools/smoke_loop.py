@@ -92,18 +92,24 @@ def overrides(model: Path, work: Path, bf16: bool, steps: int) -> list[str]:
 
 
 def _run(name: str, args: list[str], log_dir: Path, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """One CLI command, its stdout and stderr streamed into ``log_dir/name.log`` as it runs (so a
+    kill from outside still leaves what it printed), stopped after ``timeout`` seconds (exit 124)."""
     cmd = [sys.executable, "-m", "megatron_recycle.cli", *args]
     log = log_dir / f"{name}.log"
     t0 = time.perf_counter()
-    print(f"[smoke] {name}: {' '.join(args[:2])} ... (log {log})", flush=True)
-    try:
-        proc = subprocess.run(cmd, env=env, cwd=log_dir, capture_output=True, text=True, timeout=timeout)
-        rc, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        rc = 124
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+    print(f"[smoke] {name}: {' '.join(args[:2])} ... (log {log}, at most {timeout:.0f} s)", flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, cwd=log_dir, stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            rc = proc.wait(timeout=max(timeout, 1.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = 124
+    out = log.read_text(errors="replace")
+    if rc == 124:
         out += f"\n[smoke] {name}: stopped after {timeout:.0f} s"
-    log.write_text(out)
+        log.write_text(out)
     seconds = time.perf_counter() - t0
     print(f"[smoke] {name}: exit {rc} in {seconds:.1f} s", flush=True)
     if rc != 0:
@@ -149,6 +155,33 @@ def check(commands: list[dict], run_dir: Path, steps: int) -> list[str]:
     return problems
 
 
+def write_json(path: Path, device: str, cuda: bool, bf16: bool, varlen: bool, commands: list[dict], run_dir: Path,
+               problems: list[str]) -> None:
+    """The results so far (called after every command): versions, each command's exit and time,
+    the metrics and Pass@1 written so far, and the problems found."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    report = run_dir / "report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps({
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device, "cuda": cuda, "bf16": bf16, "varlen": varlen,
+        "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+        "commands": [{k: v for k, v in c.items() if k != "output"} for c in commands],
+        "metrics": _metrics(run_dir),
+        "test_pass@1": json.loads(report.read_text()).get("test_pass@1") if report.is_file() else None,
+        "problems": problems, "passed": not problems,
+    }, indent=1))
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None,
@@ -163,7 +196,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="Megatron bf16 training (auto: on with CUDA, off without)")
     ap.add_argument("--varlen", action="store_true", help=f"one more resumed step with {ROUTE_ENV}=varlen")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per command")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds for the whole loop: each command gets at most what is left, and the "
+                    "results (--json) are written after every command, so a caller's own time limit "
+                    "finds them")
     args = ap.parse_args(argv)
+    started = time.monotonic()
+
+    def budget() -> float:
+        left = math.inf if args.deadline is None else args.deadline - (time.monotonic() - started)
+        return min(args.timeout, left)
 
     fx = _fixtures()
     if args.write_model is not None:
@@ -203,20 +245,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[smoke] device: {device}; bf16 {bf16}; kernels {env.get(IMPL_ENV, 'by device')}; model {model}; "
           f"work {work}", flush=True)
 
-    commands = [_run("run", ["run", *overrides(model, work, bf16, 2)], work / "logs", env, args.timeout)]
+    def save(commands: list[dict], steps: int, final: bool) -> list[str]:
+        problems = check(commands, run_dir, steps)
+        if not final:
+            problems = ["(partial: the loop had not finished)", *problems]
+        if args.json is not None:
+            write_json(args.json, device, cuda, bf16, args.varlen, commands, run_dir, problems)
+        return problems
+
+    commands = [_run("run", ["run", *overrides(model, work, bf16, 2)], work / "logs", env, budget())]
     plan = [("resume", 3, {})]
     if args.varlen:
         plan.append(("resume_varlen", 4, {ROUTE_ENV: "varlen"}))
     steps = 2
     for name, upto, extra in plan:
+        save(commands, steps, final=False)
         if commands[-1]["rc"] != 0:
             break
+        if budget() < 5:
+            commands.append({"name": name, "args": [], "rc": 124, "seconds": 0.0,
+                             "output": f"[smoke] {name}: not started, the --deadline was reached"})
+            break
         c = _run(name, ["train", "--resume", *overrides(model, work, bf16, upto)], work / "logs",
-                 {**env, **extra}, args.timeout)
+                 {**env, **extra}, budget())
         c["resumed_at"] = upto - 1
         commands.append(c)
         steps = upto
-    problems = check(commands, run_dir, steps)
+    problems = save(commands, steps, final=True)
 
     rows = _metrics(run_dir)
     print(f"\nGRPO loop smoke run on {device} (bf16 {bf16}), {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -232,23 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     pass1 = json.loads(report.read_text()).get("test_pass@1") if report.is_file() else None
     print(f"\nPass@1 (4 test questions): {pass1}")
     print("PASS" if not problems else "FAIL:\n  " + "\n  ".join(problems))
-    if args.json is not None:
-        import torch
-
-        try:
-            import triton
-
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = None
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": device, "cuda": cuda, "bf16": bf16, "varlen": args.varlen,
-            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-            "commands": [{k: v for k, v in c.items() if k != "output"} for c in commands],
-            "metrics": rows, "test_pass@1": pass1, "problems": problems, "passed": not problems,
-        }, indent=1))
     return 0 if not problems else 1
 
 

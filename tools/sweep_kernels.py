@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     parts: dict[str, list[dict]] = dict(stats=[], loss=[], grad=[])
 
-    def save() -> None:  # after every part: a run stopped at its time limit keeps what it measured
+    def save() -> None:  # after every size: a run stopped at its time limit keeps what it measured
         out.write_text(json.dumps(dict(meta=meta, **parts), indent=1))
 
     # in order of what the next decisions need most: the statistics pass (liger's comparison), the
@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
           f" {'GB/s':>9} {'%copy':>6} {'err lse':>9} {'err H':>9} {'err tgt':>9}")
     for t in tokens:
         parts["stats"] += sweep_stats(dev, t, vocab, configs, args.reps, args.warmup, bw)
+        save()
         if gpu:
             torch.cuda.empty_cache()
     _print_fastest("statistics kernel", parts["stats"], tokens)
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
           f" {'bwd GB/s':>8} {'err loss':>9} {'err grad':>9}")
     for t in loss_tokens:
         parts["loss"] += sweep_loss(dev, t, loss_configs, args.reps, args.warmup, bw)
+        save()
         if gpu:
             torch.cuda.empty_cache()
     save()
@@ -421,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
           f" {'GB/s':>9} {'%copy':>6} {'err grad':>9}")
     for t in tokens:
         parts["grad"] += sweep_grad(dev, t, vocab, grad_configs, args.reps, args.warmup, bw)
+        save()
         if gpu:
             torch.cuda.empty_cache()
     _print_fastest("gradient kernel", parts["grad"], tokens)

@@ -62,21 +62,38 @@ def run_workers(
         cmd = [sys.executable, __file__, target, str(out_dir), json.dumps(kwargs)]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     failed = False
-    try:
-        failed = any(c != 0 for c in wait_for_ranks([p for p, _ in procs], timeout).values())
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    if failed:
-        tails = []
+
+    def tails() -> str:
+        out = []
         for rank in range(world_size):
             text = (out_dir / f"rank{rank}.log").read_text(errors="replace")
-            tails.append(f"--- rank {rank} (rc={procs[rank][0].returncode}) ---\n{text[-4000:]}")
-        raise AssertionError(f"distributed workers {target} failed:\n" + "\n".join(tails))
+            out.append(f"--- rank {rank} (rc={procs[rank][0].returncode}) ---\n{text[-4000:]}")
+        return "\n".join(out)
+
+    try:
+        failed = any(c != 0 for c in wait_for_ranks([p for p, _ in procs], dist_timeout(timeout)).values())
+    except BaseException as e:  # e.g. pytest-timeout's: the report carries what the ranks printed
+        _stop(procs)
+        raise AssertionError(f"distributed workers {target} interrupted ({type(e).__name__}: {e}):\n{tails()}") from e
+    finally:
+        _stop(procs)
+    if failed:
+        raise AssertionError(f"distributed workers {target} failed:\n" + tails())
     return [json.loads((out_dir / f"result{rank}.json").read_text()) for rank in range(world_size)]
+
+
+def _stop(procs: list) -> None:
+    for p, log in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        log.close()
+
+
+def dist_timeout(timeout: float) -> float:
+    """``timeout``, capped by $MR_DIST_TIMEOUT_S (tools/gpu_checks.sh sets it below its step
+    limits, so that the launcher's own error, with every rank's output, comes first)."""
+    return min(timeout, float(os.environ.get("MR_DIST_TIMEOUT_S", "inf")))
 
 
 def _child_main() -> None:

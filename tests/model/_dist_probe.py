@@ -13,3 +13,8 @@ def rank1_fails(rank, world_size, out_dir):
 
 def all_ok(rank, world_size, out_dir):
     return {"rank": rank, "world": world_size, "env_rank": int(os.environ["RANK"])}
+
+
+def print_then_hang(rank, world_size, out_dir):
+    print(f"rank {rank} got this far", flush=True)
+    time.sleep(120)  # a hang (a collective that never completes)

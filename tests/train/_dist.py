@@ -77,7 +77,18 @@ def run_workers(fn: str, world_size: int, args: dict[str, Any], timeout: float =
             cmd = [sys.executable, str(HERE / "_workers.py"), fn, tmp, json.dumps(args)]
             log = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
             procs.append((subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        codes = wait_for_ranks([p for p, _ in procs], timeout)
+        timeout = min(timeout, float(os.environ.get("MR_DIST_TIMEOUT_S", "inf")))  # see tests/model/_dist.py
+        try:
+            codes = wait_for_ranks([p for p, _ in procs], timeout)
+        except BaseException as e:  # e.g. pytest-timeout's: stop the ranks, report what they printed
+            for p, log in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                log.close()
+            logs = "\n".join(f"--- rank {r} ---\n{(Path(tmp) / f'log{r}.txt').read_text()[-6000:]}"
+                             for r in range(world_size))
+            raise RuntimeError(f"worker {fn} interrupted ({type(e).__name__}: {e}):\n{logs}") from e
         for _, log in procs:
             log.close()
         failed = [(r, c) for r, c in sorted(codes.items()) if c != 0]

@@ -46,6 +46,24 @@ def test_smoke_loop_runs_the_loop_resumes_and_reports(tmp_path):
     assert "attention varlen" not in logs["run"] + logs["resume"]
 
 
+def test_smoke_loop_deadline_stops_in_time_and_keeps_what_ran(tmp_path):
+    # a GPU step's limit must never find the results missing: the deadline stops the command that
+    # runs out of it, the log holds what it printed, and loop.json says what happened
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGATRON_RECYCLE_PACKED_ATTENTION")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    out = tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "tools" / "smoke_loop.py"), "--out", str(out), "--deadline", "12",
+           "--json", str(tmp_path / "loop.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "loop.json").read_text())
+    assert [(c["name"], c["rc"]) for c in res["commands"]][0] == ("run", 124) and not res["passed"]
+    assert all(c["seconds"] < 20 for c in res["commands"])
+    # the stopped command's log: what it printed while it ran (streamed), then the stop
+    log = (out / "logs" / "run.log").read_text()
+    assert "resolved config" in log and "[smoke] run: stopped after" in log
+
+
 def test_smoke_loop_refuses_to_empty_a_folder_it_did_not_make(tmp_path, capsys):
     keep = tmp_path / "mine.txt"
     keep.write_text("user data")
