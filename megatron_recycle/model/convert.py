@@ -64,17 +64,39 @@ def _safetensors_getter(folder_or_file: Path) -> TensorGetter:
     """Lazy getter over one safetensors file or a folder of shards (reads one tensor per call)."""
     from safetensors import safe_open
 
+    where: dict[str, Path] = {}
+    index = folder_or_file / "model.safetensors.index.json"
+    if folder_or_file.is_dir() and index.is_file():
+        # a sharded checkpoint: its index names the file of every tensor; stray *.safetensors files
+        # in the folder (an older save, a partial download) are not read
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            where = {str(k): folder_or_file / str(v) for k, v in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a readable safetensors index ({type(e).__name__}: {e})") from e
+        missing = sorted({str(f.name) for f in where.values() if not f.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files that are not in the folder: {missing}")
+        return _getter(where)
     if folder_or_file.is_file():
         files = [folder_or_file]
     else:
         files = sorted(folder_or_file.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {folder_or_file}")
-    where: dict[str, Path] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as h:
             for k in h.keys():
+                if k in where:
+                    raise ValueError(
+                        f"tensor {k!r} is in both {where[k].name} and {f.name} in {folder_or_file} and no "
+                        "model.safetensors.index.json says which to use; remove the stale file")
                 where[k] = f
+    return _getter(where)
+
+
+def _getter(where: dict[str, Path]) -> TensorGetter:
+    from safetensors import safe_open
 
     def get(name: str) -> torch.Tensor:
         if name not in where:

@@ -126,3 +126,37 @@ def test_config_json_names_the_dtype_the_weights_are_in(tmp_path):
 
     write_hf_folder(bf16_tensors(), bf16_source, tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_sharded_folder_is_read_through_its_index(tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_recycle.model.convert import _safetensors_getter
+
+    out = tmp_path / "hf"
+    write_hf_folder(_tensors(3, 1.0), CFG, out, max_shard_bytes=256)
+    # a stray shard of some earlier save that holds a tensor of the same name: the index decides
+    save_file({"t0": torch.full((64,), 9.0)}, str(out / "zz-stale.safetensors"))
+    get = _safetensors_getter(out)
+    assert sorted(get.keys()) == ["t0", "t1", "t2"]
+    assert bool((get("t0") == 1.0).all())
+    # an index that names a shard that is not there is an error, not a KeyError at some later tensor
+    (out / "model-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002.safetensors"):
+        _safetensors_getter(out)
+    (out / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable safetensors index"):
+        _safetensors_getter(out)
+
+
+def test_two_unindexed_files_with_the_same_tensor_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_recycle.model.convert import _safetensors_getter
+
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.ones(4), "v": torch.ones(2)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ValueError, match="'w' is in both a.safetensors and b.safetensors"):
+        _safetensors_getter(tmp_path)
+    (tmp_path / "a.safetensors").unlink()
+    assert sorted(_safetensors_getter(tmp_path).keys()) == ["v", "w"]
