@@ -427,9 +427,22 @@ def check_vllm_layout(
     if local_world_size and vllm_tp > local_world_size:
         log.warning("vLLM TP %d spans more than one node (%d processes per node): generation crosses nodes",
                     vllm_tp, local_world_size)
-    if tp * pp > vllm_tp:
-        log.info("vLLM TP %d < trainer TP x PP %d: only the vLLM groups holding a model-parallel leader "
-                 "generate, the others wait", vllm_tp, tp * pp)
+    idle = idle_vllm_groups(world_size, vllm_tp, tp=tp, pp=pp)
+    if idle:
+        log.info("vLLM TP %d with trainer TP %d x PP %d: %d of %d vLLM groups hold no model-parallel leader "
+                 "and wait while the others generate", vllm_tp, tp, pp, idle, world_size // vllm_tp)
+
+
+def idle_vllm_groups(world_size: int, vllm_tp: int, *, tp: int = 1, pp: int = 1) -> int:
+    """How many vLLM groups (blocks of ``vllm_tp`` consecutive ranks) hold no model-parallel leader.
+
+    Megatron's rank order puts tensor-parallel ranks innermost, then data-parallel, then pipeline
+    stages, so the leaders (tp 0, pp 0) are ranks ``tp * d`` for each data-parallel rank ``d``."""
+    if tp * pp <= 0 or world_size % (tp * pp) or world_size % vllm_tp:
+        return 0  # a layout the checks above (or the trainer's) refuse
+    dp = world_size // (tp * pp)
+    busy = {tp * d // vllm_tp for d in range(dp)}
+    return world_size // vllm_tp - len(busy)
 
 
 def new_request_group(world_size: int, vllm_tp: int, rank: int) -> Any | None:
@@ -1107,7 +1120,8 @@ def external_launcher_env(on_cpu: bool) -> dict[str, str]:
 
     It reads RANK and LOCAL_RANK unconditionally: a single process started without torchrun (the
     README's `megatron-recycle run` with ``rollout.engine=vllm``) gets 0 for both, which is what it
-    is. On a GPU it takes device LOCAL_RANK among the visible ones (as the trainer does): a
+    is, and, while torch.distributed is not started (vLLM then starts it through env://),
+    MASTER_ADDR 127.0.0.1 and a free MASTER_PORT. On a GPU it takes device LOCAL_RANK among the visible ones (as the trainer does): a
     launcher that shows each process one GPU (CUDA_VISIBLE_DEVICES per task) with LOCAL_RANK > 0
     is refused here with the reason, not by vLLM's assertion."""
     import torch.distributed as dist
@@ -1118,9 +1132,16 @@ def external_launcher_env(on_cpu: bool) -> dict[str, str]:
         for key in ("RANK", "LOCAL_RANK"):
             if key not in os.environ:
                 os.environ[key] = set_here[key] = "0"
+        if not dist.is_initialized():
+            # vLLM then starts torch.distributed itself through env://, which needs a rendezvous
+            # address too (torchrun sets both); a world of one process meets only itself on it
+            if "MASTER_ADDR" not in os.environ:
+                os.environ["MASTER_ADDR"] = set_here["MASTER_ADDR"] = "127.0.0.1"
+            if "MASTER_PORT" not in os.environ:
+                os.environ["MASTER_PORT"] = set_here["MASTER_PORT"] = str(_free_port(os.environ["MASTER_ADDR"]))
         if set_here:
             log.info("VLLMEngine: one process without torchrun: %s for vLLM's external launcher",
-                     ", ".join(f"{k}=0" for k in set_here))
+                     ", ".join(f"{k}={v}" for k, v in set_here.items()))
     for key in ("RANK", "LOCAL_RANK"):
         if key not in os.environ:
             raise RuntimeError(f"VLLMEngine: {key} is not set in a world of {world} processes; launch with torchrun")
@@ -1132,6 +1153,15 @@ def external_launcher_env(on_cpu: bool) -> dict[str, str]:
                 "runs on device LOCAL_RANK, so every process must see all of its node's GPUs (do not set "
                 "CUDA_VISIBLE_DEVICES per process; torchrun --nproc-per-node does not)")
     return set_here
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _vllm_tp_rank_size() -> tuple[int, int]:

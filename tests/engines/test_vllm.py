@@ -546,11 +546,25 @@ def test_the_external_launcher_environment(monkeypatch):
     """vLLM's external launcher reads RANK and LOCAL_RANK: one process without torchrun gets 0 for
     both; several without them are refused; on a GPU, a LOCAL_RANK beyond the visible devices (one
     GPU shown per process) is refused with the reason."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    assert V.external_launcher_env(on_cpu=True) == {"RANK": "0", "LOCAL_RANK": "0"}
+    got = V.external_launcher_env(on_cpu=True)
+    assert got.pop("MASTER_PORT").isdigit()
+    assert got == {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     assert os.environ["RANK"] == os.environ["LOCAL_RANK"] == "0"
     assert V.external_launcher_env(on_cpu=True) == {}  # already set: left as it is
+    # what vLLM's external launcher then does with them (env:// rendezvous) works in one process
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # (an earlier test in this process may have left one started)
+        dist.init_process_group("gloo", init_method="env://", world_size=1, rank=0)
+        try:
+            for key in ("MASTER_ADDR", "MASTER_PORT"):
+                monkeypatch.delenv(key)
+            assert V.external_launcher_env(on_cpu=True) == {}  # vLLM reuses a started group: no address needed
+            assert "MASTER_ADDR" not in os.environ
+        finally:
+            dist.destroy_process_group()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK")
     with pytest.raises(RuntimeError, match="RANK is not set in a world of 2 processes; launch with torchrun"):
@@ -1214,3 +1228,19 @@ def test_vllm_calls_run_with_the_trainer_device_mode_lifted(monkeypatch):
     assert engine.sequence_logprobs([1, 2, 3]) == [-1.0, -1.0]
     engine.load_weights(iter(full_layer(2, seed=2).items()))
     assert seen and all(d == 1 for _, d in seen) and {k for k, _ in seen} == {"generate", "apply"}
+
+
+@pytest.mark.parametrize("world, vtp, tp, pp, idle", [(8, 4, 2, 2, 1), (4, 1, 2, 2, 3), (8, 4, 1, 2, 1), (4, 2, 2, 1, 0),
+                                                      (8, 2, 1, 1, 0), (8, 1, 4, 1, 6), (16, 4, 2, 4, 3)])
+def test_idle_vllm_groups_follow_megatrons_rank_order(world, vtp, tp, pp, idle):
+    """The count the layout check logs: vLLM blocks with no (tp 0, pp 0) rank, those ranks taken
+    from Megatron's own rank generator (the order parallel_state uses by default)."""
+    from megatron.core.parallel_state import RankGenerator
+
+    gen = RankGenerator(tp=tp, ep=1, dp=world // (tp * pp), pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    tp0 = {g[0] for g in gen.get_ranks("tp")}
+    pp0 = {g[0] for g in gen.get_ranks("pp")}
+    leaders = tp0 & pp0
+    assert len(leaders) == world // (tp * pp)
+    assert world // vtp - len({r // vtp for r in leaders}) == idle
+    assert V.idle_vllm_groups(world, vtp, tp=tp, pp=pp) == idle
