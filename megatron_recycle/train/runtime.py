@@ -446,38 +446,53 @@ def check_engine_sync(rt: Runtime) -> None:
        for the tensors the backend keeps readable).
     2. The log-probs of a fixed sequence (SYNC_CHECK_TEXT): the engine's prompt log-probs against
        the trainer's own forward (``compute_logprobs``): the whole model, packed weights too.
-    Raises WeightMismatchError when either differs; every rank takes part in both collectives.
+    Raises WeightMismatchError when either differs, on every rank: a rank whose engine differs
+    still takes part in every collective (the export, the trainer's forward, its vLLM group's
+    generation) and the ranks then agree on the outcome, so no rank is left waiting in one.
     """
     from megatron_recycle.engines.vllm import WeightMismatchError
     from megatron_recycle.model.convert import export_hf_state_dict
+    from megatron_recycle.model.parallel import max_over_world
     from megatron_recycle.train.batch import build_batch
     from megatron_recycle.train.step import compute_logprobs
 
     check = export_hf_state_dict(rt.chunks, rt.hf_config)
+    failure: WeightMismatchError | None = None
+    diffs: dict[str, float] = {}
+    skipped: list[str] = []
     if rt.engine is None:  # this rank only takes part in the collectives
         for _ in check:
             pass
     else:
-        diffs = rt.engine.check_weights(check)  # raises WeightMismatchError on a difference
+        try:
+            diffs = rt.engine.check_weights(check)  # consumes the whole stream, then compares
+        except WeightMismatchError as e:
+            failure = e
         skipped = rt.engine.last_check_skipped
     ids = list(rt.tokenizer(SYNC_CHECK_TEXT, add_special_tokens=False).input_ids)
     batch = build_batch([ids], [[0] + [1] * (len(ids) - 1)])  # nothing predicts the first token
     trainer = compute_logprobs(rt.chunks, batch, micro_batch_size=1, pack_groups=False)[0, : len(ids) - 1]
-    if rt.engine is None:
-        return
-    engine = torch.tensor(rt.engine.sequence_logprobs(ids), dtype=torch.float64)
-    gap = (engine - trainer.double()).abs()
-    tol = sync_check_tolerance(rt.cfg)
-    line = (f"[sync] check: {len(diffs)} tensors equal to the trainer's (max |diff| {max(diffs.values()):.3g})"
-            + (f", {len(skipped)} held packed by the backend" if skipped else "")
-            + f"; log-probs of a {len(ids)}-token sequence: max |diff| {float(gap.max()):.3g} "
-            f"(mean {float(gap.mean()):.3g}, tolerance {tol:g})")
-    print(line, flush=True)
-    if not float(gap.max()) <= tol:
-        raise WeightMismatchError(
-            f"after the sync the engine's log-probs differ from the trainer's by up to {float(gap.max()):.3g} "
-            f"(tolerance {tol:g}) on a fixed sequence: the engine does not run the trainer's weights"
-        )
+    if rt.engine is not None:
+        engine = torch.tensor(rt.engine.sequence_logprobs(ids), dtype=torch.float64)
+        gap = (engine - trainer.double()).abs()
+        tol = sync_check_tolerance(rt.cfg)
+        line = (f"[sync] check: {len(diffs)} tensors equal to the trainer's"
+                + (f" (max |diff| {max(diffs.values()):.3g})" if diffs else " (see the error below)")
+                + (f", {len(skipped)} held packed by the backend" if skipped else "")
+                + f"; log-probs of a {len(ids)}-token sequence: max |diff| {float(gap.max()):.3g} "
+                f"(mean {float(gap.mean()):.3g}, tolerance {tol:g})")
+        print(line, flush=True)
+        if failure is None and not float(gap.max()) <= tol:
+            failure = WeightMismatchError(
+                f"after the sync the engine's log-probs differ from the trainer's by up to {float(gap.max()):.3g} "
+                f"(tolerance {tol:g}) on a fixed sequence: the engine does not run the trainer's weights"
+            )
+    anywhere = max_over_world(int(failure is not None))
+    if failure is not None:
+        raise failure
+    if anywhere:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise WeightMismatchError(f"the sync check failed on another rank (this is rank {rank}): see that rank's error")
 
 
 def broadcast_from_mp_leader(obj: Any) -> Any:
