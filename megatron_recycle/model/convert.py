@@ -379,8 +379,10 @@ def export_hf_state_dict(
     """Stream the full HF state dict, tensor by tensor, on EVERY rank (collective; see module doc).
 
     Peak extra memory is about one full tensor (plus its TP shards). Tensors stay on the model's
-    device; ``dtype`` casts them (e.g. torch.bfloat16 for an engine). Without a cast, replicated
-    tensors may alias the live parameters: copy what you keep. Abandoning the generator early
+    device; ``dtype`` casts them (e.g. torch.bfloat16 for an engine). A yielded tensor may be the
+    live parameter itself (replicated tensors such as norms, and at TP 1 the row-parallel weights
+    too), also with a ``dtype`` equal to the model's own, since such a cast copies nothing: it
+    changes at the next optimizer step, so copy what you keep. Abandoning the generator early
     on one rank deadlocks the others. With tied embeddings ``lm_head.weight`` is omitted
     unless ``include_tied_lm_head``.
     """
