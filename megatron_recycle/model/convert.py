@@ -247,6 +247,7 @@ def load_hf_weights(model_chunks: Any | Sequence[Any], source: Any, hf_config: A
     a shape mismatch (usually a config that does not belong to the weights).
     """
     get, cfg = hf_weight_source(source, hf_config)
+    _check_layer_count(source, get, cfg)
     tp, r, _ = _tp()
     chunks = model_chunks if isinstance(model_chunks, list | tuple) else [model_chunks]
     n = 0
@@ -265,6 +266,26 @@ def load_hf_weights(model_chunks: Any | Sequence[Any], source: Any, hf_config: A
             param.copy_(value.to(dtype=param.dtype, device=param.device))
             n += 1
     return n
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(source: Any, get: TensorGetter, cfg: Any) -> None:
+    """Refuse weights with more decoder layers than the config (they would be dropped silently:
+    each rank reads only the layers its model has). Fewer layers fail on the first missing one."""
+    if isinstance(source, torch.nn.Module | Mapping):
+        names = list(source.state_dict() if isinstance(source, torch.nn.Module) else source)
+    else:
+        keys = getattr(get, "keys", None)
+        names = list(keys()) if callable(keys) else []
+    layers = [int(m.group(1)) for n in names if (m := _LAYER_KEY.match(str(n)))]
+    want = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    if layers and want and max(layers) >= want:
+        raise ValueError(
+            f"the weights hold {max(layers) + 1} decoder layers but the config has num_hidden_layers={want}; "
+            "is hf_config the config of these weights?"
+        )
 
 
 # ------------------------------------------------------------------- Megatron -> HF

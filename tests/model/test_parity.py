@@ -96,6 +96,17 @@ def test_mismatched_config_is_a_clear_error(world1, tiny):
         load_hf_weights([model], sd, hf_config=hf.config)
     with pytest.raises(ValueError, match="needs hf_config"):
         hf_weight_source(sd)
+    # weights with more layers than the config: refused, not the extra layers dropped silently
+    import copy
+
+    fewer = copy.deepcopy(hf.config)
+    fewer.num_hidden_layers = hf.config.num_hidden_layers - 1
+    model = build_gpt_model(fewer, pre_process=True, post_process=True, layer_spec="local")
+    too_many = f"the weights hold {hf.config.num_hidden_layers} decoder layers but the config has num_hidden_layers"
+    with pytest.raises(ValueError, match=too_many):
+        load_hf_weights([model], hf.state_dict(), hf_config=fewer)
+    with pytest.raises(ValueError, match=too_many):
+        load_hf_weights([model], hf, hf_config=fewer)
 
 
 def test_safetensors_checkpoint_roundtrip(world1, tiny, tmp_path):
@@ -175,3 +186,8 @@ def test_single_safetensors_file_source(world1, tiny, tmp_path):
     with pytest.raises(ValueError, match="pass hf_config="):
         load_hf_weights([model], tmp_path / "m" / "model.safetensors")
     load_hf_weights([model], tmp_path / "m" / "model.safetensors", hf_config=hf.config)
+    fewer = tiny.tiny_config("llama", True)
+    fewer.num_hidden_layers -= 1
+    small = build_model_chunks(fewer, layer_spec="local", perform_initialization=False)[0]
+    with pytest.raises(ValueError, match="decoder layers but the config has"):
+        load_hf_weights([small], tmp_path / "m" / "model.safetensors", hf_config=fewer)
