@@ -347,8 +347,8 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 if ref_chunks is not None:
                     tr = time.perf_counter()
                     batch = batch.replace(ref_logprobs=compute_logprobs(
-                        ref_chunks, batch, cfg.optim.micro_batch_size, pack_groups=cfg.optim.pack_groups,
-                        only_loss_positions=True))
+                        ref_chunks, batch, cfg.optim.micro_batch_size, temperature=loss_cfg.temperature,
+                        pack_groups=cfg.optim.pack_groups, only_loss_positions=True))
                     t_ref = time.perf_counter() - tr
                 train_metrics = grpo_train_step(rt.chunks, rt.optimizer, rt.scheduler, batch,
                                                 cfg.optim.micro_batch_size, loss_cfg, pack_groups=cfg.optim.pack_groups)
