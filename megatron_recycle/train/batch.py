@@ -55,6 +55,12 @@ class TrajectoryBatch:
                 f"loss_mask shape {tuple(self.loss_mask.shape)} != tokens shape {(n, seq)}"
             )
         self.loss_mask = self.loss_mask.to(torch.float32)
+        if not bool(((self.loss_mask == 0) | (self.loss_mask == 1)).all()):
+            bad = self.loss_mask[(self.loss_mask != 0) & (self.loss_mask != 1)]
+            raise ValueError(
+                f"loss_mask must hold only 0 and 1 (the GRPO loss counts every non-zero entry as one token), "
+                f"got values such as {sorted(set(bad.flatten()[:5].tolist()))}"
+            )
         if bool((self.loss_mask[:, 0] != 0).any()):
             raise ValueError(
                 "loss_mask[:, 0] must be 0: the first token has no logits that predict it "
@@ -72,6 +78,14 @@ class TrajectoryBatch:
                 setattr(self, name, v.long())
         if self.lengths is not None and bool(((self.lengths < 2) | (self.lengths > seq)).any()):
             raise ValueError(f"lengths must be in [2, L={seq}], got {self.lengths.tolist()}")
+        if self.lengths is not None:
+            past = self.loss_mask * (torch.arange(seq) >= self.lengths[:, None])
+            if bool(past.any()):
+                row = int(past.any(dim=1).nonzero()[0])
+                raise ValueError(
+                    f"row {row} has loss tokens at or past its length {int(self.lengths[row])} "
+                    "(lengths is each row's real token count; its padding must have loss_mask 0)"
+                )
         for name in ("old_logprobs", "ref_logprobs"):
             v = getattr(self, name)
             if v is not None and tuple(v.shape) != (n, seq - 1):

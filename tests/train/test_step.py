@@ -68,6 +68,12 @@ def test_build_batch_pads_and_aligns():
               advantages=torch.zeros(3)), "advantages"),
         (dict(tokens=torch.zeros(2, 5, dtype=torch.long), loss_mask=torch.zeros(2, 5),
               old_logprobs=torch.zeros(2, 5)), r"L-1"),
+        # a weight other than 0/1 would count as one token in the loss but as its value in the normalizer
+        (dict(tokens=torch.zeros(1, 4, dtype=torch.long), loss_mask=torch.tensor([[0, 1, 0.5, 1]])),
+         r"only 0 and 1 .* got values such as \[0.5\]"),
+        # a loss token in a row's padding: the packed and padded routes would score it differently
+        (dict(tokens=torch.zeros(2, 5, dtype=torch.long), loss_mask=torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]),
+              lengths=torch.tensor([5, 3])), r"row 1 has loss tokens at or past its length 3"),
     ],
 )
 def test_batch_rejects_bad_shapes(kwargs, match):
