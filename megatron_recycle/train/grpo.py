@@ -151,14 +151,26 @@ def _gather_records(records: list[dict], reused: int | None) -> tuple[list[dict]
     return [rec for part, _ in parts for rec in part], None if None in counts else sum(counts)
 
 
+def group_advantages(rewards: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [G, K], signal [G]) of groups of rewards [G, K] by the config's loss.* rule: one
+    rule for both, so that a group the pool consumes as signal-bearing never trains with zero
+    advantages (the std estimator decides which tiny spreads count)."""
+    from megatron_recycle_kernels import grpo_advantages
+
+    # impl="torch": a few dozen rewards on the host, where the kernels' Triton path does not run
+    # even when MEGATRON_RECYCLE_KERNELS_IMPL=triton asks it for the GPU's tensors
+    adv, _, _, signal = grpo_advantages(rewards.flatten(), group_size=rewards.shape[1],
+                                        norm_by_std=cfg.loss.norm_adv_by_std, unbiased=cfg.loss.unbiased_std,
+                                        impl="torch")
+    return adv.view(rewards.shape), signal
+
+
 def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int) -> tuple[list[list[dict]], dict]:
     """Steps 1-4: sample, roll out, update the pool.
 
     Returns this replica's share of the effective batch and step info; ``info["effective"]`` (the
     global effective batch size) and ``info["rollouts"]`` are the same on every rank.
     """
-    from megatron_recycle_kernels import grpo_advantages
-
     from megatron_recycle.agent.rollout import rollout_metrics, trajectory_record
 
     cfg, lay = rt.cfg, rt.layout
@@ -180,18 +192,13 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
         signal_flags = None
         if rt.is_rank0:
             rewards_all.append(rewards)
-            # impl="torch" here and below: a few dozen rewards on the host, where the kernels' Triton
-            # path does not run even when MEGATRON_RECYCLE_KERNELS_IMPL=triton asks it for the GPU's tensors
-            signal_flags = grpo_advantages(rewards.flatten(), group_size=k, impl="torch")[3]
+            signal_flags = group_advantages(rewards, cfg)[1]
         chosen = client.update(ids, rewards, signal_flags)
         n_effective += chosen.numel()
         decisions.append({"sampled": ids.tolist(), "chosen": chosen.tolist()})
         # Advantages of this replica's groups (group statistics need only the group's own rewards).
         if mine.numel():
-            adv = grpo_advantages(
-                local_rewards.flatten(), group_size=k, norm_by_std=cfg.loss.norm_adv_by_std,
-                unbiased=cfg.loss.unbiased_std, impl="torch",
-            )[0].view(len(mine), k)
+            adv = group_advantages(local_rewards, cfg)[0]
             keep = set(chosen.tolist())
             for gi, q in enumerate(mine.tolist()):
                 if q in keep:

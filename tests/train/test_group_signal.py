@@ -1,0 +1,33 @@
+"""grpo.group_advantages: the signal flags the pool consumes and the advantages the step trains
+on come from one rule, so a group marked signal-bearing (and used up) never trains with zero
+advantages, whatever loss.unbiased_std and loss.norm_adv_by_std say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_recycle.config import Config
+from megatron_recycle.train.grpo import group_advantages
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("norm", [True, False])
+def test_signal_flags_and_advantages_agree(unbiased, norm):
+    cfg = Config()
+    cfg.loss.unbiased_std, cfg.loss.norm_adv_by_std = unbiased, norm
+    # spreads around the estimators' thresholds (continuous rewards such as F1), then clear ones
+    spreads = [0.0, 1e-7, 1e-6, 1.5e-6, 2e-6, 2.2e-6, 2.5e-6, 3e-6, 5e-6, 1e-5, 0.5, 1.0]
+    rewards = torch.tensor([[0.0, 0.0, 0.0, s] for s in spreads])
+    adv, signal = group_advantages(rewards, cfg)
+    assert adv.shape == rewards.shape and signal.shape == (len(spreads),)
+    assert signal.tolist() == (adv != 0).any(dim=1).tolist()
+    assert not signal[0] and signal[-1]
+
+
+def test_the_std_estimator_moves_the_threshold():
+    """The case that used to differ: flags by the unbiased std, advantages by the biased one."""
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 2.2e-6]])
+    biased, unbiased = Config(), Config()
+    biased.loss.unbiased_std = False
+    assert group_advantages(rewards, biased)[1].tolist() != group_advantages(rewards, unbiased)[1].tolist()
