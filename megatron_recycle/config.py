@@ -142,6 +142,8 @@ class PoolConfig:
     batch_size: int = 4  # B: groups per training step
     oversample: int = 2  # k: candidates drawn per step = k * B
     consumed_weight: float | None = None  # None: 0 (0.1 for soft_recycle)
+    # when the live weight cannot fill a draw: new_epoch resets every weight to 1; stop ends training
+    # there (a dapo step that runs out mid-step trains on what it drew), with a final checkpoint
     on_exhausted: Literal["new_epoch", "stop"] = "new_epoch"
     max_gen_batches: int = 3  # dapo: generation batches per step at most
 

@@ -40,6 +40,9 @@ def binary_state(successes: int, k: int) -> int:
     return HARD if successes == 0 else (EASY if successes >= k else SIGNAL)
 
 
+_EXHAUSTED = -1  # what PoolClient.sample broadcasts instead of ids when the owner's pool is exhausted
+
+
 class PoolExhausted(RuntimeError):
     """The live weight mass cannot fill a draw and the pool was configured to stop."""
 
@@ -262,6 +265,17 @@ class RecyclingPool:
             self._finish_step()
         return chosen
 
+    def close_step(self) -> bool:
+        """End a step that stopped drawing early (``dapo`` when the pool ran out mid-step): its
+        generation batches so far make the step, as if the draw cap had been reached. False
+        when no step is open (nothing drawn since the last completed step)."""
+        if self._pending is not None:
+            raise RuntimeError("close_step() with a pending sample(): pass its rewards to update() first")
+        if not self._acc.gen_batches:
+            return False
+        self._finish_step()
+        return True
+
     def _finish_step(self) -> None:
         acc = self._acc
         zv = acc.zv_all_correct + acc.zv_all_wrong
@@ -478,8 +492,28 @@ class PoolClient:
         return dist.is_initialized() and dist.get_world_size(self.group) > 1
 
     def sample(self) -> torch.Tensor:
-        ids = self.pool.sample() if self.is_owner else None
-        return broadcast_ids(ids, self.src, self.group) if self._distributed() else ids
+        """The owner's next draw on every rank; PoolExhausted (``on_exhausted="stop"``) on every rank."""
+        exhausted: PoolExhausted | None = None
+        ids = None
+        if self.is_owner:
+            try:
+                ids = self.pool.sample()
+            except PoolExhausted as e:
+                if not self._distributed():
+                    raise
+                exhausted, ids = e, torch.tensor([_EXHAUSTED], dtype=torch.long)
+        if not self._distributed():
+            return ids
+        ids = broadcast_ids(ids, self.src, self.group)
+        if exhausted is not None:
+            raise exhausted
+        if ids.numel() == 1 and int(ids[0]) == _EXHAUSTED:
+            raise PoolExhausted(f"the pool (owned by rank {self.src}) is exhausted: see rank {self.src}'s message")
+        return ids
+
+    def close_step(self) -> bool:
+        """RecyclingPool.close_step on the owner (every rank calls it; it sends nothing)."""
+        return self.pool.close_step() if self.is_owner else False
 
     def update(self, ids: torch.Tensor, rewards: torch.Tensor | None, signal: torch.Tensor | None = None) -> torch.Tensor:
         chosen = self.pool.update(ids, rewards, signal) if self.is_owner else None

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_recycle.config import Config, check_against_data
-from megatron_recycle.pool import PoolClient, RecyclingPool, gather_rows, shard
+from megatron_recycle.pool import PoolClient, PoolExhausted, RecyclingPool, gather_rows, shard
 from megatron_recycle.train import runtime as rtm
 from megatron_recycle.train.resume import (
     GRPO_RUN_FILES,
@@ -181,8 +181,17 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
     rewards_all: list[torch.Tensor] = []
     gen_batch = n_effective = n_rollouts = 0
     decisions = []
+    exhausted = False
     while True:
-        ids = client.sample()
+        try:
+            ids = client.sample()
+        except PoolExhausted:
+            if gen_batch == 0:
+                raise  # nothing drawn for this step: run_grpo ends training before it
+            # dapo ran out mid-step: the generation batches drawn so far make the step
+            client.close_step()
+            exhausted = True
+            break
         n_rollouts += ids.numel() * k
         mine = shard(ids, lay.dp_rank, lay.dp)
         trajs = rollout_share(rt, examples, mine, step, gen_batch)
@@ -216,7 +225,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
     reused = None if reused_before is None else rt.engine.reused_tokens - reused_before
     records, reused_all = _gather_records([trajectory_record(t) for t in all_trajs], reused)
     info = {"rollout": rollout_metrics(records) if records else {}, "effective": n_effective,
-            "rollouts": n_rollouts, "decisions": decisions}
+            "rollouts": n_rollouts, "decisions": decisions, "exhausted": exhausted}
     if reused_all is not None and info["rollout"]:
         info["rollout"]["prefix_reused_tokens"] = float(reused_all)
     if rt.is_rank0:
@@ -341,7 +350,12 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 print(f"[train] rollout budget {cfg.train.rollout_budget} reached", flush=True)
                 break
             t0 = time.perf_counter()
-            groups, info = collect_step(rt, client, examples, step)
+            try:
+                groups, info = collect_step(rt, client, examples, step)
+            except PoolExhausted as e:  # pool.on_exhausted=stop, on every rank: end as configured
+                print(f"[train] {e}: training ends before step {step} (pool.on_exhausted=stop)", flush=True)
+                summary["exhausted"] = True
+                break
             t1 = time.perf_counter()
             n_eff = info["effective"]
             record: dict[str, Any] = {"step": step}
@@ -415,6 +429,11 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             if stopping:
                 print(f"[train] stopped after step {step + 1}; resume with --resume", flush=True)
                 summary["stopped"] = True
+                break
+            if info["exhausted"]:
+                print(f"[train] the pool ran out during step {step} (pool.on_exhausted=stop): training ends "
+                      "after it", flush=True)
+                summary["exhausted"] = True
                 break
     final_step = summary["steps"] if summary["steps"] else start_step
     if last_saved != final_step:

@@ -87,6 +87,27 @@ def test_stop_when_exhausted():
         pool.sample()
 
 
+def test_a_dapo_step_that_runs_out_mid_step_is_closed_with_what_it_drew():
+    pool = RecyclingPool(5, batch_size=2, strategy="dapo", on_exhausted="stop", max_gen_batches=3, seed=0)
+    assert pool.close_step() is False  # no step open
+    ids = pool.sample()
+    with pytest.raises(RuntimeError, match="pending sample"):
+        pool.close_step()
+    pool.update(ids, rewards_for(ids, lambda q: 0))  # no signal: dapo wants another generation batch
+    ids2 = pool.sample()
+    pool.update(ids2, rewards_for(ids2, lambda q: 4 if q == int(ids2[0]) else 2))  # one signal group
+    assert pool.needs_more
+    with pytest.raises(PoolExhausted):
+        pool.sample()  # 5 queries, 4 drawn and consumed: 1 live, fewer than a draw of B = 2
+    with pytest.raises(RuntimeError, match="middle of a step"):
+        pool.state_dict()
+    assert pool.close_step() is True
+    s = pool.stats()
+    assert s["gen_batches"] == 2 and s["effective_batch"] == 1 and s["step"] == 0
+    assert pool.step == 1
+    pool.state_dict()  # between steps again: a checkpoint can be written
+
+
 def test_soft_recycling_keeps_small_weight():
     pool = RecyclingPool(10, batch_size=3, strategy="soft_recycle", seed=0)
     ids = pool.sample()

@@ -73,3 +73,39 @@ def test_every_rank_sees_the_same_decisions(strategy):
     assert cont == resumed
     # the run did something non-trivial: several non-empty effective batches
     assert sum(len(c) for _, c in first) > 20
+
+
+def _exhaust_worker(rank: int, world: int, port: int, out):
+    from megatron_recycle.pool import PoolExhausted
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        pool = RecyclingPool(6, batch_size=3, strategy="grpo", on_exhausted="stop", seed=1) if rank == 0 else None
+        client = PoolClient(pool)
+        drawn = _run_steps(client, 2, 0, rank, world)  # 6 queries, 3 a step: all consumed
+        try:
+            client.sample()
+            out[rank] = ("no error", drawn)
+        except PoolExhausted as e:
+            out[rank] = (str(e), drawn)
+        # the ranks are still in step: one more collective goes through
+        t = torch.tensor([rank])
+        dist.all_reduce(t)
+        out[f"sum{rank}"] = int(t)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_an_exhausted_pool_raises_on_every_rank():
+    """on_exhausted=stop: the owner's PoolExhausted reaches every rank (no rank left waiting for ids)."""
+    world = 3
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_exhaust_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+    assert "positive weight" in out[0][0]
+    for r in (1, 2):
+        assert "the pool (owned by rank 0) is exhausted" in out[r][0]
+        assert out[r][1] == out[0][1]
+    assert [out[f"sum{r}"] for r in range(world)] == [3, 3, 3]

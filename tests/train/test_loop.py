@@ -630,6 +630,31 @@ def test_nan_loss_stops_without_a_new_checkpoint(env):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["grpo", "dapo"])
+def test_an_exhausted_pool_ends_training_with_a_checkpoint(env, strategy):
+    """pool.on_exhausted=stop with 4 training queries and B = 2: training ends when the pool runs
+    out, exit 0, the steps done logged and checkpointed (dapo: the step that ran out mid-step
+    trains on what it drew); a resume meets the same end and changes nothing."""
+    name = f"exhaust_{strategy}"
+    run_dir = env["out"] / name
+    extra = ["pool.on_exhausted=stop", "data.max_train_queries=4", f"pool.strategy={strategy}", "pool.oversample=1",
+             "train.steps=6", "run.save_every=0"] + (["pool.max_gen_batches=3"] if strategy == "dapo" else [])
+    out = _run(CLI + ["train"] + _overrides(env, name, *extra)).stdout
+    rows = _metrics(run_dir)
+    assert 1 <= len(rows) <= 2, rows
+    if strategy == "grpo":  # two draws of 2 use up the 4 queries; the third finds none
+        assert len(rows) == 2 and "training ends before step 2 (pool.on_exhausted=stop)" in out, out[-2000:]
+    else:  # drawn until B signal groups or 3 batches: the pool runs out mid-step or before the next one
+        assert "pool.on_exhausted=stop" in out, out[-2000:]
+    assert sum(r["candidates"] for r in rows) == 4
+    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved == [len(rows)]
+    again = _run(CLI + ["train", "--resume"] + _overrides(env, name, *extra)).stdout
+    assert f"training ends before step {len(rows)}" in again, again[-2000:]
+    assert len(_metrics(run_dir)) == len(rows)
+
+
+@pytest.mark.slow
 def test_sft_checkpoints_and_resume_give_the_uninterrupted_weights(env):
     """sft.save_every=2: a second run resumed from the first one's checkpoint of step 2 (model,
     optimizer, schedule, RNG, the rest of the data order, which runs out after step 4 here and is
