@@ -176,6 +176,13 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     run_dir = cfg.run_dir
     rank0 = rtm.env_rank() == 0
     resume = resume_after_restart(cfg, resume, "run", "finished phases reused, GRPO from its newest checkpoint")
+    if not resume:
+        # before any phase: an earlier run's SFT result, GRPO checkpoints or evaluations left here
+        # must not be taken for this run's by a `run --resume` (or a torchrun restart) after an
+        # interruption in an early phase, before SFT and GRPO would move their own files aside
+        from megatron_recycle.train.resume import PIPELINE_RUN_FILES, archive_earlier_run
+
+        archive_earlier_run(run_dir, PIPELINE_RUN_FILES, rank0, "run")
     timings: dict[str, float] = {}
 
     def phase(name: str, start: float) -> None:

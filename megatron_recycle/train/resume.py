@@ -19,6 +19,8 @@ EARLIER_RUNS_DIR = "previous"
 # what a GRPO run (`train`) and an SFT run write in their folders: moved aside by a fresh start
 GRPO_RUN_FILES = ("checkpoints", "tensorboard", "ranks", "metrics.jsonl", "pool_history.csv", "config.yaml")
 SFT_RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "hf", "config.yaml")
+# what `megatron-recycle run` leaves in its run directory: GRPO's files, SFT's folder, evaluations, report
+PIPELINE_RUN_FILES = GRPO_RUN_FILES + ("sft", "eval", "final_hf", "plots", "report.json", "report.md")
 
 
 def archive_earlier_run(folder: Path, names: tuple[str, ...], is_rank0: bool, tag: str) -> Path | None:

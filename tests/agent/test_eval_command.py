@@ -218,3 +218,37 @@ def test_a_benchmark_folder_without_benchmarks_is_refused_up_front(tmp_path, bui
         err = capsys.readouterr().err
         assert "none of the benchmarks (nq, triviaqa" in err and "<dir>/<name>/<test|dev>" in err, command
     assert builds == {"engine": 0, "retriever": 0} and not (tmp_path / "data").exists() and not runs.exists()
+
+
+def test_a_fresh_run_moves_an_earlier_run_aside_before_its_first_phase(tmp_path, monkeypatch):
+    """Before: a new `run` in a used folder, stopped in its first evaluation (or in SFT), left the
+    earlier run's SFT result and GRPO checkpoints in place, and `run --resume` took them up as its
+    own (the new run then reported the earlier run's final model). Now they are moved aside first;
+    a resumed run keeps its own files."""
+    from megatron_recycle.config import load_config
+    from megatron_recycle.train import pipeline
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'runs'}", "run.name=r"])
+    run_dir = cfg.run_dir
+    for rel in ("sft/hf/config.json", "checkpoints/step_3/manifest.json", "eval/before_test.json",
+                "final_hf/config.json", "metrics.jsonl", "report.md", "notes.txt"):
+        (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / rel).write_text("earlier")
+    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x"})
+    monkeypatch.setattr(pipeline.rtm, "read_examples", lambda *a: [object()] * 100)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate_model", interrupted)
+    monkeypatch.setattr(pipeline, "_cached_eval", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg, resume=True)
+    assert (run_dir / "sft" / "hf" / "config.json").is_file() and not (run_dir / "previous").exists()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg, resume=False)
+    (earlier,) = (run_dir / "previous").iterdir()
+    assert sorted(p.name for p in earlier.iterdir()) == ["checkpoints", "eval", "final_hf", "metrics.jsonl",
+                                                         "report.md", "sft"]
+    assert (earlier / "sft" / "hf" / "config.json").read_text() == "earlier"  # nothing lost
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt", "previous"]  # not the run's: left
