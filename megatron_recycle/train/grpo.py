@@ -309,6 +309,8 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
     # The reference model before any restore: building it draws random initial weights, which
     # would move the RNG states a resume restores.
     ref_chunks = _reference_model(rt) if cfg.loss.kl_beta > 0 else None
+    # what the KL term is measured against, kept in every checkpoint: a resume must use the same
+    reference = _reference_identity(rt) if ref_chunks is not None else None
     start_step, rollouts_done = 0, 0
     if resume:
         latest = ckpt.latest_agreed()
@@ -318,6 +320,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                       flush=True)
         else:
             shared = restore_checkpoint(ckpt, rt, latest, "train")
+            check_reference(shared.get("reference_model"), reference, rt.is_rank0)
             if pool is not None:
                 pool.load_state_dict(shared["pool"])
                 # the history file as of this checkpoint (a crash may have come before it was written)
@@ -424,7 +427,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             summary = {"steps": step + 1, "last": record, "stopped": False}
             stopping = stop.any_rank()
             if stopping or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                _save(ckpt, rt, pool, step + 1, rollouts_done)
+                _save(ckpt, rt, pool, step + 1, rollouts_done, reference)
                 last_saved = step + 1
             if stopping:
                 print(f"[train] stopped after step {step + 1}; resume with --resume", flush=True)
@@ -437,7 +440,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 break
     final_step = summary["steps"] if summary["steps"] else start_step
     if last_saved != final_step:
-        _save(ckpt, rt, pool, final_step, rollouts_done)  # with pool_history.csv, as every save
+        _save(ckpt, rt, pool, final_step, rollouts_done, reference)  # with pool_history.csv, as every save
     metrics.close()
     summary["run_dir"] = str(run_dir)
     summary["runtime"] = rt
@@ -476,15 +479,50 @@ class _DecisionLog:
             f.write(self._json.dumps({"step": step, "gen_batches": decisions}) + "\n")
 
 
-def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int) -> None:
+def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, reference: dict | None = None) -> None:
     from megatron_recycle.train.metrics import write_pool_history
 
-    shared = {"step": step, "rollouts": rollouts, "pool": pool.state_dict() if pool is not None else None}
+    shared = {"step": step, "rollouts": rollouts, "pool": pool.state_dict() if pool is not None else None,
+              "reference_model": reference}
     ckpt.save(step, checkpoint_parts(rt), shared)
     if pool is not None:  # rank 0: pool_history.csv as of this checkpoint, so that a crash leaves one
         write_pool_history(rt.cfg.run_dir, pool.history_table())
     if rt.is_rank0:
         print(f"[train] checkpoint step {step} -> {ckpt.dir / f'step_{step}'}", flush=True)
+
+
+def _reference_identity(rt: rtm.Runtime) -> dict:
+    """The KL reference's starting model: its path (``--init-from`` or model.name_or_path) and the
+    digest of its weights (rank 0 hashes them; the others get rank 0's)."""
+    from megatron_recycle.model.hf_loading import model_digest
+
+    ident = {"path": str(rt.model_path), "digest": model_digest(rt.model_path) if rt.is_rank0 else None}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [ident]
+        dist.broadcast_object_list(holder, src=0)
+        ident = holder[0]
+    return ident
+
+
+def check_reference(saved: dict | None, current: dict | None, is_rank0: bool) -> None:
+    """Refuse a resume whose KL reference would differ from the checkpoint's run (same decision on
+    every rank: both sides are the same everywhere). A checkpoint without the record (written
+    before it existed, or by a run without a KL term) is not checked."""
+    from megatron_recycle.train.checkpoint import CheckpointError
+
+    if saved is None or current is None:
+        if saved is not None and current is None and is_rank0:
+            print("[train] --resume: the checkpoint's run had a KL term (loss.kl_beta > 0) and this one has none",
+                  flush=True)
+        return
+    if saved.get("digest") == current.get("digest") and (saved.get("digest") or saved["path"] == current["path"]):
+        return
+    raise CheckpointError(
+        f"--resume: this run's KL reference model is {current['path']} but the checkpoint's run measured its KL "
+        f"against {saved['path']}" + (" (the same path, other weights now)" if saved["path"] == current["path"] else "")
+        + f"; resume with --init-from {saved['path']} as it was (an SFT result must not have been rewritten "
+        "since), or start a new run"
+    )
 
 
 def _reference_model(rt: rtm.Runtime) -> list:

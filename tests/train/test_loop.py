@@ -630,6 +630,23 @@ def test_nan_loss_stops_without_a_new_checkpoint(env):
 
 
 @pytest.mark.slow
+def test_resume_keeps_the_kl_reference_of_the_run(env, tmp_path):
+    """A run started with --init-from X measures its KL against X; a resume without it (or with
+    another model) would have measured it against model.name_or_path: refused, with the fix."""
+    start = tmp_path / "start"
+    _run(CLI + ["train", "--save-hf", str(start)] + _overrides(env, "kl_start", "train.steps=1"))
+    name = "kl_ref"
+    kl = ["loss.kl_beta=0.01", "pool.strategy=grpo", "pool.oversample=1"]
+    _run(CLI + ["train", "--init-from", str(start)] + _overrides(env, name, "train.steps=1", *kl))
+    proc = subprocess.run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", *kl),
+                          capture_output=True, text=True, timeout=240, env=_env_vars(), cwd=ROOT)
+    assert proc.returncode != 0
+    assert f"resume with --init-from {start} as it was" in proc.stderr, proc.stderr[-3000:]
+    out = _run(CLI + ["train", "--resume", "--init-from", str(start)] + _overrides(env, name, "train.steps=2", *kl)).stdout
+    assert "steps 1->2" in out
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["grpo", "dapo"])
 def test_an_exhausted_pool_ends_training_with_a_checkpoint(env, strategy):
     """pool.on_exhausted=stop with 4 training queries and B = 2: training ends when the pool runs
