@@ -171,6 +171,8 @@ class OptimConfig:
     # linear warm-up from 0 over this many updates (Megatron's schedule: update u runs at
     # lr * (u - 1) / warmup_steps, so with a warm-up the first update runs at 0)
     warmup_steps: int = 0
+    # decay from lr to min_lr over train.steps updates; the schedule advances with each optimizer
+    # update, so a step whose effective batch is empty (no signal-bearing group) leaves it where it is
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     use_distributed_optimizer: bool = False
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
