@@ -304,6 +304,10 @@ def transformer_config_from_hf(
         attention_softmax_in_fp32=True,
         cross_entropy_loss_fusion=False,
     )
+    if overrides.get("window_size") is not None:
+        # megatron's own attention would apply it, but the attention this package swaps in
+        # (model/attention.py: packed groups, SDPA) does not: the model would silently differ
+        raise ValueError("window_size (sliding-window attention) is not supported by this package's attention")
     kwargs.update(overrides)
     check_memory_options(kwargs, kwargs["num_layers"], tp, pp, vpp)
     return TransformerConfig(**kwargs)
@@ -361,17 +365,22 @@ def layer_spec_for(hf_config: Any, layer_spec: str = "auto", sequence_parallel: 
 
 
 def _block_spec(layer: Any, config: Any, vp_stage: int | None) -> Any:
-    """The decoder spec GPTModel gets: the layer spec, or under sequence parallelism with the local
-    spec a TransformerBlockSubmodules whose final norm is :class:`SequenceParallelRMSNorm` too."""
-    if not config.sequence_parallel or layer.submodules.input_layernorm is not SequenceParallelRMSNorm:
-        return layer
+    """The decoder spec GPTModel gets. With the local spec, a TransformerBlockSubmodules whose final
+    norm is the layers' own norm class (megatron's torch RMSNorm, or :class:`SequenceParallelRMSNorm`
+    under sequence parallelism): given a bare layer spec, megatron takes the final norm from
+    whatever fused library imports (TENorm with transformer-engine, apex's FusedLayerNorm, which
+    refuses RMSNorm, with apex alone). The transformer-engine spec is passed as it is."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
 
+    norm = layer.submodules.input_layernorm
+    if norm not in (WrappedTorchNorm, SequenceParallelRMSNorm):
+        return layer
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=SequenceParallelRMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
 
 
 def build_gpt_model(

@@ -92,6 +92,12 @@ def test_unsupported_rope_scalings_are_refused(tiny):
             transformer_config_from_hf(cfg, tp=1, pp=1)
 
 
+def test_a_sliding_window_override_is_refused(tiny):
+    """megatron's attention would apply it; the package's packed/SDPA attention would not."""
+    with pytest.raises(ValueError, match="window_size .* is not supported"):
+        transformer_config_from_hf(tiny.tiny_config("llama", tied=True), tp=1, pp=1, window_size=(4, 0))
+
+
 @pytest.mark.parametrize("kind", ["llama", "llama3_rope", "llama_linear_rope", "qwen3"])
 def test_rope_inv_freq_matches_transformers(tiny, kind):
     """Our float64 inverse frequencies against transformers' own (float32) for each RoPE type."""

@@ -191,3 +191,22 @@ def test_single_safetensors_file_source(world1, tiny, tmp_path):
     small = build_model_chunks(fewer, layer_spec="local", perform_initialization=False)[0]
     with pytest.raises(ValueError, match="decoder layers but the config has"):
         load_hf_weights([small], tmp_path / "m" / "model.safetensors", hf_config=fewer)
+
+
+def test_the_local_spec_keeps_its_own_final_norm_where_apex_imports(world1, tiny, monkeypatch):
+    """Given a bare layer spec, megatron takes the decoder's final norm from its module global
+    LayerNormImpl: apex's FusedLayerNorm where apex imports (no transformer-engine), which refuses
+    RMSNorm. The local spec names its own norm, so the model builds and matches as before."""
+    import megatron.core.transformer.transformer_block as tb
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    monkeypatch.setattr(tb, "LayerNormImpl", FusedLayerNorm)  # what a successful `import apex` sets
+    hf = tiny.tiny_hf_model("qwen3", False, seed=4)
+    model = build_model_chunks(hf.config, layer_spec="local")[0]
+    final = unwrap_model(model).decoder.final_layernorm
+    assert not isinstance(final, FusedLayerNorm)
+    assert type(final) is type(WrappedTorchNorm(unwrap_model(model).config, hidden_size=8))
+    load_hf_weights([model], hf)
+    exported = export_hf_state_dict_to_cpu([model], hf.config)
+    assert all(torch.equal(exported[k], v) for k, v in _reference_state(hf).items())
