@@ -36,8 +36,11 @@ def test_bench_step_under_torchrun_writes_its_phases(tmp_path):
     assert f"{prof['aten_ops']} aten ops dispatched" in proc.stdout
     assert (tmp_path / "bench_step_tiny_4x32_t.1.csv").is_file()
     assert result["n"] == 4 and result["seq_len"] == 32 and result["dp"] == 1
-    assert set(result["time_s"]) == {"old_logprobs", "forward_backward", "optimizer"}
+    # the step's host preparation (micro-batches, packed layouts) is a phase of its own, in the total
+    assert set(result["time_s"]) == {"old_logprobs", "prepare", "forward_backward", "optimizer"}
     assert all(t > 0 for t in result["time_s"].values())
+    assert result["step_time_s"] == sum(result["time_s"].values())
+    assert re.search(r"^prepare +\d+\.\d+ +-$", proc.stdout, re.M), proc.stdout[-2000:]
     assert math.isfinite(result["loss_last"]) and result["grad_norm_last"] > 0
     assert "GRPO step: tiny" in proc.stdout
     options = result["memory_options"]
@@ -70,3 +73,22 @@ def test_bench_step_packs_groups_on_virtual_pipeline_stages(tmp_path):
     route = "causal-bias" if torch.cuda.is_available() else "split"  # the device's default (the variable unset)
     assert math.isfinite(result["loss_last"]) and f"in groups of 2 (packed, attention route {route})" in proc.stdout
     assert result["packed_attention_route"] == route
+
+
+def test_bench_step_measures_the_activations_of_the_layout_it_times(tmp_path):
+    """--no-pack: the activation line is the padded rows', not the packed layout's (it was the
+    packed one's for both, seen on the H200: 10.296 GiB twice)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGATRON_RECYCLE_PACKED_ATTENTION")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    got = {}
+    for tag, extra in (("packed", []), ("padded", ["--no-pack"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               str(ROOT / "tools" / "bench_step.py"), "--model", "tiny", "--sequences", "4", "--seq-len", "64",
+               "--mbs", "4", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path),
+               "--tag", tag, "--group-size", "4", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        got[tag] = json.loads((tmp_path / f"bench_step_tiny_4x64_{tag}.json").read_text())
+    assert got["packed"]["group_packing"] is True and got["padded"]["group_packing"] is False
+    packed, padded = (got[t]["saved_activations_gib_per_microbatch"] for t in ("packed", "padded"))
+    assert 0 < packed < padded  # the shared prompt kept once per group, not once per row
