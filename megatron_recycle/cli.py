@@ -17,12 +17,13 @@ from megatron_recycle.config import Config, ConfigError, load_config
 # Exceptions whose message says what is wrong and what to do: printed without a traceback.
 USER_ERRORS = {
     "CheckpointError", "QAFormatError", "SFTDataError", "AnalyzeError", "TrainingDiverged", "PoolExhausted",
-    "FileNotFoundError", "FileExistsError",
+    "FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError", "PermissionError",
 }
 
 EPILOG = (
-    "Overrides are dotted keys with YAML values, e.g. pool.batch_size=8 optim.lr=1e-6 "
-    "model.tp=2. Every key is documented in megatron_recycle/config.py and in the recipes."
+    "Overrides are dotted keys, e.g. pool.batch_size=8 optim.lr=1e-6 model.tp=2 run.name=2024-12-01 "
+    "(text keys take the text as it is; numbers are base 10; booleans and sections are YAML). "
+    "Every key is documented in megatron_recycle/config.py and in the recipes."
 )
 
 
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if from_command_line:
         _maybe_reexec_keep_memory(argv)
     if argv[:1] == ["simulate"]:  # every option after it belongs to megatron_recycle/simulate.py
-        return cmd_simulate(argparse.Namespace(sim_args=argv[1:]))
+        return _run_handler(cmd_simulate, argparse.Namespace(sim_args=argv[1:]))
     # key=value overrides may come before, between or after the options (`eval nq.x=1 --resume y=2`):
     # argparse takes the first run of them as the positional and leaves the later ones over
     args, extra = parser.parse_known_args(argv)
@@ -286,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    return _run_handler(args.handler, args)
+
+
+def _run_handler(handler, args: argparse.Namespace) -> int:
     try:
-        return int(args.handler(args) or 0)
+        return int(handler(args) or 0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -327,8 +329,21 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     if isinstance(value, dict) and isinstance(node.get(last), dict):
         for key, inner in value.items():
             _set_dotted(node, f"{last}.{key}", inner)
+    elif not isinstance(value, dict) and _is_section(dotted):
+        raise ConfigError(f"override {dotted}={value!r}: {dotted} is a section; set its keys "
+                          f"({dotted}.KEY=VALUE) or give a mapping ({dotted}={{key: value}})")
     else:
         node[last] = value
+
+
+def _is_section(dotted: str) -> bool:
+    cls: Any = Config
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return False
+        cls = hints[part]
+    return dataclasses.is_dataclass(cls)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -339,11 +354,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged below, as YAML defines
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise ConfigError(f"key {key!r} appears twice in one mapping (lines {seen[key] + 1} and "
                               f"{key_node.start_mark.line + 1})")
         seen[key] = key_node.start_mark.line
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -351,18 +369,73 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'pool.batch_size=8' -> ('pool.batch_size', 8); the value is read as YAML."""
+    """'pool.batch_size=8' -> ('pool.batch_size', 8).
+
+    The value is read by the type of the key it sets: a text field takes the text as it is
+    (``run.name=2024-12-01``, ``run.name=exp #3``; quotes, if any, are removed); an integer or a
+    number is read in base 10 (``train.steps=010`` is 10, never YAML 1.1's octal 8, and YAML's
+    base-60 ``1:30`` is refused); anything else (booleans, sections, null) is read as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r} has no key")
+    tp = _field_type(key)
+    stripped = raw.strip()
+    if tp is str:
+        if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+            try:
+                quoted = yaml.safe_load(stripped)
+            except yaml.YAMLError:
+                quoted = None
+            if isinstance(quoted, str):
+                return key, quoted
+        return key, stripped
+    if tp in (int, float) and re.fullmatch(r"[-+]?\d+", stripped):
+        return key, int(stripped, 10)
+    if tp in (int, float) and ":" in stripped:
+        raise ConfigError(f"override {text!r}: expected {'an integer' if tp is int else 'a number'}, got {stripped!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = yaml.safe_load(raw) if stripped != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot read the value: {e}") from e
     return key, value
+
+
+def _field_type(dotted: str) -> Any:
+    """The declared type of a dotted key (Optional[X] -> X), or None for a section or an unknown key."""
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        tp = hints[part]
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = inner[0] if len(inner) == 1 else tp
+        if i == len(parts) - 1:
+            return None if dataclasses.is_dataclass(tp) else tp
+        cls = tp
+    return None
+
+
+# settings that name a file or folder: a leading ~ is the user's home (the shell leaves it as it
+# is in key=value words, and a YAML recipe never expands it)
+PATH_KEYS = ("run.output_dir", "data.dir", "data.train_file", "data.dev_file", "data.test_file", "retriever.corpus",
+             "retriever.dense_model", "retriever.cache_dir", "model.name_or_path", "model.cache_dir", "eval.data_dir")
+
+
+def _expand_home(cfg: Config) -> None:
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        node = getattr(cfg, section)
+        value = getattr(node, key)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(node, key, os.path.expanduser(value))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -394,6 +467,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
+    _expand_home(cfg)
     validate(cfg, check_environment=check_environment)
     return cfg
 

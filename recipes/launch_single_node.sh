@@ -6,8 +6,12 @@
 # a restarted train / run / eval resumes as with --resume (README "Restarts after a crash").
 set -euo pipefail
 RECIPE=${1:?usage: $0 RECIPE.yaml [key=value ...]}; shift
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "${CUDA_VISIBLE_DEVICES}" != "-1" ]; then
+  # the GPUs this job may use, not every GPU of the node (nvidia-smi -L lists them all, and each
+  # MIG partition as a line of its own)
+  NPROC=${NPROC:-$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)}
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  NPROC=${NPROC:-$(nvidia-smi -L | grep -c '^GPU ')}
 else
   NPROC=${NPROC:-2}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -358,3 +358,86 @@ def test_serve_retriever_serves_with_the_clients_limits(monkeypatch):
                  "retriever.topk=150", "--port", "8123"]) == 0
     assert (seen["max_queries"], seen["max_query_chars"], seen["default_topk"], seen["max_topk"]) == (2048, 8000, 150, 150)
     assert seen["port"] == 8123 and seen["retriever_kind"] == "bm25"
+
+
+def test_overrides_are_read_by_the_type_of_their_key(monkeypatch):
+    """Text keys take the text as it is (dates, numbers, 'no', ' #' were refused or cut at the '#');
+    integers are base 10 (YAML 1.1 read 010 as octal 8 and 1:30 as base-60 90); ~ is the home folder."""
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = load_config(None, ["run.name=2024-12-01", "data.dir=/data/set #2", "model.name_or_path=1.5",
+                             "retriever.corpus=no", "train.steps=010", "run.seed=007", "optim.lr=2",
+                             "run.output_dir=~/runs", "eval.data_dir=~", "sft.enabled=false"],
+                      check_environment=False)
+    assert (cfg.run.name, cfg.data.dir, cfg.model.name_or_path, cfg.retriever.corpus) == (
+        "2024-12-01", "/data/set #2", "1.5", "no")
+    assert (cfg.train.steps, cfg.run.seed, cfg.optim.lr, cfg.sft.enabled) == (10, 7, 2.0, False)
+    assert (cfg.run.output_dir, cfg.eval.data_dir) == ("/home/someone/runs", "/home/someone")
+    # quotes around a text value are removed, as in YAML; inner quotes stay
+    cfg = load_config(None, ["run.name='exp 3'", "data.dir=\"it's\"", "run.name= spaced "], check_environment=False)
+    assert (cfg.run.name, cfg.data.dir) == ("spaced", "it's")
+    for bad, match in (("run.seed=1:30", "expected an integer, got '1:30'"),
+                       ("optim.lr=1:30", "expected a number, got '1:30'"),
+                       ("train.steps=ten", "train.steps: expected an integer")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [bad], check_environment=False)
+    # the recipe's own paths too
+    cfg = load_config(None, ["model.cache_dir=~/.cache/m"], check_environment=False)
+    assert cfg.model.cache_dir == "/home/someone/.cache/m" and cfg.model.name_or_path == "smollm2-135m"
+
+
+def test_a_section_cannot_be_set_to_a_value(tmp_path):
+    """`retriever=null` threw away the recipe's whole section (every key back to its default)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("retriever:\n  topk: 2\n")
+    for bad in ("retriever=null", "retriever=3", "pool=grpo"):
+        with pytest.raises(ConfigError, match="is a section; set its keys"):
+            load_config(recipe, [bad], check_environment=False)
+    assert load_config(recipe, ["retriever={kind: bm25}"], check_environment=False).retriever.topk == 2
+
+
+def test_yaml_merge_keys_in_a_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("pool: &p\n  batch_size: 8\n  <<: {oversample: 3}\noptim:\n  lr: 1e-6\n")
+    cfg = load_config(recipe, check_environment=False)
+    assert (cfg.pool.batch_size, cfg.pool.oversample) == (8, 3)
+    recipe.write_text("pool:\n  <<: {oversample: 3}\n  batch_size: 8\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match="key 'batch_size' appears twice"):
+        load_config(recipe, check_environment=False)
+
+
+def test_file_system_mistakes_are_one_line_errors(tmp_path, capsys):
+    """simulate writing to a folder path: one line and exit 2, not a traceback."""
+    assert main(["simulate", "--queries", "64", "--batch-size", "4", "--budget", "16", "--strategies", "recycle",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("IsADirectoryError:") and "Traceback" not in err
+
+
+def test_a_reward_module_beside_the_user_loads_under_python_dash_p(tmp_path, monkeypatch):
+    """The heavy commands re-run Python with -P (the working directory off sys.path): a reward
+    module in the working directory is still found, after every installed package."""
+    from megatron_recycle.agent.reward import load_reward_fn
+
+    (tmp_path / "my_reward_mod_x.py").write_text("def coin(response, golds, truncated):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path), ".")])
+    fn = load_reward_fn("my_reward_mod_x:coin")
+    assert fn("a", ["b"], False) == 0.5 and sys.path[-1] == str(tmp_path)
+    with pytest.raises(ValueError, match="No module named 'no_such_reward_mod'"):
+        load_reward_fn("no_such_reward_mod:f")
+
+
+def test_every_pool_statistic_has_a_pool_heading():
+    from megatron_recycle.pool import RecyclingPool
+    from megatron_recycle.train.metrics import POOL_KEYS
+
+    for strategy in ("recycle", "soft_recycle", "grpo", "bounded_dapo", "dapo"):
+        pool = RecyclingPool(16, batch_size=2, oversample=1 if strategy in ("grpo", "dapo") else 2, strategy=strategy)
+        while True:
+            ids = pool.sample()
+            import torch
+
+            pool.update(ids, torch.tensor([[1.0, 0.0]] * len(ids)))
+            if not pool.needs_more:
+                break
+        assert set(pool.stats()) - {"step"} <= POOL_KEYS, strategy

@@ -6,12 +6,15 @@ import functools
 import importlib
 import importlib.util
 import math
+import os
 import re
 import string
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from megatron_recycle.agent.protocol import extract_answer
 
@@ -77,13 +80,27 @@ def load_reward_fn(spec: str) -> Callable[[str, list[str], bool], float]:
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(target)
+            module = _import_module(target)
         fn = getattr(module, name)
     except (ImportError, FileNotFoundError, AttributeError) as e:
         raise ValueError(f"cannot load the custom reward {spec!r}: {e}") from e
     if not callable(fn):
         raise ValueError(f"custom reward {spec!r} is not callable")
     return fn
+
+
+def _import_module(target: str) -> Any:
+    """importlib.import_module, then once more with the working directory at the END of sys.path
+    when the module is not found: the heavy commands run as ``python -P`` (the checkout's folders
+    must not shadow installed packages), which leaves out a reward module beside the user."""
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != target.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(target)
 
 
 def score_response(

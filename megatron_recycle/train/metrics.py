@@ -33,7 +33,7 @@ POOL_KEYS = frozenset({
     "epoch", "epoch_reset", "gen_batches", "candidates", "rollouts", "signal_groups", "zero_variance",
     "zv_all_correct", "zv_all_wrong", "effective_batch", "batch_fill", "recycled", "recycled_share",
     "recovery", "drift", "recovery_share", "drift_share", "rollouts_per_effective_group", "transitions",
-    "pool_step", "pool_epoch", "live_weight_mass", "live_queries", "never_drawn", "flipped_queries",
+    "pool_step", "pool_epoch", "pool_queries", "live_weight_mass", "live_queries", "never_drawn", "flipped_queries",
     "transitions_total", "total_rollouts", "total_effective", "total_recycled_share",
 })
 
