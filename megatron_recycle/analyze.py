@@ -447,7 +447,12 @@ def analyze(run_dir: str | Path, every: int | None = None, plots: bool = True,
     # The pool's plots and table read the steps that logged the pool's metrics; a line with only an
     # evaluation (older runs logged the dev evaluation on a line of its own) feeds the reward plot.
     all_records = records
-    records = [r for r in all_records if _value(r, "candidates") is not None] or all_records
+    records = [r for r in all_records if _value(r, "candidates") is not None]
+    if not records:
+        sft = " (an SFT run: its loss is in the same file, but it has no pool)" if any(
+            "loss" in r or "train/loss" in r for r in all_records) else ""
+        raise AnalyzeError(f"{path} holds no GRPO step with pool metrics{sft}; pass a run directory written by "
+                           "`megatron-recycle train` or `run`")
     result: dict[str, Any] = {
         "run_dir": str(run_dir), "metrics_file": str(path), "steps": len(records),
         "first_step": records[0]["step"], "last_step": records[-1]["step"],

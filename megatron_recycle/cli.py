@@ -79,7 +79,7 @@ STOPPED_EXIT_CODE = 130
 def cmd_simulate(args: argparse.Namespace) -> int:
     from megatron_recycle.simulate import main as simulate
 
-    simulate(args.sim_args)
+    simulate(args.sim_args, prog="megatron-recycle simulate")
     return 0
 
 
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, help_text: str, handler, config: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG if config else None)
         if config:
             p.add_argument("--config", "-c", default=None, help="recipe YAML (default: built-in defaults)")
             p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")

@@ -74,7 +74,9 @@ class RetrieverConfig:
     # kind=http: a request refused with 400/413/422 is resent in halves so that only the refused
     # query fails; at most this many extra requests per rollout round (0: fail the whole request)
     max_split_requests: int = 32
-    cache_dir: str = ".cache/retrieval"  # BM25 index / dense embeddings cache
+    # BM25 index / dense embeddings cache ("": $MEGATRON_RECYCLE_CACHE, else ~/.cache/megatron_recycle,
+    # shared by every checkout, environment and working directory, and by gen-data's oracle searches)
+    cache_dir: str = ""
 
 
 @dataclass
@@ -85,7 +87,9 @@ class ModelConfig:
     vpp: int | None = None  # virtual pipeline stages per rank (interleaved schedule)
     bf16: bool = False  # Megatron mixed precision (bf16 params and compute, fp32 main grads)
     layer_spec: Literal["auto", "local", "te"] = "auto"  # auto: transformer-engine when usable
-    cache_dir: str = ".cache/models"  # converted/cached weights
+    # converted weights (the packaged GGUF as fp32 safetensors; "": $MEGATRON_RECYCLE_CACHE/models,
+    # else ~/.cache/megatron_recycle/models, shared by every checkout, environment and working directory)
+    cache_dir: str = ""
     # Activation recomputation (Megatron's): trade compute for activation memory in the training step.
     # none: keep every activation; selective: recompute the core attention (softmax(QK^T)V) in the
     # backward pass, which drops the [heads x S x S] scores of the local attention (group-packed rows
@@ -590,11 +594,28 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
         _check_environment(cfg)
 
 
+# Environment variables the package reads, and the values each accepts (checked up front by
+# _check_environment; model/attention.py and the kernels package read them where they act).
+PACKED_ATTENTION_ROUTES = ("split", "causal-bias", "bool-mask", "varlen")
+KERNEL_IMPLS = ("triton", "torch")
+
+
+def _check_environment_variables() -> None:
+    route = os.environ.get("MEGATRON_RECYCLE_PACKED_ATTENTION", "").strip()
+    if route not in ("", "auto", *PACKED_ATTENTION_ROUTES):
+        raise ConfigError(f"MEGATRON_RECYCLE_PACKED_ATTENTION={route!r} is not a group attention route: auto or "
+                          f"one of {', '.join(PACKED_ATTENTION_ROUTES)}")
+    impl = os.environ.get("MEGATRON_RECYCLE_KERNELS_IMPL", "").strip().lower()
+    if impl not in ("", *KERNEL_IMPLS):
+        raise ConfigError(f"MEGATRON_RECYCLE_KERNELS_IMPL={impl!r} is not one of {', '.join(KERNEL_IMPLS)} "
+                          "(or unset for automatic)")
+
+
 def _check_environment(cfg: Config) -> None:
     """What this machine must have for ``cfg`` to run (validate's check_environment)."""
     import importlib.util
-    import os
 
+    _check_environment_variables()
     ro, m = cfg.rollout, cfg.model
     if ro.reward not in ("em", "f1"):
         from megatron_recycle.agent.reward import load_reward_fn

@@ -114,8 +114,8 @@ def _json_safe(result: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=10_000, help="pool size (paper: 10k)")
     ap.add_argument("--batch-size", type=int, default=32, help="B, groups per step (paper: 32)")
     ap.add_argument("--group-size", type=int, default=4, help="K, rollouts per query (paper: 4)")

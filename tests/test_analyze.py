@@ -128,6 +128,11 @@ def test_missing_or_empty_metrics_are_clear_errors(tmp_path, capsys):
         analyze(tmp_path, out=io.StringIO())
     assert main([str(tmp_path / "nope")]) == 2
     assert "analyze: " in capsys.readouterr().err
+    # an SFT run's folder: said so, not a table of dashes
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1), "lr": 1e-5}) + "\n"
+                                                    for s in range(3)))
+    with pytest.raises(AnalyzeError, match=r"holds no GRPO step with pool metrics \(an SFT run"):
+        analyze(tmp_path, out=io.StringIO())
 
 
 def test_main_prints_the_table(run, capsys):

@@ -441,3 +441,42 @@ def test_every_pool_statistic_has_a_pool_heading():
             if not pool.needs_more:
                 break
         assert set(pool.stats()) - {"step"} <= POOL_KEYS, strategy
+
+
+def test_environment_variables_are_checked_with_the_config(monkeypatch):
+    """A bad route or kernel implementation is a config error up front (it was a traceback after
+    the model was built, or inside the first training step)."""
+    import megatron_recycle_kernels as K
+
+    from megatron_recycle.config import KERNEL_IMPLS, PACKED_ATTENTION_ROUTES
+    from megatron_recycle.model.attention import ROUTES
+
+    assert set(KERNEL_IMPLS) == {i for i in K._IMPLS if i} and ROUTES == PACKED_ATTENTION_ROUTES
+    for var, value, match in (("MEGATRON_RECYCLE_PACKED_ATTENTION", "bogus", "not a group attention route"),
+                              ("MEGATRON_RECYCLE_KERNELS_IMPL", "cuda", "not one of triton, torch")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [])
+        load_config(None, [], check_environment=False)  # reading a saved run elsewhere: not checked
+        monkeypatch.delenv(var)
+    for route in ("auto", "varlen", ""):
+        monkeypatch.setenv("MEGATRON_RECYCLE_PACKED_ATTENTION", route)
+        load_config(None, [])
+
+
+def test_caches_default_to_the_shared_cache_folder(tmp_path, monkeypatch):
+    """model.cache_dir and retriever.cache_dir default to $MEGATRON_RECYCLE_CACHE (the README's
+    promise), not to a .cache/ of the working directory, which every new directory filled again."""
+    from megatron_recycle.agent.retrievers import BM25Retriever
+    from megatron_recycle.model.hf_loading import _gguf_cache_folder
+
+    cfg = load_config(None, [], check_environment=False)
+    assert cfg.model.cache_dir == "" and cfg.retriever.cache_dir == ""
+    monkeypatch.setenv("MEGATRON_RECYCLE_CACHE", str(tmp_path / "shared"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert _gguf_cache_folder(str(gguf), cfg.model.cache_dir).parent == tmp_path / "shared" / "models"
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "1", "contents": "Paris\nParis is the capital of France."}) + "\n")
+    r = BM25Retriever(str(corpus), cache_dir=cfg.retriever.cache_dir)
+    assert r.index_dir.parent == tmp_path / "shared"

@@ -166,9 +166,14 @@ class BM25Retriever(_StatsMixin):
                     logger.warning("BM25 cache %s is unreadable (%s); rebuilding it", self.index_dir, e)
                     self.cache_rebuilds += 1
                     shutil.rmtree(self.index_dir, ignore_errors=True)
+        # a progress line: the first build over the packaged Wikipedia takes a while, silently otherwise
+        where = f" (cached in {self.index_dir})" if self.index_dir is not None else ""
+        print(f"[retriever] building the BM25 index of {len(self.corpus):,} passages{where}", flush=True)
+        t0 = time.perf_counter()
         self._model = self._build()
         if self.index_dir is not None:
             self._save(key_src)
+        print(f"[retriever] BM25 index built in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def _tokenize(self, texts: list[str], return_ids: bool):
         return self._bm25s.tokenize(texts, stopwords="en", return_ids=return_ids, show_progress=False)

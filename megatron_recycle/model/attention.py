@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_recycle.config import PACKED_ATTENTION_ROUTES
+
 logger = logging.getLogger(__name__)
 
 
@@ -265,7 +267,7 @@ class _PrefixThenCausal(torch.autograd.Function):
         return dq_p + dq_m, dkp, dvp, dkm, dvm, None
 
 
-ROUTES = ("split", "causal-bias", "bool-mask", "varlen")
+ROUTES = PACKED_ATTENTION_ROUTES  # the config checks $MEGATRON_RECYCLE_PACKED_ATTENTION against them up front
 ROUTE_ENV = "MEGATRON_RECYCLE_PACKED_ATTENTION"
 
 

@@ -117,7 +117,7 @@ def _gguf_cache_folder(gguf_path: str, cache_dir: str | os.PathLike | None) -> P
         :12
     ]
     stem = Path(gguf_path).name.removesuffix(".gguf")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "models"
+    root = Path(cache_dir) if cache_dir else default_cache_dir() / "models"  # "" too: the default
     return root / f"{stem}-fp32-{key}"
 
 

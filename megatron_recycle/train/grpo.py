@@ -430,7 +430,8 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 _save(ckpt, rt, pool, step + 1, rollouts_done, reference)
                 last_saved = step + 1
             if stopping:
-                print(f"[train] stopped after step {step + 1}; resume with --resume", flush=True)
+                print(f"[train] stopped after {step + 1} steps (the last logged as step {step}); resume with --resume",
+                      flush=True)
                 summary["stopped"] = True
                 break
             if info["exhausted"]:
@@ -488,7 +489,8 @@ def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, reference: dict
     if pool is not None:  # rank 0: pool_history.csv as of this checkpoint, so that a crash leaves one
         write_pool_history(rt.cfg.run_dir, pool.history_table())
     if rt.is_rank0:
-        print(f"[train] checkpoint step {step} -> {ckpt.dir / f'step_{step}'}", flush=True)
+        # step_N holds the state after N steps, the last of which the log numbers N-1 (from 0)
+        print(f"[train] checkpoint after {step} steps -> {ckpt.dir / f'step_{step}'}", flush=True)
 
 
 def _reference_identity(rt: rtm.Runtime) -> dict:

@@ -261,7 +261,7 @@ def _stopped(phase: str, done: int, total: int, rank0: bool) -> dict[str, Any]:
     """A phase stopped on request (Ctrl-C / SIGTERM) after checkpointing: the later phases would
     evaluate and report a half-trained model as the recipe's result, so the run ends here."""
     if rank0:
-        print(f"[run] {phase} stopped after step {done} of {total}: no final evaluation or report; "
+        print(f"[run] {phase} stopped after {done} of {total} steps: no final evaluation or report; "
               "`run --resume` continues from its checkpoint", flush=True)
     return {"stopped": phase}
 

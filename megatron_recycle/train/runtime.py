@@ -94,7 +94,7 @@ def generate_data(cfg: Config) -> dict[str, Any]:
     return generate_dataset(
         cfg.data.dir, seed=cfg.run.seed, n_train=cfg.data.n_train, n_dev=cfg.data.n_dev,
         n_test=cfg.data.n_test, topk=cfg.retriever.topk, max_passage_words=cfg.retriever.max_passage_words,
-        retriever=retriever,
+        retriever=retriever, cache_dir=cfg.retriever.cache_dir or None,
     )
 
 

@@ -148,7 +148,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     metrics = MetricsWriter(out_dir, enabled=rt.is_rank0, resume_step=start if resume else None)
     b, mbs = cfg.sft.batch_size, cfg.optim.micro_batch_size
     if rt.is_rank0:
-        print(f"[sft] {len(encoded)} oracle trajectories, steps {start}->{cfg.sft.steps} of {b}, lr {cfg.sft.lr}",
+        print(f"[sft] {len(encoded)} oracle trajectories, steps {start}->{cfg.sft.steps}, batches of {b}, lr {cfg.sft.lr}",
               flush=True)
     t_start = time.perf_counter()
     with StopFlag("sft") as stop:
@@ -174,10 +174,10 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 shared = {"step": done, "order": order, "losses": losses, "data_rng": rng.getstate()}
                 ckpt.save(done, checkpoint_parts(rt), shared)
                 if rt.is_rank0:
-                    print(f"[sft] checkpoint step {done} -> {ckpt.step_dir(done)}", flush=True)
+                    print(f"[sft] checkpoint after {done} steps -> {ckpt.step_dir(done)}", flush=True)
             if stopped:
                 if rt.is_rank0:  # no Hugging Face folder: `run --resume` would take it for the finished SFT
-                    print(f"[sft] stopped after step {done}; resume with --resume", flush=True)
+                    print(f"[sft] stopped after {done} steps; resume with --resume", flush=True)
                 metrics.close()
                 return {"hf_dir": None, "losses": losses, "runtime": rt, "stopped": True, "steps": done}
     hf_dir = out_dir / "hf"

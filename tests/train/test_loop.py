@@ -730,7 +730,7 @@ def test_sft_ctrl_c_checkpoints_without_a_result_and_resumes(env):
                             stderr=subprocess.STDOUT, text=True)
     out = _interrupt_when(proc, sft_dir / "metrics.jsonl")
     assert proc.returncode == 130, out[-3000:]
-    stopped = int(re.search(r"\[sft\] stopped after step (\d+); resume with --resume", out)[1])
+    stopped = int(re.search(r"\[sft\] stopped after (\d+) steps; resume with --resume", out)[1])
     assert 1 <= stopped < 40 and [p.name for p in (sft_dir / "checkpoints").iterdir()] == [f"step_{stopped}"]
     assert not (sft_dir / "hf").exists()
     again = _run(CLI + ["sft", "--resume"] + over)
@@ -751,7 +751,7 @@ def test_run_ctrl_c_during_grpo_stops_before_the_final_evaluation(env):
                             stderr=subprocess.STDOUT, text=True)
     out = _interrupt_when(proc, run_dir / "metrics.jsonl")
     assert proc.returncode == 130, out[-3000:]
-    assert re.search(r"\[run\] GRPO stopped after step \d+ of 50: no final evaluation or report", out), out[-3000:]
+    assert re.search(r"\[run\] GRPO stopped after \d+ of 50 steps: no final evaluation or report", out), out[-3000:]
     assert len(list((run_dir / "checkpoints").glob("step_*"))) == 1
     assert not (run_dir / "report.json").exists() and not (run_dir / "eval" / "after_test.json").exists()
     assert not (run_dir / "final_hf").exists()
