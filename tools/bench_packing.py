@@ -157,14 +157,30 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
     padded = timed(with_kv(lambda q, kk, v, gqa: F.scaled_dot_product_attention(
         q, kk, v, is_causal=True, scale=scale, enable_gqa=gqa)), k, seq)
     route = attention.packed_route(dev)
-    grouped = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale)), rows, width)
-    masked = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale, route="bool-mask")),
-                   rows, width)  # for comparison
+    errors: dict[str, str] = {}
+
+    def attempt(name: str, run):
+        """One form of the plan's attention; a failure (a route never run on this device before) is
+        recorded in the row and the other forms are still timed."""
+        try:
+            return run()
+        except Exception as e:  # noqa: BLE001
+            errors[name] = f"{type(e).__name__}: {e}"[:300]
+            print(f"[bench_packing] {name} failed: {errors[name]}", flush=True)
+            return (None, None, None)
+
+    grouped = attempt("plan", lambda: timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale)),
+                                            rows, width))
+    masked = attempt("plan_bool_mask", lambda: timed(with_kv(  # for comparison
+        lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale, route="bool-mask")), rows, width))
     varlen = (None, None, None)
     if cuda:  # every segment in one variable-length flash call (route "varlen"; a CPU only emulates it)
-        plan.varlen = VarlenPlan.build(packed.spans, rows, width, dev)
-        varlen = timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale, route="varlen")),
-                       rows, width)
+        def run_varlen():
+            plan.varlen = VarlenPlan.build(packed.spans, rows, width, dev)
+            return timed(with_kv(lambda q, kk, v, gqa: group_attention(plan, q, kk, v, scale, route="varlen")),
+                         rows, width)
+
+        varlen = attempt("plan_varlen", run_varlen)
     sp = packed.spans[0][2]  # the shared prefix (the prompt less its last token, which each member repeats)
     members = [ln for _, _, _, ms in packed.spans for _, ln in ms]
     return {"k": k, "prompt": prompt, "member": member, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
@@ -176,7 +192,8 @@ def _attention_case(k: int, prompt: int, member: int, heads: int, head_dim: int,
             "plan_bool_mask_fwd_bwd_s": masked[0],
             "padded_launches": padded[1], "plan_launches": grouped[1], "plan_bool_mask_launches": masked[1],
             "padded_busy_s": padded[2], "plan_busy_s": grouped[2], "plan_bool_mask_busy_s": masked[2],
-            "plan_varlen_fwd_bwd_s": varlen[0], "plan_varlen_launches": varlen[1], "plan_varlen_busy_s": varlen[2]}
+            "plan_varlen_fwd_bwd_s": varlen[0], "plan_varlen_launches": varlen[1], "plan_varlen_busy_s": varlen[2],
+            "errors": "; ".join(f"{k}: {v}" for k, v in errors.items())}
 
 
 def _write(out: Path, name: str, meta: dict, rows: list[dict]) -> None:
@@ -238,15 +255,20 @@ def main(argv: list[str] | None = None) -> int:
         for member in a.members:
             r = _attention_case(a.k, a.prompt, member, a.heads, a.head_dim, a.repeats, kv, str(dev), dtype)
             rows.append(r)
+            def num(x, width: int = 0, fmt: str = ".4f", scale: float = 1.0) -> str:  # a failed form: "-"
+                return f"{'-' if x is None else format(scale * x, fmt):>{width}}"
+
             line = (f"{member:>10}{r['padded_positions']:>13}{r['packed_positions']:>13}{r['padded_pairs']:>14}"
-                    f"{r['plan_pairs']:>12}{r['padded_fwd_bwd_s']:>12.4f}{r['plan_fwd_bwd_s']:>10.4f}"
-                    f"{r['plan_bool_mask_fwd_bwd_s']:>18.4f}  {r['plan_route']}")
+                    f"{r['plan_pairs']:>12}{num(r['padded_fwd_bwd_s'], 12)}{num(r['plan_fwd_bwd_s'], 10)}"
+                    f"{num(r['plan_bool_mask_fwd_bwd_s'], 18)}  {r['plan_route']}")
             if cuda:
-                line += (f"{r['plan_varlen_fwd_bwd_s']:>12.4f}"
+                line += (f"{num(r['plan_varlen_fwd_bwd_s'], 12)}"
                          f"   {r['padded_launches']}/{r['plan_launches']}/{r['plan_bool_mask_launches']}"
                          f"/{r['plan_varlen_launches']}"
-                         f"   {1e3 * r['padded_busy_s']:.3f}/{1e3 * r['plan_busy_s']:.3f}/"
-                         f"{1e3 * r['plan_bool_mask_busy_s']:.3f}/{1e3 * r['plan_varlen_busy_s']:.3f}")
+                         f"   {num(r['padded_busy_s'], 0, '.3f', 1e3)}/{num(r['plan_busy_s'], 0, '.3f', 1e3)}/"
+                         f"{num(r['plan_bool_mask_busy_s'], 0, '.3f', 1e3)}/{num(r['plan_varlen_busy_s'], 0, '.3f', 1e3)}")
+            if r["errors"]:
+                line += f"   failed: {r['errors']}"
             print(line)
         meta["device"] = where if cuda else meta["machine"]
         _write(Path(a.out), "bench_packing_attention", {**meta, "torch": torch.__version__}, rows)

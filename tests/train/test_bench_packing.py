@@ -65,3 +65,26 @@ def test_bench_packing_attention_with_grouped_query_heads(tmp_path):
         nocuda = subprocess.run(base + ["--device", "cuda"], capture_output=True, text=True, env=env, cwd=ROOT,
                                 timeout=300)
         assert nocuda.returncode != 0 and "no CUDA device" in nocuda.stderr
+
+
+def test_bench_packing_attention_keeps_the_other_forms_when_one_fails(monkeypatch):
+    """A plan route that fails (one never run on that device before) is recorded in its row; the
+    padded reference and the other forms are still timed and written."""
+    import importlib.util
+
+    from megatron_recycle.model import attention
+
+    spec = importlib.util.spec_from_file_location("bench_packing_mod", ROOT / "tools" / "bench_packing.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    real = attention.group_attention
+
+    def flaky(plan, q, k, v, scale, route=None):
+        if route == "bool-mask":
+            raise RuntimeError("no kernel image for this device (test)")
+        return real(plan, q, k, v, scale) if route is None else real(plan, q, k, v, scale, route=route)
+
+    monkeypatch.setattr(attention, "group_attention", flaky)
+    row = mod._attention_case(2, 6, 10, 2, 8, 1, 2, "cpu", "fp32")
+    assert row["plan_bool_mask_fwd_bwd_s"] is None and "plan_bool_mask: RuntimeError: no kernel image" in row["errors"]
+    assert row["padded_fwd_bwd_s"] > 0 and row["plan_fwd_bwd_s"] > 0
