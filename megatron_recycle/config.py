@@ -333,21 +333,11 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     if isinstance(value, dict) and isinstance(node.get(last), dict):
         for key, inner in value.items():
             _set_dotted(node, f"{last}.{key}", inner)
-    elif not isinstance(value, dict) and _is_section(dotted):
+    elif not isinstance(value, dict) and dataclasses.is_dataclass(_declared_type(dotted)):
         raise ConfigError(f"override {dotted}={value!r}: {dotted} is a section; set its keys "
                           f"({dotted}.KEY=VALUE) or give a mapping ({dotted}={{key: value}})")
     else:
         node[last] = value
-
-
-def _is_section(dotted: str) -> bool:
-    cls: Any = Config
-    for part in dotted.split("."):
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-        if part not in hints:
-            return False
-        cls = hints[part]
-    return dataclasses.is_dataclass(cls)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -385,7 +375,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r} has no key")
-    tp = _field_type(key)
+    tp = _declared_type(key)
+    if typing.get_origin(tp) in (Union, types.UnionType):  # Optional[X] -> X
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else tp
     stripped = raw.strip()
     if tp is str:
         if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
@@ -407,24 +400,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _field_type(dotted: str) -> Any:
-    """The declared type of a dotted key (Optional[X] -> X), or None for a section or an unknown key."""
-    cls: Any = Config
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(cls):
-            return None
-        hints = typing.get_type_hints(cls)
+def _declared_type(dotted: str) -> Any:
+    """The type a dotted key is declared with in Config (a section's dataclass for a section), or
+    None for an unknown key (which _build then refuses with its suggestion)."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
         if part not in hints:
             return None
         tp = hints[part]
-        if typing.get_origin(tp) in (Union, types.UnionType):
-            inner = [a for a in typing.get_args(tp) if a is not type(None)]
-            tp = inner[0] if len(inner) == 1 else tp
-        if i == len(parts) - 1:
-            return None if dataclasses.is_dataclass(tp) else tp
-        cls = tp
-    return None
+    return tp
 
 
 # settings that name a file or folder: a leading ~ is the user's home (the shell leaves it as it

@@ -251,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{'padded (s)':>12}{'plan (s)':>10}{'plan, masked (s)':>18}  plan route"
               + (f"{'varlen (s)':>12}   launches padded/plan/masked/varlen   device busy (ms) padded/plan/masked/varlen"
                  if cuda else ""))
+        def num(x, width: int = 0, fmt: str = ".4f", scale: float = 1.0) -> str:  # a failed form: "-"
+            return f"{'-' if x is None else format(scale * x, fmt):>{width}}"
+
         rows = []
         for member in a.members:
             r = _attention_case(a.k, a.prompt, member, a.heads, a.head_dim, a.repeats, kv, str(dev), dtype)
             rows.append(r)
-            def num(x, width: int = 0, fmt: str = ".4f", scale: float = 1.0) -> str:  # a failed form: "-"
-                return f"{'-' if x is None else format(scale * x, fmt):>{width}}"
-
             line = (f"{member:>10}{r['padded_positions']:>13}{r['packed_positions']:>13}{r['padded_pairs']:>14}"
                     f"{r['plan_pairs']:>12}{num(r['padded_fwd_bwd_s'], 12)}{num(r['plan_fwd_bwd_s'], 10)}"
                     f"{num(r['plan_bool_mask_fwd_bwd_s'], 18)}  {r['plan_route']}")

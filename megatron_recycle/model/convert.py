@@ -108,18 +108,27 @@ def _getter(where: dict[str, Path]) -> TensorGetter:
     return get
 
 
+def _mapping_getter(mapping: Mapping) -> TensorGetter:
+    """A getter over a state dict, with ``keys()`` like the safetensors getter's."""
+
+    def get(name: str) -> torch.Tensor:
+        return mapping[name]
+
+    get.keys = lambda: list(mapping)  # type: ignore[attr-defined]
+    return get
+
+
 def hf_weight_source(source: Any, hf_config: Any | None = None) -> tuple[TensorGetter, Any]:
     """(getter, hf_config) for a transformers model, a state dict, or a path / alias.
 
     Paths: a safetensors file (then pass hf_config), a HF folder, a .gguf file, "smollm2-135m".
     """
     if isinstance(source, torch.nn.Module):
-        sd = source.state_dict()
-        return sd.__getitem__, hf_config or source.config
+        return _mapping_getter(source.state_dict()), hf_config or source.config
     if isinstance(source, Mapping):
         if hf_config is None:
             raise ValueError("a state-dict source needs hf_config= (the transformers config of the weights)")
-        return source.__getitem__, hf_config
+        return _mapping_getter(source), hf_config
     if isinstance(source, str | os.PathLike):
         path = Path(source)
         if path.is_file() and path.suffix == ".safetensors":
@@ -247,7 +256,7 @@ def load_hf_weights(model_chunks: Any | Sequence[Any], source: Any, hf_config: A
     a shape mismatch (usually a config that does not belong to the weights).
     """
     get, cfg = hf_weight_source(source, hf_config)
-    _check_layer_count(source, get, cfg)
+    _check_layer_count(get.keys(), cfg)
     tp, r, _ = _tp()
     chunks = model_chunks if isinstance(model_chunks, list | tuple) else [model_chunks]
     n = 0
@@ -271,14 +280,9 @@ def load_hf_weights(model_chunks: Any | Sequence[Any], source: Any, hf_config: A
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _check_layer_count(source: Any, get: TensorGetter, cfg: Any) -> None:
+def _check_layer_count(names: Iterable[str], cfg: Any) -> None:
     """Refuse weights with more decoder layers than the config (they would be dropped silently:
     each rank reads only the layers its model has). Fewer layers fail on the first missing one."""
-    if isinstance(source, torch.nn.Module | Mapping):
-        names = list(source.state_dict() if isinstance(source, torch.nn.Module) else source)
-    else:
-        keys = getattr(get, "keys", None)
-        names = list(keys()) if callable(keys) else []
     layers = [int(m.group(1)) for n in names if (m := _LAYER_KEY.match(str(n)))]
     want = int(getattr(cfg, "num_hidden_layers", 0) or 0)
     if layers and want and max(layers) >= want:
