@@ -15,7 +15,10 @@ signal-bearing groups in draw order. What happens to the weights is the strategy
                     surplus signal groups dropped.
 
 When fewer than C queries have positive weight, the pool starts a new epoch (all weights back to
-1) or raises PoolExhausted, as configured. The whole state (weights, histories, generator,
+1) or raises PoolExhausted, as configured. A ``dapo`` step never crosses an epoch boundary: with
+``new_epoch``, a step whose next generation batch the live queries cannot fill ends there (as if
+``max_gen_batches`` were reached) and the next step starts the new epoch, so no query is drawn
+twice in one step. The whole state (weights, histories, generator,
 counters) is in ``state_dict``. Rank 0 owns the pool in distributed runs; `PoolClient` broadcasts
 its decisions to every rank.
 """
@@ -154,6 +157,10 @@ class RecyclingPool:
             and acc.gen_batches > 0
             and acc.effective < self.batch_size
             and acc.gen_batches < self.max_gen_batches
+            # new_epoch: a reset inside the step would make its consumed queries drawable again
+            # (one query twice in one batch), so the step ends here and the next one resets;
+            # stop: the next sample() raises PoolExhausted and the trainer closes the step.
+            and (self.on_exhausted == "stop" or int((self.weights > 0).sum()) >= self.draw_size)
         )
 
     def sample(self) -> torch.Tensor:
@@ -297,11 +304,13 @@ class RecyclingPool:
             "effective_batch": eff,
             "batch_fill": eff / self.batch_size,
             "recycled": acc.recycled,
-            "recycled_share": acc.recycled / eff if eff else 0.0,
+            # Shares of an empty effective batch are undefined: NaN, which the analysis and the
+            # simulator skip (a 0 there dragged the recycled-share curves down in small runs).
+            "recycled_share": acc.recycled / eff if eff else float("nan"),
             "recovery": acc.recovery,
             "drift": acc.drift,
-            "recovery_share": acc.recovery / eff if eff else 0.0,
-            "drift_share": acc.drift / eff if eff else 0.0,
+            "recovery_share": acc.recovery / eff if eff else float("nan"),
+            "drift_share": acc.drift / eff if eff else float("nan"),
             "rollouts_per_effective_group": acc.rollouts / eff if eff else float("inf"),
             "transitions": self._step_transitions.tolist(),
         }

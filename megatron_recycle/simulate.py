@@ -79,8 +79,9 @@ def simulate(strategy: str, oversample: int, args: argparse.Namespace) -> dict:
         s = pool.stats()
         fills.append(s["batch_fill"])
         timeline.append(
-            {k: s[k] for k in ("step", "rollouts", "effective_batch", "recycled_share", "recovery_share",
-                               "drift_share", "zv_all_correct", "zv_all_wrong", "live_weight_mass")}
+            {k: s[k] for k in ("step", "rollouts", "effective_batch", "recycled", "recovery", "drift",
+                               "recycled_share", "recovery_share", "drift_share", "zv_all_correct",
+                               "zv_all_wrong", "live_weight_mass")}
         )
     s = pool.stats()
     tail = max(1, len(fills) // 10)
@@ -93,9 +94,11 @@ def simulate(strategy: str, oversample: int, args: argparse.Namespace) -> dict:
         "final_fill": sum(fills[-tail:]) / tail,
         "rollouts_per_effective_group": (s["total_rollouts"] / s["total_effective"] if s["total_effective"]
                                          else math.inf),
-        "final_recycled_share": sum(t["recycled_share"] for t in timeline[-tail:]) / tail,
-        "final_recovery_share": sum(t["recovery_share"] for t in timeline[-tail:]) / tail,
-        "final_drift_share": sum(t["drift_share"] for t in timeline[-tail:]) / tail,
+        # Shares over the tail's summed counts: a step with an empty effective batch has no share
+        # (NaN), and averaging per-step shares would weigh a 1-group step like a full one.
+        "final_recycled_share": _share(timeline[-tail:], "recycled"),
+        "final_recovery_share": _share(timeline[-tail:], "recovery"),
+        "final_drift_share": _share(timeline[-tail:], "drift"),
         "flipped_fraction": s["flipped_queries"] / args.queries,
         "epochs": s["pool_epoch"],
         "seconds": time.perf_counter() - t0,
@@ -103,15 +106,30 @@ def simulate(strategy: str, oversample: int, args: argparse.Namespace) -> dict:
     }
 
 
+def _share(steps: list[dict], key: str) -> float:
+    """Summed ``key`` over summed effective batches of ``steps``; NaN when nothing was trained."""
+    eff = sum(t["effective_batch"] for t in steps)
+    return sum(t[key] for t in steps) / eff if eff else math.nan
+
+
 def _share_curve(timeline: list[dict], points: int = 5) -> str:
+    """The recycled share over each of ``points`` consecutive segments of the run ('-': no group
+    trained in that segment)."""
     n = len(timeline)
-    picks = [timeline[min(n - 1, math.floor(i * (n - 1) / (points - 1)))] for i in range(points)]
-    return " ".join(f"{t['recycled_share']:.2f}" for t in picks)
+    bounds = [round(i * n / points) for i in range(points + 1)]
+    shares = [_share(timeline[a:b], "recycled") for a, b in zip(bounds, bounds[1:]) if b > a]
+    return " ".join("  -" if math.isnan(x) else f"{x:.2f}" for x in shares)
 
 
-def _json_safe(result: dict) -> dict:
-    """A result for the JSON file: an infinite ratio (nothing trained) becomes null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+def _json_safe(value):
+    """A result for the JSON file: a non-finite ratio (nothing trained) becomes null, at any depth."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
@@ -149,7 +167,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
             print(f"  ran {strategy:<13} k={k}: {r['steps']} steps in {r['seconds']:.1f}s", flush=True)
 
     header = f"\n{'strategy':<13} {'k':>2} {'steps':>6} {'trained':>8} {'fill':>6} {'roll/grp':>8} " \
-             f"{'recycled':>8} {'recov':>6} {'drift':>6} {'flipped':>7}   recycled share over time"
+             f"{'recycled':>8} {'recov':>6} {'drift':>6} {'flipped':>7}   recycled share by fifth of the run"
     print(header)
     print("-" * len(header))
     for r in results:
@@ -159,7 +177,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
             f"{r['final_recycled_share']:>8.2f} {r['final_recovery_share']:>6.2f} {r['final_drift_share']:>6.2f} "
             f"{r['flipped_fraction']:>7.2f}   {_share_curve(r['timeline'])}"
         )
-    print("\nfill, recycled, recov, drift: mean over the last 10% of steps; roll/grp: rollouts per trained group.")
+    print("\nfill: mean over the last 10% of steps; recycled, recov, drift: shares of the groups trained in\n"
+          "those steps; roll/grp: rollouts per trained group; '-' or nan: no group trained.")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         payload = {"args": vars(args), "results": [_json_safe(r) for r in results]}

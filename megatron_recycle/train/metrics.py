@@ -305,7 +305,7 @@ def format_step_line(metrics: Mapping[str, Any]) -> str:
             b = round(eff / fill)
         parts.append(f"eff {eff:.0f}/{b:.0f}" if b is not None else f"eff {eff:.0f}")
     share = _get(metrics, "recycled_share")
-    if share is not None:
+    if share is not None and not math.isnan(share):  # NaN: nothing trained this step
         text = f"recycled {100 * share:.0f}%"
         rec, drift = _get(metrics, "recovery"), _get(metrics, "drift")
         if rec is not None and drift is not None:

@@ -108,6 +108,40 @@ def test_a_dapo_step_that_runs_out_mid_step_is_closed_with_what_it_drew():
     pool.state_dict()  # between steps again: a checkpoint can be written
 
 
+def test_a_dapo_step_never_crosses_an_epoch_boundary():
+    """new_epoch: when the live queries cannot fill the next generation batch, the step ends there
+    and the next step starts the new epoch; a reset inside the step made its consumed queries
+    drawable again, so one query could enter the same step's batch twice."""
+    for seed in range(60):
+        pool = RecyclingPool(5, batch_size=2, strategy="dapo", max_gen_batches=3, seed=seed)
+        drawn, chosen, gb = [], [], 0
+        while True:
+            ids = pool.sample()
+            drawn += ids.tolist()
+            successes = {0: (1, 0), 1: (0, 0), 2: (1, 1)}[gb]  # 1 signal group, then none, then 2
+            chosen += pool.update(ids, rewards_for(ids, dict(zip(ids.tolist(), successes)).get)).tolist()
+            gb += 1
+            if not pool.needs_more:
+                break
+        assert len(set(drawn)) == len(drawn), (seed, drawn)  # no query twice in one step
+        s = pool.stats()
+        assert gb == 2 and s["gen_batches"] == 2 and s["effective_batch"] == 1 and pool.epoch == 0
+        ids = pool.sample()  # the next step starts the new epoch
+        assert pool.epoch == 1 and ids.numel() == 2
+        pool.update(ids, rewards_for(ids, lambda q: 1))
+        assert pool.stats()["epoch_reset"] is True
+
+
+def test_shares_of_an_empty_effective_batch_are_nan_not_zero():
+    pool = RecyclingPool(10, batch_size=2, oversample=1, seed=0)
+    ids = pool.sample()
+    pool.update(ids, rewards_for(ids, lambda q: 0))
+    s = pool.stats()
+    assert s["effective_batch"] == 0
+    assert all(math.isnan(s[k]) for k in ("recycled_share", "recovery_share", "drift_share"))
+    assert s["rollouts_per_effective_group"] == math.inf
+
+
 def test_soft_recycling_keeps_small_weight():
     pool = RecyclingPool(10, batch_size=3, strategy="soft_recycle", seed=0)
     ids = pool.sample()
