@@ -549,6 +549,19 @@ def _assign_entities(names: Sequence[str], fractions: dict[str, float], seed: in
     return out
 
 
+class SyntheticDataError(RuntimeError):
+    """The synthetic data cannot be generated as asked (the message says why and what to do)."""
+
+
+def _title_key(title: str) -> str:
+    """A title as retrievers' corpora spell it, folded: wiki-18 (Search-R1's corpus) quotes its
+    titles (``"Paris"``), other corpora do not; case and white space vary too."""
+    t = " ".join(title.split())
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'":
+        t = t[1:-1].strip()
+    return t.casefold()
+
+
 def _oracle_queries(cands: Sequence[Candidate], retriever: Retriever, topk: int) -> dict[str, list[Passage]]:
     """Choose, per hop, the first query whose top-k holds the hop's passage; mark retrievability.
 
@@ -567,7 +580,9 @@ def _oracle_queries(cands: Sequence[Candidate], retriever: Retriever, topk: int)
                 results[q] = hits
         still = []
         for h in pending:
-            if round_ < len(h.queries) and h.title in [p.title for p in results[h.queries[round_]]]:
+            if round_ < len(h.queries) and _title_key(h.title) in {
+                _title_key(p.title) for p in results[h.queries[round_]]
+            }:
                 h.chosen = h.queries[round_]
             else:
                 still.append(h)
@@ -761,6 +776,16 @@ def generate_dataset(
         counts[s] = dict(Counter(c.template for c in chosen))
         say(f"[gen-data] {s}: {len(chosen)} of {sizes[s]} questions {counts[s]}")
 
+    if sft and rows["train"] and not any(c.retrievable for c in rows["train"]):
+        # Nothing is written: the SFT phase would fail later (after the evaluation before
+        # training) with no hint at the cause, and a written folder would be reused as it is.
+        raise SyntheticDataError(
+            f"none of the {len(rows['train'])} train questions is retrievable: for no hop did the "
+            f"retriever's top-{topk} hold a passage titled like the hop's article, so there are no "
+            "oracle trajectories for SFT. The retriever's corpus must hold the packaged Wikipedia "
+            "articles (wiki-18 and the packaged corpus do); check retriever.kind / retriever.url / "
+            "retriever.corpus, or generate without SFT data"
+        )
     paths: dict[str, Any] = {}
     for s in SPLITS:
         paths[s] = out_dir / f"{s}.jsonl"

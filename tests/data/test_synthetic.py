@@ -212,3 +212,44 @@ def test_generate_data_searches_through_the_configured_retriever(monkeypatch, tm
         got.clear()
         rtm.generate_data(load_config(None, [f"data.dir={tmp_path}", override]))
         assert got["retriever"] is sentinel, override
+
+
+class _QuotedTitles:
+    """A retriever over the same corpus whose passages spell titles as wiki-18 does: ``"Paris"``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def search(self, queries, topk):
+        from megatron_recycle.agent.types import Passage
+
+        out = []
+        for hits in self.inner.search(queries, topk):
+            out.append([Passage(p.id, f'"{p.title}"\n{p.text}', p.score) for p in hits])
+        return out
+
+
+def test_hops_match_retrieved_titles_spelled_as_wiki18_does(generated, bm25, tmp_path):
+    """wiki-18 (Search-R1's corpus, the GPU recipes' retriever) quotes its titles; matching them
+    verbatim marked no question retrievable and wrote an empty sft.jsonl."""
+    quoted = generate_dataset(tmp_path / "q", seed=0, topk=TOPK, retriever=_QuotedTitles(bm25), progress=None,
+                              **SIZES)
+    plain = generated[1]["counts"]
+    assert quoted["counts"]["sft"] == plain["sft"] > 0.5 * SIZES["n_train"]
+    assert quoted["counts"]["retrievable"] == plain["retrievable"]
+
+
+def test_no_retrievable_train_question_is_an_error_before_anything_is_written(tmp_path):
+    from megatron_recycle.data.synthetic import SyntheticDataError
+
+    class Nothing:
+        def search(self, queries, topk):
+            return [[] for _ in queries]
+
+    with pytest.raises(SyntheticDataError, match="none of the 30 train questions is retrievable"):
+        generate_dataset(tmp_path / "n", n_train=30, n_dev=5, n_test=5, retriever=Nothing(), progress=None)
+    assert not list((tmp_path / "n").glob("*"))
+    # without SFT data the splits are written as asked
+    result = generate_dataset(tmp_path / "n", n_train=30, n_dev=5, n_test=5, retriever=Nothing(), progress=None,
+                              sft=False)
+    assert result["counts"]["written"]["train"] == 30
