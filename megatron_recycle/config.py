@@ -559,6 +559,9 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     _require(cfg.train.steps >= 1, "train.steps", cfg.train.steps, "must be >= 1")
     _require(cfg.train.rollout_budget >= 0, "train.rollout_budget", cfg.train.rollout_budget, "must be >= 0")
     _require(cfg.train.eval_every >= 0, "train.eval_every", cfg.train.eval_every, "must be >= 0")
+    _require(not (cfg.train.eval_every and cfg.data.n_dev == 0 and not cfg.data.dev_file), "data.n_dev",
+             cfg.data.n_dev, "must be >= 1 while train.eval_every > 0 evaluates on the generated dev split "
+             "(or set train.eval_every=0, or data.dev_file)")
     s = cfg.sft
     _require(s.steps >= 0, "sft.steps", s.steps, "must be >= 0")
     _require(s.batch_size >= 1, "sft.batch_size", s.batch_size, "must be >= 1")

@@ -335,6 +335,9 @@ def test_simulator_refuses_bad_arguments_and_reports_nothing_trained(tmp_path, c
     assert r["trained_groups"] == 0 and r["rollouts"] >= 400 and math.isinf(r["rollouts_per_effective_group"])
     saved = json.loads((tmp_path / "sim.json").read_text())["results"][0]
     assert saved["rollouts_per_effective_group"] is None and saved["rollouts"] == r["rollouts"]
+    # shares of nothing trained are undefined: NaN in the result, null in the file (timeline too)
+    assert math.isnan(r["final_recycled_share"]) and saved["final_recycled_share"] is None
+    assert all(t["recycled_share"] is None for t in saved["timeline"])
     assert "inf" in capsys.readouterr().out
 
 
@@ -480,3 +483,47 @@ def test_caches_default_to_the_shared_cache_folder(tmp_path, monkeypatch):
     corpus.write_text(json.dumps({"id": "1", "contents": "Paris\nParis is the capital of France."}) + "\n")
     r = BM25Retriever(str(corpus), cache_dir=cfg.retriever.cache_dir)
     assert r.index_dir.parent == tmp_path / "shared"
+
+
+def test_periodic_dev_evaluation_needs_a_dev_split(tmp_path):
+    """n_dev=0 wrote an empty dev.jsonl, and the run died at its first dev evaluation."""
+    with pytest.raises(ConfigError, match=r"data.n_dev=0: must be >= 1 while train.eval_every > 0"):
+        load_config(None, ["data.n_dev=0", "train.eval_every=5"])
+    load_config(None, ["data.n_dev=0", "train.eval_every=0"])
+    load_config(None, ["data.n_dev=0", "train.eval_every=5", f"data.dev_file={tmp_path / 'dev.jsonl'}"])
+
+
+def test_existing_generated_data_with_other_settings_is_named(tmp_path, capsys):
+    from megatron_recycle.train import runtime as rtm
+
+    for split in ("train", "dev", "test"):
+        (tmp_path / f"{split}.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
+    stats = {"seed": 0, "topk": 3, "max_passage_words": 0, "requested": {"train": 200, "dev": 100, "test": 200}}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    same = load_config(None, [f"data.dir={tmp_path}", "data.n_train=200", "retriever.topk=3"])
+    assert rtm.generated_data_differences(same) == []
+    rtm.ensure_data(same)
+    assert "[data] note" not in capsys.readouterr().out
+    other = load_config(None, [f"data.dir={tmp_path}", "data.n_train=50", "retriever.topk=2", "run.seed=7"])
+    rtm.ensure_data(other)  # used as it is, and said so
+    out = capsys.readouterr().out
+    assert "run.seed 0 -> 7" in out and "data.n_train 200 -> 50" in out and "retriever.topk 3 -> 2" in out
+    assert "data.n_dev" not in out
+    (tmp_path / "stats.json").write_text("{broken")
+    assert rtm.generated_data_differences(other) == []
+
+
+def test_a_bad_dev_file_stops_training_before_the_model_is_built(tmp_path, monkeypatch):
+    """The dev file was read at the first evaluation: a bad one lost every step before it."""
+    from megatron_recycle.data.datasets import QAFormatError
+    from megatron_recycle.train import grpo
+    from megatron_recycle.train import runtime as rtm
+
+    (tmp_path / "train.jsonl").write_text("".join(
+        json.dumps({"question": f"q{i}", "golden_answers": ["a"]}) + "\n" for i in range(40)))
+    for split in ("dev", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("")
+    monkeypatch.setattr(rtm, "setup_runtime", lambda *a, **k: pytest.fail("the model was built first"))
+    cfg = load_config(None, [f"data.dir={tmp_path}", "train.eval_every=2", f"run.output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(QAFormatError, match="dev.jsonl"):
+        grpo.run_grpo(cfg)

@@ -803,6 +803,7 @@ def generate_dataset(
     summary = {
         "seed": seed,
         "topk": topk,
+        "max_passage_words": max_passage_words,
         "templates": list(templates),
         "requested": sizes,
         "written": {s: len(rows[s]) for s in SPLITS},

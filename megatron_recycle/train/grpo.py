@@ -289,6 +289,9 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
     paths = rtm.ensure_data(cfg)
     examples = rtm.read_examples(paths["train"], cfg, cfg.data.max_train_queries)
     check_against_data(cfg, len(examples))
+    # Read now, so that an empty or malformed dev file stops the run before training, not at the
+    # first evaluation (with every step since the last checkpoint lost).
+    dev_examples = rtm.read_examples(paths["dev"], cfg, cfg.eval.max_examples) if cfg.train.eval_every else None
     model_path = init_from or cfg.model.name_or_path
     rt = rtm.setup_runtime(cfg, model_path=model_path, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
                            total_steps=cfg.train.steps)
@@ -397,7 +400,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
                 # Logged in this step's record (the policy after this step's update), so that it
                 # shares the step's line and a resume from the checkpoint after it keeps it.
-                dev_eval = _periodic_eval(rt, paths["dev"], step)
+                dev_eval = _periodic_eval(rt, dev_examples, step)
             t4 = time.perf_counter()
             s = pool.stats() if pool is not None else {}
             rollouts_done += info["rollouts"]
@@ -542,7 +545,7 @@ def _reference_model(rt: rtm.Runtime) -> list:
     return chunks
 
 
-def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int) -> dict[str, Any] | None:
+def _periodic_eval(rt: rtm.Runtime, examples: list, step: int) -> dict[str, Any] | None:
     """Dev-set Pass@1 after training step ``step``, sharded like the rollouts: each vLLM TP block
     (with ``rollout.engine=vllm``) or each data-parallel replica's model-parallel leader evaluates
     its share of the batches; rank 0 gathers and gets the overall numbers (None on other ranks),
@@ -558,7 +561,6 @@ def _periodic_eval(rt: rtm.Runtime, dev_path: Path, step: int) -> dict[str, Any]
         shard = (lay.dp_rank, lay.dp) if rt.is_mp_leader else None
     if shard is not None and rt.retriever is None:
         rt.retriever = rtm.build_retriever_from_config(cfg)
-    examples = rtm.read_examples(dev_path, cfg, cfg.eval.max_examples)
     holds = shard is not None
     res = evaluate(rt.engine if holds else None, rt.retriever if holds else None, examples,
                    **(rtm.eval_settings(cfg) | {"seed": cfg.run.seed + step + 1}), progress=False, shard=shard,

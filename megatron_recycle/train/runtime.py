@@ -78,7 +78,43 @@ def ensure_data(cfg: Config) -> dict[str, Path]:
             generate_data(cfg)
         if dist.is_initialized():
             dist.barrier()
+    elif not cfg.data.train_file and (not dist.is_initialized() or dist.get_rank() == 0):
+        for line in generated_data_differences(cfg):
+            print(line, flush=True)
     return paths
+
+
+def generated_data_differences(cfg: Config) -> list[str]:
+    """Lines naming how the generated data in ``data.dir`` differs from what this config would
+    generate (its ``stats.json`` against seed, sizes, top-k and passage length); [] when they
+    agree or the folder has no stats. The files are used as they are: a second run over the same
+    data (another run.seed, say) is legitimate, but a changed top-k means the SFT trajectories'
+    information blocks differ from what the rollouts will retrieve."""
+
+    stats_path = Path(cfg.data.dir) / "stats.json"
+    try:
+        stats = json.loads(stats_path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(stats, dict):
+        return []
+    requested = stats.get("requested") if isinstance(stats.get("requested"), dict) else {}
+    pairs = {
+        "run.seed": (stats.get("seed"), cfg.run.seed),
+        "data.n_train": (requested.get("train"), cfg.data.n_train),
+        "data.n_dev": (requested.get("dev"), cfg.data.n_dev),
+        "data.n_test": (requested.get("test"), cfg.data.n_test),
+        "retriever.topk": (stats.get("topk"), cfg.retriever.topk),
+        "retriever.max_passage_words": (stats.get("max_passage_words"), cfg.retriever.max_passage_words),
+    }
+    diff = [f"{k} {was} -> {now}" for k, (was, now) in pairs.items() if was is not None and was != now]
+    if not diff:
+        return []
+    return [
+        f"[data] note: the data in {cfg.data.dir} was generated with other settings than this config's "
+        f"({'; '.join(diff)}); it is used as it is. To generate it again with these settings, "
+        "set data.dir to a new folder (or remove this one)."
+    ]
 
 
 def generate_data(cfg: Config) -> dict[str, Any]:
