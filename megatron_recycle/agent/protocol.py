@@ -53,6 +53,14 @@ def prompt_token_ids(tokenizer, question: str) -> list[int]:
     return list(tokenizer(render_prompt(tokenizer, question), add_special_tokens=add_special).input_ids)
 
 
+def observation_token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of text the environment appends (information blocks, error messages): special-
+    token strings in it (a passage quoting ``<|im_end|>``) stay plain text; parsed, they became
+    real end-of-turn / start-of-turn tokens in the middle of the block. Rollouts and SFT both use
+    this, so the two see the same ids."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
+
 def parse_action(text: str) -> tuple[str | None, str | None]:
     """The last complete <search> or <answer> tag in a generated chunk: (kind, content).
 

@@ -46,6 +46,9 @@ def f1_score(prediction: str, golds: Sequence[str]) -> float:
     best = 0.0
     for gold in golds:
         gold_tokens = normalize_answer(gold).split()
+        if not pred_tokens or not gold_tokens:  # as SQuAD 2.0: 1 when both are empty (gold "The The")
+            best = max(best, float(pred_tokens == gold_tokens))
+            continue
         common = Counter(pred_tokens) & Counter(gold_tokens)
         same = sum(common.values())
         if same == 0:
@@ -61,7 +64,7 @@ class RewardResult:
     em: float
     f1: float
     answer: str | None
-    malformed: bool  # no complete <answer> tag, or an empty one
+    malformed: bool  # no complete <answer> tag (or none the trajectory ended on), or an empty one
 
 
 @functools.cache
@@ -104,12 +107,14 @@ def _import_module(target: str) -> Any:
 
 
 def score_response(
-    response: str, golds: Sequence[str], metric: str = "em", truncated: bool = False
+    response: str, golds: Sequence[str], metric: str = "em", truncated: bool = False, answered: bool = True
 ) -> RewardResult:
     """Score a whole response. No answer, an empty answer or a truncated trajectory scores 0.
 
     ``metric`` is "em", "f1", or a custom reward spec (see load_reward_fn); EM and F1 are
-    always computed for the metrics.
+    always computed for the metrics. ``answered=False`` says the trajectory did not end on a
+    closed ``<answer>`` tag (the rollout's finish reason): it has no answer, even when the joined
+    turns happen to hold an ``<answer>...</answer>`` pair across a search.
     """
     if isinstance(golds, str):
         golds = [golds]
@@ -120,8 +125,10 @@ def score_response(
         if ":" not in metric:
             raise ValueError(f"reward metric must be 'em', 'f1' or 'module:function', got {metric!r}")
         custom = load_reward_fn(metric)
-    answer = extract_answer(response)
-    malformed = answer is None or not normalize_answer(answer)
+    answer = extract_answer(response) if answered else None
+    # Empty raw content is malformed; content that normalizes to nothing ("the") is an answer,
+    # compared as SQuAD does, so that a gold such as "The The" or "A" can be matched.
+    malformed = answer is None or not answer.strip()
     em = f1 = 0.0
     if not malformed and not truncated:
         em, f1 = exact_match(answer, golds), f1_score(answer, golds)

@@ -18,6 +18,7 @@ from megatron_recycle.agent.protocol import (
     STOP_STRINGS,
     format_information,
     format_retrieval_error,
+    observation_token_ids,
     parse_action,
     prompt_token_ids,
 )
@@ -178,7 +179,7 @@ def rollout(
                 s.queries.append(query)
                 stats.searches += 1
                 s.retrieval_errors += failed
-                info_ids = list(tokenizer(obs, add_special_tokens=False).input_ids)
+                info_ids = observation_token_ids(tokenizer, obs)
                 if len(s.token_ids) + len(info_ids) >= max_total_tokens:
                     s.finish = "length"  # no room left to read the results and continue
                     continue
@@ -239,7 +240,8 @@ def _retrieve(
 def _finish(s: _State, tokenizer, reward_metric: str) -> Trajectory:
     """Score a finished state; the reward reads only policy-generated text, never a passage."""
     generated = "".join(s.generated_text)
-    result = score_response(generated, s.golds, metric=reward_metric, truncated=s.finish == "length")
+    result = score_response(generated, s.golds, metric=reward_metric, truncated=s.finish == "length",
+                            answered=s.finish == "answer")
     return Trajectory(
         query_id=s.query_id,
         sample_index=s.sample_index,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_recycle.agent.protocol import prompt_token_ids
+from megatron_recycle.agent.protocol import observation_token_ids, prompt_token_ids
 from megatron_recycle.config import Config
 from megatron_recycle.train import runtime as rtm
 
@@ -35,7 +35,8 @@ def tokenize_oracle(row: dict, tokenizer, max_tokens: int) -> tuple[list[int], l
             text = turn.get(key)
             if not text:
                 continue
-            seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+            seg = (observation_token_ids(tokenizer, text) if key == "information"
+                   else tokenizer(text, add_special_tokens=False)["input_ids"])
             ids += seg
             mask += [m] * len(seg)
     if len(ids) > max_tokens:  # keep the prompt and the start; a cut trajectory still teaches the format

@@ -36,7 +36,7 @@ def test_f1_partial_overlap_and_best_gold():
     assert f1_score("William Shakespeare", ["Marlowe", "William Shakespeare"]) == 1.0
     assert f1_score("Paris", ["London"]) == 0.0
     assert f1_score("", ["London"]) == 0.0
-    assert f1_score("the the", ["the"]) == 0.0  # nothing left after normalization
+    assert f1_score("the the", ["the"]) == 1.0  # both normalize to nothing: equal (SQuAD 2.0), as EM says
     # repeated tokens count once per occurrence: pred "x y y", gold "y": P = 1/3, R = 1
     assert f1_score("x y y", ["y"]) == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))
 
@@ -60,13 +60,32 @@ def test_last_answer_counts():
         ("Paris", True),  # no tag
         ("<answer>Paris", True),  # unclosed
         ("<answer>   </answer>", True),  # empty
-        ("<answer> the </answer>", True),  # empty after normalization
+        ("<answer> the </answer>", False),  # empty after normalization: an answer, and a wrong one
         ("<answer>London</answer>", False),  # wrong
     ],
 )
 def test_missing_malformed_or_wrong_answers_score_zero(response, malformed):
     r = score_response(response, ["Paris"])
     assert r.reward == 0.0 and r.em == 0.0 and r.f1 == 0.0 and r.malformed is malformed
+
+
+def test_golds_that_normalize_to_nothing_can_be_matched():
+    """SQuAD's rule: "The The" (the band) or "A" (the letter) normalize to ""; they were unmatchable."""
+    for gold in ("The The", "A", "!!!"):
+        r = score_response(f"<answer>{gold}</answer>", [gold])
+        assert (r.reward, r.em, r.f1, r.malformed) == (1.0, 1.0, 1.0, False), gold
+    r = score_response("<answer>the</answer>", ["Paris"], metric="f1")
+    assert r.reward == r.em == r.f1 == 0.0
+    assert f1_score("Paris", ["The The"]) == 0.0 and f1_score("the", ["The The", "Paris"]) == 1.0
+
+
+def test_an_answer_pair_across_a_search_is_no_answer():
+    """The trajectory ended without a closed answer tag; the joined turns hold an <answer>...</answer>
+    pair around a search (turn 1 opened it, the last turn closed it): that is not an answer."""
+    text = "<answer> Paris <search> capital of France </search> France </answer>"
+    assert score_response(text, ["Paris France"], metric="f1").reward > 0  # read as one response
+    r = score_response(text, ["Paris France"], metric="f1", answered=False)
+    assert (r.reward, r.em, r.f1, r.answer, r.malformed) == (0.0, 0.0, 0.0, None, True)
 
 
 def test_truncated_trajectory_scores_zero_even_when_right():

@@ -224,6 +224,40 @@ def test_passages_cannot_supply_the_answer_and_eos_is_no_answer(tok):
     assert t.extra["malformed"] is True
 
 
+def test_an_answer_tag_opened_before_a_search_and_closed_after_it_is_no_answer(tok):
+    """Turn 1 opens <answer> and then searches; turn 2 closes </answer> without opening one: the
+    trajectory ends as no_answer, and the joined text's <answer>...</answer> pair earned F1 before."""
+    engine = FakeEngine(tok, {"France": [chars(tok, "<answer> Paris <search> capital of France </search>"),
+                                         chars(tok, " France </answer>")]})
+    (t,) = rollout(engine, FakeRetriever(), [(0, "Capital of France?", ["Paris France"])], 1,
+                   SamplingParams(max_new_tokens=100), 3, 4096, 2, reward_metric="f1")
+    assert t.finish_reason == "no_answer" and t.searches == 1
+    assert (t.reward, t.f1, t.answer, t.extra["malformed"]) == (0.0, 0.0, None, True)
+
+
+def test_special_token_text_in_a_passage_stays_text_in_rollouts_and_sft(tok):
+    """A passage quoting "<|im_end|>" was tokenized into the real end-of-turn id inside the block."""
+    from megatron_recycle.train.sft import tokenize_oracle
+
+    class Quoting(FakeRetriever):
+        def search(self, queries, topk):
+            return [[Passage("x", "T\nchat logs end with <|im_end|> then <|im_start|>assistant", 1.0)]
+                    for _ in queries]
+
+    search = "<search> q </search>"
+    engine = FakeEngine(tok, {"France": [chars(tok, search), chars(tok, "<answer> Paris </answer>")]})
+    (t,) = rollout(engine, Quoting(), [(0, "Capital of France?", ["Paris"])], 1, SamplingParams(max_new_tokens=100),
+                   2, 4096, 3)
+    info = [i for i, m in zip(t.token_ids[t.prompt_len:], t.loss_mask[t.prompt_len:]) if m == 0]
+    assert info and not set(info) & set(tok.all_special_ids)
+    assert "<|im_end|> then <|im_start|>assistant" in tok.decode(info)
+    # SFT encodes the same block to the same ids
+    obs = format_information(Quoting().search(["q"], 3)[0])
+    ids, mask = tokenize_oracle({"question": "Capital of France?", "turns": [
+        {"generated": search, "information": obs}, {"generated": "<answer> Paris </answer>"}]}, tok, 10_000)
+    assert [i for i, m in zip(ids, mask) if m == 0][-len(info):] == info
+
+
 def test_empty_query_gets_an_error_observation_without_calling_the_retriever(tok):
     engine = FakeEngine(tok, {"France": [chars(tok, "<search> </search>"), chars(tok, "<answer> Paris </answer>")]})
     retriever = FakeRetriever()
