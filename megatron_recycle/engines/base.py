@@ -1,4 +1,4 @@
-"""The generation-engine interface shared by the Hugging Face (CPU/GPU) and vLLM (GPU) engines.
+"""The generation-engine interface shared by the native (Megatron model, CPU), Hugging Face (CPU/GPU) and vLLM (GPU) engines.
 
 Token ids in, token ids out: the rollout loop never re-tokenizes what an engine produced.
 """

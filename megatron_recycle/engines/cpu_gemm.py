@@ -88,11 +88,19 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".skinny_gemm_", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, *LDLIBS], capture_output=True, text=True,
-                              timeout=300)
+        try:
+            proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, *LDLIBS], capture_output=True, text=True,
+                                  timeout=300)
+        except subprocess.SubprocessError as exc:  # a timeout on a loaded machine: fall back, once
+            raise RuntimeError(f"building {SOURCE.name} with {cc} did not finish: {exc}") from exc
         if proc.returncode != 0:
             raise RuntimeError(f"building {SOURCE.name} failed ({cc}, exit {proc.returncode}):\n"
                                f"{proc.stderr.strip()[-2000:]}")
+        # mkstemp made the file 0600: in a cache folder shared by a team (MEGATRON_RECYCLE_CACHE),
+        # other users would find it and fail to load it
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

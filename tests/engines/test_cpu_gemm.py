@@ -170,8 +170,13 @@ def test_rejects_what_it_does_not_take():
 
 def test_build_cache_key_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGATRON_RECYCLE_CACHE", str(tmp_path))
-    first = cpu_gemm.build()
+    old_umask = os.umask(0o022)
+    try:
+        first = cpu_gemm.build()
+    finally:
+        os.umask(old_umask)
     assert first.parent == tmp_path / "cpu_gemm" and first.exists()
+    assert first.stat().st_mode & 0o777 == 0o755  # others sharing the cache can load it (mkstemp gave 0600)
     assert cpu_gemm.build() == first  # cached
     edited = tmp_path / "edited.c"
     edited.write_text(cpu_gemm.SOURCE.read_text() + "\n/* edited */\n")
@@ -186,6 +191,32 @@ def test_build_cache_key_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="cannot run the C compiler"):
         cpu_gemm.build()
+
+
+def test_a_compiler_timeout_falls_back_once(monkeypatch, tmp_path, caplog):
+    """A build that times out (a loaded machine) raised TimeoutExpired through available() into
+    the rollout, and every later call tried the 300 s build again."""
+    real_run = subprocess.run
+    builds = []
+
+    def run(cmd, *args, **kwargs):
+        if "-o" in cmd:
+            builds.append(cmd)
+            raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setenv("MEGATRON_RECYCLE_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_gemm.subprocess, "run", run)
+    try:
+        cpu_gemm.reset()
+        with caplog.at_level("WARNING", logger=cpu_gemm.__name__):
+            assert not cpu_gemm.available() and not cpu_gemm.available()
+        if cpu_gemm._cpu_has_avx2_fma():
+            assert len(builds) == 1 and "did not finish" in cpu_gemm.unavailable_reason()
+            assert "decoding uses PyTorch's matmul" in caplog.text
+            assert not list((tmp_path / "cpu_gemm").glob(".skinny_gemm_*"))
+    finally:
+        cpu_gemm.reset()
 
 
 def test_switch_off_and_failed_build_fall_back(monkeypatch, tmp_path, caplog):

@@ -167,10 +167,11 @@ def test_prefix_store_reuses_the_previous_turn_and_gives_the_same_result(world1,
     expected = sum(len(p) + len(g.token_ids) - 1 for p, g in zip(prompts, first))
     assert cached.reused_tokens == expected
     _same(a, hf_engine.generate(second, params2))  # and the ground truth agrees
-    # a weight update in place (an optimizer step) makes the stored keys/values stale
+    # a weight update in place (an optimizer step) makes the stored keys/values stale: a weight
+    # the keys/values come from, so that reusing them would also change the tokens and log-probs
     third = [p + g.token_ids + [5] for p, g in zip(second, a)]
     with torch.no_grad():
-        model.decoder.final_layernorm.weight.mul_(1.5)
+        model.decoder.layers[0].self_attention.linear_qkv.weight.mul_(1.5)
     before = cached.reused_tokens
     _same(cached.generate(third, params2), plain.generate(third, params2))
     assert cached.reused_tokens == before
