@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -325,6 +326,29 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line evaluation: model + retriever + QA file -> table on stdout, JSON on disk."""
     ap = argparse.ArgumentParser(prog="python -m megatron_recycle.evaluate", description=main.__doc__)
@@ -333,14 +357,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--retriever", default="bm25", choices=("bm25", "dense", "http"))
     ap.add_argument("--retriever-url", default=None)
     ap.add_argument("--source", default=None, help="name the rows' source (e.g. synthetic-test) instead of the file's")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    ap.add_argument("--n-samples", type=int, default=1)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--max-turns", type=int, default=4)
-    ap.add_argument("--max-total-tokens", type=int, default=2048)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--topk", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--limit", type=_int_at_least(1), default=None, help="evaluate only the first N examples")
+    ap.add_argument("--n-samples", type=_int_at_least(1), default=1)
+    ap.add_argument("--temperature", type=_nonnegative_float, default=0.0)
+    ap.add_argument("--max-turns", type=_int_at_least(0), default=4)
+    ap.add_argument("--max-total-tokens", type=_int_at_least(1), default=2048)
+    ap.add_argument("--max-new-tokens", type=_int_at_least(1), default=256)
+    ap.add_argument("--topk", type=_int_at_least(1), default=3)
+    ap.add_argument("--batch-size", type=_int_at_least(1), default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--output", default="runs/eval/result.json")

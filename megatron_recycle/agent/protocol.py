@@ -57,8 +57,13 @@ def observation_token_ids(tokenizer, text: str) -> list[int]:
     """Token ids of text the environment appends (information blocks, error messages): special-
     token strings in it (a passage quoting ``<|im_end|>``) stay plain text; parsed, they became
     real end-of-turn / start-of-turn tokens in the middle of the block. Rollouts and SFT both use
-    this, so the two see the same ids."""
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+    this, so the two see the same ids. A tokenizer without the option (not a Hugging Face one)
+    encodes the text as it does."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+    except TypeError:
+        enc = tokenizer(text, add_special_tokens=False)
+    return list(enc.input_ids if hasattr(enc, "input_ids") else enc["input_ids"])
 
 
 def parse_action(text: str) -> tuple[str | None, str | None]:

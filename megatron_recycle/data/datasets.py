@@ -8,8 +8,10 @@ the original "question" and "golden_answers" columns, which are preferred when p
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,7 +100,15 @@ def _as_answers(value: Any, field: str) -> list[str] | None:
             continue
         if isinstance(a, bool) or not isinstance(a, (str, int, float)):
             raise QAFormatError(f"'{field}' holds a {type(a).__name__} ({str(a)[:60]}); answers must be text or numbers")
-        text = str(int(a)) if isinstance(a, float) and a.is_integer() else str(a)  # 1960.0 -> "1960"
+        if isinstance(a, float) and not math.isfinite(a):
+            raise QAFormatError(f"'{field}' holds {a}; an answer must be text or a finite number")
+        if isinstance(a, str) and _looks_like_a_list(a):
+            raise QAFormatError(
+                f"'{field}' holds the text of a list ({a[:60]}): the answers were written as a string (a CSV "
+                "round trip?); store them as a JSON list"
+            )
+        # 1960.0 -> "1960"; past 2**53 a float's integer digits are not the number written
+        text = str(int(a)) if isinstance(a, float) and a.is_integer() and abs(a) < 2**53 else str(a)
         if text.strip():
             answers.append(text.strip())
     if not answers:
@@ -106,11 +116,23 @@ def _as_answers(value: Any, field: str) -> list[str] | None:
     return answers
 
 
+def _looks_like_a_list(text: str) -> bool:
+    """True for the printed form of a list of answers ("['Paris', 'City of Light']")."""
+    t = text.strip()
+    if not (t.startswith("[") and t.endswith("]")):
+        return False
+    try:
+        value = ast.literal_eval(t)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value)
+
+
 def _question_from_prompt(prompt: Any) -> str | None:
     """The question inside a Search-R1 prompt (chat messages or a string)."""
     if hasattr(prompt, "tolist"):
         prompt = prompt.tolist()
-    if isinstance(prompt, str) and prompt.lstrip().startswith("[{"):
+    if isinstance(prompt, str) and prompt.lstrip().startswith("["):
         try:  # chat messages stored as a JSON string
             prompt = json.loads(prompt)
         except ValueError:

@@ -206,3 +206,20 @@ def test_merge_refuses_inconsistent_parts():
     records, totals = _merge_parts([None, ((1, 2), [(1, rec)], {"n": 1}), ((0, 2), [(0, rec)], {"n": 2}),
                                     ((0, 2), [(0, rec)], {"n": 2})], 2)  # shard 0 held twice: counted once
     assert sorted(i for i, _ in records) == [0, 1] and totals == {"n": 3}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--limit", "-1"], "--limit: must be >= 1, got -1"),  # evaluated all but the last question
+    (["--limit", "0"], "--limit: must be >= 1, got 0"),
+    (["--n-samples", "0"], "--n-samples: must be >= 1"),
+    (["--topk", "0"], "--topk: must be >= 1"),
+    (["--max-turns", "-2"], "--max-turns: must be >= 0"),
+    (["--temperature", "-0.5"], "--temperature: must be a finite number >= 0"),
+    (["--batch-size", "x"], "--batch-size: expected an integer"),
+])
+def test_module_entry_point_refuses_bad_numbers_before_loading_anything(fixture_file, capsys, bad, message):
+    from megatron_recycle import evaluate as ev
+
+    with pytest.raises(SystemExit):
+        ev.main(["--data", str(fixture_file), *bad])
+    assert message in capsys.readouterr().err

@@ -140,6 +140,11 @@ def test_find_benchmark_files(tmp_path):
         # present but unusable: an error, not the next field read in its place
         ({"question": "q", "golden_answers": {"x": 1}, "answer": "Rome"}, "must be a list of answers"),
         ({"question": "q", "golden_answers": [], "answer": "Rome"}, "holds no non-empty answer"),
+        # answers that could never match: a list printed as text (a CSV round trip), NaN, infinity
+        ({"question": "q", "golden_answers": "['Paris', 'City of Light']"}, "holds the text of a list"),
+        ({"question": "q", "golden_answers": ["['Paris']"]}, "holds the text of a list"),
+        ({"question": "q", "golden_answers": [float("nan")]}, "holds nan"),
+        ({"question": "q", "golden_answers": [1.0, float("inf")]}, "holds inf"),
     ],
 )
 def test_unusable_answers_are_errors(tmp_path, row, error):
@@ -156,6 +161,12 @@ def test_answer_fields_in_order_numbers_and_a_json_chat_prompt(tmp_path):
         {"prompt": json.dumps([{"role": "user", "content": "Answer. Question: who wrote Hamlet?\n"}]),
          "golden_answers": ["Shakespeare"]},
     ]
+    rows += [
+        # a JSON chat prompt written with a space after the bracket; text in brackets is an answer
+        {"prompt": '[ {"role": "user", "content": "Answer. Question: who is x?\\n"} ]',
+         "golden_answers": ["[citation needed]", 1e25]},
+    ]
     got = read_qa_file(_write_jsonl(tmp_path / "ok.jsonl", rows))
-    assert [ex.golden_answers for ex in got] == [["1960", "3", "x"], ["a"], ["b"], ["Shakespeare"]]
-    assert got[3].question == "who wrote Hamlet?"
+    assert [ex.golden_answers for ex in got] == [["1960", "3", "x"], ["a"], ["b"], ["Shakespeare"],
+                                                 ["[citation needed]", "1e+25"]]
+    assert got[3].question == "who wrote Hamlet?" and got[4].question == "who is x?"
