@@ -259,6 +259,61 @@ def load_optimizer_state_dict(opt: Any, state: dict[str, Any]) -> None:
             scaler.load_state_dict(part["grad_scaler"])
 
 
+# Per-group hyperparameters a torch load_state_dict puts back with the saved groups (the same-
+# layout resume) and a resharded resume must put back itself: Megatron's scheduler reads each
+# group's max_lr/min_lr, not its own.
+_GROUP_HPARAMS = ("max_lr", "min_lr", "betas", "eps", "momentum")
+_GROUP_SIGNATURE = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _signature(group: dict[str, Any]) -> str:
+    return repr(tuple(group.get(k) for k in _GROUP_SIGNATURE))
+
+
+def group_hparams(opt: Any) -> list[dict[str, Any]]:
+    """The per-group hyperparameters of every torch optimizer inside ``opt``, one entry per kind
+    of group (its wd/lr multipliers), for a checkpoint."""
+    seen: dict[str, dict[str, Any]] = {}
+    for inner in torch_optimizers(opt):
+        for g in inner.param_groups:
+            values = {k: (tuple(g[k]) if isinstance(g[k], (list, tuple)) else g[k]) for k in _GROUP_HPARAMS if k in g}
+            seen.setdefault(_signature(g), {"signature": _signature(g), **values})
+    return list(seen.values())
+
+
+def apply_group_hparams(opt: Any, saved: list[dict[str, Any]]) -> int:
+    """Put saved :func:`group_hparams` (of any layout's ranks) back into ``opt``'s groups of the same
+    kind; returns the number of groups set. A kind of group the checkpoint did not have gets the
+    values every saved kind agrees on."""
+    by_sig = {e["signature"]: e for e in saved}
+    common = {k: saved[0][k] for k in _GROUP_HPARAMS if saved and all(k in e and e[k] == saved[0][k] for e in saved)}
+    n = 0
+    for inner in torch_optimizers(opt):
+        for g in inner.param_groups:
+            values = by_sig.get(_signature(g), common)
+            for k in _GROUP_HPARAMS:
+                if k in g and k in values:
+                    g[k] = tuple(values[k]) if isinstance(g[k], tuple) else values[k]
+            n += 1
+    return n
+
+
+def hparam_differences(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[str]:
+    """Adam/SGD settings (betas, eps, momentum) the restore changed from this config's."""
+    a, b = (before or [{}])[0], (after or [{}])[0]
+    return [f"{k} {b[k]} (this config: {a[k]})" for k in ("betas", "eps", "momentum")
+            if k in a and k in b and a[k] != b[k]]
+
+
+def finish_schedule_restore(scheduler: Any) -> None:
+    """After ``scheduler.load_state_dict``: the warm-up's start value follows the restored schedule
+    (Megatron does not save init_lr; the constructor took it from this config's warm-up), and the
+    groups' lr and weight decay are set again from the restored values (Megatron's load steps the
+    scheduler before it restores start_wd/end_wd, so the first update used this config's decay)."""
+    scheduler.init_lr = 0.0 if scheduler.lr_warmup_steps > 0 else scheduler.max_lr
+    scheduler.step(0)
+
+
 _SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd")
 
 

@@ -97,6 +97,7 @@ def describe_layout(d: dict) -> str:
 
 def _load_resharded(ckpt, rt: rtm.Runtime, layout, tag: str = "train") -> tuple[dict, dict]:
     """Resume a checkpoint saved on another layout (train/reshard.py); returns (shared, this rank's parts)."""
+    from megatron_recycle.train.optim import apply_group_hparams
     from megatron_recycle.train.reshard import load_resharded, rng_state_for_new_layout
 
     if rt.is_rank0:
@@ -105,6 +106,14 @@ def _load_resharded(ckpt, rt: rtm.Runtime, layout, tag: str = "train") -> tuple[
     t0 = time.perf_counter()
     shared, old = ckpt.load_all(layout.step)
     counts = load_resharded(rt.chunks, rt.optimizer, rt.hf_config, [p.get("model_space") for p in old])
+    # The per-group learning-rate bounds and Adam settings the same-layout load takes from the
+    # saved optimizer (checkpoints before this record keep this config's, and say so)
+    groups = [e for p in old for e in (p.get("optimizer_groups") or [])]
+    if groups:
+        apply_group_hparams(rt.optimizer, groups)
+    elif rt.is_rank0:
+        print(f"[{tag}] --resume: this checkpoint predates its optimizer's group settings record: the learning-rate "
+              "bounds and Adam settings are this config's", flush=True)
     seconds = time.perf_counter() - t0
     # The scheduler is the same on every rank. RNG streams belong to ranks, which the new layout
     # renumbers: rank r continues old rank (r mod saved ranks)'s streams.
@@ -121,12 +130,13 @@ def checkpoint_parts(rt: rtm.Runtime) -> dict[str, Any]:
     """This rank's training state for a checkpoint: model chunks, optimizer (with the distributed
     optimizer's shards), their global-name records for resharding, LR schedule, RNG streams."""
     from megatron_recycle.train.checkpoint import capture_rng_state
-    from megatron_recycle.train.optim import optimizer_state_dict
+    from megatron_recycle.train.optim import group_hparams, optimizer_state_dict
     from megatron_recycle.train.reshard import model_space_records
 
     return {
         "model": [c.state_dict() for c in rt.chunks],
         "optimizer": optimizer_state_dict(rt.optimizer),
+        "optimizer_groups": group_hparams(rt.optimizer),
         "model_space": model_space_records(rt.chunks, rt.optimizer),
         "scheduler": rt.scheduler.state_dict(),
         "rng": capture_rng_state(),
@@ -137,8 +147,15 @@ def restore_checkpoint(ckpt, rt: rtm.Runtime, step: int, tag: str) -> dict[str, 
     """Load checkpoint ``step`` into ``rt`` (resharded when it was saved on another layout), with
     its LR schedule and RNG streams; returns its shared part. ``tag`` prefixes the messages."""
     from megatron_recycle.train.checkpoint import LayoutChanged, restore_rng_state
-    from megatron_recycle.train.optim import load_optimizer_state_dict, schedule_differences
+    from megatron_recycle.train.optim import (
+        finish_schedule_restore,
+        group_hparams,
+        hparam_differences,
+        load_optimizer_state_dict,
+        schedule_differences,
+    )
 
+    configured = group_hparams(rt.optimizer)
     try:
         shared, parts = ckpt.load(step)
         for chunk, sd in zip(rt.chunks, parts["model"]):
@@ -147,13 +164,16 @@ def restore_checkpoint(ckpt, rt: rtm.Runtime, step: int, tag: str) -> dict[str, 
     except LayoutChanged as layout:
         shared, parts = _load_resharded(ckpt, rt, layout, tag)
     changed = schedule_differences(rt.scheduler, parts["scheduler"])
+    changed += hparam_differences(configured, group_hparams(rt.optimizer))
     if changed and rt.is_rank0:
         if tag == "train":
             start_over = "train --init-from a Hugging Face export such as RUN_DIR/final_hf or --save-hf DIR"
         else:
             start_over = "`megatron-recycle export RUN_DIR/sft` a checkpoint and start SFT from it as model.name_or_path"
-        print(f"[{tag}] --resume: the learning-rate schedule continues the checkpoint's, which differs from "
-              f"this config's: {'; '.join(changed)}. A new schedule needs a new run ({start_over}).", flush=True)
+        print(f"[{tag}] --resume: the learning-rate schedule and optimizer settings continue the checkpoint's, "
+              f"which differ from this config's: {'; '.join(changed)}. New ones need a new run ({start_over}).",
+              flush=True)
     rt.scheduler.load_state_dict(parts["scheduler"])
+    finish_schedule_restore(rt.scheduler)
     restore_rng_state(parts["rng"])
     return shared

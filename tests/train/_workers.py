@@ -569,6 +569,74 @@ def optimizer_resume(args: dict) -> dict:
     return out
 
 
+def schedule_resume(args: dict) -> dict:
+    """Resume a checkpoint (resume.restore_checkpoint) on the same layout and as a resharded one,
+    with a config that changed the learning rate, warm-up, weight decay and Adam's beta2: both
+    must continue the saved run's schedule and settings, update for update. Before, the
+    resharded path ran at the new config's lr and betas, a warm-up continued from this config's
+    start value, and the first update used this config's weight decay."""
+    import io
+    from types import SimpleNamespace
+
+    from megatron_recycle.model.convert import load_hf_weights
+    from megatron_recycle.train.batch import TrajectoryBatch
+    from megatron_recycle.train.checkpoint import LayoutChanged
+    from megatron_recycle.train.optim import setup_model_and_optimizer, torch_optimizers
+    from megatron_recycle.train.resume import checkpoint_parts, restore_checkpoint
+    from megatron_recycle.train.step import compute_logprobs, grpo_train_step
+
+    cfg, sd = tiny_llama()
+    gb = global_batch()
+    batch = TrajectoryBatch(gb["tokens"], gb["loss_mask"], gb["advantages"])
+
+    def build(lr, warmup, wd, beta2):
+        chunks, opt, sched = setup_model_and_optimizer(
+            cfg, lr=lr, weight_decay=wd, warmup_steps=warmup, total_steps=10, lr_decay_style="cosine",
+            adam_beta2=beta2, load_weights=lambda c: load_hf_weights(c, sd, cfg))
+        return SimpleNamespace(chunks=chunks, optimizer=opt, scheduler=sched, hf_config=cfg, is_rank0=True,
+                               layout=SimpleNamespace(rank=0))
+
+    def settings(rt):
+        return [(g["lr"], g["weight_decay"], tuple(g["betas"]))
+                for inner in torch_optimizers(rt.optimizer) for g in inner.param_groups]
+
+    def updates(rt, n=3):
+        seen = []
+        for _ in range(n):
+            seen.append(settings(rt))  # what the next update runs with
+            lp = compute_logprobs(rt.chunks, batch, 2)
+            grpo_train_step(rt.chunks, rt.optimizer, rt.scheduler, batch.replace(old_logprobs=lp + 0.1), 2)
+        return seen
+
+    rt = build(1e-3, 4, 0.01, 0.999)
+    updates(rt, 2)  # stopped in the warm-up
+    buf = io.BytesIO()
+    torch.save(checkpoint_parts(rt), buf)
+    out = {"straight": updates(rt)}
+
+    class Ckpt:
+        def __init__(self, resharded):
+            self.resharded = resharded
+
+        def _parts(self):
+            buf.seek(0)
+            return torch.load(buf, weights_only=True)
+
+        def load(self, step):
+            if self.resharded:
+                raise LayoutChanged("another layout", step, {"world_size": 2}, {"world_size": 1})
+            return {}, self._parts()
+
+        def load_all(self, step):
+            return {}, [self._parts()]
+
+    for name, resharded in (("same_layout", False), ("resharded", True)):
+        other = build(5e-3, 0, 0.1, 0.95)
+        restore_checkpoint(Ckpt(resharded), other, 2, "train")
+        out[name] = updates(other)
+    return out
+
+
 def _full_model_space(files: list[Path], cfg: Any) -> dict[str, Any]:
     """Every kind of saved tensor (weights, fp32 main weights, Adam moments, step) by HF name, from
     the model-space records of a layout's rank files (train/reshard.py's reading side)."""

@@ -209,6 +209,7 @@ def single_process_runs():
                                            "recompute_method": "uniform", "recompute_num_layers": 2}],
         ["recompute_selective", "grpo_layout", {"mbs_list": [8], "dist_opt": False, "recompute": "selective"}],
         ["length_grouping", "length_grouping", {}],
+        ["schedule_resume", "schedule_resume", {}],
     ]
     return _dist.run_workers("run_jobs", 1, {"jobs": jobs})[0]
 
@@ -689,3 +690,17 @@ def test_wrap_refuses_a_schedule_megatron_would_assert_on(warmup, total):
 
     with pytest.raises(ValueError, match="need 0 <= warmup_steps < total_steps"):
         wrap_model_and_build_optimizer([], lr=1e-3, warmup_steps=warmup, total_steps=total)
+
+
+@pytest.mark.distributed
+def test_a_resume_continues_the_saved_schedule_and_optimizer_settings_on_any_layout(single_process_runs):
+    """A config that changed lr, warm-up, weight decay and beta2: the same-layout and the resharded
+    resume both take the next updates with the saved run's lr, weight decay and betas."""
+    run = single_process_runs["schedule_resume"]
+    straight = run["straight"]
+    assert straight[0][0][0] < 1e-3 and len({row[0][0] for row in straight}) == 3  # still warming up
+    for name in ("same_layout", "resharded"):
+        for got, want in zip(run[name], straight):
+            assert len(got) == len(want)
+            for (lr, wd, betas), (lr0, wd0, betas0) in zip(got, want):
+                assert lr == pytest.approx(lr0, rel=1e-12) and wd == pytest.approx(wd0) and betas == betas0, name
