@@ -62,7 +62,6 @@ RESUME_KEYS: tuple[str, ...] = (
     "model.pp",
     "model.vpp",
     "model.bf16",
-    "model.layer_spec",
     "pool",  # strategy, B, k, consumed weight, exhaustion rule, dapo batches
     "data.dir",
     "data.train_file",
@@ -72,6 +71,10 @@ RESUME_KEYS: tuple[str, ...] = (
     "optim.overlap_grad_reduce",  # (with the distributed optimizer only, see CONDITIONAL_KEYS)
     "optim.ddp_bucket_size",
 )
+
+# Keys older checkpoints fingerprinted that no longer need to match: model.layer_spec is checked as
+# the spec it resolved to (the manifest's layer_spec), so 'auto' and the 'local' it meant agree.
+RETIRED_KEYS: tuple[str, ...] = ("model.layer_spec",)
 
 # The RESUME_KEYS that only say how the state is sharded: when they (or the world size) differ, a
 # resume goes through train/reshard.py instead of loading each rank's file as it is.
@@ -499,8 +502,9 @@ class CheckpointManager:
             theirs = manifest.get("config_fingerprint") or {}
             keys = list(self.fingerprint) + [k for k in theirs if k not in self.fingerprint]
             diff = {k: (theirs.get(k), self.fingerprint.get(k)) for k in keys
-                    if theirs.get(k) != self.fingerprint.get(k)}
-            if not diff or any(k not in LAYOUT_KEYS for k in diff):
+                    if theirs.get(k) != self.fingerprint.get(k) and k not in RETIRED_KEYS}
+            retired_only = not diff and theirs and any(k in theirs for k in RETIRED_KEYS)
+            if not retired_only and (not diff or any(k not in LAYOUT_KEYS for k in diff)):
                 detail = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
                 raise CheckpointError(
                     f"{folder}: config does not match this run ({detail or 'different resume keys'}); "

@@ -75,7 +75,7 @@ def read_oracle_file(path: Path, skip_bad_rows: bool = False) -> list[dict]:
 # The config keys an SFT checkpoint must share with the run that resumes it (what the saved model,
 # optimizer and data order mean); the layout keys may differ (the resume then reshards).
 SFT_RESUME_KEYS: tuple[str, ...] = (
-    "model.name_or_path", "model.tp", "model.pp", "model.vpp", "model.bf16", "model.layer_spec",
+    "model.name_or_path", "model.tp", "model.pp", "model.vpp", "model.bf16",
     "data.dir", "data.skip_bad_rows", "sft.batch_size", "sft.max_examples", "rollout.max_total_tokens",
     "optim.use_distributed_optimizer", "optim.overlap_grad_reduce", "optim.ddp_bucket_size",
 )

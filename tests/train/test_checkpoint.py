@@ -223,6 +223,31 @@ def test_a_checkpoint_of_the_other_layer_spec_is_refused_clearly(tmp_path):
     assert CheckpointManager(old, config_dict=_cfg(), layer_spec="local").load()[0]["step"] == 1
 
 
+def test_pinning_the_layer_spec_auto_resolved_to_resumes(tmp_path):
+    """model.layer_spec was fingerprinted as written: a run saved with 'auto' (resolved to 'local')
+    and resumed with layer_spec=local, the same model, was refused. The resolved spec is what is
+    checked; checkpoints that fingerprinted the key still load."""
+    from megatron_recycle.train.checkpoint import RETIRED_KEYS
+
+    auto, local, te = (_cfg(model__layer_spec=v) for v in ("auto", "local", "te"))
+    CheckpointManager(tmp_path, config_dict=auto, layer_spec="local").save(1, {}, {"step": 1})
+    assert CheckpointManager(tmp_path, config_dict=local, layer_spec="local").load()[0]["step"] == 1
+    with pytest.raises(CheckpointError, match="'local' layer spec, this run builds the 'te' one"):
+        CheckpointManager(tmp_path, config_dict=te, layer_spec="te").load()
+    # a checkpoint written when the key was a resume key
+    old = tmp_path / "old"
+    keys = RESUME_KEYS + RETIRED_KEYS
+    CheckpointManager(old, config_dict=auto, layer_spec="local", resume_keys=keys).save(1, {}, {"step": 1})
+    assert "model.layer_spec" in json.loads((old / "checkpoints" / "step_1" / "manifest.json").read_text())[
+        "config_fingerprint"]
+    assert CheckpointManager(old, config_dict=local, layer_spec="local").load()[0]["step"] == 1
+    assert CheckpointManager(old, config_dict=auto, layer_spec="local").load()[0]["step"] == 1
+    # and a real difference next to it is still refused
+    with pytest.raises(CheckpointError, match="rollout.group_size: checkpoint 4, this run 8"):
+        CheckpointManager(old, config_dict=_cfg(model__layer_spec="local", rollout__group_size=8),
+                          layer_spec="local").load()
+
+
 def test_gradient_buckets_are_a_layout_key_only_with_the_distributed_optimizer(tmp_path):
     """optim.overlap_grad_reduce / optim.ddp_bucket_size decide which slices of the state a rank of
     the distributed optimizer holds; elsewhere they change nothing that is saved."""
