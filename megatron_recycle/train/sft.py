@@ -52,11 +52,15 @@ def read_oracle_file(path: Path, skip_bad_rows: bool = False) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
                 if not isinstance(row.get("question"), str) or not isinstance(row.get("turns"), list) or not row["turns"]:
                     raise ValueError("needs a 'question' string and a non-empty 'turns' list")
                 for t in row["turns"]:
                     if not isinstance(t, dict) or not isinstance(t.get("generated"), str):
                         raise ValueError("every turn needs a 'generated' string")
+                    if t.get("information") is not None and not isinstance(t["information"], str):
+                        raise ValueError("a turn's 'information' must be a string")
             except ValueError as e:
                 if not skip_bad_rows:
                     raise SFTDataError(f"{path}:{line_no}: malformed oracle trajectory: {e}") from None

@@ -27,6 +27,15 @@ def test_malformed_rows_are_errors_naming_the_line(tmp_path):
     path = _write(tmp_path / "sft3.jsonl", [{"question": "q", "turns": [{"information": "x"}]}])
     with pytest.raises(SFTDataError, match="every turn needs a 'generated' string"):
         read_oracle_file(path)
+    # rows that are not objects were an AttributeError traceback, even with skip_bad_rows
+    for i, row in enumerate(('["not", "an", "object"]', "null")):
+        path = _write(tmp_path / f"sft_list{i}.jsonl", [GOOD, row])
+        with pytest.raises(SFTDataError, match=r":2: malformed oracle trajectory: expected a JSON object"):
+            read_oracle_file(path)
+        assert read_oracle_file(path, skip_bad_rows=True) == [GOOD]
+    bad_info = {"question": "q", "turns": [{"generated": "<search> x </search>", "information": ["a", "b"]}]}
+    with pytest.raises(SFTDataError, match="'information' must be a string"):
+        read_oracle_file(_write(tmp_path / "sft4.jsonl", [bad_info]))
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
