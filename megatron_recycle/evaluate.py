@@ -309,9 +309,11 @@ def write_result(result: dict[str, Any], records: Sequence[dict[str, Any]], path
     (each through a temporary name, so a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(result, indent=1, sort_keys=True))
+    # The predictions first: the result JSON is what a resumed run checks and reuses, so it is
+    # written last, and a crash between the two never leaves a new result beside old predictions.
     predictions = path.with_name(path.stem + ".predictions.jsonl")
     _atomic_write(predictions, "".join(json.dumps(r) + "\n" for r in records))
+    _atomic_write(path, json.dumps(result, indent=1, sort_keys=True))
 
 
 def write_summary(summary: dict[str, Any], path: str | Path) -> None:

@@ -31,3 +31,14 @@ def test_the_std_estimator_moves_the_threshold():
     biased, unbiased = Config(), Config()
     biased.loss.unbiased_std = False
     assert group_advantages(rewards, biased)[1].tolist() != group_advantages(rewards, unbiased)[1].tolist()
+
+
+def test_rollout_seeds_are_distinct_over_steps_batches_and_replicas():
+    """A linear mix (step*1009 + gen_batch*31 + dp_rank) gave two replicas the same seed once DP
+    reached 32 with dapo's extra generation batches; the seed is also a pure function of its inputs."""
+    from megatron_recycle.train.grpo import rollout_seed
+
+    seeds = {(st, gb, r): rollout_seed(0, st, gb, r) for st in range(40) for gb in range(3) for r in range(64)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= s < 2**31 for s in seeds.values())
+    assert rollout_seed(0, 5, 1, 7) == seeds[(5, 1, 7)] and rollout_seed(1, 5, 1, 7) != seeds[(5, 1, 7)]
