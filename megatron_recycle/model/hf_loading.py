@@ -51,8 +51,14 @@ def smollm2_gguf_path() -> str:
     return files[0]
 
 
+class IncompleteModelError(RuntimeError):
+    """A model folder whose weight files lack tensors its config needs."""
+
+
 def _is_smollm2_alias(name: str) -> bool:
-    return name.lower() in SMOLLM2_ALIASES
+    """An alias of the packaged model, unless a file or folder of that name exists: a local
+    download named SmolLM2-135M-Instruct is the user's model, not the packaged 4-bit GGUF."""
+    return name.lower() in SMOLLM2_ALIASES and not os.path.exists(name)
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -147,6 +153,13 @@ def _convert_gguf_to_cache(gguf_path: str, folder: Path) -> None:
         source = {"gguf": os.path.basename(gguf_path), "sha1": file_digest(gguf_path),
                   "bytes": os.path.getsize(gguf_path), "transformers": _transformers_version()}
         (tmp / "source.json").write_text(json.dumps(source, indent=1) + "\n")
+        # mkdtemp made the folder 0700 and safetensors writes 0600: others sharing the cache
+        # (MEGATRON_RECYCLE_CACHE on a cluster) must be able to read the entry they will find
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -193,7 +206,15 @@ def load_hf_model(
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_folder(name_or_path, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                       output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers fills them with random values and only prints a table
+        raise IncompleteModelError(
+            f"{folder}: the weight files lack {len(missing)} tensor(s) the config needs "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); the folder is incomplete "
+            "or its config does not describe its weights"
+        )
     return model.eval()
 
 

@@ -301,7 +301,7 @@ def format_step_line(metrics: Mapping[str, Any]) -> str:
     if eff is not None:
         b = _get(metrics, "batch_size")
         fill = _get(metrics, "batch_fill")
-        if b is None and fill:
+        if b is None and fill and math.isfinite(fill):
             b = round(eff / fill)
         parts.append(f"eff {eff:.0f}/{b:.0f}" if b is not None else f"eff {eff:.0f}")
     share = _get(metrics, "recycled_share")

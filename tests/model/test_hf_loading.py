@@ -134,3 +134,51 @@ def test_model_digest_follows_the_weights_not_the_path(tmp_path):
 @pytest.mark.real_model
 def test_model_digest_of_the_embedded_model_is_its_gguf_file():
     assert hf_loading.model_digest("smollm2-135m") == hf_loading.file_digest(hf_loading.smollm2_gguf_path())
+
+
+def test_a_local_folder_named_like_the_alias_is_that_folder(tiny, tmp_path, monkeypatch):
+    """A download of SmolLM2-135M-Instruct into ./SmolLM2-135M-Instruct was silently replaced by the
+    packaged 4-bit GGUF (and its digest), since the alias was looked up before the filesystem."""
+    monkeypatch.chdir(tmp_path)
+    tiny.tiny_hf_model("llama", True).save_pretrained(tmp_path / "SmolLM2-135M-Instruct")
+    monkeypatch.setattr(hf_loading, "smollm2_gguf_path", lambda: pytest.fail("the packaged model was used"))
+    assert resolve_model_folder("SmolLM2-135M-Instruct") == hf_loading.Path("SmolLM2-135M-Instruct")
+    assert load_hf_config("SmolLM2-135M-Instruct").num_hidden_layers == 2
+    assert hf_loading.model_digest("SmolLM2-135M-Instruct") == hf_loading.model_digest(
+        tmp_path / "SmolLM2-135M-Instruct")
+
+
+def test_a_folder_missing_weights_is_refused_not_filled_at_random(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny.tiny_hf_model("qwen3", False).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    sd = load_file(weights)
+    sd.pop("lm_head.weight")
+    save_file(sd, weights, metadata={"format": "pt"})
+    with pytest.raises(hf_loading.IncompleteModelError, match=r"lack 1 tensor\(s\) .*lm_head.weight"):
+        load_hf_model(tmp_path / "m")
+
+
+def test_the_gguf_cache_entry_is_readable_by_others_sharing_the_cache(tiny, tmp_path, monkeypatch):
+    """mkdtemp's 0700 folder and safetensors' 0600 files made the shared entry the creator's alone."""
+    import transformers
+
+    class Tok:
+        def save_pretrained(self, folder):
+            (hf_loading.Path(folder) / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: tiny.tiny_hf_model("llama", True))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tok())
+    gguf = tmp_path / "toy.gguf"
+    gguf.write_bytes(b"GGUF-not-really")
+    old = os.umask(0o022)
+    try:
+        folder = resolve_model_folder(gguf, cache_dir=tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()} == {
+        f.name: 0o644 for f in folder.iterdir()}
+    assert (folder / "model.safetensors").is_file()

@@ -160,6 +160,10 @@ def test_format_step_line_full_and_partial():
         "step 3 | eff 0 | s: train 2.0"
     assert format_step_line({"effective_batch": 2, "batch_size": 4, "reward_mean": "nan"}) == "reward nan | eff 2/4"
     assert format_step_line({}) == "(no metrics)"
+    # an empty effective batch: its recycled share is nan (not shown); a nan fill has no batch size
+    assert format_step_line({"step": 4, "effective_batch": 0, "batch_size": 4, "recycled_share": "nan",
+                             "recovery": 0, "drift": 0}) == "step 4 | eff 0/4"
+    assert format_step_line({"step": 2, "effective_batch": 3, "batch_fill": "nan"}) == "step 2 | eff 3"
 
 
 def test_timer_accumulates_per_phase(monkeypatch):
