@@ -179,10 +179,15 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if not resume:
         # before any phase: an earlier run's SFT result, GRPO checkpoints or evaluations left here
         # must not be taken for this run's by a `run --resume` (or a torchrun restart) after an
-        # interruption in an early phase, before SFT and GRPO would move their own files aside
+        # interruption in an early phase, before SFT and GRPO would move their own files aside.
+        # What this run starts from stays (model.name_or_path = RUN_DIR/sft/hf of an earlier
+        # `megatron-recycle sft`, as the GPU recipes suggest).
         from megatron_recycle.train.resume import PIPELINE_RUN_FILES, archive_earlier_run
 
-        archive_earlier_run(run_dir, PIPELINE_RUN_FILES, rank0, "run")
+        start = Path(cfg.model.name_or_path).expanduser().resolve()
+        keep = tuple(n for n in PIPELINE_RUN_FILES
+                     if not (start == (run_dir / n).resolve() or (run_dir / n).resolve() in start.parents))
+        archive_earlier_run(run_dir, keep, rank0, "run")
     timings: dict[str, float] = {}
 
     def phase(name: str, start: float) -> None:
@@ -194,8 +199,10 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     bench_files = eval_files(cfg, []) if cfg.eval.data_dir else []
     t = time.perf_counter()
     paths = rtm.ensure_data(cfg)
-    # the pool's size against the data now, not after the evaluation and SFT phases
+    # the pool's size against the data, and the layout and model against the config, now: not
+    # after the evaluation and SFT phases (a 1,000-question evaluation with a GPU recipe)
     check_against_data(cfg, len(rtm.read_examples(paths["train"], cfg, cfg.data.max_train_queries)))
+    rtm.check_trainer_config(cfg, cfg.model.name_or_path)
     phase("data", t)
     evals: dict[str, Any] = {}
     split = "test"
@@ -211,6 +218,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
         if resume and (sft_hf / "config.json").is_file():
             if rank0:
                 print(f"[run] reusing the SFT result {sft_hf}", flush=True)
+                for line in _sft_setting_changes(cfg, run_dir / "sft" / "config.yaml"):
+                    print(line, flush=True)
         else:
             res = run_sft(cfg, resume=resume)
             del res["runtime"]
@@ -255,6 +264,29 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
         phase("analyze", t)
         report = _report(cfg, evals, timings, time.perf_counter() - t0, plots)
     return report
+
+
+def _sft_setting_changes(cfg: Config, saved_config: Path) -> list[str]:
+    """A note when the SFT result a resume reuses was made with other sft.* settings (or another
+    starting model) than this config's: it is reused as it is."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(saved_config.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    now = cfg.to_dict()
+    diff = [f"sft.{k} {v!r} -> {now['sft'].get(k)!r}" for k, v in (saved.get("sft") or {}).items()
+            if now["sft"].get(k) != v]
+    was_model = (saved.get("model") or {}).get("name_or_path")
+    if was_model is not None and was_model != cfg.model.name_or_path:
+        diff.append(f"model.name_or_path {was_model!r} -> {cfg.model.name_or_path!r}")
+    if not diff:
+        return []
+    return [f"[run] note: that SFT result was made with other settings ({'; '.join(diff)}); it is reused as "
+            f"it is. To redo SFT with these, move {saved_config.parent} away and resume."]
 
 
 def _stopped(phase: str, done: int, total: int, rank0: bool) -> dict[str, Any]:

@@ -373,6 +373,34 @@ def check_context_length(cfg: Config, hf_config: Any) -> None:
                           f"max_position_embeddings={limit}; lower it to at most {limit}")
 
 
+def check_trainer_config(cfg: Config, model_path: str) -> Any:
+    """Every check of the config against the model that needs only its Hugging Face config: the
+    model type and RoPE scaling the builder supports, the TP/PP/VPP layout against the world and
+    the model's heads and layers, the memory options, the context length, and vLLM's layout.
+    ConfigError (or the builder's refusal) before any process group or weight exists; returns the
+    Hugging Face config. ``setup_runtime`` runs it, and ``run`` before its first evaluation."""
+    from megatron_recycle.model.build import _check_supported
+    from megatron_recycle.model.hf_loading import load_hf_config
+    from megatron_recycle.model.parallel import validate_layout
+
+    m = cfg.model
+    hf_config = load_hf_config(model_path, cache_dir=m.cache_dir)
+    try:
+        _check_supported(hf_config)
+    except (ValueError, NotImplementedError) as e:
+        raise ConfigError(f"model.name_or_path={model_path}: {e}") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:  # the layout against the world and the model, before any process group exists
+        validate_layout(m.tp, m.pp, m.vpp, world, hf_config)
+    except ValueError as e:
+        raise ConfigError(f"model.tp={m.tp} model.pp={m.pp} model.vpp={m.vpp}: {e}") from None
+    check_model_options(m, hf_config)
+    check_context_length(cfg, hf_config)
+    if cfg.rollout.engine == "vllm":
+        check_vllm_world(cfg, hf_config, world)
+    return hf_config
+
+
 def setup_runtime(
     cfg: Config, *, model_path: str, lr: float, warmup_steps: int, total_steps: int, with_engine: bool = True
 ) -> Runtime:
@@ -381,23 +409,16 @@ def setup_runtime(
     from megatron_recycle.model.convert import load_hf_weights
     from megatron_recycle.model.hf_loading import (
         load_generation_config,
-        load_hf_config,
         load_tokenizer,
         resolve_model_folder,
     )
-    from megatron_recycle.model.parallel import init_distributed, validate_layout
+    from megatron_recycle.model.parallel import init_distributed
     from megatron_recycle.train.optim import setup_model_and_optimizer
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     m = cfg.model
-    hf_config = load_hf_config(model_path, cache_dir=m.cache_dir)
-    try:  # the layout against the world and the model, before any process group exists
-        validate_layout(m.tp, m.pp, m.vpp, int(os.environ.get("WORLD_SIZE", "1")), hf_config)
-    except ValueError as e:
-        raise ConfigError(f"model.tp={m.tp} model.pp={m.pp} model.vpp={m.vpp}: {e}") from None
-    check_model_options(m, hf_config)
-    check_context_length(cfg, hf_config)
+    hf_config = check_trainer_config(cfg, model_path)
     layout = init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.run.seed, model_config=hf_config,
                               timeout_min=cfg.run.collective_timeout_min)
     folder = resolve_model_folder(model_path, cache_dir=m.cache_dir)

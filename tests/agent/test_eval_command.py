@@ -236,6 +236,7 @@ def test_a_fresh_run_moves_an_earlier_run_aside_before_its_first_phase(tmp_path,
         (run_dir / rel).write_text("earlier")
     monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x"})
     monkeypatch.setattr(pipeline.rtm, "read_examples", lambda *a: [object()] * 100)
+    monkeypatch.setattr(pipeline.rtm, "check_trainer_config", lambda *a: None)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -252,3 +253,69 @@ def test_a_fresh_run_moves_an_earlier_run_aside_before_its_first_phase(tmp_path,
                                                          "report.md", "sft"]
     assert (earlier / "sft" / "hf" / "config.json").read_text() == "earlier"  # nothing lost
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt", "previous"]  # not the run's: left
+
+
+def _config_only_model(folder):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048).save_pretrained(folder)
+    return folder
+
+
+def _pipeline_until_first_eval(tmp_path, monkeypatch, overrides):
+    from megatron_recycle.config import load_config
+    from megatron_recycle.train import pipeline
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'runs'}", "run.name=r", *overrides])
+    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x"})
+    monkeypatch.setattr(pipeline.rtm, "read_examples", lambda *a: [object()] * 100)
+
+    def first_eval(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate_model", first_eval)
+    monkeypatch.setattr(pipeline, "_cached_eval", first_eval)
+    return cfg, pipeline
+
+
+def test_a_fresh_run_keeps_the_sft_result_it_starts_from(tmp_path, monkeypatch):
+    """The GPU recipes start `run` from RUN_DIR/sft/hf of an earlier `megatron-recycle sft`: the
+    fresh run moved that folder aside, then could not find its model."""
+    run_dir = tmp_path / "runs" / "r"
+    _config_only_model(run_dir / "sft" / "hf")
+    (run_dir / "checkpoints" / "step_3").mkdir(parents=True)
+    cfg, pipeline = _pipeline_until_first_eval(tmp_path, monkeypatch, [
+        f"model.name_or_path={run_dir / 'sft' / 'hf'}", "sft.enabled=false"])
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(cfg, resume=False)
+    assert (run_dir / "sft" / "hf" / "config.json").is_file()
+    (earlier,) = (run_dir / "previous").iterdir()
+    assert sorted(p.name for p in earlier.iterdir()) == ["checkpoints"]
+
+
+def test_run_checks_the_layout_and_model_before_its_first_evaluation(tmp_path, monkeypatch):
+    """A TP that does not divide the world was found after the evaluation before training."""
+    from megatron_recycle.config import ConfigError
+
+    _config_only_model(tmp_path / "m")
+    for override, message in (("model.tp=2", "world size 1 is not divisible"),
+                              ("rollout.max_total_tokens=100000", "max_position_embeddings")):
+        cfg, pipeline = _pipeline_until_first_eval(tmp_path, monkeypatch, [
+            f"model.name_or_path={tmp_path / 'm'}", override])
+        with pytest.raises(ConfigError, match=message):
+            pipeline.run_pipeline(cfg, resume=False)
+
+
+def test_a_resumed_run_names_sft_settings_its_reused_sft_result_was_not_made_with(tmp_path):
+    import yaml
+
+    from megatron_recycle.config import load_config
+    from megatron_recycle.train.pipeline import _sft_setting_changes
+
+    saved = tmp_path / "sft" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text(yaml.safe_dump(load_config(None, ["sft.steps=30"]).to_dict()))
+    assert _sft_setting_changes(load_config(None, ["sft.steps=30"]), saved) == []
+    (line,) = _sft_setting_changes(load_config(None, ["sft.steps=60", "sft.lr=7.5e-6"]), saved)
+    assert "sft.steps 30 -> 60" in line and "sft.lr" in line and "reused as it is" in line
