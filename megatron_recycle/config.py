@@ -48,16 +48,20 @@ class DataConfig:
     train_file: str = ""  # explicit training file (default: <dir>/train.jsonl)
     dev_file: str = ""  # default: <dir>/dev.jsonl
     test_file: str = ""  # default: <dir>/test.jsonl
-    generate_if_missing: bool = True  # run the synthetic generator when <dir> has no data
+    # run the synthetic generator when <dir> has no data (not with data.train_file set: the
+    # generator writes <dir>'s files, not the one named)
+    generate_if_missing: bool = True
     n_train: int = 2000  # synthetic generator: training questions
-    n_dev: int = 100
-    n_test: int = 200
+    n_dev: int = 100  # synthetic generator: dev questions (train.eval_every evaluates on them)
+    n_test: int = 200  # synthetic generator: test questions (the main job's before/after evaluations)
     max_train_queries: int = 0  # use only the first N training queries (0: all)
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of failing
 
 
 @dataclass
 class RetrieverConfig:
+    # bm25 over retriever.corpus (in process), dense (sentence-transformers embeddings of the corpus,
+    # in process), or http (a Search-R1-compatible server at retriever.url, e.g. e5 over wiki-18)
     kind: Literal["bm25", "dense", "http"] = "bm25"
     topk: int = 3  # passages per search
     max_passage_words: int = 0  # keep only the first N words of each passage (0: whole passages)
@@ -100,7 +104,7 @@ class ModelConfig:
     # only each group's input; block: recompute the first recompute_num_layers layers of each
     # (virtual) pipeline stage and keep the rest (less recomputation, more memory).
     recompute_method: Literal["uniform", "block"] = "uniform"
-    recompute_num_layers: int = 1
+    recompute_num_layers: int = 1  # layers per recomputed chunk (uniform) or per stage (block)
     # Megatron's sequence parallelism (needs model.tp > 1): the norms, residuals and dropout run on
     # 1/tp of the sequence per rank, which divides those activations by tp; sequences are padded to a
     # multiple of tp. Same gradient within fp32 reordering (tested on gloo). May change on resume.
@@ -116,7 +120,7 @@ class RolloutConfig:
     engine: Literal["auto", "native", "hf", "vllm"] = "auto"
     group_size: int = 4  # K rollouts per query (>= 2: a group needs two rollouts to have a variance)
     temperature: float = 1.0  # sampling temperature of the training rollouts (> 0; eval.temperature is separate)
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling of the training rollouts (1: off)
     max_turns: int = 2  # searches allowed per trajectory
     max_new_tokens: int = 96  # per generation turn
     max_total_tokens: int = 640  # prompt + response budget of one trajectory
@@ -144,6 +148,8 @@ class RolloutConfig:
 
 @dataclass
 class PoolConfig:
+    # the rule over the pool (METHOD.md section 2): recycle, soft_recycle (consumed weight 0.1),
+    # and the baselines grpo, bounded_dapo, dapo
     strategy: Literal["recycle", "soft_recycle", "grpo", "bounded_dapo", "dapo"] = "recycle"
     batch_size: int = 4  # B: groups per training step
     oversample: int = 2  # k: candidates drawn per step = k * B
@@ -156,31 +162,36 @@ class PoolConfig:
 
 @dataclass
 class LossConfig:
-    eps_low: float = 0.2
+    eps_low: float = 0.2  # the ratio's lower clip, 1 - eps_low
     eps_high: float = 0.28  # clip-higher
     clip_c: float | None = None  # dual clip for negative advantages (> 1), None: off
     kl_beta: float = 0.0  # k3 KL to the initial policy; > 0 keeps a reference model
+    # how token losses add up (METHOD.md section 3): token-mean over the global batch's policy
+    # tokens, or per-sequence means/sums averaged over sequences
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
     max_len: int | None = None  # seq-mean-token-sum-norm: the constant divisor
     norm_adv_by_std: bool = True  # False: Dr. GRPO advantages r - mean
+    # the group std of the advantages: unbiased (n - 1) or population; it is also the rule that
+    # marks a group signal-bearing for the pool (one rule for both)
     unbiased_std: bool = True
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
+    lr: float = 1e-6  # GRPO's peak learning rate (SFT has its own, sft.lr)
+    min_lr: float = 0.0  # where optim.lr_schedule decays to
+    weight_decay: float = 0.0  # decoupled (AdamW); Megatron leaves biases and norms out
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     clip_grad: float = 1.0  # global grad-norm clip (0: off)
     # linear warm-up from 0 over this many updates (Megatron's schedule: update u runs at
-    # lr * (u - 1) / warmup_steps, so with a warm-up the first update runs at 0)
+    # lr * (u - 1) / warmup_steps, so with a warm-up the first update runs at 0); one as long as
+    # train.steps or longer is cut to train.steps - 1, with a note
     warmup_steps: int = 0
     # decay from lr to min_lr over train.steps updates; the schedule advances with each optimizer
     # update, so a step whose effective batch is empty (no signal-bearing group) leaves it where it is
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    use_distributed_optimizer: bool = False
+    use_distributed_optimizer: bool = False  # shard the Adam moments and fp32 main weights over DP ranks
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
     # compute a group's shared prompt once per micro-batch (tree attention mask; same gradient);
     # used with the local attention, else padded rows
@@ -196,7 +207,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 10  # GRPO steps (optimizer updates)
+    # GRPO steps: rollout rounds, each with at most one optimizer update (a step whose effective
+    # batch is empty makes none, and the learning-rate schedule does not advance there)
+    steps: int = 10
     rollout_budget: int = 0  # stop after this many trajectories (0: no budget)
     eval_every: int = 0  # evaluate on the dev split every N steps (0: never during training)
 
@@ -204,10 +217,10 @@ class TrainConfig:
 @dataclass
 class SFTConfig:
     enabled: bool = True  # run the SFT warm-up before GRPO in the main job
-    steps: int = 30
+    steps: int = 30  # SFT optimizer updates (sft.batch_size oracle trajectories each)
     batch_size: int = 8  # oracle trajectories per step
-    lr: float = 2e-5
-    warmup_steps: int = 3
+    lr: float = 2e-5  # SFT's peak learning rate; the schedule is optim.lr_schedule, down to optim.min_lr
+    warmup_steps: int = 3  # linear warm-up updates (as optim.warmup_steps)
     max_examples: int = 0  # 0: all oracle trajectories
     # checkpoint the SFT state every N steps under RUN_DIR/sft/checkpoints (0: none, the folder of
     # the finished SFT is its only output); `sft --resume` (or a torchrun restart) continues from
@@ -218,7 +231,7 @@ class SFTConfig:
 @dataclass
 class EvalConfig:
     n_samples: int = 1  # 1 with temperature 0: greedy Pass@1
-    temperature: float = 0.0
+    temperature: float = 0.0  # 0: greedy; n_samples > 1 needs > 0
     max_examples: int = 0  # 0: the whole file
     # questions per rollout batch; under torchrun the batches are dealt round-robin to the ranks
     # (vLLM: to the rollout.vllm_tp blocks), so the results do not depend on the number of ranks

@@ -527,3 +527,31 @@ def test_a_bad_dev_file_stops_training_before_the_model_is_built(tmp_path, monke
     cfg = load_config(None, [f"data.dir={tmp_path}", "train.eval_every=2", f"run.output_dir={tmp_path / 'runs'}"])
     with pytest.raises(QAFormatError, match="dev.jsonl"):
         grpo.run_grpo(cfg)
+
+
+def test_a_train_file_without_dev_and_test_files_says_nothing_is_generated(tmp_path):
+    from megatron_recycle.train import runtime as rtm
+
+    train = tmp_path / "mine.jsonl"
+    train.write_text('{"question": "q", "golden_answers": ["a"]}\n')
+    cfg = load_config(None, [f"data.train_file={train}", f"data.dir={tmp_path / 'gen'}"])
+    with pytest.raises(FileNotFoundError, match="data.train_file is set, so nothing is generated"):
+        rtm.ensure_data(cfg)
+
+
+def test_a_warm_up_as_long_as_the_run_is_cut_with_a_note(monkeypatch, capsys):
+    from megatron_recycle.model import parallel
+    from megatron_recycle.train import runtime as rtm
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(rtm, "check_trainer_config", lambda *a: None)
+    monkeypatch.setattr(parallel, "init_distributed", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    cfg = load_config(None, [])
+    with pytest.raises(Stop):
+        rtm.setup_runtime(cfg, model_path="m", lr=1e-6, warmup_steps=10, total_steps=4)
+    assert "a warm-up of 10 updates in a run of 4 is cut to 3" in capsys.readouterr().out
+    with pytest.raises(Stop):
+        rtm.setup_runtime(cfg, model_path="m", lr=1e-6, warmup_steps=3, total_steps=4)
+    assert "warm-up" not in capsys.readouterr().out

@@ -66,10 +66,10 @@ def ensure_data(cfg: Config) -> dict[str, Path]:
     missing = [k for k in ("train", "dev", "test") if not paths[k].is_file()]
     if missing:
         if not cfg.data.generate_if_missing or cfg.data.train_file:
-            raise FileNotFoundError(
-                f"data files missing: {', '.join(str(paths[k]) for k in missing)}; run `megatron-recycle "
-                "gen-data` or set data.generate_if_missing=true"
-            )
+            hint = ("data.train_file is set, so nothing is generated: set data.dev_file/data.test_file too, or "
+                    "run `megatron-recycle gen-data` into data.dir" if cfg.data.train_file else
+                    "run `megatron-recycle gen-data` or set data.generate_if_missing=true")
+            raise FileNotFoundError(f"data files missing: {', '.join(str(paths[k]) for k in missing)}; {hint}")
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from megatron_recycle.model.parallel import init_process_group
 
@@ -419,6 +419,10 @@ def setup_runtime(
         torch.set_num_threads(cfg.run.threads)
     m = cfg.model
     hf_config = check_trainer_config(cfg, model_path)
+    if warmup_steps >= total_steps > 0 and env_rank() == 0:
+        print(f"[setup] note: a warm-up of {warmup_steps} updates in a run of {total_steps} is cut to "
+              f"{max(total_steps - 1, 0)} (Megatron's schedule needs the warm-up shorter than the run), so "
+              "the learning rate rises faster than the warm-up setting says", flush=True)
     layout = init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.run.seed, model_config=hf_config,
                               timeout_min=cfg.run.collective_timeout_min)
     folder = resolve_model_folder(model_path, cache_dir=m.cache_dir)
