@@ -51,7 +51,11 @@ class DataConfig:
     # run the synthetic generator when <dir> has no data (not with data.train_file set: the
     # generator writes <dir>'s files, not the one named)
     generate_if_missing: bool = True
-    n_train: int = 2000  # synthetic generator: training questions
+    n_train: int = 2000  # synthetic generator: training questions (the RL pool)
+    # synthetic generator: SFT questions of their own, whose oracle trajectories make sft.jsonl (the
+    # paper's separate SFT set: never among the train questions, so SFT does not hand the policy
+    # the RL pool's answers); 0: the oracle trajectories of the train questions themselves
+    n_sft: int = 1000
     n_dev: int = 100  # synthetic generator: dev questions (train.eval_every evaluates on them)
     n_test: int = 200  # synthetic generator: test questions (the main job's before/after evaluations)
     max_train_queries: int = 0  # use only the first N training queries (0: all)
@@ -494,7 +498,7 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     _require(r.collective_timeout_min > 0, "run.collective_timeout_min", r.collective_timeout_min, "must be > 0")
     _require(bool(r.name) and not set(r.name) & set("/\\") and r.name not in (".", ".."), "run.name", r.name,
              "must be a folder name (not empty, '.' or '..', no slashes)")
-    for key in ("n_train", "n_dev", "n_test", "max_train_queries"):
+    for key in ("n_train", "n_sft", "n_dev", "n_test", "max_train_queries"):
         v = getattr(cfg.data, key)
         _require(v >= 0, f"data.{key}", v, "must be >= 0")
     _require(cfg.retriever.topk >= 1, "retriever.topk", cfg.retriever.topk, "must be >= 1")

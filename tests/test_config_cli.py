@@ -498,7 +498,8 @@ def test_existing_generated_data_with_other_settings_is_named(tmp_path, capsys):
 
     for split in ("train", "dev", "test"):
         (tmp_path / f"{split}.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
-    stats = {"seed": 0, "topk": 3, "max_passage_words": 0, "requested": {"train": 200, "dev": 100, "test": 200}}
+    stats = {"seed": 0, "topk": 3, "max_passage_words": 0,
+             "requested": {"train": 200, "sft": 1000, "dev": 100, "test": 200}}
     (tmp_path / "stats.json").write_text(json.dumps(stats))
     same = load_config(None, [f"data.dir={tmp_path}", "data.n_train=200", "retriever.topk=3"])
     assert rtm.generated_data_differences(same) == []
@@ -509,6 +510,10 @@ def test_existing_generated_data_with_other_settings_is_named(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "run.seed 0 -> 7" in out and "data.n_train 200 -> 50" in out and "retriever.topk 3 -> 2" in out
     assert "data.n_dev" not in out
+    # data of a generator before the held-out SFT set: its SFT came from the train questions
+    del stats["requested"]["sft"]
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    assert "data.n_sft 0 -> 1000" in rtm.generated_data_differences(same)[0]
     (tmp_path / "stats.json").write_text("{broken")
     assert rtm.generated_data_differences(other) == []
 

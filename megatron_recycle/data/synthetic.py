@@ -553,6 +553,18 @@ class SyntheticDataError(RuntimeError):
     """The synthetic data cannot be generated as asked (the message says why and what to do)."""
 
 
+def _round_robin(per_template: dict[str, list[Candidate]], templates: Sequence[str], size: int) -> list[Candidate]:
+    """Up to ``size`` candidates taken one per template in turn, each template's list in order."""
+    chosen: list[Candidate] = []
+    cursor = dict.fromkeys(templates, 0)
+    while len(chosen) < size and any(cursor[t] < len(per_template.get(t, [])) for t in templates):
+        for t in templates:
+            if cursor[t] < len(per_template.get(t, [])) and len(chosen) < size:
+                chosen.append(per_template[t][cursor[t]])
+                cursor[t] += 1
+    return chosen
+
+
 def _title_key(title: str) -> str:
     """A title as retrievers' corpora spell it, folded: wiki-18 (Search-R1's corpus) quotes its
     titles (``"Paris"``), other corpora do not; case and white space vary too."""
@@ -655,6 +667,7 @@ def generate_dataset(
     max_per_bridge: int = 20,
     max_share: float | None = None,
     sft: bool = True,
+    n_sft: int = 0,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Generate train/dev/test jsonl (+ sft.jsonl oracle trajectories from the train split).
@@ -665,7 +678,10 @@ def generate_dataset(
     nationality chain). ``max_share`` (e.g. 0.4) caps each template's share of a split, at the
     cost of smaller splits: without it the plentiful born_first and single_hop questions fill
     what the chains cannot. With ``require_retrievable`` only questions whose oracle searches
-    retrieve every hop passage in the BM25 top-k enter the splits. Returns paths and counts.
+    retrieve every hop passage in the BM25 top-k enter the splits. ``n_sft`` > 0: the SFT oracle
+    trajectories come from that many questions of their own (the paper's separate SFT set), over
+    the train split's entities but never among the train questions (the RL pool) or the held-out
+    dev/test entities; 0: from the train questions themselves. Returns paths and counts.
     """
     unknown = [t for t in templates if t not in TEMPLATES]
     if unknown or not templates:
@@ -673,6 +689,11 @@ def generate_dataset(
     sizes = {"train": n_train, "dev": n_dev, "test": n_test}
     if any(v < 0 for v in sizes.values()) or sum(sizes.values()) == 0:
         raise ValueError(f"split sizes must be >= 0 and not all 0, got {sizes}")
+    if n_sft < 0:
+        raise ValueError(f"n_sft must be >= 0, got {n_sft}")
+    n_sft = n_sft if sft else 0
+    # questions drawn from each split's entities: the SFT set shares the train split's
+    drawn = dict(sizes, train=n_train + n_sft)
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     if max_share is not None and not 0 < max_share <= 1:
@@ -722,8 +743,8 @@ def generate_dataset(
             pools[name] = [c for c in builders[name](facts) if keep(c)]
     candidates_total = {k: len(v) for k, v in pools.items()}
 
-    total = sum(sizes.values())
-    fractions = {s: (sizes[s] / total if sizes[s] else 0.0) for s in SPLITS}
+    total = sum(drawn.values())
+    fractions = {s: (drawn[s] / total if drawn[s] else 0.0) for s in SPLITS}
     entities = sorted({k for pool in pools.values() for c in pool for k in c.keys} | set(facts.people))
     split_of = _assign_entities(entities, fractions, seed)
 
@@ -734,7 +755,7 @@ def generate_dataset(
     if "born_first" in templates:
         for s in SPLITS:
             members = [p for t, p in sorted(facts.people.items()) if split_of[t] == s]
-            pairs = _born_first(members, 2 * sizes[s], random.Random(f"{seed}:born_first:{s}"))
+            pairs = _born_first(members, 2 * drawn[s], random.Random(f"{seed}:born_first:{s}"))
             by_split[s]["born_first"] = [c for c in pairs if keep(c)]
             candidates_total["born_first"] = candidates_total.get("born_first", 0) + len(pairs)
 
@@ -763,24 +784,37 @@ def generate_dataset(
                 per_bridge[c.keys[0]] += 1
                 capped.append(c)
             if max_share is not None:
-                capped = capped[: int(max_share * sizes[s])]
+                capped = capped[: int(max_share * drawn[s])]
             per_template[name] = capped
-        chosen: list[Candidate] = []
-        cursor = dict.fromkeys(templates, 0)
-        while len(chosen) < sizes[s] and any(cursor[t] < len(per_template[t]) for t in templates):
-            for t in templates:
-                if cursor[t] < len(per_template[t]) and len(chosen) < sizes[s]:
-                    chosen.append(per_template[t][cursor[t]])
-                    cursor[t] += 1
+        if s == "train" and n_sft:
+            # The SFT set's questions: the retrievable ones (an oracle trajectory needs every hop
+            # retrieved) dealt between the two sets in proportion to their sizes, per template.
+            for_sft = {}
+            for name, lst in per_template.items():
+                keep, mine, k = [], [], 0
+                for c in lst:
+                    if c.retrievable and (k * n_sft) // drawn["train"] != ((k + 1) * n_sft) // drawn["train"]:
+                        mine.append(c)
+                    else:
+                        keep.append(c)
+                    k += c.retrievable
+                per_template[name], for_sft[name] = keep, mine
+            rows["sft"] = _round_robin(for_sft, templates, n_sft)
+            counts["sft"] = dict(Counter(c.template for c in rows["sft"]))
+        chosen = _round_robin(per_template, templates, sizes[s])
         rows[s] = chosen
         counts[s] = dict(Counter(c.template for c in chosen))
         say(f"[gen-data] {s}: {len(chosen)} of {sizes[s]} questions {counts[s]}")
+    if n_sft:
+        say(f"[gen-data] sft: {len(rows['sft'])} of {n_sft} questions of their own {counts['sft']}")
+    sft_source = rows["sft"] if n_sft else rows["train"]
 
-    if sft and rows["train"] and not any(c.retrievable for c in rows["train"]):
+    if sft and (rows["train"] or n_sft) and not any(c.retrievable for c in sft_source):
         # Nothing is written: the SFT phase would fail later (after the evaluation before
         # training) with no hint at the cause, and a written folder would be reused as it is.
+        what = "SFT questions" if n_sft else "train questions"
         raise SyntheticDataError(
-            f"none of the {len(rows['train'])} train questions is retrievable: for no hop did the "
+            f"none of the {len(sft_source) if sft_source else n_sft} {what} is retrievable: for no hop did the "
             f"retriever's top-{topk} hold a passage titled like the hop's article, so there are no "
             "oracle trajectories for SFT. The retriever's corpus must hold the packaged Wikipedia "
             "articles (wiki-18 and the packaged corpus do); check retriever.kind / retriever.url / "
@@ -794,19 +828,21 @@ def generate_dataset(
     if sft:
         sft_rows = [
             oracle_trajectory(c, retriever, topk, search_cache, max_passage_words)
-            for c in rows["train"]
+            for c in sft_source
             if c.retrievable
         ]
         paths["sft"] = out_dir / "sft.jsonl"
         _write_jsonl(paths["sft"], sft_rows)
-        say(f"[gen-data] sft: {len(sft_rows)} oracle trajectories of {len(rows['train'])} train questions")
+        source = "SFT questions of their own" if n_sft else "train questions (the RL pool's own)"
+        say(f"[gen-data] sft: {len(sft_rows)} oracle trajectories of {len(sft_source)} {source}")
     summary = {
         "seed": seed,
         "topk": topk,
         "max_passage_words": max_passage_words,
         "templates": list(templates),
-        "requested": sizes,
+        "requested": dict(sizes, sft=n_sft),
         "written": {s: len(rows[s]) for s in SPLITS},
+        "sft_source": ("held-out sft questions" if n_sft else "train questions") if sft else None,
         "per_template": counts,
         "candidates": candidates_total,
         "retrievable": {s: dict(Counter(c.template for c in rows[s] if c.retrievable)) for s in SPLITS},

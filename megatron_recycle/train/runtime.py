@@ -102,6 +102,7 @@ def generated_data_differences(cfg: Config) -> list[str]:
     pairs = {
         "run.seed": (stats.get("seed"), cfg.run.seed),
         "data.n_train": (requested.get("train"), cfg.data.n_train),
+        "data.n_sft": (requested.get("sft", 0), cfg.data.n_sft),
         "data.n_dev": (requested.get("dev"), cfg.data.n_dev),
         "data.n_test": (requested.get("test"), cfg.data.n_test),
         "retriever.topk": (stats.get("topk"), cfg.retriever.topk),
@@ -128,7 +129,7 @@ def generate_data(cfg: Config) -> dict[str, Any]:
         retriever = build_retriever_from_config(cfg)
         print(f"[data] oracle searches through the configured retriever: {retriever_id(cfg)}", flush=True)
     return generate_dataset(
-        cfg.data.dir, seed=cfg.run.seed, n_train=cfg.data.n_train, n_dev=cfg.data.n_dev,
+        cfg.data.dir, seed=cfg.run.seed, n_train=cfg.data.n_train, n_sft=cfg.data.n_sft, n_dev=cfg.data.n_dev,
         n_test=cfg.data.n_test, topk=cfg.retriever.topk, max_passage_words=cfg.retriever.max_passage_words,
         retriever=retriever, cache_dir=cfg.retriever.cache_dir or None,
     )

@@ -253,3 +253,25 @@ def test_no_retrievable_train_question_is_an_error_before_anything_is_written(tm
     result = generate_dataset(tmp_path / "n", n_train=30, n_dev=5, n_test=5, retriever=Nothing(), progress=None,
                               sft=False)
     assert result["counts"]["written"]["train"] == 30
+
+
+def test_a_held_out_sft_set_never_holds_a_train_question(bm25, tmp_path, capsys):
+    """The paper's SFT set is its own: before, sft.jsonl held oracle trajectories (with the gold
+    answers) of the RL pool's own questions, which pushes their groups toward all-correct."""
+    result = generate_dataset(tmp_path / "s", seed=0, topk=TOPK, retriever=bm25, n_sft=150, **SIZES)
+    counts = result["counts"]
+    assert counts["requested"]["sft"] == 150 and counts["sft_source"] == "held-out sft questions"
+    rows = {s: _read(result["paths"][s]) for s in SPLITS}
+    sft_rows = _read(result["paths"]["sft"])
+    assert counts["sft"] == len(sft_rows) and 0.8 * 150 <= len(sft_rows) <= 150
+    assert len(rows["train"]) == SIZES["n_train"]
+    sft_questions = {r["question"] for r in sft_rows}
+    assert len(sft_questions) == len(sft_rows)
+    for split in SPLITS:
+        assert not sft_questions & {r["question"] for r in rows[split]}, split
+    # the templates dealt to both sets, as the RL pool has them
+    assert len(counts["per_template"]["sft"]) >= 3, counts["per_template"]
+    assert "SFT questions of their own" in capsys.readouterr().out
+    # n_sft = 0: the train questions themselves, as before
+    assert generate_dataset(tmp_path / "t", seed=0, topk=TOPK, retriever=bm25, progress=None,
+                            **SIZES)["counts"]["sft_source"] == "train questions"
