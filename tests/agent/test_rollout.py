@@ -213,6 +213,27 @@ def test_no_room_for_information_ends_with_length(tok):
     assert t.token_ids == prompt_ids(tok, q) + search
 
 
+def test_an_information_block_that_fills_the_budget_exactly_ends_with_length(tok):
+    """At the boundary: appended, it would leave no token for the next turn (max_new_tokens 0)."""
+    from megatron_recycle.agent.protocol import observation_token_ids
+
+    search = chars(tok, "<search> q </search>")
+    q = "Capital of France?"
+    info = observation_token_ids(tok, format_information(FakeRetriever().search(["q"], 3)[0]))
+    start = prompt_ids(tok, q) + search
+    for spare in (0, 1):
+        engine = FakeEngine(tok, {"France": [search, chars(tok, "<answer> Paris </answer>")]})
+        budget = len(start) + len(info) + spare
+        (t,) = rollout(engine, FakeRetriever(), [(0, q, ["Paris"])], 1, SamplingParams(max_new_tokens=500), 2,
+                       budget, 3)
+        assert t.finish_reason == "length" and len(t.token_ids) <= budget
+        if spare == 0:  # not appended: nothing would be left to generate
+            assert t.token_ids == start and len(engine.calls) == 1
+        else:  # one token left: the block is appended and the next turn gets that token
+            assert t.token_ids[:len(start) + len(info)] == start + info
+            assert engine.calls[1][1][0].max_new_tokens == 1
+
+
 def test_passages_cannot_supply_the_answer_and_eos_is_no_answer(tok):
     class Leaky(FakeRetriever):
         def search(self, queries, topk):
@@ -277,6 +298,11 @@ def test_f1_reward_and_seeds_are_distinct_and_reproducible(tok):
     rollout(engine2, FakeRetriever(), [(0, "Who wrote Hamlet?", ["Shakespeare"])], 3, params, 1, 4096, 3)
     assert [p.seed for p in engine2.calls[0][1]] == seeds
     assert all(set(p.stop) >= {"</search>", "</answer>"} for p in engine.calls[0][1])
+    # every turn of a trajectory gets its own seed (the same one would replay the same random draws)
+    engine3 = FakeEngine(tok, {"France": [chars(tok, "<search> q </search>"), chars(tok, "<answer> Paris </answer>")]})
+    rollout(engine3, FakeRetriever(), [(0, "Capital of France?", ["Paris"])], 2, params, 2, 4096, 3)
+    turn1, turn2 = ([p.seed for p in call[1]] for call in engine3.calls)
+    assert len(set(turn1 + turn2)) == 4
 
 
 def test_bad_arguments_raise(tok):

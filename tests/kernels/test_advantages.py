@@ -1,4 +1,8 @@
-"""grpo_advantages: Triton kernels (interpreter on CPU) and the PyTorch path against the float64 reference."""
+"""grpo_advantages: Triton kernels (interpreter on CPU) and the PyTorch path against the float64 reference.
+
+The PyTorch path runs the reference's own code in the input's dtype, so its cases check precision
+(fp32/bf16 against float64), not the formulas; test_method_anchors.py pins the formulas by hand.
+"""
 
 import os
 

@@ -84,19 +84,21 @@ def test_k3_kl_term_by_hand(impl, triton_device):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_aggregation_modes_by_hand(impl, triton_device):
-    # two rows, A = -1 and ratio 1 everywhere: every unmasked token's term is 1.
-    # row 0 has 3 tokens, row 1 has 1: token-mean 1; seq-mean-token-mean (1 + 1) / 2 = 1;
-    # seq-mean-token-sum (3 + 1) / 2 = 2; seq-mean-token-sum-norm (3 + 1) / (2 * 10) = 0.2
+    # two rows at ratio 1, A = -1 and -2: each unmasked token's term is -A, 1 in row 0 and 2 in
+    # row 1. Row 0 has 3 tokens (sum 3), row 1 has 1 (sum 2): token-mean (3 + 2) / 4 = 1.25;
+    # seq-mean-token-mean (3/3 + 2/1) / 2 = 1.5; seq-mean-token-sum (3 + 2) / 2 = 2.5;
+    # seq-mean-token-sum-norm (3 + 2) / (2 * 10) = 0.25 (every mode a different number)
     lp = torch.zeros(2, 4, dtype=torch.float64, device=triton_device)
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 0, 0]], dtype=torch.bool, device=triton_device)
-    adv = torch.tensor([-1.0, -1.0], device=triton_device)
-    want = {"token-mean": 1.0, "seq-mean-token-mean": 1.0, "seq-mean-token-sum": 2.0, "seq-mean-token-sum-norm": 0.2}
+    adv = torch.tensor([-1.0, -2.0], device=triton_device)
+    want = {"token-mean": 1.25, "seq-mean-token-mean": 1.5, "seq-mean-token-sum": 2.5,
+            "seq-mean-token-sum-norm": 0.25}
     for agg, value in want.items():
         loss, _ = grpo_loss(lp, lp, adv, mask, agg=agg, max_len=10, impl=impl)
         assert float(loss) == pytest.approx(value, rel=1e-6), agg
-    # a normalizer replaces the count: token-mean over a global 8 tokens gives 4 / 8
+    # a normalizer replaces the count: token-mean over a global 8 tokens gives 5 / 8
     loss, _ = grpo_loss(lp, lp, adv, mask, agg="token-mean", normalizer=8.0, impl=impl)
-    assert float(loss) == pytest.approx(0.5, rel=1e-6)
+    assert float(loss) == pytest.approx(0.625, rel=1e-6)
 
 
 # ------------------------------------------------------------------------- floating-point edges

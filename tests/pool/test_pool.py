@@ -208,6 +208,54 @@ def test_recycled_recovery_and_drift_accounting():
     assert pool.history(0) == [(0, 0, 4), (1, 2, 4)]
 
 
+def test_recovery_and_drift_follow_the_last_zero_variance_state():
+    """hard -> easy -> signal is drift (the last zero-variance state was easy), easy -> hard ->
+    signal a recovery: the first state would give the opposite."""
+    pool = RecyclingPool(2, batch_size=2, oversample=1, seed=0)
+    for pattern in ({0: 0, 1: 4}, {0: 4, 1: 0}):  # query 0: hard then easy; query 1: easy then hard
+        ids = pool.sample()
+        assert pool.update(ids, rewards_for(ids, pattern.get)).numel() == 0
+    ids = pool.sample()
+    assert sorted(pool.update(ids, rewards_for(ids, lambda q: 2)).tolist()) == [0, 1]
+    s = pool.stats()
+    assert (s["recycled"], s["recovery"], s["drift"]) == (2, 1, 1)
+    pool = RecyclingPool(2, batch_size=2, oversample=1, seed=0)
+    for pattern in ({0: 0, 1: 0}, {0: 4, 1: 0}):  # query 0 ends easy, query 1 stays hard
+        ids = pool.sample()
+        pool.update(ids, rewards_for(ids, pattern.get))
+    ids = pool.sample()
+    pool.update(ids, rewards_for(ids, lambda q: 2))
+    s = pool.stats()
+    assert (s["recovery"], s["drift"]) == (1, 1)
+
+
+def test_dapo_drops_the_surplus_of_a_later_generation_batch():
+    """B = 2: one signal group in the first batch, two in the second; only one more fits."""
+    pool = RecyclingPool(20, batch_size=2, strategy="dapo", max_gen_batches=3, seed=0)
+    ids = pool.sample()
+    first = pool.update(ids, rewards_for(ids, {int(ids[0]): 2, int(ids[1]): 0}.get))
+    assert first.tolist() == [int(ids[0])] and pool.needs_more
+    ids = pool.sample()
+    second = pool.update(ids, rewards_for(ids, lambda q: 2))
+    assert second.tolist() == [int(ids[0])]  # the first in draw order, the surplus dropped
+    s = pool.stats()
+    assert s["effective_batch"] == 2 and s["signal_groups"] == 3 and not pool.needs_more
+    assert (pool.weights[ids] == 0).all()  # dapo consumes what it drew, surplus included
+
+
+def test_the_pool_uses_the_signal_flags_it_is_given():
+    """The trainer passes grpo_advantages' flags (its std rule); the pool's own rule (population std
+    against signal_eps) can disagree near eps, and the given flags must win."""
+    pool = RecyclingPool(10, batch_size=2, oversample=1, seed=0)
+    ids = pool.sample()
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 2.2e-6], [0.0, 0.0, 0.0, 0.0]])
+    assert pool.is_signal(rewards).tolist() == [False, False]
+    chosen = pool.update(ids, rewards, signal=torch.tensor([True, False]))
+    assert chosen.tolist() == [int(ids[0])]
+    ids = pool.sample()
+    assert pool.update(ids, torch.tensor([[0.0, 1.0, 0.0, 1.0]] * 2), signal=torch.tensor([False, False])).numel() == 0
+
+
 def test_update_validates_input():
     pool = RecyclingPool(10, batch_size=2, seed=0)
     ids = pool.sample()
@@ -286,6 +334,14 @@ def test_state_round_trip_continues_identically():
     assert run(a, 6) == run(b, 6)
     assert a.stats() == b.stats()
     assert torch.equal(a.weights, b.weights)
+    # across epoch resets too: a small grpo pool resets every 3 steps
+    a = RecyclingPool(12, batch_size=4, strategy="grpo", seed=7)
+    run(a, 7)
+    assert a.epoch == 2
+    b = RecyclingPool(12, batch_size=4, strategy="grpo", seed=1)
+    b.load_state_dict(a.state_dict())
+    assert b.epoch == 2 and b.stats() == a.stats()
+    assert run(a, 5) == run(b, 5) and a.stats() == b.stats()
 
 
 def test_history_keeps_the_pools_state_per_draw_and_older_checkpoints_load():

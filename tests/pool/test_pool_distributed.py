@@ -30,6 +30,8 @@ def _run_steps(client: PoolClient, steps: int, start: int, rank: int, world: int
         ids = client.sample()
         local = _rewards(shard(ids, rank, world), step)  # this rank's share of the rollouts
         rewards = gather_rows(local)  # on rank 0 only
+        if rank == 0:  # the rows come back in the order shard() dealt them: each id's own rewards
+            assert torch.equal(rewards, _rewards(ids, step)), step
         chosen = client.update(ids, rewards)
         log.append((ids.tolist(), chosen.tolist()))
     return log
@@ -71,6 +73,14 @@ def test_every_rank_sees_the_same_decisions(strategy):
         assert logs[r] == logs[0]
     first, cont, resumed = logs[0]
     assert cont == resumed
+    # the decisions are those of one process holding every rollout
+    single = RecyclingPool(200, batch_size=8, oversample=2 if strategy == "recycle" else 1, strategy=strategy,
+                           seed=11)
+    expected = []
+    for step in range(15):
+        ids = single.sample()
+        expected.append((ids.tolist(), single.update(ids, _rewards(ids, step)).tolist()))
+    assert first == expected
     # the run did something non-trivial: several non-empty effective batches
     assert sum(len(c) for _, c in first) > 20
 
