@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from megatron_recycle.agent.protocol import format_information, format_retrieval_error, render_prompt
-from megatron_recycle.agent.rollout import RolloutBatch, rollout, rollout_metrics
+from megatron_recycle.agent.rollout import RolloutBatch, rollout, rollout_metrics, trajectory_record
 from megatron_recycle.agent.types import Passage, RetrievalError
 from megatron_recycle.engines.base import Generation, SamplingParams
 from megatron_recycle.engines.hf import HFEngine
@@ -146,6 +146,11 @@ def test_grouping_batching_and_rewards_over_several_queries(tok):
     assert m["trajectories"] == 6 and m["reward_mean"] == 0.5 and m["answer_rate"] == 1.0
     assert m["searches_mean"] == 0.5 and m["groups"] == 2
     assert m["groups_all_correct"] == 0.5 and m["groups_all_wrong"] == 0.5 and m["groups_mixed"] == 0
+    # an empty answer ends the trajectory on </answer> but is no answer
+    engine = FakeEngine(tok, {"Hamlet": [chars(tok, "<answer> </answer>")]})
+    (empty,) = rollout(engine, retriever, questions[:1], 1, SamplingParams(max_new_tokens=100), 2, 4096, 3)
+    assert empty.finish_reason == "answer" and trajectory_record(empty)["answered"] is False
+    assert rollout_metrics([empty, batch[0]])["answer_rate"] == 0.5
 
 
 def test_retrieval_error_is_observed_counted_and_the_run_goes_on(tok):
