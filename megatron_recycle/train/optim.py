@@ -103,7 +103,7 @@ def wrap_model_and_build_optimizer(
     use_fused_cpu_adamw(opt)
     scheduler = OptimizerParamScheduler(
         opt,
-        init_lr=0.0 if warmup_steps > 0 else lr,
+        init_lr=warmup_start_lr(warmup_steps, lr),
         max_lr=lr,
         min_lr=min_lr,
         lr_warmup_steps=warmup_steps,
@@ -259,6 +259,11 @@ def load_optimizer_state_dict(opt: Any, state: dict[str, Any]) -> None:
             scaler.load_state_dict(part["grad_scaler"])
 
 
+def warmup_start_lr(warmup_steps: int, lr: float) -> float:
+    """Where the schedule starts: 0 with a warm-up, else the peak (one rule for build and restore)."""
+    return 0.0 if warmup_steps > 0 else lr
+
+
 # Per-group hyperparameters a torch load_state_dict puts back with the saved groups (the same-
 # layout resume) and a resharded resume must put back itself: Megatron's scheduler reads each
 # group's max_lr/min_lr, not its own.
@@ -310,7 +315,7 @@ def finish_schedule_restore(scheduler: Any) -> None:
     (Megatron does not save init_lr; the constructor took it from this config's warm-up), and the
     groups' lr and weight decay are set again from the restored values (Megatron's load steps the
     scheduler before it restores start_wd/end_wd, so the first update used this config's decay)."""
-    scheduler.init_lr = 0.0 if scheduler.lr_warmup_steps > 0 else scheduler.max_lr
+    scheduler.init_lr = warmup_start_lr(scheduler.lr_warmup_steps, scheduler.max_lr)
     scheduler.step(0)
 
 
