@@ -32,6 +32,9 @@ import torch
 
 STRATEGIES = ("recycle", "soft_recycle", "grpo", "bounded_dapo", "dapo")
 ON_EXHAUSTED = ("new_epoch", "stop")
+# A rollout succeeds when its reward is at least this: a zero-variance group is all-correct (easy)
+# when its common reward is a success, else all-wrong (hard). Rollout metrics use the same rule.
+SUCCESS_THRESHOLD = 0.5
 STATES = ("hard", "signal", "easy")  # index 0, 1, 2 in histories and transition matrices
 HARD, SIGNAL, EASY = 0, 1, 2
 _NEVER = -1
@@ -81,7 +84,7 @@ class RecyclingPool:
         on_exhausted: str = "new_epoch",
         max_gen_batches: int = 3,
         signal_eps: float = 1e-6,
-        success_threshold: float = 0.5,
+        success_threshold: float = SUCCESS_THRESHOLD,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"pool strategy must be one of {STRATEGIES}, got {strategy!r}")

@@ -25,6 +25,7 @@ from megatron_recycle.agent.protocol import (
 from megatron_recycle.agent.reward import score_response
 from megatron_recycle.agent.types import RetrievalError, Retriever, Trajectory
 from megatron_recycle.engines.base import Engine, SamplingParams
+from megatron_recycle.pool import SUCCESS_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,9 @@ def rollout_metrics(trajectories: Sequence[Trajectory | dict]) -> dict[str, floa
     if any(len(g) > 1 for g in groups.values()):
         multi = [g for g in groups.values() if len(g) > 1]
         out["groups"] = len(multi)
-        out["groups_all_correct"] = sum(min(g) > 0 and len(set(g)) == 1 for g in multi) / len(multi)
-        out["groups_all_wrong"] = sum(max(g) == 0 for g in multi) / len(multi)
-        out["groups_mixed"] = sum(len(set(g)) > 1 for g in multi) / len(multi)
+        # Equal rewards split by the pool's success rule (a constant F1 of 0.3 is all-wrong there).
+        same = [g[0] for g in multi if len(set(g)) == 1]
+        out["groups_all_correct"] = sum(r >= SUCCESS_THRESHOLD for r in same) / len(multi)
+        out["groups_all_wrong"] = sum(r < SUCCESS_THRESHOLD for r in same) / len(multi)
+        out["groups_mixed"] = (len(multi) - len(same)) / len(multi)
     return out

@@ -153,6 +153,23 @@ def test_grouping_batching_and_rewards_over_several_queries(tok):
     assert rollout_metrics([empty, batch[0]])["answer_rate"] == 0.5
 
 
+def test_group_split_follows_the_pools_success_rule():
+    # Continuous rewards (F1): equal rewards below the threshold are all-wrong, as the pool says.
+    from megatron_recycle.pool import RecyclingPool
+
+    def rec(q, r):
+        return {"query_id": q, "reward": r, "em": 0.0, "f1": r, "answered": True, "searches": 0, "turns": 1,
+                "response_tokens": 1, "generated_tokens": 1, "retrieval_errors": 0, "finish_reason": "answer"}
+
+    rewards = [[0.3, 0.3], [0.7, 0.7], [0.0, 0.0], [1.0, 0.4]]
+    m = rollout_metrics([rec(q, r) for q, g in enumerate(rewards) for r in g])
+    assert (m["groups_all_correct"], m["groups_all_wrong"], m["groups_mixed"]) == (0.25, 0.5, 0.25)
+    pool = RecyclingPool(4, batch_size=4, seed=0)
+    ids = pool.sample()
+    pool.update(ids, torch.tensor(rewards)[ids])
+    assert (pool.stats()["zv_all_correct"], pool.stats()["zv_all_wrong"]) == (1, 2)
+
+
 def test_retrieval_error_is_observed_counted_and_the_run_goes_on(tok):
     engine = FakeEngine(tok, {"France": [chars(tok, "<search> France </search>"), chars(tok, "<answer> Paris </answer>")]})
     batch = rollout(engine, FakeRetriever(fail=True), [(0, "Capital of France?", ["Paris"])], 2,
