@@ -153,6 +153,33 @@ class TrajectoryBatch:
             lengths=None if self.lengths is None else self.lengths.clamp(max=width),
         )
 
+    def pad_rows(self, multiple: int) -> TrajectoryBatch:
+        """This batch with all-masked rows appended up to a multiple of ``multiple`` rows (self when
+        it already is one). The new rows repeat row 0's tokens (real ids) with loss mask 0,
+        advantage 0, log-probs 0, length 2 and group ids of their own: they add nothing to a loss,
+        a gradient or a normalizer."""
+        n = self.num_sequences
+        extra = -n % multiple
+        if extra == 0:
+            return self
+
+        def grow(t: torch.Tensor | None, fill: torch.Tensor | None = None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            rows = fill if fill is not None else t.new_zeros((extra, *t.shape[1:]))
+            return torch.cat([t, rows])
+
+        gids = None
+        if self.group_ids is not None:
+            top = int(self.group_ids.max()) + 1
+            gids = grow(self.group_ids, torch.arange(top, top + extra, dtype=self.group_ids.dtype))
+        lengths = grow(self.lengths, torch.full((extra,), 2, dtype=torch.long))
+        return TrajectoryBatch(
+            tokens=grow(self.tokens, self.tokens[:1].expand(extra, -1)), loss_mask=grow(self.loss_mask),
+            advantages=grow(self.advantages), old_logprobs=grow(self.old_logprobs),
+            ref_logprobs=grow(self.ref_logprobs), group_ids=gids, lengths=lengths,
+        )
+
     def loss_extent(self) -> torch.Tensor:
         """[N]: the tokens each row needs for its loss: up to its last target (loss_mask 1), at least 2.
         Causal attention makes the later columns irrelevant to every log-prob that carries loss."""

@@ -347,6 +347,24 @@ def _shapes_may_vary(model: torch.nn.Module) -> bool:
     return _ps().get_pipeline_model_parallel_world_size() == 1 or bool(getattr(config, "variable_seq_lengths", False))
 
 
+def schedule_rows(model_chunks: Sequence[torch.nn.Module], micro_batch_size: int) -> int:
+    """The row multiple a rank's batch needs for Megatron's schedule: the micro-batch size, times
+    the pipeline size under virtual stages (their interleaved schedule runs micro-batches in groups
+    of PP, so it takes only a multiple of PP of them)."""
+    if len(model_chunks) > 1:
+        return micro_batch_size * _ps().get_pipeline_model_parallel_world_size()
+    return micro_batch_size
+
+
+def _fit_schedule(batch: TrajectoryBatch, micro_batch_size: int, model_chunks: Sequence[torch.nn.Module]) -> TrajectoryBatch:
+    """The batch padded with all-masked rows (:meth:`TrajectoryBatch.pad_rows`) to what the schedule
+    takes: a GRPO step's row count varies with the signal-bearing groups it drew, so under virtual
+    stages it is rarely a multiple of micro_batch_size * PP. Without virtual stages, unchanged."""
+    if micro_batch_size < 1 or batch.num_sequences % micro_batch_size != 0 or len(model_chunks) < 2:
+        return batch  # (_micro_batches names a batch micro_batch_size does not divide)
+    return batch.pad_rows(schedule_rows(model_chunks, micro_batch_size))
+
+
 def _data_iterators(mbs: list[TrajectoryBatch], num_chunks: int) -> Any:
     # Interleaved (virtual) pipelines take one iterator per model chunk, each over all micro-batches.
     if num_chunks == 1:
@@ -457,6 +475,8 @@ def compute_logprobs(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    rows_asked = batch.num_sequences
+    batch = _fit_schedule(batch, micro_batch_size, model_chunks)
     mbs, order = _micro_batches(batch, micro_batch_size, pack_groups, model_chunks, select=only_loss_positions,
                                 return_order=True)
     seq_length, mb_rows = _schedule_shape(mbs, micro_batch_size, model_chunks[0])
@@ -493,7 +513,7 @@ def compute_logprobs(
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(result, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
-    return result.cpu()
+    return result[:rows_asked].cpu()
 
 
 # --------------------------------------------------------------------------- the train steps
@@ -620,6 +640,7 @@ def grpo_train_step(
     if global_tokens == 0:
         raise ValueError("the batch has no policy tokens (every loss_mask is 0) on any DP rank; nothing to train")
     normalizer = global_tokens if cfg.agg == "token-mean" else global_rows
+    batch = _fit_schedule(batch, micro_batch_size, model_chunks)
     num_mb = batch.num_sequences // micro_batch_size if micro_batch_size > 0 else 0
     scale = float(num_mb * dp_size)
 
@@ -675,6 +696,7 @@ def sft_train_step(
     (global_tokens,) = _global_counts([batch.target_mask.sum().item()], dp_group)
     if global_tokens == 0:
         raise ValueError("the SFT batch has no loss tokens (every loss_mask is 0) on any DP rank")
+    batch = _fit_schedule(batch, micro_batch_size, model_chunks)
     num_mb = batch.num_sequences // micro_batch_size if micro_batch_size > 0 else 0
     scale = float(num_mb * dp_size)
 

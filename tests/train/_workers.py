@@ -451,6 +451,35 @@ def length_grouping(args: dict) -> dict:
     return out
 
 
+def uneven_micro_batches(args: dict) -> dict:
+    """Batches of the first 6 and 2 rows with micro-batch size 2 (3 and 1 micro-batches, a GRPO
+    step's row count varies with its signal-bearing groups): log-probs, the SGD gradient of one
+    GRPO step and one SFT step's loss. Under PP=2 x VPP=2 the interleaved schedule takes only a
+    multiple of PP micro-batches, so the step pads with all-masked rows; one process is the reference."""
+    from megatron_recycle.model.convert import export_hf_state_dict_to_cpu, load_hf_weights
+    from megatron_recycle.train.batch import TrajectoryBatch
+    from megatron_recycle.train.optim import setup_model_and_optimizer
+    from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step, sft_train_step
+
+    cfg, sd = tiny_llama()
+    gb = global_batch()
+    out: dict[int, Any] = {}
+    for rows in (6, 2):
+        batch = TrajectoryBatch(gb["tokens"][:rows], gb["loss_mask"][:rows], gb["advantages"][:rows])
+        chunks, opt, sched = setup_model_and_optimizer(
+            cfg, lr=LR_SGD, clip_grad=0.0, optimizer="sgd", sgd_momentum=0.0, lr_decay_style="constant",
+            load_weights=lambda c: load_hf_weights(c, sd, cfg), model_options=_model_options(args),
+        )
+        lp = compute_logprobs(chunks, batch, 2)
+        step_batch = batch.replace(old_logprobs=lp + gb["old_noise"][:rows], ref_logprobs=lp + gb["ref_noise"][:rows])
+        metrics = grpo_train_step(chunks, opt, sched, step_batch, 2, GRPOLossConfig(kl_beta=0.05))
+        w1 = export_hf_state_dict_to_cpu(chunks, cfg)
+        sft = sft_train_step(chunks, opt, sched, batch, 2)
+        out[rows] = {"logprobs": lp, "grads": {k: (sd[k] - w1[k]) / LR_SGD for k in w1},
+                     "loss": metrics["loss"], "sft_loss": sft["loss"]}
+    return out
+
+
 def sft_steps(args: dict) -> dict:
     """A few SFT steps on one tiny batch: the masked next-token loss must go down."""
     from megatron_recycle.model.convert import load_hf_weights

@@ -162,6 +162,18 @@ def test_shard_for_data_parallel_is_contiguous_and_checked():
         shard_for_data_parallel(b, 3, 3)
 
 
+def test_pad_rows_appends_rows_that_carry_nothing():
+    b = build_batch([[5, 6, 7], [8, 9]], [[0, 1, 1], [0, 1]], advantages=[1.0, -1.0], group_ids=[0, 0])
+    b = b.replace(old_logprobs=torch.ones(2, 2))
+    assert b.pad_rows(2) is b
+    p = b.pad_rows(4)
+    assert p.num_sequences == 4 and p.seq_length == 3
+    assert torch.equal(p.tokens[2:], b.tokens[:1].expand(2, -1)) and p.loss_mask[2:].sum() == 0
+    assert p.advantages.tolist() == [1.0, -1.0, 0.0, 0.0] and p.old_logprobs[2:].sum() == 0
+    assert p.group_ids.tolist() == [0, 0, 1, 2] and p.lengths.tolist() == [3, 2, 2, 2]
+    assert p.ref_logprobs is None and torch.equal(p.take(slice(0, 2)).tokens, b.tokens)
+
+
 def test_loss_config_and_step_argument_errors():
     with pytest.raises(ValueError, match="agg='mean'"):
         GRPOLossConfig(agg="mean")
@@ -210,6 +222,7 @@ def single_process_runs():
         ["recompute_selective", "grpo_layout", {"mbs_list": [8], "dist_opt": False, "recompute": "selective"}],
         ["length_grouping", "length_grouping", {}],
         ["schedule_resume", "schedule_resume", {}],
+        ["uneven_micro_batches", "uneven_micro_batches", {}],
     ]
     return _dist.run_workers("run_jobs", 1, {"jobs": jobs})[0]
 
@@ -231,6 +244,7 @@ def two_process_runs():
     jobs.append(["sp_padding_qwen3", "sequence_parallel_padding", {"tp": 2, "packed": False, "kind": "qwen3"}])
     jobs.append(["pp2_packing", "pipeline_packing", {"tp": 1, "pp": 2, "recompute_list": ["none", "full", "selective"]}])
     jobs.append(["vpp2_packing", "pipeline_packing", {"tp": 1, "pp": 2, "vpp": 2, "recompute_list": ["none", "full"]}])
+    jobs.append(["vpp2_uneven", "uneven_micro_batches", {"tp": 1, "pp": 2, "vpp": 2}])
     jobs += [[f"overlap_{name}", "overlap_grad_reduce", args] for name, (world, args) in sorted(OVERLAP.items())
              if world == 2]
     return _dist.run_workers("run_jobs", 2, {"jobs": jobs})
@@ -536,6 +550,24 @@ def test_group_packing_on_virtual_pipeline_stages(two_process_runs, recompute):
         _check_packed_equals_padded(run[(recompute, False)], run[(recompute, True)])
         shapes = run[(recompute, True)]["calls"]["layer_inputs"]
         assert len(shapes) == 1 and shapes[0][1] == 1, shapes  # one [width, rows, hidden] for all: one row each
+
+
+@pytest.mark.distributed
+def test_virtual_pipeline_stages_take_any_micro_batch_count(single_process_runs, two_process_runs):
+    """PP 2 x VPP 2 runs micro-batches in groups of PP: batches of 3 and 1 micro-batches (a GRPO
+    step's row count follows its signal-bearing groups) are padded with all-masked rows, and the
+    log-probs, the GRPO gradient, the loss and the SFT loss equal one process's."""
+    ref = single_process_runs["uneven_micro_batches"]
+    for r in two_process_runs:
+        run = r["vpp2_uneven"]
+        for rows in (6, 2):
+            a, b = run[rows], ref[rows]
+            assert a["logprobs"].shape == (rows, _workers.SEQ - 1)
+            torch.testing.assert_close(a["logprobs"], b["logprobs"], rtol=0, atol=5e-6)
+            assert _gmax(b["grads"]) > 1e-2
+            assert _max_diff(a["grads"], b["grads"]) <= GRAD_RTOL * _gmax(b["grads"])
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["sft_loss"] == pytest.approx(b["sft_loss"], rel=1e-5)
 
 
 def _check_packed_equals_padded(padded: dict, packed: dict) -> None:
