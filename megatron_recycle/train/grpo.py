@@ -540,9 +540,10 @@ def check_reference(saved: dict | None, current: dict | None, is_rank0: bool) ->
 
 def _reference_model(rt: rtm.Runtime) -> list:
     """A frozen copy of the initial policy for the KL term (same layout, no optimizer)."""
-    from megatron_recycle.model.build import build_model_chunks
+    from megatron_recycle.model.build import build_model_chunks, unwrap_model
     from megatron_recycle.model.convert import load_hf_weights
     from megatron_recycle.model.hf_loading import resolve_model_folder
+    from megatron_recycle.train.optim import gloo_p2p_settings
 
     chunks = build_model_chunks(rt.hf_config, bf16=rt.cfg.model.bf16, layer_spec=rt.cfg.model.layer_spec,
                                 **rtm.model_options(rt.cfg.model))
@@ -550,6 +551,7 @@ def _reference_model(rt: rtm.Runtime) -> list:
     for c in chunks:
         c.requires_grad_(False)
         c.eval()
+    gloo_p2p_settings(unwrap_model(chunks[0]).config, len(chunks))  # the config object all its chunks share
     return chunks
 
 

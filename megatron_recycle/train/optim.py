@@ -125,12 +125,17 @@ def wrap_model_and_build_optimizer(
                                  else ddp_chunks[0].start_grad_sync)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = opt.scale_loss
-    if dist.get_backend() == "gloo":
-        # PLATFORM.md: batched p2p sync is wrong on gloo; interleaved PP also needs unbatched p2p.
-        config.batch_p2p_sync = False
-        if len(ddp_chunks) > 1:
-            config.batch_p2p_comm = False
+    gloo_p2p_settings(config, len(ddp_chunks))
     return ddp_chunks, opt, scheduler
+
+
+def gloo_p2p_settings(config: Any, num_chunks: int) -> None:
+    """PLATFORM.md: batched p2p sync is wrong on gloo; interleaved PP also needs unbatched p2p.
+    For every model whose chunks run Megatron's pipeline schedules (the policy, the KL reference)."""
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        config.batch_p2p_sync = False
+        if num_chunks > 1:
+            config.batch_p2p_comm = False
 
 
 def describe_grad_reduction(ddp_chunks: list[torch.nn.Module]) -> str:

@@ -174,6 +174,27 @@ def test_pad_rows_appends_rows_that_carry_nothing():
     assert p.ref_logprobs is None and torch.equal(p.take(slice(0, 2)).tokens, b.tokens)
 
 
+def test_gloo_p2p_settings_for_every_pipelined_model(tmp_path):
+    """The policy's and the KL reference's configs get PLATFORM.md's gloo p2p settings."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from megatron_recycle.train.optim import gloo_p2p_settings
+
+    if dist.is_initialized():
+        pytest.skip("this process already holds a process group")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        one, two = (SimpleNamespace(batch_p2p_sync=True, batch_p2p_comm=True) for _ in range(2))
+        gloo_p2p_settings(one, 1)
+        gloo_p2p_settings(two, 2)
+        assert (one.batch_p2p_sync, one.batch_p2p_comm) == (False, True)
+        assert (two.batch_p2p_sync, two.batch_p2p_comm) == (False, False)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_loss_config_and_step_argument_errors():
     with pytest.raises(ValueError, match="agg='mean'"):
         GRPOLossConfig(agg="mean")
