@@ -319,7 +319,8 @@ class DenseRetriever(_StatsMixin):
             emb = self._encode([self.passage_prefix + c for c in self.corpus.contents])
             if self.cache_file is not None:
                 self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.cache_file.with_name(f"{self.cache_file.stem}.tmp-{os.getpid()}.npy")
+                tmp = self.cache_file.with_name(
+                    f"{self.cache_file.stem}.tmp-{os.getpid()}-{threading.get_ident()}.npy")
                 np.save(tmp, emb)
                 os.replace(tmp, self.cache_file)
         self.embeddings = np.ascontiguousarray(emb, dtype=np.float32)
@@ -330,12 +331,16 @@ class DenseRetriever(_StatsMixin):
             return None
         try:
             emb = np.load(path)
-        except (OSError, ValueError) as e:
-            logger.warning("embedding cache %s is unreadable (%s); recomputing", path, e)
+        except Exception as e:  # noqa: BLE001 - a damaged cache (empty, truncated, not an array) is recomputed, never trusted
+            logger.warning("embedding cache %s is unreadable (%s: %s); recomputing", path, type(e).__name__, e)
             return None
-        if emb.ndim != 2 or emb.shape[0] != len(self.corpus):
+        if not isinstance(emb, np.ndarray):
+            logger.warning("embedding cache %s holds no array; recomputing", path)
+            return None
+        if emb.ndim != 2 or emb.shape[0] != len(self.corpus) or not np.isfinite(emb).all():
             logger.warning(
-                "ignoring cached embeddings %s: shape %s for %d passages", path, emb.shape, len(self.corpus)
+                "ignoring cached embeddings %s: shape %s for %d passages, or values that are not finite",
+                path, emb.shape, len(self.corpus)
             )
             return None
         return emb
@@ -477,7 +482,9 @@ class HTTPRetriever(_StatsMixin):
         self.close()
 
     def max_total_seconds(self) -> float:
-        """Upper bound of one search() call's wall time (all attempts and backoffs)."""
+        """Upper bound of one request's wall time (all its attempts and backoffs) against a server
+        that answers or stays silent: httpx's timeout applies per phase (connect, and each read), so
+        a server that trickles its body out a byte at a time can take longer."""
         waits = sum(min(self.backoff * 2**i, self.max_backoff) for i in range(self.max_retries))
         # an httpx timeout applies per phase (connect, each read), so allow a small margin
         return (self.max_retries + 1) * self.timeout * 2 + waits
@@ -504,47 +511,39 @@ class HTTPRetriever(_StatsMixin):
                            len(long), "y" if len(long) == 1 else "ies", self.max_query_chars, max(long))
             queries = [q[: self.max_query_chars] for q in queries]
         out: list[list[Passage] | RetrievalError] = []
-        down: RetrievalError | None = None
-        splits = [self.max_split_requests]  # budget shared by the whole call
+        call = _CallState(len(queries), self.max_split_requests)
         for chunk in self._requests(queries):
-            if down is not None:
-                out.extend([down] * len(chunk))
-                continue
-            try:
-                out.extend(self._post(chunk, topk))
-            except _RequestFailed as err:
-                if err.status in self.SPLIT_STATUSES and len(chunk) > 1:
-                    out.extend(self._split(chunk, topk, err, splits))
-                else:
-                    out.extend([err] * len(chunk))
-                    if err.status not in self.SPLIT_STATUSES:
-                        down = RetrievalError(f"{err} (an earlier request of this call failed; "
-                                              f"{len(queries) - len(out)} queries not sent)")
+            self._send(chunk, topk, call, out)
         failed = sum(isinstance(item, RetrievalError) for item in out)
         if failed:
             self._count(failures=1, failed_queries=failed)
             logger.warning("retrieval from %s: %d of %d queries failed", self.url, failed, len(queries))
         return out
 
-    def _split(
-        self, chunk: list[str], topk: int, err: _RequestFailed, budget: list[int]
-    ) -> list[list[Passage] | RetrievalError]:
-        """Resend a refused request as two halves, recursively, within the call's budget."""
-        if len(chunk) == 1 or budget[0] < 2:
-            return [err] * len(chunk)
-        budget[0] -= 2
+    def _send(self, chunk: list[str], topk: int, call: _CallState, out: list) -> None:
+        """One request's answers (or errors) appended to ``out``: not sent once the call found the
+        server down; a refused request resent as two halves, recursively, within the call's split
+        budget; any other failure, at any depth, marks the server down for the rest of the call."""
+        if call.down is not None:
+            out.extend([call.down] * len(chunk))
+            return
+        try:
+            out.extend(self._post(chunk, topk))
+            return
+        except _RequestFailed as err:
+            if err.status not in self.SPLIT_STATUSES:
+                out.extend([err] * len(chunk))
+                call.down = RetrievalError(f"{err} (an earlier request of this call failed; "
+                                           f"{call.queries - len(out)} queries not sent)")
+                return
+            if len(chunk) == 1 or call.splits < 2:
+                out.extend([err] * len(chunk))
+                return
+        call.splits -= 2
         self._count(split_requests=2)
-        out: list[list[Passage] | RetrievalError] = []
         mid = len(chunk) // 2
         for half in (chunk[:mid], chunk[mid:]):
-            try:
-                out.extend(self._post(half, topk))
-            except _RequestFailed as sub:
-                if sub.status in self.SPLIT_STATUSES:
-                    out.extend(self._split(half, topk, sub, budget))
-                else:
-                    out.extend([sub] * len(half))
-        return out
+            self._send(half, topk, call, out)
 
     def _requests(self, queries: list[str]) -> list[list[str]]:
         """Consecutive runs of queries within max_batch queries and max_request_bytes of JSON each."""
@@ -572,6 +571,10 @@ class HTTPRetriever(_StatsMixin):
             self._count(requests=1)
             try:
                 response = self._client.post(self.url, json=payload)
+            except httpx.DecodingError as e:  # a body its Content-Encoding does not describe: malformed
+                last_error = f"bad response body: {type(e).__name__}: {e}"
+                status = None
+                break
             except httpx.TimeoutException as e:
                 self._count(timeouts=1)
                 last_error = f"timeout after {self.timeout:g} s ({type(e).__name__})"
@@ -588,8 +591,8 @@ class HTTPRetriever(_StatsMixin):
                 break  # a 4xx other than 429 will not get better by retrying
             try:
                 return self._parse(response.json(), len(queries))
-            except (ValueError, RetrievalError) as e:
-                last_error = f"bad response body: {e}"
+            except (ValueError, RecursionError, RetrievalError) as e:  # (RecursionError: JSON nested too deep)
+                last_error = f"bad response body: {type(e).__name__}: {e}"
                 status = None
                 break
         logger.warning("retrieval from %s failed (%d queries): %s", self.url, len(queries), last_error)
@@ -610,6 +613,16 @@ class HTTPRetriever(_StatsMixin):
         if empty:
             self._count(empty_results=empty)
         return out
+
+
+@dataclass
+class _CallState:
+    """What one search_each call shares across its requests: its size, the split budget left, and
+    the error that found the server down (the later requests are then not sent)."""
+
+    queries: int
+    splits: int
+    down: RetrievalError | None = None
 
 
 def build_retriever(

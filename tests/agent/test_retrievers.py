@@ -134,10 +134,11 @@ def test_dense_retriever_on_a_small_subset(wiki, tmp_path):
     assert again.loaded_from_cache
     assert [h.id for h in again.search([queries[0][0]], 3)[0]] == [h.id for h in results[0]]
     np.testing.assert_allclose(again.embeddings, dense.embeddings)
-    dense.cache_file.write_bytes(b"not a numpy file")  # a damaged cache is recomputed
-    third = DenseRetriever(corpus, cache_dir=tmp_path, max_seq_length=128)
-    assert not third.loaded_from_cache
-    np.testing.assert_allclose(third.embeddings, dense.embeddings, atol=1e-5)
+    for damage in (b"not a numpy file", b""):  # a damaged (or empty) cache is recomputed
+        dense.cache_file.write_bytes(damage)
+        third = DenseRetriever(corpus, cache_dir=tmp_path, max_seq_length=128)
+        assert not third.loaded_from_cache
+        np.testing.assert_allclose(third.embeddings, dense.embeddings, atol=1e-5)
 
 
 def test_build_retriever_validates_kind(wiki, bm25_cache):
@@ -175,14 +176,20 @@ class _FaultyHandler(BaseHTTPRequestHandler):
             self._send(200, {"result": [[{"id": "7", "contents": "T\ntext"}] for _ in body["queries"]]})
         elif action == "garbage":
             self._send(200, {"unexpected": 1})
+        elif action == "badgzip":  # a body its Content-Encoding does not describe
+            self._send(200, None, b"not gzip at all", {"Content-Encoding": "gzip"})
+        elif action == "deep":  # valid JSON nested deeper than Python's recursion limit
+            self._send(200, None, b"[" * 100_000 + b"]" * 100_000)
         else:
             self._send(int(action), {"detail": "scripted failure"})
 
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def _send(self, status: int, payload: dict | None, data: bytes = b"", headers: dict | None = None) -> None:
+        data = json.dumps(payload).encode() if payload is not None else data
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -257,6 +264,18 @@ def test_http_retriever_does_not_retry_client_errors_or_bad_bodies(faulty_server
     assert hits[0][0].contents == "T\ntext" and hits[0][0].score == 0.0
 
 
+def test_http_retriever_malformed_bodies_are_retrieval_errors(faulty_server):
+    # a broken Content-Encoding (httpx raises while decoding) and JSON nested too deep to parse
+    # fail their queries like any malformed body: not retried, not a crash of the rollout
+    faulty_server.script = ["badgzip", "deep", "ok"]
+    with HTTPRetriever(_url(faulty_server), timeout=2.0, max_retries=3, backoff=0.01) as client:
+        for _ in range(2):
+            got = client.search_each(["a", "b"], topk=1)
+            assert all(isinstance(g, RetrievalError) and "bad response body" in str(g) for g in got)
+        assert client.search(["c"], topk=1)[0][0].contents == "Title\nc"
+        assert client.stats.requests == 3 and client.stats.retries == 0 and client.stats.failures == 2
+
+
 def test_http_retriever_connection_refused():
     # bind and close a port so that nothing listens on it
     probe = ThreadingHTTPServer(("127.0.0.1", 0), _FaultyHandler)
@@ -308,6 +327,20 @@ def test_http_retriever_keeps_answers_received_before_the_server_went_down(fault
     # request's retries per call, not one per request); 500 is not split
     assert client.stats.requests == 3 and client.stats.split_requests == 0
     assert client.stats.failures == 1 and client.stats.failed_queries == 4
+
+
+def test_http_retriever_a_split_half_that_finds_the_server_down_ends_the_call(faulty_server):
+    # the first request is refused (422: split it), then the server answers 503 to everything: the
+    # first half's failure stops the call, as a failed top-level request does
+    faulty_server.script = ["422"]
+    faulty_server.default = "503"
+    queries = [f"q{i}" for i in range(32)]
+    with HTTPRetriever(_url(faulty_server), timeout=2.0, max_retries=1, backoff=0.01, max_batch=8) as client:
+        got = client.search_each(queries, topk=1)
+    assert all(isinstance(g, RetrievalError) for g in got)
+    assert [len(b["queries"]) for b in faulty_server.bodies] == [8, 4, 4]  # the half and its one retry
+    assert "HTTP 503" in str(got[0]) and "queries not sent" in str(got[-1])
+    assert client.stats.split_requests == 2 and client.stats.failed_queries == 32
 
 
 def test_bm25_refuses_a_corpus_without_any_indexable_term(tmp_path):
