@@ -518,6 +518,33 @@ def test_existing_generated_data_with_other_settings_is_named(tmp_path, capsys):
     assert rtm.generated_data_differences(other) == []
 
 
+def test_generated_data_and_evaluations_follow_the_retrievers_corpus(tmp_path):
+    """The oracle searches of generated data, and evaluations a resume reuses, depend on the
+    corpus's bytes and the retriever kind, not only the corpus's path."""
+    from megatron_recycle.train import runtime as rtm
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "1", "contents": "A\nx"}) + "\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = load_config(None, [f"data.dir={data}", f"retriever.corpus={corpus}"])
+    stats = {"seed": cfg.run.seed, "topk": cfg.retriever.topk, "retriever": rtm.data_retriever_info(cfg),
+             "requested": {"sft": cfg.data.n_sft}}
+    (data / "stats.json").write_text(json.dumps(stats))
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text('{"question": "q", "golden_answers": ["a"]}\n')
+    identity = rtm.eval_identity(cfg, test_file)
+    assert rtm.generated_data_differences(cfg) == []
+    corpus.write_text(json.dumps({"id": "1", "contents": "B\ny"}) + "\n")  # the same path, other passages
+    assert rtm.eval_identity(cfg, test_file)["retriever_digest"] != identity["retriever_digest"]
+    (note,) = rtm.generated_data_differences(cfg)
+    assert "retriever's corpus or encoder corpus sha1" in note
+    http = load_config(None, [f"data.dir={data}", "retriever.kind=http", "retriever.url=http://127.0.0.1:9/retrieve"])
+    (note,) = rtm.generated_data_differences(http)
+    assert f"retriever bm25 {corpus} -> http http://127.0.0.1:9/retrieve" in note
+    assert rtm.eval_identity(http, test_file)["retriever_digest"] is None
+
+
 def test_a_bad_dev_file_stops_training_before_the_model_is_built(tmp_path, monkeypatch):
     """The dev file was read at the first evaluation: a bad one lost every step before it."""
     from megatron_recycle.data.datasets import QAFormatError

@@ -235,7 +235,7 @@ def packaged_minilm_path() -> Path:
     return path
 
 
-def _model_fingerprint(path: Path, sample: int = 65536) -> str:
+def model_fingerprint(path: Path, sample: int = 65536) -> str:
     """Hash of a local model folder: small files whole, large ones (weights) by size and three
     ``sample``-byte slices (start, middle, end). Cheap on a multi-GB model, and it changes when
     weights are re-saved with other values, even at the same size."""
@@ -299,7 +299,7 @@ class DenseRetriever(_StatsMixin):
         key_src = json.dumps(
             {
                 "corpus": self.corpus.fingerprint(),
-                "model": _model_fingerprint(self.model_path),
+                "model": model_fingerprint(self.model_path),
                 "query_prefix": self.query_prefix,
                 "passage_prefix": self.passage_prefix,
                 "max_seq_length": self._encoder.max_seq_length,

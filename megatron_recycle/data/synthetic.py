@@ -669,6 +669,7 @@ def generate_dataset(
     sft: bool = True,
     n_sft: int = 0,
     progress: Callable[[str], None] | None = print,
+    retriever_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate train/dev/test jsonl (+ sft.jsonl oracle trajectories from the train split).
 
@@ -681,7 +682,9 @@ def generate_dataset(
     retrieve every hop passage in the BM25 top-k enter the splits. ``n_sft`` > 0: the SFT oracle
     trajectories come from that many questions of their own (the paper's separate SFT set), over
     the train split's entities but never among the train questions (the RL pool) or the held-out
-    dev/test entities; 0: from the train questions themselves. Returns paths and counts.
+    dev/test entities; 0: from the train questions themselves. ``retriever_info`` (what the
+    oracle searches went through, e.g. the trainer's retriever id and corpus digest) is recorded
+    in stats.json as it is. Returns paths and counts.
     """
     unknown = [t for t in templates if t not in TEMPLATES]
     if unknown or not templates:
@@ -839,6 +842,7 @@ def generate_dataset(
         "seed": seed,
         "topk": topk,
         "max_passage_words": max_passage_words,
+        "retriever": retriever_info,
         "templates": list(templates),
         "requested": dict(sizes, sft=n_sft),
         "written": {s: len(rows[s]) for s in SPLITS},

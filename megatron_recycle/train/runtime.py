@@ -87,7 +87,7 @@ def ensure_data(cfg: Config) -> dict[str, Path]:
 def generated_data_differences(cfg: Config) -> list[str]:
     """Lines naming how the generated data in ``data.dir`` differs from what this config would
     generate (its ``stats.json`` against seed, sizes, top-k and passage length); [] when they
-    agree or the folder has no stats. The files are used as they are: a second run over the same
+    agree or the folder has no stats (and the retriever: its id and corpus digest). The files are used as they are: a second run over the same
     data (another run.seed, say) is legitimate, but a changed top-k means the SFT trajectories'
     information blocks differ from what the rollouts will retrieve."""
 
@@ -108,6 +108,13 @@ def generated_data_differences(cfg: Config) -> list[str]:
         "retriever.topk": (stats.get("topk"), cfg.retriever.topk),
         "retriever.max_passage_words": (stats.get("max_passage_words"), cfg.retriever.max_passage_words),
     }
+    was = stats.get("retriever")  # (data generated before it was recorded: not compared)
+    if isinstance(was, dict):
+        now = data_retriever_info(cfg)
+        if was.get("id") != now["id"]:
+            pairs["retriever"] = (was.get("id"), now["id"])
+        elif was.get("digest") != now["digest"]:
+            pairs["retriever's corpus or encoder"] = (was.get("digest"), now["digest"])
     diff = [f"{k} {was} -> {now}" for k, (was, now) in pairs.items() if was is not None and was != now]
     if not diff:
         return []
@@ -131,8 +138,14 @@ def generate_data(cfg: Config) -> dict[str, Any]:
     return generate_dataset(
         cfg.data.dir, seed=cfg.run.seed, n_train=cfg.data.n_train, n_sft=cfg.data.n_sft, n_dev=cfg.data.n_dev,
         n_test=cfg.data.n_test, topk=cfg.retriever.topk, max_passage_words=cfg.retriever.max_passage_words,
-        retriever=retriever, cache_dir=cfg.retriever.cache_dir or None,
+        retriever=retriever, cache_dir=cfg.retriever.cache_dir or None, retriever_info=data_retriever_info(cfg),
     )
+
+
+def data_retriever_info(cfg: Config) -> dict[str, Any]:
+    """What generated data records of the retriever its oracle searches (the SFT trajectories'
+    information blocks) went through, and what :func:`generated_data_differences` compares."""
+    return {"id": retriever_id(cfg), "digest": retriever_digest(cfg)}
 
 
 def read_examples(path: Path, cfg: Config, limit: int = 0) -> list:
@@ -168,13 +181,14 @@ def vllm_dtype(cfg: Config) -> str:
 def eval_identity(cfg: Config, data: str | os.PathLike) -> dict[str, Any]:
     """What else an evaluation of a saved folder depends on, recorded with its result so that a
     resume reuses it only when all of it is the same: the data file's bytes (the same path may
-    hold other questions), the engine and its dtype. Such an evaluation runs on vLLM (in the
+    hold other questions), the retriever's corpus bytes (:func:`retriever_digest`), the engine and
+    its dtype. Such an evaluation runs on vLLM (in the
     trainer's dtype) or on the HF engine (float32; build_engine without the trainer's chunks)."""
     from megatron_recycle.model.hf_loading import file_digest
 
     vllm = cfg.rollout.engine == "vllm"
     return {"data_digest": file_digest(str(data)), "engine": "vllm" if vllm else "hf",
-            "engine_dtype": vllm_dtype(cfg) if vllm else "float32"}
+            "engine_dtype": vllm_dtype(cfg) if vllm else "float32", "retriever_digest": retriever_digest(cfg)}
 
 
 def retriever_id(cfg: Config) -> str:
@@ -183,6 +197,31 @@ def retriever_id(cfg: Config) -> str:
     where = {"http": f"{r.url} (queries cut at {r.max_query_chars} characters)",
              "dense": f"{r.corpus} {r.dense_model}"}.get(r.kind, r.corpus)
     return f"{r.kind} {where}"
+
+
+def retriever_digest(cfg: Config) -> str | None:
+    """The bytes a local retriever answers from, as a digest: the corpus file's SHA-1 and, for the
+    dense retriever, a fingerprint of its encoder's folder (None for http: the server's index is
+    its own). Evaluation results and generated data record it beside :func:`retriever_id`, so
+    that a corpus rewritten in place (the same path, other passages) is not taken for the one they
+    were made with. Memoized per file (file_digest): seconds for a wiki-18 sized corpus, once."""
+    r = cfg.retriever
+    if r.kind == "http":
+        return None
+    from megatron_recycle.data.corpus import wiki_data_path
+    from megatron_recycle.model.hf_loading import file_digest
+
+    try:
+        corpus = wiki_data_path() if r.corpus in ("wiki-offline", "wiki", "wiki-vital4") else Path(r.corpus)
+        parts = [f"corpus sha1 {file_digest(str(corpus))}"]
+        if r.kind == "dense":
+            from megatron_recycle.agent.retrievers import model_fingerprint, packaged_minilm_path
+
+            model = packaged_minilm_path() if r.dense_model == "minilm" else Path(r.dense_model)
+            parts.append(f"encoder {model_fingerprint(model)[:16]}")
+    except OSError as e:  # a missing corpus or model: building the retriever names it
+        return f"unreadable ({type(e).__name__}: {e})"
+    return "; ".join(parts)
 
 
 def build_retriever_from_config(cfg: Config):

@@ -86,8 +86,8 @@ def test_bm25_damaged_cache_is_rebuilt(wiki, tmp_path):
     assert BM25Retriever(corpus, cache_dir=tmp_path).loaded_from_cache
 
 
-def test_model_fingerprint_sees_new_weights_of_the_same_size(tmp_path):
-    from megatron_recycle.agent.retrievers import _model_fingerprint
+def testmodel_fingerprint_sees_new_weights_of_the_same_size(tmp_path):
+    from megatron_recycle.agent.retrievers import model_fingerprint
 
     model = tmp_path / "model"
     model.mkdir()
@@ -95,11 +95,11 @@ def test_model_fingerprint_sees_new_weights_of_the_same_size(tmp_path):
     rng = np.random.default_rng(0)
     weights = rng.standard_normal(400_000).astype(np.float32)  # 1.6 MB: fingerprinted by sampling
     (model / "model.safetensors").write_bytes(weights.tobytes())
-    before = _model_fingerprint(model)
-    assert _model_fingerprint(model) == before
+    before = model_fingerprint(model)
+    assert model_fingerprint(model) == before
     weights[200_000] += 1.0  # one value in the middle changed, same size
     (model / "model.safetensors").write_bytes(weights.tobytes())
-    assert _model_fingerprint(model) != before
+    assert model_fingerprint(model) != before
 
 
 def test_bm25_edge_cases(bm25, wiki):
