@@ -159,6 +159,35 @@ def _gather_records(records: list[dict], reused: int | None) -> tuple[list[dict]
     return [rec for part, _ in parts for rec in part], None if None in counts else sum(counts)
 
 
+def _retriever_counts(rt: rtm.Runtime, reset_only: bool = False) -> dict[str, int]:
+    """The retriever counters of this step's searches (timeouts, retries, failed and cut queries,
+    queries that matched nothing: agent.retrievers.RetrieverStats), summed over the ranks that
+    searched, on rank 0 ({} elsewhere); each rank's counters restart at zero. Each search is sent
+    once per model-parallel leader (hf engine) or once per vLLM TP block, whose members all send
+    the same requests: the block's first rank counts them. Collective over the world (one small
+    object per rank) unless ``reset_only``."""
+    retriever = rt.retriever
+    mine = None
+    if retriever is not None and hasattr(retriever, "stats_snapshot"):
+        mine = retriever.stats_snapshot(reset=True)
+        if rt.cfg.rollout.engine == "vllm":
+            counts = rtm.env_rank() % rt.cfg.rollout.vllm_tp == 0
+        else:
+            counts = rt.is_mp_leader
+        mine = mine if counts else None
+    if reset_only:
+        return {}
+    parts = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    total: dict[str, int] = {}
+    for part in parts:
+        for key, value in (part or {}).items():
+            total[key] = total.get(key, 0) + int(value)
+    return total if rt.is_rank0 else {}
+
+
 def group_advantages(rewards: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages [G, K], signal [G]) of groups of rewards [G, K] by the config's loss.* rule: one
     rule for both, so that a group the pool consumes as signal-bearing never trains with zero
@@ -183,6 +212,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
 
     cfg, lay = rt.cfg, rt.layout
     k = cfg.rollout.group_size
+    _retriever_counts(rt, reset_only=True)  # from here on: this step's searches (not an evaluation's)
     chosen_groups: list[list[dict]] = []
     all_trajs: list = []
     reused_before = getattr(rt.engine, "reused_tokens", None)  # native engine: prefix-store hits
@@ -236,6 +266,7 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
             "rollouts": n_rollouts, "decisions": decisions, "exhausted": exhausted}
     if reused_all is not None and info["rollout"]:
         info["rollout"]["prefix_reused_tokens"] = float(reused_all)
+    info["retriever"] = _retriever_counts(rt)
     if rt.is_rank0:
         r = torch.cat(rewards_all)
         info["reward_mean"] = float(r.mean())
@@ -418,6 +449,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 record["batch_size"] = cfg.pool.batch_size
                 record.update({f"train/{k}": v for k, v in train_metrics.items()})
                 record.update({f"rollout/{k}": v for k, v in info["rollout"].items()})
+                record.update({f"retriever/{k}": v for k, v in info["retriever"].items()})
                 record.update(reward_mean=info.get("reward_mean"), em_mean=info["rollout"].get("em_mean"),
                               rollouts_total=rollouts_done, **memory_metrics())
                 record.update({"time/rollout": t1 - t0, "time/logprob": t_ref, "time/train": t2 - t1 - t_ref,

@@ -314,6 +314,12 @@ def format_step_line(metrics: Mapping[str, Any]) -> str:
     zc, zw = _get(metrics, "zv_all_correct"), _get(metrics, "zv_all_wrong")
     if zc is not None and zw is not None:
         parts.append(f"zero-var {zc:.0f} all-correct / {zw:.0f} all-wrong")
+    failed = _get(metrics, "retriever/failed_queries")
+    if failed:  # the searches that got an error observation instead of passages
+        sent = _get(metrics, "retriever/queries")
+        timeouts = _get(metrics, "retriever/timeouts")
+        parts.append(f"retrieval failed {failed:.0f}/{sent or 0:.0f} queries"
+                     + (f" ({timeouts:.0f} timeouts)" if timeouts else ""))
     times = [(p, _get(metrics, f"time/{p}", f"time_{p}")) for p in PHASES]
     times = [(p, s) for p, s in times if s is not None]
     if times:

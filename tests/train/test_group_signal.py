@@ -42,3 +42,41 @@ def test_rollout_seeds_are_distinct_over_steps_batches_and_replicas():
     assert len(set(seeds.values())) == len(seeds)
     assert all(0 <= s < 2**31 for s in seeds.values())
     assert rollout_seed(0, 5, 1, 7) == seeds[(5, 1, 7)] and rollout_seed(1, 5, 1, 7) != seeds[(5, 1, 7)]
+
+
+def test_retriever_counters_are_logged_once_per_search(monkeypatch):
+    """Each step logs the retriever's counters of that step's searches: the model-parallel
+    leaders' (hf engine) or the first rank's of each vLLM TP block (whose ranks send the same
+    requests); the counters restart each step, so an evaluation's searches are not counted."""
+    from types import SimpleNamespace
+
+    from megatron_recycle.agent.retrievers import RetrieverStats, _StatsMixin
+    from megatron_recycle.train.grpo import _retriever_counts
+
+    class Counting(_StatsMixin):
+        def __init__(self):
+            self._init_stats()
+
+        def search(self, queries):
+            self._count(calls=1, queries=len(queries), timeouts=1)
+
+    def runtime(engine, leader, vllm_tp=1):
+        cfg = Config()
+        cfg.rollout.engine, cfg.rollout.vllm_tp = engine, vllm_tp
+        return SimpleNamespace(cfg=cfg, retriever=Counting(), is_mp_leader=leader, is_rank0=True)
+
+    rt = runtime("hf", True)
+    rt.retriever.search(["an evaluation's query"])
+    assert _retriever_counts(rt, reset_only=True) == {}
+    rt.retriever.search(["a", "b"])
+    counts = _retriever_counts(rt)
+    assert counts == {**RetrieverStats().as_dict(), "calls": 1, "queries": 2, "timeouts": 1}
+    assert _retriever_counts(rt)["queries"] == 0  # restarted
+    follower = runtime("hf", False)
+    follower.retriever.search(["a"])
+    assert _retriever_counts(follower) == {}
+    for rank, counted in (("2", True), ("3", False)):
+        monkeypatch.setenv("RANK", rank)
+        block = runtime("vllm", rank == "2", vllm_tp=2)
+        block.retriever.search(["a"])
+        assert bool(_retriever_counts(block)) is counted

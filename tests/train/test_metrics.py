@@ -164,6 +164,10 @@ def test_format_step_line_full_and_partial():
     assert format_step_line({"step": 4, "effective_batch": 0, "batch_size": 4, "recycled_share": "nan",
                              "recovery": 0, "drift": 0}) == "step 4 | eff 0/4"
     assert format_step_line({"step": 2, "effective_batch": 3, "batch_fill": "nan"}) == "step 2 | eff 3"
+    # failed searches are named (they reached the policy as error observations)
+    assert format_step_line({"step": 5, "retriever/failed_queries": 3, "retriever/queries": 40,
+                             "retriever/timeouts": 2}) == "step 5 | retrieval failed 3/40 queries (2 timeouts)"
+    assert format_step_line({"step": 5, "retriever/failed_queries": 0, "retriever/queries": 40}) == "step 5"
 
 
 def test_timer_accumulates_per_phase(monkeypatch):
