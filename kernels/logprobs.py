@@ -470,6 +470,8 @@ def _grad_torch(
         if g_lp is not None:
             rows_here = here[a:b].nonzero().squeeze(1)
             g[rows_here, tgt[a:b][rows_here]] += g_lp[a:b][rows_here].to(dt)
+        if row_mask is not None:  # exact zeros even where a masked row's logits are inf/NaN (p * 0 = NaN)
+            g.masked_fill_(~keep[a:b, None], 0.0)
         if not in_place:
             grad[a:b] = g.mul_(inv_temp)
     return grad
@@ -709,7 +711,10 @@ class ChunkedTokenLogprobsFunction(torch.autograd.Function):
             if need_h:
                 grad_h[a:b] = logits @ weight
             if need_w:
-                grad_w.addmm_(logits.t(), hidden[a:b])
+                h = hidden[a:b]
+                if row_mask is not None:  # a masked row's hidden state may be inf/NaN (0 * NaN = NaN)
+                    h = torch.where(row_mask[a:b, None].bool(), h, torch.zeros((), dtype=h.dtype, device=h.device))
+                grad_w.addmm_(logits.t(), h)
         if need_h and ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
             dist.all_reduce(grad_h, group=ctx.tp_group)
         return grad_h, grad_w, *none

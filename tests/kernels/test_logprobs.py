@@ -491,8 +491,8 @@ def test_the_in_place_backward_refuses_a_second_reader_of_the_logits(impl, trito
 @pytest.mark.parametrize("entropy", [False, True])
 def test_masked_rows_are_skipped(impl, inplace, entropy, triton_device, monkeypatch):
     """row_mask: rows where it is 0 give log-prob 0, entropy 0 (NaN when not asked for, as every
-    row) and a zero gradient, also written over the logits in place; their targets are neither
-    read nor judged (-100 or V + 3 there pass the validated call). Every other row equals the
+    row) and a zero gradient, also written over the logits in place, whatever their logits hold
+    (NaN, inf); their targets are neither read nor judged (-100 or V + 3 there pass the validated call). Every other row equals the
     float64 reference, and a bad id on a kept row still raises."""
     monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 16)  # several vocabulary blocks per row
     monkeypatch.setattr(logprobs, "TORCH_CHUNK_ELEMENTS", 80)  # PyTorch path: 2 rows per chunk
@@ -504,7 +504,10 @@ def test_masked_rows_are_skipped(impl, inplace, entropy, triton_device, monkeypa
     targets = torch.randint(0, vocab, (rows,), generator=g)
     targets[~keep] = torch.tensor([-100, vocab + 3, -100, -7])
     w_lp, w_ent = torch.randn(rows, generator=g, dtype=torch.float64), torch.randn(rows, generator=g, dtype=torch.float64)
-    src = logits.float().to(dev).requires_grad_()
+    poisoned = logits.float().clone()
+    poisoned[1] = float("nan")  # masked rows may hold anything (a padding position's logits)
+    poisoned[4, 3] = float("inf")
+    src = poisoned.to(dev).requires_grad_()
     x = src * 1 if inplace else src
     out = token_logprobs(x, targets.to(dev), 0.8, return_entropy=entropy, impl=impl, inplace_backward=inplace,
                          row_mask=keep.to(dev))
@@ -585,3 +588,14 @@ def test_chunked_masked_rows_equal_unchunked(impl, triton_device):
     assert torch.equal(lp1[~keep].cpu(), torch.zeros(5)) and torch.equal(g1[0][~keep].cpu(), torch.zeros(5, hid))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # masked rows' hidden states may hold anything (NaN, inf): nothing of them reaches a result
+    poisoned = hidden.clone()
+    poisoned[2] = float("nan")
+    poisoned[6, 0] = float("inf")
+    h3, wt3 = poisoned.requires_grad_(), weight.clone().requires_grad_()
+    lp3, ent3 = chunked_token_logprobs(h3, wt3, targets, 0.9, chunk_size=3, return_entropy=True, impl=impl,
+                                       row_mask=keep)
+    g3 = torch.autograd.grad((w_lp * lp3).sum() + (w_ent * ent3).sum(), (h3, wt3))
+    assert torch.equal(lp3, lp1) and torch.equal(g3[0][~keep].cpu(), torch.zeros(5, hid))
+    for a, b in zip(g3, g1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
