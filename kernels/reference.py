@@ -7,6 +7,8 @@ the sibling modules must agree with these functions.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -153,8 +155,10 @@ def check_loss_args(
         raise ValueError(f"advantages must be [N={logprobs.shape[0]}], got shape {tuple(advantages.shape)}")
     if agg not in AGG_MODES:
         raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}")
-    if agg == "seq-mean-token-sum-norm" and (max_len is None or max_len <= 0):
-        raise ValueError(f"agg='seq-mean-token-sum-norm' needs a positive max_len, got {max_len!r}")
+    if agg == "seq-mean-token-sum-norm" and (
+        isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len <= 0
+    ):
+        raise ValueError(f"agg='seq-mean-token-sum-norm' needs a positive integer max_len, got {max_len!r}")
     if not (0.0 <= eps_low < 1.0) or eps_high < 0.0:
         raise ValueError(
             f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}"
@@ -163,7 +167,12 @@ def check_loss_args(
         raise ValueError(f"dual clip constant clip_c must be > 1 (or None to disable), got {clip_c}")
     if kl_beta != 0.0 and ref_logprobs is None:
         raise ValueError(f"kl_beta={kl_beta} needs ref_logprobs; pass them or set kl_beta=0")
-    if normalizer is not None and not isinstance(normalizer, torch.Tensor) and normalizer <= 0:
+    # A tensor normalizer (a count still on the device) is not read here: checking its value would
+    # cost a host sync per call; the caller's count is positive by construction.
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"a tensor normalizer must hold one number, got shape {tuple(normalizer.shape)}")
+    elif normalizer is not None and normalizer <= 0:
         raise ValueError(f"normalizer must be positive (a global token or sequence count), got {normalizer}")
 
 

@@ -313,8 +313,20 @@ def test_a_host_normalizer_keeps_float64_precision(triton_device):
     assert loss.item() == pytest.approx(per_token_sum.item() / big, rel=1e-13, abs=0.0)
 
 
-def test_a_tensor_normalizer_must_hold_one_number(triton_device):
-    x = torch.zeros(2, 3, device=triton_device)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_tensor_normalizer_must_hold_one_number(impl, triton_device):
+    # (on the PyTorch path a [N] normalizer broadcast silently into per-row divisors when N matched)
+    dev = triton_device if impl == "triton" else "cpu"
+    x = torch.zeros(2, 3, device=dev)
     with pytest.raises(ValueError, match="one number"):
-        grpo_loss(x, x, torch.zeros(2, device=triton_device), x > 0, normalizer=torch.tensor([1.0, 2.0]),
-                  impl="triton")
+        grpo_loss(x, x, torch.zeros(2, device=dev), x > 0, normalizer=torch.tensor([1.0, 2.0], device=dev), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("max_len", [2.5, 0.5, True, 0])
+def test_token_sum_norm_needs_a_positive_integer_max_len(impl, max_len, triton_device):
+    # a fractional max_len was divided by as given on one path and truncated on the other
+    dev = triton_device if impl == "triton" else "cpu"
+    x = torch.zeros(2, 3, device=dev)
+    with pytest.raises(ValueError, match="positive integer max_len"):
+        grpo_loss(x, x, torch.zeros(2, device=dev), x > 0, agg="seq-mean-token-sum-norm", max_len=max_len, impl=impl)
