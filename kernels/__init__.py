@@ -4,9 +4,10 @@ Public functions (definitions: METHOD.md section 3; ground truth: `reference.py`
   grpo_advantages, grpo_loss, token_logprobs, chunked_token_logprobs.
 Dispatch (resolve_impl): an explicit `impl="triton" | "torch"` argument wins; then the environment
 variable MEGATRON_RECYCLE_KERNELS_IMPL=triton|torch; then CUDA tensors run the Triton kernels and
-CPU tensors the PyTorch path, unless TRITON_INTERPRET=1 (then the Triton kernels run in the
-interpreter, which is how CPU tests check them; it is slow, about 1-3 ms per program, so CPU
-code that only needs the numbers should pass impl="torch" or set the variable to torch).
+CPU tensors the PyTorch path, unless TRITON_INTERPRET=1 was set before this package's import
+(``INTERPRETED``; then the Triton kernels run in the interpreter, which is how CPU tests check
+them; it is slow, about 1-3 ms per program, so CPU code that only needs the numbers should pass
+impl="torch" or set the variable to torch).
 """
 
 from __future__ import annotations
@@ -43,11 +44,29 @@ _IMPLS = (None, "triton", "torch")
 IMPL_ENV = "MEGATRON_RECYCLE_KERNELS_IMPL"
 
 
+def _defined_for_interpreter() -> bool:
+    """Whether Triton defined this process's kernels for its interpreter. Triton decides when a
+    kernel is defined (this package's import), from TRITON_INTERPRET in any spelling it accepts
+    ("1", "true", "on", "yes"): the dispatch follows that decision, not the variable's value now."""
+    if not HAS_TRITON:
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - every Triton 3 has it
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from .advantages import _finish_groups
+
+    return isinstance(_finish_groups, InterpretedFunction)
+
+
+INTERPRETED = _defined_for_interpreter()
+
+
 def resolve_impl(tensor: torch.Tensor, impl: str | None = None) -> str:
     """Pick "triton" or "torch" for a call on `tensor` (see the module docstring for the rule)."""
     if impl not in _IMPLS:
         raise ValueError(f"impl={impl!r} is not one of 'triton', 'torch' or None (automatic)")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = INTERPRETED
     if impl is None:
         env = os.environ.get(IMPL_ENV, "").strip().lower() or None
         if env not in _IMPLS:
@@ -63,7 +82,8 @@ def resolve_impl(tensor: torch.Tensor, impl: str | None = None) -> str:
         if not buffers.compiled(tensor.device) and not interpret:
             raise RuntimeError(
                 "impl='triton' on a CPU tensor needs the Triton interpreter: set TRITON_INTERPRET=1 before "
-                "importing megatron_recycle_kernels, move the tensor to CUDA, or use impl='torch'"
+                "importing megatron_recycle_kernels (this process imported it without), move the tensor to "
+                "CUDA, or use impl='torch'"
             )
         return "triton"
     if buffers.compiled(tensor.device):

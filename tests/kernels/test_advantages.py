@@ -115,15 +115,17 @@ def test_bad_group_arguments_raise(kwargs, match):
 
 def test_dispatch_rule(monkeypatch):
     """Explicit impl wins, then MEGATRON_RECYCLE_KERNELS_IMPL, then device / TRITON_INTERPRET."""
+    import megatron_recycle_kernels as K
     from megatron_recycle_kernels import IMPL_ENV, resolve_impl
 
     cpu = torch.zeros(1)
     monkeypatch.delenv(IMPL_ENV, raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(K, "INTERPRETED", False)  # kernels defined without the interpreter
     assert resolve_impl(cpu) == "torch"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         resolve_impl(cpu, "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(K, "INTERPRETED", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the variable now does not change Triton's decision
     assert resolve_impl(cpu) == "triton" and resolve_impl(cpu, "torch") == "torch"
     monkeypatch.setenv(IMPL_ENV, "torch")
     assert resolve_impl(cpu) == "torch" and resolve_impl(cpu, "triton") == "triton"
@@ -214,3 +216,30 @@ def test_contiguous_groups_are_one_launch_and_nothing_else(dtype, triton_device,
     want = grpo_advantages_reference(r.double().cpu(), group_size=5)
     torch.testing.assert_close(adv.double().cpu(), want[0], rtol=1e-6, atol=1e-7)
     assert torch.equal(sig.cpu(), want[3])
+
+
+@pytest.mark.parametrize("spelling", ["true", "0"])
+def test_dispatch_follows_what_triton_decided_at_import(spelling):
+    """Triton reads TRITON_INTERPRET when the kernels are defined and accepts "true" as well as "1":
+    with "true" the kernels run (interpreted) on CPU tensors; with "0" at import they were compiled
+    for a GPU, and setting "1" afterwards does not route CPU tensors to them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "import megatron_recycle_kernels as K\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "print(K.INTERPRETED, K.resolve_impl(torch.zeros(1)))\n"
+        "if K.INTERPRETED:\n"
+        "    adv = K.grpo_advantages(torch.tensor([1., 0., 1., 1.]), group_size=2, impl='triton')[0]\n"
+        "    print([round(a, 4) for a in adv.tolist()])\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": spelling, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    if spelling == "true":
+        assert lines[0] == "True triton" and lines[1] == "[0.7071, -0.7071, 0.0, 0.0]"
+    else:
+        assert lines[0] == "False torch"
