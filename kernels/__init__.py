@@ -108,8 +108,19 @@ def grpo_advantages(
     any order, ragged). Returns (advantages[N], group_mean[G], group_std[G], signal[G] bool); a
     group of size 1 or with all-equal rewards has advantage exactly 0 and signal False.
     Advantages are float32 (float64 for float64 rewards); they carry no gradient.
+    Rewards must be finite: a NaN would make its group look like one without signal. The PyTorch
+    path checks (ValueError); the Triton path does not, as the check would cost a host sync per
+    launch, so its caller does (the trainer refuses non-finite rewards before the pool sees them).
     """
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0 (added to the group std before dividing), got {eps}")
     if resolve_impl(rewards, impl) == "torch":
+        if rewards.is_floating_point():
+            flat = rewards.detach().flatten()
+            finite = torch.isfinite(flat)
+            if not bool(finite.all()):
+                bad = int((~finite).nonzero()[0, 0])
+                raise ValueError(f"rewards must be finite, got {flat[bad].item()} at index {bad}")
         if rewards.dtype != torch.float64:
             rewards = rewards.to(torch.float32)
         with torch.no_grad():

@@ -243,3 +243,16 @@ def test_dispatch_follows_what_triton_decided_at_import(spelling):
         assert lines[0] == "True triton" and lines[1] == "[0.7071, -0.7071, 0.0, 0.0]"
     else:
         assert lines[0] == "False torch"
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_non_finite_rewards_and_negative_eps_are_refused(impl):
+    # a NaN reward made its group "no signal" (std NaN on one path, 0 on the other): the pool
+    # would have recycled a group whose reward was broken. The PyTorch path checks; the Triton
+    # path leaves it to its caller (a check would be a host sync per launch on a GPU).
+    if impl == "torch":
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="rewards must be finite, got .* at index 1"):
+                grpo_advantages(torch.tensor([1.0, bad, 0.0, 1.0]), group_size=4, impl=impl)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        grpo_advantages(torch.tensor([1.0, 0.0]), group_size=2, eps=-1.0, impl=impl)
