@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 
-from megatron_recycle.analyze import COLUMNS, AnalyzeError, analyze, main, read_metrics
+from megatron_recycle.analyze import (
+    COLUMNS,
+    AnalyzeError,
+    analyze,
+    history_summary,
+    main,
+    read_metrics,
+    summarize,
+)
 from megatron_recycle.pool import RecyclingPool
 from megatron_recycle.train.metrics import MetricsWriter, write_pool_history
 
@@ -135,6 +143,31 @@ def test_missing_or_empty_metrics_are_clear_errors(tmp_path, capsys):
                                                     for s in range(3)))
     with pytest.raises(AnalyzeError, match=r"holds no GRPO step with pool metrics \(an SFT run"):
         analyze(tmp_path, out=io.StringIO())
+
+
+def test_rollouts_spent_without_an_effective_group_are_inf_per_group():
+    # rollouts generated and no group with signal: infinitely many per effective group, not "no data"
+    summary = summarize([{"step": 0, "candidates": 8, "effective_batch": 0, "rollouts": 32}])
+    assert summary["rollouts_per_effective_group"] == math.inf
+    assert summarize([{"step": 0, "candidates": 8, "effective_batch": 0}])["rollouts_per_effective_group"] is None
+
+
+def test_first_flip_steps_are_the_steps_of_the_flips():
+    # drawn at step 0 and 3 as hard, at step 5 with signal: it flipped at step 5, not at its first draw
+    assert history_summary({7: [(0, 0, 4, 0), (3, 0, 4, 0), (5, 2, 4, 1)]})["first_flip_steps"] == [5]
+
+
+def test_a_long_run_prints_about_40_rows_and_a_nan_reward_does_not_blank_the_mean(tmp_path):
+    """60 steps: every 2nd step and the last (ceil(60 / 40)), not all 60 (60 // 40 = 1); one step's
+    NaN reward_mean is left out of the summary's mean instead of making it NaN."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s in range(60):
+            f.write(json.dumps({"step": s, "candidates": 8, "effective_batch": 4,
+                                "reward_mean": "nan" if s == 3 else 0.5}) + "\n")
+    res = analyze(tmp_path, plots=False, out=io.StringIO())
+    assert res["table"]["every"] == 2
+    assert [row[0] for row in res["table"]["rows"]] == [*range(0, 60, 2), 59]
+    assert res["summary"]["reward_mean"] == 0.5
 
 
 def test_main_prints_the_table(run, capsys):

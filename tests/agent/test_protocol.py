@@ -59,6 +59,19 @@ def test_format_information_layout():
     assert "Doc 2 (Title: Lyon)" in format_information(passages, max_words=5)  # a short one stays whole
 
 
+def test_format_information_cuts_only_what_is_longer_and_leaves_no_trailing_space():
+    five = "w0 w1 w2 w3 w4"
+    # exactly max_words words: nothing was cut, so no " ..." claims otherwise
+    assert format_information([Passage("1", f"Paris\n{five}")], max_words=5) == (
+        f"\n\n<information>Doc 1 (Title: Paris) {five}</information>\n\n")
+    # a multi-line passage keeps its whole title: only its text is bounded
+    title = " ".join(f"t{i}" for i in range(8))
+    assert f"Doc 1 (Title: {title}) x0 x1 ...</information>" in format_information(
+        [Passage("1", f"{title}\nx0 x1 x2")], max_words=2)
+    # a one-line passage has no text: its line ends at the title, without a space before the tag
+    assert format_information([Passage("2", "Lyon")]) == "\n\n<information>Doc 1 (Title: Lyon)</information>\n\n"
+
+
 def test_format_retrieval_error_is_an_information_block():
     text = format_retrieval_error("timeout")
     assert "<information>" in text and "timeout" in text and text.endswith("</information>\n\n")

@@ -83,6 +83,23 @@ def test_export_streams_without_materializing(world1, tiny):
     assert sum(1 for _ in gen) == len(_reference_state(hf)) - 1
 
 
+def test_a_non_owning_pp_stage_expects_as_many_tensors_as_the_owner_sends():
+    """With PP > 1 the export's non-owning stages receive each parameter's Hugging Face tensors
+    from the owner and count them with _n_hf_tensors; the owner sends hf_names_of's. A count that
+    disagrees (e.g. transformer-engine's fused layer norm of linear_qkv read as qkv's 3 tensors)
+    leaves the stages waiting on, or mismatching, each other's broadcasts."""
+    from types import SimpleNamespace
+
+    from megatron_recycle.model.convert import _LAYER_SIMPLE, _TP_DIM, _n_hf_tensors, hf_names_of
+
+    cfg = SimpleNamespace(tie_word_embeddings=False)
+    for suffix in sorted({*_LAYER_SIMPLE, *_TP_DIM}):
+        assert _n_hf_tensors((1, 3, suffix)) == len(hf_names_of(f"decoder.layers.3.{suffix}", cfg)), suffix
+    for key in [(0, 0, "embedding.word_embeddings.weight"), (2, 0, "decoder.final_layernorm.weight"),
+                (3, 0, "output_layer.weight")]:
+        assert _n_hf_tensors(key) == len(hf_names_of(key[2], cfg)) == 1, key
+
+
 def test_mismatched_config_is_a_clear_error(world1, tiny):
     hf = tiny.tiny_hf_model("llama", True)
     other = tiny.tiny_config("llama", True)

@@ -808,6 +808,47 @@ def run_jobs(args: dict) -> dict:
     return results
 
 
+def fused_adam_step_reshard(args: dict) -> dict:
+    """A fused Adam (apex, transformer-engine) counts its steps per param group (an int), not per
+    parameter: save the model-space records of an optimizer holding step 2 that way and load them
+    with train.reshard.load_resharded into a fresh one (tests/train/test_reshard.py)."""
+    import io
+
+    from megatron_recycle.model.convert import load_hf_weights
+    from megatron_recycle.train.optim import setup_model_and_optimizer, torch_optimizers
+    from megatron_recycle.train.reshard import SavedModelSpace, load_resharded, model_space_records
+
+    cfg, sd = tiny_llama(tie=False)
+
+    def build():
+        return setup_model_and_optimizer(cfg, lr=1e-2, clip_grad=1.0, weight_decay=0.01, bf16=False,
+                                         lr_decay_style="constant", use_distributed_optimizer=False,
+                                         load_weights=lambda c: load_hf_weights(c, sd, cfg))
+
+    chunks, opt, _ = build()
+    for inner in torch_optimizers(opt):  # what a fused Adam holds after two steps
+        for g in inner.param_groups:
+            g["step"] = 2
+            for p in g["params"]:
+                inner.state[p] = {"exp_avg": torch.full_like(p, 0.1), "exp_avg_sq": torch.full_like(p, 0.01)}
+    buf = io.BytesIO()  # through bytes, as the checkpoint stores them
+    torch.save(model_space_records(chunks, opt), buf)
+    buf.seek(0)
+    records = torch.load(buf, weights_only=True)
+    chunks, opt, _ = build()
+    for inner in torch_optimizers(opt):
+        for g in inner.param_groups:
+            g["step"] = 0
+    load_resharded(chunks, opt, cfg, [records])
+    return {
+        "saved_scalars": {k: float(v) for k, v in SavedModelSpace([records], cfg).scalar_state().items()},
+        "group_steps": sorted({g["step"] for inner in torch_optimizers(opt) for g in inner.param_groups}),
+        "per_param_steps": sum("step" in st for inner in torch_optimizers(opt) for st in inner.state.values()),
+        "moments_carried": all(bool((st["exp_avg"] == 0.1).all()) and bool((st["exp_avg_sq"] == 0.01).all())
+                               for inner in torch_optimizers(opt) for st in inner.state.values()),
+    }
+
+
 def main() -> None:
     fn, outdir, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.set_num_threads(1)

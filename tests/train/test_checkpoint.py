@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -185,6 +187,18 @@ def test_broken_or_missing_manifest_is_not_complete(tmp_path):
         mgr.load(step=2)
 
 
+def test_a_folder_whose_manifest_names_another_step_is_not_complete(tmp_path):
+    # a step_5 that is a copy of step_3 (a hand copy, a mis-rename) holds step 3's state: taken for
+    # step 5, a resume would go on from step 6 with step 3's model, pool and data cursor
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    _save(mgr, 3)
+    shutil.copytree(mgr.step_dir(3), mgr.step_dir(5))
+    assert mgr.complete_steps() == [3] and mgr.latest() == 3
+    with pytest.raises(CheckpointError, match="manifest step 3 does not match the folder step_5"):
+        mgr.load(step=5)
+    assert mgr.load()[0]["step"] == 3
+
+
 def test_run_seed_is_a_resume_key(tmp_path):
     # the RNG states come back from the checkpoint, but rollout and evaluation seeds derive from it
     assert "run.seed" in RESUME_KEYS
@@ -203,6 +217,60 @@ def test_mismatched_config_is_refused_naming_the_keys(tmp_path):
     shared, _ = CheckpointManager(tmp_path, config_dict=_cfg(optim__lr=3e-6, run__save_every=5)).load()
     assert shared["step"] == 1
     assert "optim.lr" not in RESUME_KEYS and "rollout.group_size" in RESUME_KEYS
+
+
+# The resume keys of today, listed here too: a key dropped from RESUME_KEYS would otherwise only
+# lose its case below, and a run could resume a checkpoint of another model, dtype or data set.
+_KNOWN_RESUME_KEYS = (
+    "run.seed", "model.name_or_path", "model.tp", "model.pp", "model.vpp", "model.bf16", "pool", "data.dir",
+    "data.train_file", "data.max_train_queries", "rollout.group_size", "optim.use_distributed_optimizer",
+    "optim.overlap_grad_reduce", "optim.ddp_bucket_size",
+)
+
+
+def _other_value(value):
+    """A value of the same kind that differs (for a section: its first key changed)."""
+    if isinstance(value, dict):
+        first = next(iter(value))
+        return {**value, first: _other_value(value[first])}
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-other"
+    assert value is None, value
+    return 2
+
+
+def _set(config: dict, dotted: str, value) -> dict:
+    *sections, last = dotted.split(".")
+    node = config
+    for s in sections:
+        node = node[s]
+    node[last] = value
+    return config
+
+
+@pytest.mark.parametrize("key", sorted(set(RESUME_KEYS) | set(_KNOWN_RESUME_KEYS)))
+def test_every_resume_key_changed_alone_is_refused(tmp_path, key):
+    """Parametrized over RESUME_KEYS itself, so a key added later is covered too. LayoutChanged (a
+    CheckpointError) is the refusal of the layout keys: `train --resume` reshards then."""
+    from megatron_recycle.train.checkpoint import CONDITIONAL_KEYS, _lookup
+
+    base = _cfg()
+    if key in CONDITIONAL_KEYS:
+        # fingerprinted only where they decide what a rank's file holds (with the distributed
+        # optimizer and overlapped reduction); elsewhere a change is allowed, see
+        # test_gradient_buckets_are_a_layout_key_only_with_the_distributed_optimizer
+        base = _cfg(optim__use_distributed_optimizer=True, optim__overlap_grad_reduce=True,
+                    optim__ddp_bucket_size=1000)
+        assert CONDITIONAL_KEYS[key](base), f"{key}: extend this test with a config where it is fingerprinted"
+    CheckpointManager(tmp_path, config_dict=base).save(1, {}, {"step": 1})
+    assert CheckpointManager(tmp_path, config_dict=base).load()[0]["step"] == 1
+    changed = _set(json.loads(json.dumps(base)), key, _other_value(_lookup(base, key)))
+    with pytest.raises(CheckpointError, match=re.escape(key)):
+        CheckpointManager(tmp_path, config_dict=changed).load()
 
 
 def test_a_checkpoint_of_the_other_layer_spec_is_refused_clearly(tmp_path):
@@ -521,6 +589,46 @@ def test_two_gloo_ranks_save_and_load_their_own_shards(tmp_path):
     rank1.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"rank_00001.pt: sha256 [0-9a-f]+\.\.\. differs from the manifest"):
         CheckpointManager(tmp_path, config_dict=_cfg()).load_all(2)
+
+
+def _load_all_worker(rank: int, world: int, port: int, run_dir: str, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mgr = CheckpointManager(run_dir, rank=rank, world_size=world, config_dict=_cfg(model__tp=2))
+        try:
+            _, parts = mgr.load_all(1)
+            out[rank] = ("loaded", float(parts[0]["w"].sum()))
+        except CheckpointError as e:
+            out[rank] = ("refused", str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_load_all_on_two_ranks_refuses_a_file_only_the_other_rank_hashes(tmp_path):
+    """load_all on 2 ranks splits the sha256 checks (file i by rank i mod 2) and shares the
+    verdicts: a corrupt rank_00000.pt, which rank 1 checks, is refused by both ranks. A rank that
+    skipped its share would resume with silently altered weights."""
+    import socket
+
+    CheckpointManager(tmp_path, config_dict=_cfg()).save(1, {"w": torch.zeros(1000)}, {"step": 1})
+    rank0 = tmp_path / "checkpoints" / "step_1" / "rank_00000.pt"
+    data = bytearray(rank0.read_bytes())
+    i = data.find(b"\x00" * 32, len(data) // 2)  # inside the tensor's bytes
+    data[i:i + 4] = torch.ones(1).numpy().tobytes()  # one element 0.0 -> 1.0: same size, still loads
+    rank0.write_bytes(bytes(data))
+    assert float(torch.load(rank0, weights_only=True)["parts"]["w"].sum()) == 1.0  # only the hash can tell
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_load_all_worker, args=(2, port, str(tmp_path), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        verdict, detail = out[rank]
+        assert verdict == "refused", (rank, detail)  # not loaded with w summing to 1.0
+        assert re.search(r"rank_00000.pt: sha256 [0-9a-f]+\.\.\. differs from the manifest", detail), detail
 
 
 def test_only_a_layout_change_is_a_layout_change(tmp_path):

@@ -142,6 +142,43 @@ def test_missing_or_old_records_are_refused(chain):
         SavedModelSpace([rank0, None], cfg)
 
 
+def test_a_fused_adams_per_group_step_count_is_carried_over():
+    """apex's and transformer-engine's fused Adams keep the step count in each param group (an
+    int), not in the per-parameter state: the records must carry it, and the load must put it back
+    in the group. Else the resumed Adam starts its bias correction over (its next step is step 1,
+    not 3): other step sizes than the saved run would have taken."""
+    (out,) = _dist.run_workers("run_jobs", 1, {"jobs": [["fused", "fused_adam_step_reshard", {}]]})
+    got = out["fused"]
+    assert got["saved_scalars"] == {"step": 2.0}
+    assert got["group_steps"] == [2]
+    assert got["per_param_steps"] == 0  # kept where the fused optimizer reads it, not beside it
+    assert got["moments_carried"]
+
+
+def _one_norm_record(start: int, end: int, value: float) -> dict:
+    """A rank's model-space records holding elements [start, end) of an 8-element final norm's state."""
+    from megatron_recycle.train.reshard import RESHARD_FORMAT
+
+    return {"format": RESHARD_FORMAT, "tp": 1, "tp_rank": 0, "params": {"decoder.final_layernorm.weight": {
+        "weight": torch.zeros(8), "start": start, "end": end, "main": torch.full((end - start,), value), "state": {}}}}
+
+
+def test_overlapping_or_repeated_dp_ranges_are_refused():
+    """The distributed optimizer's DP ranges must cover a shard exactly once: two runs' rank files
+    mixed (a rank listed twice) or ranges that overlap would otherwise load whichever came last."""
+    from types import SimpleNamespace
+
+    from megatron_recycle.train.checkpoint import CheckpointError
+    from megatron_recycle.train.reshard import SavedModelSpace
+
+    cfg = SimpleNamespace(tie_word_embeddings=True)
+    halves = [_one_norm_record(0, 4, 1.0), _one_norm_record(4, 8, 2.0)]
+    assert SavedModelSpace(halves, cfg).getter("main")("model.norm.weight").tolist() == [1.0] * 4 + [2.0] * 4
+    for records in ([*halves, _one_norm_record(4, 8, 3.0)], [_one_norm_record(0, 6, 1.0), halves[1]]):
+        with pytest.raises(CheckpointError, match="do not cover its 8 elements exactly once"):
+            SavedModelSpace(records, cfg).getter("main")("model.norm.weight")
+
+
 def test_cuda_rng_states_of_another_machine_shape_are_dropped():
     from megatron_recycle.train.checkpoint import capture_rng_state, restore_rng_state
     from megatron_recycle.train.reshard import rng_state_for_new_layout
@@ -150,7 +187,7 @@ def test_cuda_rng_states_of_another_machine_shape_are_dropped():
     own = torch.ones(8, dtype=torch.uint8)
     state = {"python": (3, tuple(range(625)), None), "cuda": cuda, "cuda_current": own}
     assert rng_state_for_new_layout(state, 8)["cuda"] is cuda
-    for devices in (4, 0):
+    for devices in (4, 0, 16):  # fewer devices than the saving process saw, or more
         kept = rng_state_for_new_layout(state, devices)
         assert "cuda" not in kept and "cuda_current" not in kept and kept["python"] == state["python"]
     assert "cuda" in state and "cuda_current" in state  # the checkpoint's own dict is left as it was
