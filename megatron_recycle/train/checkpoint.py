@@ -395,6 +395,18 @@ class CheckpointManager:
                             self.step_dir(int(m.group(1))).name)
         return recovered
 
+    def interrupted_installs(self) -> list[int]:
+        """The steps :meth:`recover` would restore (a complete copy waiting as step_N.tmp-T or
+        step_N.old-T while step_N is missing), found without moving anything."""
+        if not self.dir.is_dir():
+            return []
+        steps = set()
+        for path in self.dir.iterdir():
+            m = re.match(r"^step_(\d+)\.(?:tmp|old)-\w+$", path.name)
+            if m and path.is_dir() and (path / MANIFEST).is_file() and not self.step_dir(int(m.group(1))).exists():
+                steps.add(int(m.group(1)))
+        return sorted(steps)
+
     def latest_agreed(self) -> int | None:
         """Collective ``latest``: rank 0 recovers interrupted installs and finds the newest complete
         checkpoint, and every rank takes its answer (ranks that looked for themselves could see a

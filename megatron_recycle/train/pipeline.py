@@ -224,7 +224,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
             res = run_sft(cfg, resume=resume)
             del res["runtime"]
             gc.collect()
-            if res.get("stopped"):
+            if res.get("stopped") or res.get("stop_requested"):  # (asked during its last step: SFT done)
                 return _stopped("SFT", res["steps"], cfg.sft.steps, rank0)
         start_model = str(sft_hf)
         phase("sft", t)
@@ -337,7 +337,7 @@ def _usable_eval(cfg: Config, model: str, split: str, path: Path, label: str) ->
     try:
         res = json.loads(path.read_text())
         have = dict(res["config"]) | {"questions": res["overall"]["n"]}
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError: bad JSON, bad UTF-8 (a damaged file)
         print(f"[eval] {label}: {path} is not a valid result file; evaluating again", flush=True)
         return None
     data = str(rtm.data_paths(cfg)[split])

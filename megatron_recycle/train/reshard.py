@@ -319,6 +319,11 @@ def export_checkpoint(
     ckpt = CheckpointManager(run_dir, config_dict=cfg.to_dict())
     if step is None:
         step = ckpt.latest()
+        newer = [s for s in ckpt.interrupted_installs() if step is None or s > step]
+        if newer:  # (recover() would finish it; export does not move a run's files)
+            print(f"[export] note: the save of step {newer[-1]} was interrupted between its two renames "
+                  f"(or is in progress); `train --resume` finishes it. Exporting step {step} instead; "
+                  f"pass --step to choose.", flush=True)
         if step is None:
             raise CheckpointError(f"no complete checkpoint under {ckpt.dir}")
     # Check the config with the keys the checkpoint was written with (GRPO's RESUME_KEYS, SFT's

@@ -156,6 +156,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
         print(f"[sft] {len(encoded)} oracle trajectories, steps {start}->{cfg.sft.steps}, batches of {b}, lr {cfg.sft.lr}",
               flush=True)
     t_start = time.perf_counter()
+    stop_requested = False
     with StopFlag("sft") as stop:
         for step in range(start, cfg.sft.steps):
             if len(order) < b:
@@ -174,7 +175,8 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
                       f"grad_norm {m['grad_norm']:.2f} {m['time/step_s']:.1f}s "
                       f"(ETA {elapsed / (step + 1 - start) * (cfg.sft.steps - step - 1):.0f}s)", flush=True)
             done = step + 1
-            stopped = stop.any_rank() and done < cfg.sft.steps
+            stop_requested = stop.any_rank()  # on the last step: SFT finishes, and `run` stops after it
+            stopped = stop_requested and done < cfg.sft.steps
             if stopped or (cfg.sft.save_every and done % cfg.sft.save_every == 0 and done < cfg.sft.steps):
                 shared = {"step": done, "order": order, "losses": losses, "data_rng": rng.getstate()}
                 ckpt.save(done, checkpoint_parts(rt), shared)
@@ -192,5 +194,6 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if dist.is_initialized():
         dist.barrier()
     metrics.close()
-    return {"hf_dir": str(hf_dir), "losses": losses, "runtime": rt, "stopped": False, "steps": cfg.sft.steps}
+    return {"hf_dir": str(hf_dir), "losses": losses, "runtime": rt, "stopped": False, "steps": cfg.sft.steps,
+            "stop_requested": stop_requested}
 

@@ -319,3 +319,38 @@ def test_a_resumed_run_names_sft_settings_its_reused_sft_result_was_not_made_wit
     assert _sft_setting_changes(load_config(None, ["sft.steps=30"]), saved) == []
     (line,) = _sft_setting_changes(load_config(None, ["sft.steps=60", "sft.lr=7.5e-6"]), saved)
     assert "sft.steps 30 -> 60" in line and "sft.lr" in line and "reused as it is" in line
+
+
+def test_a_stop_during_the_last_sft_step_ends_the_run_after_sft(tmp_path, monkeypatch):
+    """Ctrl-C during SFT's last step: SFT finishes (its result is written) and `run` stops there,
+    as it does after any other step, instead of going on through GRPO and the final evaluation."""
+    from megatron_recycle.config import load_config
+    from megatron_recycle.train import pipeline, sft
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'runs'}", "run.name=r", "sft.steps=2"])
+    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x"})
+    monkeypatch.setattr(pipeline.rtm, "read_examples", lambda *a: [object()] * 100)
+    monkeypatch.setattr(pipeline.rtm, "check_trainer_config", lambda *a: None)
+    monkeypatch.setattr(pipeline, "evaluate_model", lambda *a, **k: {"overall": {"pass@1": 0.0, "n": 1}})
+    monkeypatch.setattr(sft, "run_sft", lambda cfg, resume=False: {
+        "hf_dir": "x", "losses": [], "runtime": None, "stopped": False, "steps": 2, "stop_requested": True})
+
+    def grpo(*a, **k):
+        raise AssertionError("GRPO ran after a stop request")
+
+    import megatron_recycle.train.grpo as grpo_module
+
+    monkeypatch.setattr(grpo_module, "run_grpo", grpo)
+    assert pipeline.run_pipeline(cfg, resume=False) == {"stopped": "SFT"}
+
+
+def test_a_damaged_result_file_is_evaluated_again(tmp_path, monkeypatch, capsys):
+    """A result file that is not UTF-8 (a damaged disk block) crashed `eval --resume`."""
+    from megatron_recycle.config import load_config
+    from megatron_recycle.train import pipeline
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'runs'}"])
+    path = tmp_path / "data_test.json"
+    path.write_bytes(b"\xff{")
+    assert pipeline._usable_eval(cfg, "m", "test", path, "before") is None
+    assert "not a valid result file; evaluating again" in capsys.readouterr().out

@@ -484,7 +484,9 @@ def test_kill_while_replacing_an_existing_step_is_recovered(tmp_path):
     assert proc.exitcode == -signal.SIGKILL
     names = sorted(p.name for p in mgr.dir.iterdir())
     assert "step_2" not in names and mgr.latest() is None, names
+    assert mgr.interrupted_installs() == [2]  # what `export` names instead of quietly taking an older step
     assert mgr.latest_agreed() == 2  # recovered
+    assert mgr.interrupted_installs() == []
     assert mgr.load()[1]["model"]["w"].tolist() == [1.0] * 1000  # the new copy, the one the kill interrupted
     _save(mgr, 3)
     assert sorted(p.name for p in mgr.dir.iterdir()) == ["step_3"]  # and the old copy pruned as debris
@@ -493,6 +495,7 @@ def test_kill_while_replacing_an_existing_step_is_recovered(tmp_path):
     _save(mgr2, 4, fill=0.25)
     os.replace(mgr2.step_dir(4), mgr2.dir / "step_4.old-abc")
     (mgr2.dir / "step_4.tmp-abc").mkdir()
+    assert mgr2.interrupted_installs() == [4]  # (the manifest-less new copy is debris)
     assert mgr2.recover() == [4] and mgr2.latest() == 4
     assert mgr2.load()[1]["model"]["w"].tolist() == [4.25] * 4
 
