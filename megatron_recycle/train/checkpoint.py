@@ -410,13 +410,30 @@ class CheckpointManager:
     def latest_agreed(self) -> int | None:
         """Collective ``latest``: rank 0 recovers interrupted installs and finds the newest complete
         checkpoint, and every rank takes its answer (ranks that looked for themselves could see a
-        shared file system at different moments, and load different steps)."""
+        shared file system at different moments, and load different steps). None when the run has
+        no checkpoint folder yet; CheckpointError on every rank when it has step folders but none
+        is valid."""
+        answer = ""
         if self.rank == 0:
             self.recover()
             found = self.latest()
-        else:
-            found = None
-        answer = _broadcast_str("" if found is None else str(found), self.world_size)
+            if found is not None:
+                answer = str(found)
+            elif self.dir.is_dir():
+                # step folders appear only by rename once complete: none valid means damage (a
+                # truncated manifest, a half-copied run folder), not a run that never saved. Starting
+                # over would overwrite the run's metrics and replace the repairable checkpoints.
+                broken = sorted((p.name for p in self.dir.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()),
+                                key=lambda name: int(_STEP_DIR.match(name).group(1)))
+                if broken:
+                    answer = "!" + (
+                        f"--resume: no valid checkpoint under {self.dir}, but step folders that are damaged: "
+                        f"{', '.join(broken)} (the log above says why each was skipped). Repair them (a copy "
+                        "of the run folder that did not finish?), or move them away to start over"
+                    )
+        answer = _broadcast_str(answer, self.world_size)
+        if answer.startswith("!"):
+            raise CheckpointError(answer[1:])
         return int(answer) if answer else None
 
     def _prune(self, keep: Path) -> None:

@@ -187,6 +187,26 @@ def test_broken_or_missing_manifest_is_not_complete(tmp_path):
         mgr.load(step=2)
 
 
+def test_a_resume_with_only_damaged_step_folders_is_refused_not_started_over(tmp_path):
+    # `--resume` with no checkpoint starts from step 0 (a restart after a crash before the first
+    # save), but step folders none of which is valid are damage: starting over overwrote the run's
+    # metrics and replaced the repairable checkpoint
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    assert mgr.latest_agreed() is None  # no checkpoint folder yet
+    mgr.dir.mkdir(parents=True)
+    (mgr.dir / "step_1.tmp-abc").mkdir()  # a first save the crash interrupted: debris, not damage
+    assert mgr.latest_agreed() is None
+    _save(mgr, 10)
+    _save(mgr, 2)
+    for step in (2, 10):
+        manifest = mgr.step_dir(step) / "manifest.json"
+        manifest.write_text(manifest.read_text()[:200])
+    with pytest.raises(CheckpointError, match=r"no valid checkpoint under .*: step_2, step_10 \(the log"):
+        mgr.latest_agreed()
+    _save(mgr, 1)
+    assert mgr.latest_agreed() == 1  # one valid checkpoint: resumed from it, as before
+
+
 def test_a_folder_whose_manifest_names_another_step_is_not_complete(tmp_path):
     # a step_5 that is a copy of step_3 (a hand copy, a mis-rename) holds step 3's state: taken for
     # step 5, a resume would go on from step 6 with step 3's model, pool and data cursor
