@@ -214,6 +214,20 @@ def _dist_active(world_size: int) -> bool:
     return True
 
 
+def _cause(e: BaseException) -> str:
+    """``Type: message`` of an error, with the OSError behind it when there is one (torch.save on a
+    full disk raises "RuntimeError: [enforce fail at inline_container.cc] . unexpected pos",
+    whose cause, ENOSPC, only its chained exception names)."""
+    text = f"{type(e).__name__}: {e}"
+    inner, seen = e, set()
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        if isinstance(inner, OSError) and inner is not e:
+            return f"{text} (caused by {type(inner).__name__}: {inner})"
+        inner = inner.__cause__ or inner.__context__
+    return text
+
+
 def _broadcast_str(value: str, world_size: int) -> str:
     if not _dist_active(world_size):
         return value
@@ -309,22 +323,26 @@ class CheckpointManager:
                 self._hook("shared_file")
         except Exception as e:  # report to every rank instead of leaving the others waiting forever
             if self.world_size == 1:
-                raise
-            error = f"{type(e).__name__}: {e}"
+                self._drop_unfinished(tmp)
+                raise CheckpointError(f"checkpoint step {step} not saved: {_cause(e)}") from e
+            error = _cause(e)
         # Also the barrier after which rank 0 may write the manifest: every rank has written (or failed).
         everyone = _all_gather({"files": files, "error": error}, self.world_size)
         failed = {r: e["error"] for r, e in enumerate(everyone) if e["error"]}
         if failed:
-            raise CheckpointError(f"checkpoint step {step} not saved ({tmp} left for cleanup): rank errors {failed}")
+            if self.rank == 0:  # every rank is past its writes: the partial folder can go
+                self._drop_unfinished(tmp)
+            raise CheckpointError(f"checkpoint step {step} not saved: rank errors {failed}")
         final = self.step_dir(step)
         failure = ""
         if self.rank == 0:
             try:
                 self._finish_save(everyone, tmp, final, step, token)
             except Exception as e:
+                self._drop_unfinished(tmp)
                 if self.world_size == 1:
-                    raise
-                failure = f"{type(e).__name__}: {e}"
+                    raise CheckpointError(f"checkpoint step {step} not saved: {_cause(e)}") from e
+                failure = _cause(e)
                 log.error("checkpoint step %d: rank 0 could not finish it: %s", step, failure)
         # every rank learns whether rank 0 finished (instead of waiting in a barrier for a rank
         # that has failed) and fails with its cause
@@ -332,6 +350,13 @@ class CheckpointManager:
         if failure:
             raise CheckpointError(f"checkpoint step {step} not saved: rank 0 failed: {failure}")
         return final
+
+    def _drop_unfinished(self, tmp: Path) -> None:
+        """Remove a failed save's folder, unless it holds a manifest (complete: what recover()
+        installs when the failure came between the two renames). A full disk must not keep the
+        partial files of every failed try."""
+        if tmp.is_dir() and not (tmp / MANIFEST).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _finish_save(self, everyone: list[dict], tmp: Path, final: Path, step: int, token: str) -> None:
         """Rank 0: the manifest, the rename into place, the pruning."""
@@ -387,7 +412,10 @@ class CheckpointManager:
                 if not m or not path.is_dir() or self.step_dir(int(m.group(1))).exists():
                     continue
                 if not (path / MANIFEST).is_file():
-                    continue  # a save that never finished: debris indeed
+                    if suffix == ".tmp-":  # a save that never finished: debris, and disk space a resume needs
+                        shutil.rmtree(path, ignore_errors=True)
+                        log.warning("checkpoint: removed %s, a save that never finished", path.name)
+                    continue
                 os.replace(path, self.step_dir(int(m.group(1))))
                 _fsync_dir(self.dir)
                 recovered.append(int(m.group(1)))

@@ -472,6 +472,29 @@ def test_sigkill_during_save_never_leaves_an_incomplete_step(tmp_path, point):
     assert sorted(p.name for p in mgr.dir.iterdir()) == ["step_1", "step_2"]
 
 
+def test_a_failed_save_leaves_no_partial_folder_and_names_its_cause(tmp_path):
+    # a full disk: each failed try left its partial files (17-30 MB in the reviewer's case), so the
+    # next try, and a resume, failed again for lack of the space they held; torch.save's own error
+    # ("unexpected pos") named the cause only in its chained exception
+    def full_disk(point: str) -> None:
+        if point == "shared_file":
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as e:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from e
+
+    _save(CheckpointManager(tmp_path, keep_last=3), 1)
+    mgr = CheckpointManager(tmp_path, keep_last=3, fault_hook=full_disk)
+    with pytest.raises(CheckpointError, match=r"step 2 not saved: RuntimeError: .*unexpected pos \(caused by "
+                                              r"OSError: \[Errno 28\] No space left on device\)"):
+        _save(mgr, 2)
+    assert sorted(p.name for p in mgr.dir.iterdir()) == ["step_1"]
+    # a save killed before its manifest (SIGKILL: no cleanup ran) is removed by a resume's recover()
+    (mgr.dir / "step_2.tmp-dead").mkdir()
+    (mgr.dir / "step_2.tmp-dead" / "rank_00000.pt").write_bytes(b"partial")
+    assert mgr.recover() == [] and sorted(p.name for p in mgr.dir.iterdir()) == ["step_1"]
+
+
 def test_sigkill_while_writing_a_large_tensor(tmp_path):
     _save(CheckpointManager(tmp_path, keep_last=3), 1)
     proc = _child(tmp_path, "never", numel=48_000_000)  # 192 MB: long enough to be caught mid-write
