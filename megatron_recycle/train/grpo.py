@@ -327,6 +327,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
     run_dir = cfg.run_dir
     paths = rtm.ensure_data(cfg)
     examples = rtm.read_examples(paths["train"], cfg, cfg.data.max_train_queries)
+    train_set = rtm.training_set_digest(examples)  # what the pool's query ids index
     check_against_data(cfg, len(examples))
     # Read now, so that an empty or malformed dev file stops the run before training, not at the
     # first evaluation (with every step since the last checkpoint lost).
@@ -363,6 +364,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         else:
             shared = restore_checkpoint(ckpt, rt, latest, "train")
             check_reference(shared.get("reference_model"), reference, rt.is_rank0)
+            rtm.check_training_set(shared.get("train_set"), train_set, "questions", paths["train"])
             if pool is not None:
                 pool.load_state_dict(shared["pool"])
                 # the history file as of this checkpoint (a crash may have come before it was written)
@@ -470,7 +472,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
             summary = {"steps": step + 1, "last": record, "stopped": False}
             stopping = stop.any_rank()
             if stopping or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                _save(ckpt, rt, pool, step + 1, rollouts_done, reference)
+                _save(ckpt, rt, pool, step + 1, rollouts_done, reference, train_set)
                 last_saved = step + 1
             if stopping:
                 print(f"[train] stopped after {step + 1} steps (the last logged as step {step}); resume with --resume",
@@ -484,7 +486,7 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                 break
     final_step = summary["steps"] if summary["steps"] else start_step
     if last_saved != final_step:
-        _save(ckpt, rt, pool, final_step, rollouts_done, reference)  # with pool_history.csv, as every save
+        _save(ckpt, rt, pool, final_step, rollouts_done, reference, train_set)  # with pool_history.csv, as every save
     metrics.close()
     summary["run_dir"] = str(run_dir)
     summary["runtime"] = rt
@@ -523,11 +525,12 @@ class _DecisionLog:
             f.write(self._json.dumps({"step": step, "gen_batches": decisions}) + "\n")
 
 
-def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, reference: dict | None = None) -> None:
+def _save(ckpt, rt: rtm.Runtime, pool, step: int, rollouts: int, reference: dict | None = None,
+          train_set: str | None = None) -> None:
     from megatron_recycle.train.metrics import write_pool_history
 
     shared = {"step": step, "rollouts": rollouts, "pool": pool.state_dict() if pool is not None else None,
-              "reference_model": reference}
+              "reference_model": reference, "train_set": train_set}
     ckpt.save(step, checkpoint_parts(rt), shared)
     if pool is not None:  # rank 0: pool_history.csv as of this checkpoint, so that a crash leaves one
         write_pool_history(rt.cfg.run_dir, pool.history_table())

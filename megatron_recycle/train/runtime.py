@@ -157,6 +157,33 @@ def read_examples(path: Path, cfg: Config, limit: int = 0) -> list:
     return list(examples[:limit] if limit else examples)
 
 
+def training_set_digest(items: list) -> str:
+    """A SHA-1 of what a run trains on, in order: each QA example's question and answers (GRPO:
+    the pool's query ids index them), or each SFT row (SFT: its data order indexes them).
+    Checkpoints record it; a resume over other contents (a regenerated or edited file with as many
+    rows) would apply the pool's weights and histories, or the SFT order, to other questions."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for item in items:
+        row = [item.question, list(item.golden_answers)] if hasattr(item, "golden_answers") else item
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def check_training_set(saved: str | None, current: str, what: str, path: Any) -> None:
+    """Refuse a resume whose training data differs from the checkpoint's (same decision on every
+    rank: every rank reads the same file). A checkpoint without the record is not checked."""
+    from megatron_recycle.train.checkpoint import CheckpointError
+
+    if saved is not None and saved != current:
+        raise CheckpointError(
+            f"--resume: {path} no longer holds the {what} the checkpoint's run trained on (same size, other "
+            f"contents: digest {saved[:12]} then, {current[:12]} now); restore that file, or start a new run"
+        )
+
+
 def env_rank() -> int:
     """This process's rank: torch.distributed's, or torchrun's RANK before it is initialized (the
     pipeline's first phases and the data readers run earlier)."""

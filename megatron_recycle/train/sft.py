@@ -120,6 +120,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     rows = read_oracle_file(paths["sft"], cfg.data.skip_bad_rows)
     if cfg.sft.max_examples:
         rows = rows[: cfg.sft.max_examples]
+    train_set = rtm.training_set_digest(rows)  # what the saved data order indexes
     rt = rtm.setup_runtime(cfg, model_path=cfg.model.name_or_path, lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps,
                            total_steps=max(cfg.sft.steps, 1), with_engine=False)
     lay = rt.layout
@@ -144,6 +145,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 print(f"[sft] --resume: no complete checkpoint in {ckpt.dir}; starting from step 0", flush=True)
         else:
             shared = restore_checkpoint(ckpt, rt, latest, "sft")
+            rtm.check_training_set(shared.get("train_set"), train_set, "SFT rows", paths["sft"])
             start, order, losses = int(shared["step"]), list(shared["order"]), list(shared["losses"])
             rng.setstate(shared["data_rng"])
             if rt.is_rank0:
@@ -178,7 +180,8 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
             stop_requested = stop.any_rank()  # on the last step: SFT finishes, and `run` stops after it
             stopped = stop_requested and done < cfg.sft.steps
             if stopped or (cfg.sft.save_every and done % cfg.sft.save_every == 0 and done < cfg.sft.steps):
-                shared = {"step": done, "order": order, "losses": losses, "data_rng": rng.getstate()}
+                shared = {"step": done, "order": order, "losses": losses, "data_rng": rng.getstate(),
+                          "train_set": train_set}
                 ckpt.save(done, checkpoint_parts(rt), shared)
                 if rt.is_rank0:
                     print(f"[sft] checkpoint after {done} steps -> {ckpt.step_dir(done)}", flush=True)

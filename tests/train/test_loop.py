@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -461,11 +462,22 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(env):
 
 def test_resume_refuses_a_mismatched_checkpoint(env):
     name = "mismatch"
-    _run(CLI + ["train"] + _overrides(env, name, "train.steps=1", "pool.oversample=2"))
-    proc = subprocess.run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", "pool.oversample=1"),
+    data = env["out"] / f"{name}_data"  # its own copy: its train file is rewritten below
+    shutil.copytree(env["data"], data)
+    _run(CLI + ["train"] + _overrides(env, name, "train.steps=1", "pool.oversample=2", f"data.dir={data}"))
+    proc = subprocess.run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", "pool.oversample=1",
+                                                                   f"data.dir={data}"),
                           capture_output=True, text=True, timeout=240, env=_env_vars(), cwd=ROOT)
     assert proc.returncode != 0
     assert "pool" in (proc.stderr + proc.stdout) and "oversample" in (proc.stderr + proc.stdout)
+    # the same number of questions in another order: the pool's ids would index other questions
+    train = data / "train.jsonl"
+    train.write_text("".join(reversed(train.read_text().splitlines(keepends=True))))
+    proc = subprocess.run(CLI + ["train", "--resume"] + _overrides(env, name, "train.steps=2", "pool.oversample=2",
+                                                                   f"data.dir={data}"),
+                          capture_output=True, text=True, timeout=240, env=_env_vars(), cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{train} no longer holds the questions the checkpoint's run trained on" in proc.stderr
     # the refused resume left config.yaml describing the checkpoints, so they still export
     assert "oversample: 2" in (env["out"] / name / "config.yaml").read_text()
     _run(CLI + ["export", str(env["out"] / name), "--out", str(env["out"] / f"{name}_hf")])

@@ -101,3 +101,23 @@ def test_replica_rows_never_repeat_an_example_when_the_batch_is_smaller_than_dp(
     # DP 2 with four examples: every-other split, every example once
     assert [replica_rows(encoded, [0, 1, 2, 3], r, 2, 0)[0] for r in (0, 1)] == [
         [encoded[0][0], encoded[2][0]], [encoded[1][0], encoded[3][0]]]
+
+
+def test_a_resume_over_other_training_rows_is_refused():
+    """SFT and GRPO checkpoints record a digest of their training rows: the data order (SFT) and
+    the pool's query ids (GRPO) index them, so the same count of other rows must not resume."""
+    from megatron_recycle.data.datasets import QAExample
+    from megatron_recycle.train.checkpoint import CheckpointError
+    from megatron_recycle.train.runtime import check_training_set, training_set_digest
+
+    rows = [{"question": "q1", "turns": [{"generated": "a"}]}, {"question": "q2", "turns": [{"generated": "b"}]}]
+    digest = training_set_digest(rows)
+    assert training_set_digest([dict(r) for r in rows]) == digest
+    assert training_set_digest(rows[::-1]) != digest
+    qa = [QAExample("1", "q", ["a"], "s"), QAExample("2", "r", ["b"], "s")]
+    assert training_set_digest(qa) != training_set_digest([QAExample("1", "q", ["a", "c"], "s"), qa[1]])
+    assert training_set_digest(qa) == training_set_digest([QAExample("x", "q", ["a"], "other"), qa[1]])  # ids, sources
+    check_training_set(None, digest, "SFT rows", "sft.jsonl")  # a checkpoint from before the record
+    check_training_set(digest, digest, "SFT rows", "sft.jsonl")
+    with pytest.raises(CheckpointError, match="sft.jsonl no longer holds the SFT rows"):
+        check_training_set(training_set_digest(rows[::-1]), digest, "SFT rows", "sft.jsonl")
