@@ -20,8 +20,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import random
 import re
+import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -652,6 +654,11 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     tmp.replace(path)
 
 
+# Present in a data folder while generate_dataset writes it: its files are not one set yet (a kill
+# there left a new train split beside the old dev/test ones, whose questions it then shared).
+INCOMPLETE_MARKER = ".gen-data-incomplete"
+
+
 def generate_dataset(
     out_dir: str | Path,
     seed: int = 0,
@@ -823,10 +830,17 @@ def generate_dataset(
             "articles (wiki-18 and the packaged corpus do); check retriever.kind / retriever.url / "
             "retriever.corpus, or generate without SFT data"
         )
-    paths: dict[str, Any] = {}
+    # The files are staged in a folder of their own and moved in together, stats.json last, with a
+    # marker in place meanwhile: a kill leaves either the old set or a folder marked unfinished
+    # (which ensure_data generates again), never a mix of two generations.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = out_dir / f".gen-data-stage-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    staged = []
     for s in SPLITS:
-        paths[s] = out_dir / f"{s}.jsonl"
-        _write_jsonl(paths[s], [_row(c) for c in rows[s]])
+        _write_jsonl(stage / f"{s}.jsonl", [_row(c) for c in rows[s]])
+        staged.append(f"{s}.jsonl")
     sft_rows = []
     if sft:
         sft_rows = [
@@ -834,8 +848,8 @@ def generate_dataset(
             for c in sft_source
             if c.retrievable
         ]
-        paths["sft"] = out_dir / "sft.jsonl"
-        _write_jsonl(paths["sft"], sft_rows)
+        _write_jsonl(stage / "sft.jsonl", sft_rows)
+        staged.append("sft.jsonl")
         source = "SFT questions of their own" if n_sft else "train questions (the RL pool's own)"
         say(f"[gen-data] sft: {len(sft_rows)} oracle trajectories of {len(sft_source)} {source}")
     summary = {
@@ -854,7 +868,17 @@ def generate_dataset(
         "rejected": dict(sorted(rejected.items())),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    paths["stats"] = out_dir / "stats.json"
-    paths["stats"].write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    (stage / "stats.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    marker = out_dir / INCOMPLETE_MARKER
+    marker.write_text(f"gen-data (process {os.getpid()}) is replacing this folder's files\n")
+    (out_dir / "stats.json").unlink(missing_ok=True)
+    if not sft:
+        (out_dir / "sft.jsonl").unlink(missing_ok=True)  # an older generation's, not of this set
+    paths: dict[str, Any] = {}
+    for name in [*staged, "stats.json"]:
+        os.replace(stage / name, out_dir / name)
+        paths[name.split(".")[0]] = out_dir / name
+    marker.unlink()
+    stage.rmdir()
     say(f"[gen-data] wrote {out_dir} in {summary['seconds']} s")
     return {"paths": {k: str(v) for k, v in paths.items()}, "counts": summary}

@@ -199,6 +199,11 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict[str, Any]:
     bench_files = eval_files(cfg, []) if cfg.eval.data_dir else []
     t = time.perf_counter()
     paths = rtm.ensure_data(cfg)
+    sft_reused = resume and (run_dir / "sft" / "hf" / "config.json").is_file()
+    if cfg.sft.enabled and cfg.sft.steps > 0 and not sft_reused and not Path(paths["sft"]).is_file():
+        raise FileNotFoundError(
+            f"{paths['sft']} is missing: the SFT phase (sft.enabled) trains on its oracle trajectories; run "
+            "`megatron-recycle gen-data` into data.dir, or set sft.enabled=false")
     # the pool's size against the data, and the layout and model against the config, now: not
     # after the evaluation and SFT phases (a 1,000-question evaluation with a GPU recipe)
     check_against_data(cfg, len(rtm.read_examples(paths["train"], cfg, cfg.data.max_train_queries)))

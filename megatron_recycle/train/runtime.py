@@ -62,8 +62,18 @@ def ensure_data(cfg: Config) -> dict[str, Path]:
     the default process group is brought up here when no one has yet (``train`` reads its data
     before the trainer sets it up, and the trainer reuses it): without it every rank would generate
     the same files into the same folder at once."""
+    from megatron_recycle.data.synthetic import INCOMPLETE_MARKER
+
     paths = data_paths(cfg)
     missing = [k for k in ("train", "dev", "test") if not paths[k].is_file()]
+    unfinished = not cfg.data.train_file and (Path(cfg.data.dir) / INCOMPLETE_MARKER).exists()
+    if unfinished and not missing:
+        if not cfg.data.generate_if_missing:
+            raise FileNotFoundError(
+                f"{cfg.data.dir}: an interrupted `megatron-recycle gen-data` left its files unfinished (a mix of "
+                "two generations, or some missing); run gen-data again, or set data.generate_if_missing=true")
+        print(f"[data] {cfg.data.dir}: an interrupted generation left it unfinished; generating it again", flush=True)
+        missing = ["train", "dev", "test"]
     if missing:
         if not cfg.data.generate_if_missing or cfg.data.train_file:
             hint = ("data.train_file is set, so nothing is generated: set data.dev_file/data.test_file too, or "

@@ -7,6 +7,7 @@ runtime's builders, so the numbers below are exact."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -234,7 +235,7 @@ def test_a_fresh_run_moves_an_earlier_run_aside_before_its_first_phase(tmp_path,
                 "final_hf/config.json", "metrics.jsonl", "report.md", "notes.txt"):
         (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / rel).write_text("earlier")
-    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x"})
+    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x", "sft": Path(__file__)})
     monkeypatch.setattr(pipeline.rtm, "read_examples", lambda *a: [object()] * 100)
     monkeypatch.setattr(pipeline.rtm, "check_trainer_config", lambda *a: None)
 
@@ -268,7 +269,7 @@ def _pipeline_until_first_eval(tmp_path, monkeypatch, overrides):
     from megatron_recycle.train import pipeline
 
     cfg = load_config(None, [f"run.output_dir={tmp_path / 'runs'}", "run.name=r", *overrides])
-    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x"})
+    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x", "sft": Path(__file__)})
     monkeypatch.setattr(pipeline.rtm, "read_examples", lambda *a: [object()] * 100)
 
     def first_eval(*a, **k):
@@ -328,7 +329,7 @@ def test_a_stop_during_the_last_sft_step_ends_the_run_after_sft(tmp_path, monkey
     from megatron_recycle.train import pipeline, sft
 
     cfg = load_config(None, [f"run.output_dir={tmp_path / 'runs'}", "run.name=r", "sft.steps=2"])
-    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x"})
+    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {"train": "t", "dev": "d", "test": "x", "sft": Path(__file__)})
     monkeypatch.setattr(pipeline.rtm, "read_examples", lambda *a: [object()] * 100)
     monkeypatch.setattr(pipeline.rtm, "check_trainer_config", lambda *a: None)
     monkeypatch.setattr(pipeline, "evaluate_model", lambda *a, **k: {"overall": {"pass@1": 0.0, "n": 1}})
@@ -354,3 +355,18 @@ def test_a_damaged_result_file_is_evaluated_again(tmp_path, monkeypatch, capsys)
     path.write_bytes(b"\xff{")
     assert pipeline._usable_eval(cfg, "m", "test", path, "before") is None
     assert "not a valid result file; evaluating again" in capsys.readouterr().out
+
+
+def test_run_without_sft_data_says_so_before_its_first_evaluation(tmp_path, monkeypatch):
+    """A data folder without sft.jsonl failed at the SFT phase, after the evaluation before training."""
+    cfg, pipeline = _pipeline_until_first_eval(tmp_path, monkeypatch, [])
+    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {
+        "train": "t", "dev": "d", "test": "x", "sft": tmp_path / "data" / "sft.jsonl"})
+    with pytest.raises(FileNotFoundError, match=r"sft.jsonl is missing: the SFT phase .* or set sft.enabled=false"):
+        pipeline.run_pipeline(cfg, resume=False)
+    cfg, pipeline = _pipeline_until_first_eval(tmp_path, monkeypatch, ["sft.enabled=false"])
+    monkeypatch.setattr(pipeline.rtm, "check_trainer_config", lambda *a: None)
+    monkeypatch.setattr(pipeline.rtm, "ensure_data", lambda cfg: {
+        "train": "t", "dev": "d", "test": "x", "sft": tmp_path / "data" / "sft.jsonl"})
+    with pytest.raises(KeyboardInterrupt):  # reached the first evaluation
+        pipeline.run_pipeline(cfg, resume=False)

@@ -275,3 +275,48 @@ def test_a_held_out_sft_set_never_holds_a_train_question(bm25, tmp_path, capsys)
     # n_sft = 0: the train questions themselves, as before
     assert generate_dataset(tmp_path / "t", seed=0, topk=TOPK, retriever=bm25, progress=None,
                             **SIZES)["counts"]["sft_source"] == "train questions"
+
+
+def test_an_interrupted_regeneration_never_leaves_a_mix_of_two_sets(generated, bm25, tmp_path, monkeypatch):
+    """Files were replaced one by one: a kill after the new train split left the old dev/test ones
+    beside it (questions shared between them) with the old stats.json, and the folder was used as
+    it was. Now a kill either keeps the old set whole or leaves the folder marked unfinished, which
+    ensure_data generates again."""
+    import shutil
+    from pathlib import Path
+
+    from megatron_recycle.config import load_config
+    from megatron_recycle.data import synthetic
+    from megatron_recycle.train import runtime as rtm
+
+    out0, _ = generated
+    folder = tmp_path / "data"
+    shutil.copytree(out0, folder)
+    old = {p.name: p.read_bytes() for p in folder.iterdir()}
+    moves = []
+    real_replace = synthetic.os.replace
+
+    def killed_after_first_move(src, dst):
+        if Path(dst).parent == folder:  # the moves of the staged files into the folder
+            if moves:
+                raise KeyboardInterrupt  # (a kill: nothing after it runs)
+            moves.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(synthetic.os, "replace", killed_after_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(folder, seed=1, topk=TOPK, retriever=bm25, progress=None, **SIZES)
+    monkeypatch.undo()
+    assert (folder / synthetic.INCOMPLETE_MARKER).exists() and not (folder / "stats.json").exists()
+    assert (folder / "train.jsonl").read_bytes() != old["train.jsonl"]  # the new train split, the old others
+    cfg = load_config(None, [f"data.dir={folder}", "data.generate_if_missing=false"])
+    with pytest.raises(FileNotFoundError, match="interrupted `megatron-recycle gen-data` left its files unfinished"):
+        rtm.ensure_data(cfg)
+    # allowed to generate: the whole set again (here with the recipe's settings, seed 0's files)
+    monkeypatch.setattr(rtm, "generate_data", lambda cfg: generate_dataset(
+        cfg.data.dir, seed=0, topk=TOPK, retriever=bm25, progress=None, **SIZES))
+    rtm.ensure_data(load_config(None, [f"data.dir={folder}"]))
+    assert not (folder / synthetic.INCOMPLETE_MARKER).exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(old)  # the staging folder is gone
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "sft.jsonl"):
+        assert (folder / name).read_bytes() == old[name], name
