@@ -17,7 +17,7 @@ from megatron_recycle.config import Config, ConfigError, load_config
 # Exceptions whose message says what is wrong and what to do: printed without a traceback.
 USER_ERRORS = {
     "CheckpointError", "QAFormatError", "SFTDataError", "AnalyzeError", "TrainingDiverged", "PoolExhausted",
-    "SyntheticDataError", "IncompleteModelError", "FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError", "PermissionError",
+    "SyntheticDataError", "IncompleteModelError", "EvalOutputError", "FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError", "PermissionError",
 }
 
 EPILOG = (

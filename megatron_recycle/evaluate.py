@@ -151,8 +151,32 @@ def evaluate(
     if any(r["template"] is not None for r in records_only):
         result["per_template"] = _grouped(records_only, "template")
     if output_path is not None:
-        write_result(result, records_only, output_path)
+        try:
+            write_result(result, records_only, output_path)
+        except OSError as e:  # (a disk that filled up meanwhile): the numbers are not lost with the file
+            o = result["overall"]
+            raise EvalOutputError(
+                f"could not write the evaluation result {output_path} ({type(e).__name__}: {e}); its numbers: "
+                f"Pass@1 {o['pass@1']:.4f}, EM {o['em']:.4f}, F1 {o['f1']:.4f} over {o['n']} questions"
+            ) from e
     return result
+
+
+class EvalOutputError(OSError):
+    """An evaluation's result cannot be written where it was asked to go."""
+
+
+def check_writable(path: str | Path) -> None:
+    """EvalOutputError now, before a model is loaded and questions are rolled out, when a result
+    cannot be written at ``path`` (a read-only or missing disk, a file where its folder should be)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise EvalOutputError(f"cannot write the evaluation result {path}: {type(e).__name__}: {e}") from e
 
 
 def _merge_parts(parts: Sequence[Any], n_examples: int) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, float]]:
@@ -385,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     examples = list(read_qa_file(args.data, source=args.source))
     if args.limit is not None:
         examples = examples[: args.limit]
+    if args.output:
+        check_writable(args.output)  # before the model is loaded and the questions rolled out
     engine = HFEngine(load_hf_model(args.model), load_tokenizer(args.model), device=args.device)
     retriever = build_retriever(args.retriever, url=args.retriever_url)
     result = evaluate(

@@ -66,7 +66,13 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     benchmark files): the first call stores its engine and retriever in it and later calls reuse
     them instead of loading the model and the index again.
     """
-    from megatron_recycle.evaluate import evaluate, format_table, gather_on_rank0
+    from megatron_recycle.evaluate import (
+        EvalOutputError,
+        check_writable,
+        evaluate,
+        format_table,
+        gather_on_rank0,
+    )
     from megatron_recycle.model.hf_loading import load_hf_config, load_tokenizer, model_digest
 
     world, rank = _eval_world(cfg)
@@ -84,6 +90,20 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
         if batches < shard[1]:
             print(f"[eval] only {batches} batch(es) of eval.batch_size={cfg.eval.batch_size} for {shard[1]} shards: "
                   f"{shard[1] - batches} shard(s) idle; a smaller eval.batch_size uses them", flush=True)
+    # where the result goes is checked now, not after the rollouts (rank 0 writes it; every rank
+    # learns the verdict, so that none goes on to wait for it in the gather)
+    problem = ""
+    if rank == 0:
+        try:
+            check_writable(out_path)
+        except EvalOutputError as e:
+            problem = str(e)
+    if world > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise EvalOutputError(problem)
     tools = {} if tools is None else tools
     if tools.get("model") != str(model_path):
         tools.clear()  # another model: nothing of the last one's is reused

@@ -223,3 +223,25 @@ def test_module_entry_point_refuses_bad_numbers_before_loading_anything(fixture_
     with pytest.raises(SystemExit):
         ev.main(["--data", str(fixture_file), *bad])
     assert message in capsys.readouterr().err
+
+
+def test_an_unwritable_result_is_found_before_the_rollouts_and_its_numbers_kept(fixture_file, tmp_path, monkeypatch):
+    """A read-only or full disk: the whole evaluation ran, then the result (and its numbers) were
+    lost with the write. check_writable says so before anything is loaded; a write that fails
+    afterwards puts the numbers in its error."""
+    from megatron_recycle import evaluate as ev
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ev.EvalOutputError, match=r"cannot write the evaluation result .*a_file/out.json: FileExistsError"):
+        ev.check_writable(blocker / "out.json")
+    ev.check_writable(tmp_path / "new" / "out.json")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == []  # the probe leaves nothing
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ev, "write_result", full_disk)
+    with pytest.raises(ev.EvalOutputError, match=r"No space left on device\); its numbers: Pass@1 [0-9.]+, EM "):
+        evaluate(ScriptEngine(), OneDocRetriever(), read_qa_file(fixture_file), batch_size=3,
+                 output_path=tmp_path / "r.json")
