@@ -115,8 +115,9 @@ def model_space_records(chunks: Sequence[Any], opt: Any) -> dict[str, Any]:
                 }
                 # fused Adams (apex, transformer-engine) count steps per param group, not per parameter
                 group = _group_of(inner, main)
-                if isinstance(group.get("step"), int | float) and "step" not in rec["state"]:
-                    rec["state"]["step"] = torch.tensor(float(group["step"]))
+                step = _group_step(group)
+                if step is not None and "step" not in rec["state"]:
+                    rec["state"]["step"] = torch.tensor(step)
             params[_global_name(model, name)] = rec
     return {
         "format": RESHARD_FORMAT,
@@ -272,14 +273,30 @@ def load_resharded(chunks: Sequence[Any], opt: Any, hf_config: Any, records: Seq
                     state[key] = v.to(device=main.device, dtype=main.dtype).clone()
             group = _group_of(inner, main)
             for key, v in scalars.items():
-                if key == "step" and isinstance(group.get("step"), int | float):  # a per-group count
-                    group["step"] = type(group["step"])(v.item())
+                if key == "step" and _group_step(group) is not None:  # a per-group count
+                    if isinstance(group["step"], torch.Tensor):  # (capturable: a tensor, kept where it is)
+                        group["step"].fill_(v.item())
+                    else:
+                        group["step"] = type(group["step"])(v.item())
                     continue
                 # torch keeps "step" per parameter: on the device for fused/capturable, else on the CPU
                 on_device = group.get("fused") or group.get("capturable")
                 state[key] = v.clone().to(main.device if on_device else "cpu")
             counts["optimizer_shards"] += 1
     return counts
+
+
+def _group_step(group: dict) -> float | None:
+    """A fused Adam's per-group step count (apex, transformer-engine: an int, or a one-element
+    tensor when capturable), or None when the group keeps none (torch counts per parameter)."""
+    step = group.get("step")
+    if isinstance(step, bool):
+        return None
+    if isinstance(step, int | float):
+        return float(step)
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        return float(step.item())
+    return None
 
 
 def _hf_order(name: str) -> tuple[int, int, str]:

@@ -825,10 +825,13 @@ def fused_adam_step_reshard(args: dict) -> dict:
                                          lr_decay_style="constant", use_distributed_optimizer=False,
                                          load_weights=lambda c: load_hf_weights(c, sd, cfg))
 
+    def count(n):  # an int, or (a capturable fused Adam) a one-element tensor
+        return torch.tensor([float(n)]) if args.get("tensor_step") else n
+
     chunks, opt, _ = build()
     for inner in torch_optimizers(opt):  # what a fused Adam holds after two steps
         for g in inner.param_groups:
-            g["step"] = 2
+            g["step"] = count(2)
             for p in g["params"]:
                 inner.state[p] = {"exp_avg": torch.full_like(p, 0.1), "exp_avg_sq": torch.full_like(p, 0.01)}
     buf = io.BytesIO()  # through bytes, as the checkpoint stores them
@@ -838,11 +841,12 @@ def fused_adam_step_reshard(args: dict) -> dict:
     chunks, opt, _ = build()
     for inner in torch_optimizers(opt):
         for g in inner.param_groups:
-            g["step"] = 0
+            g["step"] = count(0)
     load_resharded(chunks, opt, cfg, [records])
     return {
         "saved_scalars": {k: float(v) for k, v in SavedModelSpace([records], cfg).scalar_state().items()},
-        "group_steps": sorted({g["step"] for inner in torch_optimizers(opt) for g in inner.param_groups}),
+        "group_steps": sorted({float(g["step"]) for inner in torch_optimizers(opt) for g in inner.param_groups}),
+        "step_types": sorted({type(g["step"]).__name__ for inner in torch_optimizers(opt) for g in inner.param_groups}),
         "per_param_steps": sum("step" in st for inner in torch_optimizers(opt) for st in inner.state.values()),
         "moments_carried": all(bool((st["exp_avg"] == 0.1).all()) and bool((st["exp_avg_sq"] == 0.01).all())
                                for inner in torch_optimizers(opt) for st in inner.state.values()),

@@ -147,12 +147,14 @@ def test_a_fused_adams_per_group_step_count_is_carried_over():
     int), not in the per-parameter state: the records must carry it, and the load must put it back
     in the group. Else the resumed Adam starts its bias correction over (its next step is step 1,
     not 3): other step sizes than the saved run would have taken."""
-    (out,) = _dist.run_workers("run_jobs", 1, {"jobs": [["fused", "fused_adam_step_reshard", {}]]})
-    got = out["fused"]
-    assert got["saved_scalars"] == {"step": 2.0}
-    assert got["group_steps"] == [2]
-    assert got["per_param_steps"] == 0  # kept where the fused optimizer reads it, not beside it
-    assert got["moments_carried"]
+    (out,) = _dist.run_workers("run_jobs", 1, {"jobs": [["fused", "fused_adam_step_reshard", {}],
+                                                       ["capturable", "fused_adam_step_reshard", {"tensor_step": True}]]})
+    for name, kind in (("fused", "int"), ("capturable", "Tensor")):  # a capturable one counts in a tensor
+        got = out[name]
+        assert got["saved_scalars"] == {"step": 2.0}
+        assert got["group_steps"] == [2.0] and got["step_types"] == [kind]
+        assert got["per_param_steps"] == 0  # kept where the fused optimizer reads it, not beside it
+        assert got["moments_carried"]
 
 
 def _one_norm_record(start: int, end: int, value: float) -> dict:
