@@ -534,8 +534,12 @@ def _run_train_step(
     dp_group: dist.ProcessGroup,
     on_phase: Callable[[str], None] | None = None,
     pack_groups: bool = False,
+    real_rows: int | None = None,
 ) -> dict[str, float]:
     """The shared machinery: zero grads, forward_backward over micro-batches, optimizer, LR schedule.
+
+    ``real_rows``: the batch's rows before :func:`_fit_schedule` appended all-masked ones
+    (``schedule_pad_rows`` counts those, summed over DP).
 
     ``loss_fn(mb, output)`` returns (scaled loss, dict of SUMS over the micro-batch); the sums are
     added over micro-batches and DP ranks and returned (plus grad norm, lr, timings).
@@ -584,6 +588,9 @@ def _run_train_step(
     # this replica's layout counters, summed over DP with the rest (every stage has the same ones)
     sums.update(
         num_microbatches=float(len(mbs)),
+        # all-masked rows virtual stages needed (_fit_schedule); the layout counters below count
+        # their positions as any row's, as the padded form of the same schedule would run them too
+        schedule_pad_rows=float(batch.num_sequences - (batch.num_sequences if real_rows is None else real_rows)),
         packed_saved_tokens=float(sum(mb.packed.saved_tokens for mb in mbs if mb.packed is not None)),
         # padding the length-grouped micro-batches did not train (positions: rows x columns cut)
         length_cut_tokens=float(sum((batch.seq_length - mb.seq_length) * mb.num_sequences
@@ -640,6 +647,7 @@ def grpo_train_step(
     if global_tokens == 0:
         raise ValueError("the batch has no policy tokens (every loss_mask is 0) on any DP rank; nothing to train")
     normalizer = global_tokens if cfg.agg == "token-mean" else global_rows
+    real_rows = batch.num_sequences
     batch = _fit_schedule(batch, micro_batch_size, model_chunks)
     num_mb = batch.num_sequences // micro_batch_size if micro_batch_size > 0 else 0
     scale = float(num_mb * dp_size)
@@ -667,6 +675,7 @@ def grpo_train_step(
         return loss * scale, sums
 
     out = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group, on_phase,
+                          real_rows=real_rows,
                           pack_groups=pack_groups)
     metrics = {"loss": out.pop("loss"), "tokens": out.pop("tokens"), "sequences": global_rows}
     for k in [k for k in out if k.startswith("sum/")]:
@@ -696,6 +705,7 @@ def sft_train_step(
     (global_tokens,) = _global_counts([batch.target_mask.sum().item()], dp_group)
     if global_tokens == 0:
         raise ValueError("the SFT batch has no loss tokens (every loss_mask is 0) on any DP rank")
+    real_rows = batch.num_sequences
     batch = _fit_schedule(batch, micro_batch_size, model_chunks)
     num_mb = batch.num_sequences // micro_batch_size if micro_batch_size > 0 else 0
     scale = float(num_mb * dp_size)
@@ -706,7 +716,8 @@ def sft_train_step(
         loss = -(lp * mb.target_mask).sum() / global_tokens
         return loss * scale, {"loss": loss.detach(), "tokens": mb.target_mask.sum()}
 
-    metrics = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group, on_phase)
+    metrics = _run_train_step(model_chunks, optimizer, scheduler, batch, micro_batch_size, loss_fn, dp_group, on_phase,
+                              real_rows=real_rows)
     _sync()
     metrics["time/step_s"] = time.perf_counter() - t_start
     return metrics

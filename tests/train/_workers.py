@@ -476,7 +476,8 @@ def uneven_micro_batches(args: dict) -> dict:
         w1 = export_hf_state_dict_to_cpu(chunks, cfg)
         sft = sft_train_step(chunks, opt, sched, batch, 2)
         out[rows] = {"logprobs": lp, "grads": {k: (sd[k] - w1[k]) / LR_SGD for k in w1},
-                     "loss": metrics["loss"], "sft_loss": sft["loss"]}
+                     "loss": metrics["loss"], "sft_loss": sft["loss"], "pad_rows": metrics["schedule_pad_rows"],
+                     "sft_pad_rows": sft["schedule_pad_rows"]}
     return out
 
 

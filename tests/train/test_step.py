@@ -589,6 +589,8 @@ def test_virtual_pipeline_stages_take_any_micro_batch_count(single_process_runs,
             assert _max_diff(a["grads"], b["grads"]) <= GRAD_RTOL * _gmax(b["grads"])
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
             assert a["sft_loss"] == pytest.approx(b["sft_loss"], rel=1e-5)
+            # the schedule's padding is logged: 6 rows -> 8, 2 rows -> 4 (micro-batches of 2, PP 2)
+            assert (a["pad_rows"], a["sft_pad_rows"], b["pad_rows"]) == ({6: 2.0, 2: 2.0}[rows],) * 2 + (0.0,)
 
 
 def _check_packed_equals_padded(padded: dict, packed: dict) -> None:
