@@ -1,6 +1,5 @@
 """Fixtures for the kernel tests: poisoned kernel outputs and the device the Triton path runs on."""
 
-import os
 
 import pytest
 import torch
@@ -18,8 +17,10 @@ def triton_device() -> torch.device:
     """CUDA when present; otherwise CPU through the Triton interpreter (skip if it is not on)."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the Triton kernels cannot run here")
+    import megatron_recycle_kernels
+
+    if not megatron_recycle_kernels.INTERPRETED:  # Triton's own decision at import ("1", "true", ...)
+        pytest.skip("no CUDA and TRITON_INTERPRET was not set at import: the Triton kernels cannot run here")
     return torch.device("cpu")
 
 

@@ -115,3 +115,12 @@ def test_bandwidth_kernels_use_16_byte_loads(compiled):
     assert wide_loss
     for r in wide_loss:
         assert "v4.b32" in r["global_loads"], r
+
+
+def test_the_compiler_refuses_interpreted_kernels_in_any_spelling():
+    # TRITON_INTERPRET=true makes Triton define interpreter functions too: the tool recorded no
+    # launch, printed an empty table and exited 0
+    env = {**os.environ, "TRITON_INTERPRET": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_kernels.py"), "--quick", "--out", "/nonexistent/x"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0 and "run it without TRITON_INTERPRET" in proc.stderr, proc.stderr[-2000:]

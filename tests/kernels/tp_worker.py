@@ -96,7 +96,9 @@ def _run(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        impls = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+        import megatron_recycle_kernels
+
+        impls = ["torch"] + (["triton"] if megatron_recycle_kernels.INTERPRETED else [])
         for impl in impls:
             _check(rank, world, impl)
         print(f"rank ok {rank} impls={impls}", flush=True)
