@@ -834,24 +834,29 @@ def generate_dataset(
     # marker in place meanwhile: a kill leaves either the old set or a folder marked unfinished
     # (which ensure_data generates again), never a mix of two generations.
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(".gen-data-stage-*"):  # a killed generation's (one generator at a time)
+        shutil.rmtree(old, ignore_errors=True)
     stage = out_dir / f".gen-data-stage-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     staged = []
-    for s in SPLITS:
-        _write_jsonl(stage / f"{s}.jsonl", [_row(c) for c in rows[s]])
-        staged.append(f"{s}.jsonl")
-    sft_rows = []
-    if sft:
-        sft_rows = [
-            oracle_trajectory(c, retriever, topk, search_cache, max_passage_words)
-            for c in sft_source
-            if c.retrievable
-        ]
-        _write_jsonl(stage / "sft.jsonl", sft_rows)
-        staged.append("sft.jsonl")
-        source = "SFT questions of their own" if n_sft else "train questions (the RL pool's own)"
-        say(f"[gen-data] sft: {len(sft_rows)} oracle trajectories of {len(sft_source)} {source}")
+    try:
+        for s in SPLITS:
+            _write_jsonl(stage / f"{s}.jsonl", [_row(c) for c in rows[s]])
+            staged.append(f"{s}.jsonl")
+        sft_rows = []
+        if sft:
+            sft_rows = [
+                oracle_trajectory(c, retriever, topk, search_cache, max_passage_words)
+                for c in sft_source
+                if c.retrievable
+            ]
+            _write_jsonl(stage / "sft.jsonl", sft_rows)
+            staged.append("sft.jsonl")
+            source = "SFT questions of their own" if n_sft else "train questions (the RL pool's own)"
+            say(f"[gen-data] sft: {len(sft_rows)} oracle trajectories of {len(sft_source)} {source}")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # the folder's own files are untouched so far
+        raise
     summary = {
         "seed": seed,
         "topk": topk,

@@ -339,10 +339,12 @@ def export_checkpoint(
         newer = [s for s in ckpt.interrupted_installs() if step is None or s > step]
         if newer:  # (recover() would finish it; export does not move a run's files)
             print(f"[export] note: the save of step {newer[-1]} was interrupted between its two renames "
-                  f"(or is in progress); `train --resume` finishes it. Exporting step {step} instead; "
-                  f"pass --step to choose.", flush=True)
+                  f"(or is in progress); `train --resume` finishes it."
+                  + (f" Exporting step {step} instead; pass --step to choose." if step is not None else ""),
+                  flush=True)
         if step is None:
-            raise CheckpointError(f"no complete checkpoint under {ckpt.dir}")
+            raise CheckpointError(f"no complete checkpoint under {ckpt.dir}"
+                                  + ("; run `train --resume` first to finish the interrupted one" if newer else ""))
     # Check the config with the keys the checkpoint was written with (GRPO's RESUME_KEYS, SFT's
     # SFT_RESUME_KEYS); a missing or broken manifest is reported by load_all below.
     try:

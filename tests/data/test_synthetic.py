@@ -309,6 +309,8 @@ def test_an_interrupted_regeneration_never_leaves_a_mix_of_two_sets(generated, b
     monkeypatch.undo()
     assert (folder / synthetic.INCOMPLETE_MARKER).exists() and not (folder / "stats.json").exists()
     assert (folder / "train.jsonl").read_bytes() != old["train.jsonl"]  # the new train split, the old others
+    (folder / ".gen-data-stage-999999").mkdir()  # a generation killed while staging, under another pid
+    (folder / ".gen-data-stage-999999" / "dev.jsonl").write_text("partial")
     cfg = load_config(None, [f"data.dir={folder}", "data.generate_if_missing=false"])
     with pytest.raises(FileNotFoundError, match="interrupted `megatron-recycle gen-data` left its files unfinished"):
         rtm.ensure_data(cfg)
@@ -317,6 +319,6 @@ def test_an_interrupted_regeneration_never_leaves_a_mix_of_two_sets(generated, b
         cfg.data.dir, seed=0, topk=TOPK, retriever=bm25, progress=None, **SIZES))
     rtm.ensure_data(load_config(None, [f"data.dir={folder}"]))
     assert not (folder / synthetic.INCOMPLETE_MARKER).exists()
-    assert sorted(p.name for p in folder.iterdir()) == sorted(old)  # the staging folder is gone
+    assert sorted(p.name for p in folder.iterdir()) == sorted(old)  # the staging folders are gone
     for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "sft.jsonl"):
         assert (folder / name).read_bytes() == old[name], name
