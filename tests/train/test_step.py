@@ -174,7 +174,7 @@ def test_pad_rows_appends_rows_that_carry_nothing():
     assert p.ref_logprobs is None and torch.equal(p.take(slice(0, 2)).tokens, b.tokens)
 
 
-def test_gloo_p2p_settings_for_every_pipelined_model(tmp_path):
+def test_gloo_p2p_settings_for_every_pipelined_model(tmp_path, monkeypatch):
     """The policy's and the KL reference's configs get PLATFORM.md's gloo p2p settings."""
     from types import SimpleNamespace
 
@@ -191,6 +191,23 @@ def test_gloo_p2p_settings_for_every_pipelined_model(tmp_path):
         gloo_p2p_settings(two, 2)
         assert (one.batch_p2p_sync, one.batch_p2p_comm) == (False, True)
         assert (two.batch_p2p_sync, two.batch_p2p_comm) == (False, False)
+        # the KL reference model (built outside the optimizer's set-up) applies them too
+        import megatron_recycle.model.build as build
+        import megatron_recycle.model.convert as convert
+        import megatron_recycle.model.hf_loading as hf_loading
+        from megatron_recycle.config import Config
+        from megatron_recycle.train.grpo import _reference_model
+
+        shared = SimpleNamespace(batch_p2p_sync=True, batch_p2p_comm=True)
+        chunks = [torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)]  # two virtual stages sharing one config
+        for c in chunks:
+            c.config = shared
+        monkeypatch.setattr(build, "build_model_chunks", lambda *a, **k: chunks)
+        monkeypatch.setattr(convert, "load_hf_weights", lambda *a, **k: None)
+        monkeypatch.setattr(hf_loading, "resolve_model_folder", lambda path, **k: path)
+        rt = SimpleNamespace(hf_config=None, cfg=Config(), model_path="m")
+        assert _reference_model(rt) is chunks and not chunks[0].training
+        assert (shared.batch_p2p_sync, shared.batch_p2p_comm) == (False, False)
     finally:
         dist.destroy_process_group()
 
