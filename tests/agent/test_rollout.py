@@ -383,3 +383,29 @@ def test_with_a_tiny_random_llama_and_hf_engine(tok):
         assert all(lp <= 0 for lp in t.rollout_logprobs)
         assert t.reward == 0.0  # random weights never answer
     assert batch.stats.tokens_generated == sum(sum(t.loss_mask) for t in batch)
+
+
+def test_a_steps_retriever_counters_are_its_rollouts_searches(tok, monkeypatch):
+    """What a GRPO step logs under retriever/: the counters of the searches its rollouts made (the
+    loop test's tiny random model never searches, so this is where they are checked)."""
+    from types import SimpleNamespace
+
+    from megatron_recycle.agent.retrievers import BM25Retriever
+    from megatron_recycle.config import Config
+    from megatron_recycle.data.corpus import Corpus
+    from megatron_recycle.train.grpo import _retriever_counts
+
+    corpus = Corpus(["1", "2"], ["Kenya\nKenya is a country in Africa.", "Paris\nParis is in France."])
+    retriever = BM25Retriever(corpus, use_cache=False)
+    rt = SimpleNamespace(cfg=Config(), retriever=retriever, is_mp_leader=True, is_rank0=True)
+    retriever.search(["an evaluation's search"], 1)
+    _retriever_counts(rt, reset_only=True)  # the step starts
+    engine = FakeEngine(tok, {"Kenya": [chars(tok, "<search> Kenya continent </search>"),
+                                        chars(tok, "<answer> Africa </answer>")],
+                              "Hamlet": [chars(tok, "<search> zzzz qqqq </search>"), chars(tok, "<answer> x </answer>")]})
+    batch = rollout(engine, retriever, [(1, "Where is Kenya?", ["Africa"]), (2, "Hamlet?", ["x"])], 3,
+                    SamplingParams(max_new_tokens=100), 2, 4096, 1)
+    counts = _retriever_counts(rt)
+    assert counts["queries"] == batch.stats.searches == 6 and counts["calls"] == 1
+    assert counts["empty_results"] == 3  # the nonsense query matched nothing
+    assert _retriever_counts(rt)["queries"] == 0
