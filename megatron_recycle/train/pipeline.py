@@ -50,7 +50,7 @@ def resume_after_restart(cfg: Config, resume: bool, command: str, what: str) -> 
     return True
 
 
-def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, label: str,
+def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path | None, label: str,
                    tools: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Greedy Pass@1 of a Hugging Face model folder (or alias) on a split, over the whole torchrun
     world: the batches are dealt round-robin to the evaluation shards, rank 0 gathers them, prints
@@ -93,12 +93,12 @@ def evaluate_model(cfg: Config, model_path: str, split: str, out_path: Path, lab
     # where the result goes is checked now, not after the rollouts (rank 0 writes it; every rank
     # learns the verdict, so that none goes on to wait for it in the gather)
     problem = ""
-    if rank == 0:
+    if rank == 0 and out_path is not None:
         try:
             check_writable(out_path)
         except EvalOutputError as e:
             problem = str(e)
-    if world > 1:
+    if world > 1 and out_path is not None:  # (the same on every rank: one call's argument)
         box = [problem]
         dist.broadcast_object_list(box, src=0)
         problem = box[0]
