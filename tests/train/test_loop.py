@@ -793,3 +793,28 @@ def test_run_pipeline_end_to_end(env):
     assert (run_dir / "plots" / "recycled_share.png").stat().st_size > 1000
     assert any("eval/dev_pass@1" in r for r in _metrics(run_dir))
     assert "Report:" in proc.stdout
+
+
+def test_the_rollout_budget_ends_training_and_survives_a_resume(env):
+    """train.rollout_budget: training stops once that many trajectories were rolled out (k*B*K =
+    2*2*4 = 16 per step here), and a resume counts the steps before its checkpoint."""
+    out = _run(CLI + ["train"] + _overrides(env, "budget", "pool.oversample=2", "train.steps=3",
+                                            "train.rollout_budget=16")).stdout
+    rows = _metrics(env["out"] / "budget")
+    assert [r["step"] for r in rows] == [0] and rows[0]["rollouts_total"] == 16
+    assert "rollout budget 16 reached" in out
+    _run(CLI + ["train"] + _overrides(env, "budget_resume", "pool.oversample=2", "train.steps=1"))
+    _run(CLI + ["train", "--resume"] + _overrides(env, "budget_resume", "pool.oversample=2", "train.steps=3",
+                                                  "train.rollout_budget=32"))
+    rows = _metrics(env["out"] / "budget_resume")
+    assert [r["step"] for r in rows] == [0, 1] and rows[-1]["rollouts_total"] == 32
+
+
+def test_the_decision_log_keeps_only_the_steps_before_a_resume(tmp_path):
+    from megatron_recycle.train.grpo import _DecisionLog
+
+    log = _DecisionLog(tmp_path, 0, None)
+    for step in range(4):
+        log.write(step, [{"sampled": [step], "chosen": []}])
+    _DecisionLog(tmp_path, 0, 2)  # resumed from step_2: steps 0 and 1 stay, 2 and 3 are run again
+    assert [json.loads(x)["step"] for x in log.path.read_text().splitlines()] == [0, 1]
