@@ -50,10 +50,8 @@ def _defined_for_interpreter() -> bool:
     ("1", "true", "on", "yes"): the dispatch follows that decision, not the variable's value now."""
     if not HAS_TRITON:
         return False
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - every Triton 3 has it
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from triton.runtime.interpreter import InterpretedFunction
+
     from .advantages import _finish_groups
 
     return isinstance(_finish_groups, InterpretedFunction)

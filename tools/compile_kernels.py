@@ -41,13 +41,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels would be interpreter functions, not compilable
-    raise SystemExit("tools/compile_kernels.py compiles the kernels: run it without TRITON_INTERPRET=1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
 
 import megatron_recycle_kernels as K  # noqa: E402
 
-if K.INTERPRETED:  # TRITON_INTERPRET in any spelling Triton accepts ("true", "on", ...) made them interpreted
+if K.INTERPRETED:  # TRITON_INTERPRET ("1", "true", ...): interpreter functions, not compilable
     raise SystemExit("tools/compile_kernels.py compiles the kernels: run it without TRITON_INTERPRET")
 import torch  # noqa: E402
 import triton  # noqa: E402

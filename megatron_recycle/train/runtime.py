@@ -245,11 +245,12 @@ def retriever_digest(cfg: Config) -> str | None:
     r = cfg.retriever
     if r.kind == "http":
         return None
-    from megatron_recycle.data.corpus import wiki_data_path
+    from megatron_recycle.data.corpus import WIKI_CORPUS_NAMES, wiki_data_path
     from megatron_recycle.model.hf_loading import file_digest
 
     try:
-        corpus = wiki_data_path() if r.corpus in ("wiki-offline", "wiki", "wiki-vital4") else Path(r.corpus)
+        spec = _corpus_spec(cfg)
+        corpus = wiki_data_path() if spec in WIKI_CORPUS_NAMES else Path(spec)
         parts = [f"corpus sha1 {file_digest(str(corpus))}"]
         if r.kind == "dense":
             from megatron_recycle.agent.retrievers import model_fingerprint, packaged_minilm_path
@@ -261,11 +262,16 @@ def retriever_digest(cfg: Config) -> str | None:
     return "; ".join(parts)
 
 
+def _corpus_spec(cfg: Config) -> str:
+    """retriever.corpus as load_corpus takes it ("wiki-offline", the config's name, is "wiki")."""
+    return "wiki" if cfg.retriever.corpus == "wiki-offline" else cfg.retriever.corpus
+
+
 def build_retriever_from_config(cfg: Config):
     from megatron_recycle.agent.retrievers import build_retriever
 
     r = cfg.retriever
-    corpus = "wiki" if r.corpus == "wiki-offline" else r.corpus
+    corpus = _corpus_spec(cfg)
     if r.kind == "http":
         return build_retriever("http", url=r.url, timeout=r.timeout_s, max_retries=r.retries, max_batch=r.max_batch,
                                max_query_chars=r.max_query_chars, max_split_requests=r.max_split_requests)

@@ -544,6 +544,18 @@ def test_kill_while_replacing_an_existing_step_is_recovered(tmp_path):
 
 
 # -------------------------------------------------------------------------- two gloo ranks
+def _on_two_ranks(worker, run_dir: Path) -> dict:
+    """Run ``worker(rank, 2, port, run_dir, out)`` on two spawned gloo ranks; ``out`` as they filled it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(worker, args=(2, port, str(run_dir), out), nprocs=2, join=True)
+    return out
+
+
 def _rank0_fails_worker(rank: int, world: int, port: int, run_dir: str, out) -> None:
     import datetime
 
@@ -569,13 +581,7 @@ def _rank0_fails_worker(rank: int, world: int, port: int, run_dir: str, out) -> 
 
 @pytest.mark.distributed
 def test_rank0_failing_after_the_gather_fails_every_rank_at_once(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_rank0_fails_worker, args=(2, port, str(tmp_path), out), nprocs=2, join=True)
+    out = _on_two_ranks(_rank0_fails_worker, tmp_path)
     for rank in (0, 1):
         message, seconds = out[rank]
         assert "rank 0 failed: OSError" in message and "No space left" in message, message
@@ -607,13 +613,7 @@ def _dist_worker(rank: int, world: int, port: int, run_dir: str, out) -> None:
 
 @pytest.mark.distributed
 def test_two_gloo_ranks_save_and_load_their_own_shards(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_dist_worker, args=(2, port, str(tmp_path), out), nprocs=2, join=True)
+    out = _on_two_ranks(_dist_worker, tmp_path)
     r0, r1 = out[0], out[1]
     assert r0["latest"] == r1["latest"] == 2
     assert r0["shared_step"] == r1["shared_step"] == 2
@@ -657,8 +657,6 @@ def test_load_all_on_two_ranks_refuses_a_file_only_the_other_rank_hashes(tmp_pat
     """load_all on 2 ranks splits the sha256 checks (file i by rank i mod 2) and shares the
     verdicts: a corrupt rank_00000.pt, which rank 1 checks, is refused by both ranks. A rank that
     skipped its share would resume with silently altered weights."""
-    import socket
-
     CheckpointManager(tmp_path, config_dict=_cfg()).save(1, {"w": torch.zeros(1000)}, {"step": 1})
     rank0 = tmp_path / "checkpoints" / "step_1" / "rank_00000.pt"
     data = bytearray(rank0.read_bytes())
@@ -666,11 +664,7 @@ def test_load_all_on_two_ranks_refuses_a_file_only_the_other_rank_hashes(tmp_pat
     data[i:i + 4] = torch.ones(1).numpy().tobytes()  # one element 0.0 -> 1.0: same size, still loads
     rank0.write_bytes(bytes(data))
     assert float(torch.load(rank0, weights_only=True)["parts"]["w"].sum()) == 1.0  # only the hash can tell
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_load_all_worker, args=(2, port, str(tmp_path), out), nprocs=2, join=True)
+    out = _on_two_ranks(_load_all_worker, tmp_path)
     for rank in (0, 1):
         verdict, detail = out[rank]
         assert verdict == "refused", (rank, detail)  # not loaded with w summing to 1.0
