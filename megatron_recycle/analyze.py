@@ -6,7 +6,7 @@ present, <run_dir>/pool_history.csv, and draws into <run_dir>/plots/:
     recycled_share.png   recycled share of the effective batch per step, stacked recovery vs drift
     zero_variance.png    candidate groups per step: all-wrong / all-correct zero-variance vs signal
     batch_fill.png       effective batch / B, and rollouts spent per effective group
-    reward.png           reward_mean, em_mean and every eval/... key over steps
+    reward.png           reward_mean, em_mean and the eval/... scores (pass@1, f1, answer rate)
     transitions.png      hard/signal/easy transition counts (transitions_total of the last step)
     flips.png            (with pool_history.csv) queries drawn and queries that flipped state
     pool.png             live weight mass, live queries and queries never drawn
@@ -213,13 +213,18 @@ def _integer_ticks(ax) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _rolling(x: np.ndarray, window: int) -> np.ndarray:
-    out = np.full_like(x, np.nan)
-    for i in range(len(x)):
-        chunk = x[max(0, i - window + 1): i + 1]
-        chunk = chunk[~np.isnan(chunk)]
-        if chunk.size:
-            out[i] = chunk.mean()
+def _rolling_ratio(num: np.ndarray, den: np.ndarray, window: int) -> np.ndarray:
+    """sum(num) / sum(den) over the last ``window`` steps (NaN where the steps' den sums to 0):
+    the same ratio of sums as the summary's shares, so that a step that trained one group
+    weighs one group, not a full batch (a NaN step counts as 0)."""
+    num = np.nan_to_num(num, nan=0.0, posinf=0.0, neginf=0.0)
+    den = np.nan_to_num(den, nan=0.0, posinf=0.0, neginf=0.0)
+    out = np.full(len(num), np.nan)
+    for i in range(len(num)):
+        lo = max(0, i - window + 1)
+        total = den[lo: i + 1].sum()
+        if total > 0:
+            out[i] = num[lo: i + 1].sum() / total
     return out
 
 
@@ -227,14 +232,13 @@ def plot_recycled_share(records: list[dict[str, Any]], path: Path) -> Path:
     steps = _series(records, "step")
     recovery = np.nan_to_num(_series(records, "recovery_share"))
     drift = np.nan_to_num(_series(records, "drift_share"))
-    share = _series(records, "recycled_share")
     fig, (ax,) = _figure()
     ax.stackplot(steps, recovery, drift, labels=["recovery (last zero-variance: all wrong)",
                                                  "drift (last zero-variance: all correct)"],
                  colors=["tab:green", "tab:orange"], alpha=0.7, step="mid")
     window = max(1, len(steps) // 10)
-    ax.plot(steps, _rolling(share, window), color="black", lw=1.5,
-            label=f"recycled share, rolling mean over {window} step(s)")
+    ax.plot(steps, _rolling_ratio(_series(records, "recycled"), _series(records, "effective_batch"), window),
+            color="black", lw=1.5, label=f"recycled share over the last {window} step(s)")
     _mark_epochs(ax, records)
     ax.set_ylim(0, 1.05)
     return _finish(fig, ax, path, "training step", "share of the effective batch",
@@ -283,9 +287,16 @@ def plot_batch_fill(records: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+# The evaluation scores the reward plot draws (eval/<split>_<score>): the trainer logs every key of
+# evaluate's ``overall`` (also n, turns, response_tokens, ...), which are not on a 0-1 scale.
+EVAL_SCORES = ("pass@1", "em", "f1", "answer_rate")
+
+
 def _eval_keys(records: list[dict[str, Any]]) -> list[str]:
     keys = sorted({k for r in records for k in r if k.startswith("eval/")})
-    return [k for k in keys if _has(records, k)]
+    keys = [k for k in keys if _has(records, k) and any(k.endswith("_" + score) for score in EVAL_SCORES)]
+    # em equals pass@1 (single-sample exact match): draw it only when its pass@1 is not logged.
+    return [k for k in keys if not (k.endswith("_em") and k[:-2] + "pass@1" in keys)]
 
 
 def plot_reward(records: list[dict[str, Any]], path: Path) -> Path:

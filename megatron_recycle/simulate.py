@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
             f"{r['flipped_fraction']:>7.2f}   {_share_curve(r['timeline'])}"
         )
     print("\nfill: mean over the last 10% of steps; recycled, recov, drift: shares of the groups trained in\n"
-          "those steps; roll/grp: rollouts per trained group; '-' or nan: no group trained.")
+          "those steps; roll/grp: rollouts per trained group; '-' or nan: no group trained.\n"
+          "recycled follows METHOD.md: an earlier draw of the query was zero-variance. The baselines\n"
+          "consume every drawn query, so theirs are queries drawn again after an epoch reset.")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         payload = {"args": vars(args), "results": [_json_safe(r) for r in results]}

@@ -249,3 +249,32 @@ def test_cli_analyze_passes_every_and_no_plots(run, capsys):
     run_dir, _, _ = run
     assert cli_main(["analyze", str(run_dir), "--every", "7", "--no-plots"]) == 0
     assert "20 steps (0..19), showing every 7 steps and the last" in capsys.readouterr().out
+
+
+def test_the_reward_plot_draws_only_the_evaluation_scores():
+    """The trainer logs every key of evaluate's ``overall`` as eval/dev_<key> (n, turns, response
+    tokens, ...); only the 0-1 scores belong on the reward axes, and em only when pass@1 is absent."""
+    from megatron_recycle.analyze import _eval_keys
+    from megatron_recycle.evaluate import _aggregate
+
+    row = {"em": 1.0, "f1": 0.5, "answered": True, "searches": 2, "turns": 3, "response_tokens": 40,
+           "retrieval_errors": 0, "finish_reasons": ["answer"]}
+    overall = _aggregate([row, {**row, "em": 0.0}])
+    records = [{"step": 0, "reward_mean": 0.3, **{f"eval/dev_{k}": v for k, v in overall.items()}}]
+    assert _eval_keys(records) == ["eval/dev_answer_rate", "eval/dev_f1", "eval/dev_pass@1"]
+    # an older run that logged only eval/dev_em keeps its curve
+    assert _eval_keys([{"step": 0, "eval/dev_em": 0.2, "eval/dev_n": 50}]) == ["eval/dev_em"]
+
+
+def test_the_plots_recycled_share_is_a_ratio_of_sums_like_the_summary():
+    """A step that trained one group weighs one group (the summary's rule), not a whole batch."""
+    import numpy as np
+
+    from megatron_recycle.analyze import _rolling_ratio
+
+    recycled = np.array([2.0, 0.0, 0.0, 0.0, 3.0])
+    effective = np.array([2.0, 1.0, 0.0, 0.0, 4.0])
+    out = _rolling_ratio(recycled, effective, 4)
+    assert out[3] == pytest.approx(2 / 3)  # not the mean of per-step shares (0.5)
+    assert out[4] == pytest.approx(3 / 5)
+    assert math.isnan(_rolling_ratio(np.array([0.0]), np.array([0.0]), 3)[0])

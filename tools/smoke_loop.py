@@ -124,6 +124,24 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _number(value: Any) -> float:
+    """A logged scalar as a float: metrics.jsonl writes nan/inf as strings (an empty effective
+    batch's recycled share is "nan"); anything missing or not a number is nan."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    return float("nan")
+
+
+def step_row(r: dict) -> str:
+    """One line of the final table for a metrics.jsonl record (never raises on what it logged)."""
+    eff = _number(r.get("effective_batch"))
+    return (f"{str(r.get('step', '?')):>4} {'?' if math.isnan(eff) else int(eff):>3} "
+            f"{_number(r.get('recycled_share')):>8.2f} {_number(r.get('train/loss')):>10.4g} "
+            f"{_number(r.get('train/grad_norm')):>10.4g} {_number(r.get('time/train')):>8.2f}")
+
+
 def check(commands: list[dict], run_dir: Path, steps: int) -> list[str]:
     """Every reason this smoke run fails (empty: a pass)."""
     problems = [f"{c['name']}: exit {c['rc']}" for c in commands if c["rc"] != 0]
@@ -280,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c['name']:<14} {c['rc']:>4} {c['seconds']:>8.1f}")
     print(f"\n{'step':>4} {'eff':>3} {'recycled':>8} {'loss':>10} {'grad_norm':>10} {'train s':>8}")
     for r in rows:
-        print(f"{r.get('step', '?'):>4} {r.get('effective_batch', 0):>3} {r.get('recycled_share', 0.0):>8.2f} "
-              f"{r.get('train/loss', float('nan')):>10.4g} {r.get('train/grad_norm', float('nan')):>10.4g} "
-              f"{r.get('time/train', float('nan')):>8.2f}")
+        print(step_row(r))
     report = run_dir / "report.json"
     pass1 = json.loads(report.read_text()).get("test_pass@1") if report.is_file() else None
     print(f"\nPass@1 (4 test questions): {pass1}")

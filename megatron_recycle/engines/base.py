@@ -5,6 +5,8 @@ Token ids in, token ids out: the rollout loop never re-tokenizes what an engine 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,12 +30,17 @@ class SamplingParams:
         self.stop = tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {self.stop!r}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # NaN passes a "< 0" test
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # False for NaN too
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        # an integer: engines disagree on 2.7 (vLLM truncates it, a decode loop runs 3 steps)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral):
+            raise ValueError(f"SamplingParams.max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
 
 
 @dataclass

@@ -208,10 +208,13 @@ def to_generation(
     stop: Sequence[str] = (),
     decode: Callable[[list[int]], str] | None = None,
     counters: dict[str, int] | None = None,
+    eos_token_ids: Iterable[int] = (),
 ) -> Generation:
     """Our Generation from a vLLM ``RequestOutput`` (or its first ``CompletionOutput``).
 
-    finish_reason: "length" stays "length"; "stop" with a string ``stop_reason`` is "stop"
+    finish_reason: "length" stays "length", except when the last token is one of ``eos_token_ids``
+    (vLLM versions that test the token budget before EOS say "length" for an EOS on the last
+    allowed token; HFEngine says "eos", and so do we); "stop" with a string ``stop_reason`` is "stop"
     (``stop_str`` set); "stop" without one (EOS or a stop token id) is "eos", with the EOS token
     left in the token ids as vLLM returns it (HFEngine keeps it too).
 
@@ -230,6 +233,8 @@ def to_generation(
     if logprobs is None and getattr(completion, "logprobs", None) is not None:
         _count(counters, "logprobs_missing")
     if reason == "length":
+        if token_ids and token_ids[-1] in frozenset(eos_token_ids):
+            return Generation(token_ids, "eos", None, logprobs)
         return Generation(token_ids, "length", None, logprobs)
     if reason != "stop":
         raise RuntimeError(
@@ -298,6 +303,21 @@ def bucket_tensors(
         size += nbytes
     if bucket:
         yield bucket
+
+
+def folder_eos_token_ids(folder: str | os.PathLike, tokenizer: Any) -> frozenset[int]:
+    """The end-of-sequence ids vLLM stops on for a model folder: the tokenizer's and the generation
+    config's (generation_config.json, else the one config.json implies), which is what a
+    transformers model, and so HFEngine, stops on for the same folder."""
+    from transformers import GenerationConfig
+
+    from megatron_recycle.engines.hf import _eos_token_ids
+    from megatron_recycle.model.hf_loading import load_generation_config, load_hf_config
+
+    gen = load_generation_config(folder)
+    if gen is None:
+        gen = GenerationConfig.from_model_config(load_hf_config(folder))
+    return _eos_token_ids(None, tokenizer, gen)
 
 
 def engine_param_name(hf_name: str) -> str:
@@ -599,7 +619,8 @@ class VLLMEngine:
         config = llm.llm_engine.model_config
         self._setup(llm, vllm.SamplingParams, tokenizer, enable_sleep_mode=enable_sleep_mode, sleep_level=sleep_level,
                     bucket_bytes=bucket_bytes, max_model_len=int(config.max_model_len),
-                    vocab_size=int(config.get_vocab_size()), request_group=request_group, release_kv=release_kv)
+                    vocab_size=int(config.get_vocab_size()), request_group=request_group, release_kv=release_kv,
+                    eos_token_ids=folder_eos_token_ids(model_path, tokenizer))
 
     @classmethod
     def from_llm(
@@ -616,12 +637,15 @@ class VLLMEngine:
         tp_rank_size: Callable[[], tuple[int, int]] | None = None,
         request_group: Any | None = None,
         release_kv: bool = False,
+        eos_token_ids: Iterable[int] | None = None,
     ) -> VLLMEngine:
         """Wrap an already built ``vllm.LLM`` (or a stand-in with its methods, as the CPU tests do).
 
         ``tp_rank_size`` gives the vLLM TP (rank, size) inside the worker; default vLLM's own.
         ``release_kv``: sleep by freeing the worker's KV buffer (:func:`release_kv_cache`), as on
-        vLLM's CPU backend, instead of vLLM's own sleep mode.
+        vLLM's CPU backend, instead of vLLM's own sleep mode. ``eos_token_ids``: the ids vLLM
+        stops on (default: the tokenizer's EOS; :func:`folder_eos_token_ids` adds the model
+        folder's generation config, as the constructor does).
         """
         if sleep_level not in (1, 2):
             raise ValueError(f"VLLMEngine sleep_level must be 1 or 2, got {sleep_level}")
@@ -630,15 +654,21 @@ class VLLMEngine:
         engine = cls.__new__(cls)
         engine._setup(llm, sampling_params_cls, tokenizer, enable_sleep_mode=enable_sleep_mode,
                       sleep_level=sleep_level, bucket_bytes=bucket_bytes, max_model_len=max_model_len,
-                      vocab_size=vocab_size, request_group=request_group, release_kv=release_kv)
+                      vocab_size=vocab_size, request_group=request_group, release_kv=release_kv,
+                      eos_token_ids=eos_token_ids)
         if tp_rank_size is not None:
             engine._tp_rank_size = tp_rank_size
         return engine
 
     def _setup(self, llm: Any, sampling_params_cls: Callable[..., Any], tokenizer: Any, *, enable_sleep_mode: bool,
                sleep_level: int, bucket_bytes: int, max_model_len: int | None, vocab_size: int | None,
-               request_group: Any | None = None, release_kv: bool = False) -> None:
+               request_group: Any | None = None, release_kv: bool = False,
+               eos_token_ids: Iterable[int] | None = None) -> None:
         self.llm = llm
+        if eos_token_ids is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos_token_ids = [eos] if isinstance(eos, int) else []
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.request_group = request_group
         self._sampling_params_cls = sampling_params_cls
         self.tokenizer = tokenizer
@@ -678,7 +708,8 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
         decode = self._decode
         return [
-            to_generation(out, stop=kw["stop"] or (), decode=decode, counters=self.counters)
+            to_generation(out, stop=kw["stop"] or (), decode=decode, counters=self.counters,
+                          eos_token_ids=self.eos_token_ids)
             for out, kw in zip(outputs, kwargs_list)
         ]
 
@@ -757,13 +788,14 @@ class VLLMEngine:
         else:
             try:
                 for bucket in bucket_tensors(stream, self.bucket_bytes):
-                    if error is not None:
-                        continue
-                    try:
-                        self._apply(lambda model, b=bucket: model.load_weights(iter(b)))
-                        count += len(bucket)
-                    except Exception as e:  # keep draining the collective stream, raise at the end
-                        error = e
+                    if error is None:
+                        try:
+                            self._apply(lambda model, b=bucket: model.load_weights(iter(b)))
+                            count += len(bucket)
+                        except Exception as e:  # keep draining the collective stream, raise at the end
+                            error = e
+                    # dropped before the next bucket is gathered: one bucket (plus one tensor) alive
+                    del bucket
             except TypeError as e:  # a malformed item: drain what is left, then report it
                 error = error or e
                 for _ in stream:
@@ -798,11 +830,13 @@ class VLLMEngine:
         count = [0]
 
         def items() -> Iterator[tuple[str, torch.Tensor]]:
-            sent_head = False
+            sent_head = False  # lm_head.weight sent, as itself or as the embedding's twin (either order)
             for item in stream:
                 name, tensor = check_named_tensor(item, "VLLMEngine.load_weights")
-                if name == "lm_head.weight" and tied and sent_head:
-                    continue  # already sent as the embedding's twin
+                if name == "lm_head.weight" and tied:
+                    if sent_head:
+                        continue  # already sent as the embedding's twin
+                    sent_head = True
                 count[0] += 1
                 yield name, tensor
                 if tied and name == "model.embed_tokens.weight" and not sent_head:
@@ -818,8 +852,10 @@ class VLLMEngine:
             )
         except Exception as e:  # keep draining the collective stream, raise at the end
             error = e
-        for _ in stream:
-            pass
+        unread = sum(1 for _ in stream)
+        if unread and error is None:  # a partial update must not pass for a sync
+            error = RuntimeError(f"vLLM's reload_weights returned after reading {count[0]} tensors; "
+                                 f"{unread} were never read")
         return count[0], error
 
     @torch.no_grad()
@@ -837,11 +873,10 @@ class VLLMEngine:
         all_names = []
         for name, t in named_tensors:
             all_names.append(name)
-            if wanted is None or name in wanted:
+            # decided per tensor before anything is copied: only the compared tensors are held
+            if (name in wanted) if wanted is not None else bool(default_check_names([name])):
                 kept[name] = t.detach().clone()
-        if wanted is None:
-            kept = {n: kept[n] for n in default_check_names(all_names)}
-        elif missing := sorted(wanted - kept.keys()):
+        if wanted is not None and (missing := sorted(wanted - kept.keys())):
             raise KeyError(f"check_weights: {missing[:5]} are not in the exported tensors (e.g. {all_names[:3]})")
         if self._weights_asleep:
             self._wake_up(["weights"])

@@ -5,6 +5,7 @@ call them in order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -291,13 +292,21 @@ def engine_kind(cfg: Config) -> str:
 
 
 # The process's vLLM engine, if one was built: {"engine", "folder" (whose weights it holds, or
-# "" after a sync from the trainer), "settings", "arch" (_architecture of its model)}. See build_engine.
+# "" after a sync from the trainer), "settings", "arch" (_architecture of its model), "behaviour"
+# (_behaviour: config values, EOS ids and vocabulary it keeps)}. See build_engine.
 _VLLM_ENGINE: dict[str, Any] = {}
 
 # config.json keys that fix the shapes of every tensor: equal values let one engine take the
 # other folder's weights.
 _ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "vocab_size")
+# config values vLLM builds into the model once (rotary tables, norm eps, activation, biases, window):
+# the same tensors compute something else under other values, so another folder's weights may
+# only be streamed into the engine when these are equal too (read through transformers' config
+# class, so that a value written out and the same value left to its default compare equal).
+_BEHAVIOUR_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps", "hidden_act",
+                   "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+                   "partial_rotary_factor", "max_position_embeddings")
 
 
 def _architecture(folder: str) -> dict[str, Any]:
@@ -308,6 +317,22 @@ def _architecture(folder: str) -> dict[str, Any]:
     arch["head_dim"] = cfg.get("head_dim") or (cfg.get("hidden_size") or 0) // heads
     arch["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     return arch
+
+
+def _behaviour(folder: str, tokenizer: Any) -> dict[str, Any]:
+    """What else the process's vLLM engine keeps from the folder it was built from: the config values
+    above, the EOS ids it stops on, and its tokenizer's vocabulary (stop strings are matched on
+    vLLM's own detokenization). A tokenizer without a vocabulary (a test's stand-in) is left out."""
+    from megatron_recycle.engines.vllm import folder_eos_token_ids
+    from megatron_recycle.model.hf_loading import load_hf_config
+
+    hf = load_hf_config(folder)
+    out: dict[str, Any] = {k: getattr(hf, k, None) for k in _BEHAVIOUR_KEYS}
+    out["eos_token_ids"] = sorted(folder_eos_token_ids(folder, tokenizer))
+    if callable(getattr(tokenizer, "get_vocab", None)):
+        vocab = sorted(tokenizer.get_vocab().items())
+        out["tokenizer_vocab"] = hashlib.sha1(json.dumps(vocab).encode()).hexdigest()
+    return out
 
 
 def iter_folder_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
@@ -337,6 +362,14 @@ def _reuse_vllm_engine(folder: str, settings: tuple, tokenizer: Any) -> Any | No
                 f"the process's vLLM engine runs a model of another architecture ({_VLLM_ENGINE['arch']}) than "
                 f"{folder} ({want}); "
                 "one process runs one vLLM engine: evaluate the other model with rollout.engine=hf"
+            )
+        have, got = _VLLM_ENGINE["behaviour"], _behaviour(folder, tokenizer)
+        if differ := sorted(k for k in have.keys() | got.keys() if have.get(k) != got.get(k)):
+            raise ConfigError(
+                f"the process's vLLM engine was built from a model whose {', '.join(differ)} differ from "
+                f"{folder}'s ({ {k: have.get(k) for k in differ} } vs { {k: got.get(k) for k in differ} }): "
+                "streaming the weights in would keep the first model's values; one process runs one vLLM "
+                "engine: evaluate the other model with rollout.engine=hf"
             )
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"[engine] reusing this process's vLLM engine: loading the weights of {folder}", flush=True)
@@ -391,7 +424,8 @@ def build_engine(cfg: Config, model_path: str, tokenizer: Any, chunks: list | No
             dtype=settings[-1], enable_sleep_mode=cfg.rollout.vllm_sleep,
             kv_cache_bytes=max(1, int(cfg.rollout.vllm_kv_cache_gib * 2**30)) if cfg.rollout.vllm_kv_cache_gib else None,
         )
-        _VLLM_ENGINE.update(engine=engine, folder=folder, settings=settings, arch=_architecture(folder))
+        _VLLM_ENGINE.update(engine=engine, folder=folder, settings=settings, arch=_architecture(folder),
+                            behaviour=_behaviour(folder, tokenizer))
         return engine
     if engine_kind(cfg) == "native" and chunks is not None:
         from megatron_recycle.engines.native import NativeEngine

@@ -764,23 +764,34 @@ def fake_vllm_module(built: list):
     return SimpleNamespace(LLM=LLM, SamplingParams=dict, EngineArgs=EngineArgs)
 
 
-def test_constructor_on_vllms_cpu_build_releases_kv_itself_and_passes_the_memory_budget(monkeypatch):
+def test_constructor_on_vllms_cpu_build_releases_kv_itself_and_passes_the_memory_budget(monkeypatch, tmp_path):
+    import json
+
     built = []
     monkeypatch.setattr(V, "require_vllm", lambda: fake_vllm_module(built))
     monkeypatch.setattr(V.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(V, "_vllm_platform_is_cpu", lambda: True)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    engine = V.VLLMEngine("/m", FakeTokenizer(), gpu_memory_utilization=0.3, kv_cache_bytes=3 * 2**30, dtype="float32")
+    folder = _hf_folder(tmp_path / "m")
+    engine = V.VLLMEngine(folder, FakeTokenizer(), gpu_memory_utilization=0.3, kv_cache_bytes=3 * 2**30, dtype="float32")
     kw = built[-1]
     assert kw["enable_sleep_mode"] is False  # vLLM's CPU build has no sleep mode: the engine frees the KV itself
     assert engine._release_kv and engine.enable_sleep_mode
     assert kw["gpu_memory_utilization"] == 0.3  # on the CPU build: the share of the machine's memory
     assert kw["kv_cache_memory_bytes"] == 3 * 2**30
-    V.VLLMEngine("/m", FakeTokenizer(), enable_sleep_mode=False)
+    V.VLLMEngine(folder, FakeTokenizer(), enable_sleep_mode=False)
     assert "kv_cache_memory_bytes" not in built[-1]
-    assert not V.VLLMEngine("/m", FakeTokenizer(), enable_sleep_mode=False)._release_kv
+    assert not V.VLLMEngine(folder, FakeTokenizer(), enable_sleep_mode=False)._release_kv
     with pytest.raises(ValueError, match="kv_cache_bytes must be >= 1"):
-        V.VLLMEngine("/m", FakeTokenizer(), kv_cache_bytes=0)
+        V.VLLMEngine(folder, FakeTokenizer(), kv_cache_bytes=0)
+    # what vLLM stops on: the tokenizer's EOS and the generation config's, which without a
+    # generation_config.json is config.json's (LlamaConfig's default 2 here), as for a transformers model
+    assert engine.eos_token_ids == {EOS, 2}
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 9}))
+    assert V.VLLMEngine(folder, FakeTokenizer()).eos_token_ids == {EOS, 9}
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 8]}))
+    assert V.VLLMEngine(folder, FakeTokenizer()).eos_token_ids == {EOS, 7, 8}
 
 
 def test_a_vllm_without_a_fixed_kv_size_refuses_one():
@@ -1245,3 +1256,159 @@ def test_idle_vllm_groups_follow_megatrons_rank_order(world, vtp, tp, pp, idle):
     assert len(leaders) == world // (tp * pp)
     assert world // vtp - len({r // vtp for r in leaders}) == idle
     assert V.idle_vllm_groups(world, vtp, tp=tp, pp=pp) == idle
+
+
+# ------------------------------------------------- memory, EOS and stream bookkeeping (review fixes)
+def test_check_weights_copies_only_the_tensors_it_compares(monkeypatch):
+    """The sync check runs beside trainer and engine on the GPU: a copy of every exported tensor
+    would be a second full model. Only the compared tensors (default_check_names) are cloned."""
+    engine, _, _ = fake_engine()
+    new = full_layer(kv_heads=2, seed=3)
+    engine.load_weights(iter(new.items()))
+    stream = list(new.items()) + [(f"model.layers.{i}.mlp.down_proj.weight", torch.zeros(4, 4)) for i in (1, 2)]
+    names_of = {t.data_ptr(): n for n, t in stream}  # clone is called on a detached view: same storage
+    cloned, real_clone = [], torch.Tensor.clone
+
+    def counting_clone(self, *a, **kw):
+        if self.data_ptr() in names_of:
+            cloned.append(names_of[self.data_ptr()])
+        return real_clone(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+    diffs = engine.check_weights(iter(stream))
+    monkeypatch.undo()
+    assert sorted(cloned) == sorted(diffs) == sorted(V.default_check_names(n for n, _ in stream))
+    assert "model.layers.1.mlp.down_proj.weight" not in cloned
+
+
+def test_an_eos_on_the_last_allowed_token_is_eos_as_in_hfengine():
+    """vLLM versions that test the token budget before EOS end such a request with "length"."""
+    assert V.to_generation(completion([1, EOS], "length"), eos_token_ids={EOS}).finish_reason == "eos"
+    assert V.to_generation(completion([1, EOS], "length")).finish_reason == "length"  # no EOS ids given
+    assert V.to_generation(completion([EOS, 1], "length"), eos_token_ids={EOS}).finish_reason == "length"
+    engine, llm, _ = fake_engine()
+    assert engine.eos_token_ids == {EOS}  # from_llm's default: the tokenizer's EOS
+    llm.generate = lambda prompts, sampling, use_tqdm=True: [completion([3, EOS], "length") for _ in prompts]
+    (g,) = engine.generate([[1]], SamplingParams(max_new_tokens=2))
+    assert g.finish_reason == "eos" and g.token_ids == [3, EOS]
+    engine, llm, _ = fake_engine(eos_token_ids=[7])
+    llm.generate = lambda prompts, sampling, use_tqdm=True: [completion([3, 7], "length") for _ in prompts]
+    assert engine.generate([[1]], SamplingParams(max_new_tokens=2))[0].finish_reason == "eos"
+
+
+def test_the_bucket_path_holds_one_bucket_and_one_tensor():
+    import weakref
+
+    class Model:
+        def load_weights(self, weights):
+            for _ in weights:
+                pass
+
+    class LLM:
+        def apply_model(self, fn):
+            return [fn(Model())]
+
+        def reset_prefix_cache(self):
+            return True
+
+    engine = V.VLLMEngine.from_llm(LLM(), dict, FakeTokenizer(), bucket_bytes=4 * 100 * 4)  # 4 tensors a bucket
+    alive, peak = [0], [0]
+
+    def stream():
+        for i in range(40):
+            t = torch.zeros(100)  # a fresh tensor, as the exporter's gathered ones are
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+            weakref.finalize(t, lambda: alive.__setitem__(0, alive[0] - 1))
+            yield f"t{i}", t
+
+    engine._layerwise_reload = False
+    engine.load_weights(stream())
+    assert peak[0] <= 5, peak[0]  # one bucket (4) plus the tensor that did not fit
+
+
+def test_a_tied_head_is_sent_once_whichever_comes_first():
+    """A folder's safetensors keys come sorted: lm_head.weight before model.embed_tokens.weight."""
+    llm = FakeReloadLLM(FakeModel(1, 2, 2))
+    engine = V.VLLMEngine.from_llm(llm, dict, FakeTokenizer(), tp_rank_size=lambda: (1, 2))
+    new = full_layer(kv_heads=2, seed=5)
+    engine.load_weights(iter([("lm_head.weight", new["model.embed_tokens.weight"]), *new.items()]))
+    assert llm.reload_calls[-1].count("lm_head.weight") == 1
+
+
+def test_a_reload_that_stops_reading_is_not_a_sync():
+    class StopsEarly(FakeReloadLLM):
+        def _reload(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+            next(weights_iterator), next(weights_iterator)  # returns without error after two tensors
+
+    engine = V.VLLMEngine.from_llm(StopsEarly(FakeModel(0, 1, 2)), dict, FakeTokenizer(), tp_rank_size=lambda: (0, 1))
+    consumed = []
+
+    def stream():
+        for n, t in full_layer(kv_heads=2, seed=5).items():
+            consumed.append(n)
+            yield n, t
+
+    with pytest.raises(RuntimeError, match=r"returned after reading 2 tensors; \d+ were never read"):
+        engine.load_weights(stream())
+    assert len(consumed) == len(full_layer(kv_heads=2, seed=5)) and engine.weights_version == 0
+
+
+def test_sampling_params_refuse_nan_and_fractional_values():
+    for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=float("nan")),
+                dict(max_new_tokens=2.7), dict(max_new_tokens=True), dict(seed=1.5)):
+        with pytest.raises(ValueError, match="SamplingParams"):
+            SamplingParams(**bad)
+    import numpy as np
+
+    assert SamplingParams(max_new_tokens=np.int64(3), seed=np.int64(2)).max_new_tokens == 3
+
+
+def test_the_process_engine_refuses_a_folder_whose_model_computes_otherwise(tmp_path, monkeypatch):
+    """Same tensor shapes are not enough: vLLM keeps the first folder's rotary table, norm eps, EOS
+    ids and tokenizer, so streaming in another folder's weights would run them under old values."""
+    import json
+
+    from megatron_recycle.config import Config, ConfigError
+    from megatron_recycle.train import runtime as rtm
+
+    class Engine:
+        def __init__(self, folder, tokenizer, **kw):
+            self.tokenizer = tokenizer
+
+        def load_weights(self, named):
+            list(named)
+
+    class Tok:
+        eos_token_id = 0
+
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    monkeypatch.setattr(V, "require_vllm", lambda: None)
+    monkeypatch.setattr(V, "VLLMEngine", Engine)
+    monkeypatch.setattr(rtm, "_VLLM_ENGINE", {})
+    cfg = Config()
+    cfg.rollout.engine = "vllm"
+
+    def folder(name, seed=0, **config):
+        path = _hf_folder(tmp_path / name, seed=seed)
+        base = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**base, **config}))
+        return path
+
+    vocab = {"a": 0, "b": 1}
+    e1 = rtm.build_engine(cfg, folder("a"), Tok(vocab))
+    # the same values written out (an exported folder) or left to their defaults compare equal
+    assert rtm.build_engine(cfg, folder("same", seed=1, rms_norm_eps=1e-6, rope_theta=10000.0), Tok(vocab)) is e1
+    # (transformers 5 keeps rope_theta inside rope_parameters; older versions as its own key)
+    for name, change, differs in (("theta", dict(rope_theta=1e6), "rope_parameters|rope_theta"),
+                                  ("eps", dict(rms_norm_eps=1e-5), "rms_norm_eps"),
+                                  ("eos", dict(eos_token_id=5), "eos_token_ids")):
+        with pytest.raises(ConfigError, match=rf"whose [a-z_, ]*({differs})[a-z_, ]* differ"):
+            rtm.build_engine(cfg, folder(name, **change), Tok(vocab))
+    with pytest.raises(ConfigError, match="tokenizer_vocab differ"):
+        rtm.build_engine(cfg, folder("vocab"), Tok({"a": 1, "b": 0}))

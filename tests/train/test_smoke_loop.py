@@ -114,3 +114,12 @@ def test_smoke_loop_check_finds_every_kind_of_failure(tmp_path):
         "resume_varlen: its start line does not say 'packed groups, attention varlen'"]
     (run_dir / "report.json").unlink()
     assert problems(good_rows) == ["no report.json"]
+
+
+def test_the_final_table_prints_a_step_without_an_effective_batch():
+    # an empty effective batch logs recycled_share "nan" (a string in metrics.jsonl): the table is
+    # what a GPU run's failure is diagnosed from, so it must print, not raise
+    tool = _tool()
+    line = tool.step_row({"step": 1, "effective_batch": 0, "recycled_share": "nan", "train/loss": 0.5})
+    assert line.split() == ["1", "0", "nan", "0.5", "nan", "nan"]
+    assert tool.step_row({"step": 0}).split() == ["0", "?", "nan", "nan", "nan", "nan"]
