@@ -23,7 +23,7 @@ USER_ERRORS = {
 EPILOG = (
     "Overrides are dotted keys, e.g. pool.batch_size=8 optim.lr=1e-6 model.tp=2 run.name=2024-12-01 "
     "(text keys take the text as it is; numbers are base 10; booleans and sections are YAML). "
-    "Every key is documented in megatron_recycle/config.py and in the recipes."
+    "Every key is documented in megatron_recycle/config.py; the recipes document the ones they set."
 )
 
 
@@ -59,7 +59,7 @@ def _setup_environment() -> None:
 
 
 def _load(args: argparse.Namespace, quiet: bool = False) -> Config:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, command=args.command)
     if not quiet:
         print("# resolved config", flush=True)
         print(cfg.to_yaml(), flush=True)
@@ -114,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for option, path in (("--init-from", args.init_from), ("model.name_or_path", cfg.model.name_or_path)):
         if path:
             _refuse_training_checkpoint(path, option)
+    if args.save_hf:  # checked before the training it would otherwise fail after
+        _check_save_hf(args.save_hf, {"--init-from": args.init_from, "model.name_or_path": cfg.model.name_or_path})
     summary = run_grpo(cfg, resume=args.resume, init_from=args.init_from)
     rt = summary.pop("runtime")
     if args.save_hf:
@@ -148,6 +150,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     resume = resume_after_restart(cfg, args.resume, "eval", "results already written are reused")
     evaluate_files(cfg, model, files, Path(args.out or cfg.run_dir / "eval"), resume=resume)
     return 0
+
+
+def _check_save_hf(path: str, sources: dict[str, str | None]) -> None:
+    """``train --save-hf DIR``: refused up front where writing it after training would be refused (a
+    file, a non-empty folder without config.json), or would replace the model training starts from."""
+    from pathlib import Path
+
+    from megatron_recycle.model.convert import hf_output_refusal
+
+    if why := hf_output_refusal(path):
+        raise FileExistsError(f"--save-hf: {why}")
+    target = Path(path).expanduser().resolve()
+    for option, source in sources.items():
+        if source and Path(source).expanduser().exists() and Path(source).expanduser().resolve() == target:
+            raise FileExistsError(f"--save-hf {path} is the {option} folder training starts from; writing the "
+                                  "trained model there would replace it: choose another folder")
 
 
 def _refuse_training_checkpoint(path: str, option: str) -> None:

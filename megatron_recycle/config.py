@@ -296,11 +296,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float's range
+                raise ConfigError(f"{key}: expected a finite number, got an integer of {len(str(value))} digits") from None
         elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 number = float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
         if number is None:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
@@ -378,6 +381,53 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
+# Numbers in base 10 only, in recipes as in overrides: YAML 1.1 reads 010 as octal 8, 0x1F as 31 and
+# 1:30 as base-60 90, silently. Here digits are a decimal integer (010 is 10), numbers with a dot (or
+# .inf/.nan) a float, and 0x1F or 1:30 stay text, which a number setting refuses by name.
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(_INT_TAG, re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?
+                  |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    try:
+        return int(text, 10)
+    except ValueError as e:  # more digits than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError(f"{text[:20]}...: {e}") from None
+
+
+_UniqueKeyLoader.add_constructor(_INT_TAG, _decimal_int)
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML by this module's rules (unique keys, base-10 numbers), every alias an independent copy:
+    a recipe's ``eval: *s`` must not make an override of eval.KEY change sft.KEY too."""
+    try:
+        return _unshared(yaml.load(text, Loader=_UniqueKeyLoader))
+    except RecursionError:
+        raise ConfigError("an alias refers to the mapping or list that contains it") from None
+
+
+def _unshared(node: Any) -> Any:
+    """A copy of a loaded YAML tree in which no two places share a mapping or list (deepcopy would
+    keep an alias's sharing)."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
+
 
 def parse_override(text: str) -> tuple[str, Any]:
     """'pool.batch_size=8' -> ('pool.batch_size', 8).
@@ -400,18 +450,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     if tp is str:
         if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
             try:
-                quoted = yaml.safe_load(stripped)
+                quoted = _load_yaml(stripped)
             except yaml.YAMLError:
                 quoted = None
             if isinstance(quoted, str):
                 return key, quoted
         return key, stripped
     if tp in (int, float) and re.fullmatch(r"[-+]?\d+", stripped):
-        return key, int(stripped, 10)
+        try:
+            return key, int(stripped, 10)
+        except ValueError as e:  # more digits than Python converts
+            raise ConfigError(f"override {key}=...: {e}") from None
     if tp in (int, float) and ":" in stripped:
         raise ConfigError(f"override {text!r}: expected {'an integer' if tp is int else 'a number'}, got {stripped!r}")
     try:
-        value = yaml.safe_load(raw) if stripped != "" else ""
+        value = _load_yaml(raw) if stripped != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot read the value: {e}") from e
     return key, value
@@ -442,15 +495,20 @@ def _expand_home(cfg: Config) -> None:
         value = getattr(node, key)
         if isinstance(value, str) and value.startswith("~"):
             setattr(node, key, os.path.expanduser(value))
+    # rollout.reward=FILE.py:function names a file too (a module path never starts with ~)
+    path, sep, fn = cfg.rollout.reward.rpartition(":")
+    if sep and path.startswith("~") and path.endswith(".py"):
+        cfg.rollout.reward = f"{os.path.expanduser(path)}:{fn}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                check_environment: bool = True) -> Config:
+                check_environment: bool = True, command: str | None = None) -> Config:
     """Recipe YAML (optional) + dotted overrides -> a validated Config.
 
     ``check_environment=False`` skips the checks of what this machine has (vLLM,
     transformer-engine, a custom reward's module, torchrun's world size): for reading a run's
-    saved config elsewhere, e.g. to export its checkpoint.
+    saved config elsewhere, e.g. to export its checkpoint. ``command`` (a CLI command's name)
+    limits the checks to what that command builds (see COMMAND_NEEDS); None checks everything.
     """
     tree: dict[str, Any] = {}
     if path is not None:
@@ -460,7 +518,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"recipe {str(p)!r} does not exist")
         try:
-            tree = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+            tree = _load_yaml(p.read_text(encoding="utf-8"))
+            if tree is None:  # an empty file (or only comments): the defaults
+                tree = {}
         except ConfigError as e:
             raise ConfigError(f"recipe {str(p)!r}: {e}") from None
         except yaml.YAMLError as e:
@@ -474,7 +534,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
     _expand_home(cfg)
-    validate(cfg, check_environment=check_environment)
+    validate(cfg, check_environment=check_environment, command=command)
     return cfg
 
 
@@ -484,13 +544,42 @@ def _require(cond: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
-def validate(cfg: Config, check_environment: bool = True) -> None:
+# What each CLI command builds, for the checks that matter only to it: "model" (a Megatron model:
+# transformer-engine for layer_spec=te), "engine" (the rollout engine: vLLM and its TP blocks),
+# "reward" (the custom reward's module), "sft" (an SFT phase: its learning-rate floor). A command not
+# listed here (and a library caller, command=None) gets every check.
+COMMAND_NEEDS: dict[str, frozenset[str]] = {
+    "gen-data": frozenset(),
+    "serve-retriever": frozenset(),
+    "sft": frozenset({"model", "sft"}),
+    "train": frozenset({"model", "engine", "reward"}),
+    "eval": frozenset({"engine"}),
+    "run": frozenset({"model", "engine", "reward", "sft"}),
+}
+ALL_NEEDS = frozenset({"model", "engine", "reward", "sft"})
+
+
+def command_needs(cfg: Config, command: str | None) -> frozenset[str]:
+    """COMMAND_NEEDS[command] (every need for None or an unlisted command); ``run`` needs "sft" only
+    when its SFT phase runs."""
+    needs = COMMAND_NEEDS.get(command, ALL_NEEDS) if command is not None else ALL_NEEDS
+    if command == "run" and not (cfg.sft.enabled and cfg.sft.steps > 0):
+        needs = needs - {"sft"}
+    return needs
+
+
+def validate(cfg: Config, check_environment: bool = True, command: str | None = None) -> None:
     """Value checks that need no data or model; see also check_against_data / check_parallel_layout.
 
     With ``check_environment`` also what this machine must have for the config to run: vLLM,
     transformer-engine, the custom reward's module, a torchrun world that vLLM's blocks tile.
+    ``command``: a CLI command, whose needs (COMMAND_NEEDS) limit the checks of what it does not
+    build (``gen-data`` needs no vLLM, ``train`` runs no SFT); None checks everything.
     """
+    needs = command_needs(cfg, command)
     r, p, ro, lo, o = cfg.run, cfg.pool, cfg.rollout, cfg.loss, cfg.optim
+    _require(0 <= r.seed < 2**62, "run.seed", r.seed, "must be in [0, 2**62): seeds derived from it "
+             "(per pipeline stage, per evaluation) must stay within the 64-bit range generators take")
     _require(r.save_every >= 0, "run.save_every", r.save_every, "must be >= 0")
     _require(r.keep_last >= 1, "run.keep_last", r.keep_last, "must be >= 1")
     _require(r.log_every >= 1, "run.log_every", r.log_every, "must be >= 1")
@@ -586,7 +675,8 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     _require(s.save_every >= 0, "sft.save_every", s.save_every, "must be >= 0")
     _require(s.warmup_steps >= 0, "sft.warmup_steps", s.warmup_steps, "must be >= 0")
     _require(s.max_examples >= 0, "sft.max_examples", s.max_examples, "must be >= 0 (0: all)")
-    _require(o.min_lr <= s.lr, "optim.min_lr", o.min_lr, f"SFT decays to it too, so it must be <= sft.lr={s.lr}")
+    if "sft" in needs:
+        _require(o.min_lr <= s.lr, "optim.min_lr", o.min_lr, f"SFT decays to it too, so it must be <= sft.lr={s.lr}")
     e = cfg.eval
     _require(e.n_samples >= 1, "eval.n_samples", e.n_samples, "must be >= 1")
     _require(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0")
@@ -596,7 +686,7 @@ def validate(cfg: Config, check_environment: bool = True) -> None:
     _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
     _require(e.max_examples >= 0, "eval.max_examples", e.max_examples, "must be >= 0 (0: the whole file)")
     if check_environment:
-        _check_environment(cfg)
+        _check_environment(cfg, needs)
 
 
 # Environment variables the package reads, and the values each accepts (checked up front by
@@ -616,26 +706,27 @@ def _check_environment_variables() -> None:
                           "(or unset for automatic)")
 
 
-def _check_environment(cfg: Config) -> None:
-    """What this machine must have for ``cfg`` to run (validate's check_environment)."""
+def _check_environment(cfg: Config, needs: frozenset[str] = ALL_NEEDS) -> None:
+    """What this machine must have for ``cfg`` to run (validate's check_environment), for the parts
+    in ``needs`` (see COMMAND_NEEDS)."""
     import importlib.util
 
     _check_environment_variables()
     ro, m = cfg.rollout, cfg.model
-    if ro.reward not in ("em", "f1"):
+    if "reward" in needs and ro.reward not in ("em", "f1"):
         from megatron_recycle.agent.reward import load_reward_fn
 
         try:
             load_reward_fn(ro.reward)
         except ValueError as e:
             raise ConfigError(f"rollout.reward={ro.reward!r}: {e}") from None
-    if m.layer_spec == "te":
+    if "model" in needs and m.layer_spec == "te":
         from megatron_recycle.model.build import te_available
 
         _require(te_available(), "model.layer_spec", m.layer_spec,
                  "needs transformer-engine and a CUDA device (the [gpu] extra on a GPU machine); "
                  "use local or auto")
-    if ro.engine == "vllm":
+    if "engine" in needs and ro.engine == "vllm":
         # Under torchrun: vLLM's external launcher tiles the world with blocks of vllm_tp ranks (the
         # full check, against the model and the trainer's layout, is train.runtime.setup_runtime's).
         if os.environ.get("WORLD_SIZE"):

@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.oversample) < 1:
         ap.error(f"--oversample values must be >= 1, got {args.oversample}")
+    for name in ("learn", "transfer", "drift"):
+        if not math.isfinite(getattr(args, name)):
+            ap.error(f"--{name} must be a finite number, got {getattr(args, name)}")
+    if args.drift < 0:
+        ap.error(f"--drift is a standard deviation: it must be >= 0, got {args.drift}")
     k_max = max([k for st in args.strategies for k in (args.oversample if STRATEGY_K[st] else [1])])
     if k_max * args.batch_size > args.queries:
         ap.error(f"a step draws k*B = {k_max}*{args.batch_size} candidates but the pool has only "

@@ -587,3 +587,122 @@ def test_a_warm_up_as_long_as_the_run_is_cut_with_a_note(monkeypatch, capsys):
     with pytest.raises(Stop):
         rtm.setup_runtime(cfg, model_path="m", lr=1e-6, warmup_steps=3, total_steps=4)
     assert "warm-up" not in capsys.readouterr().out
+
+
+def test_each_command_checks_only_what_it_builds(monkeypatch):
+    """gen-data, serve-retriever and sft build no rollout engine: a GPU recipe (engine vllm) is
+    theirs to run on a machine without vLLM; train runs no SFT, so SFT's learning-rate floor is
+    not its rule. A library caller (command None) and the commands that build an engine keep every check."""
+    import importlib.util
+
+    from megatron_recycle import config as C
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    recipe = ROOT / "recipes" / "qwen3_1p7b_recycle.yaml"
+    assert "engine: vllm" in recipe.read_text()
+    for command in ("gen-data", "serve-retriever", "sft"):
+        assert load_config(recipe, command=command).rollout.engine == "vllm"
+    for command in ("train", "eval", "run", None):
+        with pytest.raises(ConfigError, match="vLLM is not installed"):
+            load_config(recipe, command=command)
+    floor = ["rollout.engine=hf", "optim.lr=1e-4", "optim.min_lr=3e-5", "sft.lr=2e-5"]
+    assert load_config(recipe, floor, command="train").optim.min_lr == 3e-5
+    assert "enabled: false" in recipe.read_text()  # its SFT phase runs through `sft`, not `run`
+    assert load_config(recipe, floor, command="run").optim.min_lr == 3e-5
+    for command, extra in (("sft", []), ("run", ["sft.enabled=true"]), (None, [])):
+        with pytest.raises(ConfigError, match="SFT decays to it too"):
+            load_config(recipe, floor + extra, command=command)
+    # a custom reward is read by the GRPO commands only; transformer-engine by the Megatron ones
+    bad_reward = ["rollout.engine=hf", "rollout.reward=gone_pkg.rewards:fn"]
+    load_config(None, bad_reward, command="sft")
+    with pytest.raises(ConfigError, match="rollout.reward"):
+        load_config(None, bad_reward, command="train")
+    monkeypatch.setattr("megatron_recycle.model.build.te_available", lambda: False)
+    load_config(None, ["model.layer_spec=te"], command="eval")
+    with pytest.raises(ConfigError, match="model.layer_spec"):
+        load_config(None, ["model.layer_spec=te"], command="sft")
+    assert C.command_needs(load_config(None, []), "export") == C.ALL_NEEDS  # unlisted: everything
+
+
+def test_train_save_hf_is_checked_before_training(tmp_path, monkeypatch, capsys):
+    """A --save-hf that writing would refuse after training (hours on a GPU recipe) is refused first,
+    as is one naming the folder training starts from (the atomic replace would delete it)."""
+    import megatron_recycle.train.grpo as grpo
+
+    trained = []
+    monkeypatch.setattr(grpo, "run_grpo", lambda *a, **kw: trained.append(1) or {})
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for out, extra, says in ((not_a_folder, [], "not a model folder"), (stray, [], "not a model folder"),
+                             (model, [f"model.name_or_path={model}"], "model.name_or_path folder training starts")):
+        assert main(["train", "--save-hf", str(out), *extra]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["train", "--save-hf", str(model) + "/", "--init-from", str(model)]) == 2
+    assert "--init-from folder training starts from" in capsys.readouterr().err
+    assert trained == [] and (stray / "notes.txt").read_text() == "mine"
+
+
+def test_numbers_are_base_10_in_recipes_and_section_overrides_too(tmp_path):
+    """YAML 1.1 reads 010 as 8, 0x1F as 31 and 1:30 as 90; the documented rule is base 10."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {steps: 010}\nrun: {seed: 7, save_every: 1_0}\noptim: {lr: 1.0e-4}\n")
+    cfg = load_config(recipe)
+    assert (cfg.train.steps, cfg.run.save_every, cfg.optim.lr) == (10, 10, 1e-4)
+    assert load_config(None, ["train={steps: 010}"]).train.steps == 10
+    for text, key in (("run: {seed: 0x1F}", "run.seed"), ("run: {save_every: 1:30}", "run.save_every"),
+                      ("train: {steps: 0b11}", "train.steps")):
+        recipe.write_text(text)
+        with pytest.raises(ConfigError, match=f"{key}: expected an integer"):
+            load_config(recipe)
+    for over in ("train.steps=0x10", "train.steps=0b11", "optim.lr=0x10", "train={steps: 0o7}"):
+        with pytest.raises(ConfigError, match="expected"):
+            load_config(None, [over])
+    # text settings keep such words as text
+    assert load_config(None, ["run.name=0x1F"]).run.name == "0x1F"
+
+
+def test_a_yaml_alias_is_a_copy_and_odd_recipes_are_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sft: &s {batch_size: 8}\neval: *s\n")
+    cfg = load_config(recipe, ["eval.batch_size=2"])
+    assert (cfg.sft.batch_size, cfg.eval.batch_size) == (8, 2)
+    for text in ("false", "0", "[]", "''"):
+        recipe.write_text(text)
+        with pytest.raises(ConfigError, match="must be a mapping of sections"):
+            load_config(recipe)
+    recipe.write_text("# only a comment\n")
+    assert load_config(recipe) == Config()
+
+
+def test_huge_numbers_and_seeds_are_config_errors():
+    for over in ("optim.lr=1" + "0" * 400, "model.vpp=" + "9" * 5000, "run.seed=18446744073709551616",
+                 "run.seed=-1"):
+        with pytest.raises(ConfigError):
+            load_config(None, [over])
+    assert load_config(None, [f"run.seed={2**62 - 1}"]).run.seed == 2**62 - 1
+
+
+def test_a_reward_file_under_home_is_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "myreward.py").write_text("def fn(response, golds, truncated):\n    return 1.0\n")
+    cfg = load_config(None, ["rollout.reward=~/myreward.py:fn"])
+    assert cfg.rollout.reward == f"{tmp_path}/myreward.py:fn"
+
+
+def test_simulate_refuses_non_finite_learner_settings(capsys):
+    from megatron_recycle.simulate import main as simulate
+
+    base = ["--queries", "64", "--batch-size", "4", "--budget", "64", "--strategies", "grpo"]
+    for bad, says in ((["--transfer", "nan"], "--transfer must be a finite number"),
+                      (["--learn", "inf"], "--learn must be a finite number"),
+                      (["--drift", "-1"], "--drift is a standard deviation")):
+        with pytest.raises(SystemExit):
+            simulate(base + bad)
+        assert says in capsys.readouterr().err

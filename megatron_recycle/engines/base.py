@@ -39,8 +39,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
-            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not 0 <= self.seed < 2**63):  # a torch.Generator seed's range
+            raise ValueError(f"SamplingParams.seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
 
 
 @dataclass

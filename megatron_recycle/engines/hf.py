@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import operator
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class _Row:
     params: SamplingParams
     generator: torch.Generator | None
     max_stop_tokens: int
+    context: list[int] = field(default_factory=list)  # the prompt's last token (stop-string decoding)
     new_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
@@ -50,22 +52,31 @@ class DecodingBase:
 
     def _validate_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         for i, p in enumerate(prompts):
+            if isinstance(p, (str, bytes)):
+                raise ValueError(f"{self.name}.generate: prompt {i} is text ({p[:40]!r}); give token ids")
             if len(p) == 0:
                 raise ValueError(f"{self.name}.generate: prompt {i} is empty; give at least one token id")
-            bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
+            try:  # integers only: int("12") or int(5.9) would turn text or floats into other token ids
+                ints = [operator.index(t) for t in p if not isinstance(t, bool)]
+            except TypeError:
+                ints = None
+            if ints is None or len(ints) != len(p):
+                kinds = sorted({type(t).__name__ for t in p})
+                raise ValueError(f"{self.name}.generate: prompt {i} holds {kinds}, not integer token ids")
+            bad = [t for t in ints if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(
                     f"{self.name}.generate: prompt {i} has token ids {bad[:5]} outside the vocabulary "
                     f"[0, {self.vocab_size}); tokenize with this engine's tokenizer"
                 )
 
-    def _new_rows(self, params: list[SamplingParams]) -> list[_Row]:
+    def _new_rows(self, params: list[SamplingParams], prompts: Sequence[Sequence[int]]) -> list[_Row]:
         rows = []
-        for i, p in enumerate(params):
+        for i, (p, prompt) in enumerate(zip(params, prompts, strict=True)):
             stop_bytes = max((len(s.encode("utf-8")) for s in p.stop), default=0)
             gen = self._new_generator(p.seed) if p.temperature > 0 else None
             # A stop string of n bytes spans at most n tokens; one more token of left context.
-            rows.append(_Row(i, p, gen, stop_bytes + 1))
+            rows.append(_Row(i, p, gen, stop_bytes + 1, context=[int(prompt[-1])] if p.stop else []))
         return rows
 
     def _advance(self, row: _Row, tok: int, lp: float) -> bool:
@@ -86,7 +97,7 @@ class DecodingBase:
         if isinstance(params, SamplingParams):
             out = []
             for i in range(len(prompts)):
-                seed = None if params.seed is None else params.seed + i
+                seed = None if params.seed is None else (params.seed + i) % 2**63
                 out.append(
                     SamplingParams(params.temperature, params.top_p, params.max_new_tokens, tuple(params.stop), seed)
                 )
@@ -146,7 +157,16 @@ class DecodingBase:
 
     def _check_stop(self, row: _Row) -> bool:
         """True when a stop string has just been completed; the decode window covers any split."""
-        text = self.tokenizer.decode(row.new_ids[-row.max_stop_tokens :], skip_special_tokens=False)
+        window = row.new_ids[-row.max_stop_tokens :]
+        text = self.tokenizer.decode(window, skip_special_tokens=False)
+        if len(row.new_ids) < row.max_stop_tokens and row.context:
+            # The window starts at the first new token, which some decoders (SentencePiece's, as in
+            # Llama-2 tokenizers) strip of its leading space when it comes first: " Answer:" would
+            # never match. Decoded after the prompt's last token, the text keeps it.
+            prefix = self.tokenizer.decode(row.context, skip_special_tokens=False)
+            joined = self.tokenizer.decode(row.context + window, skip_special_tokens=False)
+            if joined.startswith(prefix):
+                text = joined[len(prefix):]
         best_end, best = None, None
         for s in row.params.stop:
             pos = text.find(s)
@@ -217,7 +237,7 @@ class HFEngine(DecodingBase):
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[Sequence[int]], params: list[SamplingParams]) -> list[Generation]:
-        rows = self._new_rows(params)
+        rows = self._new_rows(params, prompts)
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)

@@ -536,6 +536,16 @@ def _recover_hf_folder(final: Path) -> None:
         shutil.rmtree(debris, ignore_errors=True)
 
 
+def hf_output_refusal(out_dir: str | os.PathLike) -> str | None:
+    """Why :func:`write_hf_folder` would refuse ``out_dir`` (a file, or a folder that is not empty and
+    holds no config.json, which it never replaces), or None; for checking an output before the work
+    that produces it."""
+    final = Path(out_dir)
+    if final.is_file() or (final.is_dir() and any(final.iterdir()) and not (final / "config.json").is_file()):
+        return f"{final} exists and is not a model folder (no config.json): choose another folder"
+    return None
+
+
 def write_hf_folder(
     tensors: Iterable[tuple[str, torch.Tensor]],
     hf_config: Any,
@@ -567,9 +577,9 @@ def write_hf_folder(
         _recover_hf_folder(final)
     out = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     refused = None
-    if write and (final.is_file() or (final.is_dir() and any(final.iterdir()) and not (final / "config.json").is_file())):
+    if write and (why := hf_output_refusal(final)):
         # raised after the stream is consumed: in a collective export the other ranks are in it too
-        refused = FileExistsError(f"{final} exists and is not a model folder (no config.json): choose another folder")
+        refused = FileExistsError(why)
         write = False
     umask = os.umask(0)
     os.umask(umask)

@@ -344,3 +344,41 @@ def test_seeded_draws_come_from_the_cpu_stream_on_any_device(tok):
         u = torch.rand(1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         assert tokens[seed].item() == int(torch.searchsorted(cdf, u * cdf[-1], right=True))
     assert len(set(tokens.tolist())) > 1
+
+
+def test_a_stop_string_with_a_leading_space_in_the_first_new_token_stops():
+    """Llama-2-style (SentencePiece) decoders strip the leading space of the first token decoded:
+    " Answer:" written as the turn's first tokens must still stop, as it does later in a turn."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581Answer": 3, ":": 4, "\u2581Paris": 5, "\u2581the": 6, "\u2581is": 7}
+    sp = LlamaTokenizer(vocab=vocab, merges=[])
+    assert sp.decode([3, 4]) == "Answer:"  # the decoder's rule this guards against
+    prompt = [6, 7]
+    for script, kept in (([3, 4, 6, 5, 7], [3, 4]), ([6, 3, 4, 6, 5], [6, 3, 4])):
+        engine = HFEngine(ScriptedLM({tuple(prompt): script}, len(vocab)), sp)
+        (gen,) = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=10, stop=(" Answer:",)))
+        assert (gen.finish_reason, gen.stop_str, gen.token_ids) == ("stop", " Answer:", kept), script
+
+
+def test_prompts_must_hold_integer_token_ids(tok):
+    """int("12") or int(5.9) would quietly generate from other token ids than the caller meant."""
+    engine = HFEngine(tiny_llama(), tok)
+    for bad in ("2024", ["12", "7"], [5.9, 6.2], [True, 3]):
+        with pytest.raises(ValueError, match="text|not integer token ids"):
+            engine.generate([bad], SamplingParams(0, max_new_tokens=1))
+    import numpy as np
+
+    ok = engine.generate([[5, 6], np.array([5, 6]), torch.tensor([5, 6])], SamplingParams(0, max_new_tokens=2))
+    assert ok[0].token_ids == ok[1].token_ids == ok[2].token_ids
+
+
+def test_seeds_stay_in_the_generators_range(tok):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        SamplingParams(seed=2**63)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=-1)
+    engine = HFEngine(tiny_llama(), tok)
+    # one SamplingParams for several prompts uses seed + i: wrapped, the last seed still works
+    gens = engine.generate([[5], [6]], SamplingParams(1.0, max_new_tokens=2, seed=2**63 - 1))
+    assert all(len(g.token_ids) == 2 for g in gens)

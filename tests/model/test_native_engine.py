@@ -41,7 +41,9 @@ def _pair(tiny, kind, tied, compact_fraction=0.125):
     model = build_model_chunks(hf.config, layer_spec="local")[0].eval()
     load_hf_weights([model], hf)
     tok = CharTokenizer()
-    return HFEngine(hf, tok), NativeEngine(model, hf.config, tok, compact_fraction=compact_fraction), model
+    # the generation config both engines stop by (build_engine passes the folder's to NativeEngine)
+    return (HFEngine(hf, tok), NativeEngine(model, hf.config, tok, compact_fraction=compact_fraction,
+                                            generation_config=hf.generation_config), model)
 
 
 def _prompts(n_groups=3, k=3, seed=0):
@@ -113,7 +115,15 @@ def test_stops_on_the_generation_configs_eos_ids_too(world1, tiny):
     hf_engine = HFEngine(hf_engine.model, tok)  # reads the generation config when built
     without = NativeEngine(model, hf_engine.model.config, tok)
     native = NativeEngine(model, hf_engine.model.config, tok, generation_config=GenerationConfig(eos_token_id=[EOS, other]))
-    assert without.eos_token_ids == {EOS} and native.eos_token_ids == hf_engine.eos_token_ids == {EOS, other}
+    # no generation config given: config.json's id (LlamaConfig's default 2), as a transformers model
+    assert without.eos_token_ids == {EOS, hf_engine.model.config.eos_token_id} == {EOS, 2}
+    assert native.eos_token_ids == hf_engine.eos_token_ids == {EOS, other}
+    # a folder without generation_config.json: config.json's ids, as a transformers model takes them
+    import copy
+
+    listed = copy.deepcopy(hf_engine.model.config)
+    listed.eos_token_id = [EOS, other]
+    assert NativeEngine(model, listed, tok).eos_token_ids == {EOS, other}
     prompts = _prompts(n_groups=2, k=4, seed=5)
     params = SamplingParams(temperature=1.5, max_new_tokens=20, seed=11)
     a, b = hf_engine.generate(prompts, params), native.generate(prompts, params)
