@@ -170,6 +170,8 @@ def check_writable(path: str | Path) -> None:
     """EvalOutputError now, before a model is loaded and questions are rolled out, when a result
     cannot be written at ``path`` (a read-only or missing disk, a file where its folder should be)."""
     path = Path(path)
+    if path.is_dir():  # the probe below goes beside it and would pass
+        raise EvalOutputError(f"cannot write the evaluation result {path}: it is a folder; name a .json file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
@@ -348,11 +350,15 @@ def write_summary(summary: dict[str, Any], path: str | Path) -> None:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no temporary file left beside the result
+        raise
 
 
-def _int_at_least(low: int):
+def _int_at_least(low: int, below: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text, 10)
@@ -360,6 +366,8 @@ def _int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be < {below}, got {value}")
         return value
 
     return parse
@@ -391,9 +399,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-new-tokens", type=_int_at_least(1), default=256)
     ap.add_argument("--topk", type=_int_at_least(1), default=3)
     ap.add_argument("--batch-size", type=_int_at_least(1), default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_int_at_least(0, 2**63), default=0, help="sampling seed, in [0, 2**63)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--output", default="runs/eval/result.json")
+    ap.add_argument("--output", default="runs/eval/result.json", help="result JSON ('' to write nothing)")
     args = ap.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit(
@@ -425,11 +433,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
-        output_path=args.output,
+        output_path=args.output or None,
         run_info={"data": str(args.data), "model": str(args.model), "retriever": args.retriever, "limit": args.limit},
     )
     print(format_table(result))
-    print(f"{len(examples)} examples in {result['seconds']:.0f} s; result written to {args.output}")
+    written = f"; result written to {args.output}" if args.output else " (--output '': nothing written)"
+    print(f"{len(examples)} examples in {result['seconds']:.0f} s{written}")
     return result
 
 

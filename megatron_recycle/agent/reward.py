@@ -40,13 +40,25 @@ def exact_match(prediction: str, golds: Sequence[str]) -> float:
     return float(any(pred == normalize_answer(g) for g in golds))
 
 
+_CLOSED_ANSWERS = ("yes", "no", "noanswer")
+
+
 def f1_score(prediction: str, golds: Sequence[str]) -> float:
-    """Best token-level F1 over the golden answers."""
-    pred_tokens = normalize_answer(prediction).split()
+    """Best token-level F1 over the golden answers, with HotpotQA's closed-answer rule that FlashRAG
+    applies on the seven benchmarks: a yes/no/noanswer answer (prediction or gold, after
+    normalization) earns nothing unless the other one is that same word ("yes they are" against
+    "yes" is 0, not 0.5). One deliberate difference from FlashRAG: when prediction and gold both
+    normalize to no tokens (the band "The The", the letter "A") F1 is 1, as in SQuAD 2.0 and as
+    exact match says; FlashRAG scores that 0 (a question or two in thousands)."""
+    pred = normalize_answer(prediction)
+    pred_tokens = pred.split()
     best = 0.0
     for gold in golds:
-        gold_tokens = normalize_answer(gold).split()
-        if not pred_tokens or not gold_tokens:  # as SQuAD 2.0: 1 when both are empty (gold "The The")
+        norm_gold = normalize_answer(gold)
+        if (pred in _CLOSED_ANSWERS or norm_gold in _CLOSED_ANSWERS) and pred != norm_gold:
+            continue
+        gold_tokens = norm_gold.split()
+        if not pred_tokens or not gold_tokens:
             best = max(best, float(pred_tokens == gold_tokens))
             continue
         common = Counter(pred_tokens) & Counter(gold_tokens)

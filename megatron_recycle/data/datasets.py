@@ -186,8 +186,13 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, row) pairs; a row that is not valid JSON comes back as a QAFormatError."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:  # decoded line by line: one bad byte is that row's error, not the file's
+            for lineno, raw in enumerate(f, 1):
+                try:  # a byte-order mark (written by some Windows tools) is not part of the first row
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield f"{path}:{lineno}", QAFormatError(f"not UTF-8 text (byte {e.start + 1}: {e.reason})")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -195,11 +200,12 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 except json.JSONDecodeError as e:
                     yield f"{path}:{lineno}", QAFormatError(f"not valid JSON ({e.msg} at column {e.colno})")
     elif suffix == ".json":
-        with path.open(encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise QAFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise QAFormatError(f"{path}: not UTF-8 text (byte {e.start + 1}: {e.reason})") from None
+        except json.JSONDecodeError as e:
+            raise QAFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
             raise QAFormatError(f"{path}: a .json QA file must hold a list of rows")
         for i, row in enumerate(data):

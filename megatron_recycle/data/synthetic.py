@@ -591,7 +591,7 @@ def _oracle_queries(cands: Sequence[Candidate], retriever: Retriever, topk: int)
         for i in range(0, len(todo), 1024):
             batch = todo[i : i + 1024]
             for q, hits in zip(batch, retriever.search(batch, topk)):
-                results[q] = hits
+                results[q] = hits[:topk]  # what a rollout shows (a server may return more than topk)
         still = []
         for h in pending:
             if round_ < len(h.queries) and _title_key(h.title) in {
@@ -636,6 +636,7 @@ def oracle_trajectory(
             passages = cache[hop.chosen]
         else:
             passages = retriever.search([hop.chosen], topk)[0]
+        passages = passages[:topk]  # as a rollout cuts them
         turns.append(
             {
                 "generated": f"<think>{think}</think>\n<search> {hop.chosen} </search>",

@@ -245,3 +245,34 @@ def test_an_unwritable_result_is_found_before_the_rollouts_and_its_numbers_kept(
     with pytest.raises(ev.EvalOutputError, match=r"No space left on device\); its numbers: Pass@1 [0-9.]+, EM "):
         evaluate(ScriptEngine(), OneDocRetriever(), read_qa_file(fixture_file), batch_size=3,
                  output_path=tmp_path / "r.json")
+
+
+def test_a_folder_as_the_result_is_refused_first_and_a_failed_write_leaves_no_temporary(tmp_path, monkeypatch):
+    from megatron_recycle import evaluate as ev
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    with pytest.raises(ev.EvalOutputError, match="it is a folder"):
+        ev.check_writable(folder)
+    target = tmp_path / "r.json"
+    monkeypatch.setattr(ev.Path, "replace", lambda self, other: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(OSError, match="full"):
+        ev._atomic_write(target, "{}")
+    assert list(tmp_path.iterdir()) == [folder]  # no .r.json.tmp-PID left
+
+
+def test_the_module_cli_refuses_a_bad_seed_and_writes_nothing_for_an_empty_output(fixture_file, monkeypatch, capsys):
+    from megatron_recycle import evaluate as ev
+
+    loaded = []
+    monkeypatch.setattr("megatron_recycle.model.hf_loading.load_hf_model", lambda m: loaded.append(m))
+    for seed in ("-1", str(2**63)):
+        with pytest.raises(SystemExit):
+            ev.main(["--data", str(fixture_file), "--seed", seed])
+        assert "--seed" in capsys.readouterr().err
+    assert loaded == []  # refused before any model was loaded
+    monkeypatch.setattr("megatron_recycle.model.hf_loading.load_tokenizer", lambda m: None)
+    monkeypatch.setattr("megatron_recycle.engines.hf.HFEngine", lambda *a, **k: ScriptEngine())
+    monkeypatch.setattr("megatron_recycle.agent.retrievers.build_retriever", lambda *a, **k: OneDocRetriever())
+    result = ev.main(["--data", str(fixture_file), "--output", "", "--batch-size", "3"])
+    assert result["overall"]["n"] > 0 and "nothing written" in capsys.readouterr().out

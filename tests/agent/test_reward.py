@@ -41,6 +41,16 @@ def test_f1_partial_overlap_and_best_gold():
     assert f1_score("x y y", ["y"]) == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))
 
 
+def test_f1_closed_answers_follow_hotpotqas_rule():
+    """FlashRAG's F1 on HotpotQA/2Wiki comparison questions: yes/no/noanswer earn nothing unless equal."""
+    assert f1_score("yes they are", ["yes"]) == 0.0  # 0.5 by plain token overlap
+    assert f1_score("yes", ["yes sir"]) == 0.0
+    assert f1_score("Yes.", ["yes"]) == 1.0 and f1_score("no", ["No", "yes"]) == 1.0
+    assert f1_score("no answer", ["noanswer"]) == 0.0
+    assert f1_score("yes", ["no", "yes indeed"]) == 0.0
+    assert f1_score("the yes men", ["Yes Men"]) == 1.0  # not a closed answer: plain overlap
+
+
 def test_score_response_em_and_f1():
     r = score_response("<think>...</think><answer> The Paris </answer>", ["paris", "Paris, France"])
     assert (r.reward, r.em, r.f1, r.answer, r.malformed) == (1.0, 1.0, 1.0, "The Paris", False)

@@ -170,3 +170,23 @@ def test_answer_fields_in_order_numbers_and_a_json_chat_prompt(tmp_path):
     assert [ex.golden_answers for ex in got] == [["1960", "3", "x"], ["a"], ["b"], ["Shakespeare"],
                                                  ["[citation needed]", "1e+25"]]
     assert got[3].question == "who wrote Hamlet?" and got[4].question == "who is x?"
+
+
+def test_a_bom_and_a_bad_byte_are_read_or_named_by_line(tmp_path):
+    """A byte-order mark (Windows tools write one) is not part of the first row; a row that is not
+    UTF-8 is that row's error (file and line), skippable like any malformed row."""
+    rows = [json.dumps({"question": "first", "golden_answers": ["x"]}).encode(),
+            b'{"question": "Caf\xe9?", "golden_answers": ["y"]}',
+            json.dumps({"question": "third", "golden_answers": ["z"]}).encode()]
+    path = tmp_path / "w.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(rows) + b"\n")
+    with pytest.raises(QAFormatError, match=r"w.jsonl:2: not UTF-8 text"):
+        read_qa_file(path)
+    got = read_qa_file(path, skip_bad_rows=True)
+    assert [r.question for r in got] == ["first", "third"] and got.skipped == 1
+    whole = tmp_path / "w.json"
+    whole.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"question": "q", "golden_answers": ["a"]}]).encode())
+    assert [r.question for r in read_qa_file(whole)] == ["q"]
+    whole.write_bytes(b'[{"question": "Caf\xe9", "golden_answers": ["a"]}]')
+    with pytest.raises(QAFormatError, match=r"w.json: not UTF-8 text"):
+        read_qa_file(whole)

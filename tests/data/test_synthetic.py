@@ -322,3 +322,20 @@ def test_an_interrupted_regeneration_never_leaves_a_mix_of_two_sets(generated, b
     assert sorted(p.name for p in folder.iterdir()) == sorted(old)  # the staging folders are gone
     for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "sft.jsonl"):
         assert (folder / name).read_bytes() == old[name], name
+
+
+def test_oracle_trajectories_show_only_topk_passages_from_a_server_that_returns_more(bm25, tmp_path):
+    """A rollout shows the policy passages[:topk]; SFT must show it the same, whatever the server sends."""
+
+    class Generous:
+        def search(self, queries, topk):
+            return bm25.search(queries, topk + 2)
+
+    result = generate_dataset(tmp_path, seed=0, topk=TOPK, retriever=Generous(), progress=None,
+                              n_train=60, n_dev=10, n_test=10)
+    rows = _read(result["paths"]["sft"])
+    assert rows
+    for row in rows:
+        for turn in row["turns"][:-1]:
+            hop_query = parse_action(turn["generated"])[1]
+            assert turn["information"] == format_information(bm25.search([hop_query], TOPK)[0])
