@@ -100,9 +100,12 @@ PACK_ROW_TOKENS = 2048  # groups share a packed row up to this width (a dense tr
 
 
 def _rows_for_groups(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
-    """Assign groups (by packed size) to as few rows as keep every row within
-    max(row_tokens, largest group): longest-first into the least-filled row, for the smallest row
-    count that fits. Returns the group indices of each row, in placement order."""
+    """Assign groups (by packed size) to few rows that keep every row within
+    max(row_tokens, largest group): for the smallest row count where it works, longest-first into
+    the least-filled row (balanced rows), else longest-first into the first row with room (first-fit
+    decreasing, which finds the tight packings the balanced rule misses, e.g. sizes 1024, 1024, 682,
+    682, 682 in two rows of 2048). Bin packing is NP-hard: this is a heuristic, not always the fewest
+    rows. Returns the group indices of each row, in placement order."""
     cap = max(max(sizes), row_tokens)
     order = sorted(range(len(sizes)), key=lambda g: -sizes[g])
     for rows in range(max(1, -(-sum(sizes) // cap)), len(sizes) + 1):
@@ -112,6 +115,15 @@ def _rows_for_groups(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
             fill[r] += sizes[g]
             members[r].append(g)
         if max(fill) <= cap:
+            return [m for m in members if m]
+        fill, members = [0] * rows, [[] for _ in range(rows)]
+        for g in order:
+            r = next((r for r in range(rows) if fill[r] + sizes[g] <= cap), None)
+            if r is None:
+                break
+            fill[r] += sizes[g]
+            members[r].append(g)
+        else:
             return [m for m in members if m]
     return [[g] for g in order]
 

@@ -259,6 +259,22 @@ def check_token_ids(batch: TrajectoryBatch, vocab_size: int) -> None:
         )
 
 
+def _loss_free_rows_alone(mb: TrajectoryBatch) -> TrajectoryBatch:
+    """A member without loss tokens, cut to its loss extent, would cut its group's shared prefix to
+    (almost) nothing and make every other member recompute the prompt; it is packed as a group of its
+    own instead (its log-probs carry no loss either way)."""
+    if mb.group_ids is None:
+        return mb
+    lossless = ~mb.loss_mask.bool().any(dim=1)
+    if not bool(lossless.any()):
+        return mb
+    gids = mb.group_ids.clone()
+    rows = lossless.nonzero().flatten()
+    top = int(gids.max()) + 1
+    gids[rows] = torch.arange(top, top + rows.numel(), dtype=gids.dtype)
+    return mb.replace(group_ids=gids)
+
+
 def _micro_batches(
     batch: TrajectoryBatch, micro_batch_size: int, pack: bool = False, model_chunks: Sequence[torch.nn.Module] = (),
     select: bool = False, return_order: bool = False,
@@ -310,6 +326,7 @@ def _micro_batches(
             # right padding goes even when the batch carries no lengths)
             extent = mb.loss_extent()
             mb = mb.replace(lengths=extent if mb.lengths is None else torch.minimum(mb.lengths, extent))
+            mb = _loss_free_rows_alone(mb)
         cuts.append(mb)
     packs: list[PackedRows | None] = [None] * len(cuts)
     if packing:

@@ -613,3 +613,35 @@ def test_varlen_is_asked_for_causal_attention_in_either_torch_spelling():
         _causal_kwargs(neither)
     varlen = pytest.importorskip("torch.nn.attention.varlen")
     assert _causal_kwargs(varlen.varlen_attn) == {"window_size": (-1, 0)}  # this torch's (2.13 in CI)
+
+
+def test_rows_for_groups_finds_tight_packings():
+    """Balanced placement misses 1024+1024 | 682x3 in two rows of 2048 (it made three, 25% padding)."""
+    from megatron_recycle.train.packing import _rows_for_groups
+
+    rows = _rows_for_groups([1024, 1024, 682, 682, 682], 2048)
+    assert len(rows) == 2 and sorted(g for r in rows for g in r) == [0, 1, 2, 3, 4]
+    assert all(sum([1024, 1024, 682, 682, 682][g] for g in r) <= 2048 for r in rows)
+    assert len(_rows_for_groups([600, 600, 600, 600], 2048)) == 2  # balanced rows where they fit
+
+
+def test_a_member_without_loss_keeps_its_groups_shared_prompt(world1, tiny):
+    """Cut to its loss extent, a loss-free member shrank the group's shared prefix to one token;
+    it is packed alone now and the others keep sharing the prompt. Results are unchanged."""
+    from megatron_recycle.train.step import _micro_batches
+
+    chunks, _, _ = _model(tiny, "llama", True)
+    prompt = list(range(10, 60))
+    seqs = [prompt + [20 + k] * 10 for k in range(4)]
+    shapes, logprobs = {}, {}
+    for zero in (False, True):
+        masks = [[0] * 50 + ([0] * 10 if zero and k == 3 else [1] * 10) for k in range(4)]
+        b = build_batch(seqs, masks, advantages=[1.0, -1.0, 0.5, 0.0], group_ids=[0] * 4)
+        (mb,) = _micro_batches(b, 4, True, chunks, select=True)
+        shapes[zero] = mb.packed.tokens.numel()
+        assert max(span[2] for span in mb.packed.spans) == 49, mb.packed.spans  # the prompt is shared
+        lp = compute_logprobs(chunks, b, 4, pack_groups=True, only_loss_positions=True)
+        logprobs[zero] = lp[:3, 49:]  # the loss positions of the members that have loss in both
+    assert shapes[True] <= shapes[False] + 4  # not the whole prompt again
+    torch.testing.assert_close(logprobs[True], logprobs[False], rtol=0, atol=1e-6)
+
