@@ -204,9 +204,11 @@ def _is_cuda_device(dev: Any) -> bool:
 class CudaToCpuMode(TorchFunctionMode):
     """Maps CUDA device arguments and ``.cuda()`` to the CPU; reports CPU legacy types as CUDA.
 
-    Only active when CUDA is absent (see module doc, patches 3 and 4). Being a global mode it
-    sees every torch call in the process: about 1-3 us extra per op on a 2-core CPU (a few
-    percent of a SmolLM2-135M decoding step).
+    Only active when CUDA is absent (see module doc, patches 3 and 4). A torch function mode sits
+    on a per-thread stack: it sees every torch call of the thread that applied the patches (the
+    main thread; nothing here runs Megatron code on another thread, which would need to enter it
+    too), about 1-3 us extra per op on a 2-core CPU (a few percent of a SmolLM2-135M decoding step).
+    The other patches replace module attributes and hold for every thread.
     """
 
     def __torch_function__(

@@ -18,6 +18,7 @@ parallel ``linear_proj``/``linear_fc2`` split the input dim; embeddings/output s
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import logging
 import os
@@ -259,6 +260,8 @@ def load_hf_weights(model_chunks: Any | Sequence[Any], source: Any, hf_config: A
     _check_layer_count(get.keys(), cfg)
     tp, r, _ = _tp()
     chunks = model_chunks if isinstance(model_chunks, list | tuple) else [model_chunks]
+    _check_model_matches(chunks, cfg)
+    _check_no_leftovers(get.keys(), chunks, cfg)
     n = 0
     for chunk in chunks:
         model = unwrap_model(chunk)
@@ -290,6 +293,49 @@ def _check_layer_count(names: Iterable[str], cfg: Any) -> None:
             f"the weights hold {max(layers) + 1} decoder layers but the config has num_hidden_layers={want}; "
             "is hf_config the config of these weights?"
         )
+
+
+def _check_model_matches(chunks: Sequence[Any], cfg: Any) -> None:
+    """The model being filled must be the config's: as many layers, tied or not as it says (else a
+    2-layer model takes 3 layers' weights, or a tied one an untied model's, without a word)."""
+    for chunk in chunks:
+        model = unwrap_model(chunk)
+        layers = getattr(getattr(model, "config", None), "num_layers", None)
+        want = getattr(cfg, "num_hidden_layers", None)
+        if layers is not None and want is not None and int(layers) != int(want):
+            raise ValueError(f"the model has {layers} decoder layers but the weights' config has "
+                             f"num_hidden_layers={want}; build the model from the config of these weights")
+        shared = getattr(model, "share_embeddings_and_output_weights", None)
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        if shared is not None and bool(shared) != tied:
+            raise ValueError(f"the model {'ties' if shared else 'does not tie'} its embedding and output layer "
+                             f"but the weights' config says tie_word_embeddings={tied}; build the model from "
+                             "the config of these weights")
+
+
+def _check_no_leftovers(names: Iterable[str], chunks: Sequence[Any], cfg: Any) -> None:
+    """Refuse source tensors the model has no place for (Qwen3's q/k norms or Qwen2's q/k/v biases
+    under a Llama config would be dropped silently). What a layer holds is read from this rank's
+    layers (every pipeline stage has some); a tied checkpoint may still store lm_head.weight, and
+    rotary inverse frequencies are recomputed, not loaded."""
+    suffixes: set[str] = set()
+    for chunk in chunks:
+        for name, _ in unwrap_model(chunk).named_parameters():
+            if m := _LAYER_RE.match(name):
+                suffixes.update(n[len("model.layers.0."):] for n in hf_names_of(f"decoder.layers.0.{m.group(2)}", cfg))
+    if not suffixes:
+        return
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    left = []
+    for n in map(str, names):
+        if n in expected or n.endswith("rotary_emb.inv_freq"):
+            continue
+        m = _LAYER_KEY.match(n)
+        if m is None or n[m.end():] not in suffixes:
+            left.append(n)
+    if left:
+        raise ValueError(f"the weights hold {len(left)} tensor(s) this model has no place for, e.g. {sorted(left)[:4]}; "
+                         "is the config (model_type, biases, norms) the one of these weights?")
 
 
 # ------------------------------------------------------------------- Megatron -> HF
@@ -527,12 +573,12 @@ def _recover_hf_folder(final: Path) -> None:
     parent = final.parent
     if not parent.is_dir():
         return
-    olds = sorted(parent.glob(f".{final.name}.old-*"))
+    olds = sorted(parent.glob(f".{glob.escape(final.name)}.old-*"))  # a name may hold [ ] or *
     if olds and not final.exists() and (olds[-1] / "config.json").is_file():
         os.replace(olds[-1], final)
         logger.warning("restored %s from %s, left by an interrupted write", final, olds[-1].name)
         olds = olds[:-1]
-    for debris in [*olds, *parent.glob(f".{final.name}.tmp-*")]:
+    for debris in [*olds, *parent.glob(f".{glob.escape(final.name)}.tmp-*")]:
         shutil.rmtree(debris, ignore_errors=True)
 
 

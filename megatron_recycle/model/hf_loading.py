@@ -215,6 +215,15 @@ def load_hf_model(
             f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); the folder is incomplete "
             "or its config does not describe its weights"
         )
+    # tensors the model has no place for are dropped by transformers with a log line: a 3-layer
+    # folder under a 2-layer config, or Qwen2's q/k/v biases under a Llama config, would run as another model
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise IncompleteModelError(
+            f"{folder}: the weight files hold {len(unexpected)} tensor(s) the config has no place for "
+            f"({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''}); its config does not "
+            "describe its weights"
+        )
     return model.eval()
 
 

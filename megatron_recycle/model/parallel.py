@@ -86,6 +86,9 @@ def validate_layout(
     layers = _get(model_config, "num_hidden_layers", "num_layers")
     ffn = _get(model_config, "intermediate_size", "ffn_hidden_size")
     vocab = _get(model_config, "vocab_size")
+    if heads is not None and groups and heads % groups != 0:
+        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}: "
+                         "grouped-query attention shares each key/value head among a whole number of query heads")
     if heads is not None and heads % tp != 0:
         raise ValueError(f"num_attention_heads={heads} is not divisible by tp={tp}; pick tp dividing {heads}")
     if groups is not None and groups % tp != 0:

@@ -182,3 +182,16 @@ def test_the_gguf_cache_entry_is_readable_by_others_sharing_the_cache(tiny, tmp_
     assert {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()} == {
         f.name: 0o644 for f in folder.iterdir()}
     assert (folder / "model.safetensors").is_file()
+
+
+def test_a_folder_with_tensors_its_config_has_no_place_for_is_refused(tiny, tmp_path):
+    """transformers drops unexpected tensors with a log line: a 3-layer folder under a 2-layer config
+    ran as a truncated model in the hf engine, where the Megatron loader refused it."""
+    import json as _json
+
+    model = tiny.tiny_hf_model("llama", True, layers=3)
+    model.save_pretrained(tmp_path / "m")
+    cfg = _json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(_json.dumps({**cfg, "num_hidden_layers": 2}))
+    with pytest.raises(hf_loading.IncompleteModelError, match=r"hold \d+ tensor\(s\) the config has no place for .*layers\.2\."):
+        load_hf_model(tmp_path / "m")

@@ -227,3 +227,41 @@ def test_the_local_spec_keeps_its_own_final_norm_where_apex_imports(world1, tiny
     load_hf_weights([model], hf)
     exported = export_hf_state_dict_to_cpu([model], hf.config)
     assert all(torch.equal(exported[k], v) for k, v in _reference_state(hf).items())
+
+
+def test_weights_for_another_model_are_refused_not_half_loaded(world1, tiny):
+    """The model filled must be the weights' config's (layers, tying), and every source tensor needs
+    a place in it: Qwen3's q/k norms under a Llama config, or an untied head into a tied model,
+    loaded silently into a different model."""
+    import copy
+
+    three = tiny.tiny_hf_model("llama", True, layers=3)
+    two = build_model_chunks(tiny.tiny_config("llama", True), layer_spec="local", perform_initialization=False)[0]
+    with pytest.raises(ValueError, match="the model has 2 decoder layers but the weights' config has num_hidden_layers=3"):
+        load_hf_weights([two], three)
+    untied = tiny.tiny_hf_model("llama", False)
+    tied_model = build_model_chunks(tiny.tiny_config("llama", True), layer_spec="local", perform_initialization=False)[0]
+    with pytest.raises(ValueError, match="ties its embedding and output layer but .*tie_word_embeddings=False"):
+        load_hf_weights([tied_model], untied)
+    qwen3 = tiny.tiny_hf_model("qwen3", False)
+    as_llama = copy.deepcopy(tiny.tiny_config("llama", False))
+    as_llama.head_dim = qwen3.config.head_dim
+    llama_model = build_model_chunks(as_llama, layer_spec="local", perform_initialization=False)[0]
+    with pytest.raises(ValueError, match=r"no place for, e.g. \['model.layers.0.self_attn.k_norm.weight'"):
+        load_hf_weights([llama_model], qwen3.state_dict(), hf_config=as_llama)
+    # a tied checkpoint that stores lm_head.weight as well still loads
+    tied = tiny.tiny_hf_model("llama", True)
+    state = dict(tied.state_dict())
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    assert load_hf_weights([tied_model], state, hf_config=tied.config) > 0
+
+
+def test_heads_must_be_a_multiple_of_the_key_value_heads(tiny):
+    from megatron_recycle.model.build import _check_supported
+    from megatron_recycle.model.parallel import validate_layout
+
+    cfg = tiny.tiny_config("llama", True)
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 6, 4, 8
+    for check in (lambda: _check_supported(cfg), lambda: validate_layout(model_config=cfg)):
+        with pytest.raises(ValueError, match="num_attention_heads=6 is not a multiple of num_key_value_heads=4"):
+            check()

@@ -160,3 +160,21 @@ def test_two_unindexed_files_with_the_same_tensor_are_refused(tmp_path):
         _safetensors_getter(tmp_path)
     (tmp_path / "a.safetensors").unlink()
     assert sorted(_safetensors_getter(tmp_path).keys()) == ["v", "w"]
+
+
+def test_recovery_finds_the_copies_of_a_folder_whose_name_holds_glob_characters(tmp_path):
+    """A kill between write_hf_folder's two renames leaves .NAME.old-* and .NAME.tmp-*: recovery
+    matched them with a glob built from NAME, so "ckpt[1]" found nothing (and "*" found others')."""
+    from megatron_recycle.model.convert import _recover_hf_folder
+
+    final = tmp_path / "ckpt[1]"
+    old = tmp_path / ".ckpt[1].old-1234abcd"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    (tmp_path / ".ckpt[1].tmp-5678ef01").mkdir()
+    other = tmp_path / ".ckpt1.old-00000000"  # another folder's copy, which "ckpt[1]" as a glob matches
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    _recover_hf_folder(final)
+    assert (final / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt1.old-00000000", "ckpt[1]"]
