@@ -58,6 +58,10 @@ class DataConfig:
     n_sft: int = 1000
     n_dev: int = 100  # synthetic generator: dev questions (train.eval_every evaluates on them)
     n_test: int = 200  # synthetic generator: test questions (the main job's before/after evaluations)
+    # synthetic generator: cap each question template's share of a split (e.g. 0.4), for a balanced
+    # mix at the cost of smaller splits; null: no cap, and the plentiful "who was born first"
+    # comparisons fill what the multi-hop chains cannot (most of a split beyond a few thousand)
+    max_template_share: float | None = None
     max_train_queries: int = 0  # use only the first N training queries (0: all)
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of failing
 
@@ -590,6 +594,8 @@ def validate(cfg: Config, check_environment: bool = True, command: str | None = 
     for key in ("n_train", "n_sft", "n_dev", "n_test", "max_train_queries"):
         v = getattr(cfg.data, key)
         _require(v >= 0, f"data.{key}", v, "must be >= 0")
+    share = cfg.data.max_template_share
+    _require(share is None or 0 < share <= 1, "data.max_template_share", share, "must be in (0, 1] or null")
     _require(cfg.retriever.topk >= 1, "retriever.topk", cfg.retriever.topk, "must be >= 1")
     _require(cfg.retriever.max_passage_words >= 0, "retriever.max_passage_words", cfg.retriever.max_passage_words,
              "must be >= 0")

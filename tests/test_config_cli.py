@@ -706,3 +706,19 @@ def test_simulate_refuses_non_finite_learner_settings(capsys):
         with pytest.raises(SystemExit):
             simulate(base + bad)
         assert says in capsys.readouterr().err
+
+
+def test_the_template_cap_is_a_data_setting(tmp_path, monkeypatch):
+    from megatron_recycle.train import runtime as rtm
+
+    with pytest.raises(ConfigError, match="data.max_template_share=1.5: must be in"):
+        load_config(None, ["data.max_template_share=1.5"])
+    stats = {"seed": 0, "topk": 3, "max_passage_words": 0, "max_share": None,
+             "requested": {"train": 2000, "sft": 1000, "dev": 100, "test": 200}}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    capped = load_config(None, [f"data.dir={tmp_path}", "data.max_template_share=0.4"])
+    assert "data.max_template_share None -> 0.4" in rtm.generated_data_differences(capped)[0]
+    seen = {}
+    monkeypatch.setattr("megatron_recycle.data.synthetic.generate_dataset", lambda *a, **kw: seen.update(kw))
+    rtm.generate_data(capped)
+    assert seen["max_share"] == 0.4

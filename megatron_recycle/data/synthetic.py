@@ -660,6 +660,24 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 INCOMPLETE_MARKER = ".gen-data-incomplete"
 
 
+DOMINANT_SHARE = 0.5  # a template above this share of a split is named in a warning
+
+
+def _warn_about_split(say: Callable[[str], None], split: str, got: int, asked: int, counts: dict[str, int],
+                      max_share: float | None) -> None:
+    """Say plainly when a split came out short, or mostly one template (the packaged Wikipedia holds
+    a few thousand multi-hop chains; beyond that "who was born first" comparisons fill the splits)."""
+    if got < asked:
+        say(f"[gen-data] WARNING: {split} has {got} of the {asked} questions asked: the packaged Wikipedia "
+            f"yields no more{' under max_template_share ' + str(max_share) if max_share else ''}; ask for fewer, "
+            "or bring your own data (data.train_file, data.dev_file, data.test_file)")
+    if got >= 50 and counts:
+        name, n = max(counts.items(), key=lambda kv: kv[1])
+        if n / got > DOMINANT_SHARE:
+            say(f"[gen-data] WARNING: {name} makes {100 * n / got:.0f}% of {split} ({n} of {got}); "
+                "data.max_template_share caps each template's share (smaller splits, a balanced mix)")
+
+
 def generate_dataset(
     out_dir: str | Path,
     seed: int = 0,
@@ -816,8 +834,10 @@ def generate_dataset(
         rows[s] = chosen
         counts[s] = dict(Counter(c.template for c in chosen))
         say(f"[gen-data] {s}: {len(chosen)} of {sizes[s]} questions {counts[s]}")
+        _warn_about_split(say, s, len(chosen), sizes[s], counts[s], max_share)
     if n_sft:
         say(f"[gen-data] sft: {len(rows['sft'])} of {n_sft} questions of their own {counts['sft']}")
+        _warn_about_split(say, "sft", len(rows["sft"]), n_sft, counts["sft"], max_share)
     sft_source = rows["sft"] if n_sft else rows["train"]
 
     if sft and (rows["train"] or n_sft) and not any(c.retrievable for c in sft_source):
@@ -865,6 +885,7 @@ def generate_dataset(
         "retriever": retriever_info,
         "templates": list(templates),
         "requested": dict(sizes, sft=n_sft),
+        "max_share": max_share,
         "written": {s: len(rows[s]) for s in SPLITS},
         "sft_source": ("held-out sft questions" if n_sft else "train questions") if sft else None,
         "per_template": counts,

@@ -127,6 +127,8 @@ def generated_data_differences(cfg: Config) -> list[str]:
         elif was.get("digest") != now["digest"]:
             pairs["retriever's corpus or encoder"] = (was.get("digest"), now["digest"])
     diff = [f"{k} {was} -> {now}" for k, (was, now) in pairs.items() if was is not None and was != now]
+    if "max_share" in stats and stats["max_share"] != cfg.data.max_template_share:  # (null is a setting too)
+        diff.append(f"data.max_template_share {stats['max_share']} -> {cfg.data.max_template_share}")
     if not diff:
         return []
     return [
@@ -150,6 +152,7 @@ def generate_data(cfg: Config) -> dict[str, Any]:
         cfg.data.dir, seed=cfg.run.seed, n_train=cfg.data.n_train, n_sft=cfg.data.n_sft, n_dev=cfg.data.n_dev,
         n_test=cfg.data.n_test, topk=cfg.retriever.topk, max_passage_words=cfg.retriever.max_passage_words,
         retriever=retriever, cache_dir=cfg.retriever.cache_dir or None, retriever_info=data_retriever_info(cfg),
+        max_share=cfg.data.max_template_share,
     )
 
 

@@ -339,3 +339,25 @@ def test_oracle_trajectories_show_only_topk_passages_from_a_server_that_returns_
         for turn in row["turns"][:-1]:
             hop_query = parse_action(turn["generated"])[1]
             assert turn["information"] == format_information(bm25.search([hop_query], TOPK)[0])
+
+
+def test_short_or_one_sided_splits_are_warned_about_and_the_cap_recorded(bm25, tmp_path):
+    """At the GPU recipes' sizes the splits came out short (dev 303 of 500) and ~92% "who was born
+    first": said only in one count line. Both are warnings now; max_share is recorded in stats.json."""
+    said = []
+    generate_dataset(tmp_path / "a", seed=3, n_train=60, n_dev=5, n_test=400, topk=TOPK,
+                     templates=("capital_country_continent",), retriever=bm25, sft=False, progress=said.append)
+    assert any(m.startswith("[gen-data] WARNING: test has ") and "of the 400 questions asked" in m for m in said)
+    said.clear()
+    result = generate_dataset(tmp_path / "b", seed=3, n_train=200, n_dev=5, n_test=5, topk=TOPK,
+                              templates=("born_first", "capital_country_continent"), retriever=bm25, sft=False,
+                              progress=said.append)
+    assert any("WARNING: born_first makes" in m and "of train" in m for m in said), said
+    assert json.loads((tmp_path / "b" / "stats.json").read_text())["max_share"] is None
+    said.clear()
+    generate_dataset(tmp_path / "c", seed=3, n_train=200, n_dev=5, n_test=5, topk=TOPK, max_share=0.5,
+                     templates=("born_first", "capital_country_continent"), retriever=bm25, sft=False,
+                     progress=said.append)
+    assert any("train has " in m and "under max_template_share 0.5" in m for m in said)  # the cap cost questions
+    assert json.loads((tmp_path / "c" / "stats.json").read_text())["max_share"] == 0.5
+    assert result["counts"]["written"]["train"] == 200
