@@ -99,11 +99,14 @@ def test_summary_table_and_files(tmp_path, capsys):
     bench.print_table(res)
     out = capsys.readouterr().out
     assert "ratio ours / TRL" in out and "0.50" in out
-    path = bench.write_files(res, {"date": "x"}, tmp_path, "vs_trl_test")
-    data = json.loads(path.with_suffix(".json").read_text())
+    # the TRL version (meta) is not overwritten by TRL's summary (res["trl"]); a dot in the stem stays
+    path = bench.write_files(res, {"date": "x", "trl_version": "1.16.0"}, tmp_path, "vs_trl_s9.1")
+    data = json.loads((tmp_path / "vs_trl_s9.1_default.json").read_text())
     assert data["date"] == "x" and data["ours"]["peak_rss_gib"] == pytest.approx(5.3)
-    rows = list(csv.DictReader(open(path.with_suffix(".csv"))))
+    assert data["trl_version"] == "1.16.0" and data["trl"]["step_s"]["median"] == 4.0
+    rows = list(csv.DictReader(open(tmp_path / "vs_trl_s9.1_default.csv")))
     assert {"trl", "ours", "both"} == {r["side"] for r in rows}
+    assert path.name == "vs_trl_s9.1_default"
 
 
 def test_trl_config_builds_when_trl_installed(tmp_path):

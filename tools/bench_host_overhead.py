@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         torch=torch.__version__,
         command=" ".join([sys.executable, *sys.argv]),
     )
-    out = Path(args.out).with_suffix(".json")
+    out = Path(args.out)
+    out = out if out.suffix == ".json" else out.with_name(out.name + ".json")  # a dot in the name stays
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {out}")

@@ -501,14 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     gpu = dev.type == "cuda"
     if not gpu:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
-    if not gpu and not args.impls:
-        print(
-            "NOTE: no CUDA device - timing the PyTorch paths only (eager reference and the lean torch path);"
-        )
-        print(
-            "      the Triton kernels, torch.compile and liger-kernel are GPU comparisons and are skipped here."
-        )
     compile_on = gpu if args.compile is None else args.compile
+    if not gpu and not args.impls:
+        timed = "eager reference, the lean torch path" + (" and torch.compile" if compile_on else "")
+        skipped = "the Triton kernels and liger-kernel are" if compile_on else \
+            "the Triton kernels, torch.compile and liger-kernel are"
+        print(f"NOTE: no CUDA device - timing the PyTorch paths only ({timed});")
+        print(f"      {skipped} GPU comparisons and are skipped here.")
     impls = ["triton", "triton-inplace", "torch", "eager"] + (["compile"] if compile_on else []) + (["liger"] if gpu else [])
     if not gpu:
         impls = ["torch", "eager"] + (["compile"] if compile_on else [])
@@ -584,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         command=" ".join([sys.executable, *sys.argv]),
         stats_kernel=f"{logprobs_mod.STATS_BLOCK_V}:{logprobs_mod.STATS_WARPS}:{logprobs_mod.STATS_STAGES}",
         grad_kernel=f"{logprobs_mod.GRAD_BLOCK_V}:{logprobs_mod.GRAD_WARPS}:{logprobs_mod.GRAD_STAGES}",
-        note=None if gpu else "CPU only: PyTorch paths timed; Triton, torch.compile and liger skipped",
+        note=None if gpu else ("CPU only: PyTorch paths timed"
+                               + ("; Triton and liger skipped" if "compile" in impls else
+                                  "; Triton, torch.compile and liger skipped")),
     )
     out = Path(args.out + ("_" + dev.type))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -660,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nissue #3 targets (benchmarks, not tests):")
         for t in meta["targets"]:
             print(f"  {'met    ' if t['met'] else 'NOT met' if t['met'] is False else 'n/a    '}  {t['target']}: {t['measured']}")
-    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.json')}")
+    print(f"wrote {out.with_name(out.name + '.csv')} and {out.with_name(out.name + '.json')}")
     return 0
 
 
@@ -730,7 +731,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
     """<out>.csv and <out>.json with every row so far (rewritten whole each time)."""
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    with open(out.with_name(out.name + ".csv"), "w", newline="") as f:
         keys = [
             "case",
             "size",
@@ -753,7 +754,7 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    with open(out.with_suffix(".json"), "w") as f:
+    with open(out.with_name(out.name + ".json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
 

@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=5, help="trajectories per group")
     p.add_argument("--prompt", type=int, default=300, help="shared prompt tokens")
     p.add_argument("--members", type=int, nargs="+", default=[1000, 2000, 4000], help="generated tokens per trajectory")
-    p.add_argument("--repeats", type=int, default=3, help="layouts built per case (the fastest is reported)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per case: the fastest layout build is reported; "
+                   "with --attention, the median time")
     p.add_argument("--attention", action="store_true",
                    help="time the attention (padded causal rows vs the group plan) instead of the layout")
     p.add_argument("--heads", type=int, default=9, help="attention heads (--attention; SmolLM2-135M: 9)")

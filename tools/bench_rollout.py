@@ -1,5 +1,5 @@
 """Multi-turn rollout time through the trainer's own path, with and without the native engine's
-prefix store (and, with ``--engines hf``, the HF engine), on identical rollouts.
+prefix store (and, with ``--engines native+hf``, the HF engine), on identical rollouts.
 
     OMP_NUM_THREADS=2 .venv/bin/python tools/bench_rollout.py --model runs/embedded_cpu/final_hf
 

@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: OMP_NUM_THREADS or torch's")
     p.add_argument("--out", default=str(REPO / "benchmarks"), help="folder for the JSON/CSV")
-    p.add_argument("--tag", default=None, help="file name tag (default: malloc setting + date)")
+    p.add_argument("--tag", default=None, help="file name tag (default: the malloc setting and the options that change the "
+                   "step, e.g. malloc-default_k2; a rerun with the same settings replaces its file)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.threads:

@@ -464,8 +464,8 @@ def print_table(res: dict[str, Any]) -> None:
 def write_files(res: dict[str, Any], meta: dict[str, Any], out: Path, stem: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stem}_{res['allocator']}"
-    path.with_suffix(".json").write_text(json.dumps({**meta, **res}, indent=2) + "\n")
-    with open(path.with_suffix(".csv"), "w", newline="") as f:
+    path.with_name(path.name + ".json").write_text(json.dumps({**meta, **res}, indent=2) + "\n")
+    with open(path.with_name(path.name + ".csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["allocator", "side", "metric", "value"])
         for s in ("trl", "ours"):
@@ -531,9 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import trl
 
-        meta["trl"] = trl.__version__
+        meta["trl_version"] = trl.__version__
     except ImportError:
-        meta["trl"] = None
+        meta["trl_version"] = None
     for alloc in (("default", "keep") if a.allocator == "both" else (a.allocator,)):
         res = run_allocator(a, alloc)
         print_table(res)

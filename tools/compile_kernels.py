@@ -494,14 +494,14 @@ def main(argv: list[str] | None = None) -> int:
         "kernels_not_compiled": missing,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    with open(out.with_suffix(".json"), "w") as f:
+    with open(out.with_name(out.name + ".json"), "w") as f:
         json.dump({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    with open(out.with_name(out.name + ".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(Compiled)])
         w.writeheader()
         for r in rows:
             w.writerow({**dataclasses.asdict(r), "scenarios": " | ".join(r.scenarios)})
-    print(f"\nwrote {out.with_suffix('.csv')} and {out.with_suffix('.json')} ({meta['seconds']} s)")
+    print(f"\nwrote {out.with_name(out.name + '.csv')} and {out.with_name(out.name + '.json')} ({meta['seconds']} s)")
     if missing:
         print(f"NOT COMPILED (no workload launches them): {', '.join(missing)}", file=sys.stderr)
         return 1
