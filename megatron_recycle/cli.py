@@ -161,9 +161,9 @@ def _check_save_hf(path: str, sources: dict[str, str | None]) -> None:
 
     if why := hf_output_refusal(path):
         raise FileExistsError(f"--save-hf: {why}")
-    target = Path(path).expanduser().resolve()
+    target = Path(path).resolve()  # the path as it will be written (a quoted ~ is not the home folder)
     for option, source in sources.items():
-        if source and Path(source).expanduser().exists() and Path(source).expanduser().resolve() == target:
+        if source and Path(source).exists() and Path(source).resolve() == target:
             raise FileExistsError(f"--save-hf {path} is the {option} folder training starts from; writing the "
                                   "trained model there would replace it: choose another folder")
 

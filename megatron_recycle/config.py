@@ -267,7 +267,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        # written by the loader's own rules, so that text such as "0912" is quoted and reads back as text
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
 
     @property
     def run_dir(self) -> Path:
@@ -295,7 +296,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         number = None
@@ -317,6 +318,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, _YamlInt):  # digits written for a text setting: the text as written
+            return value.text
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
@@ -403,15 +406,31 @@ _UniqueKeyLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+class _YamlInt(int):
+    """An integer read from YAML that keeps its text: a text setting takes the text as written
+    (``name: 0912`` is "0912", as ``run.name=0912`` on the command line), a number setting the value."""
+
+    text: str
+
+
 def _decimal_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node)
     try:
-        return int(text, 10)
+        value = _YamlInt(int(text, 10))
     except ValueError as e:  # more digits than Python converts (sys.get_int_max_str_digits)
         raise ConfigError(f"{text[:20]}...: {e}") from None
+    value.text = text
+    return value
 
 
 _UniqueKeyLoader.add_constructor(_INT_TAG, _decimal_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML out by the loader's rules: a string the loader would read as a number is quoted."""
+
+
+_Dumper.yaml_implicit_resolvers = {k: list(v) for k, v in _UniqueKeyLoader.yaml_implicit_resolvers.items()}
 
 
 def _load_yaml(text: str) -> Any:
@@ -559,6 +578,9 @@ COMMAND_NEEDS: dict[str, frozenset[str]] = {
     "train": frozenset({"model", "engine", "reward"}),
     "eval": frozenset({"engine"}),
     "run": frozenset({"model", "engine", "reward", "sft"}),
+    # reading a run's saved config to export its checkpoint: only what any command needs (a GRPO
+    # run with optim.min_lr above sft.lr trained fine and must export)
+    "export": frozenset(),
 }
 ALL_NEEDS = frozenset({"model", "engine", "reward", "sft"})
 

@@ -622,7 +622,8 @@ def test_each_command_checks_only_what_it_builds(monkeypatch):
     load_config(None, ["model.layer_spec=te"], command="eval")
     with pytest.raises(ConfigError, match="model.layer_spec"):
         load_config(None, ["model.layer_spec=te"], command="sft")
-    assert C.command_needs(load_config(None, []), "export") == C.ALL_NEEDS  # unlisted: everything
+    assert C.command_needs(load_config(None, []), "analyze") == C.ALL_NEEDS  # unlisted: everything
+    assert C.command_needs(load_config(None, []), "export") == frozenset()  # a saved run, read to export it
 
 
 def test_train_save_hf_is_checked_before_training(tmp_path, monkeypatch, capsys):
@@ -722,3 +723,28 @@ def test_the_template_cap_is_a_data_setting(tmp_path, monkeypatch):
     monkeypatch.setattr("megatron_recycle.data.synthetic.generate_dataset", lambda *a, **kw: seen.update(kw))
     rtm.generate_data(capped)
     assert seen["max_share"] == 0.4
+
+
+def test_text_made_of_digits_survives_a_recipe_and_a_saved_config(tmp_path):
+    """Base-10 integers made "0912" an integer: a run named so was saved unquoted and its config.yaml
+    no longer loaded (export reads it); a recipe's `name: 0912` was refused."""
+    for name in ("0912", "09", "+08", "0_9", "123", "1e5", "0x1F"):
+        cfg = load_config(None, [f"run.name={name}"])
+        saved = tmp_path / "config.yaml"
+        saved.write_text(cfg.to_yaml())
+        assert load_config(saved).run.name == name, (name, saved.read_text().splitlines()[1])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run: {name: 0912, seed: 010}\n")
+    cfg = load_config(recipe)
+    assert (cfg.run.name, cfg.run.seed) == ("0912", 10) and type(cfg.run.seed) is int
+    assert "seed: 10\n" in cfg.to_yaml()
+
+
+def test_export_reads_a_grpo_runs_config_without_the_sft_rule(tmp_path):
+    """train accepts optim.min_lr above sft.lr (no SFT phase); export must read that run's config."""
+    floor = ["optim.lr=1e-4", "optim.min_lr=3e-5", "sft.lr=2e-5"]
+    saved = tmp_path / "config.yaml"
+    saved.write_text(load_config(None, floor, command="train").to_yaml())
+    assert load_config(saved, check_environment=False, command="export").optim.min_lr == 3e-5
+    with pytest.raises(ConfigError, match="SFT decays to it too"):
+        load_config(saved, check_environment=False)

@@ -186,12 +186,14 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, row) pairs; a row that is not valid JSON comes back as a QAFormatError."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open("rb") as f:  # decoded line by line: one bad byte is that row's error, not the file's
-            for lineno, raw in enumerate(f, 1):
-                try:  # a byte-order mark (written by some Windows tools) is not part of the first row
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    yield f"{path}:{lineno}", QAFormatError(f"not UTF-8 text (byte {e.start + 1}: {e.reason})")
+        # A byte-order mark (written by some Windows tools) is not part of the first row; bytes that are
+        # not UTF-8 come through as surrogates, so that a bad byte is that row's error, not the file's.
+        with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    yield f"{path}:{lineno}", QAFormatError(f"not UTF-8 text (character {e.start + 1} of the line)")
                     continue
                 if not line.strip():
                     continue

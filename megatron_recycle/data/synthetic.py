@@ -555,6 +555,17 @@ class SyntheticDataError(RuntimeError):
     """The synthetic data cannot be generated as asked (the message says why and what to do)."""
 
 
+def _cap_shares(per_template: dict[str, list[Candidate]], size: int, share: float) -> dict[str, list[Candidate]]:
+    """Each template's list cut so that no template passes ``share`` of the split that can be
+    filled: the largest T <= ``size`` for which sum(min(available, floor(share * T))) >= T, each
+    template capped at floor(share * T). (A cap on the size asked for would let the plentiful
+    template fill the split the scarce ones leave short: 84% born_first under a 0.4 cap.)"""
+    avail = [len(v) for v in per_template.values()]
+    target = next((t for t in range(size, 0, -1) if sum(min(a, int(share * t)) for a in avail) >= t), 0)
+    cap = int(share * target)
+    return {name: lst[:cap] for name, lst in per_template.items()}
+
+
 def _round_robin(per_template: dict[str, list[Candidate]], templates: Sequence[str], size: int) -> list[Candidate]:
     """Up to ``size`` candidates taken one per template in turn, each template's list in order."""
     chosen: list[Candidate] = []
@@ -674,8 +685,9 @@ def _warn_about_split(say: Callable[[str], None], split: str, got: int, asked: i
     if got >= 50 and counts:
         name, n = max(counts.items(), key=lambda kv: kv[1])
         if n / got > DOMINANT_SHARE:
-            say(f"[gen-data] WARNING: {name} makes {100 * n / got:.0f}% of {split} ({n} of {got}); "
-                "data.max_template_share caps each template's share (smaller splits, a balanced mix)")
+            advice = ("data.max_template_share caps each template's share (smaller splits, a balanced mix)"
+                      if max_share is None else f"data.max_template_share is {max_share}")
+            say(f"[gen-data] WARNING: {name} makes {100 * n / got:.0f}% of {split} ({n} of {got}); {advice}")
 
 
 def generate_dataset(
@@ -812,8 +824,6 @@ def generate_dataset(
                     continue
                 per_bridge[c.keys[0]] += 1
                 capped.append(c)
-            if max_share is not None:
-                capped = capped[: int(max_share * drawn[s])]
             per_template[name] = capped
         if s == "train" and n_sft:
             # The SFT set's questions: the retrievable ones (an oracle trajectory needs every hop
@@ -828,8 +838,12 @@ def generate_dataset(
                         keep.append(c)
                     k += c.retrievable
                 per_template[name], for_sft[name] = keep, mine
+            if max_share is not None:
+                for_sft = _cap_shares(for_sft, n_sft, max_share)
             rows["sft"] = _round_robin(for_sft, templates, n_sft)
             counts["sft"] = dict(Counter(c.template for c in rows["sft"]))
+        if max_share is not None:
+            per_template = _cap_shares(per_template, sizes[s], max_share)
         chosen = _round_robin(per_template, templates, sizes[s])
         rows[s] = chosen
         counts[s] = dict(Counter(c.template for c in chosen))

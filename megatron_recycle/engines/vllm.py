@@ -76,11 +76,11 @@ def require_vllm() -> Any:
 # --------------------------------------------------------------------------------- requests
 def expand_params(num_prompts: int, params: SamplingParams | Sequence[SamplingParams]) -> list[SamplingParams]:
     """One SamplingParams per prompt, with HFEngine's rule: a single params object gives prompt i
-    the seed ``seed + i`` (repeated prompts then sample differently); a list is used as is."""
+    the seed ``(seed + i) % 2**63`` (repeated prompts then sample differently); a list is used as is."""
     if isinstance(params, SamplingParams):
         return [
             SamplingParams(params.temperature, params.top_p, params.max_new_tokens, tuple(params.stop),
-                           None if params.seed is None else params.seed + i)
+                           None if params.seed is None else (params.seed + i) % 2**63)
             for i in range(num_prompts)
         ]
     out = list(params)

@@ -332,7 +332,7 @@ def export_checkpoint(
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir}: no config.yaml; pass the run directory of a `megatron-recycle train` "
                               "run (or its sft folder, RUN_DIR/sft, for the SFT checkpoints)")
-    cfg = load_config(run_dir / "config.yaml", check_environment=False)  # exported anywhere, no engine
+    cfg = load_config(run_dir / "config.yaml", check_environment=False, command="export")  # exported anywhere, no engine
     ckpt = CheckpointManager(run_dir, config_dict=cfg.to_dict())
     if step is None:
         step = ckpt.latest()

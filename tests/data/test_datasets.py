@@ -184,6 +184,9 @@ def test_a_bom_and_a_bad_byte_are_read_or_named_by_line(tmp_path):
         read_qa_file(path)
     got = read_qa_file(path, skip_bad_rows=True)
     assert [r.question for r in got] == ["first", "third"] and got.skipped == 1
+    old_mac = tmp_path / "cr.jsonl"  # lines ended by a bare carriage return (read as lines before)
+    old_mac.write_bytes(b"\r".join(rows[::2]) + b"\r")
+    assert [r.question for r in read_qa_file(old_mac)] == ["first", "third"]
     whole = tmp_path / "w.json"
     whole.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"question": "q", "golden_answers": ["a"]}]).encode())
     assert [r.question for r in read_qa_file(whole)] == ["q"]

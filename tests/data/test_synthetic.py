@@ -355,9 +355,31 @@ def test_short_or_one_sided_splits_are_warned_about_and_the_cap_recorded(bm25, t
     assert any("WARNING: born_first makes" in m and "of train" in m for m in said), said
     assert json.loads((tmp_path / "b" / "stats.json").read_text())["max_share"] is None
     said.clear()
-    generate_dataset(tmp_path / "c", seed=3, n_train=200, n_dev=5, n_test=5, topk=TOPK, max_share=0.5,
-                     templates=("born_first", "capital_country_continent"), retriever=bm25, sft=False,
-                     progress=said.append)
+    capped = generate_dataset(tmp_path / "c", seed=3, n_train=200, n_dev=5, n_test=5, topk=TOPK, max_share=0.5,
+                              templates=("born_first", "capital_country_continent"), retriever=bm25, sft=False,
+                              progress=said.append)
     assert any("train has " in m and "under max_template_share 0.5" in m for m in said)  # the cap cost questions
     assert json.loads((tmp_path / "c" / "stats.json").read_text())["max_share"] == 0.5
     assert result["counts"]["written"]["train"] == 200
+    # the cap holds on the split that came out, not on the size asked for
+    train = capped["counts"]["per_template"]["train"]
+    assert 0 < sum(train.values()) < 200 and max(train.values()) <= 0.5 * sum(train.values())
+
+
+def test_the_template_cap_holds_on_train_and_the_sft_set_each(bm25, tmp_path):
+    result = generate_dataset(tmp_path, seed=3, n_train=150, n_sft=100, n_dev=5, n_test=5, topk=TOPK, max_share=0.4,
+                              retriever=bm25, progress=None)
+    for split in ("train", "sft"):
+        counts = result["counts"]["per_template"][split]
+        assert sum(counts.values()) > 0 and max(counts.values()) <= 0.4 * sum(counts.values()), (split, counts)
+
+
+def test_cap_shares_finds_the_largest_split_the_cap_allows():
+    from megatron_recycle.data.synthetic import _cap_shares
+
+    lists = {"plenty": list(range(1000)), "few": list(range(30)), "some": list(range(60))}
+    capped = _cap_shares(lists, 500, 0.4)
+    sizes = {k: len(v) for k, v in capped.items()}
+    # T = 150: caps of 60 (plenty 60, few 30, some 60 = 150 >= 150); T = 151 would need 151 with caps of 60
+    assert sizes == {"plenty": 60, "few": 30, "some": 60}
+    assert _cap_shares({"a": [1, 2, 3]}, 10, 0.5) == {"a": []}  # one template cannot be half of anything

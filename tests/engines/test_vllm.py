@@ -1413,3 +1413,8 @@ def test_the_process_engine_refuses_a_folder_whose_model_computes_otherwise(tmp_
             rtm.build_engine(cfg, folder(name, **change), Tok(vocab))
     with pytest.raises(ConfigError, match="tokenizer_vocab differ"):
         rtm.build_engine(cfg, folder("vocab"), Tok({"a": 1, "b": 0}))
+
+
+def test_vllm_expands_a_seed_by_the_hf_engines_rule():
+    got = V.expand_params(2, SamplingParams(seed=2**63 - 1))
+    assert [p.seed for p in got] == [2**63 - 1, 0]  # (seed + i) % 2**63, as HFEngine
