@@ -693,11 +693,13 @@ class VLLMEngine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Generation]:
         """Continue each prompt; one Generation (new tokens only) per prompt, in input order."""
-        self._require_weights("generate")
         token_prompts, kwargs_list = build_requests(
             prompts, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len, counters=self.counters
         )
-        check_same_requests(self.request_group, request_digest(token_prompts, kwargs_list))
+        # the weights' state is part of what the group compares: a rank that would refuse alone (its
+        # weights discarded) must not leave the others waiting in the collective
+        check_same_requests(self.request_group, request_digest(token_prompts, kwargs_list) + self._weights_state())
+        self._require_weights("generate")
         if not prompts:
             return []
         self.wake()
@@ -712,6 +714,9 @@ class VLLMEngine:
                           eos_token_ids=self.eos_token_ids)
             for out, kw in zip(outputs, kwargs_list)
         ]
+
+    def _weights_state(self) -> str:
+        return "" if self._weights_valid else " (weights discarded)"
 
     def _require_weights(self, what: str) -> None:
         if not self._weights_valid:
@@ -730,8 +735,9 @@ class VLLMEngine:
         ids = [int(t) for t in token_ids]
         if len(ids) < 2:
             raise ValueError(f"sequence_logprobs needs at least 2 tokens, got {len(ids)}")
+        check_same_requests(self.request_group,
+                            request_digest([{"prompt_token_ids": ids}], [{"prompt_logprobs": 0}]) + self._weights_state())
         self._require_weights("sequence_logprobs")
-        check_same_requests(self.request_group, request_digest([{"prompt_token_ids": ids}], [{"prompt_logprobs": 0}]))
         self.wake()
         params = self._sampling_params_cls(n=1, temperature=1.0, top_p=1.0, max_tokens=1, prompt_logprobs=0,
                                            detokenize=False, seed=0)

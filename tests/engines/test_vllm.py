@@ -1418,3 +1418,18 @@ def test_the_process_engine_refuses_a_folder_whose_model_computes_otherwise(tmp_
 def test_vllm_expands_a_seed_by_the_hf_engines_rule():
     got = V.expand_params(2, SamplingParams(seed=2**63 - 1))
     assert [p.seed for p in got] == [2**63 - 1, 0]  # (seed + i) % 2**63, as HFEngine
+
+
+def test_a_rank_with_discarded_weights_does_not_leave_its_group_waiting(monkeypatch):
+    """It raised before the group's request check: the other ranks then waited in the collective.
+    The weights' state is compared with the requests, so every rank of the group learns of it."""
+    seen = []
+    monkeypatch.setattr(V, "check_same_requests", lambda group, digest: seen.append(digest))
+    engine, _, _ = fake_engine(sleep_level=2)
+    engine.generate([[1]], SamplingParams(max_new_tokens=2))
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="discarded the weights"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(RuntimeError, match="discarded the weights"):
+        engine.sequence_logprobs([1, 2])
+    assert len(seen) == 3 and seen[1] != seen[0] and seen[1].endswith("(weights discarded)")
