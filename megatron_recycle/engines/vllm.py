@@ -684,6 +684,7 @@ class VLLMEngine:
         self._release_kv = bool(release_kv and enable_sleep_mode)
         self.kv_released_bytes = 0  # by the last sleep() that freed the KV buffer itself (release_kv)
         self._weights_valid = True
+        self._weights_lost = ""  # why the weights cannot be used, while _weights_valid is False
         self._tp_rank_size = _vllm_tp_rank_size
         self._layerwise_reload: bool | None = None  # probed on the first load_weights
         self.last_check_skipped: list[str] = []
@@ -716,13 +717,13 @@ class VLLMEngine:
         ]
 
     def _weights_state(self) -> str:
-        return "" if self._weights_valid else " (weights discarded)"
+        return "" if self._weights_valid else f" (weights {self._weights_lost})"
 
     def _require_weights(self, what: str) -> None:
         if not self._weights_valid:
             raise RuntimeError(
-                f"VLLMEngine.{what} after sleep(level=2) discarded the weights and no load_weights "
-                "since; sync the trainer's weights first (train.runtime.sync_engine_weights)"
+                f"VLLMEngine.{what}: the engine's weights are {self._weights_lost} and no full "
+                "load_weights since; sync the trainer's weights first (train.runtime.sync_engine_weights)"
             )
 
     def sequence_logprobs(self, token_ids: Sequence[int]) -> list[float]:
@@ -807,6 +808,8 @@ class VLLMEngine:
                 for _ in stream:
                     pass
         if error is not None:
+            # it must not generate from the mix: refused until a full set is loaded
+            self._weights_valid, self._weights_lost = False, "a mix of old and new (a sync failed)"
             raise RuntimeError(
                 f"VLLMEngine.load_weights failed after {count} tensors ({error}); the engine holds a mix "
                 "of old and new weights: fix the cause and sync a full set again"
@@ -945,7 +948,7 @@ class VLLMEngine:
         self.llm.sleep(level=self.sleep_level)
         self._kv_asleep = self._weights_asleep = True
         if self.sleep_level == 2:
-            self._weights_valid = False
+            self._weights_valid, self._weights_lost = False, "discarded (sleep level 2)"
 
     def wake(self) -> None:
         """Undo sleep(): map back whatever is released (generate calls it by itself)."""

@@ -636,7 +636,7 @@ def test_sleep_wake_protocol_level1():
 def test_sleep_level2_requires_a_sync_before_generating():
     engine, llm, _ = fake_engine(sleep_level=2)
     engine.sleep()
-    with pytest.raises(RuntimeError, match="discarded the weights"):
+    with pytest.raises(RuntimeError, match=r"weights are discarded \(sleep level 2\)"):
         engine.generate([[1]], SamplingParams())
     engine.load_weights(iter(full_layer(2, seed=1).items()))
     assert engine.generate([[1]], SamplingParams())[0].finish_reason == "stop"
@@ -1428,8 +1428,18 @@ def test_a_rank_with_discarded_weights_does_not_leave_its_group_waiting(monkeypa
     engine, _, _ = fake_engine(sleep_level=2)
     engine.generate([[1]], SamplingParams(max_new_tokens=2))
     engine.sleep()
-    with pytest.raises(RuntimeError, match="discarded the weights"):
+    with pytest.raises(RuntimeError, match=r"weights are discarded \(sleep level 2\)"):
         engine.generate([[1]], SamplingParams(max_new_tokens=2))
-    with pytest.raises(RuntimeError, match="discarded the weights"):
+    with pytest.raises(RuntimeError, match=r"weights are discarded \(sleep level 2\)"):
         engine.sequence_logprobs([1, 2])
-    assert len(seen) == 3 and seen[1] != seen[0] and seen[1].endswith("(weights discarded)")
+    assert len(seen) == 3 and seen[1] != seen[0] and seen[1].endswith("(weights discarded (sleep level 2))")
+
+
+def test_an_engine_whose_sync_failed_refuses_to_generate_until_a_full_one():
+    engine, _, _ = fake_engine(bucket_bytes=1)
+    with pytest.raises(RuntimeError, match="failed after 1 tensors"):
+        engine.load_weights(iter([("model.norm.weight", torch.ones(HIDDEN)), ("bad.name", torch.ones(2))]))
+    with pytest.raises(RuntimeError, match=r"weights are a mix of old and new \(a sync failed\)"):
+        engine.generate([[1]], SamplingParams())
+    engine.load_weights(iter(full_layer(2, seed=1).items()))
+    assert engine.generate([[1]], SamplingParams())[0].finish_reason == "stop"
