@@ -70,6 +70,9 @@ def require_vllm() -> Any:
         import vllm
     except ImportError as e:
         raise ImportError(f"the vLLM rollout engine needs the `vllm` package, which is not importable here ({e}); {INSTALL_HINT}") from e
+    except Exception as e:  # installed but broken (a torch/CUDA mismatch raises RuntimeError or OSError on import)
+        raise ImportError(f"the `vllm` package is installed but fails to import ({type(e).__name__}: {e}); it must "
+                          f"match this torch and CUDA: {INSTALL_HINT}") from e
     return vllm
 
 

@@ -1443,3 +1443,18 @@ def test_an_engine_whose_sync_failed_refuses_to_generate_until_a_full_one():
         engine.generate([[1]], SamplingParams())
     engine.load_weights(iter(full_layer(2, seed=1).items()))
     assert engine.generate([[1]], SamplingParams())[0].finish_reason == "stop"
+
+
+def test_a_broken_vllm_install_says_so(monkeypatch):
+    import builtins
+
+    def failing_import(name, *args, **kwargs):
+        if name == "vllm":
+            raise OSError("libcudart.so.12: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    real_import = builtins.__import__
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    with pytest.raises(ImportError, match=r"installed but fails to import \(OSError: libcudart"):
+        V.require_vllm()
