@@ -270,7 +270,6 @@ def collect_step(rt: rtm.Runtime, client: PoolClient, examples: list, step: int)
     if rt.is_rank0:
         r = torch.cat(rewards_all)
         info["reward_mean"] = float(r.mean())
-        info["reward_max_group_mean"] = float(r.mean(dim=1).max())
     mine_after = balance_groups(_gather_groups(chosen_groups), lay.dp)[lay.dp_rank]
     return mine_after, info
 
