@@ -41,7 +41,8 @@ class RolloutStats:
     turns: int = 0
     searches: int = 0
     retrieval_calls: int = 0
-    retrieval_failures: int = 0  # searches answered with an error observation
+    retrieval_failures: int = 0  # searches the retriever failed (answered with an error observation)
+    empty_searches: int = 0  # <search></search> with no query: the policy's error, told so, not searched
     bad_retrieval_results: int = 0  # retriever answers of the wrong shape (counted as failures too)
     tokens_generated: int = 0
     information_tokens: int = 0
@@ -201,13 +202,15 @@ def rollout(
 def _retrieve(
     retriever: Retriever, queries: list[str], topk: int, stats: RolloutStats, max_passage_words: int = 0
 ) -> list[tuple[str, bool]]:
-    """(observation text, failed) per query; failures become error observations (counted, logged)."""
+    """(observation text, failed) per query; failures become error observations (counted, logged).
+    An empty query is the policy's mistake, not the retriever's: it gets an error observation and
+    counts as an empty search, not as a failed retrieval."""
     observations: list[tuple[str, bool] | None] = [None] * len(queries)
     asked = [i for i, q in enumerate(queries) if q.strip()]
     for i, q in enumerate(queries):
         if not q.strip():
-            observations[i] = (format_retrieval_error("the search query was empty"), True)
-            stats.retrieval_failures += 1
+            observations[i] = (format_retrieval_error("the search query was empty"), False)
+            stats.empty_searches += 1
     if asked:
         t0 = time.perf_counter()
         stats.retrieval_calls += 1
