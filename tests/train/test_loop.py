@@ -268,6 +268,16 @@ def _launch_report(out: str, log: Path) -> str:
     return f"whole output: {log}\n{head}last 3000 characters:\n{out[-3000:]}"
 
 
+def _assert_nodes_ok(nodes: list[tuple[int, str]], tmp_path: Path) -> None:
+    """Every node exited 0; else both nodes' outputs are kept (a node whose rendezvous host went away
+    fails too, so the first failing node is not always the one that failed first)."""
+    if all(rc == 0 for rc, _ in nodes):
+        return
+    reports = [f"node {node}: exit {rc}\n{_launch_report(out, tmp_path / f'node_{node}.log')}"
+               for node, (rc, out) in zip("AB", nodes)]
+    raise AssertionError("\n\n".join(reports))
+
+
 def _two_nodes(tmp_path: Path, over: list[str], stagger_s: float = 0.0, **extra_env: str) -> list[tuple[int, str]]:
     """recipes/launch_multi_node.sh as two nodes of one process each (c10d rendezvous on
     127.0.0.1), NODE_NAME A and B (B started ``stagger_s`` later: A then hosts the rendezvous);
@@ -323,8 +333,7 @@ def test_multi_node_launcher_two_nodes_on_localhost(env, tmp_path, dp2_reference
     name = "multi_node"
     over = _overrides(env, name, *DP2_REF_STEPS, "optim.overlap_grad_reduce=true", "optim.ddp_bucket_size=20000")
     nodes = _two_nodes(tmp_path, over)
-    for node, (rc, out) in zip("AB", nodes):
-        assert rc == 0, _launch_report(out, tmp_path / f"node_{node}.log")
+    _assert_nodes_ok(nodes, tmp_path)
     outs = [out for _, out in nodes]
     run_dir = env["out"] / name
     rows = _metrics(run_dir)
@@ -351,8 +360,7 @@ def test_multi_node_launcher_restarts_after_a_crash_and_resumes(env, tmp_path, d
     sentinel = tmp_path / "crashed"
     nodes = _two_nodes(tmp_path, _crash_overrides(env, name), MAX_RESTARTS="1", CRASH_RANK="1",
                        CRASH_SENTINEL=str(sentinel), CRASH_AFTER=str(run_dir / "checkpoints" / "step_2" / "manifest.json"))
-    for node, (rc, out) in zip("AB", nodes):
-        assert rc == 0, _launch_report(out, tmp_path / f"node_{node}.log")
+    _assert_nodes_ok(nodes, tmp_path)
     outs = "\n".join(out for _, out in nodes)
     assert sentinel.read_text().startswith("crashed with TORCHELASTIC_RESTART_COUNT=0")
     assert "(exitcode: 17)" in outs, _launch_report(outs, tmp_path / "nodes.log")
