@@ -479,17 +479,12 @@ def parse_override(text: str) -> tuple[str, Any]:
             if isinstance(quoted, str):
                 return key, quoted
         return key, stripped
-    if tp in (int, float) and re.fullmatch(r"[-+]?\d+", stripped):
-        try:
-            return key, int(stripped, 10)
-        except ValueError as e:  # more digits than Python converts
-            raise ConfigError(f"override {key}=...: {e}") from None
-    if tp in (int, float) and ":" in stripped:
-        raise ConfigError(f"override {text!r}: expected {'an integer' if tp is int else 'a number'}, got {stripped!r}")
-    try:
+    try:  # numbers by the loader's base-10 rule (010 is 10; 0x1F and 1:30 stay text, refused for a number)
         value = _load_yaml(raw) if stripped != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot read the value: {e}") from e
+    except ConfigError as e:
+        raise ConfigError(f"override {key}=...: {e}") from None
     return key, value
 
 
@@ -588,7 +583,7 @@ ALL_NEEDS = frozenset({"model", "engine", "reward", "sft"})
 def command_needs(cfg: Config, command: str | None) -> frozenset[str]:
     """COMMAND_NEEDS[command] (every need for None or an unlisted command); ``run`` needs "sft" only
     when its SFT phase runs."""
-    needs = COMMAND_NEEDS.get(command, ALL_NEEDS) if command is not None else ALL_NEEDS
+    needs = COMMAND_NEEDS.get(command, ALL_NEEDS)
     if command == "run" and not (cfg.sft.enabled and cfg.sft.steps > 0):
         needs = needs - {"sft"}
     return needs

@@ -125,13 +125,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _number(value: Any) -> float:
-    """A logged scalar as a float: metrics.jsonl writes nan/inf as strings (an empty effective
-    batch's recycled share is "nan"); anything missing or not a number is nan."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    return float("nan")
+    """A logged scalar as a float (metrics.jsonl writes nan/inf as strings: an empty effective batch's
+    recycled share is "nan"); anything missing or not a number is nan."""
+    from megatron_recycle.train.metrics import read_float
+
+    number = read_float(value)
+    return float("nan") if number is None else number
 
 
 def step_row(r: dict) -> str:

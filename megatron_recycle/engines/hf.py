@@ -34,6 +34,7 @@ class _Row:
     generator: torch.Generator | None
     max_stop_tokens: int
     context: list[int] = field(default_factory=list)  # the prompt's last token (stop-string decoding)
+    context_text: str = ""  # its decoded text
     new_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
@@ -76,7 +77,9 @@ class DecodingBase:
             stop_bytes = max((len(s.encode("utf-8")) for s in p.stop), default=0)
             gen = self._new_generator(p.seed) if p.temperature > 0 else None
             # A stop string of n bytes spans at most n tokens; one more token of left context.
-            rows.append(_Row(i, p, gen, stop_bytes + 1, context=[int(prompt[-1])] if p.stop else []))
+            context = [int(prompt[-1])] if p.stop else []
+            text = self.tokenizer.decode(context, skip_special_tokens=False) if context else ""
+            rows.append(_Row(i, p, gen, stop_bytes + 1, context=context, context_text=text))
         return rows
 
     def _advance(self, row: _Row, tok: int, lp: float) -> bool:
@@ -163,10 +166,9 @@ class DecodingBase:
             # The window starts at the first new token, which some decoders (SentencePiece's, as in
             # Llama-2 tokenizers) strip of its leading space when it comes first: " Answer:" would
             # never match. Decoded after the prompt's last token, the text keeps it.
-            prefix = self.tokenizer.decode(row.context, skip_special_tokens=False)
             joined = self.tokenizer.decode(row.context + window, skip_special_tokens=False)
-            if joined.startswith(prefix):
-                text = joined[len(prefix):]
+            if joined.startswith(row.context_text):
+                text = joined[len(row.context_text):]
         best_end, best = None, None
         for s in row.params.stop:
             pos = text.find(s)
@@ -339,14 +341,19 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs.masked_fill(drop, 0.0))
 
 
-def _eos_token_ids(model: torch.nn.Module, tokenizer, generation_config: Any = None) -> frozenset[int]:
-    """End-of-sequence ids from the tokenizer and the generation config (``generation_config``, else
-    the model's own: a transformers model has one, a Megatron model does not)."""
+def _eos_token_ids(model: torch.nn.Module | None, tokenizer, generation_config: Any = None,
+                   hf_config: Any = None) -> frozenset[int]:
+    """End-of-sequence ids from the tokenizer and the generation config: ``generation_config`` (a
+    folder's generation_config.json), else the model's own (a transformers model has one, a Megatron
+    model does not), else the one ``hf_config`` implies (its eos_token_id, as transformers derives a
+    model's generation config from config.json when the folder has no generation_config.json)."""
     ids: set[int] = set()
     candidates = [getattr(tokenizer, "eos_token_id", None)]
     gen_cfg = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     if gen_cfg is not None:
         candidates.append(getattr(gen_cfg, "eos_token_id", None))
+    elif hf_config is not None:
+        candidates.append(getattr(hf_config, "eos_token_id", None))
     for c in candidates:
         if isinstance(c, int):
             ids.add(c)

@@ -42,7 +42,6 @@ import logging
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -117,9 +116,7 @@ class NativeEngine(DecodingBase):
         self.head_dim = head_dim(hf_config)
         self.eps = float(hf_config.rms_norm_eps)
         self.rope_inv_freq = rope_inv_freq(hf_config, self.head_dim)  # float64, the config's scaling applied
-        if generation_config is None:  # what a transformers model does: config.json's end-of-sequence ids
-            generation_config = SimpleNamespace(eos_token_id=getattr(hf_config, "eos_token_id", None))
-        self.eos_token_ids = _eos_token_ids(self.model, tokenizer, generation_config)
+        self.eos_token_ids = _eos_token_ids(self.model, tokenizer, generation_config, hf_config=hf_config)
         self._seed_source = random.Random()
         w = self._weights()
         self.vocab_size = int(w["embedding"].shape[0])

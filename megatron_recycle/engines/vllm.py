@@ -312,15 +312,10 @@ def folder_eos_token_ids(folder: str | os.PathLike, tokenizer: Any) -> frozenset
     """The end-of-sequence ids vLLM stops on for a model folder: the tokenizer's and the generation
     config's (generation_config.json, else the one config.json implies), which is what a
     transformers model, and so HFEngine, stops on for the same folder."""
-    from transformers import GenerationConfig
-
     from megatron_recycle.engines.hf import _eos_token_ids
     from megatron_recycle.model.hf_loading import load_generation_config, load_hf_config
 
-    gen = load_generation_config(folder)
-    if gen is None:
-        gen = GenerationConfig.from_model_config(load_hf_config(folder))
-    return _eos_token_ids(None, tokenizer, gen)
+    return _eos_token_ids(None, tokenizer, load_generation_config(folder), hf_config=load_hf_config(folder))
 
 
 def engine_param_name(hf_name: str) -> str:
@@ -686,8 +681,7 @@ class VLLMEngine:
         self._kv_asleep = False
         self._release_kv = bool(release_kv and enable_sleep_mode)
         self.kv_released_bytes = 0  # by the last sleep() that freed the KV buffer itself (release_kv)
-        self._weights_valid = True
-        self._weights_lost = ""  # why the weights cannot be used, while _weights_valid is False
+        self._weights_lost = ""  # why the weights cannot be used ("": they can)
         self._tp_rank_size = _vllm_tp_rank_size
         self._layerwise_reload: bool | None = None  # probed on the first load_weights
         self.last_check_skipped: list[str] = []
@@ -720,10 +714,10 @@ class VLLMEngine:
         ]
 
     def _weights_state(self) -> str:
-        return "" if self._weights_valid else f" (weights {self._weights_lost})"
+        return f" (weights {self._weights_lost})" if self._weights_lost else ""
 
     def _require_weights(self, what: str) -> None:
-        if not self._weights_valid:
+        if self._weights_lost:
             raise RuntimeError(
                 f"VLLMEngine.{what}: the engine's weights are {self._weights_lost} and no full "
                 "load_weights since; sync the trainer's weights first (train.runtime.sync_engine_weights)"
@@ -812,14 +806,14 @@ class VLLMEngine:
                     pass
         if error is not None:
             # it must not generate from the mix: refused until a full set is loaded
-            self._weights_valid, self._weights_lost = False, "a mix of old and new (a sync failed)"
+            self._weights_lost = "a mix of old and new (a sync failed)"
             raise RuntimeError(
                 f"VLLMEngine.load_weights failed after {count} tensors ({error}); the engine holds a mix "
                 "of old and new weights: fix the cause and sync a full set again"
             ) from error
         if count == 0:
             raise ValueError("VLLMEngine.load_weights got no tensors; pass (name, tensor) pairs")
-        self._weights_valid = True
+        self._weights_lost = ""
         self.weights_version += 1
         if not self._kv_asleep and not self.llm.reset_prefix_cache():
             log.warning("VLLMEngine: reset_prefix_cache failed; cached prefixes may hold old-weight KV")
@@ -951,7 +945,7 @@ class VLLMEngine:
         self.llm.sleep(level=self.sleep_level)
         self._kv_asleep = self._weights_asleep = True
         if self.sleep_level == 2:
-            self._weights_valid, self._weights_lost = False, "discarded (sleep level 2)"
+            self._weights_lost = "discarded (sleep level 2)"
 
     def wake(self) -> None:
         """Undo sleep(): map back whatever is released (generate calls it by itself)."""

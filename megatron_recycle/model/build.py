@@ -127,11 +127,6 @@ def _check_supported(hf_config: Any) -> str:
         # transformers then gives o_proj a bias too, which Megatron's linear_proj only has together
         # with biases on every linear layer (add_bias_linear): it would be dropped silently
         raise NotImplementedError(f"attention_bias=True is not supported for {model_type} (o_proj has a bias)")
-    heads = getattr(hf_config, "num_attention_heads", None)
-    groups = getattr(hf_config, "num_key_value_heads", None) or heads
-    if heads and groups and heads % groups:
-        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}: "
-                         "grouped-query attention shares each key/value head among a whole number of query heads")
     _rope_theta(hf_config)  # an unsupported RoPE scaling is refused here, before any process group
     return model_type
 

@@ -108,23 +108,25 @@ def _rows_for_groups(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
     rows. Returns the group indices of each row, in placement order."""
     cap = max(max(sizes), row_tokens)
     order = sorted(range(len(sizes)), key=lambda g: -sizes[g])
+
+    def least_filled(fill: list[int], size: int) -> int | None:
+        r = min(range(len(fill)), key=fill.__getitem__)
+        return r if fill[r] + size <= cap else None  # if the least-filled row has no room, none has
+
+    def first_fit(fill: list[int], size: int) -> int | None:
+        return next((r for r in range(len(fill)) if fill[r] + size <= cap), None)
+
     for rows in range(max(1, -(-sum(sizes) // cap)), len(sizes) + 1):
-        fill, members = [0] * rows, [[] for _ in range(rows)]
-        for g in order:
-            r = min(range(rows), key=fill.__getitem__)
-            fill[r] += sizes[g]
-            members[r].append(g)
-        if max(fill) <= cap:
-            return [m for m in members if m]
-        fill, members = [0] * rows, [[] for _ in range(rows)]
-        for g in order:
-            r = next((r for r in range(rows) if fill[r] + sizes[g] <= cap), None)
-            if r is None:
-                break
-            fill[r] += sizes[g]
-            members[r].append(g)
-        else:
-            return [m for m in members if m]
+        for choose in (least_filled, first_fit):
+            fill, members = [0] * rows, [[] for _ in range(rows)]
+            for g in order:
+                r = choose(fill, sizes[g])
+                if r is None:
+                    break
+                fill[r] += sizes[g]
+                members[r].append(g)
+            else:
+                return [m for m in members if m]
     return [[g] for g in order]
 
 
