@@ -94,12 +94,10 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from megatron_recycle.train.pipeline import resume_after_restart
     from megatron_recycle.train.sft import run_sft
 
     cfg = _load(args)
-    resume = resume_after_restart(cfg, args.resume, "sft", "from the newest SFT checkpoint, sft.save_every")
-    res = run_sft(cfg, resume=resume)
+    res = run_sft(cfg, resume=args.resume)  # a torchrun restart resumes too (run_sft decides)
     if res.get("stopped"):
         return STOPPED_EXIT_CODE
     if res["runtime"].is_rank0:

@@ -8,6 +8,7 @@ Layout under ``<run_dir>/checkpoints/``::
         rank_00000.pt          each rank's own objects: model shard, optimizer shard, RNG states, ...
         rank_00001.pt
     step_130.tmp-3f2a9c...     a save in progress (or a crashed one; removed by the next save)
+    step_100.trash-8d1e07...   an old checkpoint being pruned (renamed first; removed by the next save)
 
 A save writes everything under ``step_N.tmp-<id>/`` (each file to a temporary name, flushed,
 fsync'ed, then renamed), waits for every rank, and only then rank 0 writes ``manifest.json`` and
@@ -468,10 +469,14 @@ class CheckpointManager:
         for step in complete[: -self.keep_last]:
             path = self.step_dir(step)
             if path != keep:
-                shutil.rmtree(path, ignore_errors=True)
+                # renamed first: a process killed during the deletion leaves step_N.trash-T, which
+                # the sweep below removes, instead of a half-deleted step_N kept for ever
+                trash = path.with_name(f"{path.name}.trash-{uuid.uuid4().hex[:12]}")
+                os.replace(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
                 log.info("checkpoint: removed %s (keep_last=%d)", path, self.keep_last)
         for path in self.dir.iterdir():
-            if ".tmp-" in path.name or ".old-" in path.name:
+            if any(mark in path.name for mark in (".tmp-", ".old-", ".trash-")):
                 shutil.rmtree(path, ignore_errors=True)
                 log.info("checkpoint: removed stale %s", path)
 
@@ -491,6 +496,9 @@ class CheckpointManager:
         if manifest.get("step") != (int(m.group(1)) if m else None):
             raise CheckpointError(f"{path}: manifest step {manifest.get('step')!r} does not match the folder {folder.name}")
         for name, info in manifest["files"].items():
+            if not (isinstance(info, dict) and type(info.get("size")) is int and isinstance(info.get("sha256"), str)):
+                raise CheckpointError(f"{path}: the entry of {name!r} is {info!r}, not {{size: int, sha256: str}}; "
+                                      "the checkpoint is corrupt")
             f = folder / name
             if not f.is_file():
                 raise CheckpointError(f"{f}: listed in the manifest but missing")

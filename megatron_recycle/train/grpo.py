@@ -312,7 +312,6 @@ def _describe_packing(cfg: Any, chunks: list) -> str:
 def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) -> dict[str, Any]:
     """The GRPO loop; returns a summary of the run."""
     from megatron_recycle.model.build import resolve_layer_spec_name
-    from megatron_recycle.model.parallel import restarted_anywhere
     from megatron_recycle.train.checkpoint import CheckpointManager, atomic_write_text
     from megatron_recycle.train.metrics import (
         MetricsWriter,
@@ -321,9 +320,16 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
         rss_gib,
         write_pool_history,
     )
+    from megatron_recycle.train.pipeline import resume_after_restart
     from megatron_recycle.train.step import GRPOLossConfig, compute_logprobs, grpo_train_step
 
     run_dir = cfg.run_dir
+    # Decided and acted on before the set-up (model build, weight load, engine start: where a run
+    # most often crashes): a torchrun restart of a fresh run that died there must find this run's
+    # folder, not resume the earlier run's checkpoints that the archive would have moved aside.
+    resume = resume_after_restart(cfg, resume, "train", "from the newest checkpoint")
+    if not resume:
+        archive_earlier_run(run_dir, GRPO_RUN_FILES, rtm.env_rank() == 0, "train")
     paths = rtm.ensure_data(cfg)
     examples = rtm.read_examples(paths["train"], cfg, cfg.data.max_train_queries)
     train_set = rtm.training_set_digest(examples)  # what the pool's query ids index
@@ -336,14 +342,8 @@ def run_grpo(cfg: Config, resume: bool = False, init_from: str | None = None) ->
                            total_steps=cfg.train.steps)
     rt.retriever = rtm.build_retriever_from_config(cfg) if rt.is_mp_leader else None
     lay = rt.layout
-    if not resume and restarted_anywhere():  # torchrun --max-restarts started the workers again
-        resume = True
-        if rt.is_rank0:
-            print("[train] torchrun restarted the workers: resuming as with --resume", flush=True)
     if rt.is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        archive_earlier_run(run_dir, GRPO_RUN_FILES, rt.is_rank0, "train")
     pool = make_pool(cfg, len(examples)) if rt.is_rank0 else None
     client = PoolClient(pool)
     ckpt = CheckpointManager(run_dir, keep_last=cfg.run.keep_last, rank=lay.rank, world_size=lay.world_size,

@@ -107,6 +107,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     from megatron_recycle.train.batch import build_batch
     from megatron_recycle.train.checkpoint import CheckpointManager, atomic_write_text
     from megatron_recycle.train.metrics import MetricsWriter
+    from megatron_recycle.train.pipeline import resume_after_restart
     from megatron_recycle.train.resume import (
         SFT_RUN_FILES,
         StopFlag,
@@ -116,6 +117,12 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     )
     from megatron_recycle.train.step import sft_train_step
 
+    out_dir = cfg.run_dir / "sft"
+    # before the set-up, where a run most often crashes: a torchrun restart of this fresh run must
+    # not find an earlier SFT's checkpoints still in place and resume them
+    resume = resume_after_restart(cfg, resume, "sft", "from the newest SFT checkpoint, sft.save_every")
+    if not resume:  # an earlier SFT's checkpoints and result would be taken for this one's
+        archive_earlier_run(out_dir, SFT_RUN_FILES, rtm.env_rank() == 0, "sft")
     paths = rtm.ensure_data(cfg)
     rows = read_oracle_file(paths["sft"], cfg.data.skip_bad_rows)
     if cfg.sft.max_examples:
@@ -124,11 +131,8 @@ def run_sft(cfg: Config, resume: bool = False) -> dict[str, Any]:
     rt = rtm.setup_runtime(cfg, model_path=cfg.model.name_or_path, lr=cfg.sft.lr, warmup_steps=cfg.sft.warmup_steps,
                            total_steps=max(cfg.sft.steps, 1), with_engine=False)
     lay = rt.layout
-    out_dir = cfg.run_dir / "sft"
     if rt.is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:  # an earlier SFT's checkpoints and result would be taken for this one's
-        archive_earlier_run(out_dir, SFT_RUN_FILES, rt.is_rank0, "sft")
     encoded = [tokenize_oracle(r, rt.tokenizer, cfg.rollout.max_total_tokens) for r in rows]
     pad = rt.tokenizer.pad_token_id if rt.tokenizer.pad_token_id is not None else 0
     rng = random.Random(cfg.run.seed)

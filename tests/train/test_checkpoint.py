@@ -430,6 +430,55 @@ def test_keep_last_prunes_old_and_stale_folders(tmp_path):
     assert torch.equal(mgr.load()[1]["model"]["w"], torch.full((4,), 5.5))
 
 
+def _prune_then_die(run_dir: str) -> None:
+    """Child process body: save step 2 (keep_last=1) and SIGKILL itself after the pruning of
+    step 1 has deleted one of its files."""
+    from megatron_recycle.train import checkpoint as ckpt_module
+
+    def dying_rmtree(path, *args, **kwargs):
+        first = sorted(os.listdir(path))[0]
+        os.remove(os.path.join(path, first))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    mgr = CheckpointManager(run_dir, keep_last=1)
+    ckpt_module.shutil.rmtree = dying_rmtree
+    mgr.save(2, {"model": {"w": torch.ones(4)}}, {"step": 2})
+    os._exit(0)
+
+
+def test_a_kill_while_pruning_leaves_nothing_that_is_kept_for_ever(tmp_path):
+    # Before: the pruned step_1 was deleted in place; a kill part-way left a step_1 without its
+    # manifest that no later save removed (neither complete nor a temporary folder) and that every
+    # resume logged as "a save was interrupted". It is renamed out of the way first now.
+    _save(CheckpointManager(tmp_path, keep_last=1), 1)
+    proc = mp.get_context("fork").Process(target=_prune_then_die, args=(str(tmp_path),))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == -signal.SIGKILL
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    names = sorted(p.name for p in mgr.dir.iterdir())
+    assert mgr.complete_steps() == [2] and "step_1" not in names, names
+    assert any(n.startswith("step_1.trash-") for n in names), names
+    _save(mgr, 3)
+    assert sorted(p.name for p in mgr.dir.iterdir()) == ["step_3"]
+
+
+@pytest.mark.parametrize("entry", ["abc", None, {"size": "12", "sha256": "x"}, {"size": 12}, {"size": True, "sha256": "x"}])
+def test_a_manifest_entry_of_the_wrong_type_is_a_corrupt_checkpoint(tmp_path, entry):
+    # Before: a files entry that was not a {size, sha256} table raised AttributeError from
+    # latest() (rank 0's latest_agreed died before its broadcast, the other ranks waited).
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    _save(mgr, 1)
+    _save(mgr, 2)
+    path = mgr.step_dir(2) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"]["shared.pt"] = entry
+    path.write_text(json.dumps(manifest))
+    assert mgr.latest() == 1
+    with pytest.raises(CheckpointError, match=r"step_2/manifest.json: the entry of 'shared.pt' is .*corrupt"):
+        mgr.load(step=2)
+
+
 # ---------------------------------------------------------------------- crash during save
 def _save_then_die(run_dir: str, point: str, numel: int) -> None:
     """Child process body: save step 2 and SIGKILL itself at ``point`` of the save."""
